@@ -1,0 +1,1 @@
+"""rbd-agent: runs on every host; moves layers to and from peers over SSH."""

@@ -1,0 +1,1 @@
+"""rbd-coordinator: one per cluster; knows every node and schedules transfers."""

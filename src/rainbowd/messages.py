@@ -1,0 +1,361 @@
+"""Typed, versioned messages of the control plane (agent/CLI <-> coordinator).
+
+Every body on the wire is one of these structs, encoded as msgpack
+(``application/msgpack``) or, for the admin API, JSON. Decoding goes through
+:func:`decode`, which enforces a size limit, checks the protocol version and
+validates every field's type, so a handler only ever sees a well-formed struct.
+A bad body raises :class:`MessageError` with a message fit for a 4xx reply.
+
+Schema rules (for the engineer adding a field next year):
+- add fields with defaults only; never change a field's meaning or type;
+- a breaking change bumps PROTOCOL_VERSION, and the coordinator then refuses
+  old agents with a clear "upgrade" error rather than misreading them.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal, TypeVar
+
+import msgpack
+import msgspec
+
+from rainbowd.chunks import ChunkManifest
+
+PROTOCOL_VERSION = 1
+MSGPACK = "application/msgpack"
+JSON = "application/json"
+#: largest control-plane body accepted (an ingest report lists every chunk digest)
+MAX_BODY = 16 * 1024 * 1024
+
+T = TypeVar("T")
+
+
+class MessageError(ValueError):
+    """A body could not be decoded into the expected message; safe to show the sender."""
+
+
+class Msg(msgspec.Struct, kw_only=True):
+    """Base of every top-level message: carries the protocol version."""
+
+    v: int = PROTOCOL_VERSION
+
+
+# --------------------------------------------------------------------------
+# Peers and the trust list
+# --------------------------------------------------------------------------
+class PeerInfo(msgspec.Struct, kw_only=True):
+    """What a node needs to reach and authenticate a peer over SSH."""
+
+    node_id: str
+    address: str
+    ssh_port: int
+    host_key: str  # OpenSSH public key line of the peer's SSH server
+    client_key: str  # OpenSSH public key the peer's client authenticates with
+
+
+class TrustList(msgspec.Struct, kw_only=True):
+    """The coordinator's list of trusted nodes; agents serve only these clients."""
+
+    version: int
+    peers: list[PeerInfo]
+
+
+# --------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------
+class LayerRef(msgspec.Struct, kw_only=True):
+    digest: str  # digest of the blob as stored and moved
+    size: int
+    media_type: str
+    diff_id: str  # digest of the uncompressed tar (what Docker knows a layer by)
+
+
+class ImageRecord(msgspec.Struct, kw_only=True):
+    """An image: its config (verbatim JSON text) and ordered layers."""
+
+    ref: str
+    config_digest: str
+    config: str
+    layers: list[LayerRef]
+
+    @property
+    def size(self) -> int:
+        return sum(layer.size for layer in self.layers)
+
+
+class ArchiveSource(msgspec.Struct, kw_only=True, tag="archive", tag_field="kind"):
+    """A docker-archive tarball (``docker save`` output) on the origin host."""
+
+    path: str
+
+
+ImageSource = ArchiveSource
+
+
+# --------------------------------------------------------------------------
+# Agent -> coordinator
+# --------------------------------------------------------------------------
+class RegisterRequest(Msg, kw_only=True):
+    node_id: str
+    join_token: str = ""  # needed to enroll a new node
+    credential: str = ""  # needed to re-register a known node
+    address: str
+    ssh_port: int
+    host_key: str
+    client_key: str
+    labels: dict[str, str] = {}
+    roles: list[str] = []  # "origin" may ingest images from a source
+    docker: bool = False  # a Docker engine is reachable on this host
+    disk_free: int = 0
+    speed_hint_bps: float = 0.0  # configured link speed; 0 = unknown
+    holdings: list[str] = []
+
+
+class RegisterReply(Msg, kw_only=True):
+    node_id: str
+    credential: str  # per-node secret; sent once, stored only as a hash by the coordinator
+    heartbeat_interval: float
+    trust: TrustList
+
+
+class LayerProgress(msgspec.Struct, kw_only=True):
+    digest: str
+    have: int
+    count: int
+
+
+class ActiveTransfer(msgspec.Struct, kw_only=True):
+    transfer_id: str
+    layer: str
+    seeder: str
+    bytes_done: int
+    bytes_total: int
+    rate_bps: float
+
+
+class Heartbeat(Msg, kw_only=True):
+    holdings: list[str] = []
+    partials: list[LayerProgress] = []
+    active: list[ActiveTransfer] = []
+    load: float = 0.0
+    disk_free: int = 0
+    disk_used: int = 0
+
+
+class HeartbeatReply(Msg, kw_only=True):
+    trust_version: int
+
+
+class TransferAssignment(msgspec.Struct, kw_only=True, tag="transfer", tag_field="kind"):
+    """Pull ``layer`` from ``seeder``: its chunks are checked against ``layer``."""
+
+    transfer_id: str
+    job_id: str
+    layer: ChunkManifest
+    seeder: PeerInfo
+    reason: str
+
+
+class IngestAssignment(msgspec.Struct, kw_only=True, tag="ingest", tag_field="kind"):
+    """Origin only: read an image from ``source`` into the local store."""
+
+    ingest_id: str
+    ref: str
+    source: ImageSource
+    chunk_size: int
+
+
+class LoadAssignment(msgspec.Struct, kw_only=True, tag="load", tag_field="kind"):
+    """All layers of ``image`` are held: load it into the local Docker engine."""
+
+    load_id: str
+    job_id: str
+    image: ImageRecord
+
+
+Assignment = TransferAssignment | IngestAssignment | LoadAssignment
+
+
+class AssignmentBatch(Msg, kw_only=True):
+    """Reply to the assignment long-poll: everything after the agent's cursor."""
+
+    cursor: int
+    assignments: list[Assignment] = []
+    trust: TrustList | None = None  # present when newer than the agent's version
+
+
+class TransferProgress(Msg, kw_only=True):
+    bytes_done: int
+    bytes_total: int
+    rate_bps: float
+
+
+class TransferDone(Msg, kw_only=True):
+    bytes_moved: int  # bytes actually fetched in this transfer (resume moves less)
+    seconds: float
+
+
+FailureKind = Literal["security", "verify", "io", "unreachable", "disk", "cancelled", "internal"]
+
+
+class TransferFailed(Msg, kw_only=True):
+    reason: str
+    kind: FailureKind
+    seeder_fault: bool = False  # the seeder misbehaved (bad bytes, wrong host key)
+
+
+class IngestDone(Msg, kw_only=True):
+    image: ImageRecord
+    manifests: list[ChunkManifest]
+
+
+class TaskFailed(Msg, kw_only=True):
+    """An ingest or load failed; ``reason`` names what and why."""
+
+    reason: str
+
+
+class LoadDone(Msg, kw_only=True):
+    seconds: float
+    layers_sent: int  # layers streamed to Docker (the rest the engine had)
+
+
+class SecurityEvent(Msg, kw_only=True):
+    kind: Literal["host_key_mismatch", "client_key_refused", "bad_chunk"]
+    peer: str
+    detail: str
+
+
+# --------------------------------------------------------------------------
+# Admin API
+# --------------------------------------------------------------------------
+class NodeView(msgspec.Struct, kw_only=True):
+    node_id: str
+    address: str
+    ssh_port: int
+    roles: list[str]
+    labels: dict[str, str]
+    docker: bool
+    state: Literal["up", "down"]
+    speed_bps: float
+    holdings: int
+    load: float
+    disk_free: int
+    disk_used: int
+    busy: bool
+    last_seen: float
+    quarantined: bool = False
+
+
+class ImageView(msgspec.Struct, kw_only=True):
+    ref: str
+    state: Literal["ingesting", "ready", "failed"]
+    size: int
+    layers: list[LayerRef]
+    nodes: list[str]  # nodes holding every layer
+    origin: str
+    error: str = ""
+
+
+class CreateImage(Msg, kw_only=True):
+    ref: str
+    source: ImageSource
+    origin: str = ""  # node id with the origin role; "" = the only origin
+
+
+class CreateJob(Msg, kw_only=True):
+    image: str
+    targets: list[str]  # node ids, or ["all"]
+
+
+class SeederUse(msgspec.Struct, kw_only=True):
+    layer: str
+    seeder: str
+    reason: str
+    bytes: int
+    seconds: float
+
+
+NodeJobStateName = Literal["pending", "transferring", "loading", "done", "failed"]
+
+
+class NodeJobState(msgspec.Struct, kw_only=True):
+    node_id: str
+    state: NodeJobStateName
+    layers_done: int
+    layers_total: int
+    bytes_done: int
+    bytes_total: int
+    rate_bps: float
+    transfers: list[SeederUse]
+    started_at: float
+    finished_at: float = 0.0
+    error: str = ""
+
+
+class JobView(msgspec.Struct, kw_only=True):
+    job_id: str
+    image: str
+    state: Literal["running", "done", "failed"]
+    created_at: float
+    finished_at: float = 0.0
+    nodes: list[NodeJobState]
+    error: str = ""
+
+
+class NodeList(Msg, kw_only=True):
+    nodes: list[NodeView]
+
+
+class ImageList(Msg, kw_only=True):
+    images: list[ImageView]
+
+
+class JobList(Msg, kw_only=True):
+    jobs: list[JobView]
+
+
+class ErrorReply(Msg, kw_only=True):
+    error: str
+
+
+# --------------------------------------------------------------------------
+# Codec
+# --------------------------------------------------------------------------
+def to_wire(msg: msgspec.Struct) -> Any:
+    """A struct as plain builtins (what msgpack and JSON encode)."""
+    return msgspec.to_builtins(msg)
+
+
+def encode(msg: msgspec.Struct, content_type: str = MSGPACK) -> bytes:
+    if content_type == JSON:
+        return json.dumps(to_wire(msg), separators=(",", ":")).encode()
+    data: bytes = msgpack.packb(to_wire(msg), use_bin_type=True)
+    return data
+
+
+def decode(body: bytes, kind: type[T], content_type: str = MSGPACK) -> T:
+    """Decode and validate ``body`` as ``kind``; raise MessageError saying why not."""
+    name = getattr(kind, "__name__", str(kind))
+    if len(body) > MAX_BODY:
+        raise MessageError(f"{name}: body of {len(body)} bytes exceeds the {MAX_BODY} limit")
+    try:
+        if content_type == JSON:
+            raw = json.loads(body)
+        else:
+            raw = msgpack.unpackb(body, raw=False, strict_map_key=True)
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
+        kind_name = "JSON" if content_type == JSON else "msgpack"
+        raise MessageError(f"{name}: body is not valid {kind_name}: {e}") from None
+    if isinstance(raw, dict) and "v" in raw and raw["v"] != PROTOCOL_VERSION:
+        raise MessageError(
+            f"{name}: protocol version {raw['v']!r} is not supported (this side speaks "
+            f"{PROTOCOL_VERSION}); upgrade the older side"
+        )
+    try:
+        return msgspec.convert(raw, kind)
+    except msgspec.ValidationError as e:
+        raise MessageError(f"{name}: {e}") from None
+    except ValueError as e:  # a struct's own check (a bad digest in a manifest, say)
+        raise MessageError(f"{name}: {e}") from None
