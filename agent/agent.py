@@ -1,0 +1,460 @@
+"""Agent: the long-running process on one host.
+
+It enrolls with the coordinator, reports what it holds, long-polls for
+assignments and carries them out: pull a layer from a peer (``transfer``),
+read an image from its source (``ingest``, origin role only), or load a
+complete image into Docker (``load``). It also serves its own layers to
+trusted peers over SSH and answers ``rbd-agent status`` on a unix socket.
+
+Concurrency: :meth:`Agent.run` owns one TaskGroup. Every task in it is a loop
+(heartbeats, assignments, progress reports) or one piece of work; work tasks
+never let an exception escape (they report the failure to the coordinator), so
+one bad layer cannot take the agent down. SIGTERM sets the stop event; the
+group is cancelled and every resource is closed in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from rainbowd import messages as m
+from rainbowd.agent.config import AgentConfig
+from rainbowd.agent.docker_loader import DockerLoader
+from rainbowd.agent.keys import load_or_create_key, public_line
+from rainbowd.agent.puller import HostKeyMismatch, LayerPuller, PullError
+from rainbowd.agent.ssh_server import ChunkServer
+from rainbowd.agent.status import StatusServer
+from rainbowd.client import AgentClient, ApiError, CoordinatorUnreachable
+from rainbowd.image import ImageError, ingest_docker_archive
+from rainbowd.store import LayerStore, StoreError
+
+log = structlog.get_logger(__name__)
+
+#: how often active transfers report progress to the coordinator (seconds)
+PROGRESS_INTERVAL = 0.5
+#: how long a final report (done/failed) is retried while the coordinator is away
+REPORT_RETRY_SECONDS = 120.0
+
+
+class _Shutdown(Exception):
+    """Raised inside the task group to cancel it on stop."""
+
+
+class EnrollmentRefused(RuntimeError):
+    """The coordinator refused this node; retrying will not help."""
+
+
+@dataclass
+class ActiveWork:
+    transfer_id: str
+    layer: str
+    seeder: str
+    started: float
+    bytes_done: int = 0
+    bytes_total: int = 0
+    rate_bps: float = 0.0
+
+
+@dataclass
+class AgentView:
+    """What ``rbd-agent status`` shows; updated by the agent as it works."""
+
+    registered: bool = False
+    last_contact: float = 0.0
+    heartbeat_interval: float = 2.0
+    trust_version: int = 0
+    active: dict[str, ActiveWork] = field(default_factory=dict)
+    images: dict[str, str] = field(default_factory=dict)  # ref -> loaded at (iso)
+    origin_reads: int = 0
+    security_events: list[str] = field(default_factory=list)
+    last_error: str = ""
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.log = log.bind(node=config.node_id)
+        self.store = LayerStore(config.store_dir)
+        self.host_key = load_or_create_key(config.keys_dir / "host_ed25519")
+        self.client_key = load_or_create_key(config.keys_dir / "client_ed25519")
+        self.server = ChunkServer(self.store, self.host_key, node_id=config.node_id)
+        self.server_port = config.ssh_port
+        self.puller = LayerPuller(self.store, self.client_key, node_id=config.node_id)
+        self.loader = DockerLoader(config.docker_url) if config.docker_url else None
+        self.view = AgentView()
+        self.api = AgentClient(config.coordinator_url, timeout=config.request_timeout)
+        self._stop = asyncio.Event()
+        self._tg: asyncio.TaskGroup | None = None
+        self._cursor = 0
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- lifecycle -------------------------------------------------------
+    async def run(self) -> None:
+        """Serve until :meth:`stop`; raise EnrollmentRefused if the coordinator says no."""
+        self.server_port = await self.server.start(self.config.listen_address, self.config.ssh_port)
+        status = StatusServer(self.config.status_path, self.status_snapshot)
+        await status.start()
+        self.log.info(
+            "agent started", ssh_port=self.server_port, status_socket=str(self.config.status_path)
+        )
+        try:
+            async with self.api:
+                try:
+                    async with asyncio.TaskGroup() as tg:
+                        self._tg = tg
+                        tg.create_task(self._main(tg))
+                        tg.create_task(self._wait_stop())
+                except* _Shutdown:
+                    pass
+        finally:
+            self._tg = None
+            await self.puller.close()
+            await self.server.close()
+            if self.loader is not None:
+                await self.loader.close()
+            await status.close()
+            self.log.info("agent stopped")
+
+    async def _wait_stop(self) -> None:
+        await self._stop.wait()
+        raise _Shutdown
+
+    async def _main(self, tg: asyncio.TaskGroup) -> None:
+        await self._register()
+        tg.create_task(self._heartbeats())
+        tg.create_task(self._progress_reports())
+        await self._assignments(tg)
+
+    # -- enrollment and heartbeats ----------------------------------------
+    async def _register(self) -> None:
+        cfg = self.config
+        credential = ""
+        if cfg.credential_file.exists():
+            credential = cfg.credential_file.read_text().strip()
+        req = m.RegisterRequest(
+            node_id=cfg.node_id,
+            join_token="" if credential else cfg.join_token(),
+            credential=credential,
+            address=cfg.advertised(),
+            ssh_port=self.server_port,
+            host_key=public_line(self.host_key),
+            client_key=public_line(self.client_key),
+            labels=dict(cfg.labels),
+            roles=list(cfg.roles),
+            docker=self.loader is not None and await self.loader.available(),
+            disk_free=self.store.bytes_free(),
+            speed_hint_bps=cfg.speed_hint_mbps * 1e6 / 8,
+            holdings=list(self.store.holdings()),
+        )
+        delay = 0.5
+        while True:
+            try:
+                reply = await self.api.register(req)
+                break
+            except CoordinatorUnreachable as e:
+                self.view.last_error = str(e)
+                self.log.warning("coordinator unreachable; retrying", error=str(e), retry_in=delay)
+            except ApiError as e:
+                if 400 <= e.status < 500:
+                    raise EnrollmentRefused(
+                        f"coordinator refused node {cfg.node_id}: {e}"
+                    ) from None
+                self.log.warning("register failed; retrying", error=str(e), retry_in=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+        if reply.credential and reply.credential != credential:
+            _write_secret(cfg.credential_file, reply.credential)
+        self.api.set_credential(cfg.node_id, reply.credential or credential)
+        self.server.update_trust(reply.trust)
+        self.view.trust_version = reply.trust.version
+        self.view.heartbeat_interval = reply.heartbeat_interval
+        self.view.registered = True
+        self.view.last_contact = time.time()
+        self._cursor = 0  # the coordinator's queue for us starts again after (re)registration
+        self.log.info("registered", coordinator=cfg.coordinator_url, trust=reply.trust.version)
+
+    def _heartbeat(self) -> m.Heartbeat:
+        return m.Heartbeat(
+            holdings=list(self.store.holdings()),
+            partials=[
+                m.LayerProgress(digest=d, have=have, count=n)
+                for d, have, n in self.store.partials()
+            ],
+            active=[
+                m.ActiveTransfer(
+                    transfer_id=w.transfer_id,
+                    layer=w.layer,
+                    seeder=w.seeder,
+                    bytes_done=w.bytes_done,
+                    bytes_total=w.bytes_total,
+                    rate_bps=w.rate_bps,
+                )
+                for w in self.view.active.values()
+            ],
+            load=os.getloadavg()[0],
+            disk_free=self.store.bytes_free(),
+            disk_used=self.store.bytes_used(),
+        )
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self.view.heartbeat_interval)
+            try:
+                hb = await asyncio.to_thread(self._heartbeat)
+                await self.api.heartbeat(hb)
+                self.view.last_contact = time.time()
+            except CoordinatorUnreachable as e:
+                self.view.last_error = str(e)
+                self.log.warning("heartbeat: coordinator unreachable", error=str(e))
+            except ApiError as e:
+                self.view.last_error = str(e)
+                if e.status == 401:
+                    self.log.warning("heartbeat refused; registering again", error=str(e))
+                    await self._register()
+                else:
+                    self.log.warning("heartbeat failed", error=str(e))
+
+    async def _progress_reports(self) -> None:
+        while True:
+            await asyncio.sleep(PROGRESS_INTERVAL)
+            for w in list(self.view.active.values()):
+                try:
+                    await self.api.transfer_progress(
+                        w.transfer_id,
+                        m.TransferProgress(
+                            bytes_done=w.bytes_done, bytes_total=w.bytes_total, rate_bps=w.rate_bps
+                        ),
+                    )
+                except (ApiError, CoordinatorUnreachable) as e:
+                    self.log.debug("progress report failed", transfer=w.transfer_id, error=str(e))
+
+    # -- assignments -----------------------------------------------------
+    async def _assignments(self, tg: asyncio.TaskGroup) -> None:
+        delay = 0.5
+        while True:
+            try:
+                batch = await self.api.assignments(
+                    self._cursor, self.view.trust_version, self.config.poll_wait
+                )
+            except CoordinatorUnreachable as e:
+                self.view.last_error = str(e)
+                self.log.warning("assignments: coordinator unreachable", retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            except ApiError as e:
+                self.view.last_error = str(e)
+                if e.status == 401:
+                    await self._register()
+                else:
+                    self.log.warning("assignments failed", error=str(e), retry_in=delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 10.0)
+                continue
+            delay = 0.5
+            self.view.last_contact = time.time()
+            if batch.trust is not None:
+                self.server.update_trust(batch.trust)
+                self.view.trust_version = batch.trust.version
+            for a in batch.assignments:
+                tg.create_task(self._guarded(self._dispatch(a)))
+            self._cursor = batch.cursor
+
+    async def _guarded(self, work: Awaitable[None]) -> None:
+        """Run one piece of work; nothing it raises may stop the agent."""
+        try:
+            await work
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.log.exception("work failed unexpectedly")
+
+    async def _dispatch(self, a: m.Assignment) -> None:
+        if isinstance(a, m.TransferAssignment):
+            if a.transfer_id not in self.view.active:
+                await self._transfer(a)
+        elif isinstance(a, m.IngestAssignment):
+            await self._ingest(a)
+        else:
+            await self._load(a)
+
+    async def _transfer(self, a: m.TransferAssignment) -> None:
+        layer = a.layer.digest
+        w = ActiveWork(a.transfer_id, layer, a.seeder.node_id, time.time(), 0, a.layer.size)
+        self.view.active[a.transfer_id] = w
+        tlog = self.log.bind(layer=layer, seeder=a.seeder.node_id, transfer=a.transfer_id)
+        tlog.info("pulling layer", reason=a.reason, size=a.layer.size)
+
+        def progress(done: int, total: int, rate: float) -> None:
+            w.bytes_done, w.bytes_total, w.rate_bps = done, total, rate
+
+        failure: m.TransferFailed | None = None
+        event: m.SecurityEvent | None = None
+        try:
+            result = await self.puller.pull(a, progress)
+        except PullError as e:
+            tlog.warning("pull failed", kind=e.kind, error=e.reason)
+            failure = m.TransferFailed(reason=e.reason, kind=e.kind, seeder_fault=e.seeder_fault)
+            if isinstance(e, HostKeyMismatch):
+                self.view.security_events.append(e.reason)
+                event = m.SecurityEvent(
+                    kind="host_key_mismatch", peer=a.seeder.node_id, detail=e.reason
+                )
+        finally:
+            self.view.active.pop(a.transfer_id, None)
+        if event is not None:
+            sec = event
+            await self._report(lambda: self.api.security_event(sec))
+        if failure is not None:
+            failed = failure
+            await self._report(lambda: self.api.transfer_failed(a.transfer_id, failed))
+            return
+        tlog.info("layer verified", bytes=result.bytes_moved, seconds=round(result.seconds, 3))
+        done = m.TransferDone(bytes_moved=result.bytes_moved, seconds=result.seconds)
+        await self._report(lambda: self.api.transfer_done(a.transfer_id, done))
+
+    async def _ingest(self, a: m.IngestAssignment) -> None:
+        ilog = self.log.bind(image=a.ref, ingest=a.ingest_id)
+        if "origin" not in self.config.roles:
+            reason = f"node {self.config.node_id} has no origin role; cannot read {a.ref}"
+            await self._report(
+                lambda: self.api.ingest_failed(a.ingest_id, m.TaskFailed(reason=reason))
+            )
+            return
+        ilog.info("ingesting image", source=a.source.path)
+        self.view.origin_reads += 1
+        try:
+            record, manifests = await asyncio.to_thread(
+                ingest_docker_archive,
+                Path(a.source.path),
+                self.store,
+                ref=a.ref,
+                chunk_size=a.chunk_size,
+            )
+        except (ImageError, StoreError, OSError) as e:
+            reason = f"origin {self.config.node_id} could not ingest {a.ref}: {e}"
+            ilog.warning("ingest failed", error=str(e))
+            await self._report(
+                lambda: self.api.ingest_failed(a.ingest_id, m.TaskFailed(reason=reason))
+            )
+            return
+        ilog.info("image ingested", layers=len(record.layers), size=record.size)
+        await self._report(
+            lambda: self.api.ingest_done(
+                a.ingest_id, m.IngestDone(image=record, manifests=manifests)
+            )
+        )
+
+    async def _load(self, a: m.LoadAssignment) -> None:
+        llog = self.log.bind(image=a.image.ref, load=a.load_id)
+        if self.loader is None:
+            reason = f"node {self.config.node_id} has no Docker engine configured (docker_url)"
+            await self._report(lambda: self.api.load_failed(a.load_id, m.TaskFailed(reason=reason)))
+            return
+        try:
+            result = await self.loader.load(a.image, self.store)
+        except Exception as e:  # Docker errors come in many types; all are reported
+            reason = f"node {self.config.node_id} could not load {a.image.ref} into Docker: {e}"
+            llog.warning("docker load failed", error=str(e))
+            await self._report(lambda: self.api.load_failed(a.load_id, m.TaskFailed(reason=reason)))
+            return
+        self.view.images[a.image.ref] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        llog.info("image loaded into docker", layers_sent=result.layers_sent)
+        await self._report(
+            lambda: self.api.load_done(
+                a.load_id, m.LoadDone(seconds=result.seconds, layers_sent=result.layers_sent)
+            )
+        )
+
+    async def _report(self, send: Callable[[], Awaitable[Any]]) -> None:
+        """Send a final report, retrying while the coordinator is unreachable."""
+        deadline = time.monotonic() + REPORT_RETRY_SECONDS
+        delay = 0.5
+        while True:
+            try:
+                await send()
+                return
+            except CoordinatorUnreachable as e:
+                if time.monotonic() > deadline:
+                    self.log.error("report lost: coordinator unreachable", error=str(e))
+                    return
+            except ApiError as e:
+                self.log.warning("report refused by coordinator", error=str(e))
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+    # -- status ----------------------------------------------------------
+    def status_snapshot(self) -> dict[str, Any]:
+        """Everything ``rbd-agent status`` prints, as plain data."""
+        cfg = self.config
+        holdings = []
+        for d in self.store.holdings():
+            try:
+                holdings.append({"digest": d, "size": self.store.size(d)})
+            except StoreError:
+                continue
+        now = time.time()
+        return {
+            "node_id": cfg.node_id,
+            "pid": os.getpid(),
+            "coordinator": {
+                "url": cfg.coordinator_url,
+                "registered": self.view.registered,
+                "last_contact_age": (now - self.view.last_contact)
+                if self.view.last_contact
+                else None,
+                "connected": bool(self.view.last_contact)
+                and now - self.view.last_contact < max(30.0, 3 * self.view.heartbeat_interval),
+                "last_error": self.view.last_error,
+                "trust_version": self.view.trust_version,
+            },
+            "ssh": {
+                "address": cfg.advertised(),
+                "port": self.server_port,
+                "host_key": public_line(self.host_key),
+            },
+            "roles": cfg.roles,
+            "docker_url": cfg.docker_url,
+            "holdings": holdings,
+            "partials": [
+                {"digest": d, "have": have, "count": n} for d, have, n in self.store.partials()
+            ],
+            "images": [{"ref": r, "loaded_at": t} for r, t in sorted(self.view.images.items())],
+            "active": [
+                {
+                    "transfer_id": w.transfer_id,
+                    "layer": w.layer,
+                    "seeder": w.seeder,
+                    "bytes_done": w.bytes_done,
+                    "bytes_total": w.bytes_total,
+                    "rate_bps": w.rate_bps,
+                    "seconds": now - w.started,
+                }
+                for w in self.view.active.values()
+            ],
+            "disk": {"used": self.store.bytes_used(), "free": self.store.bytes_free()},
+            "served_bytes": dict(self.server.bytes_served),
+            "refused_clients": len(self.server.refused_clients),
+            "origin_reads": self.view.origin_reads,
+            "security_events": list(self.view.security_events),
+        }
+
+
+def _write_secret(path: Path, value: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,126 @@
+"""AgentConfig: every option of rbd-agent, read from TOML, explicit defaults.
+
+The keys are documented with examples in deploy/config/agent.example.toml.
+"""
+
+from __future__ import annotations
+
+import socket
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+
+class ConfigError(ValueError):
+    """The agent configuration is unusable; the message says which key and why."""
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    node_id: str
+    coordinator_url: str
+    state_dir: Path
+    join_token_file: Path | None = None
+    listen_address: str = "0.0.0.0"
+    advertise_address: str = ""  # "" = this host's name resolved, or 127.0.0.1
+    ssh_port: int = 7722
+    roles: list[str] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)
+    docker_url: str = ""  # "" = no Docker engine on this host
+    speed_hint_mbps: float = 0.0
+    status_socket: Path | None = None
+    log_level: str = "info"
+    #: seconds to wait for the coordinator on each request
+    request_timeout: float = 10.0
+    #: seconds a long-poll for assignments may hang at the coordinator
+    poll_wait: float = 25.0
+
+    @property
+    def store_dir(self) -> Path:
+        return self.state_dir / "store"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.state_dir / "keys"
+
+    @property
+    def credential_file(self) -> Path:
+        return self.state_dir / "credential"
+
+    @property
+    def status_path(self) -> Path:
+        return self.status_socket or self.state_dir / "agent.sock"
+
+    def advertised(self) -> str:
+        if self.advertise_address:
+            return self.advertise_address
+        if self.listen_address not in ("0.0.0.0", "::", ""):
+            return self.listen_address
+        return socket.getfqdn()
+
+    def join_token(self) -> str:
+        if self.join_token_file is None:
+            return ""
+        try:
+            return self.join_token_file.read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"join_token_file {self.join_token_file}: {e.strerror}") from None
+
+
+class _Raw(msgspec.Struct, forbid_unknown_fields=True):
+    node_id: str
+    coordinator_url: str
+    state_dir: str
+    join_token_file: str = ""
+    listen_address: str = "0.0.0.0"
+    advertise_address: str = ""
+    ssh_port: int = 7722
+    roles: list[str] = []
+    labels: dict[str, str] = {}
+    docker_url: str = ""
+    speed_hint_mbps: float = 0.0
+    status_socket: str = ""
+    log_level: str = "info"
+    request_timeout: float = 10.0
+    poll_wait: float = 25.0
+
+
+KNOWN_ROLES = {"origin"}
+
+
+def load_config(path: Path, overrides: dict[str, Any] | None = None) -> AgentConfig:
+    """Read ``path`` (TOML); ``overrides`` (from CLI flags) win over the file."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file {path} not found; copy deploy/config/agent.example.toml"
+        ) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        raw = msgspec.convert(data, _Raw)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"config file {path}: {e}") from None
+    return _from_raw(raw)
+
+
+def _from_raw(raw: _Raw) -> AgentConfig:
+    if not raw.node_id or not all(c.isalnum() or c in "-_." for c in raw.node_id):
+        raise ConfigError(f"node_id {raw.node_id!r}: use letters, digits, '-', '_' or '.'")
+    if not raw.coordinator_url.startswith(("http://", "https://")):
+        raise ConfigError(f"coordinator_url {raw.coordinator_url!r}: must start with http(s)://")
+    if not 0 <= raw.ssh_port <= 65535:
+        raise ConfigError(f"ssh_port {raw.ssh_port}: must be 0..65535")
+    unknown = set(raw.roles) - KNOWN_ROLES
+    if unknown:
+        raise ConfigError(f"roles: unknown {sorted(unknown)}; known: {sorted(KNOWN_ROLES)}")
+    kw: dict[str, Any] = {f.name: getattr(raw, f.name) for f in fields(AgentConfig)}
+    kw["state_dir"] = Path(raw.state_dir)
+    kw["join_token_file"] = Path(raw.join_token_file) if raw.join_token_file else None
+    kw["status_socket"] = Path(raw.status_socket) if raw.status_socket else None
+    return AgentConfig(**kw)

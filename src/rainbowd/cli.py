@@ -1,0 +1,255 @@
+"""``rbd``: the admin CLI. Talks to the coordinator's admin API.
+
+    rbd nodes
+    rbd images [add REF --archive PATH [--origin NODE]]
+    rbd distribute IMAGE --to all|NODE... [--detach | --wait]
+    rbd jobs
+    rbd job ID
+    rbd demo
+
+The coordinator URL comes from --coordinator or $RBD_COORDINATOR; the admin
+token from $RBD_ADMIN_TOKEN or the file named by --admin-token-file /
+$RBD_ADMIN_TOKEN_FILE (default /var/lib/rbd/coordinator/admin-token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from rainbowd import messages as m
+from rainbowd.client import AdminClient, ApiError, CoordinatorUnreachable
+from rainbowd.progress import follow_job, job_report, summary
+from rainbowd.units import human_bytes, human_rate
+
+DEFAULT_URL = "http://127.0.0.1:7700"
+DEFAULT_TOKEN_FILE = Path("/var/lib/rbd/coordinator/admin-token")
+
+
+class UsageError(Exception):
+    pass
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rbd", description="rbd: image distribution admin CLI")
+    p.add_argument("--coordinator", default=os.environ.get("RBD_COORDINATOR", DEFAULT_URL))
+    p.add_argument(
+        "--admin-token-file",
+        type=Path,
+        default=Path(os.environ.get("RBD_ADMIN_TOKEN_FILE", DEFAULT_TOKEN_FILE)),
+    )
+    p.add_argument("--json", action="store_true", help="print the API's JSON instead of tables")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("nodes", help="list nodes with state, speed and holdings")
+    im = sub.add_parser("images", help="list images, or add one")
+    isub = im.add_subparsers(dest="images_cmd")
+    add = isub.add_parser("add", help="add an image from a source on the origin node")
+    add.add_argument("ref", help="image name:tag as it will be known")
+    add.add_argument("--archive", required=True, help="docker-archive path on the origin host")
+    add.add_argument("--origin", default="", help="origin node id (default: the only origin)")
+    add.add_argument("--no-wait", action="store_true", help="return before the ingest ends")
+    d = sub.add_parser("distribute", help="send an image to nodes and follow the job")
+    d.add_argument("image")
+    d.add_argument("--to", nargs="+", required=True, metavar="NODE", help="'all' or node ids")
+    mode = d.add_mutually_exclusive_group()
+    mode.add_argument("--detach", action="store_true", help="print the job id and return")
+    mode.add_argument(
+        "--wait", action="store_true", help="no live view; wait, print a summary, exit 0/1"
+    )
+    sub.add_parser("jobs", help="list jobs")
+    j = sub.add_parser("job", help="show a job: per-node state, seeder used and why, time")
+    j.add_argument("job_id")
+    demo = sub.add_parser("demo", help="run a local cluster that distributes a real image")
+    demo.add_argument("--nodes", type=int, default=8, help="agents besides the origin (>= 1)")
+    demo.add_argument("--payload-mib", type=int, default=64, help="size of the data layer")
+    demo.add_argument("--dir", type=Path, default=None, help="work dir (default: a temp dir)")
+    demo.add_argument("--keep", action="store_true", help="keep the work dir and logs")
+    demo.add_argument("--no-docker", action="store_true", help="do not start a Docker engine")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.cmd == "demo":
+        from rainbowd.demo import run_demo
+
+        return asyncio.run(
+            run_demo(
+                nodes=args.nodes,
+                payload_mib=args.payload_mib,
+                workdir=args.dir,
+                keep=args.keep,
+                docker=not args.no_docker,
+            )
+        )
+    try:
+        token = _admin_token(args.admin_token_file)
+        return asyncio.run(_COMMANDS[args.cmd](args, token))
+    except UsageError as e:
+        print(f"rbd: {e}", file=sys.stderr)
+        return 2
+    except CoordinatorUnreachable as e:
+        print(f"rbd: {e}", file=sys.stderr)
+        return 3
+    except ApiError as e:
+        print(f"rbd: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _admin_token(path: Path) -> str:
+    if tok := os.environ.get("RBD_ADMIN_TOKEN"):
+        return tok
+    try:
+        return path.read_text().strip()
+    except OSError as e:
+        raise UsageError(
+            f"cannot read the admin token from {path} ({e.strerror}); set RBD_ADMIN_TOKEN or "
+            "--admin-token-file"
+        ) from None
+
+
+def _admin(args: argparse.Namespace, token: str) -> AdminClient:
+    return AdminClient(args.coordinator, token)
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
+
+
+def _dump(obj: m.msgspec.Struct) -> None:
+    print(json.dumps(m.to_wire(obj), indent=2))
+
+
+async def _nodes(args: argparse.Namespace, token: str) -> int:
+    async with _admin(args, token) as admin:
+        nodes = await admin.nodes()
+    if args.json:
+        _dump(nodes)
+        return 0
+    rows = [["NODE", "STATE", "ADDRESS", "SPEED", "LAYERS", "LOAD", "DISK FREE", "ROLES", "BUSY"]]
+    for n in sorted(nodes.nodes, key=lambda n: n.node_id):
+        state = "QUARANTINED" if n.quarantined else n.state
+        rows.append(
+            [
+                n.node_id,
+                state,
+                f"{n.address}:{n.ssh_port}",
+                human_rate(n.speed_bps),
+                str(n.holdings),
+                f"{n.load:.2f}",
+                human_bytes(n.disk_free),
+                ",".join(n.roles + (["docker"] if n.docker else [])) or "-",
+                "yes" if n.busy else "",
+            ]
+        )
+    print(_table(rows))
+    return 0
+
+
+async def _images(args: argparse.Namespace, token: str) -> int:
+    if args.images_cmd == "add":
+        return await _images_add(args, token)
+    async with _admin(args, token) as admin:
+        images = await admin.images()
+    if args.json:
+        _dump(images)
+        return 0
+    rows = [["IMAGE", "STATE", "SIZE", "LAYERS", "NODES", "ORIGIN"]]
+    for i in sorted(images.images, key=lambda i: i.ref):
+        rows.append(
+            [
+                i.ref,
+                i.state + (f" ({i.error})" if i.error else ""),
+                human_bytes(i.size),
+                str(len(i.layers)),
+                str(len(i.nodes)),
+                i.origin,
+            ]
+        )
+    print(_table(rows))
+    return 0
+
+
+async def _images_add(args: argparse.Namespace, token: str) -> int:
+    req = m.CreateImage(ref=args.ref, source=m.ArchiveSource(path=args.archive), origin=args.origin)
+    async with _admin(args, token) as admin:
+        view = await admin.add_image(req)
+        while view.state == "ingesting" and not args.no_wait:
+            await asyncio.sleep(0.3)
+            view = await admin.image(args.ref)
+    if view.state == "failed":
+        print(f"rbd: image {view.ref} failed: {view.error}", file=sys.stderr)
+        return 1
+    print(f"image {view.ref}: {view.state}, {len(view.layers)} layers, {human_bytes(view.size)}")
+    return 0
+
+
+async def _distribute(args: argparse.Namespace, token: str) -> int:
+    targets = ["all"] if args.to == ["all"] else list(args.to)
+    async with _admin(args, token) as admin:
+        job = await admin.create_job(m.CreateJob(image=args.image, targets=targets))
+        if args.detach:
+            print(job.job_id)
+            return 0
+        print(f"job {job.job_id}: {args.image} to {len(job.nodes)} node(s)")
+        final = await follow_job(admin, job.job_id, quiet=args.wait)
+    print(summary(final))
+    return 0 if final.state == "done" else 1
+
+
+async def _jobs(args: argparse.Namespace, token: str) -> int:
+    async with _admin(args, token) as admin:
+        jobs = await admin.jobs()
+    if args.json:
+        _dump(jobs)
+        return 0
+    rows = [["JOB", "IMAGE", "STATE", "NODES DONE", "CREATED", "TOOK"]]
+    for j in sorted(jobs.jobs, key=lambda j: j.created_at):
+        done = sum(1 for n in j.nodes if n.state == "done")
+        took = (j.finished_at or time.time()) - j.created_at
+        rows.append(
+            [
+                j.job_id,
+                j.image,
+                j.state,
+                f"{done}/{len(j.nodes)}",
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.created_at)),
+                f"{took:.1f}s",
+            ]
+        )
+    print(_table(rows))
+    return 0
+
+
+async def _job(args: argparse.Namespace, token: str) -> int:
+    async with _admin(args, token) as admin:
+        job = await admin.job(args.job_id)
+    if args.json:
+        _dump(job)
+    else:
+        print(job_report(job))
+    return 0
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace, str], Awaitable[int]]] = {
+    "nodes": _nodes,
+    "images": _images,
+    "distribute": _distribute,
+    "jobs": _jobs,
+    "job": _job,
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

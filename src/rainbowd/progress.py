@@ -1,0 +1,97 @@
+"""Rendering of a job's per-node progress, live or as a final report.
+
+Live mode redraws a block of lines in place on a terminal; without a
+terminal (CI, pipes, logs) it prints one line per node state change, so the
+output stays readable in a log file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from typing import TextIO
+
+from rainbowd.client import AdminClient
+from rainbowd.digest import short
+from rainbowd.messages import JobView, NodeJobState
+from rainbowd.units import human_bytes, human_rate
+
+BAR = 24
+
+
+def node_line(n: NodeJobState, now: float) -> str:
+    frac = n.bytes_done / n.bytes_total if n.bytes_total else (1.0 if n.state == "done" else 0.0)
+    filled = int(frac * BAR)
+    bar = "#" * filled + "-" * (BAR - filled)
+    end = n.finished_at or now
+    took = end - n.started_at if n.started_at else 0.0
+    rate = human_rate(n.rate_bps) if n.state == "transferring" else ""
+    extra = f"  {n.error}" if n.error else ""
+    return (
+        f"{n.node_id:<14} {n.state:<12} [{bar}] {100 * frac:5.1f}%  "
+        f"{n.layers_done}/{n.layers_total} layers  {human_bytes(n.bytes_done):>10}  "
+        f"{rate:>10}  {took:6.1f}s{extra}"
+    )
+
+
+def summary(job: JobView) -> str:
+    end = job.finished_at or time.time()
+    done = sum(1 for n in job.nodes if n.state == "done")
+    return (
+        f"job {job.job_id} {job.state}: {job.image} on {done}/{len(job.nodes)} nodes "
+        f"in {end - job.created_at:.1f}s" + (f" ({job.error})" if job.error else "")
+    )
+
+
+def job_report(job: JobView) -> str:
+    """The full per-node report of ``rbd job ID``: states, seeders used and why, times."""
+    now = time.time()
+    lines = [summary(job), ""]
+    for n in sorted(job.nodes, key=lambda n: n.node_id):
+        lines.append(node_line(n, now))
+        for t in n.transfers:
+            lines.append(
+                f"    {short(t.layer)} <- {t.seeder:<12} {human_bytes(t.bytes):>10} "
+                f"in {t.seconds:5.2f}s  why: {t.reason}"
+            )
+    return "\n".join(lines)
+
+
+async def follow_job(
+    admin: AdminClient,
+    job_id: str,
+    out: TextIO = sys.stdout,
+    *,
+    live: bool | None = None,
+    interval: float = 0.5,
+    quiet: bool = False,
+) -> JobView:
+    """Poll the job until it is final, showing progress; return the final view."""
+    if live is None:
+        live = out.isatty()
+    drawn = 0
+    last_state: dict[str, str] = {}
+    while True:
+        job = await admin.job(job_id)
+        now = time.time()
+        nodes = sorted(job.nodes, key=lambda n: n.node_id)
+        if quiet:
+            pass
+        elif live:
+            if drawn:
+                out.write(f"\x1b[{drawn}F")
+            lines = [summary(job), *(node_line(n, now) for n in nodes)]
+            for line in lines:
+                out.write("\x1b[2K" + line + "\n")
+            drawn = len(lines)
+            out.flush()
+        else:
+            for n in nodes:
+                if last_state.get(n.node_id) != n.state:
+                    last_state[n.node_id] = n.state
+                    out.write(node_line(n, now) + "\n")
+            out.flush()
+        if job.state != "running":
+            return job
+        await asyncio.sleep(interval)
