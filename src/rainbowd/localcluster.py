@@ -224,8 +224,8 @@ class LocalCluster:
         deadline = time.monotonic() + 10
         for name in names:
             p = self._procs[name].popen
-            while p is not None and p.poll() is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)  # noqa: ASYNC110 (polling a child process)
+            while p is not None and p.poll() is None and time.monotonic() < deadline:  # noqa: ASYNC110 (polling a child process)
+                await asyncio.sleep(0.05)
         for name in names:
             self.kill(name, signal.SIGKILL)
 
