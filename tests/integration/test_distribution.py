@@ -19,6 +19,7 @@ from rainbowd import messages as m
 from rainbowd.agent.docker_loader import DockerLoader
 from rainbowd.agent.keys import load_or_create_key
 from rainbowd.agent.ssh_server import ChunkServer
+from rainbowd.dockerd import PrivateDockerd
 from rainbowd.localcluster import LocalCluster, NodeSpec
 from rainbowd.store import LayerStore
 
@@ -62,6 +63,11 @@ def _blob_digest(cluster: LocalCluster, node: str, digest: str) -> str:
 
 
 @pytest.fixture
+def dockerd_url(dockerd: PrivateDockerd) -> str:
+    return dockerd.url
+
+
+@pytest.fixture
 async def cluster(tmp_path: Path, dockerd_url: str) -> AsyncIterator[LocalCluster]:
     specs = [
         NodeSpec("origin", roles=["origin"], speed_hint_mbps=1000),
@@ -79,9 +85,9 @@ async def cluster(tmp_path: Path, dockerd_url: str) -> AsyncIterator[LocalCluste
 
 
 async def test_distribute_to_all_verifies_every_layer_and_runs_in_docker(
-    cluster: LocalCluster, small_demo_archive: Path, dockerd_url: str
+    cluster: LocalCluster, demo_image: Path, dockerd_url: str
 ) -> None:
-    image = await _add_image(cluster, small_demo_archive)
+    image = await _add_image(cluster, demo_image)
     assert len(image.layers) >= 3
 
     job = await _run_job(cluster, ["all"])
@@ -123,9 +129,9 @@ async def test_distribute_to_all_verifies_every_layer_and_runs_in_docker(
 
 
 async def test_spoofed_seeder_is_refused_and_reported(
-    cluster: LocalCluster, small_demo_archive: Path, tmp_path: Path
+    cluster: LocalCluster, demo_image: Path, tmp_path: Path
 ) -> None:
-    image = await _add_image(cluster, small_demo_archive)
+    image = await _add_image(cluster, demo_image)
     # n1 gets the image first, so it is a seeder; make it the fastest seeder known
     first = await _run_job(cluster, ["n1"])
     assert first.state == "done", first.error
