@@ -136,6 +136,8 @@ class ChunkBitmap:
             if len(present) != nbytes:
                 raise ManifestError(f"bitmap of {len(present)} bytes for {count} chunks")
             self._bits = bytearray(present)
+            if count % 8 and self._bits[-1] >> (count % 8):
+                raise ManifestError(f"bitmap has bits set past chunk {count - 1}")
 
     def __contains__(self, index: int) -> bool:
         return bool(self._bits[index // 8] & (1 << (index % 8)))

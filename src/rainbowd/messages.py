@@ -345,7 +345,14 @@ def decode(body: bytes, kind: type[T], content_type: str = MSGPACK) -> T:
             raw = json.loads(body)
         else:
             raw = msgpack.unpackb(body, raw=False, strict_map_key=True)
-    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
+    except (
+        ValueError,
+        TypeError,
+        RecursionError,  # deeply nested JSON
+        msgpack.ExtraData,
+        msgpack.FormatError,
+        msgpack.StackError,
+    ) as e:
         kind_name = "JSON" if content_type == JSON else "msgpack"
         raise MessageError(f"{name}: body is not valid {kind_name}: {e}") from None
     if isinstance(raw, dict) and "v" in raw and raw["v"] != PROTOCOL_VERSION:
