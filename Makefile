@@ -12,7 +12,7 @@ test: setup
 	.venv/bin/pytest -q -ra
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
-	.venv/bin/mypy
+	bash scripts/typecheck.sh
 
 bench: setup
 	.venv/bin/python bench/transfer_bench.py

@@ -20,8 +20,11 @@ import json
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
+
+import msgspec
 
 from rainbowd import messages as m
 from rainbowd.client import AdminClient, ApiError, CoordinatorUnreachable
@@ -127,7 +130,7 @@ def _table(rows: list[list[str]]) -> str:
     )
 
 
-def _dump(obj: m.msgspec.Struct) -> None:
+def _dump(obj: msgspec.Struct) -> None:
     print(json.dumps(m.to_wire(obj), indent=2))
 
 
@@ -242,7 +245,7 @@ async def _job(args: argparse.Namespace, token: str) -> int:
     return 0
 
 
-_COMMANDS: dict[str, Callable[[argparse.Namespace, str], Awaitable[int]]] = {
+_COMMANDS: dict[str, Callable[[argparse.Namespace, str], Coroutine[Any, Any, int]]] = {
     "nodes": _nodes,
     "images": _images,
     "distribute": _distribute,
