@@ -1,0 +1,361 @@
+"""The coordinator's HTTP API (aiohttp): routing, body codec, auth headers, errors.
+
+Every route is a thin wrapper: decode and validate the body
+(:func:`rainbowd.messages.decode`), authenticate, call one
+:class:`~rainbowd.coordinator.core.Coordinator` method, encode the reply.
+Any refusal becomes a 4xx ``ErrorReply`` with a message saying why; an
+unexpected exception becomes a logged 500, never a dropped connection.
+
+Bodies are msgpack; JSON is answered when the request's ``Accept`` asks for
+``application/json`` (or, lacking an Accept preference, when the body was
+JSON), so ``curl -H 'Accept: application/json'`` works on the admin API.
+
+Routes (prefix ``/v1``)::
+
+    agent (Authorization: Bearer <node_id>:<credential>; register uses its body)
+    POST register                 RegisterRequest -> RegisterReply
+    POST heartbeat                Heartbeat -> HeartbeatReply
+    GET  assignments?cursor=N&trust_version=V&wait=S   -> AssignmentBatch (long-poll)
+    POST transfers/{id}/progress  TransferProgress -> 204
+    POST transfers/{id}/done      TransferDone -> 204
+    POST transfers/{id}/failed    TransferFailed -> 204
+    POST ingests/{id}/done        IngestDone -> 204
+    POST ingests/{id}/failed      TaskFailed -> 204
+    POST loads/{id}/done          LoadDone -> 204
+    POST loads/{id}/failed        TaskFailed -> 204
+    POST events                   SecurityEvent -> 204
+
+    admin (Authorization: Bearer <admin token>)
+    GET  nodes                    -> NodeList
+    POST nodes/{id}/clear-quarantine -> NodeView
+    DELETE nodes/{id}             -> 204
+    GET  images                   -> ImageList
+    POST images                   CreateImage -> ImageView
+    GET  images/{ref}             -> ImageView
+    GET  jobs                     -> JobList
+    POST jobs                     CreateJob -> JobView
+    GET  jobs/{id}                -> JobView
+
+    GET  health                   (no auth) -> {"v": 1, "status": "ok", ...}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgpack
+import msgspec
+import structlog
+from aiohttp import web
+
+from rainbowd.messages import (
+    JSON,
+    MAX_BODY,
+    MSGPACK,
+    PROTOCOL_VERSION,
+    CreateImage,
+    CreateJob,
+    ErrorReply,
+    Heartbeat,
+    IngestDone,
+    LoadDone,
+    MessageError,
+    RegisterRequest,
+    SecurityEvent,
+    TaskFailed,
+    TransferDone,
+    TransferFailed,
+    TransferProgress,
+    decode,
+    encode,
+)
+
+from .cluster import Node
+from .core import MAX_WAIT, Coordinator
+from .errors import BadRequest, CoordinatorError
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+COORDINATOR: web.AppKey[Coordinator] = web.AppKey("coordinator", Coordinator)
+
+
+# --------------------------------------------------------------------------
+# codec helpers
+# --------------------------------------------------------------------------
+def reply_type(request: web.Request) -> str:
+    """msgpack unless the client asked for JSON (Accept), or sent JSON and did not say."""
+    accept = request.headers.get("Accept", "")
+    if JSON in accept:
+        return JSON
+    if MSGPACK in accept:
+        return MSGPACK
+    return JSON if request.content_type == JSON else MSGPACK
+
+
+def reply(request: web.Request, msg: msgspec.Struct, status: int = 200) -> web.Response:
+    ctype = reply_type(request)
+    return web.Response(status=status, body=encode(msg, ctype), content_type=ctype)
+
+
+def error_reply(request: web.Request, status: int, message: str) -> web.Response:
+    return reply(request, ErrorReply(error=message), status)
+
+
+def no_content() -> web.Response:
+    return web.Response(status=204)
+
+
+async def body(request: web.Request, kind: type[T]) -> T:
+    ctype = request.content_type
+    if ctype not in (MSGPACK, JSON, "application/octet-stream"):
+        raise BadRequest(f"unsupported Content-Type {ctype!r}: send {MSGPACK} or {JSON}")
+    data = await request.read()
+    return decode(data, kind, JSON if ctype == JSON else MSGPACK)
+
+
+def coord(request: web.Request) -> Coordinator:
+    return request.app[COORDINATOR]
+
+
+def agent(request: web.Request) -> Node:
+    return coord(request).authenticate_node(request.headers.get("Authorization"))
+
+
+def admin(request: web.Request) -> Coordinator:
+    c = coord(request)
+    c.check_admin(request.headers.get("Authorization"))
+    return c
+
+
+def _query(request: web.Request, name: str, default: float) -> float:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BadRequest(f"query parameter {name}={raw!r} is not a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise BadRequest(f"query parameter {name}={raw!r} is not a finite number")
+    return value
+
+
+def _query_int(request: web.Request, name: str) -> int:
+    value = _query(request, name, 0)
+    if value != int(value) or value < 0:
+        raise BadRequest(f"query parameter {name} must be a non-negative integer")
+    return int(value)
+
+
+# --------------------------------------------------------------------------
+# middleware: every error is an ErrorReply
+# --------------------------------------------------------------------------
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except CoordinatorError as e:
+        return error_reply(request, e.status, e.message)
+    except MessageError as e:
+        return error_reply(request, 400, str(e))
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        if e.status == 404:
+            message = f"no such endpoint: {request.method} {request.path}"
+        elif e.status == 405:
+            message = f"method {request.method} is not allowed on {request.path}"
+        elif e.status == 413:
+            message = f"request body too large (limit {MAX_BODY} bytes)"
+        else:
+            message = e.text or e.reason
+        return error_reply(request, e.status, message)
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        log.exception("internal error", method=request.method, path=request.path)
+        message = f"internal error ({type(e).__name__}); see the coordinator log"
+        return error_reply(request, 500, message)
+
+
+# --------------------------------------------------------------------------
+# agent routes
+# --------------------------------------------------------------------------
+async def register(request: web.Request) -> web.Response:
+    req = await body(request, RegisterRequest)
+    return reply(request, coord(request).register(req))
+
+
+async def heartbeat(request: web.Request) -> web.Response:
+    node = agent(request)
+    hb = await body(request, Heartbeat)
+    return reply(request, coord(request).heartbeat(node, hb))
+
+
+async def assignments(request: web.Request) -> web.Response:
+    node = agent(request)
+    c = coord(request)
+    cursor = _query_int(request, "cursor")
+    trust_version = _query_int(request, "trust_version")
+    wait = max(0.0, min(_query(request, "wait", 0.0), MAX_WAIT))
+    deadline = time.monotonic() + wait
+    while True:
+        batch = c.poll(node, cursor, trust_version)
+        if batch is not None:
+            return reply(request, batch)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return reply(request, c.empty_batch(cursor))
+        await node.mailbox.wait(left)
+
+
+async def transfer_report(request: web.Request) -> web.Response:
+    node = agent(request)
+    c = coord(request)
+    tid = request.match_info["id"]
+    what = request.match_info["what"]
+    if what == "progress":
+        c.transfer_progress(node, tid, await body(request, TransferProgress))
+    elif what == "done":
+        c.transfer_done(node, tid, await body(request, TransferDone))
+    else:
+        c.transfer_failed(node, tid, await body(request, TransferFailed))
+    return no_content()
+
+
+async def ingest_report(request: web.Request) -> web.Response:
+    node = agent(request)
+    c = coord(request)
+    iid = request.match_info["id"]
+    if request.match_info["what"] == "done":
+        c.ingest_done(node, iid, await body(request, IngestDone))
+    else:
+        c.ingest_failed(node, iid, await body(request, TaskFailed))
+    return no_content()
+
+
+async def load_report(request: web.Request) -> web.Response:
+    node = agent(request)
+    c = coord(request)
+    lid = request.match_info["id"]
+    if request.match_info["what"] == "done":
+        c.load_done(node, lid, await body(request, LoadDone))
+    else:
+        c.load_failed(node, lid, await body(request, TaskFailed))
+    return no_content()
+
+
+async def security_event(request: web.Request) -> web.Response:
+    node = agent(request)
+    coord(request).security_event(node, await body(request, SecurityEvent))
+    return no_content()
+
+
+# --------------------------------------------------------------------------
+# admin routes
+# --------------------------------------------------------------------------
+async def list_nodes(request: web.Request) -> web.Response:
+    return reply(request, admin(request).node_views())
+
+
+async def clear_quarantine(request: web.Request) -> web.Response:
+    return reply(request, admin(request).clear_quarantine(request.match_info["id"]))
+
+
+async def remove_node(request: web.Request) -> web.Response:
+    admin(request).remove_node(request.match_info["id"])
+    return no_content()
+
+
+async def list_images(request: web.Request) -> web.Response:
+    return reply(request, admin(request).image_views())
+
+
+async def add_image(request: web.Request) -> web.Response:
+    c = admin(request)
+    return reply(request, c.add_image(await body(request, CreateImage)), 201)
+
+
+async def get_image(request: web.Request) -> web.Response:
+    return reply(request, admin(request).image_view(request.match_info["ref"]))
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    return reply(request, admin(request).job_views())
+
+
+async def create_job(request: web.Request) -> web.Response:
+    c = admin(request)
+    return reply(request, c.create_job(await body(request, CreateJob)), 201)
+
+
+async def get_job(request: web.Request) -> web.Response:
+    return reply(request, admin(request).job_view(request.match_info["id"]))
+
+
+async def health(request: web.Request) -> web.Response:
+    c = coord(request)
+    doc: dict[str, Any] = {
+        "v": PROTOCOL_VERSION,
+        "status": "ok",
+        "nodes": len(c.cluster.nodes),
+        "nodes_up": sum(1 for n in c.cluster.nodes.values() if n.up),
+        "trust_version": c.cluster.trust_version,
+    }
+    if reply_type(request) == JSON:
+        return web.Response(body=json.dumps(doc).encode(), content_type=JSON)
+    return web.Response(body=msgpack.packb(doc, use_bin_type=True), content_type=MSGPACK)
+
+
+# --------------------------------------------------------------------------
+# the application
+# --------------------------------------------------------------------------
+async def _liveness_loop(c: Coordinator) -> None:
+    """Mark nodes down when they miss heartbeats (checked twice per interval)."""
+    while True:
+        await asyncio.sleep(c.heartbeat_interval / 2)
+        try:
+            c.check_liveness()
+        except Exception:
+            log.exception("liveness check failed")
+
+
+def create_app(c: Coordinator) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[errors_middleware])
+    app[COORDINATOR] = c
+
+    async def liveness(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(_liveness_loop(c))
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    app.cleanup_ctx.append(liveness)
+    r = app.router
+    r.add_post("/v1/register", register)
+    r.add_post("/v1/heartbeat", heartbeat)
+    r.add_get("/v1/assignments", assignments)
+    r.add_post("/v1/transfers/{id}/{what:progress|done|failed}", transfer_report)
+    r.add_post("/v1/ingests/{id}/{what:done|failed}", ingest_report)
+    r.add_post("/v1/loads/{id}/{what:done|failed}", load_report)
+    r.add_post("/v1/events", security_event)
+    r.add_get("/v1/nodes", list_nodes)
+    r.add_post("/v1/nodes/{id}/clear-quarantine", clear_quarantine)
+    r.add_delete("/v1/nodes/{id}", remove_node)
+    r.add_get("/v1/images", list_images)
+    r.add_post("/v1/images", add_image)
+    r.add_get("/v1/images/{ref:.+}", get_image)
+    r.add_get("/v1/jobs", list_jobs)
+    r.add_post("/v1/jobs", create_job)
+    r.add_get("/v1/jobs/{id}", get_job)
+    r.add_get("/v1/health", health)
+    return app

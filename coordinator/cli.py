@@ -1,0 +1,158 @@
+"""``rbd-coordinator``: run the coordinator, or print one of its tokens.
+
+Usage::
+
+    rbd-coordinator [run] --state-dir DIR [--listen HOST:PORT] [--config FILE] ...
+    rbd-coordinator show-token {join,admin} --state-dir DIR [--config FILE]
+
+Tokens live in ``<state-dir>/join-token`` and ``<state-dir>/admin-token``
+unless ``--join-token-file``/``--admin-token-file`` say otherwise; a missing
+file is created (mode 0600) with a fresh random token at start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from rainbowd.log import configure
+
+from . import auth, config
+from .app import create_app
+from .core import Coordinator
+from .state import StateStore
+
+log = structlog.get_logger(__name__)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="TOML config file (flags override it)")
+    p.add_argument("--state-dir", help="directory for the SQLite database and tokens")
+    p.add_argument("--join-token-file", help="default <state-dir>/join-token")
+    p.add_argument("--admin-token-file", help="default <state-dir>/admin-token")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rbd-coordinator", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command")
+    run = sub.add_parser("run", help="run the coordinator (the default)")
+    _common(run)
+    run.add_argument("--listen", help=f"HOST:PORT to serve on (default {config.DEFAULT_LISTEN})")
+    run.add_argument("--heartbeat-interval", type=float, help="seconds (default 2.0)")
+    run.add_argument("--chunk-size", type=int, help="bytes per chunk for new ingests")
+    run.add_argument("--log-level", help="debug, info, warning, error")
+    run.add_argument("--log-json", action="store_true", default=None, help="JSON log lines")
+    run.add_argument("--ready-file", help="write HOST:PORT here once listening (for tests)")
+    show = sub.add_parser("show-token", help="print the join or admin token")
+    show.add_argument("which", choices=["join", "admin"])
+    _common(show)
+    return p
+
+
+def _settings(args: argparse.Namespace) -> config.CoordinatorConfig:
+    file_values = config.load_file(args.config) if args.config else {}
+    overrides: dict[str, Any] = {
+        "state_dir": args.state_dir,
+        "join_token_file": args.join_token_file,
+        "admin_token_file": args.admin_token_file,
+    }
+    flags = ("listen", "heartbeat_interval", "chunk_size", "log_level", "log_json", "ready_file")
+    for key in flags:
+        overrides[key] = getattr(args, key, None)
+    return config.build(file_values, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("run", "show-token", "-h", "--help"):
+        argv.insert(0, "run")
+    args = parser().parse_args(argv)
+    try:
+        cfg = _settings(args)
+    except (config.ConfigError, ValueError) as e:
+        print(f"rbd-coordinator: {e}", file=sys.stderr)
+        return 2
+    if args.command == "show-token":
+        path = cfg.join_token_path if args.which == "join" else cfg.admin_token_path
+        try:
+            print(path.read_text().strip())
+        except OSError as e:
+            print(f"rbd-coordinator: cannot read {path}: {e.strerror}", file=sys.stderr)
+            return 1
+        return 0
+    configure(cfg.log_level, cfg.log_json)
+    try:
+        asyncio.run(serve(cfg))
+    except (OSError, ValueError) as e:
+        log.error("coordinator failed to start", error=str(e))
+        return 1
+    return 0
+
+
+def _token(path: Path, which: str) -> str:
+    token, created = auth.read_or_create_token(path)
+    if created:
+        log.info(f"generated a new {which} token", path=str(path))
+    return token
+
+
+async def serve(cfg: config.CoordinatorConfig) -> None:
+    """Run until SIGTERM/SIGINT, then shut the HTTP server down and close the database."""
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    join_token = _token(cfg.join_token_path, "join")
+    admin_token = _token(cfg.admin_token_path, "admin")
+    store = StateStore(cfg.db_path)
+    try:
+        coordinator = Coordinator(
+            store,
+            join_token=join_token,
+            admin_token=admin_token,
+            heartbeat_interval=cfg.heartbeat_interval,
+            chunk_size=cfg.chunk_size,
+            policy=cfg.policy,
+        )
+        runner = web.AppRunner(create_app(coordinator), access_log=None)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, cfg.host, cfg.port)
+            await site.start()
+            host, port = _bound(site, cfg)
+            log.info(
+                "coordinator listening",
+                listen=f"{host}:{port}",
+                state_dir=str(cfg.state_dir),
+                join_token_file=str(cfg.join_token_path),
+                admin_token_file=str(cfg.admin_token_path),
+            )
+            if cfg.ready_file:
+                cfg.ready_file.write_text(f"{host}:{port}\n")
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
+            log.info("shutting down")
+        finally:
+            await runner.cleanup()
+    finally:
+        store.close()
+
+
+def _bound(site: web.TCPSite, cfg: config.CoordinatorConfig) -> tuple[str, int]:
+    server = site._server  # the asyncio server knows the real port when 0 was asked
+    sockets = getattr(server, "sockets", None) or []
+    if sockets:
+        addr = sockets[0].getsockname()
+        return str(addr[0]), int(addr[1])
+    return cfg.host, cfg.port
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,244 @@
+"""Job bookkeeping: which node of a distribution job is where, and the job's outcome.
+
+A job asks for one image on a set of nodes. Per node it tracks
+``pending -> transferring -> loading -> done | failed``, the layers and bytes
+it has, the transfers that fed it (seeder, why that seeder, bytes, seconds)
+and repeated failures per layer. The coordinator core drives these objects;
+they never schedule or do I/O themselves, so the rules here are unit-testable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from rainbowd.digest import short
+from rainbowd.messages import JobView, NodeJobState, NodeJobStateName, SeederUse
+
+#: transfer failures of one (node, layer) after which the node fails in the job
+MAX_LAYER_FAILURES = 5
+
+FINAL_STATES = ("done", "failed")
+
+JobStateName = Literal["running", "done", "failed"]
+
+
+def unique_layers(digests: list[str]) -> list[str]:
+    """Layer digests in image order, each once (an image may repeat a layer)."""
+    seen: set[str] = set()
+    out: list[str] = []
+    for d in digests:
+        if d not in seen:
+            seen.add(d)
+            out.append(d)
+    return out
+
+
+@dataclass
+class NodeProgress:
+    """One node's part of a job."""
+
+    node_id: str
+    layers: list[str]
+    sizes: dict[str, int]
+    started_at: float
+    state: NodeJobStateName = "pending"
+    done: set[str] = field(default_factory=set)
+    partial: dict[str, int] = field(default_factory=dict)  # layer -> bytes of the live transfer
+    rate_bps: float = 0.0
+    transfers: list[SeederUse] = field(default_factory=list)
+    finished_at: float = 0.0
+    error: str = ""
+    failures: dict[str, int] = field(default_factory=dict)
+    load_id: str = ""
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    @property
+    def receiving(self) -> bool:
+        """Still waiting for layers (not loading, not final)."""
+        return self.state in ("pending", "transferring")
+
+    def missing(self) -> list[str]:
+        return [d for d in self.layers if d not in self.done]
+
+    def needs(self, layer: str) -> bool:
+        return self.receiving and layer in self.sizes and layer not in self.done
+
+    def all_held(self) -> bool:
+        return all(d in self.done for d in self.layers)
+
+    def hold(self, layer: str) -> bool:
+        """The node now holds ``layer``; True if that was news for this job."""
+        if not self.needs(layer):
+            return False
+        self.done.add(layer)
+        self.partial.pop(layer, None)
+        return True
+
+    def started_transfer(self, layer: str) -> None:
+        if self.receiving:
+            self.state = "transferring"
+            self.partial[layer] = 0
+
+    def progress(self, layer: str, bytes_done: int, rate_bps: float) -> None:
+        if self.needs(layer):
+            self.partial[layer] = max(0, min(bytes_done, self.sizes[layer]))
+            self.rate_bps = max(0.0, rate_bps)
+
+    def transfer_stopped(self, layer: str) -> None:
+        self.partial.pop(layer, None)
+        if not self.partial:
+            self.rate_bps = 0.0
+
+    def record(self, use: SeederUse) -> None:
+        self.transfers.append(use)
+
+    def count_failure(self, layer: str, why: str, now: float) -> bool:
+        """Count a failed transfer of ``layer``; True if the node just failed the job."""
+        if not self.needs(layer):
+            return False
+        self.transfer_stopped(layer)
+        n = self.failures.get(layer, 0) + 1
+        self.failures[layer] = n
+        if n >= MAX_LAYER_FAILURES:
+            self.fail(
+                f"node {self.node_id}: layer {short(layer)} failed {n} times (last: {why})", now
+            )
+            return True
+        return False
+
+    def loading(self, load_id: str) -> None:
+        self.state = "loading"
+        self.load_id = load_id
+        self.partial.clear()
+        self.rate_bps = 0.0
+
+    def finish(self, now: float) -> None:
+        self.state = "done"
+        self.finished_at = now
+        self.partial.clear()
+        self.rate_bps = 0.0
+
+    def fail(self, error: str, now: float) -> None:
+        if self.final:
+            return
+        self.state = "failed"
+        self.error = error
+        self.finished_at = now
+        self.partial.clear()
+        self.rate_bps = 0.0
+
+    def view(self) -> NodeJobState:
+        done_bytes = sum(self.sizes[d] for d in self.done)
+        return NodeJobState(
+            node_id=self.node_id,
+            state=self.state,
+            layers_done=len(self.done),
+            layers_total=len(self.layers),
+            bytes_done=done_bytes + sum(self.partial.values()),
+            bytes_total=sum(self.sizes[d] for d in self.layers),
+            rate_bps=self.rate_bps,
+            transfers=list(self.transfers),
+            started_at=self.started_at,
+            finished_at=self.finished_at,
+            error=self.error,
+        )
+
+
+@dataclass
+class Job:
+    """A distribution job: one image to many nodes."""
+
+    job_id: str
+    image: str
+    created_at: float
+    nodes: dict[str, NodeProgress]
+    state: JobStateName = "running"
+    finished_at: float = 0.0
+    error: str = ""
+
+    @classmethod
+    def create(
+        cls,
+        job_id: str,
+        image: str,
+        layers: list[tuple[str, int]],
+        targets: list[str],
+        holdings: dict[str, set[str]],
+        now: float,
+    ) -> Job:
+        """A new job; ``layers`` are (digest, size) in image order, ``holdings`` per target."""
+        order = unique_layers([d for d, _ in layers])
+        sizes = dict(layers)
+        nodes = {}
+        for nid in targets:
+            p = NodeProgress(node_id=nid, layers=order, sizes=sizes, started_at=now)
+            p.done = {d for d in order if d in holdings.get(nid, set())}
+            nodes[nid] = p
+        return cls(job_id=job_id, image=image, created_at=now, nodes=nodes)
+
+    @classmethod
+    def from_view(
+        cls, view: JobView, layers: list[tuple[str, int]], holdings: dict[str, set[str]]
+    ) -> Job:
+        """Rebuild a persisted job; held layers are re-derived from current holdings."""
+        order = unique_layers([d for d, _ in layers])
+        sizes = dict(layers)
+        nodes = {}
+        for ns in view.nodes:
+            p = NodeProgress(
+                node_id=ns.node_id,
+                layers=order,
+                sizes=sizes,
+                started_at=ns.started_at,
+                state=ns.state,
+                transfers=list(ns.transfers),
+                finished_at=ns.finished_at,
+                error=ns.error,
+            )
+            p.done = {d for d in order if d in holdings.get(ns.node_id, set())}
+            if p.state == "transferring" and not p.all_held():
+                p.state = "pending"  # in-flight transfers did not survive the restart
+            nodes[ns.node_id] = p
+        return cls(
+            job_id=view.job_id,
+            image=view.image,
+            created_at=view.created_at,
+            nodes=nodes,
+            state=view.state,
+            finished_at=view.finished_at,
+            error=view.error,
+        )
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+    def settle(self, now: float) -> bool:
+        """Derive the job's state from its nodes; True when it just became final."""
+        if not self.running or not all(p.final for p in self.nodes.values()):
+            return False
+        failed = [p for p in self.nodes.values() if p.state == "failed"]
+        self.finished_at = now
+        if failed:
+            self.state = "failed"
+            self.error = f"{len(failed)} of {len(self.nodes)} node(s) failed: " + "; ".join(
+                f"{p.node_id}: {p.error}" for p in failed
+            )
+        else:
+            self.state = "done"
+        return True
+
+    def view(self) -> JobView:
+        return JobView(
+            job_id=self.job_id,
+            image=self.image,
+            state=self.state,
+            created_at=self.created_at,
+            finished_at=self.finished_at,
+            nodes=[self.nodes[n].view() for n in sorted(self.nodes)],
+            error=self.error,
+        )

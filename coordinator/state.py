@@ -1,0 +1,163 @@
+"""Durable coordinator state in SQLite (WAL mode).
+
+One row per node, image and job, each a JSON document of a msgspec struct, so
+adding a field (with a default) needs no migration. Writes are small and rare
+(state transitions, not progress ticks), so the stdlib driver called from the
+event loop is fast enough and keeps the code obvious. In-flight transfers are
+not stored: after a restart the scheduler re-plans from the demands.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import msgspec
+
+from rainbowd.chunks import ChunkManifest
+from rainbowd.messages import ImageRecord, ImageSource, JobView
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+
+
+class StoredNode(msgspec.Struct, kw_only=True):
+    """A node as persisted: identity, keys, the credential's hash, what it holds."""
+
+    node_id: str
+    address: str
+    ssh_port: int
+    host_key: str
+    client_key: str
+    credential_hash: str
+    labels: dict[str, str] = {}
+    roles: list[str] = []
+    docker: bool = False
+    speed_hint_bps: float = 0.0
+    holdings: list[str] = []
+    quarantined: bool = False
+    quarantine_reason: str = ""
+    registered_at: float = 0.0
+    last_seen: float = 0.0
+
+
+class StoredImage(msgspec.Struct, kw_only=True):
+    """An image entry: where it came from, its ingest state and, once ready, its layers."""
+
+    ref: str
+    state: Literal["ingesting", "ready", "failed"]
+    source: ImageSource
+    origin: str
+    ingest_id: str
+    created_at: float
+    record: ImageRecord | None = None
+    manifests: list[ChunkManifest] = []
+    error: str = ""
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS nodes (
+    node_id TEXT PRIMARY KEY, body TEXT NOT NULL, seq INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS images (ref TEXT PRIMARY KEY, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (job_id TEXT PRIMARY KEY, created_at REAL, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS security_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, reporter TEXT NOT NULL,
+    peer TEXT NOT NULL, kind TEXT NOT NULL, detail TEXT NOT NULL);
+"""
+
+
+class StateStore:
+    """The coordinator's SQLite database (``coordinator.sqlite`` in the state dir)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._db = sqlite3.connect(path, isolation_level=None)  # autocommit; WAL makes it cheap
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._db.execute(
+            "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
+        )
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- meta ------------------------------------------------------------
+    def get_meta(self, key: str, default: str = "") -> str:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return str(row[0]) if row else default
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._db.execute(
+            "INSERT INTO meta(key, value) VALUES (?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    # -- nodes -----------------------------------------------------------
+    def save_node(self, node: StoredNode, seq: int) -> None:
+        self._db.execute(
+            "INSERT INTO nodes(node_id, body, seq) VALUES (?, ?, ?) "
+            "ON CONFLICT(node_id) DO UPDATE SET body = excluded.body, seq = excluded.seq",
+            (node.node_id, _dump(node), seq),
+        )
+
+    def save_seq(self, node_id: str, seq: int) -> None:
+        self._db.execute("UPDATE nodes SET seq = ? WHERE node_id = ?", (seq, node_id))
+
+    def delete_node(self, node_id: str) -> None:
+        self._db.execute("DELETE FROM nodes WHERE node_id = ?", (node_id,))
+
+    def load_nodes(self) -> list[tuple[StoredNode, int]]:
+        rows = self._db.execute("SELECT body, seq FROM nodes ORDER BY node_id").fetchall()
+        return [(_load(body, StoredNode), int(seq)) for body, seq in rows]
+
+    # -- images ----------------------------------------------------------
+    def save_image(self, image: StoredImage) -> None:
+        self._db.execute(
+            "INSERT INTO images(ref, body) VALUES (?, ?) "
+            "ON CONFLICT(ref) DO UPDATE SET body = excluded.body",
+            (image.ref, _dump(image)),
+        )
+
+    def load_images(self) -> list[StoredImage]:
+        rows = self._db.execute("SELECT body FROM images ORDER BY ref").fetchall()
+        return [_load(body, StoredImage) for (body,) in rows]
+
+    # -- jobs ------------------------------------------------------------
+    def save_job(self, job: JobView) -> None:
+        self._db.execute(
+            "INSERT INTO jobs(job_id, created_at, body) VALUES (?, ?, ?) "
+            "ON CONFLICT(job_id) DO UPDATE SET body = excluded.body",
+            (job.job_id, job.created_at, _dump(job)),
+        )
+
+    def load_jobs(self) -> list[JobView]:
+        rows = self._db.execute("SELECT body FROM jobs ORDER BY created_at, job_id").fetchall()
+        return [_load(body, JobView) for (body,) in rows]
+
+    # -- security events -------------------------------------------------
+    def add_security_event(self, reporter: str, peer: str, kind: str, detail: str) -> None:
+        self._db.execute(
+            "INSERT INTO security_events(at, reporter, peer, kind, detail) VALUES (?, ?, ?, ?, ?)",
+            (time.time(), reporter, peer, kind, detail),
+        )
+
+    def security_events(self) -> list[tuple[float, str, str, str, str]]:
+        rows = self._db.execute(
+            "SELECT at, reporter, peer, kind, detail FROM security_events ORDER BY id"
+        ).fetchall()
+        return [(float(a), str(r), str(p), str(k), str(d)) for a, r, p, k, d in rows]
+
+
+def _dump(obj: msgspec.Struct) -> str:
+    return msgspec.json.encode(obj).decode()
+
+
+def _load(body: str, kind: type[T]) -> T:
+    return msgspec.json.decode(body, type=kind)

@@ -1,0 +1,307 @@
+"""HTTP clients of the coordinator API: :class:`AgentClient` and :class:`AdminClient`.
+
+Both speak msgpack (``application/msgpack``) with the typed messages of
+:mod:`rainbowd.messages`, so a reply is validated before the caller sees it.
+A refusal from the coordinator raises :class:`ApiError` carrying the HTTP
+status and the coordinator's own message; not reaching the coordinator at
+all raises :class:`CoordinatorUnreachable` (status 0) naming the URL, so a
+log line says what to fix.
+
+Auth headers: agents send ``Authorization: Bearer <node_id>:<credential>``
+(the credential comes back once, in the :class:`RegisterReply`); the admin
+client sends ``Authorization: Bearer <admin token>``.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any, Self, TypeVar
+from urllib.parse import quote
+
+import aiohttp
+import msgspec
+
+from rainbowd.messages import (
+    JSON,
+    MSGPACK,
+    AssignmentBatch,
+    CreateImage,
+    CreateJob,
+    ErrorReply,
+    Heartbeat,
+    HeartbeatReply,
+    ImageList,
+    ImageView,
+    IngestDone,
+    JobList,
+    JobView,
+    LoadDone,
+    MessageError,
+    NodeList,
+    NodeView,
+    RegisterReply,
+    RegisterRequest,
+    SecurityEvent,
+    TaskFailed,
+    TransferDone,
+    TransferFailed,
+    TransferProgress,
+    decode,
+    encode,
+)
+
+T = TypeVar("T")
+
+#: extra seconds the HTTP timeout of a long-poll allows beyond its wait
+POLL_SLACK = 10.0
+
+
+class ApiError(Exception):
+    """The coordinator refused a request (``status`` >= 400) or sent garbage."""
+
+    def __init__(self, status: int, message: str, *, url: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.url = url
+
+    def __str__(self) -> str:
+        where = f" ({self.url})" if self.url else ""
+        if self.status:
+            return f"coordinator answered {self.status}: {self.message}{where}"
+        return f"{self.message}{where}"
+
+
+class CoordinatorUnreachable(ApiError):
+    """No answer at all: connection refused, DNS failure, timeout. ``status`` is 0."""
+
+    def __init__(self, message: str, *, url: str = "") -> None:
+        super().__init__(0, message, url=url)
+
+
+class _Http:
+    """One aiohttp session to the coordinator plus the msgpack request/response dance."""
+
+    def __init__(self, base_url: str, timeout: float) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    def _auth(self) -> str | None:
+        return None
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        msg: msgspec.Struct | None = None,
+        reply: type[T] | None = None,
+        params: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> T | None:
+        """Send ``msg`` (msgpack) and decode the reply as ``reply`` (None: ignore the body)."""
+        await self.open()
+        assert self._session is not None
+        url = f"{self.base_url}/v1/{path}"
+        headers = {"Accept": MSGPACK}
+        auth = self._auth()
+        if auth:
+            headers["Authorization"] = auth
+        data = None
+        if msg is not None:
+            data = encode(msg)
+            headers["Content-Type"] = MSGPACK
+        kwargs: dict[str, Any] = {}
+        if timeout is not None:
+            kwargs["timeout"] = aiohttp.ClientTimeout(total=timeout)
+        try:
+            async with self._session.request(
+                method, url, data=data, headers=headers, params=params, **kwargs
+            ) as resp:
+                body = await resp.read()
+                ctype = resp.content_type
+                status = resp.status
+        except TimeoutError:
+            t = timeout if timeout is not None else self.timeout
+            raise CoordinatorUnreachable(
+                f"coordinator did not answer {method} within {t:.0f}s", url=url
+            ) from None
+        except aiohttp.ClientError as e:
+            raise CoordinatorUnreachable(f"cannot reach the coordinator: {e}", url=url) from None
+        if status >= 400:
+            raise ApiError(status, _error_message(body, ctype, status), url=url)
+        if reply is None:
+            return None
+        try:
+            return decode(body, reply, JSON if ctype == JSON else MSGPACK)
+        except MessageError as e:
+            raise ApiError(status, f"unreadable reply: {e}", url=url) from None
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        reply: type[T],
+        msg: msgspec.Struct | None = None,
+        **kw: Any,
+    ) -> T:
+        out = await self.request(method, path, msg=msg, reply=reply, **kw)
+        assert out is not None
+        return out
+
+
+def _error_message(body: bytes, ctype: str, status: int) -> str:
+    try:
+        return decode(body, ErrorReply, JSON if ctype == JSON else MSGPACK).error
+    except MessageError:
+        text = body[:200].decode(errors="replace").strip()
+        return text or f"HTTP {status} with no explanation"
+
+
+def _seg(value: str) -> str:
+    """An id as one URL path segment."""
+    return quote(value, safe="")
+
+
+class AgentClient(_Http):
+    """What an agent says to the coordinator. Use as ``async with AgentClient(url) as c``."""
+
+    def __init__(
+        self, base_url: str, *, node_id: str = "", credential: str = "", timeout: float = 10.0
+    ) -> None:
+        super().__init__(base_url, timeout)
+        self.node_id = node_id
+        self.credential = credential
+
+    def set_credential(self, node_id: str, credential: str) -> None:
+        self.node_id = node_id
+        self.credential = credential
+
+    def _auth(self) -> str | None:
+        if self.node_id and self.credential:
+            return f"Bearer {self.node_id}:{self.credential}"
+        return None
+
+    async def register(self, req: RegisterRequest) -> RegisterReply:
+        """Enroll (join token in ``req``) or re-register (credential in ``req``).
+
+        The reply's credential is remembered for every later call.
+        """
+        out = await self.call("POST", "register", RegisterReply, req)
+        self.set_credential(out.node_id, out.credential)
+        return out
+
+    async def heartbeat(self, hb: Heartbeat) -> HeartbeatReply:
+        return await self.call("POST", "heartbeat", HeartbeatReply, hb)
+
+    async def assignments(self, cursor: int, trust_version: int, wait: float) -> AssignmentBatch:
+        """Long-poll: returns at once when there is news, else after ``wait`` seconds."""
+        params = {"cursor": str(cursor), "trust_version": str(trust_version), "wait": str(wait)}
+        return await self.call(
+            "GET",
+            "assignments",
+            AssignmentBatch,
+            params=params,
+            timeout=max(wait, 0.0) + max(self.timeout, POLL_SLACK),
+        )
+
+    async def transfer_progress(self, tid: str, m: TransferProgress) -> None:
+        await self.request("POST", f"transfers/{_seg(tid)}/progress", msg=m)
+
+    async def transfer_done(self, tid: str, m: TransferDone) -> None:
+        await self.request("POST", f"transfers/{_seg(tid)}/done", msg=m)
+
+    async def transfer_failed(self, tid: str, m: TransferFailed) -> None:
+        await self.request("POST", f"transfers/{_seg(tid)}/failed", msg=m)
+
+    async def ingest_done(self, iid: str, m: IngestDone) -> None:
+        await self.request("POST", f"ingests/{_seg(iid)}/done", msg=m)
+
+    async def ingest_failed(self, iid: str, m: TaskFailed) -> None:
+        await self.request("POST", f"ingests/{_seg(iid)}/failed", msg=m)
+
+    async def load_done(self, lid: str, m: LoadDone) -> None:
+        await self.request("POST", f"loads/{_seg(lid)}/done", msg=m)
+
+    async def load_failed(self, lid: str, m: TaskFailed) -> None:
+        await self.request("POST", f"loads/{_seg(lid)}/failed", msg=m)
+
+    async def security_event(self, ev: SecurityEvent) -> None:
+        await self.request("POST", "events", msg=ev)
+
+
+class AdminClient(_Http):
+    """The admin API (what ``rbd`` uses). Use as ``async with AdminClient(url, token) as c``."""
+
+    def __init__(self, base_url: str, admin_token: str, timeout: float = 10.0) -> None:
+        super().__init__(base_url, timeout)
+        self.admin_token = admin_token
+
+    def _auth(self) -> str | None:
+        return f"Bearer {self.admin_token}" if self.admin_token else None
+
+    async def nodes(self) -> NodeList:
+        return await self.call("GET", "nodes", NodeList)
+
+    async def clear_quarantine(self, node_id: str) -> NodeView:
+        return await self.call("POST", f"nodes/{_seg(node_id)}/clear-quarantine", NodeView)
+
+    async def remove_node(self, node_id: str) -> None:
+        await self.request("DELETE", f"nodes/{_seg(node_id)}")
+
+    async def images(self) -> ImageList:
+        return await self.call("GET", "images", ImageList)
+
+    async def add_image(self, req: CreateImage) -> ImageView:
+        return await self.call("POST", "images", ImageView, req)
+
+    async def image(self, ref: str) -> ImageView:
+        return await self.call("GET", f"images/{quote(ref, safe='/:@')}", ImageView)
+
+    async def create_job(self, req: CreateJob) -> JobView:
+        return await self.call("POST", "jobs", JobView, req)
+
+    async def jobs(self) -> JobList:
+        return await self.call("GET", "jobs", JobList)
+
+    async def job(self, job_id: str) -> JobView:
+        return await self.call("GET", f"jobs/{_seg(job_id)}", JobView)
+
+    async def health(self) -> dict[str, Any]:
+        """The unauthenticated health document (JSON)."""
+        await self.open()
+        assert self._session is not None
+        url = f"{self.base_url}/v1/health"
+        try:
+            async with self._session.get(url, headers={"Accept": JSON}) as resp:
+                if resp.status >= 400:
+                    raise ApiError(resp.status, await resp.text(), url=url)
+                doc: dict[str, Any] = await resp.json()
+                return doc
+        except (TimeoutError, aiohttp.ClientError) as e:
+            raise CoordinatorUnreachable(f"cannot reach the coordinator: {e}", url=url) from None
+
+
+__all__ = ["AdminClient", "AgentClient", "ApiError", "CoordinatorUnreachable"]

@@ -1,0 +1,152 @@
+"""Coordinator pieces without HTTP: job bookkeeping, mailboxes, auth helpers, config, CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from rainbowd.coordinator import auth, config
+from rainbowd.coordinator.jobs import MAX_LAYER_FAILURES, Job
+from rainbowd.coordinator.mailbox import Mailbox
+from rainbowd.messages import ArchiveSource, IngestAssignment
+
+L1, L2 = "sha256:" + "1" * 64, "sha256:" + "2" * 64
+
+
+def test_job_node_lifecycle_and_outcome() -> None:
+    job = Job.create("j1", "img", [(L1, 100), (L2, 50), (L1, 100)], ["a", "b"], {"b": {L1}}, 1.0)
+    a, b = job.nodes["a"], job.nodes["b"]
+    assert a.layers == [L1, L2] and a.missing() == [L1, L2] and b.missing() == [L2]
+    a.started_transfer(L1)
+    a.progress(L1, 40, 9.0)
+    assert a.view().state == "transferring" and a.view().bytes_done == 40
+    assert a.hold(L1) and not a.hold(L1)
+    assert a.view().bytes_done == 100 and a.view().layers_done == 1
+    assert a.hold(L2) and a.all_held()
+    a.finish(2.0)
+    assert not job.settle(2.0)  # b is still going
+    for i in range(MAX_LAYER_FAILURES - 1):
+        assert not b.count_failure(L2, f"io {i}", 3.0)
+    assert b.count_failure(L2, "io last", 3.0)
+    assert b.state == "failed" and "layer 222222222222 failed 5 times (last: io last)" in b.error
+    assert job.settle(3.0) and job.state == "failed" and "b:" in job.error
+    view = job.view()
+    again = Job.from_view(view, [(L1, 100), (L2, 50)], {"a": {L1, L2}, "b": {L1}})
+    assert again.view() == view
+
+
+def test_restored_transferring_node_goes_back_to_pending() -> None:
+    job = Job.create("j1", "img", [(L1, 100)], ["a"], {}, 1.0)
+    job.nodes["a"].started_transfer(L1)
+    again = Job.from_view(job.view(), [(L1, 100)], {})
+    assert again.nodes["a"].state == "pending" and again.running
+
+
+async def test_mailbox_cursor_and_wakeups() -> None:
+    box = Mailbox(seq=10)
+    ingest = IngestAssignment(ingest_id="i", ref="r", source=ArchiveSource(path="/x"), chunk_size=1)
+    waiter = asyncio.create_task(box.wait(5.0))
+    await asyncio.sleep(0)
+    t0 = time.monotonic()
+    assert box.put(ingest) == 11
+    await waiter
+    assert time.monotonic() - t0 < 0.1
+    assert box.after(10) == (11, [ingest])
+    assert box.after(11) == (11, [])  # acknowledged and dropped
+    box.put(ingest)
+    assert box.after(500) == (12, [ingest])  # an agent ahead of us gets everything
+    box.drop(lambda a: True)
+    assert box.pending() == []
+
+
+def test_auth_helpers(tmp_path: Path) -> None:
+    assert auth.bearer("Bearer abc") == "abc" and auth.bearer("Basic abc") is None
+    assert auth.bearer(None) is None and auth.bearer("Bearer ") is None
+    assert auth.split_node_token("n1:secret") == ("n1", "secret")
+    assert auth.split_node_token("n1:se:cret") is None  # ":" is not valid in a node id
+    assert auth.split_node_token("bad id:x") is None and auth.split_node_token("n1:") is None
+    assert auth.credential_matches("s", auth.hash_secret("s"))
+    assert not auth.credential_matches("t", auth.hash_secret("s"))
+    assert not auth.same_secret("", "")
+    path = tmp_path / "sub" / "join-token"
+    token, created = auth.read_or_create_token(path)
+    assert created and len(token) >= 32
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert auth.read_or_create_token(path) == (token, False)
+
+
+def test_config_merges_file_and_flags(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text('listen = "0.0.0.0:8000"\nstate_dir = "/var/x"\nheartbeat_interval = 1.5\n')
+    cfg = config.build(config.load_file(f), {"listen": "127.0.0.1:9", "state_dir": None})
+    assert (cfg.host, cfg.port, cfg.heartbeat_interval) == ("127.0.0.1", 9, 1.5)
+    assert cfg.join_token_path == Path("/var/x/join-token")
+    assert config.parse_listen("[::1]:7700") == ("::1", 7700)
+    for bad in ({"listen": "nope"}, {"bogus": 1}, {}, {"chunk_size": 5}):
+        with pytest.raises(config.ConfigError):
+            config.build({"state_dir": "/x", **bad} if bad else {}, {})
+
+
+def test_cli_starts_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rainbowd.coordinator.cli",
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--ready-file",
+            str(ready),
+            "--log-json",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while not ready.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert ready.exists(), proc.stderr.read() if proc.stderr else ""
+        host, port = ready.read_text().strip().rsplit(":", 1)
+        assert host == "127.0.0.1" and int(port) > 0
+        req = urllib.request.Request(
+            f"http://{host}:{port}/v1/health", headers={"Accept": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            assert json.loads(resp.read())["status"] == "ok"
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "rainbowd.coordinator.cli",
+                "show-token",
+                "admin",
+                "--state-dir",
+                str(tmp_path / "state"),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert out.stdout.strip() == (tmp_path / "state" / "admin-token").read_text().strip()
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+        assert proc.returncode == 0, err
+        assert "coordinator listening" in err and "shutting down" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
