@@ -26,7 +26,7 @@ def node_line(n: NodeJobState, now: float) -> str:
     bar = "#" * filled + "-" * (BAR - filled)
     end = n.finished_at or now
     took = end - n.started_at if n.started_at else 0.0
-    rate = human_rate(n.rate_bps) if n.state == "transferring" else ""
+    rate = human_rate(n.rate_bps) if n.state == "transferring" and n.rate_bps > 0 else ""
     extra = f"  {n.error}" if n.error else ""
     return (
         f"{n.node_id:<14} {n.state:<12} [{bar}] {100 * frac:5.1f}%  "

@@ -6,8 +6,6 @@ import asyncio
 import io
 import json
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import aiohttp
 import msgpack
@@ -20,7 +18,6 @@ from test_coordinator_support import (
     fake_image,
     ingest,
     register_request,
-    start,
 )
 
 from rainbowd.client import AdminClient, AgentClient, ApiError
@@ -35,19 +32,6 @@ from rainbowd.messages import (
     TransferAssignment,
     to_wire,
 )
-
-
-@pytest.fixture
-async def coord(tmp_path: Path) -> AsyncIterator[Running]:
-    r = await start(tmp_path)
-    yield r
-    await r.stop()
-
-
-@pytest.fixture
-async def admin(coord: Running) -> AsyncIterator[AdminClient]:
-    async with AdminClient(coord.url, ADMIN) as a:
-        yield a
 
 
 async def raw(

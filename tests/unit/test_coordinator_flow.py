@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -35,19 +34,6 @@ from rainbowd.messages import (
     TransferFailed,
     TransferProgress,
 )
-
-
-@pytest.fixture
-async def coord(tmp_path: Path) -> AsyncIterator[Running]:
-    r = await start(tmp_path)
-    yield r
-    await r.stop()
-
-
-@pytest.fixture
-async def admin(coord: Running) -> AsyncIterator[AdminClient]:
-    async with AdminClient(coord.url, ADMIN) as a:
-        yield a
 
 
 class Agent:
