@@ -1,0 +1,536 @@
+"""LayerPuller: fetch a layer's missing chunks from an assigned seeder over SSH.
+
+Trust: the seeder's host key is pinned from the assignment (which the
+coordinator filled from its trust list); nothing is read from ``~/.ssh``
+(no config, no known_hosts, no agent, no default identities), so a spoofed
+address or DNS name fails the handshake with :class:`HostKeyMismatch`.
+
+Integrity: every chunk is checked against the manifest the *coordinator*
+gave us (``PartialLayer.write_chunk``) before it is written, and the whole
+digest is checked by ``commit()`` before the layer is atomically installed.
+A chunk that fails the check is the seeder's fault (SSH already protects the
+bytes in transit) and aborts the pull with kind ``verify``.
+
+Resumption: only ``partial.missing()`` is requested, and whatever happens
+(error, seeder gone, task cancelled) the partial's bitmap is flushed, so the
+next pull, from this seeder or another, moves only what is still missing.
+
+Throughput: requests are pipelined, keeping ``max(window, 32 MiB worth)``
+chunks requested but not yet received; the SSH channel's receive window is
+the hard bound, and the reader pauses the channel when verification/disk
+falls behind. Hashing and disk writes run in a worker thread (hashlib drops
+the GIL on large buffers) while the event loop keeps decrypting packets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import asyncssh
+import structlog
+
+from rainbowd import chunkproto
+from rainbowd.chunks import ChunkManifest
+from rainbowd.digest import Digest, short
+from rainbowd.messages import FailureKind, PeerInfo, TransferAssignment, TransferFailed
+from rainbowd.store import ChunkRejected, LayerStore, PartialLayer, StoreError
+
+from .keys import KeyFormatError, fingerprint, key_blob, parse_public_line
+from .ssh_server import (
+    CHANNEL_MAX_PKTSIZE,
+    CHANNEL_WINDOW,
+    COMPRESSION_ALGS,
+    ENCRYPTION_ALGS,
+)
+
+log = structlog.get_logger(__name__)
+
+ProgressCallback = Callable[[int, int, float], None]
+
+#: keep at least this many bytes of chunks requested ahead (when chunks are small)
+MIN_INFLIGHT_BYTES = 32 * 1024 * 1024
+#: chunks decoded but not yet verified before the channel is paused
+QUEUE_HIGH_WATER = 4
+#: persist the partial's bitmap (fdatasync + bitmap rewrite) about this often;
+#: a crash loses at most this much, and fewer syncs keep big pulls fast
+FLUSH_BYTES = 32 * 1024 * 1024
+#: minimum seconds between two on_progress calls
+PROGRESS_INTERVAL = 0.25
+#: SSH user name; the server ignores it (the key is the identity)
+SSH_USER = "rbd"
+
+
+class PullError(Exception):
+    """A pull failed; ``kind`` is a FailureKind, ``reason`` names seeder, address and layer."""
+
+    def __init__(self, kind: FailureKind, reason: str, seeder_fault: bool = False) -> None:
+        super().__init__(reason)
+        self.kind: FailureKind = kind
+        self.reason = reason
+        self.seeder_fault = seeder_fault
+
+    def to_failed(self) -> TransferFailed:
+        """The control-plane message reporting this failure."""
+        return TransferFailed(reason=self.reason, kind=self.kind, seeder_fault=self.seeder_fault)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.kind!r}, {self.reason!r}, {self.seeder_fault})"
+
+
+class HostKeyMismatch(PullError):
+    """The seeder presented a host key other than the pinned one (spoofing?)."""
+
+    def __init__(self, reason: str, presented: str | None = None) -> None:
+        super().__init__("security", reason, seeder_fault=True)
+        #: fingerprint of the key the far end presented, if it got that far
+        self.presented = presented
+
+
+@dataclass(frozen=True, slots=True)
+class PullResult:
+    bytes_moved: int  # chunk bytes fetched by this pull (resume moves less than the layer)
+    seconds: float
+    chunks_fetched: int
+
+
+class _Client(asyncssh.SSHClient):
+    """Records the host key a seeder presented when it is not the pinned one."""
+
+    def __init__(self) -> None:
+        self.presented: str | None = None
+        self.closed = False
+
+    def validate_host_public_key(
+        self, host: str, addr: str, port: int, key: asyncssh.SSHKey
+    ) -> bool:
+        self.presented = fingerprint(key)
+        return False  # only the pinned key (known_hosts) is ever accepted
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+
+
+class _ChunkClientSession(asyncssh.SSHClientSession[bytes]):
+    """Client end of a chunk channel: decodes frames into a queue with backpressure.
+
+    Working on raw packets (not asyncssh streams) saves a buffer copy and a
+    task switch per packet; the queue holds whole chunks, and reading is
+    paused when ``QUEUE_HIGH_WATER`` of them wait for verification, which
+    stops SSH window adjusts and so throttles the seeder.
+    """
+
+    def __init__(self, max_chunk: int) -> None:
+        self.decoder = chunkproto.Decoder("client", max_chunk=max_chunk)
+        self.events: asyncio.Queue[chunkproto.Event | BaseException | None] = asyncio.Queue()
+        self.chan: asyncssh.SSHClientChannel[bytes] | None = None
+        self._chunks_queued = 0
+        self._paused = False
+        self._done = False
+
+    def connection_made(self, chan: asyncssh.SSHClientChannel[bytes]) -> None:
+        self.chan = chan
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        if self._done or datatype is not None:
+            return
+        try:
+            evs = self.decoder.feed(data)
+        except chunkproto.ProtocolError as e:
+            self._finish(e)
+            return
+        for ev in evs:
+            if isinstance(ev, chunkproto.Chunk):
+                self._chunks_queued += 1
+            self.events.put_nowait(ev)
+        if self._chunks_queued >= QUEUE_HIGH_WATER and not self._paused and self.chan:
+            self._paused = True
+            self.chan.pause_reading()
+
+    def eof_received(self) -> bool:
+        try:
+            self.decoder.eof()
+        except chunkproto.ProtocolError as e:
+            self._finish(e)
+        else:
+            self._finish(None)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._finish(exc if exc is not None else None)
+
+    def _finish(self, item: BaseException | None) -> None:
+        if not self._done:
+            self._done = True
+            self.events.put_nowait(item)
+            if item is not None and self.chan is not None:
+                self.chan.close()
+
+    async def next_event(self, timeout: float) -> chunkproto.Event | BaseException | None:
+        ev = await asyncio.wait_for(self.events.get(), timeout)
+        if isinstance(ev, chunkproto.Chunk):
+            self._chunks_queued -= 1
+            if self._paused and self._chunks_queued < QUEUE_HIGH_WATER and self.chan:
+                self._paused = False
+                self.chan.resume_reading()
+        return ev
+
+    def send(self, frame: bytes) -> None:
+        assert self.chan is not None
+        self.chan.write(frame)
+
+    def close(self) -> None:
+        self._done = True
+        if self.chan is not None:
+            self.chan.close()
+
+
+@dataclass(slots=True)
+class _Tally:
+    """What one pull has moved so far (kept outside _fetch so failures can log it)."""
+
+    moved: int = 0
+    fetched: int = 0
+
+
+_ConnKey = tuple[str, bytes, str, int]
+
+
+class LayerPuller:
+    """Pull layers chunk by chunk from seeders into ``store``."""
+
+    def __init__(
+        self,
+        store: LayerStore,
+        client_key: asyncssh.SSHKey,
+        *,
+        node_id: str,
+        connect_timeout: float = 10.0,
+        chunk_timeout: float = 60.0,
+        window: int = 4,
+        encryption_algs: list[str] | None = None,
+    ) -> None:
+        if window < 1:
+            raise ValueError("window must be at least 1")
+        self.store = store
+        self.client_key = client_key
+        self.node_id = node_id
+        self.connect_timeout = connect_timeout
+        self.chunk_timeout = chunk_timeout
+        self.window = window
+        self.encryption_algs = encryption_algs or ENCRYPTION_ALGS
+        self._conns: dict[_ConnKey, asyncssh.SSHClientConnection] = {}
+        self._clients: dict[_ConnKey, _Client] = {}
+        self._locks: dict[_ConnKey, asyncio.Lock] = {}
+        self._log = log.bind(node=node_id)
+
+    # -- connections -----------------------------------------------------
+    async def connection(self, seeder: PeerInfo) -> asyncssh.SSHClientConnection:
+        """The cached SSH connection to ``seeder`` (opened and authenticated if needed)."""
+        where = f"seeder {seeder.node_id} at {seeder.address}:{seeder.ssh_port}"
+        try:
+            pinned = parse_public_line(seeder.host_key)
+        except KeyFormatError as e:
+            raise PullError("security", f"{where}: trust list host key unusable: {e}") from None
+        key: _ConnKey = (seeder.node_id, key_blob(pinned), seeder.address, seeder.ssh_port)
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            conn = self._conns.get(key)
+            if conn is not None and not self._clients[key].closed:
+                return conn
+            self._conns.pop(key, None)
+            client = _Client()
+            try:
+                conn = await asyncssh.connect(
+                    seeder.address,
+                    seeder.ssh_port,
+                    client_factory=lambda: client,
+                    username=SSH_USER,
+                    config=[],
+                    known_hosts=([pinned], [], []),
+                    client_keys=[self.client_key],
+                    agent_path=None,
+                    agent_forwarding=False,
+                    x509_trusted_certs=None,
+                    x509_trusted_cert_paths=[],
+                    pkcs11_provider=None,
+                    password=None,
+                    public_key_auth=True,
+                    password_auth=False,
+                    kbdint_auth=False,
+                    host_based_auth=False,
+                    gss_auth=False,
+                    gss_kex=False,
+                    preferred_auth=["publickey"],
+                    encryption_algs=self.encryption_algs,
+                    compression_algs=COMPRESSION_ALGS,
+                    connect_timeout=self.connect_timeout,
+                    login_timeout=self.connect_timeout,
+                    keepalive_interval=30,
+                    tcp_keepalive=True,
+                    client_version="rbd",
+                )
+            except asyncssh.HostKeyNotVerifiable as e:
+                presented = client.presented
+                reason = (
+                    f"{where} presented host key {presented or '(unknown)'}, but the trust list "
+                    f"pins {fingerprint(pinned)}: possible spoofing, not pulling ({e.reason})"
+                )
+                self._log.error(
+                    "host_key_mismatch",
+                    seeder=seeder.node_id,
+                    address=seeder.address,
+                    presented=presented,
+                    pinned=fingerprint(pinned),
+                )
+                raise HostKeyMismatch(reason, presented) from None
+            except asyncssh.PermissionDenied as e:
+                raise PullError(
+                    "security",
+                    f"{where} refused our client key {fingerprint(self.client_key)} "
+                    f"(not on its trust list yet?): {e.reason}",
+                ) from None
+            except TimeoutError as e:
+                raise PullError("unreachable", f"{where}: connect timed out ({e})") from None
+            except asyncssh.DisconnectError as e:
+                raise PullError(
+                    "unreachable", f"{where}: SSH handshake failed: {e.reason}"
+                ) from None
+            except OSError as e:
+                raise PullError("unreachable", f"{where}: cannot connect: {e}") from None
+            self._conns[key] = conn
+            self._clients[key] = client
+            self._log.info(
+                "seeder_connected",
+                seeder=seeder.node_id,
+                address=f"{seeder.address}:{seeder.ssh_port}",
+                cipher=conn.get_extra_info("send_cipher"),
+            )
+            return conn
+
+    async def close(self) -> None:
+        """Close every cached connection."""
+        conns = list(self._conns.values())
+        self._conns.clear()
+        self._clients.clear()
+        for conn in conns:
+            conn.close()
+        for conn in conns:
+            await conn.wait_closed()
+
+    # -- pulling ---------------------------------------------------------
+    async def pull(
+        self,
+        assignment: TransferAssignment,
+        on_progress: ProgressCallback | None = None,
+    ) -> PullResult:
+        """Fetch the missing chunks of ``assignment.layer`` from its seeder and install it.
+
+        Raises PullError (HostKeyMismatch for a wrong host key); on cancellation
+        the partial is flushed and CancelledError propagates (report "cancelled").
+        """
+        manifest = assignment.layer
+        digest = Digest(manifest.digest)
+        seeder = assignment.seeder
+        where = f"seeder {seeder.node_id} at {seeder.address}:{seeder.ssh_port}, layer {digest}"
+        plog = self._log.bind(
+            layer=short(digest), seeder=seeder.node_id, transfer=assignment.transfer_id
+        )
+        t0 = time.monotonic()
+        if await asyncio.to_thread(self.store.has, digest):
+            plog.info("pull_skipped_already_held")
+            return PullResult(0, 0.0, 0)
+        try:
+            partial = await asyncio.to_thread(self.store.open_partial, manifest)
+        except OSError as e:
+            raise _disk_error(e, f"opening partial of layer {digest}") from None
+        # instance override of the class default (4 chunks): sync per ~FLUSH_BYTES
+        partial.FLUSH_EVERY = max(partial.FLUSH_EVERY, FLUSH_BYTES // manifest.chunk_size)
+        tally = _Tally()
+        try:
+            missing = partial.missing()
+            present = manifest.size - sum(manifest.chunk_length(i) for i in missing)
+            plog.info("pull_started", missing=len(missing), chunks=manifest.count)
+            if missing:
+                conn = await self.connection(seeder)
+                await self._fetch(
+                    conn, partial, missing, present, t0, where, plog, on_progress, tally
+                )
+            try:
+                await asyncio.to_thread(partial.commit)
+            except OSError as e:
+                raise _disk_error(e, f"installing layer {digest}") from None
+            except StoreError as e:
+                # every chunk matched yet the whole did not: the manifest is wrong
+                raise PullError("verify", f"{where}: {e}") from None
+        except BaseException as e:
+            await _shield_flush(partial)
+            if isinstance(e, PullError):
+                plog.warning("pull_failed", kind=e.kind, reason=e.reason, moved=tally.moved)
+            elif isinstance(e, asyncio.CancelledError):
+                plog.info("pull_cancelled", moved=tally.moved)
+            raise
+        seconds = time.monotonic() - t0
+        moved, fetched = tally.moved, tally.fetched
+        if on_progress is not None:
+            on_progress(manifest.size, manifest.size, moved / seconds if seconds > 0 else 0.0)
+        plog.info(
+            "pull_done",
+            bytes=moved,
+            chunks=fetched,
+            seconds=round(seconds, 3),
+            mbps=round(moved / seconds / 1e6, 1) if seconds > 0 else None,
+        )
+        return PullResult(moved, seconds, fetched)
+
+    async def _open_channel(
+        self, conn: asyncssh.SSHClientConnection, manifest: ChunkManifest, where: str
+    ) -> _ChunkClientSession:
+        try:
+            _chan, session = await conn.create_session(
+                lambda: _ChunkClientSession(manifest.chunk_size),
+                subsystem=chunkproto.SUBSYSTEM,
+                encoding=None,
+                env={},
+                send_env=[],
+                request_pty=False,
+                x11_forwarding=False,
+                window=CHANNEL_WINDOW,
+                max_pktsize=CHANNEL_MAX_PKTSIZE,
+            )
+        except asyncssh.ChannelOpenError as e:
+            raise PullError("io", f"{where}: chunk channel refused: {e.reason}") from None
+        except (asyncssh.Error, OSError) as e:
+            raise PullError("io", f"{where}: cannot open chunk channel: {e}") from None
+        assert isinstance(session, _ChunkClientSession)
+        return session
+
+    async def _fetch(
+        self,
+        conn: asyncssh.SSHClientConnection,
+        partial: PartialLayer,
+        missing: list[int],
+        present: int,
+        t0: float,
+        where: str,
+        plog: Any,
+        on_progress: ProgressCallback | None,
+        tally: _Tally,
+    ) -> None:
+        manifest = partial.manifest
+        digest = manifest.digest
+        session = await self._open_channel(conn, manifest, where)
+        inflight_max = min(
+            max(self.window, -(-MIN_INFLIGHT_BYTES // manifest.chunk_size)),
+            chunkproto.MAX_CHUNKS_PER_REQUEST,
+        )
+        todo = deque(missing)
+        outstanding: deque[int] = deque()
+        last_progress = 0.0
+
+        def request_more() -> None:
+            batch: list[int] = []
+            while todo and len(outstanding) + len(batch) < inflight_max:
+                batch.append(todo.popleft())
+            if batch:
+                outstanding.extend(batch)
+                session.send(chunkproto.encode_request(digest, batch))
+
+        try:
+            request_more()
+            while outstanding:
+                try:
+                    ev = await session.next_event(self.chunk_timeout)
+                except TimeoutError:
+                    raise PullError(
+                        "io",
+                        f"{where}: no chunk for {self.chunk_timeout:.0f}s "
+                        f"({len(outstanding)} outstanding)",
+                    ) from None
+                if isinstance(ev, chunkproto.Chunk):
+                    expected = outstanding[0]
+                    if ev.index != expected:
+                        raise PullError(
+                            "verify",
+                            f"{where}: sent chunk {ev.index} where {expected} was due",
+                            seeder_fault=True,
+                        )
+                    try:
+                        await _uninterrupted(partial.write_chunk, ev.index, ev.data)
+                    except ChunkRejected as e:
+                        plog.error("bad_chunk", chunk=ev.index, length=len(ev.data))
+                        raise PullError("verify", f"{where}: {e}", seeder_fault=True) from None
+                    except OSError as e:
+                        raise _disk_error(
+                            e, f"writing chunk {ev.index} of layer {digest}"
+                        ) from None
+                    outstanding.popleft()
+                    tally.moved += len(ev.data)
+                    tally.fetched += 1
+                    if len(outstanding) <= inflight_max // 2:
+                        request_more()
+                    now = time.monotonic()
+                    if on_progress is not None and now - last_progress >= PROGRESS_INTERVAL:
+                        last_progress = now
+                        on_progress(
+                            present + tally.moved, manifest.size, tally.moved / max(now - t0, 1e-9)
+                        )
+                elif isinstance(ev, chunkproto.End):
+                    continue
+                elif isinstance(ev, chunkproto.Error):
+                    kind: FailureKind = "io"
+                    raise PullError(kind, f"{where}: seeder says {ev.code}: {ev.message}")
+                elif isinstance(ev, chunkproto.ProtocolError):
+                    raise PullError(
+                        "verify", f"{where}: chunk protocol violation: {ev}", seeder_fault=True
+                    )
+                else:
+                    detail = f": {ev}" if ev is not None else ""
+                    raise PullError(
+                        "io",
+                        f"{where}: channel closed with {len(outstanding)} chunks outstanding"
+                        f"{detail}",
+                    )
+        finally:
+            session.close()
+
+
+def _disk_error(e: OSError, what: str) -> PullError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return PullError("disk", f"{what}: disk full ({e})")
+    return PullError("disk", f"{what}: {e}")
+
+
+async def _uninterrupted(func: Callable[..., None], *args: Any) -> None:
+    """Run ``func`` in a thread and let it finish even if we are cancelled.
+
+    A chunk write cut off by cancellation would otherwise race the partial's
+    close(): the thread could pwrite to a file descriptor already closed (or
+    reused), so the write always completes before cancellation proceeds.
+    """
+    task = asyncio.ensure_future(asyncio.to_thread(func, *args))
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        try:
+            await task
+        except Exception:
+            pass
+        raise
+
+
+async def _shield_flush(partial: PartialLayer) -> None:
+    """Persist the bitmap even while being cancelled, so the next pull resumes."""
+    task = asyncio.ensure_future(asyncio.to_thread(partial.close))
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
+    except OSError as e:
+        log.warning("partial_flush_failed", layer=short(partial.digest), error=str(e))

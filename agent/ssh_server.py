@@ -1,0 +1,469 @@
+"""ChunkServer: the agent's SSH server, which serves layer chunks to trusted peers.
+
+What it accepts, and why so little:
+
+* **Authentication**: public key only, and only keys that are some peer's
+  ``client_key`` in the coordinator's current trust list. No passwords, no
+  keyboard-interactive, no host-based or GSS auth, no ``authorized_keys``
+  file and no config file read from the host. A refused key is logged with its
+  fingerprint and the remote address, kept in :attr:`ChunkServer.refused_clients`
+  and passed to ``on_refused`` so the agent can raise a
+  ``client_key_refused`` security event.
+* **Channels**: only ``session`` channels, and on them only the
+  :data:`~rainbowd.chunkproto.SUBSYSTEM` subsystem. Shell, exec, pty,
+  X11/agent forwarding, SFTP/SCP, TCP/unix forwarding and tun/tap are all
+  *refused at request time* (the SSH channel request fails), because the
+  session object answers False to ``shell_requested``/``exec_requested`` and
+  the server refuses everything else asyncssh would otherwise offer. A peer
+  with a trusted key can read the layers it could anyway pull and nothing else.
+* **Serving**: only complete (verified, immutable) layers in the
+  :class:`~rainbowd.store.LayerStore`; file reads run in a worker thread so the
+  event loop keeps every other transfer moving, and the next chunk is read
+  while the current one drains (``await writer.drain()`` is the flow control:
+  the demander's SSH window bounds what is in flight).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import asyncssh
+import structlog
+from asyncssh.stream import SSHServerStreamSession
+
+from rainbowd import chunkproto
+from rainbowd.chunks import ChunkManifest
+from rainbowd.digest import Digest, short
+from rainbowd.messages import TrustList
+from rainbowd.store import LayerMissing, LayerStore, StoreError
+
+from .keys import KeyFormatError, fingerprint, key_blob
+
+log = structlog.get_logger(__name__)
+
+#: AES-GCM first: AES-NI makes it the fastest here; chacha20 as the fallback
+ENCRYPTION_ALGS = [
+    "aes128-gcm@openssh.com",
+    "chacha20-poly1305@openssh.com",
+    "aes256-gcm@openssh.com",
+]
+#: layers are compressed already (or incompressible): zlib would only burn CPU
+COMPRESSION_ALGS = ["none"]
+#: SSH channel window and packet size used on both ends of a chunk channel.
+#: Larger packets than OpenSSH's 32 KiB cut the per-packet Python overhead of
+#: asyncssh, which is what bounds throughput; both ends are asyncssh.
+CHANNEL_WINDOW = 8 * 1024 * 1024
+CHANNEL_MAX_PKTSIZE = 256 * 1024
+#: pending REQUEST frames per channel before the server stops reading more
+MAX_PENDING_REQUESTS = 16
+#: chunks read ahead of the one being written
+READ_AHEAD = 2
+#: refused-client records kept (the counter keeps counting past this)
+MAX_REFUSED_RECORDS = 256
+
+OnRefused = Callable[[str, str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class RefusedClient:
+    """A client key that tried to authenticate and is not on the trust list."""
+
+    fingerprint: str
+    address: str
+    at: float
+
+
+class ChunkServer:
+    """Serve complete layers of ``store`` to peers on the trust list, over SSH."""
+
+    def __init__(
+        self,
+        store: LayerStore,
+        host_key: asyncssh.SSHKey,
+        *,
+        node_id: str,
+        on_refused: OnRefused | None = None,
+        login_timeout: float = 30.0,
+    ) -> None:
+        self.store = store
+        self.host_key = host_key
+        self.node_id = node_id
+        self.on_refused = on_refused
+        self.login_timeout = login_timeout
+        #: bytes of chunk data served, per demanding peer (node id)
+        self.bytes_served: dict[str, int] = {}
+        #: chunks served per demanding peer (node id)
+        self.chunks_served: dict[str, int] = {}
+        #: recent refused client keys (newest last), see also :attr:`refused_count`
+        self.refused_clients: list[RefusedClient] = []
+        self.refused_count = 0
+        self.trust_version = -1
+        self._trusted: dict[bytes, str] = {}  # client key blob -> node id
+        self._conns: dict[_PeerConnection, None] = {}
+        self._listener: asyncssh.SSHAcceptor | None = None
+        self._manifests: dict[Digest, ChunkManifest] = {}
+        self._log = log.bind(node=node_id)
+
+    # -- trust -----------------------------------------------------------
+    def update_trust(self, trust: TrustList) -> None:
+        """Replace the set of client keys allowed in; drop connections no longer trusted."""
+        trusted: dict[bytes, str] = {}
+        for peer in trust.peers:
+            if not peer.client_key:
+                continue
+            try:
+                trusted[key_blob(peer.client_key)] = peer.node_id
+            except KeyFormatError as e:
+                self._log.warning("trust_bad_client_key", peer=peer.node_id, error=str(e))
+        self._trusted = trusted
+        self.trust_version = trust.version
+        self._log.info("trust_updated", version=trust.version, clients=len(trusted))
+        for pc in list(self._conns):
+            if pc.key_blob is not None and trusted.get(pc.key_blob) != pc.peer:
+                self._log.warning("peer_untrusted_disconnect", peer=pc.peer, address=pc.address)
+                pc.disconnect()
+
+    def trusted_peer(self, blob: bytes) -> str | None:
+        return self._trusted.get(blob)
+
+    def _record_refusal(self, fp: str, address: str) -> None:
+        self.refused_count += 1
+        self.refused_clients.append(RefusedClient(fp, address, time.time()))
+        del self.refused_clients[:-MAX_REFUSED_RECORDS]
+        self._log.warning("client_key_refused", fingerprint=fp, address=address)
+        if self.on_refused is not None:
+            try:
+                self.on_refused(fp, address)
+            except Exception:
+                self._log.exception("on_refused_callback_failed")
+
+    # -- lifecycle -------------------------------------------------------
+    async def start(self, host: str, port: int) -> int:
+        """Listen on ``host:port`` (0 = ephemeral); return the bound port."""
+        if self._listener is not None:
+            raise RuntimeError("ChunkServer already started")
+        self._listener = await asyncssh.listen(
+            host,
+            port,
+            server_factory=lambda: _PeerConnection(self),
+            server_host_keys=[self.host_key],
+            server_version="rbd",
+            config=None,
+            authorized_client_keys=None,
+            known_client_hosts=None,
+            public_key_auth=True,
+            password_auth=False,
+            kbdint_auth=False,
+            host_based_auth=False,
+            gss_host=None,
+            gss_kex=False,
+            gss_auth=False,
+            allow_pty=False,
+            agent_forwarding=False,
+            x11_forwarding=False,
+            sftp_factory=None,
+            allow_scp=False,
+            line_editor=False,
+            encryption_algs=ENCRYPTION_ALGS,
+            compression_algs=COMPRESSION_ALGS,
+            login_timeout=self.login_timeout,
+            keepalive_interval=30,
+            tcp_keepalive=True,
+            window=CHANNEL_WINDOW,
+            max_pktsize=CHANNEL_MAX_PKTSIZE,
+            reuse_address=True,
+        )
+        bound = int(self._listener.get_port())
+        self._log.info("chunk_server_listening", host=host, port=bound)
+        return bound
+
+    async def close(self) -> None:
+        """Stop listening and close every peer connection."""
+        if self._listener is not None:
+            self._listener.close()
+            await self._listener.wait_closed()
+            self._listener = None
+        for pc in list(self._conns):
+            pc.disconnect()
+        for pc in list(self._conns):
+            await pc.wait_closed()
+        self._conns.clear()
+
+    # -- serving ---------------------------------------------------------
+    def _manifest(self, digest: Digest) -> ChunkManifest:
+        m = self._manifests.get(digest)
+        if m is None:
+            m = self.store.manifest(digest)
+            if len(self._manifests) > 256:
+                self._manifests.clear()
+            self._manifests[digest] = m
+        return m
+
+    def _read_chunk(self, digest: Digest, index: int) -> tuple[int, bytes]:
+        """Runs in a worker thread: (index, bytes) of a chunk of a complete layer."""
+        if not self.store.has(digest):
+            self._manifests.pop(digest, None)
+            raise LayerMissing(f"node {self.node_id} does not hold layer {digest}")
+        m = self._manifest(digest)
+        if not 0 <= index < m.count:
+            raise IndexError(f"layer {digest} has chunks 0..{m.count - 1}, not {index}")
+        length = m.chunk_length(index)
+        fd = os.open(self.store.path(digest), os.O_RDONLY)
+        try:
+            data = os.pread(fd, length, m.chunk_offset(index))
+        finally:
+            os.close(fd)
+        if len(data) != length:
+            raise StoreError(f"layer {digest} chunk {index}: short read ({len(data)}/{length})")
+        return index, data
+
+    async def _serve_channel(
+        self,
+        peer: str,
+        stdin: asyncssh.SSHReader[bytes],
+        stdout: asyncssh.SSHWriter[bytes],
+    ) -> None:
+        """Speak chunkproto on one subsystem channel until the peer closes it."""
+        plog = self._log.bind(peer=peer)
+        requests: asyncio.Queue[chunkproto.Request | chunkproto.ProtocolError | None] = (
+            asyncio.Queue(MAX_PENDING_REQUESTS)
+        )
+        reader = asyncio.create_task(self._read_requests(stdin, requests, plog))
+        try:
+            await self._send_chunks(peer, requests, stdout, plog)
+        except chunkproto.ProtocolError as e:
+            plog.warning("chunk_channel_protocol_error", error=str(e))
+            stdout.write(chunkproto.encode_error(chunkproto.ERR_BAD_REQUEST, str(e)))
+        except (asyncssh.Error, ConnectionError, BrokenPipeError) as e:
+            plog.info("chunk_channel_lost", error=str(e))
+        except Exception as e:
+            plog.exception("chunk_channel_failed")
+            stdout.write(chunkproto.encode_error(chunkproto.ERR_INTERNAL, f"{type(e).__name__}"))
+        finally:
+            reader.cancel()
+            try:
+                await reader
+            except (asyncio.CancelledError, Exception):
+                pass
+            chan = stdout.channel
+            if isinstance(chan, asyncssh.SSHServerChannel):
+                chan.exit(0)
+            else:
+                chan.close()
+
+    async def _read_requests(
+        self,
+        stdin: asyncssh.SSHReader[bytes],
+        requests: asyncio.Queue[chunkproto.Request | chunkproto.ProtocolError | None],
+        plog: Any,
+    ) -> None:
+        dec = chunkproto.Decoder("server")
+        try:
+            while data := await stdin.read(65536):
+                for ev in dec.feed(data):
+                    assert isinstance(ev, chunkproto.Request)
+                    await requests.put(ev)
+            dec.eof()
+            await requests.put(None)
+        except chunkproto.ProtocolError as e:
+            await requests.put(e)
+        except (asyncssh.Error, ConnectionError) as e:
+            plog.debug("chunk_channel_read_ended", error=str(e))
+            await requests.put(None)
+
+    async def _send_chunks(
+        self,
+        peer: str,
+        requests: asyncio.Queue[chunkproto.Request | chunkproto.ProtocolError | None],
+        stdout: asyncssh.SSHWriter[bytes],
+        plog: Any,
+    ) -> None:
+        """Answer requests in order, reading up to READ_AHEAD chunks ahead of the wire."""
+        while True:
+            req = await requests.get()
+            if req is None:
+                return
+            if isinstance(req, chunkproto.ProtocolError):
+                raise req
+            layer = req.layer
+            reads: list[asyncio.Task[tuple[int, bytes]]] = []
+            todo = iter(req.chunks)
+            sent = 0
+            t0 = time.monotonic()
+            try:
+                for index in todo:
+                    reads.append(asyncio.create_task(self._read(layer, index)))
+                    if len(reads) >= READ_AHEAD:
+                        break
+                while reads:
+                    try:
+                        index, data = await reads.pop(0)
+                    except LayerMissing as e:
+                        plog.warning("chunk_request_layer_not_held", layer=short(layer))
+                        stdout.write(chunkproto.encode_error(chunkproto.ERR_NOT_HELD, str(e)))
+                        return
+                    except IndexError as e:
+                        stdout.write(chunkproto.encode_error(chunkproto.ERR_BAD_REQUEST, str(e)))
+                        return
+                    for nxt in todo:
+                        reads.append(asyncio.create_task(self._read(layer, nxt)))
+                        break
+                    stdout.write(chunkproto.encode_chunk_header(index, len(data)))
+                    stdout.write(data)
+                    sent += len(data)
+                    self.bytes_served[peer] = self.bytes_served.get(peer, 0) + len(data)
+                    self.chunks_served[peer] = self.chunks_served.get(peer, 0) + 1
+                    await stdout.drain()
+                stdout.write(chunkproto.encode_end(len(req.chunks)))
+            finally:
+                for t in reads:
+                    t.cancel()
+                if reads:
+                    await asyncio.gather(*reads, return_exceptions=True)
+            plog.debug(
+                "chunks_served",
+                layer=short(layer),
+                chunks=len(req.chunks),
+                bytes=sent,
+                seconds=round(time.monotonic() - t0, 4),
+            )
+
+    async def _read(self, layer: Digest, index: int) -> tuple[int, bytes]:
+        return await asyncio.to_thread(self._read_chunk, layer, index)
+
+
+class _ChunkSession(SSHServerStreamSession[bytes]):
+    """A session channel that accepts the chunk subsystem and refuses everything else.
+
+    Answering False here makes asyncssh reply CHANNEL_FAILURE to the request,
+    so ``conn.run('id')`` on the client fails at request time instead of
+    getting a channel that is opened and then closed.
+    """
+
+    def __init__(self, pc: _PeerConnection) -> None:
+        super().__init__(pc.handle_session)
+        self._pc = pc
+
+    def pty_requested(self, term_type: str, term_size: Any, term_modes: Any) -> bool:
+        return False
+
+    def shell_requested(self) -> bool:
+        self._pc.log.warning("ssh_request_refused", request="shell")
+        return False
+
+    def exec_requested(self, command: str) -> bool:
+        self._pc.log.warning("ssh_request_refused", request="exec", command=command[:80])
+        return False
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        if subsystem == chunkproto.SUBSYSTEM:
+            return True
+        self._pc.log.warning("ssh_request_refused", request="subsystem", subsystem=subsystem[:80])
+        return False
+
+    def break_received(self, msec: int) -> bool:
+        return False
+
+
+class _PeerConnection(asyncssh.SSHServer):
+    """One inbound SSH connection: authenticates the peer and hands out chunk sessions."""
+
+    def __init__(self, server: ChunkServer) -> None:
+        self.server = server
+        self.conn: asyncssh.SSHServerConnection | None = None
+        self.address = "?"
+        self.peer = "?"
+        self.key_blob: bytes | None = None
+        self._refused: set[str] = set()
+        self._closed = asyncio.Event()
+        self.log: Any = server._log
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self.conn = conn
+        peername = conn.get_extra_info("peername")
+        if peername:
+            self.address = f"{peername[0]}:{peername[1]}"
+        self.log = self.server._log.bind(address=self.address)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server._conns.pop(self, None)
+        self._closed.set()
+        if self.key_blob is not None:
+            self.log.info("peer_disconnected", error=str(exc) if exc else None)
+
+    def disconnect(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+    async def wait_closed(self) -> None:
+        if self.conn is not None:
+            await self.conn.wait_closed()
+
+    def begin_auth(self, username: str) -> bool:
+        return True  # authentication is always required
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def password_auth_supported(self) -> bool:
+        return False
+
+    def kbdint_auth_supported(self) -> bool:
+        return False
+
+    def host_based_auth_supported(self) -> bool:
+        return False
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        blob = bytes(key.public_data)
+        peer = self.server.trusted_peer(blob)
+        if peer is None:
+            fp = fingerprint(key)
+            if fp not in self._refused:  # a client may offer the same key twice
+                self._refused.add(fp)
+                self.server._record_refusal(fp, self.address)
+            return False
+        # the last key validated before auth_completed is the one that signed
+        self.peer, self.key_blob = peer, blob
+        return True
+
+    def auth_completed(self) -> None:
+        self.log = self.log.bind(peer=self.peer)
+        self.server._conns[self] = None
+        self.log.info("peer_authenticated")
+
+    def session_requested(self) -> tuple[asyncssh.SSHServerChannel[bytes], _ChunkSession]:
+        assert self.conn is not None
+        chan = self.conn.create_server_channel(
+            encoding=None, window=CHANNEL_WINDOW, max_pktsize=CHANNEL_MAX_PKTSIZE
+        )
+        return chan, _ChunkSession(self)
+
+    async def handle_session(
+        self,
+        stdin: asyncssh.SSHReader[bytes],
+        stdout: asyncssh.SSHWriter[bytes],
+        stderr: asyncssh.SSHWriter[bytes],
+    ) -> None:
+        await self.server._serve_channel(self.peer, stdin, stdout)
+
+    # everything else asyncssh could offer stays refused (these are its
+    # defaults; spelled out so a future asyncssh default cannot open them)
+    def connection_requested(
+        self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
+    ) -> bool:
+        return False
+
+    def server_requested(self, listen_host: str, listen_port: int) -> bool:
+        return False
+
+    def unix_connection_requested(self, dest_path: str) -> bool:
+        return False
+
+    def unix_server_requested(self, listen_path: str) -> bool:
+        return False

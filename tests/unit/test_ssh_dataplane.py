@@ -1,0 +1,395 @@
+"""The SSH data plane for real: asyncssh ChunkServer and LayerPuller on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+from rainbowd import chunkproto
+from rainbowd.agent.keys import (
+    KeyFormatError,
+    fingerprint,
+    load_or_create_key,
+    parse_public_line,
+    public_line,
+    same_key,
+)
+from rainbowd.agent.puller import HostKeyMismatch, LayerPuller, PullError
+from rainbowd.agent.ssh_server import ChunkServer
+from rainbowd.chunks import ChunkManifest
+from rainbowd.digest import Digest, sha256_digest
+from rainbowd.messages import PeerInfo, TransferAssignment, TrustList
+from rainbowd.store import LayerStore
+
+CHUNK = 64 * 1024
+SIZE = 3 * 1024 * 1024 + 12_345  # 49 chunks, the last one short
+
+
+def new_key() -> asyncssh.SSHKey:
+    return asyncssh.generate_private_key("ssh-ed25519")
+
+
+def ingest(store: LayerStore, data: bytes) -> ChunkManifest:
+    import io
+
+    return store.ingest(io.BytesIO(data), sha256_digest(data), chunk_size=CHUNK)
+
+
+@dataclass
+class Lab:
+    tmp: Path
+    seed_store: LayerStore
+    dem_store: LayerStore
+    seed_host: asyncssh.SSHKey
+    seed_client: asyncssh.SSHKey
+    dem_host: asyncssh.SSHKey
+    dem_client: asyncssh.SSHKey
+    data: bytes
+    manifest: ChunkManifest
+    server: ChunkServer
+    port: int = 0
+    refusals: list[tuple[str, str]] = field(default_factory=list)
+    pullers: list[LayerPuller] = field(default_factory=list)
+
+    def trust(self, version: int = 1) -> TrustList:
+        return TrustList(
+            version=version,
+            peers=[
+                PeerInfo(
+                    node_id="seed",
+                    address="127.0.0.1",
+                    ssh_port=self.port,
+                    host_key=public_line(self.seed_host),
+                    client_key=public_line(self.seed_client),
+                ),
+                PeerInfo(
+                    node_id="dem",
+                    address="127.0.0.1",
+                    ssh_port=0,
+                    host_key=public_line(self.dem_host),
+                    client_key=public_line(self.dem_client),
+                ),
+            ],
+        )
+
+    def assignment(
+        self, manifest: ChunkManifest | None = None, host_key: str | None = None
+    ) -> TransferAssignment:
+        return TransferAssignment(
+            transfer_id="t1",
+            job_id="j1",
+            layer=manifest or self.manifest,
+            seeder=PeerInfo(
+                node_id="seed",
+                address="127.0.0.1",
+                ssh_port=self.port,
+                host_key=host_key or public_line(self.seed_host),
+                client_key=public_line(self.seed_client),
+            ),
+            reason="test",
+        )
+
+    def puller(self, client_key: asyncssh.SSHKey | None = None, **kw: float) -> LayerPuller:
+        p = LayerPuller(self.dem_store, client_key or self.dem_client, node_id="dem", **kw)  # type: ignore[arg-type]
+        self.pullers.append(p)
+        return p
+
+
+async def start_server(lab: Lab, server: ChunkServer) -> None:
+    server.update_trust(lab.trust())
+    lab.port = await server.start("127.0.0.1", lab.port)
+    lab.server = server
+
+
+@pytest.fixture
+async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
+    seed_store = LayerStore(tmp_path / "seed")
+    dem_store = LayerStore(tmp_path / "dem")
+    data = os.urandom(SIZE)
+    manifest = ingest(seed_store, data)
+    refusals: list[tuple[str, str]] = []
+    seed_host = new_key()
+    server = ChunkServer(
+        seed_store,
+        seed_host,
+        node_id="seed",
+        on_refused=lambda fp, addr: refusals.append((fp, addr)),
+    )
+    lab = Lab(
+        tmp_path,
+        seed_store,
+        dem_store,
+        seed_host,
+        new_key(),
+        new_key(),
+        new_key(),
+        data,
+        manifest,
+        server,
+        refusals=refusals,
+    )
+    await start_server(lab, server)
+    yield lab
+    for p in lab.pullers:
+        await p.close()
+    await lab.server.close()
+
+
+def blob(store: LayerStore, digest: str) -> bytes:
+    return store.path(Digest(digest)).read_bytes()
+
+
+# --------------------------------------------------------------------------
+async def test_full_transfer(lab: Lab) -> None:
+    progress: list[tuple[int, int, float]] = []
+    res = await lab.puller().pull(lab.assignment(), lambda *a: progress.append(a))
+    assert res.bytes_moved == SIZE
+    assert res.chunks_fetched == lab.manifest.count == 49
+    assert lab.dem_store.has(Digest(lab.manifest.digest))
+    assert blob(lab.dem_store, lab.manifest.digest) == lab.data
+    assert lab.server.bytes_served == {"dem": SIZE}
+    assert progress[-1][:2] == (SIZE, SIZE)
+    assert list(lab.dem_store.partials()) == []
+    # already held: nothing moves
+    again = await lab.puller().pull(lab.assignment())
+    assert again.bytes_moved == 0 and again.chunks_fetched == 0
+
+
+async def test_connection_reused_for_several_layers(lab: Lab) -> None:
+    other = os.urandom(CHUNK * 3 + 1)
+    m2 = ingest(lab.seed_store, other)
+    p = lab.puller()
+    await asyncio.gather(p.pull(lab.assignment()), p.pull(lab.assignment(m2)))
+    assert len(p._conns) == 1
+    assert blob(lab.dem_store, m2.digest) == other
+    assert lab.server.bytes_served["dem"] == SIZE + len(other)
+
+
+async def test_resume_from_prefilled_partial(lab: Lab) -> None:
+    m = lab.manifest
+    have = [*range(0, 10), 20, 33, m.count - 1]
+    part = lab.dem_store.open_partial(m)
+    for i in have:
+        off = m.chunk_offset(i)
+        part.write_chunk(i, lab.data[off : off + m.chunk_length(i)])
+    part.close()
+    expected = SIZE - sum(m.chunk_length(i) for i in have)
+    res = await lab.puller().pull(lab.assignment())
+    assert res.bytes_moved == expected
+    assert res.chunks_fetched == m.count - len(have)
+    assert lab.server.bytes_served["dem"] == expected
+    assert blob(lab.dem_store, m.digest) == lab.data
+
+
+class _DroppingServer(ChunkServer):
+    """Reads ``limit`` chunks, then drops every connection (a seeder going away)."""
+
+    limit = 20
+    reads = 0
+
+    async def _read(self, layer: Digest, index: int) -> tuple[int, bytes]:
+        self.reads += 1
+        if self.reads > self.limit:
+            for pc in list(self._conns):
+                pc.disconnect()
+            await asyncio.sleep(3600)
+        return await super()._read(layer, index)
+
+
+async def test_resume_after_seeder_drops(lab: Lab) -> None:
+    await lab.server.close()
+    await start_server(lab, _DroppingServer(lab.seed_store, lab.seed_host, node_id="seed"))
+    with pytest.raises(PullError) as ei:
+        await lab.puller().pull(lab.assignment())
+    assert ei.value.kind == "io"
+    assert "seed" in ei.value.reason and lab.manifest.digest in ei.value.reason
+    assert not lab.dem_store.has(Digest(lab.manifest.digest))
+    # the bitmap was flushed: a fresh store object sees what arrived
+    [(_, have, count)] = list(LayerStore(lab.tmp / "dem").partials())
+    assert 0 < have <= 20 and count == 49
+    first = have * CHUNK
+
+    await lab.server.close()
+    await start_server(lab, ChunkServer(lab.seed_store, lab.seed_host, node_id="seed"))
+    res = await lab.puller().pull(lab.assignment())
+    assert res.bytes_moved == SIZE - first
+    assert lab.server.bytes_served["dem"] == SIZE - first
+    assert blob(lab.dem_store, lab.manifest.digest) == lab.data
+
+
+async def test_host_key_mismatch(lab: Lab) -> None:
+    impostor = public_line(new_key())
+    with pytest.raises(HostKeyMismatch) as ei:
+        await lab.puller().pull(lab.assignment(host_key=impostor))
+    e = ei.value
+    assert e.kind == "security" and e.seeder_fault
+    assert e.presented == fingerprint(lab.seed_host)
+    assert fingerprint(impostor) in e.reason and "seed" in e.reason
+    assert e.to_failed().kind == "security"
+    assert not lab.dem_store.has(Digest(lab.manifest.digest))
+    assert lab.server.bytes_served == {}
+
+
+async def test_untrusted_client_refused(lab: Lab) -> None:
+    stranger = new_key()
+    with pytest.raises(PullError) as ei:
+        await lab.puller(client_key=stranger).pull(lab.assignment())
+    assert ei.value.kind == "security" and not ei.value.seeder_fault
+    assert lab.server.refused_count == 1
+    rec = lab.server.refused_clients[0]
+    assert rec.fingerprint == fingerprint(stranger)
+    assert rec.address.startswith("127.0.0.1:")
+    assert lab.refusals == [(rec.fingerprint, rec.address)]
+    assert not lab.dem_store.has(Digest(lab.manifest.digest))
+
+
+async def test_trust_update_revokes(lab: Lab) -> None:
+    p = lab.puller()
+    await p.pull(lab.assignment())
+    conn = next(iter(p._conns.values()))
+    lab.server.update_trust(TrustList(version=2, peers=[]))
+    await asyncio.wait_for(conn.wait_closed(), 5)
+    lab.dem_store.remove(Digest(lab.manifest.digest))
+    with pytest.raises(PullError, match="refused our client key"):
+        await p.pull(lab.assignment())
+
+
+async def test_only_the_chunk_subsystem_is_offered(lab: Lab) -> None:
+    conn = await asyncssh.connect(
+        "127.0.0.1",
+        lab.port,
+        username="whoever",
+        config=[],
+        known_hosts=([parse_public_line(public_line(lab.seed_host))], [], []),
+        client_keys=[lab.dem_client],
+        agent_path=None,
+    )
+    async with conn:
+        with pytest.raises(asyncssh.ChannelOpenError):
+            await conn.run("id")  # exec
+        with pytest.raises(asyncssh.ChannelOpenError):
+            await conn.create_process()  # shell
+        with pytest.raises(asyncssh.ChannelOpenError):
+            await conn.create_process(subsystem="sftp")
+        with pytest.raises(asyncssh.ChannelOpenError):
+            await conn.create_process(subsystem=chunkproto.SUBSYSTEM, term_type="xterm")
+        with pytest.raises(asyncssh.ChannelOpenError):
+            await conn.open_connection("127.0.0.1", lab.port)  # direct-tcpip
+        with pytest.raises(asyncssh.ChannelListenError):
+            await conn.forward_remote_port("127.0.0.1", 0, "127.0.0.1", 1)
+        # and the subsystem does work, speaking chunkproto
+        proc = await conn.create_process(subsystem=chunkproto.SUBSYSTEM, encoding=None)
+        proc.stdin.write(chunkproto.encode_request(lab.manifest.digest, [48, 0]))
+        dec = chunkproto.Decoder("client")
+        events: list[chunkproto.Event] = []
+        while len(events) < 3:
+            events.extend(dec.feed(await proc.stdout.read(1 << 20)))
+        assert events[0] == chunkproto.Chunk(48, lab.data[48 * CHUNK :])
+        assert events[1] == chunkproto.Chunk(0, lab.data[:CHUNK])
+        assert events[2] == chunkproto.End(2)
+        # a malformed request gets an ERROR frame and the channel closes
+        proc.stdin.write(b"\x07" + b"\x00" * 8)
+        rest = await proc.stdout.read()
+        [err] = dec.feed(rest)
+        assert isinstance(err, chunkproto.Error) and err.code == chunkproto.ERR_BAD_REQUEST
+        assert lab.server.bytes_served == {"dem": len(lab.data) - 48 * CHUNK + CHUNK}
+
+
+async def test_password_and_kbdint_not_offered(lab: Lab) -> None:
+    with pytest.raises(asyncssh.PermissionDenied):
+        await asyncssh.connect(
+            "127.0.0.1",
+            lab.port,
+            username="root",
+            password="root",
+            config=[],
+            known_hosts=([parse_public_line(public_line(lab.seed_host))], [], []),
+            client_keys=[],
+            agent_path=None,
+        )
+
+
+async def test_corrupt_seeder(lab: Lab) -> None:
+    path = lab.seed_store.path(Digest(lab.manifest.digest))
+    os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
+    bad = 5
+    raw = bytearray(path.read_bytes())
+    raw[bad * CHUNK + 100] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(PullError) as ei:
+        await lab.puller().pull(lab.assignment())
+    e = ei.value
+    assert e.kind == "verify" and e.seeder_fault
+    assert f"chunk {bad}" in e.reason and "seed" in e.reason
+    assert not lab.dem_store.has(Digest(lab.manifest.digest))
+    part = lab.dem_store.open_partial(lab.manifest)
+    try:
+        missing = part.missing()
+        assert missing[0] == bad and set(range(bad)).isdisjoint(missing)
+    finally:
+        part.close()
+
+
+async def test_layer_not_held_by_seeder(lab: Lab) -> None:
+    data = os.urandom(CHUNK + 5)
+    other = LayerStore(lab.tmp / "other")
+    m = ingest(other, data)
+    with pytest.raises(PullError) as ei:
+        await lab.puller().pull(lab.assignment(m))
+    assert ei.value.kind == "io" and "not_held" in ei.value.reason
+
+
+async def test_unreachable(lab: Lab) -> None:
+    await lab.server.close()
+    with pytest.raises(PullError) as ei:
+        await lab.puller(connect_timeout=2).pull(lab.assignment())
+    assert ei.value.kind == "unreachable" and f"127.0.0.1:{lab.port}" in ei.value.reason
+
+
+async def test_cancel_flushes_partial(lab: Lab) -> None:
+    await lab.server.close()
+
+    class Slow(ChunkServer):
+        async def _read(self, layer: Digest, index: int) -> tuple[int, bytes]:
+            if index >= 8:
+                await asyncio.sleep(3600)
+            return await super()._read(layer, index)
+
+    await start_server(lab, Slow(lab.seed_store, lab.seed_host, node_id="seed"))
+    task = asyncio.create_task(lab.puller().pull(lab.assignment()))
+    for _ in range(200):
+        await asyncio.sleep(0.02)
+        if lab.server.chunks_served.get("dem", 0) >= 8:
+            break
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    [(_, have, _count)] = list(LayerStore(lab.tmp / "dem").partials())
+    assert have == 8
+
+
+# --------------------------------------------------------------------------
+def test_keys(tmp_path: Path) -> None:
+    path = tmp_path / "keys" / "host_ed25519"
+    k1 = load_or_create_key(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    k2 = load_or_create_key(path)
+    line = public_line(k1)
+    assert line.startswith("ssh-ed25519 AAAA") and "\n" not in line
+    assert same_key(k1, k2) and same_key(line, parse_public_line(line))
+    assert fingerprint(line).startswith("SHA256:")
+    assert not same_key(k1, new_key())
+    for bad in ["", "ssh-ed25519 notbase64", "a\nb"]:
+        with pytest.raises(KeyFormatError):
+            parse_public_line(bad)
+    (tmp_path / "junk").write_text("junk")
+    with pytest.raises(KeyFormatError):
+        load_or_create_key(tmp_path / "junk")
