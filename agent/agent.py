@@ -34,6 +34,7 @@ from rainbowd.agent.ssh_server import ChunkServer
 from rainbowd.agent.status import StatusServer
 from rainbowd.client import AgentClient, ApiError, CoordinatorUnreachable
 from rainbowd.image import ImageError, ingest_docker_archive
+from rainbowd.sources import describe
 from rainbowd.store import LayerStore, StoreError
 
 log = structlog.get_logger(__name__)
@@ -331,7 +332,13 @@ class Agent:
                 lambda: self.api.ingest_failed(a.ingest_id, m.TaskFailed(reason=reason))
             )
             return
-        ilog.info("ingesting image", source=a.source.path)
+        if not isinstance(a.source, m.ArchiveSource):
+            reason = f"origin {self.config.node_id}: source {describe(a.source)} not supported yet"
+            await self._report(
+                lambda: self.api.ingest_failed(a.ingest_id, m.TaskFailed(reason=reason))
+            )
+            return
+        ilog.info("ingesting image", source=describe(a.source))
         self.view.origin_reads += 1
         try:
             record, manifests = await asyncio.to_thread(

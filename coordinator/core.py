@@ -58,6 +58,7 @@ from rainbowd.messages import (
     TransferProgress,
 )
 from rainbowd.scheduler import Scheduler, Transfer
+from rainbowd.sources import SourceError, check_source
 
 from . import auth
 from .cluster import Cluster, Node
@@ -531,8 +532,10 @@ class Coordinator:
 
     def add_image(self, req: CreateImage) -> ImageView:
         check_ref(req.ref)
-        if not req.source.path:
-            raise BadRequest("image source: path is empty")
+        try:
+            check_source(req.source)
+        except SourceError as e:
+            raise BadRequest(f"image {req.ref}: {e}") from None
         existing = self.images.get(req.ref)
         if existing is not None and existing.state != "failed":
             raise Conflict(f"image {req.ref} already exists ({existing.state})")

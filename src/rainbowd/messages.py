@@ -69,6 +69,7 @@ class LayerRef(msgspec.Struct, kw_only=True):
     size: int
     media_type: str
     diff_id: str  # digest of the uncompressed tar (what Docker knows a layer by)
+    uncompressed_size: int = 0  # size of the tar behind diff_id; 0 = not known
 
 
 class ImageRecord(msgspec.Struct, kw_only=True):
@@ -83,6 +84,15 @@ class ImageRecord(msgspec.Struct, kw_only=True):
     def size(self) -> int:
         return sum(layer.size for layer in self.layers)
 
+    @property
+    def uncompressed_size(self) -> int:
+        return sum(layer.uncompressed_size or layer.size for layer in self.layers)
+
+
+# Where an origin reads an image from. Paths and credential files name files on
+# the origin host: secrets never travel through the coordinator.
+Compression = Literal["off", "gzip", "zstd"]
+
 
 class ArchiveSource(msgspec.Struct, kw_only=True, tag="archive", tag_field="kind"):
     """A docker-archive tarball (``docker save`` output) on the origin host."""
@@ -90,7 +100,31 @@ class ArchiveSource(msgspec.Struct, kw_only=True, tag="archive", tag_field="kind
     path: str
 
 
-ImageSource = ArchiveSource
+class OciLayoutSource(msgspec.Struct, kw_only=True, tag="oci-layout", tag_field="kind"):
+    """An OCI image layout directory (index.json, blobs/) on the origin host."""
+
+    path: str
+    tag: str = ""  # org.opencontainers.image.ref.name in index.json; "" = the only image
+
+
+class RegistrySource(msgspec.Struct, kw_only=True, tag="registry", tag_field="kind"):
+    """An image in an OCI/Docker registry (distribution API v2)."""
+
+    reference: str  # host[:port]/repository[:tag|@sha256:...]
+    insecure: bool = False  # plain HTTP, for a registry on a trusted network
+    ca_file: str = ""  # PEM bundle on the origin host to verify the registry's TLS cert
+    credentials_file: str = ""  # on the origin host: one line "user:password"
+    platform: str = ""  # os/arch[/variant] to pick from an index; "" = the origin's own
+
+
+class DockerEngineSource(msgspec.Struct, kw_only=True, tag="docker", tag_field="kind"):
+    """An image in a Docker engine reachable from the origin host."""
+
+    image: str  # name:tag or image id, as the engine knows it
+    docker_url: str = ""  # "" = the origin agent's own docker_url
+
+
+ImageSource = ArchiveSource | OciLayoutSource | RegistrySource | DockerEngineSource
 
 
 # --------------------------------------------------------------------------
@@ -164,6 +198,7 @@ class IngestAssignment(msgspec.Struct, kw_only=True, tag="ingest", tag_field="ki
     ref: str
     source: ImageSource
     chunk_size: int
+    compression: Compression = "off"  # for uncompressed layers; registry blobs pass unchanged
 
 
 class LoadAssignment(msgspec.Struct, kw_only=True, tag="load", tag_field="kind"):
@@ -256,12 +291,15 @@ class ImageView(msgspec.Struct, kw_only=True):
     nodes: list[str]  # nodes holding every layer
     origin: str
     error: str = ""
+    source: str = ""  # where the origin read it, for people (rainbowd.sources.describe)
+    uncompressed_size: int = 0
 
 
 class CreateImage(Msg, kw_only=True):
     ref: str
     source: ImageSource
     origin: str = ""  # node id with the origin role; "" = the only origin
+    compression: Compression = "off"
 
 
 class CreateJob(Msg, kw_only=True):
@@ -302,6 +340,8 @@ class JobView(msgspec.Struct, kw_only=True):
     finished_at: float = 0.0
     nodes: list[NodeJobState]
     error: str = ""
+    image_bytes: int = 0  # one copy of the image, uncompressed
+    wire_bytes: int = 0  # bytes that crossed links for this job, all nodes together
 
 
 class NodeList(Msg, kw_only=True):
