@@ -1,0 +1,49 @@
+"""The example configs in deploy/ are what operators copy: they must load as shipped."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rainbowd.agent.config import ConfigError, load_config
+from rainbowd.coordinator import config as coordinator_config
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+
+
+def test_agent_example_loads() -> None:
+    cfg = load_config(DEPLOY / "config" / "agent.example.toml")
+    assert cfg.node_id
+    assert cfg.coordinator_url.startswith("http")
+    assert cfg.ssh_port == 7722
+
+
+def test_coordinator_example_loads() -> None:
+    values = coordinator_config.load_file(DEPLOY / "config" / "coordinator.example.toml")
+    cfg = coordinator_config.build(values, {})
+    assert cfg.heartbeat_interval > 0
+
+
+def test_agent_config_errors_name_the_key(tmp_path: Path) -> None:
+    bad = tmp_path / "agent.toml"
+    bad.write_text('node_id = "a b"\ncoordinator_url = "http://x:1"\nstate_dir = "/tmp/x"\n')
+    with pytest.raises(ConfigError, match="node_id"):
+        load_config(bad)
+    bad.write_text('node_id = "a"\ncoordinator_url = "x"\nstate_dir = "/tmp/x"\n')
+    with pytest.raises(ConfigError, match="coordinator_url"):
+        load_config(bad)
+    bad.write_text('node_id = "a"\ncoordinator_url = "http://x"\nstate_dir = "/x"\nbogus = 1\n')
+    with pytest.raises(ConfigError, match="bogus"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_systemd_units_run_the_shipped_entry_points() -> None:
+    agent = (DEPLOY / "systemd" / "rbd-agent.service").read_text()
+    coord = (DEPLOY / "systemd" / "rbd-coordinator.service").read_text()
+    assert "rbd-agent run --config /etc/rbd/agent.toml" in agent
+    assert "rbd-coordinator --config /etc/rbd/coordinator.toml" in coord
+    for unit in (agent, coord):
+        assert "User=rbd" in unit and "NoNewPrivileges=yes" in unit and "Restart=" in unit
