@@ -8,13 +8,15 @@ go green by silently skipping the parts it exists to check.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from rainbowd.dockerd import DockerdError, PrivateDockerd
 from rainbowd.imagebuild import BUSYBOX, build_demo_image
+from registry_fixtures import RegistryError as RegistryProcessError
+from registry_fixtures import RegistryProcess, skopeo_push
 
 #: payload of the demo image used by tests (small: tests are about correctness)
 DEMO_PAYLOAD_MIB = 2
@@ -52,3 +54,41 @@ def demo_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
         missing_dependency(f"{BUSYBOX} missing: apt-get install busybox-static")
     out = tmp_path_factory.mktemp("demo") / "rbd-demo.tar"
     return build_demo_image(out, payload_mib=DEMO_PAYLOAD_MIB)
+
+
+# --------------------------------------------------------------------------
+# registry (tests/registry_fixtures.py): a real docker-registry and skopeo
+# --------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
+    """A plain-HTTP ``docker-registry`` on 127.0.0.1 for the session; ``.host`` is host:port."""
+    reason = RegistryProcess.available()
+    if reason:
+        missing_dependency(reason)
+    reg = RegistryProcess(tmp_path_factory.mktemp("registry"))
+    try:
+        reg.start()
+    except RegistryProcessError as e:
+        missing_dependency(f"docker-registry did not start: {e}")
+    try:
+        yield reg
+    finally:
+        reg.stop()
+
+
+@pytest.fixture(scope="session")
+def push_image() -> Callable[..., str]:
+    """``push_image(archive, "host/repo:tag", oci=False)`` copies a docker-archive with skopeo.
+
+    Returns the reference pushed. ``oci=True`` stores an OCI manifest instead
+    of Docker schema 2.
+    """
+    reason = RegistryProcess.available()
+    if reason:
+        missing_dependency(reason)
+
+    def push(archive: Path, dest: str, *, oci: bool = False) -> str:
+        skopeo_push(archive, dest, oci=oci)
+        return dest
+
+    return push
