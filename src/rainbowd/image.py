@@ -7,6 +7,13 @@ complete image to its Docker engine with :func:`docker_archive_stream`, which
 yields a docker-archive tar straight from the store's blobs, so a multi-GiB
 image never has to exist twice on disk or once in memory.
 
+Layers may be compressed on ingest (``compression="gzip"|"zstd"``, see
+:mod:`rainbowd.compression`): the stored blob is then the compressed tar,
+while diff_ids stay those of the tar. Docker 20.10's ``docker load`` accepts
+gzip layers but not zstd ones ("archive/tar: invalid tar header"), so the
+outgoing stream inflates zstd blobs back to tar on the fly: rbd moves zstd
+between hosts, and Docker gets what it can load.
+
 Both directions speak the two layouts ``docker save`` has emitted:
 
 - legacy (Docker <= 24): ``<hex>.json`` config, ``<id>/layer.tar`` layers;
@@ -26,22 +33,30 @@ import re
 import tarfile
 import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
 import structlog
 
 from rainbowd.chunks import DEFAULT_CHUNK_SIZE, ChunkManifest
+from rainbowd.compression import GZIP_MAGIC as GZIP_MAGIC
+from rainbowd.compression import (
+    BlobKind,
+    CompressionError,
+    Inflater,
+    compressed_copy,
+    hash_layer,
+    media_type,
+    sniff,
+)
 from rainbowd.digest import Digest, DigestError, hex_part, is_digest, parse_digest, short
-from rainbowd.messages import ImageRecord, LayerRef
+from rainbowd.messages import Compression, ImageRecord, LayerRef
 from rainbowd.store import LayerStore, StoreError
 
 log = structlog.get_logger(__name__)
 
 MEDIA_TAR = "application/vnd.docker.image.rootfs.diff.tar"
 MEDIA_TAR_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
-GZIP_MAGIC = b"\x1f\x8b"
 
 #: piece size of the docker-archive stream (and of reads while hashing)
 STREAM_PIECE = 1024 * 1024
@@ -82,32 +97,6 @@ def _digest_from_name(name: str) -> str | None:
     return "sha256:" + m.group(1) if m else None
 
 
-@dataclass
-class _LayerDigests:
-    digest: str
-    diff_id: str
-    size: int
-
-
-def _hash_member(f: IO[bytes], gzipped: bool) -> _LayerDigests:
-    """Digest of the blob and of its uncompressed content, in one pass."""
-    whole = hashlib.sha256()
-    inner = hashlib.sha256() if gzipped else whole
-    dec = zlib.decompressobj(16 + zlib.MAX_WBITS) if gzipped else None
-    size = 0
-    while True:
-        data = f.read(STREAM_PIECE)
-        if not data:
-            break
-        size += len(data)
-        whole.update(data)
-        if dec is not None:
-            inner.update(dec.decompress(data))
-    if dec is not None:
-        inner.update(dec.flush())
-    return _LayerDigests("sha256:" + whole.hexdigest(), "sha256:" + inner.hexdigest(), size)
-
-
 # --------------------------------------------------------------------------
 # ingest
 # --------------------------------------------------------------------------
@@ -117,6 +106,7 @@ def ingest_docker_archive(
     *,
     ref: str | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    compression: Compression = "off",
 ) -> tuple[ImageRecord, list[ChunkManifest]]:
     """Read a ``docker save`` tarball into ``store``; return the image and its layer manifests.
 
@@ -126,6 +116,10 @@ def ingest_docker_archive(
     while hashing to check the same). Layers are streamed from the tar member
     into the store, never read whole. On any failure the layers this call
     added are removed again, so a bad archive leaves the store as it was.
+
+    ``compression`` other than "off" compresses plain tar layers on the way
+    in (deterministically, so two origins agree on digests); gzip and zstd
+    layers pass unchanged. Every LayerRef carries ``uncompressed_size``.
     """
     path = Path(path)
     where = f"docker archive {path}"
@@ -138,7 +132,7 @@ def ingest_docker_archive(
     added: list[Digest] = []
     try:
         with tf:
-            record, manifests = _ingest(tf, where, store, ref, chunk_size, added)
+            record, manifests = _ingest(tf, where, store, ref, chunk_size, added, compression)
     except BaseException as e:
         for d in added:
             store.remove(d)
@@ -148,7 +142,7 @@ def ingest_docker_archive(
             raise
         if isinstance(e, (tarfile.TarError, EOFError, zlib.error)):
             raise ImageError(f"{where}: archive is truncated or corrupt ({e})") from None
-        if isinstance(e, StoreError):
+        if isinstance(e, (StoreError, CompressionError)):
             raise ImageError(f"{where}: {e}") from None
         raise
     log.info(
@@ -158,6 +152,8 @@ def ingest_docker_archive(
         config=short(record.config_digest),
         layers=len(record.layers),
         size=record.size,
+        uncompressed_size=record.uncompressed_size,
+        compression=compression,
         new_layers=len(added),
     )
     return record, manifests
@@ -211,6 +207,7 @@ def _ingest(
     ref: str | None,
     chunk_size: int,
     added: list[Digest],
+    compression: Compression = "off",
 ) -> tuple[ImageRecord, list[ChunkManifest]]:
     members = {m.name.removeprefix("./"): m for m in tf}
     if "manifest.json" not in members:
@@ -265,7 +262,9 @@ def _ingest(
     layers: list[LayerRef] = []
     manifests: list[ChunkManifest] = []
     for name, member, diff_id in zip(layer_names, resolved, diff_ids, strict=True):
-        ref_, manifest = _ingest_layer(tf, name, member, diff_id, where, store, chunk_size, added)
+        ref_, manifest = _ingest_layer(
+            tf, name, member, diff_id, where, store, chunk_size, added, compression
+        )
         layers.append(ref_)
         manifests.append(manifest)
     record = ImageRecord(
@@ -312,25 +311,36 @@ def _ingest_layer(
     store: LayerStore,
     chunk_size: int,
     added: list[Digest],
+    compression: Compression = "off",
 ) -> tuple[LayerRef, ChunkManifest]:
     with _open_member(tf, member, where) as f:
-        head = f.read(2)
-    gzipped = head == GZIP_MAGIC
+        head = f.read(4)
+    kind = sniff(head)
     named = _digest_from_name(name)
-    if gzipped:
+    if kind == "tar" and compression != "off":
+        with _open_member(tf, member, where) as f:
+            return _ingest_compressed(
+                f, name, diff_id, where, store, chunk_size, added, compression, member.size
+            )
+    if kind != "tar":
         # diff_id is of the inflated tar: check it (and learn the blob digest) first
         with _open_member(tf, member, where) as f:
-            got = _hash_member(f, gzipped=True)
+            try:
+                got = hash_layer(f, kind)
+            except CompressionError as e:
+                raise ImageError(f"{where}: layer {name}: {e}") from None
         if got.diff_id != diff_id:
             raise ImageError(
                 f"{where}: layer {name} digest mismatch: uncompressed content is "
                 f"{got.diff_id}, config says {diff_id}"
             )
         expected = got.digest
+        usize = got.uncompressed_size
         if named is not None and named != expected:
             raise ImageError(f"{where}: layer {name} digest mismatch: content is {expected}")
     else:
         expected = diff_id
+        usize = member.size
         if named is not None and named != diff_id:
             raise ImageError(
                 f"{where}: layer {name} does not match the config: named {named}, "
@@ -347,8 +357,73 @@ def _ingest_layer(
         added.append(digest)
     if manifest.size != member.size:
         raise ImageError(f"{where}: layer {name} is truncated ({manifest.size} of {member.size})")
-    media = MEDIA_TAR_GZIP if gzipped else MEDIA_TAR
-    layer = LayerRef(digest=digest, size=manifest.size, media_type=media, diff_id=diff_id)
+    layer = LayerRef(
+        digest=digest,
+        size=manifest.size,
+        media_type=media_type(kind, oci=False),
+        diff_id=diff_id,
+        uncompressed_size=usize,
+    )
+    return layer, manifest
+
+
+def ingest_compressed(
+    src: IO[bytes],
+    diff_id: str,
+    store: LayerStore,
+    chunk_size: int,
+    added: list[Digest],
+    compression: Compression,
+    *,
+    oci: bool = False,
+) -> tuple[LayerRef, ChunkManifest]:
+    """Compress the tar layer ``src`` into ``store``; check it is ``diff_id`` first.
+
+    Shared by every origin that reads uncompressed layers. The compressed copy
+    goes to a temp file under ``store.tmp_dir`` while both sides are hashed;
+    only when the tar matches ``diff_id`` is the copy ingested (and verified
+    again) under its own digest. Raises ImageError without a location prefix
+    (the caller adds it) or CompressionError; ``added`` gets a new blob's digest.
+    """
+    with compressed_copy(src, compression, store.tmp_dir) as c:
+        if c.diff_id != diff_id:
+            raise ImageError(f"digest mismatch: content is {c.diff_id}, config says {diff_id}")
+        digest = parse_digest(c.digest)
+        fresh = not store.has(digest)
+        with open(c.path, "rb") as f:
+            manifest = store.ingest(f, digest, chunk_size)
+        if fresh:
+            added.append(digest)
+        kind: BlobKind = c.kind
+        layer = LayerRef(
+            digest=digest,
+            size=c.size,
+            media_type=media_type(kind, oci=oci),
+            diff_id=diff_id,
+            uncompressed_size=c.uncompressed_size,
+        )
+    return layer, manifest
+
+
+def _ingest_compressed(
+    f: IO[bytes],
+    name: str,
+    diff_id: str,
+    where: str,
+    store: LayerStore,
+    chunk_size: int,
+    added: list[Digest],
+    compression: Compression,
+    member_size: int,
+) -> tuple[LayerRef, ChunkManifest]:
+    try:
+        layer, manifest = ingest_compressed(f, diff_id, store, chunk_size, added, compression)
+    except (ImageError, CompressionError, StoreError) as e:
+        raise ImageError(f"{where}: layer {name} {e}") from None
+    if layer.uncompressed_size != member_size:
+        raise ImageError(
+            f"{where}: layer {name} is truncated ({layer.uncompressed_size} of {member_size})"
+        )
     return layer, manifest
 
 
@@ -378,6 +453,7 @@ def docker_archive_stream(
     store: LayerStore,
     *,
     skip_diff_ids: Iterable[str] = frozenset(),
+    inflate_zstd: bool = True,
 ) -> Iterator[bytes]:
     """Yield ``image`` as a docker-archive tar, read piecewise from the store's blobs.
 
@@ -387,6 +463,12 @@ def docker_archive_stream(
     first byte is yielded), and is re-hashed while streaming; a blob that no
     longer matches its digest aborts the stream with ImageError, so Docker sees
     a broken tar and loads nothing.
+
+    zstd blobs are inflated to their tar on the fly (``inflate_zstd``, the
+    default) because Docker 20.10's load rejects zstd layers; the tar is then
+    checked against the diff_id as well. Its size goes in the tar header, so
+    it comes from ``uncompressed_size`` or, when that is unknown, from a
+    first pass over the blob.
     """
     skip = set(skip_diff_ids)
     try:
@@ -418,7 +500,9 @@ def docker_archive_stream(
         }
     ]
     manifest_bytes = json.dumps(manifest, separators=(",", ":")).encode()
-    return _archive_pieces(image, store, manifest_bytes, config_name, config_bytes, send)
+    return _archive_pieces(
+        image, store, manifest_bytes, config_name, config_bytes, send, inflate_zstd
+    )
 
 
 def _archive_pieces(
@@ -428,10 +512,11 @@ def _archive_pieces(
     config_name: str,
     config_bytes: bytes,
     send: dict[str, LayerRef],
+    inflate_zstd: bool = True,
 ) -> Iterator[bytes]:
     for name, data in ((config_name, config_bytes), ("manifest.json", manifest_bytes)):
         yield _tar_header(name, len(data)) + data + _padding(len(data))
-    for digest in send:
+    for digest, layer in send.items():
         d = Digest(digest)
         try:
             f: BinaryIO = store.open_blob(d)
@@ -441,6 +526,11 @@ def _archive_pieces(
             size = _file_size(f)
             if size != store.size(d):
                 raise ImageError(f"image {image.ref}: layer {digest} has the wrong size on disk")
+            if inflate_zstd and sniff(f.read(4)) == "zstd":
+                f.seek(0)
+                yield from _inflated_layer(image, layer, f)
+                continue
+            f.seek(0)
             yield _tar_header(archive_layer_name(digest), size)
             h = hashlib.sha256()
             sent = 0
@@ -459,6 +549,37 @@ def _archive_pieces(
             if pad:
                 yield pad
     yield b"\0" * (2 * tarfile.BLOCKSIZE)
+
+
+def _inflated_layer(image: ImageRecord, layer: LayerRef, f: BinaryIO) -> Iterator[bytes]:
+    """The tar member of a zstd blob, as its inflated tar, checked on both sides."""
+    where = f"image {image.ref}: layer {layer.digest}"
+    tar_size = layer.uncompressed_size
+    try:
+        if tar_size <= 0:  # not recorded: learn it (and check the blob) before the header
+            got = hash_layer(f, "zstd")
+            if got.digest != layer.digest or got.diff_id != layer.diff_id:
+                raise ImageError(f"{where} is corrupt in the store")
+            tar_size = got.uncompressed_size
+            f.seek(0)
+        yield _tar_header(archive_layer_name(layer.digest), tar_size)
+        inf = Inflater(f, "zstd")
+        while data := inf.read(STREAM_PIECE):
+            if inf.out_size > tar_size:
+                raise ImageError(f"{where} inflates to more than its recorded {tar_size} bytes")
+            yield data
+    except CompressionError as e:
+        raise ImageError(f"{where} is corrupt in the store ({e})") from None
+    if inf.digest != layer.digest:
+        raise ImageError(f"{where} is corrupt in the store")
+    if inf.out_size != tar_size or inf.diff_id != layer.diff_id:
+        raise ImageError(
+            f"{where} inflates to {inf.diff_id} ({inf.out_size} bytes), not the diff_id "
+            f"{layer.diff_id} ({tar_size} bytes)"
+        )
+    pad = _padding(tar_size)
+    if pad:
+        yield pad
 
 
 def _file_size(f: BinaryIO) -> int:
