@@ -26,6 +26,7 @@ from typing import Any
 import structlog
 
 from rainbowd import messages as m
+from rainbowd.agent import origin
 from rainbowd.agent.config import AgentConfig
 from rainbowd.agent.docker_loader import DockerLoader
 from rainbowd.agent.keys import load_or_create_key, public_line
@@ -33,7 +34,7 @@ from rainbowd.agent.puller import HostKeyMismatch, LayerPuller, PullError
 from rainbowd.agent.ssh_server import ChunkServer
 from rainbowd.agent.status import StatusServer
 from rainbowd.client import AgentClient, ApiError, CoordinatorUnreachable
-from rainbowd.image import ImageError, ingest_docker_archive
+from rainbowd.image import ImageError
 from rainbowd.sources import describe
 from rainbowd.store import LayerStore, StoreError
 
@@ -332,25 +333,26 @@ class Agent:
                 lambda: self.api.ingest_failed(a.ingest_id, m.TaskFailed(reason=reason))
             )
             return
-        if not isinstance(a.source, m.ArchiveSource):
-            reason = f"origin {self.config.node_id}: source {describe(a.source)} not supported yet"
+        source = describe(a.source)
+        ilog.info("ingesting image", source=source, compression=a.compression)
+        self.view.origin_reads += 1
+        try:
+            record, manifests = await origin.ingest(
+                a, self.store, docker_url=self.config.docker_url
+            )
+        except (ImageError, StoreError, OSError) as e:
+            reason = f"origin {self.config.node_id} could not ingest {a.ref} from {source}: {e}"
+            ilog.warning("ingest failed", error=str(e))
             await self._report(
                 lambda: self.api.ingest_failed(a.ingest_id, m.TaskFailed(reason=reason))
             )
             return
-        ilog.info("ingesting image", source=describe(a.source))
-        self.view.origin_reads += 1
-        try:
-            record, manifests = await asyncio.to_thread(
-                ingest_docker_archive,
-                Path(a.source.path),
-                self.store,
-                ref=a.ref,
-                chunk_size=a.chunk_size,
+        except Exception as e:  # a reader's bug must fail the image, not leave it ingesting
+            reason = (
+                f"origin {self.config.node_id} could not ingest {a.ref} from {source}: "
+                f"unexpected {type(e).__name__}: {e} (see the agent log)"
             )
-        except (ImageError, StoreError, OSError) as e:
-            reason = f"origin {self.config.node_id} could not ingest {a.ref}: {e}"
-            ilog.warning("ingest failed", error=str(e))
+            ilog.exception("ingest failed unexpectedly")
             await self._report(
                 lambda: self.api.ingest_failed(a.ingest_id, m.TaskFailed(reason=reason))
             )

@@ -32,6 +32,7 @@ Routes (prefix ``/v1``)::
     GET  images                   -> ImageList
     POST images                   CreateImage -> ImageView
     GET  images/{ref}             -> ImageView
+    DELETE images/{ref}           -> 204 (409 while a running job uses it; layers stay)
     GET  jobs                     -> JobList
     POST jobs                     CreateJob -> JobView
     GET  jobs/{id}                -> JobView
@@ -288,6 +289,11 @@ async def get_image(request: web.Request) -> web.Response:
     return reply(request, admin(request).image_view(request.match_info["ref"]))
 
 
+async def remove_image(request: web.Request) -> web.Response:
+    admin(request).remove_image(request.match_info["ref"])
+    return no_content()
+
+
 async def list_jobs(request: web.Request) -> web.Response:
     return reply(request, admin(request).job_views())
 
@@ -354,6 +360,7 @@ def create_app(c: Coordinator) -> web.Application:
     r.add_get("/v1/images", list_images)
     r.add_post("/v1/images", add_image)
     r.add_get("/v1/images/{ref:.+}", get_image)
+    r.add_delete("/v1/images/{ref:.+}", remove_image)
     r.add_get("/v1/jobs", list_jobs)
     r.add_post("/v1/jobs", create_job)
     r.add_get("/v1/jobs/{id}", get_job)

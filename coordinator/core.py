@@ -49,6 +49,7 @@ from rainbowd.messages import (
     NodeView,
     RegisterReply,
     RegisterRequest,
+    RegistrySource,
     SecurityEvent,
     SeederUse,
     TaskFailed,
@@ -58,7 +59,7 @@ from rainbowd.messages import (
     TransferProgress,
 )
 from rainbowd.scheduler import Scheduler, Transfer
-from rainbowd.sources import SourceError, check_source
+from rainbowd.sources import SourceError, check_source, describe
 
 from . import auth
 from .cluster import Cluster, Node
@@ -133,6 +134,7 @@ class Coordinator:
             layers = [(lr.digest, lr.size) for lr in job_image.record.layers]
             holdings = {nid: n.holdings for nid, n in self.cluster.nodes.items()}
             job = Job.from_view(view, layers, holdings)
+            job.image_bytes = job.image_bytes or job_image.record.uncompressed_size
             self.jobs[job.job_id] = job
             if job.running:
                 self._start_job_nodes(job, now)
@@ -536,6 +538,11 @@ class Coordinator:
             check_source(req.source)
         except SourceError as e:
             raise BadRequest(f"image {req.ref}: {e}") from None
+        if req.compression != "off" and isinstance(req.source, RegistrySource):
+            raise BadRequest(
+                f"image {req.ref}: compression {req.compression!r} does not apply to a registry "
+                "source (registry blobs pass unchanged); leave compression off"
+            )
         existing = self.images.get(req.ref)
         if existing is not None and existing.state != "failed":
             raise Conflict(f"image {req.ref} already exists ({existing.state})")
@@ -565,12 +572,41 @@ class Coordinator:
             origin=origin,
             ingest_id="i-" + secrets.token_hex(6),
             created_at=self.clock(),
+            compression=req.compression,
         )
         self.images[req.ref] = image
         self.store.save_image(image)
         self._queue_ingest(image)
-        log.info("image ingest assigned", image=req.ref, origin=origin, ingest=image.ingest_id)
+        log.info(
+            "image ingest assigned",
+            image=req.ref,
+            origin=origin,
+            ingest=image.ingest_id,
+            source=describe(req.source),
+            compression=req.compression,
+        )
         return self.image_view(req.ref)
+
+    def remove_image(self, ref: str) -> None:
+        """Forget an image; refused while a running job distributes it.
+
+        Its layers stay where they are (on nodes and in the chunk manifests
+        known here): other images may share them, and a later image with the
+        same layers then moves nothing for them.
+        """
+        image = self.images.get(ref)
+        if image is None:
+            known = ", ".join(sorted(self.images)) or "none"
+            raise NotFound(f"no image {ref!r} (known: {known})")
+        running = sorted(j.job_id for j in self.jobs.values() if j.running and j.image == ref)
+        if running:
+            raise Conflict(
+                f"image {ref} is being distributed by running job(s) {', '.join(running)}; "
+                "wait for them to finish"
+            )
+        del self.images[ref]
+        self.store.delete_image(ref)
+        log.warning("image removed by admin", image=ref, state=image.state)
 
     def _queue_ingest(self, image: StoredImage) -> None:
         node = self.cluster.get(image.origin)
@@ -584,6 +620,7 @@ class Coordinator:
                 ref=image.ref,
                 source=image.source,
                 chunk_size=self.chunk_size,
+                compression=image.compression,
             )
         )
         self.store.save_seq(node.node_id, node.mailbox.seq)
@@ -610,7 +647,15 @@ class Coordinator:
         targets = self._targets(req.targets)
         layers = [(lr.digest, lr.size) for lr in image.record.layers]
         holdings = {nid: self.cluster.nodes[nid].holdings for nid in targets}
-        job = Job.create("j-" + secrets.token_hex(6), req.image, layers, targets, holdings, now)
+        job = Job.create(
+            "j-" + secrets.token_hex(6),
+            req.image,
+            layers,
+            targets,
+            holdings,
+            now,
+            image_bytes=image.record.uncompressed_size,
+        )
         self.jobs[job.job_id] = job
         log.info("job created", job=job.job_id, image=req.image, nodes=len(targets))
         self._start_job_nodes(job, now)

@@ -12,6 +12,7 @@ import re
 from rainbowd.chunks import ChunkManifest
 from rainbowd.digest import is_digest
 from rainbowd.messages import ImageRecord, ImageView
+from rainbowd.sources import describe
 
 from .errors import BadRequest
 from .state import StoredImage
@@ -75,4 +76,6 @@ def image_view(image: StoredImage, holders: list[str]) -> ImageView:
         nodes=holders,
         origin=image.origin,
         error=image.error,
+        source=describe(image.source),
+        uncompressed_size=image.record.uncompressed_size if image.record else 0,
     )

@@ -96,6 +96,11 @@ class NodeProgress:
     def record(self, use: SeederUse) -> None:
         self.transfers.append(use)
 
+    @property
+    def wire_bytes(self) -> int:
+        """Bytes that crossed a link to this node for this job (finished transfers)."""
+        return sum(t.bytes for t in self.transfers)
+
     def count_failure(self, layer: str, why: str, now: float) -> bool:
         """Count a failed transfer of ``layer``; True if the node just failed the job."""
         if not self.needs(layer):
@@ -145,6 +150,7 @@ class NodeProgress:
             started_at=self.started_at,
             finished_at=self.finished_at,
             error=self.error,
+            wire_bytes=self.wire_bytes,
         )
 
 
@@ -159,6 +165,7 @@ class Job:
     state: JobStateName = "running"
     finished_at: float = 0.0
     error: str = ""
+    image_bytes: int = 0  # one copy of the image, uncompressed
 
     @classmethod
     def create(
@@ -169,8 +176,14 @@ class Job:
         targets: list[str],
         holdings: dict[str, set[str]],
         now: float,
+        *,
+        image_bytes: int = 0,
     ) -> Job:
-        """A new job; ``layers`` are (digest, size) in image order, ``holdings`` per target."""
+        """A new job; ``layers`` are (digest, size) in image order, ``holdings`` per target.
+
+        Layers are shared across images: a target already holding a layer (from
+        any image) starts with it done and never demands it.
+        """
         order = unique_layers([d for d, _ in layers])
         sizes = dict(layers)
         nodes = {}
@@ -178,7 +191,7 @@ class Job:
             p = NodeProgress(node_id=nid, layers=order, sizes=sizes, started_at=now)
             p.done = {d for d in order if d in holdings.get(nid, set())}
             nodes[nid] = p
-        return cls(job_id=job_id, image=image, created_at=now, nodes=nodes)
+        return cls(job_id=job_id, image=image, created_at=now, nodes=nodes, image_bytes=image_bytes)
 
     @classmethod
     def from_view(
@@ -211,6 +224,7 @@ class Job:
             state=view.state,
             finished_at=view.finished_at,
             error=view.error,
+            image_bytes=view.image_bytes,
         )
 
     @property
@@ -241,4 +255,6 @@ class Job:
             finished_at=self.finished_at,
             nodes=[self.nodes[n].view() for n in sorted(self.nodes)],
             error=self.error,
+            image_bytes=self.image_bytes,
+            wire_bytes=sum(p.wire_bytes for p in self.nodes.values()),
         )

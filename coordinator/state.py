@@ -17,7 +17,7 @@ from typing import Literal, TypeVar
 import msgspec
 
 from rainbowd.chunks import ChunkManifest
-from rainbowd.messages import ImageRecord, ImageSource, JobView
+from rainbowd.messages import Compression, ImageRecord, ImageSource, JobView
 
 T = TypeVar("T")
 
@@ -56,6 +56,7 @@ class StoredImage(msgspec.Struct, kw_only=True):
     record: ImageRecord | None = None
     manifests: list[ChunkManifest] = []
     error: str = ""
+    compression: Compression = "off"  # asked of the origin for uncompressed layers
 
 
 _SCHEMA = """
@@ -124,6 +125,9 @@ class StateStore:
             "ON CONFLICT(ref) DO UPDATE SET body = excluded.body",
             (image.ref, _dump(image)),
         )
+
+    def delete_image(self, ref: str) -> None:
+        self._db.execute("DELETE FROM images WHERE ref = ?", (ref,))
 
     def load_images(self) -> list[StoredImage]:
         rows = self._db.execute("SELECT body FROM images ORDER BY ref").fetchall()

@@ -1,7 +1,11 @@
 """``rbd``: the admin CLI. Talks to the coordinator's admin API.
 
     rbd nodes
-    rbd images [add REF --archive PATH [--origin NODE]]
+    rbd images [--wide]
+    rbd images add REF --from SOURCE [--origin NODE] [--compression off|gzip|zstd]
+                   [--platform OS/ARCH] [--insecure] [--ca-file PATH]
+                   [--credentials-file PATH] [--no-wait]
+    rbd images rm REF
     rbd distribute IMAGE --to all|NODE... [--detach | --wait]
     rbd jobs
     rbd job ID
@@ -29,6 +33,7 @@ import msgspec
 from rainbowd import messages as m
 from rainbowd.client import AdminClient, ApiError, CoordinatorUnreachable
 from rainbowd.progress import follow_job, job_report, summary
+from rainbowd.sources import SourceError, parse_source
 from rainbowd.units import human_bytes, human_rate
 
 DEFAULT_URL = "http://127.0.0.1:7700"
@@ -37,6 +42,13 @@ DEFAULT_TOKEN_FILE = Path("/var/lib/rbd/coordinator/admin-token")
 
 class UsageError(Exception):
     pass
+
+
+_FORMS = """SOURCE is one of:
+  archive:PATH                              docker save output
+  oci:PATH[:TAG]                            OCI image layout directory
+  registry:HOST[:PORT]/REPO[:TAG|@sha256:D] OCI/Docker registry (v2 API)
+  docker:IMAGE                              image in the origin's Docker engine"""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,13 +62,35 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the API's JSON instead of tables")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("nodes", help="list nodes with state, speed and holdings")
-    im = sub.add_parser("images", help="list images, or add one")
+    im = sub.add_parser("images", help="list images, add or remove one")
+    im.add_argument("--wide", action="store_true", help="name the nodes holding each image")
     isub = im.add_subparsers(dest="images_cmd")
-    add = isub.add_parser("add", help="add an image from a source on the origin node")
+    add = isub.add_parser(
+        "add",
+        help="add an image from a source read by the origin node",
+        description="Paths and credential files name files on the origin host. " + _FORMS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add.add_argument("ref", help="image name:tag as it will be known")
-    add.add_argument("--archive", required=True, help="docker-archive path on the origin host")
+    where = add.add_mutually_exclusive_group(required=True)
+    where.add_argument("--from", dest="source", metavar="SOURCE", help="where the origin reads it")
+    where.add_argument("--archive", metavar="PATH", help="deprecated: same as --from archive:PATH")
     add.add_argument("--origin", default="", help="origin node id (default: the only origin)")
+    add.add_argument(
+        "--compression",
+        choices=("off", "gzip", "zstd"),
+        default="off",
+        help="compress uncompressed layers on ingest (registry blobs pass unchanged)",
+    )
+    add.add_argument("--platform", default="", help="registry: os/arch[/variant] from an index")
+    add.add_argument("--insecure", action="store_true", help="registry: plain HTTP")
+    add.add_argument("--ca-file", default="", help="registry: CA bundle on the origin host")
+    add.add_argument(
+        "--credentials-file", default="", help="registry: 'user:password' file on the origin host"
+    )
     add.add_argument("--no-wait", action="store_true", help="return before the ingest ends")
+    rm = isub.add_parser("rm", help="forget an image (its layers stay on the nodes)")
+    rm.add_argument("ref")
     d = sub.add_parser("distribute", help="send an image to nodes and follow the job")
     d.add_argument("image")
     d.add_argument("--to", nargs="+", required=True, metavar="NODE", help="'all' or node ids")
@@ -92,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     try:
+        if args.cmd == "images" and args.images_cmd == "add":
+            args.parsed_source = _source(args)  # a bad --from is reported before anything else
         token = _admin_token(args.admin_token_file)
         return asyncio.run(_COMMANDS[args.cmd](args, token))
     except UsageError as e:
@@ -163,20 +199,27 @@ async def _nodes(args: argparse.Namespace, token: str) -> int:
 async def _images(args: argparse.Namespace, token: str) -> int:
     if args.images_cmd == "add":
         return await _images_add(args, token)
+    if args.images_cmd == "rm":
+        return await _images_rm(args, token)
     async with _admin(args, token) as admin:
         images = await admin.images()
     if args.json:
         _dump(images)
         return 0
-    rows = [["IMAGE", "STATE", "SIZE", "LAYERS", "NODES", "ORIGIN"]]
+    rows = [["REF", "STATE", "SIZE", "UNCOMPRESSED", "LAYERS", "NODES", "SOURCE", "ORIGIN"]]
     for i in sorted(images.images, key=lambda i: i.ref):
+        nodes = str(len(i.nodes))
+        if args.wide:
+            nodes += f" ({','.join(i.nodes)})" if i.nodes else ""
         rows.append(
             [
                 i.ref,
                 i.state + (f" ({i.error})" if i.error else ""),
-                human_bytes(i.size),
+                human_bytes(i.size) if i.state == "ready" else "-",
+                human_bytes(i.uncompressed_size) if i.state == "ready" else "-",
                 str(len(i.layers)),
-                str(len(i.nodes)),
+                nodes,
+                i.source or "-",
                 i.origin,
             ]
         )
@@ -184,17 +227,58 @@ async def _images(args: argparse.Namespace, token: str) -> int:
     return 0
 
 
+def _source(args: argparse.Namespace) -> m.ImageSource:
+    """The source named by --from (or the deprecated --archive); UsageError if malformed."""
+    text = args.source
+    if args.archive is not None:
+        print(f"rbd: --archive is deprecated; use --from archive:{args.archive}", file=sys.stderr)
+        text = f"archive:{args.archive}"
+    try:
+        return parse_source(
+            text,
+            insecure=args.insecure,
+            ca_file=args.ca_file,
+            credentials_file=args.credentials_file,
+            platform=args.platform,
+        )
+    except SourceError as e:
+        raise UsageError(str(e)) from None
+
+
 async def _images_add(args: argparse.Namespace, token: str) -> int:
-    req = m.CreateImage(ref=args.ref, source=m.ArchiveSource(path=args.archive), origin=args.origin)
+    source = getattr(args, "parsed_source", None) or _source(args)
+    req = m.CreateImage(
+        ref=args.ref, source=source, origin=args.origin, compression=args.compression
+    )
     async with _admin(args, token) as admin:
         view = await admin.add_image(req)
         while view.state == "ingesting" and not args.no_wait:
             await asyncio.sleep(0.3)
             view = await admin.image(args.ref)
+    if args.json:
+        _dump(view)
+        return 1 if view.state == "failed" else 0
     if view.state == "failed":
         print(f"rbd: image {view.ref} failed: {view.error}", file=sys.stderr)
         return 1
-    print(f"image {view.ref}: {view.state}, {len(view.layers)} layers, {human_bytes(view.size)}")
+    if view.state == "ingesting":
+        print(f"image {view.ref}: ingesting on {view.origin} from {view.source}")
+        return 0
+    print(
+        f"image {view.ref}: {view.state}, {len(view.layers)} layers, "
+        f"{human_bytes(view.size)} stored ({human_bytes(view.uncompressed_size)} uncompressed), "
+        f"from {view.source} via {view.origin}"
+    )
+    return 0
+
+
+async def _images_rm(args: argparse.Namespace, token: str) -> int:
+    async with _admin(args, token) as admin:
+        await admin.remove_image(args.ref)
+    print(
+        f"image {args.ref} removed; its layers stay on the nodes that hold them "
+        "(other images may share them)"
+    )
     return 0
 
 

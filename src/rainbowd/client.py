@@ -280,6 +280,10 @@ class AdminClient(_Http):
     async def image(self, ref: str) -> ImageView:
         return await self.call("GET", f"images/{quote(ref, safe='/:@')}", ImageView)
 
+    async def remove_image(self, ref: str) -> None:
+        """Forget an image (409 while a running job uses it); its layers stay on the nodes."""
+        await self.request("DELETE", f"images/{quote(ref, safe='/:@')}")
+
     async def create_job(self, req: CreateJob) -> JobView:
         return await self.call("POST", "jobs", JobView, req)
 

@@ -330,6 +330,7 @@ class NodeJobState(msgspec.Struct, kw_only=True):
     started_at: float
     finished_at: float = 0.0
     error: str = ""
+    wire_bytes: int = 0  # bytes that crossed links to this node in this job (done transfers)
 
 
 class JobView(msgspec.Struct, kw_only=True):

@@ -35,12 +35,27 @@ def node_line(n: NodeJobState, now: float) -> str:
     )
 
 
+def traffic(job: JobView) -> str:
+    """What the job cost the network: one image copy against the bytes that crossed links.
+
+    e.g. ``image 66.0 MiB, 312.4 MiB over the wire to 8 nodes``. Layers a node
+    already held (from any image) never move, so the wire total can be well
+    below image size x nodes.
+    """
+    receivers = sum(1 for n in job.nodes if n.wire_bytes > 0)
+    image = f"image {human_bytes(job.image_bytes)}"
+    if job.wire_bytes <= 0:
+        return f"{image}, nothing over the wire" + (" yet" if job.state == "running" else "")
+    plural = "" if receivers == 1 else "s"
+    return f"{image}, {human_bytes(job.wire_bytes)} over the wire to {receivers} node{plural}"
+
+
 def summary(job: JobView) -> str:
     end = job.finished_at or time.time()
     done = sum(1 for n in job.nodes if n.state == "done")
     return (
         f"job {job.job_id} {job.state}: {job.image} on {done}/{len(job.nodes)} nodes "
-        f"in {end - job.created_at:.1f}s" + (f" ({job.error})" if job.error else "")
+        f"in {end - job.created_at:.1f}s; {traffic(job)}" + (f" ({job.error})" if job.error else "")
     )
 
 
@@ -50,6 +65,14 @@ def job_report(job: JobView) -> str:
     lines = [summary(job), ""]
     for n in sorted(job.nodes, key=lambda n: n.node_id):
         lines.append(node_line(n, now))
+        if n.transfers:
+            count = len(n.transfers)
+            lines.append(
+                f"    {human_bytes(n.wire_bytes)} over the wire in {count} "
+                f"transfer{'' if count == 1 else 's'}"
+            )
+        elif n.state == "done":
+            lines.append("    nothing moved: the node already held every layer")
         for t in n.transfers:
             lines.append(
                 f"    {short(t.layer)} <- {t.seeder:<12} {human_bytes(t.bytes):>10} "

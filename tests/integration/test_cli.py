@@ -54,12 +54,25 @@ async def test_admin_cli_end_to_end(cluster: LocalCluster, demo_image: Path) -> 
     env = rbd_env(cluster)
     rbd = str(BIN / "rbd")
 
-    code, out, err = await run(rbd, "images", "add", REF, "--archive", str(demo_image), env=env)
+    source = f"archive:{demo_image}"
+    code, out, err = await run(rbd, "images", "add", REF, "--from", source, env=env)
     assert code == 0, err
-    assert "ready" in out and "3 layers" in out
+    assert "ready" in out and "3 layers" in out and "uncompressed" in out and source in out
 
     code, out, _ = await run(rbd, "images", env=env)
     assert code == 0 and REF in out
+    header, row = out.splitlines()[:2]
+    assert header.split() == [
+        "REF",
+        "STATE",
+        "SIZE",
+        "UNCOMPRESSED",
+        "LAYERS",
+        "NODES",
+        "SOURCE",
+        "ORIGIN",
+    ]
+    assert row.split()[0] == REF and source in row and row.split()[-1] == "origin", out
 
     code, out, _ = await run(rbd, "nodes", env=env)
     assert code == 0
@@ -72,9 +85,16 @@ async def test_admin_cli_end_to_end(cluster: LocalCluster, demo_image: Path) -> 
     assert re.search(r"^n1\s+done\b", out, re.M) and re.search(r"^n2\s+done\b", out, re.M), out
     job_id = re.search(r"job (j-\S+) done", out)
     assert job_id, out
+    # the summary weighs one image copy against what crossed the links
+    assert re.search(r"image \d+\.\d \S+, \d+\.\d \S+ over the wire to 2 nodes", out), out
 
     code, out, _ = await run(rbd, "distribute", REF, "--to", "all", "--wait", env=env)
     assert code == 0 and "done" in out and "4/4 nodes" in out
+    # n1 and n2 hold every layer already: only n3 receives anything
+    assert "over the wire to 1 node" in out, out
+
+    code, out, _ = await run(rbd, "images", "--wide", env=env)
+    assert code == 0 and "4 (n1,n2,n3,origin)" in out, out
 
     code, out, _ = await run(rbd, "jobs", env=env)
     assert code == 0 and job_id.group(1) in out
@@ -83,8 +103,22 @@ async def test_admin_cli_end_to_end(cluster: LocalCluster, demo_image: Path) -> 
     assert code == 0
     assert "<- origin" in out and "why: paper:" in out, out
 
+    assert "over the wire in" in out, out
+
     code, out, _ = await run(rbd, "--json", "job", job_id.group(1), env=env)
-    assert code == 0 and '"state": "done"' in out
+    assert code == 0 and '"state": "done"' in out and '"wire_bytes"' in out
+
+    # removing the image keeps its layers on the nodes; adding it again finds them there
+    code, out, err = await run(rbd, "images", "rm", REF, env=env)
+    assert code == 0 and "removed" in out and "layers stay" in out, err
+    code, out, _ = await run(rbd, "images", env=env)
+    assert code == 0 and REF not in out
+    code, _, err = await run(rbd, "images", "rm", REF, env=env)
+    assert code == 1 and REF in err and "no image" in err, err
+    code, out, err = await run(rbd, "images", "add", REF, "--from", source, env=env)
+    assert code == 0, err
+    code, out, _ = await run(rbd, "distribute", REF, "--to", "all", "--wait", env=env)
+    assert code == 0 and "nothing over the wire" in out, out
 
 
 async def test_admin_cli_errors_are_clear(cluster: LocalCluster, demo_image: Path) -> None:
@@ -92,9 +126,42 @@ async def test_admin_cli_errors_are_clear(cluster: LocalCluster, demo_image: Pat
     rbd = str(BIN / "rbd")
 
     code, _, err = await run(
-        rbd, "images", "add", "ghost:1", "--archive", "/nonexistent.tar", env=env
+        rbd, "images", "add", "ghost:1", "--from", "archive:/nonexistent.tar", env=env
     )
     assert code == 1 and "ghost:1" in err and "nonexistent" in err, err
+    # the deprecated --archive still works, with a warning
+    code, _, err = await run(
+        rbd, "images", "add", "ghost:0", "--archive", "/nonexistent.tar", env=env
+    )
+    assert code == 1 and "deprecated" in err and "--from archive:" in err, err
+
+    # malformed --from: exit 2 with the accepted forms, nothing sent to the coordinator
+    code, _, err = await run(rbd, "images", "add", "x:1", "--from", "/srv/x.tar", env=env)
+    assert code == 2, err
+    for form in ("archive:PATH", "oci:PATH", "registry:HOST/REPO", "docker:IMAGE"):
+        assert form in err, err
+    code, _, err = await run(
+        rbd, "images", "add", "x:1", "--from", "archive:/x.tar", "--insecure", env=env
+    )
+    assert code == 2 and "registry: sources only" in err, err
+    code, _, err = await run(rbd, "images", "add", "x:1", "--from", "registry:app:1", env=env)
+    assert code == 2 and "registry host" in err, err
+    code, _, err = await run(rbd, "images", "add", "x:1", env=env)
+    assert code == 2 and "--from" in err, err
+    code, _, err = await run(
+        rbd,
+        "images",
+        "add",
+        "x:1",
+        "--from",
+        "registry:r.local/app:1",
+        "--compression",
+        "gzip",
+        env=env,
+    )
+    assert code == 1 and "registry" in err and "compression" in err, err
+    code, out, _ = await run(rbd, "images", env=env)
+    assert "x:1" not in out
 
     code, _, err = await run(rbd, "distribute", "ghost:2", "--to", "all", env=env)
     assert code == 1 and "ghost:2" in err, err

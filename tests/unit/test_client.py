@@ -45,6 +45,9 @@ async def test_errors_carry_the_coordinators_message(tmp_path: Path) -> None:
                 await admin.image("no/such:ref")
             assert e.value.status == 404 and "no/such:ref" in e.value.message
             assert (await admin.images()).images == []
+            with pytest.raises(ApiError) as e:
+                await admin.remove_image("no/such:ref")
+            assert e.value.status == 404 and "no/such:ref" in e.value.message
         # the long-poll's HTTP timeout exceeds its wait
         async with AgentClient(r.url, timeout=0.2) as a:
             from test_coordinator_support import register_request

@@ -18,7 +18,8 @@ import pytest
 from rainbowd.coordinator import auth, config
 from rainbowd.coordinator.jobs import MAX_LAYER_FAILURES, Job
 from rainbowd.coordinator.mailbox import Mailbox
-from rainbowd.messages import ArchiveSource, IngestAssignment
+from rainbowd.messages import ArchiveSource, IngestAssignment, SeederUse
+from rainbowd.progress import job_report, summary
 
 L1, L2 = "sha256:" + "1" * 64, "sha256:" + "2" * 64
 
@@ -50,6 +51,49 @@ def test_restored_transferring_node_goes_back_to_pending() -> None:
     job.nodes["a"].started_transfer(L1)
     again = Job.from_view(job.view(), [(L1, 100)], {})
     assert again.nodes["a"].state == "pending" and again.running
+
+
+def test_job_byte_accounting_and_summary() -> None:
+    mib = 1024 * 1024
+    job = Job.create(
+        "j1",
+        "img",
+        [(L1, 40 * mib), (L2, 2 * mib)],
+        ["a", "b", "c"],
+        {"c": {L1, L2}},
+        1.0,
+        image_bytes=66 * mib,
+    )
+    a, b, c = job.nodes["a"], job.nodes["b"], job.nodes["c"]
+    assert c.all_held() and c.missing() == []
+    for layer, size in ((L1, 40 * mib), (L2, 2 * mib)):
+        a.record(SeederUse(layer=layer, seeder="c", reason="r", bytes=size, seconds=1.0))
+        a.hold(layer)
+    b.record(SeederUse(layer=L1, seeder="a", reason="r", bytes=10 * mib, seconds=1.0))  # resumed
+    b.hold(L1)
+    b.hold(L2)  # held from another image: no transfer, no wire bytes
+    for p in (a, b, c):
+        p.finish(2.0)
+    assert job.settle(2.5) and job.state == "done"
+    view = job.view()
+    per_node = {n.node_id: n.wire_bytes for n in view.nodes}
+    assert per_node == {"a": 42 * mib, "b": 10 * mib, "c": 0}
+    assert view.wire_bytes == 52 * mib and view.image_bytes == 66 * mib
+    # both survive a restart
+    held = {n: {L1, L2} for n in ("a", "b", "c")}
+    again = Job.from_view(view, [(L1, 40 * mib), (L2, 2 * mib)], held)
+    assert again.view() == view
+    text = summary(view)
+    assert "3/3 nodes" in text
+    assert "image 66.0 MiB, 52.0 MiB over the wire to 2 nodes" in text
+    report = job_report(view)
+    assert "42.0 MiB over the wire in 2 transfers" in report
+    assert "nothing moved" in report  # c held every layer
+
+    idle = Job.create("j2", "img", [(L1, 10)], ["c"], {"c": {L1}}, 1.0, image_bytes=mib)
+    idle.nodes["c"].finish(1.0)
+    idle.settle(1.0)
+    assert "image 1.0 MiB, nothing over the wire" in summary(idle.view())
 
 
 async def test_mailbox_cursor_and_wakeups() -> None:
