@@ -25,7 +25,7 @@ import os
 import platform
 import tarfile
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import structlog
@@ -109,10 +109,12 @@ class _Payload:
         return data
 
 
-def _write_layer(path: Path, fill: Callable[[tarfile.TarFile], None]) -> tuple[str, int]:
+def _write_layer(
+    path: Path, fill: Callable[[tarfile.TarFile], None], fmt: int = tarfile.USTAR_FORMAT
+) -> tuple[str, int]:
     """Write a layer tar with ``fill(tarfile)``; return (sha256 digest, size)."""
     with open(path, "wb") as raw:
-        with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        with tarfile.open(fileobj=raw, mode="w", format=fmt) as tf:
             fill(tf)
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -177,13 +179,41 @@ def build_demo_image(
         (payload, f"COPY payload ({payload_mib} MiB, seed {seed}) /data/payload.bin"),
         (extra, "COPY rbd-demo.txt /etc/ and rbd-demo /usr/local/bin/"),
     ]
+    build_image(
+        out,
+        ref=ref,
+        steps=steps,
+        cmd=DEMO_CMD,
+        labels={"org.opencontainers.image.title": "rbd demo", "rbd.demo.seed": str(seed)},
+    )
+    log.info("demo image built", path=str(out), ref=ref, payload_mib=payload_mib)
+    return out
+
+
+Step = tuple[Callable[[tarfile.TarFile], None], str]
+
+
+def build_image(
+    out: Path,
+    *,
+    ref: str,
+    steps: Sequence[Step],
+    cmd: list[str],
+    labels: dict[str, str] | None = None,
+    fmt: int = tarfile.USTAR_FORMAT,
+) -> Path:
+    """Write a docker-archive whose layers are made by ``steps`` (fill, history line).
+
+    Deterministic: fixed mtimes, sorted config keys. Written to a temp name and
+    renamed, so ``out`` is either complete or absent.
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".rbd-build-") as tmp_s:
         tmp = Path(tmp_s)
         layers: list[tuple[Path, str, int]] = []
         for i, (fill, _) in enumerate(steps):
             p = tmp / f"layer{i}.tar"
-            digest, size = _write_layer(p, fill)
+            digest, size = _write_layer(p, fill, fmt)
             layers.append((p, digest, size))
         diff_ids = [d for _, d, _ in layers]
         config = {
@@ -192,12 +222,9 @@ def build_demo_image(
             "created": CREATED,
             "config": {
                 "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-                "Cmd": DEMO_CMD,
+                "Cmd": cmd,
                 "WorkingDir": "/",
-                "Labels": {
-                    "org.opencontainers.image.title": "rbd demo",
-                    "rbd.demo.seed": str(seed),
-                },
+                "Labels": labels or {},
             },
             "rootfs": {"type": "layers", "diff_ids": diff_ids},
             "history": [{"created": CREATED, "created_by": why} for _, why in steps],
@@ -210,7 +237,7 @@ def build_demo_image(
         repositories = {repo: {tag: diff_ids[-1].split(":", 1)[1]}}
         tmp_out = tmp / "image.tar"
         with open(tmp_out, "wb") as raw:
-            with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+            with tarfile.open(fileobj=raw, mode="w", format=fmt) as tf:
                 _file(tf, f"{config_hex}.json", config_bytes)
                 for (p, _, size), name in zip(layers, layer_names, strict=True):
                     _dir(tf, name.split("/", 1)[0])
@@ -221,12 +248,32 @@ def build_demo_image(
             raw.flush()
             os.fsync(raw.fileno())
         os.replace(tmp_out, out)
-    log.info(
-        "demo image built",
-        path=str(out),
-        ref=ref,
-        config="sha256:" + config_hex,
-        layers=len(diff_ids),
-        payload_mib=payload_mib,
-    )
     return out
+
+
+def build_rootfs_image(
+    root: Path, out: Path, *, ref: str, cmd: list[str], created_by: str = "ADD rootfs /"
+) -> Path:
+    """A one-layer image of the directory tree ``root`` (a debootstrap, say).
+
+    Contents of dev/, proc/ and sys/ are left out (the engine provides them);
+    owners and modes are kept, mtimes fixed, entries sorted, so the same tree
+    gives the same digest.
+    """
+    root = Path(root)
+    if not (root / "bin").exists() and not (root / "usr").is_dir():
+        raise ImageBuildError(f"{root} does not look like a root file system")
+
+    def fill(tf: tarfile.TarFile) -> None:
+        def fixed(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+            parts = info.name.split("/")
+            if len(parts) > 1 and parts[0] in ("dev", "proc", "sys"):
+                return None
+            info.mtime = MTIME
+            info.uname = info.gname = ""
+            return info
+
+        for entry in sorted(os.listdir(root)):
+            tf.add(root / entry, arcname=entry, filter=fixed)
+
+    return build_image(out, ref=ref, steps=[(fill, created_by)], cmd=cmd, fmt=tarfile.PAX_FORMAT)
