@@ -1,0 +1,104 @@
+"""The invariants every fault test checks (issue: durability and fault tolerance).
+
+1. Holdings never revert: once an agent holds a layer it keeps holding it
+   (the paper's consistency rule: requesting -> holding, never back).
+2. No duplicate transfer: no node completes a transfer of the same layer twice.
+3. Every job reaches a final state, and every failed node has a reason.
+
+:class:`InvariantMonitor` samples every running agent's status while the test
+injects faults, and :meth:`InvariantMonitor.check_jobs` checks the jobs at the
+end. A test does::
+
+    async with InvariantMonitor(cluster) as inv:
+        ... inject faults, wait for jobs ...
+    await inv.check_jobs(timeout=60)   # raises AssertionError naming what broke
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from types import TracebackType
+
+from rainbowd import messages as m
+from rainbowd.agent.status import AgentNotRunning
+from rainbowd.localcluster import LocalCluster
+
+
+class InvariantMonitor:
+    def __init__(self, cluster: LocalCluster, interval: float = 0.2) -> None:
+        self.cluster = cluster
+        self.interval = interval
+        self.held: dict[str, set[str]] = {}
+        self.violations: list[str] = []
+        self.samples = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> InvariantMonitor:
+        await self.sample()
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.sample()
+        assert not self.violations, "invariants broken:\n" + "\n".join(self.violations)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            await self.sample()
+
+    async def sample(self) -> None:
+        """Read every running agent's holdings; record any layer that disappeared."""
+        self.samples += 1
+        for node in list(self.cluster.nodes):
+            if not self.cluster.running(node):
+                continue
+            try:
+                status = await self.cluster.agent_status(node)
+            except (AgentNotRunning, OSError):
+                continue  # starting or stopping: nothing to read
+            now = {h["digest"] for h in status["holdings"]}
+            before = self.held.setdefault(node, set())
+            lost = before - now
+            if lost:
+                self.violations.append(f"{node} lost held layers {sorted(lost)}")
+            before |= now
+
+    async def check_jobs(self, timeout: float = 60.0) -> list[m.JobView]:
+        """Wait for every job to be final; check reasons and duplicate transfers."""
+        deadline = time.monotonic() + timeout
+        async with self.cluster.admin() as admin:
+            while True:
+                jobs = (await admin.jobs()).jobs
+                running = [j.job_id for j in jobs if j.state == "running"]
+                if not running:
+                    break
+                assert time.monotonic() < deadline, f"jobs never reached a final state: {running}"
+                await asyncio.sleep(0.2)
+        problems: list[str] = []
+        per_node: Counter[tuple[str, str]] = Counter()
+        for job in jobs:
+            if job.state == "failed" and not job.error:
+                problems.append(f"job {job.job_id} failed without a reason")
+            for n in job.nodes:
+                if n.state == "failed" and not n.error:
+                    problems.append(f"job {job.job_id}: {n.node_id} failed without a reason")
+                for t in n.transfers:
+                    per_node[(n.node_id, t.layer)] += 1
+        for (node, layer), count in per_node.items():
+            if count > 1:
+                problems.append(f"{node} received layer {layer} {count} times")
+        assert not problems, "\n".join(problems)
+        return jobs
