@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from imagetest import add, layer_tar, sha, store_snapshot
 
 from rainbowd.compression import (
     MEDIA_DOCKER_GZIP,
@@ -30,32 +30,6 @@ from rainbowd.store import LayerStore
 
 CHUNK = 256 * 1024
 MODES: list[Compression] = ["off", "gzip", "zstd"]
-
-
-def sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def snapshot(store: LayerStore) -> tuple[list[str], list[str], list[str]]:
-    return (
-        sorted(p.name for p in store.blob_dir.iterdir()),
-        sorted(p.name for p in store.partial_dir.iterdir()),
-        sorted(p.name for p in store.tmp_dir.iterdir()),
-    )
-
-
-def add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tf.addfile(info, io.BytesIO(data))
-
-
-def layer_tar(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for name, data in files.items():
-            add(tf, name, data)
-    return buf.getvalue()
 
 
 def archive(path: Path, blobs: list[bytes], diff_ids: list[str], ref: str = "t:1") -> Path:
@@ -195,7 +169,7 @@ def test_each_mode_round_trips(mode: Compression, demo_image: Path, tmp_path: Pa
         assert sniff(member[:4]) == "tar"  # zstd was inflated on the way out
         assert sha(member) == layer.diff_id
         assert len(member) == layer.uncompressed_size
-    assert snapshot(store)[1:] == ([], [])
+    assert store_snapshot(store)[1:] == ([], [])
 
 
 @pytest.mark.parametrize("mode", ["gzip", "zstd"])
@@ -270,4 +244,4 @@ def test_wrong_diff_id_rolls_back(mode: Compression, tmp_path: Path) -> None:
     store = LayerStore(tmp_path / "store")
     with pytest.raises(ImageError, match=r"bad\.tar: layer 1/layer\.tar digest mismatch"):
         ingest_docker_archive(p, store, compression=mode)
-    assert snapshot(store) == ([], [], [])  # layer 0 removed again, no temp file left
+    assert store_snapshot(store) == ([], [], [])  # layer 0 removed again, no temp file left
