@@ -87,7 +87,13 @@ class Agent:
         self.store = LayerStore(config.store_dir)
         self.host_key = load_or_create_key(config.keys_dir / "host_ed25519")
         self.client_key = load_or_create_key(config.keys_dir / "client_ed25519")
-        self.server = ChunkServer(self.store, self.host_key, node_id=config.node_id)
+        self.server = ChunkServer(
+            self.store,
+            self.host_key,
+            node_id=config.node_id,
+            verify_reads=config.verify_served,
+            max_upload_bps=config.max_upload_mbps * 1e6 / 8,
+        )
         self.server_port = config.ssh_port
         self.puller = LayerPuller(self.store, self.client_key, node_id=config.node_id)
         self.loader = DockerLoader(config.docker_url) if config.docker_url else None
@@ -109,6 +115,7 @@ class Agent:
         self.log.info(
             "agent started", ssh_port=self.server_port, status_socket=str(self.config.status_path)
         )
+        self._log_resumable()
         try:
             async with self.api:
                 try:
@@ -126,6 +133,15 @@ class Agent:
                 await self.loader.close()
             await status.close()
             self.log.info("agent stopped")
+
+    def _log_resumable(self) -> None:
+        """Name the partial layers found at start: the next pull of each resumes there.
+
+        Nothing is pulled on our own initiative (the coordinator decides who
+        sends what); heartbeats report these partials so it can see them.
+        """
+        for digest, have, count in self.store.partials():
+            self.log.info("partial_layer_found", layer=digest, chunks_have=have, chunks=count)
 
     async def _wait_stop(self) -> None:
         await self._stop.wait()
@@ -295,6 +311,10 @@ class Agent:
         w = ActiveWork(a.transfer_id, layer, a.seeder.node_id, time.time(), 0, a.layer.size)
         self.view.active[a.transfer_id] = w
         tlog = self.log.bind(layer=layer, seeder=a.seeder.node_id, transfer=a.transfer_id)
+        if self.puller.pulling(layer):
+            # e.g. re-sent after a coordinator restart: the puller runs one pull
+            # per layer, so this one waits and then moves only what is missing
+            tlog.info("layer already being pulled; this transfer waits for it")
         tlog.info("pulling layer", reason=a.reason, size=a.layer.size)
 
         def progress(done: int, total: int, rate: float) -> None:
@@ -454,6 +474,7 @@ class Agent:
             ],
             "disk": {"used": self.store.bytes_used(), "free": self.store.bytes_free()},
             "served_bytes": dict(self.server.bytes_served),
+            "corrupt_layers": dict(self.server.corrupt_layers),
             "refused_clients": len(self.server.refused_clients),
             "origin_reads": self.view.origin_reads,
             "security_events": list(self.view.security_events),

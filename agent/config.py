@@ -5,8 +5,10 @@ The keys are documented with examples in deploy/config/agent.example.toml.
 
 from __future__ import annotations
 
+import os
 import socket
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,11 @@ class AgentConfig:
     request_timeout: float = 10.0
     #: seconds a long-poll for assignments may hang at the coordinator
     poll_wait: float = 25.0
+    #: check each chunk against the manifest before serving it (catches a blob
+    #: that rotted on this disk before a peer downloads it)
+    verify_served: bool = True
+    #: cap on the bytes/s this agent serves to peers, in Mbit/s (0 = no cap)
+    max_upload_mbps: float = 0.0
 
     @property
     def store_dir(self) -> Path:
@@ -86,6 +93,8 @@ class _Raw(msgspec.Struct, forbid_unknown_fields=True):
     log_level: str = "info"
     request_timeout: float = 10.0
     poll_wait: float = 25.0
+    verify_served: bool = True
+    max_upload_mbps: float = 0.0
 
 
 KNOWN_ROLES = {"origin"}
@@ -101,12 +110,55 @@ def load_config(path: Path, overrides: dict[str, Any] | None = None) -> AgentCon
         ) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    data.update(env_overrides())
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
         raw = msgspec.convert(data, _Raw)
     except msgspec.ValidationError as e:
         raise ConfigError(f"config file {path}: {e}") from None
     return _from_raw(raw)
+
+
+#: prefix of environment variables that override scalar config keys
+ENV_PREFIX = "RBD_AGENT_"
+_ENV_KEYS: dict[str, type] = {
+    "verify_served": bool,
+    "max_upload_mbps": float,
+    "request_timeout": float,
+    "poll_wait": float,
+    "log_level": str,
+}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Config keys set as ``RBD_AGENT_<KEY>`` in the environment (between file and flags).
+
+    Only tuning keys are read this way (not identity or trust: node_id, URLs,
+    tokens stay in the file), so a systemd drop-in ``Environment=`` can tune
+    one host, and tests can tune agents a LocalCluster starts, without
+    rewriting configs. Values are parsed by the key's type.
+    """
+    env = os.environ if environ is None else environ
+    out: dict[str, Any] = {}
+    for key, kind in _ENV_KEYS.items():
+        name = ENV_PREFIX + key.upper()
+        value = env.get(name, "").strip()
+        if not value:
+            continue
+        if kind is bool:
+            if value.lower() not in _TRUE | _FALSE:
+                raise ConfigError(f"{name}={value!r}: use true or false")
+            out[key] = value.lower() in _TRUE
+        elif kind is float:
+            try:
+                out[key] = float(value)
+            except ValueError:
+                raise ConfigError(f"{name}={value!r}: not a number") from None
+        else:
+            out[key] = value
+    return out
 
 
 def _from_raw(raw: _Raw) -> AgentConfig:
@@ -116,6 +168,8 @@ def _from_raw(raw: _Raw) -> AgentConfig:
         raise ConfigError(f"coordinator_url {raw.coordinator_url!r}: must start with http(s)://")
     if not 0 <= raw.ssh_port <= 65535:
         raise ConfigError(f"ssh_port {raw.ssh_port}: must be 0..65535")
+    if raw.max_upload_mbps < 0:
+        raise ConfigError(f"max_upload_mbps {raw.max_upload_mbps}: must be >= 0 (0 = no cap)")
     unknown = set(raw.roles) - KNOWN_ROLES
     if unknown:
         raise ConfigError(f"roles: unknown {sorted(unknown)}; known: {sorted(KNOWN_ROLES)}")

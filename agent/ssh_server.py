@@ -21,6 +21,19 @@ What it accepts, and why so little:
   event loop keeps every other transfer moving, and the next chunk is read
   while the current one drains (``await writer.drain()`` is the flow control:
   the demander's SSH window bounds what is in flight).
+* **Verify before sending** (``verify_reads``, on by default): each chunk read
+  from disk is checked against the layer's stored chunk manifest (one sha256
+  per chunk, in the same worker thread as the read). A blob that rotted on disk
+  (bit flip, bad sector, someone editing it) is answered with an ERROR frame
+  ``corrupt`` instead of bad bytes: the demander fails the transfer at once as
+  the seeder's fault (the coordinator counts it against us and re-plans), no
+  bad byte crosses the wire, and this node learns *its own* copy is bad
+  (:attr:`ChunkServer.corrupt_layers`, shown by ``rbd-agent status``). The
+  demander still checks every chunk itself: a seeder is never trusted.
+  Measured cost in bench/transfer_bench.py: see bench/README.md.
+* **Upload cap** (``max_upload_bps``, off by default): paces chunk writes so
+  this host's uplink is not saturated by serving (and lets tests make a
+  loopback transfer last long enough to break it on purpose).
 """
 
 from __future__ import annotations
@@ -65,6 +78,14 @@ MAX_PENDING_REQUESTS = 16
 READ_AHEAD = 2
 #: refused-client records kept (the counter keeps counting past this)
 MAX_REFUSED_RECORDS = 256
+#: ERROR code for "my stored copy of this chunk fails its manifest"; the
+#: demander treats it as a seeder fault (kind "verify") without reading bad bytes
+ERR_CORRUPT = "corrupt"
+
+
+class CorruptBlob(StoreError):
+    """A chunk read from a complete layer does not match the layer's manifest."""
+
 
 OnRefused = Callable[[str, str], None]
 
@@ -89,8 +110,15 @@ class ChunkServer:
         node_id: str,
         on_refused: OnRefused | None = None,
         login_timeout: float = 30.0,
+        verify_reads: bool = True,
+        max_upload_bps: float = 0.0,
     ) -> None:
         self.store = store
+        self.verify_reads = verify_reads
+        self.max_upload_bps = max_upload_bps
+        #: layers whose stored blob failed verification while serving: digest -> why
+        self.corrupt_layers: dict[str, str] = {}
+        self._pace_next = 0.0
         self.host_key = host_key
         self.node_id = node_id
         self.on_refused = on_refused
@@ -220,7 +248,22 @@ class ChunkServer:
             os.close(fd)
         if len(data) != length:
             raise StoreError(f"layer {digest} chunk {index}: short read ({len(data)}/{length})")
+        if self.verify_reads and not m.verify_chunk(index, data):
+            raise CorruptBlob(
+                f"node {self.node_id}: stored layer {digest} chunk {index} does not match "
+                "its manifest (the blob on disk is corrupt); not serving it"
+            )
         return index, data
+
+    async def _pace(self, nbytes: int) -> None:
+        """Hold the sender to ``max_upload_bps`` across all channels (a simple pacer)."""
+        if self.max_upload_bps <= 0:
+            return
+        now = time.monotonic()
+        start = max(now, self._pace_next)
+        self._pace_next = start + nbytes / self.max_upload_bps
+        if start > now:
+            await asyncio.sleep(start - now)
 
     async def _serve_channel(
         self,
@@ -310,9 +353,16 @@ class ChunkServer:
                     except IndexError as e:
                         stdout.write(chunkproto.encode_error(chunkproto.ERR_BAD_REQUEST, str(e)))
                         return
+                    except CorruptBlob as e:
+                        if layer not in self.corrupt_layers:
+                            self.corrupt_layers[layer] = str(e)
+                        plog.error("serving_refused_corrupt_blob", layer=short(layer), error=str(e))
+                        stdout.write(chunkproto.encode_error(ERR_CORRUPT, str(e)))
+                        return
                     for nxt in todo:
                         reads.append(asyncio.create_task(self._read(layer, nxt)))
                         break
+                    await self._pace(len(data))
                     stdout.write(chunkproto.encode_chunk_header(index, len(data)))
                     stdout.write(data)
                     sent += len(data)

@@ -23,6 +23,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -74,10 +75,20 @@ def _fsync_dir(path: Path) -> None:
 
 
 class PartialLayer:
-    """A layer being received chunk by chunk; resumable across restarts."""
+    """A layer being received chunk by chunk; resumable across restarts.
+
+    Durability bound: the bitmap is persisted (data fdatasync'd first) after
+    ``FLUSH_EVERY`` new chunks or ``FLUSH_SECONDS`` since the last flush,
+    whichever comes first, so a SIGKILL or power cut re-fetches at most that
+    much: chunks written but not yet covered by a persisted bitmap are simply
+    fetched again on resume (their bits were never set on disk).
+    """
 
     #: persist the bitmap after this many newly written chunks
     FLUSH_EVERY = 4
+    #: ... or when the oldest unflushed chunk is this old (a slow link must not
+    #: leave minutes of progress unpersisted just because chunks trickle in)
+    FLUSH_SECONDS = 0.5
 
     def __init__(self, store: LayerStore, manifest: ChunkManifest) -> None:
         self.store = store
@@ -89,6 +100,7 @@ class PartialLayer:
         self.manifest_path = store.partial_dir / f"{h}.chunks"
         self.bitmap = ChunkBitmap(manifest.count)
         self._unflushed = 0
+        self._unflushed_since = 0.0
         self._fd: int | None = None
         self._open()
 
@@ -120,7 +132,13 @@ class PartialLayer:
 
     @property
     def bytes_present(self) -> int:
+        """Bytes of chunks marked present (verified) in the bitmap."""
         return sum(self.manifest.chunk_length(i) for i in self.bitmap.present())
+
+    @property
+    def bytes_missing(self) -> int:
+        """Bytes still to fetch: what the pull needs in free space, at most."""
+        return self.manifest.size - self.bytes_present
 
     def write_chunk(self, index: int, data: bytes) -> None:
         """Check ``data`` against the manifest and write it; raise ChunkRejected if bad."""
@@ -131,8 +149,11 @@ class PartialLayer:
         assert self._fd is not None, "partial layer is closed"
         os.pwrite(self._fd, data, self.manifest.chunk_offset(index))
         self.bitmap.add(index)
+        now = time.monotonic()
+        if self._unflushed == 0:
+            self._unflushed_since = now
         self._unflushed += 1
-        if self._unflushed >= self.FLUSH_EVERY:
+        if self._unflushed >= self.FLUSH_EVERY or now - self._unflushed_since >= self.FLUSH_SECONDS:
             self.flush()
 
     def flush(self) -> None:
@@ -280,6 +301,24 @@ class LayerStore:
         h = hex_part(digest)
         for suffix in (".part", ".bitmap", ".chunks"):
             (self.partial_dir / f"{h}{suffix}").unlink(missing_ok=True)
+
+    def partial_bytes(self, manifest: ChunkManifest) -> int:
+        """Verified bytes a persisted partial of ``manifest`` already has (0 if none).
+
+        Reads the bitmap without opening (and so creating) the partial, so a
+        pull can check free space before it writes anything.
+        """
+        h = hex_part(Digest(manifest.digest))
+        try:
+            saved = msgspec.convert(
+                msgpack.unpackb((self.partial_dir / f"{h}.chunks").read_bytes()), ChunkManifest
+            )
+            if saved != manifest:
+                return 0
+            bm = ChunkBitmap(manifest.count, (self.partial_dir / f"{h}.bitmap").read_bytes())
+        except (OSError, ValueError, msgspec.ValidationError, ManifestError):
+            return 0
+        return sum(manifest.chunk_length(i) for i in bm.present())
 
     def partials(self) -> Iterator[tuple[Digest, int, int]]:
         """(digest, chunks present, chunk count) for each partial layer."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import stat
 from collections.abc import AsyncIterator
@@ -26,7 +27,7 @@ from rainbowd.agent.ssh_server import ChunkServer
 from rainbowd.chunks import ChunkManifest
 from rainbowd.digest import Digest, sha256_digest
 from rainbowd.messages import PeerInfo, TransferAssignment, TrustList
-from rainbowd.store import LayerStore
+from rainbowd.store import LayerStore, PartialLayer
 
 CHUNK = 64 * 1024
 SIZE = 3 * 1024 * 1024 + 12_345  # 49 chunks, the last one short
@@ -316,25 +317,202 @@ async def test_password_and_kbdint_not_offered(lab: Lab) -> None:
         )
 
 
-async def test_corrupt_seeder(lab: Lab) -> None:
-    path = lab.seed_store.path(Digest(lab.manifest.digest))
+def corrupt_chunk(store: LayerStore, digest: str, index: int) -> None:
+    """Flip one byte of chunk ``index`` in a stored (0440) blob, as disk rot would."""
+    path = store.path(Digest(digest))
     os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
-    bad = 5
     raw = bytearray(path.read_bytes())
-    raw[bad * CHUNK + 100] ^= 0xFF
+    raw[index * CHUNK + 100] ^= 0xFF
     path.write_bytes(bytes(raw))
+    os.chmod(path, 0o440)
+
+
+@pytest.mark.parametrize("verify_reads", [True, False], ids=["seeder-verifies", "lying-seeder"])
+async def test_corrupt_seeder(lab: Lab, verify_reads: bool) -> None:
+    """Bad bytes on a seeder's disk never land: refused at the seeder, or caught at the chunk.
+
+    With ``verify_reads`` (the default) the seeder checks its own chunk and
+    sends ERROR "corrupt" instead of the bad bytes; a seeder that does not
+    (or lies) is caught by the demander's per-chunk check. Either way the
+    failure is the seeder's, chunks before the bad one stay in the partial.
+    """
+    await lab.server.close()
+    server = ChunkServer(lab.seed_store, lab.seed_host, node_id="seed", verify_reads=verify_reads)
+    await start_server(lab, server)
+    bad = 5
+    corrupt_chunk(lab.seed_store, lab.manifest.digest, bad)
     with pytest.raises(PullError) as ei:
         await lab.puller().pull(lab.assignment())
     e = ei.value
     assert e.kind == "verify" and e.seeder_fault
     assert f"chunk {bad}" in e.reason and "seed" in e.reason
     assert not lab.dem_store.has(Digest(lab.manifest.digest))
+    if verify_reads:
+        assert "corrupt" in e.reason
+        assert lab.manifest.digest in server.corrupt_layers
+        # the bad chunk (and nothing after it) was never sent
+        assert server.chunks_served["dem"] == bad
+        assert server.bytes_served["dem"] == bad * CHUNK
+    else:
+        assert server.corrupt_layers == {}
     part = lab.dem_store.open_partial(lab.manifest)
     try:
         missing = part.missing()
         assert missing[0] == bad and set(range(bad)).isdisjoint(missing)
     finally:
         part.close()
+
+
+async def second_seeder(lab: Lab, name: str = "seed2") -> tuple[ChunkServer, PeerInfo]:
+    """Another seeder holding the same layer: own store, own host key, own port."""
+    store = LayerStore(lab.tmp / name)
+    ingest(store, lab.data)
+    host = new_key()
+    server = ChunkServer(store, host, node_id=name)
+    server.update_trust(lab.trust())
+    port = await server.start("127.0.0.1", 0)
+    peer = PeerInfo(
+        node_id=name,
+        address="127.0.0.1",
+        ssh_port=port,
+        host_key=public_line(host),
+        client_key=public_line(new_key()),
+    )
+    return server, peer
+
+
+async def test_dropped_link_resumes_from_another_seeder(lab: Lab) -> None:
+    """A seeder vanishing mid-transfer costs only the chunks that were in flight.
+
+    The first seeder's server is closed (listener and connection) half-way;
+    the pull fails with kind "io", the partial keeps every verified chunk, and
+    a pull of the same layer from a *different* seeder moves exactly the
+    missing chunks and installs the right bytes.
+    """
+    await lab.server.close()
+
+    class Stalls(ChunkServer):
+        async def _read(self, layer: Digest, index: int) -> tuple[int, bytes]:
+            if index >= 20:
+                await asyncio.sleep(3600)
+            return await super()._read(layer, index)
+
+    first = Stalls(lab.seed_store, lab.seed_host, node_id="seed")
+    await start_server(lab, first)
+    task = asyncio.create_task(lab.puller().pull(lab.assignment()))
+    async with asyncio.timeout(10):
+        while first.chunks_served.get("dem", 0) < 20:  # noqa: ASYNC110 (polling a counter)
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)  # let the demander verify what arrived
+    await first.close()  # the link drops mid-transfer
+    with pytest.raises(PullError) as ei:
+        await task
+    assert ei.value.kind in ("io", "unreachable") and not ei.value.seeder_fault
+    [(_, have, count)] = list(LayerStore(lab.tmp / "dem").partials())
+    assert have == 20 and count == lab.manifest.count
+    assert not lab.dem_store.has(Digest(lab.manifest.digest))
+
+    seed2, peer2 = await second_seeder(lab)
+    try:
+        a2 = TransferAssignment(
+            transfer_id="t2", job_id="j1", layer=lab.manifest, seeder=peer2, reason="retry"
+        )
+        res = await lab.puller().pull(a2)
+    finally:
+        await seed2.close()
+    missing_bytes = SIZE - 20 * CHUNK
+    assert res.bytes_moved == missing_bytes
+    assert res.chunks_fetched == lab.manifest.count - 20
+    assert seed2.bytes_served == {"dem": missing_bytes}
+    assert first.bytes_served["dem"] == 20 * CHUNK
+    assert blob(lab.dem_store, lab.manifest.digest) == lab.data
+    assert list(lab.dem_store.partials()) == []
+
+
+async def test_two_pulls_of_one_layer_run_one_after_the_other(lab: Lab) -> None:
+    """A second assignment for a layer being pulled joins the first: the bytes move once."""
+    p = lab.puller()
+    a1 = lab.assignment()
+    a2 = TransferAssignment(
+        transfer_id="t2", job_id="j2", layer=a1.layer, seeder=a1.seeder, reason="again"
+    )
+    first = asyncio.create_task(p.pull(a1))
+    await asyncio.sleep(0)
+    assert p.pulling(a1.layer.digest) == 1
+    second = asyncio.create_task(p.pull(a2))
+    await asyncio.sleep(0)
+    assert p.pulling(a1.layer.digest) == 2
+    r1, r2 = await asyncio.gather(first, second)
+    assert (r1.bytes_moved, r2.bytes_moved) == (SIZE, 0)
+    assert lab.server.bytes_served == {"dem": SIZE}
+    assert p.pulling(a1.layer.digest) == 0 and p._layer_locks == {}
+    assert blob(lab.dem_store, lab.manifest.digest) == lab.data
+
+
+async def test_second_pull_resumes_when_the_first_fails(lab: Lab) -> None:
+    """The waiting pull is not poisoned by the first one's failure: it resumes the partial."""
+    await lab.server.close()
+    await start_server(lab, _DroppingServer(lab.seed_store, lab.seed_host, node_id="seed"))
+    p = lab.puller()
+    first = asyncio.create_task(p.pull(lab.assignment()))
+    await asyncio.sleep(0)
+    seed2, peer2 = await second_seeder(lab)
+    try:
+        a2 = TransferAssignment(
+            transfer_id="t2", job_id="j1", layer=lab.manifest, seeder=peer2, reason="retry"
+        )
+        second = asyncio.create_task(p.pull(a2))
+        with pytest.raises(PullError):
+            await first
+        res = await second
+    finally:
+        await seed2.close()
+    assert 0 < res.bytes_moved < SIZE
+    assert seed2.bytes_served == {"dem": res.bytes_moved}
+    assert blob(lab.dem_store, lab.manifest.digest) == lab.data
+
+
+async def test_pull_that_cannot_fit_fails_fast_naming_node_layer_and_space(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Free space is checked before a byte moves; the reason says what an operator needs."""
+    free = SIZE // 2
+    monkeypatch.setattr(lab.dem_store, "bytes_free", lambda: free)
+    with pytest.raises(PullError) as ei:
+        await lab.puller().pull(lab.assignment())
+    e = ei.value
+    assert e.kind == "disk" and not e.seeder_fault
+    assert "node dem" in e.reason and lab.manifest.digest in e.reason
+    assert f"needs {SIZE / 2**20:.1f} MiB" in e.reason
+    assert f"{free / 2**20:.1f} MiB free" in e.reason and str(lab.dem_store.root) in e.reason
+    assert lab.server.bytes_served == {}  # nothing moved
+    assert list(lab.dem_store.partial_dir.iterdir()) == []  # nothing left behind
+    assert not lab.dem_store.has(Digest(lab.manifest.digest))
+
+    # with most of the layer already received, the same free space is enough
+    m = lab.manifest
+    part = lab.dem_store.open_partial(m)
+    for i in range(40):
+        part.write_chunk(i, lab.data[m.chunk_offset(i) : m.chunk_offset(i) + m.chunk_length(i)])
+    part.close()
+    res = await lab.puller().pull(lab.assignment())
+    assert res.bytes_moved == SIZE - 40 * CHUNK
+    assert blob(lab.dem_store, m.digest) == lab.data
+
+
+async def test_upload_cap_paces_the_seeder(lab: Lab) -> None:
+    await lab.server.close()
+    rate = 8e6
+    await start_server(
+        lab, ChunkServer(lab.seed_store, lab.seed_host, node_id="seed", max_upload_bps=rate)
+    )
+    t0 = asyncio.get_running_loop().time()
+    res = await lab.puller().pull(lab.assignment())
+    elapsed = asyncio.get_running_loop().time() - t0
+    assert res.bytes_moved == SIZE
+    # the pacer lets the first chunk go at once and spaces the rest
+    assert elapsed >= (SIZE - CHUNK) / rate * 0.95
+    assert blob(lab.dem_store, lab.manifest.digest) == lab.data
 
 
 async def test_layer_not_held_by_seeder(lab: Lab) -> None:
@@ -393,3 +571,33 @@ def test_keys(tmp_path: Path) -> None:
     (tmp_path / "junk").write_text("junk")
     with pytest.raises(KeyFormatError):
         load_or_create_key(tmp_path / "junk")
+
+
+async def test_disk_filling_up_mid_pull_is_a_clear_disk_failure_and_never_commits(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC after the pre-check (space taken by someone else) keeps what was written."""
+    real = PartialLayer.write_chunk
+    written: list[int] = []
+
+    def write_chunk(self: PartialLayer, index: int, data: bytes) -> None:
+        if len(written) >= 12:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, index, data)
+        written.append(index)
+
+    monkeypatch.setattr(PartialLayer, "write_chunk", write_chunk)
+    with pytest.raises(PullError) as ei:
+        await lab.puller().pull(lab.assignment())
+    e = ei.value
+    assert e.kind == "disk" and not e.seeder_fault
+    assert "node dem" in e.reason and lab.manifest.digest in e.reason
+    assert "disk full writing chunk 12" in e.reason and "MiB free on" in e.reason
+    assert not lab.dem_store.has(Digest(lab.manifest.digest))  # never committed
+    [(_, have, _count)] = list(LayerStore(lab.tmp / "dem").partials())
+    assert have == 12
+
+    monkeypatch.setattr(PartialLayer, "write_chunk", real)  # space freed: resume
+    res = await lab.puller().pull(lab.assignment())
+    assert res.bytes_moved == SIZE - 12 * CHUNK
+    assert blob(lab.dem_store, lab.manifest.digest) == lab.data

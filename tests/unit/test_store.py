@@ -310,3 +310,46 @@ def test_empty_layer_round_trip(tmp_path: Path) -> None:
     p.commit()
     assert store.has(Digest(m.digest))
     assert store.path(Digest(m.digest)).read_bytes() == b""
+
+
+def test_bitmap_is_persisted_after_flush_seconds_even_below_flush_every(
+    tmp_path: Path, data: bytes, manifest: ChunkManifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow link must not leave progress unpersisted: time bounds a crash's loss too."""
+    store = LayerStore(tmp_path)
+    part = store.open_partial(manifest)
+    part.FLUSH_EVERY = 1000
+    clock = [100.0]
+    monkeypatch.setattr("rainbowd.store.time.monotonic", lambda: clock[0])
+    part.write_chunk(0, chunk(data, 0))
+    part.write_chunk(1, chunk(data, 1))
+    # neither the chunk count nor the age reached: a crash now loses both
+    assert [have for _, have, _ in LayerStore(tmp_path).partials()] == [0]
+    clock[0] += part.FLUSH_SECONDS
+    part.write_chunk(2, chunk(data, 2))
+    # the oldest unflushed chunk got old enough: all three are durable
+    assert [have for _, have, _ in LayerStore(tmp_path).partials()] == [3]
+    part.write_chunk(3, chunk(data, 3))  # a fresh window starts at chunk 3
+    assert [have for _, have, _ in LayerStore(tmp_path).partials()] == [3]
+    part.close()
+
+
+def test_partial_bytes_reads_progress_without_creating_a_partial(
+    tmp_path: Path, data: bytes, manifest: ChunkManifest
+) -> None:
+    store = LayerStore(tmp_path)
+    assert store.partial_bytes(manifest) == 0
+    assert files(store.partial_dir) == []  # asking created nothing
+    part = store.open_partial(manifest)
+    assert part.bytes_missing == len(data)
+    part.write_chunk(1, chunk(data, 1))
+    part.write_chunk(5, chunk(data, 5))
+    part.close()
+    assert store.partial_bytes(manifest) == C + 123
+    reopened = store.open_partial(manifest)
+    assert reopened.bytes_present == C + 123
+    assert reopened.bytes_missing == len(data) - C - 123
+    reopened.close()
+    # a partial cut with other chunk boundaries does not count for this manifest
+    other = build_manifest(io.BytesIO(data), chunk_size=2 * C)
+    assert store.partial_bytes(other) == 0

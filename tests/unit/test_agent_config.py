@@ -1,0 +1,58 @@
+"""Agent config: environment overrides of tuning keys (file < RBD_AGENT_* < flags)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rainbowd.agent.config import ConfigError, env_overrides, load_config
+
+BASE = 'node_id = "n1"\ncoordinator_url = "http://127.0.0.1:1"\nstate_dir = "/tmp/x"\n'
+
+
+def write(tmp_path: Path, extra: str = "") -> Path:
+    p = tmp_path / "agent.toml"
+    p.write_text(BASE + extra)
+    return p
+
+
+def test_defaults_verify_served_and_no_upload_cap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("RBD_AGENT_VERIFY_SERVED", raising=False)
+    monkeypatch.delenv("RBD_AGENT_MAX_UPLOAD_MBPS", raising=False)
+    cfg = load_config(write(tmp_path))
+    assert cfg.verify_served is True and cfg.max_upload_mbps == 0.0
+
+
+def test_environment_overrides_the_file_and_flags_override_both(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(tmp_path, 'max_upload_mbps = 100.0\nlog_level = "info"\n')
+    monkeypatch.setenv("RBD_AGENT_MAX_UPLOAD_MBPS", "128")
+    monkeypatch.setenv("RBD_AGENT_VERIFY_SERVED", "false")
+    monkeypatch.setenv("RBD_AGENT_LOG_LEVEL", "debug")
+    cfg = load_config(path)
+    assert cfg.max_upload_mbps == 128.0 and cfg.verify_served is False
+    assert cfg.log_level == "debug"
+    assert load_config(path, {"log_level": "warning"}).log_level == "warning"
+
+
+def test_identity_keys_are_not_read_from_the_environment() -> None:
+    assert env_overrides({"RBD_AGENT_NODE_ID": "evil", "RBD_AGENT_COORDINATOR_URL": "x"}) == {}
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("RBD_AGENT_VERIFY_SERVED", "maybe"), ("RBD_AGENT_MAX_UPLOAD_MBPS", "fast")],
+)
+def test_bad_environment_values_are_named(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        env_overrides({name: value})
+
+
+def test_negative_upload_cap_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RBD_AGENT_MAX_UPLOAD_MBPS", raising=False)
+    with pytest.raises(ConfigError, match="max_upload_mbps"):
+        load_config(write(tmp_path, "max_upload_mbps = -1.0\n"))
