@@ -5,6 +5,17 @@ exactly as systemd would start it (its console entry point, a TOML config,
 its own state directory), only on loopback with ephemeral ports. Processes are
 stopped by PID, never by name, and every one is reaped on :meth:`stop` even
 if start-up failed half-way.
+
+The same cluster can run spread over network namespaces (rainbowd.netlab),
+so that links can be cut and shaped per node. The hooks for that, all
+optional: ``prefix_for(name)`` gives the command prefix each process is
+started with (``ip netns exec <ns>``; ``name`` is "coordinator" or a node
+id), ``NodeSpec.host`` the address an agent listens on and advertises,
+``host``/``port`` where the coordinator listens (a fixed ``port`` is needed
+when ``host`` is not an address of the test's own namespace), and
+``admin_url`` how the test process reaches the coordinator when that is not
+``url`` (e.g. a forwarder from loopback into the lab). Status sockets are
+unix sockets on the shared file system and need no hook.
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -43,6 +55,8 @@ class NodeSpec:
     docker_url: str = ""
     speed_hint_mbps: float = 0.0
     labels: dict[str, str] = field(default_factory=dict)
+    #: the address the agent listens on and advertises ("" = the cluster's host)
+    host: str = ""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -71,6 +85,9 @@ class LocalCluster:
         heartbeat_interval: float = 1.0,
         chunk_size: int = 0,
         log_level: str = "info",
+        port: int = 0,
+        admin_url: str = "",
+        prefix_for: Callable[[str], Sequence[str]] | None = None,
     ) -> None:
         self.root = Path(root)
         self.nodes = {n.node_id: n for n in nodes}
@@ -78,7 +95,9 @@ class LocalCluster:
         self.heartbeat_interval = heartbeat_interval
         self.chunk_size = chunk_size
         self.log_level = log_level
-        self.port = 0
+        self.port = port
+        self._admin_url = admin_url
+        self.prefix_for = prefix_for
         self.join_token = secrets.token_urlsafe(24)
         self.admin_token = secrets.token_urlsafe(24)
         self._procs: dict[str, _Proc] = {}
@@ -86,7 +105,13 @@ class LocalCluster:
     # -- paths -----------------------------------------------------------
     @property
     def url(self) -> str:
+        """The coordinator's URL as the agents see it."""
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        """The coordinator's URL as the test process sees it (``url`` unless told otherwise)."""
+        return self._admin_url or self.url
 
     @property
     def coordinator_dir(self) -> Path:
@@ -109,7 +134,7 @@ class LocalCluster:
         return self.root / "logs" / f"{name}.log"
 
     def admin(self) -> AdminClient:
-        return AdminClient(self.url, self.admin_token)
+        return AdminClient(self.admin_url, self.admin_token)
 
     # -- lifecycle -------------------------------------------------------
     async def start(self, timeout: float = 60.0) -> None:
@@ -159,8 +184,8 @@ class LocalCluster:
             "coordinator_url": self.url,
             "join_token_file": str(self.coordinator_dir / "join-token"),
             "state_dir": str(d),
-            "listen_address": self.host,
-            "advertise_address": self.host,
+            "listen_address": spec.host or self.host,
+            "advertise_address": spec.host or self.host,
             "ssh_port": 0,
             "roles": spec.roles,
             "labels": spec.labels,
@@ -177,7 +202,8 @@ class LocalCluster:
     def _spawn(self, name: str, kind: str, args: list[str]) -> None:
         log_path = self.log_path(name)
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        proc = _Proc(name, [sys.executable, "-c", _ENTRY[kind], *args], log_path)
+        prefix = list(self.prefix_for(name)) if self.prefix_for is not None else []
+        proc = _Proc(name, [*prefix, sys.executable, "-c", _ENTRY[kind], *args], log_path)
         proc.log_file = open(log_path, "ab")
         proc.popen = subprocess.Popen(
             proc.argv,
@@ -248,13 +274,13 @@ class LocalCluster:
                         "rbd-coordinator exited at start:\n" + self.log_tail("coordinator")
                     )
                 try:
-                    async with session.get(f"{self.url}/v1/health") as r:
+                    async with session.get(f"{self.admin_url}/v1/health") as r:
                         if r.status == 200:
                             return
                 except aiohttp.ClientError:
                     pass
                 await asyncio.sleep(0.1)
-        raise ClusterError(f"rbd-coordinator did not answer on {self.url} in {timeout:.0f}s")
+        raise ClusterError(f"rbd-coordinator did not answer on {self.admin_url} in {timeout:.0f}s")
 
     async def wait_nodes_up(self, node_ids: list[str], timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout

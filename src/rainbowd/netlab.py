@@ -1,0 +1,386 @@
+"""NetLab: several "hosts" on one Linux machine, as network namespaces on a bridge.
+
+Why: loopback cannot be cut, shaped or partitioned per node, so fault and
+bandwidth tests need each agent on its own network stack. NetLab gives every
+node a namespace with one veth into a bridge; cutting a node off is setting
+its bridge port down (a real partition: packets vanish, no RST, no error --
+exactly what a pulled cable or a dead switch port looks like to TCP).
+
+Layout (nothing is created in the host's own network namespace)::
+
+    <prefix>-hub   bridge "br0" with <subnet>.1, one port "v<i>" per node
+    <prefix>-n<i>  "eth0" with <subnet>.<10+i>, the peer of the hub's "v<i>"
+
+The hub namespace also hosts whatever every node must reach (the
+coordinator): it is on the bridge with the first address. The test process
+stays in the host namespace; it reaches a TCP service inside the lab through
+:meth:`NetLab.forward`, a tiny port forwarder whose listening socket is on the
+host's 127.0.0.1 but whose outgoing connections are made from inside the
+lab (it binds, then ``setns``-es into the lab). Unix sockets on the shared
+file system (the agents' status sockets) work across namespaces as they are.
+
+Names carry a per-run prefix ``rbd<pid>-<seq>`` so parallel runs never
+collide; :func:`clean` removes what a crashed run left (``clean_stale`` does
+it for every lab whose creating process is gone). Addresses may repeat across
+labs: each lab's subnet lives only inside its own namespaces.
+
+Shaping: ``up_mbit`` is a ``tbf`` on the node's ``eth0`` (its upload),
+``down_mbit`` a ``tbf`` on the hub's ``v<i>`` (its download: the hub side's
+egress is the node's ingress, so no ifb is needed). ``netem`` is absent from
+the target kernel: latency and loss must be injected in user space.
+
+Needs root and iproute2 (``ip``, ``tc``); :meth:`NetLab.check_prerequisites`
+says what is missing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+
+#: the name of the hub in :meth:`NetLab.exec_prefix` / :meth:`NetLab.address`
+HUB = "hub"
+
+_seq = itertools.count()
+_LAB_NS = re.compile(r"^rbd(\d+)-\d+-(?:hub|n\d+)$")
+
+
+class NetLabError(RuntimeError):
+    """The lab cannot be built or used; the message says which command failed and why."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Bandwidth of one node in Mbit/s (0 = unshaped)."""
+
+    up_mbit: float = 0.0
+    down_mbit: float = 0.0
+
+
+@dataclass(frozen=True)
+class LabNode:
+    name: str
+    index: int
+    netns: str
+    address: str
+    hub_if: str  # the node's port on the bridge, inside the hub namespace
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    try:
+        r = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        raise NetLabError("'ip' not found: apt-get install iproute2") from None
+    if check and r.returncode != 0:
+        raise NetLabError(f"ip {' '.join(args)}: {r.stderr.strip() or r.returncode}")
+    return r
+
+
+def list_netns() -> list[str]:
+    """Names of all named network namespaces (``ip netns list``)."""
+    out = _ip("netns", "list").stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def clean(prefix: str) -> list[str]:
+    """Delete every namespace (and host-side link) whose name starts with ``prefix``.
+
+    For leftovers of a crashed run: deleting a namespace removes its veths and
+    its bridge with it. Processes still running inside a deleted namespace are
+    *not* killed (only their starter may end them, by PID); the namespace then
+    lives on anonymously until they exit. Returns the namespaces removed.
+
+    For one lab pass ``lab.prefix + "-"`` (``rbd1-1`` is also a prefix of
+    ``rbd1-12``); a bare ``"rbd"`` would also hit labs of parallel runs --
+    :func:`clean_stale` is the safe sweep.
+    """
+    if not prefix:
+        raise ValueError("clean() needs a non-empty prefix")
+    removed = []
+    for ns in list_netns():
+        if ns.startswith(prefix):
+            _ip("netns", "del", ns, check=False)
+            removed.append(ns)
+    for line in _ip("-o", "link", "show").stdout.splitlines():
+        parts = line.split(": ")
+        if len(parts) > 1:
+            name = parts[1].split("@")[0]
+            if name.startswith(prefix):
+                _ip("link", "del", name, check=False)
+    return removed
+
+
+def clean_stale() -> list[str]:
+    """Remove the labs of every process that no longer exists (crashed test runs)."""
+    removed = []
+    for ns in list_netns():
+        m = _LAB_NS.match(ns)
+        if m and not _alive(int(m.group(1))):
+            _ip("netns", "del", ns, check=False)
+            removed.append(ns)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class NetLab:
+    """A bridge in a hub namespace and one namespace per node; use as a context manager.
+
+    ``with NetLab(["origin", "n1"], shapes={"n1": Shape(up_mbit=50)}) as lab:``
+    builds everything on entry and removes everything on exit, also when the
+    body or the build itself raised.
+    """
+
+    def __init__(
+        self,
+        nodes: Sequence[str],
+        *,
+        subnet: str = "10.77.0",
+        prefix: str = "",
+        shapes: Mapping[str, Shape] | None = None,
+    ) -> None:
+        if HUB in nodes or len(set(nodes)) != len(nodes):
+            raise ValueError(f"node names must be unique and not {HUB!r}: {list(nodes)}")
+        if len(nodes) > 200:
+            raise ValueError("at most 200 nodes fit the /24")
+        self.prefix = prefix or f"rbd{os.getpid()}-{next(_seq)}"
+        self.subnet = subnet
+        self.hub_netns = f"{self.prefix}-hub"
+        self.nodes = {
+            name: LabNode(name, i, f"{self.prefix}-n{i}", f"{subnet}.{10 + i}", f"v{i}")
+            for i, name in enumerate(nodes)
+        }
+        self.shapes = dict(shapes or {})
+        unknown = set(self.shapes) - set(self.nodes)
+        if unknown:
+            raise ValueError(f"shapes for unknown nodes: {sorted(unknown)}")
+        self._forwarders: list[subprocess.Popen[bytes]] = []
+        self._is_up = False
+
+    # -- prerequisites -----------------------------------------------------
+    @staticmethod
+    def prerequisites_missing() -> str:
+        """Why a lab cannot be built here ("" = it can)."""
+        if os.geteuid() != 0:
+            return "NetLab needs root (network namespaces, veths, bridges)"
+        for tool, pkg in (("ip", "iproute2"), ("tc", "iproute2")):
+            if shutil.which(tool) is None:
+                return f"'{tool}' not found: apt-get install {pkg}"
+        return ""
+
+    @classmethod
+    def check_prerequisites(cls) -> None:
+        reason = cls.prerequisites_missing()
+        if reason:
+            raise NetLabError(reason)
+
+    # -- lifecycle ---------------------------------------------------------
+    def __enter__(self) -> NetLab:
+        self.up()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.down()
+
+    def up(self) -> None:
+        """Build the hub, the bridge and every node; on any failure tear down what was built."""
+        self.check_prerequisites()
+        self._is_up = True
+        try:
+            hub = self.hub_netns
+            _ip("netns", "add", hub)
+            _ip("-n", hub, "link", "set", "lo", "up")
+            _ip("-n", hub, "link", "add", "br0", "type", "bridge")
+            _ip("-n", hub, "addr", "add", f"{self.address(HUB)}/24", "dev", "br0")
+            _ip("-n", hub, "link", "set", "br0", "up")
+            for node in self.nodes.values():
+                self._add_node(node)
+        except BaseException:
+            self.down()
+            raise
+
+    def _add_node(self, node: LabNode) -> None:
+        hub, ns = self.hub_netns, node.netns
+        _ip("netns", "add", ns)
+        _ip("-n", ns, "link", "set", "lo", "up")
+        # created inside the hub, the peer moved straight into the node: no
+        # interface ever appears in the host's namespace
+        _ip("-n", hub, "link", "add", node.hub_if, "type", "veth", "peer", "name", "eth0",
+            "netns", ns)  # fmt: skip
+        _ip("-n", hub, "link", "set", node.hub_if, "master", "br0")
+        _ip("-n", hub, "link", "set", node.hub_if, "up")
+        _ip("-n", ns, "addr", "add", f"{node.address}/24", "dev", "eth0")
+        _ip("-n", ns, "link", "set", "eth0", "up")
+        shape = self.shapes.get(node.name)
+        if shape is not None:
+            if shape.up_mbit:
+                self._tbf(ns, "eth0", shape.up_mbit)
+            if shape.down_mbit:
+                self._tbf(hub, node.hub_if, shape.down_mbit)
+
+    @staticmethod
+    def _tbf(ns: str, dev: str, mbit: float) -> None:
+        rate = f"{int(mbit * 1000)}kbit"
+        _ip("netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate,
+            "burst", "128kb", "latency", "50ms")  # fmt: skip
+
+    def down(self) -> None:
+        """Stop the forwarders (by PID) and delete every namespace of this lab; idempotent.
+
+        Deleting the namespaces removes the veths and the bridge with them.
+        Processes the caller started inside the lab must be stopped by the
+        caller first (a namespace outlives its name while a process is in it).
+        """
+        for p in self._forwarders:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        self._forwarders.clear()
+        if self._is_up:
+            self._is_up = False
+            existing = set(list_netns())
+            for ns in [n.netns for n in self.nodes.values()] + [self.hub_netns]:
+                if ns in existing:
+                    _ip("netns", "del", ns, check=False)
+            left = [ns for ns in list_netns() if ns.startswith(self.prefix + "-")]
+            if left:
+                raise NetLabError(f"namespaces left after teardown: {left}")
+
+    # -- using the lab -----------------------------------------------------
+    def netns(self, node: str) -> str:
+        return self.hub_netns if node == HUB else self._node(node).netns
+
+    def address(self, node: str) -> str:
+        """The node's IPv4 address on the bridge (the hub has ``<subnet>.1``)."""
+        return f"{self.subnet}.1" if node == HUB else self._node(node).address
+
+    def exec_prefix(self, node: str) -> list[str]:
+        """Put this in front of a command to run it inside ``node``'s namespace.
+
+        ``ip netns exec`` execs the command (no extra process), so the PID of
+        the started process is the command's own and signals reach it.
+        """
+        return ["ip", "netns", "exec", self.netns(node)]
+
+    def run(self, node: str, argv: Iterable[str], *, timeout: float = 30.0) -> str:
+        """Run a short command inside ``node``; its stdout, or NetLabError with its stderr."""
+        cmd = [*self.exec_prefix(node), *argv]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if r.returncode != 0:
+            raise NetLabError(f"{' '.join(cmd)}: {r.stderr.strip() or r.returncode}")
+        return r.stdout
+
+    def link_down(self, node: str) -> None:
+        """Cut ``node`` off: its bridge port goes down, its packets are silently lost."""
+        _ip("-n", self.hub_netns, "link", "set", self._node(node).hub_if, "down")
+
+    def link_up(self, node: str) -> None:
+        """Reconnect ``node`` (addresses, routes and shaping are kept while it is down)."""
+        _ip("-n", self.hub_netns, "link", "set", self._node(node).hub_if, "up")
+
+    def forward(self, node: str, port: int, host: str = "", *, timeout: float = 10.0) -> int:
+        """Make ``host:port`` as seen from inside ``node`` reachable at 127.0.0.1:<returned port>.
+
+        ``host`` defaults to the node's own address. The forwarder process binds
+        on the host's loopback, then moves into the namespace, so the test
+        process needs no route into the lab and the host's network is not
+        touched. It is stopped by :meth:`down` (and dies with its parent).
+        """
+        target = host or self.address(node)
+        p = subprocess.Popen(
+            [sys.executable, "-c", _FORWARDER, self.netns(node), target, str(port)],
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self._forwarders.append(p)
+        assert p.stdout is not None
+        line = _readline(p, timeout)
+        if not line.strip().isdigit():
+            raise NetLabError(f"forwarder into {node} did not start (exit {p.poll()}): {line!r}")
+        return int(line)
+
+    def _node(self, node: str) -> LabNode:
+        try:
+            return self.nodes[node]
+        except KeyError:
+            raise NetLabError(f"no node {node!r} in this lab: {sorted(self.nodes)}") from None
+
+
+def _readline(p: subprocess.Popen[bytes], timeout: float) -> str:
+    """The first line ``p`` prints, or "" if it prints none in ``timeout`` seconds."""
+    import selectors
+
+    assert p.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(p.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            return ""
+    return p.stdout.readline().decode(errors="replace")
+
+
+#: argv: netns target_host target_port. Prints its loopback port, then serves.
+_FORWARDER = r"""
+import asyncio, ctypes, os, signal, socket, sys
+ns, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+libc = ctypes.CDLL(None, use_errno=True)
+libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: die with the process that started us
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen(128)
+fd = os.open("/run/netns/" + ns, os.O_RDONLY)
+if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET; the listener stays on the host
+    sys.exit("setns: " + os.strerror(ctypes.get_errno()))
+os.close(fd)
+
+async def pipe(r, w):
+    try:
+        while data := await r.read(65536):
+            w.write(data)
+            await w.drain()
+    except OSError:
+        pass
+    finally:
+        w.close()
+
+async def handle(r, w):
+    try:
+        r2, w2 = await asyncio.open_connection(host, port)
+    except OSError:
+        w.close()
+        return
+    await asyncio.gather(pipe(r, w2), pipe(r2, w))
+
+async def main():
+    server = await asyncio.start_server(handle, sock=listener)
+    print(listener.getsockname()[1], flush=True)
+    await server.serve_forever()
+
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+asyncio.run(main())
+"""
