@@ -15,7 +15,8 @@ Routes (prefix ``/v1``)::
     agent (Authorization: Bearer <node_id>:<credential>; register uses its body)
     POST register                 RegisterRequest -> RegisterReply
     POST heartbeat                Heartbeat -> HeartbeatReply
-    GET  assignments?cursor=N&trust_version=V&wait=S   -> AssignmentBatch (long-poll)
+    GET  assignments?cursor=N&trust_version=V&wait=S   -> AssignmentBatch (long-poll;
+                                  a poll whose connection drops mid-wait marks the node down)
     POST transfers/{id}/progress  TransferProgress -> 204
     POST transfers/{id}/done      TransferDone -> 204
     POST transfers/{id}/failed    TransferFailed -> 204
@@ -86,6 +87,8 @@ T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 COORDINATOR: web.AppKey[Coordinator] = web.AppKey("coordinator", Coordinator)
+#: set when the server shuts down: cancelled long-polls are then not agents vanishing
+CLOSING: web.AppKey[asyncio.Event] = web.AppKey("closing", asyncio.Event)
 
 
 # --------------------------------------------------------------------------
@@ -208,14 +211,25 @@ async def assignments(request: web.Request) -> web.Response:
     trust_version = _query_int(request, "trust_version")
     wait = max(0.0, min(_query(request, "wait", 0.0), MAX_WAIT))
     deadline = time.monotonic() + wait
-    while True:
-        batch = c.poll(node, cursor, trust_version)
-        if batch is not None:
-            return reply(request, batch)
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return reply(request, c.empty_batch(cursor))
-        await node.mailbox.wait(left)
+    epoch = c.poll_opened(node)
+    dropped = False
+    try:
+        while True:
+            batch = c.poll(node, cursor, trust_version)
+            if batch is not None:
+                return reply(request, batch)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return reply(request, c.empty_batch(cursor))
+            await node.mailbox.wait(left)
+    except asyncio.CancelledError:
+        # with handler_cancellation the server cancels us when the client's
+        # connection is lost; at shutdown it cancels every handler, which is
+        # not the agent's doing
+        dropped = not request.app[CLOSING].is_set()
+        raise
+    finally:
+        c.poll_closed(node, epoch, dropped=dropped)
 
 
 async def transfer_report(request: web.Request) -> web.Response:
@@ -337,6 +351,12 @@ async def _liveness_loop(c: Coordinator) -> None:
 def create_app(c: Coordinator) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY, middlewares=[errors_middleware])
     app[COORDINATOR] = c
+    app[CLOSING] = asyncio.Event()
+
+    async def closing(app: web.Application) -> None:
+        app[CLOSING].set()
+
+    app.on_shutdown.append(closing)
 
     async def liveness(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(_liveness_loop(c))

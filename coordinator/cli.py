@@ -47,6 +47,16 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--listen", help=f"HOST:PORT to serve on (default {config.DEFAULT_LISTEN})")
     run.add_argument("--heartbeat-interval", type=float, help="seconds (default 2.0)")
     run.add_argument("--chunk-size", type=int, help="bytes per chunk for new ingests")
+    run.add_argument(
+        "--node-down-timeout",
+        type=float,
+        help="seconds a target node may be down before it fails in its jobs (default 300)",
+    )
+    run.add_argument(
+        "--seeder-fault-limit",
+        type=int,
+        help="transfers spoiled with bad chunks before a seeder is quarantined (default 3)",
+    )
     run.add_argument("--log-level", help="debug, info, warning, error")
     run.add_argument("--log-json", action="store_true", default=None, help="JSON log lines")
     run.add_argument("--ready-file", help="write HOST:PORT here once listening (for tests)")
@@ -63,7 +73,16 @@ def _settings(args: argparse.Namespace) -> config.CoordinatorConfig:
         "join_token_file": args.join_token_file,
         "admin_token_file": args.admin_token_file,
     }
-    flags = ("listen", "heartbeat_interval", "chunk_size", "log_level", "log_json", "ready_file")
+    flags = (
+        "listen",
+        "heartbeat_interval",
+        "chunk_size",
+        "node_down_timeout",
+        "seeder_fault_limit",
+        "log_level",
+        "log_json",
+        "ready_file",
+    )
     for key in flags:
         overrides[key] = getattr(args, key, None)
     return config.build(file_values, overrides)
@@ -117,8 +136,13 @@ async def serve(cfg: config.CoordinatorConfig) -> None:
             heartbeat_interval=cfg.heartbeat_interval,
             chunk_size=cfg.chunk_size,
             policy=cfg.policy,
+            node_down_timeout=cfg.node_down_timeout,
+            seeder_fault_limit=cfg.seeder_fault_limit,
         )
-        runner = web.AppRunner(create_app(coordinator), access_log=None)
+        # handler_cancellation: a long-poll whose agent vanished (kill -9, crash,
+        # cable) is cancelled at once, which is how a dead demander is noticed
+        # without waiting for missed heartbeats (see app.assignments)
+        runner = web.AppRunner(create_app(coordinator), access_log=None, handler_cancellation=True)
         await runner.setup()
         try:
             site = web.TCPSite(runner, cfg.host, cfg.port)

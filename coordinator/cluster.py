@@ -31,7 +31,11 @@ class Node:
     disk_free: int = 0
     disk_used: int = 0
     holdings: set[str] = field(default_factory=set)
-    bad_chunks: int = 0
+    down_since: float = 0.0  # when it last went down (restored nodes: the restart)
+    epoch: int = 0  # registrations this run: a dropped poll of an older agent process is stale
+    polls: int = 0  # long-polls of this node waiting right now
+    # transfer id -> (layer, seeder) as its last heartbeat listed them (to read late reports)
+    reported_active: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     @property
     def node_id(self) -> str:
@@ -61,7 +65,8 @@ class Node:
         self.info.last_seen = self.last_seen
         return self.info
 
-    def view(self, speed_bps: float, busy: bool) -> NodeView:
+    def view(self, speed_bps: float, busy: bool, suspect: bool = False) -> NodeView:
+        """``state`` is "down" while it is down or suspect (given no work until it reports)."""
         i = self.info
         return NodeView(
             node_id=i.node_id,
@@ -70,7 +75,7 @@ class Node:
             roles=list(i.roles),
             labels=dict(i.labels),
             docker=i.docker,
-            state="up" if self.up else "down",
+            state="up" if self.up and not suspect else "down",
             speed_bps=speed_bps,
             holdings=len(self.holdings),
             load=self.load,

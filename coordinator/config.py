@@ -9,6 +9,8 @@ Keys of the TOML file (all optional) mirror the long flags::
     heartbeat_interval = 2.0
     chunk_size = 4194304
     policy = "paper"
+    node_down_timeout = 300.0   # a target down this long fails in its running jobs
+    seeder_fault_limit = 3      # transfers spoiled by bad chunks before quarantine
     log_level = "info"
     log_json = true
 """
@@ -25,6 +27,8 @@ from rainbowd.scheduler import POLICIES
 
 DEFAULT_LISTEN = "127.0.0.1:7700"
 DEFAULT_HEARTBEAT_INTERVAL = 2.0
+DEFAULT_NODE_DOWN_TIMEOUT = 300.0
+DEFAULT_SEEDER_FAULT_LIMIT = 3
 
 
 class ConfigError(ValueError):
@@ -41,6 +45,8 @@ class CoordinatorConfig:
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
     chunk_size: int = DEFAULT_CHUNK_SIZE
     policy: str = "paper"
+    node_down_timeout: float = DEFAULT_NODE_DOWN_TIMEOUT
+    seeder_fault_limit: int = DEFAULT_SEEDER_FAULT_LIMIT
     log_level: str = "info"
     log_json: bool | None = None
     ready_file: Path | None = None
@@ -91,6 +97,8 @@ _KNOWN = {
     "heartbeat_interval",
     "chunk_size",
     "policy",
+    "node_down_timeout",
+    "seeder_fault_limit",
     "log_level",
     "log_json",
     "ready_file",
@@ -115,12 +123,18 @@ def build(file_values: dict[str, Any], overrides: dict[str, Any]) -> Coordinator
     try:
         interval = float(merged.get("heartbeat_interval", DEFAULT_HEARTBEAT_INTERVAL))
         chunk_size = int(merged.get("chunk_size", DEFAULT_CHUNK_SIZE))
+        down_timeout = float(merged.get("node_down_timeout", DEFAULT_NODE_DOWN_TIMEOUT))
+        fault_limit = int(merged.get("seeder_fault_limit", DEFAULT_SEEDER_FAULT_LIMIT))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"bad number in config: {e}") from None
     if not 0.05 <= interval <= 3600:
         raise ConfigError(f"heartbeat_interval {interval} outside 0.05..3600 seconds")
     if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
         raise ConfigError(f"chunk_size {chunk_size} outside {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE}")
+    if not 0 < down_timeout <= 30 * 86400:
+        raise ConfigError(f"node_down_timeout {down_timeout} outside 0..2592000 seconds")
+    if fault_limit < 1:
+        raise ConfigError(f"seeder_fault_limit {fault_limit} must be at least 1")
     policy = str(merged.get("policy", "paper"))
     if policy not in POLICIES:
         raise ConfigError(f"unknown policy {policy!r}; known: {', '.join(POLICIES)}")
@@ -134,6 +148,8 @@ def build(file_values: dict[str, Any], overrides: dict[str, Any]) -> Coordinator
         heartbeat_interval=interval,
         chunk_size=chunk_size,
         policy=policy,
+        node_down_timeout=down_timeout,
+        seeder_fault_limit=fault_limit,
         log_level=str(merged.get("log_level", "info")),
         log_json=None if log_json is None else bool(log_json),
         ready_file=path("ready_file"),

@@ -12,10 +12,41 @@ queues each as a :class:`TransferAssignment` to the demander (the demander
 pulls). A finished transfer makes the demander a seeder. A node holding every
 layer loads the image into Docker (``LoadAssignment``) when it has Docker.
 
-Quarantine: a seeder blamed for a security failure (wrong host key, bad bytes)
-is taken out of the trust list and out of the scheduler (``node_down``), and
-stays out -- heartbeats and re-registration do not bring it back -- until an
-admin clears it (``POST /v1/nodes/{id}/clear-quarantine``).
+Quarantine: a seeder with the wrong host key (a "security" failure or a
+host_key_mismatch event) is taken out of the trust list and out of the
+scheduler at once; one that sent bad chunks ("verify" with seeder_fault) is
+penalized (its speed halved, that demander kept away from it for a while) and
+quarantined only after ``seeder_fault_limit`` such transfers, since one bad
+chunk may be a disk error rather than an attack. A quarantined node stays out
+-- heartbeats and re-registration do not bring it back -- until an admin
+clears it (``POST /v1/nodes/{id}/clear-quarantine``).
+
+Faults (PAPER.md, "Fault handling"; this is where they are decided):
+
+* **Coordinator restart.** Transfers in flight are persisted; a restarted
+  coordinator adopts them back into the scheduler (their seeder and demander
+  stay locked) before any node is heard from. Every node is down until its
+  first heartbeat, so nothing is scheduled for it before the coordinator
+  knows what it holds and pulls. Late reports of those transfers are accepted
+  as usual; reports for ids nobody knows are answered 204 and ignored (a done
+  one still counts the layer if the node's heartbeat listed that transfer).
+* **The agent is the authority on what it pulls.** A heartbeat lists the
+  agent's active transfers: one the coordinator had given up on is adopted
+  back; one the coordinator thinks active but the agent, having received it,
+  no longer lists, is over -- completed if the layer is now held, released
+  otherwise (its report, if it still comes, is applied for its information).
+* **Seeder death.** A demander reporting "io"/"unreachable" makes the seeder
+  *suspect*: no new work until its next heartbeat, and that demander avoids it
+  for two intervals. The demander is re-planned at once and resumes from its
+  partial. When a seeder goes down its transfers to live demanders are not
+  cut by the coordinator: the demander's own failure report (or heartbeat)
+  ends them, so it is never handed a second pull of a layer it still pulls.
+* **Demander death.** An agent's long-poll connection dropping mid-wait marks
+  it down at once (no waiting for three missed heartbeats): its seeder is
+  released for others, and in each running job the node shows "down since
+  ..." while it stays non-final. When it returns (heartbeat or
+  re-registration) it resumes and finishes; if it stays away longer than
+  ``node_down_timeout`` it fails in those jobs.
 """
 
 from __future__ import annotations
@@ -24,6 +55,7 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import msgspec
 import structlog
@@ -62,20 +94,39 @@ from rainbowd.scheduler import Scheduler, Transfer
 from rainbowd.sources import SourceError, check_source, describe
 
 from . import auth
-from .cluster import Cluster, Node
+from .cluster import MISSED_HEARTBEATS, Cluster, Node
 from .errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
 from .images import check_ingest, check_ref, image_view
 from .jobs import Job, NodeProgress
-from .state import StateStore, StoredImage, StoredNode
+from .state import StateStore, StoredImage, StoredNode, StoredTransfer
 
 log = structlog.get_logger(__name__)
 
 #: longest a long-poll may wait (seconds)
 MAX_WAIT = 30.0
-#: bad-chunk reports against one peer after which it is quarantined
-BAD_CHUNK_LIMIT = 3
+#: transfers spoiled with bad chunks (or bad_chunk events) before a seeder is quarantined
+SEEDER_FAULT_LIMIT = 3
+#: a target node down this long fails in its running jobs (seconds)
+NODE_DOWN_TIMEOUT = 300.0
+#: a demander that got bad chunks from a seeder does not use it again for this long
+VERIFY_AVOID_SECONDS = 60.0
+#: a demander that could not reach a seeder avoids it for this many heartbeat intervals
+IO_AVOID_INTERVALS = 2.0
+#: a delivered transfer missing from a heartbeat received this long after delivery is over
+ABSENCE_GRACE = 0.5
 #: finished/aborted transfers remembered so late reports are still understood
 _TRANSFER_MEMORY = 10_000
+
+
+@dataclass
+class _Tracked:
+    """What the coordinator knows of one transfer beyond the scheduler's record."""
+
+    t: Transfer
+    seq: int = 0  # mailbox sequence number of its assignment (0: not queued by us)
+    acked_at: float = 0.0  # when the demander's cursor passed it (it was delivered)
+    restored: bool = False  # adopted from the database after a restart
+    reported: bool = False  # its done/failed report was applied
 
 
 class Coordinator:
@@ -90,6 +141,8 @@ class Coordinator:
         heartbeat_interval: float = 2.0,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         policy: str = "paper",
+        node_down_timeout: float = NODE_DOWN_TIMEOUT,
+        seeder_fault_limit: int = SEEDER_FAULT_LIMIT,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if not join_token or not admin_token:
@@ -100,13 +153,18 @@ class Coordinator:
         self.heartbeat_interval = heartbeat_interval
         self.chunk_size = chunk_size
         self.clock = clock
+        self.node_down_timeout = node_down_timeout
+        self.seeder_fault_limit = seeder_fault_limit
+        self.started_at = clock()
         self.scheduler = Scheduler(policy, new_id=lambda: "t-" + secrets.token_hex(6))
         self.cluster = Cluster(int(store.get_meta("trust_version", "0") or 0))
         self.images: dict[str, StoredImage] = {}
         self.manifests: dict[str, ChunkManifest] = {}
         self.jobs: dict[str, Job] = {}
-        # every transfer started this run: active ones and recently ended ones
-        self.transfers: OrderedDict[str, Transfer] = OrderedDict()
+        # every transfer known: active ones and recently ended ones
+        self.transfers: OrderedDict[str, _Tracked] = OrderedDict()
+        # node -> {transfer id: mailbox seq} of transfers not yet delivered to it
+        self._undelivered: dict[str, dict[str, int]] = {}
         self.loads: dict[str, tuple[str, str]] = {}  # load id -> (job id, node id)
         self._restore()
 
@@ -117,6 +175,7 @@ class Coordinator:
         """Reload nodes (down until they heartbeat), images and jobs from SQLite."""
         for info, seq in self.store.load_nodes():
             node = self.cluster.add(info, seq)
+            node.down_since = self.started_at
             self.scheduler.add_node(node.node_id, info.speed_hint_bps, node.holdings)
             self.scheduler.node_down(node.node_id)
         for image in self.store.load_images():
@@ -126,6 +185,7 @@ class Coordinator:
             if image.state == "ingesting":
                 self._queue_ingest(image)
         now = self.clock()
+        adopted = self._restore_transfers()
         for view in self.store.load_jobs():
             job_image = self.images.get(view.image)
             if job_image is None or job_image.record is None:
@@ -140,12 +200,84 @@ class Coordinator:
                 self._start_job_nodes(job, now)
                 job.settle(now)
                 self.store.save_job(job.view())
+        for t in adopted:
+            for p in self._progress_of(t.demander):
+                if p.needs(t.layer):
+                    p.started_transfer(t.layer)
         log.info(
             "state restored",
+            transfers_adopted=len(adopted),
             nodes=len(self.cluster.nodes),
             images=len(self.images),
             jobs=len(self.jobs),
             trust_version=self.cluster.trust_version,
+        )
+
+    def _restore_transfers(self) -> list[Transfer]:
+        """Adopt the transfers that were in flight when the last run ended.
+
+        Agents kept pulling while we were away. Each one is locked again
+        (seeder and demander) before any node is heard from, so nothing
+        schedules a second copy of a layer a demander is still pulling; the
+        demander's first poll and heartbeats then confirm or end it (see
+        :meth:`_check_absent`). Aborted ones are only remembered, for their
+        late reports.
+        """
+        adopted: list[Transfer] = []
+        for st in self.store.load_transfers():
+            t = Transfer(
+                transfer_id=st.transfer_id,
+                layer=st.layer,
+                seeder=st.seeder,
+                demander=st.demander,
+                job_id=st.job_id,
+                started_at=st.started_at,
+                reason=st.reason,
+                seeder_speed_bps=st.seeder_speed_bps,
+            )
+            usable = (
+                st.seeder in self.cluster.nodes
+                and st.demander in self.cluster.nodes
+                and st.layer in self.manifests
+            )
+            if not usable:
+                self.store.delete_transfer(st.transfer_id)
+                continue
+            self._remember(_Tracked(t, seq=st.seq, restored=True))
+            if st.state == "active" and st.layer not in self.cluster.nodes[st.demander].holdings:
+                self.scheduler.adopt(t)
+                self._undelivered.setdefault(t.demander, {})[t.transfer_id] = st.seq
+                adopted.append(t)
+                log.info(
+                    "transfer adopted after restart",
+                    transfer=t.transfer_id,
+                    layer=short(t.layer),
+                    seeder=t.seeder,
+                    demander=t.demander,
+                )
+            elif st.state == "active":
+                self.store.delete_transfer(st.transfer_id)  # done; its report was lost
+        self.store.prune_transfers(_TRANSFER_MEMORY)
+        return adopted
+
+    def _remember(self, tr: _Tracked) -> None:
+        self.transfers[tr.t.transfer_id] = tr
+        while len(self.transfers) > _TRANSFER_MEMORY:
+            self.transfers.popitem(last=False)
+
+    def _stored(self, tr: _Tracked, state: str = "active") -> StoredTransfer:
+        t = tr.t
+        return StoredTransfer(
+            transfer_id=t.transfer_id,
+            layer=t.layer,
+            seeder=t.seeder,
+            demander=t.demander,
+            job_id=t.job_id,
+            started_at=t.started_at,
+            reason=t.reason,
+            seeder_speed_bps=t.seeder_speed_bps,
+            seq=tr.seq,
+            state="aborted" if state == "aborted" else "active",
         )
 
     # ------------------------------------------------------------------
@@ -191,10 +323,11 @@ class Coordinator:
             info.host_key, info.client_key = req.host_key, req.client_key
             info.labels, info.roles = dict(req.labels), list(req.roles)
             info.docker, info.speed_hint_bps = req.docker, req.speed_hint_bps
-            if node.up:
-                # the agent restarted: whatever it was doing is gone
-                node.up = False
-                self._aborted(self.scheduler.node_down(node.node_id), "agent re-registered")
+            # the agent (re)started: whatever it was pulling or loading is gone,
+            # including transfers adopted after a coordinator restart
+            node.up = False
+            self._aborted(self.scheduler.node_down(node.node_id), "agent re-registered")
+            restarted = True
             if node.peer() != peer_before and not node.quarantined:
                 self.cluster.trust_changed()
             log.info("node re-registered", node=node.node_id, address=req.address)
@@ -222,11 +355,16 @@ class Coordinator:
             )
             node = self.cluster.add(info)
             self.cluster.trust_changed()
+            restarted = False
             log.info("node enrolled", node=node.node_id, address=req.address, roles=req.roles)
+        node.epoch += 1
         node.last_seen = now
         node.disk_free = req.disk_free
-        self._bring_up(node)
+        node.reported_active = {}
+        self._bring_up(node, now)
         self._add_holdings(node, req.holdings, now)
+        if restarted:
+            self._reload(node, now)
         self._save_node(node)
         self._save_trust_version()
         self._schedule(now)
@@ -236,6 +374,13 @@ class Coordinator:
             heartbeat_interval=self.heartbeat_interval,
             trust=self.cluster.trust(),
         )
+
+    def _reload(self, node: Node, now: float) -> None:
+        """Re-issue the Docker loads a restarted agent lost (its jobs wait on them)."""
+        for job, p in list(self._jobs_of(node.node_id)):
+            if p.state == "loading":
+                self.loads.pop(p.load_id, None)
+                self._node_has_all(job, p, now)
 
     def _check_reregister(self, node: Node, req: RegisterRequest) -> str:
         if req.credential:
@@ -262,80 +407,319 @@ class Coordinator:
             raise BadRequest(f"heartbeat: holdings are not sha256 digests: {bad[:3]}")
         node.last_seen = now
         node.load, node.disk_free, node.disk_used = hb.load, hb.disk_free, hb.disk_used
+        node.reported_active = {a.transfer_id: (a.layer, a.seeder) for a in hb.active}
         if not node.up and not node.quarantined:
             log.info("node is back up", node=node.node_id)
-        self._bring_up(node)
         changed = self._add_holdings(node, hb.holdings, now)
-        for a in hb.active:
-            t = self.transfers.get(a.transfer_id)
-            if t is not None and t.demander == node.node_id and self._is_active(t.transfer_id):
-                for p in self._progress_of(node.node_id):
-                    p.progress(t.layer, a.bytes_done, a.rate_bps)
+        self._reconcile(node, hb, now)
+        self._bring_up(node, now)
         if changed:
             self._save_node(node)
         self._schedule(now)
         return HeartbeatReply(trust_version=self.cluster.trust_version)
 
-    def _bring_up(self, node: Node) -> None:
-        if node.up or node.quarantined:
+    def _reconcile(self, node: Node, hb: Heartbeat, now: float) -> None:
+        """Line our view of ``node``'s incoming transfers up with what its agent says it pulls."""
+        listed = {a.transfer_id for a in hb.active}
+        for a in hb.active:
+            tr = self.transfers.get(a.transfer_id)
+            if tr is None:
+                tr = self._adopt_unknown(node, a.transfer_id, a.layer, a.seeder, now)
+                if tr is None:
+                    continue
+            elif tr.t.demander != node.node_id or tr.reported:
+                continue  # not its transfer, or over (a heartbeat older than the report)
+            elif not self.scheduler.is_active(a.transfer_id):
+                if not self._readopt(node, tr):
+                    continue
+            if not tr.acked_at:
+                tr.acked_at = now  # listed, so delivered
+                self._undelivered.get(node.node_id, {}).pop(a.transfer_id, None)
+            for p in self._progress_of(node.node_id):
+                p.progress(tr.t.layer, a.bytes_done, a.rate_bps)
+        self._check_absent(node, listed, now)
+
+    def _adopt_unknown(
+        self, node: Node, transfer_id: str, layer: str, seeder: str, now: float
+    ) -> _Tracked | None:
+        """A transfer we never issued (its record is lost): track it if it makes sense."""
+        if (
+            layer in node.holdings
+            or layer not in self.manifests
+            or seeder not in self.cluster.nodes
+            or seeder == node.node_id
+            or self.scheduler.receiving(node.node_id, layer) is not None
+        ):
+            return None
+        job_id = next((j.job_id for j, p in self._jobs_of(node.node_id) if p.needs(layer)), "")
+        t = Transfer(
+            transfer_id=transfer_id,
+            layer=layer,
+            seeder=seeder,
+            demander=node.node_id,
+            job_id=job_id,
+            started_at=now,
+            reason="adopted: the agent was already pulling it (unknown to this coordinator)",
+            seeder_speed_bps=self.scheduler.speed(seeder),
+        )
+        self.scheduler.adopt(t)
+        tr = _Tracked(t, acked_at=now)
+        self._remember(tr)
+        self.store.save_transfer(self._stored(tr))
+        for p in self._progress_of(node.node_id):
+            if p.needs(layer):
+                p.started_transfer(layer)
+        log.warning(
+            "unknown transfer adopted from heartbeat",
+            transfer=transfer_id,
+            layer=short(layer),
+            seeder=seeder,
+            demander=node.node_id,
+        )
+        return tr
+
+    def _readopt(self, node: Node, tr: _Tracked) -> bool:
+        """We gave up on this transfer (node down), yet the agent still pulls it: take it back."""
+        t = tr.t
+        if t.layer in node.holdings or self.scheduler.receiving(node.node_id, t.layer) is not None:
+            return False
+        if t.seeder not in self.cluster.nodes:
+            return False
+        self.scheduler.adopt(t)
+        self.store.save_transfer(self._stored(tr))
+        for p in self._progress_of(node.node_id):
+            if p.needs(t.layer):
+                p.started_transfer(t.layer)
+        log.info(
+            "transfer taken back: the agent still pulls it",
+            transfer=t.transfer_id,
+            layer=short(t.layer),
+            seeder=t.seeder,
+            demander=t.demander,
+        )
+        return True
+
+    def _check_absent(self, node: Node, listed: set[str], now: float) -> None:
+        """End active transfers to ``node`` that its agent, having received them, no longer runs.
+
+        Only transfers delivered at least ABSENCE_GRACE before this heartbeat
+        count (a heartbeat built just before a delivery cannot list it). A
+        completed one shows in the holdings; the others are released so the
+        demand is planned again -- the agent's report, if it still comes, is
+        applied then for what it says about the seeder.
+        """
+        for t in self.scheduler.active():
+            if t.demander != node.node_id or t.transfer_id in listed:
+                continue
+            tr = self.transfers.get(t.transfer_id)
+            if tr is None or not tr.acked_at or now - tr.acked_at < ABSENCE_GRACE:
+                continue
+            if t.layer in node.holdings:
+                self.scheduler.complete(t.transfer_id, now)
+                self.store.delete_transfer(t.transfer_id)
+                log.info(
+                    "transfer over: layer held, report still to come",
+                    transfer=t.transfer_id,
+                    layer=short(t.layer),
+                    demander=t.demander,
+                )
+            else:
+                self.scheduler.fail(t.transfer_id)
+                self._aborted([t], f"agent {node.node_id} no longer runs it")
+
+    def _bring_up(self, node: Node, now: float) -> None:
+        """The node reported: schedulable again; its jobs stop showing it down."""
+        if node.quarantined:
             return
-        self.scheduler.add_node(node.node_id, node.info.speed_hint_bps)
-        node.up = True
+        if not node.up:
+            self.scheduler.add_node(node.node_id, node.info.speed_hint_bps)
+            node.up = True
+            node.down_since = 0.0
+        elif self.scheduler.is_suspect(node.node_id):
+            log.info("suspect node reported; schedulable again", node=node.node_id)
+            self.scheduler.add_node(node.node_id)
+        for job, p in list(self._jobs_of(node.node_id)):
+            if p.came_back():
+                log.info("node back in job", job=job.job_id, node=node.node_id)
+                self._job_changed(job)
 
     def poll(self, node: Node, cursor: int, trust_version: int) -> AssignmentBatch | None:
         """Assignments after ``cursor`` (and a newer trust list), or None if nothing is new."""
+        self._acknowledge(node, cursor)
         new_cursor, items = node.mailbox.after(cursor)
         trust = self.cluster.trust() if trust_version < self.cluster.trust_version else None
         if not items and trust is None and new_cursor == cursor:
             return None
         return AssignmentBatch(cursor=new_cursor, assignments=items, trust=trust)
 
+    def _acknowledge(self, node: Node, cursor: int) -> None:
+        """The agent has received everything up to ``cursor``: note which transfers it has.
+
+        A transfer adopted after a restart whose assignment lies beyond the
+        cursor never reached the agent (the old mailbox died with the old
+        process), so it is released and planned again.
+        """
+        pending = self._undelivered.get(node.node_id)
+        if not pending:
+            return
+        now = self.clock()
+        lost: list[Transfer] = []
+        for tid, seq in list(pending.items()):
+            tr = self.transfers.get(tid)
+            if tr is None or not self.scheduler.is_active(tid):
+                del pending[tid]
+            elif seq <= cursor:
+                tr.acked_at = tr.acked_at or now
+                del pending[tid]
+            elif tr.restored:
+                del pending[tid]
+                self.scheduler.fail(tid)
+                lost.append(tr.t)
+        if lost:
+            self._aborted(lost, "its assignment was lost with the old coordinator process")
+            self._schedule(now)
+
     def empty_batch(self, cursor: int) -> AssignmentBatch:
         return AssignmentBatch(cursor=cursor)
 
+    def poll_opened(self, node: Node) -> int:
+        """A long-poll of ``node`` starts waiting; returns its agent's epoch."""
+        node.polls += 1
+        return node.epoch
+
+    def poll_closed(self, node: Node, epoch: int, *, dropped: bool) -> None:
+        """A long-poll ended; ``dropped``: its connection went away mid-wait.
+
+        An agent always has a poll waiting, so a dropped one means the agent
+        died (kill -9, crash) or its link did: the node is marked down at once
+        and its seeder freed, instead of three heartbeat intervals later. A
+        normal end (an answer or the wait running out) never gets here with
+        ``dropped``; nor does a poll of an older agent process (``epoch``) or
+        one while another poll of the node is still waiting. Only a node that
+        is a demander (receiving or waiting for a layer) is marked down this
+        way -- that is what holds a seeder or a plan; an idle node is left to
+        the missed-heartbeat rule.
+        """
+        node.polls = max(0, node.polls - 1)
+        if not dropped or node.epoch != epoch or node.polls or not node.up:
+            return
+        nid = node.node_id
+        demanding = any(t.demander == nid for t in self.scheduler.active()) or any(
+            n == nid for n, _ in self.scheduler.pending()
+        )
+        if not demanding:
+            # nothing waits on it as a demander: missed heartbeats (or a demander's
+            # "unreachable" report, if it seeds) decide, as for any silent node
+            log.info("agent connection dropped mid-poll; idle node left to heartbeats", node=nid)
+            return
+        log.warning("agent connection dropped mid-poll; node marked down", node=node.node_id)
+        self._mark_down(node, "its connection to the coordinator dropped", self.clock())
+
+    def _mark_down(self, node: Node, why: str, now: float) -> None:
+        node.up = False
+        node.down_since = now
+        self._aborted(self.scheduler.node_down(node.node_id), f"node {node.node_id} down: {why}")
+        for job, p in list(self._jobs_of(node.node_id)):
+            if not p.final:
+                p.went_down(why, now, self.node_down_timeout)
+                self._job_changed(job)
+        self._schedule(now)
+
     def check_liveness(self) -> list[str]:
-        """Mark nodes that stopped heartbeating down; their transfers are re-planned."""
+        """Mark nodes that stopped heartbeating down; fail targets down for too long."""
         now = self.clock()
         gone = self.cluster.stale(now, self.heartbeat_interval)
         for node in gone:
-            node.up = False
             log.warning("node missed heartbeats; marked down", node=node.node_id)
-            self._aborted(self.scheduler.node_down(node.node_id), f"node {node.node_id} down")
-        if gone:
-            self._schedule(now)
+            self._mark_down(node, f"missed heartbeats for {now - node.last_seen:.1f}s", now)
+        self._reap_orphans(now)
+        self._expire_down_nodes(now)
         return [n.node_id for n in gone]
 
-    # -- transfer reports -----------------------------------------------
-    def _transfer_of(self, node: Node, transfer_id: str) -> Transfer:
-        t = self.transfers.get(transfer_id)
-        if t is None:
-            raise NotFound(f"no transfer {transfer_id!r} (unknown, or from before a restart)")
-        if t.demander != node.node_id:
-            raise Forbidden(f"transfer {transfer_id} belongs to {t.demander}, not {node.node_id}")
-        return t
+    def _reap_orphans(self, now: float) -> None:
+        """Release adopted transfers whose demander never came back after a restart."""
+        if now - self.started_at <= MISSED_HEARTBEATS * self.heartbeat_interval:
+            return
+        orphans = [
+            t
+            for t in self.scheduler.active()
+            if not (n := self.cluster.get(t.demander)) or not n.up
+        ]
+        for t in orphans:
+            self.scheduler.fail(t.transfer_id)
+        if orphans:
+            self._aborted(orphans, "its demander did not come back after the restart")
+            self._schedule(now)
 
-    def _is_active(self, transfer_id: str) -> bool:
-        return any(t.transfer_id == transfer_id for t in self.scheduler.active())
+    def _expire_down_nodes(self, now: float) -> None:
+        for job, p in list(self._jobs_of_all()):
+            node = self.cluster.get(p.node_id)
+            if p.final or node is None or node.up or node.quarantined or not node.down_since:
+                continue
+            if now - node.down_since < self.node_down_timeout:
+                continue
+            p.fail(
+                f"node {p.node_id} down for {now - node.down_since:.0f}s "
+                f"(node_down_timeout {self.node_down_timeout:.0f}s)",
+                now,
+            )
+            self._node_failed(job, p, now)
+
+    def _jobs_of_all(self) -> Iterable[tuple[Job, NodeProgress]]:
+        for job in list(self.jobs.values()):
+            if job.running:
+                for p in job.nodes.values():
+                    yield job, p
+
+    # -- transfer reports -----------------------------------------------
+    def _tracked(self, node: Node, transfer_id: str) -> _Tracked | None:
+        """The transfer, None if unknown (e.g. issued before a restart that lost it)."""
+        tr = self.transfers.get(transfer_id)
+        if tr is not None and tr.t.demander != node.node_id:
+            raise Forbidden(
+                f"transfer {transfer_id} belongs to {tr.t.demander}, not {node.node_id}"
+            )
+        return tr
 
     def transfer_progress(self, node: Node, transfer_id: str, m: TransferProgress) -> None:
-        t = self._transfer_of(node, transfer_id)
-        if self._is_active(transfer_id):
+        tr = self._tracked(node, transfer_id)
+        if tr is not None and self.scheduler.is_active(transfer_id):
             for p in self._progress_of(node.node_id):
-                p.progress(t.layer, m.bytes_done, m.rate_bps)
+                p.progress(tr.t.layer, m.bytes_done, m.rate_bps)
 
     def transfer_done(self, node: Node, transfer_id: str, m: TransferDone) -> None:
         now = self.clock()
-        t = self._transfer_of(node, transfer_id)
-        if self._is_active(transfer_id):
+        tr = self._tracked(node, transfer_id)
+        if tr is None:
+            layer = node.reported_active.get(transfer_id, ("", ""))[0]
+            log.info(
+                "done report for an unknown transfer",
+                transfer=transfer_id,
+                node=node.node_id,
+                layer=short(layer) if layer else None,
+            )
+            if layer in self.manifests and self._add_holdings(node, [layer], now):
+                self._save_node(node)
+            self._schedule(now)
+            return
+        t = tr.t
+        if self.scheduler.is_active(transfer_id):
             self.scheduler.complete(transfer_id, now, m.bytes_moved)
         else:
             log.info("late done report for an ended transfer", transfer=transfer_id)
-        use = SeederUse(
-            layer=t.layer, seeder=t.seeder, reason=t.reason, bytes=m.bytes_moved, seconds=m.seconds
-        )
-        for p in self._progress_of(node.node_id):
-            if p.needs(t.layer):
-                p.record(use)
+        first, tr.reported = not tr.reported, True
+        self.store.delete_transfer(transfer_id)
+        if first:
+            use = SeederUse(
+                layer=t.layer,
+                seeder=t.seeder,
+                reason=t.reason,
+                bytes=m.bytes_moved,
+                seconds=m.seconds,
+            )
+            for p in self._progress_of(node.node_id):
+                if t.layer in p.sizes and not any(u.layer == t.layer for u in p.transfers):
+                    p.record(use)
         log.info(
             "transfer done",
             transfer=transfer_id,
@@ -347,15 +731,25 @@ class Coordinator:
         )
         if self._add_holdings(node, [t.layer], now):
             self._save_node(node)
+        elif first:
+            for job, _ in list(self._jobs_of(node.node_id)):
+                self._job_changed(job)  # the recorded use must survive a restart
         self._schedule(now)
 
     def transfer_failed(self, node: Node, transfer_id: str, m: TransferFailed) -> None:
         now = self.clock()
-        t = self._transfer_of(node, transfer_id)
-        if not self._is_active(transfer_id):
-            log.info("failure report for an ended transfer", transfer=transfer_id)
+        tr = self._tracked(node, transfer_id)
+        if tr is None:
+            log.info("failure report for an unknown transfer", transfer=transfer_id, kind=m.kind)
             return
-        self.scheduler.fail(transfer_id)
+        if tr.reported:
+            log.info("repeated report for an ended transfer", transfer=transfer_id)
+            return
+        tr.reported = True
+        t = tr.t
+        self.store.delete_transfer(transfer_id)
+        if self.scheduler.is_active(transfer_id):
+            self.scheduler.fail(transfer_id)
         why = f"{m.kind}: {m.reason}"
         log.warning(
             "transfer failed",
@@ -367,13 +761,58 @@ class Coordinator:
             reason=m.reason,
             seeder_fault=m.seeder_fault,
         )
-        for job, p in self._jobs_of(node.node_id):
+        for job, p in list(self._jobs_of(node.node_id)):
             if p.count_failure(t.layer, f"from {t.seeder}: {why}", now):
                 self._node_failed(job, p, now)
-        if m.kind == "security" or m.seeder_fault:
-            self.store.add_security_event(node.node_id, t.seeder, f"transfer_{m.kind}", m.reason)
-            self._quarantine(t.seeder, f"transfer {transfer_id} to {t.demander} failed: {why}", now)
+        self._blame_seeder(t, m, now)
         self._schedule(now)
+
+    def _blame_seeder(self, t: Transfer, m: TransferFailed, now: float) -> None:
+        """What a failed transfer says about its seeder (the quarantine policy)."""
+        seeder = self.cluster.get(t.seeder)
+        if seeder is None or seeder.quarantined:
+            return
+        why = f"transfer {t.transfer_id} to {t.demander} failed: {m.kind}: {m.reason}"
+        if m.kind == "security":
+            self.store.add_security_event(t.demander, t.seeder, f"transfer_{m.kind}", m.reason)
+            self._quarantine(t.seeder, why, now)
+        elif m.seeder_fault:
+            self.store.add_security_event(t.demander, t.seeder, f"transfer_{m.kind}", m.reason)
+            self._seeder_fault(seeder, t.demander, why, now)
+        elif m.kind in ("io", "unreachable"):
+            self.scheduler.suspect(t.seeder)
+            self.scheduler.avoid(
+                t.demander, t.seeder, now + IO_AVOID_INTERVALS * self.heartbeat_interval
+            )
+            log.warning(
+                "seeder suspect: no new work until it reports",
+                node=t.seeder,
+                demander=t.demander,
+                layer=short(t.layer),
+                kind=m.kind,
+            )
+
+    def _seeder_fault(self, seeder: Node, demander: str, why: str, now: float) -> None:
+        """Bad bytes from ``seeder``: penalize it; quarantine it at the limit."""
+        seeder.info.seeder_faults += 1
+        faults = seeder.info.seeder_faults
+        if faults >= self.seeder_fault_limit:
+            self._quarantine(
+                seeder.node_id, f"{faults} transfers with bad chunks (last: {why})", now
+            )
+            return
+        speed = self.scheduler.penalize(seeder.node_id)
+        if demander:
+            self.scheduler.avoid(demander, seeder.node_id, now + VERIFY_AVOID_SECONDS)
+        self._save_node(seeder)
+        log.warning(
+            "seeder penalized for bad chunks",
+            node=seeder.node_id,
+            demander=demander,
+            faults=faults,
+            limit=self.seeder_fault_limit,
+            speed_bps=round(speed),
+        )
 
     def security_event(self, node: Node, ev: SecurityEvent) -> None:
         now = self.clock()
@@ -387,12 +826,8 @@ class Coordinator:
         if ev.kind == "host_key_mismatch":
             why = f"{node.node_id} saw a host key mismatch: {ev.detail}"
             self._quarantine(peer.node_id, why, now)
-        elif ev.kind == "bad_chunk":
-            peer.bad_chunks += 1
-            if peer.bad_chunks >= BAD_CHUNK_LIMIT:
-                self._quarantine(
-                    peer.node_id, f"{peer.bad_chunks} bad chunks reported (last: {ev.detail})", now
-                )
+        elif ev.kind == "bad_chunk" and not peer.quarantined:
+            self._seeder_fault(peer, node.node_id, f"{node.node_id}: {ev.detail}", now)
         self._schedule(now)
 
     # -- ingest and load reports ----------------------------------------
@@ -469,7 +904,7 @@ class Coordinator:
         busy = {x for t in self.scheduler.active() for x in (t.seeder, t.demander)}
         return NodeList(
             nodes=[
-                n.view(self.scheduler.speed(nid), nid in busy)
+                n.view(self.scheduler.speed(nid), nid in busy, self.scheduler.is_suspect(nid))
                 for nid, n in sorted(self.cluster.nodes.items())
             ]
         )
@@ -490,9 +925,9 @@ class Coordinator:
             raise NotFound(self._unknown_node(node_id))
         if node.quarantined:
             node.info.quarantined, node.info.quarantine_reason = False, ""
-            node.bad_chunks = 0
-            if self.clock() - node.last_seen <= 3 * self.heartbeat_interval:
-                self._bring_up(node)
+            node.info.seeder_faults = 0
+            if self.clock() - node.last_seen <= MISSED_HEARTBEATS * self.heartbeat_interval:
+                self._bring_up(node, self.clock())
             self.cluster.trust_changed()
             self._save_node(node)
             self._save_trust_version()
@@ -775,9 +1210,21 @@ class Coordinator:
             demander = self.cluster.get(t.demander)
             if demander is not None:
                 demander.mailbox.drop(_is_transfer(t.transfer_id))
+            self._undelivered.get(t.demander, {}).pop(t.transfer_id, None)
             for p in self._progress_of(t.demander):
                 p.transfer_stopped(t.layer)
-            log.info("transfer aborted", transfer=t.transfer_id, layer=short(t.layer), why=why)
+            tr = self.transfers.get(t.transfer_id)
+            if tr is not None and not tr.reported:
+                # kept (bounded) so a late report of it is still understood after a restart
+                self.store.save_transfer(self._stored(tr, "aborted"))
+            log.info(
+                "transfer aborted",
+                transfer=t.transfer_id,
+                layer=short(t.layer),
+                seeder=t.seeder,
+                demander=t.demander,
+                why=why,
+            )
 
     def _schedule(self, now: float) -> None:
         """Start every transfer the scheduler allows; queue each to its demander."""
@@ -792,10 +1239,7 @@ class Coordinator:
                 self.scheduler.cancel_demand(t.demander, t.layer)
                 log.error("no manifest or node for a transfer; demand dropped", layer=t.layer)
                 continue
-            self.transfers[t.transfer_id] = t
-            while len(self.transfers) > _TRANSFER_MEMORY:
-                self.transfers.popitem(last=False)
-            demander.mailbox.put(
+            seq = demander.mailbox.put(
                 TransferAssignment(
                     transfer_id=t.transfer_id,
                     job_id=t.job_id,
@@ -804,6 +1248,10 @@ class Coordinator:
                     reason=t.reason,
                 )
             )
+            tr = _Tracked(t, seq=seq)
+            self._remember(tr)
+            self._undelivered.setdefault(t.demander, {})[t.transfer_id] = seq
+            self.store.save_transfer(self._stored(tr))
             touched.add(t.demander)
             for p in self._progress_of(t.demander):
                 if p.needs(t.layer):

@@ -5,10 +5,18 @@ A job asks for one image on a set of nodes. Per node it tracks
 it has, the transfers that fed it (seeder, why that seeder, bytes, seconds)
 and repeated failures per layer. The coordinator core drives these objects;
 they never schedule or do I/O themselves, so the rules here are unit-testable.
+
+A target node that goes down mid-job is *not* failed at once (PAPER.md: "a
+failed demander releases its seeder and is marked"): it keeps its non-final
+state with an error saying since when it is down (:meth:`NodeProgress.went_down`),
+so the job shows why it waits; when the node returns the note is cleared and
+it finishes. Only after the coordinator's down timeout does it fail -- a
+failed node is final, and a job whose nodes are all final is over for good.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -21,6 +29,10 @@ MAX_LAYER_FAILURES = 5
 FINAL_STATES = ("done", "failed")
 
 JobStateName = Literal["running", "done", "failed"]
+
+
+def _clock(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 def unique_layers(digests: list[str]) -> list[str]:
@@ -51,6 +63,7 @@ class NodeProgress:
     error: str = ""
     failures: dict[str, int] = field(default_factory=dict)
     load_id: str = ""
+    down_since: float = 0.0  # the node is down (not yet failed); 0 while it is up
 
     @property
     def final(self) -> bool:
@@ -115,6 +128,26 @@ class NodeProgress:
             return True
         return False
 
+    def went_down(self, why: str, now: float, timeout: float) -> None:
+        """The node is gone for now: say so in ``error``; the state stays non-final."""
+        if self.final or self.down_since:
+            return
+        self.down_since = now
+        self.error = (
+            f"node {self.node_id} down since {_clock(now)} ({why}); "
+            f"waiting up to {timeout:.0f}s for it to return"
+        )
+        self.partial.clear()
+        self.rate_bps = 0.0
+
+    def came_back(self) -> bool:
+        """The node is up again: clear the down note. True if it was noted down."""
+        if not self.down_since or self.final:
+            return False
+        self.down_since = 0.0
+        self.error = ""
+        return True
+
     def loading(self, load_id: str) -> None:
         self.state = "loading"
         self.load_id = load_id
@@ -122,6 +155,8 @@ class NodeProgress:
         self.rate_bps = 0.0
 
     def finish(self, now: float) -> None:
+        self.down_since = 0.0
+        self.error = ""
         self.state = "done"
         self.finished_at = now
         self.partial.clear()
@@ -130,6 +165,7 @@ class NodeProgress:
     def fail(self, error: str, now: float) -> None:
         if self.final:
             return
+        self.down_since = 0.0
         self.state = "failed"
         self.error = error
         self.finished_at = now

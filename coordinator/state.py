@@ -3,8 +3,14 @@
 One row per node, image and job, each a JSON document of a msgspec struct, so
 adding a field (with a default) needs no migration. Writes are small and rare
 (state transitions, not progress ticks), so the stdlib driver called from the
-event loop is fast enough and keeps the code obvious. In-flight transfers are
-not stored: after a restart the scheduler re-plans from the demands.
+event loop is fast enough and keeps the code obvious.
+
+Transfers in flight are stored too (one row written when it is assigned, one
+delete when its report arrives): agents keep pulling while the coordinator is
+away, so a restarted coordinator must know them -- to lock their seeder and
+demander again (no second transfer of a layer a node is still pulling) and to
+understand their late done/failed reports. Rows whose transfer the
+coordinator gave up on (``aborted``) are kept, bounded, for late reports.
 """
 
 from __future__ import annotations
@@ -42,6 +48,22 @@ class StoredNode(msgspec.Struct, kw_only=True):
     quarantine_reason: str = ""
     registered_at: float = 0.0
     last_seen: float = 0.0
+    seeder_faults: int = 0  # transfers it spoiled (bad chunks); quarantined at the limit
+
+
+class StoredTransfer(msgspec.Struct, kw_only=True):
+    """A transfer handed to a demander and not yet reported on (or given up on)."""
+
+    transfer_id: str
+    layer: str
+    seeder: str
+    demander: str
+    job_id: str
+    started_at: float
+    reason: str
+    seeder_speed_bps: float
+    seq: int = 0  # its place in the demander's mailbox: delivered once the cursor passes it
+    state: Literal["active", "aborted"] = "active"
 
 
 class StoredImage(msgspec.Struct, kw_only=True):
@@ -65,6 +87,7 @@ CREATE TABLE IF NOT EXISTS nodes (
     node_id TEXT PRIMARY KEY, body TEXT NOT NULL, seq INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS images (ref TEXT PRIMARY KEY, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (job_id TEXT PRIMARY KEY, created_at REAL, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS transfers (transfer_id TEXT PRIMARY KEY, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS security_events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, reporter TEXT NOT NULL,
     peer TEXT NOT NULL, kind TEXT NOT NULL, detail TEXT NOT NULL);
@@ -144,6 +167,30 @@ class StateStore:
     def load_jobs(self) -> list[JobView]:
         rows = self._db.execute("SELECT body FROM jobs ORDER BY created_at, job_id").fetchall()
         return [_load(body, JobView) for (body,) in rows]
+
+    # -- transfers in flight ----------------------------------------------
+    def save_transfer(self, t: StoredTransfer) -> None:
+        self._db.execute(
+            "INSERT INTO transfers(transfer_id, body) VALUES (?, ?) "
+            "ON CONFLICT(transfer_id) DO UPDATE SET body = excluded.body",
+            (t.transfer_id, _dump(t)),
+        )
+
+    def delete_transfer(self, transfer_id: str) -> None:
+        self._db.execute("DELETE FROM transfers WHERE transfer_id = ?", (transfer_id,))
+
+    def load_transfers(self) -> list[StoredTransfer]:
+        rows = self._db.execute("SELECT body FROM transfers ORDER BY rowid").fetchall()
+        return [_load(body, StoredTransfer) for (body,) in rows]
+
+    def prune_transfers(self, keep: int) -> None:
+        """Forget all but the newest ``keep`` aborted transfers (active ones stay)."""
+        self._db.execute(
+            "DELETE FROM transfers WHERE rowid IN (SELECT rowid FROM transfers "
+            "WHERE json_extract(body, '$.state') = 'aborted' "
+            "ORDER BY rowid DESC LIMIT -1 OFFSET ?)",
+            (keep,),
+        )
 
     # -- security events -------------------------------------------------
     def add_security_event(self, reporter: str, peer: str, kind: str, detail: str) -> None:

@@ -19,6 +19,15 @@ Policy ``paper`` is Algorithm 1 of RainbowD applied per layer:
 
 Every transfer records why its seeder was chosen (``reason``) so ``rbd job``
 can explain the plan.
+
+Faults (PAPER.md, "Fault handling"): a node that is down or *suspect* (a
+demander could not reach it; cleared by its next heartbeat, i.e. the next
+:meth:`Scheduler.add_node`) is given no new work. A demander can be kept away
+from one seeder for a while (:meth:`Scheduler.avoid`) and a seeder that sent
+bad bytes is slowed down in the ranking (:meth:`Scheduler.penalize`). After a
+coordinator restart the transfers agents are still running are taken back
+with :meth:`Scheduler.adopt`, so no demander is handed a second transfer of a
+layer it is already pulling.
 """
 
 from __future__ import annotations
@@ -57,6 +66,7 @@ class _Node:
     node_id: str
     speed_bps: float
     up: bool = True
+    suspect: bool = False  # unreachable for a demander; no new work until it reports
     holdings: set[str] = field(default_factory=set)
     sending: str | None = None  # transfer id while seeding
     receiving: str | None = None  # transfer id while demanding
@@ -92,6 +102,8 @@ class Scheduler:
         # (node, layer) -> demand, insertion-ordered per node = image layer order
         self._demands: dict[tuple[str, str], _Demand] = {}
         self._active: dict[str, Transfer] = {}
+        # (demander, seeder) -> time until which that seeder is not used for that demander
+        self._avoid: dict[tuple[str, str], float] = {}
 
     # -- nodes -----------------------------------------------------------
     def add_node(self, node_id: str, speed_bps: float = 0.0, holdings: Iterable[str] = ()) -> None:
@@ -101,21 +113,55 @@ class Scheduler:
             node = _Node(node_id, speed_bps or self.default_speed_bps)
             self._nodes[node_id] = node
         node.up = True
+        node.suspect = False
         for layer in holdings:
             self.add_holding(node_id, layer)
 
     def node_down(self, node_id: str) -> list[Transfer]:
-        """A node is gone: it seeds nothing new; its transfers are aborted and returned.
+        """A node is gone: it gets no new work; the transfers that cannot go on are returned.
 
-        Demands of the transfers it was seeding go back to waiting (another
-        seeder will be chosen); its own demands stay and wait for its return.
+        Aborted (and returned) are the transfers it was receiving, and those it
+        was seeding to a demander that is down as well. A transfer it was
+        seeding to a live demander stays active: that demander's pull fails
+        by itself (the connection is gone) and its report -- or its next
+        heartbeat no longer listing the transfer -- ends it. Ending it here
+        would free the demand while the demander may still be pulling the
+        layer, and the next seeder would send the same layer a second time.
+        Its own demands stay and wait for its return.
         """
         node = self._node(node_id)
         node.up = False
-        aborted = [t for t in self._active.values() if node_id in (t.seeder, t.demander)]
+        aborted = [
+            t
+            for t in self._active.values()
+            if t.demander == node_id or (t.seeder == node_id and not self._nodes[t.demander].up)
+        ]
         for t in aborted:
             self._release(t)
         return aborted
+
+    def suspect(self, node_id: str) -> None:
+        """A demander could not reach ``node_id``: no new work for it until :meth:`add_node`.
+
+        Its running transfers are left alone (it may be alive and serving
+        others); it just stops being chosen, so a dead seeder is not picked
+        again in the seconds before its missed heartbeats mark it down.
+        """
+        self._node(node_id).suspect = True
+
+    def is_suspect(self, node_id: str) -> bool:
+        return self._node(node_id).suspect
+
+    def avoid(self, demander: str, seeder: str, until: float) -> None:
+        """Do not pair ``demander`` with ``seeder`` before ``until`` (a failed pair)."""
+        key = (demander, seeder)
+        self._avoid[key] = max(until, self._avoid.get(key, 0.0))
+
+    def penalize(self, node_id: str, factor: float = 0.5) -> float:
+        """Scale a seeder's performance down (it sent bad bytes); returns the new speed."""
+        node = self._node(node_id)
+        node.speed_bps = max(1.0, node.speed_bps * factor)
+        return node.speed_bps
 
     def observe_speed(self, node_id: str, bytes_per_second: float) -> None:
         """Measured upload performance of a node (its last distribution)."""
@@ -155,16 +201,51 @@ class Scheduler:
     def active(self) -> list[Transfer]:
         return list(self._active.values())
 
+    def is_active(self, transfer_id: str) -> bool:
+        return transfer_id in self._active
+
+    def adopt(self, t: Transfer) -> Transfer:
+        """Take back a transfer that is already running (e.g. from before a restart).
+
+        It is tracked like one :meth:`schedule` started, so its outcome is
+        accepted by :meth:`complete`/:meth:`fail` and, above all, no second
+        transfer of the same layer is started for its demander while it runs.
+        Its nodes may be down (not heard from yet). A lock (seeder sending,
+        demander receiving) already held by another transfer stays with that
+        one: both run, as they do in reality.
+        """
+        known = self._active.get(t.transfer_id)
+        if known is not None:
+            return known
+        seeder, demander = self._node(t.seeder), self._node(t.demander)
+        if t.seeder == t.demander:
+            raise SchedulerError(
+                f"transfer {t.transfer_id}: seeder and demander are both {t.seeder}"
+            )
+        self._active[t.transfer_id] = t
+        if seeder.sending is None:
+            seeder.sending = t.transfer_id
+        if demander.receiving is None:
+            demander.receiving = t.transfer_id
+        return t
+
+    def receiving(self, node_id: str, layer: str) -> Transfer | None:
+        """The active transfer bringing ``layer`` to ``node_id``, if any."""
+        return next(
+            (t for t in self._active.values() if t.demander == node_id and t.layer == layer), None
+        )
+
     # -- the algorithm ---------------------------------------------------
     def schedule(self, now: float) -> list[Transfer]:
         """Start every transfer Algorithm 1 allows right now."""
         in_flight = {(t.demander, t.layer) for t in self._active.values()}
+        self._avoid = {k: v for k, v in self._avoid.items() if v > now}
         wanted: dict[str, list[_Demand]] = {}
         for key, d in self._demands.items():
             if key in in_flight:
                 continue
             demander = self._nodes[d.node_id]
-            if demander.up and demander.receiving is None:
+            if demander.up and not demander.suspect and demander.receiving is None:
                 wanted.setdefault(d.node_id, []).append(d)
         if not wanted:
             return []
@@ -172,7 +253,7 @@ class Scheduler:
         idle = [
             (-n.speed_bps, n.node_id)
             for n in self._nodes.values()
-            if n.up and n.sending is None and n.holdings & wanted_layers
+            if n.up and not n.suspect and n.sending is None and n.holdings & wanted_layers
         ]
         heapq.heapify(idle)
         # demanders compete in order of their longest-waiting demand
@@ -182,7 +263,7 @@ class Scheduler:
             _, seeder_id = heapq.heappop(idle)
             seeder = self._nodes[seeder_id]
             for demander_id in order:
-                if demander_id == seeder_id:
+                if demander_id == seeder_id or (demander_id, seeder_id) in self._avoid:
                     continue
                 demand = next((d for d in wanted[demander_id] if d.layer in seeder.holdings), None)
                 if demand is None:

@@ -195,7 +195,8 @@ async def test_malformed_bodies_get_4xx_with_a_message(coord: Running) -> None:
         msgpack.packb({"bytes_moved": 1, "seconds": 1.0}),
         auth,
     )
-    assert status == 404 and "t-nope" in error_of(ctype, body)
+    # a late report for a transfer nobody knows (e.g. from before a restart) is harmless
+    assert status == 204
     # still alive
     assert (await a.heartbeat(Heartbeat())).trust_version >= 1
     await a.close()

@@ -165,8 +165,9 @@ async def test_failure_is_reassigned_and_repeated_failure_fails_the_node(
     job = await admin.create_job(CreateJob(image=img.record.ref, targets=["d", "e"]))
     t = await d.transfer()
     assert await e.take() == []
-    await d.c.transfer_failed(t.transfer_id, TransferFailed(reason="connection reset", kind="io"))
-    # the origin is free again; the longest-waiting demand (d's) is served again
+    await d.c.transfer_failed(t.transfer_id, TransferFailed(reason="no space", kind="disk"))
+    # the origin is free again (a disk failure is the demander's own); the
+    # longest-waiting demand (d's) is served again
     t2 = await d.transfer()
     assert t2.transfer_id != t.transfer_id and t2.layer == t.layer
     # a second failure report for the old transfer is harmless

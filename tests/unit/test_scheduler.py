@@ -300,21 +300,33 @@ def test_a_node_never_seeds_itself() -> None:
 
 
 # -- failures ----------------------------------------------------------------
-def test_seeder_down_aborts_and_demand_goes_to_another_seeder() -> None:
+def test_seeder_down_keeps_the_transfer_until_the_demander_reports() -> None:
+    # ending it here would let another seeder send the layer while d still pulls it
     s = make(("slow", 1 * MB, (L1,)), ("fast", 80 * MB, (L1,)), ("d", 1 * MB, ()))
     s.demand("d", L1, "j", 0.0)
     (t,) = s.schedule(0.0)
     assert t.seeder == "fast"
-    aborted = s.node_down("fast")
-    assert [a.transfer_id for a in aborted] == [t.transfer_id]
-    assert s.active() == []
-    assert s.pending() == [("d", L1)]
+    assert s.node_down("fast") == []
+    assert s.active() == [t]
+    assert s.schedule(0.5) == []  # no second transfer of L1 to d
+    s.fail(t.transfer_id)  # d's pull failed: now it is re-planned
     (t2,) = s.schedule(1.0)
     assert (t2.seeder, t2.demander) == ("slow", "d")
     assert t2.transfer_id != t.transfer_id
-    # the aborted transfer is gone: late completion is an error
     with pytest.raises(SchedulerError):
         s.complete(t.transfer_id, 2.0)
+
+
+def test_seeder_down_aborts_transfers_to_demanders_down_too() -> None:
+    s = make(("o", 1 * MB, (L1,)), ("d", 1 * MB, ()))
+    s.demand("d", L1, "j", 0.0)
+    assert len(s.schedule(0.0)) == 1
+    s.node_down("d")
+    assert s.active() == [] and s.pending() == [("d", L1)]
+    s.add_node("d")
+    (t2,) = s.schedule(1.0)
+    assert s.node_down("o") == []
+    assert [a.transfer_id for a in s.node_down("d")] == [t2.transfer_id]
 
 
 def test_down_node_is_not_chosen_until_it_returns() -> None:
@@ -351,15 +363,18 @@ def test_demander_down_frees_the_seeder_and_keeps_its_demand() -> None:
     assert t3.seeder in {"o", "e"}
 
 
-def test_node_down_aborts_both_directions() -> None:
+def test_node_down_aborts_what_it_receives_and_keeps_what_it_seeds() -> None:
     # "m" receives L2 from o while sending L1 to n
     s = make(("o", 10 * MB, (L2,)), ("m", 20 * MB, (L1,)), ("n", 1 * MB, ()))
     s.demand("m", L2, "j", 0.0)
     s.demand("n", L1, "j", 1.0)
     assert len(s.schedule(1.0)) == 2
     aborted = s.node_down("m")
-    assert {(t.seeder, t.demander) for t in aborted} == {("o", "m"), ("m", "n")}
-    assert s.active() == []
+    assert {(t.seeder, t.demander) for t in aborted} == {("o", "m")}
+    # m -> n goes on until n reports (its pull fails at once when m is really gone)
+    (kept,) = s.active()
+    assert (kept.seeder, kept.demander) == ("m", "n")
+    s.fail(kept.transfer_id)
     # n's demand waits: its only seeder is down
     assert s.schedule(2.0) == []
     assert s.pending() == [("m", L2), ("n", L1)]
@@ -537,3 +552,84 @@ def test_simulation_beats_origin_alone() -> None:
     sizes = [rng.randint(1, 200) * 1_000_000 for _ in range(2)]
     origin_alone = 30 * sum(sizes) / (125 * MB)
     assert makespan < origin_alone / 2
+
+
+# -- faults: adoption, suspects, avoidance, penalties --------------------------
+def _running(tid: str, layer: str, seeder: str, demander: str) -> Transfer:
+    return Transfer(tid, layer, seeder, demander, "j", 0.0, "before the restart", 1 * MB)
+
+
+def test_adopted_transfer_locks_its_pair_and_blocks_a_second_copy() -> None:
+    s = make(("o", 10 * MB, (L1,)), ("p", 50 * MB, (L1,)), ("d", 1 * MB, ()))
+    s.node_down("o")
+    s.node_down("d")  # restored nodes are down until they heartbeat
+    s.demand("d", L1, "j", 0.0)
+    t = _running("old", L1, "o", "d")
+    assert s.adopt(t) is t and s.adopt(t) is t  # idempotent
+    s.add_node("o")
+    s.add_node("d")
+    assert s.is_active("old") and s.receiving("d", L1) is t
+    assert s.schedule(1.0) == []  # d already gets L1; p is idle but must not send it
+    done = s.complete("old", 2.0, bytes_moved=10 * 1_000_000)
+    assert done is t and s.holds("d", L1) and s.pending() == []
+    assert s.speed("o") == pytest.approx(5 * MB)
+
+
+def test_adopt_over_a_busy_seeder_keeps_the_other_lock() -> None:
+    s = make(("o", 10 * MB, (L1, L2)), ("d", 1 * MB, ()), ("e", 1 * MB, ()))
+    s.demand("e", L1, "j", 0.0)
+    (t,) = s.schedule(0.0)
+    a = s.adopt(_running("old", L2, "o", "d"))
+    s.fail(a.transfer_id)
+    assert s.is_active(t.transfer_id)
+    s.complete(t.transfer_id, 1.0)
+    assert s.active() == []
+    with pytest.raises(SchedulerError):
+        s.adopt(_running("x", L1, "ghost", "d"))
+    with pytest.raises(SchedulerError, match="seeder and demander are both d"):
+        s.adopt(_running("y", L1, "d", "d"))
+
+
+def test_suspect_gets_no_new_work_until_it_reports() -> None:
+    s = make(("fast", 80 * MB, (L1,)), ("slow", 1 * MB, (L1,)), ("d", 1 * MB, ()))
+    s.demand("d", L1, "j", 0.0)
+    (t,) = s.schedule(0.0)
+    assert t.seeder == "fast"
+    s.suspect("fast")
+    assert s.is_suspect("fast") and s.is_active(t.transfer_id)  # running work is left alone
+    s.fail(t.transfer_id)
+    (t2,) = s.schedule(1.0)
+    assert t2.seeder == "slow"
+    s.complete(t2.transfer_id, 2.0)
+    # a suspect is not a demander either
+    s.demand("fast", L2, "j", 2.0)
+    s.add_holding("slow", L2)
+    assert s.schedule(2.0) == []
+    s.add_node("fast")  # its heartbeat: cleared, keeps its speed
+    assert not s.is_suspect("fast") and s.speed("fast") == 80 * MB
+    (t3,) = s.schedule(3.0)
+    assert (t3.seeder, t3.demander) == ("slow", "fast")
+
+
+def test_avoided_pair_is_skipped_until_it_expires() -> None:
+    s = make(
+        ("fast", 80 * MB, (L1,)), ("slow", 1 * MB, (L1,)), ("d", 1 * MB, ()), ("e", 1 * MB, ())
+    )
+    s.avoid("d", "fast", until=10.0)
+    s.avoid("d", "fast", until=5.0)  # never shortened
+    s.demand("d", L1, "j", 0.0)
+    s.demand("e", L1, "j", 1.0)
+    assert pairs(s.schedule(1.0)) == {("slow", "d", L1), ("fast", "e", L1)}
+    s2 = make(("fast", 80 * MB, (L1,)), ("d", 1 * MB, ()))
+    s2.avoid("d", "fast", until=10.0)
+    s2.demand("d", L1, "j", 0.0)
+    assert s2.schedule(9.9) == []  # the only holder: d waits
+    assert pairs(s2.schedule(10.0)) == {("fast", "d", L1)}
+
+
+def test_penalize_halves_the_speed_and_reorders_seeders() -> None:
+    s = make(("a", 80 * MB, (L1,)), ("b", 50 * MB, (L1,)), ("d", 1 * MB, ()))
+    assert s.penalize("a") == 40 * MB
+    s.demand("d", L1, "j", 0.0)
+    (t,) = s.schedule(0.0)
+    assert t.seeder == "b"

@@ -1,0 +1,230 @@
+"""Fault rules of the coordinator (quarantine policy, suspects, restarts, dropped polls).
+
+Real app on loopback with fake agents playing the protocol, as in
+test_coordinator_flow; each test pins one rule of the "Fault handling" issue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+from test_coordinator_flow import Agent, agent
+from test_coordinator_support import ADMIN, Running, fake_image, ingest, start
+
+from rainbowd.client import AdminClient, AgentClient
+from rainbowd.messages import (
+    ActiveTransfer,
+    CreateJob,
+    Heartbeat,
+    TransferDone,
+    TransferFailed,
+)
+
+
+async def test_bad_chunks_penalize_then_quarantine_at_the_limit(
+    coord: Running, admin: AdminClient
+) -> None:
+    origin = await agent(coord.url, "origin", roles=["origin"], speed=1e6)
+    img = fake_image(sizes=(70_000,))
+    await ingest(admin, origin.c, img)
+    bad = await agent(coord.url, "bad", speed=500e6, holdings=img.digests)
+    verify = TransferFailed(reason="chunk 0 digest mismatch", kind="verify", seeder_fault=True)
+    sched = coord.coordinator.scheduler
+    ds = []
+    for i in range(3):  # one demander after the other; "bad" stays the fastest holder
+        d = await agent(coord.url, f"d{i}")
+        ds.append(d)
+        await admin.create_job(CreateJob(image=img.record.ref, targets=[f"d{i}"]))
+        t = await d.transfer()
+        assert t.seeder.node_id == "bad", (i, t.seeder.node_id)
+        await d.c.transfer_failed(t.transfer_id, verify)
+        nodes = {n.node_id: n for n in (await admin.nodes()).nodes}
+        if i < 2:  # penalized, not quarantined: speed halved, this demander avoids it
+            assert not nodes["bad"].quarantined
+            assert sched.speed("bad") == 500e6 / 2 ** (i + 1)
+        else:
+            assert nodes["bad"].quarantined
+            reason = coord.coordinator.cluster.nodes["bad"].info.quarantine_reason
+            assert "3 transfers with bad chunks" in reason
+        t2 = await d.transfer()
+        assert t2.seeder.node_id == "origin"
+        await d.done(t2)
+    assert [e[2] for e in coord.store.security_events()] == ["bad"] * 3
+    for x in (origin, bad, *ds):
+        await x.c.close()
+
+
+async def test_unreachable_seeder_is_suspect_until_it_reports(
+    coord: Running, admin: AdminClient
+) -> None:
+    origin = await agent(coord.url, "origin", roles=["origin"], speed=1e6)
+    img = fake_image(sizes=(70_000,))
+    await ingest(admin, origin.c, img)
+    fast = await agent(coord.url, "fast", speed=500e6, holdings=img.digests)
+    d = await agent(coord.url, "d")
+    e = await agent(coord.url, "e")
+    await admin.create_job(CreateJob(image=img.record.ref, targets=["d"]))
+    t = await d.transfer()
+    assert t.seeder.node_id == "fast"
+    await d.c.transfer_failed(t.transfer_id, TransferFailed(reason="reset", kind="io"))
+    # re-planned at once to another seeder; the suspect is shown down, gets no work
+    t2 = await d.transfer()
+    assert t2.seeder.node_id == "origin"
+    nodes = {n.node_id: n.state for n in (await admin.nodes()).nodes}
+    assert nodes["fast"] == "down" and not coord.coordinator.cluster.nodes["fast"].quarantined
+    await admin.create_job(CreateJob(image=img.record.ref, targets=["e"]))
+    assert await e.take() == []  # fast is the only idle holder, but suspect
+    await fast.c.heartbeat(Heartbeat(holdings=img.digests))  # it reports: usable again
+    te = await e.transfer()
+    assert te.seeder.node_id == "fast"
+    for x in (origin, fast, d, e):
+        await x.c.close()
+
+
+async def test_restart_adopts_running_transfers_and_accepts_their_reports(
+    tmp_path: Path,
+) -> None:
+    r = await start(tmp_path)
+    async with AdminClient(r.url, ADMIN) as admin:
+        origin = await agent(r.url, "origin", roles=["origin"])
+        img = fake_image(sizes=(70_000, 65_536))
+        await ingest(admin, origin.c, img)
+        d = await agent(r.url, "d")
+        job = await admin.create_job(CreateJob(image=img.record.ref, targets=["d"]))
+        t = await d.transfer()
+        creds = {"origin": origin.c.credential, "d": d.c.credential}
+        cursor = d.cursor
+    for x in (origin, d):
+        await x.c.close()
+    await r.stop()
+
+    r2 = await start(tmp_path)
+    try:
+        async with AdminClient(r2.url, ADMIN) as admin:
+            assert r2.coordinator.scheduler.is_active(t.transfer_id)
+            o2 = Agent(AgentClient(r2.url, node_id="origin", credential=creds["origin"]))
+            d2 = Agent(AgentClient(r2.url, node_id="d", credential=creds["d"]))
+            d2.cursor = cursor
+            await o2.c.heartbeat(Heartbeat(holdings=img.digests))
+            running = ActiveTransfer(
+                transfer_id=t.transfer_id,
+                layer=t.layer.digest,
+                seeder="origin",
+                bytes_done=1000,
+                bytes_total=t.layer.size,
+                rate_bps=1e6,
+            )
+            await d2.c.heartbeat(Heartbeat(active=[running]))
+            # d still pulls layer 0: nothing new for it, certainly not layer 0 again
+            assert await d2.take() == []
+            await d2.c.transfer_done(t.transfer_id, TransferDone(bytes_moved=70_000, seconds=1))
+            t2 = await d2.transfer()
+            assert t2.layer.digest == img.digests[1]
+            await d2.done(t2)
+            final = await admin.job(job.job_id)
+            assert final.state == "done"
+            assert [u.layer for u in final.nodes[0].transfers] == img.digests
+            # a repeated report (its reply was lost) and one for an unknown id are harmless
+            await d2.c.transfer_done(t.transfer_id, TransferDone(bytes_moved=1, seconds=1))
+            await d2.c.transfer_failed("t-unknown", TransferFailed(reason="x", kind="io"))
+            assert len((await admin.job(job.job_id)).nodes[0].transfers) == 2
+            await o2.c.close()
+            await d2.c.close()
+    finally:
+        await r2.stop()
+
+
+async def test_restart_releases_an_assignment_that_never_reached_the_agent(
+    tmp_path: Path,
+) -> None:
+    r = await start(tmp_path)
+    async with AdminClient(r.url, ADMIN) as admin:
+        origin = await agent(r.url, "origin", roles=["origin"])
+        img = fake_image(sizes=(70_000,))
+        await ingest(admin, origin.c, img)
+        d = await agent(r.url, "d")
+        job = await admin.create_job(CreateJob(image=img.record.ref, targets=["d"]))
+        creds = {"origin": origin.c.credential, "d": d.c.credential}
+    for x in (origin, d):
+        await x.c.close()
+    await r.stop()  # d never polled: its assignment died with the mailbox
+
+    r2 = await start(tmp_path)
+    try:
+        async with AdminClient(r2.url, ADMIN) as admin:
+            o2 = Agent(AgentClient(r2.url, node_id="origin", credential=creds["origin"]))
+            d2 = Agent(AgentClient(r2.url, node_id="d", credential=creds["d"]))
+            await o2.c.heartbeat(Heartbeat(holdings=img.digests))
+            await d2.c.heartbeat(Heartbeat())
+            t = await d2.transfer()  # its old cursor shows it never got it: planned again
+            await d2.done(t)
+            assert (await admin.job(job.job_id)).state == "done"
+            await o2.c.close()
+            await d2.c.close()
+    finally:
+        await r2.stop()
+
+
+async def test_dropped_poll_marks_the_node_down_and_frees_its_seeder(tmp_path: Path) -> None:
+    r = await start(tmp_path)
+    try:
+        async with AdminClient(r.url, ADMIN) as admin:
+            origin = await agent(r.url, "origin", roles=["origin"])
+            img = fake_image(sizes=(70_000,))
+            await ingest(admin, origin.c, img)
+            d = await agent(r.url, "d")
+            e = await agent(r.url, "e")
+            job = await admin.create_job(CreateJob(image=img.record.ref, targets=["d", "e"]))
+            t = await d.transfer()
+            assert await e.take() == []
+            # a normal long-poll timing out does not mark anything down
+            assert await d.take(wait=0.2) == []
+            assert r.coordinator.cluster.nodes["d"].up
+            # d's connection drops mid-wait (its agent was killed)
+            waiter = asyncio.create_task(d.take(wait=20.0))
+            await asyncio.sleep(0.2)
+            waiter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiter
+            await d.c.close()
+            te = await e.transfer(wait=5.0)  # the origin is released at once
+            assert te.seeder.node_id == "origin" and te.layer == t.layer
+            view = {n.node_id: n for n in (await admin.job(job.job_id)).nodes}
+            assert view["d"].state != "failed" and "node d down since" in view["d"].error
+            # it comes back: the note goes, it is served and the job ends done
+            await e.done(te)
+            d2 = Agent(AgentClient(r.url, node_id="d", credential=d.c.credential))
+            await d2.c.heartbeat(Heartbeat())
+            t2 = await d2.transfer()
+            await d2.done(t2)
+            final = await admin.job(job.job_id)
+            assert final.state == "done" and all(not n.error for n in final.nodes)
+            for x in (origin, e, d2):
+                await x.c.close()
+    finally:
+        await r.stop()
+
+
+async def test_node_down_longer_than_the_timeout_fails_in_its_job(tmp_path: Path) -> None:
+    r = await start(tmp_path, heartbeat_interval=0.1)
+    r.coordinator.node_down_timeout = 0.5
+    try:
+        async with AdminClient(r.url, ADMIN) as admin:
+            origin = await agent(r.url, "origin", roles=["origin"])
+            img = fake_image(sizes=(70_000,))
+            await ingest(admin, origin.c, img)
+            d = await agent(r.url, "d")
+            job = await admin.create_job(CreateJob(image=img.record.ref, targets=["d"]))
+            async with asyncio.timeout(10):
+                view = await admin.job(job.job_id)
+                while view.state == "running":
+                    await asyncio.sleep(0.05)
+                    view = await admin.job(job.job_id)
+            assert view.state == "failed"
+            assert "node d down for" in view.nodes[0].error
+            for x in (origin, d):
+                await x.c.close()
+    finally:
+        await r.stop()
