@@ -762,7 +762,11 @@ class Coordinator:
             seeder_fault=m.seeder_fault,
         )
         for job, p in list(self._jobs_of(node.node_id)):
-            if p.count_failure(t.layer, f"from {t.seeder}: {why}", now):
+            if m.kind == "disk":
+                failed = p.count_failure(t.layer, f"disk full: {m.reason}", now, final=True)
+            else:
+                failed = p.count_failure(t.layer, f"from {t.seeder}: {why}", now)
+            if failed:
                 self._node_failed(job, p, now)
         self._blame_seeder(t, m, now)
         self._schedule(now)

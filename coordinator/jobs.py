@@ -114,13 +114,21 @@ class NodeProgress:
         """Bytes that crossed a link to this node for this job (finished transfers)."""
         return sum(t.bytes for t in self.transfers)
 
-    def count_failure(self, layer: str, why: str, now: float) -> bool:
-        """Count a failed transfer of ``layer``; True if the node just failed the job."""
+    def count_failure(self, layer: str, why: str, now: float, *, final: bool = False) -> bool:
+        """Count a failed transfer of ``layer``; True if the node just failed the job.
+
+        ``final`` failures (the demander's disk is full) fail the node at once:
+        another seeder cannot help, and the agent's reason already names the
+        node, the layer and the free space.
+        """
         if not self.needs(layer):
             return False
         self.transfer_stopped(layer)
         n = self.failures.get(layer, 0) + 1
         self.failures[layer] = n
+        if final:
+            self.fail(why, now)
+            return True
         if n >= MAX_LAYER_FAILURES:
             self.fail(
                 f"node {self.node_id}: layer {short(layer)} failed {n} times (last: {why})", now

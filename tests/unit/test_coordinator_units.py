@@ -39,6 +39,7 @@ def test_job_node_lifecycle_and_outcome() -> None:
     for i in range(MAX_LAYER_FAILURES - 1):
         assert not b.count_failure(L2, f"io {i}", 3.0)
     assert b.count_failure(L2, "io last", 3.0)
+
     assert b.state == "failed" and "layer 222222222222 failed 5 times (last: io last)" in b.error
     assert job.settle(3.0) and job.state == "failed" and "b:" in job.error
     view = job.view()
@@ -194,3 +195,10 @@ def test_cli_starts_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def test_a_full_disk_fails_the_node_at_once() -> None:
+    job = Job.create("j2", "img", [(L1, 10), (L2, 20)], ["n1"], {}, 0.0)
+    n1 = job.nodes["n1"]
+    assert n1.count_failure(L1, "disk full: node n1: layer needs 10 B, 2 B free", 1.0, final=True)
+    assert n1.view().state == "failed" and "2 B free" in n1.view().error
