@@ -7,7 +7,6 @@ go green by silently skipping the parts it exists to check.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,16 +16,10 @@ from rainbowd.dockerd import DockerdError, PrivateDockerd
 from rainbowd.imagebuild import BUSYBOX, build_demo_image
 from registry_fixtures import RegistryError as RegistryProcessError
 from registry_fixtures import RegistryProcess, skopeo_push
+from testdeps import missing_dependency
 
 #: payload of the demo image used by tests (small: tests are about correctness)
 DEMO_PAYLOAD_MIB = 2
-
-
-def missing_dependency(reason: str) -> None:
-    """Fail in CI, skip elsewhere: a missing tool must never pass CI silently."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"missing test dependency (CI=true, so this fails): {reason}")
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")

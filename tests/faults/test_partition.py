@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,6 +28,7 @@ from rainbowd import messages as m
 from rainbowd.imagebuild import BUSYBOX, build_demo_image
 from rainbowd.localcluster import LocalCluster, NodeSpec
 from rainbowd.netlab import HUB, NetLab, Shape, list_netns
+from testdeps import missing_dependency
 
 pytestmark = pytest.mark.integration
 
@@ -42,17 +42,6 @@ CUT = "n3"
 UP_MBIT = 64.0
 #: the whole test, set-up to teardown, stays under this
 TEST_BUDGET = 90.0
-
-
-def missing_dependency(reason: str) -> None:
-    """tests/conftest.py's rule (fail under CI=true, skip elsewhere).
-
-    Restated because ``from conftest import`` resolves to tests/unit/conftest.py
-    when the unit tests are collected in the same run.
-    """
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"missing test dependency (CI=true, so this fails): {reason}")
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")

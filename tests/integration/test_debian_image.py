@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import missing_dependency
 from rainbowd import messages as m
 from rainbowd.agent.docker_loader import DockerLoader
 from rainbowd.dockerd import PrivateDockerd
 from rainbowd.imagebuild import build_rootfs_image
 from rainbowd.localcluster import LocalCluster, NodeSpec
 from registry_fixtures import RegistryProcess
+from testdeps import missing_dependency
 
 pytestmark = pytest.mark.integration
 

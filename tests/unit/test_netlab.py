@@ -6,7 +6,6 @@ Needs root and iproute2; without them the tests skip (and fail under CI=true).
 from __future__ import annotations
 
 import dataclasses
-import os
 import socket
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from rainbowd.netlab import HUB, NetLab, NetLabError, Shape, clean, clean_stale, list_netns
+from testdeps import missing_dependency
 
 #: an asyncio echo server: prints "ready" once listening, echoes one line per connection
 ECHO_SERVER = r"""
@@ -42,17 +42,6 @@ except (OSError, asyncio.TimeoutError) as e:
 """
 
 PORT = 9009
-
-
-def missing_dependency(reason: str) -> None:
-    """tests/conftest.py's rule (fail under CI=true, skip elsewhere).
-
-    Restated here because tests/unit/conftest.py shadows the module name
-    ``conftest`` for the unit tests.
-    """
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"missing test dependency (CI=true, so this fails): {reason}")
-    pytest.skip(reason)
 
 
 @pytest.fixture(autouse=True)
