@@ -165,15 +165,17 @@ async def test_failure_is_reassigned_and_repeated_failure_fails_the_node(
     job = await admin.create_job(CreateJob(image=img.record.ref, targets=["d", "e"]))
     t = await d.transfer()
     assert await e.take() == []
-    await d.c.transfer_failed(t.transfer_id, TransferFailed(reason="no space", kind="disk"))
-    # the origin is free again (a disk failure is the demander's own); the
+    await d.c.transfer_failed(t.transfer_id, TransferFailed(reason="interrupted", kind="cancelled"))
+    # the origin is free again (the failure was the demander's own); the
     # longest-waiting demand (d's) is served again
     t2 = await d.transfer()
     assert t2.transfer_id != t.transfer_id and t2.layer == t.layer
     # a second failure report for the old transfer is harmless
     await d.c.transfer_failed(t.transfer_id, TransferFailed(reason="again", kind="io"))
     for _ in range(4):
-        await d.c.transfer_failed(t2.transfer_id, TransferFailed(reason="disk full", kind="disk"))
+        await d.c.transfer_failed(
+            t2.transfer_id, TransferFailed(reason="stopped", kind="cancelled")
+        )
         items = [x for x in await d.take() if isinstance(x, TransferAssignment)]
         if not items:
             break
@@ -181,7 +183,7 @@ async def test_failure_is_reassigned_and_repeated_failure_fails_the_node(
     view = {n.node_id: n for n in (await admin.job(job.job_id)).nodes}
     assert view["d"].state == "failed"
     assert "node d" in view["d"].error and "failed 5 times" in view["d"].error
-    assert "disk full" in view["d"].error
+    assert "stopped" in view["d"].error
     # e is served now that d gave up
     te = await e.transfer()
     await e.done(te)
