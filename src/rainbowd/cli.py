@@ -252,9 +252,8 @@ async def _images_add(args: argparse.Namespace, token: str) -> int:
     )
     async with _admin(args, token) as admin:
         view = await admin.add_image(req)
-        while view.state == "ingesting" and not args.no_wait:
-            await asyncio.sleep(0.3)
-            view = await admin.image(args.ref)
+        if not args.no_wait:
+            view = await admin.wait_image(args.ref, interval=0.3)
     if args.json:
         _dump(view)
         return 1 if view.state == "failed" else 0

@@ -14,6 +14,7 @@ client sends ``Authorization: Bearer <admin token>``.
 
 from __future__ import annotations
 
+import asyncio
 from types import TracebackType
 from typing import Any, Self, TypeVar
 from urllib.parse import quote
@@ -292,6 +293,31 @@ class AdminClient(_Http):
 
     async def job(self, job_id: str) -> JobView:
         return await self.call("GET", f"jobs/{_seg(job_id)}", JobView)
+
+    async def wait_image(
+        self, ref: str, *, timeout: float = 300.0, interval: float = 0.1
+    ) -> ImageView:
+        """Poll ``ref`` until its ingest ends; the view says "ready" or "failed" (and why).
+
+        Raises TimeoutError if it is still ingesting after ``timeout`` seconds.
+        """
+        async with asyncio.timeout(timeout):
+            view = await self.image(ref)
+            while view.state == "ingesting":
+                await asyncio.sleep(interval)
+                view = await self.image(ref)
+        return view
+
+    async def wait_job(
+        self, job_id: str, *, timeout: float = 600.0, interval: float = 0.1
+    ) -> JobView:
+        """Poll a job until it is final ("done" or "failed"); TimeoutError after ``timeout``."""
+        async with asyncio.timeout(timeout):
+            job = await self.job(job_id)
+            while job.state == "running":
+                await asyncio.sleep(interval)
+                job = await self.job(job_id)
+        return job
 
     async def health(self) -> dict[str, Any]:
         """The unauthenticated health document (JSON)."""

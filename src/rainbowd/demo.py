@@ -91,9 +91,7 @@ async def _run(cluster: LocalCluster, archive: Path, docker: bool, docker_node: 
         view = await admin.add_image(
             m.CreateImage(ref=DEMO_REF, source=m.ArchiveSource(path=str(archive)))
         )
-        while view.state == "ingesting":
-            await _sleep(0.2)
-            view = await admin.image(DEMO_REF)
+        view = await admin.wait_image(DEMO_REF)
         if view.state != "ready":
             print(f"rbd demo: ingest failed: {view.error}", file=sys.stderr)
             return 1
@@ -126,10 +124,6 @@ async def _run(cluster: LocalCluster, archive: Path, docker: bool, docker_node: 
 
 def _docker_url(cluster: LocalCluster, node_id: str) -> str:
     return cluster.nodes[node_id].docker_url
-
-
-async def _sleep(s: float) -> None:
-    await asyncio.sleep(s)
 
 
 if __name__ == "__main__":  # pragma: no cover

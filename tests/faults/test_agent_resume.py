@@ -93,9 +93,7 @@ async def add_image(cluster: LocalCluster, archive: Path) -> m.ImageView:
         view = await admin.add_image(
             m.CreateImage(ref=REF, source=m.ArchiveSource(path=str(archive)))
         )
-        while view.state == "ingesting":
-            await asyncio.sleep(0.1)
-            view = await admin.image(REF)
+        view = await admin.wait_image(REF)
     assert view.state == "ready", view.error
     return view
 
@@ -134,9 +132,7 @@ async def test_sigkilled_agent_resumes_from_its_bitmap(cluster: LocalCluster, im
             cluster.start_agent("n1")
             await cluster.wait_nodes_up(["n1"])
             async with cluster.admin() as admin:
-                while job.state == "running":
-                    await asyncio.sleep(0.2)
-                    job = await admin.job(job.job_id)
+                job = await admin.wait_job(job.job_id)
         jobs = await inv.check_jobs(timeout=20)
 
     assert job.state == "done", job.error

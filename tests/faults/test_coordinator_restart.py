@@ -58,9 +58,7 @@ async def add_image(cluster: LocalCluster, archive: Path) -> m.ImageView:
         view = await admin.add_image(
             m.CreateImage(ref=REF, source=m.ArchiveSource(path=str(archive)))
         )
-        while view.state == "ingesting":
-            await asyncio.sleep(0.05)
-            view = await admin.image(REF)
+        view = await admin.wait_image(REF)
     assert view.state == "ready", view.error
     return view
 

@@ -100,18 +100,14 @@ def flip_byte(path: Path, offset: int) -> None:
 
 async def add_image(admin: AdminClient, ref: str, archive: Path) -> m.ImageView:
     view = await admin.add_image(m.CreateImage(ref=ref, source=m.ArchiveSource(path=str(archive))))
-    while view.state == "ingesting":
-        await asyncio.sleep(0.1)
-        view = await admin.image(ref)
+    view = await admin.wait_image(ref)
     assert view.state == "ready", view.error
     return view
 
 
 async def run_job(admin: AdminClient, ref: str, targets: list[str]) -> m.JobView:
     job = await admin.create_job(m.CreateJob(image=ref, targets=targets))
-    while job.state == "running":
-        await asyncio.sleep(0.2)
-        job = await admin.job(job.job_id)
+    job = await admin.wait_job(job.job_id)
     return job
 
 

@@ -91,9 +91,7 @@ async def test_full_disk_fails_that_node_clearly_and_others_complete(
     async with asyncio.timeout(50), cluster.admin() as admin:
         source = m.ArchiveSource(path=str(image))
         view = await admin.add_image(m.CreateImage(ref=REF, source=source))
-        while view.state == "ingesting":
-            await asyncio.sleep(0.1)
-            view = await admin.image(REF)
+        view = await admin.wait_image(REF)
         assert view.state == "ready", view.error
         payload = max(view.layers, key=lambda layer: layer.size)
         free_before = shutil.disk_usage(store).free
@@ -101,9 +99,7 @@ async def test_full_disk_fails_that_node_clearly_and_others_complete(
 
         async with InvariantMonitor(cluster) as inv:
             job = await admin.create_job(m.CreateJob(image=REF, targets=["all"]))
-            while job.state == "running":
-                await asyncio.sleep(0.2)
-                job = await admin.job(job.job_id)
+            job = await admin.wait_job(job.job_id)
         await inv.check_jobs(timeout=10)
 
     nodes = {n.node_id: n for n in job.nodes}

@@ -99,9 +99,7 @@ async def _add_image(cluster: LocalCluster, archive: Path) -> m.ImageView:
             m.CreateImage(ref=REF, source=m.ArchiveSource(path=str(archive)))
         )
         async with asyncio.timeout(30):
-            while view.state == "ingesting":
-                await asyncio.sleep(0.1)
-                view = await admin.image(REF)
+            view = await admin.wait_image(REF)
     assert view.state == "ready", view.error
     return view
 

@@ -66,9 +66,7 @@ async def add_image(cluster: LocalCluster, archive: Path) -> m.ImageView:
         view = await admin.add_image(
             m.CreateImage(ref=REF, source=m.ArchiveSource(path=str(archive)))
         )
-        while view.state == "ingesting":
-            await asyncio.sleep(0.05)
-            view = await admin.image(REF)
+        view = await admin.wait_image(REF)
     assert view.state == "ready", view.error
     return view
 
@@ -76,9 +74,7 @@ async def add_image(cluster: LocalCluster, archive: Path) -> m.ImageView:
 async def job_until_final(cluster: LocalCluster, job_id: str) -> m.JobView:
     async with cluster.admin() as admin:
         job = await admin.job(job_id)
-        while job.state == "running":
-            await asyncio.sleep(0.05)
-            job = await admin.job(job_id)
+        job = await admin.wait_job(job_id)
     return job
 
 

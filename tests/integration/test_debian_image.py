@@ -100,17 +100,13 @@ async def test_debootstrapped_debian_distributes_and_runs(
             m.CreateImage(ref=REF, source=m.RegistrySource(reference=reference, insecure=True))
         )
         async with asyncio.timeout(180):
-            while view.state == "ingesting":
-                await asyncio.sleep(0.2)
-                view = await admin.image(REF)
+            view = await admin.wait_image(REF)
         assert view.state == "ready", view.error
         assert view.uncompressed_size > 50 * 1024 * 1024  # a real Debian userland
         assert view.size < view.uncompressed_size  # gzip blobs from the registry, unchanged
         job = await admin.create_job(m.CreateJob(image=REF, targets=["all"]))
         async with asyncio.timeout(240):
-            while job.state == "running":
-                await asyncio.sleep(0.3)
-                job = await admin.job(job.job_id)
+            job = await admin.wait_job(job.job_id)
     assert job.state == "done", job.error
     loader = DockerLoader(dockerd.url)
     try:

@@ -7,7 +7,6 @@ asyncssh, one agent loads into a real dockerd and a container runs.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -34,11 +33,7 @@ async def _add_image(cluster: LocalCluster, archive: Path) -> m.ImageView:
         view = await admin.add_image(
             m.CreateImage(ref=REF, source=m.ArchiveSource(path=str(archive)))
         )
-        for _ in range(300):
-            if view.state != "ingesting":
-                break
-            await asyncio.sleep(0.1)
-            view = await admin.image(REF)
+        view = await admin.wait_image(REF, timeout=30)
     assert view.state == "ready", view.error
     return view
 
@@ -46,10 +41,7 @@ async def _add_image(cluster: LocalCluster, archive: Path) -> m.ImageView:
 async def _run_job(cluster: LocalCluster, targets: list[str], timeout: float = 90) -> m.JobView:
     async with cluster.admin() as admin:
         job = await admin.create_job(m.CreateJob(image=REF, targets=targets))
-        async with asyncio.timeout(timeout):
-            while job.state == "running":
-                await asyncio.sleep(0.2)
-                job = await admin.job(job.job_id)
+        job = await admin.wait_job(job.job_id, timeout=timeout)
     return job
 
 

@@ -40,9 +40,7 @@ async def _add(cluster: LocalCluster, ref: str, reference: str) -> m.ImageView:
             m.CreateImage(ref=ref, source=m.RegistrySource(reference=reference, insecure=True))
         )
         async with asyncio.timeout(60):
-            while view.state == "ingesting":
-                await asyncio.sleep(0.1)
-                view = await admin.image(ref)
+            view = await admin.wait_image(ref)
     assert view.state == "ready", view.error
     return view
 
@@ -51,9 +49,7 @@ async def _distribute(cluster: LocalCluster, ref: str) -> m.JobView:
     async with cluster.admin() as admin:
         job = await admin.create_job(m.CreateJob(image=ref, targets=["all"]))
         async with asyncio.timeout(90):
-            while job.state == "running":
-                await asyncio.sleep(0.2)
-                job = await admin.job(job.job_id)
+            job = await admin.wait_job(job.job_id)
     assert job.state == "done", job.error
     return job
 

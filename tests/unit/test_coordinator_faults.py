@@ -219,9 +219,7 @@ async def test_node_down_longer_than_the_timeout_fails_in_its_job(tmp_path: Path
             job = await admin.create_job(CreateJob(image=img.record.ref, targets=["d"]))
             async with asyncio.timeout(10):
                 view = await admin.job(job.job_id)
-                while view.state == "running":
-                    await asyncio.sleep(0.05)
-                    view = await admin.job(job.job_id)
+                view = await admin.wait_job(job.job_id)
             assert view.state == "failed"
             assert "node d down for" in view.nodes[0].error
             for x in (origin, d):
