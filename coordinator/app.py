@@ -28,6 +28,7 @@ Routes (prefix ``/v1``)::
 
     admin (Authorization: Bearer <admin token>)
     GET  nodes                    -> NodeList
+    GET  security-events          -> SecurityEventList (refused keys, bad chunks)
     POST nodes/{id}/clear-quarantine -> NodeView
     DELETE nodes/{id}             -> 204
     GET  images                   -> ImageList
@@ -281,6 +282,10 @@ async def list_nodes(request: web.Request) -> web.Response:
     return reply(request, admin(request).node_views())
 
 
+async def list_security_events(request: web.Request) -> web.Response:
+    return reply(request, admin(request).security_events())
+
+
 async def clear_quarantine(request: web.Request) -> web.Response:
     return reply(request, admin(request).clear_quarantine(request.match_info["id"]))
 
@@ -375,6 +380,7 @@ def create_app(c: Coordinator) -> web.Application:
     r.add_post("/v1/loads/{id}/{what:done|failed}", load_report)
     r.add_post("/v1/events", security_event)
     r.add_get("/v1/nodes", list_nodes)
+    r.add_get("/v1/security-events", list_security_events)
     r.add_post("/v1/nodes/{id}/clear-quarantine", clear_quarantine)
     r.add_delete("/v1/nodes/{id}", remove_node)
     r.add_get("/v1/images", list_images)

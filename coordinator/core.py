@@ -83,6 +83,8 @@ from rainbowd.messages import (
     RegisterRequest,
     RegistrySource,
     SecurityEvent,
+    SecurityEventList,
+    SecurityEventView,
     SeederUse,
     TaskFailed,
     TransferAssignment,
@@ -816,6 +818,16 @@ class Coordinator:
             faults=faults,
             limit=self.seeder_fault_limit,
             speed_bps=round(speed),
+        )
+
+    def security_events(self, limit: int = 1000) -> SecurityEventList:
+        """The most recent security events, oldest first."""
+        rows = self.store.security_events()[-limit:]
+        return SecurityEventList(
+            events=[
+                SecurityEventView(at=at, reporter=r, peer=p, kind=k, detail=d)
+                for at, r, p, k, d in rows
+            ]
         )
 
     def security_event(self, node: Node, ev: SecurityEvent) -> None:

@@ -7,6 +7,7 @@
                    [--credentials-file PATH] [--no-wait]
     rbd images rm REF
     rbd distribute IMAGE --to all|NODE... [--detach | --wait]
+    rbd events
     rbd jobs
     rbd job ID
     rbd demo
@@ -98,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     mode.add_argument("--detach", action="store_true", help="print the job id and return")
     mode.add_argument(
         "--wait", action="store_true", help="no live view; wait, print a summary, exit 0/1"
+    )
+    sub.add_parser(
+        "events", help="security events: refused host keys, bad chunks, quarantined seeders"
     )
     sub.add_parser("jobs", help="list jobs")
     j = sub.add_parser("job", help="show a job: per-node state, seeder used and why, time")
@@ -294,6 +298,23 @@ async def _distribute(args: argparse.Namespace, token: str) -> int:
     return 0 if final.state == "done" else 1
 
 
+async def _events(args: argparse.Namespace, token: str) -> int:
+    async with _admin(args, token) as admin:
+        events = await admin.security_events()
+    if args.json:
+        _dump(events)
+        return 0
+    if not events.events:
+        print("no security events")
+        return 0
+    rows = [["TIME", "KIND", "PEER", "REPORTED BY", "DETAIL"]]
+    for e in events.events:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.at))
+        rows.append([when, e.kind, e.peer, e.reporter, e.detail])
+    print(_table(rows))
+    return 0
+
+
 async def _jobs(args: argparse.Namespace, token: str) -> int:
     async with _admin(args, token) as admin:
         jobs = await admin.jobs()
@@ -332,6 +353,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, str], Coroutine[Any, Any, int
     "nodes": _nodes,
     "images": _images,
     "distribute": _distribute,
+    "events": _events,
     "jobs": _jobs,
     "job": _job,
 }

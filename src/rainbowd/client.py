@@ -43,6 +43,7 @@ from rainbowd.messages import (
     RegisterReply,
     RegisterRequest,
     SecurityEvent,
+    SecurityEventList,
     TaskFailed,
     TransferDone,
     TransferFailed,
@@ -271,6 +272,9 @@ class AdminClient(_Http):
 
     async def remove_node(self, node_id: str) -> None:
         await self.request("DELETE", f"nodes/{_seg(node_id)}")
+
+    async def security_events(self) -> SecurityEventList:
+        return await self.call("GET", "security-events", SecurityEventList)
 
     async def images(self) -> ImageList:
         return await self.call("GET", "images", ImageList)

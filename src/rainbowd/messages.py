@@ -357,6 +357,20 @@ class JobList(Msg, kw_only=True):
     jobs: list[JobView]
 
 
+class SecurityEventView(msgspec.Struct, kw_only=True):
+    """A refused host key, a bad chunk, a quarantine: what an operator must see."""
+
+    at: float
+    reporter: str  # the node that saw it
+    peer: str  # the node it is about
+    kind: str
+    detail: str
+
+
+class SecurityEventList(Msg, kw_only=True):
+    events: list[SecurityEventView]
+
+
 class ErrorReply(Msg, kw_only=True):
     error: str
 

@@ -8,11 +8,13 @@ asyncssh, one agent loads into a real dockerd and a container runs.
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncssh
 import pytest
+from test_cli import run
 
 from rainbowd import messages as m
 from rainbowd.agent.docker_loader import DockerLoader
@@ -145,7 +147,18 @@ async def test_spoofed_seeder_is_refused_and_reported(
 
     async with cluster.admin() as admin:
         n1_after = next(n for n in (await admin.nodes()).nodes if n.node_id == "n1")
+        events = (await admin.security_events()).events
     assert n1_after.quarantined, "the spoofed seeder was not quarantined"
+    # reported: the operator sees the refused host key, naming the spoofed node
+    mismatches = [e for e in events if e.peer == "n1" and "host_key" in e.kind]
+    assert mismatches and all(e.reporter in ("n2", "n3") for e in mismatches), events
+    code, out, err = await run(
+        str(Path(sys.executable).parent / "rbd"),
+        "events",
+        env={"RBD_COORDINATOR": cluster.url, "RBD_ADMIN_TOKEN_FILE": str(cluster.admin_token_file)},
+    )
+    assert code == 0, err
+    assert "host_key_mismatch" in out and "n1" in out, out
     refused_by = []
     for node in ("n2", "n3"):
         status = await cluster.agent_status(node)
