@@ -184,7 +184,7 @@ class NodeProgress:
         done_bytes = sum(self.sizes[d] for d in self.done)
         return NodeJobState(
             node_id=self.node_id,
-            state=self.state,
+            state="down" if self.down_since and not self.final else self.state,
             layers_done=len(self.done),
             layers_total=len(self.layers),
             bytes_done=done_bytes + sum(self.partial.values()),

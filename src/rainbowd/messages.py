@@ -315,7 +315,8 @@ class SeederUse(msgspec.Struct, kw_only=True):
     seconds: float
 
 
-NodeJobStateName = Literal["pending", "transferring", "loading", "done", "failed"]
+# "down": the node stopped answering mid-job; not final, it resumes when it returns
+NodeJobStateName = Literal["pending", "transferring", "loading", "down", "done", "failed"]
 
 
 class NodeJobState(msgspec.Struct, kw_only=True):
