@@ -312,6 +312,16 @@ class AdminClient(_Http):
                 view = await self.image(ref)
         return view
 
+    async def ingest(self, req: CreateImage, *, timeout: float = 300.0) -> ImageView:
+        """Add an image and wait until its ingest ends; the view says "ready" or "failed"."""
+        await self.add_image(req)
+        return await self.wait_image(req.ref, timeout=timeout)
+
+    async def distribute(self, req: CreateJob, *, timeout: float = 600.0) -> JobView:
+        """Create a job and wait until it is final ("done" or "failed")."""
+        job = await self.create_job(req)
+        return await self.wait_job(job.job_id, timeout=timeout)
+
     async def wait_job(
         self, job_id: str, *, timeout: float = 600.0, interval: float = 0.1
     ) -> JobView:

@@ -88,10 +88,9 @@ async def run_demo(
 async def _run(cluster: LocalCluster, archive: Path, docker: bool, docker_node: str) -> int:
     async with cluster.admin() as admin:
         _say(f"coordinator {cluster.url}; nodes up: {len((await admin.nodes()).nodes)}")
-        view = await admin.add_image(
+        view = await admin.ingest(
             m.CreateImage(ref=DEMO_REF, source=m.ArchiveSource(path=str(archive)))
         )
-        view = await admin.wait_image(DEMO_REF)
         if view.state != "ready":
             print(f"rbd demo: ingest failed: {view.error}", file=sys.stderr)
             return 1

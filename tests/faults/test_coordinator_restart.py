@@ -55,10 +55,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
 
 async def add_image(cluster: LocalCluster, archive: Path) -> m.ImageView:
     async with cluster.admin() as admin:
-        view = await admin.add_image(
-            m.CreateImage(ref=REF, source=m.ArchiveSource(path=str(archive)))
-        )
-        view = await admin.wait_image(REF)
+        view = await admin.ingest(m.CreateImage(ref=REF, source=m.ArchiveSource(path=str(archive))))
     assert view.state == "ready", view.error
     return view
 

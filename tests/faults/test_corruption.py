@@ -99,16 +99,13 @@ def flip_byte(path: Path, offset: int) -> None:
 
 
 async def add_image(admin: AdminClient, ref: str, archive: Path) -> m.ImageView:
-    view = await admin.add_image(m.CreateImage(ref=ref, source=m.ArchiveSource(path=str(archive))))
-    view = await admin.wait_image(ref)
+    view = await admin.ingest(m.CreateImage(ref=ref, source=m.ArchiveSource(path=str(archive))))
     assert view.state == "ready", view.error
     return view
 
 
 async def run_job(admin: AdminClient, ref: str, targets: list[str]) -> m.JobView:
-    job = await admin.create_job(m.CreateJob(image=ref, targets=targets))
-    job = await admin.wait_job(job.job_id)
-    return job
+    return await admin.distribute(m.CreateJob(image=ref, targets=targets))
 
 
 async def test_corrupt_seeder_is_routed_around_and_nothing_bad_is_held(

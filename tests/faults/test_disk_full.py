@@ -90,16 +90,14 @@ async def test_full_disk_fails_that_node_clearly_and_others_complete(
     store = cluster.agent_dir("small") / "store"
     async with asyncio.timeout(50), cluster.admin() as admin:
         source = m.ArchiveSource(path=str(image))
-        view = await admin.add_image(m.CreateImage(ref=REF, source=source))
-        view = await admin.wait_image(REF)
+        view = await admin.ingest(m.CreateImage(ref=REF, source=source))
         assert view.state == "ready", view.error
         payload = max(view.layers, key=lambda layer: layer.size)
         free_before = shutil.disk_usage(store).free
         assert payload.size > free_before  # the premise: it cannot fit
 
         async with InvariantMonitor(cluster) as inv:
-            job = await admin.create_job(m.CreateJob(image=REF, targets=["all"]))
-            job = await admin.wait_job(job.job_id)
+            job = await admin.distribute(m.CreateJob(image=REF, targets=["all"]))
         await inv.check_jobs(timeout=10)
 
     nodes = {n.node_id: n for n in job.nodes}

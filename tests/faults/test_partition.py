@@ -95,11 +95,9 @@ async def lab_cluster(tmp_path: Path) -> AsyncIterator[tuple[NetLab, LocalCluste
 
 async def _add_image(cluster: LocalCluster, archive: Path) -> m.ImageView:
     async with cluster.admin() as admin:
-        view = await admin.add_image(
-            m.CreateImage(ref=REF, source=m.ArchiveSource(path=str(archive)))
+        view = await admin.ingest(
+            m.CreateImage(ref=REF, source=m.ArchiveSource(path=str(archive))), timeout=30
         )
-        async with asyncio.timeout(30):
-            view = await admin.wait_image(REF)
     assert view.state == "ready", view.error
     return view
 

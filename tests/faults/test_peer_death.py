@@ -63,19 +63,14 @@ async def cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
 
 async def add_image(cluster: LocalCluster, archive: Path) -> m.ImageView:
     async with cluster.admin() as admin:
-        view = await admin.add_image(
-            m.CreateImage(ref=REF, source=m.ArchiveSource(path=str(archive)))
-        )
-        view = await admin.wait_image(REF)
+        view = await admin.ingest(m.CreateImage(ref=REF, source=m.ArchiveSource(path=str(archive))))
     assert view.state == "ready", view.error
     return view
 
 
 async def job_until_final(cluster: LocalCluster, job_id: str) -> m.JobView:
     async with cluster.admin() as admin:
-        job = await admin.job(job_id)
-        job = await admin.wait_job(job_id)
-    return job
+        return await admin.wait_job(job_id)
 
 
 async def pulling(cluster: LocalCluster, node: str, layer: str, min_bytes: int) -> str:

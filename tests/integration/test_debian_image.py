@@ -8,7 +8,6 @@ a container from it runs in a real dockerd.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import shutil
 import subprocess
@@ -96,17 +95,12 @@ async def test_debootstrapped_debian_distributes_and_runs(
 ) -> None:
     reference = push_image(debian_archive, f"{registry.host}/base/debian:min")
     async with cluster.admin() as admin:
-        view = await admin.add_image(
-            m.CreateImage(ref=REF, source=m.RegistrySource(reference=reference, insecure=True))
-        )
-        async with asyncio.timeout(180):
-            view = await admin.wait_image(REF)
+        source = m.RegistrySource(reference=reference, insecure=True)
+        view = await admin.ingest(m.CreateImage(ref=REF, source=source), timeout=180)
         assert view.state == "ready", view.error
         assert view.uncompressed_size > 50 * 1024 * 1024  # a real Debian userland
         assert view.size < view.uncompressed_size  # gzip blobs from the registry, unchanged
-        job = await admin.create_job(m.CreateJob(image=REF, targets=["all"]))
-        async with asyncio.timeout(240):
-            job = await admin.wait_job(job.job_id)
+        job = await admin.distribute(m.CreateJob(image=REF, targets=["all"]), timeout=240)
     assert job.state == "done", job.error
     loader = DockerLoader(dockerd.url)
     try:

@@ -32,19 +32,16 @@ CHUNK = 256 * 1024
 
 async def _add_image(cluster: LocalCluster, archive: Path) -> m.ImageView:
     async with cluster.admin() as admin:
-        view = await admin.add_image(
-            m.CreateImage(ref=REF, source=m.ArchiveSource(path=str(archive)))
+        view = await admin.ingest(
+            m.CreateImage(ref=REF, source=m.ArchiveSource(path=str(archive))), timeout=30
         )
-        view = await admin.wait_image(REF, timeout=30)
     assert view.state == "ready", view.error
     return view
 
 
 async def _run_job(cluster: LocalCluster, targets: list[str], timeout: float = 90) -> m.JobView:
     async with cluster.admin() as admin:
-        job = await admin.create_job(m.CreateJob(image=REF, targets=targets))
-        job = await admin.wait_job(job.job_id, timeout=timeout)
-    return job
+        return await admin.distribute(m.CreateJob(image=REF, targets=targets), timeout=timeout)
 
 
 def _blob_digest(cluster: LocalCluster, node: str, digest: str) -> str:

@@ -9,7 +9,6 @@ must equal the size of the union of the two images' layers.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -36,20 +35,15 @@ async def cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
 
 async def _add(cluster: LocalCluster, ref: str, reference: str) -> m.ImageView:
     async with cluster.admin() as admin:
-        view = await admin.add_image(
-            m.CreateImage(ref=ref, source=m.RegistrySource(reference=reference, insecure=True))
-        )
-        async with asyncio.timeout(60):
-            view = await admin.wait_image(ref)
+        source = m.RegistrySource(reference=reference, insecure=True)
+        view = await admin.ingest(m.CreateImage(ref=ref, source=source), timeout=60)
     assert view.state == "ready", view.error
     return view
 
 
 async def _distribute(cluster: LocalCluster, ref: str) -> m.JobView:
     async with cluster.admin() as admin:
-        job = await admin.create_job(m.CreateJob(image=ref, targets=["all"]))
-        async with asyncio.timeout(90):
-            job = await admin.wait_job(job.job_id)
+        job = await admin.distribute(m.CreateJob(image=ref, targets=["all"]), timeout=90)
     assert job.state == "done", job.error
     return job
 

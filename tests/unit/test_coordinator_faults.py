@@ -217,9 +217,7 @@ async def test_node_down_longer_than_the_timeout_fails_in_its_job(tmp_path: Path
             await ingest(admin, origin.c, img)
             d = await agent(r.url, "d")
             job = await admin.create_job(CreateJob(image=img.record.ref, targets=["d"]))
-            async with asyncio.timeout(10):
-                view = await admin.job(job.job_id)
-                view = await admin.wait_job(job.job_id)
+            view = await admin.wait_job(job.job_id, timeout=10)
             assert view.state == "failed"
             assert "node d down for" in view.nodes[0].error
             for x in (origin, d):
