@@ -24,10 +24,12 @@ collide; :func:`clean` removes what a crashed run left (``clean_stale`` does
 it for every lab whose creating process is gone). Addresses may repeat across
 labs: each lab's subnet lives only inside its own namespaces.
 
-Shaping: ``up_mbit`` is a ``tbf`` on the node's ``eth0`` (its upload),
-``down_mbit`` a ``tbf`` on the hub's ``v<i>`` (its download: the hub side's
-egress is the node's ingress, so no ifb is needed). ``netem`` is absent from
-the target kernel: latency and loss must be injected in user space.
+Shaping, all inside the node's own namespace as on a real host: ``up_mbit``
+is a ``tbf`` on ``eth0`` (egress: its upload); ``down_mbit`` redirects
+``eth0``'s ingress to an ``ifb0`` device with a ``mirred`` action and puts a
+``tbf`` on ``ifb0``'s egress (its download). Traffic a node sends to itself
+never crosses ``eth0`` and is not shaped. ``netem`` is absent from the target
+kernel: latency and loss must be injected in user space.
 
 Needs root and iproute2 (``ip``, ``tc``); :meth:`NetLab.check_prerequisites`
 says what is missing.
@@ -237,13 +239,25 @@ class NetLab:
             if shape.up_mbit:
                 self._tbf(ns, "eth0", shape.up_mbit)
             if shape.down_mbit:
-                self._tbf(hub, node.hub_if, shape.down_mbit)
+                self._ingress_tbf(ns, "eth0", shape.down_mbit)
 
     @staticmethod
     def _tbf(ns: str, dev: str, mbit: float) -> None:
         rate = f"{int(mbit * 1000)}kbit"
         _ip("netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate,
             "burst", "128kb", "latency", "50ms")  # fmt: skip
+
+    @classmethod
+    def _ingress_tbf(cls, ns: str, dev: str, mbit: float) -> None:
+        """Shape what ``dev`` receives: redirect its ingress to ``ifb0`` and shape that."""
+        _ip("-n", ns, "link", "add", "ifb0", "type", "ifb")
+        _ip("-n", ns, "link", "set", "ifb0", "up")
+        tc = ["netns", "exec", ns, "tc"]
+        _ip(*tc, "qdisc", "add", "dev", dev, "handle", "ffff:", "ingress")
+        _ip(*tc, "filter", "add", "dev", dev, "parent", "ffff:", "protocol", "all",
+            "u32", "match", "u32", "0", "0",
+            "action", "mirred", "egress", "redirect", "dev", "ifb0")  # fmt: skip
+        cls._tbf(ns, "ifb0", mbit)
 
     def down(self) -> None:
         """Stop the forwarders (by PID) and delete every namespace of this lab; idempotent.
