@@ -16,42 +16,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
-import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from agentsim import make_image, register_request
 from rainbowd import messages as m
-from rainbowd.chunks import MIN_CHUNK_SIZE, build_manifest
 from rainbowd.client import AgentClient
-from rainbowd.digest import sha256_digest
 from rainbowd.localcluster import LocalCluster
-
-
-def _register(node_id: str, join: str, roles: list[str]) -> m.RegisterRequest:
-    return m.RegisterRequest(
-        node_id=node_id,
-        join_token=join,
-        address="127.0.0.1",
-        ssh_port=1,
-        host_key=f"ssh-ed25519 HOST{node_id}",
-        client_key=f"ssh-ed25519 CLIENT{node_id}",
-        roles=roles,
-    )
-
-
-def _image(ref: str) -> tuple[m.ImageRecord, list[m.ChunkManifest]]:
-    man = build_manifest(io.BytesIO(os.urandom(100_000)), chunk_size=MIN_CHUNK_SIZE)
-    config = json.dumps({"architecture": "amd64", "os": "linux", "ref": ref})
-    layer = m.LayerRef(digest=man.digest, size=man.size, media_type="x", diff_id=man.digest)
-    rec = m.ImageRecord(
-        ref=ref, config_digest=sha256_digest(config.encode()), config=config, layers=[layer]
-    )
-    return rec, [man]
 
 
 async def run(rounds: int) -> dict[str, float]:
@@ -72,12 +47,12 @@ async def _measure(cluster: LocalCluster, rounds: int) -> dict[str, float]:
         cluster.admin() as admin,
     ):
         for client, nid, roles in ((origin, "origin", ["origin"]), (demander, "d1", [])):
-            reply = await client.register(_register(nid, cluster.join_token, roles))
+            reply = await client.register(register_request(nid, cluster.join_token, roles))
             client.set_credential(nid, reply.credential)
         o_cursor = d_cursor = 0
         for i in range(rounds):
             ref = f"bench/img:{i}"
-            record, manifests = _image(ref)
+            record, manifests = make_image(ref)
             await admin.add_image(m.CreateImage(ref=ref, source=m.ArchiveSource(path="/x")))
             batch = await origin.assignments(o_cursor, 0, 5)
             o_cursor = batch.cursor
