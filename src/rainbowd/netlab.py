@@ -121,11 +121,21 @@ def clean(prefix: str) -> list[str]:
 
 
 def clean_stale() -> list[str]:
-    """Remove the labs of every process that no longer exists (crashed test runs)."""
+    """Remove the labs of every process that no longer exists (crashed runs).
+
+    Whatever still runs inside such a lab is killed first (by PID, from
+    ``ip netns pids``): its owner is gone, and a namespace with a process in
+    it would outlive its deletion. Labs of live processes are left alone.
+    """
     removed = []
     for ns in list_netns():
         m = _LAB_NS.match(ns)
         if m and not _alive(int(m.group(1))):
+            for pid in _ip("netns", "pids", ns, check=False).stdout.split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
             _ip("netns", "del", ns, check=False)
             removed.append(ns)
     return removed

@@ -221,10 +221,15 @@ def test_clean_stale_removes_labs_of_dead_processes_only(lab: NetLab) -> None:
     dead.wait()
     orphan = NetLab(["a"], prefix=f"rbd{dead.pid}-0")
     orphan.up()
+    left_running = subprocess.Popen([*orphan.exec_prefix("a"), "sleep", "120"])
     try:
         removed = clean_stale()
         assert set(removed) == {orphan.hub_netns, orphan.netns("a")}
+        # what the dead run left running in its lab is killed, not orphaned
+        assert left_running.wait(timeout=10) == -9
         # the live lab (this process) is untouched
         assert {lab.hub_netns, lab.netns("a"), lab.netns("b")} <= set(list_netns())
     finally:
+        left_running.kill()
+        left_running.wait()
         orphan.down()

@@ -1,0 +1,1 @@
+"""Benchmarks, the emulated cluster lab (bench/lab) and the simulator (bench/sim)."""

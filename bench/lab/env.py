@@ -1,0 +1,177 @@
+"""LabEnv: a profile's cluster as network namespaces, and the owner of every process in it.
+
+One :class:`LabEnv` is built per run; the systems under test (rbd, the
+registry-only pull, the BitTorrent swarm) run in it one after the other, so
+they all see the same shaped links. The origin node and every demander of the
+profile get a namespace (rainbowd.netlab) shaped with its up/down rates; the
+hub namespace is unshaped and holds what is not a node (the rbd coordinator).
+
+Every process a system starts goes through :meth:`LabEnv.spawn`: it runs
+inside its node's namespace, logs to ``<workdir>/logs/<name>.log``, dies with
+the lab runner (``PR_SET_PDEATHSIG``, kept across ``ip netns exec``'s exec)
+and is stopped by PID in :meth:`LabEnv.stop_processes` -- which every system
+calls when it is done, and :meth:`LabEnv.down` calls again, so nothing outlives
+a crash or a Ctrl-C. ``python -m bench.lab clean`` removes what a killed
+runner (``kill -9``) could not.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+from rainbowd.netlab import HUB, NetLab, Shape, clean_stale
+from rainbowd.profile import ORIGIN, ClusterProfile
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@dataclass
+class _Running:
+    name: str
+    node: str
+    popen: subprocess.Popen[bytes]
+    log: IO[bytes]
+
+
+@dataclass
+class LabEnv:
+    """A shaped NetLab for ``profile`` plus process ownership; use as a context manager."""
+
+    profile: ClusterProfile
+    workdir: Path
+    #: the docker-archive every system distributes (already built)
+    image: Path
+    lab: NetLab = field(init=False)
+    _procs: list[_Running] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        shapes = {
+            n.name: Shape(up_mbit=n.up_mbit, down_mbit=n.down_mbit) for n in self.profile.all_nodes
+        }
+        self.lab = NetLab([n.name for n in self.profile.all_nodes], shapes=shapes)
+
+    # -- lifecycle ---------------------------------------------------------
+    def __enter__(self) -> LabEnv:
+        self.up()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.down()
+
+    def up(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.lab.up()
+
+    def down(self) -> None:
+        """Stop every process (by PID), then delete every namespace; idempotent."""
+        try:
+            self.stop_processes()
+        finally:
+            self.lab.down()
+
+    # -- nodes -------------------------------------------------------------
+    @property
+    def origin(self) -> str:
+        return ORIGIN
+
+    @property
+    def demanders(self) -> list[str]:
+        """Every node but the origin, in profile order."""
+        return [n.name for n in self.profile.nodes]
+
+    def address(self, node: str) -> str:
+        """``node``'s address on the lab bridge (``"hub"`` for the hub)."""
+        return self.lab.address(node)
+
+    @property
+    def hub(self) -> str:
+        return HUB
+
+    def node_dir(self, system: str, node: str) -> Path:
+        """A fresh per-system, per-node directory (on the shared file system)."""
+        d = self.workdir / system / node
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    # -- processes ---------------------------------------------------------
+    def spawn(
+        self,
+        node: str,
+        name: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """Start ``argv`` inside ``node``'s namespace; its output goes to logs/<name>.log."""
+        log_path = self.log_path(name)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(log_path, "ab")
+        try:
+            p = subprocess.Popen(
+                [*self.lab.exec_prefix(node), *argv],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=cwd,
+                env={**os.environ, **(env or {})},
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        except BaseException:
+            log.close()
+            raise
+        self._procs.append(_Running(name, node, p, log))
+        return p
+
+    def log_path(self, name: str) -> Path:
+        return self.workdir / "logs" / f"{name}.log"
+
+    def log_tail(self, name: str, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path(name).read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop_processes(self, grace: float = 5.0) -> None:
+        """SIGTERM every process started here, SIGKILL what lingers after ``grace``; reap all."""
+        procs, self._procs = self._procs, []
+        for r in procs:
+            if r.popen.poll() is None:
+                r.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for r in procs:
+            try:
+                r.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                r.popen.kill()
+                r.popen.wait()
+            r.log.close()
+
+
+def clean() -> list[str]:
+    """Remove the labs of runs that are gone (their processes killed by PID); names removed.
+
+    A runner killed with SIGKILL cannot tear down; its children die with it
+    (``PR_SET_PDEATHSIG``) but its namespaces stay. Only labs whose creating
+    process no longer exists are touched, so a run in progress is left alone.
+    """
+    return clean_stale()
