@@ -47,6 +47,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--listen", help=f"HOST:PORT to serve on (default {config.DEFAULT_LISTEN})")
     run.add_argument("--heartbeat-interval", type=float, help="seconds (default 2.0)")
     run.add_argument("--chunk-size", type=int, help="bytes per chunk for new ingests")
+    run.add_argument("--policy", help="scheduling policy (default paper)")
     run.add_argument(
         "--node-down-timeout",
         type=float,
@@ -77,6 +78,7 @@ def _settings(args: argparse.Namespace) -> config.CoordinatorConfig:
         "listen",
         "heartbeat_interval",
         "chunk_size",
+        "policy",
         "node_down_timeout",
         "seeder_fault_limit",
         "log_level",

@@ -17,7 +17,6 @@ runner (``kill -9``) could not.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -28,14 +27,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
+from rainbowd.localcluster import die_with_parent
 from rainbowd.netlab import HUB, NetLab, Shape, clean_stale
 from rainbowd.profile import ORIGIN, ClusterProfile
-
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 @dataclass
@@ -134,7 +128,7 @@ class LabEnv:
                 cwd=cwd,
                 env={**os.environ, **(env or {})},
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         except BaseException:
             log.close()

@@ -88,6 +88,7 @@ class LocalCluster:
         port: int = 0,
         admin_url: str = "",
         prefix_for: Callable[[str], Sequence[str]] | None = None,
+        policy: str = "",
     ) -> None:
         self.root = Path(root)
         self.nodes = {n.node_id: n for n in nodes}
@@ -98,6 +99,7 @@ class LocalCluster:
         self.port = port
         self._admin_url = admin_url
         self.prefix_for = prefix_for
+        self.policy = policy
         self.join_token = secrets.token_urlsafe(24)
         self.admin_token = secrets.token_urlsafe(24)
         self._procs: dict[str, _Proc] = {}
@@ -172,6 +174,8 @@ class LocalCluster:
         ]
         if self.chunk_size:
             argv += ["--chunk-size", str(self.chunk_size)]
+        if self.policy:
+            argv += ["--policy", self.policy]
         self._spawn("coordinator", "coordinator", argv)
         await self._wait_health(timeout)
 
@@ -212,6 +216,7 @@ class LocalCluster:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            preexec_fn=die_with_parent,
         )
         self._procs[name] = proc
 
@@ -299,6 +304,17 @@ class LocalCluster:
 
     async def agent_status(self, node_id: str) -> dict[str, Any]:
         return await fetch_status(self.status_socket(node_id))
+
+
+def die_with_parent() -> None:
+    """For ``preexec_fn``: the child gets SIGKILL when its parent dies (``PR_SET_PDEATHSIG``).
+
+    Kept across exec (also ``ip netns exec``'s), so a cluster whose runner
+    was killed with SIGKILL does not live on without an owner.
+    """
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)
 
 
 def _write_secret(path: Path, value: str) -> None:

@@ -1,0 +1,105 @@
+"""rbd in the lab: the real coordinator and agents, one agent per node namespace.
+
+The coordinator runs in the hub (unshaped: its traffic is control messages),
+the origin agent and every demander in their own shaped namespaces, each
+started exactly as systemd would (rainbowd.localcluster). Untimed set-up:
+start everything, wait until every node is up, ingest the image at the
+origin. Timed: from the job's creation (``rbd distribute IMAGE --to all``)
+until each node holds every layer, checked chunk by chunk and by digest --
+the coordinator's own per-node ``finished_at``. Speed hints are the profile's
+upload rates, as an operator would configure ``speed_hint_mbps``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rainbowd import messages as m
+from rainbowd.localcluster import LocalCluster, NodeSpec
+
+from .env import LabEnv
+from .result import SystemResult
+
+COORDINATOR_PORT = 7700
+REF = "rbd-demo:latest"
+
+
+class RbdSystem:
+    """``rbd`` with one scheduling policy; named ``rbd`` for ``paper``, ``rbd:<policy>`` else."""
+
+    def __init__(self, policy: str = "paper", *, start_timeout: float = 300.0) -> None:
+        self.policy = policy
+        self.name = "rbd" if policy == "paper" else f"rbd:{policy}"
+        self.start_timeout = start_timeout
+
+    def _cluster(self, env: LabEnv) -> LocalCluster:
+        lab = env.lab
+        admin_port = lab.forward(env.hub, COORDINATOR_PORT)
+        specs = [
+            NodeSpec(
+                n.name,
+                roles=["origin"] if n.name == env.origin else [],
+                host=env.address(n.name),
+                speed_hint_mbps=n.up_mbit,
+            )
+            for n in env.profile.all_nodes
+        ]
+        return LocalCluster(
+            env.workdir / self.name.replace(":", "-"),
+            specs,
+            host=env.address(env.hub),
+            port=COORDINATOR_PORT,
+            admin_url=f"http://127.0.0.1:{admin_port}",
+            prefix_for=lambda name: lab.exec_prefix(env.hub if name == "coordinator" else name),
+            chunk_size=env.profile.chunk_size,
+            heartbeat_interval=env.profile.heartbeat_interval,
+            policy=self.policy,
+            log_level="warning",
+        )
+
+    async def run(self, env: LabEnv, *, timeout: float) -> SystemResult:
+        result = SystemResult(self.name, notes={"policy": self.policy})
+        cluster = self._cluster(env)
+        try:
+            await cluster.start(timeout=self.start_timeout)
+            async with cluster.admin() as admin:
+                image = await admin.ingest(
+                    m.CreateImage(ref=REF, source=m.ArchiveSource(path=str(env.image))),
+                    timeout=120,
+                )
+                if image.state != "ready":
+                    raise RuntimeError(f"rbd: ingest of {REF} at the origin failed: {image.error}")
+                job = await admin.create_job(m.CreateJob(image=REF, targets=["all"]))
+                try:
+                    final = await admin.wait_job(job.job_id, timeout=timeout)
+                except TimeoutError:
+                    final = await admin.job(job.job_id)
+            self._collect(final, set(env.demanders), result, timeout)
+        finally:
+            await cluster.stop()
+        return result
+
+    @staticmethod
+    def _collect(job: m.JobView, demanders: set[str], result: SystemResult, timeout: float) -> None:
+        transfers: list[dict[str, Any]] = []
+        for n in job.nodes:
+            if n.node_id not in demanders:
+                continue  # the origin is a target of "all" too; it holds the image already
+            if n.state == "done" and n.finished_at:
+                result.node_seconds[n.node_id] = n.finished_at - job.created_at
+            else:
+                why = n.error or f"state {n.state} after {timeout:.0f} s"
+                result.failed[n.node_id] = why
+            transfers += [
+                {"layer": t.layer, "seeder": t.seeder, "demander": n.node_id} for t in n.transfers
+            ]
+        from_origin = sum(1 for t in transfers if t["seeder"] == "origin")
+        result.notes.update(
+            {
+                "job": job.job_id,
+                "job_state": job.state,
+                "wire_bytes": job.wire_bytes,
+                "transfers": len(transfers),
+                "transfers_from_origin": from_origin,
+            }
+        )
