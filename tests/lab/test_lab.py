@@ -1,0 +1,153 @@
+"""The lab on the ``ci`` profile: every system side by side, the bound, and clean teardown.
+
+Real parts throughout: network namespaces shaped with tbf (upload) and
+ifb + tbf (download), the real rbd-coordinator and rbd-agent processes, the
+real docker-registry with skopeo clients, and a real BitTorrent swarm
+(opentracker, mktorrent, aria2c). The CI run is the ``ci`` profile (6 nodes,
+a 4 MB image); the ``paper`` profile is the same code with more nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.lab.__main__ import make_system, resolve_profile, run_lab
+from rainbowd.imagebuild import BUSYBOX
+from rainbowd.netlab import NetLab, list_netns
+from testdeps import missing_dependency
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+SYSTEMS = ["rbd", "registry", "bittorrent"]
+TOOLS = {
+    "docker-registry": "docker-registry",
+    "skopeo": "skopeo",
+    "opentracker": "opentracker",
+    "mktorrent": "mktorrent",
+    "aria2c": "aria2",
+}
+
+
+@pytest.fixture(autouse=True)
+def _needs_lab() -> None:
+    reason = NetLab.prerequisites_missing()
+    if reason:
+        missing_dependency(reason)
+    if not BUSYBOX.is_file():
+        missing_dependency(f"{BUSYBOX} missing: apt-get install busybox-static")
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """PIDs whose command line mentions ``text`` (our work dir): what a run left running."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if text.encode() in (d / "cmdline").read_bytes():
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+def _lab_namespaces(pid: int) -> list[str]:
+    return [ns for ns in list_netns() if ns.startswith(f"rbd{pid}-")]
+
+
+async def test_ci_profile_runs_every_system_against_the_bound(tmp_path: Path) -> None:
+    import shutil
+
+    for tool, pkg in TOOLS.items():
+        if shutil.which(tool) is None:
+            missing_dependency(f"{tool} not found: apt-get install {pkg}")
+    profile = resolve_profile("ci")
+    systems = [make_system(s) for s in SYSTEMS]
+    report = await run_lab(profile, systems, tmp_path / "work", timeout=120, say=False)
+
+    t_star = report.bound.t_star
+    assert t_star > 0
+    for r in report.results:
+        assert r.complete, f"{r.system}: {r.failed} {r.notes}"
+        assert set(r.node_seconds) == {n.name for n in profile.nodes}
+        # nobody beats physics (tbf's 128 kB burst lets a node start a hair early)
+        assert r.total >= 0.9 * t_star, (r.system, r.total, t_star)
+        assert all(s > 0 for s in r.node_seconds.values())
+
+    js, png = report.write(tmp_path / "out")
+    doc = json.loads(js.read_text())
+    assert doc["profile"] == "ci" and doc["t_star"] == pytest.approx(t_star)
+    assert set(doc["systems"]) == set(SYSTEMS)
+    for s in doc["systems"].values():
+        assert s["ratio"] == pytest.approx(s["total"] / t_star)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = report.table()
+    assert "T* =" in table and all(s in table for s in SYSTEMS)
+    assert not _lab_namespaces(os.getpid())
+    assert not _processes_mentioning(str(tmp_path / "work"))
+
+
+def _start_run(workdir: Path) -> subprocess.Popen[str]:
+    p = subprocess.Popen(
+        [sys.executable, "-m", "bench.lab", "run", "--profile", "ci", "--systems", "rbd",
+         "--workdir", str(workdir), "--out", str(workdir / "out"), "--timeout", "120"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    assert p.stdout is not None
+    deadline = time.monotonic() + 60
+    seen = []
+    while time.monotonic() < deadline:
+        line = p.stdout.readline()
+        seen.append(line)
+        if "running rbd" in line:
+            # the agents are starting: the lab is up and has processes in it
+            time.sleep(2)
+            return p
+        if not line and p.poll() is not None:
+            break
+    p.kill()
+    pytest.fail("lab run did not get to rbd:\n" + "".join(seen))
+
+
+def test_ctrl_c_tears_the_lab_down(tmp_path: Path) -> None:
+    p = _start_run(tmp_path)
+    assert _lab_namespaces(p.pid), "the lab should be up while rbd runs"
+    p.send_signal(signal.SIGINT)
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == 130, out
+    assert "torn down" in out
+    assert not _lab_namespaces(p.pid)
+    assert not _processes_mentioning(str(tmp_path))
+
+
+def test_a_killed_run_is_removed_by_clean(tmp_path: Path) -> None:
+    p = _start_run(tmp_path)
+    p.kill()  # SIGKILL: no teardown at all
+    p.wait(timeout=10)
+    assert _lab_namespaces(p.pid), "a killed run leaves its namespaces"
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.lab", "clean"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "removed" in r.stdout
+    assert not _lab_namespaces(p.pid)
+    # its processes died with it (PR_SET_PDEATHSIG) or were killed by clean
+    deadline = time.monotonic() + 10
+    while _processes_mentioning(str(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _processes_mentioning(str(tmp_path))
