@@ -1,4 +1,4 @@
-"""Lab tests import the lab from bench/ (not an installed package): put the repo root on sys.path."""
+"""Lab tests import bench.lab (not an installed package): the repo root goes on sys.path."""
 
 from __future__ import annotations
 
