@@ -28,12 +28,32 @@ bad bytes is slowed down in the ranking (:meth:`Scheduler.penalize`). After a
 coordinator restart the transfers agents are still running are taken back
 with :meth:`Scheduler.adopt`, so no demander is handed a second transfer of a
 layer it is already pulling.
+
+Cost. The coordinator calls :meth:`Scheduler.schedule` after every event (each
+heartbeat, report and job), and the simulator runs clusters of 10,000 nodes,
+so nothing here rescans the cluster per call. Standing indexes answer the two
+questions Algorithm 1 asks, and are updated as events arrive:
+
+* *who may seed layer L*: per layer, the idle holders sorted by
+  (speed descending, node id) -- the order the published algorithm's seeder
+  queue pops them in;
+* *who waits for layer L*: per layer, a heap of the free demanders that need
+  it, keyed by their longest-waiting demand (lazy: an entry carries the
+  demander's version and is dropped when that is stale).
+
+A call then walks the idle holders of the layers someone waits for, fastest
+first, and stops once no waiting demander is left for any layer an idle
+seeder could serve. It costs about the transfers it starts (times the layers a
+seeder holds), not seeders x demanders, and makes exactly the decisions of the
+plain algorithm (tests/unit/test_scheduler.py keeps that as a reference and
+compares the two on random event sequences).
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -41,6 +61,11 @@ from dataclasses import dataclass, field
 DEFAULT_SPEED_BPS = 12.5e6
 
 POLICIES = ("paper",)
+
+#: a seeder's place in the idle-holder lists: faster first, then by node id
+_SeederKey = tuple[float, str]
+#: a waiting demander in a layer's heap: (seq of its longest-waiting demand, node id, version)
+_WaitEntry = tuple[int, str, int]
 
 
 class SchedulerError(ValueError):
@@ -62,6 +87,15 @@ class Transfer:
 
 
 @dataclass
+class _Demand:
+    node_id: str
+    layer: str
+    job_id: str
+    since: float
+    seq: int
+
+
+@dataclass
 class _Node:
     node_id: str
     speed_bps: float
@@ -70,15 +104,29 @@ class _Node:
     holdings: set[str] = field(default_factory=set)
     sending: str | None = None  # transfer id while seeding
     receiving: str | None = None  # transfer id while demanding
+    # -- indexes (see the module docstring, "Cost") --
+    # layer -> its open demand, in arrival order (= image layer order)
+    demands: dict[str, _Demand] = field(default_factory=dict)
+    # layer -> active transfers bringing it here (more than one only through adopt)
+    pulling: dict[str, int] = field(default_factory=dict)
+    # active transfers it sends or receives, in start order
+    transfers: dict[str, Transfer] = field(default_factory=dict)
+    # bumped whenever its standing as a waiting demander changes: older heap entries are stale
+    version: int = 0
+    # its key in the idle-holder lists of its layers; None while it cannot seed
+    idle_key: _SeederKey | None = None
 
+    @property
+    def free_demander(self) -> bool:
+        return self.up and not self.suspect and self.receiving is None
 
-@dataclass
-class _Demand:
-    node_id: str
-    layer: str
-    job_id: str
-    since: float
-    seq: int
+    @property
+    def free_seeder(self) -> bool:
+        return self.up and not self.suspect and self.sending is None
+
+    def first_wanted(self) -> _Demand | None:
+        """Its longest-waiting demand not already in flight (it ranks the node as a demander)."""
+        return next((d for layer, d in self.demands.items() if layer not in self.pulling), None)
 
 
 class Scheduler:
@@ -99,21 +147,35 @@ class Scheduler:
         self._new_id = new_id or (lambda: f"t{next(counter)}")
         self._seq = itertools.count()
         self._nodes: dict[str, _Node] = {}
-        # (node, layer) -> demand, insertion-ordered per node = image layer order
+        # (node, layer) -> demand, in arrival order (pending() reports this order)
         self._demands: dict[tuple[str, str], _Demand] = {}
         self._active: dict[str, Transfer] = {}
         # (demander, seeder) -> time until which that seeder is not used for that demander
         self._avoid: dict[tuple[str, str], float] = {}
+        # layer -> nodes holding it
+        self._holders: dict[str, set[str]] = {}
+        # layer -> idle holders (up, not suspect, not sending), sorted by _SeederKey
+        self._idle: dict[str, list[_SeederKey]] = {}
+        # layer -> heap of free demanders needing it; entries with an old version are stale
+        self._waiting: dict[str, list[_WaitEntry]] = {}
+        # layer -> open demands of it (bounds the stale entries a heap may keep)
+        self._demand_count: dict[str, int] = {}
 
     # -- nodes -----------------------------------------------------------
     def add_node(self, node_id: str, speed_bps: float = 0.0, holdings: Iterable[str] = ()) -> None:
-        """Add (or bring back up) a node; its holdings make it a seeder."""
+        """Add (or bring back up) a node; its holdings make it a seeder.
+
+        A known node keeps its measured speed (``speed_bps`` is only the first
+        estimate, e.g. the agent's configured hint).
+        """
         node = self._nodes.get(node_id)
         if node is None:
             node = _Node(node_id, speed_bps or self.default_speed_bps)
             self._nodes[node_id] = node
         node.up = True
         node.suspect = False
+        self._touch(node)
+        self._sync_idle(node)
         for layer in holdings:
             self.add_holding(node_id, layer)
 
@@ -131,9 +193,11 @@ class Scheduler:
         """
         node = self._node(node_id)
         node.up = False
+        self._touch(node)
+        self._sync_idle(node)
         aborted = [
             t
-            for t in self._active.values()
+            for t in node.transfers.values()
             if t.demander == node_id or (t.seeder == node_id and not self._nodes[t.demander].up)
         ]
         for t in aborted:
@@ -147,7 +211,10 @@ class Scheduler:
         others); it just stops being chosen, so a dead seeder is not picked
         again in the seconds before its missed heartbeats mark it down.
         """
-        self._node(node_id).suspect = True
+        node = self._node(node_id)
+        node.suspect = True
+        self._touch(node)
+        self._sync_idle(node)
 
     def is_suspect(self, node_id: str) -> bool:
         return self._node(node_id).suspect
@@ -161,45 +228,81 @@ class Scheduler:
         """Scale a seeder's performance down (it sent bad bytes); returns the new speed."""
         node = self._node(node_id)
         node.speed_bps = max(1.0, node.speed_bps * factor)
+        self._sync_idle(node)
         return node.speed_bps
 
     def observe_speed(self, node_id: str, bytes_per_second: float) -> None:
         """Measured upload performance of a node (its last distribution)."""
         if bytes_per_second > 0:
-            self._node(node_id).speed_bps = bytes_per_second
+            node = self._node(node_id)
+            node.speed_bps = bytes_per_second
+            self._sync_idle(node)
 
     def speed(self, node_id: str) -> float:
         return self._node(node_id).speed_bps
 
     def add_holding(self, node_id: str, layer: str) -> None:
         node = self._node(node_id)
-        node.holdings.add(layer)
-        self._demands.pop((node_id, layer), None)
+        if layer not in node.holdings:
+            node.holdings.add(layer)
+            self._holders.setdefault(layer, set()).add(node_id)
+            if node.idle_key is not None:
+                insort(self._idle.setdefault(layer, []), node.idle_key)
+        if self._drop_demand(node, layer):
+            self._touch(node)
 
     def holds(self, node_id: str, layer: str) -> bool:
         return layer in self._node(node_id).holdings
 
     def holders(self, layer: str) -> list[str]:
-        return sorted(n.node_id for n in self._nodes.values() if layer in n.holdings)
+        return sorted(self._holders.get(layer, ()))
 
     # -- demands ---------------------------------------------------------
     def demand(self, node_id: str, layer: str, job_id: str, now: float) -> bool:
         """``node_id`` needs ``layer``; False if it holds it or already asked."""
         node = self._node(node_id)
-        if layer in node.holdings or (node_id, layer) in self._demands:
+        if layer in node.holdings or layer in node.demands:
             return False
-        self._demands[(node_id, layer)] = _Demand(node_id, layer, job_id, now, next(self._seq))
+        d = _Demand(node_id, layer, job_id, now, next(self._seq))
+        self._demands[(node_id, layer)] = d
+        node.demands[layer] = d
+        self._demand_count[layer] = self._demand_count.get(layer, 0) + 1
+        if node.free_demander and layer not in node.pulling:
+            # the newest demand never changes the node's rank (its oldest wanted
+            # demand), so its other heap entries stay valid: add just this one
+            first = node.first_wanted()
+            assert first is not None
+            self._push_waiting(layer, (first.seq, node_id, node.version))
         return True
 
     def cancel_demand(self, node_id: str, layer: str) -> None:
-        self._demands.pop((node_id, layer), None)
+        node = self._nodes.get(node_id)
+        if node is not None and self._drop_demand(node, layer):
+            self._touch(node)
 
     def pending(self) -> list[tuple[str, str]]:
         """(node, layer) demands not yet satisfied, in arrival order."""
         return list(self._demands)
 
     def active(self) -> list[Transfer]:
+        """Every active transfer, in start order (a copy: O(transfers))."""
         return list(self._active.values())
+
+    def active_for(self, node_id: str) -> list[Transfer]:
+        """Active transfers ``node_id`` sends or receives, in start order; [] for an unknown node.
+
+        Costs what it returns, so per-node hot paths (a heartbeat checking the
+        transfers of one agent) need not scan every transfer of the cluster.
+        """
+        node = self._nodes.get(node_id)
+        return list(node.transfers.values()) if node is not None else []
+
+    def is_demanding(self, node_id: str) -> bool:
+        """Whether ``node_id`` receives a transfer or waits for a layer (O(its transfers))."""
+        node = self._nodes.get(node_id)
+        if node is None:
+            return False
+        return bool(node.demands) or any(t.demander == node_id for t in node.transfers.values())
 
     def is_active(self, transfer_id: str) -> bool:
         return transfer_id in self._active
@@ -222,62 +325,110 @@ class Scheduler:
             raise SchedulerError(
                 f"transfer {t.transfer_id}: seeder and demander are both {t.seeder}"
             )
-        self._active[t.transfer_id] = t
-        if seeder.sending is None:
-            seeder.sending = t.transfer_id
-        if demander.receiving is None:
-            demander.receiving = t.transfer_id
+        self._lock(t, seeder, demander)
+        self._touch(demander)
+        self._sync_idle(seeder)
         return t
 
     def receiving(self, node_id: str, layer: str) -> Transfer | None:
         """The active transfer bringing ``layer`` to ``node_id``, if any."""
+        node = self._nodes.get(node_id)
+        if node is None:
+            return None
         return next(
-            (t for t in self._active.values() if t.demander == node_id and t.layer == layer), None
+            (t for t in node.transfers.values() if t.demander == node_id and t.layer == layer),
+            None,
         )
 
     # -- the algorithm ---------------------------------------------------
     def schedule(self, now: float) -> list[Transfer]:
-        """Start every transfer Algorithm 1 allows right now."""
-        in_flight = {(t.demander, t.layer) for t in self._active.values()}
-        self._avoid = {k: v for k, v in self._avoid.items() if v > now}
-        wanted: dict[str, list[_Demand]] = {}
-        for key, d in self._demands.items():
-            if key in in_flight:
-                continue
-            demander = self._nodes[d.node_id]
-            if demander.up and not demander.suspect and demander.receiving is None:
-                wanted.setdefault(d.node_id, []).append(d)
-        if not wanted:
+        """Start every transfer Algorithm 1 allows right now.
+
+        Idle seeders are taken fastest first; each goes to the longest-waiting
+        free demander (not kept away from it by :meth:`avoid`) that needs a
+        layer it holds, and sends that demander the first such layer in image
+        order. A seeder nobody can use stays idle.
+        """
+        if self._avoid:
+            self._avoid = {k: v for k, v in self._avoid.items() if v > now}
+        # layers some free demander waits for
+        live: dict[str, list[_WaitEntry]] = {}
+        for layer, heap in list(self._waiting.items()):
+            if self._top(heap) is None:
+                del self._waiting[layer]
+            else:
+                live[layer] = heap
+        if not live:
             return []
-        wanted_layers = {d.layer for ds in wanted.values() for d in ds}
-        idle = [
-            (-n.speed_bps, n.node_id)
-            for n in self._nodes.values()
-            if n.up and not n.suspect and n.sending is None and n.holdings & wanted_layers
-        ]
-        heapq.heapify(idle)
-        # demanders compete in order of their longest-waiting demand
-        order = sorted(wanted, key=lambda nid: min(d.seq for d in wanted[nid]))
+        # merge the idle-holder lists of those layers: (seeder key, layer, index in that list)
+        frontier = [(idle[0], layer, 0) for layer in live if (idle := self._idle.get(layer))]
+        heapq.heapify(frontier)
+        seen: set[str] = set()
         started: list[Transfer] = []
-        while idle and order:
-            _, seeder_id = heapq.heappop(idle)
+        while frontier and live:
+            key, layer, i = heapq.heappop(frontier)
+            if layer not in live:
+                continue  # nobody waits for it any more
+            idle = self._idle[layer]
+            if i + 1 < len(idle):
+                heapq.heappush(frontier, (idle[i + 1], layer, i + 1))
+            seeder_id = key[1]
+            if seeder_id in seen:
+                continue  # came up earlier through another layer it holds
+            seen.add(seeder_id)
             seeder = self._nodes[seeder_id]
-            for demander_id in order:
-                if demander_id == seeder_id or (demander_id, seeder_id) in self._avoid:
-                    continue
-                demand = next((d for d in wanted[demander_id] if d.layer in seeder.holdings), None)
-                if demand is None:
-                    continue
-                t = self._start(seeder, demand, now, idle)
-                started.append(t)
-                order.remove(demander_id)
-                break
+            demander = self._pick(seeder, live)
+            if demander is None:
+                continue
+            demand = next(
+                d
+                for lr, d in demander.demands.items()
+                if lr in seeder.holdings and lr not in demander.pulling
+            )
+            started.append(self._start(seeder, demander, demand, now))
+            for lr in demander.demands:
+                if lr in live and self._top(live[lr]) is None:
+                    del live[lr]
+        # the idle lists stay as they were during the walk; now take the seeders out
+        for t in started:
+            self._sync_idle(self._nodes[t.seeder])
         return started
 
-    def _start(
-        self, seeder: _Node, demand: _Demand, now: float, idle_left: list[tuple[float, str]]
-    ) -> Transfer:
-        others = sum(1 for _, nid in idle_left if demand.layer in self._nodes[nid].holdings)
+    def _pick(self, seeder: _Node, live: dict[str, list[_WaitEntry]]) -> _Node | None:
+        """The longest-waiting free demander that ``seeder`` may serve, or None."""
+        if len(seeder.holdings) < len(live):
+            layers = [lr for lr in seeder.holdings if lr in live]
+        else:
+            layers = [lr for lr in live if lr in seeder.holdings]
+        best: _WaitEntry | None = None
+        for layer in layers:
+            entry = self._first_allowed(live[layer], seeder.node_id)
+            if entry is not None and (best is None or entry < best):
+                best = entry
+        return None if best is None else self._nodes[best[1]]
+
+    def _first_allowed(self, heap: list[_WaitEntry], seeder_id: str) -> _WaitEntry | None:
+        """The top valid entry of ``heap`` whose demander may be paired with ``seeder_id``."""
+        top = self._top(heap)
+        if top is None or self._allowed(top[1], seeder_id):
+            return top
+        kept_away: list[_WaitEntry] = []
+        while top is not None and not self._allowed(top[1], seeder_id):
+            kept_away.append(heapq.heappop(heap))
+            top = self._top(heap)
+        for entry in kept_away:
+            heapq.heappush(heap, entry)
+        return top
+
+    def _allowed(self, demander_id: str, seeder_id: str) -> bool:
+        return demander_id != seeder_id and (demander_id, seeder_id) not in self._avoid
+
+    def _start(self, seeder: _Node, demander: _Node, demand: _Demand, now: float) -> Transfer:
+        # the idle lists are those of the start of this schedule() call, so the
+        # holders after this seeder in its layer's list are the slower idle ones left
+        idle = self._idle[demand.layer]
+        assert seeder.idle_key is not None
+        others = len(idle) - bisect_right(idle, seeder.idle_key)
         reason = (
             f"{self.policy}: fastest idle seeder holding the layer "
             f"({seeder.speed_bps / 1e6:.1f} MB/s measured; {others} slower idle holder(s) left)"
@@ -286,44 +437,131 @@ class Scheduler:
             transfer_id=self._new_id(),
             layer=demand.layer,
             seeder=seeder.node_id,
-            demander=demand.node_id,
+            demander=demander.node_id,
             job_id=demand.job_id,
             started_at=now,
             reason=reason,
             seeder_speed_bps=seeder.speed_bps,
         )
-        seeder.sending = t.transfer_id
-        self._nodes[demand.node_id].receiving = t.transfer_id
-        self._active[t.transfer_id] = t
+        self._lock(t, seeder, demander)
+        self._touch(demander)
         return t
 
     # -- outcomes --------------------------------------------------------
     def complete(self, transfer_id: str, now: float, bytes_moved: int = 0) -> Transfer:
-        """The demander verified the layer: it becomes a seeder of it."""
-        t = self._take(transfer_id)
+        """The demander verified the layer: it becomes a seeder of it.
+
+        ``bytes_moved`` over the time since the transfer started is the
+        seeder's measured speed from now on.
+        """
+        t = self._get(transfer_id)
         seconds = now - t.started_at
         if bytes_moved > 0 and seconds > 0:
             self.observe_speed(t.seeder, bytes_moved / seconds)
+        self._release(t)
         self.add_holding(t.demander, t.layer)
         return t
 
     def fail(self, transfer_id: str) -> Transfer:
         """The transfer broke: both sides are free; the demand waits for a seeder again."""
-        return self._take(transfer_id)
-
-    def _take(self, transfer_id: str) -> Transfer:
-        t = self._active.get(transfer_id)
-        if t is None:
-            raise SchedulerError(f"no active transfer {transfer_id!r}")
+        t = self._get(transfer_id)
         self._release(t)
         return t
 
+    def _get(self, transfer_id: str) -> Transfer:
+        t = self._active.get(transfer_id)
+        if t is None:
+            raise SchedulerError(f"no active transfer {transfer_id!r}")
+        return t
+
+    # -- bookkeeping -----------------------------------------------------
+    def _lock(self, t: Transfer, seeder: _Node, demander: _Node) -> None:
+        self._active[t.transfer_id] = t
+        seeder.transfers[t.transfer_id] = t
+        demander.transfers[t.transfer_id] = t
+        demander.pulling[t.layer] = demander.pulling.get(t.layer, 0) + 1
+        if seeder.sending is None:
+            seeder.sending = t.transfer_id
+        if demander.receiving is None:
+            demander.receiving = t.transfer_id
+
     def _release(self, t: Transfer) -> None:
-        self._active.pop(t.transfer_id, None)
-        for nid, attr in ((t.seeder, "sending"), (t.demander, "receiving")):
-            node = self._nodes.get(nid)
-            if node is not None and getattr(node, attr) == t.transfer_id:
-                setattr(node, attr, None)
+        if self._active.pop(t.transfer_id, None) is None:
+            return
+        seeder, demander = self._nodes[t.seeder], self._nodes[t.demander]
+        seeder.transfers.pop(t.transfer_id, None)
+        demander.transfers.pop(t.transfer_id, None)
+        left = demander.pulling.get(t.layer, 0) - 1
+        if left > 0:
+            demander.pulling[t.layer] = left
+        else:
+            demander.pulling.pop(t.layer, None)
+        if seeder.sending == t.transfer_id:
+            seeder.sending = None
+        if demander.receiving == t.transfer_id:
+            demander.receiving = None
+        self._touch(demander)
+        self._sync_idle(seeder)
+
+    def _drop_demand(self, node: _Node, layer: str) -> bool:
+        if node.demands.pop(layer, None) is None:
+            return False
+        del self._demands[(node.node_id, layer)]
+        left = self._demand_count[layer] - 1
+        if left:
+            self._demand_count[layer] = left
+        else:
+            del self._demand_count[layer]
+        return True
+
+    def _touch(self, node: _Node) -> None:
+        """``node``'s standing as a demander changed: re-enter it in the waiting heaps.
+
+        Its older entries become stale (wrong version) and are dropped when
+        they surface. A node that cannot receive now is entered nowhere.
+        """
+        node.version += 1
+        if not node.free_demander:
+            return
+        rank: int | None = None
+        for layer, d in node.demands.items():
+            if layer in node.pulling:
+                continue
+            if rank is None:
+                rank = d.seq
+            self._push_waiting(layer, (rank, node.node_id, node.version))
+
+    def _push_waiting(self, layer: str, entry: _WaitEntry) -> None:
+        heap = self._waiting.setdefault(layer, [])
+        heapq.heappush(heap, entry)
+        if len(heap) > 2 * self._demand_count.get(layer, 0) + 64:
+            # at most one entry per open demand is valid: drop the stale rest
+            heap[:] = [e for e in heap if self._nodes[e[1]].version == e[2]]
+            heapq.heapify(heap)
+
+    def _top(self, heap: list[_WaitEntry]) -> _WaitEntry | None:
+        """The first valid entry of a waiting heap (stale ones are popped on the way)."""
+        while heap:
+            entry = heap[0]
+            if self._nodes[entry[1]].version == entry[2]:
+                return entry
+            heapq.heappop(heap)
+        return None
+
+    def _sync_idle(self, node: _Node) -> None:
+        """Put ``node`` in (or take it out of, or move it in) its layers' idle-holder lists."""
+        want = (-node.speed_bps, node.node_id) if node.free_seeder else None
+        have = node.idle_key
+        if want == have:
+            return
+        if have is not None:
+            for layer in node.holdings:
+                idle = self._idle[layer]
+                del idle[bisect_left(idle, have)]
+        if want is not None:
+            for layer in node.holdings:
+                insort(self._idle.setdefault(layer, []), want)
+        node.idle_key = want
 
     def _node(self, node_id: str) -> _Node:
         try:

@@ -7,7 +7,9 @@ simulated cluster and check global invariants.
 from __future__ import annotations
 
 import heapq
+import itertools
 import random
+from collections.abc import Iterable
 
 import pytest
 
@@ -633,3 +635,329 @@ def test_penalize_halves_the_speed_and_reorders_seeders() -> None:
     s.demand("d", L1, "j", 0.0)
     (t,) = s.schedule(0.0)
     assert t.seeder == "b"
+
+
+# -- the indexed scheduler decides exactly like the plain algorithm -------------
+class ReferenceScheduler:
+    """Algorithm 1 written plainly, as Scheduler was before it got its indexes.
+
+    Every schedule() rebuilds the free demanders and the idle-seeder heap from
+    scratch (O(seeders x demanders)); it is kept here only as the definition
+    the indexed Scheduler must match, decision for decision.
+    """
+
+    def __init__(self) -> None:
+        counter = itertools.count(1)
+        self._new_id = lambda: f"t{next(counter)}"
+        self._seq = itertools.count()
+        self.speeds: dict[str, float] = {}
+        self.up: dict[str, bool] = {}
+        self.suspects: set[str] = set()
+        self.holdings: dict[str, set[str]] = {}
+        self.sending: dict[str, str | None] = {}
+        self.receiving_: dict[str, str | None] = {}
+        self.demands: dict[tuple[str, str], tuple[str, int]] = {}  # -> (job, seq)
+        self.active_: dict[str, Transfer] = {}
+        self.avoid_: dict[tuple[str, str], float] = {}
+
+    def _known(self, nid: str) -> None:
+        if nid not in self.speeds:
+            raise SchedulerError(f"unknown node {nid!r}")
+
+    def add_node(self, nid: str, speed: float = 0.0, holdings: Iterable[str] = ()) -> None:
+        if nid not in self.speeds:
+            self.speeds[nid] = speed or DEFAULT_SPEED_BPS
+            self.holdings[nid], self.sending[nid], self.receiving_[nid] = set(), None, None
+        self.up[nid] = True
+        self.suspects.discard(nid)
+        for layer in holdings:
+            self.add_holding(nid, layer)
+
+    def node_down(self, nid: str) -> list[Transfer]:
+        self._known(nid)
+        self.up[nid] = False
+        aborted = [
+            t
+            for t in self.active_.values()
+            if t.demander == nid or (t.seeder == nid and not self.up[t.demander])
+        ]
+        for t in aborted:
+            self._release(t)
+        return aborted
+
+    def suspect(self, nid: str) -> None:
+        self._known(nid)
+        self.suspects.add(nid)
+
+    def avoid(self, demander: str, seeder: str, until: float) -> None:
+        self.avoid_[(demander, seeder)] = max(until, self.avoid_.get((demander, seeder), 0.0))
+
+    def penalize(self, nid: str, factor: float = 0.5) -> float:
+        self._known(nid)
+        self.speeds[nid] = max(1.0, self.speeds[nid] * factor)
+        return self.speeds[nid]
+
+    def observe_speed(self, nid: str, bps: float) -> None:
+        self._known(nid)
+        if bps > 0:
+            self.speeds[nid] = bps
+
+    def add_holding(self, nid: str, layer: str) -> None:
+        self._known(nid)
+        self.holdings[nid].add(layer)
+        self.demands.pop((nid, layer), None)
+
+    def holders(self, layer: str) -> list[str]:
+        return sorted(n for n, h in self.holdings.items() if layer in h)
+
+    def demand(self, nid: str, layer: str, job: str, now: float) -> bool:
+        self._known(nid)
+        if layer in self.holdings[nid] or (nid, layer) in self.demands:
+            return False
+        self.demands[(nid, layer)] = (job, next(self._seq))
+        return True
+
+    def cancel_demand(self, nid: str, layer: str) -> None:
+        self.demands.pop((nid, layer), None)
+
+    def pending(self) -> list[tuple[str, str]]:
+        return list(self.demands)
+
+    def active(self) -> list[Transfer]:
+        return list(self.active_.values())
+
+    def receiving(self, nid: str, layer: str) -> Transfer | None:
+        return next(
+            (t for t in self.active_.values() if t.demander == nid and t.layer == layer), None
+        )
+
+    def adopt(self, t: Transfer) -> Transfer:
+        if t.transfer_id in self.active_:
+            return self.active_[t.transfer_id]
+        self._known(t.seeder)
+        self._known(t.demander)
+        if t.seeder == t.demander:
+            raise SchedulerError(f"transfer {t.transfer_id}: seeder and demander are both")
+        self.active_[t.transfer_id] = t
+        self.sending[t.seeder] = self.sending[t.seeder] or t.transfer_id
+        self.receiving_[t.demander] = self.receiving_[t.demander] or t.transfer_id
+        return t
+
+    def _usable(self, nid: str) -> bool:
+        return self.up[nid] and nid not in self.suspects
+
+    def schedule(self, now: float) -> list[Transfer]:
+        in_flight = {(t.demander, t.layer) for t in self.active_.values()}
+        self.avoid_ = {k: v for k, v in self.avoid_.items() if v > now}
+        wanted: dict[str, list[tuple[str, str, int]]] = {}  # node -> [(layer, job, seq)]
+        for (nid, layer), (job, seq) in self.demands.items():
+            if (nid, layer) not in in_flight and self._usable(nid) and not self.receiving_[nid]:
+                wanted.setdefault(nid, []).append((layer, job, seq))
+        wanted_layers = {w[0] for ws in wanted.values() for w in ws}
+        idle = [
+            (-self.speeds[n], n)
+            for n in self.speeds
+            if self._usable(n) and not self.sending[n] and self.holdings[n] & wanted_layers
+        ]
+        heapq.heapify(idle)
+        order = sorted(wanted, key=lambda nid: wanted[nid][0][2])
+        started: list[Transfer] = []
+        while idle and order:
+            _, seeder = heapq.heappop(idle)
+            for demander in order:
+                if demander == seeder or (demander, seeder) in self.avoid_:
+                    continue
+                w = next((w for w in wanted[demander] if w[0] in self.holdings[seeder]), None)
+                if w is None:
+                    continue
+                others = sum(1 for _, n in idle if w[0] in self.holdings[n])
+                speed = self.speeds[seeder]
+                reason = (
+                    "paper: fastest idle seeder holding the layer "
+                    f"({speed / 1e6:.1f} MB/s measured; {others} slower idle holder(s) left)"
+                )
+                t = Transfer(self._new_id(), w[0], seeder, demander, w[1], now, reason, speed)
+                self.sending[seeder] = self.receiving_[demander] = t.transfer_id
+                self.active_[t.transfer_id] = t
+                started.append(t)
+                order.remove(demander)
+                break
+        return started
+
+    def complete(self, tid: str, now: float, bytes_moved: int = 0) -> Transfer:
+        t = self._take(tid)
+        if bytes_moved > 0 and now > t.started_at:
+            self.observe_speed(t.seeder, bytes_moved / (now - t.started_at))
+        self.add_holding(t.demander, t.layer)
+        return t
+
+    def fail(self, tid: str) -> Transfer:
+        return self._take(tid)
+
+    def _take(self, tid: str) -> Transfer:
+        if tid not in self.active_:
+            raise SchedulerError(f"no active transfer {tid!r}")
+        t = self.active_[tid]
+        self._release(t)
+        return t
+
+    def _release(self, t: Transfer) -> None:
+        self.active_.pop(t.transfer_id, None)
+        if self.sending[t.seeder] == t.transfer_id:
+            self.sending[t.seeder] = None
+        if self.receiving_[t.demander] == t.transfer_id:
+            self.receiving_[t.demander] = None
+
+
+def _same_state(
+    ref: ReferenceScheduler, s: Scheduler, layers: list[str], step: int, nodes: list[str]
+) -> None:
+    where = f"after step {step}"
+    assert s.active() == ref.active(), where
+    assert s.pending() == ref.pending(), where
+    for nid in nodes:
+        assert s.speed(nid) == ref.speeds[nid], where
+        assert s.is_suspect(nid) == (nid in ref.suspects), where
+        assert s.active_for(nid) == [t for t in ref.active() if nid in (t.seeder, t.demander)], (
+            where
+        )
+        assert s.is_demanding(nid) == (
+            any(t.demander == nid for t in ref.active()) or any(n == nid for n, _ in ref.pending())
+        ), where
+        for layer in layers:
+            assert s.receiving(nid, layer) == ref.receiving(nid, layer), where
+    for layer in layers:
+        assert s.holders(layer) == ref.holders(layer), where
+
+
+def _random_run(seed: int, steps: int = 600) -> int:
+    """Apply one random event sequence to both schedulers; returns transfers started."""
+    rng = random.Random(seed)
+    layers = [f"sha256:{i:064x}" for i in range(1, rng.randint(2, 5))]
+    ref, s = ReferenceScheduler(), Scheduler("paper")
+    nodes: list[str] = []
+    now = 0.0
+    started = 0
+    # few distinct speeds, so ties (broken by node id) are common
+    speeds = [0.0, 1 * MB, 2 * MB, 5 * MB, 5 * MB, 10 * MB]
+
+    def both(name: str, *args: object) -> object:
+        outcomes = []
+        for target in (ref, s):
+            try:
+                outcomes.append(("ok", getattr(target, name)(*args)))
+            except SchedulerError:
+                outcomes.append(("error", None))
+        assert outcomes[0] == outcomes[1], f"{name}{args}: {outcomes[0]} != {outcomes[1]}"
+        return outcomes[1][1]
+
+    for step in range(steps):
+        now += rng.choice([0.0, 0.0, 0.1, 1.0])
+        op = rng.random()
+        node = rng.choice(nodes) if nodes else "n0"
+        other = rng.choice(nodes) if nodes else "n0"
+        if node not in ref.speeds:  # only before the first node exists
+            node = other = "n0"
+        layer = rng.choice(layers)
+        active = ref.active()
+        if op < 0.10 or not nodes:
+            nid = f"n{len(nodes)}" if rng.random() < 0.7 or not nodes else node
+            held = [lr for lr in layers if rng.random() < (0.5 if not nodes else 0.1)]
+            both("add_node", nid, rng.choice(speeds), held)
+            if nid not in nodes:
+                nodes.append(nid)
+        elif op < 0.35:
+            both("demand", node, layer, f"j{rng.randint(1, 3)}", now)
+        elif op < 0.55:
+            started += len(both("schedule", now))  # type: ignore[arg-type]
+        elif op < 0.70 and active:
+            t = rng.choice(active)
+            moved = rng.choice([0, 1_000_000, 7_777_777])
+            both("complete", t.transfer_id, now, moved)
+        elif op < 0.76 and active:
+            both("fail", rng.choice(active).transfer_id)
+        elif op < 0.79:
+            both("node_down", node)
+        elif op < 0.81:
+            both("suspect", node)
+        elif op < 0.85:
+            # mostly a pair that matters: a holder of a layer the demander waits for
+            wants = [lr for n, lr in ref.pending() if n == node]
+            holders = [h for lr in wants for h in ref.holders(lr)] or [other]
+            both("avoid", node, rng.choice(holders), now + rng.choice([0.0, 0.5, 2.0, 20.0]))
+        elif op < 0.87:
+            both("penalize", node)
+        elif op < 0.89:
+            both("observe_speed", node, rng.choice([-1.0, 0.0, 3 * MB, 7 * MB]))
+        elif op < 0.92:
+            both("cancel_demand", node, layer)
+        elif op < 0.95:
+            both("add_holding", node, layer)
+        elif op < 0.97:
+            tid = rng.choice([f"a{step}", *(t.transfer_id for t in active)])
+            if active and rng.random() < 0.7:
+                # a second transfer to a busy demander, of a layer it waits for: the
+                # lock stays with the first; once that ends, this layer is still in flight
+                demander = rng.choice(active).demander
+                wants = [lr for n, lr in ref.pending() if n == demander] or [layer]
+                other, layer = demander, rng.choice(wants)
+            both("adopt", Transfer(tid, layer, node, other, "j", now, "adopted", 1 * MB))
+        else:
+            both("add_node", node)  # a heartbeat: back up, no longer suspect
+        # every node now and then; the ones just touched each step
+        _same_state(ref, s, layers, step, list(ref.speeds) if step % 50 == 0 else [node, other])
+    _same_state(ref, s, layers, steps, list(ref.speeds))
+    return started
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_indexed_scheduler_matches_the_reference(seed: int) -> None:
+    assert _random_run(seed) > 0
+
+
+def test_indexed_scheduler_matches_the_reference_on_a_large_cluster() -> None:
+    # the shape of a distribution job: one origin, many demanders, three layers
+    rng = random.Random(99)
+    layers = [f"sha256:{i:064x}" for i in range(1, 4)]
+    ref, s = ReferenceScheduler(), Scheduler("paper")
+    for target in (ref, s):
+        target.add_node("origin", 10 * MB, layers)
+    names = [f"n{i:03d}" for i in range(300)]
+    for nid in names:
+        sp = rng.choice([1 * MB, 2 * MB, 4 * MB])
+        for target in (ref, s):
+            target.add_node(nid, sp)
+            for layer in layers:
+                target.demand(nid, layer, "j", 0.0)
+    now = 0.0
+    while ref.active() or ref.pending():
+        got = s.schedule(now)
+        assert got == ref.schedule(now)
+        active = ref.active()
+        assert s.active() == active
+        if not active:
+            break
+        t = min(active, key=lambda t: (t.started_at + 1 / t.seeder_speed_bps, t.transfer_id))
+        now = max(now, t.started_at + 1e7 / t.seeder_speed_bps)
+        if rng.random() < 0.05:
+            assert s.fail(t.transfer_id) == ref.fail(t.transfer_id)
+        else:
+            assert s.complete(t.transfer_id, now, 10_000_000) == ref.complete(
+                t.transfer_id, now, 10_000_000
+            )
+    assert s.pending() == ref.pending() == []
+
+
+def test_a_layer_still_in_flight_is_not_sent_again_once_the_lock_frees() -> None:
+    # d receives L1 (it holds the lock) while an adopted transfer also brings it L2;
+    # when L1 is done, d is free again: it must get L3, not a second copy of L2
+    s = make(("o", 10 * MB, (L1, L2, L3)), ("p", 5 * MB, (L2,)), ("d", 1 * MB, ()))
+    for layer in (L1, L2, L3):
+        s.demand("d", layer, "j", 0.0)
+    (t1,) = s.schedule(0.0)
+    assert t1.layer == L1
+    s.adopt(_running("old", L2, "p", "d"))
+    s.complete(t1.transfer_id, 1.0)
+    (t3,) = s.schedule(1.0)
+    assert (t3.seeder, t3.layer) == ("o", L3)
+    assert s.receiving("d", L2) is not None and s.is_demanding("d")
