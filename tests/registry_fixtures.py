@@ -47,8 +47,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
-REGISTRY_BIN = "docker-registry"
-SKOPEO_BIN = "skopeo"
+from rainbowd.registryconf import (
+    REGISTRY_BIN,
+    REGISTRY_ENV,
+    SKOPEO_BIN,
+    RegistryTokenAuth,
+    registry_config,
+    skopeo_push_argv,
+)
 
 
 def free_port() -> int:
@@ -315,41 +321,24 @@ class RegistryProcess:
         return ""
 
     def config_text(self) -> str:
-        lines = [
-            "version: 0.1",
-            "log:",
-            "  level: info",
-            "  accesslog:",
-            "    disabled: true",
-            "storage:",
-            "  filesystem:",
-            f"    rootdirectory: {self.storage}",
-            "  delete:",
-            "    enabled: true",
-            "http:",
-            f"  addr: {self.host}",
-            f"  secret: {secrets.token_hex(16)}",
-        ]
-        if self.tls:
-            lines += ["  tls:", f"    certificate: {self.tls.cert}", f"    key: {self.tls.key}"]
-        if self.token:
-            lines += [
-                "auth:",
-                "  token:",
-                f"    realm: {self.token.realm}",
-                f"    service: {self.token.service}",
-                f"    issuer: {self.token.issuer}",
-                f"    rootcertbundle: {self.token.rootcertbundle}",
-            ]
-        if self.allow_foreign_urls:
-            lines += [
-                "validation:",
-                "  manifests:",
-                "    urls:",
-                "      allow:",
-                "        - ^https?://",
-            ]
-        return "\n".join(lines) + "\n"
+        token = (
+            RegistryTokenAuth(
+                realm=self.token.realm,
+                service=self.token.service,
+                issuer=self.token.issuer,
+                rootcertbundle=self.token.rootcertbundle,
+            )
+            if self.token
+            else None
+        )
+        return registry_config(
+            storage=self.storage,
+            addr=self.host,
+            tls_cert=self.tls.cert if self.tls else None,
+            tls_key=self.tls.key if self.tls else None,
+            token=token,
+            allow_foreign_urls=self.allow_foreign_urls,
+        )
 
     def start(self, timeout: float = 15.0) -> RegistryProcess:
         config = self.workdir / "config.yml"
@@ -362,7 +351,7 @@ class RegistryProcess:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
-                env={**os.environ, "OTEL_TRACES_EXPORTER": "none"},
+                env={**os.environ, **REGISTRY_ENV},
             )
         finally:
             log.close()
@@ -449,17 +438,7 @@ def skopeo_push(
     archive: Path, dest: str, *, oci: bool = False, extra: tuple[str, ...] = ()
 ) -> None:
     """``skopeo copy docker-archive:<archive> docker://<dest>`` to a plain-HTTP registry."""
-    cmd = [
-        SKOPEO_BIN,
-        "--insecure-policy",
-        "copy",
-        "--quiet",
-        "--dest-tls-verify=false",
-        *(["--format", "oci"] if oci else []),
-        *extra,
-        f"docker-archive:{archive}",
-        f"docker://{dest}",
-    ]
+    cmd = skopeo_push_argv(archive, dest, oci=oci, extra=extra)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     if done.returncode != 0:
         raise RegistryError(f"{' '.join(cmd)} failed: {done.stderr.strip()}")
