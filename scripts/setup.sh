@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(docker.io docker-registry busybox-static skopeo debootstrap iproute2 openssh-client)
+APT_PACKAGES=(docker.io docker-registry busybox-static skopeo debootstrap iproute2 openssh-client
+  opentracker mktorrent aria2)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
