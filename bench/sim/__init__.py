@@ -1,0 +1,19 @@
+"""A discrete-event simulator of rbd: the real Scheduler over a fluid, max-min fair network.
+
+It answers what the lab (bench/lab) cannot at scale: how policy ``paper``
+behaves at 1,000 or 10,000 nodes, against the bound T*, in seconds of wall
+time. The pieces:
+
+* :mod:`bench.sim.flows` -- max-min fair rates of flows over node up/down links;
+* :mod:`bench.sim.overheads` -- the real system's per-transfer costs, calibratable;
+* :mod:`bench.sim.engine` -- the event loop feeding :class:`rainbowd.scheduler.Scheduler`
+  as the coordinator does;
+* :mod:`bench.sim.report` -- the lab's JSON shape, the table, ``--compare``;
+* ``python -m bench.sim`` -- the command line (:mod:`bench.sim.__main__`).
+"""
+
+from .engine import SimResult, Simulation
+from .flows import FlowNetwork
+from .overheads import IDEAL, Overheads
+
+__all__ = ["IDEAL", "FlowNetwork", "Overheads", "SimResult", "Simulation"]

@@ -1,0 +1,116 @@
+"""``python -m bench.sim``: simulate one distribution over a cluster profile.
+
+::
+
+    .venv/bin/python -m bench.sim --profile paper [--nodes 1000]
+        [--out bench/out/sim-paper.json] [--compare LAB.json] [--layers 1996800,8396800,10240]
+        [--efficiency 0.95] [--assign-ms 2] [--connect-ms 30] [--channel-ms 2] [--finish-ms 5]
+
+The image is the lab's demo image for the profile's ``payload_mib`` (built in
+a temporary directory to learn its layer sizes), unless ``--layers`` gives
+sizes or ``--compare`` names a lab result, whose layers are then used so both
+runs move the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rainbowd.profile import ClusterProfile, ProfileError, load_profile
+
+from .engine import Simulation
+from .image import demo_layers, given_layers
+from .overheads import Overheads
+from .report import compare, table, to_json
+
+PROFILES = Path(__file__).resolve().parents[1] / "profiles"
+OUT = Path(__file__).resolve().parents[1] / "out"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        profile = _profile(args.profile, args.nodes)
+        overheads = Overheads(
+            efficiency=args.efficiency,
+            assign_s=args.assign_ms / 1e3,
+            connect_s=args.connect_ms / 1e3,
+            channel_s=args.channel_ms / 1e3,
+            finish_s=args.finish_ms / 1e3,
+            verify_Bps=args.verify_mbyte_s * 1e6,
+        )
+        lab = _read_json(args.compare) if args.compare else None
+        if args.layers:
+            layers = given_layers(args.layers)
+        elif lab is not None and lab.get("layers"):
+            layers = [(str(name), int(size)) for name, size in lab["layers"]]
+        else:
+            layers = demo_layers(profile.payload_mib)
+    except (ProfileError, ValueError, OSError) as e:
+        print(f"bench.sim: {e}", file=sys.stderr)
+        return 2
+    result = Simulation(profile, layers, overheads, policy=args.policy).run()
+    doc = to_json(profile, layers, result, overheads)
+    out = Path(args.out) if args.out else OUT / f"sim-{profile.name.replace('@', '-')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    print(table(doc))
+    print(f"\n{result.transfers} transfers, {result.events} events; wrote {out}")
+    if lab is not None:
+        try:
+            print(compare(lab, doc, args.lab_system))
+        except ValueError as e:
+            print(f"bench.sim: {e}", file=sys.stderr)
+            return 2
+    return 0 if not result.failed else 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.sim", description=__doc__.split("\n\n")[0] if __doc__ else None
+    )
+    p.add_argument("--profile", default="paper", help="a name in bench/profiles/ or a .toml path")
+    p.add_argument("--nodes", type=int, help="scale the profile to this many demanders")
+    p.add_argument("--policy", default="paper", help="scheduler policy (default paper)")
+    p.add_argument("--out", help="result JSON (default bench/out/sim-<profile>.json)")
+    p.add_argument("--compare", metavar="LAB.json", help="a lab result to compare with")
+    p.add_argument("--lab-system", default="rbd", help="the system of LAB.json to compare with")
+    p.add_argument("--layers", help="layer sizes in bytes, comma-separated, image order")
+    d = Overheads()
+    p.add_argument("--efficiency", type=float, default=d.efficiency, help="goodput/line rate")
+    p.add_argument("--assign-ms", type=float, default=d.assign_s * 1e3)
+    p.add_argument("--connect-ms", type=float, default=d.connect_s * 1e3)
+    p.add_argument("--channel-ms", type=float, default=d.channel_s * 1e3)
+    p.add_argument("--finish-ms", type=float, default=d.finish_s * 1e3)
+    p.add_argument("--verify-mbyte-s", type=float, default=d.verify_Bps / 1e6)
+    return p
+
+
+def _profile(name: str, nodes: int | None) -> ClusterProfile:
+    path = Path(name)
+    if not name.endswith(".toml"):
+        path = PROFILES / f"{name}.toml"
+        if not path.is_file():
+            known = ", ".join(sorted(p.stem for p in PROFILES.glob("*.toml")))
+            raise ProfileError(f"no profile {name!r} in {PROFILES} (known: {known})")
+    profile = load_profile(path)
+    return profile.scaled(nodes) if nodes else profile
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not JSON: {e}") from None
+    if not isinstance(doc, dict) or "systems" not in doc:
+        raise ValueError(f"{path} is not a lab result (no 'systems')")
+    return doc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
