@@ -141,7 +141,8 @@ def tool_version(argv: list[str], *, timeout: float = 10.0) -> str:
 
 def client_failure(env: LabEnv, node: str, log_name: str, what: str, *, lines: int = 8) -> str:
     """A failure reason naming the node, what happened and the client's last log lines."""
-    tail = env.log_tail(log_name, lines).strip()
+    kept = [ln for ln in env.log_tail(log_name, lines * 4).splitlines() if ln.strip()]
+    tail = "\n".join(kept[-lines:])
     return f"{node}: {what}" + (f"; last log lines:\n{tail}" if tail else "; its log is empty")
 
 
@@ -153,6 +154,7 @@ async def wait_clients(
     timeout: float,
     check: Callable[[str], float | str | None],
     exit_means_done: bool,
+    progress: Callable[[str], str] | None = None,
     poll: float = 0.02,
 ) -> tuple[dict[str, float], dict[str, str]]:
     """Watch one client process per node until every node is done, failed, or ``timeout``.
@@ -162,8 +164,9 @@ async def wait_clients(
     once it has one, a failure reason once it cannot get there (a digest that
     did not match), else None. With ``exit_means_done`` a client exiting 0
     is the completion itself (timed here, to ``poll``); otherwise a client
-    that exits at all has failed (it was meant to keep seeding). Returns
-    (node_seconds, failed).
+    that exits at all has failed (it was meant to keep seeding). A node still
+    going at the timeout is failed with ``progress(node)`` (how far it got) if
+    given. Returns (node_seconds, failed).
     """
     seconds: dict[str, float] = {}
     failed: dict[str, str] = {}
@@ -183,8 +186,9 @@ async def wait_clients(
             elif rc is not None:
                 failed[node] = client_failure(env, node, log_name, f"client exited with {rc}")
             elif now >= deadline:
+                got = f" ({progress(node)})" if progress else ""
                 failed[node] = client_failure(
-                    env, node, log_name, f"not complete after the {timeout:.0f} s timeout"
+                    env, node, log_name, f"not complete after the {timeout:g} s timeout{got}"
                 )
             else:
                 continue

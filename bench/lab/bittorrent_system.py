@@ -248,6 +248,10 @@ class BitTorrentSystem:
         def check(node: str) -> float | str | None:
             return layers_done(dirs[node] / "done", [x.hex for x in layers], start_wall)
 
+        def progress(node: str) -> str:
+            n = sum((dirs[node] / "done" / f"{x.hex}.ok").exists() for x in layers)
+            return f"{n} of {len(layers)} layers complete and verified"
+
         seconds, failed = await wait_clients(
             env,
             clients,
@@ -255,6 +259,7 @@ class BitTorrentSystem:
             timeout=timeout,
             check=check,
             exit_means_done=False,
+            progress=progress,
             poll=self.poll,
         )
         result.node_seconds.update(seconds)
@@ -296,6 +301,7 @@ class BitTorrentSystem:
             f"--rpc-secret={rpc_secret}",
             "--summary-interval=0",
             "--console-log-level=notice",
+            "--enable-color=false",
         ]
 
     async def _swarm_stats(
@@ -353,6 +359,8 @@ class BitTorrentSystem:
             "total_uploaded_bytes": total,
             "demanders_times_image_bytes": image * len(env.demanders),
             "origin_share": (uploaded.get(env.origin, 0) / total) if total else None,
+            # opentracker keys a peer by ip:port and every aria2c listens on the same port:
+            # N+1 seeders per layer are N+1 distinct bridge addresses
             "tracker_seeders_per_layer": seeders,
             "uploaded_note": "aria2 uploadLength: payload sent, including end-game duplicates",
         }
