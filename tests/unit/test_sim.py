@@ -273,8 +273,11 @@ def test_cli_writes_the_lab_shape_and_compares(
     assert "sim:paper" in printed and "T* =" in printed
     err = (sim["total"] - 5.0) / 5.0
     assert f"rbd (lab) 5.00 s vs sim:paper {sim['total']:.2f} s: error {err:+.1%}" in printed
-    assert main(["--profile", "nope"]) == 2
-    assert main(["--profile", "ci", "--compare", str(lab), "--lab-system", "bt"]) == 2
+    assert main(["--profile", "nope", "--out", str(out)]) == 2
+    assert (
+        main(["--profile", "ci", "--out", str(out), "--compare", str(lab), "--lab-system", "bt"])
+        == 2
+    )
 
 
 @pytest.mark.skipif(not BUSYBOX.is_file(), reason=f"{BUSYBOX} missing (busybox-static)")
