@@ -82,6 +82,17 @@ async def test_ci_profile_runs_every_system_against_the_bound(tmp_path: Path) ->
         assert r.total >= 0.9 * t_star, (r.system, r.total, t_star)
         assert all(s > 0 for s in r.node_seconds.values())
 
+    registry, bittorrent = report.results[1:]
+    assert "skopeo" in registry.notes and "aria2c" in bittorrent.notes
+    # the swarm was one: every node (origin + demanders) announced itself from its own
+    # address and ended up a seeder, and the demanders served part of the bytes
+    swarm = bittorrent.notes["swarm"]
+    assert set(swarm["tracker_seeders_per_layer"].values()) == {len(profile.nodes) + 1}, swarm
+    assert set(swarm["uploaded_bytes"]) == {"origin", *(n.name for n in profile.nodes)}, swarm
+    assert swarm["origin_uploaded_bytes"] < swarm["total_uploaded_bytes"], swarm
+    # rbd: every node became a seeder too, so not every transfer came from the origin
+    assert report.results[0].notes["transfers_from_origin"] < report.results[0].notes["transfers"]
+
     js, png = report.write(tmp_path / "out")
     doc = json.loads(js.read_text())
     assert doc["profile"] == "ci" and doc["t_star"] == pytest.approx(t_star)
