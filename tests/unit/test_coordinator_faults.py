@@ -34,7 +34,9 @@ async def test_bad_chunks_penalize_then_quarantine_at_the_limit(
     sched = coord.coordinator.scheduler
     ds = []
     for i in range(3):  # one demander after the other; "bad" stays the fastest holder
-        d = await agent(coord.url, f"d{i}")
+        # demanders are slow (1 kB/s): once d0 holds the layer it must not outrank the
+        # origin, whose speed is measured from a 70 kB transfer's wall-clock time
+        d = await agent(coord.url, f"d{i}", speed=1e3)
         ds.append(d)
         await admin.create_job(CreateJob(image=img.record.ref, targets=[f"d{i}"]))
         t = await d.transfer()
