@@ -1,7 +1,10 @@
 """Durable coordinator state in SQLite (WAL mode).
 
 One row per node, image and job, each a JSON document of a msgspec struct, so
-adding a field (with a default) needs no migration. Writes are small and rare
+adding a field (with a default) needs no migration. While a job runs, a change
+of one of its nodes is written as that node's own row (``job_nodes``), applied
+over the job's row on load: rewriting the whole job per report costs O(nodes)
+each time, O(nodes^2) per job. Writes are small and rare
 (state transitions, not progress ticks), so the stdlib driver called from the
 event loop is fast enough and keeps the code obvious.
 
@@ -23,7 +26,7 @@ from typing import Literal, TypeVar
 import msgspec
 
 from rainbowd.chunks import ChunkManifest
-from rainbowd.messages import Compression, ImageRecord, ImageSource, JobView
+from rainbowd.messages import Compression, ImageRecord, ImageSource, JobView, NodeJobState
 
 T = TypeVar("T")
 
@@ -87,6 +90,9 @@ CREATE TABLE IF NOT EXISTS nodes (
     node_id TEXT PRIMARY KEY, body TEXT NOT NULL, seq INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS images (ref TEXT PRIMARY KEY, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (job_id TEXT PRIMARY KEY, created_at REAL, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS job_nodes (
+    job_id TEXT NOT NULL, node_id TEXT NOT NULL, body TEXT NOT NULL,
+    PRIMARY KEY (job_id, node_id));
 CREATE TABLE IF NOT EXISTS transfers (transfer_id TEXT PRIMARY KEY, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS security_events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, reporter TEXT NOT NULL,
@@ -158,15 +164,35 @@ class StateStore:
 
     # -- jobs ------------------------------------------------------------
     def save_job(self, job: JobView) -> None:
+        """The whole job; it supersedes the per-node rows written since."""
         self._db.execute(
             "INSERT INTO jobs(job_id, created_at, body) VALUES (?, ?, ?) "
             "ON CONFLICT(job_id) DO UPDATE SET body = excluded.body",
             (job.job_id, job.created_at, _dump(job)),
         )
+        self._db.execute("DELETE FROM job_nodes WHERE job_id = ?", (job.job_id,))
+
+    def save_job_node(self, job_id: str, node: NodeJobState) -> None:
+        """One node's part of a running job (a small row instead of rewriting the job)."""
+        self._db.execute(
+            "INSERT INTO job_nodes(job_id, node_id, body) VALUES (?, ?, ?) "
+            "ON CONFLICT(job_id, node_id) DO UPDATE SET body = excluded.body",
+            (job_id, node.node_id, _dump(node)),
+        )
 
     def load_jobs(self) -> list[JobView]:
+        """Every job, with the per-node rows saved after its last whole write applied."""
         rows = self._db.execute("SELECT body FROM jobs ORDER BY created_at, job_id").fetchall()
-        return [_load(body, JobView) for (body,) in rows]
+        views = [_load(body, JobView) for (body,) in rows]
+        newer: dict[str, dict[str, NodeJobState]] = {}
+        for job_id, body in self._db.execute("SELECT job_id, body FROM job_nodes"):
+            ns = _load(body, NodeJobState)
+            newer.setdefault(str(job_id), {})[ns.node_id] = ns
+        for view in views:
+            if view.job_id in newer:
+                nodes = newer[view.job_id]
+                view.nodes = [nodes.get(ns.node_id, ns) for ns in view.nodes]
+        return views
 
     # -- transfers in flight ----------------------------------------------
     def save_transfer(self, t: StoredTransfer) -> None:
