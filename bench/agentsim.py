@@ -18,7 +18,7 @@ import random
 import aiohttp
 
 from rainbowd import messages as m
-from rainbowd.chunks import MIN_CHUNK_SIZE, build_manifest
+from rainbowd.chunks import MIN_CHUNK_SIZE, ChunkManifest, build_manifest
 from rainbowd.client import AgentClient
 from rainbowd.digest import sha256_digest
 
@@ -47,7 +47,7 @@ def register_request(
 
 def make_image(
     ref: str, *, layers: int = 1, layer_bytes: int = 100_000, seed: int | None = None
-) -> tuple[m.ImageRecord, list[m.ChunkManifest]]:
+) -> tuple[m.ImageRecord, list[ChunkManifest]]:
     """An image record with ``layers`` random layers and their real chunk manifests.
 
     ``seed`` makes the bytes (hence the digests) reproducible, so a process

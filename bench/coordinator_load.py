@@ -250,7 +250,7 @@ class LoadWorker:
             IMAGE_REF, layers=spec.layers, layer_bytes=spec.layer_bytes, seed=IMAGE_SEED
         )
         self.job_layers = {mf.digest for mf in self.manifests}
-        self.base = [sha256_digest(f"base-layer-{i}".encode()) for i in range(BASE_LAYERS)]
+        self.base = [str(sha256_digest(f"base-layer-{i}".encode())) for i in range(BASE_LAYERS)]
         self.agents: list[SimAgent] = []
         self.tasks: set[asyncio.Task[None]] = set()
         self.rng = random.Random(spec.index)
@@ -673,10 +673,10 @@ async def _drive(cluster: LocalCluster, n: int, opts: Options) -> StepResult:
                 cold_start=opts.cold_start,
             )
             parent_end, child_end = ctx.Pipe(duplex=True)
-            p = ctx.Process(target=worker_entry, args=(spec, child_end), daemon=True)
-            p.start()
+            proc = ctx.Process(target=worker_entry, args=(spec, child_end), daemon=True)
+            proc.start()
             child_end.close()
-            procs.append(p)
+            procs.append(proc)
             channels.append(Channel(parent_end))
 
         # 1. registration
@@ -742,11 +742,11 @@ async def _drive(cluster: LocalCluster, n: int, opts: Options) -> StepResult:
                 await ch.expect("bye", 15.0)
     finally:
         _finish_profile(profiler)
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.terminate()  # our own child, by its handle
-                p.join(timeout=5)
+        for child in procs:
+            child.join(timeout=10)
+            if child.is_alive():
+                child.terminate()  # our own child, by its handle
+                child.join(timeout=5)
 
     job_s = (max(finished) - t_create) if len(finished) == len(channels) else math.nan
     arrivals = [a for r in reports for a in r["arrivals"]]
@@ -912,7 +912,12 @@ def _raise_fd_limit(n: int) -> None:
 
 
 async def run(
-    sizes: Sequence[int], opts: Options, *, repeat: int = 1, limit_ms: float = P99_LIMIT_MS
+    sizes: Sequence[int],
+    opts: Options,
+    *,
+    repeat: int = 1,
+    limit_ms: float = P99_LIMIT_MS,
+    keep_going: bool = False,
 ) -> dict[str, Any]:
     _raise_fd_limit(max(sizes))
     steps: list[StepResult] = []
@@ -923,7 +928,7 @@ async def run(
             steps.append(step)
             print(_row(step, r), flush=True)
             held = held and step.held(limit_ms)
-        if not held:
+        if not held and not keep_going:
             break
     return summarize(steps, opts, limit_ms)
 
@@ -991,6 +996,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="park each poll right after its agent enrolls (every enrollment then pushes the "
         "trust list to every parked poll), as agents starting together do",
     )
+    p.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="run every size even after one failed (e.g. on a machine others are loading)",
+    )
     p.add_argument("--profile", type=Path, default=None, help="py-spy output directory")
     p.add_argument("--out", type=Path, default=Path("bench/out/coordinator_load.json"))
     args = p.parse_args(argv)
@@ -1015,7 +1025,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "event-loop lag."
     )
     print(HEADER, flush=True)
-    result = asyncio.run(run(sizes, opts, repeat=args.repeat, limit_ms=args.p99_limit_ms))
+    result = asyncio.run(
+        run(
+            sizes,
+            opts,
+            repeat=args.repeat,
+            limit_ms=args.p99_limit_ms,
+            keep_going=args.keep_going,
+        )
+    )
     for step in result["steps"]:
         for phase, rows in step["profile"].items():
             if rows:

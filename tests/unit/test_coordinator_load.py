@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 import coordinator_load
 from rainbowd.coordinator.state import StateStore
-from rainbowd.messages import JobView, NodeJobState
+from rainbowd.messages import JobView, NodeJobState, NodeJobStateName
 
 
 @pytest.mark.timeout(60)
@@ -45,10 +45,10 @@ def test_assignment_latency_counts_from_what_freed_the_pair() -> None:
     assert [round(x) for x in first] == [10]
 
 
-def _node(node_id: str, state: str) -> NodeJobState:
+def _node(node_id: str, state: NodeJobStateName) -> NodeJobState:
     return NodeJobState(
         node_id=node_id,
-        state=state,  # type: ignore[arg-type]
+        state=state,
         layers_done=1 if state == "done" else 0,
         layers_total=1,
         bytes_done=0,
