@@ -510,7 +510,7 @@ class Coordinator:
         demand is planned again -- the agent's report, if it still comes, is
         applied then for what it says about the seeder.
         """
-        for t in self.scheduler.active():
+        for t in self.scheduler.active_for(node.node_id):  # not every transfer: per heartbeat
             if t.demander != node.node_id or t.transfer_id in listed:
                 continue
             tr = self.transfers.get(t.transfer_id)
@@ -606,10 +606,7 @@ class Coordinator:
         if not dropped or node.epoch != epoch or node.polls or not node.up:
             return
         nid = node.node_id
-        demanding = any(t.demander == nid for t in self.scheduler.active()) or any(
-            n == nid for n, _ in self.scheduler.pending()
-        )
-        if not demanding:
+        if not self.scheduler.is_demanding(nid):
             # nothing waits on it as a demander: missed heartbeats (or a demander's
             # "unreachable" report, if it seeds) decide, as for any silent node
             log.info("agent connection dropped mid-poll; idle node left to heartbeats", node=nid)
