@@ -237,7 +237,10 @@ function renderNodes(nodes) {
   const rows = sorted.map((n) => {
     const h = health(n);
     const hcell = el("td", {}, badge(h));
-    if (n.quarantined && n.quarantine_reason) hcell.title = n.quarantine_reason;
+    if (n.quarantined && n.quarantine_reason) {
+      hcell.title = n.quarantine_reason;
+      hcell.append(el("div", { class: "note", text: truncate(n.quarantine_reason, 90) }));
+    }
     return el(
       "tr",
       { "data-node": n.node_id },

