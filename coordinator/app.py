@@ -38,6 +38,9 @@ Routes (prefix ``/v1``)::
     GET  jobs                     -> JobList
     POST jobs                     CreateJob -> JobView
     GET  jobs/{id}                -> JobView
+    GET  jobs/{id}/transfers      -> ActiveTransferList (in flight; the console's live edges)
+
+    GET  /console                 the web console (static page; its data needs the admin token)
 
     GET  health                   (no auth) -> {"v": 1, "status": "ok", ...}
 """
@@ -78,6 +81,7 @@ from rainbowd.messages import (
     encode,
 )
 
+from . import console
 from .cluster import Node
 from .core import MAX_WAIT, Coordinator
 from .errors import BadRequest, CoordinatorError
@@ -391,4 +395,5 @@ def create_app(c: Coordinator) -> web.Application:
     r.add_post("/v1/jobs", create_job)
     r.add_get("/v1/jobs/{id}", get_job)
     r.add_get("/v1/health", health)
+    r.add_routes(console.routes())
     return app

@@ -84,6 +84,8 @@ class Node:
             busy=busy,
             last_seen=self.last_seen,
             quarantined=i.quarantined,
+            quarantine_reason=i.quarantine_reason,
+            suspect=suspect,
         )
 
 

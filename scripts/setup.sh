@@ -4,8 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# opentracker, mktorrent, aria2: the lab's BitTorrent baseline (bench/lab)
+# chromium + fonts-dejavu-core: the web console's end-to-end test drives headless Chromium
 APT_PACKAGES=(docker.io docker-registry busybox-static skopeo debootstrap iproute2 openssh-client
-  opentracker mktorrent aria2)
+  opentracker mktorrent aria2 chromium fonts-dejavu-core)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

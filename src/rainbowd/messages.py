@@ -281,6 +281,8 @@ class NodeView(msgspec.Struct, kw_only=True):
     busy: bool
     last_seen: float
     quarantined: bool = False
+    quarantine_reason: str = ""
+    suspect: bool = False  # a demander could not reach it: no new work until it reports
 
 
 class ImageView(msgspec.Struct, kw_only=True):
@@ -344,6 +346,28 @@ class JobView(msgspec.Struct, kw_only=True):
     error: str = ""
     image_bytes: int = 0  # one copy of the image, uncompressed
     wire_bytes: int = 0  # bytes that crossed links for this job, all nodes together
+
+
+class ActiveTransferView(msgspec.Struct, kw_only=True):
+    """A transfer in flight: who feeds whom right now, how far, and why that seeder.
+
+    Finished transfers are in :class:`NodeJobState` ``transfers``; these are
+    the live edges of a job's transfer graph (the web console draws both).
+    """
+
+    transfer_id: str
+    layer: str
+    seeder: str
+    demander: str
+    reason: str
+    started_at: float
+    bytes_done: int
+    bytes_total: int
+    rate_bps: float
+
+
+class ActiveTransferList(Msg, kw_only=True):
+    transfers: list[ActiveTransferView]
 
 
 class NodeList(Msg, kw_only=True):
