@@ -40,6 +40,9 @@ Routes (prefix ``/v1``)::
     GET  jobs/{id}                -> JobView
 
     GET  health                   (no auth) -> {"v": 1, "status": "ok", ...}
+
+    GET  /metrics                 (Bearer <metrics token> or <admin token>) -> Prometheus
+                                  text exposition (coordinator/metrics.py)
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ from rainbowd.messages import (
 from .cluster import Node
 from .core import MAX_WAIT, Coordinator
 from .errors import BadRequest, CoordinatorError
+from .metrics import CONTENT_TYPE_LATEST
 
 log = structlog.get_logger(__name__)
 
@@ -340,6 +344,16 @@ async def health(request: web.Request) -> web.Response:
     return web.Response(body=msgpack.packb(doc, use_bin_type=True), content_type=MSGPACK)
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text exposition; refusals in plain text too (scrapers and curl show them)."""
+    c = coord(request)
+    try:
+        c.check_metrics(request.headers.get("Authorization"))
+    except CoordinatorError as e:
+        return web.Response(status=e.status, text=e.message + "\n")
+    return web.Response(body=c.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
 # --------------------------------------------------------------------------
 # the application
 # --------------------------------------------------------------------------
@@ -391,4 +405,5 @@ def create_app(c: Coordinator) -> web.Application:
     r.add_post("/v1/jobs", create_job)
     r.add_get("/v1/jobs/{id}", get_job)
     r.add_get("/v1/health", health)
+    r.add_get("/metrics", metrics)
     return app
