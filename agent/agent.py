@@ -30,6 +30,7 @@ from rainbowd.agent import origin
 from rainbowd.agent.config import AgentConfig
 from rainbowd.agent.docker_loader import DockerLoader
 from rainbowd.agent.keys import load_or_create_key, public_line
+from rainbowd.agent.metrics import AgentMetrics, MetricsServer
 from rainbowd.agent.puller import HostKeyMismatch, LayerPuller, PullError
 from rainbowd.agent.ssh_server import ChunkServer
 from rainbowd.agent.status import StatusServer
@@ -95,9 +96,14 @@ class Agent:
             max_upload_bps=config.max_upload_mbps * 1e6 / 8,
         )
         self.server_port = config.ssh_port
-        self.puller = LayerPuller(self.store, self.client_key, node_id=config.node_id)
+        self.metrics = AgentMetrics()
+        self.puller = LayerPuller(
+            self.store, self.client_key, node_id=config.node_id, metrics=self.metrics
+        )
         self.loader = DockerLoader(config.docker_url) if config.docker_url else None
         self.view = AgentView()
+        self.metrics.watch(self)
+        self.metrics_server: MetricsServer | None = None
         self.api = AgentClient(config.coordinator_url, timeout=config.request_timeout)
         self._stop = asyncio.Event()
         self._tg: asyncio.TaskGroup | None = None
@@ -112,6 +118,12 @@ class Agent:
         self.server_port = await self.server.start(self.config.listen_address, self.config.ssh_port)
         status = StatusServer(self.config.status_path, self.status_snapshot)
         await status.start()
+        metrics_at = self.config.metrics_address()
+        if metrics_at is not None:
+            self.metrics_server = MetricsServer(
+                self.metrics, *metrics_at, self.config.metrics_token()
+            )
+            await self.metrics_server.start()
         self.log.info(
             "agent started", ssh_port=self.server_port, status_socket=str(self.config.status_path)
         )
@@ -132,6 +144,8 @@ class Agent:
             if self.loader is not None:
                 await self.loader.close()
             await status.close()
+            if self.metrics_server is not None:
+                await self.metrics_server.close()
             self.log.info("agent stopped")
 
     def _log_resumable(self) -> None:
@@ -473,6 +487,7 @@ class Agent:
                 for w in self.view.active.values()
             ],
             "disk": {"used": self.store.bytes_used(), "free": self.store.bytes_free()},
+            "metrics_url": self.metrics_server.url if self.metrics_server is not None else "",
             "served_bytes": dict(self.server.bytes_served),
             "corrupt_layers": dict(self.server.corrupt_layers),
             "refused_clients": len(self.server.refused_clients),

@@ -59,6 +59,9 @@ async def _serve(config: AgentConfig) -> int:
     except EnrollmentRefused as e:
         print(f"rbd-agent: {e}", file=sys.stderr)
         return 3
+    except ConfigError as e:  # e.g. a token file named by the config is unreadable
+        print(f"rbd-agent: {e}", file=sys.stderr)
+        return 2
     except OSError as e:
         print(f"rbd-agent: {e}", file=sys.stderr)
         return 1

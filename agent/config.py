@@ -44,6 +44,12 @@ class AgentConfig:
     verify_served: bool = True
     #: cap on the bytes/s this agent serves to peers, in Mbit/s (0 = no cap)
     max_upload_mbps: float = 0.0
+    #: HOST:PORT of the Prometheus endpoint (GET /metrics); "" = off, the default:
+    #: an operator opts in and picks the interface, and several agents on one
+    #: host (tests, labs) do not fight over one port. 9465 is the suggested port.
+    metrics_listen: str = ""
+    #: file with a bearer token GET /metrics then requires (None = no token)
+    metrics_token_file: Path | None = None
 
     @property
     def store_dir(self) -> Path:
@@ -67,6 +73,27 @@ class AgentConfig:
         if self.listen_address not in ("0.0.0.0", "::", ""):
             return self.listen_address
         return socket.getfqdn()
+
+    def metrics_address(self) -> tuple[str, int] | None:
+        """(host, port) of the metrics endpoint, or None when it is off."""
+        return _host_port(self.metrics_listen) if self.metrics_listen else None
+
+    def metrics_token(self) -> str:
+        """The token GET /metrics requires ("" = none); a configured file must hold one."""
+        if self.metrics_token_file is None:
+            return ""
+        try:
+            token = self.metrics_token_file.read_text().strip()
+        except OSError as e:
+            raise ConfigError(
+                f"metrics_token_file {self.metrics_token_file}: {e.strerror}"
+            ) from None
+        if not token:
+            raise ConfigError(
+                f"metrics_token_file {self.metrics_token_file} is empty; put a token in it "
+                'or set metrics_token_file = ""'
+            )
+        return token
 
     def join_token(self) -> str:
         if self.join_token_file is None:
@@ -95,6 +122,8 @@ class _Raw(msgspec.Struct, forbid_unknown_fields=True):
     poll_wait: float = 25.0
     verify_served: bool = True
     max_upload_mbps: float = 0.0
+    metrics_listen: str = ""
+    metrics_token_file: str = ""
 
 
 KNOWN_ROLES = {"origin"}
@@ -170,6 +199,8 @@ def _from_raw(raw: _Raw) -> AgentConfig:
         raise ConfigError(f"ssh_port {raw.ssh_port}: must be 0..65535")
     if raw.max_upload_mbps < 0:
         raise ConfigError(f"max_upload_mbps {raw.max_upload_mbps}: must be >= 0 (0 = no cap)")
+    if raw.metrics_listen:
+        _host_port(raw.metrics_listen)
     unknown = set(raw.roles) - KNOWN_ROLES
     if unknown:
         raise ConfigError(f"roles: unknown {sorted(unknown)}; known: {sorted(KNOWN_ROLES)}")
@@ -177,4 +208,17 @@ def _from_raw(raw: _Raw) -> AgentConfig:
     kw["state_dir"] = Path(raw.state_dir)
     kw["join_token_file"] = Path(raw.join_token_file) if raw.join_token_file else None
     kw["status_socket"] = Path(raw.status_socket) if raw.status_socket else None
+    kw["metrics_token_file"] = Path(raw.metrics_token_file) if raw.metrics_token_file else None
     return AgentConfig(**kw)
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT``) of metrics_listen; ConfigError names the key."""
+    host, sep, port_s = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        raise ConfigError(
+            f'metrics_listen {value!r}: use HOST:PORT, e.g. "127.0.0.1:9465" '
+            '(or "" to turn the metrics endpoint off)'
+        )
+    return host, int(port_s)

@@ -53,6 +53,7 @@ from rainbowd.messages import FailureKind, PeerInfo, TransferAssignment, Transfe
 from rainbowd.store import ChunkRejected, LayerStore, PartialLayer, StoreError
 
 from .keys import KeyFormatError, fingerprint, key_blob, parse_public_line
+from .metrics import AgentMetrics
 from .ssh_server import (
     CHANNEL_MAX_PKTSIZE,
     CHANNEL_WINDOW,
@@ -212,6 +213,7 @@ class _ChunkClientSession(asyncssh.SSHClientSession[bytes]):
 class _Tally:
     """What one pull has moved so far (kept outside _fetch so failures can log it)."""
 
+    peer: str = ""  # the seeder's node id (metrics label)
     moved: int = 0
     fetched: int = 0
 
@@ -240,6 +242,7 @@ class LayerPuller:
         chunk_timeout: float = 60.0,
         window: int = 4,
         encryption_algs: list[str] | None = None,
+        metrics: AgentMetrics | None = None,
     ) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
@@ -250,6 +253,8 @@ class LayerPuller:
         self.chunk_timeout = chunk_timeout
         self.window = window
         self.encryption_algs = encryption_algs or ENCRYPTION_ALGS
+        #: bytes received, chunk failures and pull durations (agent/metrics.py)
+        self.metrics = metrics if metrics is not None else AgentMetrics()
         self._conns: dict[_ConnKey, asyncssh.SSHClientConnection] = {}
         self._clients: dict[_ConnKey, _Client] = {}
         self._locks: dict[_ConnKey, asyncio.Lock] = {}
@@ -379,7 +384,14 @@ class LayerPuller:
         entry.users += 1
         try:
             async with entry.lock:
-                return await self._pull(assignment, on_progress)
+                t0 = time.monotonic()
+                try:
+                    result = await self._pull(assignment, on_progress)
+                except BaseException as e:
+                    self.metrics.transfer_ended(_outcome(e), time.monotonic() - t0)
+                    raise
+                self.metrics.transfer_ended("done", time.monotonic() - t0)
+                return result
         finally:
             entry.users -= 1
             if entry.users == 0:
@@ -409,7 +421,7 @@ class LayerPuller:
         # instance override of the class default (4 chunks): sync per ~FLUSH_BYTES
         # (and per PartialLayer.FLUSH_SECONDS), whatever the chunk size
         partial.FLUSH_EVERY = max(1, FLUSH_BYTES // manifest.chunk_size)
-        tally = _Tally()
+        tally = _Tally(peer=seeder.node_id)
         try:
             missing = partial.missing()
             present = manifest.size - sum(manifest.chunk_length(i) for i in missing)
@@ -425,6 +437,7 @@ class LayerPuller:
                 raise self._disk_error(e, manifest, "installing it") from None
             except StoreError as e:
                 # every chunk matched yet the whole did not: the manifest is wrong
+                self.metrics.chunk_failure(tally.peer, "layer_digest")
                 raise PullError("verify", f"{where}: {e}") from None
         except BaseException as e:
             await _shield_flush(partial)
@@ -538,14 +551,17 @@ class LayerPuller:
                 try:
                     ev = await session.next_event(self.chunk_timeout)
                 except TimeoutError:
+                    self.metrics.chunk_failure(tally.peer, "timeout")
                     raise PullError(
                         "io",
                         f"{where}: no chunk for {self.chunk_timeout:.0f}s "
                         f"({len(outstanding)} outstanding)",
                     ) from None
                 if isinstance(ev, chunkproto.Chunk):
+                    self.metrics.received(tally.peer, len(ev.data))
                     expected = outstanding[0]
                     if ev.index != expected:
+                        self.metrics.chunk_failure(tally.peer, "out_of_order")
                         raise PullError(
                             "verify",
                             f"{where}: sent chunk {ev.index} where {expected} was due",
@@ -555,6 +571,7 @@ class LayerPuller:
                         await _uninterrupted(partial.write_chunk, ev.index, ev.data)
                     except ChunkRejected as e:
                         plog.error("bad_chunk", chunk=ev.index, length=len(ev.data))
+                        self.metrics.chunk_failure(tally.peer, "bad_chunk")
                         raise PullError("verify", f"{where}: {e}", seeder_fault=True) from None
                     except OSError as e:
                         raise self._disk_error(e, manifest, f"writing chunk {ev.index}") from None
@@ -576,19 +593,23 @@ class LayerPuller:
                         # the seeder caught its own stored blob failing the manifest:
                         # its fault, counted like a bad chunk, but no bad byte moved
                         plog.error("seeder_reports_corrupt_blob", error=ev.message)
+                        self.metrics.chunk_failure(tally.peer, "seeder_corrupt")
                         raise PullError(
                             "verify",
                             f"{where}: seeder says {ev.code}: {ev.message}",
                             seeder_fault=True,
                         )
                     kind: FailureKind = "io"
+                    self.metrics.chunk_failure(tally.peer, "seeder_error")
                     raise PullError(kind, f"{where}: seeder says {ev.code}: {ev.message}")
                 elif isinstance(ev, chunkproto.ProtocolError):
+                    self.metrics.chunk_failure(tally.peer, "protocol")
                     raise PullError(
                         "verify", f"{where}: chunk protocol violation: {ev}", seeder_fault=True
                     )
                 else:
                     detail = f": {ev}" if ev is not None else ""
+                    self.metrics.chunk_failure(tally.peer, "channel_closed")
                     raise PullError(
                         "io",
                         f"{where}: channel closed with {len(outstanding)} chunks outstanding"
@@ -596,6 +617,15 @@ class LayerPuller:
                     )
         finally:
             session.close()
+
+
+def _outcome(e: BaseException) -> str:
+    """The ``outcome`` label of a pull that raised ``e``."""
+    if isinstance(e, PullError):
+        return e.kind
+    if isinstance(e, asyncio.CancelledError):
+        return "cancelled"
+    return "error"
 
 
 def _mib(n: int) -> str:

@@ -43,6 +43,9 @@ Routes (prefix ``/v1``)::
     GET  /console                 the web console (static page; its data needs the admin token)
 
     GET  health                   (no auth) -> {"v": 1, "status": "ok", ...}
+
+    GET  /metrics                 (Bearer <metrics token> or <admin token>) -> Prometheus
+                                  text exposition (coordinator/metrics.py)
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ from . import console
 from .cluster import Node
 from .core import MAX_WAIT, Coordinator
 from .errors import BadRequest, CoordinatorError
+from .metrics import CONTENT_TYPE_LATEST
 
 log = structlog.get_logger(__name__)
 
@@ -344,6 +348,16 @@ async def health(request: web.Request) -> web.Response:
     return web.Response(body=msgpack.packb(doc, use_bin_type=True), content_type=MSGPACK)
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text exposition; refusals in plain text too (scrapers and curl show them)."""
+    c = coord(request)
+    try:
+        c.check_metrics(request.headers.get("Authorization"))
+    except CoordinatorError as e:
+        return web.Response(status=e.status, text=e.message + "\n")
+    return web.Response(body=c.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
 # --------------------------------------------------------------------------
 # the application
 # --------------------------------------------------------------------------
@@ -396,4 +410,5 @@ def create_app(c: Coordinator) -> web.Application:
     r.add_get("/v1/jobs/{id}", get_job)
     r.add_get("/v1/health", health)
     r.add_routes(console.routes())
+    r.add_get("/metrics", metrics)
     return app

@@ -3,11 +3,13 @@
 Usage::
 
     rbd-coordinator [run] --state-dir DIR [--listen HOST:PORT] [--config FILE] ...
-    rbd-coordinator show-token {join,admin} --state-dir DIR [--config FILE]
+    rbd-coordinator show-token {join,admin,metrics} --state-dir DIR [--config FILE]
 
-Tokens live in ``<state-dir>/join-token`` and ``<state-dir>/admin-token``
-unless ``--join-token-file``/``--admin-token-file`` say otherwise; a missing
-file is created (mode 0600) with a fresh random token at start-up.
+Tokens live in ``<state-dir>/join-token``, ``<state-dir>/admin-token`` and
+``<state-dir>/metrics-token`` (what a Prometheus server presents on
+``GET /metrics``) unless ``--join-token-file``/``--admin-token-file``/
+``--metrics-token-file`` say otherwise; a missing file is created (mode 0600)
+with a fresh random token at start-up.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", help="directory for the SQLite database and tokens")
     p.add_argument("--join-token-file", help="default <state-dir>/join-token")
     p.add_argument("--admin-token-file", help="default <state-dir>/admin-token")
+    p.add_argument("--metrics-token-file", help="default <state-dir>/metrics-token")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -62,7 +65,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--log-json", action="store_true", default=None, help="JSON log lines")
     run.add_argument("--ready-file", help="write HOST:PORT here once listening (for tests)")
     show = sub.add_parser("show-token", help="print the join or admin token")
-    show.add_argument("which", choices=["join", "admin"])
+    show.add_argument("which", choices=["join", "admin", "metrics"])
     _common(show)
     return p
 
@@ -73,6 +76,7 @@ def _settings(args: argparse.Namespace) -> config.CoordinatorConfig:
         "state_dir": args.state_dir,
         "join_token_file": args.join_token_file,
         "admin_token_file": args.admin_token_file,
+        "metrics_token_file": args.metrics_token_file,
     }
     flags = (
         "listen",
@@ -101,7 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rbd-coordinator: {e}", file=sys.stderr)
         return 2
     if args.command == "show-token":
-        path = cfg.join_token_path if args.which == "join" else cfg.admin_token_path
+        path = {
+            "join": cfg.join_token_path,
+            "admin": cfg.admin_token_path,
+            "metrics": cfg.metrics_token_path,
+        }[args.which]
         try:
             print(path.read_text().strip())
         except OSError as e:
@@ -129,6 +137,7 @@ async def serve(cfg: config.CoordinatorConfig) -> None:
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     join_token = _token(cfg.join_token_path, "join")
     admin_token = _token(cfg.admin_token_path, "admin")
+    metrics_token = _token(cfg.metrics_token_path, "metrics")
     store = StateStore(cfg.db_path)
     try:
         coordinator = Coordinator(
@@ -140,6 +149,7 @@ async def serve(cfg: config.CoordinatorConfig) -> None:
             policy=cfg.policy,
             node_down_timeout=cfg.node_down_timeout,
             seeder_fault_limit=cfg.seeder_fault_limit,
+            metrics_token=metrics_token,
         )
         # handler_cancellation: a long-poll whose agent vanished (kill -9, crash,
         # cable) is cancelled at once, which is how a dead demander is noticed
@@ -156,6 +166,7 @@ async def serve(cfg: config.CoordinatorConfig) -> None:
                 state_dir=str(cfg.state_dir),
                 join_token_file=str(cfg.join_token_path),
                 admin_token_file=str(cfg.admin_token_path),
+                metrics_token_file=str(cfg.metrics_token_path),
             )
             if cfg.ready_file:
                 cfg.ready_file.write_text(f"{host}:{port}\n")

@@ -6,6 +6,7 @@ Keys of the TOML file (all optional) mirror the long flags::
     state_dir = "/var/lib/rbd-coordinator"
     join_token_file = "/etc/rbd/join-token"
     admin_token_file = "/etc/rbd/admin-token"
+    metrics_token_file = "/etc/rbd/metrics-token"   # Bearer token for GET /metrics
     heartbeat_interval = 2.0
     chunk_size = 4194304
     policy = "paper"
@@ -42,6 +43,7 @@ class CoordinatorConfig:
     port: int = 7700
     join_token_file: Path | None = None
     admin_token_file: Path | None = None
+    metrics_token_file: Path | None = None
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
     chunk_size: int = DEFAULT_CHUNK_SIZE
     policy: str = "paper"
@@ -58,6 +60,10 @@ class CoordinatorConfig:
     @property
     def admin_token_path(self) -> Path:
         return self.admin_token_file or self.state_dir / "admin-token"
+
+    @property
+    def metrics_token_path(self) -> Path:
+        return self.metrics_token_file or self.state_dir / "metrics-token"
 
     @property
     def db_path(self) -> Path:
@@ -94,6 +100,7 @@ _KNOWN = {
     "state_dir",
     "join_token_file",
     "admin_token_file",
+    "metrics_token_file",
     "heartbeat_interval",
     "chunk_size",
     "policy",
@@ -145,6 +152,7 @@ def build(file_values: dict[str, Any], overrides: dict[str, Any]) -> Coordinator
         port=port,
         join_token_file=path("join_token_file"),
         admin_token_file=path("admin_token_file"),
+        metrics_token_file=path("metrics_token_file"),
         heartbeat_interval=interval,
         chunk_size=chunk_size,
         policy=policy,

@@ -100,6 +100,7 @@ from .cluster import MISSED_HEARTBEATS, Cluster, Node
 from .errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
 from .images import check_ingest, check_ref, image_view
 from .jobs import Job, NodeProgress
+from .metrics import CoordinatorMetrics
 from .state import StateStore, StoredImage, StoredNode, StoredTransfer
 
 log = structlog.get_logger(__name__)
@@ -146,12 +147,16 @@ class Coordinator:
         node_down_timeout: float = NODE_DOWN_TIMEOUT,
         seeder_fault_limit: int = SEEDER_FAULT_LIMIT,
         clock: Callable[[], float] = time.time,
+        metrics: CoordinatorMetrics | None = None,
+        metrics_token: str = "",
     ) -> None:
         if not join_token or not admin_token:
             raise ValueError("join and admin tokens must not be empty")
         self.store = store
         self.join_token = join_token
         self.admin_token = admin_token
+        #: accepted (besides the admin token) on GET /metrics; "" = admin token only
+        self.metrics_token = metrics_token
         self.heartbeat_interval = heartbeat_interval
         self.chunk_size = chunk_size
         self.clock = clock
@@ -168,6 +173,8 @@ class Coordinator:
         # node -> {transfer id: mailbox seq} of transfers not yet delivered to it
         self._undelivered: dict[str, dict[str, int]] = {}
         self.loads: dict[str, tuple[str, str]] = {}  # load id -> (job id, node id)
+        self.metrics = metrics if metrics is not None else CoordinatorMetrics()
+        self.metrics.watch(self)
         self._restore()
 
     # ------------------------------------------------------------------
@@ -200,7 +207,8 @@ class Coordinator:
             self.jobs[job.job_id] = job
             if job.running:
                 self._start_job_nodes(job, now)
-                job.settle(now)
+                if job.settle(now):
+                    self._job_finished(job)
                 self.store.save_job(job.view())
         for t in adopted:
             for p in self._progress_of(t.demander):
@@ -293,6 +301,24 @@ class Coordinator:
             raise Forbidden(
                 "admin API: the admin token is wrong (see the coordinator's admin-token file)"
             )
+
+    def check_metrics(self, header: str | None) -> None:
+        """GET /metrics: the metrics token, or the admin token.
+
+        A token of its own so a Prometheus server can scrape without holding
+        the admin token (which can distribute images and remove nodes).
+        """
+        token = auth.bearer(header)
+        if token is None:
+            raise Unauthorized(
+                "metrics: send 'Authorization: Bearer <metrics token>' (rbd-coordinator "
+                "show-token metrics; in prometheus.yml: authorization.credentials_file)"
+            )
+        if not (
+            (self.metrics_token and auth.same_secret(token, self.metrics_token))
+            or auth.same_secret(token, self.admin_token)
+        ):
+            raise Forbidden("metrics: the token is neither the metrics token nor the admin token")
 
     def authenticate_node(self, header: str | None) -> Node:
         """The node named by ``Authorization: Bearer <node_id>:<credential>``."""
@@ -403,6 +429,7 @@ class Coordinator:
         )
 
     def heartbeat(self, node: Node, hb: Heartbeat) -> HeartbeatReply:
+        t0 = time.perf_counter()
         now = self.clock()
         bad = [d for d in hb.holdings if not is_digest(d)]
         if bad:
@@ -418,6 +445,7 @@ class Coordinator:
         if changed:
             self._save_node(node)
         self._schedule(now)
+        self.metrics.heartbeat(time.perf_counter() - t0)
         return HeartbeatReply(trust_version=self.cluster.trust_version)
 
     def _reconcile(self, node: Node, hb: Heartbeat, now: float) -> None:
@@ -709,6 +737,7 @@ class Coordinator:
         first, tr.reported = not tr.reported, True
         self.store.delete_transfer(transfer_id)
         if first:
+            self.metrics.transfer_done(m.seconds, m.bytes_moved)
             use = SeederUse(
                 layer=t.layer,
                 seeder=t.seeder,
@@ -749,6 +778,8 @@ class Coordinator:
         self.store.delete_transfer(transfer_id)
         if self.scheduler.is_active(transfer_id):
             self.scheduler.fail(transfer_id)
+            # (one the coordinator had already dropped was counted as aborted then)
+            self.metrics.transfer_failed(m.kind, now - t.started_at)
         why = f"{m.kind}: {m.reason}"
         log.warning(
             "transfer failed",
@@ -797,6 +828,7 @@ class Coordinator:
 
     def _seeder_fault(self, seeder: Node, demander: str, why: str, now: float) -> None:
         """Bad bytes from ``seeder``: penalize it; quarantine it at the limit."""
+        self.metrics.seeder_fault(seeder.node_id)
         seeder.info.seeder_faults += 1
         faults = seeder.info.seeder_faults
         if faults >= self.seeder_fault_limit:
@@ -1107,7 +1139,8 @@ class Coordinator:
         self.jobs[job.job_id] = job
         log.info("job created", job=job.job_id, image=req.image, nodes=len(targets))
         self._start_job_nodes(job, now)
-        job.settle(now)
+        if job.settle(now):
+            self._job_finished(job)
         self.store.save_job(job.view())
         self._schedule(now)
         return job.view()
@@ -1205,15 +1238,20 @@ class Coordinator:
         """
         if job.settle(self.clock()):
             log.info("job finished", job=job.job_id, state=job.state, error=job.error)
+            self._job_finished(job)
             self.store.save_job(job.view())
         else:
             self.store.save_job_node(job.job_id, p.view())
+
+    def _job_finished(self, job: Job) -> None:
+        self.metrics.job_finished(job.state, job.finished_at - job.created_at)
 
     def _quarantine(self, node_id: str, reason: str, now: float) -> None:
         node = self.cluster.get(node_id)
         if node is None or node.quarantined:
             return
         node.info.quarantined, node.info.quarantine_reason = True, reason
+        self.metrics.quarantined()
         node.up = False
         self._aborted(self.scheduler.node_down(node_id), f"seeder {node_id} quarantined")
         for job, p in list(self._jobs_of(node_id)):
@@ -1227,6 +1265,7 @@ class Coordinator:
 
     def _aborted(self, transfers: list[Transfer], why: str) -> None:
         """Transfers the scheduler dropped: withdraw undelivered assignments, reset progress."""
+        self.metrics.transfers_aborted(len(transfers))
         for t in transfers:
             demander = self.cluster.get(t.demander)
             if demander is not None:
@@ -1250,7 +1289,10 @@ class Coordinator:
     def _schedule(self, now: float) -> None:
         """Start every transfer the scheduler allows; queue each to its demander."""
         touched: set[str] = set()
-        for t in self.scheduler.schedule(now):
+        t0 = time.perf_counter()
+        started = list(self.scheduler.schedule(now))
+        self.metrics.decision(time.perf_counter() - t0, len(started))
+        for t in started:
             demander = self.cluster.get(t.demander)
             seeder = self.cluster.get(t.seeder)
             manifest = self.manifests.get(t.layer)

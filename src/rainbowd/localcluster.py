@@ -16,6 +16,9 @@ when ``host`` is not an address of the test's own namespace), and
 ``admin_url`` how the test process reaches the coordinator when that is not
 ``url`` (e.g. a forwarder from loopback into the lab). Status sockets are
 unix sockets on the shared file system and need no hook.
+
+``agent_metrics=True`` turns on every agent's Prometheus endpoint (an
+ephemeral port on its address); :meth:`LocalCluster.metrics_url` says where.
 """
 
 from __future__ import annotations
@@ -89,6 +92,7 @@ class LocalCluster:
         admin_url: str = "",
         prefix_for: Callable[[str], Sequence[str]] | None = None,
         policy: str = "",
+        agent_metrics: bool = False,
     ) -> None:
         self.root = Path(root)
         self.nodes = {n.node_id: n for n in nodes}
@@ -100,6 +104,7 @@ class LocalCluster:
         self._admin_url = admin_url
         self.prefix_for = prefix_for
         self.policy = policy
+        self.agent_metrics = agent_metrics
         self.join_token = secrets.token_urlsafe(24)
         self.admin_token = secrets.token_urlsafe(24)
         self._procs: dict[str, _Proc] = {}
@@ -198,6 +203,8 @@ class LocalCluster:
             "status_socket": str(self.status_socket(node_id)),
             "log_level": self.log_level,
         }
+        if self.agent_metrics:
+            cfg["metrics_listen"] = f"{spec.host or self.host}:0"
         self.agent_config(node_id).write_text(_toml(cfg))
         self._spawn(
             node_id, "agent", ["run", "--config", str(self.agent_config(node_id)), "--log-json"]
@@ -304,6 +311,13 @@ class LocalCluster:
 
     async def agent_status(self, node_id: str) -> dict[str, Any]:
         return await fetch_status(self.status_socket(node_id))
+
+    async def metrics_url(self, node_id: str) -> str:
+        """Where the agent's GET /metrics listens (needs ``agent_metrics=True``)."""
+        url = str((await self.agent_status(node_id)).get("metrics_url", ""))
+        if not url:
+            raise ClusterError(f"agent {node_id} has no metrics endpoint (agent_metrics=False?)")
+        return url
 
 
 def die_with_parent() -> None:

@@ -187,6 +187,23 @@ def test_cli_starts_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
             check=True,
         )
         assert out.stdout.strip() == (tmp_path / "state" / "admin-token").read_text().strip()
+        # the metrics token was created at start-up too, and opens GET /metrics
+        metrics_token = (tmp_path / "state" / "metrics-token").read_text().strip()
+        shown = subprocess.run(
+            [
+                *(sys.executable, "-m", "rainbowd.coordinator.cli", "show-token", "metrics"),
+                *("--state-dir", str(tmp_path / "state")),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert shown.stdout.strip() == metrics_token != out.stdout.strip()
+        req = urllib.request.Request(
+            f"http://{host}:{port}/metrics", headers={"Authorization": f"Bearer {metrics_token}"}
+        )
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            assert b"rbd_coordinator_nodes" in resp.read()
         os.kill(proc.pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=10)
         assert proc.returncode == 0, err

@@ -17,12 +17,22 @@ def test_agent_example_loads() -> None:
     assert cfg.node_id
     assert cfg.coordinator_url.startswith("http")
     assert cfg.ssh_port == 7722
+    assert cfg.metrics_address() is None  # metrics are off unless the operator opts in
+
+
+def test_prometheus_example_scrapes_the_jobs_the_dashboard_expects() -> None:
+    prom = (DEPLOY / "prometheus.yml").read_text()
+    dash = (DEPLOY / "grafana" / "rbd-dashboard.json").read_text()
+    for job in ("rbd-coordinator", "rbd-agent"):
+        assert f"job_name: {job}" in prom and f'"query": "{job}"' in dash
+    assert "credentials_file:" in prom and "metrics_path: /metrics" in prom
 
 
 def test_coordinator_example_loads() -> None:
     values = coordinator_config.load_file(DEPLOY / "config" / "coordinator.example.toml")
     cfg = coordinator_config.build(values, {})
     assert cfg.heartbeat_interval > 0
+    assert cfg.metrics_token_path.name == "metrics-token"
 
 
 def test_agent_config_errors_name_the_key(tmp_path: Path) -> None:
