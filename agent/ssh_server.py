@@ -112,8 +112,13 @@ class ChunkServer:
         login_timeout: float = 30.0,
         verify_reads: bool = True,
         max_upload_bps: float = 0.0,
+        on_served: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
+        #: called with a layer's digest after chunks of it were sent (its use time)
+        self.on_served = on_served
+        #: layer -> requests being answered right now (such a layer is not evicted)
+        self.serving: dict[str, int] = {}
         self.verify_reads = verify_reads
         self.max_upload_bps = max_upload_bps
         #: layers whose stored blob failed verification while serving: digest -> why
@@ -338,6 +343,7 @@ class ChunkServer:
             todo = iter(req.chunks)
             sent = 0
             t0 = time.monotonic()
+            self.serving[layer] = self.serving.get(layer, 0) + 1
             try:
                 for index in todo:
                     reads.append(asyncio.create_task(self._read(layer, index)))
@@ -375,6 +381,11 @@ class ChunkServer:
                     t.cancel()
                 if reads:
                     await asyncio.gather(*reads, return_exceptions=True)
+                left = self.serving.pop(layer, 1) - 1
+                if left > 0:
+                    self.serving[layer] = left
+                if sent and self.on_served is not None:
+                    self.on_served(layer)
             plog.debug(
                 "chunks_served",
                 layer=short(layer),

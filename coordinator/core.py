@@ -67,6 +67,8 @@ from rainbowd.messages import (
     AssignmentBatch,
     CreateImage,
     CreateJob,
+    EvictReply,
+    EvictRequest,
     Heartbeat,
     HeartbeatReply,
     ImageList,
@@ -100,6 +102,7 @@ from .cluster import MISSED_HEARTBEATS, Cluster, Node
 from .errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
 from .images import check_ingest, check_ref, image_view
 from .jobs import Job, NodeProgress
+from .pins import pinned_layers
 from .state import StateStore, StoredImage, StoredNode, StoredTransfer
 
 log = structlog.get_logger(__name__)
@@ -418,7 +421,45 @@ class Coordinator:
         if changed:
             self._save_node(node)
         self._schedule(now)
-        return HeartbeatReply(trust_version=self.cluster.trust_version)
+        return HeartbeatReply(trust_version=self.cluster.trust_version, pinned=self.pins(node))
+
+    # -- store eviction (agents with a store limit; see pins.py) ---------
+    def pins(self, node: Node) -> list[str]:
+        """Layers ``node`` must not evict right now, sorted."""
+        return sorted(self._pinned(node))
+
+    def _pinned(self, node: Node) -> dict[str, str]:
+        return pinned_layers(node.node_id, self.jobs.values(), self.images, self.scheduler.active())
+
+    def evict(self, node: Node, req: EvictRequest) -> EvictReply:
+        """Let ``node`` delete the unpinned layers it asks for; forget that it holds them.
+
+        The holdings are dropped (here and in the scheduler, so the node is no
+        longer offered as their seeder) before the agent deletes a byte; a
+        refused layer stays held and the reason goes back to the agent.
+        """
+        bad = [d for d in req.layers if not is_digest(d)]
+        if bad:
+            raise BadRequest(f"evict: layers are not sha256 digests: {bad[:3]}")
+        pinned = self._pinned(node)
+        accepted: list[str] = []
+        refused: dict[str, str] = {}
+        for layer in dict.fromkeys(req.layers):
+            if layer in pinned:
+                refused[layer] = pinned[layer]
+                continue
+            accepted.append(layer)
+            node.holdings.discard(layer)
+            self.scheduler.remove_holding(node.node_id, layer)
+        if accepted:
+            self._save_node(node)
+        log.info(
+            "layers evicted by node",
+            node=node.node_id,
+            accepted=[short(d) for d in accepted],
+            refused={short(d): why for d, why in refused.items()},
+        )
+        return EvictReply(accepted=accepted, refused=refused)
 
     def _reconcile(self, node: Node, hb: Heartbeat, now: float) -> None:
         """Line our view of ``node``'s incoming transfers up with what its agent says it pulls."""

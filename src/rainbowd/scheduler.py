@@ -176,6 +176,10 @@ class Scheduler:
         node.holdings.add(layer)
         self._demands.pop((node_id, layer), None)
 
+    def remove_holding(self, node_id: str, layer: str) -> None:
+        """The node deleted the layer (store eviction): it is no longer a seeder of it."""
+        self._node(node_id).holdings.discard(layer)
+
     def holds(self, node_id: str, layer: str) -> bool:
         return layer in self._node(node_id).holdings
 
