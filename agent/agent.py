@@ -98,7 +98,12 @@ class Agent:
             on_served=lambda layer: self.hygiene.used(layer),
         )
         self.server_port = config.ssh_port
-        self.puller = LayerPuller(self.store, self.client_key, node_id=config.node_id)
+        self.puller = LayerPuller(
+            self.store,
+            self.client_key,
+            node_id=config.node_id,
+            max_download_bps=config.max_download_mbps * 1e6 / 8,
+        )
         self.loader = DockerLoader(config.docker_url) if config.docker_url else None
         self.view = AgentView()
         limits = (
@@ -196,6 +201,8 @@ class Agent:
             docker=self.loader is not None and await self.loader.available(),
             disk_free=self.store.bytes_free(),
             speed_hint_bps=cfg.speed_hint_mbps * 1e6 / 8,
+            max_upload_bps=cfg.max_upload_mbps * 1e6 / 8,
+            max_download_bps=cfg.max_download_mbps * 1e6 / 8,
             holdings=self.hygiene.holdings(),
         )
         delay = 0.5

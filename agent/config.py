@@ -47,6 +47,8 @@ class AgentConfig:
     verify_served: bool = True
     #: cap on the bytes/s this agent serves to peers, in Mbit/s (0 = no cap)
     max_upload_mbps: float = 0.0
+    #: cap on the bytes/s this agent pulls from peers, in Mbit/s (0 = no cap)
+    max_download_mbps: float = 0.0
     #: most bytes rbd's own store files may take (0 = no limit); see rainbowd.eviction
     store_max_bytes: int = 0
     #: above this fraction of store_max_bytes, least recently used layers are evicted ...
@@ -104,6 +106,7 @@ class _Raw(msgspec.Struct, forbid_unknown_fields=True):
     poll_wait: float = 25.0
     verify_served: bool = True
     max_upload_mbps: float = 0.0
+    max_download_mbps: float = 0.0
     store_max_bytes: int | str = 0
     store_high_watermark: float = DEFAULT_HIGH_WATERMARK
     store_low_watermark: float = DEFAULT_LOW_WATERMARK
@@ -136,6 +139,7 @@ ENV_PREFIX = "RBD_AGENT_"
 _ENV_KEYS: dict[str, type] = {
     "verify_served": bool,
     "max_upload_mbps": float,
+    "max_download_mbps": float,
     "request_timeout": float,
     "poll_wait": float,
     "log_level": str,
@@ -196,8 +200,9 @@ def _from_raw(raw: _Raw) -> AgentConfig:
         raise ConfigError(f"coordinator_url {raw.coordinator_url!r}: must start with http(s)://")
     if not 0 <= raw.ssh_port <= 65535:
         raise ConfigError(f"ssh_port {raw.ssh_port}: must be 0..65535")
-    if raw.max_upload_mbps < 0:
-        raise ConfigError(f"max_upload_mbps {raw.max_upload_mbps}: must be >= 0 (0 = no cap)")
+    for key in ("max_upload_mbps", "max_download_mbps"):
+        if getattr(raw, key) < 0:
+            raise ConfigError(f"{key} {getattr(raw, key)}: must be >= 0 (0 = no cap)")
     unknown = set(raw.roles) - KNOWN_ROLES
     if unknown:
         raise ConfigError(f"roles: unknown {sorted(unknown)}; known: {sorted(KNOWN_ROLES)}")

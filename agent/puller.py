@@ -53,6 +53,7 @@ from rainbowd.messages import FailureKind, PeerInfo, TransferAssignment, Transfe
 from rainbowd.store import ChunkRejected, LayerStore, PartialLayer, StoreError
 
 from .keys import KeyFormatError, fingerprint, key_blob, parse_public_line
+from .pacing import RatePacer
 from .ssh_server import (
     CHANNEL_MAX_PKTSIZE,
     CHANNEL_WINDOW,
@@ -240,6 +241,7 @@ class LayerPuller:
         chunk_timeout: float = 60.0,
         window: int = 4,
         encryption_algs: list[str] | None = None,
+        max_download_bps: float = 0.0,
     ) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
@@ -250,6 +252,8 @@ class LayerPuller:
         self.chunk_timeout = chunk_timeout
         self.window = window
         self.encryption_algs = encryption_algs or ENCRYPTION_ALGS
+        #: shared by every pull of this agent: the download cap is per node
+        self.download_pacer = RatePacer(max_download_bps)
         self._conns: dict[_ConnKey, asyncssh.SSHClientConnection] = {}
         self._clients: dict[_ConnKey, _Client] = {}
         self._locks: dict[_ConnKey, asyncio.Lock] = {}
@@ -561,6 +565,7 @@ class LayerPuller:
                     outstanding.popleft()
                     tally.moved += len(ev.data)
                     tally.fetched += 1
+                    await self.download_pacer.pace(len(ev.data))
                     if len(outstanding) <= inflight_max // 2:
                         request_more()
                     now = time.monotonic()

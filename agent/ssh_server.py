@@ -56,6 +56,7 @@ from rainbowd.messages import TrustList
 from rainbowd.store import LayerMissing, LayerStore, StoreError
 
 from .keys import KeyFormatError, fingerprint, key_blob
+from .pacing import RatePacer
 
 log = structlog.get_logger(__name__)
 
@@ -123,7 +124,7 @@ class ChunkServer:
         self.max_upload_bps = max_upload_bps
         #: layers whose stored blob failed verification while serving: digest -> why
         self.corrupt_layers: dict[str, str] = {}
-        self._pace_next = 0.0
+        self._pacer = RatePacer(max_upload_bps)
         self.host_key = host_key
         self.node_id = node_id
         self.on_refused = on_refused
@@ -261,14 +262,10 @@ class ChunkServer:
         return index, data
 
     async def _pace(self, nbytes: int) -> None:
-        """Hold the sender to ``max_upload_bps`` across all channels (a simple pacer)."""
-        if self.max_upload_bps <= 0:
-            return
-        now = time.monotonic()
-        start = max(now, self._pace_next)
-        self._pace_next = start + nbytes / self.max_upload_bps
-        if start > now:
-            await asyncio.sleep(start - now)
+        """Hold the sender to ``max_upload_bps`` across all channels (see agent/pacing.py)."""
+        if self._pacer.bps != self.max_upload_bps:
+            self._pacer = RatePacer(self.max_upload_bps)
+        await self._pacer.pace(nbytes)
 
     async def _serve_channel(
         self,

@@ -181,7 +181,13 @@ class Coordinator:
         for info, seq in self.store.load_nodes():
             node = self.cluster.add(info, seq)
             node.down_since = self.started_at
-            self.scheduler.add_node(node.node_id, info.speed_hint_bps, node.holdings)
+            self.scheduler.add_node(
+                node.node_id,
+                info.speed_hint_bps,
+                node.holdings,
+                max_upload_bps=info.max_upload_bps,
+                max_download_bps=info.max_download_bps,
+            )
             self.scheduler.node_down(node.node_id)
         for image in self.store.load_images():
             self.images[image.ref] = image
@@ -328,6 +334,7 @@ class Coordinator:
             info.host_key, info.client_key = req.host_key, req.client_key
             info.labels, info.roles = dict(req.labels), list(req.roles)
             info.docker, info.speed_hint_bps = req.docker, req.speed_hint_bps
+            info.max_upload_bps, info.max_download_bps = req.max_upload_bps, req.max_download_bps
             # the agent (re)started: whatever it was pulling or loading is gone,
             # including transfers adopted after a coordinator restart
             node.up = False
@@ -356,6 +363,8 @@ class Coordinator:
                 roles=list(req.roles),
                 docker=req.docker,
                 speed_hint_bps=req.speed_hint_bps,
+                max_upload_bps=req.max_upload_bps,
+                max_download_bps=req.max_download_bps,
                 registered_at=now,
             )
             node = self.cluster.add(info)
@@ -575,7 +584,12 @@ class Coordinator:
         if node.quarantined:
             return
         if not node.up:
-            self.scheduler.add_node(node.node_id, node.info.speed_hint_bps)
+            self.scheduler.add_node(
+                node.node_id,
+                node.info.speed_hint_bps,
+                max_upload_bps=node.info.max_upload_bps,
+                max_download_bps=node.info.max_download_bps,
+            )
             node.up = True
             node.down_since = 0.0
         elif self.scheduler.is_suspect(node.node_id):
@@ -1355,3 +1369,5 @@ def _check_register(req: RegisterRequest) -> None:
         raise BadRequest(f"register: holdings are not sha256 digests: {bad[:3]}")
     if req.speed_hint_bps < 0:
         raise BadRequest("register: speed_hint_bps must not be negative")
+    if req.max_upload_bps < 0 or req.max_download_bps < 0:
+        raise BadRequest("register: max_upload_bps and max_download_bps must be >= 0 (0 = none)")

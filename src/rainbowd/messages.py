@@ -144,6 +144,9 @@ class RegisterRequest(Msg, kw_only=True):
     disk_free: int = 0
     speed_hint_bps: float = 0.0  # configured link speed; 0 = unknown
     holdings: list[str] = []
+    #: the agent's configured caps (bytes/s; 0 = none): the scheduler never expects more
+    max_upload_bps: float = 0.0
+    max_download_bps: float = 0.0
 
 
 class RegisterReply(Msg, kw_only=True):

@@ -59,6 +59,9 @@ class Transfer:
     started_at: float
     reason: str
     seeder_speed_bps: float
+    #: the rate the demander is expected to receive at: the seeder's speed, capped by
+    #: the demander's configured download limit (0 = not computed, e.g. adopted)
+    expected_bps: float = 0.0
 
 
 @dataclass
@@ -70,6 +73,12 @@ class _Node:
     holdings: set[str] = field(default_factory=set)
     sending: str | None = None  # transfer id while seeding
     receiving: str | None = None  # transfer id while demanding
+    max_upload_bps: float = 0.0  # configured caps (0 = none): speed never exceeds upload
+    max_download_bps: float = 0.0
+
+    def clamp(self, bps: float) -> float:
+        """``bps`` as an upload speed of this node: never above its configured cap."""
+        return min(bps, self.max_upload_bps) if self.max_upload_bps > 0 else bps
 
 
 @dataclass
@@ -106,12 +115,31 @@ class Scheduler:
         self._avoid: dict[tuple[str, str], float] = {}
 
     # -- nodes -----------------------------------------------------------
-    def add_node(self, node_id: str, speed_bps: float = 0.0, holdings: Iterable[str] = ()) -> None:
-        """Add (or bring back up) a node; its holdings make it a seeder."""
+    def add_node(
+        self,
+        node_id: str,
+        speed_bps: float = 0.0,
+        holdings: Iterable[str] = (),
+        *,
+        max_upload_bps: float | None = None,
+        max_download_bps: float | None = None,
+    ) -> None:
+        """Add (or bring back up) a node; its holdings make it a seeder.
+
+        ``max_upload_bps``/``max_download_bps`` are the node's configured
+        bandwidth caps (0 = none; None = leave as they are): its speed estimate
+        is clamped to the upload cap, and a transfer to it is expected at no
+        more than its download cap.
+        """
         node = self._nodes.get(node_id)
         if node is None:
             node = _Node(node_id, speed_bps or self.default_speed_bps)
             self._nodes[node_id] = node
+        if max_upload_bps is not None:
+            node.max_upload_bps = max(0.0, max_upload_bps)
+        if max_download_bps is not None:
+            node.max_download_bps = max(0.0, max_download_bps)
+        node.speed_bps = node.clamp(node.speed_bps)
         node.up = True
         node.suspect = False
         for layer in holdings:
@@ -166,7 +194,8 @@ class Scheduler:
     def observe_speed(self, node_id: str, bytes_per_second: float) -> None:
         """Measured upload performance of a node (its last distribution)."""
         if bytes_per_second > 0:
-            self._node(node_id).speed_bps = bytes_per_second
+            node = self._node(node_id)
+            node.speed_bps = node.clamp(bytes_per_second)
 
     def speed(self, node_id: str) -> float:
         return self._node(node_id).speed_bps
@@ -282,9 +311,16 @@ class Scheduler:
         self, seeder: _Node, demand: _Demand, now: float, idle_left: list[tuple[float, str]]
     ) -> Transfer:
         others = sum(1 for _, nid in idle_left if demand.layer in self._nodes[nid].holdings)
+        demander = self._nodes[demand.node_id]
+        expected = seeder.speed_bps
+        capped = ""
+        if 0 < demander.max_download_bps < expected:
+            expected = demander.max_download_bps
+            capped = f"; expected {expected / 1e6:.1f} MB/s, the demander's download cap"
         reason = (
             f"{self.policy}: fastest idle seeder holding the layer "
-            f"({seeder.speed_bps / 1e6:.1f} MB/s measured; {others} slower idle holder(s) left)"
+            f"({seeder.speed_bps / 1e6:.1f} MB/s measured; {others} slower idle holder(s) left"
+            f"{capped})"
         )
         t = Transfer(
             transfer_id=self._new_id(),
@@ -295,6 +331,7 @@ class Scheduler:
             started_at=now,
             reason=reason,
             seeder_speed_bps=seeder.speed_bps,
+            expected_bps=expected,
         )
         seeder.sending = t.transfer_id
         self._nodes[demand.node_id].receiving = t.transfer_id
@@ -307,7 +344,13 @@ class Scheduler:
         t = self._take(transfer_id)
         seconds = now - t.started_at
         if bytes_moved > 0 and seconds > 0:
-            self.observe_speed(t.seeder, bytes_moved / seconds)
+            rate = bytes_moved / seconds
+            cap = self._nodes[t.demander].max_download_bps if t.demander in self._nodes else 0.0
+            if cap > 0 and rate >= 0.8 * cap:
+                # the demander's own cap set the pace: this says little about the
+                # seeder, except that it is at least this fast
+                rate = max(rate, self._node(t.seeder).speed_bps)
+            self.observe_speed(t.seeder, rate)
         self.add_holding(t.demander, t.layer)
         return t
 
