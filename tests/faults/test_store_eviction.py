@@ -30,6 +30,7 @@ import pytest
 from invariants import InvariantMonitor
 
 from rainbowd import messages as m
+from rainbowd.agent.status import render_status
 from rainbowd.dockerd import PrivateDockerd
 from rainbowd.image import ingest_docker_archive
 from rainbowd.imagebuild import build_demo_image
@@ -148,6 +149,7 @@ async def test_lru_eviction_respects_jobs_and_updates_the_coordinator(
         evicted_n1 = {e["digest"] for e in n1["store"]["evicted"]}
         assert evicted_n1 == own_a, "only A's exclusive layer is evicted"
         assert {h["digest"] for h in n1["holdings"]} == set(sb)
+        assert "1 layer(s) evicted" in render_status(n1)  # what `rbd-agent status` prints
 
         # the coordinator's view follows: n1 holds B (not A), n2 neither
         images = {i.ref: i for i in (await admin.images()).images}
