@@ -29,12 +29,14 @@ from rainbowd import messages as m
 from rainbowd.agent import origin
 from rainbowd.agent.config import AgentConfig
 from rainbowd.agent.docker_loader import DockerLoader
+from rainbowd.agent.hygiene import StoreHygiene
 from rainbowd.agent.keys import load_or_create_key, public_line
 from rainbowd.agent.metrics import AgentMetrics, MetricsServer
 from rainbowd.agent.puller import HostKeyMismatch, LayerPuller, PullError
 from rainbowd.agent.ssh_server import ChunkServer
 from rainbowd.agent.status import StatusServer
 from rainbowd.client import AgentClient, ApiError, CoordinatorUnreachable
+from rainbowd.eviction import StoreLimits
 from rainbowd.image import ImageError
 from rainbowd.sources import describe
 from rainbowd.store import LayerStore, StoreError
@@ -94,16 +96,32 @@ class Agent:
             node_id=config.node_id,
             verify_reads=config.verify_served,
             max_upload_bps=config.max_upload_mbps * 1e6 / 8,
+            on_served=lambda layer: self.hygiene.used(layer),
         )
         self.server_port = config.ssh_port
         self.metrics = AgentMetrics()
         self.puller = LayerPuller(
-            self.store, self.client_key, node_id=config.node_id, metrics=self.metrics
+            self.store,
+            self.client_key,
+            node_id=config.node_id,
+            metrics=self.metrics,
+            max_download_bps=config.max_download_mbps * 1e6 / 8,
         )
         self.loader = DockerLoader(config.docker_url) if config.docker_url else None
         self.view = AgentView()
         self.metrics.watch(self)
         self.metrics_server: MetricsServer | None = None
+        limits = (
+            StoreLimits(
+                config.store_max_bytes, config.store_high_watermark, config.store_low_watermark
+            )
+            if config.store_max_bytes
+            else None
+        )
+        self.hygiene = StoreHygiene(
+            self.store, limits, node_id=config.node_id, local_pins=self._busy_layers
+        )
+        self._loading: dict[str, int] = {}  # layer -> Docker loads reading it now
         self.api = AgentClient(config.coordinator_url, timeout=config.request_timeout)
         self._stop = asyncio.Event()
         self._tg: asyncio.TaskGroup | None = None
@@ -111,6 +129,11 @@ class Agent:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _busy_layers(self) -> set[str]:
+        """Layers in use on this host right now: pulled, served, loaded (never evicted)."""
+        busy = {w.layer for w in self.view.active.values()}
+        return busy | set(self.server.serving) | set(self._loading)
 
     # -- lifecycle -------------------------------------------------------
     async def run(self) -> None:
@@ -165,10 +188,15 @@ class Agent:
         await self._register()
         tg.create_task(self._heartbeats())
         tg.create_task(self._progress_reports())
+        tg.create_task(self.hygiene.run(self.api, lambda: self.view.heartbeat_interval))
         await self._assignments(tg)
 
     # -- enrollment and heartbeats ----------------------------------------
     async def _register(self) -> None:
+        async with self.hygiene.holdings_lock:
+            await self._register_locked()
+
+    async def _register_locked(self) -> None:
         cfg = self.config
         credential = ""
         if cfg.credential_file.exists():
@@ -186,7 +214,9 @@ class Agent:
             docker=self.loader is not None and await self.loader.available(),
             disk_free=self.store.bytes_free(),
             speed_hint_bps=cfg.speed_hint_mbps * 1e6 / 8,
-            holdings=list(self.store.holdings()),
+            max_upload_bps=cfg.max_upload_mbps * 1e6 / 8,
+            max_download_bps=cfg.max_download_mbps * 1e6 / 8,
+            holdings=self.hygiene.holdings(),
         )
         delay = 0.5
         while True:
@@ -217,7 +247,7 @@ class Agent:
 
     def _heartbeat(self) -> m.Heartbeat:
         return m.Heartbeat(
-            holdings=list(self.store.holdings()),
+            holdings=self.hygiene.holdings(),
             partials=[
                 m.LayerProgress(digest=d, have=have, count=n)
                 for d, have, n in self.store.partials()
@@ -242,9 +272,12 @@ class Agent:
         while True:
             await asyncio.sleep(self.view.heartbeat_interval)
             try:
-                hb = await asyncio.to_thread(self._heartbeat)
-                await self.api.heartbeat(hb)
+                async with self.hygiene.holdings_lock:
+                    hb = await asyncio.to_thread(self._heartbeat)
+                    reply = await self.api.heartbeat(hb)
                 self.view.last_contact = time.time()
+                self.hygiene.coordinator_pins(reply.pinned)
+                self.hygiene.kick()
             except CoordinatorUnreachable as e:
                 self.view.last_error = str(e)
                 self.log.warning("heartbeat: coordinator unreachable", error=str(e))
@@ -356,10 +389,20 @@ class Agent:
             await self._report(lambda: self.api.transfer_failed(a.transfer_id, failed))
             return
         tlog.info("layer verified", bytes=result.bytes_moved, seconds=round(result.seconds, 3))
+        self.hygiene.used(layer)
+        self.hygiene.kick()
         done = m.TransferDone(bytes_moved=result.bytes_moved, seconds=result.seconds)
         await self._report(lambda: self.api.transfer_done(a.transfer_id, done))
 
     async def _ingest(self, a: m.IngestAssignment) -> None:
+        # no eviction until the coordinator has the report (and so pins the image's layers)
+        self.hygiene.ingesting += 1
+        try:
+            await self._ingest_and_report(a)
+        finally:
+            self.hygiene.ingesting -= 1
+
+    async def _ingest_and_report(self, a: m.IngestAssignment) -> None:
         ilog = self.log.bind(image=a.ref, ingest=a.ingest_id)
         if "origin" not in self.config.roles:
             reason = f"node {self.config.node_id} has no origin role; cannot read {a.ref}"
@@ -391,6 +434,9 @@ class Agent:
                 lambda: self.api.ingest_failed(a.ingest_id, m.TaskFailed(reason=reason))
             )
             return
+        for lr in record.layers:
+            self.hygiene.used(lr.digest)
+        self.hygiene.kick()
         ilog.info("image ingested", layers=len(record.layers), size=record.size)
         await self._report(
             lambda: self.api.ingest_done(
@@ -404,6 +450,9 @@ class Agent:
             reason = f"node {self.config.node_id} has no Docker engine configured (docker_url)"
             await self._report(lambda: self.api.load_failed(a.load_id, m.TaskFailed(reason=reason)))
             return
+        layers = [lr.digest for lr in a.image.layers]
+        for d in layers:
+            self._loading[d] = self._loading.get(d, 0) + 1
         try:
             result = await self.loader.load(a.image, self.store)
         except Exception as e:  # Docker errors come in many types; all are reported
@@ -411,6 +460,12 @@ class Agent:
             llog.warning("docker load failed", error=str(e))
             await self._report(lambda: self.api.load_failed(a.load_id, m.TaskFailed(reason=reason)))
             return
+        finally:
+            for d in layers:
+                left = self._loading.pop(d, 1) - 1
+                if left > 0:
+                    self._loading[d] = left
+                self.hygiene.used(d)
         self.view.images[a.image.ref] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         llog.info("image loaded into docker", layers_sent=result.layers_sent)
         await self._report(
@@ -488,6 +543,7 @@ class Agent:
             ],
             "disk": {"used": self.store.bytes_used(), "free": self.store.bytes_free()},
             "metrics_url": self.metrics_server.url if self.metrics_server is not None else "",
+            "store": self.hygiene.status(),
             "served_bytes": dict(self.server.bytes_served),
             "corrupt_layers": dict(self.server.corrupt_layers),
             "refused_clients": len(self.server.refused_clients),

@@ -15,6 +15,9 @@ from typing import Any
 
 import msgspec
 
+from rainbowd.eviction import DEFAULT_HIGH_WATERMARK, DEFAULT_LOW_WATERMARK
+from rainbowd.units import SizeError, parse_size
+
 
 class ConfigError(ValueError):
     """The agent configuration is unusable; the message says which key and why."""
@@ -50,6 +53,14 @@ class AgentConfig:
     metrics_listen: str = ""
     #: file with a bearer token GET /metrics then requires (None = no token)
     metrics_token_file: Path | None = None
+    #: cap on the bytes/s this agent pulls from peers, in Mbit/s (0 = no cap)
+    max_download_mbps: float = 0.0
+    #: most bytes rbd's own store files may take (0 = no limit); see rainbowd.eviction
+    store_max_bytes: int = 0
+    #: above this fraction of store_max_bytes, least recently used layers are evicted ...
+    store_high_watermark: float = DEFAULT_HIGH_WATERMARK
+    #: ... until the store is back under this fraction
+    store_low_watermark: float = DEFAULT_LOW_WATERMARK
 
     @property
     def store_dir(self) -> Path:
@@ -124,6 +135,10 @@ class _Raw(msgspec.Struct, forbid_unknown_fields=True):
     max_upload_mbps: float = 0.0
     metrics_listen: str = ""
     metrics_token_file: str = ""
+    max_download_mbps: float = 0.0
+    store_max_bytes: int | str = 0
+    store_high_watermark: float = DEFAULT_HIGH_WATERMARK
+    store_low_watermark: float = DEFAULT_LOW_WATERMARK
 
 
 KNOWN_ROLES = {"origin"}
@@ -153,6 +168,7 @@ ENV_PREFIX = "RBD_AGENT_"
 _ENV_KEYS: dict[str, type] = {
     "verify_served": bool,
     "max_upload_mbps": float,
+    "max_download_mbps": float,
     "request_timeout": float,
     "poll_wait": float,
     "log_level": str,
@@ -190,6 +206,22 @@ def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     return out
 
 
+def _store_limits(raw: _Raw) -> int:
+    """``store_max_bytes`` in bytes, after checking it and the watermarks."""
+    try:
+        max_bytes = parse_size(raw.store_max_bytes)
+    except SizeError as e:
+        raise ConfigError(f"store_max_bytes: {e}; 0 = no limit") from None
+    high, low = raw.store_high_watermark, raw.store_low_watermark
+    if not 0 < high <= 1:
+        raise ConfigError(f"store_high_watermark {high}: must be a fraction in (0, 1]")
+    if not 0 < low < high:
+        raise ConfigError(
+            f"store_low_watermark {low}: must be > 0 and below store_high_watermark {high}"
+        )
+    return max_bytes
+
+
 def _from_raw(raw: _Raw) -> AgentConfig:
     if not raw.node_id or not all(c.isalnum() or c in "-_." for c in raw.node_id):
         raise ConfigError(f"node_id {raw.node_id!r}: use letters, digits, '-', '_' or '.'")
@@ -201,10 +233,14 @@ def _from_raw(raw: _Raw) -> AgentConfig:
         raise ConfigError(f"max_upload_mbps {raw.max_upload_mbps}: must be >= 0 (0 = no cap)")
     if raw.metrics_listen:
         _host_port(raw.metrics_listen)
+    for key in ("max_upload_mbps", "max_download_mbps"):
+        if getattr(raw, key) < 0:
+            raise ConfigError(f"{key} {getattr(raw, key)}: must be >= 0 (0 = no cap)")
     unknown = set(raw.roles) - KNOWN_ROLES
     if unknown:
         raise ConfigError(f"roles: unknown {sorted(unknown)}; known: {sorted(KNOWN_ROLES)}")
     kw: dict[str, Any] = {f.name: getattr(raw, f.name) for f in fields(AgentConfig)}
+    kw["store_max_bytes"] = _store_limits(raw)
     kw["state_dir"] = Path(raw.state_dir)
     kw["join_token_file"] = Path(raw.join_token_file) if raw.join_token_file else None
     kw["status_socket"] = Path(raw.status_socket) if raw.status_socket else None

@@ -54,6 +54,7 @@ from rainbowd.store import ChunkRejected, LayerStore, PartialLayer, StoreError
 
 from .keys import KeyFormatError, fingerprint, key_blob, parse_public_line
 from .metrics import AgentMetrics
+from .pacing import RatePacer
 from .ssh_server import (
     CHANNEL_MAX_PKTSIZE,
     CHANNEL_WINDOW,
@@ -243,6 +244,7 @@ class LayerPuller:
         window: int = 4,
         encryption_algs: list[str] | None = None,
         metrics: AgentMetrics | None = None,
+        max_download_bps: float = 0.0,
     ) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
@@ -255,6 +257,8 @@ class LayerPuller:
         self.encryption_algs = encryption_algs or ENCRYPTION_ALGS
         #: bytes received, chunk failures and pull durations (agent/metrics.py)
         self.metrics = metrics if metrics is not None else AgentMetrics()
+        #: shared by every pull of this agent: the download cap is per node
+        self.download_pacer = RatePacer(max_download_bps)
         self._conns: dict[_ConnKey, asyncssh.SSHClientConnection] = {}
         self._clients: dict[_ConnKey, _Client] = {}
         self._locks: dict[_ConnKey, asyncio.Lock] = {}
@@ -578,6 +582,7 @@ class LayerPuller:
                     outstanding.popleft()
                     tally.moved += len(ev.data)
                     tally.fetched += 1
+                    await self.download_pacer.pace(len(ev.data))
                     if len(outstanding) <= inflight_max // 2:
                         request_more()
                     now = time.monotonic()

@@ -56,6 +56,7 @@ from rainbowd.messages import TrustList
 from rainbowd.store import LayerMissing, LayerStore, StoreError
 
 from .keys import KeyFormatError, fingerprint, key_blob
+from .pacing import RatePacer
 
 log = structlog.get_logger(__name__)
 
@@ -112,13 +113,18 @@ class ChunkServer:
         login_timeout: float = 30.0,
         verify_reads: bool = True,
         max_upload_bps: float = 0.0,
+        on_served: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
+        #: called with a layer's digest after chunks of it were sent (its use time)
+        self.on_served = on_served
+        #: layer -> requests being answered right now (such a layer is not evicted)
+        self.serving: dict[str, int] = {}
         self.verify_reads = verify_reads
         self.max_upload_bps = max_upload_bps
         #: layers whose stored blob failed verification while serving: digest -> why
         self.corrupt_layers: dict[str, str] = {}
-        self._pace_next = 0.0
+        self._pacer = RatePacer(max_upload_bps)
         self.host_key = host_key
         self.node_id = node_id
         self.on_refused = on_refused
@@ -256,14 +262,10 @@ class ChunkServer:
         return index, data
 
     async def _pace(self, nbytes: int) -> None:
-        """Hold the sender to ``max_upload_bps`` across all channels (a simple pacer)."""
-        if self.max_upload_bps <= 0:
-            return
-        now = time.monotonic()
-        start = max(now, self._pace_next)
-        self._pace_next = start + nbytes / self.max_upload_bps
-        if start > now:
-            await asyncio.sleep(start - now)
+        """Hold the sender to ``max_upload_bps`` across all channels (see agent/pacing.py)."""
+        if self._pacer.bps != self.max_upload_bps:
+            self._pacer = RatePacer(self.max_upload_bps)
+        await self._pacer.pace(nbytes)
 
     async def _serve_channel(
         self,
@@ -338,6 +340,7 @@ class ChunkServer:
             todo = iter(req.chunks)
             sent = 0
             t0 = time.monotonic()
+            self.serving[layer] = self.serving.get(layer, 0) + 1
             try:
                 for index in todo:
                     reads.append(asyncio.create_task(self._read(layer, index)))
@@ -375,6 +378,11 @@ class ChunkServer:
                     t.cancel()
                 if reads:
                     await asyncio.gather(*reads, return_exceptions=True)
+                left = self.serving.pop(layer, 1) - 1
+                if left > 0:
+                    self.serving[layer] = left
+                if sent and self.on_served is not None:
+                    self.on_served(layer)
             plog.debug(
                 "chunks_served",
                 layer=short(layer),

@@ -94,6 +94,14 @@ def render_status(s: dict[str, Any]) -> str:
     ]
     for h in s["holdings"]:
         lines.append(f"  {h['digest'][:19]}  {human_bytes(h['size']):>10}")
+    store = s.get("store") or {}
+    if store.get("max_bytes"):
+        evicted = store.get("evicted", [])
+        lines.append(
+            f"store limit {human_bytes(store['max_bytes'])} (evicts above "
+            f"{human_bytes(store['high_bytes'])} down to {human_bytes(store['low_bytes'])}), "
+            f"{len(evicted)} layer(s) evicted"
+        )
     if s["partials"]:
         lines.append(f"partial     {len(s['partials'])}")
         for p in s["partials"]:

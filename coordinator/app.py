@@ -70,6 +70,7 @@ from rainbowd.messages import (
     CreateImage,
     CreateJob,
     ErrorReply,
+    EvictRequest,
     Heartbeat,
     IngestDone,
     LoadDone,
@@ -277,6 +278,11 @@ async def load_report(request: web.Request) -> web.Response:
     return no_content()
 
 
+async def evict(request: web.Request) -> web.Response:
+    node = agent(request)
+    return reply(request, coord(request).evict(node, await body(request, EvictRequest)))
+
+
 async def security_event(request: web.Request) -> web.Response:
     node = agent(request)
     coord(request).security_event(node, await body(request, SecurityEvent))
@@ -397,6 +403,7 @@ def create_app(c: Coordinator) -> web.Application:
     r.add_post("/v1/ingests/{id}/{what:done|failed}", ingest_report)
     r.add_post("/v1/loads/{id}/{what:done|failed}", load_report)
     r.add_post("/v1/events", security_event)
+    r.add_post("/v1/evictions", evict)
     r.add_get("/v1/nodes", list_nodes)
     r.add_get("/v1/security-events", list_security_events)
     r.add_post("/v1/nodes/{id}/clear-quarantine", clear_quarantine)

@@ -67,6 +67,8 @@ from rainbowd.messages import (
     AssignmentBatch,
     CreateImage,
     CreateJob,
+    EvictReply,
+    EvictRequest,
     Heartbeat,
     HeartbeatReply,
     ImageList,
@@ -101,6 +103,7 @@ from .errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
 from .images import check_ingest, check_ref, image_view
 from .jobs import Job, NodeProgress
 from .metrics import CoordinatorMetrics
+from .pins import pinned_layers
 from .state import StateStore, StoredImage, StoredNode, StoredTransfer
 
 log = structlog.get_logger(__name__)
@@ -185,7 +188,13 @@ class Coordinator:
         for info, seq in self.store.load_nodes():
             node = self.cluster.add(info, seq)
             node.down_since = self.started_at
-            self.scheduler.add_node(node.node_id, info.speed_hint_bps, node.holdings)
+            self.scheduler.add_node(
+                node.node_id,
+                info.speed_hint_bps,
+                node.holdings,
+                max_upload_bps=info.max_upload_bps,
+                max_download_bps=info.max_download_bps,
+            )
             self.scheduler.node_down(node.node_id)
         for image in self.store.load_images():
             self.images[image.ref] = image
@@ -351,6 +360,7 @@ class Coordinator:
             info.host_key, info.client_key = req.host_key, req.client_key
             info.labels, info.roles = dict(req.labels), list(req.roles)
             info.docker, info.speed_hint_bps = req.docker, req.speed_hint_bps
+            info.max_upload_bps, info.max_download_bps = req.max_upload_bps, req.max_download_bps
             # the agent (re)started: whatever it was pulling or loading is gone,
             # including transfers adopted after a coordinator restart
             node.up = False
@@ -379,6 +389,8 @@ class Coordinator:
                 roles=list(req.roles),
                 docker=req.docker,
                 speed_hint_bps=req.speed_hint_bps,
+                max_upload_bps=req.max_upload_bps,
+                max_download_bps=req.max_download_bps,
                 registered_at=now,
             )
             node = self.cluster.add(info)
@@ -445,8 +457,49 @@ class Coordinator:
         if changed:
             self._save_node(node)
         self._schedule(now)
+        reply = HeartbeatReply(trust_version=self.cluster.trust_version, pinned=self.pins(node))
         self.metrics.heartbeat(time.perf_counter() - t0)
-        return HeartbeatReply(trust_version=self.cluster.trust_version)
+        return reply
+
+    # -- store eviction (agents with a store limit; see pins.py) ---------
+    def pins(self, node: Node) -> list[str]:
+        """Layers ``node`` must not evict right now, sorted."""
+        return sorted(self._pinned(node))
+
+    def _pinned(self, node: Node) -> dict[str, str]:
+        return pinned_layers(
+            node.node_id, self.jobs.values(), self.images, self.scheduler.active_for(node.node_id)
+        )
+
+    def evict(self, node: Node, req: EvictRequest) -> EvictReply:
+        """Let ``node`` delete the unpinned layers it asks for; forget that it holds them.
+
+        The holdings are dropped (here and in the scheduler, so the node is no
+        longer offered as their seeder) before the agent deletes a byte; a
+        refused layer stays held and the reason goes back to the agent.
+        """
+        bad = [d for d in req.layers if not is_digest(d)]
+        if bad:
+            raise BadRequest(f"evict: layers are not sha256 digests: {bad[:3]}")
+        pinned = self._pinned(node)
+        accepted: list[str] = []
+        refused: dict[str, str] = {}
+        for layer in dict.fromkeys(req.layers):
+            if layer in pinned:
+                refused[layer] = pinned[layer]
+                continue
+            accepted.append(layer)
+            node.holdings.discard(layer)
+            self.scheduler.remove_holding(node.node_id, layer)
+        if accepted:
+            self._save_node(node)
+        log.info(
+            "layers evicted by node",
+            node=node.node_id,
+            accepted=[short(d) for d in accepted],
+            refused={short(d): why for d, why in refused.items()},
+        )
+        return EvictReply(accepted=accepted, refused=refused)
 
     def _reconcile(self, node: Node, hb: Heartbeat, now: float) -> None:
         """Line our view of ``node``'s incoming transfers up with what its agent says it pulls."""
@@ -562,7 +615,12 @@ class Coordinator:
         if node.quarantined:
             return
         if not node.up:
-            self.scheduler.add_node(node.node_id, node.info.speed_hint_bps)
+            self.scheduler.add_node(
+                node.node_id,
+                node.info.speed_hint_bps,
+                max_upload_bps=node.info.max_upload_bps,
+                max_download_bps=node.info.max_download_bps,
+            )
             node.up = True
             node.down_since = 0.0
         elif self.scheduler.is_suspect(node.node_id):
@@ -1361,3 +1419,5 @@ def _check_register(req: RegisterRequest) -> None:
         raise BadRequest(f"register: holdings are not sha256 digests: {bad[:3]}")
     if req.speed_hint_bps < 0:
         raise BadRequest("register: speed_hint_bps must not be negative")
+    if req.max_upload_bps < 0 or req.max_download_bps < 0:
+        raise BadRequest("register: max_upload_bps and max_download_bps must be >= 0 (0 = none)")

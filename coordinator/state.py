@@ -52,6 +52,8 @@ class StoredNode(msgspec.Struct, kw_only=True):
     registered_at: float = 0.0
     last_seen: float = 0.0
     seeder_faults: int = 0  # transfers it spoiled (bad chunks); quarantined at the limit
+    max_upload_bps: float = 0.0  # the agent's configured caps (0 = none)
+    max_download_bps: float = 0.0
 
 
 class StoredTransfer(msgspec.Struct, kw_only=True):

@@ -29,6 +29,8 @@ from rainbowd.messages import (
     CreateImage,
     CreateJob,
     ErrorReply,
+    EvictReply,
+    EvictRequest,
     Heartbeat,
     HeartbeatReply,
     ImageList,
@@ -252,6 +254,10 @@ class AgentClient(_Http):
 
     async def security_event(self, ev: SecurityEvent) -> None:
         await self.request("POST", "events", msg=ev)
+
+    async def evict(self, req: EvictRequest) -> EvictReply:
+        """Ask to delete layers from the store; delete only what the reply accepts."""
+        return await self.call("POST", "evictions", EvictReply, req)
 
 
 class AdminClient(_Http):

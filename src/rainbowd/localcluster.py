@@ -60,6 +60,8 @@ class NodeSpec:
     labels: dict[str, str] = field(default_factory=dict)
     #: the address the agent listens on and advertises ("" = the cluster's host)
     host: str = ""
+    #: more agent config keys (e.g. store_max_bytes, max_download_mbps), written as given
+    config: dict[str, Any] = field(default_factory=dict)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -202,6 +204,7 @@ class LocalCluster:
             "speed_hint_mbps": spec.speed_hint_mbps,
             "status_socket": str(self.status_socket(node_id)),
             "log_level": self.log_level,
+            **spec.config,
         }
         if self.agent_metrics:
             cfg["metrics_listen"] = f"{spec.host or self.host}:0"

@@ -144,6 +144,9 @@ class RegisterRequest(Msg, kw_only=True):
     disk_free: int = 0
     speed_hint_bps: float = 0.0  # configured link speed; 0 = unknown
     holdings: list[str] = []
+    #: the agent's configured caps (bytes/s; 0 = none): the scheduler never expects more
+    max_upload_bps: float = 0.0
+    max_download_bps: float = 0.0
 
 
 class RegisterReply(Msg, kw_only=True):
@@ -179,6 +182,26 @@ class Heartbeat(Msg, kw_only=True):
 
 class HeartbeatReply(Msg, kw_only=True):
     trust_version: int
+    #: layers this node must not evict now: needed by a pending or running job on
+    #: it, seeded by it in an active transfer, or (origin) of an image in the table
+    pinned: list[str] = []
+
+
+class EvictRequest(Msg, kw_only=True):
+    """The agent wants to delete these complete layers to bring its store under its limit.
+
+    It deletes only what the reply accepts, and only after the reply: the
+    coordinator has by then dropped them from the node's holdings, so it never
+    offers the node as a seeder of a layer that is gone.
+    """
+
+    layers: list[str]
+
+
+class EvictReply(Msg, kw_only=True):
+    accepted: list[str] = []
+    #: digest -> why the coordinator refused (a job needs it, it is being seeded, ...)
+    refused: dict[str, str] = {}
 
 
 class TransferAssignment(msgspec.Struct, kw_only=True, tag="transfer", tag_field="kind"):

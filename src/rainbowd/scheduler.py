@@ -84,6 +84,9 @@ class Transfer:
     started_at: float
     reason: str
     seeder_speed_bps: float
+    #: the rate the demander is expected to receive at: the seeder's speed, capped by
+    #: the demander's configured download limit (0 = not computed, e.g. adopted)
+    expected_bps: float = 0.0
 
 
 @dataclass
@@ -115,6 +118,13 @@ class _Node:
     version: int = 0
     # its key in the idle-holder lists of its layers; None while it cannot seed
     idle_key: _SeederKey | None = None
+    # configured caps (0 = none): its speed estimate never exceeds its upload cap
+    max_upload_bps: float = 0.0
+    max_download_bps: float = 0.0
+
+    def clamp(self, bps: float) -> float:
+        """``bps`` as an upload speed of this node: never above its configured cap."""
+        return min(bps, self.max_upload_bps) if self.max_upload_bps > 0 else bps
 
     @property
     def free_demander(self) -> bool:
@@ -162,16 +172,32 @@ class Scheduler:
         self._demand_count: dict[str, int] = {}
 
     # -- nodes -----------------------------------------------------------
-    def add_node(self, node_id: str, speed_bps: float = 0.0, holdings: Iterable[str] = ()) -> None:
+    def add_node(
+        self,
+        node_id: str,
+        speed_bps: float = 0.0,
+        holdings: Iterable[str] = (),
+        *,
+        max_upload_bps: float | None = None,
+        max_download_bps: float | None = None,
+    ) -> None:
         """Add (or bring back up) a node; its holdings make it a seeder.
 
         A known node keeps its measured speed (``speed_bps`` is only the first
-        estimate, e.g. the agent's configured hint).
+        estimate, e.g. the agent's configured hint). ``max_upload_bps`` /
+        ``max_download_bps`` are its configured bandwidth caps (0 = none; None =
+        leave as they are): its speed estimate is clamped to the upload cap, and
+        a transfer to it is expected at no more than its download cap.
         """
         node = self._nodes.get(node_id)
         if node is None:
             node = _Node(node_id, speed_bps or self.default_speed_bps)
             self._nodes[node_id] = node
+        if max_upload_bps is not None:
+            node.max_upload_bps = max(0.0, max_upload_bps)
+        if max_download_bps is not None:
+            node.max_download_bps = max(0.0, max_download_bps)
+        node.speed_bps = node.clamp(node.speed_bps)
         node.up = True
         node.suspect = False
         self._touch(node)
@@ -235,7 +261,7 @@ class Scheduler:
         """Measured upload performance of a node (its last distribution)."""
         if bytes_per_second > 0:
             node = self._node(node_id)
-            node.speed_bps = bytes_per_second
+            node.speed_bps = node.clamp(bytes_per_second)
             self._sync_idle(node)
 
     def speed(self, node_id: str) -> float:
@@ -250,6 +276,17 @@ class Scheduler:
                 insort(self._idle.setdefault(layer, []), node.idle_key)
         if self._drop_demand(node, layer):
             self._touch(node)
+
+    def remove_holding(self, node_id: str, layer: str) -> None:
+        """The node deleted the layer (store eviction): it is no longer a seeder of it."""
+        node = self._node(node_id)
+        if layer not in node.holdings:
+            return
+        node.holdings.discard(layer)
+        self._holders.get(layer, set()).discard(node_id)
+        if node.idle_key is not None:
+            idle = self._idle[layer]
+            del idle[bisect_left(idle, node.idle_key)]
 
     def holds(self, node_id: str, layer: str) -> bool:
         return layer in self._node(node_id).holdings
@@ -429,9 +466,15 @@ class Scheduler:
         idle = self._idle[demand.layer]
         assert seeder.idle_key is not None
         others = len(idle) - bisect_right(idle, seeder.idle_key)
+        expected = seeder.speed_bps
+        capped = ""
+        if 0 < demander.max_download_bps < expected:
+            expected = demander.max_download_bps
+            capped = f"; expected {expected / 1e6:.1f} MB/s, the demander's download cap"
         reason = (
             f"{self.policy}: fastest idle seeder holding the layer "
-            f"({seeder.speed_bps / 1e6:.1f} MB/s measured; {others} slower idle holder(s) left)"
+            f"({seeder.speed_bps / 1e6:.1f} MB/s measured; {others} slower idle holder(s) left"
+            f"{capped})"
         )
         t = Transfer(
             transfer_id=self._new_id(),
@@ -442,6 +485,7 @@ class Scheduler:
             started_at=now,
             reason=reason,
             seeder_speed_bps=seeder.speed_bps,
+            expected_bps=expected,
         )
         self._lock(t, seeder, demander)
         self._touch(demander)
@@ -457,7 +501,14 @@ class Scheduler:
         t = self._get(transfer_id)
         seconds = now - t.started_at
         if bytes_moved > 0 and seconds > 0:
-            self.observe_speed(t.seeder, bytes_moved / seconds)
+            rate = bytes_moved / seconds
+            demander = self._nodes.get(t.demander)
+            cap = demander.max_download_bps if demander is not None else 0.0
+            if cap > 0 and rate >= 0.8 * cap:
+                # the demander's own cap set the pace: this says little about the
+                # seeder, except that it is at least this fast
+                rate = max(rate, self._node(t.seeder).speed_bps)
+            self.observe_speed(t.seeder, rate)
         self._release(t)
         self.add_holding(t.demander, t.layer)
         return t

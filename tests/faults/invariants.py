@@ -1,7 +1,10 @@
 """The invariants every fault test checks (issue: durability and fault tolerance).
 
 1. Holdings never revert: once an agent holds a layer it keeps holding it
-   (the paper's consistency rule: requesting -> holding, never back).
+   (the paper's consistency rule: requesting -> holding, never back) --
+   unless the agent evicted it explicitly (a store limit; the coordinator
+   accepted the eviction and ``rbd-agent status`` lists it under
+   ``store.evicted``, recorded before the file goes).
 2. No duplicate transfer: no node completes a transfer of the same layer twice.
 3. Every job reaches a final state, and every failed node has a reason.
 
@@ -32,6 +35,8 @@ class InvariantMonitor:
         self.cluster = cluster
         self.interval = interval
         self.held: dict[str, set[str]] = {}
+        # node -> eviction records (digest, at) that already excused a lost layer
+        self.evictions: dict[str, set[tuple[str, float]]] = {}
         self.violations: list[str] = []
         self.samples = 0
         self._task: asyncio.Task[None] | None = None
@@ -70,8 +75,19 @@ class InvariantMonitor:
             except (AgentNotRunning, OSError):
                 continue  # starting or stopping: nothing to read
             now = {h["digest"] for h in status["holdings"]}
+            records = status.get("store", {}).get("evicted", [])
+            consumed = self.evictions.setdefault(node, set())
+            # each eviction record excuses one disappearance of its layer
+            unexcused = {(e["digest"], e["at"]) for e in records} - consumed
             before = self.held.setdefault(node, set())
             lost = before - now
+            for layer in sorted(lost):
+                record = next((r for r in sorted(unexcused) if r[0] == layer), None)
+                if record is not None:
+                    consumed.add(record)
+                    unexcused.discard(record)
+                    before.discard(layer)
+                    lost.discard(layer)
             if lost:
                 self.violations.append(f"{node} lost held layers {sorted(lost)}")
             before |= now

@@ -56,3 +56,20 @@ def test_negative_upload_cap_is_refused(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.delenv("RBD_AGENT_MAX_UPLOAD_MBPS", raising=False)
     with pytest.raises(ConfigError, match="max_upload_mbps"):
         load_config(write(tmp_path, "max_upload_mbps = -1.0\n"))
+
+
+def test_download_cap_from_file_and_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("RBD_AGENT_MAX_DOWNLOAD_MBPS", raising=False)
+    assert load_config(write(tmp_path)).max_download_mbps == 0.0
+    path = write(tmp_path, "max_download_mbps = 200\n")
+    assert load_config(path).max_download_mbps == 200.0
+    monkeypatch.setenv("RBD_AGENT_MAX_DOWNLOAD_MBPS", "64")
+    assert load_config(path).max_download_mbps == 64.0
+    monkeypatch.setenv("RBD_AGENT_MAX_DOWNLOAD_MBPS", "slow")
+    with pytest.raises(ConfigError, match="RBD_AGENT_MAX_DOWNLOAD_MBPS"):
+        load_config(path)
+    monkeypatch.delenv("RBD_AGENT_MAX_DOWNLOAD_MBPS")
+    with pytest.raises(ConfigError, match="max_download_mbps"):
+        load_config(write(tmp_path, "max_download_mbps = -5\n"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,16 @@ def test_systemd_units_run_the_shipped_entry_points() -> None:
     assert "rbd-coordinator --config /etc/rbd/coordinator.toml" in coord
     for unit in (agent, coord):
         assert "User=rbd" in unit and "NoNewPrivileges=yes" in unit and "Restart=" in unit
+
+
+def test_agent_example_documents_the_optional_keys_and_they_load(tmp_path: Path) -> None:
+    """Every commented-out optional key in the example is a valid setting when uncommented."""
+    text = (DEPLOY / "config" / "agent.example.toml").read_text()
+    lines = text.splitlines()
+    optional = [ln[2:] for ln in lines if re.fullmatch(r"# [a-z_]+ = \S+", ln)]
+    assert any(ln.startswith("store_max_bytes") for ln in optional)
+    uncommented = tmp_path / "agent.toml"
+    uncommented.write_text(text + "\n" + "\n".join(optional) + "\n")
+    cfg = load_config(uncommented)
+    assert cfg.store_max_bytes == 20 * 1024**3
+    assert (cfg.store_high_watermark, cfg.store_low_watermark) == (0.9, 0.8)

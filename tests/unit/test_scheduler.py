@@ -776,7 +776,7 @@ class ReferenceScheduler:
                     "paper: fastest idle seeder holding the layer "
                     f"({speed / 1e6:.1f} MB/s measured; {others} slower idle holder(s) left)"
                 )
-                t = Transfer(self._new_id(), w[0], seeder, demander, w[1], now, reason, speed)
+                t = Transfer(self._new_id(), w[0], seeder, demander, w[1], now, reason, speed, speed)
                 self.sending[seeder] = self.receiving_[demander] = t.transfer_id
                 self.active_[t.transfer_id] = t
                 started.append(t)
@@ -961,3 +961,17 @@ def test_a_layer_still_in_flight_is_not_sent_again_once_the_lock_frees() -> None
     (t3,) = s.schedule(1.0)
     assert (t3.seeder, t3.layer) == ("o", L3)
     assert s.receiving("d", L2) is not None and s.is_demanding("d")
+
+
+def test_a_removed_holding_is_no_longer_seeded_from() -> None:
+    """Eviction or image removal: the node leaves the layer's holders and idle-seeder list."""
+    s = Scheduler("paper")
+    s.add_node("origin", 1 * MB, [L1])
+    s.add_node("fast", 100 * MB, [L1])
+    s.add_node("d", 1 * MB)
+    s.remove_holding("fast", L1)
+    s.remove_holding("fast", L1)  # idempotent
+    assert s.holders(L1) == ["origin"] and not s.holds("fast", L1)
+    s.demand("d", L1, "j", 0.0)
+    [t] = s.schedule(0.0)
+    assert t.seeder == "origin"
