@@ -776,7 +776,9 @@ class ReferenceScheduler:
                     "paper: fastest idle seeder holding the layer "
                     f"({speed / 1e6:.1f} MB/s measured; {others} slower idle holder(s) left)"
                 )
-                t = Transfer(self._new_id(), w[0], seeder, demander, w[1], now, reason, speed, speed)
+                t = Transfer(
+                    self._new_id(), w[0], seeder, demander, w[1], now, reason, speed, speed
+                )
                 self.sending[seeder] = self.receiving_[demander] = t.transfer_id
                 self.active_[t.transfer_id] = t
                 started.append(t)
