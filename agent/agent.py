@@ -30,6 +30,7 @@ from rainbowd.agent import origin
 from rainbowd.agent.config import AgentConfig
 from rainbowd.agent.docker_loader import DockerLoader
 from rainbowd.agent.keys import load_or_create_key, public_line
+from rainbowd.agent.ops import OpRunner
 from rainbowd.agent.puller import HostKeyMismatch, LayerPuller, PullError
 from rainbowd.agent.ssh_server import ChunkServer
 from rainbowd.agent.status import StatusServer
@@ -102,6 +103,21 @@ class Agent:
         self._stop = asyncio.Event()
         self._tg: asyncio.TaskGroup | None = None
         self._cursor = 0
+        # held while a heartbeat is built and sent, and while an image removal runs
+        # and is reported: a heartbeat never re-announces a layer just deleted
+        self.holdings_lock = asyncio.Lock()
+        self.ops = OpRunner(
+            config.node_id,
+            self.loader,
+            self.store,
+            self.api,
+            self.holdings_lock,
+            docker_url=config.docker_url,
+            image_removed=self._image_removed,
+        )
+
+    def _image_removed(self, ref: str) -> None:
+        self.view.images.pop(ref, None)
 
     def stop(self) -> None:
         self._stop.set()
@@ -228,8 +244,9 @@ class Agent:
         while True:
             await asyncio.sleep(self.view.heartbeat_interval)
             try:
-                hb = await asyncio.to_thread(self._heartbeat)
-                await self.api.heartbeat(hb)
+                async with self.holdings_lock:
+                    hb = await asyncio.to_thread(self._heartbeat)
+                    await self.api.heartbeat(hb)
                 self.view.last_contact = time.time()
             except CoordinatorUnreachable as e:
                 self.view.last_error = str(e)
@@ -303,8 +320,19 @@ class Agent:
                 await self._transfer(a)
         elif isinstance(a, m.IngestAssignment):
             await self._ingest(a)
+        elif isinstance(a, m.OpAssignment):
+            await self._op(a)
         else:
             await self._load(a)
+
+    async def _op(self, a: m.OpAssignment) -> None:
+        """A cluster operation (agent/ops.py): report it started, run it, report how it ended."""
+        await self._report(lambda: self.api.op_started(a.op_id))
+
+        async def report(result: m.OpResult) -> None:
+            await self._report(lambda: self.api.op_result(a.op_id, result))
+
+        await self.ops.run(a, report)
 
     async def _transfer(self, a: m.TransferAssignment) -> None:
         layer = a.layer.digest

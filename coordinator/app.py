@@ -40,6 +40,8 @@ Routes (prefix ``/v1``)::
     GET  jobs/{id}                -> JobView
 
     GET  health                   (no auth) -> {"v": 1, "status": "ok", ...}
+
+    cluster operations (ops) and build contexts: see coordinator/ops_routes.py
 """
 
 from __future__ import annotations
@@ -391,4 +393,7 @@ def create_app(c: Coordinator) -> web.Application:
     r.add_post("/v1/jobs", create_job)
     r.add_get("/v1/jobs/{id}", get_job)
     r.add_get("/v1/health", health)
+    from .ops_routes import add_op_routes  # here: ops_routes imports this module's helpers
+
+    add_op_routes(r)
     return app

@@ -23,7 +23,7 @@ from typing import Literal, TypeVar
 import msgspec
 
 from rainbowd.chunks import ChunkManifest
-from rainbowd.messages import Compression, ImageRecord, ImageSource, JobView
+from rainbowd.messages import Compression, ImageRecord, ImageSource, JobView, OpView
 
 T = TypeVar("T")
 
@@ -91,6 +91,7 @@ CREATE TABLE IF NOT EXISTS transfers (transfer_id TEXT PRIMARY KEY, body TEXT NO
 CREATE TABLE IF NOT EXISTS security_events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, reporter TEXT NOT NULL,
     peer TEXT NOT NULL, kind TEXT NOT NULL, detail TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS ops (op_id TEXT PRIMARY KEY, created_at REAL, body TEXT NOT NULL);
 """
 
 
@@ -167,6 +168,26 @@ class StateStore:
     def load_jobs(self) -> list[JobView]:
         rows = self._db.execute("SELECT body FROM jobs ORDER BY created_at, job_id").fetchall()
         return [_load(body, JobView) for (body,) in rows]
+
+    # -- cluster operations (rbd run/rm/build/...) --------------------------
+    def save_op(self, op: OpView) -> None:
+        self._db.execute(
+            "INSERT INTO ops(op_id, created_at, body) VALUES (?, ?, ?) "
+            "ON CONFLICT(op_id) DO UPDATE SET body = excluded.body",
+            (op.op_id, op.created_at, _dump(op)),
+        )
+
+    def load_ops(self) -> list[OpView]:
+        rows = self._db.execute("SELECT body FROM ops ORDER BY created_at, op_id").fetchall()
+        return [_load(body, OpView) for (body,) in rows]
+
+    def prune_ops(self, keep: int) -> None:
+        """Forget all but the newest ``keep`` operations."""
+        self._db.execute(
+            "DELETE FROM ops WHERE op_id IN (SELECT op_id FROM ops "
+            "ORDER BY created_at DESC, op_id DESC LIMIT -1 OFFSET ?)",
+            (keep,),
+        )
 
     # -- transfers in flight ----------------------------------------------
     def save_transfer(self, t: StoredTransfer) -> None:

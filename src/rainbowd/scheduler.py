@@ -176,6 +176,16 @@ class Scheduler:
         node.holdings.add(layer)
         self._demands.pop((node_id, layer), None)
 
+    def remove_holding(self, node_id: str, layer: str) -> None:
+        """``node_id`` no longer holds ``layer`` (an admin removed it): not a seeder of it now.
+
+        Its running transfers are left alone; the caller refuses a removal
+        while the node seeds that layer.
+        """
+        node = self._nodes.get(node_id)
+        if node is not None:
+            node.holdings.discard(layer)
+
     def holds(self, node_id: str, layer: str) -> bool:
         return layer in self._node(node_id).holdings
 
