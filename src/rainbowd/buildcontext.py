@@ -23,6 +23,8 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from rainbowd.units import human_bytes
+
 #: largest context tar accepted (CLI, coordinator, agent): contexts are meant to be small
 MAX_CONTEXT = 64 * 1024 * 1024
 
@@ -39,7 +41,7 @@ class PackedContext:
 
 
 class _Limited(io.BytesIO):
-    """A BytesIO that refuses to grow past ``limit`` bytes (the tar is never built whole)."""
+    """A BytesIO that refuses to grow past ``limit``: a huge context fails early, not packed whole."""
 
     def __init__(self, limit: int, what: str) -> None:
         super().__init__()
@@ -49,7 +51,7 @@ class _Limited(io.BytesIO):
     def write(self, b: bytes | bytearray | memoryview, /) -> int:  # type: ignore[override]
         if self.tell() + len(b) > self.limit:
             raise ContextError(
-                f"build context {self.what} is larger than the {self.limit // (1024 * 1024)} MiB "
+                f"build context {self.what} is larger than the {human_bytes(self.limit)} "
                 "limit once packed; move large files out of it (the base image should carry "
                 "them) and try again"
             )
@@ -60,7 +62,7 @@ def digest_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def pack_context(directory: Path, dockerfile: str, limit: int = MAX_CONTEXT) -> PackedContext:
+def pack_context(directory: Path, dockerfile: str, limit: int | None = None) -> PackedContext:
     """Tar ``directory`` (sorted, owners and times zeroed) after checking its Dockerfile exists.
 
     Raises ContextError if the directory or the Dockerfile is missing, the
@@ -74,7 +76,7 @@ def pack_context(directory: Path, dockerfile: str, limit: int = MAX_CONTEXT) -> 
         raise ContextError(
             f"no Dockerfile {inner} in the build context {root}; write one or name it with -f"
         )
-    buf = _Limited(limit, str(root))
+    buf = _Limited(MAX_CONTEXT if limit is None else limit, str(root))
     files = 0
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for path in sorted(root.rglob("*")):

@@ -23,6 +23,7 @@ from test_coordinator_support import (
     start,
 )
 
+from rainbowd import buildcontext, cli
 from rainbowd import messages as m
 from rainbowd.buildcontext import (
     ContextError,
@@ -97,7 +98,7 @@ def test_pack_context_and_dockerfile_checks(tmp_path: Path) -> None:
     check_from(text, "rbd-demo:latest")  # name == name:latest
     with pytest.raises(ContextError, match="not the base rbd-demo:2"):
         check_from(text, "rbd-demo:2")
-    with pytest.raises(ContextError, match="larger than the 0 MiB limit"):
+    with pytest.raises(ContextError, match="larger than the 1.0 KiB limit"):
         pack_context(ctx, "Dockerfile", limit=1024)
     with pytest.raises(ContextError, match="inside the build context"):
         pack_context(ctx, "../Dockerfile")
@@ -105,6 +106,27 @@ def test_pack_context_and_dockerfile_checks(tmp_path: Path) -> None:
         pack_context(ctx, "other")
     with pytest.raises(ContextError, match="no Dockerfile x"):
         read_dockerfile(packed.data, "x")
+
+
+def test_build_cli_refuses_bad_contexts_before_upload(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Exit 2 and a message naming the problem; the (absent) coordinator is never contacted."""
+    monkeypatch.setenv("RBD_ADMIN_TOKEN", "x")
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text("FROM base:1\nCOPY big /big\n")
+    (ctx / "big").write_bytes(b"x" * 4096)
+    argv = ["--coordinator", "http://127.0.0.1:9", "build", "app:2", "--base", "base:1"]
+    argv += ["--context", str(ctx), "--to", "all"]
+    monkeypatch.setattr(buildcontext, "MAX_CONTEXT", 2048)
+    assert cli.main(argv) == 2
+    assert "larger than the 2.0 KiB limit" in capsys.readouterr().err
+    monkeypatch.setattr(buildcontext, "MAX_CONTEXT", 1 << 20)
+    assert cli.main([*argv[:5], "other:1", *argv[6:]]) == 2
+    assert "FROM base:1 is not the base other:1" in capsys.readouterr().err
+    assert cli.main([*argv, "-f", "Nope"]) == 2
+    assert "no Dockerfile Nope in the build context" in capsys.readouterr().err
 
 
 def test_from_rules() -> None:
