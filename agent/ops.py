@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -46,6 +47,8 @@ MAX_OUTPUT = 32 * 1024
 INSTALL_ARGV = ["apt-get", "install", "-y", "docker.io"]
 #: seconds a Docker query may take during ``docker check``
 CHECK_TIMEOUT = 10.0
+#: op ids remembered so an assignment delivered twice is carried out once
+SEEN_OPS = 1000
 
 
 class OpFailed(Exception):
@@ -88,6 +91,7 @@ class OpRunner:
         self.holdings_lock = holdings_lock
         self.docker_url = docker_url
         self.image_removed = image_removed
+        self._seen: OrderedDict[str, None] = OrderedDict()
 
     async def run(self, a: m.OpAssignment, report: Callable[[m.OpResult], Awaitable[None]]) -> None:
         """Carry out ``a`` within its timeout and hand the result to ``report``.
@@ -95,6 +99,14 @@ class OpRunner:
         An image removal and its report happen under the holdings lock (see
         the module docstring); other ops do not touch holdings.
         """
+        if a.op_id in self._seen:
+            # delivered again (e.g. the agent's cursor was reset before it acknowledged
+            # it): starting a container twice is worse than reporting once
+            log.info("operation already carried out; ignored", node=self.node_id, op=a.op_id)
+            return
+        self._seen[a.op_id] = None
+        while len(self._seen) > SEEN_OPS:
+            self._seen.popitem(last=False)
         removes = isinstance(a.op, m.RemoveImageOp)
         lock: contextlib.AbstractAsyncContextManager[Any] = (
             self.holdings_lock if removes else contextlib.nullcontext()

@@ -41,7 +41,7 @@ class PackedContext:
 
 
 class _Limited(io.BytesIO):
-    """A BytesIO that refuses to grow past ``limit``: a huge context fails early, not packed whole."""
+    """A BytesIO refusing to grow past ``limit``: a huge context fails early, not once packed."""
 
     def __init__(self, limit: int, what: str) -> None:
         super().__init__()

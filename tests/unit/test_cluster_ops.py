@@ -98,7 +98,7 @@ def test_pack_context_and_dockerfile_checks(tmp_path: Path) -> None:
     check_from(text, "rbd-demo:latest")  # name == name:latest
     with pytest.raises(ContextError, match="not the base rbd-demo:2"):
         check_from(text, "rbd-demo:2")
-    with pytest.raises(ContextError, match="larger than the 1.0 KiB limit"):
+    with pytest.raises(ContextError, match=r"larger than the 1\.0 KiB limit"):
         pack_context(ctx, "Dockerfile", limit=1024)
     with pytest.raises(ContextError, match="inside the build context"):
         pack_context(ctx, "../Dockerfile")
@@ -408,3 +408,34 @@ async def test_build_context_upload_checks_and_fetch(coord: Running, admin: Admi
     finally:
         for x in (a, b, origin):
             await x.close()
+
+
+# --------------------------------------------------------------------------
+# the agent side without Docker
+# --------------------------------------------------------------------------
+async def test_agent_runner_without_docker_reports_clearly_and_runs_each_op_once(
+    tmp_path: Path,
+) -> None:
+    import asyncio
+
+    from rainbowd.agent.ops import OpRunner
+    from rainbowd.store import LayerStore
+
+    store = LayerStore(tmp_path / "store")
+    async with AgentClient("http://127.0.0.1:9") as api:
+        runner = OpRunner("n1", None, store, api, asyncio.Lock())
+        results: list[m.OpResult] = []
+
+        async def report(r: m.OpResult) -> None:
+            results.append(r)
+
+        check = m.OpAssignment(op_id="o-1", op=m.DockerCheckOp(), timeout=30)
+        await runner.run(check, report)
+        await runner.run(check, report)  # delivered twice: carried out once
+        run = m.OpAssignment(op_id="o-2", op=m.RunOp(image="app:1"), timeout=30)
+        await runner.run(run, report)
+    assert len(results) == 2
+    first, second = results
+    assert not first.ok and first.summary == "not reachable"
+    assert "n1: Docker engine not reachable: no docker_url configured" in first.error
+    assert not second.ok and "node n1 has no Docker engine configured" in second.error
