@@ -32,6 +32,7 @@ from rainbowd.agent.docker_loader import DockerLoader
 from rainbowd.agent.hygiene import StoreHygiene
 from rainbowd.agent.keys import load_or_create_key, public_line
 from rainbowd.agent.metrics import AgentMetrics, MetricsServer
+from rainbowd.agent.ops import OpRunner
 from rainbowd.agent.puller import HostKeyMismatch, LayerPuller, PullError
 from rainbowd.agent.ssh_server import ChunkServer
 from rainbowd.agent.status import StatusServer
@@ -126,6 +127,22 @@ class Agent:
         self._stop = asyncio.Event()
         self._tg: asyncio.TaskGroup | None = None
         self._cursor = 0
+        # held while a heartbeat is built and sent, and while an eviction or an image
+        # removal runs and is reported: a heartbeat never re-announces a layer just
+        # deleted. One lock for both ways a layer leaves the store.
+        self.holdings_lock = self.hygiene.holdings_lock
+        self.ops = OpRunner(
+            config.node_id,
+            self.loader,
+            self.store,
+            self.api,
+            self.holdings_lock,
+            docker_url=config.docker_url,
+            image_removed=self._image_removed,
+        )
+
+    def _image_removed(self, ref: str) -> None:
+        self.view.images.pop(ref, None)
 
     def stop(self) -> None:
         self._stop.set()
@@ -193,7 +210,7 @@ class Agent:
 
     # -- enrollment and heartbeats ----------------------------------------
     async def _register(self) -> None:
-        async with self.hygiene.holdings_lock:
+        async with self.holdings_lock:
             await self._register_locked()
 
     async def _register_locked(self) -> None:
@@ -272,7 +289,7 @@ class Agent:
         while True:
             await asyncio.sleep(self.view.heartbeat_interval)
             try:
-                async with self.hygiene.holdings_lock:
+                async with self.holdings_lock:
                     hb = await asyncio.to_thread(self._heartbeat)
                     reply = await self.api.heartbeat(hb)
                 self.view.last_contact = time.time()
@@ -350,8 +367,19 @@ class Agent:
                 await self._transfer(a)
         elif isinstance(a, m.IngestAssignment):
             await self._ingest(a)
+        elif isinstance(a, m.OpAssignment):
+            await self._op(a)
         else:
             await self._load(a)
+
+    async def _op(self, a: m.OpAssignment) -> None:
+        """A cluster operation (agent/ops.py): report it started, run it, report how it ended."""
+        await self._report(lambda: self.api.op_started(a.op_id))
+
+        async def report(result: m.OpResult) -> None:
+            await self._report(lambda: self.api.op_result(a.op_id, result))
+
+        await self.ops.run(a, report)
 
     async def _transfer(self, a: m.TransferAssignment) -> None:
         layer = a.layer.digest

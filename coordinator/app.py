@@ -46,6 +46,7 @@ Routes (prefix ``/v1``)::
 
     GET  /metrics                 (Bearer <metrics token> or <admin token>) -> Prometheus
                                   text exposition (coordinator/metrics.py)
+    cluster operations (ops) and build contexts: see coordinator/ops_routes.py
 """
 
 from __future__ import annotations
@@ -418,4 +419,7 @@ def create_app(c: Coordinator) -> web.Application:
     r.add_get("/v1/health", health)
     r.add_routes(console.routes())
     r.add_get("/metrics", metrics)
+    from .ops_routes import add_op_routes  # here: ops_routes imports this module's helpers
+
+    add_op_routes(r)
     return app

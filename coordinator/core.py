@@ -103,6 +103,7 @@ from .errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
 from .images import check_ingest, check_ref, image_view
 from .jobs import Job, NodeProgress
 from .metrics import CoordinatorMetrics
+from .ops import ClusterOps
 from .pins import pinned_layers
 from .state import StateStore, StoredImage, StoredNode, StoredTransfer
 
@@ -178,6 +179,8 @@ class Coordinator:
         self.loads: dict[str, tuple[str, str]] = {}  # load id -> (job id, node id)
         self.metrics = metrics if metrics is not None else CoordinatorMetrics()
         self.metrics.watch(self)
+        # rbd run/rm/build/images rm-nodes/docker check (coordinator/ops.py)
+        self.ops = ClusterOps(self, store.path.parent / "contexts", clock)
         self._restore()
 
     # ------------------------------------------------------------------
@@ -719,6 +722,7 @@ class Coordinator:
             self._mark_down(node, f"missed heartbeats for {now - node.last_seen:.1f}s", now)
         self._reap_orphans(now)
         self._expire_down_nodes(now)
+        self.ops.expire(now)
         return [n.node_id for n in gone]
 
     def _reap_orphans(self, now: float) -> None:
@@ -1249,7 +1253,11 @@ class Coordinator:
 
     def _add_holdings(self, node: Node, layers: Iterable[str], now: float) -> bool:
         """Record layers ``node`` now holds; advance its jobs. True if anything was new."""
-        new = [d for d in dict.fromkeys(layers) if d not in node.holdings]
+        new = [
+            d
+            for d in dict.fromkeys(layers)
+            if d not in node.holdings and not self.ops.withheld(node.node_id, d)
+        ]
         if not new:
             return False
         for layer in new:

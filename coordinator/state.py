@@ -26,7 +26,7 @@ from typing import Literal, TypeVar
 import msgspec
 
 from rainbowd.chunks import ChunkManifest
-from rainbowd.messages import Compression, ImageRecord, ImageSource, JobView, NodeJobState
+from rainbowd.messages import Compression, ImageRecord, ImageSource, JobView, NodeJobState, OpView
 
 T = TypeVar("T")
 
@@ -99,6 +99,7 @@ CREATE TABLE IF NOT EXISTS transfers (transfer_id TEXT PRIMARY KEY, body TEXT NO
 CREATE TABLE IF NOT EXISTS security_events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, reporter TEXT NOT NULL,
     peer TEXT NOT NULL, kind TEXT NOT NULL, detail TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS ops (op_id TEXT PRIMARY KEY, created_at REAL, body TEXT NOT NULL);
 """
 
 
@@ -195,6 +196,26 @@ class StateStore:
                 nodes = newer[view.job_id]
                 view.nodes = [nodes.get(ns.node_id, ns) for ns in view.nodes]
         return views
+
+    # -- cluster operations (rbd run/rm/build/...) --------------------------
+    def save_op(self, op: OpView) -> None:
+        self._db.execute(
+            "INSERT INTO ops(op_id, created_at, body) VALUES (?, ?, ?) "
+            "ON CONFLICT(op_id) DO UPDATE SET body = excluded.body",
+            (op.op_id, op.created_at, _dump(op)),
+        )
+
+    def load_ops(self) -> list[OpView]:
+        rows = self._db.execute("SELECT body FROM ops ORDER BY created_at, op_id").fetchall()
+        return [_load(body, OpView) for (body,) in rows]
+
+    def prune_ops(self, keep: int) -> None:
+        """Forget all but the newest ``keep`` operations."""
+        self._db.execute(
+            "DELETE FROM ops WHERE op_id IN (SELECT op_id FROM ops "
+            "ORDER BY created_at DESC, op_id DESC LIMIT -1 OFFSET ?)",
+            (keep,),
+        )
 
     # -- transfers in flight ----------------------------------------------
     def save_transfer(self, t: StoredTransfer) -> None:

@@ -11,6 +11,7 @@
     rbd jobs
     rbd job ID
     rbd demo
+    rbd run | rm | build | images rm-nodes | docker check | ops | op   (see rainbowd.opscli)
 
 The coordinator URL comes from --coordinator or $RBD_COORDINATOR; the admin
 token from $RBD_ADMIN_TOKEN or the file named by --admin-token-file /
@@ -32,6 +33,7 @@ from typing import Any
 import msgspec
 
 from rainbowd import messages as m
+from rainbowd import opscli
 from rainbowd.client import AdminClient, ApiError, CoordinatorUnreachable
 from rainbowd.progress import follow_job, job_report, summary
 from rainbowd.sources import SourceError, parse_source
@@ -112,11 +114,14 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--dir", type=Path, default=None, help="work dir (default: a temp dir)")
     demo.add_argument("--keep", action="store_true", help="keep the work dir and logs")
     demo.add_argument("--no-docker", action="store_true", help="do not start a Docker engine")
+    opscli.add_parsers(sub, isub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv, command = opscli.split_command(sys.argv[1:] if argv is None else list(argv))
     args = _parser().parse_args(argv)
+    args.command = command
     if args.cmd == "demo":
         from rainbowd.demo import run_demo
 
@@ -134,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             args.parsed_source = _source(args)  # a bad --from is reported before anything else
         token = _admin_token(args.admin_token_file)
         return asyncio.run(_COMMANDS[args.cmd](args, token))
-    except UsageError as e:
+    except (UsageError, opscli.OpsUsageError) as e:
         print(f"rbd: {e}", file=sys.stderr)
         return 2
     except CoordinatorUnreachable as e:
@@ -205,6 +210,8 @@ async def _images(args: argparse.Namespace, token: str) -> int:
         return await _images_add(args, token)
     if args.images_cmd == "rm":
         return await _images_rm(args, token)
+    if args.images_cmd == "rm-nodes":
+        return await opscli.rm_nodes_cmd(args, token)
     async with _admin(args, token) as admin:
         images = await admin.images()
     if args.json:
@@ -356,6 +363,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, str], Coroutine[Any, Any, int
     "events": _events,
     "jobs": _jobs,
     "job": _job,
+    **opscli.COMMANDS,
 }
 
 

@@ -28,6 +28,7 @@ from rainbowd.messages import (
     AssignmentBatch,
     CreateImage,
     CreateJob,
+    CreateOp,
     ErrorReply,
     EvictReply,
     EvictRequest,
@@ -42,6 +43,10 @@ from rainbowd.messages import (
     MessageError,
     NodeList,
     NodeView,
+    OpList,
+    OpResult,
+    OpStarted,
+    OpView,
     RegisterReply,
     RegisterRequest,
     SecurityEvent,
@@ -163,6 +168,54 @@ class _Http:
         except MessageError as e:
             raise ApiError(status, f"unreadable reply: {e}", url=url) from None
 
+    async def raw(
+        self,
+        method: str,
+        path: str,
+        *,
+        data: bytes | None = None,
+        content_type: str = "application/octet-stream",
+        limit: int = 0,
+        timeout: float | None = None,
+    ) -> bytes:
+        """A request with a raw body and a raw reply (build contexts); ``limit`` caps the reply."""
+        await self.open()
+        assert self._session is not None
+        url = f"{self.base_url}/v1/{path}"
+        headers = {"Accept": MSGPACK}
+        auth = self._auth()
+        if auth:
+            headers["Authorization"] = auth
+        if data is not None:
+            headers["Content-Type"] = content_type
+        kwargs: dict[str, Any] = {}
+        if timeout is not None:
+            kwargs["timeout"] = aiohttp.ClientTimeout(total=timeout)
+        try:
+            async with self._session.request(
+                method, url, data=data, headers=headers, **kwargs
+            ) as resp:
+                if resp.status >= 400:
+                    err = await resp.read()
+                    raise ApiError(
+                        resp.status, _error_message(err, resp.content_type, resp.status), url=url
+                    )
+                if limit and (resp.content_length or 0) > limit:
+                    raise ApiError(resp.status, f"reply exceeds {limit} bytes", url=url)
+                out = bytearray()
+                async for piece in resp.content.iter_chunked(1 << 20):
+                    out += piece
+                    if limit and len(out) > limit:
+                        raise ApiError(resp.status, f"reply exceeds {limit} bytes", url=url)
+                return bytes(out)
+        except TimeoutError:
+            t = timeout if timeout is not None else self.timeout
+            raise CoordinatorUnreachable(
+                f"coordinator did not answer {method} within {t:.0f}s", url=url
+            ) from None
+        except aiohttp.ClientError as e:
+            raise CoordinatorUnreachable(f"cannot reach the coordinator: {e}", url=url) from None
+
     async def call(
         self,
         method: str,
@@ -259,6 +312,16 @@ class AgentClient(_Http):
         """Ask to delete layers from the store; delete only what the reply accepts."""
         return await self.call("POST", "evictions", EvictReply, req)
 
+    async def op_started(self, op_id: str) -> None:
+        await self.request("POST", f"ops/{_seg(op_id)}/started", msg=OpStarted())
+
+    async def op_result(self, op_id: str, r: OpResult) -> None:
+        await self.request("POST", f"ops/{_seg(op_id)}/result", msg=r)
+
+    async def fetch_context(self, digest: str, limit: int, timeout: float = 120.0) -> bytes:
+        """A build context tar (the caller checks its digest)."""
+        return await self.raw("GET", f"contexts/{_seg(digest)}", limit=limit, timeout=timeout)
+
 
 class AdminClient(_Http):
     """The admin API (what ``rbd`` uses). Use as ``async with AdminClient(url, token) as c``."""
@@ -338,6 +401,34 @@ class AdminClient(_Http):
                 await asyncio.sleep(interval)
                 job = await self.job(job_id)
         return job
+
+    async def create_op(self, req: CreateOp) -> OpView:
+        return await self.call("POST", "ops", OpView, req)
+
+    async def ops(self) -> OpList:
+        return await self.call("GET", "ops", OpList)
+
+    async def op(self, op_id: str) -> OpView:
+        return await self.call("GET", f"ops/{_seg(op_id)}", OpView)
+
+    async def upload_context(self, digest: str, data: bytes, timeout: float = 120.0) -> None:
+        """Upload a build context tar under its digest (the coordinator checks it)."""
+        await self.raw(
+            "PUT",
+            f"contexts/{_seg(digest)}",
+            data=data,
+            content_type="application/x-tar",
+            timeout=timeout,
+        )
+
+    async def wait_op(self, op_id: str, *, timeout: float, interval: float = 0.2) -> OpView:
+        """Poll an operation until every node has reported; TimeoutError after ``timeout``."""
+        async with asyncio.timeout(timeout):
+            op = await self.op(op_id)
+            while op.state == "running":
+                await asyncio.sleep(interval)
+                op = await self.op(op_id)
+        return op
 
     async def health(self) -> dict[str, Any]:
         """The unauthenticated health document (JSON)."""

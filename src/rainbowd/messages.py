@@ -232,7 +232,64 @@ class LoadAssignment(msgspec.Struct, kw_only=True, tag="load", tag_field="kind")
     image: ImageRecord
 
 
-Assignment = TransferAssignment | IngestAssignment | LoadAssignment
+# --------------------------------------------------------------------------
+# Cluster operations (rbd run / rm / build / images rm-nodes / docker check)
+# --------------------------------------------------------------------------
+class RunOp(msgspec.Struct, kw_only=True, tag="run", tag_field="kind"):
+    """Create and start a container from an image the node already holds in Docker."""
+
+    image: str
+    name: str = ""  # container name; "" = Docker picks one
+    cmd: list[str] = []  # [] = the image's CMD
+    network: str = ""  # Docker network mode ("none", "host", ...); "" = the engine's default
+    wait: float = 5.0  # seconds to wait for it to exit before reporting "running"
+
+
+class RemoveContainerOp(msgspec.Struct, kw_only=True, tag="rm", tag_field="kind"):
+    """Stop and remove a container (by name or id)."""
+
+    container: str
+    stop_timeout: float = 10.0  # seconds between SIGTERM and SIGKILL
+
+
+class BuildOp(msgspec.Struct, kw_only=True, tag="build", tag_field="kind"):
+    """Build ``tag`` from an uploaded context on top of an already distributed ``base``."""
+
+    tag: str
+    base: str  # an image known to the coordinator; every FROM must name it
+    context_digest: str  # sha256 of the context tar uploaded to the coordinator
+    context_size: int
+    dockerfile: str = "Dockerfile"  # path inside the context
+    network: str = ""  # network mode of RUN steps; "" = the engine's default
+    base_id: str = ""  # set by the coordinator: the base's config digest (its Docker image id)
+
+
+class RemoveImageOp(msgspec.Struct, kw_only=True, tag="rm-image", tag_field="kind"):
+    """Remove an image from the node's Docker engine and its layers from the layer store."""
+
+    image: str
+    image_id: str = ""  # set by the coordinator: only this Docker image id is removed
+    drop_layers: list[str] = []  # set by the coordinator per node: layers nothing else needs
+
+
+class DockerCheckOp(msgspec.Struct, kw_only=True, tag="docker-check", tag_field="kind"):
+    """Report the node's Docker engine; with ``install``, ``apt-get install -y docker.io`` first."""
+
+    install: bool = False
+
+
+Op = RunOp | RemoveContainerOp | BuildOp | RemoveImageOp | DockerCheckOp
+
+
+class OpAssignment(msgspec.Struct, kw_only=True, tag="op", tag_field="kind"):
+    """Carry out one cluster operation on this node and report an :class:`OpResult`."""
+
+    op_id: str
+    op: Op
+    timeout: float  # seconds the coordinator waits for the result
+
+
+Assignment = TransferAssignment | IngestAssignment | LoadAssignment | OpAssignment
 
 
 class AssignmentBatch(Msg, kw_only=True):
@@ -417,6 +474,60 @@ class SecurityEventView(msgspec.Struct, kw_only=True):
 
 class SecurityEventList(Msg, kw_only=True):
     events: list[SecurityEventView]
+
+
+class CreateOp(Msg, kw_only=True):
+    op: Op
+    targets: list[str]  # node ids, or ["all"]
+
+
+class OpStarted(Msg, kw_only=True):
+    """Agent -> coordinator: the node began the operation."""
+
+
+class OpResult(Msg, kw_only=True):
+    """Agent -> coordinator: how the operation ended on one node."""
+
+    ok: bool
+    summary: str  # one line for the operator: "exited 0", "running", "Docker 20.10, overlay2"
+    output: str = ""  # container output, build log, apt-get output (tail, bounded)
+    error: str = ""  # when not ok: what failed on that node and what to do about it
+    exit_code: int | None = None  # run: the container's exit code if it ended in the wait
+    container: str = ""  # run: the container id
+    image_id: str = ""  # build: the built image id
+    removed_layers: list[str] = []  # rm-image: layers dropped from the node's store
+
+
+OpNodeStateName = Literal["pending", "running", "done", "failed"]
+
+
+class OpNodeState(msgspec.Struct, kw_only=True):
+    node_id: str
+    state: OpNodeStateName
+    summary: str = ""
+    output: str = ""
+    error: str = ""  # names the node and what went wrong
+    exit_code: int | None = None
+    container: str = ""
+    image_id: str = ""
+    removed_layers: list[str] = []
+    started_at: float = 0.0
+    finished_at: float = 0.0
+
+
+class OpView(msgspec.Struct, kw_only=True):
+    op_id: str
+    kind: str  # the op's tag: run, rm, build, rm-image, docker-check
+    op: Op
+    state: Literal["running", "done", "failed"]  # failed: some node failed
+    created_at: float
+    deadline: float  # nodes that have not reported by then fail
+    nodes: list[OpNodeState]
+    finished_at: float = 0.0
+
+
+class OpList(Msg, kw_only=True):
+    ops: list[OpView]
 
 
 class ErrorReply(Msg, kw_only=True):

@@ -278,9 +278,14 @@ class Scheduler:
             self._touch(node)
 
     def remove_holding(self, node_id: str, layer: str) -> None:
-        """The node deleted the layer (store eviction): it is no longer a seeder of it."""
-        node = self._node(node_id)
-        if layer not in node.holdings:
+        """``node_id`` deleted ``layer`` (store eviction, or an admin removed the image).
+
+        It is no longer a seeder of it: it leaves the layer's holders and
+        idle-seeder list. Its running transfers are left alone (the callers
+        refuse to remove a layer a node is seeding). Unknown nodes are ignored.
+        """
+        node = self._nodes.get(node_id)
+        if node is None or layer not in node.holdings:
             return
         node.holdings.discard(layer)
         self._holders.get(layer, set()).discard(node_id)

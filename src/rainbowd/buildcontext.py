@@ -1,0 +1,184 @@
+"""Build contexts for ``rbd build``: pack a directory, read its Dockerfile, check FROM.
+
+The paper's "generate and distribute Dockerfiles" function ships a base image
+once (the usual distribution) and then only a small context -- a Dockerfile
+and a few files -- to every node, which builds on top of the base it already
+holds. Three parties look at the same tar: the CLI packs it and refuses early,
+the coordinator checks it again when it is uploaded (it must not trust the
+CLI), and each agent checks it once more before it hands it to its Docker
+engine (it must not trust the coordinator either). So the checks live here,
+in the shared core, and every side calls the same code.
+
+The FROM rule is what makes the build cheap and predictable: every stage must
+start from the distributed base (or from an earlier stage of the same
+Dockerfile), so no node ever pulls an image from the internet during a build.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from rainbowd.units import human_bytes
+
+#: largest context tar accepted (CLI, coordinator, agent): contexts are meant to be small
+MAX_CONTEXT = 64 * 1024 * 1024
+
+
+class ContextError(ValueError):
+    """The context or its Dockerfile is unusable; the message says what and what to do."""
+
+
+@dataclass(frozen=True)
+class PackedContext:
+    data: bytes
+    digest: str  # sha256:<hex> of ``data``
+    files: int
+
+
+class _Limited(io.BytesIO):
+    """A BytesIO refusing to grow past ``limit``: a huge context fails early, not once packed."""
+
+    def __init__(self, limit: int, what: str) -> None:
+        super().__init__()
+        self.limit = limit
+        self.what = what
+
+    def write(self, b: bytes | bytearray | memoryview, /) -> int:  # type: ignore[override]
+        if self.tell() + len(b) > self.limit:
+            raise ContextError(
+                f"build context {self.what} is larger than the {human_bytes(self.limit)} "
+                "limit once packed; move large files out of it (the base image should carry "
+                "them) and try again"
+            )
+        return super().write(b)
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def pack_context(directory: Path, dockerfile: str, limit: int | None = None) -> PackedContext:
+    """Tar ``directory`` (sorted, owners and times zeroed) after checking its Dockerfile exists.
+
+    Raises ContextError if the directory or the Dockerfile is missing, the
+    Dockerfile lies outside the context, or the tar would exceed ``limit``.
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        raise ContextError(f"build context {root} is not a directory")
+    inner = dockerfile_path(dockerfile)
+    if not (root / inner).is_file():
+        raise ContextError(
+            f"no Dockerfile {inner} in the build context {root}; write one or name it with -f"
+        )
+    buf = _Limited(MAX_CONTEXT if limit is None else limit, str(root))
+    files = 0
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(root.rglob("*")):
+            rel = path.relative_to(root).as_posix()
+            info = tar.gettarinfo(str(path), arcname=rel)
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            info.mtime = 0
+            if info.isfile():
+                files += 1
+                with open(path, "rb") as f:
+                    tar.addfile(info, f)
+            elif info.isdir() or info.issym():
+                tar.addfile(info)
+            # sockets, fifos, devices have no place in a build context: left out
+    data = buf.getvalue()
+    return PackedContext(data=data, digest=digest_of(data), files=files)
+
+
+def dockerfile_path(name: str) -> str:
+    """``name`` as a clean relative path inside the context; ContextError if it escapes it."""
+    p = PurePosixPath(name or "Dockerfile")
+    if p.is_absolute() or ".." in p.parts or not p.parts:
+        raise ContextError(
+            f"Dockerfile {name!r} must be a relative path inside the build context (no '..')"
+        )
+    return p.as_posix()
+
+
+def read_dockerfile(context: bytes, dockerfile: str) -> str:
+    """The Dockerfile's text from a context tar; ContextError if absent or not a tar."""
+    name = dockerfile_path(dockerfile)
+    try:
+        with tarfile.open(fileobj=io.BytesIO(context), mode="r:") as tar:
+            for member in tar:
+                if PurePosixPath(member.name).as_posix() == name and member.isfile():
+                    f = tar.extractfile(member)
+                    assert f is not None
+                    return f.read(1024 * 1024).decode("utf-8", errors="replace")
+    except tarfile.TarError as e:
+        raise ContextError(f"build context is not a readable tar: {e}") from None
+    raise ContextError(f"build context has no Dockerfile {name}")
+
+
+def normalize_ref(ref: str) -> str:
+    """``name`` and ``name:latest`` are the same image; anything with a tag or digest is as is."""
+    last = ref.rsplit("/", 1)[-1]
+    if "@" in last or ":" in last:
+        return ref
+    return ref + ":latest"
+
+
+_FROM = re.compile(r"^\s*FROM\s+(.*)$", re.IGNORECASE)
+
+
+def from_lines(text: str) -> list[tuple[str, str]]:
+    """(image, stage name) of every FROM instruction, continuations joined, comments dropped."""
+    logical: list[str] = []
+    current = ""
+    for raw in text.splitlines():
+        line = raw.rstrip()
+        if not current and line.lstrip().startswith("#"):
+            continue
+        if line.endswith("\\"):
+            current += line[:-1] + " "
+            continue
+        current += line
+        logical.append(current)
+        current = ""
+    if current:
+        logical.append(current)
+    out: list[tuple[str, str]] = []
+    for line in logical:
+        match = _FROM.match(line)
+        if not match:
+            continue
+        words = [w for w in match.group(1).split() if not w.startswith("--")]
+        if not words:
+            raise ContextError(f"Dockerfile: {line.strip()!r} names no image")
+        stage = words[2] if len(words) >= 3 and words[1].lower() == "as" else ""
+        out.append((words[0], stage))
+    return out
+
+
+def check_from(text: str, base: str) -> None:
+    """Every stage must start from ``base`` or an earlier stage; ContextError naming the line."""
+    stages = from_lines(text)
+    if not stages:
+        raise ContextError(f"Dockerfile has no FROM line; start it with FROM {base}")
+    want = normalize_ref(base)
+    seen: set[str] = set()
+    for image, stage in stages:
+        if "$" in image:
+            raise ContextError(
+                f"Dockerfile: FROM {image} uses a variable; write FROM {base} literally so "
+                "every node builds on the distributed base"
+            )
+        if image.lower() not in seen and normalize_ref(image) != want:
+            raise ContextError(
+                f"Dockerfile: FROM {image} is not the base {base}; rbd builds only on top of "
+                f"an image already distributed to the nodes (use --base {image} after "
+                f"distributing it, or change the FROM line)"
+            )
+        if stage:
+            seen.add(stage.lower())
