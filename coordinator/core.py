@@ -184,6 +184,7 @@ class Coordinator:
             self.images[image.ref] = image
             for m in image.manifests:
                 self.manifests.setdefault(m.digest, m)
+                self.scheduler.set_layer_size(m.digest, m.size)
             if image.state == "ingesting":
                 self._queue_ingest(image)
         now = self.clock()
@@ -866,6 +867,7 @@ class Coordinator:
         image.state, image.error = "ready", ""
         for mf in manifests:
             self.manifests.setdefault(mf.digest, mf)
+            self.scheduler.set_layer_size(mf.digest, mf.size)
         self.store.save_image(image)
         log.info("image ready", image=image.ref, layers=len(manifests), size=image.record.size)
         if self._add_holdings(node, [mf.digest for mf in manifests], now):

@@ -57,10 +57,13 @@ from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from .policies import RULES, Planner
+
 #: speed assumed for a node nothing is known about (bytes/s); 100 Mbit/s
 DEFAULT_SPEED_BPS = 12.5e6
 
-POLICIES = ("paper",)
+#: ``paper`` is Algorithm 1 (this module); the others are capacity-aware (policies.py)
+POLICIES = ("paper", *RULES)
 
 #: a seeder's place in the idle-holder lists: faster first, then by node id
 _SeederKey = tuple[float, str]
@@ -160,6 +163,9 @@ class Scheduler:
         self._waiting: dict[str, list[_WaitEntry]] = {}
         # layer -> open demands of it (bounds the stale entries a heap may keep)
         self._demand_count: dict[str, int] = {}
+        #: layer -> size in bytes, where known (the capacity-aware policies plan with it)
+        self.layer_sizes: dict[str, int] = {}
+        self._planner = Planner(RULES[policy], self) if policy in RULES else None
 
     # -- nodes -----------------------------------------------------------
     def add_node(self, node_id: str, speed_bps: float = 0.0, holdings: Iterable[str] = ()) -> None:
@@ -241,6 +247,11 @@ class Scheduler:
     def speed(self, node_id: str) -> float:
         return self._node(node_id).speed_bps
 
+    def set_layer_size(self, layer: str, size: int) -> None:
+        """Tell the scheduler how big ``layer`` is (bytes); ``paper`` does not need it."""
+        if size > 0:
+            self.layer_sizes[layer] = size
+
     def add_holding(self, node_id: str, layer: str) -> None:
         node = self._node(node_id)
         if layer not in node.holdings:
@@ -248,6 +259,8 @@ class Scheduler:
             self._holders.setdefault(layer, set()).add(node_id)
             if node.idle_key is not None:
                 insort(self._idle.setdefault(layer, []), node.idle_key)
+            if self._planner is not None:
+                self._planner.holding_added(node, layer)
         if self._drop_demand(node, layer):
             self._touch(node)
 
@@ -273,6 +286,8 @@ class Scheduler:
             first = node.first_wanted()
             assert first is not None
             self._push_waiting(layer, (first.seq, node_id, node.version))
+        if self._planner is not None:
+            self._planner.demand_added(node, d)
         return True
 
     def cancel_demand(self, node_id: str, layer: str) -> None:
@@ -351,6 +366,8 @@ class Scheduler:
         """
         if self._avoid:
             self._avoid = {k: v for k, v in self._avoid.items() if v > now}
+        if self._planner is not None:
+            return self._planner.plan(now)
         # layers some free demander waits for
         live: dict[str, list[_WaitEntry]] = {}
         for layer, heap in list(self._waiting.items()):
@@ -423,16 +440,26 @@ class Scheduler:
     def _allowed(self, demander_id: str, seeder_id: str) -> bool:
         return demander_id != seeder_id and (demander_id, seeder_id) not in self._avoid
 
-    def _start(self, seeder: _Node, demander: _Node, demand: _Demand, now: float) -> Transfer:
-        # the idle lists are those of the start of this schedule() call, so the
-        # holders after this seeder in its layer's list are the slower idle ones left
-        idle = self._idle[demand.layer]
-        assert seeder.idle_key is not None
-        others = len(idle) - bisect_right(idle, seeder.idle_key)
-        reason = (
-            f"{self.policy}: fastest idle seeder holding the layer "
-            f"({seeder.speed_bps / 1e6:.1f} MB/s measured; {others} slower idle holder(s) left)"
-        )
+    def _start(
+        self,
+        seeder: _Node,
+        demander: _Node,
+        demand: _Demand,
+        now: float,
+        reason: str = "",
+        plan_hook: Callable[[Transfer], None] | None = None,
+    ) -> Transfer:
+        """Create and lock a transfer; a planner gives ``reason`` and books it via ``plan_hook``."""
+        if not reason:
+            # the idle lists are those of the start of this schedule() call, so the
+            # holders after this seeder in its layer's list are the slower idle ones left
+            idle = self._idle[demand.layer]
+            assert seeder.idle_key is not None
+            others = len(idle) - bisect_right(idle, seeder.idle_key)
+            reason = (
+                f"{self.policy}: fastest idle seeder holding the layer "
+                f"({seeder.speed_bps / 1e6:.1f} MB/s measured; {others} slower idle holder(s) left)"
+            )
         t = Transfer(
             transfer_id=self._new_id(),
             layer=demand.layer,
@@ -443,8 +470,12 @@ class Scheduler:
             reason=reason,
             seeder_speed_bps=seeder.speed_bps,
         )
+        if plan_hook is not None:
+            plan_hook(t)
         self._lock(t, seeder, demander)
         self._touch(demander)
+        if self._planner is not None:
+            self._sync_idle(seeder)
         return t
 
     # -- outcomes --------------------------------------------------------
@@ -456,7 +487,9 @@ class Scheduler:
         """
         t = self._get(transfer_id)
         seconds = now - t.started_at
-        if bytes_moved > 0 and seconds > 0:
+        if self._planner is not None:
+            self._planner.observe(t, now, bytes_moved)
+        elif bytes_moved > 0 and seconds > 0:
             self.observe_speed(t.seeder, bytes_moved / seconds)
         self._release(t)
         self.add_holding(t.demander, t.layer)
@@ -465,6 +498,8 @@ class Scheduler:
     def fail(self, transfer_id: str) -> Transfer:
         """The transfer broke: both sides are free; the demand waits for a seeder again."""
         t = self._get(transfer_id)
+        if self._planner is not None:
+            self._planner.failed(t)
         self._release(t)
         return t
 
@@ -484,10 +519,14 @@ class Scheduler:
             seeder.sending = t.transfer_id
         if demander.receiving is None:
             demander.receiving = t.transfer_id
+        if self._planner is not None:
+            self._planner.started(t)
 
     def _release(self, t: Transfer) -> None:
         if self._active.pop(t.transfer_id, None) is None:
             return
+        if self._planner is not None:
+            self._planner.ended(t)
         seeder, demander = self._nodes[t.seeder], self._nodes[t.demander]
         seeder.transfers.pop(t.transfer_id, None)
         demander.transfers.pop(t.transfer_id, None)
@@ -521,6 +560,8 @@ class Scheduler:
         they surface. A node that cannot receive now is entered nowhere.
         """
         node.version += 1
+        if self._planner is not None:
+            self._planner.refresh(node)
         if not node.free_demander:
             return
         rank: int | None = None
@@ -550,6 +591,8 @@ class Scheduler:
 
     def _sync_idle(self, node: _Node) -> None:
         """Put ``node`` in (or take it out of, or move it in) its layers' idle-holder lists."""
+        if self._planner is not None:
+            self._planner.refresh(node)
         want = (-node.speed_bps, node.node_id) if node.free_seeder else None
         have = node.idle_key
         if want == have:
