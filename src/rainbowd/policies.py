@@ -129,6 +129,7 @@ class Planner:
         self._direct_bytes: dict[str, int] = {}  # seeder -> bytes of direct transfers in flight
         self._plans: dict[str, _Plan] = {}
         self._failures: dict[str, int] = {}  # seeder -> failures in a row
+        self._prior: dict[str, float] = {}  # node -> its first speed estimate (the hint)
         # layer -> holders with free upload, sorted by (-free upload, node id)
         self._free: dict[str, list[tuple[float, str]]] = {}
         self._seed_key: dict[str, tuple[float, str]] = {}
@@ -164,6 +165,7 @@ class Planner:
 
     def _refresh_seeder(self, node: _Node) -> None:
         nid = node.node_id
+        self._prior.setdefault(nid, node.speed_bps)
         free = self.free_up(node)
         seeds = node.up and not node.suspect
         if not self.rules.slots:
@@ -458,9 +460,12 @@ class Planner:
             return None
         if plan.planned <= 0:
             return None
-        ratio = min(2.0, max(0.05, bytes_moved / seconds / plan.planned))
+        ratio = max(0.05, bytes_moved / seconds / plan.planned)
         node = self._s._nodes[t.seeder if plan.seeder_limited else t.demander]
-        node.speed_bps = max(1.0, node.speed_bps * (1 - self.rules.ewma + self.rules.ewma * ratio))
+        # a rate above plan only means others left room: it brings a slowed node back up to
+        # its first estimate (the agent's hint), never beyond it
+        seen = min(self._prior.setdefault(node.node_id, node.speed_bps), node.speed_bps * ratio)
+        node.speed_bps = max(1.0, (1 - self.rules.ewma) * node.speed_bps + self.rules.ewma * seen)
         return node.speed_bps
 
     def failed(self, t: Transfer) -> float | None:
