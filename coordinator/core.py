@@ -92,7 +92,7 @@ from rainbowd.messages import (
     TransferFailed,
     TransferProgress,
 )
-from rainbowd.scheduler import Scheduler, Transfer
+from rainbowd.scheduler import DEFAULT_POLICY, Scheduler, Transfer
 from rainbowd.sources import SourceError, check_source, describe
 
 from . import auth
@@ -142,7 +142,7 @@ class Coordinator:
         admin_token: str,
         heartbeat_interval: float = 2.0,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
-        policy: str = "paper",
+        policy: str = DEFAULT_POLICY,
         node_down_timeout: float = NODE_DOWN_TIMEOUT,
         seeder_fault_limit: int = SEEDER_FAULT_LIMIT,
         clock: Callable[[], float] = time.time,

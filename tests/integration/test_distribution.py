@@ -67,7 +67,11 @@ async def cluster(tmp_path: Path, dockerd_url: str) -> AsyncIterator[LocalCluste
         NodeSpec("n3", speed_hint_mbps=200),
         NodeSpec("n4", speed_hint_mbps=128, docker_url=dockerd_url),
     ]
-    c = LocalCluster(tmp_path / "cluster", specs, chunk_size=CHUNK, heartbeat_interval=1.0)
+    # policy paper: the scenarios below are staged by Algorithm 1's choices (the fastest
+    # seeder is picked); the capacity policies have their own test
+    c = LocalCluster(
+        tmp_path / "cluster", specs, chunk_size=CHUNK, heartbeat_interval=1.0, policy="paper"
+    )
     await c.start()
     try:
         yield c

@@ -47,9 +47,7 @@ class Running:
         self.store.close()
 
 
-async def start(
-    state_dir: Path, heartbeat_interval: float = 5.0, policy: str = "paper"
-) -> Running:
+async def start(state_dir: Path, heartbeat_interval: float = 5.0, policy: str = "paper") -> Running:
     """A coordinator on loopback; ``paper`` by default, as most flow tests check Algorithm 1."""
     store = StateStore(state_dir / "coordinator.sqlite")
     c = Coordinator(
