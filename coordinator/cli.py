@@ -50,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--listen", help=f"HOST:PORT to serve on (default {config.DEFAULT_LISTEN})")
     run.add_argument("--heartbeat-interval", type=float, help="seconds (default 2.0)")
     run.add_argument("--chunk-size", type=int, help="bytes per chunk for new ingests")
-    run.add_argument("--policy", help="scheduling policy (default paper)")
+    run.add_argument("--policy", help="scheduling policy (default slots; paper = Algorithm 1)")
     run.add_argument(
         "--node-down-timeout",
         type=float,

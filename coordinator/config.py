@@ -9,7 +9,7 @@ Keys of the TOML file (all optional) mirror the long flags::
     metrics_token_file = "/etc/rbd/metrics-token"   # Bearer token for GET /metrics
     heartbeat_interval = 2.0
     chunk_size = 4194304
-    policy = "paper"
+    policy = "slots"
     node_down_timeout = 300.0   # a target down this long fails in its running jobs
     seeder_fault_limit = 3      # transfers spoiled by bad chunks before quarantine
     log_level = "info"
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from rainbowd.chunks import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
-from rainbowd.scheduler import POLICIES
+from rainbowd.scheduler import DEFAULT_POLICY, POLICIES
 
 DEFAULT_LISTEN = "127.0.0.1:7700"
 DEFAULT_HEARTBEAT_INTERVAL = 2.0
@@ -46,7 +46,7 @@ class CoordinatorConfig:
     metrics_token_file: Path | None = None
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
     chunk_size: int = DEFAULT_CHUNK_SIZE
-    policy: str = "paper"
+    policy: str = DEFAULT_POLICY
     node_down_timeout: float = DEFAULT_NODE_DOWN_TIMEOUT
     seeder_fault_limit: int = DEFAULT_SEEDER_FAULT_LIMIT
     log_level: str = "info"
@@ -142,7 +142,7 @@ def build(file_values: dict[str, Any], overrides: dict[str, Any]) -> Coordinator
         raise ConfigError(f"node_down_timeout {down_timeout} outside 0..2592000 seconds")
     if fault_limit < 1:
         raise ConfigError(f"seeder_fault_limit {fault_limit} must be at least 1")
-    policy = str(merged.get("policy", "paper"))
+    policy = str(merged.get("policy", DEFAULT_POLICY))
     if policy not in POLICIES:
         raise ConfigError(f"unknown policy {policy!r}; known: {', '.join(POLICIES)}")
     log_json = merged.get("log_json")

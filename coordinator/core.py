@@ -94,7 +94,7 @@ from rainbowd.messages import (
     TransferFailed,
     TransferProgress,
 )
-from rainbowd.scheduler import Scheduler, Transfer
+from rainbowd.scheduler import DEFAULT_POLICY, Scheduler, Transfer
 from rainbowd.sources import SourceError, check_source, describe
 
 from . import auth
@@ -147,7 +147,7 @@ class Coordinator:
         admin_token: str,
         heartbeat_interval: float = 2.0,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
-        policy: str = "paper",
+        policy: str = DEFAULT_POLICY,
         node_down_timeout: float = NODE_DOWN_TIMEOUT,
         seeder_fault_limit: int = SEEDER_FAULT_LIMIT,
         clock: Callable[[], float] = time.time,
@@ -203,6 +203,7 @@ class Coordinator:
             self.images[image.ref] = image
             for m in image.manifests:
                 self.manifests.setdefault(m.digest, m)
+                self.scheduler.set_layer_size(m.digest, m.size)
             if image.state == "ingesting":
                 self._queue_ingest(image)
         now = self.clock()
@@ -957,6 +958,7 @@ class Coordinator:
         image.state, image.error = "ready", ""
         for mf in manifests:
             self.manifests.setdefault(mf.digest, mf)
+            self.scheduler.set_layer_size(mf.digest, mf.size)
         self.store.save_image(image)
         log.info("image ready", image=image.ref, layers=len(manifests), size=image.record.size)
         if self._add_holdings(node, [mf.digest for mf in manifests], now):

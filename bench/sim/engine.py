@@ -125,6 +125,8 @@ class Simulation:
         names = [layer for layer, _ in self.layers]
         for n in self.profile.all_nodes:
             self.network.add_node(n.name, n.up_Bps * eff, n.down_Bps * eff)
+        for layer, size in self.layers:
+            self.scheduler.set_layer_size(layer, size)
         self.scheduler.add_node(origin.name, origin.up_Bps, names)
         for n in self.profile.nodes:
             self.scheduler.add_node(n.name, n.up_Bps)

@@ -20,6 +20,7 @@ from pathlib import Path
 from rainbowd import messages as m
 from rainbowd.localcluster import LocalCluster, NodeSpec
 from rainbowd.progress import follow_job, summary
+from rainbowd.scheduler import DEFAULT_POLICY
 from rainbowd.units import human_bytes
 
 DEMO_REF = "rbd-demo:latest"
@@ -95,7 +96,7 @@ async def _run(cluster: LocalCluster, archive: Path, docker: bool, docker_node: 
             print(f"rbd demo: ingest failed: {view.error}", file=sys.stderr)
             return 1
         _say(f"origin ingested {DEMO_REF}: {len(view.layers)} layers, {human_bytes(view.size)}")
-        _say(f"distributing {DEMO_REF} to all nodes (policy: paper)")
+        _say(f"distributing {DEMO_REF} to all nodes (policy: {DEFAULT_POLICY})")
         job = await admin.create_job(m.CreateJob(image=DEMO_REF, targets=["all"]))
         final = await follow_job(admin, job.job_id)
         _say("")

@@ -57,10 +57,15 @@ from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from .policies import RULES, Planner
+
 #: speed assumed for a node nothing is known about (bytes/s); 100 Mbit/s
 DEFAULT_SPEED_BPS = 12.5e6
 
-POLICIES = ("paper",)
+#: ``paper`` is Algorithm 1 (this module); the others are capacity-aware (policies.py)
+POLICIES = ("paper", *RULES)
+#: the best measured policy (bench/RESULTS.md, "Policies (issue 6)"); ``paper`` stays selectable
+DEFAULT_POLICY = "slots"
 
 #: a seeder's place in the idle-holder lists: faster first, then by node id
 _SeederKey = tuple[float, str]
@@ -170,6 +175,9 @@ class Scheduler:
         self._waiting: dict[str, list[_WaitEntry]] = {}
         # layer -> open demands of it (bounds the stale entries a heap may keep)
         self._demand_count: dict[str, int] = {}
+        #: layer -> size in bytes, where known (the capacity-aware policies plan with it)
+        self.layer_sizes: dict[str, int] = {}
+        self._planner = Planner(RULES[policy], self) if policy in RULES else None
 
     # -- nodes -----------------------------------------------------------
     def add_node(
@@ -267,6 +275,11 @@ class Scheduler:
     def speed(self, node_id: str) -> float:
         return self._node(node_id).speed_bps
 
+    def set_layer_size(self, layer: str, size: int) -> None:
+        """Tell the scheduler how big ``layer`` is (bytes); ``paper`` does not need it."""
+        if size > 0:
+            self.layer_sizes[layer] = size
+
     def add_holding(self, node_id: str, layer: str) -> None:
         node = self._node(node_id)
         if layer not in node.holdings:
@@ -274,6 +287,8 @@ class Scheduler:
             self._holders.setdefault(layer, set()).add(node_id)
             if node.idle_key is not None:
                 insort(self._idle.setdefault(layer, []), node.idle_key)
+            if self._planner is not None:
+                self._planner.holding_added(node, layer)
         if self._drop_demand(node, layer):
             self._touch(node)
 
@@ -315,6 +330,8 @@ class Scheduler:
             first = node.first_wanted()
             assert first is not None
             self._push_waiting(layer, (first.seq, node_id, node.version))
+        if self._planner is not None:
+            self._planner.demand_added(node, d)
         return True
 
     def cancel_demand(self, node_id: str, layer: str) -> None:
@@ -393,6 +410,8 @@ class Scheduler:
         """
         if self._avoid:
             self._avoid = {k: v for k, v in self._avoid.items() if v > now}
+        if self._planner is not None:
+            return self._planner.plan(now)
         # layers some free demander waits for
         live: dict[str, list[_WaitEntry]] = {}
         for layer, heap in list(self._waiting.items()):
@@ -465,22 +484,32 @@ class Scheduler:
     def _allowed(self, demander_id: str, seeder_id: str) -> bool:
         return demander_id != seeder_id and (demander_id, seeder_id) not in self._avoid
 
-    def _start(self, seeder: _Node, demander: _Node, demand: _Demand, now: float) -> Transfer:
-        # the idle lists are those of the start of this schedule() call, so the
-        # holders after this seeder in its layer's list are the slower idle ones left
-        idle = self._idle[demand.layer]
-        assert seeder.idle_key is not None
-        others = len(idle) - bisect_right(idle, seeder.idle_key)
+    def _start(
+        self,
+        seeder: _Node,
+        demander: _Node,
+        demand: _Demand,
+        now: float,
+        reason: str = "",
+        plan_hook: Callable[[Transfer], None] | None = None,
+    ) -> Transfer:
+        """Create and lock a transfer; a planner gives ``reason`` and books it via ``plan_hook``."""
         expected = seeder.speed_bps
         capped = ""
         if 0 < demander.max_download_bps < expected:
             expected = demander.max_download_bps
             capped = f"; expected {expected / 1e6:.1f} MB/s, the demander's download cap"
-        reason = (
-            f"{self.policy}: fastest idle seeder holding the layer "
-            f"({seeder.speed_bps / 1e6:.1f} MB/s measured; {others} slower idle holder(s) left"
-            f"{capped})"
-        )
+        if not reason:
+            # the idle lists are those of the start of this schedule() call, so the
+            # holders after this seeder in its layer's list are the slower idle ones left
+            idle = self._idle[demand.layer]
+            assert seeder.idle_key is not None
+            others = len(idle) - bisect_right(idle, seeder.idle_key)
+            reason = (
+                f"{self.policy}: fastest idle seeder holding the layer "
+                f"({seeder.speed_bps / 1e6:.1f} MB/s measured; {others} slower idle holder(s) left"
+                f"{capped})"
+            )
         t = Transfer(
             transfer_id=self._new_id(),
             layer=demand.layer,
@@ -492,8 +521,12 @@ class Scheduler:
             seeder_speed_bps=seeder.speed_bps,
             expected_bps=expected,
         )
+        if plan_hook is not None:
+            plan_hook(t)
         self._lock(t, seeder, demander)
         self._touch(demander)
+        if self._planner is not None:
+            self._sync_idle(seeder)
         return t
 
     # -- outcomes --------------------------------------------------------
@@ -505,7 +538,9 @@ class Scheduler:
         """
         t = self._get(transfer_id)
         seconds = now - t.started_at
-        if bytes_moved > 0 and seconds > 0:
+        if self._planner is not None:
+            self._planner.observe(t, now, bytes_moved)
+        elif bytes_moved > 0 and seconds > 0:
             rate = bytes_moved / seconds
             demander = self._nodes.get(t.demander)
             cap = demander.max_download_bps if demander is not None else 0.0
@@ -521,6 +556,8 @@ class Scheduler:
     def fail(self, transfer_id: str) -> Transfer:
         """The transfer broke: both sides are free; the demand waits for a seeder again."""
         t = self._get(transfer_id)
+        if self._planner is not None:
+            self._planner.failed(t)
         self._release(t)
         return t
 
@@ -540,10 +577,14 @@ class Scheduler:
             seeder.sending = t.transfer_id
         if demander.receiving is None:
             demander.receiving = t.transfer_id
+        if self._planner is not None:
+            self._planner.started(t)
 
     def _release(self, t: Transfer) -> None:
         if self._active.pop(t.transfer_id, None) is None:
             return
+        if self._planner is not None:
+            self._planner.ended(t)
         seeder, demander = self._nodes[t.seeder], self._nodes[t.demander]
         seeder.transfers.pop(t.transfer_id, None)
         demander.transfers.pop(t.transfer_id, None)
@@ -577,6 +618,8 @@ class Scheduler:
         they surface. A node that cannot receive now is entered nowhere.
         """
         node.version += 1
+        if self._planner is not None:
+            self._planner.refresh(node)
         if not node.free_demander:
             return
         rank: int | None = None
@@ -606,6 +649,8 @@ class Scheduler:
 
     def _sync_idle(self, node: _Node) -> None:
         """Put ``node`` in (or take it out of, or move it in) its layers' idle-holder lists."""
+        if self._planner is not None:
+            self._planner.refresh(node)
         want = (-node.speed_bps, node.node_id) if node.free_seeder else None
         have = node.idle_key
         if want == have:

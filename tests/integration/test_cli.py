@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from rainbowd.localcluster import LocalCluster, NodeSpec
+from rainbowd.scheduler import DEFAULT_POLICY
 
 pytestmark = pytest.mark.integration
 
@@ -101,7 +102,7 @@ async def test_admin_cli_end_to_end(cluster: LocalCluster, demo_image: Path) -> 
 
     code, out, _ = await run(rbd, "job", job_id.group(1), env=env)
     assert code == 0
-    assert "<- origin" in out and "why: paper:" in out, out
+    assert "<- origin" in out and f"why: {DEFAULT_POLICY}:" in out, out
 
     assert "over the wire in" in out, out
 

@@ -67,7 +67,11 @@ async def cluster(tmp_path: Path, dockerd_url: str) -> AsyncIterator[LocalCluste
         NodeSpec("n3", speed_hint_mbps=200),
         NodeSpec("n4", speed_hint_mbps=128, docker_url=dockerd_url),
     ]
-    c = LocalCluster(tmp_path / "cluster", specs, chunk_size=CHUNK, heartbeat_interval=1.0)
+    # policy paper: the scenarios below are staged by Algorithm 1's choices (the fastest
+    # seeder is picked); the capacity policies have their own test
+    c = LocalCluster(
+        tmp_path / "cluster", specs, chunk_size=CHUNK, heartbeat_interval=1.0, policy="paper"
+    )
     await c.start()
     try:
         yield c
@@ -117,6 +121,41 @@ async def test_distribute_to_all_verifies_every_layer_and_runs_in_docker(
         await loader.close()
     assert code == 0
     assert "hello from rbd" in output
+
+
+@pytest.mark.parametrize("policy", ["slots", "deadline"])
+async def test_capacity_policies_distribute_to_all(
+    tmp_path: Path, demo_image: Path, policy: str
+) -> None:
+    """Real agents under a capacity-aware policy: several transfers per node, every layer once."""
+    specs = [
+        NodeSpec("origin", roles=["origin"], speed_hint_mbps=1000),
+        NodeSpec("n1", speed_hint_mbps=1000),
+        NodeSpec("n2", speed_hint_mbps=200),
+        NodeSpec("n3", speed_hint_mbps=100),
+        NodeSpec("n4", speed_hint_mbps=100),
+    ]
+    c = LocalCluster(
+        tmp_path / "cluster", specs, chunk_size=CHUNK, heartbeat_interval=1.0, policy=policy
+    )
+    await c.start()
+    try:
+        image = await _add_image(c, demo_image)
+        job = await _run_job(c, ["all"])
+        assert job.state == "done", job.error
+        digests = {layer.digest for layer in image.layers}
+        for n in job.nodes:
+            if n.node_id == "origin":
+                continue
+            assert sorted(t.layer for t in n.transfers) == sorted(digests), n.node_id
+            assert all(t.reason.startswith(f"{policy}: ") for t in n.transfers)
+            status = await c.agent_status(n.node_id)
+            assert digests <= {h["digest"] for h in status["holdings"]}
+            assert not status["partials"]
+            for d in digests:
+                assert _blob_digest(c, n.node_id, d) == d
+    finally:
+        await c.stop()
 
 
 async def test_spoofed_seeder_is_refused_and_reported(

@@ -351,3 +351,37 @@ async def test_load_failure_fails_the_node(coord: Running, admin: AdminClient) -
     assert final.state == "failed" and "engine said no" in final.error and "d" in final.error
     for x in (origin, d):
         await x.c.close()
+
+
+@pytest.mark.parametrize("policy", ["slots", "deadline"])
+async def test_capacity_policies_send_several_layers_to_one_demander_at_once(
+    tmp_path: Path, policy: str
+) -> None:
+    """Two seeders, each holding one layer, feed one fast demander at the same time."""
+    coord = await start(tmp_path, policy=policy)
+    async with AdminClient(coord.url, ADMIN) as admin:
+        origin = await agent(coord.url, "origin", roles=["origin"], speed=10e6)
+        img = fake_image(sizes=(3_000_000, 2_000_000))
+        await ingest(admin, origin.c, img)
+        a = await agent(coord.url, "a", speed=10e6, holdings=[img.digests[0]])
+        b = await agent(coord.url, "b", speed=10e6, holdings=[img.digests[1]])
+        d = await agent(coord.url, "d", speed=20e6)
+        job = await admin.create_job(CreateJob(image=img.record.ref, targets=["d"]))
+        items = await d.take()
+        ts = [x for x in items if isinstance(x, TransferAssignment)]
+        assert len(ts) == 2, items  # both layers in flight at once
+        assert {t.layer.digest for t in ts} == set(img.digests)
+        assert all(t.reason.startswith(f"{policy}: ") for t in ts)
+        sched = coord.coordinator.scheduler
+        assert all(sched.receiving("d", layer) is not None for layer in img.digests)
+        assert {t.seeder.node_id for t in ts} <= {"origin", "a", "b"}
+        for t in ts:
+            await d.done(t)
+        view = await admin.job(job.job_id)
+        assert view.state == "done"
+        (node,) = [n for n in view.nodes if n.node_id == "d"]
+        assert sorted(u.layer for u in node.transfers) == sorted(img.digests)
+        assert not sched.active() and not sched.pending()
+        for x in (origin, a, b, d):
+            await x.c.close()
+    await coord.stop()

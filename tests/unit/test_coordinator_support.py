@@ -47,7 +47,8 @@ class Running:
         self.store.close()
 
 
-async def start(state_dir: Path, heartbeat_interval: float = 5.0) -> Running:
+async def start(state_dir: Path, heartbeat_interval: float = 5.0, policy: str = "paper") -> Running:
+    """A coordinator on loopback; ``paper`` by default, as most flow tests check Algorithm 1."""
     store = StateStore(state_dir / "coordinator.sqlite")
     c = Coordinator(
         store,
@@ -55,6 +56,7 @@ async def start(state_dir: Path, heartbeat_interval: float = 5.0) -> Running:
         admin_token=ADMIN,
         heartbeat_interval=heartbeat_interval,
         chunk_size=MIN_CHUNK_SIZE,
+        policy=policy,
     )
     server = TestServer(create_app(c), host="127.0.0.1", port=0)
     await server.start_server()

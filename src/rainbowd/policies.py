@@ -1,0 +1,482 @@
+"""Capacity-aware scheduling policies (everything but ``paper``), behind :class:`Scheduler`.
+
+Why: on a mixed cluster the bound T* (PAPER.md, "The physical limit") is
+usually set by the slowest *download*, while Algorithm 1 lets one seeder
+serve one demander at a time and treats a 4 Mbit/s node like a 32 Mbit/s one.
+Most upload capacity then sits idle and the slowest nodes start last. The
+policies here plan with *bandwidth*, not with locks:
+
+* **slots** -- a transfer reserves a rate, ``min(seeder's free upload,
+  demander's free download)``; a seeder runs as many uploads as its estimated
+  capacity covers, and a demander pulls several layers at once from different
+  seeders while its download has room. A new transfer must get at least
+  ``min_share`` of the demander's speed, so slow seeders are not handed fast
+  demanders (they would hold the layer hostage for its whole length).
+* **best fit** -- a demander takes the seeder whose free upload covers its
+  free download most tightly (or, if none covers it, the one with most room),
+  so big free uploads stay for fast demanders.
+* **fastest-node-first** -- demanders are served in order of speed, so
+  seeding capacity grows fastest.
+* **least slack first** -- a node whose remaining bytes over its speed come
+  close to the horizon (the latest any current demander could finish,
+  ``since + need * (1 + margin)``) is *urgent* and goes before everyone else:
+  the slowest downloads decide T*, so they must start early, and they take
+  little of a seeder's upload.
+* **direct** -- a layer so small that a seeder can send it to many demanders
+  within ``direct_s`` seconds goes straight from that seeder to all of them at
+  once, reserving nothing (the DID crossover: a tree only adds hops).
+* **measured speeds** -- a completed transfer that ran ``MIN_OBSERVE_S`` or
+  longer moves the estimate of the side that limited it (EWMA of achieved /
+  planned rate); repeated failures halve a seeder's estimate, so slow or
+  failing peers drop out of ``min_share`` and best fit.
+
+``fastest`` keeps Algorithm 1's locks (one upload, one download per node)
+and changes only the demander order: it isolates that one rule.
+
+The planner keeps standing indexes so a :meth:`Planner.plan` call costs about
+the transfers it starts: per layer, the holders with free upload sorted by
+free upload; the waiting demanders sorted by speed and by need. It reads the
+scheduler's node records (holdings, demands, what is in flight) and starts
+transfers through it, so every other rule of :class:`~rainbowd.scheduler.Scheduler`
+(avoided pairs, suspects, adopt, node down) holds unchanged.
+"""
+
+from __future__ import annotations
+
+import heapq
+from bisect import bisect_left, bisect_right, insort
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .scheduler import Scheduler, Transfer, _Demand, _Node
+
+#: a transfer shorter than this says more about set-up delays than about link speed
+MIN_OBSERVE_S = 1.0
+#: layers of unknown size count as this many bytes in a demander's need
+UNKNOWN_LAYER_BYTES = 8 * 1024 * 1024
+#: a seeder with less free upload than this share of its speed takes no new upload
+_MIN_FREE_SHARE = 0.02
+INF = float("inf")
+URGENT = "urgent"
+#: a waiting demander's keys: by speed, by need, and the layers it waits for
+_WaitKey = tuple[tuple[float, str], tuple[float, str], tuple[str, ...]]
+#: failures in a row after which a seeder's estimate is halved (each further one halves it again)
+FAILURES_TO_SLOW = 2
+
+
+@dataclass(frozen=True)
+class Rules:
+    """One policy: which of the planner's rules it uses (module docstring)."""
+
+    name: str
+    summary: str
+    slots: bool = True  # several uploads per seeder / downloads per demander, by rate
+    slack_margin: float | None = None  # least slack first with this margin; None = off
+    urgent_share: float = 0.25  # most of a seeder's upload that urgent demanders may take
+    min_share: float = 0.5  # least rate a new transfer gets, as a share of the demander's speed
+    direct_s: float = 0.0  # direct rule: seconds a seeder may spend on small layers; 0 = off
+    ewma: float = 0.0  # weight of one observation in the speed estimate; 0 = off
+
+
+RULES: dict[str, Rules] = {
+    r.name: r
+    for r in (
+        Rules(
+            "fastest",
+            "Algorithm 1's locks, demanders fastest first",
+            slots=False,
+            min_share=0.0,
+        ),
+        Rules(
+            "slots",
+            "uploads sized to capacity, several layers per demander, best fit, fastest first",
+        ),
+        Rules(
+            "deadline",
+            "slots + least slack first + direct small layers + measured speeds (EWMA)",
+            slack_margin=0.3,
+            urgent_share=0.5,
+            direct_s=0.5,
+            ewma=0.5,
+        ),
+    )
+}
+
+
+@dataclass
+class _Plan:
+    """What the planner reserved for one active transfer."""
+
+    up: float  # of the seeder's upload
+    down: float  # of the demander's download
+    planned: float  # the rate it was planned at (bytes/s)
+    seeder_limited: bool  # the seeder's free upload set that rate
+    direct: bool = False  # a small layer sent directly (reserves nothing)
+    urgent: bool = False  # planned for an urgent demander (counts against urgent_share)
+
+
+class Planner:
+    """The capacity-aware planner behind one :class:`Scheduler` (see the module docstring)."""
+
+    def __init__(self, rules: Rules, scheduler: Scheduler) -> None:
+        self.rules = rules
+        self._s = scheduler
+        self._up_used: dict[str, float] = {}
+        self._down_used: dict[str, float] = {}
+        self._urgent_used: dict[str, float] = {}  # seeder -> upload reserved for urgent ones
+        self._direct_bytes: dict[str, int] = {}  # seeder -> bytes of direct transfers in flight
+        self._plans: dict[str, _Plan] = {}
+        self._failures: dict[str, int] = {}  # seeder -> failures in a row
+        self._prior: dict[str, float] = {}  # node -> its first speed estimate (the hint)
+        # layer -> holders with free upload, sorted by (-free upload, node id)
+        self._free: dict[str, list[tuple[float, str]]] = {}
+        self._seed_key: dict[str, tuple[float, str]] = {}
+        # waiting demanders (free download, a wanted layer not in flight), per layer they want
+        self._by_speed: dict[str, list[tuple[float, str]]] = {}  # layer -> sorted (-speed, id)
+        self._by_need: dict[str, list[tuple[float, str]]] = {}  # layer -> sorted (-need s, id)
+        self._wait_key: dict[str, _WaitKey] = {}
+        self._horizon = 0.0  # latest planned finish of a current demander (slack rule)
+
+    # -- indexes ---------------------------------------------------------
+    def refresh(self, node: _Node) -> None:
+        """Re-key ``node`` as a seeder and as a demander after any change to it."""
+        self._refresh_seeder(node)
+        self._refresh_demander(node)
+
+    def holding_added(self, node: _Node, layer: str) -> None:
+        key = self._seed_key.get(node.node_id)
+        if key is not None:
+            insort(self._free.setdefault(layer, []), key)
+
+    def demand_added(self, node: _Node, demand: _Demand) -> None:
+        if self.rules.slack_margin is not None:
+            total = sum(self._size(lr) for lr in node.demands)
+            finish = demand.since + total / node.speed_bps * (1 + self.rules.slack_margin)
+            self._horizon = max(self._horizon, finish)
+        self._refresh_demander(node)
+
+    def free_up(self, node: _Node) -> float:
+        return node.speed_bps - self._up_used.get(node.node_id, 0.0)
+
+    def free_down(self, node: _Node) -> float:
+        """Download room: its speed estimate, or its configured download cap if lower."""
+        cap = node.max_download_bps
+        down = min(node.speed_bps, cap) if cap > 0 else node.speed_bps
+        return down - self._down_used.get(node.node_id, 0.0)
+
+    def _refresh_seeder(self, node: _Node) -> None:
+        nid = node.node_id
+        self._prior.setdefault(nid, node.speed_bps)
+        free = self.free_up(node)
+        seeds = node.up and not node.suspect
+        if not self.rules.slots:
+            seeds = seeds and not self._up_used.get(nid)
+        want = (-free, nid) if seeds and free >= _MIN_FREE_SHARE * node.speed_bps else None
+        have = self._seed_key.get(nid)
+        if want == have:
+            return
+        for layer in node.holdings:
+            idle = self._free.setdefault(layer, [])
+            if have is not None:
+                del idle[bisect_left(idle, have)]
+            if want is not None:
+                insort(idle, want)
+        if want is None:
+            self._seed_key.pop(nid, None)
+        else:
+            self._seed_key[nid] = want
+
+    def _refresh_demander(self, node: _Node) -> None:
+        nid = node.node_id
+        want: _WaitKey | None = None
+        if node.up and not node.suspect and self._room(node):
+            layers = tuple(lr for lr in node.demands if lr not in node.pulling)
+            if layers:
+                need = sum(self._size(lr) for lr in layers) / node.speed_bps
+                want = ((-node.speed_bps, nid), (-need, nid), layers)
+        have = self._wait_key.get(nid)
+        if want == have:
+            return
+        if have is not None:
+            for layer in have[2]:
+                by_speed, by_need = self._by_speed[layer], self._by_need[layer]
+                del by_speed[bisect_left(by_speed, have[0])]
+                del by_need[bisect_left(by_need, have[1])]
+                if not by_speed:
+                    del self._by_speed[layer], self._by_need[layer]
+        if want is None:
+            self._wait_key.pop(nid, None)
+        else:
+            for layer in want[2]:
+                insort(self._by_speed.setdefault(layer, []), want[0])
+                insort(self._by_need.setdefault(layer, []), want[1])
+            self._wait_key[nid] = want
+        if not self._s._demands:
+            self._horizon = 0.0
+
+    def _room(self, node: _Node) -> bool:
+        """Whether ``node`` can take one more download now."""
+        if not self.rules.slots:
+            return not self._down_used.get(node.node_id)
+        return self.free_down(node) >= max(self.rules.min_share, _MIN_FREE_SHARE) * node.speed_bps
+
+    def _size(self, layer: str) -> int:
+        return self._s.layer_sizes.get(layer) or UNKNOWN_LAYER_BYTES
+
+    # -- planning --------------------------------------------------------
+    def plan(self, now: float) -> list[Transfer]:
+        """Start every transfer the rules allow now (see the module docstring)."""
+        started: list[Transfer] = []
+        if not self._wait_key:
+            return started
+        visited: set[tuple[str, bool]] = set()  # (node, in the urgent phase)
+        for nid, why in self._order(now):
+            phase = (nid, why.startswith(URGENT))
+            if phase in visited:
+                continue
+            visited.add(phase)
+            node = self._s._nodes[nid]
+            while True:
+                t = self._serve(node, now, why)
+                if t is None:
+                    break
+                started.append(t)
+                if nid not in self._wait_key:
+                    break
+        return started
+
+    def _order(self, now: float) -> Iterator[tuple[str, str]]:
+        """Waiting demanders in service order, each with why it comes there.
+
+        Only demanders wanting a layer some holder has free upload for are
+        met: the per-layer indexes are merged by key, and a layer drops out of
+        the merge once its free holders are used up. Walking by key (not by
+        position) keeps the walk right while demanders leave the indexes.
+        """
+        margin = self.rules.slack_margin
+        if margin is not None and self._horizon > now:
+            # urgent: need * (1 + margin) >= horizon - now, i.e. -need <= -(horizon - now)/(1+m)
+            cut = (-(self._horizon - now) / (1 + margin), "\uffff")
+            for (neg_need, _), nid in self._merge(self._by_need, lambda _: (-INF, ""), cut):
+                yield nid, URGENT + f": needs {-neg_need:.1f} s of download, little slack"
+        # demanders too fast for a layer's free uploads (min_share of their speed) are skipped
+        share = max(self.rules.min_share, _MIN_FREE_SHARE) if self.rules.slots else 0.0
+
+        def start(layer: str) -> tuple[float, str]:
+            best = -self._free[layer][0][0]
+            return (-best / share, "") if share > 0 else (-INF, "")
+
+        for (neg_speed, _), nid in self._merge(self._by_speed, start, (INF, "")):
+            yield nid, f"fastest waiting demander first ({-neg_speed / 1e6:.1f} MB/s)"
+
+    def _merge(
+        self,
+        index: dict[str, list[tuple[float, str]]],
+        start: Callable[[str], tuple[float, str]],
+        stop: tuple[float, str],
+    ) -> Iterator[tuple[tuple[float, str], str]]:
+        heap: list[tuple[tuple[float, str], str]] = []
+        for layer, keys in index.items():
+            if self._free.get(layer):
+                i = bisect_left(keys, start(layer))
+                if i < len(keys) and keys[i] <= stop:
+                    heap.append((keys[i], layer))
+        heapq.heapify(heap)
+        while heap:
+            key, layer = heapq.heappop(heap)
+            if not self._free.get(layer):
+                continue  # its free holders are used up
+            yield key, key[1]
+            keys = index.get(layer, [])
+            i = bisect_right(keys, key)
+            if i < len(keys) and keys[i] <= stop:
+                heapq.heappush(heap, (keys[i], layer))
+
+    def _serve(self, node: _Node, now: float, why: str) -> Transfer | None:
+        """Start one more transfer into ``node`` if a seeder fits; None if none does."""
+        if node.node_id not in self._wait_key:
+            return None
+        wanted = [d for lr, d in node.demands.items() if lr not in node.pulling]
+        # direct small layers first: they reserve nothing and make the node a seeder of them
+        if self.rules.direct_s > 0:
+            for d in wanted:
+                seeder = self._direct_seeder(node, d.layer, len(self._by_speed.get(d.layer, ())))
+                if seeder is not None:
+                    return self._begin(seeder, node, d, now, why, direct=True)
+        room = self.free_down(node) if self.rules.slots else node.speed_bps
+        least = self.rules.min_share * node.speed_bps
+        urgent = why.startswith(URGENT)
+        for d in wanted:
+            if urgent:
+                # within the urgent share; beyond it, an urgent one waits for the common walk
+                seeder = self._urgent_fit(node, d.layer, room, least)
+            else:
+                seeder = self._fit(node, d.layer, room, least)
+            if seeder is not None:
+                return self._begin(seeder, node, d, now, why, urgent=urgent)
+        return None
+
+    def _urgent_fit(self, node: _Node, layer: str, room: float, least: float) -> _Node | None:
+        """For an urgent demander: the best-fit holder, if its urgent share has ``least`` left.
+
+        Urgent (slow) demanders take at most ``urgent_share`` of a seeder's
+        upload, so the fast nodes that grow the seeding capacity can keep some.
+        """
+        seeder = self._fit(node, layer, room, least)
+        if seeder is None:
+            return None
+        left = self.rules.urgent_share * seeder.speed_bps
+        left -= self._urgent_used.get(seeder.node_id, 0.0)
+        return seeder if left >= least else None
+
+    def _fit(self, node: _Node, layer: str, room: float, least: float) -> _Node | None:
+        """Best fit: the tightest free upload >= ``room``, else the largest (if >= ``least``)."""
+        idle = self._free.get(layer)
+        if not idle:
+            return None
+        if self.rules.slots:
+            # entries with free upload >= room sit before this index; the last of them fits tightest
+            i = bisect_right(idle, (-room, "\uffff"))
+            for j in range(i - 1, max(-1, i - 9), -1):
+                if self._s._allowed(node.node_id, idle[j][1]):
+                    return self._s._nodes[idle[j][1]]
+        for neg_free, sid in idle[:8]:
+            if -neg_free < least:
+                break
+            if self._s._allowed(node.node_id, sid):
+                return self._s._nodes[sid]
+        return None
+
+    def _direct_seeder(self, node: _Node, layer: str, waiting: int) -> _Node | None:
+        """A holder that can send this small layer to all ``waiting`` within ``direct_s``.
+
+        That is where a tree only adds hops: one seeder reaches everyone who
+        waits for the layer at once (the DID crossover, per layer).
+        """
+        size = self._s.layer_sizes.get(layer, 0)
+        if size <= 0:
+            return None
+        for _, sid in self._free.get(layer, ())[:4]:
+            seeder = self._s._nodes[sid]
+            budget = self.rules.direct_s * seeder.speed_bps
+            fan_out = self._direct_bytes.get(sid, 0) + size * max(1, waiting)
+            if fan_out <= budget and self._s._allowed(node.node_id, sid):
+                return seeder
+        return None
+
+    def _begin(
+        self,
+        seeder: _Node,
+        node: _Node,
+        d: _Demand,
+        now: float,
+        why: str,
+        *,
+        direct: bool = False,
+        urgent: bool = False,
+    ) -> Transfer:
+        if direct:
+            size = self._s.layer_sizes[d.layer]
+            reason = (
+                f"{self.rules.name}: direct -- the layer is small ({size} B), so "
+                f"{seeder.node_id} ({seeder.speed_bps / 1e6:.1f} MB/s) sends it straight to "
+                f"every demander within {self.rules.direct_s:g} s; {why}"
+            )
+            plan = _Plan(0.0, 0.0, seeder.speed_bps, True, direct=True)
+        elif self.rules.slots:
+            up, down = self.free_up(seeder), self.free_down(node)
+            if urgent:
+                left = self.rules.urgent_share * seeder.speed_bps
+                up = min(up, left - self._urgent_used.get(seeder.node_id, 0.0))
+            rate = min(up, down)
+            reason = (
+                f"{self.rules.name}: best-fit seeder, {up / 1e6:.1f} of its "
+                f"{seeder.speed_bps / 1e6:.1f} MB/s upload free for {down / 1e6:.1f} MB/s of "
+                f"free download; planned at {rate / 1e6:.1f} MB/s; {why}"
+            )
+            plan = _Plan(rate, rate, rate, up <= down, urgent=urgent)
+        else:
+            rate = min(seeder.speed_bps, node.speed_bps)
+            reason = (
+                f"{self.rules.name}: fastest idle seeder holding the layer "
+                f"({seeder.speed_bps / 1e6:.1f} MB/s); {why}"
+            )
+            plan = _Plan(seeder.speed_bps, node.speed_bps, rate, seeder.speed_bps <= node.speed_bps)
+        return self._s._start(seeder, node, d, now, reason, plan_hook=lambda t: self._hold(t, plan))
+
+    def _hold(self, t: Transfer, plan: _Plan) -> None:
+        self._plans[t.transfer_id] = plan
+        if plan.direct:
+            self._direct_bytes[t.seeder] = self._direct_bytes.get(t.seeder, 0) + (
+                self._s.layer_sizes.get(t.layer, 0)
+            )
+        self._up_used[t.seeder] = self._up_used.get(t.seeder, 0.0) + plan.up
+        if plan.urgent:
+            self._urgent_used[t.seeder] = self._urgent_used.get(t.seeder, 0.0) + plan.up
+        self._down_used[t.demander] = self._down_used.get(t.demander, 0.0) + plan.down
+
+    # -- transfers starting and ending ------------------------------------
+    def started(self, t: Transfer) -> None:
+        """A transfer the planner did not plan (adopted): reserve what it plausibly takes."""
+        if t.transfer_id in self._plans:
+            return
+        seeder, node = self._s._nodes[t.seeder], self._s._nodes[t.demander]
+        if self.rules.slots:
+            rate = max(0.0, min(self.free_up(seeder), self.free_down(node)))
+        else:
+            rate = min(seeder.speed_bps, node.speed_bps)
+        up = rate if self.rules.slots else seeder.speed_bps
+        down = rate if self.rules.slots else node.speed_bps
+        self._hold(t, _Plan(up, down, max(rate, 1.0), True))
+
+    def ended(self, t: Transfer) -> None:
+        plan = self._plans.pop(t.transfer_id, None)
+        if plan is None:
+            return
+        self._up_used[t.seeder] = max(0.0, self._up_used.get(t.seeder, 0.0) - plan.up)
+        if plan.urgent:
+            self._urgent_used[t.seeder] = self._urgent_used.get(t.seeder, 0.0) - plan.up
+        self._down_used[t.demander] = max(0.0, self._down_used.get(t.demander, 0.0) - plan.down)
+        if plan.direct:
+            left = self._direct_bytes.get(t.seeder, 0) - self._s.layer_sizes.get(t.layer, 0)
+            self._direct_bytes[t.seeder] = max(0, left)
+        for x in (self._up_used, self._down_used):
+            for nid in (t.seeder, t.demander):
+                if x.get(nid, 1.0) < 1e-6:
+                    x.pop(nid, None)
+
+    def observe(self, t: Transfer, now: float, bytes_moved: int) -> float | None:
+        """A completed transfer's rate moves the estimate of the side that limited it.
+
+        Returns the new estimate of the node that changed (None: no change).
+        Only transfers of ``MIN_OBSERVE_S`` or longer count, so set-up delays
+        of small layers do not read as slow links.
+        """
+        self._failures.pop(t.seeder, None)
+        plan = self._plans.get(t.transfer_id)
+        seconds = now - t.started_at
+        if self.rules.ewma <= 0 or plan is None or plan.direct or bytes_moved <= 0:
+            return None
+        if seconds < MIN_OBSERVE_S:
+            return None
+        if plan.planned <= 0:
+            return None
+        ratio = max(0.05, bytes_moved / seconds / plan.planned)
+        node = self._s._nodes[t.seeder if plan.seeder_limited else t.demander]
+        # a rate above plan only means others left room: it brings a slowed node back up to
+        # its first estimate (the agent's hint), never beyond it
+        seen = min(self._prior.setdefault(node.node_id, node.speed_bps), node.speed_bps * ratio)
+        node.speed_bps = max(1.0, (1 - self.rules.ewma) * node.speed_bps + self.rules.ewma * seen)
+        return node.speed_bps
+
+    def failed(self, t: Transfer) -> float | None:
+        """A failed transfer counts against its seeder; repeated failures halve its estimate."""
+        n = self._failures.get(t.seeder, 0) + 1
+        self._failures[t.seeder] = n
+        if self.rules.ewma <= 0 or n < FAILURES_TO_SLOW:
+            return None
+        node = self._s._nodes[t.seeder]
+        node.speed_bps = max(1.0, node.speed_bps / 2)
+        return node.speed_bps

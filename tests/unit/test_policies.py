@@ -1,0 +1,263 @@
+"""The capacity-aware policies (rainbowd.policies): one test per rule, then whole runs.
+
+Speeds are bytes/s; a node's speed hint stands for both its upload and its
+download (the lab's profiles give both the same rate).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bench.sim.engine import Simulation
+from rainbowd.policies import RULES, Planner
+from rainbowd.profile import load_profile
+from rainbowd.scheduler import POLICIES, Scheduler, Transfer
+
+MB = 1e6
+L1, L2, L3 = "sha256:" + "1" * 64, "sha256:" + "2" * 64, "sha256:" + "3" * 64
+PROFILES = Path(__file__).resolve().parents[2] / "bench" / "profiles"
+PAPER_LAYERS = [(L1, 1_996_800), (L2, 8_396_800), (L3, 10_240)]
+
+
+def make(
+    policy: str, *nodes: tuple[str, float, tuple[str, ...]], sizes: int = 10_000_000
+) -> Scheduler:
+    s = Scheduler(policy)
+    for layer in (L1, L2, L3):
+        s.set_layer_size(layer, sizes)
+    for node_id, speed, holdings in nodes:
+        s.add_node(node_id, speed, holdings)
+    return s
+
+
+def planned(t: Transfer) -> float:
+    """The rate a transfer was planned at, from its reason (bytes/s)."""
+    return float(t.reason.split("planned at ")[1].split(" MB/s")[0]) * MB
+
+
+def by_demander(ts: list[Transfer]) -> dict[str, Transfer]:
+    return {t.demander: t for t in ts}
+
+
+def test_every_policy_is_known_and_paper_stays() -> None:
+    assert POLICIES[0] == "paper"
+    assert set(RULES) <= set(POLICIES)
+    for name in POLICIES:
+        Scheduler(name)
+
+
+# -- fastest: Algorithm 1's locks, demanders by speed --------------------------
+def test_fastest_serves_the_fastest_demander_first_and_locks_like_paper() -> None:
+    s = make("fastest", ("o", 10 * MB, (L1,)), ("slow", 1 * MB, ()), ("fast", 8 * MB, ()))
+    s.demand("slow", L1, "j", 0.0)  # arrived first
+    s.demand("fast", L1, "j", 1.0)
+    (t,) = s.schedule(2.0)  # one upload per seeder
+    assert t.demander == "fast"
+    assert "fastest waiting demander first (8.0 MB/s)" in t.reason
+    s.complete(t.transfer_id, 3.0)
+    ts = s.schedule(3.0)
+    assert {(x.seeder, x.demander) for x in ts} == {("o", "slow")}
+
+
+# -- slots: uploads sized to capacity, several layers, best fit, min share -----
+def test_a_seeder_runs_as_many_uploads_as_its_capacity_covers() -> None:
+    s = make("slots", ("o", 10 * MB, (L1,)), *((f"d{i}", 2 * MB, ()) for i in range(7)))
+    for i in range(7):
+        s.demand(f"d{i}", L1, "j", 0.0)
+    ts = s.schedule(0.0)
+    assert len(ts) == 5  # 5 x 2 MB/s fill 10 MB/s; the other two wait
+    assert all("planned at 2.0 MB/s" in t.reason for t in ts)
+    s.complete(ts[0].transfer_id, 5.0)
+    assert len(s.schedule(5.0)) == 2  # the freed slot plus the new seeder's
+
+
+def test_a_demander_pulls_several_layers_from_different_seeders_at_once() -> None:
+    s = make("slots", ("a", 5 * MB, (L1,)), ("b", 5 * MB, (L2,)), ("d", 10 * MB, ()))
+    s.demand("d", L1, "j", 0.0)
+    s.demand("d", L2, "j", 0.0)
+    ts = s.schedule(0.0)
+    assert {(t.seeder, t.layer) for t in ts} == {("a", L1), ("b", L2)}
+    assert s.receiving("d", L1) is not None and s.receiving("d", L2) is not None
+
+
+def test_best_fit_keeps_big_free_uploads_for_fast_demanders() -> None:
+    s = make(
+        "slots",
+        ("big", 10 * MB, (L1,)),
+        ("small", 2.5 * MB, (L1,)),
+        ("slow", 2 * MB, ()),
+        ("fast", 10 * MB, ()),
+    )
+    s.demand("slow", L1, "j", 0.0)
+    s.demand("fast", L1, "j", 0.0)
+    got = by_demander(s.schedule(0.0))
+    assert got["fast"].seeder == "big"  # the only upload covering 10 MB/s
+    assert got["slow"].seeder == "small"  # 2.5 covers 2 most tightly
+    assert "best-fit seeder, 2.5 of its 2.5 MB/s upload free" in got["slow"].reason
+
+
+def test_a_slow_seeder_is_not_given_a_fast_demander() -> None:
+    s = make("slots", ("slowseed", 1 * MB, (L1,)), ("fast", 10 * MB, ()))
+    s.demand("fast", L1, "j", 0.0)
+    assert s.schedule(0.0) == []  # 1 MB/s is below half of what "fast" can take
+    s.add_node("fastseed", 10 * MB, (L1,))
+    (t,) = s.schedule(1.0)
+    assert t.seeder == "fastseed"
+
+
+def test_fault_rules_hold_under_the_new_policies() -> None:
+    for policy in RULES:
+        s = make(policy, ("o", 10 * MB, (L1,)), ("a", 10 * MB, (L1,)), ("d", 10 * MB, ()))
+        s.demand("d", L1, "j", 0.0)
+        s.avoid("d", "o", until=5.0)
+        s.suspect("a")
+        assert s.schedule(0.0) == [], policy  # o is avoided, a is suspect
+        s.add_node("a")  # it reported
+        (t,) = s.schedule(1.0)
+        assert t.seeder == "a"
+        assert s.node_down("d") == [t]
+        assert s.active() == []
+        s.add_node("d")
+        (t2,) = s.schedule(6.0)
+        assert t2.demander == "d"
+        # an adopted second transfer of the same layer blocks a third
+        s.fail(t2.transfer_id)
+        s.adopt(dataclasses.replace(t2, transfer_id="x"))
+        assert s.schedule(7.0) == []
+
+
+# -- deadline: least slack first, urgent share, direct, measured speeds --------
+def test_the_slowest_download_starts_at_once_next_to_a_fast_one() -> None:
+    s = make("deadline", ("o", 4 * MB, (L1,)), ("fast", 4 * MB, ()), ("slow", 0.5 * MB, ()))
+    s.demand("fast", L1, "j", 0.0)
+    s.demand("slow", L1, "j", 0.0)
+    got = by_demander(s.schedule(0.0))
+    assert set(got) == {"fast", "slow"}
+    assert got["slow"].reason.endswith("urgent: needs 20.0 s of download, little slack")
+    assert "planned at 3.5 MB/s" in got["fast"].reason
+
+
+def test_urgent_demanders_take_at_most_their_share_of_a_seeder() -> None:
+    slow = [(f"s{i}", 0.5 * MB, ()) for i in range(6)]
+    s = make("deadline", ("o", 4 * MB, (L1,)), ("fast", 4 * MB, ()), *slow)
+    for i in range(6):
+        s.demand(f"s{i}", L1, "j", 0.0)
+    s.demand("fast", L1, "j", 0.0)
+    got = by_demander(s.schedule(0.0))
+    urgent = [d for d, t in got.items() if "urgent" in t.reason]
+    assert len(urgent) == 4  # 4 x 0.5 = half of the origin's 4 MB/s
+    assert "fast" in got  # the other half goes to the node that grows the seeding capacity
+
+
+def test_a_node_is_not_urgent_while_it_has_slack() -> None:
+    s = make("deadline", ("o", 4 * MB, (L1,)), ("slow", 0.5 * MB, ()), ("mid", 2 * MB, ()))
+    s.demand("slow", L1, "j", 0.0)
+    s.demand("mid", L1, "j", 0.0)
+    got = by_demander(s.schedule(0.0))
+    assert "urgent" in got["slow"].reason
+    assert "fastest waiting demander first" in got["mid"].reason  # 5 s of need, 26 s horizon
+
+
+def test_a_small_layer_goes_directly_to_everyone_at_once() -> None:
+    demanders = [(f"d{i}", 4 * MB, ()) for i in range(50)]
+    s = make("deadline", ("o", 4 * MB, (L1,)), *demanders, sizes=10_000)
+    for i in range(50):
+        s.demand(f"d{i}", L1, "j", 0.0)
+    ts = s.schedule(0.0)
+    assert len(ts) == 50 and {t.seeder for t in ts} == {"o"}
+    assert all("direct -- the layer is small (10000 B)" in t.reason for t in ts)
+
+
+def test_a_big_layer_is_not_sent_directly() -> None:
+    demanders = [(f"d{i}", 4 * MB, ()) for i in range(50)]
+    s = make("deadline", ("o", 4 * MB, (L1,)), *demanders, sizes=1_000_000)
+    for i in range(50):
+        s.demand(f"d{i}", L1, "j", 0.0)
+    ts = s.schedule(0.0)
+    # 50 MB would take 12.5 s: planned transfers only, within the origin's 4 MB/s
+    assert ts and not any("direct" in t.reason for t in ts)
+    assert sum(planned(t) for t in ts) <= 4 * MB
+
+
+def test_measured_throughput_moves_the_limiting_side_and_slow_peers_are_avoided() -> None:
+    s = make("deadline", ("o", 4 * MB, (L1,)), ("x", 4 * MB, (L1,)), ("d", 4 * MB, ()))
+    s.add_node("e", 4 * MB)
+    s.demand("d", L1, "j", 0.0)
+    (t,) = s.schedule(0.0)
+    # it delivered 1 MB/s over 10 s: the seeder (the side that set the plan) is slower
+    # than planned by that ratio; EWMA weight 0.5
+    s.complete(t.transfer_id, 10.0, 10_000_000)
+    seen = 4 * MB * (1 * MB / planned(t))
+    assert s.speed(t.seeder) == pytest.approx(0.5 * 4 * MB + 0.5 * seen)
+    assert s.speed(t.seeder) < 4 * MB
+    s.demand("e", L1, "j", 10.0)
+    (t2,) = s.schedule(10.0)
+    assert t2.seeder not in (t.seeder, "d")  # the healthy 4 MB/s holder fits best
+
+
+def test_a_faster_than_planned_transfer_restores_up_to_the_hint_only() -> None:
+    s = make("deadline", ("o", 4 * MB, (L1, L2)), ("d", 4 * MB, ()))
+    s.demand("d", L1, "j", 0.0)
+    (t,) = s.schedule(0.0)
+    s.complete(t.transfer_id, 10.0, 10_000_000)  # 1 MB/s: slowed
+    slowed = s.speed("o")
+    s.demand("d", L2, "j", 10.0)
+    (t,) = s.schedule(10.0)
+    s.complete(t.transfer_id, 11.0, 10_000_000)  # 10 MB/s, far above any plan
+    assert slowed < s.speed("o") <= 4 * MB
+
+
+def test_short_transfers_do_not_move_estimates() -> None:
+    s = make("deadline", ("o", 4 * MB, (L1,)), ("d", 4 * MB, ()))
+    s.demand("d", L1, "j", 0.0)
+    (t,) = s.schedule(0.0)
+    s.complete(t.transfer_id, 0.5, 1000)  # set-up delay, not link speed
+    assert s.speed("o") == 4 * MB
+
+
+def test_repeated_failures_halve_a_seeders_estimate_and_success_resets() -> None:
+    s = make("deadline", ("o", 4 * MB, (L1,)), ("d", 4 * MB, ()))
+    s.demand("d", L1, "j", 0.0)
+    (t,) = s.schedule(0.0)
+    s.fail(t.transfer_id)
+    assert s.speed("o") == 4 * MB  # one failure may be the demander's
+    (t,) = s.schedule(1.0)
+    s.fail(t.transfer_id)
+    assert s.speed("o") == 2 * MB
+    (t,) = s.schedule(2.0)
+    s.complete(t.transfer_id, 2.1, 0)
+    planner = s._planner
+    assert isinstance(planner, Planner) and not planner._failures
+
+
+# -- whole runs in the simulator (the real Scheduler over the fluid network) ---
+@pytest.mark.parametrize("profile", ["ci", "homogeneous", "paper"])
+@pytest.mark.parametrize("policy", list(RULES))
+def test_every_node_gets_the_image(profile: str, policy: str) -> None:
+    r = Simulation(load_profile(PROFILES / f"{profile}.toml"), PAPER_LAYERS, policy=policy).run()
+    assert not r.failed
+
+
+def test_capacity_policies_beat_paper_and_approach_the_bound_on_paper() -> None:
+    prof = load_profile(PROFILES / "paper.toml")
+    t_star = prof.bound(sum(size for _, size in PAPER_LAYERS)).t_star
+    total = {p: Simulation(prof, PAPER_LAYERS, policy=p).run().total for p in POLICIES}
+    assert total["fastest"] < total["paper"]
+    assert total["slots"] < total["fastest"]
+    assert total["slots"] <= 1.5 * t_star
+    assert total["deadline"] <= 1.3 * t_star
+
+
+def test_a_tiny_image_is_no_slower_than_everyone_pulling_from_the_origin() -> None:
+    prof = load_profile(PROFILES / "paper.toml")
+    tiny = [(L1, 20_000), (L2, 10_000)]
+    direct = Simulation(prof, tiny, policy="deadline").run()
+    # the direct pull's time in the same model: 100 flows out of the origin at once
+    origin_only = 100 * 30_000 / (prof.origin.up_Bps * 0.95)
+    assert direct.total <= origin_only + 0.1
