@@ -78,6 +78,9 @@ class Rules:
     min_share: float = 0.5  # least rate a new transfer gets, as a share of the demander's speed
     direct_s: float = 0.0  # direct rule: seconds a seeder may spend on small layers; 0 = off
     ewma: float = 0.0  # weight of one observation in the speed estimate; 0 = off
+    #: seconds a demander with nothing in flight waits for a seeder meeting min_share;
+    #: after that any seeder will do (min_share is for speed, never for starvation)
+    patience_s: float = 5.0
 
 
 RULES: dict[str, Rules] = {
@@ -138,6 +141,11 @@ class Planner:
         self._by_need: dict[str, list[tuple[float, str]]] = {}  # layer -> sorted (-need s, id)
         self._wait_key: dict[str, _WaitKey] = {}
         self._horizon = 0.0  # latest planned finish of a current demander (slack rule)
+        self._starve_check_at = 0.0  # when _starving next walks the waiting demanders
+        # layer -> fastest holder seen (an upper bound: only ever raised). min_share is a
+        # share of min(demander speed, this): waiting for a seeder faster than any
+        # holder of the layer would be waiting for ever
+        self._layer_top: dict[str, float] = {}
 
     # -- indexes ---------------------------------------------------------
     def refresh(self, node: _Node) -> None:
@@ -146,6 +154,7 @@ class Planner:
         self._refresh_demander(node)
 
     def holding_added(self, node: _Node, layer: str) -> None:
+        self._layer_top[layer] = max(self._layer_top.get(layer, 0.0), node.speed_bps)
         key = self._seed_key.get(node.node_id)
         if key is not None:
             insort(self._free.setdefault(layer, []), key)
@@ -160,11 +169,14 @@ class Planner:
     def free_up(self, node: _Node) -> float:
         return node.speed_bps - self._up_used.get(node.node_id, 0.0)
 
-    def free_down(self, node: _Node) -> float:
-        """Download room: its speed estimate, or its configured download cap if lower."""
+    @staticmethod
+    def down_capacity(node: _Node) -> float:
+        """What ``node`` can download: its speed estimate, or its download cap if lower."""
         cap = node.max_download_bps
-        down = min(node.speed_bps, cap) if cap > 0 else node.speed_bps
-        return down - self._down_used.get(node.node_id, 0.0)
+        return min(node.speed_bps, cap) if cap > 0 else node.speed_bps
+
+    def free_down(self, node: _Node) -> float:
+        return self.down_capacity(node) - self._down_used.get(node.node_id, 0.0)
 
     def _refresh_seeder(self, node: _Node) -> None:
         nid = node.node_id
@@ -178,6 +190,7 @@ class Planner:
         if want == have:
             return
         for layer in node.holdings:
+            self._layer_top[layer] = max(self._layer_top.get(layer, 0.0), node.speed_bps)
             idle = self._free.setdefault(layer, [])
             if have is not None:
                 del idle[bisect_left(idle, have)]
@@ -194,8 +207,9 @@ class Planner:
         if node.up and not node.suspect and self._room(node):
             layers = tuple(lr for lr in node.demands if lr not in node.pulling)
             if layers:
-                need = sum(self._size(lr) for lr in layers) / node.speed_bps
-                want = ((-node.speed_bps, nid), (-need, nid), layers)
+                down = self.down_capacity(node)
+                need = sum(self._size(lr) for lr in layers) / down
+                want = ((-down, nid), (-need, nid), layers)
         have = self._wait_key.get(nid)
         if want == have:
             return
@@ -220,7 +234,8 @@ class Planner:
         """Whether ``node`` can take one more download now."""
         if not self.rules.slots:
             return not self._down_used.get(node.node_id)
-        return self.free_down(node) >= max(self.rules.min_share, _MIN_FREE_SHARE) * node.speed_bps
+        share = max(self.rules.min_share, _MIN_FREE_SHARE)
+        return self.free_down(node) >= share * self.down_capacity(node)
 
     def _size(self, layer: str) -> int:
         return self._s.layer_sizes.get(layer) or UNKNOWN_LAYER_BYTES
@@ -245,6 +260,12 @@ class Planner:
                 started.append(t)
                 if nid not in self._wait_key:
                     break
+        if self.rules.slots:
+            for node in self._starving(now):
+                why = f"waited {self.rules.patience_s:g} s or more with nothing in flight"
+                t = self._serve(node, now, why, starving=True)
+                if t is not None:
+                    started.append(t)
         return started
 
     def _order(self, now: float) -> Iterator[tuple[str, str]]:
@@ -266,7 +287,9 @@ class Planner:
 
         def start(layer: str) -> tuple[float, str]:
             best = -self._free[layer][0][0]
-            return (-best / share, "") if share > 0 else (-INF, "")
+            if share <= 0 or best >= share * self._layer_top.get(layer, 0.0):
+                return (-INF, "")  # no demander asks more of this layer than ``best``
+            return (-best / share, "")
 
         for (neg_speed, _), nid in self._merge(self._by_speed, start, (INF, "")):
             yield nid, f"fastest waiting demander first ({-neg_speed / 1e6:.1f} MB/s)"
@@ -294,7 +317,31 @@ class Planner:
             if i < len(keys) and keys[i] <= stop:
                 heapq.heappush(heap, (keys[i], layer))
 
-    def _serve(self, node: _Node, now: float, why: str) -> Transfer | None:
+    def _share_base(self, node: _Node, layer: str) -> float:
+        """What min_share is a share of: what the node can download, or the layer's fastest
+        holder's speed if that is lower."""
+        down = self.down_capacity(node)
+        return min(down, self._layer_top.get(layer, down))
+
+    def _starving(self, now: float) -> Iterator[_Node]:
+        """Waiting demanders with nothing in flight for ``patience_s``: liveness over speed.
+
+        min_share keeps slow seeders from fast demanders, but estimates can be
+        wrong or stale; no demander may wait for ever because of them. This
+        walks every waiting demander, so it runs at most twice per patience.
+        """
+        if now < self._starve_check_at:
+            return
+        self._starve_check_at = now + self.rules.patience_s / 2
+        for nid in list(self._wait_key):
+            node = self._s._nodes[nid]
+            wanted = [d for lr, d in node.demands.items() if lr not in node.pulling]
+            if not node.pulling and wanted and now - wanted[0].since >= self.rules.patience_s:
+                yield node
+
+    def _serve(
+        self, node: _Node, now: float, why: str, *, starving: bool = False
+    ) -> Transfer | None:
         """Start one more transfer into ``node`` if a seeder fits; None if none does."""
         if node.node_id not in self._wait_key:
             return None
@@ -306,9 +353,9 @@ class Planner:
                 if seeder is not None:
                     return self._begin(seeder, node, d, now, why, direct=True)
         room = self.free_down(node) if self.rules.slots else node.speed_bps
-        least = self.rules.min_share * node.speed_bps
         urgent = why.startswith(URGENT)
         for d in wanted:
+            least = 0.0 if starving else self.rules.min_share * self._share_base(node, d.layer)
             if urgent:
                 # within the urgent share; beyond it, an urgent one waits for the common walk
                 seeder = self._urgent_fit(node, d.layer, room, least)

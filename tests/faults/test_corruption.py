@@ -71,7 +71,10 @@ async def cluster(
         NodeSpec("bad", speed_hint_mbps=1_000_000),
         *(NodeSpec(n) for n in DEMANDERS),
     ]
-    c = LocalCluster(tmp_path / "cluster", specs, chunk_size=CHUNK, heartbeat_interval=0.5)
+    # policy paper: the scenario needs "bad", the fastest idle holder, to be tried first
+    c = LocalCluster(
+        tmp_path / "cluster", specs, chunk_size=CHUNK, heartbeat_interval=0.5, policy="paper"
+    )
     await c.start()
     try:
         yield c

@@ -103,12 +103,42 @@ def test_best_fit_keeps_big_free_uploads_for_fast_demanders() -> None:
 
 
 def test_a_slow_seeder_is_not_given_a_fast_demander() -> None:
-    s = make("slots", ("slowseed", 1 * MB, (L1,)), ("fast", 10 * MB, ()))
-    s.demand("fast", L1, "j", 0.0)
-    assert s.schedule(0.0) == []  # 1 MB/s is below half of what "fast" can take
-    s.add_node("fastseed", 10 * MB, (L1,))
-    (t,) = s.schedule(1.0)
-    assert t.seeder == "fastseed"
+    """While a faster holder of the layer exists (busy now), the fast demander waits for it."""
+    s = make("slots", ("fastseed", 10 * MB, (L1,)), ("other", 10 * MB, ()), ("fast", 10 * MB, ()))
+    s.demand("other", L1, "j", 0.0)
+    (busy,) = s.schedule(0.0)  # fastseed's whole upload goes to "other"
+    s.add_node("slowseed", 1 * MB, (L1,))
+    s.demand("fast", L1, "j", 1.0)
+    assert s.schedule(1.0) == []  # 1 MB/s is below half of what "fast" can take
+    s.complete(busy.transfer_id, 2.0)
+    (t,) = s.schedule(2.0)  # a 10 MB/s holder is free again (fastseed, or "other" now)
+    assert t.demander == "fast" and t.seeder in {"fastseed", "other"}
+
+
+def test_a_demander_faster_than_every_holder_takes_the_fastest_there_is() -> None:
+    """A capped origin (5 MB/s) still serves a 12.5 MB/s demander: no faster holder exists."""
+    s = make("slots", ("o", 5 * MB, (L1,)), ("d", 12.5 * MB, ()))
+    s.demand("d", L1, "j", 0.0)
+    (t,) = s.schedule(0.0)
+    assert (t.seeder, t.demander) == ("o", "d")
+    assert planned(t) == 5 * MB
+
+
+def test_a_starving_demander_takes_any_seeder_after_its_patience() -> None:
+    """Liveness over speed: a slow seeder is refused at first, taken after ``patience_s``."""
+    policy = "slots"
+    s = make(policy, ("o", 10 * MB, (L1,)), ("slow", 1 * MB, (L1,)), ("a", 10 * MB, ()))
+    s.add_node("b", 10 * MB)
+    s.demand("a", L1, "j", 0.0)
+    s.demand("b", L1, "j", 0.0)
+    first = s.schedule(0.0)  # one of them gets o; the other is too fast for "slow"
+    assert [t.seeder for t in first] == ["o"]
+    waiting = ({"a", "b"} - {first[0].demander}).pop()
+    assert s.schedule(1.0) == []
+    patience = RULES[policy].patience_s
+    (t,) = s.schedule(patience + 0.1)
+    assert (t.seeder, t.demander) == ("slow", waiting)
+    assert "nothing in flight" in t.reason
 
 
 def test_fault_rules_hold_under_the_new_policies() -> None:
