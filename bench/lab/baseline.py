@@ -20,11 +20,12 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench.lab.env import LabEnv
+from bench.lab.result import SystemResult
 
 #: the lab has no proxy; an inherited http_proxy would send node-local requests astray
 NO_PROXY_ENV = {"no_proxy": "*", "NO_PROXY": "*"}
@@ -241,3 +242,26 @@ def first_line(e: BaseException) -> str:
     """The set-up error's first line, for per-node reasons (the whole text goes to the notes)."""
     text = str(e).strip()
     return f"set-up failed: {text.splitlines()[0] if text else type(e).__name__} (see setup_error)"
+
+
+async def run_baseline(
+    name: str,
+    env: LabEnv,
+    timeout: float,
+    body: Callable[[LabEnv, float, SystemResult], Awaitable[None]],
+) -> SystemResult:
+    """Run a baseline's ``body``; a set-up failure fails every demander with its first line.
+
+    Whatever happens, everything the baseline started in the lab is stopped
+    before the result is returned.
+    """
+    result = SystemResult(name)
+    try:
+        await body(env, timeout, result)
+    except LabSetupError as e:
+        result.notes["setup_error"] = str(e)
+        for node in env.demanders:
+            result.failed.setdefault(node, f"{node}: not started: {first_line(e)}")
+    finally:
+        env.stop_processes()
+    return result

@@ -48,8 +48,8 @@ from bench.lab.baseline import (
     NO_PROXY_ENV,
     HttpReply,
     LabSetupError,
-    first_line,
     node_http,
+    run_baseline,
     run_to_end,
     tool_version,
     wait_clients,
@@ -116,16 +116,7 @@ class BitTorrentSystem:
 
     async def run(self, env: LabEnv, *, timeout: float) -> SystemResult:
         """Set up tracker and origin seeder (untimed), then time every demander's aria2c."""
-        result = SystemResult(self.name)
-        try:
-            await self._run(env, timeout, result)
-        except LabSetupError as e:
-            result.notes["setup_error"] = str(e)
-            for node in env.demanders:
-                result.failed.setdefault(node, f"{node}: not started: {first_line(e)}")
-        finally:
-            env.stop_processes()
-        return result
+        return await run_baseline(self.name, env, timeout, self._run)
 
     # -- the run -----------------------------------------------------------
     async def _run(self, env: LabEnv, timeout: float, result: SystemResult) -> None:

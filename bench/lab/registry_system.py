@@ -33,9 +33,8 @@ from typing import Any
 
 from bench.lab.baseline import (
     NO_PROXY_ENV,
-    LabSetupError,
     archive_ref,
-    first_line,
+    run_baseline,
     run_to_end,
     tool_version,
     wait_clients,
@@ -65,16 +64,7 @@ class RegistrySystem:
 
     async def run(self, env: LabEnv, *, timeout: float) -> SystemResult:
         """Push into the origin's registry (untimed), then time every demander's pull."""
-        result = SystemResult(self.name)
-        try:
-            await self._run(env, timeout, result)
-        except LabSetupError as e:
-            result.notes["setup_error"] = str(e)
-            for node in env.demanders:
-                result.failed.setdefault(node, f"{node}: not started: {first_line(e)}")
-        finally:
-            env.stop_processes()
-        return result
+        return await run_baseline(self.name, env, timeout, self._run)
 
     async def _run(self, env: LabEnv, timeout: float, result: SystemResult) -> None:
         origin = env.origin
