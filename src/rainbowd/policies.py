@@ -25,6 +25,14 @@ policies here plan with *bandwidth*, not with locks:
 * **direct** -- a layer so small that a seeder can send it to many demanders
   within ``direct_s`` seconds goes straight from that seeder to all of them at
   once, reserving nothing (the DID crossover: a tree only adds hops).
+* **cut-through relay** (``relay``) -- a node with an active incoming transfer
+  of layer L is a *relay* holder of L: it may seed L while still receiving it,
+  at no more than its inbound transfer's planned rate and its free upload (the
+  agent serves chunks as they land; agent/relay.py). Store-and-forward costs
+  one whole layer time per level of the tree; a relay adds only a chunk. A
+  complete holder that covers the demander's free download is still taken
+  first (it cannot stall); then the tightest-fitting relay; then the most
+  room of either.
 * **measured speeds** -- a completed transfer that ran ``MIN_OBSERVE_S`` or
   longer moves the estimate of the side that limited it (EWMA of achieved /
   planned rate); repeated failures halve a seeder's estimate, so slow or
@@ -78,6 +86,7 @@ class Rules:
     min_share: float = 0.5  # least rate a new transfer gets, as a share of the demander's speed
     direct_s: float = 0.0  # direct rule: seconds a seeder may spend on small layers; 0 = off
     ewma: float = 0.0  # weight of one observation in the speed estimate; 0 = off
+    relay: bool = False  # cut-through: nodes still receiving a layer may seed it (needs slots)
 
 
 RULES: dict[str, Rules] = {
@@ -92,6 +101,12 @@ RULES: dict[str, Rules] = {
         Rules(
             "slots",
             "uploads sized to capacity, several layers per demander, best fit, fastest first",
+        ),
+        Rules(
+            "relay",
+            "slots + cut-through relay: a node still receiving a layer seeds it, "
+            "at no more than its inbound rate",
+            relay=True,
         ),
         Rules(
             "deadline",
@@ -133,6 +148,9 @@ class Planner:
         # layer -> holders with free upload, sorted by (-free upload, node id)
         self._free: dict[str, list[tuple[float, str]]] = {}
         self._seed_key: dict[str, tuple[float, str]] = {}
+        # layer -> relays of it (receiving it, free upload), sorted by (-relay rate, node id)
+        self._relays: dict[str, list[tuple[float, str]]] = {}
+        self._relay_keys: dict[str, dict[str, tuple[float, str]]] = {}  # node -> layer -> key
         # waiting demanders (free download, a wanted layer not in flight), per layer they want
         self._by_speed: dict[str, list[tuple[float, str]]] = {}  # layer -> sorted (-speed, id)
         self._by_need: dict[str, list[tuple[float, str]]] = {}  # layer -> sorted (-need s, id)
@@ -174,6 +192,8 @@ class Planner:
         if not self.rules.slots:
             seeds = seeds and not self._up_used.get(nid)
         want = (-free, nid) if seeds and free >= _MIN_FREE_SHARE * node.speed_bps else None
+        if self.rules.relay:
+            self._refresh_relay(node, free, seeds)
         have = self._seed_key.get(nid)
         if want == have:
             return
@@ -187,6 +207,50 @@ class Planner:
             self._seed_key.pop(nid, None)
         else:
             self._seed_key[nid] = want
+
+    def _refresh_relay(self, node: _Node, free: float, seeds: bool) -> None:
+        """Re-key ``node`` as a relay of each layer it is receiving (and does not hold)."""
+        nid = node.node_id
+        want: dict[str, tuple[float, str]] = {}
+        if seeds:
+            for t in node.transfers.values():
+                if t.demander != nid or t.layer in node.holdings:
+                    continue
+                plan = self._plans.get(t.transfer_id)
+                if plan is None or plan.direct:
+                    continue
+                rate = min(free, plan.planned)
+                if rate >= _MIN_FREE_SHARE * node.speed_bps:
+                    key = (-rate, nid)
+                    if key < want.get(t.layer, (0.0, "")):
+                        want[t.layer] = key
+        have = self._relay_keys.get(nid, {})
+        if want == have:
+            return
+        for layer, key in have.items():
+            relays = self._relays[layer]
+            del relays[bisect_left(relays, key)]
+            if not relays:
+                del self._relays[layer]
+        for layer, key in want.items():
+            insort(self._relays.setdefault(layer, []), key)
+        if want:
+            self._relay_keys[nid] = want
+        else:
+            self._relay_keys.pop(nid, None)
+
+    def relay_rate(self, node: _Node, layer: str) -> float:
+        """The rate ``node`` can relay ``layer`` at (0: it is not a relay of it)."""
+        key = self._relay_keys.get(node.node_id, {}).get(layer)
+        return -key[0] if key is not None else 0.0
+
+    def _seedable(self, layer: str) -> bool:
+        """Some holder (or relay) of ``layer`` has free upload."""
+        return bool(self._free.get(layer)) or bool(self._relays.get(layer))
+
+    def _best_free(self, layer: str) -> float:
+        """The largest free upload (relay rate) any seeder of ``layer`` offers."""
+        return max(-lst[0][0] for lst in (self._free.get(layer), self._relays.get(layer)) if lst)
 
     def _refresh_demander(self, node: _Node) -> None:
         nid = node.node_id
@@ -265,7 +329,7 @@ class Planner:
         share = max(self.rules.min_share, _MIN_FREE_SHARE) if self.rules.slots else 0.0
 
         def start(layer: str) -> tuple[float, str]:
-            best = -self._free[layer][0][0]
+            best = self._best_free(layer)
             return (-best / share, "") if share > 0 else (-INF, "")
 
         for (neg_speed, _), nid in self._merge(self._by_speed, start, (INF, "")):
@@ -279,14 +343,14 @@ class Planner:
     ) -> Iterator[tuple[tuple[float, str], str]]:
         heap: list[tuple[tuple[float, str], str]] = []
         for layer, keys in index.items():
-            if self._free.get(layer):
+            if self._seedable(layer):
                 i = bisect_left(keys, start(layer))
                 if i < len(keys) and keys[i] <= stop:
                     heap.append((keys[i], layer))
         heapq.heapify(heap)
         while heap:
             key, layer = heapq.heappop(heap)
-            if not self._free.get(layer):
+            if not self._seedable(layer):
                 continue  # its free holders are used up
             yield key, key[1]
             keys = index.get(layer, [])
@@ -332,22 +396,31 @@ class Planner:
         return seeder if left >= least else None
 
     def _fit(self, node: _Node, layer: str, room: float, least: float) -> _Node | None:
-        """Best fit: the tightest free upload >= ``room``, else the largest (if >= ``least``)."""
-        idle = self._free.get(layer)
-        if not idle:
-            return None
+        """Best fit: the tightest free upload >= ``room``, else the largest (if >= ``least``).
+
+        With relays: a complete holder that fits first (it cannot stall), then
+        the tightest relay that fits, then the most room of either.
+        """
+        lists = [self._free.get(layer) or []]
+        if self.rules.relay:
+            lists.append(self._relays.get(layer) or [])
         if self.rules.slots:
-            # entries with free upload >= room sit before this index; the last of them fits tightest
-            i = bisect_right(idle, (-room, "\uffff"))
-            for j in range(i - 1, max(-1, i - 9), -1):
-                if self._s._allowed(node.node_id, idle[j][1]):
-                    return self._s._nodes[idle[j][1]]
-        for neg_free, sid in idle[:8]:
-            if -neg_free < least:
-                break
-            if self._s._allowed(node.node_id, sid):
-                return self._s._nodes[sid]
-        return None
+            for idle in lists:
+                # entries with free upload >= room sit before this index; the last fits tightest
+                i = bisect_right(idle, (-room, "\uffff"))
+                for j in range(i - 1, max(-1, i - 9), -1):
+                    if self._s._allowed(node.node_id, idle[j][1]):
+                        return self._s._nodes[idle[j][1]]
+        best: tuple[float, str] | None = None
+        for idle in lists:
+            for neg_free, sid in idle[:8]:
+                if -neg_free < least:
+                    break
+                if self._s._allowed(node.node_id, sid):
+                    if best is None or neg_free < best[0]:
+                        best = (neg_free, sid)
+                    break
+        return None if best is None else self._s._nodes[best[1]]
 
     def _direct_seeder(self, node: _Node, layer: str, waiting: int) -> _Node | None:
         """A holder that can send this small layer to all ``waiting`` within ``direct_s``.
@@ -391,6 +464,22 @@ class Planner:
                 left = self.rules.urgent_share * seeder.speed_bps
                 up = min(up, left - self._urgent_used.get(seeder.node_id, 0.0))
             rate = min(up, down)
+            relayed = self.rules.relay and d.layer not in seeder.holdings
+            if relayed:
+                inbound = self.relay_rate(seeder, d.layer)
+                rate = min(rate, inbound)
+                reason = (
+                    f"{self.rules.name}: cut-through relay -- {seeder.node_id} is still "
+                    f"receiving the layer (inbound planned at {inbound / 1e6:.1f} MB/s) and "
+                    f"serves its chunks as they land; the best fit among the layer's holders "
+                    f"and relays for {down / 1e6:.1f} MB/s of free download; "
+                    f"{up / 1e6:.1f} of its {seeder.speed_bps / 1e6:.1f} MB/s upload free; "
+                    f"planned at {rate / 1e6:.1f} MB/s (no faster than its inbound); {why}"
+                )
+                plan = _Plan(rate, rate, rate, True, urgent=urgent)
+                return self._s._start(
+                    seeder, node, d, now, reason, plan_hook=lambda t: self._hold(t, plan)
+                )
             reason = (
                 f"{self.rules.name}: best-fit seeder, {up / 1e6:.1f} of its "
                 f"{seeder.speed_bps / 1e6:.1f} MB/s upload free for {down / 1e6:.1f} MB/s of "

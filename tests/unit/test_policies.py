@@ -261,3 +261,77 @@ def test_a_tiny_image_is_no_slower_than_everyone_pulling_from_the_origin() -> No
     # the direct pull's time in the same model: 100 flows out of the origin at once
     origin_only = 100 * 30_000 / (prof.origin.up_Bps * 0.95)
     assert direct.total <= origin_only + 0.1
+
+
+# -- relay: a node still receiving a layer seeds it (cut-through) -------------
+def test_a_node_receiving_a_layer_relays_it_at_no_more_than_its_inbound_rate() -> None:
+    # the origin's upload is taken by a's pull; b may only get L1 through a, while a receives
+    s = make("relay", ("o", 4 * MB, (L1,)), ("a", 8 * MB, ()), ("b", 8 * MB, ()))
+    s.demand("a", L1, "j", 0.0)
+    (ta,) = s.schedule(0.0)
+    assert (ta.seeder, ta.demander) == ("o", "a") and planned(ta) == 4 * MB
+    s.demand("b", L1, "j", 0.5)
+    (tb,) = s.schedule(0.5)
+    assert (tb.seeder, tb.demander) == ("a", "b")
+    assert planned(tb) == 4 * MB  # capped at a's inbound 4 MB/s, not a's 8 MB/s upload
+    assert "cut-through relay" in tb.reason and "still receiving" in tb.reason
+    assert "no faster than its inbound" in tb.reason
+    # holdings are not touched: a is a relay, not a holder
+    assert s.holders(L1) == ["o"]
+
+
+def test_slots_does_not_relay() -> None:
+    s = make("slots", ("o", 4 * MB, (L1,)), ("a", 8 * MB, ()), ("b", 8 * MB, ()))
+    s.demand("a", L1, "j", 0.0)
+    s.demand("b", L1, "j", 0.0)
+    ts = s.schedule(0.0)
+    assert [(t.seeder, t.demander) for t in ts] == [("o", "a")]  # b waits for a holder
+
+
+def test_a_complete_holder_that_fits_goes_before_a_relay() -> None:
+    s = make(
+        "relay", ("o", 2 * MB, (L1,)), ("h", 8 * MB, (L1,)), ("a", 2 * MB, ()), ("b", 2 * MB, ())
+    )
+    s.demand("a", L1, "j", 0.0)
+    (ta,) = s.schedule(0.0)
+    assert ta.seeder == "o"  # best fit: o's 2 MB/s covers a's 2 MB/s exactly
+    s.demand("b", L1, "j", 0.1)
+    (tb,) = s.schedule(0.1)
+    assert tb.seeder == "h" and "cut-through" not in tb.reason
+
+
+def test_a_relay_stops_relaying_when_its_inbound_ends_and_serves_as_a_holder_after() -> None:
+    s = make("relay", ("o", 4 * MB, (L1,)), ("a", 8 * MB, ()), ("c", 8 * MB, ()))
+    planner = s._planner
+    assert isinstance(planner, Planner)
+    s.demand("a", L1, "j", 0.0)
+    (ta,) = s.schedule(0.0)
+    assert planner.relay_rate(s._nodes["a"], L1) == 4 * MB
+    s.fail(ta.transfer_id)  # a's own pull broke: it is no relay of L1 any more
+    assert planner.relay_rate(s._nodes["a"], L1) == 0.0
+    (ta2,) = s.schedule(0.1)
+    assert (ta2.seeder, ta2.demander) == ("o", "a")
+    s.complete(ta2.transfer_id, 3.0, 10_000_000)
+    assert planner.relay_rate(s._nodes["a"], L1) == 0.0 and s.holds("a", L1)
+    # a holder now: it seeds at its full free upload, as any holder does
+    s.demand("c", L1, "j", 3.0)
+    (tc,) = s.schedule(3.0)
+    assert tc.seeder == "a" and "cut-through" not in tc.reason and planned(tc) == 8 * MB
+
+
+def test_a_relays_downstream_stays_when_its_inbound_fails_and_is_replanned_after() -> None:
+    s = make("relay", ("o", 4 * MB, (L1,)), ("a", 8 * MB, ()), ("b", 8 * MB, ()))
+    s.demand("a", L1, "j", 0.0)
+    (ta,) = s.schedule(0.0)
+    s.demand("b", L1, "j", 0.1)
+    (tb,) = s.schedule(0.1)
+    assert tb.seeder == "a"
+    s.fail(ta.transfer_id)
+    # b's pull from a fails by itself on the data plane ("unavailable"); until its report
+    # it stays active, so b is not handed a second transfer of L1
+    assert s.is_active(tb.transfer_id)
+    replanned = s.schedule(0.2)
+    assert [(t.seeder, t.demander) for t in replanned] == [("o", "a")]
+    s.fail(tb.transfer_id)
+    (tb2,) = s.schedule(0.3)
+    assert tb2.demander == "b" and tb2.layer == L1
