@@ -168,6 +168,15 @@ class Planner:
         if key is not None:
             insort(self._free.setdefault(layer, []), key)
 
+    def holding_removed(self, node: _Node, layer: str) -> None:
+        """``node`` deleted ``layer``: it leaves the layer's free holders (it cannot seed it)."""
+        key = self._seed_key.get(node.node_id)
+        idle = self._free.get(layer)
+        if key is not None and idle:
+            i = bisect_left(idle, key)
+            if i < len(idle) and idle[i] == key:
+                del idle[i]
+
     def demand_added(self, node: _Node, demand: _Demand) -> None:
         if self.rules.slack_margin is not None:
             total = sum(self._size(lr) for lr in node.demands)
