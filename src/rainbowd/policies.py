@@ -148,6 +148,10 @@ class Planner:
         # layer -> holders with free upload, sorted by (-free upload, node id)
         self._free: dict[str, list[tuple[float, str]]] = {}
         self._seed_key: dict[str, tuple[float, str]] = {}
+        # layer -> the fastest speed any holder of it had when it became one: min_share is
+        # taken of min(demander speed, this), so a demander faster than every holder
+        # (a huge hint, a capped origin) is not starved waiting for a seeder that cannot exist
+        self._fastest_holder: dict[str, float] = {}
         # layer -> relays of it (receiving it, free upload), sorted by (-relay rate, node id)
         self._relays: dict[str, list[tuple[float, str]]] = {}
         self._relay_keys: dict[str, dict[str, tuple[float, str]]] = {}  # node -> layer -> key
@@ -164,6 +168,7 @@ class Planner:
         self._refresh_demander(node)
 
     def holding_added(self, node: _Node, layer: str) -> None:
+        self._fastest_holder[layer] = max(self._fastest_holder.get(layer, 0.0), node.speed_bps)
         key = self._seed_key.get(node.node_id)
         if key is not None:
             insort(self._free.setdefault(layer, []), key)
@@ -189,9 +194,7 @@ class Planner:
 
     def free_down(self, node: _Node) -> float:
         """Download room: its speed estimate, or its configured download cap if lower."""
-        cap = node.max_download_bps
-        down = min(node.speed_bps, cap) if cap > 0 else node.speed_bps
-        return down - self._down_used.get(node.node_id, 0.0)
+        return _down_speed(node) - self._down_used.get(node.node_id, 0.0)
 
     def _refresh_seeder(self, node: _Node) -> None:
         nid = node.node_id
@@ -293,7 +296,8 @@ class Planner:
         """Whether ``node`` can take one more download now."""
         if not self.rules.slots:
             return not self._down_used.get(node.node_id)
-        return self.free_down(node) >= max(self.rules.min_share, _MIN_FREE_SHARE) * node.speed_bps
+        share = max(self.rules.min_share, _MIN_FREE_SHARE)
+        return self.free_down(node) >= share * _down_speed(node)
 
     def _size(self, layer: str) -> int:
         return self._s.layer_sizes.get(layer) or UNKNOWN_LAYER_BYTES
@@ -339,7 +343,9 @@ class Planner:
 
         def start(layer: str) -> tuple[float, str]:
             best = self._best_free(layer)
-            return (-best / share, "") if share > 0 else (-INF, "")
+            if share <= 0 or best >= share * self._fastest_holder.get(layer, INF):
+                return (-INF, "")  # every demander gets its least share (see _least)
+            return (-best / share, "")
 
         for (neg_speed, _), nid in self._merge(self._by_speed, start, (INF, "")):
             yield nid, f"fastest waiting demander first ({-neg_speed / 1e6:.1f} MB/s)"
@@ -379,9 +385,9 @@ class Planner:
                 if seeder is not None:
                     return self._begin(seeder, node, d, now, why, direct=True)
         room = self.free_down(node) if self.rules.slots else node.speed_bps
-        least = self.rules.min_share * node.speed_bps
         urgent = why.startswith(URGENT)
         for d in wanted:
+            least = self._least(node, d.layer)
             if urgent:
                 # within the urgent share; beyond it, an urgent one waits for the common walk
                 seeder = self._urgent_fit(node, d.layer, room, least)
@@ -390,6 +396,15 @@ class Planner:
             if seeder is not None:
                 return self._begin(seeder, node, d, now, why, urgent=urgent)
         return None
+
+    def _least(self, node: _Node, layer: str) -> float:
+        """The least rate a new transfer of ``layer`` into ``node`` must get (min_share).
+
+        A share of the demander's speed, or of the fastest holder's speed if that is
+        lower: no seeder of the layer could give more, so waiting would be forever.
+        """
+        fastest = self._fastest_holder.get(layer, INF)
+        return self.rules.min_share * min(_down_speed(node), fastest)
 
     def _urgent_fit(self, node: _Node, layer: str, room: float, least: float) -> _Node | None:
         """For an urgent demander: the best-fit holder, if its urgent share has ``least`` left.
@@ -578,3 +593,13 @@ class Planner:
         node = self._s._nodes[t.seeder]
         node.speed_bps = max(1.0, node.speed_bps / 2)
         return node.speed_bps
+
+
+def _down_speed(node: _Node) -> float:
+    """What ``node`` can download at: its speed estimate, or its download cap if lower.
+
+    Shares of a demander's speed (min_share, room) are taken of this: a capped
+    demander must not wait for room it can never have.
+    """
+    cap = node.max_download_bps
+    return min(node.speed_bps, cap) if cap > 0 else node.speed_bps

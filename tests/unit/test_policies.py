@@ -103,12 +103,29 @@ def test_best_fit_keeps_big_free_uploads_for_fast_demanders() -> None:
 
 
 def test_a_slow_seeder_is_not_given_a_fast_demander() -> None:
-    s = make("slots", ("slowseed", 1 * MB, (L1,)), ("fast", 10 * MB, ()))
-    s.demand("fast", L1, "j", 0.0)
-    assert s.schedule(0.0) == []  # 1 MB/s is below half of what "fast" can take
-    s.add_node("fastseed", 10 * MB, (L1,))
-    (t,) = s.schedule(1.0)
-    assert t.seeder == "fastseed"
+    s = make(
+        "slots",
+        ("slowseed", 1 * MB, (L1,)),
+        ("fastseed", 10 * MB, (L1,)),
+        ("first", 10 * MB, ()),
+        ("fast", 10 * MB, ()),
+    )
+    s.demand("first", L1, "j", 0.0)
+    (t0,) = s.schedule(0.0)
+    assert t0.seeder == "fastseed"  # its whole upload is taken now
+    s.demand("fast", L1, "j", 0.1)
+    assert s.schedule(0.1) == []  # 1 MB/s is below half of what "fast" can take
+    s.complete(t0.transfer_id, 1.0)
+    ts = s.schedule(1.0)
+    assert {t.seeder for t in ts if t.demander == "fast"} <= {"fastseed", "first"} and ts
+
+
+def test_a_demander_faster_than_every_holder_is_not_starved() -> None:
+    # min_share is of min(its speed, the fastest holder's): waiting could never pay off
+    s = make("slots", ("origin", 5 * MB, (L1,)), ("huge", 1000 * MB, ()))
+    s.demand("huge", L1, "j", 0.0)
+    (t,) = s.schedule(0.0)
+    assert (t.seeder, t.demander) == ("origin", "huge") and planned(t) == 5 * MB
 
 
 def test_fault_rules_hold_under_the_new_policies() -> None:
@@ -348,3 +365,11 @@ def test_cut_through_relay_beats_store_and_forward_in_the_simulator() -> None:
         assert not relay.failed
         assert relay.total < slots.total
         assert relay.total <= 1.2 * t_star, (name, relay.total, t_star)
+
+
+def test_a_download_capped_demander_gets_room_by_its_cap_not_its_speed() -> None:
+    s = make("slots", ("origin", 5 * MB, (L1,)))
+    s.add_node("capped", 12.5 * MB, max_download_bps=3 * MB)
+    s.demand("capped", L1, "j", 0.0)
+    (t,) = s.schedule(0.0)
+    assert (t.seeder, t.demander) == ("origin", "capped") and planned(t) == 3 * MB
