@@ -34,6 +34,7 @@ from rainbowd.agent.keys import load_or_create_key, public_line
 from rainbowd.agent.metrics import AgentMetrics, MetricsServer
 from rainbowd.agent.ops import OpRunner
 from rainbowd.agent.puller import HostKeyMismatch, LayerPuller, PullError
+from rainbowd.agent.relay import RelayBoard
 from rainbowd.agent.ssh_server import ChunkServer
 from rainbowd.agent.status import StatusServer
 from rainbowd.client import AgentClient, ApiError, CoordinatorUnreachable
@@ -91,6 +92,9 @@ class Agent:
         self.store = LayerStore(config.store_dir)
         self.host_key = load_or_create_key(config.keys_dir / "host_ed25519")
         self.client_key = load_or_create_key(config.keys_dir / "client_ed25519")
+        # shared by the puller and the server: chunks of a layer being pulled are
+        # served as they land (cut-through relay, agent/relay.py)
+        self.relay = RelayBoard()
         self.server = ChunkServer(
             self.store,
             self.host_key,
@@ -98,6 +102,7 @@ class Agent:
             verify_reads=config.verify_served,
             max_upload_bps=config.max_upload_mbps * 1e6 / 8,
             on_served=lambda layer: self.hygiene.used(layer),
+            relay=self.relay,
         )
         self.server_port = config.ssh_port
         self.metrics = AgentMetrics()
@@ -107,6 +112,7 @@ class Agent:
             node_id=config.node_id,
             metrics=self.metrics,
             max_download_bps=config.max_download_mbps * 1e6 / 8,
+            relay=self.relay,
         )
         self.loader = DockerLoader(config.docker_url) if config.docker_url else None
         self.view = AgentView()
@@ -573,6 +579,7 @@ class Agent:
             "metrics_url": self.metrics_server.url if self.metrics_server is not None else "",
             "store": self.hygiene.status(),
             "served_bytes": dict(self.server.bytes_served),
+            "relayed_chunks": self.relay.relayed_chunks,
             "corrupt_layers": dict(self.server.corrupt_layers),
             "refused_clients": len(self.server.refused_clients),
             "origin_reads": self.view.origin_reads,

@@ -55,6 +55,7 @@ from rainbowd.store import ChunkRejected, LayerStore, PartialLayer, StoreError
 from .keys import KeyFormatError, fingerprint, key_blob, parse_public_line
 from .metrics import AgentMetrics
 from .pacing import RatePacer
+from .relay import RelayBoard
 from .ssh_server import (
     CHANNEL_MAX_PKTSIZE,
     CHANNEL_WINDOW,
@@ -245,6 +246,7 @@ class LayerPuller:
         encryption_algs: list[str] | None = None,
         metrics: AgentMetrics | None = None,
         max_download_bps: float = 0.0,
+        relay: RelayBoard | None = None,
     ) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
@@ -259,6 +261,8 @@ class LayerPuller:
         self.metrics = metrics if metrics is not None else AgentMetrics()
         #: shared by every pull of this agent: the download cap is per node
         self.download_pacer = RatePacer(max_download_bps)
+        #: tells this agent's ChunkServer which chunks of a pull have landed (cut-through)
+        self.relay = relay
         self._conns: dict[_ConnKey, asyncssh.SSHClientConnection] = {}
         self._clients: dict[_ConnKey, _Client] = {}
         self._locks: dict[_ConnKey, asyncio.Lock] = {}
@@ -426,6 +430,10 @@ class LayerPuller:
         # (and per PartialLayer.FLUSH_SECONDS), whatever the chunk size
         partial.FLUSH_EVERY = max(1, FLUSH_BYTES // manifest.chunk_size)
         tally = _Tally(peer=seeder.node_id)
+        relay = self.relay
+        if relay is not None:
+            relay.begin(manifest, partial.data_path, list(partial.bitmap.present()))
+        installed = False
         try:
             missing = partial.missing()
             present = manifest.size - sum(manifest.chunk_length(i) for i in missing)
@@ -443,6 +451,7 @@ class LayerPuller:
                 # every chunk matched yet the whole did not: the manifest is wrong
                 self.metrics.chunk_failure(tally.peer, "layer_digest")
                 raise PullError("verify", f"{where}: {e}") from None
+            installed = True
         except BaseException as e:
             await _shield_flush(partial)
             if isinstance(e, PullError):
@@ -450,6 +459,10 @@ class LayerPuller:
             elif isinstance(e, asyncio.CancelledError):
                 plog.info("pull_cancelled", moved=tally.moved)
             raise
+        finally:
+            if relay is not None:
+                why = "" if installed else f"pull from {seeder.node_id} failed"
+                relay.end(digest, installed=installed, why=why)
         seconds = time.monotonic() - t0
         moved, fetched = tally.moved, tally.fetched
         if on_progress is not None:
@@ -580,6 +593,8 @@ class LayerPuller:
                     except OSError as e:
                         raise self._disk_error(e, manifest, f"writing chunk {ev.index}") from None
                     outstanding.popleft()
+                    if self.relay is not None:
+                        self.relay.landed(digest, ev.index)
                     tally.moved += len(ev.data)
                     tally.fetched += 1
                     await self.download_pacer.pace(len(ev.data))
@@ -605,6 +620,9 @@ class LayerPuller:
                             seeder_fault=True,
                         )
                     kind: FailureKind = "io"
+                    if ev.code == chunkproto.ERR_UNAVAILABLE:
+                        # a relay whose own pull is behind or broke: not its fault
+                        kind = "relay"
                     self.metrics.chunk_failure(tally.peer, "seeder_error")
                     raise PullError(kind, f"{where}: seeder says {ev.code}: {ev.message}")
                 elif isinstance(ev, chunkproto.ProtocolError):

@@ -16,11 +16,16 @@ What it accepts, and why so little:
   session object answers False to ``shell_requested``/``exec_requested`` and
   the server refuses everything else asyncssh would otherwise offer. A peer
   with a trusted key can read the layers it could anyway pull and nothing else.
-* **Serving**: only complete (verified, immutable) layers in the
-  :class:`~rainbowd.store.LayerStore`; file reads run in a worker thread so the
-  event loop keeps every other transfer moving, and the next chunk is read
-  while the current one drains (``await writer.drain()`` is the flow control:
-  the demander's SSH window bounds what is in flight).
+* **Serving**: complete (verified, immutable) layers in the
+  :class:`~rainbowd.store.LayerStore`, and -- with a
+  :class:`~agent.relay.RelayBoard` (cut-through relay) -- the verified chunks
+  of a layer this agent is still pulling: a chunk not there yet is waited for
+  (woken by the puller when it lands) up to ``relay_wait_s`` seconds, then
+  answered with ERROR ``unavailable`` so the demander fails over. File reads
+  run in a worker thread so the event loop keeps every other transfer
+  moving, and the next chunk is read while the current one drains
+  (``await writer.drain()`` is the flow control: the demander's SSH window
+  bounds what is in flight).
 * **Verify before sending** (``verify_reads``, on by default): each chunk read
   from disk is checked against the layer's stored chunk manifest (one sha256
   per chunk, in the same worker thread as the read). A blob that rotted on disk
@@ -57,6 +62,7 @@ from rainbowd.store import LayerMissing, LayerStore, StoreError
 
 from .keys import KeyFormatError, fingerprint, key_blob
 from .pacing import RatePacer
+from .relay import RelayBoard, RelayNotPulling, RelayUnavailable
 
 log = structlog.get_logger(__name__)
 
@@ -114,8 +120,19 @@ class ChunkServer:
         verify_reads: bool = True,
         max_upload_bps: float = 0.0,
         on_served: Callable[[str], None] | None = None,
+        relay: RelayBoard | None = None,
+        relay_wait_s: float = 20.0,
+        relay_start_s: float = 5.0,
     ) -> None:
         self.store = store
+        #: chunks of layers still being pulled here (None: serve complete layers only)
+        self.relay = relay
+        #: longest wait for a chunk a relay does not have yet; below the demander's
+        #: chunk timeout (60 s), so the demander hears "unavailable" and fails over
+        self.relay_wait_s = relay_wait_s
+        #: how long a request for a layer not held waits for a pull of it to start
+        #: (a relay's own assignment may arrive after its demander connects)
+        self.relay_start_s = relay_start_s
         #: called with a layer's digest after chunks of it were sent (its use time)
         self.on_served = on_served
         #: layer -> requests being answered right now (such a layer is not evicted)
@@ -356,6 +373,22 @@ class ChunkServer:
                     except IndexError as e:
                         stdout.write(chunkproto.encode_error(chunkproto.ERR_BAD_REQUEST, str(e)))
                         return
+                    except RelayNotPulling as e:
+                        plog.warning("chunk_request_layer_not_held", layer=short(layer))
+                        stdout.write(
+                            chunkproto.encode_error(
+                                chunkproto.ERR_NOT_HELD, f"node {self.node_id}: {e}"
+                            )
+                        )
+                        return
+                    except RelayUnavailable as e:
+                        plog.info("relay_chunk_unavailable", layer=short(layer), error=str(e))
+                        stdout.write(
+                            chunkproto.encode_error(
+                                chunkproto.ERR_UNAVAILABLE, f"node {self.node_id}: {e}"
+                            )
+                        )
+                        return
                     except CorruptBlob as e:
                         if layer not in self.corrupt_layers:
                             self.corrupt_layers[layer] = str(e)
@@ -392,7 +425,44 @@ class ChunkServer:
             )
 
     async def _read(self, layer: Digest, index: int) -> tuple[int, bytes]:
+        relay = self.relay
+        if relay is not None and not await asyncio.to_thread(self.store.has, layer):
+            where = await relay.wait_chunk(
+                layer, index, self.relay_wait_s, lambda: self.store.has(layer), self.relay_start_s
+            )
+            if where is not None:
+                manifest, path = where
+                try:
+                    out = await asyncio.to_thread(
+                        self._read_partial_chunk, layer, index, manifest, path
+                    )
+                except FileNotFoundError:
+                    pass  # installed meanwhile (the .part was renamed into place): the blob
+                else:
+                    relay.relayed_chunks += 1
+                    return out
         return await asyncio.to_thread(self._read_chunk, layer, index)
+
+    def _read_partial_chunk(
+        self, digest: Digest, index: int, m: ChunkManifest, path: os.PathLike[str]
+    ) -> tuple[int, bytes]:
+        """Runs in a worker thread: a chunk of a layer still being received (bit set)."""
+        if not 0 <= index < m.count:
+            raise IndexError(f"layer {digest} has chunks 0..{m.count - 1}, not {index}")
+        length = m.chunk_length(index)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            data = os.pread(fd, length, m.chunk_offset(index))
+        finally:
+            os.close(fd)
+        if len(data) != length:
+            raise StoreError(f"layer {digest} chunk {index}: short read ({len(data)}/{length})")
+        if self.verify_reads and not m.verify_chunk(index, data):
+            raise CorruptBlob(
+                f"node {self.node_id}: partial layer {digest} chunk {index} does not match "
+                "its manifest; not serving it"
+            )
+        return index, data
 
 
 class _ChunkSession(SSHServerStreamSession[bytes]):

@@ -41,6 +41,13 @@ Faults (PAPER.md, "Fault handling"; this is where they are decided):
   partial. When a seeder goes down its transfers to live demanders are not
   cut by the coordinator: the demander's own failure report (or heartbeat)
   ends them, so it is never handed a second pull of a layer it still pulls.
+* **Relay failure** (policy ``relay``: the seeder was still receiving the
+  layer). A relay that cannot provide a chunk in time, or whose own pull
+  failed, answers "unavailable" and the demander reports kind "relay": the
+  relay is neither suspected nor penalized (its upstream failed, not it), the
+  failure does not count against the demander's per-layer budget, and the
+  pair rests one heartbeat interval. A relay that *dies* cuts the connection,
+  which reads as "io" like any dead seeder.
 * **Demander death.** An agent's long-poll connection dropping mid-wait marks
   it down at once (no waiting for three missed heartbeats): its seeder is
   released for others, and in each running job the node shows "down since
@@ -857,6 +864,11 @@ class Coordinator:
         for job, p in list(self._jobs_of(node.node_id)):
             if m.kind == "disk":
                 failed = p.count_failure(t.layer, f"disk full: {m.reason}", now, final=True)
+            elif m.kind == "relay":
+                # the relay's own pull was behind or broke: not this demander's (nor the
+                # relay's) failure; it is re-planned without using up its failure budget
+                p.transfer_stopped(t.layer)
+                failed = False
             else:
                 failed = p.count_failure(t.layer, f"from {t.seeder}: {why}", now)
             if failed:
@@ -876,6 +888,17 @@ class Coordinator:
         elif m.seeder_fault:
             self.store.add_security_event(t.demander, t.seeder, f"transfer_{m.kind}", m.reason)
             self._seeder_fault(seeder, t.demander, why, now)
+        elif m.kind == "relay":
+            # a relay (still receiving the layer) could not provide a chunk: its upstream's
+            # fault, so no suspicion and no penalty; the pair rests a heartbeat, so the
+            # re-plan prefers another seeder while the relay's own pull recovers
+            self.scheduler.avoid(t.demander, t.seeder, now + self.heartbeat_interval)
+            log.info(
+                "relay could not serve; re-planning",
+                relay=t.seeder,
+                demander=t.demander,
+                layer=short(t.layer),
+            )
         elif m.kind in ("io", "unreachable"):
             self.scheduler.suspect(t.seeder)
             self.scheduler.avoid(

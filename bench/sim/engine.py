@@ -17,6 +17,16 @@ does (coordinator/core.py):
   over the time since the decision, delays included, as in the real
   coordinator), then ``schedule(now)`` again.
 
+Cut-through relay (policy ``relay``): a transfer whose seeder does not hold
+the layer yet is *downstream* of the transfer bringing the layer to that
+seeder. Its bytes can never overtake the relay's, so while the upstream flow
+runs, the downstream flow carries a cap of its own equal to the upstream's
+current rate (a tiny one while the upstream is still in its setup delay);
+caps follow rate changes down a chain of relays, and drop when the upstream's
+last byte arrived. Starting behind and never faster, a downstream flow stays
+behind (conservative: in the agent a demander that starts behind may catch up
+on the chunks the relay already has).
+
 Events are kept in one heap; a flow's end is re-predicted only when its rate
 changes (older predictions are skipped by version), so an event costs about
 the size of the flow component it touches, not the number of flows.
@@ -51,6 +61,7 @@ class _Running:
     since: float = 0.0
     version: int = 0
     flowing: bool = False
+    cap: float | None = None  # its own rate cap while its relay's upstream still runs
 
 
 @dataclass
@@ -113,6 +124,8 @@ class Simulation:
         self._running: dict[str, _Running] = {}
         self._connected: set[tuple[str, str]] = set()  # (demander, seeder) with an SSH connection
         self._held: dict[str, int] = {}  # demander -> layers held
+        self._upstream: dict[str, str] = {}  # relayed transfer -> the transfer feeding its seeder
+        self._downstream: dict[str, set[str]] = {}  # transfer -> transfers it feeds (relay)
         self._ran = False
 
     def run(self) -> SimResult:
@@ -169,6 +182,12 @@ class Simulation:
                 self._connected.add(pair)
                 self.result.new_connections += 1
             size = self.sizes[t.layer]
+            if not self.scheduler.holds(t.seeder, t.layer):
+                up = self.scheduler.receiving(t.seeder, t.layer)
+                if up is None or up.transfer_id not in self._running:
+                    raise RuntimeError(f"{t.transfer_id}: {t.seeder} neither holds nor receives")
+                self._upstream[t.transfer_id] = up.transfer_id
+                self._downstream.setdefault(up.transfer_id, set()).add(t.transfer_id)
             self._running[t.transfer_id] = _Running(t, size, float(size))
             self.result.transfers += 1
             self._push(now + self.overheads.setup(new), _START, t.transfer_id)
@@ -176,13 +195,47 @@ class Simulation:
     def _start(self, tid: str, now: float) -> None:
         r = self._running[tid]
         r.since, r.flowing = now, True
-        self._rates(self.network.add(tid, r.transfer.seeder, r.transfer.demander), now)
+        r.cap = self._cap_for(tid)
+        t = r.transfer
+        self._rates(self.network.add(tid, t.seeder, t.demander, r.cap), now)
 
     def _end(self, tid: str, now: float) -> None:
         r = self._running[tid]
+        up = self._upstream.get(tid)
+        if up is not None:
+            u = self._running[up]
+            behind = u.remaining - u.rate * (now - u.since)
+            if behind > 1.0:  # the model's invariant: a relayed flow never overtakes
+                raise RuntimeError(f"{tid} ended {behind:.0f} B ahead of its relay's upstream {up}")
         r.flowing = False
+        r.remaining = 0.0
         self._rates(self.network.remove(tid), now)
+        for d in sorted(self._downstream.pop(tid, ())):
+            self._upstream.pop(d, None)
+            self._recap(d, now)  # the relay has every byte now: no cap
         self._push(now + self.overheads.finish(r.size), _DONE, tid)
+
+    def _cap_for(self, tid: str) -> float | None:
+        """A relayed flow's cap: its upstream's rate while that runs (module docstring)."""
+        up = self._upstream.get(tid)
+        if up is None:
+            return None
+        u = self._running[up]
+        return max(u.rate, 1.0) if u.flowing else 1.0
+
+    def _recap(self, tid: str, now: float) -> None:
+        """Give a running relayed flow its current cap (re-filling its component)."""
+        r = self._running.get(tid)
+        if r is None or not r.flowing:
+            return
+        cap = self._cap_for(tid)
+        if cap == r.cap:
+            return
+        r.cap = cap
+        t = r.transfer
+        rates = self.network.remove(tid)
+        rates.update(self.network.add(tid, t.seeder, t.demander, cap))
+        self._rates(rates, now)
 
     def _done(self, tid: str, now: float) -> None:
         r = self._running.pop(tid)
@@ -193,7 +246,11 @@ class Simulation:
         self._dispatch(now)
 
     def _rates(self, rates: dict[str, float], now: float) -> None:
-        """New rates for flows of a re-filled component: settle bytes, re-predict their end."""
+        """New rates for flows of a re-filled component: settle bytes, re-predict their end.
+
+        Flows fed by one whose rate moved get their caps moved too (relay chains).
+        """
+        moved: list[str] = []
         for fid, rate in rates.items():
             r = self._running[fid]
             r.remaining = max(0.0, r.remaining - r.rate * (now - r.since))
@@ -204,3 +261,8 @@ class Simulation:
             r.version += 1
             if rate > 0:  # a starved flow waits for the next re-fill
                 self._push(now + r.remaining / rate, _END, fid, r.version)
+            if fid in self._downstream:
+                moved.append(fid)
+        for fid in moved:
+            for d in sorted(self._downstream.get(fid, ())):
+                self._recap(d, now)

@@ -63,6 +63,9 @@ ERR_NOT_HELD = "not_held"
 ERR_BAD_REQUEST = "bad_request"
 ERR_BUSY = "busy"
 ERR_INTERNAL = "internal"
+#: a relay (a seeder still receiving the layer) does not have the chunk within its bound,
+#: or its own pull ended; not the relay's fault: the demander fails over
+ERR_UNAVAILABLE = "unavailable"
 
 Side = Literal["server", "client"]
 

@@ -311,7 +311,11 @@ class TransferDone(Msg, kw_only=True):
     seconds: float
 
 
-FailureKind = Literal["security", "verify", "io", "unreachable", "disk", "cancelled", "internal"]
+#: ``relay``: the seeder was a relay (still receiving the layer) that could not
+#: provide a chunk in time or whose own pull failed -- not the relay's fault
+FailureKind = Literal[
+    "security", "verify", "io", "unreachable", "disk", "cancelled", "internal", "relay"
+]
 
 
 class TransferFailed(Msg, kw_only=True):

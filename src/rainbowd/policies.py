@@ -25,6 +25,14 @@ policies here plan with *bandwidth*, not with locks:
 * **direct** -- a layer so small that a seeder can send it to many demanders
   within ``direct_s`` seconds goes straight from that seeder to all of them at
   once, reserving nothing (the DID crossover: a tree only adds hops).
+* **cut-through relay** (``relay``) -- a node with an active incoming transfer
+  of layer L is a *relay* holder of L: it may seed L while still receiving it,
+  at no more than its inbound transfer's planned rate and its free upload (the
+  agent serves chunks as they land; agent/relay.py). Store-and-forward costs
+  one whole layer time per level of the tree; a relay adds only a chunk. A
+  complete holder that covers the demander's free download is still taken
+  first (it cannot stall); then the tightest-fitting relay; then the most
+  room of either.
 * **measured speeds** -- a completed transfer that ran ``MIN_OBSERVE_S`` or
   longer moves the estimate of the side that limited it (EWMA of achieved /
   planned rate); repeated failures halve a seeder's estimate, so slow or
@@ -81,6 +89,7 @@ class Rules:
     #: seconds a demander with nothing in flight waits for a seeder meeting min_share;
     #: after that any seeder will do (min_share is for speed, never for starvation)
     patience_s: float = 5.0
+    relay: bool = False  # cut-through: nodes still receiving a layer may seed it (needs slots)
 
 
 RULES: dict[str, Rules] = {
@@ -95,6 +104,12 @@ RULES: dict[str, Rules] = {
         Rules(
             "slots",
             "uploads sized to capacity, several layers per demander, best fit, fastest first",
+        ),
+        Rules(
+            "relay",
+            "slots + cut-through relay: a node still receiving a layer seeds it, "
+            "at no more than its inbound rate",
+            relay=True,
         ),
         Rules(
             "deadline",
@@ -136,16 +151,19 @@ class Planner:
         # layer -> holders with free upload, sorted by (-free upload, node id)
         self._free: dict[str, list[tuple[float, str]]] = {}
         self._seed_key: dict[str, tuple[float, str]] = {}
+        # layer -> the fastest speed any holder of it had when it became one: min_share is
+        # taken of min(demander speed, this), so a demander faster than every holder
+        # (a huge hint, a capped origin) is not starved waiting for a seeder that cannot exist
+        self._fastest_holder: dict[str, float] = {}
+        # layer -> relays of it (receiving it, free upload), sorted by (-relay rate, node id)
+        self._relays: dict[str, list[tuple[float, str]]] = {}
+        self._relay_keys: dict[str, dict[str, tuple[float, str]]] = {}  # node -> layer -> key
         # waiting demanders (free download, a wanted layer not in flight), per layer they want
         self._by_speed: dict[str, list[tuple[float, str]]] = {}  # layer -> sorted (-speed, id)
         self._by_need: dict[str, list[tuple[float, str]]] = {}  # layer -> sorted (-need s, id)
         self._wait_key: dict[str, _WaitKey] = {}
         self._horizon = 0.0  # latest planned finish of a current demander (slack rule)
         self._starve_check_at = 0.0  # when _starving next walks the waiting demanders
-        # layer -> fastest holder seen (an upper bound: only ever raised). min_share is a
-        # share of min(demander speed, this): waiting for a seeder faster than any
-        # holder of the layer would be waiting for ever
-        self._layer_top: dict[str, float] = {}
 
     # -- indexes ---------------------------------------------------------
     def refresh(self, node: _Node) -> None:
@@ -154,10 +172,19 @@ class Planner:
         self._refresh_demander(node)
 
     def holding_added(self, node: _Node, layer: str) -> None:
-        self._layer_top[layer] = max(self._layer_top.get(layer, 0.0), node.speed_bps)
+        self._fastest_holder[layer] = max(self._fastest_holder.get(layer, 0.0), node.speed_bps)
         key = self._seed_key.get(node.node_id)
         if key is not None:
             insort(self._free.setdefault(layer, []), key)
+
+    def holding_removed(self, node: _Node, layer: str) -> None:
+        """``node`` deleted ``layer``: it leaves the layer's free holders (it cannot seed it)."""
+        key = self._seed_key.get(node.node_id)
+        idle = self._free.get(layer)
+        if key is not None and idle:
+            i = bisect_left(idle, key)
+            if i < len(idle) and idle[i] == key:
+                del idle[i]
 
     def demand_added(self, node: _Node, demand: _Demand) -> None:
         if self.rules.slack_margin is not None:
@@ -169,14 +196,9 @@ class Planner:
     def free_up(self, node: _Node) -> float:
         return node.speed_bps - self._up_used.get(node.node_id, 0.0)
 
-    @staticmethod
-    def down_capacity(node: _Node) -> float:
-        """What ``node`` can download: its speed estimate, or its download cap if lower."""
-        cap = node.max_download_bps
-        return min(node.speed_bps, cap) if cap > 0 else node.speed_bps
-
     def free_down(self, node: _Node) -> float:
-        return self.down_capacity(node) - self._down_used.get(node.node_id, 0.0)
+        """Download room: its speed estimate, or its configured download cap if lower."""
+        return _down_speed(node) - self._down_used.get(node.node_id, 0.0)
 
     def _refresh_seeder(self, node: _Node) -> None:
         nid = node.node_id
@@ -186,11 +208,13 @@ class Planner:
         if not self.rules.slots:
             seeds = seeds and not self._up_used.get(nid)
         want = (-free, nid) if seeds and free >= _MIN_FREE_SHARE * node.speed_bps else None
+        if self.rules.relay:
+            self._refresh_relay(node, free, seeds)
         have = self._seed_key.get(nid)
         if want == have:
             return
         for layer in node.holdings:
-            self._layer_top[layer] = max(self._layer_top.get(layer, 0.0), node.speed_bps)
+            self._fastest_holder[layer] = max(self._fastest_holder.get(layer, 0.0), node.speed_bps)
             idle = self._free.setdefault(layer, [])
             if have is not None:
                 del idle[bisect_left(idle, have)]
@@ -201,13 +225,57 @@ class Planner:
         else:
             self._seed_key[nid] = want
 
+    def _refresh_relay(self, node: _Node, free: float, seeds: bool) -> None:
+        """Re-key ``node`` as a relay of each layer it is receiving (and does not hold)."""
+        nid = node.node_id
+        want: dict[str, tuple[float, str]] = {}
+        if seeds:
+            for t in node.transfers.values():
+                if t.demander != nid or t.layer in node.holdings:
+                    continue
+                plan = self._plans.get(t.transfer_id)
+                if plan is None or plan.direct:
+                    continue
+                rate = min(free, plan.planned)
+                if rate >= _MIN_FREE_SHARE * node.speed_bps:
+                    key = (-rate, nid)
+                    if key < want.get(t.layer, (0.0, "")):
+                        want[t.layer] = key
+        have = self._relay_keys.get(nid, {})
+        if want == have:
+            return
+        for layer, key in have.items():
+            relays = self._relays[layer]
+            del relays[bisect_left(relays, key)]
+            if not relays:
+                del self._relays[layer]
+        for layer, key in want.items():
+            insort(self._relays.setdefault(layer, []), key)
+        if want:
+            self._relay_keys[nid] = want
+        else:
+            self._relay_keys.pop(nid, None)
+
+    def relay_rate(self, node: _Node, layer: str) -> float:
+        """The rate ``node`` can relay ``layer`` at (0: it is not a relay of it)."""
+        key = self._relay_keys.get(node.node_id, {}).get(layer)
+        return -key[0] if key is not None else 0.0
+
+    def _seedable(self, layer: str) -> bool:
+        """Some holder (or relay) of ``layer`` has free upload."""
+        return bool(self._free.get(layer)) or bool(self._relays.get(layer))
+
+    def _best_free(self, layer: str) -> float:
+        """The largest free upload (relay rate) any seeder of ``layer`` offers."""
+        return max(-lst[0][0] for lst in (self._free.get(layer), self._relays.get(layer)) if lst)
+
     def _refresh_demander(self, node: _Node) -> None:
         nid = node.node_id
         want: _WaitKey | None = None
         if node.up and not node.suspect and self._room(node):
             layers = tuple(lr for lr in node.demands if lr not in node.pulling)
             if layers:
-                down = self.down_capacity(node)
+                down = _down_speed(node)
                 need = sum(self._size(lr) for lr in layers) / down
                 want = ((-down, nid), (-need, nid), layers)
         have = self._wait_key.get(nid)
@@ -235,7 +303,7 @@ class Planner:
         if not self.rules.slots:
             return not self._down_used.get(node.node_id)
         share = max(self.rules.min_share, _MIN_FREE_SHARE)
-        return self.free_down(node) >= share * self.down_capacity(node)
+        return self.free_down(node) >= share * _down_speed(node)
 
     def _size(self, layer: str) -> int:
         return self._s.layer_sizes.get(layer) or UNKNOWN_LAYER_BYTES
@@ -286,9 +354,9 @@ class Planner:
         share = max(self.rules.min_share, _MIN_FREE_SHARE) if self.rules.slots else 0.0
 
         def start(layer: str) -> tuple[float, str]:
-            best = -self._free[layer][0][0]
-            if share <= 0 or best >= share * self._layer_top.get(layer, 0.0):
-                return (-INF, "")  # no demander asks more of this layer than ``best``
+            best = self._best_free(layer)
+            if share <= 0 or best >= share * self._fastest_holder.get(layer, INF):
+                return (-INF, "")  # every demander gets its least share (see _least)
             return (-best / share, "")
 
         for (neg_speed, _), nid in self._merge(self._by_speed, start, (INF, "")):
@@ -302,26 +370,20 @@ class Planner:
     ) -> Iterator[tuple[tuple[float, str], str]]:
         heap: list[tuple[tuple[float, str], str]] = []
         for layer, keys in index.items():
-            if self._free.get(layer):
+            if self._seedable(layer):
                 i = bisect_left(keys, start(layer))
                 if i < len(keys) and keys[i] <= stop:
                     heap.append((keys[i], layer))
         heapq.heapify(heap)
         while heap:
             key, layer = heapq.heappop(heap)
-            if not self._free.get(layer):
+            if not self._seedable(layer):
                 continue  # its free holders are used up
             yield key, key[1]
             keys = index.get(layer, [])
             i = bisect_right(keys, key)
             if i < len(keys) and keys[i] <= stop:
                 heapq.heappush(heap, (keys[i], layer))
-
-    def _share_base(self, node: _Node, layer: str) -> float:
-        """What min_share is a share of: what the node can download, or the layer's fastest
-        holder's speed if that is lower."""
-        down = self.down_capacity(node)
-        return min(down, self._layer_top.get(layer, down))
 
     def _starving(self, now: float) -> Iterator[_Node]:
         """Waiting demanders with nothing in flight for ``patience_s``: liveness over speed.
@@ -355,7 +417,7 @@ class Planner:
         room = self.free_down(node) if self.rules.slots else node.speed_bps
         urgent = why.startswith(URGENT)
         for d in wanted:
-            least = 0.0 if starving else self.rules.min_share * self._share_base(node, d.layer)
+            least = 0.0 if starving else self._least(node, d.layer)
             if urgent:
                 # within the urgent share; beyond it, an urgent one waits for the common walk
                 seeder = self._urgent_fit(node, d.layer, room, least)
@@ -364,6 +426,15 @@ class Planner:
             if seeder is not None:
                 return self._begin(seeder, node, d, now, why, urgent=urgent)
         return None
+
+    def _least(self, node: _Node, layer: str) -> float:
+        """The least rate a new transfer of ``layer`` into ``node`` must get (min_share).
+
+        A share of the demander's speed, or of the fastest holder's speed if that is
+        lower: no seeder of the layer could give more, so waiting would be forever.
+        """
+        fastest = self._fastest_holder.get(layer, INF)
+        return self.rules.min_share * min(_down_speed(node), fastest)
 
     def _urgent_fit(self, node: _Node, layer: str, room: float, least: float) -> _Node | None:
         """For an urgent demander: the best-fit holder, if its urgent share has ``least`` left.
@@ -379,22 +450,31 @@ class Planner:
         return seeder if left >= least else None
 
     def _fit(self, node: _Node, layer: str, room: float, least: float) -> _Node | None:
-        """Best fit: the tightest free upload >= ``room``, else the largest (if >= ``least``)."""
-        idle = self._free.get(layer)
-        if not idle:
-            return None
+        """Best fit: the tightest free upload >= ``room``, else the largest (if >= ``least``).
+
+        With relays: a complete holder that fits first (it cannot stall), then
+        the tightest relay that fits, then the most room of either.
+        """
+        lists = [self._free.get(layer) or []]
+        if self.rules.relay:
+            lists.append(self._relays.get(layer) or [])
         if self.rules.slots:
-            # entries with free upload >= room sit before this index; the last of them fits tightest
-            i = bisect_right(idle, (-room, "\uffff"))
-            for j in range(i - 1, max(-1, i - 9), -1):
-                if self._s._allowed(node.node_id, idle[j][1]):
-                    return self._s._nodes[idle[j][1]]
-        for neg_free, sid in idle[:8]:
-            if -neg_free < least:
-                break
-            if self._s._allowed(node.node_id, sid):
-                return self._s._nodes[sid]
-        return None
+            for idle in lists:
+                # entries with free upload >= room sit before this index; the last fits tightest
+                i = bisect_right(idle, (-room, "\uffff"))
+                for j in range(i - 1, max(-1, i - 9), -1):
+                    if self._s._allowed(node.node_id, idle[j][1]):
+                        return self._s._nodes[idle[j][1]]
+        best: tuple[float, str] | None = None
+        for idle in lists:
+            for neg_free, sid in idle[:8]:
+                if -neg_free < least:
+                    break
+                if self._s._allowed(node.node_id, sid):
+                    if best is None or neg_free < best[0]:
+                        best = (neg_free, sid)
+                    break
+        return None if best is None else self._s._nodes[best[1]]
 
     def _direct_seeder(self, node: _Node, layer: str, waiting: int) -> _Node | None:
         """A holder that can send this small layer to all ``waiting`` within ``direct_s``.
@@ -438,6 +518,22 @@ class Planner:
                 left = self.rules.urgent_share * seeder.speed_bps
                 up = min(up, left - self._urgent_used.get(seeder.node_id, 0.0))
             rate = min(up, down)
+            relayed = self.rules.relay and d.layer not in seeder.holdings
+            if relayed:
+                inbound = self.relay_rate(seeder, d.layer)
+                rate = min(rate, inbound)
+                reason = (
+                    f"{self.rules.name}: cut-through relay -- {seeder.node_id} is still "
+                    f"receiving the layer (inbound planned at {inbound / 1e6:.1f} MB/s) and "
+                    f"serves its chunks as they land; the best fit among the layer's holders "
+                    f"and relays for {down / 1e6:.1f} MB/s of free download; "
+                    f"{up / 1e6:.1f} of its {seeder.speed_bps / 1e6:.1f} MB/s upload free; "
+                    f"planned at {rate / 1e6:.1f} MB/s (no faster than its inbound); {why}"
+                )
+                plan = _Plan(rate, rate, rate, True, urgent=urgent)
+                return self._s._start(
+                    seeder, node, d, now, reason, plan_hook=lambda t: self._hold(t, plan)
+                )
             reason = (
                 f"{self.rules.name}: best-fit seeder, {up / 1e6:.1f} of its "
                 f"{seeder.speed_bps / 1e6:.1f} MB/s upload free for {down / 1e6:.1f} MB/s of "
@@ -527,3 +623,13 @@ class Planner:
         node = self._s._nodes[t.seeder]
         node.speed_bps = max(1.0, node.speed_bps / 2)
         return node.speed_bps
+
+
+def _down_speed(node: _Node) -> float:
+    """What ``node`` can download at: its speed estimate, or its download cap if lower.
+
+    Shares of a demander's speed (min_share, room) are taken of this: a capped
+    demander must not wait for room it can never have.
+    """
+    cap = node.max_download_bps
+    return min(node.speed_bps, cap) if cap > 0 else node.speed_bps

@@ -307,6 +307,8 @@ class Scheduler:
         if node.idle_key is not None:
             idle = self._idle[layer]
             del idle[bisect_left(idle, node.idle_key)]
+        if self._planner is not None:
+            self._planner.holding_removed(node, layer)
 
     def holds(self, node_id: str, layer: str) -> bool:
         return layer in self._node(node_id).holdings

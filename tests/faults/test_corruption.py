@@ -71,7 +71,8 @@ async def cluster(
         NodeSpec("bad", speed_hint_mbps=1_000_000),
         *(NodeSpec(n) for n in DEMANDERS),
     ]
-    # policy paper: the scenario needs "bad", the fastest idle holder, to be tried first
+    # Algorithm 1 (policy paper) hands every demander to the fastest idle seeder, "bad",
+    # which is what this test needs; best fit (slots) would route them to the origin at once
     c = LocalCluster(
         tmp_path / "cluster", specs, chunk_size=CHUNK, heartbeat_interval=0.5, policy="paper"
     )

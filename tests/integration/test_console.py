@@ -76,7 +76,11 @@ async def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncItera
     monkeypatch.setenv("RBD_AGENT_MAX_UPLOAD_MBPS", str(UPLOAD_MBPS))
     specs = [NodeSpec("origin", roles=["origin"], speed_hint_mbps=1000)]
     specs += [NodeSpec(n, speed_hint_mbps=1000 - 100 * i) for i, n in enumerate(NODES[1:])]
-    c = LocalCluster(tmp_path / "cluster", specs, chunk_size=CHUNK, heartbeat_interval=0.5)
+    # the graph's arrows are checked against Algorithm 1's plan and reasons (policy paper;
+    # the default policy plans differently)
+    c = LocalCluster(
+        tmp_path / "cluster", specs, chunk_size=CHUNK, heartbeat_interval=0.5, policy="paper"
+    )
     await c.start()
     try:
         yield c
@@ -93,7 +97,6 @@ async def small_cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
         NodeSpec("n2", speed_hint_mbps=400),
         NodeSpec("n3", speed_hint_mbps=200),
     ]
-    # policy paper: the scenario needs n2 and n3 to pull from n1, the fastest idle holder
     c = LocalCluster(
         tmp_path / "cluster", specs, chunk_size=CHUNK, heartbeat_interval=1.0, policy="paper"
     )

@@ -226,3 +226,44 @@ async def test_node_down_longer_than_the_timeout_fails_in_its_job(tmp_path: Path
                 await x.c.close()
     finally:
         await r.stop()
+
+
+async def test_a_relay_failure_blames_nobody_and_does_not_use_up_the_failure_budget(
+    coord: Running, admin: AdminClient
+) -> None:
+    origin = await agent(coord.url, "origin", roles=["origin"], speed=1e6)
+    img = fake_image(sizes=(70_000,))
+    await ingest(admin, origin.c, img)
+    relay = await agent(coord.url, "relay", speed=500e6, holdings=img.digests)
+    d = await agent(coord.url, "d")
+    sched = coord.coordinator.scheduler
+    job = await admin.create_job(CreateJob(image=img.record.ref, targets=["d"]))
+    unavailable = TransferFailed(
+        reason="seeder says unavailable: chunk 3 is not here and the relay's pull ended",
+        kind="relay",
+    )
+    seeders = []
+    for _ in range(7):  # more than the per-layer failure budget (jobs.MAX_LAYER_FAILURES)
+        t = await d.transfer()
+        seeders.append(t.seeder.node_id)
+        await d.c.transfer_failed(t.transfer_id, unavailable)
+        nodes = {n.node_id: n for n in (await admin.nodes()).nodes}
+        # neither suspected, nor penalized, nor quarantined
+        assert {nodes[n].state for n in ("origin", "relay")} == {"up"}
+        assert not nodes["relay"].quarantined and sched.speed("relay") == 500e6
+        assert not sched.is_suspect("relay")
+        if len(seeders) >= 2:
+            # both pairs rest a heartbeat (5 s here): end the rest instead of waiting it out
+            sched._avoid.clear()
+            await d.c.heartbeat(Heartbeat(holdings=[]))  # an event: the coordinator re-plans
+    # the pair rests a heartbeat, so the re-plan tries another seeder first
+    assert seeders[:2] == ["relay", "origin"]
+    view = await admin.job(job.job_id)
+    (n,) = view.nodes
+    assert n.state != "failed", n.error
+    assert coord.store.security_events() == []
+    t = await d.transfer()
+    await d.done(t)
+    assert (await admin.wait_job(job.job_id)).state == "done"
+    for x in (origin, relay, d):
+        await x.c.close()

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 import pytest
 
-from rainbowd.scheduler import DEFAULT_SPEED_BPS, Scheduler, SchedulerError, Transfer
+from rainbowd.scheduler import DEFAULT_SPEED_BPS, POLICIES, Scheduler, SchedulerError, Transfer
 
 MB = 1e6
 L1, L2, L3 = "sha256:" + "1" * 64, "sha256:" + "2" * 64, "sha256:" + "3" * 64
@@ -965,12 +965,18 @@ def test_a_layer_still_in_flight_is_not_sent_again_once_the_lock_frees() -> None
     assert s.receiving("d", L2) is not None and s.is_demanding("d")
 
 
-def test_a_removed_holding_is_no_longer_seeded_from() -> None:
-    """Eviction or image removal: the node leaves the layer's holders and idle-seeder list."""
-    s = Scheduler("paper")
-    s.add_node("origin", 1 * MB, [L1])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_removed_holding_is_no_longer_seeded_from(policy: str) -> None:
+    """Eviction or image removal: the node leaves the layer's holders and idle-seeder list.
+
+    Under every policy: the capacity-aware planner keeps its own index of free
+    holders, which must forget the layer too (it once did not, and kept
+    handing out a seeder that answered "not held").
+    """
+    s = Scheduler(policy)
+    s.add_node("origin", 60 * MB, [L1])
     s.add_node("fast", 100 * MB, [L1])
-    s.add_node("d", 1 * MB)
+    s.add_node("d", 100 * MB)  # best fit would take "fast" (100 of 100 MB/s)
     s.remove_holding("fast", L1)
     s.remove_holding("fast", L1)  # idempotent
     assert s.holders(L1) == ["origin"] and not s.holds("fast", L1)
