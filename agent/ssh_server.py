@@ -261,10 +261,29 @@ class ChunkServer:
             self._manifests.pop(digest, None)
             raise LayerMissing(f"node {self.node_id} does not hold layer {digest}")
         m = self._manifest(digest)
+        return self._read_checked(
+            digest,
+            index,
+            m,
+            self.store.path(digest),
+            "stored layer",
+            " (the blob on disk is corrupt)",
+        )
+
+    def _read_checked(
+        self,
+        digest: Digest,
+        index: int,
+        m: ChunkManifest,
+        path: os.PathLike[str] | str,
+        what: str,
+        why: str = "",
+    ) -> tuple[int, bytes]:
+        """Chunk ``index`` of the file at ``path``, checked against the manifest before serving."""
         if not 0 <= index < m.count:
             raise IndexError(f"layer {digest} has chunks 0..{m.count - 1}, not {index}")
         length = m.chunk_length(index)
-        fd = os.open(self.store.path(digest), os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
         try:
             data = os.pread(fd, length, m.chunk_offset(index))
         finally:
@@ -273,8 +292,8 @@ class ChunkServer:
             raise StoreError(f"layer {digest} chunk {index}: short read ({len(data)}/{length})")
         if self.verify_reads and not m.verify_chunk(index, data):
             raise CorruptBlob(
-                f"node {self.node_id}: stored layer {digest} chunk {index} does not match "
-                "its manifest (the blob on disk is corrupt); not serving it"
+                f"node {self.node_id}: {what} {digest} chunk {index} does not match "
+                f"its manifest{why}; not serving it"
             )
         return index, data
 
@@ -447,22 +466,7 @@ class ChunkServer:
         self, digest: Digest, index: int, m: ChunkManifest, path: os.PathLike[str]
     ) -> tuple[int, bytes]:
         """Runs in a worker thread: a chunk of a layer still being received (bit set)."""
-        if not 0 <= index < m.count:
-            raise IndexError(f"layer {digest} has chunks 0..{m.count - 1}, not {index}")
-        length = m.chunk_length(index)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            data = os.pread(fd, length, m.chunk_offset(index))
-        finally:
-            os.close(fd)
-        if len(data) != length:
-            raise StoreError(f"layer {digest} chunk {index}: short read ({len(data)}/{length})")
-        if self.verify_reads and not m.verify_chunk(index, data):
-            raise CorruptBlob(
-                f"node {self.node_id}: partial layer {digest} chunk {index} does not match "
-                "its manifest; not serving it"
-            )
-        return index, data
+        return self._read_checked(digest, index, m, path, "partial layer")
 
 
 class _ChunkSession(SSHServerStreamSession[bytes]):
