@@ -28,6 +28,7 @@ from pathlib import Path
 import msgpack
 import msgspec
 import pytest
+from faultkit import add_image
 from invariants import InvariantMonitor
 
 from rainbowd import messages as m
@@ -88,17 +89,10 @@ def blob_digest(cluster: LocalCluster, node: str, digest: str) -> str:
     return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-async def add_image(cluster: LocalCluster, archive: Path) -> m.ImageView:
-    async with cluster.admin() as admin:
-        view = await admin.ingest(m.CreateImage(ref=REF, source=m.ArchiveSource(path=str(archive))))
-    assert view.state == "ready", view.error
-    return view
-
-
 async def test_sigkilled_agent_resumes_from_its_bitmap(cluster: LocalCluster, image: Path) -> None:
     t_start = time.monotonic()
     async with asyncio.timeout(55):
-        view = await add_image(cluster, image)
+        view = await add_image(cluster, image, REF)
         sizes = {layer.digest: layer.size for layer in view.layers}
         big = max(sizes, key=lambda d: sizes[d])
         assert sizes[big] >= PAYLOAD_MIB * MiB

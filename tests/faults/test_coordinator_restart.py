@@ -11,7 +11,6 @@ a layer twice.
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import time
 from collections import Counter
@@ -19,6 +18,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from faultkit import add_image, log_events
 from invariants import InvariantMonitor
 
 from rainbowd import messages as m
@@ -53,25 +53,6 @@ async def cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
         await c.stop()
 
 
-async def add_image(cluster: LocalCluster, archive: Path) -> m.ImageView:
-    async with cluster.admin() as admin:
-        view = await admin.ingest(m.CreateImage(ref=REF, source=m.ArchiveSource(path=str(archive))))
-    assert view.state == "ready", view.error
-    return view
-
-
-def log_events(cluster: LocalCluster, name: str, event: str) -> list[dict[str, object]]:
-    out = []
-    for line in cluster.log_path(name).read_text().splitlines():
-        try:
-            doc = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(doc, dict) and doc.get("event") == event:
-            out.append(doc)
-    return out
-
-
 async def wait_for_active_pull(cluster: LocalCluster, layer: str) -> list[str]:
     """Nodes with a transfer of ``layer`` in progress (polled until there is one)."""
     while True:
@@ -89,7 +70,7 @@ async def test_kill_9_coordinator_mid_job_job_completes_without_duplicate_transf
     cluster: LocalCluster, big_image: Path
 ) -> None:
     t0 = time.monotonic()
-    image = await add_image(cluster, big_image)
+    image = await add_image(cluster, big_image, REF)
     big = max(image.layers, key=lambda layer: layer.size).digest
     layers = {layer.digest for layer in image.layers}
     async with InvariantMonitor(cluster) as inv:

@@ -16,13 +16,13 @@ marked. Here:
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from faultkit import add_image, log_events
 from invariants import InvariantMonitor
 
 from rainbowd import messages as m
@@ -61,13 +61,6 @@ async def cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
         await c.stop()
 
 
-async def add_image(cluster: LocalCluster, archive: Path) -> m.ImageView:
-    async with cluster.admin() as admin:
-        view = await admin.ingest(m.CreateImage(ref=REF, source=m.ArchiveSource(path=str(archive))))
-    assert view.state == "ready", view.error
-    return view
-
-
 async def job_until_final(cluster: LocalCluster, job_id: str) -> m.JobView:
     async with cluster.admin() as admin:
         return await admin.wait_job(job_id)
@@ -88,23 +81,11 @@ async def node_state(cluster: LocalCluster, node: str) -> str:
         return next(v.state for v in (await admin.nodes()).nodes if v.node_id == node)
 
 
-def coordinator_events(cluster: LocalCluster, event: str) -> list[dict[str, object]]:
-    out = []
-    for line in cluster.log_path("coordinator").read_text().splitlines():
-        try:
-            doc = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(doc, dict) and doc.get("event") == event:
-            out.append(doc)
-    return out
-
-
 async def test_seeder_killed_mid_transfer_demander_moves_on_and_resumes(
     cluster: LocalCluster, big_image: Path
 ) -> None:
     t0 = time.monotonic()
-    image = await add_image(cluster, big_image)
+    image = await add_image(cluster, big_image, REF)
     big = max(image.layers, key=lambda layer: layer.size)
     async with InvariantMonitor(cluster) as inv:
         async with asyncio.timeout(50):
@@ -136,9 +117,11 @@ async def test_seeder_killed_mid_transfer_demander_moves_on_and_resumes(
     assert 0 < use.bytes < big.size, (use.bytes, big.size)
     assert all(u.seeder != seeder for n in after.nodes for u in n.transfers)
     # the failure was reported against the dead seeder, which then got no assignment
-    failed = [e for e in coordinator_events(cluster, "transfer failed") if e["seeder"] == seeder]
+    failed = [
+        e for e in log_events(cluster, "coordinator", "transfer failed") if e["seeder"] == seeder
+    ]
     assert failed and failed[0]["kind"] in ("io", "unreachable")
-    assigned = coordinator_events(cluster, "transfer assigned")
+    assigned = log_events(cluster, "coordinator", "transfer assigned")
     i_fail = max(i for i, e in enumerate(assigned) if e["demander"] == "n2")
     assert all(e["seeder"] != seeder for e in assigned[i_fail:])
     assert len(jobs) == 3
@@ -157,7 +140,7 @@ async def test_demander_killed_mid_transfer_releases_seeder_and_finishes_on_retu
     # dropped long-poll was noticed, not the missed heartbeats
     cluster = await start_cluster(tmp_path / "cluster", ["n1", "n2"], 1.0)
     try:
-        image = await add_image(cluster, big_image)
+        image = await add_image(cluster, big_image, REF)
         big = max(image.layers, key=lambda layer: layer.size)
         async with InvariantMonitor(cluster) as inv:
             async with asyncio.timeout(50):
@@ -189,7 +172,9 @@ async def test_demander_killed_mid_transfer_releases_seeder_and_finishes_on_retu
         assert all(n.state == "done" and not n.error for n in final.nodes)
         assert down_in < 1.0, f"n1 marked down {down_in:.2f}s after the kill"
         assert released_in < 1.5, f"seeder released {released_in:.2f}s after the kill"
-        assert coordinator_events(cluster, "agent connection dropped mid-poll; node marked down")
+        assert log_events(
+            cluster, "coordinator", "agent connection dropped mid-poll; node marked down"
+        )
         assert len(jobs) == 1
         print(
             f"\ndemander death: n1 down {down_in:.2f}s after kill -9, origin serving n2 "

@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from faultkit import add_image, log_events
 from invariants import InvariantMonitor
 
 from rainbowd import messages as m
@@ -62,25 +63,6 @@ async def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncItera
         await c.stop()
 
 
-async def add_image(cluster: LocalCluster, archive: Path) -> m.ImageView:
-    async with cluster.admin() as admin:
-        view = await admin.ingest(m.CreateImage(ref=REF, source=m.ArchiveSource(path=str(archive))))
-    assert view.state == "ready", view.error
-    return view
-
-
-def events(cluster: LocalCluster, event: str) -> list[dict[str, object]]:
-    out = []
-    for line in cluster.log_path("coordinator").read_text().splitlines():
-        try:
-            doc = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(doc, dict) and doc.get("event") == event:
-            out.append(doc)
-    return out
-
-
 def blob_digest(cluster: LocalCluster, node: str, digest: str) -> str:
     path = cluster.agent_dir(node) / "store" / "blobs" / "sha256" / digest.split(":", 1)[1]
     return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
@@ -98,7 +80,7 @@ async def relaying(cluster: LocalCluster, layer: str, min_bytes: int) -> None:
 async def test_b_pulls_from_relay_a_before_a_has_the_layer(
     cluster: LocalCluster, image: Path
 ) -> None:
-    view = await add_image(cluster, image)
+    view = await add_image(cluster, image, REF)
     big = max(view.layers, key=lambda layer: layer.size)
     async with InvariantMonitor(cluster) as inv:
         async with asyncio.timeout(90):
@@ -142,7 +124,7 @@ async def test_b_pulls_from_relay_a_before_a_has_the_layer(
 async def test_relay_killed_mid_way_b_fails_over_and_the_job_ends_done(
     cluster: LocalCluster, image: Path
 ) -> None:
-    view = await add_image(cluster, image)
+    view = await add_image(cluster, image, REF)
     big = max(view.layers, key=lambda layer: layer.size)
     async with InvariantMonitor(cluster) as inv:
         async with asyncio.timeout(120):
@@ -171,5 +153,7 @@ async def test_relay_killed_mid_way_b_fails_over_and_the_job_ends_done(
     (use,) = [u for u in b.transfers if u.layer == big.digest]
     assert use.seeder == "origin"
     assert 0 < use.bytes < big.size  # it resumed from the chunks a had relayed
-    failed = [e for e in events(cluster, "transfer failed") if e["demander"] == "b"]
+    failed = [
+        e for e in log_events(cluster, "coordinator", "transfer failed") if e["demander"] == "b"
+    ]
     assert failed and failed[0]["seeder"] == "a"
