@@ -322,18 +322,18 @@ class LayerStore:
 
     def partials(self) -> Iterator[tuple[Digest, int, int]]:
         """(digest, chunks present, chunk count) for each partial layer."""
+        # A partial may be committed or discarded (by a pull running in a
+        # worker thread) between the directory listing and the reads below:
+        # a file gone missing means "no longer partial", never an error.
         for p in self.partial_dir.glob("*.chunks"):
             try:
                 m = msgspec.convert(msgpack.unpackb(p.read_bytes()), ChunkManifest)
-            except (ValueError, msgspec.ValidationError, ManifestError):
+            except (FileNotFoundError, ValueError, msgspec.ValidationError, ManifestError):
                 continue
-            bm_path = p.with_suffix(".bitmap")
-            have = 0
-            if bm_path.exists():
-                try:
-                    have = ChunkBitmap(m.count, bm_path.read_bytes()).have()
-                except ManifestError:
-                    have = 0
+            try:
+                have = ChunkBitmap(m.count, p.with_suffix(".bitmap").read_bytes()).have()
+            except (FileNotFoundError, ManifestError):
+                have = 0
             yield Digest(m.digest), have, m.count
 
     # -- space -----------------------------------------------------------

@@ -353,3 +353,29 @@ def test_partial_bytes_reads_progress_without_creating_a_partial(
     # a partial cut with other chunk boundaries does not count for this manifest
     other = build_manifest(io.BytesIO(data), chunk_size=2 * C)
     assert store.partial_bytes(other) == 0
+
+
+def test_partials_skips_a_partial_committed_while_listing(tmp_path: Path) -> None:
+    """``rbd-agent status`` lists partials while pulls commit them in worker
+    threads: a partial whose files vanish mid-listing is simply no longer
+    listed (this raised FileNotFoundError, a 500 from the status socket)."""
+    store = LayerStore(tmp_path)
+    parts = []
+    for seed in (1, 2):
+        d = blob(2 * C, seed=seed)
+        p = store.open_partial(build_manifest(io.BytesIO(d), chunk_size=C))
+        p.write_chunk(0, chunk(d, 0))
+        p.flush()
+        parts.append(p)
+    listing = store.partials()
+    first = next(listing)
+    for p in parts:
+        if p.digest != first[0]:
+            store.discard_partial(p.digest)  # committed meanwhile
+    assert list(listing) == []
+    # and a bitmap gone between the manifest read and its own read counts 0
+    other = next(p for p in parts if p.digest == first[0])
+    other.bitmap_path.unlink()
+    assert list(store.partials()) == [(first[0], 0, 2)]
+    for p in parts:
+        p.close()
