@@ -814,6 +814,8 @@ class Coordinator:
                 reason=t.reason,
                 bytes=m.bytes_moved,
                 seconds=m.seconds,
+                started_at=t.started_at,
+                finished_at=now,
             )
             for p in self._progress_of(node.node_id):
                 if t.layer in p.sizes and not any(u.layer == t.layer for u in p.transfers):

@@ -49,13 +49,13 @@ def resolve_profile(name_or_path: str) -> ClusterProfile:
     return load_profile(p)
 
 
-def make_system(spec: str) -> LabSystem:
+def make_system(spec: str, *, log_level: str = "warning") -> LabSystem:
     """``rbd``, ``rbd:<policy>``, ``registry`` or ``bittorrent``."""
     name, _, arg = spec.partition(":")
     if name == "rbd":
         from .rbd_system import RbdSystem
 
-        return RbdSystem(arg or "paper")
+        return RbdSystem(arg or "paper", log_level=log_level)
     if name == "registry" and not arg:
         from .registry_system import RegistrySystem
 
@@ -109,7 +109,11 @@ async def run_lab(
 
 def _cmd_run(args: argparse.Namespace) -> int:
     profile = resolve_profile(args.profile)
-    systems = [make_system(s.strip()) for s in args.systems.split(",") if s.strip()]
+    systems = [
+        make_system(s.strip(), log_level=args.log_level)
+        for s in args.systems.split(",")
+        if s.strip()
+    ]
     NetLab.check_prerequisites()
     removed = clean()
     if removed:
@@ -171,6 +175,12 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float, default=1800.0, help="per system, seconds")
     run.add_argument("--workdir", help="where stores and logs go (default: a temp dir)")
     run.add_argument("--keep", action="store_true", help="keep the workdir afterwards")
+    run.add_argument(
+        "--log-level",
+        default="warning",
+        choices=["debug", "info", "warning", "error"],
+        help="rbd's coordinator and agents (info logs every assignment; use with --keep)",
+    )
     bound = sub.add_parser("bound", help="print T* for a profile")
     bound.add_argument("--profile", default="paper")
     sub.add_parser("clean", help="remove namespaces and processes of dead runs")

@@ -27,8 +27,11 @@ REF = "rbd-demo:latest"
 class RbdSystem:
     """``rbd`` with one scheduling policy; named ``rbd`` for ``paper``, ``rbd:<policy>`` else."""
 
-    def __init__(self, policy: str = "paper", *, start_timeout: float = 300.0) -> None:
+    def __init__(
+        self, policy: str = "paper", *, start_timeout: float = 300.0, log_level: str = "warning"
+    ) -> None:
         self.policy = policy
+        self.log_level = log_level
         self.name = "rbd" if policy == "paper" else f"rbd:{policy}"
         self.start_timeout = start_timeout
 
@@ -54,7 +57,7 @@ class RbdSystem:
             chunk_size=env.profile.chunk_size,
             heartbeat_interval=env.profile.heartbeat_interval,
             policy=self.policy,
-            log_level="warning",
+            log_level=self.log_level,
         )
 
     async def run(self, env: LabEnv, *, timeout: float) -> SystemResult:
@@ -91,7 +94,18 @@ class RbdSystem:
                 why = n.error or f"state {n.state} after {timeout:.0f} s"
                 result.failed[n.node_id] = why
             transfers += [
-                {"layer": t.layer, "seeder": t.seeder, "demander": n.node_id} for t in n.transfers
+                {
+                    "layer": t.layer,
+                    "seeder": t.seeder,
+                    "demander": n.node_id,
+                    # seconds from the job's creation: the timeline a slow tail is read from
+                    "assigned": round(t.started_at - job.created_at, 3) if t.started_at else None,
+                    "done": round(t.finished_at - job.created_at, 3) if t.finished_at else None,
+                    "seconds": round(t.seconds, 3),
+                    "bytes": t.bytes,
+                    "rule": t.reason.split(" ", 1)[0].rstrip(":"),
+                }
+                for t in n.transfers
             ]
         from_origin = sum(1 for t in transfers if t["seeder"] == "origin")
         result.notes.update(
@@ -101,5 +115,6 @@ class RbdSystem:
                 "wire_bytes": job.wire_bytes,
                 "transfers": len(transfers),
                 "transfers_from_origin": from_origin,
+                "timeline": transfers,
             }
         )

@@ -394,11 +394,16 @@ class CreateJob(Msg, kw_only=True):
 
 
 class SeederUse(msgspec.Struct, kw_only=True):
+    """A finished transfer into a node: who served which layer, why, and when."""
+
     layer: str
     seeder: str
     reason: str
     bytes: int
-    seconds: float
+    seconds: float  # as the demander measured it
+    # coordinator clock: assigned and reported done (0.0 in records from before these fields)
+    started_at: float = 0.0
+    finished_at: float = 0.0
 
 
 # "down": the node stopped answering mid-job; not final, it resumes when it returns

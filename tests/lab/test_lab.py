@@ -91,7 +91,15 @@ async def test_ci_profile_runs_every_system_against_the_bound(tmp_path: Path) ->
     assert set(swarm["uploaded_bytes"]) == {"origin", *(n.name for n in profile.nodes)}, swarm
     assert swarm["origin_uploaded_bytes"] < swarm["total_uploaded_bytes"], swarm
     # rbd: every node became a seeder too, so not every transfer came from the origin
-    assert report.results[0].notes["transfers_from_origin"] < report.results[0].notes["transfers"]
+    rbd = report.results[0]
+    assert rbd.notes["transfers_from_origin"] < rbd.notes["transfers"]
+    # the per-transfer timeline a slow tail is read from: assigned, then done, before
+    # its node finished
+    timeline = rbd.notes["timeline"]
+    assert len(timeline) == rbd.notes["transfers"] >= len(profile.nodes)
+    for t in timeline:
+        assert 0 <= t["assigned"] <= t["done"] <= rbd.node_seconds[t["demander"]] + 1e-3, t
+        assert t["bytes"] > 0 and t["rule"], t
 
     js, png = report.write(tmp_path / "out")
     doc = json.loads(js.read_text())
