@@ -55,7 +55,7 @@ from bench.lab.baseline import (
     wait_clients,
     wait_until_answers,
 )
-from bench.lab.env import LabEnv
+from bench.lab.env import TRACKER_PORT, LabEnv
 from bench.lab.result import SystemResult
 
 ARIA2C = "aria2c"
@@ -105,7 +105,7 @@ class BitTorrentSystem:
     """opentracker + mktorrent + aria2c: a BitTorrent swarm per layer, seeded by the origin."""
 
     name: str = "bittorrent"
-    tracker_port: int = 6969
+    tracker_port: int = TRACKER_PORT
     peer_port: int = 6881
     rpc_port: int = 6800
     min_piece_kib: int = 256
@@ -185,6 +185,7 @@ class BitTorrentSystem:
                 "whitelist.txt",
             ],
             cwd=tracker_dir,
+            central=True,
         )
         scrape = f"http://{env.address(origin)}:{self.tracker_port}/scrape"
         await wait_until_answers(

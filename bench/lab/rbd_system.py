@@ -17,10 +17,9 @@ from typing import Any
 from rainbowd import messages as m
 from rainbowd.localcluster import LocalCluster, NodeSpec
 
-from .env import LabEnv
+from .env import COORDINATOR_PORT, LabEnv
 from .result import SystemResult
 
-COORDINATOR_PORT = 7700
 REF = "rbd-demo:latest"
 
 
@@ -53,7 +52,9 @@ class RbdSystem:
             host=env.address(env.hub),
             port=COORDINATOR_PORT,
             admin_url=f"http://127.0.0.1:{admin_port}",
-            prefix_for=lambda name: lab.exec_prefix(env.hub if name == "coordinator" else name),
+            prefix_for=lambda name: (
+                env.prefix(env.hub, central=True) if name == "coordinator" else env.prefix(name)
+            ),
             chunk_size=env.profile.chunk_size,
             heartbeat_interval=env.profile.heartbeat_interval,
             policy=self.policy,

@@ -82,7 +82,7 @@ class RegistrySystem:
         config.write_text(registry_config(storage=storage, addr=host))
         reg_log = f"{self.name}-{origin}-registry"
         registry = env.spawn(
-            origin, reg_log, [REGISTRY_BIN, "serve", str(config)], env=REGISTRY_ENV
+            origin, reg_log, [REGISTRY_BIN, "serve", str(config)], env=REGISTRY_ENV, central=True
         )
         await wait_until_answers(
             env,

@@ -31,6 +31,17 @@ is a ``tbf`` on ``eth0`` (egress: its upload); ``down_mbit`` redirects
 never crosses ``eth0`` and is not shaped. ``netem`` is absent from the target
 kernel: latency and loss must be injected in user space.
 
+Control traffic (``control_ports``): a real Debian host schedules its queue
+with ``fq_codel`` (systemd's default qdisc), so a heartbeat is not stuck
+behind bulk flows on a saturated link. This kernel has no flow-fair qdisc
+(no fq_codel, fq, sfq or prio), and behind tbf's plain FIFO a full link drops
+a small flow's packets until TCP's backoff delays it by seconds: in a paper
+profile run, live agents missed three 1 s heartbeats and were marked down.
+So under each tbf an ``htb`` puts TCP traffic to or from a control port
+(the coordinator's, a tracker's) in a class served first, everything else in
+the bulk class. That restores what fq_codel gives a small flow; bulk flows
+still share the link first come, first served.
+
 Needs root and iproute2 (``ip``, ``tc``); :meth:`NetLab.check_prerequisites`
 says what is missing.
 """
@@ -166,6 +177,7 @@ class NetLab:
         subnet: str = "10.77.0",
         prefix: str = "",
         shapes: Mapping[str, Shape] | None = None,
+        control_ports: Sequence[int] = (),
     ) -> None:
         if HUB in nodes or len(set(nodes)) != len(nodes):
             raise ValueError(f"node names must be unique and not {HUB!r}: {list(nodes)}")
@@ -179,6 +191,7 @@ class NetLab:
             for i, name in enumerate(nodes)
         }
         self.shapes = dict(shapes or {})
+        self.control_ports = tuple(control_ports)
         unknown = set(self.shapes) - set(self.nodes)
         if unknown:
             raise ValueError(f"shapes for unknown nodes: {sorted(unknown)}")
@@ -247,18 +260,36 @@ class NetLab:
         shape = self.shapes.get(node.name)
         if shape is not None:
             if shape.up_mbit:
-                self._tbf(ns, "eth0", shape.up_mbit)
+                self._tbf(ns, "eth0", shape.up_mbit, self.control_ports)
             if shape.down_mbit:
-                self._ingress_tbf(ns, "eth0", shape.down_mbit)
+                self._ingress_tbf(ns, "eth0", shape.down_mbit, self.control_ports)
 
     @staticmethod
-    def _tbf(ns: str, dev: str, mbit: float) -> None:
+    def _tbf(ns: str, dev: str, mbit: float, control_ports: Sequence[int] = ()) -> None:
         rate = f"{int(mbit * 1000)}kbit"
-        _ip("netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate,
+        tc = ["netns", "exec", ns, "tc"]
+        _ip(*tc, "qdisc", "add", "dev", dev, "root", "handle", "1:", "tbf", "rate", rate,
             "burst", "128kb", "latency", "50ms")  # fmt: skip
+        if not control_ports:
+            return
+        # tbf keeps the rate; the htb under it only orders: control first (module docstring)
+        _ip(*tc, "qdisc", "add", "dev", dev, "parent", "1:1", "handle", "10:", "htb",
+            "default", "20")  # fmt: skip
+        _ip(*tc, "class", "add", "dev", dev, "parent", "10:", "classid", "10:1", "htb",
+            "rate", rate, "ceil", rate)  # fmt: skip
+        for classid, prio in (("10:10", "0"), ("10:20", "1")):
+            _ip(*tc, "class", "add", "dev", dev, "parent", "10:1", "classid", classid, "htb",
+                "rate", rate, "ceil", rate, "prio", prio)  # fmt: skip
+        for port in control_ports:
+            for end in ("sport", "dport"):
+                _ip(*tc, "filter", "add", "dev", dev, "parent", "10:", "protocol", "ip",
+                    "prio", "1", "u32", "match", "ip", end, str(port), "0xffff",
+                    "flowid", "10:10")  # fmt: skip
 
     @classmethod
-    def _ingress_tbf(cls, ns: str, dev: str, mbit: float) -> None:
+    def _ingress_tbf(
+        cls, ns: str, dev: str, mbit: float, control_ports: Sequence[int] = ()
+    ) -> None:
         """Shape what ``dev`` receives: redirect its ingress to ``ifb0`` and shape that."""
         _ip("-n", ns, "link", "add", "ifb0", "type", "ifb")
         _ip("-n", ns, "link", "set", "ifb0", "up")
@@ -267,7 +298,7 @@ class NetLab:
         _ip(*tc, "filter", "add", "dev", dev, "parent", "ffff:", "protocol", "all",
             "u32", "match", "u32", "0", "0",
             "action", "mirred", "egress", "redirect", "dev", "ifb0")  # fmt: skip
-        cls._tbf(ns, "ifb0", mbit)
+        cls._tbf(ns, "ifb0", mbit, control_ports)
 
     def down(self) -> None:
         """Stop the forwarders (by PID) and delete every namespace of this lab; idempotent.

@@ -170,3 +170,23 @@ def test_a_killed_run_is_removed_by_clean(tmp_path: Path) -> None:
     while _processes_mentioning(str(tmp_path)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _processes_mentioning(str(tmp_path))
+
+
+def test_central_processes_run_at_a_higher_cpu_priority_than_nodes(tmp_path: Path) -> None:
+    """The lab's nodes share this machine's cores; a system's central process (rbd's
+    coordinator, the tracker, the registry) would have a host of its own, so it runs
+    niced up and 100 busy nodes cannot starve it (bench/lab/env.py)."""
+    from bench.lab.env import CENTRAL_NICE, LabEnv
+
+    profile = resolve_profile("ci")
+    with LabEnv(profile, tmp_path, tmp_path / "unused.tar") as env:
+        sleep = ["sleep", "30"]
+        central = env.spawn(env.hub, "central", sleep, central=True)
+        node = env.spawn(profile.nodes[0].name, "node", sleep)
+
+        def nice(pid: int) -> int:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            return int(stat.rsplit(")", 1)[1].split()[16])  # field 19: nice
+
+        assert nice(central.pid) == CENTRAL_NICE < 0
+        assert nice(node.pid) == 0
