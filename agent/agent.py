@@ -19,6 +19,7 @@ import asyncio
 import os
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,11 @@ class Agent:
         # removal runs and is reported: a heartbeat never re-announces a layer just
         # deleted. One lock for both ways a layer leaves the store.
         self.holdings_lock = self.hygiene.holdings_lock
+        # the heartbeat's own thread: the default executor carries the data plane (chunk
+        # writes with their fdatasync, serve-side reads and checks, commits), and behind a
+        # queue of those a heartbeat was late by seconds on a busy host and the
+        # coordinator marked a working node down
+        self._control_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rbd-heartbeat")
         self.ops = OpRunner(
             config.node_id,
             self.loader,
@@ -192,6 +198,7 @@ class Agent:
             await status.close()
             if self.metrics_server is not None:
                 await self.metrics_server.close()
+            self._control_pool.shutdown(wait=True)
             self.log.info("agent stopped")
 
     def _log_resumable(self) -> None:
@@ -292,12 +299,27 @@ class Agent:
         )
 
     async def _heartbeats(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.view.heartbeat_interval)
+            started = time.monotonic()
             try:
                 async with self.holdings_lock:
-                    hb = await asyncio.to_thread(self._heartbeat)
+                    locked = time.monotonic()
+                    hb = await loop.run_in_executor(self._control_pool, self._heartbeat)
+                    built = time.monotonic()
                     reply = await self.api.heartbeat(hb)
+                took = time.monotonic() - started
+                if took > self.view.heartbeat_interval:
+                    # the coordinator marks a node down after a few missed intervals:
+                    # say where the time went before that happens
+                    self.log.warning(
+                        "heartbeat slow",
+                        seconds=round(took, 3),
+                        lock_wait=round(locked - started, 3),
+                        build=round(built - locked, 3),
+                        send=round(time.monotonic() - built, 3),
+                    )
                 self.view.last_contact = time.time()
                 self.hygiene.coordinator_pins(reply.pinned)
                 self.hygiene.kick()

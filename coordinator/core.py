@@ -210,7 +210,7 @@ class Coordinator:
             self.images[image.ref] = image
             for m in image.manifests:
                 self.manifests.setdefault(m.digest, m)
-                self.scheduler.set_layer_size(m.digest, m.size)
+                self.scheduler.set_layer_size(m.digest, m.size, m.chunk_size)
             if image.state == "ingesting":
                 self._queue_ingest(image)
         now = self.clock()
@@ -778,7 +778,17 @@ class Coordinator:
             )
         return tr
 
+    def _heard_from(self, node: Node, now: float) -> None:
+        """A report from ``node`` shows it alive as well as a heartbeat would.
+
+        A busy host's heartbeat can be late (its uplink full, its threads busy with
+        chunks) while its transfer reports keep coming; marking it down would abort
+        the very transfers it is reporting. (Only a heartbeat brings a down node back.)
+        """
+        node.last_seen = max(node.last_seen, now)
+
     def transfer_progress(self, node: Node, transfer_id: str, m: TransferProgress) -> None:
+        self._heard_from(node, self.clock())
         tr = self._tracked(node, transfer_id)
         if tr is not None and self.scheduler.is_active(transfer_id):
             for p in self._progress_of(node.node_id):
@@ -786,6 +796,7 @@ class Coordinator:
 
     def transfer_done(self, node: Node, transfer_id: str, m: TransferDone) -> None:
         now = self.clock()
+        self._heard_from(node, now)
         tr = self._tracked(node, transfer_id)
         if tr is None:
             layer = node.reported_active.get(transfer_id, ("", ""))[0]
@@ -838,6 +849,7 @@ class Coordinator:
 
     def transfer_failed(self, node: Node, transfer_id: str, m: TransferFailed) -> None:
         now = self.clock()
+        self._heard_from(node, now)
         tr = self._tracked(node, transfer_id)
         if tr is None:
             log.info("failure report for an unknown transfer", transfer=transfer_id, kind=m.kind)
@@ -983,7 +995,7 @@ class Coordinator:
         image.state, image.error = "ready", ""
         for mf in manifests:
             self.manifests.setdefault(mf.digest, mf)
-            self.scheduler.set_layer_size(mf.digest, mf.size)
+            self.scheduler.set_layer_size(mf.digest, mf.size, mf.chunk_size)
         self.store.save_image(image)
         log.info("image ready", image=image.ref, layers=len(manifests), size=image.record.size)
         if self._add_holdings(node, [mf.digest for mf in manifests], now):

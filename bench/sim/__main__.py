@@ -43,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             channel_s=args.channel_ms / 1e3,
             finish_s=args.finish_ms / 1e3,
             verify_Bps=args.verify_mbyte_s * 1e6,
+            relay_hop_s=args.relay_hop_ms / 1e3,
         )
         lab = _read_json(args.compare) if args.compare else None
         if args.layers:
@@ -88,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--channel-ms", type=float, default=d.channel_s * 1e3)
     p.add_argument("--finish-ms", type=float, default=d.finish_s * 1e3)
     p.add_argument("--verify-mbyte-s", type=float, default=d.verify_Bps / 1e6)
+    p.add_argument("--relay-hop-ms", type=float, default=d.relay_hop_s * 1e3)
     return p
 
 

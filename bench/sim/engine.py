@@ -25,7 +25,11 @@ current rate (a tiny one while the upstream is still in its setup delay);
 caps follow rate changes down a chain of relays, and drop when the upstream's
 last byte arrived. Starting behind and never faster, a downstream flow stays
 behind (conservative: in the agent a demander that starts behind may catch up
-on the chunks the relay already has).
+on the chunks the relay already has). A relay forwards only whole verified
+chunks, so a downstream flow's first byte comes no sooner than its upstream's
+first byte plus one hop: a chunk's wire time on the downstream link plus the
+``relay_hop_s`` overhead. Down a chain the hops add up, which is what makes
+long relay chains slow in the lab.
 
 Events are kept in one heap; a flow's end is re-predicted only when its rate
 changes (older predictions are skipped by version), so an event costs about
@@ -62,6 +66,7 @@ class _Running:
     version: int = 0
     flowing: bool = False
     cap: float | None = None  # its own rate cap while its relay's upstream still runs
+    first_byte_at: float = 0.0  # when its first byte is (or was) due on the wire
 
 
 @dataclass
@@ -139,7 +144,7 @@ class Simulation:
         for n in self.profile.all_nodes:
             self.network.add_node(n.name, n.up_Bps * eff, n.down_Bps * eff)
         for layer, size in self.layers:
-            self.scheduler.set_layer_size(layer, size)
+            self.scheduler.set_layer_size(layer, size, self.profile.chunk_size)
         self.scheduler.add_node(origin.name, origin.up_Bps, names)
         for n in self.profile.nodes:
             self.scheduler.add_node(n.name, n.up_Bps)
@@ -182,15 +187,24 @@ class Simulation:
                 self._connected.add(pair)
                 self.result.new_connections += 1
             size = self.sizes[t.layer]
+            start = now + self.overheads.setup(new)
             if not self.scheduler.holds(t.seeder, t.layer):
                 up = self.scheduler.receiving(t.seeder, t.layer)
                 if up is None or up.transfer_id not in self._running:
                     raise RuntimeError(f"{t.transfer_id}: {t.seeder} neither holds nor receives")
-                self._upstream[t.transfer_id] = up.transfer_id
-                self._downstream.setdefault(up.transfer_id, set()).add(t.transfer_id)
-            self._running[t.transfer_id] = _Running(t, size, float(size))
+                u = self._running[up.transfer_id]
+                if u.flowing or u.remaining > 0:  # else: every byte is in, only its report is due
+                    self._upstream[t.transfer_id] = up.transfer_id
+                    self._downstream.setdefault(up.transfer_id, set()).add(t.transfer_id)
+                    start = max(start, u.first_byte_at + self._hop(t))
+            self._running[t.transfer_id] = _Running(t, size, float(size), first_byte_at=start)
             self.result.transfers += 1
-            self._push(now + self.overheads.setup(new), _START, t.transfer_id)
+            self._push(start, _START, t.transfer_id)
+
+    def _hop(self, t: Transfer) -> float:
+        """How far a relayed flow's first byte trails its upstream's (module docstring)."""
+        link = min(self.network.up_Bps(t.seeder), self.network.down_Bps(t.demander))
+        return min(self.profile.chunk_size, self.sizes[t.layer]) / link + self.overheads.relay_hop_s
 
     def _start(self, tid: str, now: float) -> None:
         r = self._running[tid]

@@ -52,6 +52,14 @@ class FlowNetwork:
         self._capacity[("up", node)] = up_Bps
         self._capacity[("down", node)] = down_Bps
 
+    def up_Bps(self, node: str) -> float:
+        """``node``'s upload capacity (bytes/s)."""
+        return self._capacity[("up", node)]
+
+    def down_Bps(self, node: str) -> float:
+        """``node``'s download capacity (bytes/s)."""
+        return self._capacity[("down", node)]
+
     def add(self, flow: str, src: str, dst: str, cap: float | None = None) -> dict[str, float]:
         """Start ``flow`` from ``src`` to ``dst``; returns the rates of every flow it affects.
 

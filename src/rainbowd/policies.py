@@ -32,7 +32,12 @@ policies here plan with *bandwidth*, not with locks:
   one whole layer time per level of the tree; a relay adds only a chunk. A
   complete holder that covers the demander's free download is still taken
   first (it cannot stall); then the tightest-fitting relay; then the most
-  room of either.
+  room of either. A hop forwards whole verified chunks, so each one adds a
+  chunk's time plus a fixed cost (``RELAY_HOP_S``) to how far the last node
+  of a chain trails a complete copy: a relay is offered only while that lag
+  stays within ``relay_lag_s``. Without the bound best fit builds one long
+  chain (each node's upload exactly covers the next node's download): in the
+  lab a 100-hop chain left the tail waiting 20 s for its first chunk.
 * **measured speeds** -- a completed transfer that ran ``MIN_OBSERVE_S`` or
   longer moves the estimate of the side that limited it (EWMA of achieved /
   planned rate); repeated failures halve a seeder's estimate, so slow or
@@ -57,6 +62,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .chunks import DEFAULT_CHUNK_SIZE
+
 if TYPE_CHECKING:
     from .scheduler import Scheduler, Transfer, _Demand, _Node
 
@@ -72,6 +79,10 @@ URGENT = "urgent"
 _WaitKey = tuple[tuple[float, str], tuple[float, str], tuple[str, ...]]
 #: failures in a row after which a seeder's estimate is halved (each further one halves it again)
 FAILURES_TO_SLOW = 2
+#: fixed seconds one relay hop adds beyond a chunk's wire time: the relay's wake-up, its
+#: serve-side check, the demander's check and write (the lab's 25-hop chain of 4 MB/s
+#: nodes: ~0.22 s per hop with 256 KiB chunks, of which 0.07 s is the chunk's wire time)
+RELAY_HOP_S = 0.15
 
 
 @dataclass(frozen=True)
@@ -90,6 +101,8 @@ class Rules:
     #: after that any seeder will do (min_share is for speed, never for starvation)
     patience_s: float = 5.0
     relay: bool = False  # cut-through: nodes still receiving a layer may seed it (needs slots)
+    #: most seconds the end of a relay chain may trail a complete copy (first chunk's lag)
+    relay_lag_s: float = 2.0
 
 
 RULES: dict[str, Rules] = {
@@ -110,6 +123,9 @@ RULES: dict[str, Rules] = {
             "slots + cut-through relay: a node still receiving a layer seeds it, "
             "at no more than its inbound rate",
             relay=True,
+            min_share=0.8,
+            relay_lag_s=1.5,
+            patience_s=15.0,
         ),
         Rules(
             "deadline",
@@ -133,6 +149,9 @@ class _Plan:
     seeder_limited: bool  # the seeder's free upload set that rate
     direct: bool = False  # a small layer sent directly (reserves nothing)
     urgent: bool = False  # planned for an urgent demander (counts against urgent_share)
+    #: seconds the demander's chunks trail what a complete holder would send it: a hop per
+    #: relay on the way (0 when the seeder holds the layer)
+    lag: float = 0.0
 
 
 class Planner:
@@ -185,6 +204,17 @@ class Planner:
             i = bisect_left(idle, key)
             if i < len(idle) and idle[i] == key:
                 del idle[i]
+        # min_share is taken of the fastest holder: one that is gone must not count
+        # (a demander would wait for a seeder that no longer exists)
+        rest = [
+            self._s._nodes[h].speed_bps
+            for h in self._s._holders.get(layer, ())
+            if h != node.node_id
+        ]
+        if rest:
+            self._fastest_holder[layer] = max(rest)
+        else:
+            self._fastest_holder.pop(layer, None)
 
     def demand_added(self, node: _Node, demand: _Demand) -> None:
         if self.rules.slack_margin is not None:
@@ -236,6 +266,8 @@ class Planner:
                 plan = self._plans.get(t.transfer_id)
                 if plan is None or plan.direct:
                     continue
+                if plan.lag + self.hop_s(t.layer, plan.planned) > self.rules.relay_lag_s:
+                    continue  # one more hop would trail too far behind (module docstring)
                 rate = min(free, plan.planned)
                 if rate >= _MIN_FREE_SHARE * node.speed_bps:
                     key = (-rate, nid)
@@ -255,6 +287,11 @@ class Planner:
             self._relay_keys[nid] = want
         else:
             self._relay_keys.pop(nid, None)
+
+    def hop_s(self, layer: str, rate: float) -> float:
+        """Seconds one hop at ``rate`` adds to a chain's lag: a chunk's wire time + fixed cost."""
+        chunk = self._s.layer_chunks.get(layer, DEFAULT_CHUNK_SIZE)
+        return chunk / max(rate, 1.0) + RELAY_HOP_S
 
     def relay_rate(self, node: _Node, layer: str) -> float:
         """The rate ``node`` can relay ``layer`` at (0: it is not a relay of it)."""
@@ -522,15 +559,19 @@ class Planner:
             if relayed:
                 inbound = self.relay_rate(seeder, d.layer)
                 rate = min(rate, inbound)
+                feed = self._s.receiving(seeder.node_id, d.layer)
+                up_plan = self._plans.get(feed.transfer_id) if feed is not None else None
+                lag = (up_plan.lag if up_plan is not None else 0.0) + self.hop_s(d.layer, rate)
                 reason = (
                     f"{self.rules.name}: cut-through relay -- {seeder.node_id} is still "
                     f"receiving the layer (inbound planned at {inbound / 1e6:.1f} MB/s) and "
                     f"serves its chunks as they land; the best fit among the layer's holders "
                     f"and relays for {down / 1e6:.1f} MB/s of free download; "
                     f"{up / 1e6:.1f} of its {seeder.speed_bps / 1e6:.1f} MB/s upload free; "
-                    f"planned at {rate / 1e6:.1f} MB/s (no faster than its inbound); {why}"
+                    f"planned at {rate / 1e6:.1f} MB/s (no faster than its inbound), first "
+                    f"chunk {lag:.1f} s behind a complete copy; {why}"
                 )
-                plan = _Plan(rate, rate, rate, True, urgent=urgent)
+                plan = _Plan(rate, rate, rate, True, urgent=urgent, lag=lag)
                 return self._s._start(
                     seeder, node, d, now, reason, plan_hook=lambda t: self._hold(t, plan)
                 )
@@ -572,6 +613,7 @@ class Planner:
             rate = min(seeder.speed_bps, node.speed_bps)
         up = rate if self.rules.slots else seeder.speed_bps
         down = rate if self.rules.slots else node.speed_bps
+        # (adopted after a restart: whether it was relayed is not known; taken as direct)
         self._hold(t, _Plan(up, down, max(rate, 1.0), True))
 
     def ended(self, t: Transfer) -> None:

@@ -177,6 +177,8 @@ class Scheduler:
         self._demand_count: dict[str, int] = {}
         #: layer -> size in bytes, where known (the capacity-aware policies plan with it)
         self.layer_sizes: dict[str, int] = {}
+        #: layer -> chunk size in bytes, where known (``relay`` bounds the lag of a chain with it)
+        self.layer_chunks: dict[str, int] = {}
         self._planner = Planner(RULES[policy], self) if policy in RULES else None
 
     # -- nodes -----------------------------------------------------------
@@ -275,10 +277,17 @@ class Scheduler:
     def speed(self, node_id: str) -> float:
         return self._node(node_id).speed_bps
 
-    def set_layer_size(self, layer: str, size: int) -> None:
-        """Tell the scheduler how big ``layer`` is (bytes); ``paper`` does not need it."""
+    def set_layer_size(self, layer: str, size: int, chunk_size: int = 0) -> None:
+        """Tell the scheduler how big ``layer`` is (bytes) and how it is chunked.
+
+        ``paper`` needs neither. The capacity-aware policies plan with the size;
+        ``relay`` also with the chunk size, since a relay hop forwards whole
+        verified chunks (each hop adds a chunk's time to the lag).
+        """
         if size > 0:
             self.layer_sizes[layer] = size
+        if chunk_size > 0:
+            self.layer_chunks[layer] = chunk_size
 
     def add_holding(self, node_id: str, layer: str) -> None:
         node = self._node(node_id)

@@ -20,6 +20,7 @@ from rainbowd.messages import (
     Heartbeat,
     TransferDone,
     TransferFailed,
+    TransferProgress,
 )
 
 
@@ -204,6 +205,49 @@ async def test_dropped_poll_marks_the_node_down_and_frees_its_seeder(tmp_path: P
             final = await admin.job(job.job_id)
             assert final.state == "done" and all(not n.error for n in final.nodes)
             for x in (origin, e, d2):
+                await x.c.close()
+    finally:
+        await r.stop()
+
+
+async def test_transfer_reports_keep_a_node_up_while_its_heartbeats_are_late(
+    tmp_path: Path,
+) -> None:
+    """A busy host's heartbeat can be late while its transfer reports keep coming (the
+    lab saw it): the node stays up and its transfer runs; silence still marks it down."""
+    r = await start(tmp_path, heartbeat_interval=0.1)
+    try:
+        async with AdminClient(r.url, ADMIN) as admin:
+            origin = await agent(r.url, "origin", roles=["origin"])
+            img = fake_image(sizes=(70_000,))
+            await ingest(admin, origin.c, img)
+            d = await agent(r.url, "d")
+            await admin.create_job(CreateJob(image=img.record.ref, targets=["d"]))
+            t = await d.transfer(wait=5.0)
+
+            async def origin_heartbeats() -> None:
+                while True:
+                    await origin.c.heartbeat(Heartbeat(holdings=img.digests))
+                    await asyncio.sleep(0.05)
+
+            beating = asyncio.create_task(origin_heartbeats())
+            try:
+                for i in range(10):  # 1 s: ten heartbeat intervals without one from d
+                    await d.c.transfer_progress(
+                        t.transfer_id,
+                        TransferProgress(bytes_done=i, bytes_total=t.layer.size, rate_bps=1e3),
+                    )
+                    await asyncio.sleep(0.1)
+                assert r.coordinator.cluster.nodes["d"].up
+                assert r.coordinator.scheduler.is_active(t.transfer_id)
+                await asyncio.sleep(0.6)  # now silence: six intervals
+                assert not r.coordinator.cluster.nodes["d"].up
+                assert not r.coordinator.scheduler.is_active(t.transfer_id)
+            finally:
+                beating.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await beating
+            for x in (origin, d):
                 await x.c.close()
     finally:
         await r.stop()
