@@ -566,6 +566,10 @@ class Options:
     job_timeout: float = 120.0
     cold_start: bool = False
     profile_dir: Path | None = None
+    #: store-and-forward: the simulated agents finish a transfer done_delay after its
+    #: assignment and serve nothing while receiving, so cut-through (``relay``) would
+    #: hand out relays they cannot be; ideal_job_s counts doubling rounds
+    policy: str = "slots"
 
 
 @dataclass
@@ -638,7 +642,11 @@ async def run_step(n: int, opts: Options) -> StepResult:
     """A fresh coordinator and ``n`` simulated agents (one of them the origin)."""
     with tempfile.TemporaryDirectory(prefix="rbd-load-") as tmp:
         cluster = LocalCluster(
-            Path(tmp), [], heartbeat_interval=opts.heartbeat_interval, log_level="warning"
+            Path(tmp),
+            [],
+            heartbeat_interval=opts.heartbeat_interval,
+            log_level="warning",
+            policy=opts.policy,
         )
         await cluster.start_coordinator()
         try:

@@ -289,10 +289,11 @@ def test_capacity_policies_beat_paper_and_approach_the_bound_on_paper() -> None:
     assert total["deadline"] <= 1.3 * t_star
 
 
-def test_a_tiny_image_is_no_slower_than_everyone_pulling_from_the_origin() -> None:
+@pytest.mark.parametrize("policy", ["deadline", "relay"])
+def test_a_tiny_image_is_no_slower_than_everyone_pulling_from_the_origin(policy: str) -> None:
     prof = load_profile(PROFILES / "paper.toml")
     tiny = [(L1, 20_000), (L2, 10_000)]
-    direct = Simulation(prof, tiny, policy="deadline").run()
+    direct = Simulation(prof, tiny, policy=policy).run()
     # the direct pull's time in the same model: 100 flows out of the origin at once
     origin_only = 100 * 30_000 / (prof.origin.up_Bps * 0.95)
     assert direct.total <= origin_only + 0.1
@@ -408,6 +409,55 @@ def test_the_lag_bound_counts_the_slower_hops_of_slow_nodes() -> None:
     started = s.schedule(0.0)
     hop = 256 * 1024 / (0.5 * MB) + RELAY_HOP_S
     assert len(started) == 1 + int(RULES["relay"].relay_lag_s / hop)
+
+
+def test_a_layer_of_one_chunk_is_not_relayed() -> None:
+    # a relay forwards whole verified chunks: with one chunk it would only add its hop
+    s = make("relay", ("o", 4 * MB, (L1,)), ("a", 8 * MB, ()), ("b", 8 * MB, ()))
+    s.set_layer_size(L1, 3_000_000, 4 * 1024 * 1024)  # 0.75 s at 4 MB/s: too big to send direct
+    s.demand("a", L1, "j", 0.0)
+    (ta,) = s.schedule(0.0)
+    assert ta.seeder == "o" and "direct" not in ta.reason
+    s.demand("b", L1, "j", 0.1)
+    assert s.schedule(0.1) == []  # b waits for a holder rather than relaying through a
+    planner = s._planner
+    assert isinstance(planner, Planner) and planner.relay_rate(s._nodes["a"], L1) == 0.0
+
+
+def test_relay_asks_for_the_rarest_layer_first() -> None:
+    # L1 has three holders, L2 only the origin: every demander wants L1 first (image
+    # order), so without the rule the origin's upload goes on a layer others could send
+    def first_layer(policy: str) -> str:
+        s = make(
+            policy,
+            ("origin", 4 * MB, (L1, L2)),
+            ("h1", 4 * MB, (L1,)),
+            ("h2", 4 * MB, (L1,)),
+            ("d", 4 * MB, ()),
+        )
+        s.demand("d", L1, "j", 0.0)
+        s.demand("d", L2, "j", 0.0)
+        (t,) = s.schedule(0.0)  # one transfer fills d's download
+        return t.layer
+
+    assert first_layer("slots") == L1
+    assert first_layer("relay") == L2
+
+
+def test_rarest_counts_transfers_in_flight_as_copies() -> None:
+    s = make("relay", ("origin", 8 * MB, (L1, L2)), ("a", 4 * MB, ()), ("b", 4 * MB, ()))
+    planner = s._planner
+    assert isinstance(planner, Planner)
+    s.demand("a", L1, "j", 0.0)
+    (ta,) = s.schedule(0.0)
+    assert planner._copies(L1) == 2 and planner._copies(L2) == 1  # a's pull counts
+    # b wants both: L2 is rarer now, though L1 comes first in the image
+    s.demand("b", L1, "j", 0.1)
+    s.demand("b", L2, "j", 0.1)
+    (tb,) = s.schedule(0.1)
+    assert tb.layer == L2
+    s.fail(ta.transfer_id)
+    assert planner._copies(L1) == 1  # a failed pull is no copy
 
 
 def test_cut_through_relay_beats_store_and_forward_in_the_simulator() -> None:
