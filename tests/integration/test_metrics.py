@@ -66,8 +66,15 @@ async def cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
         NodeSpec("n2", speed_hint_mbps=400),
         NodeSpec("n3", speed_hint_mbps=200),
     ]
+    # policy slots: the default (relay) sends an image this small straight from the
+    # origin to everyone (the direct rule), and this test wants peers seeding too
     c = LocalCluster(
-        tmp_path / "cluster", specs, chunk_size=CHUNK, heartbeat_interval=1.0, agent_metrics=True
+        tmp_path / "cluster",
+        specs,
+        chunk_size=CHUNK,
+        heartbeat_interval=1.0,
+        agent_metrics=True,
+        policy="slots",
     )
     await c.start()
     try:

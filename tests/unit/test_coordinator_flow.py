@@ -353,7 +353,7 @@ async def test_load_failure_fails_the_node(coord: Running, admin: AdminClient) -
         await x.c.close()
 
 
-@pytest.mark.parametrize("policy", ["slots", "deadline"])
+@pytest.mark.parametrize("policy", ["slots", "deadline", "relay"])
 async def test_capacity_policies_send_several_layers_to_one_demander_at_once(
     tmp_path: Path, policy: str
 ) -> None:
