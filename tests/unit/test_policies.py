@@ -400,6 +400,15 @@ def test_a_relay_chain_stops_where_its_tail_would_trail_too_far() -> None:
     assert planner.relay_rate(s._nodes[f"n{depth - 1}"], L1) == 0.0  # its upload is in use
 
 
+def test_the_lag_budget_grows_with_the_tree_levels_a_cluster_needs() -> None:
+    base = RULES["relay"].relay_lag_s
+    for nodes, budget in ((10, base), (100, base), (1_000, 1.5 * base), (10_000, 2 * base)):
+        s = make("relay", *[(f"n{i}", 4 * MB, ()) for i in range(nodes)])
+        planner = s._planner
+        assert isinstance(planner, Planner)
+        assert planner.lag_budget() == pytest.approx(budget), nodes
+
+
 def test_the_lag_bound_counts_the_slower_hops_of_slow_nodes() -> None:
     # at 0.5 MB/s a 256 KiB chunk takes 0.5 s on the wire: fewer hops fit the budget
     s = make("relay", ("o", 0.5 * MB, (L1,)), *[(f"n{i}", 0.5 * MB, ()) for i in range(8)])
