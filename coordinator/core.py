@@ -141,6 +141,7 @@ class _Tracked:
     acked_at: float = 0.0  # when the demander's cursor passed it (it was delivered)
     restored: bool = False  # adopted from the database after a restart
     reported: bool = False  # its done/failed report was applied
+    bytes_seen: int = 0  # the most bytes a progress report of it has shown
 
 
 class Coordinator:
@@ -788,8 +789,16 @@ class Coordinator:
         node.last_seen = max(node.last_seen, now)
 
     def transfer_progress(self, node: Node, transfer_id: str, m: TransferProgress) -> None:
-        self._heard_from(node, self.clock())
+        now = self.clock()
+        self._heard_from(node, now)
         tr = self._tracked(node, transfer_id)
+        if tr is not None and m.bytes_done > tr.bytes_seen:
+            # bytes moved since the last report: the seeder is alive and serving, even if
+            # its own heartbeat is late (a busy seeder sends no transfer reports of its own)
+            tr.bytes_seen = m.bytes_done
+            seeder = self.cluster.get(tr.t.seeder)
+            if seeder is not None:
+                self._heard_from(seeder, now)
         if tr is not None and self.scheduler.is_active(transfer_id):
             for p in self._progress_of(node.node_id):
                 p.progress(tr.t.layer, m.bytes_done, m.rate_bps)

@@ -133,16 +133,14 @@ RULES: dict[str, Rules] = {
         ),
         Rules(
             "relay",
-            "slots + cut-through relay (lag-bounded) + rarest layer first + least slack "
-            "first + direct small layers",
+            "slots + cut-through relay (lag-bounded) + rarest layer first + least slack first",
             relay=True,
             min_share=0.8,
-            relay_lag_s=2.0,
+            relay_lag_s=1.5,
             patience_s=15.0,
             rarest_first=True,
             slack_margin=0.3,
             urgent_share=0.25,
-            direct_s=0.5,
         ),
         Rules(
             "deadline",

@@ -353,7 +353,9 @@ async def test_load_failure_fails_the_node(coord: Running, admin: AdminClient) -
         await x.c.close()
 
 
-@pytest.mark.parametrize("policy", ["slots", "deadline", "relay"])
+# (not relay: its min share of 0.8 keeps a second download out while the first holds
+# half of the demander's link; it takes layers more nearly one at a time, at full rate)
+@pytest.mark.parametrize("policy", ["slots", "deadline"])
 async def test_capacity_policies_send_several_layers_to_one_demander_at_once(
     tmp_path: Path, policy: str
 ) -> None:
