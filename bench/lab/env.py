@@ -18,10 +18,10 @@ CPU: every node of the lab shares this machine's few cores, where a real
 cluster gives each host its own. A system's *central* process (rbd's
 coordinator, the BitTorrent tracker, the registry server) would have its own
 host too; here it is started with ``nice`` ``CENTRAL_NICE`` (``spawn(...,
-central=True)``), so 100 busy nodes cannot starve it. Without that, the
-coordinator's answers to agents took 0.5--1.7 s in a paper-profile run and
-live nodes were marked down for missed heartbeats. Every system gets the same
-treatment, so the comparison stays fair.
+central=True)``), so 100 busy nodes cannot starve it. Every system gets the
+same treatment, so the comparison stays fair. (It did not, on its own, stop
+the missed heartbeats seen in paper-profile runs: those came from tbf's FIFO,
+see rainbowd.netlab "Control traffic", and from the agent's busy thread pool.)
 """
 
 from __future__ import annotations

@@ -23,6 +23,15 @@ from .result import SystemResult
 REF = "rbd-demo:latest"
 
 
+def _rule(reason: str) -> str:
+    """The scheduler rule a transfer's reason names: ``relay: cut-through relay -- ...``
+    gives ``cut-through relay``, ``slots: best-fit seeder, ...`` gives ``best-fit seeder``."""
+    rule = reason.partition(": ")[2] or reason
+    for stop in (" --", ",", ";", " ("):
+        rule = rule.split(stop, 1)[0]
+    return rule.strip()
+
+
 class RbdSystem:
     """``rbd`` with one scheduling policy; named ``rbd`` for ``paper``, ``rbd:<policy>`` else."""
 
@@ -104,7 +113,7 @@ class RbdSystem:
                     "done": round(t.finished_at - job.created_at, 3) if t.finished_at else None,
                     "seconds": round(t.seconds, 3),
                     "bytes": t.bytes,
-                    "rule": t.reason.split(" ", 1)[0].rstrip(":"),
+                    "rule": _rule(t.reason),
                 }
                 for t in n.transfers
             ]

@@ -286,7 +286,6 @@ class Planner:
                     continue  # a relay forwards whole chunks: of one chunk, only the hop's cost
                 if plan.lag + self.hop_s(t.layer, plan.planned) > self.lag_budget():
                     continue  # one more hop would trail too far behind (module docstring)
-
                 rate = min(free, plan.planned)
                 if rate >= _MIN_FREE_SHARE * node.speed_bps:
                     key = (-rate, nid)
@@ -313,8 +312,7 @@ class Planner:
 
     def hop_s(self, layer: str, rate: float) -> float:
         """Seconds one hop at ``rate`` adds to a chain's lag: a chunk's wire time + fixed cost."""
-        chunk = self._s.layer_chunks.get(layer, DEFAULT_CHUNK_SIZE)
-        return chunk / max(rate, 1.0) + RELAY_HOP_S
+        return self._chunk_size(layer) / max(rate, 1.0) + RELAY_HOP_S
 
     def relay_rate(self, node: _Node, layer: str) -> float:
         """The rate ``node`` can relay ``layer`` at (0: it is not a relay of it)."""
@@ -490,8 +488,11 @@ class Planner:
                 return self._begin(seeder, node, d, now, why, urgent=urgent)
         return None
 
+    def _chunk_size(self, layer: str) -> int:
+        return self._s.layer_chunks.get(layer, DEFAULT_CHUNK_SIZE)
+
     def _one_chunk(self, layer: str) -> bool:
-        return self._size(layer) <= self._s.layer_chunks.get(layer, DEFAULT_CHUNK_SIZE)
+        return self._size(layer) <= self._chunk_size(layer)
 
     def _copies(self, layer: str) -> int:
         """Holders of ``layer`` plus transfers of it in flight (rarest first)."""
