@@ -27,7 +27,7 @@ last byte arrived. Starting behind and never faster, a downstream flow stays
 behind (conservative: in the agent a demander that starts behind may catch up
 on the chunks the relay already has). A relay forwards only whole verified
 chunks, so a downstream flow's first byte comes no sooner than its upstream's
-first byte plus one hop: a chunk's wire time on the downstream link plus the
+first byte plus one hop: a chunk's wire time on the link into the relay plus the
 ``relay_hop_s`` overhead. Down a chain the hops add up, which is what makes
 long relay chains slow in the lab.
 
@@ -196,14 +196,18 @@ class Simulation:
                 if u.flowing or u.remaining > 0:  # else: every byte is in, only its report is due
                     self._upstream[t.transfer_id] = up.transfer_id
                     self._downstream.setdefault(up.transfer_id, set()).add(t.transfer_id)
-                    start = max(start, u.first_byte_at + self._hop(t))
+                    start = max(start, u.first_byte_at + self._hop(t, u.transfer))
             self._running[t.transfer_id] = _Running(t, size, float(size), first_byte_at=start)
             self.result.transfers += 1
             self._push(start, _START, t.transfer_id)
 
-    def _hop(self, t: Transfer) -> float:
-        """How far a relayed flow's first byte trails its upstream's (module docstring)."""
-        link = min(self.network.up_Bps(t.seeder), self.network.down_Bps(t.demander))
+    def _hop(self, t: Transfer, upstream: Transfer) -> float:
+        """How far a relayed flow's first byte trails its upstream's (module docstring).
+
+        A chunk's time on the link bringing it *into* the relay, plus the hop's
+        fixed cost: the relay forwards the chunk once it has all of it.
+        """
+        link = min(self.network.up_Bps(upstream.seeder), self.network.down_Bps(t.seeder))
         return min(self.profile.chunk_size, self.sizes[t.layer]) / link + self.overheads.relay_hop_s
 
     def _start(self, tid: str, now: float) -> None:

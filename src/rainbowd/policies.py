@@ -33,16 +33,20 @@ policies here plan with *bandwidth*, not with locks:
   complete holder that covers the demander's free download is still taken
   first (it cannot stall); then the tightest-fitting relay; then the most
   room of either. A hop forwards whole verified chunks, so each one adds a
-  chunk's time plus a fixed cost (``RELAY_HOP_S``) to how far the last node
-  of a chain trails a complete copy: a relay is offered only while that lag
-  stays within the lag budget. Without the bound best fit builds one long
-  chain (each node's upload exactly covers the next node's download): in the
-  lab a 100-hop chain left the tail waiting 20 s for its first chunk. The
-  budget is ``relay_lag_s`` up to 100 nodes and grows with the number of
-  tree levels a bigger cluster needs (``log10(nodes) / 2`` times it): between
-  chains the layer is stored and forwarded, so a deeper chain per generation
-  means fewer generations. (Simulator, paper profile: a budget of 1.5 s gave
-  1.08 x T* at 100 nodes and 2.54 x at 5,000; 5 s gave 1.21 x and 1.50 x.)
+  chunk's time on the link *into* the relay plus a fixed cost
+  (``RELAY_HOP_S``) to how far the last node of a chain trails a complete
+  copy: a relay is offered only while that lag stays within the lag budget.
+  Without the bound best fit builds one long chain (each node's upload
+  exactly covers the next node's download): in the lab a 100-hop chain left
+  the tail waiting 20 s for its first chunk. The budget is ``relay_lag_s`` up
+  to 100 nodes and one more ``relay_lag_s`` per tenfold beyond (``log10(nodes)
+  - 1`` times it): between chains the layer is stored and forwarded, so a
+  deeper chain per generation means fewer generations. (Simulator, paper
+  profile with 64 KiB chunks, budget at 10,000 nodes: 3 s gave 1.53 x T*,
+  4 s 1.46 x, 5 s 1.47 x; at 100 nodes 1.5 s gave 1.06 x and 2 s 1.10 x.)
+  Small chunks shorten every hop: the slow nodes' chains (a 256 KiB chunk
+  takes 0.5 s at 4 Mbit/s) went from 1.62 to 1.53 x T* at 10,000 nodes with
+  64 KiB, the same budget.
 * **rarest layer first** -- a demander asks for the layer with the fewest
   copies (holders plus transfers in flight) before the others. Every node
   wants the image's layers in the same order; without this the origin spends
@@ -309,7 +313,7 @@ class Planner:
 
     def lag_budget(self) -> float:
         """Seconds a relay chain's tail may trail a complete copy (module docstring)."""
-        return self.rules.relay_lag_s * max(1.0, math.log10(max(len(self._s._nodes), 1)) / 2)
+        return self.rules.relay_lag_s * max(1.0, math.log10(max(len(self._s._nodes), 1)) - 1)
 
     def hop_s(self, layer: str, rate: float) -> float:
         """Seconds one hop at ``rate`` adds to a chain's lag: a chunk's wire time + fixed cost."""
@@ -513,6 +517,9 @@ class Planner:
 
         Urgent (slow) demanders take at most ``urgent_share`` of a seeder's
         upload, so the fast nodes that grow the seeding capacity can keep some.
+        (Searching further for a seeder with urgent share left was tried: in
+        the simulator it took the fast seeders' upload from the fast nodes and
+        was slower at 3,000 nodes, 1.53 against 1.47 x T*.)
         """
         seeder = self._fit(node, layer, room, least)
         if seeder is None:
@@ -520,6 +527,20 @@ class Planner:
         left = self.rules.urgent_share * seeder.speed_bps
         left -= self._urgent_used.get(seeder.node_id, 0.0)
         return seeder if left >= least else None
+
+    def _relay_lag(self, seeder_id: str, layer: str, rate: float) -> float:
+        """How far behind a complete copy a transfer relayed by ``seeder_id`` would start.
+
+        The relay's own lag plus one hop at the rate of the relay's *inbound*
+        transfer: the relay forwards a chunk once it has all of it, and that
+        takes the chunk's time on the link bringing it in (the outbound link's
+        speed sets how fast the demander goes after, not when it starts).
+        """
+        feed = self._s.receiving(seeder_id, layer)
+        up_plan = self._plans.get(feed.transfer_id) if feed is not None else None
+        if up_plan is None:
+            return self.hop_s(layer, rate)
+        return up_plan.lag + self.hop_s(layer, up_plan.planned)
 
     def _fit(self, node: _Node, layer: str, room: float, least: float) -> _Node | None:
         """Best fit: the tightest free upload >= ``room``, else the largest (if >= ``least``).
@@ -594,9 +615,7 @@ class Planner:
             if relayed:
                 inbound = self.relay_rate(seeder, d.layer)
                 rate = min(rate, inbound)
-                feed = self._s.receiving(seeder.node_id, d.layer)
-                up_plan = self._plans.get(feed.transfer_id) if feed is not None else None
-                lag = (up_plan.lag if up_plan is not None else 0.0) + self.hop_s(d.layer, rate)
+                lag = self._relay_lag(seeder.node_id, d.layer, rate)
                 reason = (
                     f"{self.rules.name}: cut-through relay -- {seeder.node_id} is still "
                     f"receiving the layer (inbound planned at {inbound / 1e6:.1f} MB/s) and "

@@ -7,6 +7,7 @@ paper policy's serial times on a chain, and T* below every simulated total.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import sys
@@ -194,6 +195,31 @@ class SendAllAtOnce(Scheduler):
                 tid = f"x-{node}-{layer}"
                 out.append(self.adopt(Transfer(tid, layer, "origin", node, "j", now, "", 0.0)))
         return out
+
+
+class RelayThroughF(Scheduler):
+    """origin -> f-001, and f-001 relays to s-001 while still receiving (both at once)."""
+
+    def schedule(self, now: float) -> list[Transfer]:
+        if self.active():
+            return []
+        return [
+            self.adopt(Transfer(f"x-{d}", "l", seeder, d, "j", now, "", 0.0))
+            for seeder, d in (("origin", "f-001"), ("f-001", "s-001"))
+            if (d, "l") in self.pending()
+        ]
+
+
+def test_a_relayed_flow_starts_a_chunk_on_the_link_into_the_relay_behind() -> None:
+    # f's first chunk lands after its time on the 32 Mbit/s link into f (not on s's
+    # 4 Mbit/s link out of it), plus the hop's fixed cost; then s runs at its own link
+    p = profile(32, ("f", 32, 32), ("s", 4, 4))
+    size = 2_000_000
+    o = dataclasses.replace(IDEAL, relay_hop_s=0.1)
+    r = Simulation(p, [("l", size)], o, scheduler=RelayThroughF("paper")).run()
+    hop = p.chunk_size / (32 * MBIT) + 0.1
+    assert r.node_seconds["f-001"] == pytest.approx(size / (32 * MBIT))
+    assert r.node_seconds["s-001"] == pytest.approx(hop + size / (4 * MBIT))
 
 
 def test_flows_sharing_a_link_speed_up_when_one_ends() -> None:
