@@ -22,10 +22,20 @@ central=True)``), so 100 busy nodes cannot starve it. Every system gets the
 same treatment, so the comparison stays fair. (It did not, on its own, stop
 the missed heartbeats seen in paper-profile runs: those came from tbf's FIFO,
 see rainbowd.netlab "Control traffic", and from the agent's busy thread pool.)
+
+A node's CPU need grows with the bytes it moves, so with one CPU share per
+process a 32 Mbit/s node got no more CPU than a 4 Mbit/s one once the cores
+were full: in paper-profile runs transfers into fast nodes reached a quarter
+of their planned rate, those into slow nodes 0.6-0.9 of it. Each node's
+processes therefore run at a niceness that gives them a CPU weight in
+proportion to the node's link rate (:func:`node_nice`; CFS weights grow
+~1.25 x per step), as if each node had its own host sized to its link.
+Every system's node processes get the same.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -42,6 +52,22 @@ from rainbowd.profile import ORIGIN, ClusterProfile
 
 #: the niceness of each system's central process (see the module docstring)
 CENTRAL_NICE = -10
+#: CFS's weight ratio between two adjacent nice levels (sched/core.c's prio table)
+NICE_STEP = 1.25
+
+
+def node_nice(rate_mbit: float, slowest_mbit: float) -> int:
+    """The niceness that gives a node's processes CPU weight in proportion to its link rate.
+
+    0 for the slowest node; one step lower per factor ``NICE_STEP`` beyond it,
+    never as high a priority as the central processes (``CENTRAL_NICE``).
+    """
+    if rate_mbit <= slowest_mbit or slowest_mbit <= 0:
+        return 0
+    steps = round(math.log(rate_mbit / slowest_mbit) / math.log(NICE_STEP))
+    return max(CENTRAL_NICE + 1, -steps)
+
+
 #: the central processes' ports, whose traffic every shaped link serves first
 #: (rainbowd.netlab, "Control traffic"): rbd's coordinator and the BitTorrent tracker
 COORDINATOR_PORT = 7700
@@ -161,9 +187,17 @@ class LabEnv:
         return p
 
     def prefix(self, node: str, *, central: bool = False) -> list[str]:
-        """The command prefix that runs a program in ``node``'s namespace."""
-        nice = ["nice", "-n", str(CENTRAL_NICE)] if central else []
+        """The command prefix that runs a program in ``node``'s namespace (and niceness)."""
+        level = CENTRAL_NICE if central else self.nice(node)
+        nice = ["nice", "-n", str(level)] if level else []
         return [*self.lab.exec_prefix(node), *nice]
+
+    def nice(self, node: str) -> int:
+        """``node``'s niceness: CPU weight in proportion to its link rate (module docstring)."""
+        rates = {n.name: n.up_mbit + n.down_mbit for n in self.profile.all_nodes}
+        if node not in rates:
+            return 0  # the hub: what runs there is central or plumbing
+        return node_nice(rates[node], min(rates.values()))
 
     def log_path(self, name: str) -> Path:
         return self.workdir / "logs" / f"{name}.log"

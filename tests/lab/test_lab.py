@@ -175,18 +175,39 @@ def test_a_killed_run_is_removed_by_clean(tmp_path: Path) -> None:
 def test_central_processes_run_at_a_higher_cpu_priority_than_nodes(tmp_path: Path) -> None:
     """The lab's nodes share this machine's cores; a system's central process (rbd's
     coordinator, the tracker, the registry) would have a host of its own, so it runs
-    niced up and 100 busy nodes cannot starve it (bench/lab/env.py)."""
+    niced up and 100 busy nodes cannot starve it; and a node's processes get CPU weight
+    in proportion to its link rate, the slowest node's at nice 0 (bench/lab/env.py)."""
     from bench.lab.env import CENTRAL_NICE, LabEnv
 
-    profile = resolve_profile("ci")
+    profile = resolve_profile("ci")  # fast: 64 Mbit/s each way, slow: 8 .. 32
+    rate = {n.name: n.up_mbit for n in profile.nodes}
+    slowest = min(rate, key=rate.__getitem__)
+    fast = max(rate, key=rate.__getitem__)
     with LabEnv(profile, tmp_path, tmp_path / "unused.tar") as env:
         sleep = ["sleep", "30"]
         central = env.spawn(env.hub, "central", sleep, central=True)
-        node = env.spawn(profile.nodes[0].name, "node", sleep)
+        slow_node = env.spawn(slowest, "slow", sleep)
+        fast_node = env.spawn(fast, "fast", sleep)
 
         def nice(pid: int) -> int:
+            # ip netns exec, then nice, exec the program in this pid: wait for it
+            deadline = time.monotonic() + 10
+            while Path(f"/proc/{pid}/comm").read_text().strip() != "sleep":
+                assert time.monotonic() < deadline, f"{pid} never became sleep"
+                time.sleep(0.05)
             stat = Path(f"/proc/{pid}/stat").read_text()
             return int(stat.rsplit(")", 1)[1].split()[16])  # field 19: nice
 
         assert nice(central.pid) == CENTRAL_NICE < 0
-        assert nice(node.pid) == 0
+        assert nice(slow_node.pid) == 0
+        # 8x the rate: CFS weight ~1.25x per step, so 9 steps, kept above the central one
+        assert CENTRAL_NICE < nice(fast_node.pid) == -9
+
+
+def test_node_niceness_follows_the_link_rate() -> None:
+    from bench.lab.env import CENTRAL_NICE, NICE_STEP, node_nice
+
+    assert node_nice(8, 8) == 0
+    assert node_nice(8 * NICE_STEP**3, 8) == -3
+    assert node_nice(16, 8) == -3  # twice the rate: ~3 steps (1.25^3 = 1.95)
+    assert node_nice(1_000, 8) == CENTRAL_NICE + 1  # never above the central process
