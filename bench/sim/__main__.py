@@ -4,6 +4,7 @@
 
     .venv/bin/python -m bench.sim --profile paper [--nodes 1000]
         [--out bench/out/sim-paper.json] [--compare LAB.json] [--layers 1996800,8396800,10240]
+        [--chunk-kib 64] [--relay-hop-ms 150]
         [--efficiency 0.95] [--assign-ms 2] [--connect-ms 30] [--channel-ms 2] [--finish-ms 5]
 
 The image is the lab's demo image for the profile's ``payload_mib`` (built in
@@ -15,12 +16,14 @@ runs move the same bytes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rainbowd.chunks import MIN_CHUNK_SIZE
 from rainbowd.profile import ClusterProfile, ProfileError, load_profile
 
 from .engine import Simulation
@@ -36,6 +39,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         profile = _profile(args.profile, args.nodes)
+        if args.chunk_kib is not None:
+            if args.chunk_kib * 1024 < MIN_CHUNK_SIZE:
+                raise ValueError(f"--chunk-kib must be >= {MIN_CHUNK_SIZE // 1024}")
+            profile = dataclasses.replace(profile, chunk_size=args.chunk_kib * 1024)
         overheads = Overheads(
             efficiency=args.efficiency,
             assign_s=args.assign_ms / 1e3,
@@ -82,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", metavar="LAB.json", help="a lab result to compare with")
     p.add_argument("--lab-system", default="rbd", help="the system of LAB.json to compare with")
     p.add_argument("--layers", help="layer sizes in bytes, comma-separated, image order")
+    p.add_argument(
+        "--chunk-kib", type=int, help="rbd's chunk size instead of the profile's (KiB, >= 64)"
+    )
     d = Overheads()
     p.add_argument("--efficiency", type=float, default=d.efficiency, help="goodput/line rate")
     p.add_argument("--assign-ms", type=float, default=d.assign_s * 1e3)

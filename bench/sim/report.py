@@ -67,6 +67,7 @@ def to_json(
                     "transfers": result.transfers,
                     "new_connections": result.new_connections,
                     "overheads": overheads.as_dict(),
+                    "chunk_size": profile.chunk_size,
                 },
             }
         },

@@ -299,6 +299,10 @@ def test_cli_writes_the_lab_shape_and_compares(
     assert "sim:paper" in printed and "T* =" in printed
     err = (sim["total"] - 5.0) / 5.0
     assert f"rbd (lab) 5.00 s vs sim:paper {sim['total']:.2f} s: error {err:+.1%}" in printed
+    assert sim["notes"]["chunk_size"] == 128 * 1024  # the ci profile's
+    assert main(["--profile", "ci", "--chunk-kib", "64", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["systems"]["sim:paper"]["notes"]["chunk_size"] == 65536
+    assert main(["--profile", "ci", "--chunk-kib", "16", "--out", str(out)]) == 2
     assert main(["--profile", "nope", "--out", str(out)]) == 2
     assert (
         main(["--profile", "ci", "--out", str(out), "--compare", str(lab), "--lab-system", "bt"])
