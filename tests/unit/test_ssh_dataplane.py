@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncssh
+import msgspec
 import pytest
 
 from rainbowd import chunkproto
@@ -260,6 +261,40 @@ async def test_trust_update_revokes(lab: Lab) -> None:
     lab.dem_store.remove(Digest(lab.manifest.digest))
     with pytest.raises(PullError, match="refused our client key"):
         await p.pull(lab.assignment())
+
+
+async def test_a_repeated_trust_list_parses_no_key_twice(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # at a cold start every enrollment sends every agent the whole trust list: parsing all
+    # of it each time cost N^2 key parses (the lab's 101 agents kept 2 vCPUs busy)
+    import rainbowd.agent.ssh_server as ssh_server
+
+    parsed: list[str] = []
+    real = ssh_server.key_blob
+
+    def counting(line: asyncssh.SSHKey | str) -> bytes:
+        parsed.append(str(line))
+        return real(line)
+
+    monkeypatch.setattr(ssh_server, "key_blob", counting)
+    lab.server.update_trust(lab.trust(version=2))
+    lab.server.update_trust(lab.trust(version=3))
+    assert parsed == []  # both keys were parsed when the server started
+    assert lab.server.trusted_peer(real(public_line(lab.dem_client))) == "dem"
+    newcomer = new_key()
+    more = lab.trust(version=4)
+    more.peers.append(
+        msgspec.structs.replace(more.peers[1], node_id="new", client_key=public_line(newcomer))
+    )
+    lab.server.update_trust(more)
+    assert parsed == [public_line(newcomer)]  # only the new key
+    assert lab.server.trusted_peer(real(public_line(newcomer))) == "new"
+    # a key no longer listed is forgotten (and its holder refused), as before
+    lab.server.update_trust(lab.trust(version=5))
+    assert lab.server.trusted_peer(real(public_line(newcomer))) is None
+    lab.server.update_trust(more)
+    assert parsed == [public_line(newcomer)] * 2
 
 
 async def test_only_the_chunk_subsystem_is_offered(lab: Lab) -> None:
