@@ -11,7 +11,7 @@ import contextlib
 from pathlib import Path
 
 from test_coordinator_flow import Agent, agent
-from test_coordinator_support import ADMIN, Running, fake_image, ingest, start
+from test_coordinator_support import ADMIN, FakeImage, Running, fake_image, ingest, start
 
 from rainbowd.client import AdminClient, AgentClient
 from rainbowd.messages import (
@@ -22,6 +22,14 @@ from rainbowd.messages import (
     TransferFailed,
     TransferProgress,
 )
+
+
+async def origin_with_one_layer(r: Running, admin: AdminClient) -> tuple[Agent, FakeImage]:
+    """An origin agent that ingested a one-layer (70 kB) image: the start of most cases."""
+    origin = await agent(r.url, "origin", roles=["origin"])
+    img = fake_image(sizes=(70_000,))
+    await ingest(admin, origin.c, img)
+    return origin, img
 
 
 async def test_bad_chunks_penalize_then_quarantine_at_the_limit(
@@ -144,9 +152,7 @@ async def test_restart_releases_an_assignment_that_never_reached_the_agent(
 ) -> None:
     r = await start(tmp_path)
     async with AdminClient(r.url, ADMIN) as admin:
-        origin = await agent(r.url, "origin", roles=["origin"])
-        img = fake_image(sizes=(70_000,))
-        await ingest(admin, origin.c, img)
+        origin, img = await origin_with_one_layer(r, admin)
         d = await agent(r.url, "d")
         job = await admin.create_job(CreateJob(image=img.record.ref, targets=["d"]))
         creds = {"origin": origin.c.credential, "d": d.c.credential}
@@ -174,9 +180,7 @@ async def test_dropped_poll_marks_the_node_down_and_frees_its_seeder(tmp_path: P
     r = await start(tmp_path)
     try:
         async with AdminClient(r.url, ADMIN) as admin:
-            origin = await agent(r.url, "origin", roles=["origin"])
-            img = fake_image(sizes=(70_000,))
-            await ingest(admin, origin.c, img)
+            origin, img = await origin_with_one_layer(r, admin)
             d = await agent(r.url, "d")
             e = await agent(r.url, "e")
             job = await admin.create_job(CreateJob(image=img.record.ref, targets=["d", "e"]))
@@ -219,9 +223,7 @@ async def test_transfer_reports_keep_a_node_up_while_its_heartbeats_are_late(
     r = await start(tmp_path, heartbeat_interval=0.1)
     try:
         async with AdminClient(r.url, ADMIN) as admin:
-            origin = await agent(r.url, "origin", roles=["origin"])
-            img = fake_image(sizes=(70_000,))
-            await ingest(admin, origin.c, img)
+            origin, img = await origin_with_one_layer(r, admin)
             d = await agent(r.url, "d")
             await admin.create_job(CreateJob(image=img.record.ref, targets=["d"]))
             t = await d.transfer(wait=5.0)
@@ -248,9 +250,7 @@ async def test_node_down_longer_than_the_timeout_fails_in_its_job(tmp_path: Path
     r.coordinator.node_down_timeout = 0.5
     try:
         async with AdminClient(r.url, ADMIN) as admin:
-            origin = await agent(r.url, "origin", roles=["origin"])
-            img = fake_image(sizes=(70_000,))
-            await ingest(admin, origin.c, img)
+            origin, img = await origin_with_one_layer(r, admin)
             d = await agent(r.url, "d")
             job = await admin.create_job(CreateJob(image=img.record.ref, targets=["d"]))
             view = await admin.wait_job(job.job_id, timeout=10)
