@@ -52,6 +52,7 @@ from rainbowd.digest import Digest, short
 from rainbowd.messages import FailureKind, PeerInfo, TransferAssignment, TransferFailed
 from rainbowd.store import ChunkRejected, LayerStore, PartialLayer, StoreError
 
+from .chunk_io import INLINE_MAX_BYTES, runs_inline
 from .keys import KeyFormatError, fingerprint, key_blob, parse_public_line
 from .metrics import AgentMetrics
 from .pacing import RatePacer
@@ -247,6 +248,7 @@ class LayerPuller:
         metrics: AgentMetrics | None = None,
         max_download_bps: float = 0.0,
         relay: RelayBoard | None = None,
+        inline_io_max: int = INLINE_MAX_BYTES,
     ) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
@@ -263,6 +265,8 @@ class LayerPuller:
         self.download_pacer = RatePacer(max_download_bps)
         #: tells this agent's ChunkServer which chunks of a pull have landed (cut-through)
         self.relay = relay
+        #: chunks up to this size are checked and written on the event loop (agent/chunk_io.py)
+        self.inline_io_max = inline_io_max
         self._conns: dict[_ConnKey, asyncssh.SSHClientConnection] = {}
         self._clients: dict[_ConnKey, _Client] = {}
         self._locks: dict[_ConnKey, asyncio.Lock] = {}
@@ -496,6 +500,20 @@ class LayerPuller:
             plog.error("pull_refused_disk_full", needed=needed, free=free, present=present)
             raise PullError("disk", reason)
 
+    async def _write(self, partial: PartialLayer, index: int, data: bytes) -> None:
+        """Check and write one received chunk; persist the bitmap when due.
+
+        A layer of small chunks is checked and written on the loop (agent/chunk_io.py);
+        the flush (``fdatasync`` and a renamed bitmap) always runs in a thread.
+        Neither is cut off by cancellation (see :func:`_uninterrupted`).
+        """
+        if not runs_inline(partial.manifest.chunk_size, self.inline_io_max):
+            await _uninterrupted(partial.write_chunk, index, data)
+            return
+        partial.put_chunk(index, data)
+        if partial.flush_due():
+            await _uninterrupted(partial.flush)
+
     def _disk_error(self, e: OSError, manifest: ChunkManifest, what: str) -> PullError:
         """A PullError of kind ``disk`` naming node, layer, need and free space."""
         try:
@@ -585,7 +603,7 @@ class LayerPuller:
                             seeder_fault=True,
                         )
                     try:
-                        await _uninterrupted(partial.write_chunk, ev.index, ev.data)
+                        await self._write(partial, ev.index, ev.data)
                     except ChunkRejected as e:
                         plog.error("bad_chunk", chunk=ev.index, length=len(ev.data))
                         self.metrics.chunk_failure(tally.peer, "bad_chunk")

@@ -60,6 +60,7 @@ from rainbowd.digest import Digest, short
 from rainbowd.messages import TrustList
 from rainbowd.store import LayerMissing, LayerStore, StoreError
 
+from .chunk_io import INLINE_MAX_BYTES, chunk_work
 from .keys import KeyFormatError, fingerprint, key_blob
 from .pacing import RatePacer
 from .relay import RelayBoard, RelayNotPulling, RelayUnavailable
@@ -123,8 +124,11 @@ class ChunkServer:
         relay: RelayBoard | None = None,
         relay_wait_s: float = 20.0,
         relay_start_s: float = 5.0,
+        inline_io_max: int = INLINE_MAX_BYTES,
     ) -> None:
         self.store = store
+        #: chunks up to this size are read and checked on the event loop (agent/chunk_io.py)
+        self.inline_io_max = inline_io_max
         #: chunks of layers still being pulled here (None: serve complete layers only)
         self.relay = relay
         #: longest wait for a chunk a relay does not have yet; below the demander's
@@ -271,7 +275,7 @@ class ChunkServer:
         return m
 
     def _read_chunk(self, digest: Digest, index: int) -> tuple[int, bytes]:
-        """Runs in a worker thread: (index, bytes) of a chunk of a complete layer."""
+        """(index, bytes) of a chunk of a complete layer; blocking (see :meth:`_read`)."""
         if not self.store.has(digest):
             self._manifests.pop(digest, None)
             raise LayerMissing(f"node {self.node_id} does not hold layer {digest}")
@@ -459,28 +463,44 @@ class ChunkServer:
             )
 
     async def _read(self, layer: Digest, index: int) -> tuple[int, bytes]:
+        """Chunk ``index`` of ``layer``, from the stored blob or (relay) the partial being pulled.
+
+        Small chunks are read and checked on the loop (see agent/chunk_io.py);
+        ``store.has`` is two ``stat`` calls and always runs inline.
+        """
         relay = self.relay
-        if relay is not None and not await asyncio.to_thread(self.store.has, layer):
+        if relay is not None and not self.store.has(layer):
             where = await relay.wait_chunk(
                 layer, index, self.relay_wait_s, lambda: self.store.has(layer), self.relay_start_s
             )
             if where is not None:
                 manifest, path = where
                 try:
-                    out = await asyncio.to_thread(
-                        self._read_partial_chunk, layer, index, manifest, path
+                    out = await chunk_work(
+                        manifest.chunk_size,
+                        self.inline_io_max,
+                        self._read_partial_chunk,
+                        layer,
+                        index,
+                        manifest,
+                        path,
                     )
                 except FileNotFoundError:
                     pass  # installed meanwhile (the .part was renamed into place): the blob
                 else:
                     relay.relayed_chunks += 1
                     return out
-        return await asyncio.to_thread(self._read_chunk, layer, index)
+        known = self._manifests.get(layer)
+        if known is None:  # the manifest is read from disk the first time: not on the loop
+            return await asyncio.to_thread(self._read_chunk, layer, index)
+        return await chunk_work(
+            known.chunk_size, self.inline_io_max, self._read_chunk, layer, index
+        )
 
     def _read_partial_chunk(
         self, digest: Digest, index: int, m: ChunkManifest, path: os.PathLike[str]
     ) -> tuple[int, bytes]:
-        """Runs in a worker thread: a chunk of a layer still being received (bit set)."""
+        """A chunk of a layer still being received (bit set); blocking (see :meth:`_read`)."""
         return self._read_checked(digest, index, m, path, "partial layer")
 
 

@@ -141,7 +141,18 @@ class PartialLayer:
         return self.manifest.size - self.bytes_present
 
     def write_chunk(self, index: int, data: bytes) -> None:
-        """Check ``data`` against the manifest and write it; raise ChunkRejected if bad."""
+        """Check ``data`` against the manifest and write it; raise ChunkRejected if bad.
+
+        Persists the bitmap when due (see the class docstring), so this may wait
+        on the disk: an event loop calls :meth:`put_chunk` and, when
+        :meth:`flush_due`, :meth:`flush` in a thread.
+        """
+        self.put_chunk(index, data)
+        if self.flush_due():
+            self.flush()
+
+    def put_chunk(self, index: int, data: bytes) -> None:
+        """:meth:`write_chunk` without the flush: a hash and a ``pwrite`` into the page cache."""
         if not self.manifest.verify_chunk(index, data):
             raise ChunkRejected(
                 f"layer {self.digest} chunk {index}: {len(data)} bytes do not match the manifest"
@@ -153,8 +164,15 @@ class PartialLayer:
         if self._unflushed == 0:
             self._unflushed_since = now
         self._unflushed += 1
-        if self._unflushed >= self.FLUSH_EVERY or now - self._unflushed_since >= self.FLUSH_SECONDS:
-            self.flush()
+
+    def flush_due(self) -> bool:
+        """True when chunks written since the last flush are too many or too old to leave."""
+        if self._unflushed == 0:
+            return False
+        return (
+            self._unflushed >= self.FLUSH_EVERY
+            or time.monotonic() - self._unflushed_since >= self.FLUSH_SECONDS
+        )
 
     def flush(self) -> None:
         """Make every chunk marked present durable, then persist the bitmap."""

@@ -6,9 +6,11 @@ import asyncio
 import errno
 import os
 import stat
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import asyncssh
 import msgspec
@@ -162,6 +164,42 @@ async def test_full_transfer(lab: Lab) -> None:
     # already held: nothing moves
     again = await lab.puller().pull(lab.assignment())
     assert again.bytes_moved == 0 and again.chunks_fetched == 0
+
+
+@pytest.mark.parametrize("inline_io_max", [CHUNK, CHUNK - 1])
+async def test_chunk_work_runs_inline_up_to_the_limit_and_in_threads_above(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch, inline_io_max: int
+) -> None:
+    """Chunks up to ``inline_io_max`` are checked and copied on the loop; larger ones in threads.
+
+    The flush (fdatasync, renamed bitmap) is never on the loop. Both paths
+    move the same bytes; what differs is only the thread each step ran on.
+    """
+    loop_thread = threading.get_ident()
+    seen: dict[str, set[bool]] = {"read": set(), "put": set(), "flush": set()}
+
+    def spy(name: str, real: Any) -> Any:
+        def wrapper(*args: Any, **kw: Any) -> Any:
+            seen[name].add(threading.get_ident() == loop_thread)
+            return real(*args, **kw)
+
+        return wrapper
+
+    monkeypatch.setattr(ChunkServer, "_read_checked", spy("read", ChunkServer._read_checked))
+    monkeypatch.setattr(PartialLayer, "put_chunk", spy("put", PartialLayer.put_chunk))
+    monkeypatch.setattr(PartialLayer, "flush", spy("flush", PartialLayer.flush))
+    monkeypatch.setattr(PartialLayer, "FLUSH_SECONDS", 0.0)  # a flush after every chunk
+    await lab.server.close()
+    server = ChunkServer(lab.seed_store, lab.seed_host, node_id="seed", inline_io_max=inline_io_max)
+    await start_server(lab, server)
+    res = await lab.puller(inline_io_max=inline_io_max).pull(lab.assignment())
+    assert res.bytes_moved == SIZE
+    assert blob(lab.dem_store, lab.manifest.digest) == lab.data
+    inline = inline_io_max >= CHUNK
+    # the first read of a layer loads its manifest from disk: always in a thread
+    assert seen["read"] == ({True, False} if inline else {False})
+    assert seen["put"] == {inline}
+    assert seen["flush"] == {False}
 
 
 async def test_connection_reused_for_several_layers(lab: Lab) -> None:
@@ -612,16 +650,16 @@ async def test_disk_filling_up_mid_pull_is_a_clear_disk_failure_and_never_commit
     lab: Lab, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """ENOSPC after the pre-check (space taken by someone else) keeps what was written."""
-    real = PartialLayer.write_chunk
+    real = PartialLayer.put_chunk
     written: list[int] = []
 
-    def write_chunk(self: PartialLayer, index: int, data: bytes) -> None:
+    def put_chunk(self: PartialLayer, index: int, data: bytes) -> None:
         if len(written) >= 12:
             raise OSError(errno.ENOSPC, "No space left on device")
         real(self, index, data)
         written.append(index)
 
-    monkeypatch.setattr(PartialLayer, "write_chunk", write_chunk)
+    monkeypatch.setattr(PartialLayer, "put_chunk", put_chunk)
     with pytest.raises(PullError) as ei:
         await lab.puller().pull(lab.assignment())
     e = ei.value
@@ -632,7 +670,7 @@ async def test_disk_filling_up_mid_pull_is_a_clear_disk_failure_and_never_commit
     [(_, have, _count)] = list(LayerStore(lab.tmp / "dem").partials())
     assert have == 12
 
-    monkeypatch.setattr(PartialLayer, "write_chunk", real)  # space freed: resume
+    monkeypatch.setattr(PartialLayer, "put_chunk", real)  # space freed: resume
     res = await lab.puller().pull(lab.assignment())
     assert res.bytes_moved == SIZE - 12 * CHUNK
     assert blob(lab.dem_store, lab.manifest.digest) == lab.data
