@@ -4,7 +4,7 @@
 
     .venv/bin/python -m bench.sim --profile paper [--nodes 1000]
         [--out bench/out/sim-paper.json] [--compare LAB.json] [--layers 1996800,8396800,10240]
-        [--chunk-kib 64] [--relay-hop-ms 150]
+        [--chunk-kib 64] [--relay-hop-ms 50]
         [--efficiency 0.95] [--assign-ms 2] [--connect-ms 30] [--channel-ms 2] [--finish-ms 5]
 
 The image is the lab's demo image for the profile's ``payload_mib`` (built in
@@ -26,6 +26,7 @@ from typing import Any
 from rainbowd.chunks import MIN_CHUNK_SIZE
 from rainbowd.profile import ClusterProfile, ProfileError, load_profile
 
+from .calibrate import hop_report
 from .engine import Simulation
 from .image import demo_layers, given_layers
 from .overheads import Overheads
@@ -72,6 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if lab is not None:
         try:
             print(compare(lab, doc, args.lab_system))
+            print(hop_report(lab, args.lab_system, profile, overheads))
         except ValueError as e:
             print(f"bench.sim: {e}", file=sys.stderr)
             return 2

@@ -22,9 +22,14 @@ tuned by hand:
   seeder (the agent keeps one connection per seeder): a new channel and the
   first chunk request, ~2 ms.
 * ``relay_hop_s`` -- what one cut-through relay hop adds beyond a chunk's wire
-  time: the relay wakes for the chunk, checks it before serving, the demander
-  checks and writes it. The lab's 25-hop chain of 4 MB/s nodes (256 KiB
-  chunks) lost ~0.22 s per hop, 0.07 s of it the chunk's wire time.
+  time on the link into the relay: the relay wakes for the chunk, checks it
+  before serving, the demander checks and writes it. ``--compare LAB.json``
+  measures it from the lab run's first-round chains of equal links
+  (bench/sim/calibrate.py). Five relay runs of the ``paper`` profile
+  (128 KiB chunks, session 5) gave medians of 5, 9, 11, 12 and 43 ms over
+  8 hops each; 50 ms covers the slowest of them. (Session 3's 150 ms came
+  from one 100-hop chain of 256 KiB chunks when every chunk took three
+  thread-pool hops and heartbeats were being missed.)
 * ``finish_s`` and ``verify_Bps`` -- after the last byte: the final whole-digest
   check of the layer (re-read and hashed at ``verify_Bps``), the atomic rename
   and the done report reaching the coordinator (``finish_s``).
@@ -51,7 +56,7 @@ class Overheads:
     channel_s: float = 0.002
     finish_s: float = 0.005
     verify_Bps: float = 1.0e9  # bytes per second
-    relay_hop_s: float = 0.15
+    relay_hop_s: float = 0.05
 
     def __post_init__(self) -> None:
         if not 0 < self.efficiency <= 1:

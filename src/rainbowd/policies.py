@@ -96,9 +96,11 @@ URGENT = "urgent"
 _WaitKey = tuple[tuple[float, str], tuple[float, str], tuple[str, ...]]
 #: failures in a row after which a seeder's estimate is halved (each further one halves it again)
 FAILURES_TO_SLOW = 2
-#: fixed seconds one relay hop adds beyond a chunk's wire time: the relay's wake-up, its
-#: serve-side check, the demander's check and write (the lab's 25-hop chain of 4 MB/s
-#: nodes: ~0.22 s per hop with 256 KiB chunks, of which 0.07 s is the chunk's wire time)
+#: fixed seconds one relay hop is planned to add beyond a chunk's wire time: the relay's
+#: wake-up, its serve-side check, the demander's check and write. A margin, not the
+#: measurement: the lab's first-round chains now show 5-43 ms (bench/sim/calibrate.py),
+#: but hops on a loaded host cost more, and at 10,000 simulated nodes planning with
+#: 0.15 s did better than with 0.05 s (1.40 against 1.42 x T*; bench/RESULTS.md)
 RELAY_HOP_S = 0.15
 
 

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.sim import IDEAL, FlowNetwork, Overheads, Simulation
 from bench.sim.__main__ import main
+from bench.sim.calibrate import hop_report, relay_hop_overheads
 from bench.sim.flows import FlowError
 from rainbowd.imagebuild import BUSYBOX
 from rainbowd.profile import ClusterProfile, load_profile, parse_profile
@@ -319,3 +320,34 @@ def test_the_demo_image_layers_are_measured() -> None:
     sizes = [s for _, s in layers]
     assert 1024 * 1024 < sizes[1] < 1024 * 1024 + 64 * 1024  # the payload layer
     assert all(name.startswith("sha256:") for name, _ in layers)
+
+
+def test_hop_calibration_counts_only_first_round_relay_hops_between_equal_links() -> None:
+    p = dataclasses.replace(profile(32, ("a", 32, 32), ("s", 4, 4)).scaled(12), chunk_size=131072)
+    fast = [n.name for n in p.nodes if n.group == "a"]
+    slow = next(n.name for n in p.nodes if n.group == "s")
+    wire = 131072 / (32 * MBIT * 0.95)
+    size = 8_000_000
+
+    def t(seeder: str, demander: str, assigned: float, done: float, nbytes: int = size) -> Any:
+        return dict(
+            layer="L", seeder=seeder, demander=demander, assigned=assigned, done=done, bytes=nbytes
+        )
+
+    a1, a2, a3, a4, a5 = fast[:5]
+    timeline = [
+        t("origin", a1, 0.0, 2.0),  # from the origin: no hop
+        t(a1, a2, 0.0, 2.0 + wire + 0.010),  # a hop
+        t(a2, a3, 0.2, 2.0 + 2 * wire + 0.030),  # a hop, 20 ms more than the last
+        t(a3, slow, 0.0, 16.0),  # into a slower link: finishes late for its own sake
+        t(a1, a4, 2.5, 4.5),  # assigned after a1 was done: not relayed
+        t(a4, a5, 3.0, 4.6),  # relayed, but in a later round (a4 waited for a1)
+        dict(t(a1, a5, 0.0, 2.1, 1000), layer="tiny"),  # one chunk: never relayed
+        t(a5, fast[5], 0.0, None),  # not done: no finish to compare
+    ]
+    hops = relay_hop_overheads(timeline, p, 0.95)
+    assert hops == [pytest.approx(0.010), pytest.approx(0.020)]
+    lab = {"systems": {"rbd:relay": {"notes": {"timeline": timeline}}}}
+    line = hop_report(lab, "rbd:relay", p, dataclasses.replace(IDEAL, efficiency=0.95))
+    assert "2 first-round hops" in line and "median 15 ms" in line
+    assert "no transfer timeline" in hop_report({"systems": {}}, "rbd:relay", p, IDEAL)
