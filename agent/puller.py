@@ -194,7 +194,9 @@ class _ChunkClientSession(asyncssh.SSHClientSession[bytes]):
                 self.chan.close()
 
     async def next_event(self, timeout: float) -> chunkproto.Event | BaseException | None:
-        ev = await asyncio.wait_for(self.events.get(), timeout)
+        # asyncio.timeout, not wait_for: wait_for wraps the get in a new task, per chunk
+        async with asyncio.timeout(timeout):
+            ev = await self.events.get()
         if isinstance(ev, chunkproto.Chunk):
             self._chunks_queued -= 1
             if self._paused and self._chunks_queued < QUEUE_HIGH_WATER and self.chan:

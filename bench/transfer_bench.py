@@ -289,11 +289,12 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         modes = [(k, c) for c in ciphers for k in ("rbd", "raw", "raw+disk")]
         times: dict[str, list[float]] = {f"{k}/{c}": [] for k, c in modes}
         cpus: dict[str, list[float]] = {k: [] for k in times}
+        server_cpus: dict[str, list[float]] = {k: [] for k in times}
         negotiated: dict[str, str] = {}
         try:
             for run in range(args.runs + 1):  # run 0 warms page cache and code paths
                 for kind, cipher in modes:
-                    c0 = time.process_time()
+                    c0, s0 = time.process_time(), _proc_cpu(proc.pid)
                     if kind == "rbd":
                         dt, neg = await rbd_run(
                             ports["rbd"], work, cipher, manifest, host_line, args.window
@@ -302,12 +303,13 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                         dt, neg = await raw_run(
                             ports["raw"], work, cipher, size, host_pub, kind == "raw+disk"
                         )
-                    cpu = time.process_time() - c0
+                    cpu, server_cpu = time.process_time() - c0, _proc_cpu(proc.pid) - s0
                     key = f"{kind}/{cipher}"
                     negotiated[key] = neg
                     if run > 0:
                         times[key].append(dt)
                         cpus[key].append(cpu)
+                        server_cpus[key].append(server_cpu)
                     print(
                         f"  run {run}{' (warm-up)' if run == 0 else ''} {key:40s} "
                         f"{size / dt / 1e6:8.1f} MB/s",
@@ -336,6 +338,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 # CPU seconds the client process (all threads) spent per GiB moved:
                 # robust to other load on the machine, unlike wall-clock throughput
                 "client_cpu_s_per_GiB": statistics.median(cpus[key]) * 2**30 / size,
+                # the same for the server process (ChunkServer, or the raw sender)
+                "server_cpu_s_per_GiB": statistics.median(server_cpus[key]) * 2**30 / size,
             }
         for c in ciphers:
             m = result["modes"]
@@ -346,6 +350,12 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         return result
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system, all threads) process ``pid`` has used, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _sha(data: bytes) -> str:
@@ -359,14 +369,14 @@ def print_table(r: dict[str, Any]) -> None:
     )
     print(
         f"{'mode':9s} {'cipher (negotiated)':32s} {'median MB/s':>12s} {'min..max':>16s}"
-        f" {'client CPU s/GiB':>17s}"
+        f" {'client CPU s/GiB':>17s} {'server CPU s/GiB':>17s}"
     )
     for key, m in r["modes"].items():
         kind = key.split("/", 1)[0]
         lo, hi = min(m["all_MBps"]), max(m["all_MBps"])
         print(
             f"{kind:9s} {m['cipher']:32s} {m['median_MBps']:12.1f} {lo:7.1f}..{hi:<8.1f}"
-            f" {m['client_cpu_s_per_GiB']:17.2f}"
+            f" {m['client_cpu_s_per_GiB']:17.2f} {m['server_cpu_s_per_GiB']:17.2f}"
         )
     for k, v in r.items():
         if k.startswith("ratio_"):

@@ -217,6 +217,7 @@ class LayerStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.blob_dir = self.root / "blobs" / "sha256"
+        self._blob_dir_s = os.fspath(self.blob_dir)
         self.partial_dir = self.root / "partial"
         self.tmp_dir = self.root / "tmp"
         for d in (self.blob_dir, self.partial_dir, self.tmp_dir):
@@ -232,8 +233,9 @@ class LayerStore:
         return self.blob_dir / hex_part(parse_digest(digest))
 
     def has(self, digest: Digest) -> bool:
-        p = self.path(digest)
-        return p.is_file() and p.with_name(p.name + ".chunks").is_file()
+        """The blob and its manifest are both in place (checked per chunk served: no pathlib)."""
+        p = os.path.join(self._blob_dir_s, hex_part(parse_digest(digest)))
+        return os.path.isfile(p) and os.path.isfile(p + ".chunks")
 
     def holdings(self) -> list[Digest]:
         out = []
