@@ -525,3 +525,47 @@ def test_a_download_capped_demander_gets_room_by_its_cap_not_its_speed() -> None
     s.demand("capped", L1, "j", 0.0)
     (t,) = s.schedule(0.0)
     assert (t.seeder, t.demander) == ("origin", "capped") and planned(t) == 3 * MB
+
+
+def crawling(policy: str = "relay") -> tuple[Scheduler, Transfer]:
+    """d (1 MB/s) wants L1 and L2, one seeder of each; the L1 transfer takes d's whole link."""
+    s = make(policy, ("s1", 1 * MB, (L1,)), ("s2", 1 * MB, (L2,)), sizes=20_000_000)
+    s.add_node("d", 1 * MB)
+    s.demand("d", L1, "j", 0.0)
+    (t,) = s.schedule(0.0)
+    s.demand("d", L2, "j", 0.0)
+    assert s.schedule(0.0) == []  # d's download is reserved in full
+    return s, t
+
+
+def test_a_crawling_transfer_gives_back_the_room_it_does_not_use() -> None:
+    s, t = crawling()
+    assert s._planner is not None
+    up_before = s._planner.free_up(s._nodes["s1"])
+    # at a fifth of plan after 6 s: it keeps 1.25 x what it moves, the rest goes to L2
+    assert s.progress(t.transfer_id, 6.0, int(0.2 * MB * 6))
+    # the seeder's upload stays reserved (given back, a loaded seeder would take more)
+    assert s._planner.free_up(s._nodes["s1"]) == up_before
+    (t2,) = s.schedule(6.0)
+    assert (t2.layer, t2.seeder, t2.demander) == (L2, "s2", "d")
+    # below min_share (0.8 of d's speed): room given back is taken by any seeder
+    assert s._planner._plans[t2.transfer_id].planned == pytest.approx(0.75 * MB)
+    assert not s.progress(t.transfer_id, 7.0, int(0.2 * MB * 7))  # nothing more to give
+    s.complete(t.transfer_id, 30.0, 20_000_000)
+    assert s.schedule(30.0) == []  # L2 was already under way
+
+
+@pytest.mark.parametrize(
+    ("now", "rate", "policy"),
+    [
+        (4.0, 0.2, "relay"),  # too early to judge (handshake, a chain's lag)
+        (6.0, 0.5, "relay"),  # 1.25 x 0.5 is above 0.6 of plan: close enough
+        (6.0, 0.2, "slots"),  # a policy without the rule
+    ],
+)
+def test_a_transfer_keeps_its_reservation_when_early_near_plan_or_not_resized(
+    now: float, rate: float, policy: str
+) -> None:
+    s, t = crawling(policy)
+    assert not s.progress(t.transfer_id, now, int(rate * MB * now))
+    assert s.schedule(now) == []
