@@ -532,7 +532,6 @@ class Coordinator:
                 self._undelivered.get(node.node_id, {}).pop(a.transfer_id, None)
             for p in self._progress_of(node.node_id):
                 p.progress(tr.t.layer, a.bytes_done, a.rate_bps)
-            self.scheduler.progress(a.transfer_id, now, a.bytes_done)  # the heartbeat re-plans
         self._check_absent(node, listed, now)
 
     def _adopt_unknown(
@@ -803,8 +802,6 @@ class Coordinator:
         if tr is not None and self.scheduler.is_active(transfer_id):
             for p in self._progress_of(node.node_id):
                 p.progress(tr.t.layer, m.bytes_done, m.rate_bps)
-            if self.scheduler.progress(transfer_id, now, m.bytes_done):
-                self._schedule(now)  # it gave back room on its links
 
     def transfer_done(self, node: Node, transfer_id: str, m: TransferDone) -> None:
         now = self.clock()

@@ -86,13 +86,6 @@ if TYPE_CHECKING:
 
 #: a transfer shorter than this says more about set-up delays than about link speed
 MIN_OBSERVE_S = 1.0
-#: a running transfer is judged by its progress only after this many seconds (a relayed
-#: one starts a chain's lag late, a new connection a handshake late)
-RESIZE_AFTER_S = 5.0
-#: ... and its reservation shrinks to RESIZE_HEADROOM x its average rate once that is
-#: below RESIZE_BELOW of what it reserved on the demander's link
-RESIZE_BELOW = 0.6
-RESIZE_HEADROOM = 1.25
 #: layers of unknown size count as this many bytes in a demander's need
 UNKNOWN_LAYER_BYTES = 8 * 1024 * 1024
 #: a seeder with less free upload than this share of its speed takes no new upload
@@ -131,8 +124,6 @@ class Rules:
     relay_lag_s: float = 2.0
     #: a demander asks first for the layer with the fewest copies (holders + in flight)
     rarest_first: bool = False
-    #: a running transfer far below plan gives back the reservation it does not use
-    resize: bool = False
 
 
 RULES: dict[str, Rules] = {
@@ -158,7 +149,6 @@ RULES: dict[str, Rules] = {
             rarest_first=True,
             slack_margin=0.3,
             urgent_share=0.25,
-            resize=True,
         ),
         Rules(
             "deadline",
@@ -185,8 +175,6 @@ class _Plan:
     #: seconds the demander's chunks trail what a complete holder would send it: a hop per
     #: relay on the way (0 when the seeder holds the layer)
     lag: float = 0.0
-    #: its reservation shrank to what it moves (Planner.progress)
-    shrunk: bool = False
 
 
 class Planner:
@@ -202,9 +190,6 @@ class Planner:
         self._plans: dict[str, _Plan] = {}
         self._receiving: dict[str, int] = {}  # layer -> transfers of it in flight
         self._failures: dict[str, int] = {}  # seeder -> failures in a row
-        #: demander -> its transfers in flight whose reservation shrank (Planner.progress):
-        #: the room they gave back is taken by any seeder, min_share does not apply
-        self._shrunk: dict[str, int] = {}
         self._prior: dict[str, float] = {}  # node -> its first speed estimate (the hint)
         # layer -> holders with free upload, sorted by (-free upload, node id)
         self._free: dict[str, list[tuple[float, str]]] = {}
@@ -309,7 +294,7 @@ class Planner:
                     continue  # a relay forwards whole chunks: of one chunk, only the hop's cost
                 if plan.lag + self.hop_s(t.layer, plan.planned) > self.lag_budget():
                     continue  # one more hop would trail too far behind (module docstring)
-                rate = min(free, plan.planned, plan.down)  # plan.down: what it gets now
+                rate = min(free, plan.planned)
                 if rate >= _MIN_FREE_SHARE * node.speed_bps:
                     key = (-rate, nid)
                     if key < want.get(t.layer, (0.0, "")):
@@ -384,8 +369,6 @@ class Planner:
         if not self.rules.slots:
             return not self._down_used.get(node.node_id)
         share = max(self.rules.min_share, _MIN_FREE_SHARE)
-        if node.node_id in self._shrunk:
-            share = _MIN_FREE_SHARE  # room a crawling transfer gave back (Planner.progress)
         return self.free_down(node) >= share * _down_speed(node)
 
     def _size(self, layer: str) -> int:
@@ -504,10 +487,6 @@ class Planner:
         urgent = why.startswith(URGENT)
         for d in wanted:
             least = 0.0 if starving else self._least(node, d.layer)
-            if node.node_id in self._shrunk:
-                # the node is busy with a transfer that crawls: whatever fills the room
-                # it gave back is a gain, a slow seeder cannot hold the node up
-                least = min(least, room)
             if urgent:
                 # within the urgent share; beyond it, an urgent one waits for the common walk
                 seeder = self._urgent_fit(node, d.layer, room, least)
@@ -711,54 +690,10 @@ class Planner:
         if plan.direct:
             left = self._direct_bytes.get(t.seeder, 0) - self._s.layer_sizes.get(t.layer, 0)
             self._direct_bytes[t.seeder] = max(0, left)
-        if plan.shrunk:
-            n = self._shrunk.get(t.demander, 0) - 1
-            if n > 0:
-                self._shrunk[t.demander] = n
-            else:
-                self._shrunk.pop(t.demander, None)
         for x in (self._up_used, self._down_used):
             for nid in (t.seeder, t.demander):
                 if x.get(nid, 1.0) < 1e-6:
                     x.pop(nid, None)
-
-    def progress(self, t: Transfer, now: float, bytes_done: int) -> bool:
-        """A running transfer's progress report: give back what it reserved and does not use.
-
-        A transfer that averages less than ``RESIZE_BELOW`` of its reservation
-        on the demander's link after ``RESIZE_AFTER_S`` keeps ``RESIZE_HEADROOM``
-        times its average there; the rest is free for the demander's other
-        layers at the next plan, from any seeder (min_share is waived: the
-        node is busy anyway). In the lab the tail of a run was slow nodes whose
-        relay chain crawled at half their link while their next layer waited
-        for the link the plan still counted as full. Returns True when a
-        reservation shrank (the caller re-plans).
-
-        The seeder's upload reservation stays: given back, a loaded seeder
-        would take more demanders, each slower, giving back more (in the lab
-        that fed on itself until SSH connects timed out). Reservations only
-        shrink: one that speeds up again shares the demander's link with
-        whatever was planned into the room it gave back.
-        """
-        plan = self._plans.get(t.transfer_id)
-        if not self.rules.resize or plan is None or plan.direct:
-            return False
-        elapsed = now - t.started_at
-        if elapsed < RESIZE_AFTER_S or plan.down <= 0:
-            return False
-        keep = max(1.0, bytes_done / elapsed * RESIZE_HEADROOM)
-        if keep >= RESIZE_BELOW * plan.down:
-            return False
-        self._down_used[t.demander] = max(
-            0.0, self._down_used.get(t.demander, 0.0) - (plan.down - keep)
-        )
-        plan.down = keep
-        if not plan.shrunk:
-            plan.shrunk = True
-            self._shrunk[t.demander] = self._shrunk.get(t.demander, 0) + 1
-        for nid in (t.seeder, t.demander):  # a relay's offer follows plan.down too
-            self.refresh(self._s._nodes[nid])
-        return True
 
     def observe(self, t: Transfer, now: float, bytes_moved: int) -> float | None:
         """A completed transfer's rate moves the estimate of the side that limited it.

@@ -541,16 +541,6 @@ class Scheduler:
         return t
 
     # -- outcomes --------------------------------------------------------
-    def progress(self, transfer_id: str, now: float, bytes_done: int) -> bool:
-        """A running transfer has moved ``bytes_done``; True if the plan changed (re-schedule).
-
-        Only a planner policy uses it (``Rules.resize``): Algorithm 1 reserves whole nodes.
-        """
-        t = self._active.get(transfer_id)
-        if t is None or self._planner is None:
-            return False
-        return self._planner.progress(t, now, bytes_done)
-
     def complete(self, transfer_id: str, now: float, bytes_moved: int = 0) -> Transfer:
         """The demander verified the layer: it becomes a seeder of it.
 
