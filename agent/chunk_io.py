@@ -28,7 +28,7 @@ T = TypeVar("T")
 INLINE_MAX_BYTES = 256 * 1024
 
 
-def runs_inline(nbytes: int, inline_max: int = INLINE_MAX_BYTES) -> bool:
+def runs_inline(nbytes: int, inline_max: int) -> bool:
     """True when a chunk of ``nbytes`` is cheaper to handle inline than to hand to a thread."""
     return nbytes <= inline_max
 

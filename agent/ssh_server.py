@@ -437,10 +437,14 @@ class ChunkServer:
                         reads.append(asyncio.create_task(self._read(layer, nxt)))
                         break
                     await self._pace(len(data))
-                    # one write, so one SSH packet per chunk (up to CHANNEL_MAX_PKTSIZE):
-                    # asyncssh sends each packet with an IGNORE packet before it, and
-                    # each is an encryption, a send() and a wake-up on the far end
-                    stdout.write(chunkproto.encode_chunk(index, data))
+                    if len(data) < CHANNEL_MAX_PKTSIZE - chunkproto.HEADER_SIZE:
+                        # one write, so one SSH packet for the chunk: asyncssh sends an
+                        # IGNORE packet before each packet, and each is an encryption, a
+                        # send() and a wake-up on the far end
+                        stdout.write(chunkproto.encode_chunk(index, data))
+                    else:  # several packets anyway: the header's own costs less than a copy
+                        stdout.write(chunkproto.encode_chunk_header(index, len(data)))
+                        stdout.write(data)
                     sent += len(data)
                     self.bytes_served[peer] = self.bytes_served.get(peer, 0) + len(data)
                     self.chunks_served[peer] = self.chunks_served.get(peer, 0) + 1

@@ -230,11 +230,14 @@ class LayerStore:
 
     # -- complete layers -------------------------------------------------
     def path(self, digest: Digest) -> Path:
-        return self.blob_dir / hex_part(parse_digest(digest))
+        return Path(self._blob_path(digest))
+
+    def _blob_path(self, digest: Digest) -> str:
+        return os.path.join(self._blob_dir_s, hex_part(parse_digest(digest)))
 
     def has(self, digest: Digest) -> bool:
         """The blob and its manifest are both in place (checked per chunk served: no pathlib)."""
-        p = os.path.join(self._blob_dir_s, hex_part(parse_digest(digest)))
+        p = self._blob_path(digest)
         return os.path.isfile(p) and os.path.isfile(p + ".chunks")
 
     def holdings(self) -> list[Digest]:
