@@ -45,10 +45,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from rainbowd.profile import ClusterProfile
-from rainbowd.scheduler import Scheduler, Transfer
+from rainbowd.pieces import PieceScheduler
+from rainbowd.scheduler import Transfer
 
 from .flows import FlowNetwork
 from .overheads import Overheads
+
+#: a relayed flow's cap is only moved when it changes by more than this share of itself
+#: (rates and caps can chase each other round a cycle of relays; this ends the chase)
+_CAP_EPSILON = 1e-3
 
 # event kinds (events at the same instant are handled in the order they were queued)
 _START, _END, _DONE = 0, 1, 2
@@ -106,7 +111,7 @@ class Simulation:
         overheads: Overheads | None = None,
         *,
         policy: str = "paper",
-        scheduler: Scheduler | None = None,
+        scheduler: PieceScheduler | None = None,
     ) -> None:
         """``scheduler`` (default: a new ``Scheduler(policy)``) must be fresh; the run adds nodes.
 
@@ -121,7 +126,7 @@ class Simulation:
         self.layers = list(layers)
         self.sizes = dict(layers)
         self.overheads = overheads or Overheads()
-        self.scheduler = scheduler or Scheduler(policy)
+        self.scheduler = scheduler or PieceScheduler(policy)
         self.network = FlowNetwork()
         self.result = SimResult(self.scheduler.policy)
         self._events: list[tuple[float, int, int, str, int]] = []
@@ -147,7 +152,7 @@ class Simulation:
             self.scheduler.set_layer_size(layer, size, self.profile.chunk_size)
         self.scheduler.add_node(origin.name, origin.up_Bps, names)
         for n in self.profile.nodes:
-            self.scheduler.add_node(n.name, n.up_Bps)
+            self.scheduler.add_node(n.name, n.up_Bps, download_bps=n.down_Bps)
         for n in sorted(self.profile.nodes, key=lambda n: n.name):
             self._held[n.name] = 0
             for layer in names:
@@ -186,10 +191,10 @@ class Simulation:
             if new:
                 self._connected.add(pair)
                 self.result.new_connections += 1
-            size = self.sizes[t.layer]
+            size = self.scheduler.piece_of(t).size
             start = now + self.overheads.setup(new)
-            if not self.scheduler.holds(t.seeder, t.layer):
-                up = self.scheduler.receiving(t.seeder, t.layer)
+            if not self.scheduler.holds_piece(t.seeder, t):
+                up = self.scheduler.receiving_piece(t.seeder, t)
                 if up is None or up.transfer_id not in self._running:
                     raise RuntimeError(f"{t.transfer_id}: {t.seeder} neither holds nor receives")
                 u = self._running[up.transfer_id]
@@ -208,7 +213,8 @@ class Simulation:
         fixed cost: the relay forwards the chunk once it has all of it.
         """
         link = min(self.network.up_Bps(upstream.seeder), self.network.down_Bps(t.seeder))
-        return min(self.profile.chunk_size, self.sizes[t.layer]) / link + self.overheads.relay_hop_s
+        piece = self.scheduler.piece_of(t).size
+        return min(self.profile.chunk_size, piece) / link + self.overheads.relay_hop_s
 
     def _start(self, tid: str, now: float) -> None:
         r = self._running[tid]
@@ -242,23 +248,39 @@ class Simulation:
         return max(u.rate, 1.0) if u.flowing else 1.0
 
     def _recap(self, tid: str, now: float) -> None:
-        """Give a running relayed flow its current cap (re-filling its component)."""
-        r = self._running.get(tid)
-        if r is None or not r.flowing:
-            return
-        cap = self._cap_for(tid)
-        if cap == r.cap:
-            return
-        r.cap = cap
-        t = r.transfer
-        rates = self.network.remove(tid)
-        rates.update(self.network.add(tid, t.seeder, t.demander, cap))
-        self._rates(rates, now)
+        """Give a running relayed flow its current cap (re-filling its component).
+
+        Caps and rates can chase each other round a cycle (a relay's upload shared
+        with the flow that feeds another relay of it): a cap moving by less than
+        ``_CAP_EPSILON`` of itself is left as it is, so the chase ends; the chase
+        runs as a work list, not as recursion, so a long relay chain cannot
+        overflow the stack.
+        """
+        work = [tid]
+        while work:
+            fid = work.pop()
+            r = self._running.get(fid)
+            if r is None or not r.flowing:
+                continue
+            cap = self._cap_for(fid)
+            if cap == r.cap or (
+                cap is not None
+                and r.cap is not None
+                and abs(cap - r.cap) <= _CAP_EPSILON * max(cap, r.cap)
+            ):
+                continue
+            r.cap = cap
+            t = r.transfer
+            rates = self.network.remove(fid)
+            rates.update(self.network.add(fid, t.seeder, t.demander, cap))
+            for moved in self._settle(rates, now):
+                work.extend(sorted(self._downstream.get(moved, ())))
 
     def _done(self, tid: str, now: float) -> None:
         r = self._running.pop(tid)
         t = self.scheduler.complete(tid, now, r.size)
-        self._held[t.demander] += 1
+        if self.scheduler.holds(t.demander, t.layer):
+            self._held[t.demander] += 1
         if self._held[t.demander] == len(self.layers):
             self.result.node_seconds[t.demander] = now
         self._dispatch(now)
@@ -268,6 +290,12 @@ class Simulation:
 
         Flows fed by one whose rate moved get their caps moved too (relay chains).
         """
+        for fid in self._settle(rates, now):
+            for d in sorted(self._downstream.get(fid, ())):
+                self._recap(d, now)
+
+    def _settle(self, rates: dict[str, float], now: float) -> list[str]:
+        """Apply new rates; returns the flows whose rate moved and that feed relayed flows."""
         moved: list[str] = []
         for fid, rate in rates.items():
             r = self._running[fid]
@@ -281,6 +309,4 @@ class Simulation:
                 self._push(now + r.remaining / rate, _END, fid, r.version)
             if fid in self._downstream:
                 moved.append(fid)
-        for fid in moved:
-            for d in sorted(self._downstream.get(fid, ())):
-                self._recap(d, now)
+        return moved

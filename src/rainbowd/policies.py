@@ -124,6 +124,18 @@ class Rules:
     relay_lag_s: float = 2.0
     #: a demander asks first for the layer with the fewest copies (holders + in flight)
     rarest_first: bool = False
+    #: urgent only once waiting longer would miss the horizon: need * (1 + guard) >= horizon - now
+    #: (None: the slack margin itself, which makes the slowest demanders urgent from the start)
+    urgent_guard: float | None = None
+    #: a slow seeder may feed a demander whose other open demands keep it busy longer than the
+    #: transfer takes: the least rate is also at most size / (the demander's need in seconds)
+    need_share: bool = False
+    #: what ranks waiting demanders ("fastest first"): "down" (its download), "min" (the
+    #: lower of its upload and download: how fast it can pass the image on)
+    rank: str = "down"
+    #: split layers into pieces of about this many bytes (whole chunks; 0 = whole layers), so
+    #: several seeders feed one demander and partial holders seed (rainbowd.pieces)
+    piece_bytes: int = 0
 
 
 RULES: dict[str, Rules] = {
@@ -149,6 +161,21 @@ RULES: dict[str, Rules] = {
             rarest_first=True,
             slack_margin=0.3,
             urgent_share=0.25,
+        ),
+        Rules(
+            "swarm",
+            "relay over pieces: several seeders per layer, slow uploads used, urgent only at need",
+            relay=True,
+            min_share=0.5,
+            relay_lag_s=1.5,
+            patience_s=5.0,
+            rarest_first=True,
+            slack_margin=0.2,
+            urgent_guard=0.05,
+            urgent_share=0.25,
+            need_share=True,
+            rank="min",
+            piece_bytes=4 * 1024 * 1024,
         ),
         Rules(
             "deadline",
@@ -243,7 +270,7 @@ class Planner:
     def demand_added(self, node: _Node, demand: _Demand) -> None:
         if self.rules.slack_margin is not None:
             total = sum(self._size(lr) for lr in node.demands)
-            finish = demand.since + total / node.speed_bps * (1 + self.rules.slack_margin)
+            finish = demand.since + total / _down_speed(node) * (1 + self.rules.slack_margin)
             self._horizon = max(self._horizon, finish)
         self._refresh_demander(node)
 
@@ -343,7 +370,8 @@ class Planner:
             if layers:
                 down = _down_speed(node)
                 need = sum(self._size(lr) for lr in layers) / down
-                want = ((-down, nid), (-need, nid), layers)
+                rank = down if self.rules.rank == "down" else min(down, node.speed_bps)
+                want = ((-rank, nid), (-need, nid), layers)
         have = self._wait_key.get(nid)
         if want == have:
             return
@@ -413,7 +441,8 @@ class Planner:
         margin = self.rules.slack_margin
         if margin is not None and self._horizon > now:
             # urgent: need * (1 + margin) >= horizon - now, i.e. -need <= -(horizon - now)/(1+m)
-            cut = (-(self._horizon - now) / (1 + margin), "\uffff")
+            guard = margin if self.rules.urgent_guard is None else self.rules.urgent_guard
+            cut = (-(self._horizon - now) / (1 + guard), "\uffff")
             for (neg_need, _), nid in self._merge(self._by_need, lambda _: (-INF, ""), cut):
                 yield nid, URGENT + f": needs {-neg_need:.1f} s of download, little slack"
         # demanders too fast for a layer's free uploads (min_share of their speed) are skipped
@@ -513,7 +542,11 @@ class Planner:
         lower: no seeder of the layer could give more, so waiting would be forever.
         """
         fastest = self._fastest_holder.get(layer, INF)
-        return self.rules.min_share * min(_down_speed(node), fastest)
+        least = self.rules.min_share * min(_down_speed(node), fastest)
+        if self.rules.need_share:
+            need_s = sum(self._size(lr) for lr in node.demands) / _down_speed(node)
+            least = min(least, self._size(layer) / max(need_s, 1e-9))
+        return least
 
     def _urgent_fit(self, node: _Node, layer: str, room: float, least: float) -> _Node | None:
         """For an urgent demander: the best-fit holder, if its urgent share has ``least`` left.
@@ -737,4 +770,5 @@ def _down_speed(node: _Node) -> float:
     demander must not wait for room it can never have.
     """
     cap = node.max_download_bps
-    return min(node.speed_bps, cap) if cap > 0 else node.speed_bps
+    down = node.down_bps or node.speed_bps
+    return min(down, cap) if cap > 0 else down

@@ -92,6 +92,10 @@ class Transfer:
     #: the rate the demander is expected to receive at: the seeder's speed, capped by
     #: the demander's configured download limit (0 = not computed, e.g. adopted)
     expected_bps: float = 0.0
+    #: the chunks it moves, [first_chunk, end_chunk) of the layer; end_chunk 0 = the whole
+    #: layer (a piece of a split layer otherwise: rainbowd.pieces)
+    first_chunk: int = 0
+    end_chunk: int = 0
 
 
 @dataclass
@@ -126,6 +130,9 @@ class _Node:
     # configured caps (0 = none): its speed estimate never exceeds its upload cap
     max_upload_bps: float = 0.0
     max_download_bps: float = 0.0
+    #: its download estimate (bytes/s); 0 = unknown: taken to be its upload speed, the one
+    #: number older agents report (links are often asymmetric, so agents now send both)
+    down_bps: float = 0.0
 
     def clamp(self, bps: float) -> float:
         """``bps`` as an upload speed of this node: never above its configured cap."""
@@ -190,6 +197,7 @@ class Scheduler:
         *,
         max_upload_bps: float | None = None,
         max_download_bps: float | None = None,
+        download_bps: float = 0.0,
     ) -> None:
         """Add (or bring back up) a node; its holdings make it a seeder.
 
@@ -198,10 +206,12 @@ class Scheduler:
         ``max_download_bps`` are its configured bandwidth caps (0 = none; None =
         leave as they are): its speed estimate is clamped to the upload cap, and
         a transfer to it is expected at no more than its download cap.
+        ``download_bps`` is the first estimate of its download speed (0 = unknown:
+        its upload estimate stands in, as before agents sent both).
         """
         node = self._nodes.get(node_id)
         if node is None:
-            node = _Node(node_id, speed_bps or self.default_speed_bps)
+            node = _Node(node_id, speed_bps or self.default_speed_bps, down_bps=download_bps)
             self._nodes[node_id] = node
         if max_upload_bps is not None:
             node.max_upload_bps = max(0.0, max_upload_bps)
