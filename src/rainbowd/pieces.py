@@ -54,11 +54,19 @@ class Piece:
     size: int
 
 
-def piece_chunks(piece_bytes: int, chunk_size: int) -> int:
-    """Chunks per piece for a policy's ``piece_bytes`` (0: no split)."""
+def piece_chunks(piece_bytes: int, chunk_size: int, size: int = 0, layer_pieces: int = 0) -> int:
+    """Chunks per piece of a ``size``-byte layer (0: no split).
+
+    At least ``piece_bytes`` worth of chunks (at least one); with ``layer_pieces``,
+    enough chunks that the layer has no more than that many pieces.
+    """
     if piece_bytes <= 0 or chunk_size <= 0:
         return 0
-    return max(1, piece_bytes // chunk_size)
+    per = max(1, piece_bytes // chunk_size)
+    if layer_pieces > 0 and size > 0:
+        chunks = -(-size // chunk_size)
+        per = max(per, -(-chunks // layer_pieces))
+    return per
 
 
 def split_layer(layer: str, size: int, chunk_size: int, per_piece: int) -> list[Piece]:
@@ -88,6 +96,7 @@ class PieceScheduler:
         self.policy = policy
         rules = RULES.get(policy)
         self.piece_bytes = rules.piece_bytes if rules is not None else 0
+        self.layer_pieces = rules.layer_pieces if rules is not None else 0
         self._pieces: dict[str, list[Piece]] = {}  # layer -> its pieces (known sizes only)
         self._piece: dict[str, Piece] = {}  # piece key -> piece (split layers only)
 
@@ -114,7 +123,8 @@ class PieceScheduler:
                 return
             self.inner.set_layer_size(layer, size, chunk_size)
             return
-        pieces = split_layer(layer, size, chunk_size, piece_chunks(self.piece_bytes, chunk_size))
+        per = piece_chunks(self.piece_bytes, chunk_size, size, self.layer_pieces)
+        pieces = split_layer(layer, size, chunk_size, per)
         if len(pieces) > 1 and not self._may_split(layer):
             pieces = [Piece(layer, layer, 0, 0, size)]
         holders = self.inner.holders(layer) if len(pieces) > 1 else []

@@ -136,6 +136,10 @@ class Rules:
     #: split layers into pieces of about this many bytes (whole chunks; 0 = whole layers), so
     #: several seeders feed one demander and partial holders seed (rainbowd.pieces)
     piece_bytes: int = 0
+    #: with piece_bytes: split each layer into about this many pieces instead, where that
+    #: gives pieces larger than piece_bytes (a piece's time is then a small share of the
+    #: layer's, whatever the image's size; 0 = piece_bytes alone)
+    layer_pieces: int = 0
 
 
 RULES: dict[str, Rules] = {
@@ -172,10 +176,11 @@ RULES: dict[str, Rules] = {
             rarest_first=True,
             slack_margin=0.2,
             urgent_guard=0.05,
-            urgent_share=0.25,
+            urgent_share=1.0,
             need_share=True,
             rank="min",
-            piece_bytes=4 * 1024 * 1024,
+            piece_bytes=512 * 1024,
+            layer_pieces=16,
         ),
         Rules(
             "deadline",
@@ -502,7 +507,11 @@ class Planner:
         """Start one more transfer into ``node`` if a seeder fits; None if none does."""
         if node.node_id not in self._wait_key:
             return None
-        wanted = [d for lr, d in node.demands.items() if lr not in node.pulling]
+        wanted = [
+            d for lr, d in node.demands.items() if lr not in node.pulling and self._seedable(lr)
+        ]
+        if not wanted:
+            return None
         if self.rules.rarest_first:
             # one-chunk layers last: a copy of one costs a round trip, scarcity means nothing
             wanted.sort(key=lambda d: (self._one_chunk(d.layer), self._copies(d.layer)))
@@ -514,8 +523,9 @@ class Planner:
                     return self._begin(seeder, node, d, now, why, direct=True)
         room = self.free_down(node) if self.rules.slots else node.speed_bps
         urgent = why.startswith(URGENT)
+        need_s = self._need_s(node) if self.rules.need_share else 0.0
         for d in wanted:
-            least = 0.0 if starving else self._least(node, d.layer)
+            least = 0.0 if starving else self._least(node, d.layer, need_s)
             if urgent:
                 # within the urgent share; beyond it, an urgent one waits for the common walk
                 seeder = self._urgent_fit(node, d.layer, room, least)
@@ -535,17 +545,23 @@ class Planner:
         """Holders of ``layer`` plus transfers of it in flight (rarest first)."""
         return len(self._s._holders.get(layer, ())) + self._receiving.get(layer, 0)
 
-    def _least(self, node: _Node, layer: str) -> float:
+    def _need_s(self, node: _Node) -> float:
+        """Seconds ``node`` needs to download all it still lacks (in flight included)."""
+        return sum(self._size(lr) for lr in node.demands) / _down_speed(node)
+
+    def _least(self, node: _Node, layer: str, need_s: float = 0.0) -> float:
         """The least rate a new transfer of ``layer`` into ``node`` must get (min_share).
 
         A share of the demander's speed, or of the fastest holder's speed if that is
         lower: no seeder of the layer could give more, so waiting would be forever.
+        With ``need_share``, at most ``size / need_s``: a transfer that ends before
+        the demander could finish the rest of what it lacks delays nothing, so a
+        slow upload may feed a demander that lacks much (``need_s``: _need_s).
         """
         fastest = self._fastest_holder.get(layer, INF)
         least = self.rules.min_share * min(_down_speed(node), fastest)
-        if self.rules.need_share:
-            need_s = sum(self._size(lr) for lr in node.demands) / _down_speed(node)
-            least = min(least, self._size(layer) / max(need_s, 1e-9))
+        if self.rules.need_share and need_s > 0:
+            least = min(least, self._size(layer) / need_s)
         return least
 
     def _urgent_fit(self, node: _Node, layer: str, room: float, least: float) -> _Node | None:
