@@ -44,9 +44,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from rainbowd.profile import ClusterProfile
 from rainbowd.pieces import PieceScheduler
-from rainbowd.scheduler import Transfer
+from rainbowd.profile import ClusterProfile
+from rainbowd.scheduler import Scheduler, Transfer
 
 from .flows import FlowNetwork
 from .overheads import Overheads
@@ -111,7 +111,7 @@ class Simulation:
         overheads: Overheads | None = None,
         *,
         policy: str = "paper",
-        scheduler: PieceScheduler | None = None,
+        scheduler: Scheduler | PieceScheduler | None = None,
     ) -> None:
         """``scheduler`` (default: a new ``Scheduler(policy)``) must be fresh; the run adds nodes.
 
@@ -126,6 +126,8 @@ class Simulation:
         self.layers = list(layers)
         self.sizes = dict(layers)
         self.overheads = overheads or Overheads()
+        if isinstance(scheduler, Scheduler):
+            scheduler = PieceScheduler.around(scheduler)
         self.scheduler = scheduler or PieceScheduler(policy)
         self.network = FlowNetwork()
         self.result = SimResult(self.scheduler.policy)

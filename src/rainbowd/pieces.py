@@ -93,6 +93,17 @@ class PieceScheduler:
         new_id: Callable[[], str] | None = None,
     ) -> None:
         self.inner = Scheduler(policy, default_speed_bps=default_speed_bps, new_id=new_id)
+        self._setup(policy)
+
+    @classmethod
+    def around(cls, inner: Scheduler) -> PieceScheduler:
+        """Pieces over an existing ``inner`` scheduler (a test's or an experiment's variant)."""
+        self = cls.__new__(cls)
+        self.inner = inner
+        self._setup(inner.policy)
+        return self
+
+    def _setup(self, policy: str) -> None:
         self.policy = policy
         rules = RULES.get(policy)
         self.piece_bytes = rules.piece_bytes if rules is not None else 0
@@ -260,7 +271,8 @@ class PieceScheduler:
         agent's resumable partial keeps the rest from being sent twice.
         """
         key = self._key_of(t)
-        if t.end_chunk and key not in self._piece:
+        known = self._piece.get(key)
+        if t.end_chunk and (known is None or known.end != t.end_chunk):
             raise SchedulerError(
                 f"transfer {t.transfer_id}: no piece of {t.layer} starts at chunk {t.first_chunk}"
             )
