@@ -152,11 +152,11 @@ def test_fast_nodes_are_fed_first_and_slow_ones_are_not_urgent_at_the_start() ->
 
 
 def test_slow_uploads_feed_demanders_that_lack_much() -> None:
-    # upload-bound: the demander downloads at 2 MB/s, the seeders upload 1 and 0.1; a slow seeder's
+    # upload-bound: the demander downloads at 2 MB/s, the seeders upload 1 and 0.2; a slow seeder's
     # piece ends long before the demander could finish the rest, so it is used
     s = swarm(
         ("origin", 1 * MB, 1 * MB, (LAYER,)),
-        ("slowup", 0.1 * MB, 1 * MB, (LAYER,)),
+        ("slowup", 0.2 * MB, 1 * MB, (LAYER,)),
         ("a", 0.1 * MB, 2 * MB, ()),
         size=64 * CHUNK,
     )
