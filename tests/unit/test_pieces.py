@@ -16,7 +16,9 @@ LAYER = "sha256:" + "a" * 64
 SMALL = "sha256:" + "b" * 64
 
 
-def swarm(*nodes: tuple[str, float, float, tuple[str, ...]], size: int = 16 * CHUNK) -> PieceScheduler:
+def swarm(
+    *nodes: tuple[str, float, float, tuple[str, ...]], size: int = 16 * CHUNK
+) -> PieceScheduler:
     """A ``swarm`` scheduler with LAYER (``size`` bytes, 1 MiB chunks) and ``nodes``.
 
     Each node is (id, upload B/s, download B/s, layers held).
