@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +36,7 @@ from rainbowd.agent.metrics import AgentMetrics, MetricsServer
 from rainbowd.agent.ops import OpRunner
 from rainbowd.agent.puller import HostKeyMismatch, LayerPuller, PullError
 from rainbowd.agent.relay import RelayBoard
+from rainbowd.agent.report_sender import Attempt, ReportSender
 from rainbowd.agent.ssh_server import ChunkServer
 from rainbowd.agent.status import StatusServer
 from rainbowd.client import AgentClient, ApiError, CoordinatorUnreachable
@@ -48,8 +49,6 @@ log = structlog.get_logger(__name__)
 
 #: how often active transfers report progress to the coordinator (seconds)
 PROGRESS_INTERVAL = 0.5
-#: how long a final report (done/failed) is retried while the coordinator is away
-REPORT_RETRY_SECONDS = 120.0
 
 
 class _Shutdown(Exception):
@@ -104,6 +103,7 @@ class Agent:
             max_upload_bps=config.max_upload_mbps * 1e6 / 8,
             on_served=lambda layer: self.hygiene.used(layer),
             relay=self.relay,
+            limits=config.ssh_limits(),
         )
         self.server_port = config.ssh_port
         self.metrics = AgentMetrics()
@@ -131,6 +131,7 @@ class Agent:
         )
         self._loading: dict[str, int] = {}  # layer -> Docker loads reading it now
         self.api = AgentClient(config.coordinator_url, timeout=config.request_timeout)
+        self.reports = ReportSender(config.node_id, give_up_after=config.report_retry_seconds)
         self._stop = asyncio.Event()
         self._tg: asyncio.TaskGroup | None = None
         self._cursor = 0
@@ -333,6 +334,11 @@ class Agent:
                     await self._register()
                 else:
                     self.log.warning("heartbeat failed", error=str(e))
+            except OSError as e:
+                # e.g. EMFILE while descriptors are short: this heartbeat is skipped, the
+                # agent lives on (agent/ssh_limits.py bounds what inbound SSH may take)
+                self.view.last_error = f"node {self.config.node_id}: heartbeat: {e}"
+                self.log.error("heartbeat failed on this host; retrying", error=str(e))
 
     async def _progress_reports(self) -> None:
         while True:
@@ -402,10 +408,12 @@ class Agent:
 
     async def _op(self, a: m.OpAssignment) -> None:
         """A cluster operation (agent/ops.py): report it started, run it, report how it ended."""
-        await self._report(lambda: self.api.op_started(a.op_id))
+        await self._report(f"op {a.op_id} started", lambda rid: self.api.op_started(a.op_id, rid))
 
         async def report(result: m.OpResult) -> None:
-            await self._report(lambda: self.api.op_result(a.op_id, result))
+            await self._report(
+                f"op {a.op_id} result", lambda rid: self.api.op_result(a.op_id, result, rid)
+            )
 
         await self.ops.run(a, report)
 
@@ -439,16 +447,25 @@ class Agent:
             self.view.active.pop(a.transfer_id, None)
         if event is not None:
             sec = event
-            await self._report(lambda: self.api.security_event(sec))
+            await self._report(
+                f"security event {sec.kind} about {sec.peer}",
+                lambda rid: self.api.security_event(sec, rid),
+            )
+        what = f"transfer {a.transfer_id} of layer {layer} from {a.seeder.node_id}"
         if failure is not None:
             failed = failure
-            await self._report(lambda: self.api.transfer_failed(a.transfer_id, failed))
+            await self._report(
+                f"{what} failed",
+                lambda rid: self.api.transfer_failed(a.transfer_id, failed, rid),
+            )
             return
         tlog.info("layer verified", bytes=result.bytes_moved, seconds=round(result.seconds, 3))
         self.hygiene.used(layer)
         self.hygiene.kick()
         done = m.TransferDone(bytes_moved=result.bytes_moved, seconds=result.seconds)
-        await self._report(lambda: self.api.transfer_done(a.transfer_id, done))
+        await self._report(
+            f"{what} done", lambda rid: self.api.transfer_done(a.transfer_id, done, rid)
+        )
 
     async def _ingest(self, a: m.IngestAssignment) -> None:
         # no eviction until the coordinator has the report (and so pins the image's layers)
@@ -463,7 +480,8 @@ class Agent:
         if "origin" not in self.config.roles:
             reason = f"node {self.config.node_id} has no origin role; cannot read {a.ref}"
             await self._report(
-                lambda: self.api.ingest_failed(a.ingest_id, m.TaskFailed(reason=reason))
+                f"ingest {a.ingest_id} of {a.ref} failed",
+                lambda rid: self.api.ingest_failed(a.ingest_id, m.TaskFailed(reason=reason), rid),
             )
             return
         source = describe(a.source)
@@ -477,7 +495,8 @@ class Agent:
             reason = f"origin {self.config.node_id} could not ingest {a.ref} from {source}: {e}"
             ilog.warning("ingest failed", error=str(e))
             await self._report(
-                lambda: self.api.ingest_failed(a.ingest_id, m.TaskFailed(reason=reason))
+                f"ingest {a.ingest_id} of {a.ref} failed",
+                lambda rid: self.api.ingest_failed(a.ingest_id, m.TaskFailed(reason=reason), rid),
             )
             return
         except Exception as e:  # a reader's bug must fail the image, not leave it ingesting
@@ -487,7 +506,8 @@ class Agent:
             )
             ilog.exception("ingest failed unexpectedly")
             await self._report(
-                lambda: self.api.ingest_failed(a.ingest_id, m.TaskFailed(reason=reason))
+                f"ingest {a.ingest_id} of {a.ref} failed",
+                lambda rid: self.api.ingest_failed(a.ingest_id, m.TaskFailed(reason=reason), rid),
             )
             return
         for lr in record.layers:
@@ -495,16 +515,20 @@ class Agent:
         self.hygiene.kick()
         ilog.info("image ingested", layers=len(record.layers), size=record.size)
         await self._report(
-            lambda: self.api.ingest_done(
-                a.ingest_id, m.IngestDone(image=record, manifests=manifests)
-            )
+            f"ingest {a.ingest_id} of {a.ref} done",
+            lambda rid: self.api.ingest_done(
+                a.ingest_id, m.IngestDone(image=record, manifests=manifests), rid
+            ),
         )
 
     async def _load(self, a: m.LoadAssignment) -> None:
         llog = self.log.bind(image=a.image.ref, load=a.load_id)
         if self.loader is None:
             reason = f"node {self.config.node_id} has no Docker engine configured (docker_url)"
-            await self._report(lambda: self.api.load_failed(a.load_id, m.TaskFailed(reason=reason)))
+            await self._report(
+                f"load {a.load_id} of {a.image.ref} failed",
+                lambda rid: self.api.load_failed(a.load_id, m.TaskFailed(reason=reason), rid),
+            )
             return
         layers = [lr.digest for lr in a.image.layers]
         for d in layers:
@@ -514,7 +538,10 @@ class Agent:
         except Exception as e:  # Docker errors come in many types; all are reported
             reason = f"node {self.config.node_id} could not load {a.image.ref} into Docker: {e}"
             llog.warning("docker load failed", error=str(e))
-            await self._report(lambda: self.api.load_failed(a.load_id, m.TaskFailed(reason=reason)))
+            await self._report(
+                f"load {a.load_id} of {a.image.ref} failed",
+                lambda rid: self.api.load_failed(a.load_id, m.TaskFailed(reason=reason), rid),
+            )
             return
         finally:
             for d in layers:
@@ -525,28 +552,15 @@ class Agent:
         self.view.images[a.image.ref] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         llog.info("image loaded into docker", layers_sent=result.layers_sent)
         await self._report(
-            lambda: self.api.load_done(
-                a.load_id, m.LoadDone(seconds=result.seconds, layers_sent=result.layers_sent)
-            )
+            f"load {a.load_id} of {a.image.ref} done",
+            lambda rid: self.api.load_done(
+                a.load_id, m.LoadDone(seconds=result.seconds, layers_sent=result.layers_sent), rid
+            ),
         )
 
-    async def _report(self, send: Callable[[], Awaitable[Any]]) -> None:
-        """Send a final report, retrying while the coordinator is unreachable."""
-        deadline = time.monotonic() + REPORT_RETRY_SECONDS
-        delay = 0.5
-        while True:
-            try:
-                await send()
-                return
-            except CoordinatorUnreachable as e:
-                if time.monotonic() > deadline:
-                    self.log.error("report lost: coordinator unreachable", error=str(e))
-                    return
-            except ApiError as e:
-                self.log.warning("report refused by coordinator", error=str(e))
-                return
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+    async def _report(self, what: str, send: Attempt) -> None:
+        """Send a final report once; retried on connection errors and 5xx (report_sender.py)."""
+        await self.reports.send(what, send)
 
     # -- status ----------------------------------------------------------
     def status_snapshot(self) -> dict[str, Any]:
@@ -604,6 +618,13 @@ class Agent:
             "relayed_chunks": self.relay.relayed_chunks,
             "corrupt_layers": dict(self.server.corrupt_layers),
             "refused_clients": len(self.server.refused_clients),
+            "ssh_refused": dict(self.server.gate.refused),
+            "reports": {
+                "sent": self.reports.sent,
+                "retries": self.reports.retries,
+                "refused": self.reports.refused,
+                "lost": self.reports.lost,
+            },
             "origin_reads": self.view.origin_reads,
             "security_events": list(self.view.security_events),
         }

@@ -18,6 +18,9 @@ import msgspec
 from rainbowd.eviction import DEFAULT_HIGH_WATERMARK, DEFAULT_LOW_WATERMARK
 from rainbowd.units import SizeError, parse_size
 
+from .report_sender import DEFAULT_REPORT_RETRY_SECONDS, MAX_REPORT_RETRY_SECONDS
+from .ssh_limits import SshLimits
+
 
 class ConfigError(ValueError):
     """The agent configuration is unusable; the message says which key and why."""
@@ -61,6 +64,26 @@ class AgentConfig:
     store_high_watermark: float = DEFAULT_HIGH_WATERMARK
     #: ... until the store is back under this fraction
     store_low_watermark: float = DEFAULT_LOW_WATERMARK
+    #: SSH server limits (agent/ssh_limits.py says why each exists): authenticated
+    #: connections in total, per peer (client key), chunk channels per connection,
+    #: connections not yet authenticated, and seconds allowed to authenticate
+    ssh_max_connections: int = SshLimits.max_connections
+    ssh_max_connections_per_peer: int = SshLimits.max_connections_per_peer
+    ssh_max_channels_per_connection: int = SshLimits.max_channels_per_connection
+    ssh_max_pending: int = SshLimits.max_pending
+    ssh_login_timeout: float = SshLimits.login_timeout
+    #: how long a final report (transfer/op/ingest/load) is retried on connection
+    #: errors and 5xx before it is given up (logged as lost); see agent/report_sender.py
+    report_retry_seconds: float = DEFAULT_REPORT_RETRY_SECONDS
+
+    def ssh_limits(self) -> SshLimits:
+        return SshLimits(
+            max_connections=self.ssh_max_connections,
+            max_connections_per_peer=self.ssh_max_connections_per_peer,
+            max_channels_per_connection=self.ssh_max_channels_per_connection,
+            max_pending=self.ssh_max_pending,
+            login_timeout=self.ssh_login_timeout,
+        )
 
     @property
     def store_dir(self) -> Path:
@@ -139,6 +162,12 @@ class _Raw(msgspec.Struct, forbid_unknown_fields=True):
     store_max_bytes: int | str = 0
     store_high_watermark: float = DEFAULT_HIGH_WATERMARK
     store_low_watermark: float = DEFAULT_LOW_WATERMARK
+    ssh_max_connections: int = SshLimits.max_connections
+    ssh_max_connections_per_peer: int = SshLimits.max_connections_per_peer
+    ssh_max_channels_per_connection: int = SshLimits.max_channels_per_connection
+    ssh_max_pending: int = SshLimits.max_pending
+    ssh_login_timeout: float = SshLimits.login_timeout
+    report_retry_seconds: float = DEFAULT_REPORT_RETRY_SECONDS
 
 
 KNOWN_ROLES = {"origin"}
@@ -172,6 +201,8 @@ _ENV_KEYS: dict[str, type] = {
     "request_timeout": float,
     "poll_wait": float,
     "log_level": str,
+    "ssh_login_timeout": float,
+    "report_retry_seconds": float,
 }
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -236,6 +267,15 @@ def _from_raw(raw: _Raw) -> AgentConfig:
     for key in ("max_upload_mbps", "max_download_mbps"):
         if getattr(raw, key) < 0:
             raise ConfigError(f"{key} {getattr(raw, key)}: must be >= 0 (0 = no cap)")
+    try:
+        _ssh_limits(raw).check()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if not 1 <= raw.report_retry_seconds <= MAX_REPORT_RETRY_SECONDS:
+        raise ConfigError(
+            f"report_retry_seconds {raw.report_retry_seconds}: must be seconds in "
+            f"1..{MAX_REPORT_RETRY_SECONDS:.0f}"
+        )
     unknown = set(raw.roles) - KNOWN_ROLES
     if unknown:
         raise ConfigError(f"roles: unknown {sorted(unknown)}; known: {sorted(KNOWN_ROLES)}")
@@ -246,6 +286,16 @@ def _from_raw(raw: _Raw) -> AgentConfig:
     kw["status_socket"] = Path(raw.status_socket) if raw.status_socket else None
     kw["metrics_token_file"] = Path(raw.metrics_token_file) if raw.metrics_token_file else None
     return AgentConfig(**kw)
+
+
+def _ssh_limits(raw: _Raw) -> SshLimits:
+    return SshLimits(
+        max_connections=raw.ssh_max_connections,
+        max_connections_per_peer=raw.ssh_max_connections_per_peer,
+        max_channels_per_connection=raw.ssh_max_channels_per_connection,
+        max_pending=raw.ssh_max_pending,
+        login_timeout=raw.ssh_login_timeout,
+    )
 
 
 def _host_port(value: str) -> tuple[str, int]:

@@ -39,6 +39,9 @@ What it accepts, and why so little:
 * **Upload cap** (``max_upload_bps``, off by default): paces chunk writes so
   this host's uplink is not saturated by serving (and lets tests make a
   loopback transfer last long enough to break it on purpose).
+* **Connection limits** (:class:`~agent.ssh_limits.SshLimits`): connections in
+  total, per peer, not yet authenticated, channels per connection, login
+  timeout, and all of it under the descriptor limit; see agent/ssh_limits.py.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ from .chunk_io import INLINE_MAX_BYTES, chunk_work
 from .keys import KeyFormatError, fingerprint, key_blob
 from .pacing import RatePacer
 from .relay import RelayBoard, RelayNotPulling, RelayUnavailable
+from .ssh_limits import ConnectionGate, SshLimits, fd_budget
 
 log = structlog.get_logger(__name__)
 
@@ -117,7 +121,7 @@ class ChunkServer:
         *,
         node_id: str,
         on_refused: OnRefused | None = None,
-        login_timeout: float = 30.0,
+        limits: SshLimits | None = None,
         verify_reads: bool = True,
         max_upload_bps: float = 0.0,
         on_served: Callable[[str], None] | None = None,
@@ -149,7 +153,10 @@ class ChunkServer:
         self.host_key = host_key
         self.node_id = node_id
         self.on_refused = on_refused
-        self.login_timeout = login_timeout
+        self.limits = limits or SshLimits()
+        self.limits.check()
+        #: counts connections by state and admits or refuses them (agent/ssh_limits.py)
+        self.gate = ConnectionGate(self.limits, fd_budget())
         #: bytes of chunk data served, per demanding peer (node id)
         self.bytes_served: dict[str, int] = {}
         #: chunks served per demanding peer (node id)
@@ -241,7 +248,7 @@ class ChunkServer:
             line_editor=False,
             encryption_algs=ENCRYPTION_ALGS,
             compression_algs=COMPRESSION_ALGS,
-            login_timeout=self.login_timeout,
+            login_timeout=self.limits.login_timeout,
             keepalive_interval=30,
             tcp_keepalive=True,
             window=CHANNEL_WINDOW,
@@ -249,7 +256,7 @@ class ChunkServer:
             reuse_address=True,
         )
         bound = int(self._listener.get_port())
-        self._log.info("chunk_server_listening", host=host, port=bound)
+        self._log.info("chunk_server_listening", host=host, port=bound, max_open=self.gate.max_open)
         return bound
 
     async def close(self) -> None:
@@ -522,6 +529,10 @@ class _ChunkSession(SSHServerStreamSession[bytes]):
         super().__init__(pc.handle_session)
         self._pc = pc
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._pc.channels -= 1
+        super().connection_lost(exc)
+
     def pty_requested(self, term_type: str, term_size: Any, term_modes: Any) -> bool:
         return False
 
@@ -555,6 +566,10 @@ class _PeerConnection(asyncssh.SSHServer):
         self._refused: set[str] = set()
         self._closed = asyncio.Event()
         self.log: Any = server._log
+        #: how the gate counts this connection: not at all, pending, as a peer, or refused
+        self.counted: str = ""
+        #: chunk channels open now on this connection
+        self.channels = 0
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
@@ -562,9 +577,32 @@ class _PeerConnection(asyncssh.SSHServer):
         if peername:
             self.address = f"{peername[0]}:{peername[1]}"
         self.log = self.server._log.bind(address=self.address)
+        why = self.server.gate.accept()
+        if why:
+            self._refuse(why)
+        else:
+            self.counted = "pending"
+
+    def _refuse(self, why: str) -> None:
+        """Close this connection with "too many connections"; log the first and every 100th."""
+        gate = self.server.gate
+        n = sum(gate.refused.values())
+        if n == 1 or n % 100 == 0:
+            self.log.warning("ssh_connection_refused", reason=why, refused_total=n)
+        message = f"node {self.server.node_id}: {why}"
+        assert self.conn is not None
+        conn = self.conn
+        # after connection_made returns (asyncssh sends its version string then)
+        asyncio.get_running_loop().call_soon(
+            conn.disconnect, asyncssh.DISC_TOO_MANY_CONNECTIONS, message
+        )
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server._conns.pop(self, None)
+        if self.counted:
+            peer = self.peer if self.counted == "peer" else None
+            self.server.gate.closed(peer, was_pending=self.counted == "pending")
+            self.counted = ""
         self._closed.set()
         if self.key_blob is not None:
             self.log.info("peer_disconnected", error=str(exc) if exc else None)
@@ -607,11 +645,24 @@ class _PeerConnection(asyncssh.SSHServer):
 
     def auth_completed(self) -> None:
         self.log = self.log.bind(peer=self.peer)
+        if self.counted == "pending":
+            why = self.server.gate.authenticated(self.peer)
+            if why:
+                self.counted = "refused"
+                self._refuse(why)
+                return
+            self.counted = "peer"
         self.server._conns[self] = None
         self.log.info("peer_authenticated")
 
-    def session_requested(self) -> tuple[asyncssh.SSHServerChannel[bytes], _ChunkSession]:
+    def session_requested(self) -> tuple[asyncssh.SSHServerChannel[bytes], _ChunkSession] | bool:
         assert self.conn is not None
+        limit = self.server.limits.max_channels_per_connection
+        if self.counted != "peer" or self.channels >= limit:
+            self.server.gate.refused["channel"] = self.server.gate.refused.get("channel", 0) + 1
+            self.log.warning("ssh_channel_refused", channels=self.channels, limit=limit)
+            return False
+        self.channels += 1
         chan = self.conn.create_server_channel(
             encoding=None, window=CHANNEL_WINDOW, max_pktsize=CHANNEL_MAX_PKTSIZE
         )

@@ -58,6 +58,7 @@ from rainbowd.messages import (
     decode,
     encode,
 )
+from rainbowd.report_id import REPORT_ID_HEADER
 
 T = TypeVar("T")
 
@@ -129,12 +130,19 @@ class _Http:
         reply: type[T] | None = None,
         params: dict[str, str] | None = None,
         timeout: float | None = None,
+        report_id: str = "",
     ) -> T | None:
-        """Send ``msg`` (msgpack) and decode the reply as ``reply`` (None: ignore the body)."""
+        """Send ``msg`` (msgpack) and decode the reply as ``reply`` (None: ignore the body).
+
+        ``report_id`` (rainbowd/report_id.py) makes a report safe to retry: the
+        coordinator applies one id once.
+        """
         await self.open()
         assert self._session is not None
         url = f"{self.base_url}/v1/{path}"
         headers = {"Accept": MSGPACK}
+        if report_id:
+            headers[REPORT_ID_HEADER] = report_id
         auth = self._auth()
         if auth:
             headers["Authorization"] = auth
@@ -287,36 +295,38 @@ class AgentClient(_Http):
     async def transfer_progress(self, tid: str, m: TransferProgress) -> None:
         await self.request("POST", f"transfers/{_seg(tid)}/progress", msg=m)
 
-    async def transfer_done(self, tid: str, m: TransferDone) -> None:
-        await self.request("POST", f"transfers/{_seg(tid)}/done", msg=m)
+    async def transfer_done(self, tid: str, m: TransferDone, report_id: str = "") -> None:
+        await self.request("POST", f"transfers/{_seg(tid)}/done", msg=m, report_id=report_id)
 
-    async def transfer_failed(self, tid: str, m: TransferFailed) -> None:
-        await self.request("POST", f"transfers/{_seg(tid)}/failed", msg=m)
+    async def transfer_failed(self, tid: str, m: TransferFailed, report_id: str = "") -> None:
+        await self.request("POST", f"transfers/{_seg(tid)}/failed", msg=m, report_id=report_id)
 
-    async def ingest_done(self, iid: str, m: IngestDone) -> None:
-        await self.request("POST", f"ingests/{_seg(iid)}/done", msg=m)
+    async def ingest_done(self, iid: str, m: IngestDone, report_id: str = "") -> None:
+        await self.request("POST", f"ingests/{_seg(iid)}/done", msg=m, report_id=report_id)
 
-    async def ingest_failed(self, iid: str, m: TaskFailed) -> None:
-        await self.request("POST", f"ingests/{_seg(iid)}/failed", msg=m)
+    async def ingest_failed(self, iid: str, m: TaskFailed, report_id: str = "") -> None:
+        await self.request("POST", f"ingests/{_seg(iid)}/failed", msg=m, report_id=report_id)
 
-    async def load_done(self, lid: str, m: LoadDone) -> None:
-        await self.request("POST", f"loads/{_seg(lid)}/done", msg=m)
+    async def load_done(self, lid: str, m: LoadDone, report_id: str = "") -> None:
+        await self.request("POST", f"loads/{_seg(lid)}/done", msg=m, report_id=report_id)
 
-    async def load_failed(self, lid: str, m: TaskFailed) -> None:
-        await self.request("POST", f"loads/{_seg(lid)}/failed", msg=m)
+    async def load_failed(self, lid: str, m: TaskFailed, report_id: str = "") -> None:
+        await self.request("POST", f"loads/{_seg(lid)}/failed", msg=m, report_id=report_id)
 
-    async def security_event(self, ev: SecurityEvent) -> None:
-        await self.request("POST", "events", msg=ev)
+    async def security_event(self, ev: SecurityEvent, report_id: str = "") -> None:
+        await self.request("POST", "events", msg=ev, report_id=report_id)
 
     async def evict(self, req: EvictRequest) -> EvictReply:
         """Ask to delete layers from the store; delete only what the reply accepts."""
         return await self.call("POST", "evictions", EvictReply, req)
 
-    async def op_started(self, op_id: str) -> None:
-        await self.request("POST", f"ops/{_seg(op_id)}/started", msg=OpStarted())
+    async def op_started(self, op_id: str, report_id: str = "") -> None:
+        await self.request(
+            "POST", f"ops/{_seg(op_id)}/started", msg=OpStarted(), report_id=report_id
+        )
 
-    async def op_result(self, op_id: str, r: OpResult) -> None:
-        await self.request("POST", f"ops/{_seg(op_id)}/result", msg=r)
+    async def op_result(self, op_id: str, r: OpResult, report_id: str = "") -> None:
+        await self.request("POST", f"ops/{_seg(op_id)}/result", msg=r, report_id=report_id)
 
     async def fetch_context(self, digest: str, limit: int, timeout: float = 120.0) -> bytes:
         """A build context tar (the caller checks its digest)."""
