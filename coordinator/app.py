@@ -91,6 +91,7 @@ from .cluster import Node
 from .core import MAX_WAIT, Coordinator
 from .errors import BadRequest, CoordinatorError
 from .metrics import CONTENT_TYPE_LATEST
+from .report_ids import ReportLedger
 
 log = structlog.get_logger(__name__)
 
@@ -98,6 +99,8 @@ T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 COORDINATOR: web.AppKey[Coordinator] = web.AppKey("coordinator", Coordinator)
+#: report ids applied (a retried report is applied once)
+REPORT_LEDGER: web.AppKey[ReportLedger] = web.AppKey("report_ledger", ReportLedger)
 #: set when the server shuts down: cancelled long-polls are then not agents vanishing
 CLOSING: web.AppKey[asyncio.Event] = web.AppKey("closing", asyncio.Event)
 
@@ -379,14 +382,23 @@ async def _liveness_loop(c: Coordinator) -> None:
 
 
 def create_app(c: Coordinator) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[errors_middleware])
+    # report ids (coordinator/report_ids.py) inside the error middleware: its refusals are replies
+    ledger = ReportLedger(c.store.path)
+    ids = ledger.middleware(lambda header: c.authenticate_node(header).node_id)
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[errors_middleware, ids])
     app[COORDINATOR] = c
+    app[REPORT_LEDGER] = ledger
     app[CLOSING] = asyncio.Event()
 
     async def closing(app: web.Application) -> None:
         app[CLOSING].set()
 
     app.on_shutdown.append(closing)
+
+    async def close_ledger(app: web.Application) -> None:
+        ledger.close()
+
+    app.on_cleanup.append(close_ledger)
 
     async def liveness(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(_liveness_loop(c))
