@@ -37,6 +37,7 @@ from rainbowd.agent.docker_loader import DockerLoader
 from rainbowd.buildcontext import MAX_CONTEXT, ContextError, check_from, digest_of, read_dockerfile
 from rainbowd.client import AgentClient, ApiError
 from rainbowd.digest import Digest, short
+from rainbowd.dockerfile import check_triggers
 from rainbowd.store import LayerStore
 
 log = structlog.get_logger(__name__)
@@ -288,6 +289,7 @@ class OpRunner:
             )
         try:
             check_from(read_dockerfile(data, op.dockerfile), op.base)
+            check_triggers(await self._onbuild(docker, op.base), op.base)
         except ContextError as e:
             raise OpFailed(f"node {self.node_id}: {e}", summary="refused") from None
         params: dict[str, Any] = {
@@ -295,7 +297,11 @@ class OpRunner:
             "dockerfile": op.dockerfile,
             "rm": "1",
             "forcerm": "1",
-            "pull": "0",  # never reach a registry: the base is the distributed image
+            # never reach a registry: the base is the distributed image, and the Dockerfile
+            # names no other (rainbowd/dockerfile.py); the classic builder, pinned, has no
+            # frontend image to fetch (BuildKit's "# syntax=" would)
+            "pull": "0",
+            "version": "1",
             "labels": json.dumps({"rbd.op": op_id, "rbd.base": op.base}),
         }
         if op.network:
@@ -338,6 +344,12 @@ class OpRunner:
             output=_tail("".join(log_lines)),
             image_id=image_id or built,
         )
+
+    async def _onbuild(self, docker: aiodocker.Docker, ref: str) -> list[str]:
+        """The ONBUILD triggers of image ``ref`` (they run in a build FROM it)."""
+        info = await docker.images.inspect(ref)
+        triggers = (info.get("Config") or {}).get("OnBuild") or []
+        return [str(t) for t in triggers]
 
     # -- rm-image --------------------------------------------------------
     async def _rm_image(self, op: m.RemoveImageOp) -> m.OpResult:

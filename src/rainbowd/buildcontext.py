@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -129,56 +128,12 @@ def normalize_ref(ref: str) -> str:
     return ref + ":latest"
 
 
-_FROM = re.compile(r"^\s*FROM\s+(.*)$", re.IGNORECASE)
-
-
-def from_lines(text: str) -> list[tuple[str, str]]:
-    """(image, stage name) of every FROM instruction, continuations joined, comments dropped."""
-    logical: list[str] = []
-    current = ""
-    for raw in text.splitlines():
-        line = raw.rstrip()
-        if not current and line.lstrip().startswith("#"):
-            continue
-        if line.endswith("\\"):
-            current += line[:-1] + " "
-            continue
-        current += line
-        logical.append(current)
-        current = ""
-    if current:
-        logical.append(current)
-    out: list[tuple[str, str]] = []
-    for line in logical:
-        match = _FROM.match(line)
-        if not match:
-            continue
-        words = [w for w in match.group(1).split() if not w.startswith("--")]
-        if not words:
-            raise ContextError(f"Dockerfile: {line.strip()!r} names no image")
-        stage = words[2] if len(words) >= 3 and words[1].lower() == "as" else ""
-        out.append((words[0], stage))
-    return out
-
-
 def check_from(text: str, base: str) -> None:
-    """Every stage must start from ``base`` or an earlier stage; ContextError naming the line."""
-    stages = from_lines(text)
-    if not stages:
-        raise ContextError(f"Dockerfile has no FROM line; start it with FROM {base}")
-    want = normalize_ref(base)
-    seen: set[str] = set()
-    for image, stage in stages:
-        if "$" in image:
-            raise ContextError(
-                f"Dockerfile: FROM {image} uses a variable; write FROM {base} literally so "
-                "every node builds on the distributed base"
-            )
-        if image.lower() not in seen and normalize_ref(image) != want:
-            raise ContextError(
-                f"Dockerfile: FROM {image} is not the base {base}; rbd builds only on top of "
-                f"an image already distributed to the nodes (use --base {image} after "
-                f"distributing it, or change the FROM line)"
-            )
-        if stage:
-            seen.add(stage.lower())
+    """Every stage source must be ``base`` or an earlier stage; ContextError naming the line.
+
+    The Dockerfile is read as Docker reads it (escape directive, continuations,
+    every FROM, COPY --from, RUN --mount from=): see rainbowd/dockerfile.py.
+    """
+    from rainbowd.dockerfile import check_stage_sources  # it imports this module
+
+    check_stage_sources(text, base)
