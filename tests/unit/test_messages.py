@@ -237,7 +237,7 @@ def test_inconsistent_manifest_is_refused() -> None:
 
 
 def test_non_string_map_keys_are_refused() -> None:
-    with pytest.raises(MessageError, match="not valid msgpack"):
+    with pytest.raises(MessageError, match=r"Heartbeat: Expected `str`, got `int`"):
         decode(msgpack.packb({1: 2}), Heartbeat)
 
 
@@ -250,5 +250,8 @@ def test_deeply_nested_json_is_a_message_error() -> None:
 
 def test_deeply_nested_msgpack_is_a_message_error() -> None:
     body = b"\x91" * 100_000 + b"\xc0"
-    with pytest.raises(MessageError, match="not valid msgpack"):
+    with pytest.raises(MessageError, match="Heartbeat: Expected `object`, got `array`"):
         decode(body, Heartbeat)
+    nested_version = b"\x81\xa1v" + body  # {"v": [[[...]]]}: the version is read first
+    with pytest.raises(MessageError, match="not valid msgpack"):
+        decode(nested_version, Heartbeat)
