@@ -115,7 +115,7 @@ EVENT_BUDGET: web.AppKey[limits.EventBudget] = web.AppKey("event_budget", limits
 BODY_TIMEOUT: web.AppKey[float] = web.AppKey("body_timeout", float)
 
 
-class _RequestTimeout(CoordinatorError):
+class RequestTimeout(CoordinatorError):
     """The body did not arrive in time; the connection is closed after the reply."""
 
     status = 408
@@ -159,7 +159,7 @@ async def body(request: web.Request, kind: type[T]) -> T:
     try:
         data = await asyncio.wait_for(request.read(), timeout)
     except TimeoutError:
-        raise _RequestTimeout(
+        raise RequestTimeout(
             f"request body not received within {timeout:g} s; the connection is closed"
         ) from None
     return decode(data, kind, JSON if ctype == JSON else MSGPACK)
@@ -227,8 +227,14 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return await handler(request)
     except CoordinatorError as e:
         resp = error_reply(request, e.status, e.message)
-        if isinstance(e, _RequestTimeout):
+        if isinstance(e, RequestTimeout):
+            # send the 408, then close at once: aiohttp would otherwise linger reading
+            # the rest of the body the client is not sending
             resp.force_close()
+            await resp.prepare(request)
+            await resp.write_eof()
+            if request.transport is not None:
+                request.transport.close()  # after the buffered reply is written
         return resp
     except MessageError as e:
         return error_reply(request, 400, str(e))

@@ -178,7 +178,7 @@ class StateStore:
         rows = self._db.execute("SELECT node_id, body, seq FROM nodes ORDER BY node_id")
         out: list[tuple[StoredNode, int]] = []
         for key, body, seq in rows.fetchall():
-            node = self._valid("nodes", "node_id", key, body, StoredNode)
+            node = self._valid("nodes", "node_id = ?", key, body, StoredNode)
             if node is not None:
                 out.append((node, int(seq)))
         return out
