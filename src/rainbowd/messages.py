@@ -617,7 +617,7 @@ def decode(body: bytes, kind: type[T], content_type: str = MSGPACK) -> T:
     except msgspec.ValidationError:
         version = PROTOCOL_VERSION  # not an object: the decode below says so
     except (msgspec.DecodeError, RecursionError) as e:  # RecursionError: deeply nested
-        raise MessageError(f"{name}: body is not valid {kind_name}: {e}") from None
+        raise MessageError(f"{name}: body is not valid {kind_name}: {e}{_hint(e)}") from None
     if version != PROTOCOL_VERSION:
         raise MessageError(
             f"{name}: protocol version {version!r} is not supported (this side speaks "
@@ -628,7 +628,15 @@ def decode(body: bytes, kind: type[T], content_type: str = MSGPACK) -> T:
     except msgspec.ValidationError as e:
         raise MessageError(f"{name}: {e}") from None
     except (msgspec.DecodeError, RecursionError) as e:
-        raise MessageError(f"{name}: body is not valid {kind_name}: {e}") from None
+        raise MessageError(f"{name}: body is not valid {kind_name}: {e}{_hint(e)}") from None
     except ValueError as e:  # a struct's own check (a bad digest in a manifest, say)
         raise MessageError(f"{name}: {e}") from None
     return result
+
+
+def _hint(e: Exception) -> str:
+    """What to do about a decode error whose own words do not say it."""
+    text = str(e)
+    if "surrogate" in text or "UTF-8" in text:
+        return " (every string must be valid UTF-8: no lone surrogates such as \\udc80)"
+    return ""

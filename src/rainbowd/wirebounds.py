@@ -75,8 +75,6 @@ Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 Rate = Annotated[float, msgspec.Meta(ge=0.0, le=MAX_RATE_BPS)]
 Seconds = Annotated[float, msgspec.Meta(ge=0.0, le=MAX_SECONDS)]
 Load = Annotated[float, msgspec.Meta(ge=0.0, le=MAX_LOAD)]
-#: a point in time (coordinator clock, Unix seconds): from 1970 to year ~2286
-Timestamp = Annotated[float, msgspec.Meta(ge=0.0, le=1e10)]
 #: a value the coordinator computes itself: only finite (NaN and inf fail)
 Finite = Annotated[float, msgspec.Meta(ge=-sys.float_info.max, le=sys.float_info.max)]
 
