@@ -36,6 +36,7 @@ import structlog
 from rainbowd.chunks import ChunkManifest
 from rainbowd.messages import Compression, ImageRecord, ImageSource, JobView, NodeJobState, OpView
 from rainbowd.wirebounds import (
+    MAX_TEXT,
     Count,
     Digest,
     Finite,
@@ -281,7 +282,13 @@ class StateStore:
     def add_security_event(
         self, reporter: str, peer: str, kind: str, detail: str, keep: int = MAX_STORED_EVENTS
     ) -> None:
-        """Record an event; only the newest ``keep`` stay (the table cannot grow without bound)."""
+        """Record an event; only the newest ``keep`` stay (the table cannot grow without bound).
+
+        A detail longer than ``MAX_TEXT`` (a transfer's failure reason may be) is cut,
+        so one page of the log stays small whatever the reports said.
+        """
+        if len(detail) > MAX_TEXT:
+            detail = detail[: MAX_TEXT - 1] + "\u2026"
         cur = self._db.execute(
             "INSERT INTO security_events(at, reporter, peer, kind, detail) VALUES (?, ?, ?, ?, ?)",
             (time.time(), reporter, peer, kind, detail),

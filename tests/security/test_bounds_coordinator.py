@@ -88,6 +88,8 @@ def test_the_event_log_keeps_only_the_newest_rows(tmp_path: Path) -> None:
     for i in range(8):
         store.add_security_event("n1", "n2", "bad_chunk", f"e{i}", keep=5)
     assert [d for *_, d in store.security_events()] == [f"e{i}" for i in range(3, 8)]
+    store.add_security_event("n1", "n2", "transfer_verify", "x" * 70_000)  # a long reason
+    assert len(store.security_events()[-1][4]) == 4096
     store.close()
 
 
