@@ -10,6 +10,12 @@ Bodies are msgpack; JSON is answered when the request's ``Accept`` asks for
 ``application/json`` (or, lacking an Accept preference, when the body was
 JSON), so ``curl -H 'Accept: application/json'`` works on the admin API.
 
+At the door (coordinator/limits.py, rainbowd.wirebounds): every field of a
+body is bounded (400 naming the field); an ``Authorization`` header that is
+not ASCII is 401; a body that does not arrive within ``BODY_READ_TIMEOUT`` is
+408 and the connection is closed; holdings that are no layer of a known image
+are dropped before the core sees them.
+
 Routes (prefix ``/v1``)::
 
     agent (Authorization: Bearer <node_id>:<credential>; register uses its body)
@@ -24,11 +30,13 @@ Routes (prefix ``/v1``)::
     POST ingests/{id}/failed      TaskFailed -> 204
     POST loads/{id}/done          LoadDone -> 204
     POST loads/{id}/failed        TaskFailed -> 204
-    POST events                   SecurityEvent -> 204
+    POST events                   SecurityEvent -> 204 (429 past the node's event budget)
 
     admin (Authorization: Bearer <admin token>)
     GET  nodes                    -> NodeList
-    GET  security-events          -> SecurityEventList (refused keys, bad chunks)
+    GET  security-events?after=ID&limit=N -> SecurityEventList (refused keys, bad chunks):
+                                  one page, oldest first; without after= the newest N
+                                  (default 100, at most 1000; coordinator/limits.py)
     POST nodes/{id}/clear-quarantine -> NodeView
     DELETE nodes/{id}             -> 204
     GET  images                   -> ImageList
@@ -63,6 +71,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
+from rainbowd.digest import is_digest
 from rainbowd.messages import (
     JSON,
     MAX_BODY,
@@ -78,6 +87,8 @@ from rainbowd.messages import (
     MessageError,
     RegisterRequest,
     SecurityEvent,
+    SecurityEventList,
+    SecurityEventView,
     TaskFailed,
     TransferDone,
     TransferFailed,
@@ -86,10 +97,10 @@ from rainbowd.messages import (
     encode,
 )
 
-from . import console
+from . import console, limits
 from .cluster import Node
 from .core import MAX_WAIT, Coordinator
-from .errors import BadRequest, CoordinatorError
+from .errors import BadRequest, CoordinatorError, Unauthorized
 from .metrics import CONTENT_TYPE_LATEST
 from .report_ids import ReportLedger
 
@@ -103,6 +114,18 @@ COORDINATOR: web.AppKey[Coordinator] = web.AppKey("coordinator", Coordinator)
 REPORT_LEDGER: web.AppKey[ReportLedger] = web.AppKey("report_ledger", ReportLedger)
 #: set when the server shuts down: cancelled long-polls are then not agents vanishing
 CLOSING: web.AppKey[asyncio.Event] = web.AppKey("closing", asyncio.Event)
+EVENT_BUDGET: web.AppKey[limits.EventBudget] = web.AppKey("event_budget", limits.EventBudget)
+BODY_TIMEOUT: web.AppKey[float] = web.AppKey("body_timeout", float)
+
+
+class RequestTimeout(CoordinatorError):
+    """The body did not arrive in time; the connection is closed after the reply."""
+
+    status = 408
+
+
+class _TooManyRequests(CoordinatorError):
+    status = 429
 
 
 # --------------------------------------------------------------------------
@@ -135,7 +158,13 @@ async def body(request: web.Request, kind: type[T]) -> T:
     ctype = request.content_type
     if ctype not in (MSGPACK, JSON, "application/octet-stream"):
         raise BadRequest(f"unsupported Content-Type {ctype!r}: send {MSGPACK} or {JSON}")
-    data = await request.read()
+    timeout = request.app[BODY_TIMEOUT]
+    try:
+        data = await asyncio.wait_for(request.read(), timeout)
+    except TimeoutError:
+        raise RequestTimeout(
+            f"request body not received within {timeout:g} s; the connection is closed"
+        ) from None
     return decode(data, kind, JSON if ctype == JSON else MSGPACK)
 
 
@@ -143,14 +172,33 @@ def coord(request: web.Request) -> Coordinator:
     return request.app[COORDINATOR]
 
 
+def authorization(request: web.Request) -> str | None:
+    """The Authorization header; one that is not ASCII is refused (401), never compared."""
+    header = request.headers.get("Authorization")
+    if header is not None and not header.isascii():
+        raise Unauthorized(
+            "the Authorization header is not ASCII: send 'Authorization: Bearer <token>' "
+            "with the token exactly as the coordinator issued it"
+        )
+    return header
+
+
 def agent(request: web.Request) -> Node:
-    return coord(request).authenticate_node(request.headers.get("Authorization"))
+    return coord(request).authenticate_node(authorization(request))
 
 
 def admin(request: web.Request) -> Coordinator:
     c = coord(request)
-    c.check_admin(request.headers.get("Authorization"))
+    c.check_admin(authorization(request))
     return c
+
+
+def _known_holdings(c: Coordinator, what: str, holdings: list[str]) -> list[str]:
+    """Malformed digests are refused; well-formed ones of no known layer are ignored."""
+    bad = [d for d in holdings if not is_digest(d)]
+    if bad:
+        raise BadRequest(f"{what}: holdings are not sha256 digests: {bad[:3]}")
+    return limits.known_layers(holdings, c.manifests)
 
 
 def _query(request: web.Request, name: str, default: float) -> float:
@@ -181,7 +229,16 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except CoordinatorError as e:
-        return error_reply(request, e.status, e.message)
+        resp = error_reply(request, e.status, e.message)
+        if isinstance(e, RequestTimeout):
+            # send the 408, then close at once: aiohttp would otherwise linger reading
+            # the rest of the body the client is not sending
+            resp.force_close()
+            await resp.prepare(request)
+            await resp.write_eof()
+            if request.transport is not None:
+                request.transport.close()  # after the buffered reply is written
+        return resp
     except MessageError as e:
         return error_reply(request, 400, str(e))
     except web.HTTPException as e:
@@ -209,13 +266,17 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 # --------------------------------------------------------------------------
 async def register(request: web.Request) -> web.Response:
     req = await body(request, RegisterRequest)
-    return reply(request, coord(request).register(req))
+    c = coord(request)
+    req.holdings = _known_holdings(c, "register", req.holdings)
+    return reply(request, c.register(req))
 
 
 async def heartbeat(request: web.Request) -> web.Response:
     node = agent(request)
     hb = await body(request, Heartbeat)
-    return reply(request, coord(request).heartbeat(node, hb))
+    c = coord(request)
+    hb.holdings = _known_holdings(c, "heartbeat", hb.holdings)
+    return reply(request, c.heartbeat(node, hb))
 
 
 async def assignments(request: web.Request) -> web.Response:
@@ -289,7 +350,22 @@ async def evict(request: web.Request) -> web.Response:
 
 async def security_event(request: web.Request) -> web.Response:
     node = agent(request)
-    coord(request).security_event(node, await body(request, SecurityEvent))
+    ev = await body(request, SecurityEvent)
+    budget = request.app[EVENT_BUDGET]
+    if not budget.take(node.node_id):
+        if budget.refused_in_a_row(node.node_id) == 1:  # once per flood, not per event
+            log.warning(
+                "security events refused: node is past its event budget",
+                node=node.node_id,
+                burst=budget.burst,
+                per_second=budget.rate_per_s,
+            )
+        raise _TooManyRequests(
+            f"security events from {node.node_id}: more than {budget.burst} in a burst "
+            f"(then one per {1 / budget.rate_per_s:g} s); this one was not recorded, retry "
+            f"in {budget.retry_after(node.node_id):.0f} s"
+        )
+    coord(request).security_event(node, ev)
     return no_content()
 
 
@@ -301,7 +377,24 @@ async def list_nodes(request: web.Request) -> web.Response:
 
 
 async def list_security_events(request: web.Request) -> web.Response:
-    return reply(request, admin(request).security_events())
+    """One page of the security event log (see the module docstring)."""
+    c = admin(request)
+    limit = _query_int(request, "limit") if "limit" in request.query else 0
+    limit = limit or limits.EVENTS_PAGE_DEFAULT
+    if limit > limits.EVENTS_PAGE_MAX:
+        raise BadRequest(
+            f"query parameter limit={limit} is above {limits.EVENTS_PAGE_MAX}; "
+            "page with after=<id of the last event>"
+        )
+    after = _query_int(request, "after") if "after" in request.query else None
+    rows = c.store.security_event_page(after=after, limit=limit + 1 if after is not None else limit)
+    more = after is not None and len(rows) > limit
+    events = [
+        SecurityEventView(id=i, at=at, reporter=r, peer=p, kind=k, detail=d)
+        for i, at, r, p, k, d in rows[:limit]
+    ]
+    total = c.store.security_event_count()
+    return reply(request, SecurityEventList(events=events, total=total, more=more))
 
 
 async def clear_quarantine(request: web.Request) -> web.Response:
@@ -362,7 +455,7 @@ async def metrics(request: web.Request) -> web.Response:
     """Prometheus text exposition; refusals in plain text too (scrapers and curl show them)."""
     c = coord(request)
     try:
-        c.check_metrics(request.headers.get("Authorization"))
+        c.check_metrics(authorization(request))
     except CoordinatorError as e:
         return web.Response(status=e.status, text=e.message + "\n")
     return web.Response(body=c.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -381,7 +474,13 @@ async def _liveness_loop(c: Coordinator) -> None:
             log.exception("liveness check failed")
 
 
-def create_app(c: Coordinator) -> web.Application:
+def create_app(
+    c: Coordinator,
+    *,
+    body_timeout: float = limits.BODY_READ_TIMEOUT,
+    event_budget: limits.EventBudget | None = None,
+) -> web.Application:
+    """The API; serve it with ``web.AppRunner(app, **limits.server_options())``."""
     # report ids (coordinator/report_ids.py) inside the error middleware: its refusals are replies
     ledger = ReportLedger(c.store.path)
     ids = ledger.middleware(lambda header: c.authenticate_node(header).node_id)
@@ -389,6 +488,8 @@ def create_app(c: Coordinator) -> web.Application:
     app[COORDINATOR] = c
     app[REPORT_LEDGER] = ledger
     app[CLOSING] = asyncio.Event()
+    app[BODY_TIMEOUT] = body_timeout
+    app[EVENT_BUDGET] = event_budget if event_budget is not None else limits.EventBudget(c.clock)
 
     async def closing(app: web.Application) -> None:
         app[CLOSING].set()

@@ -29,6 +29,7 @@ from rainbowd.log import configure
 from . import auth, config
 from .app import create_app
 from .core import Coordinator
+from .limits import server_options
 from .state import StateStore
 
 log = structlog.get_logger(__name__)
@@ -154,7 +155,13 @@ async def serve(cfg: config.CoordinatorConfig) -> None:
         # handler_cancellation: a long-poll whose agent vanished (kill -9, crash,
         # cable) is cancelled at once, which is how a dead demander is noticed
         # without waiting for missed heartbeats (see app.assignments)
-        runner = web.AppRunner(create_app(coordinator), access_log=None, handler_cancellation=True)
+        # server_options: idle connections and half-sent headers are closed (limits.py)
+        runner = web.AppRunner(
+            create_app(coordinator),
+            access_log=None,
+            handler_cancellation=True,
+            **server_options(),
+        )
         await runner.setup()
         try:
             site = web.TCPSite(runner, cfg.host, cfg.port)

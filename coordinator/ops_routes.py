@@ -19,17 +19,27 @@ here in pieces with its own limit instead of through the app's body limit.
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 from rainbowd.buildcontext import MAX_CONTEXT
 from rainbowd.messages import CreateOp, OpResult, OpStarted
 
-from .app import admin, agent, body, coord, no_content, reply
+from .app import BODY_TIMEOUT, RequestTimeout, admin, agent, body, coord, no_content, reply
 from .errors import BadRequest, CoordinatorError
 
 
 class _TooLarge(CoordinatorError):
     status = 413
+
+
+class _UploadStalled(RequestTimeout):
+    pass
+
+
+def body_timeout(request: web.Request) -> float:
+    return request.app[BODY_TIMEOUT]
 
 
 async def create_op(request: web.Request) -> web.Response:
@@ -67,7 +77,15 @@ async def put_context(request: web.Request) -> web.Response:
         )
     pieces: list[bytes] = []
     size = 0
-    async for piece in request.content.iter_chunked(1 << 20):
+    while True:
+        try:  # each piece must come within the body timeout: a stalled upload is closed
+            piece = await asyncio.wait_for(request.content.read(1 << 20), body_timeout(request))
+        except TimeoutError:
+            raise _UploadStalled(
+                f"build context upload stalled for {body_timeout(request):g} s; send it again"
+            ) from None
+        if not piece:
+            break
         size += len(piece)
         if size > MAX_CONTEXT:
             raise _TooLarge(f"build context exceeds the {MAX_CONTEXT} byte limit")

@@ -14,19 +14,45 @@ away, so a restarted coordinator must know them -- to lock their seeder and
 demander again (no second transfer of a layer a node is still pulling) and to
 understand their late done/failed reports. Rows whose transfer the
 coordinator gave up on (``aborted``) are kept, bounded, for late reports.
+
+A stored value can never stop the coordinator from starting: every row is
+decoded and validated on its own (the structs' fields carry the same bounds
+as the messages, rainbowd.wirebounds). A row that fails is logged, naming its
+table and key, and moved to the ``set_aside`` table (with the error) for an
+operator to look at; the other rows load. A node set aside must enroll again.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import msgspec
+import structlog
 
 from rainbowd.chunks import ChunkManifest
 from rainbowd.messages import Compression, ImageRecord, ImageSource, JobView, NodeJobState, OpView
+from rainbowd.wirebounds import (
+    MAX_TEXT,
+    Count,
+    Digest,
+    Finite,
+    Labels,
+    Name,
+    Port,
+    Rate,
+    Roles,
+    SshKey,
+    Text,
+)
+
+log = structlog.get_logger(__name__)
+
+#: security events kept (older ones are pruned on insert); see coordinator/limits.py
+MAX_STORED_EVENTS = 10_000
 
 T = TypeVar("T")
 
@@ -36,38 +62,38 @@ SCHEMA_VERSION = 1
 class StoredNode(msgspec.Struct, kw_only=True):
     """A node as persisted: identity, keys, the credential's hash, what it holds."""
 
-    node_id: str
-    address: str
-    ssh_port: int
-    host_key: str
-    client_key: str
-    credential_hash: str
-    labels: dict[str, str] = {}
-    roles: list[str] = []
+    node_id: Name
+    address: Name
+    ssh_port: Port
+    host_key: SshKey
+    client_key: SshKey
+    credential_hash: Name
+    labels: Labels = {}
+    roles: Roles = []
     docker: bool = False
-    speed_hint_bps: float = 0.0
-    holdings: list[str] = []
+    speed_hint_bps: Rate = 0.0
+    holdings: list[Digest] = []  # only layers of known images (bounded by them)
     quarantined: bool = False
     quarantine_reason: str = ""
-    registered_at: float = 0.0
-    last_seen: float = 0.0
-    seeder_faults: int = 0  # transfers it spoiled (bad chunks); quarantined at the limit
-    max_upload_bps: float = 0.0  # the agent's configured caps (0 = none)
-    max_download_bps: float = 0.0
+    registered_at: Finite = 0.0
+    last_seen: Finite = 0.0
+    seeder_faults: Count = 0  # transfers it spoiled (bad chunks); quarantined at the limit
+    max_upload_bps: Rate = 0.0  # the agent's configured caps (0 = none)
+    max_download_bps: Rate = 0.0
 
 
 class StoredTransfer(msgspec.Struct, kw_only=True):
     """A transfer handed to a demander and not yet reported on (or given up on)."""
 
-    transfer_id: str
-    layer: str
-    seeder: str
-    demander: str
-    job_id: str
-    started_at: float
-    reason: str
-    seeder_speed_bps: float
-    seq: int = 0  # its place in the demander's mailbox: delivered once the cursor passes it
+    transfer_id: Name
+    layer: Digest
+    seeder: Name
+    demander: Name
+    job_id: Name
+    started_at: Finite
+    reason: Text
+    seeder_speed_bps: Finite
+    seq: Count = 0  # its place in the demander's mailbox: delivered once the cursor passes it
     state: Literal["active", "aborted"] = "active"
 
 
@@ -100,6 +126,9 @@ CREATE TABLE IF NOT EXISTS security_events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, reporter TEXT NOT NULL,
     peer TEXT NOT NULL, kind TEXT NOT NULL, detail TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS ops (op_id TEXT PRIMARY KEY, created_at REAL, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS set_aside (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, tbl TEXT NOT NULL,
+    key TEXT NOT NULL, body TEXT NOT NULL, error TEXT NOT NULL);
 """
 
 
@@ -147,8 +176,13 @@ class StateStore:
         self._db.execute("DELETE FROM nodes WHERE node_id = ?", (node_id,))
 
     def load_nodes(self) -> list[tuple[StoredNode, int]]:
-        rows = self._db.execute("SELECT body, seq FROM nodes ORDER BY node_id").fetchall()
-        return [(_load(body, StoredNode), int(seq)) for body, seq in rows]
+        rows = self._db.execute("SELECT node_id, body, seq FROM nodes ORDER BY node_id")
+        out: list[tuple[StoredNode, int]] = []
+        for key, body, seq in rows.fetchall():
+            node = self._valid("nodes", "node_id = ?", key, body, StoredNode)
+            if node is not None:
+                out.append((node, int(seq)))
+        return out
 
     # -- images ----------------------------------------------------------
     def save_image(self, image: StoredImage) -> None:
@@ -162,8 +196,8 @@ class StateStore:
         self._db.execute("DELETE FROM images WHERE ref = ?", (ref,))
 
     def load_images(self) -> list[StoredImage]:
-        rows = self._db.execute("SELECT body FROM images ORDER BY ref").fetchall()
-        return [_load(body, StoredImage) for (body,) in rows]
+        rows = self._db.execute("SELECT ref, body FROM images ORDER BY ref").fetchall()
+        return self._valid_rows("images", "ref", rows, StoredImage)
 
     # -- jobs ------------------------------------------------------------
     def save_job(self, job: JobView) -> None:
@@ -185,12 +219,15 @@ class StateStore:
 
     def load_jobs(self) -> list[JobView]:
         """Every job, with the per-node rows saved after its last whole write applied."""
-        rows = self._db.execute("SELECT body FROM jobs ORDER BY created_at, job_id").fetchall()
-        views = [_load(body, JobView) for (body,) in rows]
+        rows = self._db.execute("SELECT job_id, body FROM jobs ORDER BY created_at, job_id")
+        views = self._valid_rows("jobs", "job_id", rows.fetchall(), JobView)
         newer: dict[str, dict[str, NodeJobState]] = {}
-        for job_id, body in self._db.execute("SELECT job_id, body FROM job_nodes"):
-            ns = _load(body, NodeJobState)
-            newer.setdefault(str(job_id), {})[ns.node_id] = ns
+        part_rows = self._db.execute("SELECT job_id, node_id, body FROM job_nodes").fetchall()
+        for job_id, node_id, body in part_rows:
+            where = "job_id = ? AND node_id = ?"
+            ns = self._valid("job_nodes", where, (job_id, node_id), body, NodeJobState)
+            if ns is not None:
+                newer.setdefault(str(job_id), {})[ns.node_id] = ns
         for view in views:
             if view.job_id in newer:
                 nodes = newer[view.job_id]
@@ -206,8 +243,8 @@ class StateStore:
         )
 
     def load_ops(self) -> list[OpView]:
-        rows = self._db.execute("SELECT body FROM ops ORDER BY created_at, op_id").fetchall()
-        return [_load(body, OpView) for (body,) in rows]
+        rows = self._db.execute("SELECT op_id, body FROM ops ORDER BY created_at, op_id")
+        return self._valid_rows("ops", "op_id", rows.fetchall(), OpView)
 
     def prune_ops(self, keep: int) -> None:
         """Forget all but the newest ``keep`` operations."""
@@ -229,8 +266,8 @@ class StateStore:
         self._db.execute("DELETE FROM transfers WHERE transfer_id = ?", (transfer_id,))
 
     def load_transfers(self) -> list[StoredTransfer]:
-        rows = self._db.execute("SELECT body FROM transfers ORDER BY rowid").fetchall()
-        return [_load(body, StoredTransfer) for (body,) in rows]
+        rows = self._db.execute("SELECT transfer_id, body FROM transfers ORDER BY rowid")
+        return self._valid_rows("transfers", "transfer_id", rows.fetchall(), StoredTransfer)
 
     def prune_transfers(self, keep: int) -> None:
         """Forget all but the newest ``keep`` aborted transfers (active ones stay)."""
@@ -242,17 +279,101 @@ class StateStore:
         )
 
     # -- security events -------------------------------------------------
-    def add_security_event(self, reporter: str, peer: str, kind: str, detail: str) -> None:
-        self._db.execute(
+    def add_security_event(
+        self, reporter: str, peer: str, kind: str, detail: str, keep: int = MAX_STORED_EVENTS
+    ) -> None:
+        """Record an event; only the newest ``keep`` stay (the table cannot grow without bound).
+
+        A detail longer than ``MAX_TEXT`` (a transfer's failure reason may be) is cut,
+        so one page of the log stays small whatever the reports said.
+        """
+        if len(detail) > MAX_TEXT:
+            detail = detail[: MAX_TEXT - 1] + "\u2026"
+        cur = self._db.execute(
             "INSERT INTO security_events(at, reporter, peer, kind, detail) VALUES (?, ?, ?, ?, ?)",
             (time.time(), reporter, peer, kind, detail),
         )
+        if cur.lastrowid is not None and cur.lastrowid > keep:
+            self._db.execute("DELETE FROM security_events WHERE id <= ?", (cur.lastrowid - keep,))
 
     def security_events(self) -> list[tuple[float, str, str, str, str]]:
-        rows = self._db.execute(
-            "SELECT at, reporter, peer, kind, detail FROM security_events ORDER BY id"
-        ).fetchall()
-        return [(float(a), str(r), str(p), str(k), str(d)) for a, r, p, k, d in rows]
+        """Every event kept, as (at, reporter, peer, kind, detail), oldest first."""
+        return [row[1:] for row in self.security_event_page()]
+
+    def security_event_page(
+        self, *, after: int | None = None, limit: int = -1
+    ) -> list[tuple[int, float, str, str, str, str]]:
+        """Events as (id, at, reporter, peer, kind, detail), oldest first.
+
+        ``after``: those with a larger id (the next page); None: the newest
+        ``limit`` (all when ``limit`` is -1).
+        """
+        cols = "id, at, reporter, peer, kind, detail"
+        if after is not None:
+            rows = self._db.execute(
+                f"SELECT {cols} FROM security_events WHERE id > ? ORDER BY id LIMIT ?",
+                (after, limit),
+            ).fetchall()
+        else:
+            rows = self._db.execute(
+                f"SELECT * FROM (SELECT {cols} FROM security_events ORDER BY id DESC LIMIT ?) "
+                "ORDER BY id",
+                (limit,),
+            ).fetchall()
+        return [(int(i), float(a), str(r), str(p), str(k), str(d)) for i, a, r, p, k, d in rows]
+
+    def security_event_count(self) -> int:
+        row = self._db.execute("SELECT count(*) FROM security_events").fetchone()
+        return int(row[0])
+
+    # -- rows that fail validation ------------------------------------------
+    def _valid_rows(
+        self, table: str, column: str, rows: Iterable[tuple[Any, str]], kind: type[T]
+    ) -> list[T]:
+        out: list[T] = []
+        for key, body in rows:
+            value = self._valid(table, f"{column} = ?", (key,), body, kind)
+            if value is not None:
+                out.append(value)
+        return out
+
+    def _valid(
+        self, table: str, where: str, key: tuple[Any, ...] | Any, body: Any, kind: type[T]
+    ) -> T | None:
+        """``body`` decoded as ``kind``, or None: then the row is logged and set aside.
+
+        ``where`` selects the row in ``table`` by ``key`` (a tuple for two columns).
+        """
+        keys = key if isinstance(key, tuple) else (key,)
+        try:
+            if not isinstance(body, str):
+                raise ValueError(f"body is {type(body).__name__}, not JSON text")
+            return _load(body, kind)
+        except (msgspec.ValidationError, msgspec.DecodeError, ValueError, RecursionError) as e:
+            error = str(e)
+        log.error(
+            "stored row is not valid; set aside (see its set_aside row) and not loaded",
+            table=table,
+            key=":".join(str(k) for k in keys),
+            error=error,
+        )
+        self._db.execute("BEGIN")
+        try:
+            self._db.execute(
+                "INSERT INTO set_aside(at, tbl, key, body, error) VALUES (?, ?, ?, ?, ?)",
+                (time.time(), table, ":".join(str(k) for k in keys), str(body), error),
+            )
+            self._db.execute(f"DELETE FROM {table} WHERE {where}", keys)
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        return None
+
+    def set_aside(self) -> list[tuple[str, str, str]]:
+        """Rows set aside at load, oldest first: (table, key, error)."""
+        rows = self._db.execute("SELECT tbl, key, error FROM set_aside ORDER BY id").fetchall()
+        return [(str(t), str(k), str(e)) for t, k, e in rows]
 
 
 def _dump(obj: msgspec.Struct) -> str:

@@ -195,7 +195,7 @@ async function tick(gen) {
     renderNodes(nodes.nodes);
     renderJobs(jobs.jobs);
     renderGraph(job, active.transfers, nodes.nodes);
-    renderEvents(events.events);
+    renderEvents(events.events, events.total ?? events.events.length);
     renderImages(images.images);
     state.lastOk = Date.now();
     $("banner").hidden = true;
@@ -536,7 +536,8 @@ function svgDefs() {
 }
 
 // ---------------------------------------------------------------- events, images
-function renderEvents(events) {
+// one page: the newest events (GET /v1/security-events is paginated); total counts all
+function renderEvents(events, total) {
   const rows = events
     .slice()
     .reverse()
@@ -552,7 +553,11 @@ function renderEvents(events) {
       ),
     );
   replaceRows($("events").tBodies[0], rows, "no security events: no refused host keys, bad chunks or quarantines", 5);
-  $("events-summary").textContent = events.length ? `${events.length} recorded` : "";
+  $("events-summary").textContent = !events.length
+    ? ""
+    : total > events.length
+      ? `newest ${events.length} of ${total} recorded`
+      : `${events.length} recorded`;
 }
 
 function renderImages(images) {

@@ -102,9 +102,10 @@ def _parser() -> argparse.ArgumentParser:
     mode.add_argument(
         "--wait", action="store_true", help="no live view; wait, print a summary, exit 0/1"
     )
-    sub.add_parser(
+    ev = sub.add_parser(
         "events", help="security events: refused host keys, bad chunks, quarantined seeders"
     )
+    ev.add_argument("--limit", type=int, default=100, help="show the newest N (at most 1000)")
     sub.add_parser("jobs", help="list jobs")
     j = sub.add_parser("job", help="show a job: per-node state, seeder used and why, time")
     j.add_argument("job_id")
@@ -307,7 +308,7 @@ async def _distribute(args: argparse.Namespace, token: str) -> int:
 
 async def _events(args: argparse.Namespace, token: str) -> int:
     async with _admin(args, token) as admin:
-        events = await admin.security_events()
+        events = await admin.security_events(limit=args.limit)
     if args.json:
         _dump(events)
         return 0
@@ -319,6 +320,8 @@ async def _events(args: argparse.Namespace, token: str) -> int:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.at))
         rows.append([when, e.kind, e.peer, e.reporter, e.detail])
     print(_table(rows))
+    if events.total > len(events.events):
+        print(f"(the newest {len(events.events)} of {events.total}; rbd events --limit N)")
     return 0
 
 

@@ -352,8 +352,16 @@ class AdminClient(_Http):
     async def remove_node(self, node_id: str) -> None:
         await self.request("DELETE", f"nodes/{_seg(node_id)}")
 
-    async def security_events(self) -> SecurityEventList:
-        return await self.call("GET", "security-events", SecurityEventList)
+    async def security_events(
+        self, *, after: int | None = None, limit: int | None = None
+    ) -> SecurityEventList:
+        """One page: the newest ``limit`` events, or with ``after`` those after that id."""
+        params = {}
+        if after is not None:
+            params["after"] = str(after)
+        if limit is not None:
+            params["limit"] = str(limit)
+        return await self.call("GET", "security-events", SecurityEventList, params=params)
 
     async def images(self) -> ImageList:
         return await self.call("GET", "images", ImageList)

@@ -3,11 +3,15 @@
 Every body on the wire is one of these structs, encoded as msgpack
 (``application/msgpack``) or, for the admin API, JSON. Decoding goes through
 :func:`decode`, which enforces a size limit, checks the protocol version and
-validates every field's type, so a handler only ever sees a well-formed struct.
-A bad body raises :class:`MessageError` with a message fit for a 4xx reply.
+validates every field's type and bound (rainbowd.wirebounds: every number
+finite and in range, every string valid UTF-8 and of bounded length, every
+list bounded), so a handler only ever sees a well-formed struct. A bad body
+raises :class:`MessageError` naming the field, with a message fit for a 4xx reply.
 
 Schema rules (for the engineer adding a field next year):
 - add fields with defaults only; never change a field's meaning or type;
+- give every field a bounded type from rainbowd.wirebounds (tests/unit/test_messages.py
+  fails on a bare float, int, str, list or dict in a message the coordinator decodes);
 - a breaking change bumps PROTOCOL_VERSION, and the coordinator then refuses
   old agents with a clear "upgrade" error rather than misreading them.
 """
@@ -15,12 +19,37 @@ Schema rules (for the engineer adding a field next year):
 from __future__ import annotations
 
 import json
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgpack
 import msgspec
+from msgspec import Meta
 
 from rainbowd.chunks import ChunkManifest
+from rainbowd.wirebounds import (
+    MAX_ACTIVE,
+    MAX_LAYERS,
+    Bytes,
+    ConfigText,
+    Count,
+    Digest,
+    Digests,
+    Holdings,
+    Int32,
+    Labels,
+    Load,
+    Name,
+    Names,
+    Output,
+    Port,
+    Rate,
+    Roles,
+    Seconds,
+    Secret,
+    SshKey,
+    Text,
+    Words,
+)
 
 PROTOCOL_VERSION = 1
 MSGPACK = "application/msgpack"
@@ -38,7 +67,7 @@ class MessageError(ValueError):
 class Msg(msgspec.Struct, kw_only=True):
     """Base of every top-level message: carries the protocol version."""
 
-    v: int = PROTOCOL_VERSION
+    v: Int32 = PROTOCOL_VERSION
 
 
 # --------------------------------------------------------------------------
@@ -47,17 +76,17 @@ class Msg(msgspec.Struct, kw_only=True):
 class PeerInfo(msgspec.Struct, kw_only=True):
     """What a node needs to reach and authenticate a peer over SSH."""
 
-    node_id: str
-    address: str
-    ssh_port: int
-    host_key: str  # OpenSSH public key line of the peer's SSH server
-    client_key: str  # OpenSSH public key the peer's client authenticates with
+    node_id: Name
+    address: Name
+    ssh_port: Port
+    host_key: SshKey  # OpenSSH public key line of the peer's SSH server
+    client_key: SshKey  # OpenSSH public key the peer's client authenticates with
 
 
 class TrustList(msgspec.Struct, kw_only=True):
     """The coordinator's list of trusted nodes; agents serve only these clients."""
 
-    version: int
+    version: Count
     peers: list[PeerInfo]
 
 
@@ -65,20 +94,20 @@ class TrustList(msgspec.Struct, kw_only=True):
 # Images
 # --------------------------------------------------------------------------
 class LayerRef(msgspec.Struct, kw_only=True):
-    digest: str  # digest of the blob as stored and moved
-    size: int
-    media_type: str
-    diff_id: str  # digest of the uncompressed tar (what Docker knows a layer by)
-    uncompressed_size: int = 0  # size of the tar behind diff_id; 0 = not known
+    digest: Digest  # digest of the blob as stored and moved
+    size: Bytes
+    media_type: Name
+    diff_id: Digest  # digest of the uncompressed tar (what Docker knows a layer by)
+    uncompressed_size: Bytes = 0  # size of the tar behind diff_id; 0 = not known
 
 
 class ImageRecord(msgspec.Struct, kw_only=True):
     """An image: its config (verbatim JSON text) and ordered layers."""
 
-    ref: str
-    config_digest: str
-    config: str
-    layers: list[LayerRef]
+    ref: Text
+    config_digest: Digest
+    config: ConfigText
+    layers: Annotated[list[LayerRef], Meta(max_length=MAX_LAYERS)]
 
     @property
     def size(self) -> int:
@@ -97,31 +126,31 @@ Compression = Literal["off", "gzip", "zstd"]
 class ArchiveSource(msgspec.Struct, kw_only=True, tag="archive", tag_field="kind"):
     """A docker-archive tarball (``docker save`` output) on the origin host."""
 
-    path: str
+    path: Text
 
 
 class OciLayoutSource(msgspec.Struct, kw_only=True, tag="oci-layout", tag_field="kind"):
     """An OCI image layout directory (index.json, blobs/) on the origin host."""
 
-    path: str
-    tag: str = ""  # org.opencontainers.image.ref.name in index.json; "" = the only image
+    path: Text
+    tag: Name = ""  # org.opencontainers.image.ref.name in index.json; "" = the only image
 
 
 class RegistrySource(msgspec.Struct, kw_only=True, tag="registry", tag_field="kind"):
     """An image in an OCI/Docker registry (distribution API v2)."""
 
-    reference: str  # host[:port]/repository[:tag|@sha256:...]
+    reference: Text  # host[:port]/repository[:tag|@sha256:...]
     insecure: bool = False  # plain HTTP, for a registry on a trusted network
-    ca_file: str = ""  # PEM bundle on the origin host to verify the registry's TLS cert
-    credentials_file: str = ""  # on the origin host: one line "user:password"
-    platform: str = ""  # os/arch[/variant] to pick from an index; "" = the origin's own
+    ca_file: Text = ""  # PEM bundle on the origin host to verify the registry's TLS cert
+    credentials_file: Text = ""  # on the origin host: one line "user:password"
+    platform: Name = ""  # os/arch[/variant] to pick from an index; "" = the origin's own
 
 
 class DockerEngineSource(msgspec.Struct, kw_only=True, tag="docker", tag_field="kind"):
     """An image in a Docker engine reachable from the origin host."""
 
-    image: str  # name:tag or image id, as the engine knows it
-    docker_url: str = ""  # "" = the origin agent's own docker_url
+    image: Text  # name:tag or image id, as the engine knows it
+    docker_url: Text = ""  # "" = the origin agent's own docker_url
 
 
 ImageSource = ArchiveSource | OciLayoutSource | RegistrySource | DockerEngineSource
@@ -131,57 +160,57 @@ ImageSource = ArchiveSource | OciLayoutSource | RegistrySource | DockerEngineSou
 # Agent -> coordinator
 # --------------------------------------------------------------------------
 class RegisterRequest(Msg, kw_only=True):
-    node_id: str
-    join_token: str = ""  # needed to enroll a new node
-    credential: str = ""  # needed to re-register a known node
-    address: str
-    ssh_port: int
-    host_key: str
-    client_key: str
-    labels: dict[str, str] = {}
-    roles: list[str] = []  # "origin" may ingest images from a source
+    node_id: Name
+    join_token: Secret = ""  # needed to enroll a new node
+    credential: Secret = ""  # needed to re-register a known node
+    address: Name
+    ssh_port: Port
+    host_key: SshKey
+    client_key: SshKey
+    labels: Labels = {}
+    roles: Roles = []  # "origin" may ingest images from a source
     docker: bool = False  # a Docker engine is reachable on this host
-    disk_free: int = 0
-    speed_hint_bps: float = 0.0  # configured link speed; 0 = unknown
-    holdings: list[str] = []
+    disk_free: Bytes = 0
+    speed_hint_bps: Rate = 0.0  # configured link speed; 0 = unknown
+    holdings: Holdings = []
     #: the agent's configured caps (bytes/s; 0 = none): the scheduler never expects more
-    max_upload_bps: float = 0.0
-    max_download_bps: float = 0.0
+    max_upload_bps: Rate = 0.0
+    max_download_bps: Rate = 0.0
 
 
 class RegisterReply(Msg, kw_only=True):
     node_id: str
     credential: str  # per-node secret; sent once, stored only as a hash by the coordinator
-    heartbeat_interval: float
+    heartbeat_interval: Seconds
     trust: TrustList
 
 
 class LayerProgress(msgspec.Struct, kw_only=True):
-    digest: str
-    have: int
-    count: int
+    digest: Digest
+    have: Count
+    count: Count
 
 
 class ActiveTransfer(msgspec.Struct, kw_only=True):
-    transfer_id: str
-    layer: str
-    seeder: str
-    bytes_done: int
-    bytes_total: int
-    rate_bps: float
+    transfer_id: Name
+    layer: Digest
+    seeder: Name
+    bytes_done: Bytes
+    bytes_total: Bytes
+    rate_bps: Rate
 
 
 class Heartbeat(Msg, kw_only=True):
-    holdings: list[str] = []
-    partials: list[LayerProgress] = []
-    active: list[ActiveTransfer] = []
-    load: float = 0.0
-    disk_free: int = 0
-    disk_used: int = 0
+    holdings: Holdings = []
+    partials: Annotated[list[LayerProgress], Meta(max_length=MAX_ACTIVE)] = []
+    active: Annotated[list[ActiveTransfer], Meta(max_length=MAX_ACTIVE)] = []
+    load: Load = 0.0
+    disk_free: Bytes = 0
+    disk_used: Bytes = 0
 
 
 class HeartbeatReply(Msg, kw_only=True):
-    trust_version: int
+    trust_version: Count
     #: layers this node must not evict now: needed by a pending or running job on
     #: it, seeded by it in an active transfer, or (origin) of an image in the table
     pinned: list[str] = []
@@ -195,7 +224,7 @@ class EvictRequest(Msg, kw_only=True):
     offers the node as a seeder of a layer that is gone.
     """
 
-    layers: list[str]
+    layers: Digests
 
 
 class EvictReply(Msg, kw_only=True):
@@ -207,28 +236,28 @@ class EvictReply(Msg, kw_only=True):
 class TransferAssignment(msgspec.Struct, kw_only=True, tag="transfer", tag_field="kind"):
     """Pull ``layer`` from ``seeder``: its chunks are checked against ``layer``."""
 
-    transfer_id: str
-    job_id: str
+    transfer_id: Name
+    job_id: Name
     layer: ChunkManifest
     seeder: PeerInfo
-    reason: str
+    reason: Text
 
 
 class IngestAssignment(msgspec.Struct, kw_only=True, tag="ingest", tag_field="kind"):
     """Origin only: read an image from ``source`` into the local store."""
 
-    ingest_id: str
-    ref: str
+    ingest_id: Name
+    ref: Text
     source: ImageSource
-    chunk_size: int
+    chunk_size: Bytes
     compression: Compression = "off"  # for uncompressed layers; registry blobs pass unchanged
 
 
 class LoadAssignment(msgspec.Struct, kw_only=True, tag="load", tag_field="kind"):
     """All layers of ``image`` are held: load it into the local Docker engine."""
 
-    load_id: str
-    job_id: str
+    load_id: Name
+    job_id: Name
     image: ImageRecord
 
 
@@ -238,38 +267,38 @@ class LoadAssignment(msgspec.Struct, kw_only=True, tag="load", tag_field="kind")
 class RunOp(msgspec.Struct, kw_only=True, tag="run", tag_field="kind"):
     """Create and start a container from an image the node already holds in Docker."""
 
-    image: str
-    name: str = ""  # container name; "" = Docker picks one
-    cmd: list[str] = []  # [] = the image's CMD
-    network: str = ""  # Docker network mode ("none", "host", ...); "" = the engine's default
-    wait: float = 5.0  # seconds to wait for it to exit before reporting "running"
+    image: Text
+    name: Name = ""  # container name; "" = Docker picks one
+    cmd: Words = []  # [] = the image's CMD
+    network: Name = ""  # Docker network mode ("none", "host", ...); "" = the engine's default
+    wait: Seconds = 5.0  # seconds to wait for it to exit before reporting "running"
 
 
 class RemoveContainerOp(msgspec.Struct, kw_only=True, tag="rm", tag_field="kind"):
     """Stop and remove a container (by name or id)."""
 
-    container: str
-    stop_timeout: float = 10.0  # seconds between SIGTERM and SIGKILL
+    container: Name
+    stop_timeout: Seconds = 10.0  # seconds between SIGTERM and SIGKILL
 
 
 class BuildOp(msgspec.Struct, kw_only=True, tag="build", tag_field="kind"):
     """Build ``tag`` from an uploaded context on top of an already distributed ``base``."""
 
-    tag: str
-    base: str  # an image known to the coordinator; every FROM must name it
-    context_digest: str  # sha256 of the context tar uploaded to the coordinator
-    context_size: int
-    dockerfile: str = "Dockerfile"  # path inside the context
-    network: str = ""  # network mode of RUN steps; "" = the engine's default
-    base_id: str = ""  # set by the coordinator: the base's config digest (its Docker image id)
+    tag: Text
+    base: Text  # an image known to the coordinator; every FROM must name it
+    context_digest: Digest  # sha256 of the context tar uploaded to the coordinator
+    context_size: Bytes
+    dockerfile: Text = "Dockerfile"  # path inside the context
+    network: Name = ""  # network mode of RUN steps; "" = the engine's default
+    base_id: Digest = ""  # set by the coordinator: the base's config digest (its Docker image id)
 
 
 class RemoveImageOp(msgspec.Struct, kw_only=True, tag="rm-image", tag_field="kind"):
     """Remove an image from the node's Docker engine and its layers from the layer store."""
 
-    image: str
-    image_id: str = ""  # set by the coordinator: only this Docker image id is removed
-    drop_layers: list[str] = []  # set by the coordinator per node: layers nothing else needs
+    image: Text
+    image_id: Name = ""  # set by the coordinator: only this Docker image id is removed
+    drop_layers: Digests = []  # set by the coordinator per node: layers nothing else needs
 
 
 class DockerCheckOp(msgspec.Struct, kw_only=True, tag="docker-check", tag_field="kind"):
@@ -284,9 +313,9 @@ Op = RunOp | RemoveContainerOp | BuildOp | RemoveImageOp | DockerCheckOp
 class OpAssignment(msgspec.Struct, kw_only=True, tag="op", tag_field="kind"):
     """Carry out one cluster operation on this node and report an :class:`OpResult`."""
 
-    op_id: str
+    op_id: Name
     op: Op
-    timeout: float  # seconds the coordinator waits for the result
+    timeout: Seconds  # seconds the coordinator waits for the result
 
 
 Assignment = TransferAssignment | IngestAssignment | LoadAssignment | OpAssignment
@@ -295,20 +324,20 @@ Assignment = TransferAssignment | IngestAssignment | LoadAssignment | OpAssignme
 class AssignmentBatch(Msg, kw_only=True):
     """Reply to the assignment long-poll: everything after the agent's cursor."""
 
-    cursor: int
+    cursor: Count
     assignments: list[Assignment] = []
     trust: TrustList | None = None  # present when newer than the agent's version
 
 
 class TransferProgress(Msg, kw_only=True):
-    bytes_done: int
-    bytes_total: int
-    rate_bps: float
+    bytes_done: Bytes
+    bytes_total: Bytes
+    rate_bps: Rate
 
 
 class TransferDone(Msg, kw_only=True):
-    bytes_moved: int  # bytes actually fetched in this transfer (resume moves less)
-    seconds: float
+    bytes_moved: Bytes  # bytes actually fetched in this transfer (resume moves less)
+    seconds: Seconds
 
 
 #: ``relay``: the seeder was a relay (still receiving the layer) that could not
@@ -319,31 +348,31 @@ FailureKind = Literal[
 
 
 class TransferFailed(Msg, kw_only=True):
-    reason: str
+    reason: Output
     kind: FailureKind
     seeder_fault: bool = False  # the seeder misbehaved (bad bytes, wrong host key)
 
 
 class IngestDone(Msg, kw_only=True):
     image: ImageRecord
-    manifests: list[ChunkManifest]
+    manifests: Annotated[list[ChunkManifest], Meta(max_length=MAX_LAYERS)]
 
 
 class TaskFailed(Msg, kw_only=True):
     """An ingest or load failed; ``reason`` names what and why."""
 
-    reason: str
+    reason: Output
 
 
 class LoadDone(Msg, kw_only=True):
-    seconds: float
-    layers_sent: int  # layers streamed to Docker (the rest the engine had)
+    seconds: Seconds
+    layers_sent: Count  # layers streamed to Docker (the rest the engine had)
 
 
 class SecurityEvent(Msg, kw_only=True):
     kind: Literal["host_key_mismatch", "client_key_refused", "bad_chunk"]
-    peer: str
-    detail: str
+    peer: Name
+    detail: Text
 
 
 # --------------------------------------------------------------------------
@@ -382,15 +411,15 @@ class ImageView(msgspec.Struct, kw_only=True):
 
 
 class CreateImage(Msg, kw_only=True):
-    ref: str
+    ref: Text
     source: ImageSource
-    origin: str = ""  # node id with the origin role; "" = the only origin
+    origin: Name = ""  # node id with the origin role; "" = the only origin
     compression: Compression = "off"
 
 
 class CreateJob(Msg, kw_only=True):
-    image: str
-    targets: list[str]  # node ids, or ["all"]
+    image: Text
+    targets: Names  # node ids, or ["all"]
 
 
 class SeederUse(msgspec.Struct, kw_only=True):
@@ -479,15 +508,20 @@ class SecurityEventView(msgspec.Struct, kw_only=True):
     peer: str  # the node it is about
     kind: str
     detail: str
+    id: int = 0  # its place in the log: the cursor of the next page (``after=``)
 
 
 class SecurityEventList(Msg, kw_only=True):
+    """One page of the log (``GET /v1/security-events?after=ID&limit=N``), oldest first."""
+
     events: list[SecurityEventView]
+    total: int = 0  # events kept by the coordinator, all pages together
+    more: bool = False  # with ``after=``: events after this page remain
 
 
 class CreateOp(Msg, kw_only=True):
     op: Op
-    targets: list[str]  # node ids, or ["all"]
+    targets: Names  # node ids, or ["all"]
 
 
 class OpStarted(Msg, kw_only=True):
@@ -498,13 +532,13 @@ class OpResult(Msg, kw_only=True):
     """Agent -> coordinator: how the operation ended on one node."""
 
     ok: bool
-    summary: str  # one line for the operator: "exited 0", "running", "Docker 20.10, overlay2"
-    output: str = ""  # container output, build log, apt-get output (tail, bounded)
-    error: str = ""  # when not ok: what failed on that node and what to do about it
-    exit_code: int | None = None  # run: the container's exit code if it ended in the wait
-    container: str = ""  # run: the container id
-    image_id: str = ""  # build: the built image id
-    removed_layers: list[str] = []  # rm-image: layers dropped from the node's store
+    summary: Text  # one line for the operator: "exited 0", "running", "Docker 20.10, overlay2"
+    output: Output = ""  # container output, build log, apt-get output (tail, bounded)
+    error: Output = ""  # when not ok: what failed on that node and what to do about it
+    exit_code: Int32 | None = None  # run: the container's exit code if it ended in the wait
+    container: Name = ""  # run: the container id
+    image_id: Name = ""  # build: the built image id
+    removed_layers: Digests = []  # rm-image: layers dropped from the node's store
 
 
 OpNodeStateName = Literal["pending", "running", "done", "failed"]
@@ -552,40 +586,57 @@ def to_wire(msg: msgspec.Struct) -> Any:
 
 
 def encode(msg: msgspec.Struct, content_type: str = MSGPACK) -> bytes:
+    """``msg`` as msgpack, or as strict JSON: a NaN or infinity raises ValueError, never
+    goes out as ``NaN`` (which no JSON parser, the web console's included, accepts)."""
     if content_type == JSON:
-        return json.dumps(to_wire(msg), separators=(",", ":")).encode()
+        return json.dumps(to_wire(msg), separators=(",", ":"), allow_nan=False).encode()
     data: bytes = msgpack.packb(to_wire(msg), use_bin_type=True)
     return data
 
 
+class _Envelope(msgspec.Struct):
+    """Only the protocol version of a body (every other field is skipped unread)."""
+
+    v: Any = PROTOCOL_VERSION
+
+
 def decode(body: bytes, kind: type[T], content_type: str = MSGPACK) -> T:
-    """Decode and validate ``body`` as ``kind``; raise MessageError saying why not."""
+    """Decode and validate ``body`` as ``kind``; raise MessageError saying why not.
+
+    msgspec's own decoders read the body straight into ``kind``: they accept
+    only valid UTF-8 (no lone surrogates), JSON without ``NaN``/``Infinity``
+    literals, and check every bound declared on the fields.
+    """
     name = getattr(kind, "__name__", str(kind))
     if len(body) > MAX_BODY:
         raise MessageError(f"{name}: body of {len(body)} bytes exceeds the {MAX_BODY} limit")
+    kind_name = "JSON" if content_type == JSON else "msgpack"
+    decoder: Any = msgspec.json if content_type == JSON else msgspec.msgpack
     try:
-        if content_type == JSON:
-            raw = json.loads(body)
-        else:
-            raw = msgpack.unpackb(body, raw=False, strict_map_key=True)
-    except (
-        ValueError,
-        TypeError,
-        RecursionError,  # deeply nested JSON
-        msgpack.ExtraData,
-        msgpack.FormatError,
-        msgpack.StackError,
-    ) as e:
-        kind_name = "JSON" if content_type == JSON else "msgpack"
-        raise MessageError(f"{name}: body is not valid {kind_name}: {e}") from None
-    if isinstance(raw, dict) and "v" in raw and raw["v"] != PROTOCOL_VERSION:
+        version = decoder.decode(body, type=_Envelope).v
+    except msgspec.ValidationError:
+        version = PROTOCOL_VERSION  # not an object: the decode below says so
+    except (msgspec.DecodeError, RecursionError) as e:  # RecursionError: deeply nested
+        raise MessageError(f"{name}: body is not valid {kind_name}: {e}{_hint(e)}") from None
+    if version != PROTOCOL_VERSION:
         raise MessageError(
-            f"{name}: protocol version {raw['v']!r} is not supported (this side speaks "
+            f"{name}: protocol version {version!r} is not supported (this side speaks "
             f"{PROTOCOL_VERSION}); upgrade the older side"
         )
     try:
-        return msgspec.convert(raw, kind)
+        result: T = decoder.decode(body, type=kind)
     except msgspec.ValidationError as e:
         raise MessageError(f"{name}: {e}") from None
+    except (msgspec.DecodeError, RecursionError) as e:
+        raise MessageError(f"{name}: body is not valid {kind_name}: {e}{_hint(e)}") from None
     except ValueError as e:  # a struct's own check (a bad digest in a manifest, say)
         raise MessageError(f"{name}: {e}") from None
+    return result
+
+
+def _hint(e: Exception) -> str:
+    """What to do about a decode error whose own words do not say it."""
+    text = str(e)
+    if "surrogate" in text or "UTF-8" in text:
+        return " (every string must be valid UTF-8: no lone surrogates such as \\udc80)"
+    return ""

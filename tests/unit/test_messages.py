@@ -6,9 +6,11 @@ import io
 import json
 
 import msgpack
+import msgspec
 import pytest
 
-from rainbowd.chunks import MIN_CHUNK_SIZE, build_manifest
+from rainbowd import messages as m
+from rainbowd.chunks import MIN_CHUNK_SIZE, ChunkManifest, build_manifest
 from rainbowd.messages import (
     JSON,
     MAX_BODY,
@@ -237,7 +239,7 @@ def test_inconsistent_manifest_is_refused() -> None:
 
 
 def test_non_string_map_keys_are_refused() -> None:
-    with pytest.raises(MessageError, match="not valid msgpack"):
+    with pytest.raises(MessageError, match=r"Heartbeat: Expected `str`, got `int`"):
         decode(msgpack.packb({1: 2}), Heartbeat)
 
 
@@ -250,5 +252,96 @@ def test_deeply_nested_json_is_a_message_error() -> None:
 
 def test_deeply_nested_msgpack_is_a_message_error() -> None:
     body = b"\x91" * 100_000 + b"\xc0"
-    with pytest.raises(MessageError, match="not valid msgpack"):
+    with pytest.raises(MessageError, match="Heartbeat: Expected `object`, got `array`"):
         decode(body, Heartbeat)
+    nested_version = b"\x81\xa1v" + body  # {"v": [[[...]]]}: the version is read first
+    with pytest.raises(MessageError, match="not valid msgpack"):
+        decode(nested_version, Heartbeat)
+
+
+# -- every field the coordinator decodes is bounded (rainbowd.wirebounds) ----------
+#: every body the coordinator decodes (coordinator/app.py and ops_routes.py)
+INBOUND = [
+    m.RegisterRequest,
+    m.Heartbeat,
+    m.EvictRequest,
+    m.TransferProgress,
+    m.TransferDone,
+    m.TransferFailed,
+    m.IngestDone,
+    m.TaskFailed,
+    m.LoadDone,
+    m.SecurityEvent,
+    m.CreateImage,
+    m.CreateJob,
+    m.CreateOp,
+    m.OpStarted,
+    m.OpResult,
+]
+
+
+def _unbounded(t: msgspec.inspect.Type, where: str, seen: set[type]) -> list[str]:
+    """Paths of fields in ``t`` that have no limit (a float without both bounds, ...)."""
+    mi = msgspec.inspect
+    if isinstance(t, mi.FloatType):
+        ok = (t.ge is not None or t.gt is not None) and (t.le is not None or t.lt is not None)
+        return [] if ok else [where]
+    if isinstance(t, mi.IntType):
+        ok = (t.ge is not None or t.gt is not None) and (t.le is not None or t.lt is not None)
+        return [] if ok else [where]
+    if isinstance(t, mi.StrType):
+        return [] if t.max_length is not None else [where]
+    if isinstance(t, mi.ListType):
+        own = [] if t.max_length is not None else [where]
+        return own + _unbounded(t.item_type, where + "[]", seen)
+    if isinstance(t, mi.DictType):
+        own = [] if t.max_length is not None else [where]
+        return (
+            own
+            + _unbounded(t.key_type, where + "{key}", seen)
+            + _unbounded(t.value_type, where + "{}", seen)
+        )
+    if isinstance(t, mi.UnionType):
+        return [p for u in t.types for p in _unbounded(u, where, seen)]
+    if isinstance(t, mi.StructType):
+        # ChunkManifest checks itself (chunks.py): its chunk list must match size and
+        # chunk_size, both bounded there, and its digests are parsed
+        if t.cls in seen or t.cls is ChunkManifest:
+            return []
+        seen.add(t.cls)
+        return [p for f in t.fields for p in _unbounded(f.type, f"{where}.{f.name}", seen)]
+    return []  # bool, None, Literal: nothing to bound
+
+
+@pytest.mark.parametrize("kind", INBOUND, ids=lambda k: k.__name__)
+def test_every_field_the_coordinator_decodes_is_bounded(kind: type) -> None:
+    assert _unbounded(msgspec.inspect.type_info(kind), kind.__name__, set()) == []
+
+
+@pytest.mark.parametrize("ct", [MSGPACK, JSON])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("seconds", float("nan")), ("seconds", float("inf")), ("bytes_moved", 2**53 + 1)],
+)
+def test_non_finite_and_huge_numbers_are_refused_naming_the_field(
+    ct: str, field: str, value: float
+) -> None:
+    wire = to_wire(TransferDone(bytes_moved=1, seconds=1.0))
+    wire[field] = value
+    body = msgpack.packb(wire) if ct == MSGPACK else json.dumps(wire).encode()
+    with pytest.raises(MessageError, match=rf"TransferDone: .*`\$\.{field}`|not valid JSON"):
+        decode(body, TransferDone, ct)
+
+
+def test_lone_surrogates_are_refused_in_both_encodings() -> None:
+    with pytest.raises(MessageError, match="surrogate"):
+        decode(b'{"reason": "\\udc80", "kind": "io"}', TransferFailed, JSON)
+    body = b"\x82\xa6reason\xa3\xed\xb2\x80\xa4kind\xa2io"  # UTF-8-encoded surrogate
+    with pytest.raises(MessageError, match="UTF-8"):
+        decode(body, TransferFailed)
+
+
+def test_json_replies_are_strict() -> None:
+    """NaN never goes out as JSON (the console's JSON.parse would refuse the reply)."""
+    with pytest.raises(ValueError, match="JSON compliant"):
+        encode(TransferDone(bytes_moved=1, seconds=float("nan")), JSON)

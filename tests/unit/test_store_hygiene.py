@@ -206,6 +206,9 @@ async def test_local_pins_and_an_absent_coordinator_keep_layers(
 ) -> None:
     store = LayerStore(tmp_path / "a-store")
     l_busy, l_free = make_layers(store, 2)
+    # layers of a known image (holdings of no known layer are ignored by the coordinator)
+    origin = await enroll(coord.url, "origin", roles=["origin"])
+    await add_image(admin, origin, "app:1", [l_busy, l_free])
     a = await enroll(coord.url, "a", holdings=[l_busy.digest, l_free.digest])
     busy = {l_busy.digest}
     hygiene = StoreHygiene(
@@ -230,5 +233,6 @@ async def test_local_pins_and_an_absent_coordinator_keep_layers(
     result = await hygiene.check(a)
     assert result.evicted == [l_free.digest]
     assert store.has(Digest(l_busy.digest)) and not store.has(Digest(l_free.digest))
-    assert holders(coord, l_busy.digest) == ["a"]
+    assert holders(coord, l_busy.digest) == ["a", "origin"]
     await a.close()
+    await origin.close()
