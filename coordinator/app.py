@@ -24,7 +24,10 @@ Routes (prefix ``/v1``)::
     POST ingests/{id}/failed      TaskFailed -> 204
     POST loads/{id}/done          LoadDone -> 204
     POST loads/{id}/failed        TaskFailed -> 204
-    POST events                   SecurityEvent -> 204
+    POST events                   SecurityEvent -> 204 (403 for a claim about a peer with no
+                                  transfer behind it: coordinator/evidence.py)
+    GET  trust                    -> TrustList (an agent's server meets a client key it
+                                  does not know: its list may be behind)
 
     admin (Authorization: Bearer <admin token>)
     GET  nodes                    -> NodeList
@@ -284,6 +287,11 @@ async def evict(request: web.Request) -> web.Response:
     return reply(request, coord(request).evict(node, await body(request, EvictRequest)))
 
 
+async def trust(request: web.Request) -> web.Response:
+    agent(request)
+    return reply(request, coord(request).cluster.trust())
+
+
 async def security_event(request: web.Request) -> web.Response:
     node = agent(request)
     coord(request).security_event(node, await body(request, SecurityEvent))
@@ -394,6 +402,7 @@ def create_app(c: Coordinator) -> web.Application:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        await c.host_key_checks.close()
 
     app.cleanup_ctx.append(liveness)
     r = app.router
@@ -404,6 +413,7 @@ def create_app(c: Coordinator) -> web.Application:
     r.add_post("/v1/ingests/{id}/{what:done|failed}", ingest_report)
     r.add_post("/v1/loads/{id}/{what:done|failed}", load_report)
     r.add_post("/v1/events", security_event)
+    r.add_get("/v1/trust", trust)
     r.add_post("/v1/evictions", evict)
     r.add_get("/v1/nodes", list_nodes)
     r.add_get("/v1/security-events", list_security_events)

@@ -64,6 +64,7 @@ class NodeProgress:
     failures: dict[str, int] = field(default_factory=dict)
     load_id: str = ""
     down_since: float = 0.0  # the node is down (not yet failed); 0 while it is up
+    reopened: bool = False  # put back to pending once at the job's end (coordinator/holdings.py)
 
     @property
     def final(self) -> bool:
@@ -89,6 +90,29 @@ class NodeProgress:
             return False
         self.done.add(layer)
         self.partial.pop(layer, None)
+        return True
+
+    def lose(self, layer: str) -> bool:
+        """The node no longer holds ``layer``: it is not done for it. True if it was.
+
+        Only while the node still receives: a loading node's load reads the
+        store and fails by itself, and a final node is rechecked at the job's
+        end (:meth:`reopen`).
+        """
+        if not self.receiving or layer not in self.done:
+            return False
+        self.done.discard(layer)
+        return True
+
+    def reopen(self, missing: list[str]) -> bool:
+        """A done node lacks ``missing`` at the job's end: pending again (once). False if not."""
+        if self.reopened or self.state != "done":
+            return False
+        self.reopened = True
+        self.done.difference_update(missing)
+        self.state = "pending"
+        self.finished_at = 0.0
+        self.error = ""
         return True
 
     def started_transfer(self, layer: str) -> None:
