@@ -92,6 +92,7 @@ class Sim:
             host_key_probe=self.probe,
         )
         self.cursors: dict[str, int] = {}
+        self.credentials: dict[str, str] = {}
 
     def close(self) -> None:
         self.store.close()
@@ -107,7 +108,7 @@ class Sim:
         speed: float = 0.0,
         holdings: Sequence[str] = (),
     ) -> Node:
-        self.c.register(
+        reply = self.c.register(
             RegisterRequest(
                 node_id=node_id,
                 join_token=JOIN,
@@ -120,6 +121,7 @@ class Sim:
                 holdings=list(holdings),
             )
         )
+        self.credentials[node_id] = reply.credential
         return self.node(node_id)
 
     def add_image(self, origin: str, ref: str = "app:1", sizes: Sequence[int] = (70_000,)) -> Image:
