@@ -93,10 +93,13 @@ class HostKeyChecks:
         last = self._last.get(node_id)
         if last is not None and now - last < self.interval:
             return False
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # only ever called from the app's handlers; say so if not
+            log.error("host key probe needs the coordinator's event loop", node=node_id)
+            return False
         self._last[node_id] = now
-        task = asyncio.get_running_loop().create_task(
-            self._run(node_id, address, port, pinned, on_result)
-        )
+        task = loop.create_task(self._run(node_id, address, port, pinned, on_result))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return True
