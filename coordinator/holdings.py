@@ -15,9 +15,11 @@ follows that list:
 * **Dropped at once** when a demander, with a transfer from the node behind it
   (coordinator/evidence.py), reports that the node answered ``not_held``. If
   that was a lie, the node's next heartbeat lists the layer again.
-* **Checked when a job ends**: a node counted done for a layer the view no
-  longer has it hold is put back to pending and pulls it again (once; losing
-  it again fails the node, naming the layer, rather than looping).
+* **Checked when a job ends**: a node counted done for a layer it then
+  stopped listing is put back to pending and pulls it again (once; losing it
+  again fails the node, naming the layer, rather than looping). A layer it
+  evicted with the coordinator's consent after it finished (store limits,
+  coordinator/pins.py) is not held against it.
 * **A layer nobody holds** (an origin that found its only copy corrupt stops
   listing it, see agent/agent.py) fails, after :data:`ORPHAN_GRACE_INTERVALS`
   heartbeat intervals, every job node still waiting for it, with an error
@@ -101,7 +103,7 @@ def recheck_done(job: Job, nodes: Mapping[str, Node], scheduler: Scheduler, now:
         node = nodes.get(p.node_id)
         if p.state != "done" or node is None:
             continue
-        missing = [d for d in p.layers if d not in node.holdings]
+        missing = sorted(d for d in p.unheld if d not in node.holdings)
         if not missing:
             continue
         names = ", ".join(missing)
