@@ -120,7 +120,7 @@ from rainbowd.sources import SourceError, check_source, describe
 from . import auth, holdings
 from .cluster import MISSED_HEARTBEATS, Cluster, Node
 from .errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
-from .evidence import COORDINATOR, MIN_INDEPENDENT_DEMANDERS, PeerEvidence, unfounded
+from .evidence import COORDINATOR, PeerEvidence, unfounded
 from .hostkey_probe import HostKeyChecks, Probe, ProbeOutcome, probe_host_key
 from .images import check_ingest, check_ref, image_view
 from .jobs import Job, NodeProgress
@@ -980,24 +980,25 @@ class Coordinator:
         quarantine need several different demanders (evidence.py)."""
         self.metrics.seeder_fault(seeder.node_id)
         self.scheduler.avoid(demander, seeder.node_id, now + VERIFY_AVOID_SECONDS)
-        faults = seeder.info.seeder_faults = self.evidence.bad_chunks(seeder.node_id, demander)
+        origin, limit = "origin" in seeder.info.roles, self.seeder_fault_limit
+        verdict, n = self.evidence.bad_chunk_verdict(
+            seeder.node_id, demander, origin=origin, limit=limit
+        )
+        seeder.info.seeder_faults = n
         self._save_node(seeder)
-        limit = max(self.seeder_fault_limit, MIN_INDEPENDENT_DEMANDERS)
-        origin = "origin" in seeder.info.roles
-        if faults >= limit and not origin:
-            self._quarantine(
-                seeder.node_id, f"{faults} demanders reported bad chunks (last: {why})", now
-            )
+        if verdict == "quarantine":
+            why = f"{n} demanders reported bad chunks (last: {why})"
+            self._quarantine(seeder.node_id, why, now)
             return
-        speed = self.scheduler.penalize(seeder.node_id) if faults > 1 else None
+        speed = self.scheduler.penalize(seeder.node_id) if verdict == "penalize" else 0.0
         log.warning(
-            "bad chunks reported"
-            + ("; an origin is not quarantined on peers' word" if faults >= limit else ""),
+            "bad chunks reported",
             node=seeder.node_id,
             demander=demander,
-            demanders_reporting=faults,
-            limit=limit,
-            speed_bps=round(speed) if speed is not None else "unchanged (one demander only)",
+            demanders_reporting=n,
+            verdict=verdict,
+            origin=origin,
+            speed_bps=round(speed or self.scheduler.speed(seeder.node_id)),
         )
 
     def _check_backed(self, node: Node, peer: str, what: str, now: float) -> None:

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable
+from typing import Literal
 
 from rainbowd.scheduler import Transfer
 
@@ -64,6 +65,10 @@ MAX_ENDED_PAIRS = 100_000
 
 #: the reporter recorded for events the coordinator raises itself
 COORDINATOR = "coordinator"
+
+#: what a backed bad-chunk claim does: keep the pair apart only, also halve the seeder's
+#: speed, or quarantine it
+Verdict = Literal["pair", "penalize", "quarantine"]
 
 
 class PeerEvidence:
@@ -96,6 +101,15 @@ class PeerEvidence:
         reporters = self._bad_chunks.setdefault(seeder, set())
         reporters.add(demander)
         return len(reporters)
+
+    def bad_chunk_verdict(
+        self, seeder: str, demander: str, *, origin: bool, limit: int
+    ) -> tuple[Verdict, int]:
+        """Count a backed bad-chunk claim; what follows, and how many demanders reported."""
+        n = self.bad_chunks(seeder, demander)
+        if n >= max(limit, MIN_INDEPENDENT_DEMANDERS) and not origin:
+            return "quarantine", n
+        return ("penalize" if n >= MIN_INDEPENDENT_DEMANDERS else "pair"), n
 
     def forget(self, node_id: str) -> None:
         """An admin cleared ``node_id``'s quarantine: its bad-chunk record starts afresh."""
