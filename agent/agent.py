@@ -40,6 +40,7 @@ from rainbowd.agent.report_sender import Attempt, ReportSender
 from rainbowd.agent.ssh_server import ChunkServer
 from rainbowd.agent.status import StatusServer
 from rainbowd.client import AgentClient, ApiError, CoordinatorUnreachable
+from rainbowd.digest import Digest
 from rainbowd.eviction import StoreLimits
 from rainbowd.image import ImageError
 from rainbowd.sources import describe
@@ -104,6 +105,8 @@ class Agent:
             on_served=lambda layer: self.hygiene.used(layer),
             relay=self.relay,
             limits=config.ssh_limits(),
+            refresh_trust=self._fetch_trust,
+            on_corrupt=self._own_copy_corrupt,
         )
         self.server_port = config.ssh_port
         self.metrics = AgentMetrics()
@@ -153,6 +156,31 @@ class Agent:
             docker_url=config.docker_url,
             image_removed=self._image_removed,
         )
+
+    async def _fetch_trust(self) -> m.TrustList:
+        """The coordinator's current trust list (our server met a client key it did not know)."""
+        trust = await self.api.trust()
+        self.view.trust_version = max(self.view.trust_version, trust.version)
+        return trust
+
+    def _own_copy_corrupt(self, layer: str, why: str) -> None:
+        """Our server found our copy of ``layer`` corrupt: delete it, so no heartbeat lists it.
+
+        The coordinator then stops sending demanders here for it (and, if we
+        were its only holder, fails the jobs waiting for it, naming it); a
+        later pull fetches a good copy.
+        """
+        if self._tg is not None:
+            self._tg.create_task(self._guarded(self._drop_corrupt(layer, why)))
+
+    async def _drop_corrupt(self, layer: str, why: str) -> None:
+        async with self.holdings_lock:
+            if not await asyncio.to_thread(self.store.has, Digest(layer)):
+                return
+            await asyncio.to_thread(self.store.remove, Digest(layer))
+        note = f"own copy of layer {layer} is corrupt; deleted, no longer advertised: {why}"
+        self.view.security_events.append(note)
+        self.log.error("own_copy_corrupt_removed", layer=layer, why=why)
 
     def _image_removed(self, ref: str) -> None:
         self.view.images.pop(ref, None)
@@ -437,7 +465,7 @@ class Agent:
             result = await self.puller.pull(a, progress)
         except PullError as e:
             tlog.warning("pull failed", kind=e.kind, error=e.reason)
-            failure = m.TransferFailed(reason=e.reason, kind=e.kind, seeder_fault=e.seeder_fault)
+            failure = e.to_failed()
             if isinstance(e, HostKeyMismatch):
                 self.view.security_events.append(e.reason)
                 event = m.SecurityEvent(

@@ -86,20 +86,34 @@ DISK_HEADROOM = 256 * 1024
 PROGRESS_INTERVAL = 0.25
 #: SSH user name; the server ignores it (the key is the identity)
 SSH_USER = "rbd"
+#: connection attempts repeated after a seeder refused our client key (see LayerPuller._dial)
+TRUST_RETRIES = 2
+#: seconds between them: longer than ssh_server.TRUST_REFRESH_INTERVAL, so the seeder may
+#: fetch its trust list again before the next attempt
+TRUST_RETRY_DELAY = 1.5
 
 
 class PullError(Exception):
     """A pull failed; ``kind`` is a FailureKind, ``reason`` names seeder, address and layer."""
 
-    def __init__(self, kind: FailureKind, reason: str, seeder_fault: bool = False) -> None:
+    def __init__(
+        self, kind: FailureKind, reason: str, seeder_fault: bool = False, not_held: bool = False
+    ) -> None:
         super().__init__(reason)
         self.kind: FailureKind = kind
         self.reason = reason
         self.seeder_fault = seeder_fault
+        #: the seeder answered not_held (the coordinator then stops counting it a holder)
+        self.not_held = not_held
 
     def to_failed(self) -> TransferFailed:
         """The control-plane message reporting this failure."""
-        return TransferFailed(reason=self.reason, kind=self.kind, seeder_fault=self.seeder_fault)
+        return TransferFailed(
+            reason=self.reason,
+            kind=self.kind,
+            seeder_fault=self.seeder_fault,
+            not_held=self.not_held,
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.kind!r}, {self.reason!r}, {self.seeder_fault})"
@@ -274,6 +288,8 @@ class LayerPuller:
         self._locks: dict[_ConnKey, asyncio.Lock] = {}
         #: one pull per layer at a time (see the module docstring)
         self._layer_locks: dict[str, _LayerLock] = {}
+        #: see _dial (an attribute so tests of a refused key need not wait)
+        self.trust_retry_delay = TRUST_RETRY_DELAY
         self._log = log.bind(node=node_id)
 
     def pulling(self, digest: str) -> int:
@@ -298,35 +314,7 @@ class LayerPuller:
             self._conns.pop(key, None)
             client = _Client()
             try:
-                conn = await asyncssh.connect(
-                    seeder.address,
-                    seeder.ssh_port,
-                    client_factory=lambda: client,
-                    username=SSH_USER,
-                    config=[],
-                    known_hosts=([pinned], [], []),
-                    client_keys=[self.client_key],
-                    agent_path=None,
-                    agent_forwarding=False,
-                    x509_trusted_certs=None,
-                    x509_trusted_cert_paths=[],
-                    pkcs11_provider=None,
-                    password=None,
-                    public_key_auth=True,
-                    password_auth=False,
-                    kbdint_auth=False,
-                    host_based_auth=False,
-                    gss_auth=False,
-                    gss_kex=False,
-                    preferred_auth=["publickey"],
-                    encryption_algs=self.encryption_algs,
-                    compression_algs=COMPRESSION_ALGS,
-                    connect_timeout=self.connect_timeout,
-                    login_timeout=self.connect_timeout,
-                    keepalive_interval=30,
-                    tcp_keepalive=True,
-                    client_version="rbd",
-                )
+                conn = await self._dial(seeder, pinned, client)
             except asyncssh.HostKeyNotVerifiable as e:
                 presented = client.presented
                 reason = (
@@ -364,6 +352,55 @@ class LayerPuller:
                 cipher=conn.get_extra_info("send_cipher"),
             )
             return conn
+
+    async def _dial(
+        self, seeder: PeerInfo, pinned: asyncssh.SSHKey, client: _Client
+    ) -> asyncssh.SSHClientConnection:
+        """Connect and authenticate; a refused client key is tried again a few times.
+
+        A seeder refusing our key most likely has not heard of this node yet
+        (its trust list is behind; it fetches the list when it meets an
+        unknown key, at most once per ssh_server.TRUST_REFRESH_INTERVAL), so
+        the connection is retried TRUST_RETRIES times, TRUST_RETRY_DELAY apart,
+        before the pull fails (kind ``security``, not the seeder's fault).
+        """
+        for attempt in range(TRUST_RETRIES + 1):
+            try:
+                return await asyncssh.connect(
+                    seeder.address,
+                    seeder.ssh_port,
+                    client_factory=lambda: client,
+                    username=SSH_USER,
+                    config=[],
+                    known_hosts=([pinned], [], []),
+                    client_keys=[self.client_key],
+                    agent_path=None,
+                    agent_forwarding=False,
+                    x509_trusted_certs=None,
+                    x509_trusted_cert_paths=[],
+                    pkcs11_provider=None,
+                    password=None,
+                    public_key_auth=True,
+                    password_auth=False,
+                    kbdint_auth=False,
+                    host_based_auth=False,
+                    gss_auth=False,
+                    gss_kex=False,
+                    preferred_auth=["publickey"],
+                    encryption_algs=self.encryption_algs,
+                    compression_algs=COMPRESSION_ALGS,
+                    connect_timeout=self.connect_timeout,
+                    login_timeout=self.connect_timeout,
+                    keepalive_interval=30,
+                    tcp_keepalive=True,
+                    client_version="rbd",
+                )
+            except asyncssh.PermissionDenied:
+                if attempt == TRUST_RETRIES:
+                    raise
+                self._log.info("client_key_refused_retry", seeder=seeder.node_id, attempt=attempt)
+                await asyncio.sleep(self.trust_retry_delay)
+        raise AssertionError("unreachable")
 
     async def close(self) -> None:
         """Close every cached connection."""
@@ -644,7 +681,11 @@ class LayerPuller:
                         # a relay whose own pull is behind or broke: not its fault
                         kind = "relay"
                     self.metrics.chunk_failure(tally.peer, "seeder_error")
-                    raise PullError(kind, f"{where}: seeder says {ev.code}: {ev.message}")
+                    raise PullError(
+                        kind,
+                        f"{where}: seeder says {ev.code}: {ev.message}",
+                        not_held=ev.code == chunkproto.ERR_NOT_HELD,
+                    )
                 elif isinstance(ev, chunkproto.ProtocolError):
                     self.metrics.chunk_failure(tally.peer, "protocol")
                     raise PullError(

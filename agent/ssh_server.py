@@ -8,7 +8,12 @@ What it accepts, and why so little:
   file and no config file read from the host. A refused key is logged with its
   fingerprint and the remote address, kept in :attr:`ChunkServer.refused_clients`
   and passed to ``on_refused`` so the agent can raise a
-  ``client_key_refused`` security event.
+  ``client_key_refused`` security event. A key it does not know may belong to
+  a node enrolled after our last trust list (a stale list is not an attack):
+  before refusing, the server fetches the current list once through
+  ``refresh_trust`` (one fetch at a time, at most one per
+  :data:`TRUST_REFRESH_INTERVAL`, each bounded by :data:`TRUST_REFRESH_TIMEOUT`,
+  so a stranger's keys cost the coordinator at most one request a second).
 * **Channels**: only ``session`` channels, and on them only the
   :data:`~rainbowd.chunkproto.SUBSYSTEM` subsystem. Shell, exec, pty,
   X11/agent forwarding, SFTP/SCP, TCP/unix forwarding and tun/tap are all
@@ -30,7 +35,8 @@ What it accepts, and why so little:
   from disk is checked against the layer's stored chunk manifest (one sha256
   per chunk, in the same worker thread as the read). A blob that rotted on disk
   (bit flip, bad sector, someone editing it) is answered with an ERROR frame
-  ``corrupt`` instead of bad bytes: the demander fails the transfer at once as
+  ``corrupt`` instead of bad bytes (and ``on_corrupt`` is told, so the agent
+  drops its copy and stops advertising it): the demander fails the transfer at once as
   the seeder's fault (the coordinator counts it against us and re-plans), no
   bad byte crosses the wire, and this node learns *its own* copy is bad
   (:attr:`ChunkServer.corrupt_layers`, shown by ``rbd-agent status``). The
@@ -49,7 +55,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,6 +99,10 @@ MAX_REFUSED_RECORDS = 256
 #: ERROR code for "my stored copy of this chunk fails its manifest"; the
 #: demander treats it as a seeder fault (kind "verify") without reading bad bytes
 ERR_CORRUPT = "corrupt"
+#: an unknown client key fetches the trust list at most once per this many seconds
+TRUST_REFRESH_INTERVAL = 1.0
+#: longest wait for that fetch (the client's login waits meanwhile)
+TRUST_REFRESH_TIMEOUT = 5.0
 
 
 class CorruptBlob(StoreError):
@@ -100,6 +110,7 @@ class CorruptBlob(StoreError):
 
 
 OnRefused = Callable[[str, str], None]
+RefreshTrust = Callable[[], Awaitable[TrustList]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,8 +140,19 @@ class ChunkServer:
         relay_wait_s: float = 20.0,
         relay_start_s: float = 5.0,
         inline_io_max: int = INLINE_MAX_BYTES,
+        refresh_trust: RefreshTrust | None = None,
+        on_corrupt: Callable[[str, str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
+        #: fetches the coordinator's current trust list (an unknown client key; see above)
+        self.refresh_trust = refresh_trust
+        #: told (layer, why) each time a stored blob fails its manifest while serving
+        self.on_corrupt = on_corrupt
+        self.trust_refreshes = 0  # fetches made for unknown keys
+        self._clock = clock
+        self._last_refresh: float | None = None
+        self._refreshing: asyncio.Future[None] | None = None
         #: chunks up to this size are read and checked on the event loop (agent/chunk_io.py)
         self.inline_io_max = inline_io_max
         #: chunks of layers still being pulled here (None: serve complete layers only)
@@ -207,6 +229,34 @@ class ChunkServer:
 
     def trusted_peer(self, blob: bytes) -> str | None:
         return self._trusted.get(blob)
+
+    async def refresh_for_unknown_key(self) -> None:
+        """A client key not on our list: fetch the current list (shared, rate-limited)."""
+        if self._refreshing is not None:
+            await asyncio.shield(self._refreshing)
+            return
+        now = self._clock()
+        if self.refresh_trust is None or (
+            self._last_refresh is not None and now - self._last_refresh < TRUST_REFRESH_INTERVAL
+        ):
+            return
+        self._last_refresh = now
+        self._refreshing = asyncio.ensure_future(self._refresh(self.refresh_trust))
+        try:
+            await asyncio.shield(self._refreshing)
+        finally:
+            self._refreshing = None
+
+    async def _refresh(self, fetch: RefreshTrust) -> None:
+        self.trust_refreshes += 1
+        try:
+            async with asyncio.timeout(TRUST_REFRESH_TIMEOUT):
+                trust = await fetch()
+        except Exception as e:  # the coordinator away, or refusing: keep the list we have
+            self._log.warning("trust_refresh_failed", error=f"{type(e).__name__}: {e}")
+            return
+        if trust.version > self.trust_version:
+            self.update_trust(trust)
 
     def _record_refusal(self, fp: str, address: str) -> None:
         self.refused_count += 1
@@ -438,6 +488,8 @@ class ChunkServer:
                         if layer not in self.corrupt_layers:
                             self.corrupt_layers[layer] = str(e)
                         plog.error("serving_refused_corrupt_blob", layer=short(layer), error=str(e))
+                        if self.on_corrupt is not None:
+                            self.on_corrupt(layer, str(e))
                         stdout.write(chunkproto.encode_error(ERR_CORRUPT, str(e)))
                         return
                     for nxt in todo:
@@ -630,9 +682,12 @@ class _PeerConnection(asyncssh.SSHServer):
     def host_based_auth_supported(self) -> bool:
         return False
 
-    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+    async def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         blob = bytes(key.public_data)
         peer = self.server.trusted_peer(blob)
+        if peer is None:  # a node enrolled after our last list? (asyncssh awaits this)
+            await self.server.refresh_for_unknown_key()
+            peer = self.server.trusted_peer(blob)
         if peer is None:
             fp = fingerprint(key)
             if fp not in self._refused:  # a client may offer the same key twice

@@ -30,7 +30,11 @@ Routes (prefix ``/v1``)::
     POST ingests/{id}/failed      TaskFailed -> 204
     POST loads/{id}/done          LoadDone -> 204
     POST loads/{id}/failed        TaskFailed -> 204
-    POST events                   SecurityEvent -> 204 (429 past the node's event budget)
+    POST events                   SecurityEvent -> 204 (429 past the node's event budget; 403
+                                  for a claim about a peer with no transfer behind it:
+                                  coordinator/evidence.py)
+    GET  trust                    -> TrustList (an agent's server meets a client key it
+                                  does not know: its list may be behind)
 
     admin (Authorization: Bearer <admin token>)
     GET  nodes                    -> NodeList
@@ -348,6 +352,11 @@ async def evict(request: web.Request) -> web.Response:
     return reply(request, coord(request).evict(node, await body(request, EvictRequest)))
 
 
+async def trust(request: web.Request) -> web.Response:
+    agent(request)
+    return reply(request, coord(request).cluster.trust())
+
+
 async def security_event(request: web.Request) -> web.Response:
     node = agent(request)
     ev = await body(request, SecurityEvent)
@@ -507,6 +516,7 @@ def create_app(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        await c.host_key_checks.close()
 
     app.cleanup_ctx.append(liveness)
     r = app.router
@@ -517,6 +527,7 @@ def create_app(
     r.add_post("/v1/ingests/{id}/{what:done|failed}", ingest_report)
     r.add_post("/v1/loads/{id}/{what:done|failed}", load_report)
     r.add_post("/v1/events", security_event)
+    r.add_get("/v1/trust", trust)
     r.add_post("/v1/evictions", evict)
     r.add_get("/v1/nodes", list_nodes)
     r.add_get("/v1/security-events", list_security_events)

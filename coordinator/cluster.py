@@ -31,6 +31,9 @@ class Node:
     disk_free: int = 0
     disk_used: int = 0
     holdings: set[str] = field(default_factory=set)
+    #: layer -> when it was recorded as held (coordinator/holdings.py: a heartbeat built
+    #: before that moment may not list it yet); absent = recorded before this run
+    holding_since: dict[str, float] = field(default_factory=dict)
     down_since: float = 0.0  # when it last went down (restored nodes: the restart)
     epoch: int = 0  # registrations this run: a dropped poll of an older agent process is stale
     polls: int = 0  # long-polls of this node waiting right now

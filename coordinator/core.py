@@ -12,14 +12,27 @@ queues each as a :class:`TransferAssignment` to the demander (the demander
 pulls). A finished transfer makes the demander a seeder. A node holding every
 layer loads the image into Docker (``LoadAssignment``) when it has Docker.
 
-Quarantine: a seeder with the wrong host key (a "security" failure or a
-host_key_mismatch event) is taken out of the trust list and out of the
-scheduler at once; one that sent bad chunks ("verify" with seeder_fault) is
-penalized (its speed halved, that demander kept away from it for a while) and
-quarantined only after ``seeder_fault_limit`` such transfers, since one bad
-chunk may be a disk error rather than an attack. A quarantined node stays out
--- heartbeats and re-registration do not bring it back -- until an admin
-clears it (``POST /v1/nodes/{id}/clear-quarantine``).
+Quarantine (the evidence rules are in coordinator/evidence.py): a report
+about a peer counts only if the coordinator assigned the reporter a transfer
+from that peer that is running or ended within ``EVIDENCE_WINDOW``; any other
+is refused (403) and recorded as an ``unfounded_report`` against the
+reporter. A host-key claim makes the coordinator probe the seeder's host key
+itself (coordinator/hostkey_probe.py); only its own probe seeing a key other
+than the pinned one quarantines the seeder. Bad chunks ("verify" with
+seeder_fault, or a bad_chunk event) make that pair avoid each other; the
+seeder is penalized (speed halved) once two different demanders have reported
+it and quarantined once ``seeder_fault_limit`` different demanders have --
+never on one node's word, and an origin never on peers' word at all. A
+demander whose client key a seeder refused (its trust list is behind) blames
+nobody: the seeder is woken to fetch the list and the pair rests a heartbeat.
+A quarantined node stays out -- heartbeats and re-registration do not bring
+it back -- until an admin clears it (``POST /v1/nodes/{id}/clear-quarantine``).
+
+Holdings follow what each node says it holds, both ways (coordinator/holdings.py):
+a layer its heartbeat stops listing is dropped and demanded again by its
+running jobs, a seeder that answered ``not_held`` loses the layer at once, a
+node counted done is rechecked when its job ends, and job nodes waiting for a
+layer no node holds any more fail naming it.
 
 Faults (PAPER.md, "Fault handling"; this is where they are decided):
 
@@ -104,9 +117,11 @@ from rainbowd.messages import (
 from rainbowd.scheduler import DEFAULT_POLICY, Scheduler, Transfer
 from rainbowd.sources import SourceError, check_source, describe
 
-from . import auth
+from . import auth, holdings
 from .cluster import MISSED_HEARTBEATS, Cluster, Node
 from .errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
+from .evidence import COORDINATOR, PeerEvidence, unfounded
+from .hostkey_probe import HostKeyChecks, Probe, ProbeOutcome, probe_host_key
 from .images import check_ingest, check_ref, image_view
 from .jobs import Job, NodeProgress
 from .metrics import CoordinatorMetrics
@@ -118,7 +133,8 @@ log = structlog.get_logger(__name__)
 
 #: longest a long-poll may wait (seconds)
 MAX_WAIT = 30.0
-#: transfers spoiled with bad chunks (or bad_chunk events) before a seeder is quarantined
+#: different demanders reporting bad chunks (transfers or bad_chunk events) from a seeder
+#: before it is quarantined (at least evidence.MIN_INDEPENDENT_DEMANDERS)
 SEEDER_FAULT_LIMIT = 3
 #: a target node down this long fails in its running jobs (seconds)
 NODE_DOWN_TIMEOUT = 300.0
@@ -161,6 +177,7 @@ class Coordinator:
         clock: Callable[[], float] = time.time,
         metrics: CoordinatorMetrics | None = None,
         metrics_token: str = "",
+        host_key_probe: Probe = probe_host_key,
     ) -> None:
         if not join_token or not admin_token:
             raise ValueError("join and admin tokens must not be empty")
@@ -189,6 +206,9 @@ class Coordinator:
         self.metrics.watch(self)
         # rbd run/rm/build/images rm-nodes/docker check (coordinator/ops.py)
         self.ops = ClusterOps(self, store.path.parent / "contexts", clock)
+        self.evidence = PeerEvidence()  # which reports about peers count (evidence.py)
+        self.host_key_checks = HostKeyChecks(clock, host_key_probe)
+        self.orphans = holdings.OrphanWatch()
         self._restore()
 
     # ------------------------------------------------------------------
@@ -415,6 +435,7 @@ class Coordinator:
         node.reported_active = {}
         self._bring_up(node, now)
         self._add_holdings(node, req.holdings, now)
+        self._follow_holdings(node, req.holdings, now)
         if restarted:
             self._reload(node, now)
         self._save_node(node)
@@ -464,6 +485,7 @@ class Coordinator:
         if not node.up and not node.quarantined:
             log.info("node is back up", node=node.node_id)
         changed = self._add_holdings(node, hb.holdings, now)
+        changed = self._follow_holdings(node, hb.holdings, now) or changed
         self._reconcile(node, hb, now)
         self._bring_up(node, now)
         if changed:
@@ -611,6 +633,7 @@ class Coordinator:
                 continue
             if t.layer in node.holdings:
                 self.scheduler.complete(t.transfer_id, now)
+                self.evidence.transfer_ended(t, now)
                 self.store.delete_transfer(t.transfer_id)
                 log.info(
                     "transfer over: layer held, report still to come",
@@ -731,6 +754,10 @@ class Coordinator:
             self._mark_down(node, f"missed heartbeats for {now - node.last_seen:.1f}s", now)
         self._reap_orphans(now)
         self._expire_down_nodes(now)
+        grace = holdings.ORPHAN_GRACE_INTERVALS * self.heartbeat_interval
+        for job, p, why in self.orphans.check(self._jobs_of_all(), self.cluster.nodes, now, grace):
+            p.fail(why, now)
+            self._node_failed(job, p, now)
         self.ops.expire(now)
         return [n.node_id for n in gone]
 
@@ -822,6 +849,7 @@ class Coordinator:
         t = tr.t
         if self.scheduler.is_active(transfer_id):
             self.scheduler.complete(transfer_id, now, m.bytes_moved)
+            self.evidence.transfer_ended(t, now)
         else:
             log.info("late done report for an ended transfer", transfer=transfer_id)
         first, tr.reported = not tr.reported, True
@@ -866,11 +894,14 @@ class Coordinator:
         if tr.reported:
             log.info("repeated report for an ended transfer", transfer=transfer_id)
             return
-        tr.reported = True
         t = tr.t
+        if _blames_seeder(m):
+            self._check_backed(node, t.seeder, f"a {m.kind} failure of {transfer_id}", now)
+        tr.reported = True
         self.store.delete_transfer(transfer_id)
         if self.scheduler.is_active(transfer_id):
             self.scheduler.fail(transfer_id)
+            self.evidence.transfer_ended(t, now)
             # (one the coordinator had already dropped was counted as aborted then)
             self.metrics.transfer_failed(m.kind, now - t.started_at)
         why = f"{m.kind}: {m.reason}"
@@ -905,9 +936,18 @@ class Coordinator:
         if seeder is None or seeder.quarantined:
             return
         why = f"transfer {t.transfer_id} to {t.demander} failed: {m.kind}: {m.reason}"
-        if m.kind == "security":
+        if m.not_held:
+            what = f"it answered not_held to {t.demander} (transfer {t.transfer_id})"
+            self._holdings_lost(seeder, [t.layer], now, what)
+        if m.kind == "security" and m.seeder_fault:
             self.store.add_security_event(t.demander, t.seeder, f"transfer_{m.kind}", m.reason)
-            self._quarantine(t.seeder, why, now)
+            self._host_key_claim(seeder, t.demander, now)
+        elif m.kind == "security":
+            # the seeder refused the demander's client key: its trust list is behind
+            # (evidence.py), nobody's attack. Wake its poll so it fetches the list now.
+            seeder.mailbox.wake()
+            self.scheduler.avoid(t.demander, t.seeder, now + self.heartbeat_interval)
+            log.info("seeder's trust list is behind; re-planning", seeder=t.seeder, why=why)
         elif m.seeder_fault:
             self.store.add_security_event(t.demander, t.seeder, f"transfer_{m.kind}", m.reason)
             self._seeder_fault(seeder, t.demander, why, now)
@@ -922,7 +962,7 @@ class Coordinator:
                 demander=t.demander,
                 layer=short(t.layer),
             )
-        elif m.kind in ("io", "unreachable"):
+        elif m.kind in ("io", "unreachable") and not m.not_held:
             self.scheduler.suspect(t.seeder)
             self.scheduler.avoid(
                 t.demander, t.seeder, now + IO_AVOID_INTERVALS * self.heartbeat_interval
@@ -936,27 +976,65 @@ class Coordinator:
             )
 
     def _seeder_fault(self, seeder: Node, demander: str, why: str, now: float) -> None:
-        """Bad bytes from ``seeder``: penalize it; quarantine it at the limit."""
+        """Bad bytes from ``seeder`` (a backed claim): the pair avoid each other; penalty and
+        quarantine need several different demanders (evidence.py)."""
         self.metrics.seeder_fault(seeder.node_id)
-        seeder.info.seeder_faults += 1
-        faults = seeder.info.seeder_faults
-        if faults >= self.seeder_fault_limit:
-            self._quarantine(
-                seeder.node_id, f"{faults} transfers with bad chunks (last: {why})", now
-            )
-            return
-        speed = self.scheduler.penalize(seeder.node_id)
-        if demander:
-            self.scheduler.avoid(demander, seeder.node_id, now + VERIFY_AVOID_SECONDS)
+        self.scheduler.avoid(demander, seeder.node_id, now + VERIFY_AVOID_SECONDS)
+        origin, limit = "origin" in seeder.info.roles, self.seeder_fault_limit
+        verdict, n = self.evidence.bad_chunk_verdict(
+            seeder.node_id, demander, origin=origin, limit=limit
+        )
+        seeder.info.seeder_faults = n
         self._save_node(seeder)
+        if verdict == "quarantine":
+            why = f"{n} demanders reported bad chunks (last: {why})"
+            self._quarantine(seeder.node_id, why, now)
+            return
+        speed = self.scheduler.penalize(seeder.node_id) if verdict == "penalize" else 0.0
         log.warning(
-            "seeder penalized for bad chunks",
+            "bad chunks reported",
             node=seeder.node_id,
             demander=demander,
-            faults=faults,
-            limit=self.seeder_fault_limit,
-            speed_bps=round(speed),
+            demanders_reporting=n,
+            verdict=verdict,
+            origin=origin,
+            speed_bps=round(speed or self.scheduler.speed(seeder.node_id)),
         )
+
+    def _check_backed(self, node: Node, peer: str, what: str, now: float) -> None:
+        """Refuse (403, recorded against ``node``) a report about ``peer`` with no transfer."""
+        active = self.scheduler.active_for(node.node_id)
+        if self.evidence.backed(node.node_id, peer, active, now):
+            return
+        why = unfounded(node.node_id, peer, what, self.evidence.window)
+        self.store.add_security_event(COORDINATOR, node.node_id, "unfounded_report", why)
+        log.warning("report about a peer refused", reporter=node.node_id, peer=peer, what=what)
+        raise Forbidden(why)
+
+    def _host_key_claim(self, seeder: Node, reporter: str, now: float) -> None:
+        """A backed host-key claim: the pair avoid each other; we look at the key ourselves."""
+        self.scheduler.avoid(reporter, seeder.node_id, now + VERIFY_AVOID_SECONDS)
+        i = seeder.info
+        self.host_key_checks.request(
+            i.node_id, i.address, i.ssh_port, i.host_key, self._host_key_probed
+        )
+
+    def _host_key_probed(self, node_id: str, pinned: str, outcome: ProbeOutcome) -> None:
+        node = self.cluster.get(node_id)
+        if node is None or node.quarantined or node.info.host_key != pinned:
+            return  # gone, already out, or re-registered with another key meanwhile
+        where = f"{node.info.address}:{node.info.ssh_port}"
+        if outcome.state != "mismatch":
+            log.warning("host key claim not confirmed", node=node_id, probe=outcome.state)
+            return
+        now = self.clock()
+        why = (
+            f"host key mismatch: the coordinator's own probe of {where} was shown "
+            f"{outcome.detail}, not the key {node_id} enrolled with"
+        )
+        self.store.add_security_event(COORDINATOR, node_id, "host_key_mismatch", why)
+        self._quarantine(node_id, why, now)
+        self._schedule(now)
 
     def security_events(self, limit: int = 1000) -> SecurityEventList:
         """The most recent security events, oldest first."""
@@ -969,18 +1047,21 @@ class Coordinator:
         )
 
     def security_event(self, node: Node, ev: SecurityEvent) -> None:
+        """Record ``node``'s event; one accusing a peer must be backed (evidence.py) or is 403."""
         now = self.clock()
+        peer = self.cluster.get(ev.peer)
+        accuses = peer is not None and peer.node_id != node.node_id
+        if accuses and ev.kind != "client_key_refused":
+            self._check_backed(node, ev.peer, ev.kind, now)
         self.store.add_security_event(node.node_id, ev.peer, ev.kind, ev.detail)
         log.warning(
             "security event", reporter=node.node_id, peer=ev.peer, kind=ev.kind, detail=ev.detail
         )
-        peer = self.cluster.get(ev.peer)
-        if peer is None or peer.node_id == node.node_id:
+        if peer is None or not accuses or peer.quarantined:
             return
         if ev.kind == "host_key_mismatch":
-            why = f"{node.node_id} saw a host key mismatch: {ev.detail}"
-            self._quarantine(peer.node_id, why, now)
-        elif ev.kind == "bad_chunk" and not peer.quarantined:
+            self._host_key_claim(peer, node.node_id, now)
+        elif ev.kind == "bad_chunk":
             self._seeder_fault(peer, node.node_id, f"{node.node_id}: {ev.detail}", now)
         self._schedule(now)
 
@@ -1081,6 +1162,7 @@ class Coordinator:
         if node.quarantined:
             node.info.quarantined, node.info.quarantine_reason = False, ""
             node.info.seeder_faults = 0
+            self.evidence.forget(node_id)
             if self.clock() - node.last_seen <= MISSED_HEARTBEATS * self.heartbeat_interval:
                 self._bring_up(node, self.clock())
             self.cluster.trust_changed()
@@ -1310,6 +1392,7 @@ class Coordinator:
             return False
         for layer in new:
             node.holdings.add(layer)
+            node.holding_since[layer] = now
             self.scheduler.add_holding(node.node_id, layer)
         for job, p in list(self._jobs_of(node.node_id)):
             changed = [layer for layer in new if p.hold(layer)]
@@ -1318,6 +1401,20 @@ class Coordinator:
             if changed:
                 self._job_changed(job, p)
         return True
+
+    def _follow_holdings(self, node: Node, listed: list[str], now: float) -> bool:
+        """Drop the layers ``node`` stopped listing (holdings.py); True if any were."""
+        grace = holdings.HOLDING_GRACE_INTERVALS * self.heartbeat_interval
+        gone = holdings.unlisted(node, listed, now, grace)
+        if gone:
+            self._holdings_lost(node, gone, now, "its registration or heartbeat no longer lists")
+        return bool(gone)
+
+    def _holdings_lost(self, node: Node, layers: list[str], now: float, why: str) -> None:
+        jobs = list(self._jobs_of(node.node_id))
+        for job, p in holdings.drop(node, layers, self.scheduler, jobs, now, why):
+            self._job_changed(job, p)
+        self._save_node(node)
 
     def _node_has_all(self, job: Job, p: NodeProgress, now: float) -> None:
         node = self.cluster.get(p.node_id)
@@ -1348,9 +1445,14 @@ class Coordinator:
 
         Writing the whole job view on every report made a job of N nodes cost
         O(N^2) (a 500-node job spent half the coordinator's time in
-        ``Job.view`` and its JSON); one node's row is O(1).
+        ``Job.view`` and its JSON); one node's row is O(1). Before a job ends,
+        its done nodes are checked against their holdings (coordinator/holdings.py).
         """
-        if job.settle(self.clock()):
+        now = self.clock()
+        if job.running and all(q.final for q in job.nodes.values()):
+            for _, q in holdings.recheck_done(job, self.cluster.nodes, self.scheduler, now):
+                self.store.save_job_node(job.job_id, q.view())
+        if job.settle(now):
             log.info("job finished", job=job.job_id, state=job.state, error=job.error)
             self._job_finished(job)
             self.store.save_job(job.view())
@@ -1380,7 +1482,9 @@ class Coordinator:
     def _aborted(self, transfers: list[Transfer], why: str) -> None:
         """Transfers the scheduler dropped: withdraw undelivered assignments, reset progress."""
         self.metrics.transfers_aborted(len(transfers))
+        now = self.clock()
         for t in transfers:
+            self.evidence.transfer_ended(t, now)
             demander = self.cluster.get(t.demander)
             if demander is not None:
                 demander.mailbox.drop(_is_transfer(t.transfer_id))
@@ -1456,6 +1560,11 @@ def _is_transfer(transfer_id: str) -> Callable[[Assignment], bool]:
         return isinstance(a, TransferAssignment) and a.transfer_id == transfer_id
 
     return match
+
+
+def _blames_seeder(m: TransferFailed) -> bool:
+    """Does this failure report say something about the seeder (so it needs evidence)?"""
+    return m.seeder_fault or m.not_held or m.kind in ("security", "io", "unreachable")
 
 
 def _check_register(req: RegisterRequest) -> None:

@@ -64,6 +64,9 @@ class NodeProgress:
     failures: dict[str, int] = field(default_factory=dict)
     load_id: str = ""
     down_since: float = 0.0  # the node is down (not yet failed); 0 while it is up
+    reopened: bool = False  # put back to pending once at the job's end (coordinator/holdings.py)
+    #: layers this done node stopped listing (not evicted with the coordinator's consent)
+    unheld: set[str] = field(default_factory=set)
 
     @property
     def final(self) -> bool:
@@ -89,6 +92,35 @@ class NodeProgress:
             return False
         self.done.add(layer)
         self.partial.pop(layer, None)
+        return True
+
+    def lose(self, layer: str) -> bool:
+        """The node no longer holds ``layer``: True if it must be demanded again now.
+
+        While the node still receives it is simply not done for it any more. A
+        loading node's load reads the store and fails by itself. A done node
+        notes it (:attr:`unheld`) and is rechecked when the job ends
+        (:meth:`reopen`): a layer evicted with the coordinator's consent after
+        the node finished never comes through here.
+        """
+        if self.state == "done" and layer in self.sizes:
+            self.unheld.add(layer)
+            return False
+        if not self.receiving or layer not in self.done:
+            return False
+        self.done.discard(layer)
+        return True
+
+    def reopen(self, missing: list[str]) -> bool:
+        """A done node lacks ``missing`` at the job's end: pending again (once). False if not."""
+        if self.reopened or self.state != "done":
+            return False
+        self.reopened = True
+        self.unheld.clear()
+        self.done.difference_update(missing)
+        self.state = "pending"
+        self.finished_at = 0.0
+        self.error = ""
         return True
 
     def started_transfer(self, layer: str) -> None:

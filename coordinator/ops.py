@@ -20,8 +20,8 @@ about to delete), and dropped from its holdings for good when the agent
 reports the layers it removed. Withheld layers are ignored in heartbeats
 until then (a heartbeat built before the removal must not bring them back);
 if the op fails on the node its layers are still on disk and the next
-heartbeat lists them again. This is an explicit, logged event: heartbeats
-alone never shrink holdings.
+heartbeat lists them again. This is an explicit, logged event (heartbeats
+that stop listing a layer shrink holdings too, see coordinator/holdings.py).
 
 Durability: every op is a row in the ``ops`` table (its OpView), written on
 every state change, so ``GET /v1/ops/{id}`` survives a coordinator restart

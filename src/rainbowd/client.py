@@ -55,6 +55,7 @@ from rainbowd.messages import (
     TransferDone,
     TransferFailed,
     TransferProgress,
+    TrustList,
     decode,
     encode,
 )
@@ -315,6 +316,10 @@ class AgentClient(_Http):
 
     async def security_event(self, ev: SecurityEvent, report_id: str = "") -> None:
         await self.request("POST", "events", msg=ev, report_id=report_id)
+
+    async def trust(self) -> TrustList:
+        """The coordinator's current trust list (see ChunkServer's refresh on unknown keys)."""
+        return await self.call("GET", "trust", TrustList)
 
     async def evict(self, req: EvictRequest) -> EvictReply:
         """Ask to delete layers from the store; delete only what the reply accepts."""

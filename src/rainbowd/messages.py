@@ -351,6 +351,7 @@ class TransferFailed(Msg, kw_only=True):
     reason: Output
     kind: FailureKind
     seeder_fault: bool = False  # the seeder misbehaved (bad bytes, wrong host key)
+    not_held: bool = False  # the seeder answered not_held: it does not have the layer
 
 
 class IngestDone(Msg, kw_only=True):

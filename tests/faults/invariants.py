@@ -88,6 +88,11 @@ class InvariantMonitor:
                     unexcused.discard(record)
                     before.discard(layer)
                     lost.discard(layer)
+            # an agent deletes its own copy once its server found it corrupt (it must stop
+            # advertising it: coordinator/holdings.py); that disappearance is accounted for
+            corrupt = set(status.get("corrupt_layers", {}))
+            before -= lost & corrupt
+            lost -= corrupt
             if lost:
                 self.violations.append(f"{node} lost held layers {sorted(lost)}")
             before |= now

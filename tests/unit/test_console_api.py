@@ -140,9 +140,12 @@ async def test_node_view_says_suspect_and_why_quarantined(
         await origin.c.heartbeat(Heartbeat(holdings=img.digests))
         nodes = {n.node_id: n for n in (await admin.nodes()).nodes}
         assert not nodes["origin"].suspect and nodes["origin"].state == "up"
+        # (a pulled from it; the coordinator's own probe sees the wrong key too)
+        coord.probe_says("mismatch")
         await a.c.security_event(
             SecurityEvent(kind="host_key_mismatch", peer="origin", detail="key SHA256:evil")
         )
+        await coord.coordinator.host_key_checks.wait()
         status, _, body = await raw(coord.url, "GET", "/v1/nodes", headers=JSON_ADMIN)
         assert status == 200
         doc = {n["node_id"]: n for n in json.loads(body)["nodes"]}

@@ -205,10 +205,14 @@ async def test_security_failure_quarantines_the_seeder(coord: Running, admin: Ad
     await admin.create_job(CreateJob(image=img.record.ref, targets=["d"]))
     t = await d.transfer()
     assert t.seeder.node_id == "evil"
+    # the coordinator's own look at evil's host key sees another key than the pinned one
+    probed = coord.probe_says("mismatch")
     await d.c.transfer_failed(
         t.transfer_id,
         TransferFailed(reason="host key mismatch for evil", kind="security", seeder_fault=True),
     )
+    await coord.coordinator.host_key_checks.wait()
+    assert probed == [f"{coord.coordinator.cluster.nodes['evil'].info.address}:2222"]
     batch = await d.c.assignments(d.cursor, first.trust.version, 0)
     assert batch.trust is not None and batch.trust.version > first.trust.version
     assert "evil" not in [p.node_id for p in batch.trust.peers]
@@ -229,14 +233,23 @@ async def test_security_failure_quarantines_the_seeder(coord: Running, admin: Ad
         await x.c.close()
 
 
-async def test_host_key_mismatch_event_quarantines_peer(coord: Running, admin: AdminClient) -> None:
+async def test_host_key_mismatch_event_without_a_transfer_is_refused(
+    coord: Running, admin: AdminClient
+) -> None:
+    """The rule changed on purpose (issue 14): a claim about a peer needs a transfer from it."""
     from rainbowd.messages import SecurityEvent
 
     a = await agent(coord.url, "a")
     b = await agent(coord.url, "b")
-    await a.c.security_event(SecurityEvent(kind="host_key_mismatch", peer="b", detail="key X"))
+    probed = coord.probe_says("mismatch")
+    with pytest.raises(ApiError) as ei:
+        await a.c.security_event(SecurityEvent(kind="host_key_mismatch", peer="b", detail="X"))
+    assert ei.value.status == 403 and "no transfer from b to a" in str(ei.value)
     nodes = {n.node_id: n for n in (await admin.nodes()).nodes}
-    assert nodes["b"].quarantined and not nodes["a"].quarantined
+    assert not nodes["b"].quarantined and not nodes["a"].quarantined
+    assert probed == []
+    [(_, reporter, peer, kind, _)] = coord.store.security_events()
+    assert (reporter, peer, kind) == ("coordinator", "a", "unfounded_report")
     for x in (a, b):
         await x.c.close()
 
@@ -254,8 +267,9 @@ async def test_node_that_stops_heartbeating_is_marked_down_and_work_moves(
             d = await agent(r.url, "d")
 
             async def beat(x: Agent) -> None:
+                held = img.digests if x is origin else []  # a heartbeat lists what it holds
                 while True:
-                    await x.c.heartbeat(Heartbeat())
+                    await x.c.heartbeat(Heartbeat(holdings=held))
                     await asyncio.sleep(0.03)
 
             beats = [asyncio.create_task(beat(x)) for x in (origin, d)]

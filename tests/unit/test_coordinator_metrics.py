@@ -164,8 +164,11 @@ async def test_counters_follow_a_job(coord: Running, admin: AdminClient) -> None
         assert after[("rbd_scheduler_active_transfers", ())] == 0
         assert after[("rbd_scheduler_pending_demands", ())] == 0
 
-        # a host key mismatch quarantines b: a quarantine, and the node state says so
+        # a host key mismatch (a pulled from b; the coordinator's own probe confirms it)
+        # quarantines b: a quarantine, and the node state says so
+        coord.probe_says("mismatch")
         await a.security_event(SecurityEvent(kind="host_key_mismatch", peer="b", detail="x"))
+        await coord.coordinator.host_key_checks.wait()
         last = await scrape(coord.url)
         assert last[("rbd_quarantines_total", ())] == 1
         assert last[("rbd_coordinator_nodes", (("state", "quarantined"),))] == 1

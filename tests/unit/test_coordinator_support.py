@@ -17,6 +17,7 @@ from rainbowd.chunks import MIN_CHUNK_SIZE, ChunkManifest, build_manifest
 from rainbowd.client import AdminClient, AgentClient
 from rainbowd.coordinator.app import create_app
 from rainbowd.coordinator.core import Coordinator
+from rainbowd.coordinator.hostkey_probe import ProbeOutcome, ProbeState
 from rainbowd.coordinator.state import StateStore
 from rainbowd.digest import sha256_digest
 from rainbowd.messages import (
@@ -45,6 +46,21 @@ class Running:
     async def stop(self) -> None:
         await self.server.close()
         self.store.close()
+
+    def probe_says(self, state: ProbeState, detail: str = "SHA256:seen-by-probe") -> list[str]:
+        """Play the network for the coordinator's host-key probe (coordinator/hostkey_probe.py).
+
+        The fake agents here enroll with made-up keys and run no SSH server;
+        returns the list of ``address:port`` probed, filled as probes run.
+        """
+        probed: list[str] = []
+
+        async def probe(address: str, port: int, pinned: str) -> ProbeOutcome:
+            probed.append(f"{address}:{port}")
+            return ProbeOutcome(state, detail)
+
+        self.coordinator.host_key_checks.probe = probe
+        return probed
 
 
 async def start(state_dir: Path, heartbeat_interval: float = 5.0, policy: str = "paper") -> Running:

@@ -25,7 +25,7 @@ from rainbowd.agent.keys import (
     public_line,
     same_key,
 )
-from rainbowd.agent.puller import HostKeyMismatch, LayerPuller, PullError
+from rainbowd.agent.puller import TRUST_RETRIES, HostKeyMismatch, LayerPuller, PullError
 from rainbowd.agent.ssh_server import ChunkServer
 from rainbowd.chunks import ChunkManifest
 from rainbowd.digest import Digest, sha256_digest
@@ -279,14 +279,17 @@ async def test_host_key_mismatch(lab: Lab) -> None:
 
 async def test_untrusted_client_refused(lab: Lab) -> None:
     stranger = new_key()
+    puller = lab.puller(client_key=stranger)
+    puller.trust_retry_delay = 0.0  # a refused key is tried TRUST_RETRIES more times
     with pytest.raises(PullError) as ei:
-        await lab.puller(client_key=stranger).pull(lab.assignment())
+        await puller.pull(lab.assignment())
     assert ei.value.kind == "security" and not ei.value.seeder_fault
-    assert lab.server.refused_count == 1
+    assert lab.server.refused_count == 1 + TRUST_RETRIES
     rec = lab.server.refused_clients[0]
     assert rec.fingerprint == fingerprint(stranger)
     assert rec.address.startswith("127.0.0.1:")
-    assert lab.refusals == [(rec.fingerprint, rec.address)]
+    assert [fp for fp, _ in lab.refusals] == [rec.fingerprint] * (1 + TRUST_RETRIES)
+    assert lab.refusals[0] == (rec.fingerprint, rec.address)
     assert not lab.dem_store.has(Digest(lab.manifest.digest))
 
 
