@@ -120,11 +120,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _profile(name: str, nodes: int | None) -> ClusterProfile:
-    return resolve_profile(name, nodes)
-
-
-def resolve_profile(name: str, nodes: int | None = None) -> ClusterProfile:
-    """A profile by name in bench/profiles or by .toml path, scaled to ``nodes`` if given."""
     path = Path(name)
     if not name.endswith(".toml"):
         path = PROFILES / f"{name}.toml"
