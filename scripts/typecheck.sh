@@ -15,7 +15,7 @@ ln -s "$top/coordinator" "$tree/rainbowd/coordinator"
 ln -s "$top/bench" "$tree/bench"
 cd "$tree"
 set +e
-"$mypy" --config-file "$top/pyproject.toml" --cache-dir "$top/.mypy_cache" -p rainbowd -p bench.lab -p bench.sim "$@" \
+"$mypy" --config-file "$top/pyproject.toml" --cache-dir "$top/.mypy_cache" -p rainbowd -p bench.lab -p bench.sim -m bench.measures "$@" \
   | sed -e 's#^rainbowd/agent/#agent/#' -e 's#^rainbowd/coordinator/#coordinator/#' \
         -e 's#^rainbowd/#src/rainbowd/#'
 exit "${PIPESTATUS[0]}"

@@ -26,11 +26,11 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from rainbowd.imagebuild import build_demo_image
 from rainbowd.netlab import NetLab, NetLabError
 from rainbowd.profile import ClusterProfile, ProfileError, load_profile
 
 from .env import LabEnv, clean
+from .image import build_lab_image
 from .result import LabReport, LabSystem, SystemResult, layer_sizes
 
 PROFILES = Path(__file__).resolve().parent.parent / "profiles"
@@ -76,7 +76,7 @@ async def run_lab(
     say: bool = True,
 ) -> LabReport:
     """Build the lab, run each system in it in turn, tear everything down; the report."""
-    image = build_demo_image(workdir / "image.tar", payload_mib=profile.payload_mib)
+    image = build_lab_image(profile, workdir / "image.tar")
     layers = layer_sizes(image)
     report = LabReport(profile, sum(size for _, size in layers), layers)
     if say:
@@ -90,6 +90,7 @@ async def run_lab(
             if i:
                 await asyncio.sleep(SETTLE)
             started = time.monotonic()
+            env.reset_timed()
             if say:
                 print(f"lab: running {system.name} ...", flush=True)
             try:
@@ -99,6 +100,7 @@ async def run_lab(
                 result.failed = {n: f"{system.name} did not run: {e}" for n in env.demanders}
             finally:
                 env.stop_processes()
+            result.origin_bytes = env.origin_sent
             report.results.append(result)
             if say:
                 took = time.monotonic() - started
@@ -154,7 +156,7 @@ def _run_main(coro: Coroutine[Any, Any, LabReport]) -> LabReport:
 def _cmd_bound(args: argparse.Namespace) -> int:
     profile = resolve_profile(args.profile)
     with tempfile.TemporaryDirectory() as d:
-        layers = layer_sizes(build_demo_image(Path(d) / "i.tar", payload_mib=profile.payload_mib))
+        layers = layer_sizes(build_lab_image(profile, Path(d) / "i.tar"))
     size = sum(s for _, s in layers)
     b = profile.bound(size)
     print(f"{profile.name}: {len(profile.nodes)} nodes, image {size} B")

@@ -231,6 +231,7 @@ class BitTorrentSystem:
             dirs[node] = d
         argv_tail = [f"--on-bt-download-complete={hook}", *(str(x.torrent) for x in layers)]
         clients = {}
+        env.timed_start()
         start, start_wall = time.monotonic(), time.time()
         for node, d in dirs.items():
             log_name = f"{self.name}-{node}"
@@ -254,6 +255,7 @@ class BitTorrentSystem:
             progress=progress,
             poll=self.poll,
         )
+        env.timed_end()
         result.node_seconds.update(seconds)
         result.failed.update(failed)
 

@@ -31,6 +31,11 @@ processes therefore run at a niceness that gives them a CPU weight in
 proportion to the node's link rate (:func:`node_nice`; CFS weights grow
 ~1.25 x per step), as if each node had its own host sized to its link.
 Every system's node processes get the same.
+
+The origin's egress (bench/lab/egress.py): each system calls
+:meth:`LabEnv.timed_start` just before its timed phase and
+:meth:`LabEnv.timed_end` just after it, and the lab runner reports
+``origin_sent`` -- the same kernel counter for every system.
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ from typing import IO
 from rainbowd.localcluster import die_with_parent
 from rainbowd.netlab import HUB, NetLab, Shape, clean_stale
 from rainbowd.profile import ORIGIN, ClusterProfile
+
+from .egress import tx_bytes
 
 #: the niceness of each system's central process (see the module docstring)
 CENTRAL_NICE = -10
@@ -92,6 +99,9 @@ class LabEnv:
     image: Path
     lab: NetLab = field(init=False)
     _procs: list[_Running] = field(default_factory=list, init=False)
+    _tx_at_start: int | None = field(default=None, init=False)
+    #: bytes the origin sent in the last timed phase (None until one ended)
+    origin_sent: int | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         shapes = {
@@ -126,6 +136,23 @@ class LabEnv:
             self.stop_processes()
         finally:
             self.lab.down()
+
+    # -- the timed phase -------------------------------------------------------
+    def timed_start(self) -> None:
+        """A system's timed phase starts now: note the origin's sent-bytes counter."""
+        self.origin_sent = None
+        self._tx_at_start = tx_bytes(self.lab, ORIGIN)
+
+    def timed_end(self) -> None:
+        """The timed phase ended: ``origin_sent`` = what the origin sent since timed_start."""
+        if self._tx_at_start is None:
+            raise RuntimeError("timed_end without timed_start")
+        self.origin_sent = tx_bytes(self.lab, ORIGIN) - self._tx_at_start
+        self._tx_at_start = None
+
+    def reset_timed(self) -> None:
+        """Forget the last system's count (the runner calls it before each system)."""
+        self._tx_at_start = self.origin_sent = None
 
     # -- nodes -------------------------------------------------------------
     @property

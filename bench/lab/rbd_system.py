@@ -18,9 +18,8 @@ from rainbowd import messages as m
 from rainbowd.localcluster import LocalCluster, NodeSpec
 
 from .env import COORDINATOR_PORT, LabEnv
+from .image import REF
 from .result import SystemResult
-
-REF = "rbd-demo:latest"
 
 
 def _rule(reason: str) -> str:
@@ -82,11 +81,13 @@ class RbdSystem:
                 )
                 if image.state != "ready":
                     raise RuntimeError(f"rbd: ingest of {REF} at the origin failed: {image.error}")
+                env.timed_start()
                 job = await admin.create_job(m.CreateJob(image=REF, targets=["all"]))
                 try:
                     final = await admin.wait_job(job.job_id, timeout=timeout)
                 except TimeoutError:
                     final = await admin.job(job.job_id)
+                env.timed_end()
             self._collect(final, set(env.demanders), result, timeout)
         finally:
             await cluster.stop()

@@ -113,6 +113,7 @@ class RegistrySystem:
             shutil.rmtree(d, ignore_errors=True)
             targets[node] = d
         clients = {}
+        env.timed_start()
         start = time.monotonic()
         for node, d in targets.items():
             log_name = f"{self.name}-{node}"
@@ -126,6 +127,7 @@ class RegistrySystem:
             check=lambda _node: None,
             exit_means_done=True,
         )
+        env.timed_end()
 
         # -- untimed: what landed is the image (skopeo checked every digest) ----
         for node in list(seconds):

@@ -9,8 +9,15 @@ profile's bound T* and writes the JSON that bench/sim's ``--compare`` reads::
     {"profile": "paper", "image_bytes": 10403840, "layers": [[digest, size], ...],
      "t_star": 20.8, "bound": {"origin_upload": ..., "slowest_download": ...,
                                "aggregate_upload": ..., "binding": "slowest download"},
-     "systems": {"rbd": {"total": 123.4, "ratio": 5.9, "node_seconds": {...},
-                         "failed": {}, "notes": {...}}, ...}}
+     "systems": {"rbd": {"total": 123.4, "ratio": 5.9, "median": 60.2,
+                         "slowdown_median": 2.9, "slowdown_p90": 5.1,
+                         "origin_bytes": 52000000, "origin_copies": 5.0,
+                         "node_seconds": {...}, "failed": {}, "notes": {...}}, ...}}
+
+Slowdowns (each node's time over its own bound max(S/d_i, S/u_origin)) and
+the origin's bytes are bench/measures.py's, computed as the simulator does;
+the origin's bytes are its interface's sent bytes over the timed phase
+(bench/lab/egress.py), None when a system did not reach its timed phase.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ from typing import Any, Protocol
 
 from rainbowd.profile import Bound, ClusterProfile
 
+from ..measures import Measures, measure
+
 
 @dataclass
 class SystemResult:
@@ -34,6 +43,8 @@ class SystemResult:
     failed: dict[str, str] = field(default_factory=dict)
     #: anything else worth printing (wire bytes, tool versions, settings)
     notes: dict[str, Any] = field(default_factory=dict)
+    #: bytes the origin's interface sent during the timed phase (bench/lab/egress.py)
+    origin_bytes: int | None = None
 
     @property
     def complete(self) -> bool:
@@ -73,6 +84,16 @@ class LabReport:
     def ratio(self, r: SystemResult) -> float:
         return r.total / self.bound.t_star
 
+    def measures(self, r: SystemResult) -> Measures:
+        """x T*, median and p90 slowdown, origin bytes (bench/measures.py)."""
+        return measure(
+            self.profile,
+            self.image_bytes,
+            r.node_seconds,
+            complete=r.complete,
+            origin_bytes=r.origin_bytes,
+        )
+
     def to_json(self) -> dict[str, Any]:
         b = self.bound
         return {
@@ -92,6 +113,11 @@ class LabReport:
                     "total": r.total if r.complete else None,
                     "ratio": self.ratio(r) if r.complete else None,
                     "median": r.median if r.node_seconds else None,
+                    **{
+                        k: v
+                        for k, v in self.measures(r).as_dict().items()
+                        if k.startswith(("slowdown_", "origin_"))
+                    },
                     "node_seconds": r.node_seconds,
                     "failed": r.failed,
                     "notes": r.notes,
@@ -119,13 +145,22 @@ class LabReport:
             f"{b.origin_upload:.1f} s, slowest download {b.slowest_download:.1f} s, "
             f"aggregate upload {b.aggregate_upload:.1f} s)",
             "",
-            f"{'system':<14} {'all nodes':>10} {'x T*':>7} {'median':>8} {'failed':>7}",
+            f"{'system':<14} {'all nodes':>10} {'x T*':>7} {'median':>8} {'slow med':>8} "
+            f"{'slow p90':>8} {'origin/S':>8} {'failed':>7}",
         ]
+
+        def num(x: float | None) -> str:
+            return f"{x:8.2f}" if x is not None else f"{'--':>8}"
+
         for r in self.results:
+            m = self.measures(r)
             total = f"{r.total:9.1f}s" if r.complete else "       -- "
             ratio = f"{self.ratio(r):6.2f}x" if r.complete else "     --"
             med = f"{r.median:7.1f}s" if r.node_seconds else "     -- "
-            lines.append(f"{r.system:<14} {total:>10} {ratio:>7} {med:>8} {len(r.failed):>7}")
+            lines.append(
+                f"{r.system:<14} {total:>10} {ratio:>7} {med:>8} {num(m.slowdown_median)} "
+                f"{num(m.slowdown_p90)} {num(m.origin_copies)} {len(r.failed):>7}"
+            )
         for r in self.results:
             for node, why in sorted(r.failed.items())[:5]:
                 lines.append(f"  {r.system}: {node} failed: {why}")

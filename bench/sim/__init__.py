@@ -9,6 +9,9 @@ time. The pieces:
 * :mod:`bench.sim.engine` -- the event loop feeding :class:`rainbowd.scheduler.Scheduler`
   as the coordinator does;
 * :mod:`bench.sim.report` -- the lab's JSON shape, the table, ``--compare``;
+* :mod:`bench.sim.suite` -- every profile at several sizes, one table
+  (``python -m bench.sim suite``), with shapes drawn from seeds (:mod:`bench.sim.drawn`);
+* :mod:`bench.sim.gate` -- the regression gate against bench/sim/gate.json;
 * ``python -m bench.sim`` -- the command line (:mod:`bench.sim.__main__`).
 """
 

@@ -4,13 +4,16 @@
 
     .venv/bin/python -m bench.sim --profile paper [--nodes 1000]
         [--out bench/out/sim-paper.json] [--compare LAB.json] [--layers 1996800,8396800,10240]
-        [--chunk-kib 64] [--relay-hop-ms 50]
+        [--policy relay] [--chunk-kib 64] [--relay-hop-ms 50]
         [--efficiency 0.95] [--assign-ms 2] [--connect-ms 30] [--channel-ms 2] [--finish-ms 5]
+    .venv/bin/python -m bench.sim suite [--nodes 100,1000] [--random N] [--policy P]
+        [--out FILE] [--record [GATE.json]]        # every profile: see bench/sim/suite.py
 
-The image is the lab's demo image for the profile's ``payload_mib`` (built in
-a temporary directory to learn its layer sizes), unless ``--layers`` gives
-sizes or ``--compare`` names a lab result, whose layers are then used so both
-runs move the same bytes.
+``--policy`` defaults to the coordinator's (``rainbowd.scheduler.DEFAULT_POLICY``).
+The image is the profile's ``[image] layers`` if it gives them, else the lab's
+demo image for its ``payload_mib`` (built in a temporary directory to learn its
+layer sizes); ``--layers`` gives sizes instead, and ``--compare`` names a lab
+result whose layers are then used so both runs move the same bytes.
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ from typing import Any
 
 from rainbowd.chunks import MIN_CHUNK_SIZE
 from rainbowd.profile import ClusterProfile, ProfileError, load_profile
+from rainbowd.scheduler import DEFAULT_POLICY
 
 from .calibrate import hop_report
 from .engine import Simulation
-from .image import demo_layers, given_layers
+from .image import given_layers, profile_layers
 from .overheads import Overheads
 from .report import compare, table, to_json
 
@@ -37,6 +41,11 @@ OUT = Path(__file__).resolve().parents[1] / "out"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["suite"]:
+        from .suite import main as suite_main
+
+        return suite_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         profile = _profile(args.profile, args.nodes)
@@ -59,11 +68,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif lab is not None and lab.get("layers"):
             layers = [(str(name), int(size)) for name, size in lab["layers"]]
         else:
-            layers = demo_layers(profile.payload_mib)
+            layers = profile_layers(profile)
+        sim = Simulation(profile, layers, overheads, policy=args.policy)
     except (ProfileError, ValueError, OSError) as e:
         print(f"bench.sim: {e}", file=sys.stderr)
         return 2
-    result = Simulation(profile, layers, overheads, policy=args.policy).run()
+    result = sim.run()
     doc = to_json(profile, layers, result, overheads)
     out = Path(args.out) if args.out else OUT / f"sim-{profile.name.replace('@', '-')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -86,7 +96,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--profile", default="paper", help="a name in bench/profiles/ or a .toml path")
     p.add_argument("--nodes", type=int, help="scale the profile to this many demanders")
-    p.add_argument("--policy", default="paper", help="scheduler policy (default paper)")
+    p.add_argument(
+        "--policy",
+        default=DEFAULT_POLICY,
+        help=f"scheduler policy (default: the coordinator's, {DEFAULT_POLICY})",
+    )
     p.add_argument("--out", help="result JSON (default bench/out/sim-<profile>.json)")
     p.add_argument("--compare", metavar="LAB.json", help="a lab result to compare with")
     p.add_argument("--lab-system", default="rbd", help="the system of LAB.json to compare with")

@@ -83,6 +83,8 @@ class SimResult:
     node_seconds: dict[str, float] = field(default_factory=dict)
     #: demander -> why it never held every layer
     failed: dict[str, str] = field(default_factory=dict)
+    #: seeder -> bytes it sent in transfers that completed (the origin's: bench/measures.py)
+    sent_bytes: dict[str, int] = field(default_factory=dict)
     transfers: int = 0
     new_connections: int = 0
     events: int = 0
@@ -281,6 +283,7 @@ class Simulation:
     def _done(self, tid: str, now: float) -> None:
         r = self._running.pop(tid)
         t = self.scheduler.complete(tid, now, r.size)
+        self.result.sent_bytes[t.seeder] = self.result.sent_bytes.get(t.seeder, 0) + r.size
         if self.scheduler.holds(t.demander, t.layer):
             self._held[t.demander] += 1
         if self._held[t.demander] == len(self.layers):

@@ -1,6 +1,7 @@
-"""The layers the simulator distributes: those of the lab's demo image, or sizes given.
+"""The layers the simulator distributes: the profile's, the lab's demo image's, or sizes given.
 
-The lab distributes ``rainbowd.imagebuild.build_demo_image(payload_mib=...)``
+A profile's ``[image] layers`` are used as they are (named layer-1, layer-2, ...).
+Otherwise the lab distributes ``rainbowd.imagebuild.build_demo_image(payload_mib=...)``
 (busybox, the payload, a small file layer). Its exact layer sizes come from
 building it -- under a second, in a temporary directory -- rather than from a
 formula that would drift when the image builder changes.
@@ -14,6 +15,16 @@ import tempfile
 from pathlib import Path
 
 from rainbowd.imagebuild import build_demo_image
+from rainbowd.profile import ClusterProfile
+
+
+def profile_layers(profile: ClusterProfile) -> list[tuple[str, int]]:
+    """The profile's own ``layers`` if it gives them, else the demo image of its payload."""
+    if profile.layers:
+        return [(f"layer-{i + 1}", s) for i, s in enumerate(profile.layers)]
+    if profile.payload_mib is None:  # parse_profile never makes one; a hand-made one might
+        raise ValueError(f"profile {profile.name} gives neither layers nor payload_mib")
+    return demo_layers(profile.payload_mib)
 
 
 def demo_layers(payload_mib: int) -> list[tuple[str, int]]:

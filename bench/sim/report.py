@@ -9,8 +9,13 @@ put side by side::
      "bound": {"origin_upload": 2.6, "slowest_download": 20.8, "aggregate_upload": 5.2,
                "binding": "slowest download"},
      "systems": {"sim:paper": {"total": 118.2, "ratio": 5.68, "median": 60.1,
+                               "slowdown_median": 2.1, "slowdown_p90": 4.0,
+                               "origin_bytes": 52019200, "origin_copies": 5.0,
+                               "seeder_bytes": {"origin": 52019200, "fast-001": ...},
                                "node_seconds": {"fast-001": 3.2, ...}, "failed": {},
                                "notes": {"wall_seconds": ..., "overheads": {...}, ...}}}}
+
+The slowdowns and origin bytes are bench/measures.py's, as the lab reports them.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from rainbowd.profile import ClusterProfile
+from rainbowd.profile import ORIGIN, ClusterProfile
 
+from ..measures import measure
 from .engine import SimResult
 from .overheads import Overheads
 
@@ -39,6 +45,13 @@ def to_json(
     image_bytes = sum(size for _, size in layers)
     b = profile.bound(image_bytes)
     done = not result.failed and bool(result.node_seconds)
+    m = measure(
+        profile,
+        image_bytes,
+        result.node_seconds,
+        complete=done,
+        origin_bytes=result.sent_bytes.get(ORIGIN, 0),
+    )
     return {
         "profile": profile.name,
         "nodes": len(profile.nodes),
@@ -58,6 +71,11 @@ def to_json(
                 "median": statistics.median(result.node_seconds.values())
                 if result.node_seconds
                 else None,
+                "slowdown_median": m.slowdown_median,
+                "slowdown_p90": m.slowdown_p90,
+                "origin_bytes": m.origin_bytes,
+                "origin_copies": m.origin_copies,
+                "seeder_bytes": dict(sorted(result.sent_bytes.items())),
                 "node_seconds": dict(sorted(result.node_seconds.items())),
                 "failed": result.failed,
                 "notes": {
@@ -83,8 +101,8 @@ def table(doc: Mapping[str, Any]) -> str:
         f"T* = {doc['t_star']:.2f} s (origin upload {b['origin_upload']:.2f} s, slowest download "
         f"{b['slowest_download']:.2f} s, aggregate upload {b['aggregate_upload']:.2f} s)",
         "",
-        f"{'system':<12} {'all nodes':>10} {'x T*':>7} {'median':>8} {'failed':>7} "
-        f"{'wall':>8} {'speed-up':>9}",
+        f"{'system':<12} {'all nodes':>10} {'x T*':>7} {'median':>8} {'slow med':>8} "
+        f"{'slow p90':>8} {'origin x':>8} {'failed':>7} {'wall':>8} {'speed-up':>9}",
     ]
     for name, s in doc["systems"].items():
         notes = s.get("notes") or {}
@@ -94,11 +112,18 @@ def table(doc: Mapping[str, Any]) -> str:
         wall = f"{notes['wall_seconds']:7.2f}s" if "wall_seconds" in notes else "     -- "
         speedup = f"{notes['speedup']:8.0f}x" if notes.get("speedup") else "       --"
         lines.append(
-            f"{name:<12} {total:>10} {ratio:>7} {med:>8} {len(s['failed']):>7} {wall} {speedup}"
+            f"{name:<12} {total:>10} {ratio:>7} {med:>8} {_num(s.get('slowdown_median'))} "
+            f"{_num(s.get('slowdown_p90'))} {_num(s.get('origin_copies'))} "
+            f"{len(s['failed']):>7} {wall} {speedup}"
         )
         for node, why in sorted(s["failed"].items())[:5]:
             lines.append(f"  {node} failed: {why}")
     return "\n".join(lines)
+
+
+def _num(x: float | None, width: int = 8) -> str:
+    """``x`` with two decimals right-aligned in ``width``, or ``--`` when there is none."""
+    return f"{x:{width}.2f}" if x is not None else f"{'--':>{width}}"
 
 
 def compare(lab: Mapping[str, Any], sim: Mapping[str, Any], lab_system: str = "rbd") -> str:

@@ -82,6 +82,13 @@ async def test_ci_profile_runs_every_system_against_the_bound(tmp_path: Path) ->
         assert r.total >= 0.9 * t_star, (r.system, r.total, t_star)
         assert all(s > 0 for s in r.node_seconds.values())
 
+    # the origin's egress, the same kernel counter for every system (bench/lab/egress.py):
+    # every layer at least once, at most a copy per node plus framing and control traffic
+    for r in report.results:
+        assert r.origin_bytes is not None, r.system
+        most = 1.2 * len(profile.nodes) * report.image_bytes + 1_000_000
+        assert report.image_bytes <= r.origin_bytes <= most, (r.system, r.origin_bytes)
+
     registry, bittorrent = report.results[1:]
     assert "skopeo" in registry.notes and "aria2c" in bittorrent.notes
     # the swarm was one: every node (origin + demanders) announced itself from its own
@@ -90,6 +97,9 @@ async def test_ci_profile_runs_every_system_against_the_bound(tmp_path: Path) ->
     assert set(swarm["tracker_seeders_per_layer"].values()) == {len(profile.nodes) + 1}, swarm
     assert set(swarm["uploaded_bytes"]) == {"origin", *(n.name for n in profile.nodes)}, swarm
     assert swarm["origin_uploaded_bytes"] < swarm["total_uploaded_bytes"], swarm
+    # aria2's own count of what the origin uploaded has no framing: the counter's is larger
+    assert bittorrent.origin_bytes is not None
+    assert bittorrent.origin_bytes >= swarm["origin_uploaded_bytes"]
     # rbd: every node became a seeder too, so not every transfer came from the origin
     rbd = report.results[0]
     assert rbd.notes["transfers_from_origin"] < rbd.notes["transfers"]
@@ -107,9 +117,13 @@ async def test_ci_profile_runs_every_system_against_the_bound(tmp_path: Path) ->
     assert set(doc["systems"]) == set(SYSTEMS)
     for s in doc["systems"].values():
         assert s["ratio"] == pytest.approx(s["total"] / t_star)
+        # each node over its own bound max(S/d_i, S/u_origin) (tbf's burst: a hair under 1)
+        assert 0.9 <= s["slowdown_median"] <= s["slowdown_p90"], s
+        assert s["origin_copies"] == pytest.approx(s["origin_bytes"] / doc["image_bytes"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = report.table()
     assert "T* =" in table and all(s in table for s in SYSTEMS)
+    assert "slow p90" in table and "origin/S" in table
     assert not _lab_namespaces(os.getpid())
     assert not _processes_mentioning(str(tmp_path / "work"))
 

@@ -25,7 +25,7 @@ from bench.sim.calibrate import hop_report, relay_hop_overheads
 from bench.sim.flows import FlowError
 from rainbowd.imagebuild import BUSYBOX
 from rainbowd.profile import ClusterProfile, load_profile, parse_profile
-from rainbowd.scheduler import Scheduler, Transfer
+from rainbowd.scheduler import DEFAULT_POLICY, Scheduler, Transfer
 
 PROFILES = Path(__file__).resolve().parents[2] / "bench" / "profiles"
 MBIT = 1e6 / 8  # bytes/s in one Mbit/s
@@ -291,17 +291,21 @@ def test_cli_writes_the_lab_shape_and_compares(
     assert doc["profile"] == "ci" and doc["image_bytes"] == 4_000_000
     assert doc["layers"] == layers  # the lab's own layers are simulated
     assert set(doc["bound"]) >= {"origin_upload", "slowest_download", "aggregate_upload"}
-    sim = doc["systems"]["sim:paper"]
+    sim = doc["systems"][f"sim:{DEFAULT_POLICY}"]  # no --policy: the coordinator's
     assert sim["total"] == max(sim["node_seconds"].values())
     assert sim["ratio"] == pytest.approx(sim["total"] / doc["t_star"])
     assert len(sim["node_seconds"]) == 6 and sim["failed"] == {}
     assert sim["notes"]["overheads"]["efficiency"] == 0.95
     printed = capsys.readouterr().out
-    assert "sim:paper" in printed and "T* =" in printed
+    assert f"sim:{DEFAULT_POLICY}" in printed and "T* =" in printed
     err = (sim["total"] - 5.0) / 5.0
-    assert f"rbd (lab) 5.00 s vs sim:paper {sim['total']:.2f} s: error {err:+.1%}" in printed
+    assert (
+        f"rbd (lab) 5.00 s vs sim:{DEFAULT_POLICY} {sim['total']:.2f} s: error {err:+.1%}"
+        in printed
+    )
     assert sim["notes"]["chunk_size"] == 128 * 1024  # the ci profile's
-    assert main(["--profile", "ci", "--chunk-kib", "64", "--out", str(out)]) == 0
+    paper = ["--policy", "paper"]
+    assert main(["--profile", "ci", "--chunk-kib", "64", "--out", str(out), *paper]) == 0
     assert json.loads(out.read_text())["systems"]["sim:paper"]["notes"]["chunk_size"] == 65536
     assert main(["--profile", "ci", "--chunk-kib", "16", "--out", str(out)]) == 2
     assert main(["--profile", "nope", "--out", str(out)]) == 2
@@ -309,6 +313,23 @@ def test_cli_writes_the_lab_shape_and_compares(
         main(["--profile", "ci", "--out", str(out), "--compare", str(lab), "--lab-system", "bt"])
         == 2
     )
+
+
+def test_cli_takes_any_profile_file_its_layers_or_given_layers(tmp_path: Path) -> None:
+    out = tmp_path / "sim.json"
+    bimodal = str(PROFILES / "bimodal.toml")
+    assert main(["--profile", bimodal, "--nodes", "20", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["layers"] == [
+        ["layer-1", 30_000_000],
+        ["layer-2", 50_000_000],
+        ["layer-3", 3_000_000],
+    ]
+    (name,) = doc["systems"]
+    assert name == f"sim:{DEFAULT_POLICY}" and doc["nodes"] == 20
+    assert main(["--profile", bimodal, "--layers", "1000,2000", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["layers"] == [["layer-1", 1000], ["layer-2", 2000]]
+    assert main(["--profile", "bimodal", "--policy", "nope", "--out", str(out)]) == 2
 
 
 @pytest.mark.skipif(not BUSYBOX.is_file(), reason=f"{BUSYBOX} missing (busybox-static)")
