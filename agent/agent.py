@@ -411,14 +411,16 @@ class Agent:
 
     async def _transfer(self, a: m.TransferAssignment) -> None:
         layer = a.layer.digest
-        w = ActiveWork(a.transfer_id, layer, a.seeder.node_id, time.time(), 0, a.layer.size)
+        first, end = a.chunk_range()  # a piece of the layer, or all of it
+        size = min(a.layer.size, end * a.layer.chunk_size) - first * a.layer.chunk_size
+        w = ActiveWork(a.transfer_id, layer, a.seeder.node_id, time.time(), 0, size)
         self.view.active[a.transfer_id] = w
         tlog = self.log.bind(layer=layer, seeder=a.seeder.node_id, transfer=a.transfer_id)
-        if self.puller.pulling(layer):
-            # e.g. re-sent after a coordinator restart: the puller runs one pull
-            # per layer, so this one waits and then moves only what is missing
+        if self.puller.overlapping(layer, first, end):
+            # e.g. re-sent after a coordinator restart: a pull overlapping a running one
+            # waits for it and then moves only what is missing
             tlog.info("layer already being pulled; this transfer waits for it")
-        tlog.info("pulling layer", reason=a.reason, size=a.layer.size)
+        tlog.info("pulling layer", reason=a.reason, size=size, first_chunk=first, end_chunk=end)
 
         def progress(done: int, total: int, rate: float) -> None:
             w.bytes_done, w.bytes_total, w.rate_bps = done, total, rate

@@ -489,13 +489,19 @@ class ChunkServer:
         if not self.store.has(layer):
             where = await self._partial_chunk(layer, index)
             if where is None and relay is not None:
-                where = await relay.wait_chunk(
-                    layer,
-                    index,
-                    self.relay_wait_s,
-                    lambda: self.store.has(layer),
-                    self.relay_start_s,
-                )
+                try:
+                    where = await relay.wait_chunk(
+                        layer,
+                        index,
+                        self.relay_wait_s,
+                        lambda: self.store.has(layer),
+                        self.relay_start_s,
+                    )
+                except RelayNotPulling as e:
+                    if not await asyncio.to_thread(self.store.has_partial, layer):
+                        raise
+                    # some chunks of it are here, not this one: "unavailable", not "not held"
+                    raise RelayUnavailable(f"chunk {index} is not among those here ({e})") from None
             if where is not None:
                 manifest, path = where
                 try:

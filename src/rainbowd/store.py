@@ -507,6 +507,17 @@ class LayerStore:
         with self._partials_lock:
             return digest in self._shared or self._partial_pins.get(digest, 0) > 0
 
+    def has_partial(self, digest: str) -> bool:
+        """Whether some chunks of ``digest`` are here in a partial (open, or persisted)."""
+        p = self.shared_partial(digest)
+        if p is not None:
+            return p.bitmap.have() > 0
+        try:
+            bits = (self.partial_dir / f"{hex_part(Digest(digest))}.bitmap").read_bytes()
+        except OSError:
+            return False
+        return any(bits)
+
     def stored_partial_chunk(self, digest: str, index: int) -> tuple[ChunkManifest, Path] | None:
         """(manifest, data file) if chunk ``index`` of a partial no pull has open is on disk.
 
