@@ -446,9 +446,12 @@ class Agent:
             failed = failure
             await self._report(lambda: self.api.transfer_failed(a.transfer_id, failed))
             return
-        tlog.info("layer verified", bytes=result.bytes_moved, seconds=round(result.seconds, 3))
-        self.hygiene.used(layer)
-        self.hygiene.kick()
+        if result.installed:
+            tlog.info("layer verified", bytes=result.bytes_moved, seconds=round(result.seconds, 3))
+            self.hygiene.used(layer)
+            self.hygiene.kick()
+        else:  # other pieces of the layer are still to come
+            tlog.info("piece verified", bytes=result.bytes_moved, seconds=round(result.seconds, 3))
         done = m.TransferDone(bytes_moved=result.bytes_moved, seconds=result.seconds)
         await self._report(lambda: self.api.transfer_done(a.transfer_id, done))
 

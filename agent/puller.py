@@ -130,6 +130,8 @@ class PullResult:
     bytes_moved: int  # chunk bytes fetched by this pull (resume moves less than the layer)
     seconds: float
     chunks_fetched: int
+    #: the layer is installed (complete and verified); False: its piece is in, others missing
+    installed: bool = True
 
 
 class _Client(asyncssh.SSHClient):
@@ -523,7 +525,7 @@ class LayerPuller:
             mbps=round(moved / seconds / 1e6, 1) if seconds > 0 else None,
             installed=installed,
         )
-        return PullResult(moved, seconds, fetched)
+        return PullResult(moved, seconds, fetched, installed)
 
     async def _commit_if_complete(self, partial: PartialLayer, where: str, tally: _Tally) -> bool:
         """Install the layer if no chunk of it is missing; True if it is installed (by anyone).
