@@ -131,6 +131,9 @@ class PartialLayer:
         self._failed = ""
         #: users of a shared partial (LayerStore.share_partial); 0 for a private one
         self.users = 0
+        #: the last user let go and it is being closed; set when that is over
+        self.closing = False
+        self.closed = threading.Event()
         self._open()
 
     def _open(self) -> None:
@@ -455,21 +458,25 @@ class LayerStore:
         refused: restarting the partial would pull the file from under the
         pulls running on it.
         """
-        with self._partials_lock:
-            p = self._shared.get(manifest.digest)
-            if p is not None and p.usable:
-                if p.manifest != manifest:
-                    raise StoreError(
-                        f"layer {manifest.digest}: a pull with other chunk boundaries "
-                        f"({p.manifest.chunk_size} bytes) is running here; try again after it"
-                    )
-                p.users += 1
-                return p
-            p = PartialLayer(self, manifest)
-            p.users = 1
-            self._shared[manifest.digest] = p
-            self._stored_bitmaps.pop(manifest.digest, None)
-            return p
+        while True:
+            with self._partials_lock:
+                p = self._shared.get(manifest.digest)
+                if p is None or (not p.closing and not p.usable):  # none, or committed
+                    p = PartialLayer(self, manifest)
+                    p.users = 1
+                    self._shared[manifest.digest] = p
+                    self._stored_bitmaps.pop(manifest.digest, None)
+                    return p
+                if not p.closing:
+                    if p.manifest != manifest:
+                        raise StoreError(
+                            f"layer {manifest.digest}: a pull with other chunk boundaries "
+                            f"({p.manifest.chunk_size} bytes) is running here; try again after it"
+                        )
+                    p.users += 1
+                    return p
+            # its last user is closing it (flushing the bitmap): reopen from disk after that
+            p.closed.wait()
 
     def release_partial(self, partial: PartialLayer) -> None:
         """One user is done with a shared partial: flush it; close it after the last one.
@@ -479,17 +486,22 @@ class LayerStore:
         with self._partials_lock:
             partial.users -= 1
             last = partial.users <= 0
-            if last and self._shared.get(partial.manifest.digest) is partial:
-                del self._shared[partial.manifest.digest]
-        if last:
-            partial.close()
-        else:
+            partial.closing = last
+        if not last:
             partial.flush()
+            return
+        try:
+            partial.close()
+        finally:
+            with self._partials_lock:
+                if self._shared.get(partial.manifest.digest) is partial:
+                    del self._shared[partial.manifest.digest]
+            partial.closed.set()
 
     def shared_partial(self, digest: str) -> PartialLayer | None:
         """The open shared partial of ``digest`` (a pull of it runs here), if any."""
         p = self._shared.get(digest)
-        return p if p is not None and p.usable else None
+        return p if p is not None and p.usable and not p.closing else None
 
     def pin_partial(self, digest: str) -> None:
         """Keep the partial of ``digest`` while its chunks are served (:meth:`discard_partial`)."""

@@ -149,3 +149,34 @@ def test_share_refuses_other_chunk_boundaries_while_a_pull_runs(
         store.share_partial(other)
     store.release_partial(partial)
     store.release_partial(store.share_partial(other))  # once it ended: starts clean
+
+
+def test_a_pull_starting_while_the_last_one_closes_resumes_after_its_flush(
+    tmp_path: Path, data: bytes, manifest: ChunkManifest
+) -> None:
+    """No chunk is lost (nor fetched again) when a pull comes as the previous one lets go."""
+    store = LayerStore(tmp_path)
+    old = store.share_partial(manifest)
+    old.FLUSH_EVERY = 100
+    old.write_chunk(5, chunk(data, 5))  # in the page cache; not in the bitmap file yet
+    closing, go_on = threading.Event(), threading.Event()
+    real_close = old.close
+
+    def slow_close() -> None:
+        closing.set()
+        go_on.wait(10)
+        real_close()
+
+    old.close = slow_close  # type: ignore[method-assign]
+    with ThreadPoolExecutor(2) as pool:
+        released = pool.submit(store.release_partial, old)
+        assert closing.wait(10)
+        assert store.shared_partial(manifest.digest) is None  # closing: not handed out
+        shared = pool.submit(store.share_partial, manifest)
+        with pytest.raises(TimeoutError):
+            shared.result(timeout=0.2)  # waits for the close (and its flush)
+        go_on.set()
+        released.result(10)
+        new = shared.result(10)
+    assert new is not old and new.has_chunk(5)
+    store.release_partial(new)
