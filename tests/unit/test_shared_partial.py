@@ -180,3 +180,20 @@ def test_a_pull_starting_while_the_last_one_closes_resumes_after_its_flush(
         new = shared.result(10)
     assert new is not old and new.has_chunk(5)
     store.release_partial(new)
+
+
+def test_the_bitmaps_kept_for_serving_are_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import rainbowd.store
+
+    monkeypatch.setattr(rainbowd.store, "MAX_CACHED_BITMAPS", 2)
+    store = LayerStore(tmp_path)
+    for _ in range(5):
+        data = os.urandom(CHUNK)
+        m = build_manifest(io.BytesIO(data), sha256_digest(data), CHUNK)
+        p = store.open_partial(m)
+        p.write_chunk(0, data)
+        p.close()
+        assert store.stored_partial_chunk(m.digest, 0) is not None
+        assert len(store._stored_bitmaps) <= 2
