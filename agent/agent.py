@@ -447,14 +447,16 @@ class Agent:
 
     async def _transfer(self, a: m.TransferAssignment) -> None:
         layer = a.layer.digest
-        w = ActiveWork(a.transfer_id, layer, a.seeder.node_id, time.time(), 0, a.layer.size)
+        first, end = a.chunk_range()  # a piece of the layer, or all of it
+        size = min(a.layer.size, end * a.layer.chunk_size) - first * a.layer.chunk_size
+        w = ActiveWork(a.transfer_id, layer, a.seeder.node_id, time.time(), 0, size)
         self.view.active[a.transfer_id] = w
         tlog = self.log.bind(layer=layer, seeder=a.seeder.node_id, transfer=a.transfer_id)
-        if self.puller.pulling(layer):
-            # e.g. re-sent after a coordinator restart: the puller runs one pull
-            # per layer, so this one waits and then moves only what is missing
+        if self.puller.overlapping(layer, first, end):
+            # e.g. re-sent after a coordinator restart: a pull overlapping a running one
+            # waits for it and then moves only what is missing
             tlog.info("layer already being pulled; this transfer waits for it")
-        tlog.info("pulling layer", reason=a.reason, size=a.layer.size)
+        tlog.info("pulling layer", reason=a.reason, size=size, first_chunk=first, end_chunk=end)
 
         def progress(done: int, total: int, rate: float) -> None:
             w.bytes_done, w.bytes_total, w.rate_bps = done, total, rate
@@ -487,9 +489,12 @@ class Agent:
                 lambda rid: self.api.transfer_failed(a.transfer_id, failed, rid),
             )
             return
-        tlog.info("layer verified", bytes=result.bytes_moved, seconds=round(result.seconds, 3))
-        self.hygiene.used(layer)
-        self.hygiene.kick()
+        if result.installed:
+            tlog.info("layer verified", bytes=result.bytes_moved, seconds=round(result.seconds, 3))
+            self.hygiene.used(layer)
+            self.hygiene.kick()
+        else:  # other pieces of the layer are still to come
+            tlog.info("piece verified", bytes=result.bytes_moved, seconds=round(result.seconds, 3))
         done = m.TransferDone(bytes_moved=result.bytes_moved, seconds=result.seconds)
         await self._report(
             f"{what} done", lambda rid: self.api.transfer_done(a.transfer_id, done, rid)

@@ -11,14 +11,24 @@ digest is checked by ``commit()`` before the layer is atomically installed.
 A chunk that fails the check is the seeder's fault (SSH already protects the
 bytes in transit) and aborts the pull with kind ``verify``.
 
-Resumption: only ``partial.missing()`` is requested, and whatever happens
+Resumption: only the missing chunks are requested, and whatever happens
 (error, seeder gone, task cancelled) the partial's bitmap is flushed, so the
 next pull, from this seeder or another, moves only what is still missing.
 After a SIGKILL, at most FLUSH_BYTES (or PartialLayer.FLUSH_SECONDS worth) of
-received chunks are fetched again. Two pulls of one layer never run at once
-(a per-digest lock): the second waits for the first, then pulls only what is
-still missing (nothing, if the first installed the layer), because two writers
-on one partial would clobber each other's bitmap.
+received chunks are fetched again.
+
+Pieces: an assignment may name a run of chunks, [first_chunk, end_chunk), of
+its layer (one *piece*); the pull fetches only the missing chunks of that
+range. Pulls of one layer whose ranges do not overlap run at once, from
+different seeders, into one shared partial (``LayerStore.share_partial``:
+each chunk written once, bitmap updates and flushes serialized). A pull whose
+range overlaps a running one waits for it, then fetches only what is still
+missing (nothing, if the layer was installed meanwhile), so no chunk is moved
+twice. When a pull has its range and no chunk of the layer is missing, the
+layer is committed (whole digest, atomic install; exactly once, whichever pull
+gets there first) before the pull returns; a pull that leaves chunks of other
+pieces missing returns with the layer still partial (its chunks flushed), and
+one that fails keeps the chunks it got for the next transfer of its piece.
 
 Disk: before any byte moves, the free space of the store is checked against
 the layer's missing bytes; a pull that cannot fit fails at once with kind
@@ -37,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -133,6 +144,8 @@ class PullResult:
     bytes_moved: int  # chunk bytes fetched by this pull (resume moves less than the layer)
     seconds: float
     chunks_fetched: int
+    #: the layer is installed (complete and verified); False: its piece is in, others missing
+    installed: bool = True
 
 
 class _Client(asyncssh.SSHClient):
@@ -238,11 +251,19 @@ class _Tally:
 
 
 @dataclass(slots=True)
-class _LayerLock:
-    """Serializes pulls of one layer; dropped when nobody holds or waits for it."""
+class _LayerPulls:
+    """The pulls of one layer: ranges running now; dropped when nobody runs or waits."""
 
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    running: dict[int, tuple[int, int]] = field(default_factory=dict)  # id -> [first, end)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
     users: int = 0
+
+    def overlaps(self, first: int, end: int) -> bool:
+        return any(f < end and first < e for f, e in self.running.values())
+
+    def wake(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
 
 
 _ConnKey = tuple[str, bytes, str, int]
@@ -286,16 +307,22 @@ class LayerPuller:
         self._conns: dict[_ConnKey, asyncssh.SSHClientConnection] = {}
         self._clients: dict[_ConnKey, _Client] = {}
         self._locks: dict[_ConnKey, asyncio.Lock] = {}
-        #: one pull per layer at a time (see the module docstring)
-        self._layer_locks: dict[str, _LayerLock] = {}
+        #: the pulls of each layer: overlapping ranges wait (see the module docstring)
+        self._layers: dict[str, _LayerPulls] = {}
+        self._pull_ids = itertools.count(1)
         #: see _dial (an attribute so tests of a refused key need not wait)
         self.trust_retry_delay = TRUST_RETRY_DELAY
         self._log = log.bind(node=node_id)
 
     def pulling(self, digest: str) -> int:
-        """How many pulls of ``digest`` are running or waiting (at most one runs)."""
-        entry = self._layer_locks.get(digest)
+        """How many pulls of ``digest`` are running or waiting."""
+        entry = self._layers.get(digest)
         return 0 if entry is None else entry.users
+
+    def overlapping(self, digest: str, first: int, end: int) -> bool:
+        """Whether a running pull of ``digest`` covers a chunk of [first, end)."""
+        entry = self._layers.get(digest)
+        return entry is not None and entry.overlaps(first, end)
 
     # -- connections -----------------------------------------------------
     async def connection(self, seeder: PeerInfo) -> asyncssh.SSHClientConnection:
@@ -418,35 +445,45 @@ class LayerPuller:
         assignment: TransferAssignment,
         on_progress: ProgressCallback | None = None,
     ) -> PullResult:
-        """Fetch the missing chunks of ``assignment.layer`` from its seeder and install it.
+        """Fetch the missing chunks of the assignment's range from its seeder.
 
-        Raises PullError (HostKeyMismatch for a wrong host key); on cancellation
-        the partial is flushed and CancelledError propagates (report "cancelled").
-        A second pull of a layer already being pulled waits for the first.
+        Installs the layer when no chunk of it is missing afterwards (see the
+        module docstring). Raises PullError (HostKeyMismatch for a wrong host
+        key); on cancellation the partial is flushed and CancelledError
+        propagates (report "cancelled"). A pull overlapping a running pull of
+        the same layer waits for it.
         """
         digest = assignment.layer.digest
-        entry = self._layer_locks.get(digest)
+        first, end = assignment.chunk_range()
+        entry = self._layers.get(digest)
         if entry is None:
-            entry = self._layer_locks[digest] = _LayerLock()
-        else:
-            self._log.info(
-                "pull_waits_for_running_pull", layer=short(digest), transfer=assignment.transfer_id
-            )
+            entry = self._layers[digest] = _LayerPulls()
         entry.users += 1
+        pull_id = next(self._pull_ids)
         try:
-            async with entry.lock:
-                t0 = time.monotonic()
-                try:
-                    result = await self._pull(assignment, on_progress)
-                except BaseException as e:
-                    self.metrics.transfer_ended(_outcome(e), time.monotonic() - t0)
-                    raise
-                self.metrics.transfer_ended("done", time.monotonic() - t0)
-                return result
+            if entry.overlaps(first, end):
+                self._log.info(
+                    "pull_waits_for_running_pull",
+                    layer=short(digest),
+                    transfer=assignment.transfer_id,
+                )
+            while entry.overlaps(first, end):
+                await entry.changed.wait()
+            entry.running[pull_id] = (first, end)
+            t0 = time.monotonic()
+            try:
+                result = await self._pull(assignment, on_progress)
+            except BaseException as e:
+                self.metrics.transfer_ended(_outcome(e), time.monotonic() - t0)
+                raise
+            self.metrics.transfer_ended("done", time.monotonic() - t0)
+            return result
         finally:
+            if entry.running.pop(pull_id, None) is not None:
+                entry.wake()
             entry.users -= 1
-            if entry.users == 0:
-                del self._layer_locks[digest]
+            if entry.users == 0 and self._layers.get(digest) is entry:
+                del self._layers[digest]
 
     async def _pull(
         self,
@@ -456,79 +493,111 @@ class LayerPuller:
         manifest = assignment.layer
         digest = Digest(manifest.digest)
         seeder = assignment.seeder
-        where = f"seeder {seeder.node_id} at {seeder.address}:{seeder.ssh_port}, layer {digest}"
+        first, end = assignment.chunk_range()
+        piece = "" if (first, end) == (0, manifest.count) else f" chunks [{first}, {end})"
+        where = (
+            f"seeder {seeder.node_id} at {seeder.address}:{seeder.ssh_port}, layer {digest}{piece}"
+        )
         plog = self._log.bind(
             layer=short(digest), seeder=seeder.node_id, transfer=assignment.transfer_id
         )
+        if piece:
+            plog = plog.bind(first_chunk=first, end_chunk=end)
         t0 = time.monotonic()
         if await asyncio.to_thread(self.store.has, digest):
             plog.info("pull_skipped_already_held")
             return PullResult(0, 0.0, 0)
-        await self._check_space(manifest, plog)
+        await self._check_space(manifest, first, end, plog)
         try:
-            partial = await asyncio.to_thread(self.store.open_partial, manifest)
+            partial = await asyncio.to_thread(self.store.share_partial, manifest)
         except OSError as e:
             raise self._disk_error(e, manifest, "opening its partial") from None
+        except StoreError as e:
+            raise PullError("io", f"node {self.node_id}: {where}: {e}") from None
         # instance override of the class default (4 chunks): sync per ~FLUSH_BYTES
         # (and per PartialLayer.FLUSH_SECONDS), whatever the chunk size
         partial.FLUSH_EVERY = max(1, FLUSH_BYTES // manifest.chunk_size)
         tally = _Tally(peer=seeder.node_id)
         relay = self.relay
+        token = 0
         if relay is not None:
-            relay.begin(manifest, partial.data_path, list(partial.bitmap.present()))
+            token = relay.begin(
+                manifest, partial.data_path, list(partial.bitmap.present()), first, end
+            )
+        range_bytes = _range_bytes(manifest, first, end)
         installed = False
         try:
-            missing = partial.missing()
-            present = manifest.size - sum(manifest.chunk_length(i) for i in missing)
-            plog.info("pull_started", missing=len(missing), chunks=manifest.count)
+            missing = partial.missing_in(first, end)
+            present = range_bytes - sum(manifest.chunk_length(i) for i in missing)
+            plog.info("pull_started", missing=len(missing), chunks=end - first)
             if missing:
                 conn = await self.connection(seeder)
+                done_of = (present, range_bytes)
                 await self._fetch(
-                    conn, partial, missing, present, t0, where, plog, on_progress, tally
+                    conn, partial, missing, done_of, t0, where, plog, on_progress, tally
                 )
-            try:
-                await asyncio.to_thread(partial.commit)
-            except OSError as e:
-                raise self._disk_error(e, manifest, "installing it") from None
-            except StoreError as e:
-                # every chunk matched yet the whole did not: the manifest is wrong
-                self.metrics.chunk_failure(tally.peer, "layer_digest")
-                raise PullError("verify", f"{where}: {e}") from None
-            installed = True
+            installed = await self._commit_if_complete(partial, where, tally)
         except BaseException as e:
-            await _shield_flush(partial)
+            await _shield_release(self.store, partial)
             if isinstance(e, PullError):
                 plog.warning("pull_failed", kind=e.kind, reason=e.reason, moved=tally.moved)
             elif isinstance(e, asyncio.CancelledError):
                 plog.info("pull_cancelled", moved=tally.moved)
             raise
+        else:
+            await _shield_release(self.store, partial)
         finally:
             if relay is not None:
-                why = "" if installed else f"pull from {seeder.node_id} failed"
-                relay.end(digest, installed=installed, why=why)
+                why = "" if installed else f"pull from {seeder.node_id} ended"
+                relay.end(digest, installed=installed, why=why, token=token)
         seconds = time.monotonic() - t0
         moved, fetched = tally.moved, tally.fetched
         if on_progress is not None:
-            on_progress(manifest.size, manifest.size, moved / seconds if seconds > 0 else 0.0)
+            on_progress(range_bytes, range_bytes, moved / seconds if seconds > 0 else 0.0)
         plog.info(
             "pull_done",
             bytes=moved,
             chunks=fetched,
             seconds=round(seconds, 3),
             mbps=round(moved / seconds / 1e6, 1) if seconds > 0 else None,
+            installed=installed,
         )
-        return PullResult(moved, seconds, fetched)
+        return PullResult(moved, seconds, fetched, installed)
 
-    async def _check_space(self, manifest: ChunkManifest, plog: Any) -> None:
-        """Fail fast (kind ``disk``) if the store cannot hold the missing bytes.
+    async def _commit_if_complete(self, partial: PartialLayer, where: str, tally: _Tally) -> bool:
+        """Install the layer if no chunk of it is missing; True if it is installed (by anyone).
+
+        ``PartialLayer.commit`` runs the whole-digest check and the install once;
+        a pull arriving second waits for it and gets the same outcome.
+        """
+        manifest = partial.manifest
+        if not partial.complete():
+            return await asyncio.to_thread(self.store.has, Digest(manifest.digest))
+        try:
+            await asyncio.to_thread(partial.commit)
+        except OSError as e:
+            raise self._disk_error(e, manifest, "installing it") from None
+        except StoreError as e:
+            # every chunk matched yet the whole did not: the manifest is wrong
+            self.metrics.chunk_failure(tally.peer, "layer_digest")
+            raise PullError("verify", f"{where}: {e}") from None
+        return True
+
+    async def _check_space(self, manifest: ChunkManifest, first: int, end: int, plog: Any) -> None:
+        """Fail fast (kind ``disk``) if the store cannot hold the range's missing bytes.
 
         Checked before the partial is created, so a pull that cannot fit
         leaves nothing behind and moves nothing; the reason names the node,
         the layer, what is needed and what is free, which is what an operator
         needs to act on.
         """
-        present = await asyncio.to_thread(self.store.partial_bytes, manifest)
-        needed = manifest.size - present
+        shared = self.store.shared_partial(manifest.digest)
+        if shared is not None and shared.manifest == manifest:
+            missing = shared.missing_in(first, end)
+        else:
+            missing = await asyncio.to_thread(self.store.partial_missing, manifest, first, end)
+        needed = sum(manifest.chunk_length(i) for i in missing)
+        present = _range_bytes(manifest, first, end) - needed
         free = await asyncio.to_thread(self.store.bytes_free)
         if needed + DISK_HEADROOM > free:
             reason = (
@@ -593,7 +662,7 @@ class LayerPuller:
         conn: asyncssh.SSHClientConnection,
         partial: PartialLayer,
         missing: list[int],
-        present: int,
+        done_of: tuple[int, int],
         t0: float,
         where: str,
         plog: Any,
@@ -602,6 +671,7 @@ class LayerPuller:
     ) -> None:
         manifest = partial.manifest
         digest = manifest.digest
+        present, total = done_of  # bytes of the range already here, and of the whole range
         session = await self._open_channel(conn, manifest, where)
         inflight_max = min(
             max(self.window, -(-MIN_INFLIGHT_BYTES // manifest.chunk_size)),
@@ -649,6 +719,8 @@ class LayerPuller:
                         raise PullError("verify", f"{where}: {e}", seeder_fault=True) from None
                     except OSError as e:
                         raise self._disk_error(e, manifest, f"writing chunk {ev.index}") from None
+                    except StoreError as e:  # the shared partial was discarded under us
+                        raise PullError("io", f"node {self.node_id}: {where}: {e}") from None
                     outstanding.popleft()
                     if self.relay is not None:
                         self.relay.landed(digest, ev.index)
@@ -660,9 +732,7 @@ class LayerPuller:
                     now = time.monotonic()
                     if on_progress is not None and now - last_progress >= PROGRESS_INTERVAL:
                         last_progress = now
-                        on_progress(
-                            present + tally.moved, manifest.size, tally.moved / max(now - t0, 1e-9)
-                        )
+                        on_progress(present + tally.moved, total, tally.moved / max(now - t0, 1e-9))
                 elif isinstance(ev, chunkproto.End):
                     continue
                 elif isinstance(ev, chunkproto.Error):
@@ -712,11 +782,18 @@ def _outcome(e: BaseException) -> str:
     return "error"
 
 
+def _range_bytes(manifest: ChunkManifest, first: int, end: int) -> int:
+    """Bytes of chunks [first, end) of the layer."""
+    if end <= first:
+        return 0
+    return min(manifest.size, end * manifest.chunk_size) - first * manifest.chunk_size
+
+
 def _mib(n: int) -> str:
     return f"{n / (1024 * 1024):.1f} MiB"
 
 
-async def _uninterrupted(func: Callable[..., None], *args: Any) -> None:
+async def _uninterrupted(func: Callable[..., object], *args: Any) -> None:
     """Run ``func`` in a thread and let it finish even if we are cancelled.
 
     A chunk write cut off by cancellation would otherwise race the partial's
@@ -734,9 +811,12 @@ async def _uninterrupted(func: Callable[..., None], *args: Any) -> None:
         raise
 
 
-async def _shield_flush(partial: PartialLayer) -> None:
-    """Persist the bitmap even while being cancelled, so the next pull resumes."""
-    task = asyncio.ensure_future(asyncio.to_thread(partial.close))
+async def _shield_release(store: LayerStore, partial: PartialLayer) -> None:
+    """Let go of the shared partial, its bitmap persisted even while being cancelled.
+
+    So the next pull resumes, and a pull reporting its chunks done has them on disk.
+    """
+    task = asyncio.ensure_future(asyncio.to_thread(store.release_partial, partial))
     try:
         await asyncio.shield(task)
     except asyncio.CancelledError:

@@ -22,11 +22,17 @@ What it accepts, and why so little:
   the server refuses everything else asyncssh would otherwise offer. A peer
   with a trusted key can read the layers it could anyway pull and nothing else.
 * **Serving**: complete (verified, immutable) layers in the
-  :class:`~rainbowd.store.LayerStore`, and -- with a
-  :class:`~agent.relay.RelayBoard` (cut-through relay) -- the verified chunks
-  of a layer this agent is still pulling: a chunk not there yet is waited for
-  (woken by the puller when it lands) up to ``relay_wait_s`` seconds, then
-  answered with ERROR ``unavailable`` so the demander fails over. File reads
+  :class:`~rainbowd.store.LayerStore`; any verified chunk of a partial layer
+  (a layer pulled here piece by piece, whether a pull of it runs now or not:
+  its bit is set in the partial's bitmap); and -- with a
+  :class:`~agent.relay.RelayBoard` (cut-through relay) -- a chunk a pull
+  here is bringing right now is waited for (woken by the puller when it
+  lands) up to ``relay_wait_s`` seconds, then answered with ERROR
+  ``unavailable`` so the demander fails over. A chunk neither here nor
+  covered by a running pull is answered after at most ``relay_start_s``
+  (the pull that brings it may be on its way), at once if its pull ended
+  without it. A partial being served is pinned in the store (never discarded
+  meanwhile). File reads
   run in a worker thread so the event loop keeps every other transfer
   moving, and the next chunk is read while the current one drains
   (``await writer.drain()`` is the flow control: the demander's SSH window
@@ -57,6 +63,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import asyncssh
@@ -169,6 +176,8 @@ class ChunkServer:
         self.serving: dict[str, int] = {}
         self.verify_reads = verify_reads
         self.max_upload_bps = max_upload_bps
+        #: chunks served from a partial layer (pulled here piece by piece, or being pulled)
+        self.partial_chunks_served = 0
         #: layers whose stored blob failed verification while serving: digest -> why
         self.corrupt_layers: dict[str, str] = {}
         self._pacer = RatePacer(max_upload_bps)
@@ -453,6 +462,7 @@ class ChunkServer:
             sent = 0
             t0 = time.monotonic()
             self.serving[layer] = self.serving.get(layer, 0) + 1
+            self.store.pin_partial(layer)
             try:
                 for index in todo:
                     reads.append(asyncio.create_task(self._read(layer, index)))
@@ -517,6 +527,7 @@ class ChunkServer:
                 left = self.serving.pop(layer, 1) - 1
                 if left > 0:
                     self.serving[layer] = left
+                self.store.unpin_partial(layer)
                 if sent and self.on_served is not None:
                     self.on_served(layer)
             plog.debug(
@@ -528,16 +539,28 @@ class ChunkServer:
             )
 
     async def _read(self, layer: Digest, index: int) -> tuple[int, bytes]:
-        """Chunk ``index`` of ``layer``, from the stored blob or (relay) the partial being pulled.
+        """Chunk ``index`` of ``layer``, from the stored blob or a partial of it (module docstring).
 
         Small chunks are read and checked on the loop (see agent/chunk_io.py);
         ``store.has`` is two ``stat`` calls and always runs inline.
         """
         relay = self.relay
-        if relay is not None and not self.store.has(layer):
-            where = await relay.wait_chunk(
-                layer, index, self.relay_wait_s, lambda: self.store.has(layer), self.relay_start_s
-            )
+        if not self.store.has(layer):
+            where = await self._partial_chunk(layer, index)
+            if where is None and relay is not None:
+                try:
+                    where = await relay.wait_chunk(
+                        layer,
+                        index,
+                        self.relay_wait_s,
+                        lambda: self.store.has(layer),
+                        self.relay_start_s,
+                    )
+                except RelayNotPulling as e:
+                    if not await asyncio.to_thread(self.store.has_partial, layer):
+                        raise
+                    # some chunks of it are here, not this one: "unavailable", not "not held"
+                    raise RelayUnavailable(f"chunk {index} is not among those here ({e})") from None
             if where is not None:
                 manifest, path = where
                 try:
@@ -553,7 +576,9 @@ class ChunkServer:
                 except FileNotFoundError:
                     pass  # installed meanwhile (the .part was renamed into place): the blob
                 else:
-                    relay.relayed_chunks += 1
+                    self.partial_chunks_served += 1
+                    if relay is not None:
+                        relay.relayed_chunks += 1
                     return out
         known = self._manifests.get(layer)
         if known is None:  # the manifest is read from disk the first time: not on the loop
@@ -561,6 +586,20 @@ class ChunkServer:
         return await chunk_work(
             known.chunk_size, self.inline_io_max, self._read_chunk, layer, index
         )
+
+    async def _partial_chunk(self, layer: Digest, index: int) -> tuple[ChunkManifest, Path] | None:
+        """Where chunk ``index`` of a partial of ``layer`` is, if its bit is set (else None).
+
+        The partial a running pull shares is asked in memory; a partial no pull
+        has open is read from its persisted bitmap (in a thread: file reads).
+        Raises IndexError for a chunk the layer does not have.
+        """
+        p = self.store.shared_partial(layer)
+        if p is None:
+            return await asyncio.to_thread(self.store.stored_partial_chunk, layer, index)
+        if not 0 <= index < p.manifest.count:
+            raise IndexError(f"layer {layer} has chunks 0..{p.manifest.count - 1}, not {index}")
+        return (p.manifest, p.data_path) if p.has_chunk(index) else None
 
     def _read_partial_chunk(
         self, digest: Digest, index: int, m: ChunkManifest, path: os.PathLike[str]

@@ -114,7 +114,7 @@ from rainbowd.messages import (
     TransferFailed,
     TransferProgress,
 )
-from rainbowd.scheduler import DEFAULT_POLICY, Scheduler, Transfer
+from rainbowd.scheduler import DEFAULT_POLICY, Scheduler, SchedulerError, Transfer
 from rainbowd.sources import SourceError, check_source, describe
 
 from . import auth, holdings
@@ -126,6 +126,7 @@ from .images import check_ingest, check_ref, image_view
 from .jobs import Job, NodeProgress
 from .metrics import CoordinatorMetrics
 from .ops import ClusterOps
+from .piece_wire import assignment_for, chunk_range, holds_whole_layer
 from .pins import pinned_layers
 from .state import StateStore, StoredImage, StoredNode, StoredTransfer
 
@@ -285,6 +286,8 @@ class Coordinator:
                 started_at=st.started_at,
                 reason=st.reason,
                 seeder_speed_bps=st.seeder_speed_bps,
+                first_chunk=st.first_chunk,
+                end_chunk=st.end_chunk,
             )
             usable = (
                 st.seeder in self.cluster.nodes
@@ -296,7 +299,12 @@ class Coordinator:
                 continue
             self._remember(_Tracked(t, seq=st.seq, restored=True))
             if st.state == "active" and st.layer not in self.cluster.nodes[st.demander].holdings:
-                self.scheduler.adopt(t)
+                try:
+                    self.scheduler.adopt(t)
+                except SchedulerError as e:  # e.g. its piece no longer exists: plan it anew
+                    log.warning("stored transfer not adopted", transfer=t.transfer_id, error=str(e))
+                    self.store.delete_transfer(st.transfer_id)
+                    continue
                 self._undelivered.setdefault(t.demander, {})[t.transfer_id] = st.seq
                 adopted.append(t)
                 log.info(
@@ -329,6 +337,8 @@ class Coordinator:
             seeder_speed_bps=t.seeder_speed_bps,
             seq=tr.seq,
             state="aborted" if state == "aborted" else "active",
+            first_chunk=chunk_range(t)[0],
+            end_chunk=chunk_range(t)[1],
         )
 
     # ------------------------------------------------------------------
@@ -877,7 +887,7 @@ class Coordinator:
             bytes=m.bytes_moved,
             seconds=round(m.seconds, 3),
         )
-        if self._add_holdings(node, [t.layer], now):
+        if holds_whole_layer(self.scheduler, t) and self._add_holdings(node, [t.layer], now):
             self._save_node(node)
         elif first:
             for job, p in list(self._jobs_of(node.node_id)):
@@ -1514,21 +1524,18 @@ class Coordinator:
             demander = self.cluster.get(t.demander)
             seeder = self.cluster.get(t.seeder)
             manifest = self.manifests.get(t.layer)
-            if demander is None or seeder is None or manifest is None:
+            assignment = (
+                assignment_for(t, manifest, seeder.peer())
+                if demander is not None and seeder is not None and manifest is not None
+                else None
+            )
+            if demander is None or assignment is None:
                 # cannot happen for layers of ingested images; never hand out unverifiable work
                 self.scheduler.fail(t.transfer_id)
                 self.scheduler.cancel_demand(t.demander, t.layer)
                 log.error("no manifest or node for a transfer; demand dropped", layer=t.layer)
                 continue
-            seq = demander.mailbox.put(
-                TransferAssignment(
-                    transfer_id=t.transfer_id,
-                    job_id=t.job_id,
-                    layer=manifest,
-                    seeder=seeder.peer(),
-                    reason=t.reason,
-                )
-            )
+            seq = demander.mailbox.put(assignment)
             tr = _Tracked(t, seq=seq)
             self._remember(tr)
             self._undelivered.setdefault(t.demander, {})[t.transfer_id] = seq

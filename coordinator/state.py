@@ -95,6 +95,10 @@ class StoredTransfer(msgspec.Struct, kw_only=True):
     seeder_speed_bps: Finite
     seq: Count = 0  # its place in the demander's mailbox: delivered once the cursor passes it
     state: Literal["active", "aborted"] = "active"
+    #: the piece it moves, chunks [first_chunk, end_chunk); end_chunk 0 = the whole layer
+    #: (rows written before pieces existed decode to the whole layer, as they meant)
+    first_chunk: int = 0
+    end_chunk: int = 0
 
 
 class StoredImage(msgspec.Struct, kw_only=True):

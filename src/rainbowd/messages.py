@@ -234,13 +234,36 @@ class EvictReply(Msg, kw_only=True):
 
 
 class TransferAssignment(msgspec.Struct, kw_only=True, tag="transfer", tag_field="kind"):
-    """Pull ``layer`` from ``seeder``: its chunks are checked against ``layer``."""
+    """Pull ``layer`` from ``seeder``: its chunks are checked against ``layer``.
+
+    ``first_chunk``/``end_chunk``: only chunks [first_chunk, end_chunk) of the
+    layer (one *piece*; several pieces of a layer move at once from different
+    seeders). Both 0 (the default, and all an older coordinator sends) is the
+    whole layer. Anything else must satisfy 0 <= first < end <= chunk count.
+    """
 
     transfer_id: Name
     job_id: Name
     layer: ChunkManifest
     seeder: PeerInfo
     reason: Text
+    first_chunk: Count = 0
+    end_chunk: Count = 0
+
+    def __post_init__(self) -> None:
+        first, end, count = self.first_chunk, self.end_chunk, self.layer.count
+        if (first, end) != (0, 0) and not 0 <= first < end <= count:
+            raise ValueError(
+                f"transfer {self.transfer_id}: chunk range [{first}, {end}) of layer "
+                f"{self.layer.digest} is not within its {count} chunks (want 0 <= first < "
+                f"end <= {count}, or both 0 for the whole layer)"
+            )
+
+    def chunk_range(self) -> tuple[int, int]:
+        """The chunks to move as [first, end): the whole layer when the range is (0, 0)."""
+        if self.end_chunk == 0:
+            return 0, self.layer.count
+        return self.first_chunk, self.end_chunk
 
 
 class IngestAssignment(msgspec.Struct, kw_only=True, tag="ingest", tag_field="kind"):

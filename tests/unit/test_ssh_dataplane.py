@@ -521,7 +521,7 @@ async def test_two_pulls_of_one_layer_run_one_after_the_other(lab: Lab) -> None:
     r1, r2 = await asyncio.gather(first, second)
     assert (r1.bytes_moved, r2.bytes_moved) == (SIZE, 0)
     assert lab.server.bytes_served == {"dem": SIZE}
-    assert p.pulling(a1.layer.digest) == 0 and p._layer_locks == {}
+    assert p.pulling(a1.layer.digest) == 0 and p._layers == {}
     assert blob(lab.dem_store, lab.manifest.digest) == lab.data
 
 
