@@ -273,6 +273,7 @@ class Agent:
             docker=self.loader is not None and await self.loader.available(),
             disk_free=self.store.bytes_free(),
             speed_hint_bps=cfg.speed_hint_mbps * 1e6 / 8,
+            download_hint_bps=cfg.download_hint_mbps * 1e6 / 8,
             max_upload_bps=cfg.max_upload_mbps * 1e6 / 8,
             max_download_bps=cfg.max_download_mbps * 1e6 / 8,
             holdings=self.hygiene.holdings(),

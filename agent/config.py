@@ -39,6 +39,8 @@ class AgentConfig:
     labels: dict[str, str] = field(default_factory=dict)
     docker_url: str = ""  # "" = no Docker engine on this host
     speed_hint_mbps: float = 0.0
+    #: download speed in Mbit/s, for asymmetric links (0 = unknown: speed_hint_mbps)
+    download_hint_mbps: float = 0.0
     status_socket: Path | None = None
     log_level: str = "info"
     #: seconds to wait for the coordinator on each request
@@ -150,6 +152,7 @@ class _Raw(msgspec.Struct, forbid_unknown_fields=True):
     labels: dict[str, str] = {}
     docker_url: str = ""
     speed_hint_mbps: float = 0.0
+    download_hint_mbps: float = 0.0
     status_socket: str = ""
     log_level: str = "info"
     request_timeout: float = 10.0
@@ -171,6 +174,8 @@ class _Raw(msgspec.Struct, forbid_unknown_fields=True):
 
 
 KNOWN_ROLES = {"origin"}
+#: the largest link-speed hint taken (Mbit/s): 10 Tbit/s, far above any NIC, finite
+MAX_HINT_MBPS = 1e7
 
 
 def load_config(path: Path, overrides: dict[str, Any] | None = None) -> AgentConfig:
@@ -267,6 +272,10 @@ def _from_raw(raw: _Raw) -> AgentConfig:
     for key in ("max_upload_mbps", "max_download_mbps"):
         if getattr(raw, key) < 0:
             raise ConfigError(f"{key} {getattr(raw, key)}: must be >= 0 (0 = no cap)")
+    for key in ("speed_hint_mbps", "download_hint_mbps"):
+        value = getattr(raw, key)
+        if not 0 <= value <= MAX_HINT_MBPS:  # also false for NaN
+            raise ConfigError(f"{key} {value}: must be 0..{MAX_HINT_MBPS:g} Mbit/s (0 = unknown)")
     try:
         _ssh_limits(raw).check()
     except ValueError as e:

@@ -114,7 +114,8 @@ from rainbowd.messages import (
     TransferFailed,
     TransferProgress,
 )
-from rainbowd.scheduler import DEFAULT_POLICY, Scheduler, SchedulerError, Transfer
+from rainbowd.pieces import PieceScheduler
+from rainbowd.scheduler import DEFAULT_POLICY, SchedulerError, Transfer
 from rainbowd.sources import SourceError, check_source, describe
 
 from . import auth, holdings
@@ -193,7 +194,7 @@ class Coordinator:
         self.node_down_timeout = node_down_timeout
         self.seeder_fault_limit = seeder_fault_limit
         self.started_at = clock()
-        self.scheduler = Scheduler(policy, new_id=lambda: "t-" + secrets.token_hex(6))
+        self.scheduler = PieceScheduler(policy, new_id=lambda: "t-" + secrets.token_hex(6))
         self.cluster = Cluster(int(store.get_meta("trust_version", "0") or 0))
         self.images: dict[str, StoredImage] = {}
         self.manifests: dict[str, ChunkManifest] = {}
@@ -226,6 +227,7 @@ class Coordinator:
                 node.holdings,
                 max_upload_bps=info.max_upload_bps,
                 max_download_bps=info.max_download_bps,
+                download_bps=info.download_hint_bps,
             )
             self.scheduler.node_down(node.node_id)
         for image in self.store.load_images():
@@ -402,6 +404,7 @@ class Coordinator:
             info.host_key, info.client_key = req.host_key, req.client_key
             info.labels, info.roles = dict(req.labels), list(req.roles)
             info.docker, info.speed_hint_bps = req.docker, req.speed_hint_bps
+            info.download_hint_bps = req.download_hint_bps
             info.max_upload_bps, info.max_download_bps = req.max_upload_bps, req.max_download_bps
             # the agent (re)started: whatever it was pulling or loading is gone,
             # including transfers adopted after a coordinator restart
@@ -431,6 +434,7 @@ class Coordinator:
                 roles=list(req.roles),
                 docker=req.docker,
                 speed_hint_bps=req.speed_hint_bps,
+                download_hint_bps=req.download_hint_bps,
                 max_upload_bps=req.max_upload_bps,
                 max_download_bps=req.max_download_bps,
                 registered_at=now,
@@ -608,7 +612,7 @@ class Coordinator:
     def _readopt(self, node: Node, tr: _Tracked) -> bool:
         """We gave up on this transfer (node down), yet the agent still pulls it: take it back."""
         t = tr.t
-        if t.layer in node.holdings or self.scheduler.receiving(node.node_id, t.layer) is not None:
+        if t.layer in node.holdings or self.scheduler.receiving_piece(node.node_id, t) is not None:
             return False
         if t.seeder not in self.cluster.nodes:
             return False
@@ -665,6 +669,7 @@ class Coordinator:
                 node.info.speed_hint_bps,
                 max_upload_bps=node.info.max_upload_bps,
                 max_download_bps=node.info.max_download_bps,
+                download_bps=node.info.download_hint_bps,
             )
             node.up = True
             node.down_since = 0.0
@@ -852,7 +857,9 @@ class Coordinator:
                 node=node.node_id,
                 layer=short(layer) if layer else None,
             )
-            if layer in self.manifests and self._add_holdings(node, [layer], now):
+            # a piece of a split layer is not the layer: the node's heartbeat says when it is
+            whole = len(self.scheduler.pieces(layer)) == 1
+            if whole and layer in self.manifests and self._add_holdings(node, [layer], now):
                 self._save_node(node)
             self._schedule(now)
             return

@@ -36,7 +36,7 @@ from collections.abc import Iterable, Mapping
 import structlog
 
 from rainbowd.digest import short
-from rainbowd.scheduler import Scheduler
+from rainbowd.pieces import PieceScheduler
 
 from .cluster import Node
 from .jobs import Job, NodeProgress
@@ -64,7 +64,7 @@ def unlisted(node: Node, listed: Iterable[str], now: float, grace: float) -> lis
 def drop(
     node: Node,
     layers: list[str],
-    scheduler: Scheduler,
+    scheduler: PieceScheduler,
     jobs: Iterable[tuple[Job, NodeProgress]],
     now: float,
     why: str,
@@ -96,7 +96,9 @@ def drop(
     return changed
 
 
-def recheck_done(job: Job, nodes: Mapping[str, Node], scheduler: Scheduler, now: float) -> Changed:
+def recheck_done(
+    job: Job, nodes: Mapping[str, Node], scheduler: PieceScheduler, now: float
+) -> Changed:
     """At a job's end: reopen done nodes missing a layer; returns the entries changed."""
     changed: Changed = []
     for p in job.nodes.values():

@@ -72,6 +72,7 @@ class StoredNode(msgspec.Struct, kw_only=True):
     roles: Roles = []
     docker: bool = False
     speed_hint_bps: Rate = 0.0
+    download_hint_bps: Rate = 0.0
     holdings: list[Digest] = []  # only layers of known images (bounded by them)
     quarantined: bool = False
     quarantine_reason: str = ""

@@ -51,6 +51,7 @@ class RbdSystem:
                 roles=["origin"] if n.name == env.origin else [],
                 host=env.address(n.name),
                 speed_hint_mbps=n.up_mbit,
+                download_hint_mbps=n.down_mbit,
             )
             for n in env.profile.all_nodes
         ]

@@ -57,6 +57,7 @@ class NodeSpec:
     roles: list[str] = field(default_factory=list)
     docker_url: str = ""
     speed_hint_mbps: float = 0.0
+    download_hint_mbps: float = 0.0
     labels: dict[str, str] = field(default_factory=dict)
     #: the address the agent listens on and advertises ("" = the cluster's host)
     host: str = ""
@@ -202,6 +203,7 @@ class LocalCluster:
             "labels": spec.labels,
             "docker_url": spec.docker_url,
             "speed_hint_mbps": spec.speed_hint_mbps,
+            "download_hint_mbps": spec.download_hint_mbps,
             "status_socket": str(self.status_socket(node_id)),
             "log_level": self.log_level,
             **spec.config,

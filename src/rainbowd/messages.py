@@ -172,6 +172,8 @@ class RegisterRequest(Msg, kw_only=True):
     docker: bool = False  # a Docker engine is reachable on this host
     disk_free: Bytes = 0
     speed_hint_bps: Rate = 0.0  # configured link speed; 0 = unknown
+    #: configured download speed (links are often asymmetric); 0 = unknown: the upload hint
+    download_hint_bps: Rate = 0.0
     holdings: Holdings = []
     #: the agent's configured caps (bytes/s; 0 = none): the scheduler never expects more
     max_upload_bps: Rate = 0.0

@@ -271,12 +271,16 @@ class PieceScheduler:
         agent's resumable partial keeps the rest from being sent twice.
         """
         key = self._key_of(t)
+        split = len(self.pieces(t.layer)) > 1
         known = self._piece.get(key)
-        if t.end_chunk and (known is None or known.end != t.end_chunk):
+        if not split:
+            key = t.layer  # a layer scheduled whole: the transfer's own range stays with it
+        elif t.end_chunk and (known is None or known.end != t.end_chunk):
             raise SchedulerError(
-                f"transfer {t.transfer_id}: no piece of {t.layer} starts at chunk {t.first_chunk}"
+                f"transfer {t.transfer_id}: no piece of {t.layer} is chunks "
+                f"[{t.first_chunk}, {t.end_chunk})"
             )
-        if not t.end_chunk and t.layer in self._pieces and key not in self._keys(t.layer):
+        elif not t.end_chunk:
             key = self._keys(t.layer)[0]
         return self._outer(self.inner.adopt(dataclasses.replace(t, layer=key)))
 

@@ -64,8 +64,9 @@ DEFAULT_SPEED_BPS = 12.5e6
 
 #: ``paper`` is Algorithm 1 (this module); the others are capacity-aware (policies.py)
 POLICIES = ("paper", *RULES)
-#: the best measured policy (bench/RESULTS.md, "Policies (issue 6)"); ``paper`` stays selectable
-DEFAULT_POLICY = "relay"
+#: the best measured policy across the profile suite (bench/RESULTS.md, issue 13); ``paper``
+#: and the others stay selectable
+DEFAULT_POLICY = "swarm"
 
 #: a seeder's place in the idle-holder lists: faster first, then by node id
 _SeederKey = tuple[float, str]

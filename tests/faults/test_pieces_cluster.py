@@ -63,7 +63,6 @@ def write_secret(path: Path, value: str) -> None:
 
 @pytest.fixture
 async def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[LocalCluster]:
-    monkeypatch.setattr(core, "Scheduler", PieceScheduler)
     capped = {"max_upload_mbps": UPLOAD_MBPS}
     specs = [
         NodeSpec("origin", roles=["origin"], speed_hint_mbps=UPLOAD_MBPS, config=capped),

@@ -290,7 +290,7 @@ async def test_a_relay_failure_blames_nobody_and_does_not_use_up_the_failure_bud
         assert not sched.is_suspect("relay")
         if len(seeders) >= 2:
             # both pairs rest a heartbeat (5 s here): end the rest instead of waiting it out
-            sched._avoid.clear()
+            sched.inner._avoid.clear()
             await d.c.heartbeat(Heartbeat(holdings=[]))  # an event: the coordinator re-plans
     # the pair rests a heartbeat, so the re-plan tries another seeder first
     assert seeders[:2] == ["relay", "origin"]

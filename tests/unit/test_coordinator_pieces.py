@@ -13,6 +13,7 @@ transfers carry a range and which holds a layer only when a test says so
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_coordinator_flow import Agent, agent
@@ -52,7 +53,13 @@ class FirstHalf(Scheduler):
 
 @pytest.fixture
 def first_half(monkeypatch: pytest.MonkeyPatch) -> type[FirstHalf]:
-    monkeypatch.setattr(core, "Scheduler", FirstHalf)
+    from rainbowd.pieces import PieceScheduler
+
+    def first_half_pieces(policy: str, **kw: Any) -> PieceScheduler:
+        # whole layers for the piece layer (relay): FirstHalf sets the range itself
+        return PieceScheduler.around(FirstHalf("relay", **kw))
+
+    monkeypatch.setattr(core, "PieceScheduler", first_half_pieces)
     monkeypatch.setattr(FirstHalf, "rest_held", set())
     return FirstHalf
 
@@ -147,9 +154,6 @@ async def test_with_the_piece_scheduler_a_layer_counts_when_its_last_piece_is_in
     seeders, survive a restart, and the job counts the layer at the last piece only."""
     from test_coordinator_support import fake_image
 
-    from rainbowd.pieces import PieceScheduler
-
-    monkeypatch.setattr(core, "Scheduler", PieceScheduler)
     size = 32 * CHUNK  # swarm: 8-chunk pieces, so 4 of them
     r = await start(tmp_path, policy="swarm")
     async with AdminClient(r.url, ADMIN) as admin:
