@@ -73,3 +73,14 @@ def test_download_cap_from_file_and_environment(
     monkeypatch.delenv("RBD_AGENT_MAX_DOWNLOAD_MBPS")
     with pytest.raises(ConfigError, match="max_download_mbps"):
         load_config(write(tmp_path, "max_download_mbps = -5\n"))
+
+
+def test_a_download_hint_is_read_and_bad_hints_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("RBD_SPEED_HINT_MBPS", raising=False)
+    cfg = load_config(write(tmp_path, "speed_hint_mbps = 4.0\ndownload_hint_mbps = 64.0\n"))
+    assert (cfg.speed_hint_mbps, cfg.download_hint_mbps) == (4.0, 64.0)
+    for bad in ("nan", "inf", "-1.0", "1e9"):
+        with pytest.raises(ConfigError, match="download_hint_mbps"):
+            load_config(write(tmp_path, f"download_hint_mbps = {bad}\n"))
