@@ -28,3 +28,8 @@ def log_events(cluster: LocalCluster, name: str, event: str) -> list[dict[str, o
         if isinstance(doc, dict) and doc.get("event") == event:
             out.append(doc)
     return out
+
+
+#: the policy of the fault tests staged on whole-layer transfers: the previous default,
+#: not swarm (pieces); tests/faults/test_pieces_cluster.py runs the faults of pieces
+WHOLE_LAYERS = "relay"

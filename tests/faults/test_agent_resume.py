@@ -28,7 +28,7 @@ from pathlib import Path
 import msgpack
 import msgspec
 import pytest
-from faultkit import add_image
+from faultkit import WHOLE_LAYERS, add_image
 from invariants import InvariantMonitor
 
 from rainbowd import messages as m
@@ -59,7 +59,9 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
 async def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[LocalCluster]:
     monkeypatch.setenv("RBD_AGENT_MAX_UPLOAD_MBPS", str(UPLOAD_MBPS))
     specs = [NodeSpec("origin", roles=["origin"], speed_hint_mbps=1000), NodeSpec("n1")]
-    c = LocalCluster(tmp_path / "cluster", specs, chunk_size=CHUNK, heartbeat_interval=0.5)
+    c = LocalCluster(
+        tmp_path / "cluster", specs, chunk_size=CHUNK, heartbeat_interval=0.5, policy=WHOLE_LAYERS
+    )
     await c.start()
     try:
         yield c

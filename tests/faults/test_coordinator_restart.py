@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from faultkit import add_image, log_events
+from faultkit import WHOLE_LAYERS, add_image, log_events
 from invariants import InvariantMonitor
 
 from rainbowd import messages as m
@@ -45,7 +45,9 @@ def big_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
 async def cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
     specs = [NodeSpec("origin", roles=["origin"], speed_hint_mbps=1000)]
     specs += [NodeSpec(n, speed_hint_mbps=1000 - 100 * i) for i, n in enumerate(NODES)]
-    c = LocalCluster(tmp_path / "cluster", specs, chunk_size=CHUNK, heartbeat_interval=0.5)
+    c = LocalCluster(
+        tmp_path / "cluster", specs, chunk_size=CHUNK, heartbeat_interval=0.5, policy=WHOLE_LAYERS
+    )
     await c.start()
     try:
         yield c

@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from faultkit import WHOLE_LAYERS
 from invariants import InvariantMonitor
 
 from rainbowd import messages as m
@@ -53,7 +54,9 @@ async def cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
         NodeSpec("n2"),
         NodeSpec("small"),
     ]
-    c = LocalCluster(tmp_path / "cluster", specs, chunk_size=CHUNK, heartbeat_interval=0.5)
+    c = LocalCluster(
+        tmp_path / "cluster", specs, chunk_size=CHUNK, heartbeat_interval=0.5, policy=WHOLE_LAYERS
+    )
     small_dir = c.agent_dir("small")
     mounted = False
     try:

@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from faultkit import WHOLE_LAYERS
 from invariants import InvariantMonitor
 
 from rainbowd import messages as m
@@ -80,6 +81,7 @@ async def lab_cluster(tmp_path: Path) -> AsyncIterator[tuple[NetLab, LocalCluste
             prefix_for=lambda name: lab.exec_prefix(HUB if name == "coordinator" else name),
             chunk_size=CHUNK,
             heartbeat_interval=HEARTBEAT,
+            policy=WHOLE_LAYERS,
         )
         await cluster.start(timeout=30)
         yield lab, cluster

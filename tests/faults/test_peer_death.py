@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from faultkit import add_image, log_events
+from faultkit import WHOLE_LAYERS, add_image, log_events
 from invariants import InvariantMonitor
 
 from rainbowd import messages as m
@@ -47,7 +47,9 @@ def big_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
 async def start_cluster(root: Path, nodes: list[str], interval: float) -> LocalCluster:
     specs = [NodeSpec("origin", roles=["origin"], speed_hint_mbps=1000)]
     specs += [NodeSpec(n, speed_hint_mbps=500) for n in nodes]
-    c = LocalCluster(root, specs, chunk_size=CHUNK, heartbeat_interval=interval)
+    c = LocalCluster(
+        root, specs, chunk_size=CHUNK, heartbeat_interval=interval, policy=WHOLE_LAYERS
+    )
     await c.start()
     return c
 

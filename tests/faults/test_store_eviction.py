@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from faultkit import WHOLE_LAYERS
 from invariants import InvariantMonitor
 
 from rainbowd import messages as m
@@ -76,7 +77,9 @@ async def setup(
         NodeSpec("n2", config={"store_max_bytes": f"{sum(sa.values()) // 2 // 1024}KiB"}),
         NodeSpec("n3"),
     ]
-    c = LocalCluster(tmp_path / "c", specs, chunk_size=CHUNK, heartbeat_interval=0.5)
+    c = LocalCluster(
+        tmp_path / "c", specs, chunk_size=CHUNK, heartbeat_interval=0.5, policy=WHOLE_LAYERS
+    )
     await c.start()
     try:
         yield c, a, b, sa, sb

@@ -123,7 +123,7 @@ async def test_distribute_to_all_verifies_every_layer_and_runs_in_docker(
     assert "hello from rbd" in output
 
 
-@pytest.mark.parametrize("policy", ["slots", "deadline", "relay"])
+@pytest.mark.parametrize("policy", ["slots", "deadline", "relay", "swarm"])
 async def test_capacity_policies_distribute_to_all(
     tmp_path: Path, demo_image: Path, policy: str
 ) -> None:
