@@ -33,7 +33,11 @@ async def cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
         NodeSpec("n1"),
         NodeSpec("n2", config={"max_download_mbps": DOWNLOAD_MBPS}),
     ]
-    c = LocalCluster(tmp_path / "c", specs, chunk_size=256 * 1024, heartbeat_interval=0.5)
+    # whole layers (policy relay): each cap is read off one transfer of >= 1 MiB, and
+    # swarm's pieces of this small image are smaller than that
+    c = LocalCluster(
+        tmp_path / "c", specs, chunk_size=256 * 1024, heartbeat_interval=0.5, policy="relay"
+    )
     await c.start()
     try:
         yield c
