@@ -13,6 +13,21 @@ import sys
 import structlog
 
 
+class _CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is at the time of the write.
+
+    Binding the stream at :func:`configure` time breaks when a caller later swaps
+    ``sys.stderr`` (pytest's capture does, per test): every log line after that
+    hit a closed file ("I/O operation on closed file") inside the next test.
+    """
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure(level: str = "info", json: bool | None = None) -> None:
     """Log to stderr: JSON lines when not on a terminal (systemd/journald), else console."""
     if json is None:
@@ -27,7 +42,7 @@ def configure(level: str = "info", json: bool | None = None) -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     # libraries (asyncssh, aiohttp) log through stdlib logging: render them the same way
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(_CurrentStderr())
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
@@ -47,6 +62,6 @@ def configure(level: str = "info", json: bool | None = None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
