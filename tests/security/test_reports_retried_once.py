@@ -210,7 +210,8 @@ async def cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
         # slow enough (4 MiB at 16 Mbit/s: ~2 s) to fill the coordinator's disk meanwhile
         NodeSpec("n1", config={"max_download_mbps": 16.0}),
     ]
-    c = LocalCluster(tmp_path / "c", specs, heartbeat_interval=0.5)
+    # whole layers (policy relay): one transfer, so one done report, per layer
+    c = LocalCluster(tmp_path / "c", specs, heartbeat_interval=0.5, policy="relay")
     state = c.coordinator_dir
     state.mkdir(parents=True)
     mount = ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(state)]
