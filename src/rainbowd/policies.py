@@ -136,10 +136,6 @@ class Rules:
     #: split layers into pieces of about this many bytes (whole chunks; 0 = whole layers), so
     #: several seeders feed one demander and partial holders seed (rainbowd.pieces)
     piece_bytes: int = 0
-    #: a seeder this many times faster than a (non-urgent) demander's download keeps its
-    #: upload for the faster demanders while any of them still lacks something: a slow
-    #: transfer would hold that upload for a long time (0 = off)
-    keep_fast: float = 0.0
     #: with piece_bytes: split each layer into about this many pieces instead, where that
     #: gives pieces larger than piece_bytes (a piece's time is then a small share of the
     #: layer's, whatever the image's size; 0 = piece_bytes alone)
@@ -242,9 +238,6 @@ class Planner:
         self._by_need: dict[str, list[tuple[float, str]]] = {}  # layer -> sorted (-need s, id)
         self._wait_key: dict[str, _WaitKey] = {}
         self._horizon = 0.0  # latest planned finish of a current demander (slack rule)
-        # nodes with open demands -> their rank, and a lazy max-heap of them (keep_fast)
-        self._demanding: dict[str, float] = {}
-        self._demanding_heap: list[tuple[float, str]] = []
         self._starve_check_at = 0.0  # when _starving next walks the waiting demanders
 
     # -- indexes ---------------------------------------------------------
@@ -379,32 +372,8 @@ class Planner:
         down = _down_speed(node)
         return down if self.rules.rank == "down" else min(down, node.speed_bps)
 
-    def _fastest_demanding(self) -> float:
-        """The highest rank among nodes with open demands (0 if none)."""
-        heap = self._demanding_heap
-        while heap and self._demanding.get(heap[0][1]) != -heap[0][0]:
-            heapq.heappop(heap)
-        return -heap[0][0] if heap else 0.0
-
-    def _kept_for_fast(self, seeder: _Node, node: _Node) -> bool:
-        """Whether ``seeder``'s upload is kept from slow ``node`` for faster demanders."""
-        k = self.rules.keep_fast
-        if k <= 0 or seeder.speed_bps <= k * _down_speed(node):
-            return False
-        return self._fastest_demanding() * k >= seeder.speed_bps
-
     def _refresh_demander(self, node: _Node) -> None:
         nid = node.node_id
-        if self.rules.keep_fast > 0:
-            rank = self._rank(node) if node.demands and node.up else None
-            if rank is None:
-                self._demanding.pop(nid, None)
-            elif self._demanding.get(nid) != rank:
-                self._demanding[nid] = rank
-                heapq.heappush(self._demanding_heap, (-rank, nid))
-                if len(self._demanding_heap) > 2 * len(self._demanding) + 64:
-                    self._demanding_heap = [(-r, n) for n, r in self._demanding.items()]
-                    heapq.heapify(self._demanding_heap)
         want: _WaitKey | None = None
         if node.up and not node.suspect and self._room(node):
             layers = tuple(lr for lr in node.demands if lr not in node.pulling)
@@ -565,7 +534,7 @@ class Planner:
                 # within the urgent share; beyond it, an urgent one waits for the common walk
                 seeder = self._urgent_fit(node, d.layer, room, least)
             else:
-                seeder = self._fit(node, d.layer, room, least, keep=not starving)
+                seeder = self._fit(node, d.layer, room, least)
             if seeder is not None:
                 return self._begin(seeder, node, d, now, why, urgent=urgent)
         return None
@@ -629,14 +598,11 @@ class Planner:
             return self.hop_s(layer, rate)
         return up_plan.lag + self.hop_s(layer, up_plan.planned)
 
-    def _fit(
-        self, node: _Node, layer: str, room: float, least: float, *, keep: bool = False
-    ) -> _Node | None:
+    def _fit(self, node: _Node, layer: str, room: float, least: float) -> _Node | None:
         """Best fit: the tightest free upload >= ``room``, else the largest (if >= ``least``).
 
         With relays: a complete holder that fits first (it cannot stall), then
-        the tightest relay that fits, then the most room of either. With ``keep``,
-        seeders kept for faster demanders are passed over (``keep_fast``).
+        the tightest relay that fits, then the most room of either.
         """
         lists = [self._free.get(layer) or []]
         if self.rules.relay:
@@ -647,16 +613,12 @@ class Planner:
                 i = bisect_right(idle, (-room, "\uffff"))
                 for j in range(i - 1, max(-1, i - 9), -1):
                     if self._s._allowed(node.node_id, idle[j][1]):
-                        seeder = self._s._nodes[idle[j][1]]
-                        if not (keep and self._kept_for_fast(seeder, node)):
-                            return seeder
+                        return self._s._nodes[idle[j][1]]
         best: tuple[float, str] | None = None
         for idle in lists:
             for neg_free, sid in idle[:8]:
                 if -neg_free < least:
                     break
-                if keep and self._kept_for_fast(self._s._nodes[sid], node):
-                    continue
                 if self._s._allowed(node.node_id, sid):
                     if best is None or neg_free < best[0]:
                         best = (neg_free, sid)
