@@ -82,6 +82,13 @@ ProgressCallback = Callable[[int, int, float], None]
 
 #: keep at least this many bytes of chunks requested ahead (when chunks are small)
 MIN_INFLIGHT_BYTES = 32 * 1024 * 1024
+#: the slowest a seeder may deliver a chunk before the pull gives up on it: a chunk may take
+#: ``chunk_timeout`` or chunk_size / this, whichever is longer (chunk_wait_s). A flat 60 s
+#: failed every 4 MiB chunk from a seeder sharing 1.5 Mbit/s between three demanders (the
+#: namespace lab's bimodal profile: 15 of 26 failed transfers, each costing a slow node
+#: 60 s); 16 KiB/s (0.13 Mbit/s) is below any uplink rbd plans for and still ends a
+#: dribbling seeder's hold on a 4 MiB chunk within 256 s
+MIN_CHUNK_RATE_BPS = 16 * 1024
 #: chunks decoded but not yet verified before the channel is paused
 QUEUE_HIGH_WATER = 4
 #: persist the partial's bitmap (fdatasync + bitmap rewrite) after this many
@@ -163,6 +170,15 @@ class _Client(asyncssh.SSHClient):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+
+
+def chunk_wait_s(chunk_size: int, chunk_timeout: float) -> float:
+    """Seconds a pull waits for its next chunk: ``chunk_timeout``, or longer for big chunks.
+
+    A chunk arrives whole, so a slow seeder is silent for a whole chunk's time:
+    the wait is at least that time at ``MIN_CHUNK_RATE_BPS``.
+    """
+    return max(chunk_timeout, chunk_size / MIN_CHUNK_RATE_BPS)
 
 
 class _ChunkClientSession(asyncssh.SSHClientSession[bytes]):
@@ -689,17 +705,18 @@ class LayerPuller:
                 outstanding.extend(batch)
                 session.send(chunkproto.encode_request(digest, batch))
 
+        wait_s = chunk_wait_s(manifest.chunk_size, self.chunk_timeout)
         try:
             request_more()
             while outstanding:
                 try:
-                    ev = await session.next_event(self.chunk_timeout)
+                    ev = await session.next_event(wait_s)
                 except TimeoutError:
                     self.metrics.chunk_failure(tally.peer, "timeout")
                     raise PullError(
                         "io",
-                        f"{where}: no chunk for {self.chunk_timeout:.0f}s "
-                        f"({len(outstanding)} outstanding)",
+                        f"{where}: no chunk for {wait_s:.0f}s ({len(outstanding)} outstanding; "
+                        f"a {manifest.chunk_size} B chunk may take {wait_s:.0f}s)",
                     ) from None
                 if isinstance(ev, chunkproto.Chunk):
                     self.metrics.received(tally.peer, len(ev.data))

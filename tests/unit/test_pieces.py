@@ -82,17 +82,17 @@ def test_a_node_holds_the_layer_only_with_every_piece_and_seeds_the_pieces_it_ha
     done = s.complete(first[0].transfer_id, 1.0, first[0].end_chunk * CHUNK)
     assert s.holds_piece("a", done)
     assert not s.holds("a", LAYER) and s.holders(LAYER) == ["origin"]
-    # a newcomer may be fed that piece by "a", a partial holder
-    s.add_node("b", 4 * MB, download_bps=4 * MB)
+    # a newcomer may be fed that piece by "a", a partial holder (its download has room for
+    # the origin and "a" at once; the origin alone goes first to the node lacking most)
+    s.add_node("b", 4 * MB, download_bps=8 * MB)
     s.demand("b", LAYER, "j", 1.0)
     from_a = [t for t in s.schedule(1.0) if t.seeder == "a"]
     assert from_a and all(s.holds_piece("a", t) for t in from_a)
     # finish everything "a" still lacks: then it holds the layer
     t_now = 2.0
     while not s.holds("a", LAYER):
-        for t in s.active_for("a"):
-            if t.demander == "a":
-                s.complete(t.transfer_id, t_now)
+        for t in s.active():  # "b"'s too: they hold the origin's upload
+            s.complete(t.transfer_id, t_now)
         s.schedule(t_now)
         t_now += 1.0
         assert t_now < 100

@@ -403,3 +403,20 @@ async def test_a_chunk_request_outside_a_partial_layer_is_a_bad_request(lab: Lab
     err = events[1]
     assert isinstance(err, chunkproto.Error) and err.code == chunkproto.ERR_BAD_REQUEST
     assert f"not {COUNT}" in err.message
+
+
+async def test_a_slow_seeder_is_given_a_chunk_s_time_at_the_least_rate(lab: Lab) -> None:
+    """A seeder slower than chunk_timeout per chunk but above MIN_CHUNK_RATE_BPS is not dropped.
+
+    In the lab, 4 MiB chunks from a seeder sharing 1.5 Mbit/s between three
+    demanders took 67 s each and every pull of them failed at a flat 60 s.
+    """
+    from rainbowd.agent.puller import MIN_CHUNK_RATE_BPS, chunk_wait_s
+
+    assert chunk_wait_s(CHUNK, 0.2) == CHUNK / MIN_CHUNK_RATE_BPS  # 4 s for 64 KiB
+    assert chunk_wait_s(CHUNK, 60.0) == 60.0
+    # 128 KiB/s: a 64 KiB chunk every 0.5 s, longer than the 0.2 s chunk_timeout
+    slow = await lab.seeder("slow", max_upload_bps=2 * CHUNK)
+    p = lab.puller(chunk_timeout=0.2)
+    r = await p.pull(lab.assignment("t1", slow, 0, 3))
+    assert r.bytes_moved == 3 * CHUNK == slow.served
