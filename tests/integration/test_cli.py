@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import sys
@@ -108,6 +109,12 @@ async def test_admin_cli_end_to_end(cluster: LocalCluster, demo_image: Path) -> 
 
     code, out, _ = await run(rbd, "--json", "job", job_id.group(1), env=env)
     assert code == 0 and '"state": "done"' in out and '"wire_bytes"' in out
+    code, after, err = await run(rbd, "job", job_id.group(1), "--json", env=env)
+    assert code == 0 and json.loads(after) == json.loads(out), err
+
+    # distribute --json: no live view, the final job as JSON (scripts read the state)
+    code, out, err = await run(rbd, "distribute", REF, "--to", "n1", "--json", env=env)
+    assert code == 0 and json.loads(out)["state"] == "done", (out, err)
 
     # removing the image keeps its layers on the nodes; adding it again finds them there
     code, out, err = await run(rbd, "images", "rm", REF, env=env)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from rainbowd import cli as rbd_cli
 from rainbowd.chunks import DEFAULT_CHUNK_SIZE
 from rainbowd.coordinator import cli as coordinator_cli
 from rainbowd.coordinator import config as coordinator_config
@@ -61,3 +62,40 @@ def test_coordinator_example_config_names_the_default_policy() -> None:
     stated = re.search(r'"(\w+)" \(default', example)
     assert stated and stated.group(1) == DEFAULT_POLICY, stated
     assert f'# policy = "{DEFAULT_POLICY}"' in example
+
+
+#: a minimal command line for every rbd command with JSON output
+JSON_ARGV = {
+    ("nodes",): ["nodes"],
+    ("images",): ["images"],
+    ("images", "add"): ["images", "add", "r:1", "--from", "archive:/x.tar"],
+    ("images", "rm-nodes"): ["images", "rm-nodes", "r:1", "--from", "all"],
+    ("distribute",): ["distribute", "r:1", "--to", "n1", "n2"],
+    ("events",): ["events"],
+    ("jobs",): ["jobs"],
+    ("job",): ["job", "j-1"],
+    ("run",): ["run", "r:1", "--on", "all"],
+    ("rm",): ["rm", "web", "--on", "all"],
+    ("build",): ["build", "t:1", "--base", "r:1", "--context", ".", "--to", "all"],
+    ("docker", "check"): ["docker", "check", "--on", "all"],
+    ("ops",): ["ops"],
+    ("op",): ["op", "op-1"],
+}
+
+
+def test_every_json_command_is_covered_here() -> None:
+    assert set(JSON_ARGV) == rbd_cli.JSON_COMMANDS
+
+
+@pytest.mark.parametrize("path", sorted(JSON_ARGV), ids=" ".join)
+def test_rbd_json_goes_before_or_after_the_subcommand(path: tuple[str, ...]) -> None:
+    argv = JSON_ARGV[path]
+    parse = rbd_cli._parser().parse_args
+    assert parse(argv).json is False
+    assert parse(["--json", *argv]).json is True
+    assert parse([*argv, "--json"]).json is True  # `rbd job ID --json` was refused
+    assert parse(["--json", *argv, "--json"]).json is True
+
+
+def test_rbd_help_says_where_json_goes() -> None:
+    assert "rbd job ID --json" in " ".join(rbd_cli._parser().format_help().split())
