@@ -7,12 +7,18 @@ deploy/INSTALL.md (issue 15, item 9).
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import re
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from rainbowd import cli as rbd_cli
+from rainbowd.agent import cli as agent_cli
+from rainbowd.agent.status import StatusServer
 from rainbowd.chunks import DEFAULT_CHUNK_SIZE
 from rainbowd.coordinator import cli as coordinator_cli
 from rainbowd.coordinator import config as coordinator_config
@@ -99,3 +105,121 @@ def test_rbd_json_goes_before_or_after_the_subcommand(path: tuple[str, ...]) -> 
 
 def test_rbd_help_says_where_json_goes() -> None:
     assert "rbd job ID --json" in " ".join(rbd_cli._parser().format_help().split())
+
+
+# --------------------------------------------------------------------------
+# rbd-agent status without --config
+# --------------------------------------------------------------------------
+@pytest.fixture
+def host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A host with no /etc/rbd/agent.toml, no agent socket and an empty process table."""
+    monkeypatch.setattr(agent_cli, "DEFAULT_CONFIG", tmp_path / "etc" / "agent.toml")
+    monkeypatch.setattr(agent_cli, "DEFAULT_SOCKET", tmp_path / "var" / "agent.sock")
+    monkeypatch.setattr(agent_cli, "PROC", tmp_path / "proc")
+    (tmp_path / "proc").mkdir()
+    return tmp_path
+
+
+RBD_AGENT = "/opt/rbd/venv/bin/rbd-agent"  # as the systemd unit starts it
+VENV_PYTHON = "/opt/rbd/venv/bin/python"
+
+
+def _agent_config(path: Path, node_id: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        f'node_id = "{node_id}"\ncoordinator_url = "http://127.0.0.1:7700"\n'
+        f'state_dir = "{path.parent}"\nstatus_socket = "{path.parent / "agent.sock"}"\n'
+    )
+    return path
+
+
+def _process(host: Path, pid: int, *argv: str, cwd: Path | None = None) -> None:
+    """A fake /proc/PID: its command line (NUL-separated) and working directory."""
+    entry = host / "proc" / str(pid)
+    entry.mkdir()
+    (entry / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+    (entry / "cwd").symlink_to(cwd or host)
+
+
+@contextlib.contextmanager
+def _serving(socket: Path, node_id: str) -> Iterator[None]:
+    """A real status socket answering, in a thread of its own (the CLI runs its own loop)."""
+    loop = asyncio.new_event_loop()
+    server = StatusServer(socket, lambda: {"node_id": node_id})
+    loop.run_until_complete(server.start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        asyncio.run_coroutine_threadsafe(server.close(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+
+
+def test_agent_status_says_where_it_looked_and_suggests_config(
+    host: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert agent_cli.main(["status"]) == 1
+    err = capsys.readouterr().err
+    assert "not running" in err
+    assert f"no config file {host / 'etc' / 'agent.toml'}" in err
+    assert "no 'rbd-agent run' process found" in err
+    assert f"default socket {host / 'var' / 'agent.sock'}" in err
+    assert "rbd-agent status --config FILE" in err
+
+
+def test_agent_status_finds_the_running_agent_config(
+    host: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An agent started with a config elsewhere (a local cluster) is found, not 'not running'."""
+    config = _agent_config(host / "cluster" / "n7" / "agent.toml", "n7")
+    code = "from rainbowd.agent.cli import main; import sys; sys.exit(main())"
+    _process(host, 1, "/usr/bin/python3", "-c", code, "run", "--config", str(config))
+    _process(host, 2, "/usr/bin/python3", "-m", "http.server")  # not an agent
+    with _serving(config.parent / "agent.sock", "n7"):
+        assert agent_cli.main(["status", "--json"]) == 0, capsys.readouterr().err
+    assert '"node_id": "n7"' in capsys.readouterr().out
+
+
+def test_agent_status_resolves_a_relative_config_in_the_agent_cwd(
+    host: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _agent_config(host / "srv" / "agent.toml", "n8")
+    _process(host, 5, RBD_AGENT, "run", "--config=agent.toml", cwd=config.parent)
+    with _serving(config.parent / "agent.sock", "n8"):
+        assert agent_cli.main(["status", "--json"]) == 0, capsys.readouterr().err
+    assert '"node_id": "n8"' in capsys.readouterr().out
+
+
+def test_agent_status_with_several_agents_asks_which(
+    host: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a = _agent_config(host / "a" / "agent.toml", "a")
+    b = _agent_config(host / "b" / "agent.toml", "b")
+    _process(
+        host,
+        11,
+        "/opt/rbd/venv/bin/python",
+        RBD_AGENT,
+        "run",
+        "--config",
+        str(a),
+    )
+    _process(host, 12, RBD_AGENT, "run", "--config", str(b))
+    assert agent_cli.main(["status"]) == 2
+    err = capsys.readouterr().err
+    assert "2 agents run on this host" in err and "--config" in err
+    assert f"{a} (pid 11)" in err and f"{b} (pid 12)" in err
+
+
+def test_agent_status_prefers_the_default_config(
+    host: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _agent_config(host / "etc" / "agent.toml", "main")
+    other = _agent_config(host / "x" / "agent.toml", "x")
+    _process(host, 3, RBD_AGENT, "run", "--config", str(other))
+    with _serving(config.parent / "agent.sock", "main"):
+        assert agent_cli.main(["status", "--json"]) == 0
+    assert '"node_id": "main"' in capsys.readouterr().out
