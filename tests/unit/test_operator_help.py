@@ -22,9 +22,13 @@ from rainbowd.agent.status import StatusServer
 from rainbowd.chunks import DEFAULT_CHUNK_SIZE
 from rainbowd.coordinator import cli as coordinator_cli
 from rainbowd.coordinator import config as coordinator_config
+from rainbowd.coordinator.jobs import Job
+from rainbowd.messages import SeederUse
+from rainbowd.progress import summary
 from rainbowd.scheduler import DEFAULT_POLICY
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+LAYER = "sha256:" + "1" * 64
 
 
 def _run_parser() -> argparse.ArgumentParser:
@@ -223,3 +227,17 @@ def test_agent_status_prefers_the_default_config(
     with _serving(config.parent / "agent.sock", "main"):
         assert agent_cli.main(["status", "--json"]) == 0
     assert '"node_id": "main"' in capsys.readouterr().out
+
+
+def test_install_md_quotes_the_summary_the_cli_prints() -> None:
+    """INSTALL.md's example of the distribute summary is what `summary` prints for it."""
+    install = " ".join((DEPLOY / "INSTALL.md").read_text().split())
+    quoted = re.search(r'"(a copy is .*? to \d+ nodes)"', install)
+    assert quoted, "INSTALL.md no longer quotes the distribute summary"
+    mib = 1024 * 1024
+    nodes = [f"n{i:02d}" for i in range(40)]
+    job = Job.create("j1", "img", [(LAYER, 66 * mib)], nodes, {}, 1.0, image_bytes=int(190.3 * mib))
+    for nid in nodes:
+        use = SeederUse(layer=LAYER, seeder="origin", reason="r", bytes=66 * mib, seconds=1.0)
+        job.nodes[nid].record(use)
+    assert quoted.group(1) in summary(job.view())
