@@ -241,3 +241,9 @@ def test_install_md_quotes_the_summary_the_cli_prints() -> None:
         use = SeederUse(layer=LAYER, seeder="origin", reason="r", bytes=66 * mib, seconds=1.0)
         job.nodes[nid].record(use)
     assert quoted.group(1) in summary(job.view())
+
+
+def test_readme_names_the_default_policy() -> None:
+    readme = " ".join((DEPLOY.parent / "README.md").read_text().split())
+    stated = re.search(r"`rbd-coordinator --policy`\) defaults to `(\w+)`", readme)
+    assert stated and stated.group(1) == DEFAULT_POLICY, stated
