@@ -53,7 +53,14 @@ class AgentNotRunning(RuntimeError):
 
 async def fetch_status(path: Path, timeout: float = 5.0) -> dict[str, Any]:
     """Read the status of the agent listening on ``path``."""
-    if not path.exists():
+    try:
+        present = path.exists()
+    except PermissionError:
+        raise AgentNotRunning(
+            f"cannot look for the status socket {path}: permission denied "
+            "(run as root or as the agent's user)"
+        ) from None
+    if not present:
         raise AgentNotRunning(
             f"rbd-agent is not running: no status socket at {path} "
             "(start it with 'systemctl start rbd-agent', or pass --socket)"
@@ -69,6 +76,15 @@ async def fetch_status(path: Path, timeout: float = 5.0) -> dict[str, Any]:
             resp.raise_for_status()
             data: dict[str, Any] = await resp.json()
             return data
+    except aiohttp.ClientConnectorError as e:
+        if isinstance(e.os_error, PermissionError):
+            raise AgentNotRunning(
+                f"cannot open the status socket {path}: permission denied (the agent may well "
+                "be running; run as root or as a member of the agent's group)"
+            ) from None
+        raise AgentNotRunning(
+            f"rbd-agent is not running: status socket {path} does not answer ({e})"
+        ) from None
     except (aiohttp.ClientConnectionError, TimeoutError) as e:
         raise AgentNotRunning(
             f"rbd-agent is not running: status socket {path} does not answer ({e})"

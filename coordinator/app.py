@@ -6,9 +6,10 @@ Every route is a thin wrapper: decode and validate the body
 Any refusal becomes a 4xx ``ErrorReply`` with a message saying why; an
 unexpected exception becomes a logged 500, never a dropped connection.
 
-Bodies are msgpack; JSON is answered when the request's ``Accept`` asks for
-``application/json`` (or, lacking an Accept preference, when the body was
-JSON), so ``curl -H 'Accept: application/json'`` works on the admin API.
+Bodies are msgpack or JSON. The reply is what ``Accept`` asks for
+(``application/msgpack``, as agents and the CLI send, or ``application/json``);
+without a preference it follows the body, and a GET without one is JSON, so
+``curl http://HOST:7700/v1/health`` is readable as it stands.
 
 At the door (coordinator/limits.py, rainbowd.wirebounds): every field of a
 body is bounded (400 naming the field); an ``Authorization`` header that is
@@ -136,13 +137,19 @@ class _TooManyRequests(CoordinatorError):
 # codec helpers
 # --------------------------------------------------------------------------
 def reply_type(request: web.Request) -> str:
-    """msgpack unless the client asked for JSON (Accept), or sent JSON and did not say."""
+    """What the client asked for (Accept); lacking that, what it sent; lacking both, JSON.
+
+    rbd's clients (agents, the CLI) always send ``Accept: application/msgpack``;
+    a person with curl (``Accept: */*``) reads the JSON form of a GET.
+    """
     accept = request.headers.get("Accept", "")
     if JSON in accept:
         return JSON
     if MSGPACK in accept:
         return MSGPACK
-    return JSON if request.content_type == JSON else MSGPACK
+    if request.body_exists and request.content_type != JSON:
+        return MSGPACK  # a msgpack (or octet-stream) body: answer in kind
+    return JSON
 
 
 def reply(request: web.Request, msg: msgspec.Struct, status: int = 200) -> web.Response:

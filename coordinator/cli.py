@@ -24,7 +24,9 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from rainbowd.chunks import DEFAULT_CHUNK_SIZE
 from rainbowd.log import configure
+from rainbowd.scheduler import DEFAULT_POLICY, POLICIES
 
 from . import auth, config
 from .app import create_app
@@ -49,23 +51,39 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the coordinator (the default)")
     _common(run)
     run.add_argument("--listen", help=f"HOST:PORT to serve on (default {config.DEFAULT_LISTEN})")
-    run.add_argument("--heartbeat-interval", type=float, help="seconds (default 2.0)")
-    run.add_argument("--chunk-size", type=int, help="bytes per chunk for new ingests")
-    run.add_argument("--policy", help="scheduling policy (default slots; paper = Algorithm 1)")
+    # every default below is read from the constant the code uses, never written out:
+    # a literal here said "slots" long after the default had moved on
+    run.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        help=f"seconds (default {config.DEFAULT_HEARTBEAT_INTERVAL:g})",
+    )
+    run.add_argument(
+        "--chunk-size",
+        type=int,
+        help=f"bytes per chunk for new ingests (default {DEFAULT_CHUNK_SIZE})",
+    )
+    run.add_argument(
+        "--policy",
+        help=f"scheduling policy, one of {', '.join(POLICIES)} (default {DEFAULT_POLICY}; "
+        "paper = the paper's Algorithm 1)",
+    )
     run.add_argument(
         "--node-down-timeout",
         type=float,
-        help="seconds a target node may be down before it fails in its jobs (default 300)",
+        help="seconds a target node may be down before it fails in its jobs "
+        f"(default {config.DEFAULT_NODE_DOWN_TIMEOUT:g})",
     )
     run.add_argument(
         "--seeder-fault-limit",
         type=int,
-        help="transfers spoiled with bad chunks before a seeder is quarantined (default 3)",
+        help="transfers spoiled with bad chunks before a seeder is quarantined "
+        f"(default {config.DEFAULT_SEEDER_FAULT_LIMIT})",
     )
     run.add_argument("--log-level", help="debug, info, warning, error")
     run.add_argument("--log-json", action="store_true", default=None, help="JSON log lines")
     run.add_argument("--ready-file", help="write HOST:PORT here once listening (for tests)")
-    show = sub.add_parser("show-token", help="print the join or admin token")
+    show = sub.add_parser("show-token", help="print the join, admin or metrics token")
     show.add_argument("which", choices=["join", "admin", "metrics"])
     _common(show)
     return p

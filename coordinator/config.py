@@ -9,7 +9,7 @@ Keys of the TOML file (all optional) mirror the long flags::
     metrics_token_file = "/etc/rbd/metrics-token"   # Bearer token for GET /metrics
     heartbeat_interval = 2.0
     chunk_size = 4194304
-    policy = "relay"
+    policy = "swarm"            # the default: rainbowd.scheduler.DEFAULT_POLICY
     node_down_timeout = 300.0   # a target down this long fails in its running jobs
     seeder_fault_limit = 3      # transfers spoiled by bad chunks before quarantine
     log_level = "info"

@@ -883,8 +883,8 @@ class Coordinator:
                 finished_at=now,
             )
             for p in self._progress_of(node.node_id):
-                if t.layer in p.sizes and not any(u.layer == t.layer for u in p.transfers):
-                    p.record(use)
+                if t.layer in p.sizes:
+                    p.record(use)  # every piece of a split layer counts (first: once each)
         log.info(
             "transfer done",
             transfer=transfer_id,

@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
+import msgspec
+
 from rainbowd.digest import short
 from rainbowd.messages import JobView, NodeJobState, NodeJobStateName, SeederUse
 
@@ -139,6 +141,25 @@ class NodeProgress:
             self.rate_bps = 0.0
 
     def record(self, use: SeederUse) -> None:
+        """Count a finished transfer into this node; each one's bytes crossed a link.
+
+        Pieces of one layer from one seeder (and a resumed pull from it) add up to
+        one line, so the report keeps a line per layer and seeder while the wire
+        bytes count every piece (they once counted the first piece of a layer only).
+        """
+        for i, u in enumerate(self.transfers):
+            if u.layer == use.layer and u.seeder == use.seeder:
+                started = min(u.started_at, use.started_at) or max(u.started_at, use.started_at)
+                finished = max(u.finished_at, use.finished_at)
+                span = finished - started if started and finished else u.seconds + use.seconds
+                self.transfers[i] = msgspec.structs.replace(
+                    u,
+                    bytes=u.bytes + use.bytes,
+                    seconds=max(span, u.seconds, use.seconds),
+                    started_at=started,
+                    finished_at=finished,
+                )
+                return
         self.transfers.append(use)
 
     @property
@@ -333,4 +354,17 @@ class Job:
             error=self.error,
             image_bytes=self.image_bytes,
             wire_bytes=sum(p.wire_bytes for p in self.nodes.values()),
+            copy_bytes=self.copy_bytes,
         )
+
+    @property
+    def copy_bytes(self) -> int:
+        """One copy of the image as it crosses a link: its distinct layers as stored.
+
+        The basis wire bytes are compared on (image_bytes is uncompressed, so a
+        compressed image would seem to reach more nodes than it did).
+        """
+        any_node = next(iter(self.nodes.values()), None)
+        if any_node is None:
+            return 0
+        return sum(any_node.sizes[d] for d in any_node.layers)

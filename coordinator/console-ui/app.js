@@ -308,7 +308,8 @@ function renderJobs(jobs) {
           class: "meta",
           text:
             `${done}/${job.nodes.length} nodes done · ${elapsed.toFixed(1)} s · ` +
-            `image ${size(job.image_bytes)} · ${size(job.wire_bytes)} over the wire`,
+            `a copy ${size(job.copy_bytes)} on the wire · ${size(job.wire_bytes)} sent` +
+            (job.copy_bytes ? ` (${(job.wire_bytes / job.copy_bytes).toFixed(1)} copies)` : ""),
         }),
       );
       head.addEventListener("click", () => {

@@ -7,6 +7,7 @@
                    [--credentials-file PATH] [--no-wait]
     rbd images rm REF
     rbd distribute IMAGE --to all|NODE... [--detach | --wait]
+    rbd [--json] COMMAND ... [--json]   (JSON output: before or after the subcommand)
     rbd events
     rbd jobs
     rbd job ID
@@ -26,7 +27,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,12 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         default=Path(os.environ.get("RBD_ADMIN_TOKEN_FILE", DEFAULT_TOKEN_FILE)),
     )
-    p.add_argument("--json", action="store_true", help="print the API's JSON instead of tables")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the API's JSON instead of tables (also accepted after the subcommand: "
+        "rbd job ID --json)",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("nodes", help="list nodes with state, speed and holdings")
     im = sub.add_parser("images", help="list images, add or remove one")
@@ -116,7 +122,47 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", action="store_true", help="keep the work dir and logs")
     demo.add_argument("--no-docker", action="store_true", help="do not start a Docker engine")
     opscli.add_parsers(sub, isub)
+    for path, sp in _subparsers(p):
+        if path in JSON_COMMANDS:
+            # SUPPRESS: absent after the subcommand, the flag keeps what was given before it
+            # (argparse would otherwise reset it to False)
+            sp.add_argument(
+                "--json", action="store_true", default=argparse.SUPPRESS, help=JSON_HELP
+            )
     return p
+
+
+#: commands whose output has a JSON form; each takes --json after its name too
+JSON_COMMANDS = frozenset(
+    {
+        ("nodes",),
+        ("images",),
+        ("images", "add"),
+        ("images", "rm-nodes"),
+        ("distribute",),
+        ("events",),
+        ("jobs",),
+        ("job",),
+        ("run",),
+        ("rm",),
+        ("build",),
+        ("docker", "check"),
+        ("ops",),
+        ("op",),
+    }
+)
+JSON_HELP = "print the API's JSON instead of tables (same as rbd --json ...)"
+
+
+def _subparsers(
+    p: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    """Every subcommand parser under ``p`` with its command path, e.g. ("images", "add")."""
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sp in action.choices.items():
+                yield (*path, name), sp
+                yield from _subparsers(sp, (*path, name))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -294,15 +340,26 @@ async def _images_rm(args: argparse.Namespace, token: str) -> int:
 
 
 async def _distribute(args: argparse.Namespace, token: str) -> int:
+    """Create the job and follow it; with --json no live view, the job's JSON at the end.
+
+    ``--json --detach`` prints the job as created.
+    """
     targets = ["all"] if args.to == ["all"] else list(args.to)
     async with _admin(args, token) as admin:
         job = await admin.create_job(m.CreateJob(image=args.image, targets=targets))
         if args.detach:
-            print(job.job_id)
+            if args.json:
+                _dump(job)
+            else:
+                print(job.job_id)
             return 0
-        print(f"job {job.job_id}: {args.image} to {len(job.nodes)} node(s)")
-        final = await follow_job(admin, job.job_id, quiet=args.wait)
-    print(summary(final))
+        if not args.json:
+            print(f"job {job.job_id}: {args.image} to {len(job.nodes)} node(s)")
+        final = await follow_job(admin, job.job_id, quiet=args.wait or args.json)
+    if args.json:
+        _dump(final)
+    else:
+        print(summary(final))
     return 0 if final.state == "done" else 1
 
 

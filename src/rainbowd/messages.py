@@ -490,6 +490,9 @@ class JobView(msgspec.Struct, kw_only=True):
     error: str = ""
     image_bytes: int = 0  # one copy of the image, uncompressed
     wire_bytes: int = 0  # bytes that crossed links for this job, all nodes together
+    # one copy as it crosses a link (the image's distinct layers as stored, compressed or
+    # not): wire_bytes / copy_bytes is the number of copies the job sent
+    copy_bytes: int = 0
 
 
 class ActiveTransferView(msgspec.Struct, kw_only=True):

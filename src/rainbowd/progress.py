@@ -36,18 +36,23 @@ def node_line(n: NodeJobState, now: float) -> str:
 
 
 def traffic(job: JobView) -> str:
-    """What the job cost the network: one image copy against the bytes that crossed links.
+    """What the job cost the network, in bytes on the wire on both sides.
 
-    e.g. ``image 66.0 MiB, 312.4 MiB over the wire to 8 nodes``. Layers a node
-    already held (from any image) never move, so the wire total can be well
-    below image size x nodes.
+    e.g. ``a copy is 66.0 MiB on the wire (190.3 MiB unpacked); 312.4 MiB sent =
+    4.7 copies, to 8 nodes``. Layers a node already held (from any image) never
+    move, so fewer copies than nodes can be sent. The unpacked size is the
+    image's, for reference only: compressed layers travel compressed.
     """
     receivers = sum(1 for n in job.nodes if n.wire_bytes > 0)
-    image = f"image {human_bytes(job.image_bytes)}"
+    copy = job.copy_bytes or max((n.bytes_total for n in job.nodes), default=0)
+    image = f"a copy is {human_bytes(copy)} on the wire"
+    if job.image_bytes and job.image_bytes != copy:
+        image += f" ({human_bytes(job.image_bytes)} unpacked)"
     if job.wire_bytes <= 0:
-        return f"{image}, nothing over the wire" + (" yet" if job.state == "running" else "")
+        return f"{image}; nothing sent" + (" yet" if job.state == "running" else "")
     plural = "" if receivers == 1 else "s"
-    return f"{image}, {human_bytes(job.wire_bytes)} over the wire to {receivers} node{plural}"
+    copies = f" = {job.wire_bytes / copy:.1f} copies" if copy else ""
+    return f"{image}; {human_bytes(job.wire_bytes)} sent{copies}, to {receivers} node{plural}"
 
 
 def summary(job: JobView) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import sys
@@ -86,13 +87,14 @@ async def test_admin_cli_end_to_end(cluster: LocalCluster, demo_image: Path) -> 
     assert re.search(r"^n1\s+done\b", out, re.M) and re.search(r"^n2\s+done\b", out, re.M), out
     job_id = re.search(r"job (j-\S+) done", out)
     assert job_id, out
-    # the summary weighs one image copy against what crossed the links
-    assert re.search(r"image \d+\.\d \S+, \d+\.\d \S+ over the wire to 2 nodes", out), out
+    # the summary weighs one copy on the wire against what crossed the links
+    assert re.search(r"a copy is \d+\.\d \S+ on the wire", out), out
+    assert re.search(r"\d+\.\d \S+ sent = 2\.0 copies, to 2 nodes", out), out
 
     code, out, _ = await run(rbd, "distribute", REF, "--to", "all", "--wait", env=env)
     assert code == 0 and "done" in out and "4/4 nodes" in out
     # n1 and n2 hold every layer already: only n3 receives anything
-    assert "over the wire to 1 node" in out, out
+    assert "sent = 1.0 copies, to 1 node" in out, out
 
     code, out, _ = await run(rbd, "images", "--wide", env=env)
     assert code == 0 and "4 (n1,n2,n3,origin)" in out, out
@@ -108,6 +110,12 @@ async def test_admin_cli_end_to_end(cluster: LocalCluster, demo_image: Path) -> 
 
     code, out, _ = await run(rbd, "--json", "job", job_id.group(1), env=env)
     assert code == 0 and '"state": "done"' in out and '"wire_bytes"' in out
+    code, after, err = await run(rbd, "job", job_id.group(1), "--json", env=env)
+    assert code == 0 and json.loads(after) == json.loads(out), err
+
+    # distribute --json: no live view, the final job as JSON (scripts read the state)
+    code, out, err = await run(rbd, "distribute", REF, "--to", "n1", "--json", env=env)
+    assert code == 0 and json.loads(out)["state"] == "done", (out, err)
 
     # removing the image keeps its layers on the nodes; adding it again finds them there
     code, out, err = await run(rbd, "images", "rm", REF, env=env)
@@ -119,7 +127,7 @@ async def test_admin_cli_end_to_end(cluster: LocalCluster, demo_image: Path) -> 
     code, out, err = await run(rbd, "images", "add", REF, "--from", source, env=env)
     assert code == 0, err
     code, out, _ = await run(rbd, "distribute", REF, "--to", "all", "--wait", env=env)
-    assert code == 0 and "nothing over the wire" in out, out
+    assert code == 0 and "nothing sent" in out, out
 
 
 async def test_admin_cli_errors_are_clear(cluster: LocalCluster, demo_image: Path) -> None:

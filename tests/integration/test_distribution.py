@@ -147,7 +147,8 @@ async def test_capacity_policies_distribute_to_all(
         for n in job.nodes:
             if n.node_id == "origin":
                 continue
-            assert sorted(t.layer for t in n.transfers) == sorted(digests), n.node_id
+            # every layer arrived; a split layer may show a line per seeder that fed it
+            assert {t.layer for t in n.transfers} == digests, n.node_id
             assert all(t.reason.startswith(f"{policy}: ") for t in n.transfers)
             status = await c.agent_status(n.node_id)
             assert digests <= {h["digest"] for h in status["holdings"]}

@@ -227,6 +227,33 @@ async def test_admin_api_speaks_json(coord: Running) -> None:
     await origin.close()
 
 
+async def test_a_get_without_a_preference_answers_json(coord: Running) -> None:
+    """``curl http://HOST:7700/v1/health`` (Accept: */*) reads as JSON; rbd's clients
+    ask for msgpack and get it; a msgpack body without Accept is answered in msgpack."""
+    for accept in ({}, {"Accept": "*/*"}):
+        status, ctype, body = await raw(coord.url, "GET", "/v1/health", headers=accept)
+        assert status == 200 and ctype == "application/json", (accept, ctype)
+        assert json.loads(body)["status"] == "ok"
+    status, ctype, body = await raw(coord.url, "GET", "/v1/nodes", headers={"Accept": "*/*"})
+    assert status == 401 and ctype == "application/json" and "admin token" in error_of(ctype, body)
+    admin_curl = {"Authorization": f"Bearer {ADMIN}", "Accept": "*/*"}
+    status, ctype, body = await raw(coord.url, "GET", "/v1/nodes", headers=admin_curl)
+    assert status == 200 and ctype == "application/json" and json.loads(body)["nodes"] == []
+
+    status, ctype, body = await raw(
+        coord.url, "GET", "/v1/health", headers={"Accept": "application/msgpack"}
+    )
+    assert ctype == "application/msgpack" and msgpack.unpackb(body)["status"] == "ok"
+    status, ctype, body = await raw(
+        coord.url,
+        "POST",
+        "/v1/register",
+        msgpack.packb(to_wire(register_request("n1"))),
+        {"Content-Type": "application/msgpack"},
+    )
+    assert status == 200 and ctype == "application/msgpack" and msgpack.unpackb(body)["credential"]
+
+
 # --------------------------------------------------------------------------
 # images and jobs: refusals
 # --------------------------------------------------------------------------

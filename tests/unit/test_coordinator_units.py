@@ -80,13 +80,18 @@ def test_job_byte_accounting_and_summary() -> None:
     per_node = {n.node_id: n.wire_bytes for n in view.nodes}
     assert per_node == {"a": 42 * mib, "b": 10 * mib, "c": 0}
     assert view.wire_bytes == 52 * mib and view.image_bytes == 66 * mib
+    assert view.copy_bytes == 42 * mib  # the distinct layers as stored: what one copy moves
     # both survive a restart
     held = {n: {L1, L2} for n in ("a", "b", "c")}
     again = Job.from_view(view, [(L1, 40 * mib), (L2, 2 * mib)], held)
     assert again.view() == view
     text = summary(view)
     assert "3/3 nodes" in text
-    assert "image 66.0 MiB, 52.0 MiB over the wire to 2 nodes" in text
+    # wire bytes against one copy on the wire, not against the unpacked image
+    assert (
+        "a copy is 42.0 MiB on the wire (66.0 MiB unpacked); 52.0 MiB sent = 1.2 copies, to 2 nodes"
+        in text
+    )
     report = job_report(view)
     assert "42.0 MiB over the wire in 2 transfers" in report
     assert "nothing moved" in report  # c held every layer
@@ -94,7 +99,29 @@ def test_job_byte_accounting_and_summary() -> None:
     idle = Job.create("j2", "img", [(L1, 10)], ["c"], {"c": {L1}}, 1.0, image_bytes=mib)
     idle.nodes["c"].finish(1.0)
     idle.settle(1.0)
-    assert "image 1.0 MiB, nothing over the wire" in summary(idle.view())
+    assert "a copy is 10 B on the wire (1.0 MiB unpacked); nothing sent" in summary(idle.view())
+
+
+def test_summary_of_a_compressed_image_counts_copies_not_unpacked_bytes() -> None:
+    """The issue's case: 190.3 MiB unpacked, gzip layers, a full copy to each of 40 nodes.
+
+    The old line read "image 190.3 MiB, 3.0 GiB over the wire to 40 nodes", less
+    than a copy per node; stated on one basis it is 40 copies to 40 nodes.
+    """
+    mib = 1024 * 1024
+    layers = [(L1, 70 * mib), (L2, 8 * mib)]
+    nodes = [f"n{i:02d}" for i in range(40)]
+    job = Job.create("j1", "img", layers, nodes, {}, 1.0, image_bytes=int(190.3 * mib))
+    for nid in nodes:
+        for layer, size in layers:
+            use = SeederUse(layer=layer, seeder="origin", reason="r", bytes=size, seconds=1.0)
+            job.nodes[nid].record(use)
+            job.nodes[nid].hold(layer)
+        job.nodes[nid].finish(2.0)
+    assert job.settle(2.0)
+    text = summary(job.view())
+    assert "a copy is 78.0 MiB on the wire (190.3 MiB unpacked)" in text, text
+    assert "3.0 GiB sent = 40.0 copies, to 40 nodes" in text, text
 
 
 async def test_mailbox_cursor_and_wakeups() -> None:
@@ -219,3 +246,34 @@ def test_a_full_disk_fails_the_node_at_once() -> None:
     n1 = job.nodes["n1"]
     assert n1.count_failure(L1, "disk full: node n1: layer needs 10 B, 2 B free", 1.0, final=True)
     assert n1.view().state == "failed" and "2 B free" in n1.view().error
+
+
+def test_every_piece_of_a_layer_counts_on_the_wire() -> None:
+    """A split layer arrives in several transfers: all their bytes crossed a link.
+
+    One line per layer and seeder in the report; the pieces' bytes add up.
+    """
+    mib = 1024 * 1024
+    job = Job.create("j1", "img", [(L1, 4 * mib), (L2, 1 * mib)], ["d"], {}, 1.0)
+    d = job.nodes["d"]
+    for i, seeder in enumerate(["origin", "origin", "n1", "origin"]):
+        d.record(
+            SeederUse(
+                layer=L1,
+                seeder=seeder,
+                reason="r",
+                bytes=mib,
+                seconds=0.5,
+                started_at=10.0 + i,
+                finished_at=10.5 + i,
+            )
+        )
+    d.record(SeederUse(layer=L2, seeder="n1", reason="r", bytes=mib, seconds=1.0))
+    view = job.view()
+    assert view.wire_bytes == 5 * mib == view.copy_bytes
+    lines = {(u.layer, u.seeder): u for u in view.nodes[0].transfers}
+    assert set(lines) == {(L1, "origin"), (L1, "n1"), (L2, "n1")}
+    from_origin = lines[(L1, "origin")]
+    assert from_origin.bytes == 3 * mib and from_origin.started_at == 10.0
+    assert from_origin.finished_at == 13.5 and from_origin.seconds == 3.5
+    assert "= 1.0 copies, to 1 node" in summary(view)
