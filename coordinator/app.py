@@ -266,6 +266,11 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_reply(request, e.status, message)
     except asyncio.CancelledError:
         raise
+    except ConnectionResetError as e:
+        # the client went away mid-request (its own timeout, a restart): nothing of ours
+        # failed, and nobody is left to read a reply
+        log.info("client gone", method=request.method, path=request.path, error=str(e))
+        return error_reply(request, 400, f"connection lost: {e}")
     except Exception as e:
         log.exception("internal error", method=request.method, path=request.path)
         message = f"internal error ({type(e).__name__}); see the coordinator log"

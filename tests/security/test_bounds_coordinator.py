@@ -247,3 +247,26 @@ async def test_a_half_sent_body_is_answered_408_and_closed(quick: Door) -> None:
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408"), data
     assert "not received within" in strict_json(body)["error"]
+
+
+async def test_a_client_gone_mid_body_is_no_internal_error(quick: Door) -> None:
+    """An agent that drops its connection mid-request (its own timeout, under load) is logged
+    as gone; before, the lab's coordinator logged each as an "internal error" traceback."""
+    import structlog
+
+    auth = await quick.enroll("n1")
+    with structlog.testing.capture_logs() as logs:
+        reader, writer = await asyncio.open_connection("127.0.0.1", quick.port)
+        writer.write(
+            b"POST /v1/heartbeat HTTP/1.1\r\nHost: test\r\nAccept: application/json\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 100\r\n"
+            b"Authorization: " + auth.encode() + b'\r\n\r\n{"load": '
+        )
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+        async with asyncio.timeout(10):  # the handler sees the reset when the read fails
+            while not any(e["event"] in ("client gone", "internal error") for e in logs):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+    events = [e["event"] for e in logs]
+    assert "client gone" in events and "internal error" not in events, events
