@@ -256,7 +256,7 @@ async def test_a_client_gone_mid_body_is_no_internal_error(quick: Door) -> None:
 
     auth = await quick.enroll("n1")
     with structlog.testing.capture_logs() as logs:
-        reader, writer = await asyncio.open_connection("127.0.0.1", quick.port)
+        _reader, writer = await asyncio.open_connection("127.0.0.1", quick.port)
         writer.write(
             b"POST /v1/heartbeat HTTP/1.1\r\nHost: test\r\nAccept: application/json\r\n"
             b"Content-Type: application/json\r\nContent-Length: 100\r\n"
