@@ -87,7 +87,6 @@ Faults (PAPER.md, "Fault handling"; decided by the services named above):
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -123,7 +122,7 @@ from rainbowd.scheduler import DEFAULT_POLICY, Transfer
 
 from . import views
 from .cluster import Cluster, Node
-from .context import ServiceContext, Settings
+from .context import ServiceContext, Settings, random_id
 from .dispatch import Dispatch, Tracked
 from .enrollment import Enrollment, Tokens
 from .evidence import PeerEvidence
@@ -196,7 +195,7 @@ class Coordinator:
         )
         self.clock = clock
         self.started_at = clock()
-        self.scheduler = PieceScheduler(policy, new_id=lambda: "t-" + secrets.token_hex(6))
+        self.scheduler = PieceScheduler(policy, new_id=lambda: random_id("t"))
         self.cluster = Cluster(int(store.get_meta("trust_version", "0") or 0))
         self.metrics = metrics if metrics is not None else CoordinatorMetrics()
         self.metrics.watch(self.metrics_snapshot)
