@@ -69,10 +69,9 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import msgpack
-import msgspec
 import structlog
 from aiohttp import web
 
@@ -84,7 +83,6 @@ from rainbowd.messages import (
     PROTOCOL_VERSION,
     CreateImage,
     CreateJob,
-    ErrorReply,
     EvictRequest,
     Heartbeat,
     IngestDone,
@@ -98,110 +96,42 @@ from rainbowd.messages import (
     TransferDone,
     TransferFailed,
     TransferProgress,
-    decode,
-    encode,
 )
 
 from . import console, limits
-from .cluster import Node
 from .core import MAX_WAIT, Coordinator
-from .errors import BadRequest, CoordinatorError, Unauthorized
+from .errors import BadRequest, CoordinatorError
+from .http_common import (
+    BODY_TIMEOUT,
+    COORDINATOR,
+    RequestTimeout,
+    admin,
+    agent,
+    authorization,
+    body,
+    coord,
+    error_reply,
+    no_content,
+    reply,
+    reply_type,
+)
 from .metrics import CONTENT_TYPE_LATEST
+from .ops_routes import add_op_routes
 from .report_ids import ReportLedger
 
 log = structlog.get_logger(__name__)
 
-T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-COORDINATOR: web.AppKey[Coordinator] = web.AppKey("coordinator", Coordinator)
 #: report ids applied (a retried report is applied once)
 REPORT_LEDGER: web.AppKey[ReportLedger] = web.AppKey("report_ledger", ReportLedger)
 #: set when the server shuts down: cancelled long-polls are then not agents vanishing
 CLOSING: web.AppKey[asyncio.Event] = web.AppKey("closing", asyncio.Event)
 EVENT_BUDGET: web.AppKey[limits.EventBudget] = web.AppKey("event_budget", limits.EventBudget)
-BODY_TIMEOUT: web.AppKey[float] = web.AppKey("body_timeout", float)
-
-
-class RequestTimeout(CoordinatorError):
-    """The body did not arrive in time; the connection is closed after the reply."""
-
-    status = 408
 
 
 class _TooManyRequests(CoordinatorError):
     status = 429
-
-
-# --------------------------------------------------------------------------
-# codec helpers
-# --------------------------------------------------------------------------
-def reply_type(request: web.Request) -> str:
-    """What the client asked for (Accept); lacking that, what it sent; lacking both, JSON.
-
-    rbd's clients (agents, the CLI) always send ``Accept: application/msgpack``;
-    a person with curl (``Accept: */*``) reads the JSON form of a GET.
-    """
-    accept = request.headers.get("Accept", "")
-    if JSON in accept:
-        return JSON
-    if MSGPACK in accept:
-        return MSGPACK
-    if request.body_exists and request.content_type != JSON:
-        return MSGPACK  # a msgpack (or octet-stream) body: answer in kind
-    return JSON
-
-
-def reply(request: web.Request, msg: msgspec.Struct, status: int = 200) -> web.Response:
-    ctype = reply_type(request)
-    return web.Response(status=status, body=encode(msg, ctype), content_type=ctype)
-
-
-def error_reply(request: web.Request, status: int, message: str) -> web.Response:
-    return reply(request, ErrorReply(error=message), status)
-
-
-def no_content() -> web.Response:
-    return web.Response(status=204)
-
-
-async def body(request: web.Request, kind: type[T]) -> T:
-    ctype = request.content_type
-    if ctype not in (MSGPACK, JSON, "application/octet-stream"):
-        raise BadRequest(f"unsupported Content-Type {ctype!r}: send {MSGPACK} or {JSON}")
-    timeout = request.app[BODY_TIMEOUT]
-    try:
-        data = await asyncio.wait_for(request.read(), timeout)
-    except TimeoutError:
-        raise RequestTimeout(
-            f"request body not received within {timeout:g} s; the connection is closed"
-        ) from None
-    return decode(data, kind, JSON if ctype == JSON else MSGPACK)
-
-
-def coord(request: web.Request) -> Coordinator:
-    return request.app[COORDINATOR]
-
-
-def authorization(request: web.Request) -> str | None:
-    """The Authorization header; one that is not ASCII is refused (401), never compared."""
-    header = request.headers.get("Authorization")
-    if header is not None and not header.isascii():
-        raise Unauthorized(
-            "the Authorization header is not ASCII: send 'Authorization: Bearer <token>' "
-            "with the token exactly as the coordinator issued it"
-        )
-    return header
-
-
-def agent(request: web.Request) -> Node:
-    return coord(request).authenticate_node(authorization(request))
-
-
-def admin(request: web.Request) -> Coordinator:
-    c = coord(request)
-    c.check_admin(authorization(request))
-    return c
 
 
 def _known_holdings(c: Coordinator, what: str, holdings: list[str]) -> list[str]:
@@ -555,7 +485,6 @@ def create_app(
     r.add_get("/v1/health", health)
     r.add_routes(console.routes())
     r.add_get("/metrics", metrics)
-    from .ops_routes import add_op_routes  # here: ops_routes imports this module's helpers
 
     add_op_routes(r)
     return app

@@ -32,7 +32,7 @@ from aiohttp import web
 
 from rainbowd.messages import ActiveTransferList, ActiveTransferView
 
-from . import app as api  # a cycle (app adds these routes); used at call time only
+from . import http_common as api
 from .core import Coordinator
 
 #: file name -> content type of everything the console ships

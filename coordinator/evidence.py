@@ -2,8 +2,8 @@
 
 A node is believed about itself. About a *peer* it is believed only as far as
 it can show, and never so far that one enrolled node alone can take another
-out of the cluster. The rules (Coordinator.security_event / transfer_failed
-call these; quarantine itself stays in core.py):
+out of the cluster. The rules (coordinator/quarantine.py and transfers.py call
+these; quarantine itself is decided in quarantine.py):
 
 * **A transfer backs the report.** A report naming a peer -- a
   ``host_key_mismatch`` or ``bad_chunk`` event, or a failed transfer blaming

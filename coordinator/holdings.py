@@ -26,7 +26,8 @@ follows that list:
   naming the layer: nothing could ever send it. (The grace lets a false
   ``not_held`` claim be corrected by the holder's next heartbeat first.)
 
-Pure bookkeeping on the coordinator's objects; core.py calls it.
+Pure bookkeeping on the coordinator's objects; holdings_service.py (and, at a
+job's end, jobs_service.py) applies it.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 A job asks for one image on a set of nodes. Per node it tracks
 ``pending -> transferring -> loading -> done | failed``, the layers and bytes
 it has, the transfers that fed it (seeder, why that seeder, bytes, seconds)
-and repeated failures per layer. The coordinator core drives these objects;
-they never schedule or do I/O themselves, so the rules here are unit-testable.
+and repeated failures per layer. The coordinator's services (jobs_service.py)
+drive these objects; they never schedule or do I/O themselves, so the rules
+here are unit-testable.
 
 A target node that goes down mid-job is *not* failed at once (PAPER.md: "a
 failed demander releases its seeder and is marked"): it keeps its non-final

@@ -8,10 +8,13 @@ mix their numbers or refuse the second one's metric names):
 * **Events** the core reports through small hooks as they happen: scheduler
   decisions, heartbeats, finished jobs, transfer outcomes, seeder faults,
   quarantines. Counters and histograms, updated on the event loop thread.
-* **State** read at scrape time from the live coordinator (nodes by state,
-  pending demands, active transfers, parked long-polls, jobs by state), by a
-  custom collector. Nothing has to keep a gauge in step with the state: a
-  scrape shows exactly what ``rbd nodes`` / ``rbd jobs`` would.
+* **State** read at scrape time (nodes by state, pending demands, active
+  transfers, parked long-polls, jobs by state), by a custom collector, from a
+  :class:`MetricsSnapshot` the coordinator builds when asked
+  (coordinator/views.py). Nothing has to keep a gauge in step with the state:
+  a scrape shows exactly what ``rbd nodes`` / ``rbd jobs`` would. The
+  collector sees only the snapshot, never the coordinator, so this module
+  imports nothing of the coordinator.
 
 Names follow the Prometheus conventions: ``rbd_`` prefix, base units in the
 name (``_seconds``, ``_bytes``), ``_total`` for counters. Label values are
@@ -25,16 +28,13 @@ own, so Prometheus never holds the admin token) or the admin token; see
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
-
-if TYPE_CHECKING:
-    from .core import Coordinator
 
 #: node states of ``rbd_coordinator_nodes`` (each node is in exactly one)
 NODE_STATES = ("up", "suspect", "down", "quarantined")
@@ -48,7 +48,20 @@ HEARTBEAT_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 
 TRANSFER_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 JOB_BUCKETS = (1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 
-__all__ = ["CONTENT_TYPE_LATEST", "CoordinatorMetrics"]
+__all__ = ["CONTENT_TYPE_LATEST", "CoordinatorMetrics", "MetricsSnapshot"]
+
+
+@dataclass(frozen=True)
+class MetricsSnapshot:
+    """The coordinator's state as the scrape-time gauges show it (counts only)."""
+
+    #: (state, count) for every state of NODE_STATES, in that order
+    nodes: tuple[tuple[str, int], ...]
+    #: (state, count) for every state of JOB_STATES (and any other a job is in)
+    jobs: tuple[tuple[str, int], ...]
+    pending_demands: int
+    active_transfers: int
+    polls_parked: int
 
 
 class CoordinatorMetrics:
@@ -120,9 +133,9 @@ class CoordinatorMetrics:
             registry=r,
         )
 
-    def watch(self, coordinator: Coordinator) -> None:
-        """Read ``coordinator``'s live state at every scrape (call once)."""
-        self.registry.register(_StateCollector(coordinator))
+    def watch(self, snapshot: Callable[[], MetricsSnapshot]) -> None:
+        """Call ``snapshot`` at every scrape for the state gauges (call once)."""
+        self.registry.register(_StateCollector(snapshot))
 
     def exposition(self) -> bytes:
         """The text exposition format (``CONTENT_TYPE_LATEST``) of every metric."""
@@ -162,52 +175,33 @@ class CoordinatorMetrics:
 
 
 class _StateCollector(Collector):
-    """Gauges computed from the coordinator at scrape time (on the event loop thread)."""
+    """Gauges computed at scrape time (on the event loop thread) from a fresh snapshot."""
 
-    def __init__(self, coordinator: Coordinator) -> None:
-        self._c = coordinator
+    def __init__(self, snapshot: Callable[[], MetricsSnapshot]) -> None:
+        self._snapshot = snapshot
 
     def collect(self) -> Iterator[Metric]:
-        c = self._c
-        nodes = dict.fromkeys(NODE_STATES, 0)
-        parked = 0
-        for nid, n in c.cluster.nodes.items():
-            parked += n.polls
-            if n.quarantined:
-                nodes["quarantined"] += 1
-            elif not n.up:
-                nodes["down"] += 1
-            elif c.scheduler.is_suspect(nid):
-                nodes["suspect"] += 1
-            else:
-                nodes["up"] += 1
+        s = self._snapshot()
         g = GaugeMetricFamily("rbd_coordinator_nodes", "Enrolled nodes by state.", labels=["state"])
-        for state, count in nodes.items():
+        for state, count in s.nodes:
             g.add_metric([state], count)
         yield g
-        jobs = dict.fromkeys(JOB_STATES, 0)
-        for job in c.jobs.values():
-            jobs[job.state] = jobs.get(job.state, 0) + 1
         g = GaugeMetricFamily("rbd_coordinator_jobs", "Known jobs by state.", labels=["state"])
-        for state, count in jobs.items():
+        for state, count in s.jobs:
             g.add_metric([state], count)
         yield g
-        active = c.scheduler.active()
-        # a demand stays pending while its transfer runs; the queue is what waits
-        served = {(t.demander, t.layer) for t in active}
-        waiting = sum(1 for d in c.scheduler.pending() if d not in served)
         yield GaugeMetricFamily(
             "rbd_scheduler_pending_demands",
             "Demands (node needs layer) waiting for a seeder: the scheduler's queue depth.",
-            value=waiting,
+            value=s.pending_demands,
         )
         yield GaugeMetricFamily(
             "rbd_scheduler_active_transfers",
             "Transfers in flight (seeder and demander locked).",
-            value=len(active),
+            value=s.active_transfers,
         )
         yield GaugeMetricFamily(
             "rbd_assignment_polls_parked",
             "Agent long-polls for assignments waiting at the coordinator right now.",
-            value=parked,
+            value=s.polls_parked,
         )

@@ -37,7 +37,7 @@ import os
 import re
 import secrets
 import tempfile
-from collections.abc import Callable
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -74,7 +74,8 @@ from .images import check_ref
 
 if TYPE_CHECKING:
     from .cluster import Node
-    from .core import Coordinator
+    from .context import ServiceContext
+    from .jobs_service import JobsService
     from .state import StoredImage
 
 log = structlog.get_logger(__name__)
@@ -109,16 +110,29 @@ def op_kind(op: Op) -> str:
 
 
 class ClusterOps:
-    """Operations of one coordinator; see the module docstring."""
+    """Operations of one coordinator; see the module docstring.
 
-    def __init__(self, c: Coordinator, contexts_dir: Path, clock: Callable[[], float]) -> None:
-        self.c = c
-        self.clock = clock
+    Built from the coordinator's narrow context (coordinator/context.py), the
+    image table and the jobs service -- what an op is checked against -- not
+    from the coordinator itself.
+    """
+
+    def __init__(
+        self,
+        ctx: ServiceContext,
+        images: Mapping[str, StoredImage],
+        jobs: JobsService,
+        contexts_dir: Path,
+    ) -> None:
+        self.ctx = ctx
+        self.images = images
+        self.jobs = jobs
+        self.clock = ctx.clock
         self.contexts_dir = contexts_dir
         self.ops: dict[str, OpView] = {}
         # node -> layer -> op id: layers an rm-image op is deleting there (not holdings now)
         self._withheld: dict[str, dict[str, str]] = {}
-        for view in c.store.load_ops():
+        for view in ctx.store.load_ops():
             self.ops[view.op_id] = view
 
     # ------------------------------------------------------------------
@@ -187,7 +201,7 @@ class ClusterOps:
     def create(self, req: CreateOp) -> OpView:
         now = self.clock()
         kind = op_kind(req.op)
-        targets = self.c._targets(req.targets)
+        targets = self.jobs.targets(req.targets)
         per_node = self._check(req.op, targets)
         timeout = OP_TIMEOUTS[kind]
         if isinstance(req.op, RunOp):
@@ -208,7 +222,7 @@ class ClusterOps:
         )
         self.ops[op_id] = view
         for ns in view.nodes:
-            node = self.c.cluster.nodes[ns.node_id]
+            node = self.ctx.cluster.nodes[ns.node_id]
             if not node.up:
                 ns.state, ns.finished_at = "failed", now
                 ns.error = f"node {ns.node_id} is down (last seen {now - node.last_seen:.0f}s ago)"
@@ -217,7 +231,7 @@ class ClusterOps:
             if isinstance(op, RemoveImageOp):
                 self._withhold(node, op.drop_layers, op_id)
             node.mailbox.put(OpAssignment(op_id=op_id, op=op, timeout=timeout))
-            self.c.store.save_seq(node.node_id, node.mailbox.seq)
+            self.ctx.store.save_seq(node.node_id, node.mailbox.seq)
         self._settle(view, now)
         self._save(view)
         log.info("operation created", op=op_id, kind=kind, nodes=targets)
@@ -250,11 +264,11 @@ class ClusterOps:
 
     def _ready_image(self, ref: str, what: str) -> StoredImage:
         """The ready image ``ref`` (``name`` matches ``name:latest``); NotFound/Conflict if not."""
-        image = self.c.images.get(ref) or next(
-            (i for r, i in self.c.images.items() if normalize_ref(r) == normalize_ref(ref)), None
+        image = self.images.get(ref) or next(
+            (i for r, i in self.images.items() if normalize_ref(r) == normalize_ref(ref)), None
         )
         if image is None:
-            known = ", ".join(sorted(self.c.images)) or "none"
+            known = ", ".join(sorted(self.images)) or "none"
             raise NotFound(f"{what}: no image {ref!r} known to the coordinator (known: {known})")
         if image.state != "ready" or image.record is None:
             raise Conflict(f"{what}: image {image.ref} is {image.state}; it must be ready")
@@ -294,7 +308,7 @@ class ClusterOps:
         layers = list(dict.fromkeys(lr.digest for lr in image.record.layers))
         busy = sorted(
             j.job_id
-            for j in self.c.jobs.values()
+            for j in self.jobs.jobs.values()
             if j.running
             and j.image == ref
             and any(not j.nodes[n].final for n in targets if n in j.nodes)
@@ -306,13 +320,15 @@ class ClusterOps:
             )
         out: dict[str, Op] = {}
         for nid in targets:
-            node = self.c.cluster.nodes[nid]
+            node = self.ctx.cluster.nodes[nid]
             if nid == image.origin:
                 drop: list[str] = []  # the origin's copy is where every other copy comes from
             else:
                 keep = self._needed_elsewhere(node, ref)
                 drop = [d for d in layers if d in node.holdings and d not in keep]
-            seeding = [t for t in self.c.scheduler.active() if t.seeder == nid and t.layer in drop]
+            seeding = [
+                t for t in self.ctx.scheduler.active() if t.seeder == nid and t.layer in drop
+            ]
             if seeding:
                 t = seeding[0]
                 raise Conflict(
@@ -325,13 +341,13 @@ class ClusterOps:
     def _needed_elsewhere(self, node: Node, ref: str) -> set[str]:
         """Layers ``node`` must keep: those of another image it holds whole, or is being sent."""
         keep: set[str] = set()
-        for other_ref, image in self.c.images.items():
+        for other_ref, image in self.images.items():
             if other_ref == ref or image.record is None:
                 continue
             digests = {lr.digest for lr in image.record.layers}
             if digests <= node.holdings or image.origin == node.node_id:
                 keep |= digests
-        for job in self.c.jobs.values():
+        for job in self.jobs.jobs.values():
             p = job.nodes.get(node.node_id)
             if job.running and p is not None and not p.final:
                 keep |= set(p.sizes)
@@ -345,8 +361,8 @@ class ClusterOps:
         for layer in layers:
             marks[layer] = op_id
             node.holdings.discard(layer)
-            self.c.scheduler.remove_holding(node.node_id, layer)
-        self.c._save_node(node)
+            self.ctx.scheduler.remove_holding(node.node_id, layer)
+        self.ctx.save_node(node)
         log.warning(
             "layers withheld from the scheduler: being removed from the node",
             op=op_id,
@@ -413,8 +429,8 @@ class ClusterOps:
         """The agent deleted these layers: they are no longer holdings, for good."""
         for layer in layers:
             node.holdings.discard(layer)
-            self.c.scheduler.remove_holding(node.node_id, layer)
-        self.c._save_node(node)
+            self.ctx.scheduler.remove_holding(node.node_id, layer)
+        self.ctx.save_node(node)
         log.warning(
             "layers removed from node store",
             op=op_id,
@@ -480,9 +496,9 @@ class ClusterOps:
         self.context_path(digest).unlink(missing_ok=True)
 
     def _save(self, op: OpView) -> None:
-        self.c.store.save_op(op)
+        self.ctx.store.save_op(op)
         if len(self.ops) > OP_MEMORY:
             for old in sorted(self.ops.values(), key=lambda o: o.created_at)[:-OP_MEMORY]:
                 if old.state != "running":
                     del self.ops[old.op_id]
-            self.c.store.prune_ops(OP_MEMORY)
+            self.ctx.store.prune_ops(OP_MEMORY)

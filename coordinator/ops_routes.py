@@ -26,8 +26,17 @@ from aiohttp import web
 from rainbowd.buildcontext import MAX_CONTEXT
 from rainbowd.messages import CreateOp, OpResult, OpStarted
 
-from .app import BODY_TIMEOUT, RequestTimeout, admin, agent, body, coord, no_content, reply
 from .errors import BadRequest, CoordinatorError
+from .http_common import (
+    BODY_TIMEOUT,
+    RequestTimeout,
+    admin,
+    agent,
+    body,
+    coord,
+    no_content,
+    reply,
+)
 
 
 class _TooLarge(CoordinatorError):

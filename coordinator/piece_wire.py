@@ -3,7 +3,7 @@
 The scheduler may split a layer into *pieces* (runs of consecutive chunks,
 rainbowd.pieces) and move each from its own seeder; a transfer then carries
 ``first_chunk``/``end_chunk`` (``end_chunk`` 0: the whole layer). This module
-is the coordinator's side of that contract, kept out of core.py:
+is the coordinator's side of that contract, kept out of its services:
 
 * :func:`assignment_for` builds the demander's :class:`TransferAssignment`
   with the range (checked against the manifest: a range outside it is never

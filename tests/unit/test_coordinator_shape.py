@@ -1,0 +1,136 @@
+"""The coordinator's shape: services of bounded size that never reach for the whole coordinator.
+
+core.py once was one class of 1,400 lines, and metrics.py and ops.py were
+written against all of it. Now each service gets a narrow context
+(coordinator/context.py) and core.py only wires them; these checks keep it
+so. The shape checks read the source (ast); the last one builds a service
+from a context alone.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from rainbowd.coordinator.cluster import MISSED_HEARTBEATS, Cluster
+from rainbowd.coordinator.context import ServiceContext, Settings
+from rainbowd.coordinator.dispatch import Dispatch
+from rainbowd.coordinator.evidence import PeerEvidence
+from rainbowd.coordinator.jobs_service import JobsService
+from rainbowd.coordinator.liveness import Liveness
+from rainbowd.coordinator.metrics import CoordinatorMetrics
+from rainbowd.coordinator.state import StateStore, StoredNode
+from rainbowd.pieces import PieceScheduler
+
+COORDINATOR = Path(__file__).resolve().parents[2] / "coordinator"
+#: longest class (lines, docstring included) the standards allow
+MAX_CLASS_LINES = 400
+#: the only modules that may import the facade (core.py): the process and its HTTP layer
+FACADE_USERS = {"app", "cli", "console", "http_common"}
+#: modules each built from the narrow ServiceContext, never from the coordinator
+SERVICES = (
+    "enrollment",
+    "liveness",
+    "dispatch",
+    "transfers",
+    "quarantine",
+    "jobs_service",
+    "images_service",
+    "holdings_service",
+    "restore",
+    "views",
+    "ops",
+    "metrics",
+)
+
+
+def _modules() -> dict[str, ast.Module]:
+    return {p.stem: ast.parse(p.read_text()) for p in sorted(COORDINATOR.glob("*.py"))}
+
+
+def _imports(tree: ast.Module, names: set[str]) -> set[str]:
+    """Sibling modules ``tree`` imports anywhere (top level, in functions, under TYPE_CHECKING)."""
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            targets = [node.module] if node.module else [a.name for a in node.names]
+            out |= {t.split(".")[0] for t in targets} & names
+    return out
+
+
+def test_no_class_is_over_the_limit() -> None:
+    too_long = [
+        f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines"
+        for name, tree in _modules().items()
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ClassDef)
+        and node.end_lineno is not None
+        and node.end_lineno - node.lineno + 1 > MAX_CLASS_LINES
+    ]
+    assert not too_long, too_long
+
+
+def test_only_the_http_layer_and_the_cli_import_the_facade() -> None:
+    modules = _modules()
+    users = {name for name, tree in modules.items() if "core" in _imports(tree, set(modules))}
+    assert users <= FACADE_USERS, sorted(users - FACADE_USERS)
+    assert set(SERVICES) <= set(modules)
+
+
+def test_no_import_cycle_among_coordinator_modules() -> None:
+    modules = _modules()
+    graph = {name: _imports(tree, set(modules)) for name, tree in modules.items()}
+    done: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> None:
+        if name in path:
+            cycle = [*path[path.index(name) :], name]
+            raise AssertionError("import cycle: " + " -> ".join(cycle))
+        if name in done:
+            return
+        for dep in sorted(graph[name]):
+            visit(dep, [*path, name])
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name, [])
+
+
+def test_a_service_runs_on_its_narrow_context_alone(tmp_path: Path) -> None:
+    """Liveness built from a context, the jobs and the dispatch service: no coordinator."""
+    now = [1000.0]
+    interval = 2.0
+    ctx = ServiceContext(
+        store=StateStore(tmp_path / "state.sqlite"),
+        scheduler=PieceScheduler("paper"),
+        cluster=Cluster(),
+        clock=lambda: now[0],
+        metrics=CoordinatorMetrics(),
+        settings=Settings(
+            heartbeat_interval=interval,
+            chunk_size=1 << 20,
+            node_down_timeout=60.0,
+            seeder_fault_limit=3,
+        ),
+    )
+    jobs = JobsService(ctx, {}, lambda _now: None)
+    dispatch = Dispatch(ctx, {}, jobs, PeerEvidence())
+    expired: list[float] = []
+    liveness = Liveness(ctx, jobs, dispatch, started_at=now[0], expire_ops=expired.append)
+    node = ctx.cluster.add(
+        StoredNode(
+            node_id="n1",
+            address="10.0.0.1",
+            ssh_port=22,
+            host_key="ssh-ed25519 AAAA",
+            client_key="ssh-ed25519 BBBB",
+            credential_hash="x",
+        )
+    )
+    liveness.bring_up(node, now[0])
+    node.last_seen = now[0]
+    assert node.up and liveness.check_liveness() == []
+    now[0] += MISSED_HEARTBEATS * interval + 0.1
+    assert liveness.check_liveness() == ["n1"]
+    assert not node.up and node.down_since == now[0]
+    assert expired == [1000.0, now[0]]  # cluster ops are checked on every pass
