@@ -130,7 +130,60 @@ def test_a_service_runs_on_its_narrow_context_alone(tmp_path: Path) -> None:
     liveness.bring_up(node, now[0])
     node.last_seen = now[0]
     assert node.up and liveness.check_liveness() == []
-    now[0] += MISSED_HEARTBEATS * interval + 0.1
-    assert liveness.check_liveness() == ["n1"]
+    passes = [now[0]]
+    while node.up and now[0] < 1100.0:  # a pass every half interval, as the app runs them
+        now[0] += interval / 2
+        passes.append(now[0])
+        liveness.check_liveness()
     assert not node.up and node.down_since == now[0]
-    assert expired == [1000.0, now[0]]  # cluster ops are checked on every pass
+    assert now[0] - 1000.0 > MISSED_HEARTBEATS * interval
+    assert expired == passes  # cluster ops are checked on every pass
+
+
+def test_a_late_liveness_pass_gives_stale_nodes_one_more_pass(tmp_path: Path) -> None:
+    """The coordinator's own stall is not held against the nodes, but only once in a row."""
+    now = [1000.0]
+    interval = 2.0
+    ctx = ServiceContext(
+        store=StateStore(tmp_path / "state.sqlite"),
+        scheduler=PieceScheduler("paper"),
+        cluster=Cluster(),
+        clock=lambda: now[0],
+        metrics=CoordinatorMetrics(),
+        settings=Settings(
+            heartbeat_interval=interval,
+            chunk_size=1 << 20,
+            node_down_timeout=60.0,
+            seeder_fault_limit=3,
+        ),
+    )
+    jobs = JobsService(ctx, {}, lambda _now: None)
+    dispatch = Dispatch(ctx, {}, jobs, PeerEvidence())
+    liveness = Liveness(ctx, jobs, dispatch, started_at=now[0], expire_ops=lambda _now: None)
+    nodes = []
+    for name in ("live", "dead"):
+        n = ctx.cluster.add(
+            StoredNode(
+                node_id=name,
+                address="10.0.0.1",
+                ssh_port=22,
+                host_key="ssh-ed25519 AAAA",
+                client_key="ssh-ed25519 BBBB",
+                credential_hash="x",
+            )
+        )
+        liveness.bring_up(n, now[0])
+        n.last_seen = now[0]
+        nodes.append(n)
+    live, dead = nodes
+    assert liveness.check_liveness() == []
+    now[0] += MISSED_HEARTBEATS * interval + 1.0  # the coordinator stalled: no pass, no read
+    assert liveness.check_liveness() == []  # late: both get one more pass
+    live.last_seen = now[0]  # its queued heartbeat is read after the stall
+    now[0] += interval / 2
+    assert liveness.check_liveness() == ["dead"]
+    assert live.up and not dead.up
+    now[0] += MISSED_HEARTBEATS * interval + 1.0  # late twice in a row: no second grace
+    assert liveness.check_liveness() == []
+    now[0] += MISSED_HEARTBEATS * interval + 1.0
+    assert liveness.check_liveness() == ["live"]
