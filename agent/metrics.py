@@ -56,7 +56,7 @@ CHUNK_FAILURE_REASONS = (
     "seeder_corrupt",  # the seeder found its own stored copy corrupt and said so
     "seeder_error",  # the seeder answered an ERROR frame (layer not held, ...)
     "protocol",  # the chunk protocol was violated
-    "timeout",  # no byte of a chunk within the chunk timeout
+    "timeout",  # no chunk within the chunk timeout
     "channel_closed",  # the channel closed with chunks outstanding
     "layer_digest",  # every chunk matched, the whole layer did not
 )

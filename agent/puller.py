@@ -181,8 +181,6 @@ class _ChunkClientSession(asyncssh.SSHClientSession[bytes]):
         self._chunks_queued = 0
         self._paused = False
         self._done = False
-        #: bytes received on the channel so far: progress within a chunk (see next_event)
-        self.bytes_in = 0
 
     def connection_made(self, chan: asyncssh.SSHClientChannel[bytes]) -> None:
         self.chan = chan
@@ -190,7 +188,6 @@ class _ChunkClientSession(asyncssh.SSHClientSession[bytes]):
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         if self._done or datatype is not None:
             return
-        self.bytes_in += len(data)
         try:
             evs = self.decoder.feed(data)
         except chunkproto.ProtocolError as e:
@@ -224,25 +221,9 @@ class _ChunkClientSession(asyncssh.SSHClientSession[bytes]):
                 self.chan.close()
 
     async def next_event(self, timeout: float) -> chunkproto.Event | BaseException | None:
-        """The next decoded event; TimeoutError once ``timeout`` seconds pass with no byte in.
-
-        A stalled seeder sends nothing; a slow one sends a big chunk slowly, and
-        must not be taken for stalled: a 4 MiB chunk from a 0.5 Mbit/s upload
-        takes 67 s (in the lab's upload-bound profile every pull from that node
-        failed with "no chunk for 60s", and each cost its demander the 60 s).
-        While reading is paused for backpressure, chunks are queued, so the
-        get returns at once.
-        """
-        while True:
-            seen = self.bytes_in
-            try:
-                # asyncio.timeout, not wait_for: wait_for wraps the get in a new task, per chunk
-                async with asyncio.timeout(timeout):
-                    ev = await self.events.get()
-                break
-            except TimeoutError:
-                if self.bytes_in == seen:
-                    raise
+        # asyncio.timeout, not wait_for: wait_for wraps the get in a new task, per chunk
+        async with asyncio.timeout(timeout):
+            ev = await self.events.get()
         if isinstance(ev, chunkproto.Chunk):
             self._chunks_queued -= 1
             if self._paused and self._chunks_queued < QUEUE_HIGH_WATER and self.chan:
@@ -717,7 +698,7 @@ class LayerPuller:
                     self.metrics.chunk_failure(tally.peer, "timeout")
                     raise PullError(
                         "io",
-                        f"{where}: no byte for {self.chunk_timeout:.0f}s "
+                        f"{where}: no chunk for {self.chunk_timeout:.0f}s "
                         f"({len(outstanding)} outstanding)",
                     ) from None
                 if isinstance(ev, chunkproto.Chunk):
