@@ -6,7 +6,8 @@
     python -m bench.lab clean                     # what a killed run left behind
 
 ``--profile`` takes a name from bench/profiles/ or a path to a TOML file.
-Systems: ``rbd`` (policy paper), ``rbd:<policy>``, ``registry``,
+Systems: ``rbd`` (the coordinator's default policy,
+rainbowd.scheduler.DEFAULT_POLICY), ``rbd:<policy>``, ``registry``,
 ``bittorrent``. Needs root (network namespaces). The run writes
 ``report.json`` and ``cdf.png`` into ``--out`` and prints the table; it
 exits 1 if any system left a node without the image.
@@ -50,12 +51,12 @@ def resolve_profile(name_or_path: str) -> ClusterProfile:
 
 
 def make_system(spec: str, *, log_level: str = "warning") -> LabSystem:
-    """``rbd``, ``rbd:<policy>``, ``registry`` or ``bittorrent``."""
+    """``rbd`` (the default policy), ``rbd:<policy>``, ``registry`` or ``bittorrent``."""
     name, _, arg = spec.partition(":")
     if name == "rbd":
         from .rbd_system import RbdSystem
 
-        return RbdSystem(arg or "paper", log_level=log_level)
+        return RbdSystem(arg, log_level=log_level) if arg else RbdSystem(log_level=log_level)
     if name == "registry" and not arg:
         from .registry_system import RegistrySystem
 

@@ -7,7 +7,13 @@ start everything, wait until every node is up, ingest the image at the
 origin. Timed: from the job's creation (``rbd distribute IMAGE --to all``)
 until each node holds every layer, checked chunk by chunk and by digest --
 the coordinator's own per-node ``finished_at``. Speed hints are the profile's
-upload rates, as an operator would configure ``speed_hint_mbps``.
+upload rates and download hints its download rates, as an operator would
+configure ``speed_hint_mbps`` and ``download_hint_mbps``.
+
+The policy is the coordinator's default (rainbowd.scheduler.DEFAULT_POLICY)
+unless one is named, so ``rbd`` in a lab report is what an operator gets
+without configuring one; the system is named ``rbd`` for the default,
+``rbd:<policy>`` for any other.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Any
 
 from rainbowd import messages as m
 from rainbowd.localcluster import LocalCluster, NodeSpec
+from rainbowd.scheduler import DEFAULT_POLICY
 
 from .env import COORDINATOR_PORT, LabEnv
 from .image import REF
@@ -32,14 +39,20 @@ def _rule(reason: str) -> str:
 
 
 class RbdSystem:
-    """``rbd`` with one scheduling policy; named ``rbd`` for ``paper``, ``rbd:<policy>`` else."""
+    """``rbd`` with one scheduling policy; named ``rbd`` for the coordinator's default
+    policy, ``rbd:<policy>`` for another (so two reports' ``rbd`` rows are comparable
+    only if DEFAULT_POLICY was the same; the report's ``policy`` note says which)."""
 
     def __init__(
-        self, policy: str = "paper", *, start_timeout: float = 300.0, log_level: str = "warning"
+        self,
+        policy: str = DEFAULT_POLICY,
+        *,
+        start_timeout: float = 300.0,
+        log_level: str = "warning",
     ) -> None:
         self.policy = policy
         self.log_level = log_level
-        self.name = "rbd" if policy == "paper" else f"rbd:{policy}"
+        self.name = "rbd" if policy == DEFAULT_POLICY else f"rbd:{policy}"
         self.start_timeout = start_timeout
 
     def _cluster(self, env: LabEnv) -> LocalCluster:

@@ -42,6 +42,15 @@ So under each tbf an ``htb`` puts TCP traffic to or from a control port
 the bulk class. That restores what fq_codel gives a small flow; bulk flows
 still share the link first come, first served.
 
+Neighbour table: the kernel's ARP cache is one table for all namespaces, and
+its limits (``net.ipv4.neigh.default.gc_thresh1..3``, settable only from the
+host's namespace; 128/512/1024 by default) cap the entries of every namespace
+together. A lab of n nodes where every node talks to every other needs about
+(n+1)^2 entries: a 100-node lab with swarm's many seeders per node
+overflowed it ("neighbor table overflow!" in dmesg), and connects failed with
+EHOSTUNREACH or timed out. :meth:`NetLab.up` raises the limits to fit the lab
+(never lowers them, and leaves them raised: another lab may be running).
+
 Needs root and iproute2 (``ip``, ``tc``); :meth:`NetLab.check_prerequisites`
 says what is missing.
 """
@@ -57,12 +66,17 @@ import subprocess
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 
 #: the name of the hub in :meth:`NetLab.exec_prefix` / :meth:`NetLab.address`
 HUB = "hub"
 
 _seq = itertools.count()
+#: the host's ARP cache limits (module docstring, "Neighbour table")
+NEIGH_SYSCTL = Path("/proc/sys/net/ipv4/neigh/default")
+#: headroom over (nodes + hub)^2 entries: a node may also hold an entry being resolved
+NEIGH_HEADROOM = 2
 _LAB_NS = re.compile(r"^rbd(\d+)-\d+-(?:hub|n\d+)$")
 
 
@@ -152,6 +166,36 @@ def clean_stale() -> list[str]:
     return removed
 
 
+def neighbour_limits(nodes: int) -> dict[str, int]:
+    """The ARP cache limits a lab of ``nodes`` needs, all talking to all (with the hub).
+
+    gc_thresh2 (over it, stale entries are collected) fits every pair once;
+    gc_thresh3 (the hard cap: over it, a new neighbour is refused) NEIGH_HEADROOM times
+    that; gc_thresh1 (under it nothing is collected) stays the kernel's.
+    """
+    pairs = (nodes + 1) ** 2
+    return {"gc_thresh2": pairs, "gc_thresh3": NEIGH_HEADROOM * pairs}
+
+
+def raise_neighbour_limits(nodes: int, sysctl: Path = NEIGH_SYSCTL) -> dict[str, int]:
+    """Raise the host's ARP cache limits to fit ``nodes``; never lower them.
+
+    Returns what was changed (name -> new value). A missing or unwritable
+    sysctl (no /proc/sys, a kernel without it) is left alone: the lab still
+    builds, and a large one may then see "neighbor table overflow!".
+    """
+    changed: dict[str, int] = {}
+    for name, need in neighbour_limits(nodes).items():
+        path = sysctl / name
+        try:
+            if int(path.read_text().split()[0]) < need:
+                path.write_text(f"{need}\n")
+                changed[name] = need
+        except (OSError, ValueError, IndexError):
+            continue
+    return changed
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -231,6 +275,7 @@ class NetLab:
     def up(self) -> None:
         """Build the hub, the bridge and every node; on any failure tear down what was built."""
         self.check_prerequisites()
+        raise_neighbour_limits(len(self.nodes))
         self._is_up = True
         try:
             hub = self.hub_netns
