@@ -97,9 +97,12 @@ async def test_ci_profile_runs_every_system_against_the_bound(tmp_path: Path) ->
     assert set(swarm["tracker_seeders_per_layer"].values()) == {len(profile.nodes) + 1}, swarm
     assert set(swarm["uploaded_bytes"]) == {"origin", *(n.name for n in profile.nodes)}, swarm
     assert swarm["origin_uploaded_bytes"] < swarm["total_uploaded_bytes"], swarm
-    # aria2's own count of what the origin uploaded has no framing: the counter's is larger
+    # aria2's own count of what the origin uploaded has no framing, so the interface counter
+    # is larger, but aria2 counts a piece when it queues it: one still in the socket buffer
+    # when the counter is read is in aria2's count only (loaded host: 16,130,486 counted on
+    # the interface against 16,340,992 by aria2, 1.3 % less). The two agree within 5 %.
     assert bittorrent.origin_bytes is not None
-    assert bittorrent.origin_bytes >= swarm["origin_uploaded_bytes"]
+    assert bittorrent.origin_bytes >= 0.95 * swarm["origin_uploaded_bytes"]
     # rbd: every node became a seeder too, so not every transfer came from the origin
     rbd = report.results[0]
     assert rbd.notes["transfers_from_origin"] < rbd.notes["transfers"]
