@@ -239,9 +239,7 @@ class Dispatch:
             self.undelivered.setdefault(t.demander, {})[t.transfer_id] = seq
             ctx.store.save_transfer(self.stored(tr))
             touched.add(t.demander)
-            for p in self.jobs.progress_of(t.demander):
-                if p.needs(t.layer):
-                    p.started_transfer(t.layer)
+            self.jobs.transfer_started(t.demander, t.layer)
             log.info(
                 "transfer assigned",
                 transfer=t.transfer_id,

@@ -47,6 +47,12 @@ class JobsService:
     def progress_of(self, node_id: str) -> list[NodeProgress]:
         return [p for _, p in self.jobs_of(node_id)]
 
+    def transfer_started(self, node_id: str, layer: str) -> None:
+        """A transfer of ``layer`` into ``node_id`` began: its jobs that need it show it."""
+        for p in self.progress_of(node_id):
+            if p.needs(layer):
+                p.started_transfer(layer)
+
     def jobs_of_all(self) -> Iterable[tuple[Job, NodeProgress]]:
         for job in list(self.jobs.values()):
             if job.running:

@@ -64,9 +64,7 @@ def restore(
                 jobs.job_finished(job)
             store.save_job(job.view())
     for t in adopted:
-        for p in jobs.progress_of(t.demander):
-            if p.needs(t.layer):
-                p.started_transfer(t.layer)
+        jobs.transfer_started(t.demander, t.layer)
     log.info(
         "state restored",
         transfers_adopted=len(adopted),

@@ -108,7 +108,14 @@ class InvariantMonitor:
                     break
                 assert time.monotonic() < deadline, f"jobs never reached a final state: {running}"
                 await asyncio.sleep(0.2)
+            sizes = {
+                layer.digest: layer.size
+                for image in (await admin.images()).images
+                for layer in image.layers
+            }
         problems: list[str] = []
+        # a layer may come in pieces from several seeders (one line per seeder), but never
+        # more of its bytes than it has: a layer sent twice shows as bytes beyond its size
         per_node: Counter[tuple[str, str]] = Counter()
         for job in jobs:
             if job.state == "failed" and not job.error:
@@ -117,9 +124,10 @@ class InvariantMonitor:
                 if n.state == "failed" and not n.error:
                     problems.append(f"job {job.job_id}: {n.node_id} failed without a reason")
                 for t in n.transfers:
-                    per_node[(n.node_id, t.layer)] += 1
-        for (node, layer), count in per_node.items():
-            if count > 1:
-                problems.append(f"{node} received layer {layer} {count} times")
+                    per_node[(n.node_id, t.layer)] += t.bytes
+        for (node, layer), got in per_node.items():
+            size = sizes.get(layer)
+            if size is None or got > size:
+                problems.append(f"{node} received {got} B of layer {layer} ({size} B)")
         assert not problems, "\n".join(problems)
         return jobs

@@ -96,11 +96,9 @@ def test_no_import_cycle_among_coordinator_modules() -> None:
         visit(name, [])
 
 
-def test_a_service_runs_on_its_narrow_context_alone(tmp_path: Path) -> None:
-    """Liveness built from a context, the jobs and the dispatch service: no coordinator."""
-    now = [1000.0]
-    interval = 2.0
-    ctx = ServiceContext(
+def _context(tmp_path: Path, now: list[float], interval: float) -> ServiceContext:
+    """A service context on a fake clock (``now[0]``), no coordinator."""
+    return ServiceContext(
         store=StateStore(tmp_path / "state.sqlite"),
         scheduler=PieceScheduler("paper"),
         cluster=Cluster(),
@@ -113,20 +111,29 @@ def test_a_service_runs_on_its_narrow_context_alone(tmp_path: Path) -> None:
             seeder_fault_limit=3,
         ),
     )
+
+
+def _stored(node_id: str) -> StoredNode:
+    return StoredNode(
+        node_id=node_id,
+        address="10.0.0.1",
+        ssh_port=22,
+        host_key="ssh-ed25519 AAAA",
+        client_key="ssh-ed25519 BBBB",
+        credential_hash="x",
+    )
+
+
+def test_a_service_runs_on_its_narrow_context_alone(tmp_path: Path) -> None:
+    """Liveness built from a context, the jobs and the dispatch service: no coordinator."""
+    now = [1000.0]
+    interval = 2.0
+    ctx = _context(tmp_path, now, interval)
     jobs = JobsService(ctx, {}, lambda _now: None)
     dispatch = Dispatch(ctx, {}, jobs, PeerEvidence())
     expired: list[float] = []
     liveness = Liveness(ctx, jobs, dispatch, started_at=now[0], expire_ops=expired.append)
-    node = ctx.cluster.add(
-        StoredNode(
-            node_id="n1",
-            address="10.0.0.1",
-            ssh_port=22,
-            host_key="ssh-ed25519 AAAA",
-            client_key="ssh-ed25519 BBBB",
-            credential_hash="x",
-        )
-    )
+    node = ctx.cluster.add(_stored("n1"))
     liveness.bring_up(node, now[0])
     node.last_seen = now[0]
     assert node.up and liveness.check_liveness() == []
@@ -144,34 +151,13 @@ def test_a_late_liveness_pass_gives_stale_nodes_one_more_pass(tmp_path: Path) ->
     """The coordinator's own stall is not held against the nodes, but only once in a row."""
     now = [1000.0]
     interval = 2.0
-    ctx = ServiceContext(
-        store=StateStore(tmp_path / "state.sqlite"),
-        scheduler=PieceScheduler("paper"),
-        cluster=Cluster(),
-        clock=lambda: now[0],
-        metrics=CoordinatorMetrics(),
-        settings=Settings(
-            heartbeat_interval=interval,
-            chunk_size=1 << 20,
-            node_down_timeout=60.0,
-            seeder_fault_limit=3,
-        ),
-    )
+    ctx = _context(tmp_path, now, interval)
     jobs = JobsService(ctx, {}, lambda _now: None)
     dispatch = Dispatch(ctx, {}, jobs, PeerEvidence())
     liveness = Liveness(ctx, jobs, dispatch, started_at=now[0], expire_ops=lambda _now: None)
     nodes = []
     for name in ("live", "dead"):
-        n = ctx.cluster.add(
-            StoredNode(
-                node_id=name,
-                address="10.0.0.1",
-                ssh_port=22,
-                host_key="ssh-ed25519 AAAA",
-                client_key="ssh-ed25519 BBBB",
-                credential_hash="x",
-            )
-        )
+        n = ctx.cluster.add(_stored(name))
         liveness.bring_up(n, now[0])
         n.last_seen = now[0]
         nodes.append(n)
