@@ -162,6 +162,11 @@ class RelayBoard:
         e = self._entries.get(digest)
         return e is not None and e.active
 
+    def waiting(self, digest: str) -> int:
+        """How many servers wait here on a chunk of ``digest`` (for status and tests)."""
+        e = self._entries.get(digest)
+        return 0 if e is None else e.waiters
+
     # -- server side -----------------------------------------------------
     async def wait_chunk(
         self,
