@@ -30,6 +30,34 @@ FIRST_PAUSE = 0.002
 MAX_PAUSE = 0.05
 
 
+#: loop turns :func:`settle` gives: enough for a woken task to pass an Event, a wait_for
+#: and a lock (each costs a turn or two) and act on what woke it
+SETTLE_TURNS = 10
+
+
+class FakeClock:
+    """A ``clock`` to pass to the code under test: time moves only when the test says so."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+async def settle() -> None:
+    """Let every task that is ready run until it waits again; lets no time pass.
+
+    For asserting that something did *not* happen after a wake-up (a task still
+    waits, say): give it its turns, then look.
+    """
+    for _ in range(SETTLE_TURNS):
+        await asyncio.sleep(0)
+
+
 class WaitedTooLong(AssertionError):
     """The condition a test waited for did not come within its timeout."""
 
