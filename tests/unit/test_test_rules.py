@@ -53,7 +53,6 @@ ALLOWED: dict[str, tuple[int, int, str]] = {
     "unit/test_netlab.py": (1, 0, "real tc queues: real time is what it tests"),
     # played agents that answer slowly or hold connections open (real asyncssh server)
     "security/test_agent_connection_limits.py": (5, 0, "played slow clients on a real server"),
-    "security/test_reports_retried_once.py": (2, 0, "played coordinator answers late"),
 }
 
 
