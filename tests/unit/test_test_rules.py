@@ -51,8 +51,6 @@ ALLOWED: dict[str, tuple[int, int, str]] = {
     # subject (a bulk flow filling a queue for 1 s); the probes' timings, in scripts run
     # in the namespaces, are the measurement
     "unit/test_netlab.py": (1, 0, "real tc queues: real time is what it tests"),
-    # played agents that answer slowly or hold connections open (real asyncssh server)
-    "security/test_agent_connection_limits.py": (5, 0, "played slow clients on a real server"),
 }
 
 
