@@ -39,10 +39,6 @@ CLOCKS = {
 #: file (relative to tests/) -> (sleeps, wall-clock reads) it may still have, and why.
 #: Lower a count when you remove one; never raise it: use a fake clock or tests/waiting.py.
 ALLOWED: dict[str, tuple[int, int, str]] = {
-    # stand-ins for a stalled peer (sleep(3600), cancelled by the test) and yields
-    # (sleep(0)) inside fake seeders; the 0.01 s sleeps pace a played slow seeder and the
-    # 3 s bound of a failover is asserted by stopwatch -- to move to a fake clock
-    "unit/test_pieces_dataplane.py": (5, 2, "played stalled/slow seeders; failover stopwatch"),
     # the same for the SSH data plane: played stalled seeders (sleep(3600)), played slow
     # ones (0.01/0.02 s), yields, two 0.2 s waits for the demander to verify, and a stall
     # bound asserted by stopwatch
