@@ -58,6 +58,20 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
+#: futures of :func:`hang` in progress: referenced, so a hung task is cancelled, never collected
+_HUNG: set[asyncio.Future[None]] = set()
+
+
+async def hang() -> None:
+    """Never return (until cancelled): a played peer that stalls, not a wait of the test."""
+    never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    _HUNG.add(never)
+    try:
+        await never
+    finally:
+        _HUNG.discard(never)
+
+
 class WaitedTooLong(AssertionError):
     """The condition a test waited for did not come within its timeout."""
 

@@ -28,7 +28,7 @@ from rainbowd.chunks import ChunkManifest
 from rainbowd.digest import Digest, sha256_digest
 from rainbowd.messages import MessageError, PeerInfo, TransferAssignment, TrustList, decode
 from rainbowd.store import LayerStore
-from waiting import wait_until
+from waiting import hang, wait_until
 
 CHUNK = 64 * 1024
 COUNT = 40
@@ -294,12 +294,11 @@ async def test_a_failed_piece_keeps_its_chunks_and_the_retry_moves_only_the_rest
 ) -> None:
     """A stalled source's chunks move to another seeder without starting over."""
     got = 7
-    never = asyncio.Event()  # held here: the stalled reads stay referenced until cancelled
 
     class Stalls(ChunkServer):
         async def _read(self, layer: Digest, index: int) -> tuple[int, bytes]:
             if index >= HALF + got:
-                await never.wait()  # stalls: never answers
+                await hang()  # stalls: never answers
             return await super()._read(layer, index)
 
     a = await lab.seeder("a", Stalls)

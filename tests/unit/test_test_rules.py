@@ -39,10 +39,6 @@ CLOCKS = {
 #: file (relative to tests/) -> (sleeps, wall-clock reads) it may still have, and why.
 #: Lower a count when you remove one; never raise it: use a fake clock or tests/waiting.py.
 ALLOWED: dict[str, tuple[int, int, str]] = {
-    # the same for the SSH data plane: played stalled seeders (sleep(3600)), played slow
-    # ones (0.01/0.02 s), yields, two 0.2 s waits for the demander to verify, and a stall
-    # bound asserted by stopwatch
-    "unit/test_ssh_dataplane.py": (10, 2, "played stalled/slow seeders; fixed waits"),
     # drives real network namespaces and tc queues (the lab's netlab): real time is the
     # subject (a bulk flow filling a queue for 1 s); the probes' timings, in scripts run
     # in the namespaces, are the measurement
