@@ -253,13 +253,23 @@ async def test_transfer_reports_keep_a_node_up_while_its_heartbeats_are_late(
 
 
 async def test_node_down_longer_than_the_timeout_fails_in_its_job(tmp_path: Path) -> None:
-    r = await start(tmp_path, heartbeat_interval=0.1)
-    r.coordinator.node_down_timeout = 0.5
+    clock = FakeClock(1_800_000_000.0)
+    r = await start(tmp_path, heartbeat_interval=QUIET_INTERVAL, clock=clock)
+    r.coordinator.node_down_timeout = 5 * QUIET_INTERVAL
     try:
         async with AdminClient(r.url, ADMIN) as admin:
             origin, img = await origin_with_one_layer(r, admin)
             d = await agent(r.url, "d")
             job = await admin.create_job(CreateJob(image=img.record.ref, targets=["d"]))
+            # d goes silent: down after three intervals, still in its job (it may come back)
+            clock.advance(3.5 * QUIET_INTERVAL)
+            await origin.c.heartbeat(Heartbeat(holdings=img.digests))
+            assert r.coordinator.check_liveness() == ["d"]
+            assert (await admin.job(job.job_id)).state == "running"
+            # ... and failed in it once down longer than the timeout
+            clock.advance(5 * QUIET_INTERVAL)
+            await origin.c.heartbeat(Heartbeat(holdings=img.digests))
+            r.coordinator.check_liveness()
             view = await admin.wait_job(job.job_id, timeout=10)
             assert view.state == "failed"
             assert "node d down for" in view.nodes[0].error
