@@ -25,7 +25,7 @@ from rainbowd.chunks import ChunkManifest
 from rainbowd.digest import Digest, sha256_digest
 from rainbowd.messages import PeerInfo, TransferAssignment, TrustList
 from rainbowd.store import LayerStore
-from waiting import wait_until
+from waiting import FakeClock, wait_until
 
 CHUNK = 64 * 1024
 SIZE = 2 * 1024 * 1024 + 777  # 33 chunks
@@ -180,11 +180,16 @@ async def test_a_waiting_server_is_woken_when_the_chunk_lands() -> None:
 
 
 async def test_a_chunk_that_does_not_come_is_unavailable_after_the_bound() -> None:
-    board = RelayBoard()
+    clock = FakeClock()
+    board = RelayBoard(clock=clock)
     m = manifest_of(os.urandom(3 * CHUNK))
     board.begin(m, Path("/x.part"), [])
+    waiter = asyncio.create_task(board.wait_chunk(m.digest, 1, 0.3, lambda: False, 1.0))
+    await wait_until(lambda: board.waiting(m.digest), timeout=5, what="the server to wait")
+    clock.advance(0.35)  # past the bound
+    board.landed(m.digest, 0)  # another chunk: wakes the waiter to look again
     with pytest.raises(RelayUnavailable, match=r"within 0\.3s"):
-        await board.wait_chunk(m.digest, 1, 0.3, lambda: False, 1.0)
+        await waiter
     # the pull ends without it: told at once
     waiter = asyncio.create_task(board.wait_chunk(m.digest, 1, 5.0, lambda: False, 1.0))
     await wait_until(lambda: board.waiting(m.digest), timeout=5, what="the server to wait")
