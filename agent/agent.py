@@ -653,6 +653,8 @@ class Agent:
             "corrupt_layers": dict(self.server.corrupt_layers),
             "refused_clients": len(self.server.refused_clients),
             "ssh_refused": dict(self.server.gate.refused),
+            # peers with an authenticated SSH connection open now, and how many each
+            "ssh_peers": dict(self.server.gate.per_peer),
             "reports": {
                 "sent": self.reports.sent,
                 "retries": self.reports.retries,

@@ -16,15 +16,22 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 
 class RatePacer:
-    def __init__(self, bps: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        bps: float,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        """``clock`` and ``sleep`` are the time the pacer books against (tests pass fake ones)."""
         if bps < 0:
             raise ValueError(f"rate {bps} bytes/s: must be >= 0 (0 = no cap)")
         self.bps = bps
         self.clock = clock
+        self.sleep = sleep
         self._booked_until = 0.0
 
     async def pace(self, nbytes: int) -> None:
@@ -35,4 +42,4 @@ class RatePacer:
         self._booked_until = max(now, self._booked_until) + nbytes / self.bps
         delay = self._booked_until - now
         if delay > 0:
-            await asyncio.sleep(delay)
+            await self.sleep(delay)

@@ -93,7 +93,9 @@ class _Entry:
 class RelayBoard:
     """In-process notifier between this agent's LayerPuller and its ChunkServer."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        #: measures the bounds of :meth:`wait_chunk` (tests pass a fake one)
+        self.clock = clock
         self._entries: dict[str, _Entry] = {}
         self._tokens = itertools.count(1)
         #: chunks served from a partial (a layer still being received), for status/tests
@@ -162,6 +164,11 @@ class RelayBoard:
         e = self._entries.get(digest)
         return e is not None and e.active
 
+    def waiting(self, digest: str) -> int:
+        """How many servers wait here on a chunk of ``digest`` (for status and tests)."""
+        e = self._entries.get(digest)
+        return 0 if e is None else e.waiters
+
     # -- server side -----------------------------------------------------
     async def wait_chunk(
         self,
@@ -192,7 +199,7 @@ class RelayBoard:
                 return None
             e = self._entries[digest] = _Entry()
         e.waiters += 1
-        t0 = time.monotonic()
+        t0 = self.clock()
         deadline = t0 + timeout
         try:
             while True:
@@ -210,7 +217,7 @@ class RelayBoard:
                     raise RelayUnavailable(
                         f"chunk {index} is not here and the relay's pull ended: {why}"
                     )
-                now = time.monotonic()
+                now = self.clock()
                 left = deadline - now
                 if not covered:
                     # no pull of this chunk announced yet (its assignment may be on the way)

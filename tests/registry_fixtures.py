@@ -55,6 +55,7 @@ from rainbowd.registryconf import (
     registry_config,
     skopeo_push_argv,
 )
+from waiting import WaitedTooLong, wait_until_sync
 
 
 def free_port() -> int:
@@ -356,21 +357,27 @@ class RegistryProcess:
         finally:
             log.close()
         ctx = ssl.create_default_context(cafile=str(self.tls.ca)) if self.tls else None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RegistryError(
-                    f"registry exited with {self.proc.returncode}: {self.log_tail()}"
-                )
+
+        def answers() -> bool:
+            proc = self.proc
+            if proc is not None and proc.poll() is not None:
+                raise RegistryError(f"registry exited with {proc.returncode}: {self.log_tail()}")
             try:
                 with urllib.request.urlopen(f"{self.url}/v2/", timeout=2, context=ctx):
-                    return self
+                    return True
             except urllib.error.HTTPError:
-                return self  # 401 from an auth-protected registry: it is up
+                return True  # 401 from an auth-protected registry: it is up
             except (urllib.error.URLError, OSError):
-                time.sleep(0.05)
-        self.stop()
-        raise RegistryError(f"registry on {self.host} did not answer /v2/: {self.log_tail()}")
+                return False
+
+        try:
+            wait_until_sync(answers, timeout=timeout, what=f"the registry on {self.host}")
+        except WaitedTooLong:
+            self.stop()
+            raise RegistryError(
+                f"registry on {self.host} did not answer /v2/: {self.log_tail()}"
+            ) from None
+        return self
 
     def log_tail(self, n: int = 20) -> str:
         try:

@@ -17,7 +17,6 @@ import os
 import subprocess
 import sys
 import sysconfig
-import time
 import urllib.request
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import pytest
 
 from rainbowd.scheduler import DEFAULT_POLICY
 from testdeps import missing_dependency
+from waiting import wait_until_sync
 
 pytestmark = pytest.mark.integration
 
@@ -128,11 +128,14 @@ def test_make_wheel_installs_as_install_md_says_and_runs(tmp_path: Path) -> None
         stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while not ready.exists():  # the ready file is the event: written once listening
+
+        def listening() -> bool:  # the ready file is the event: written once listening
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline, "the coordinator from the wheel did not listen"
-            time.sleep(0.05)
+            return ready.exists()
+
+        wait_until_sync(
+            listening, timeout=START_TIMEOUT, what="the coordinator from the wheel to listen"
+        )
         with urllib.request.urlopen(f"http://{ready.read_text().strip()}/v1/health") as r:
             assert r.headers["Content-Type"].startswith("application/json")
             assert json.load(r)["status"] == "ok"

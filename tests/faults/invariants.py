@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections import Counter
 from types import TracebackType
 
 from rainbowd import messages as m
 from rainbowd.agent.status import AgentNotRunning
 from rainbowd.localcluster import LocalCluster
+from waiting import wait_until
 
 
 class InvariantMonitor:
@@ -99,15 +99,13 @@ class InvariantMonitor:
 
     async def check_jobs(self, timeout: float = 60.0) -> list[m.JobView]:
         """Wait for every job to be final; check reasons and duplicate transfers."""
-        deadline = time.monotonic() + timeout
         async with self.cluster.admin() as admin:
-            while True:
+
+            async def all_final() -> list[m.JobView] | None:
                 jobs = (await admin.jobs()).jobs
-                running = [j.job_id for j in jobs if j.state == "running"]
-                if not running:
-                    break
-                assert time.monotonic() < deadline, f"jobs never reached a final state: {running}"
-                await asyncio.sleep(0.2)
+                return None if any(j.state == "running" for j in jobs) else jobs
+
+            jobs = await wait_until(all_final, timeout=timeout, what="every job to be final")
             sizes = {
                 layer.digest: layer.size
                 for image in (await admin.images()).images

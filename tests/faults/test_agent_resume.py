@@ -37,6 +37,7 @@ from rainbowd.agent.ssh_server import CHANNEL_WINDOW
 from rainbowd.chunks import ChunkBitmap, ChunkManifest
 from rainbowd.imagebuild import BUSYBOX, build_demo_image
 from rainbowd.localcluster import LocalCluster, NodeSpec
+from waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -104,22 +105,28 @@ async def test_sigkilled_agent_resumes_from_its_bitmap(cluster: LocalCluster, im
             async with cluster.admin() as admin:
                 job = await admin.create_job(m.CreateJob(image=REF, targets=["n1"]))
             # wait until the big layer is under way with some of it persisted
-            persisted = 0
-            while True:
+
+            async def under_way() -> bool:
                 status = await cluster.agent_status("n1")
                 active = [a for a in status["active"] if a["layer"] == big]
                 part = {p["digest"]: p["have"] for p in status["partials"]}
                 persisted = part.get(big, 0) * CHUNK
                 if active and 4 * MiB <= persisted <= sizes[big] - 8 * MiB:
-                    break
+                    return True
                 assert big not in {h["digest"] for h in status["holdings"]}, "too late to kill"
-                await asyncio.sleep(0.02)
+                return False
+
+            await wait_until(under_way, timeout=50, what="n1 to have persisted part of the layer")
             cluster.kill("n1", signal.SIGKILL)
 
             # what survived the kill, read from the dead agent's disk
             held_at_kill, persisted = survived(store_dir, big)
             assert persisted >= 4 * MiB
-            await asyncio.sleep(0.5)  # the origin notices the dead connection
+
+            async def origin_let_go() -> bool:  # the origin notices the dead connection
+                return "n1" not in (await cluster.agent_status("origin"))["ssh_peers"]
+
+            await wait_until(origin_let_go, timeout=30, what="the origin to drop n1's connection")
             served_at_kill = (await cluster.agent_status("origin"))["served_bytes"]["n1"]
 
             cluster.start_agent("n1")

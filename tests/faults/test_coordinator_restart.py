@@ -24,6 +24,7 @@ from invariants import InvariantMonitor
 from rainbowd import messages as m
 from rainbowd.imagebuild import BUSYBOX, build_demo_image
 from rainbowd.localcluster import LocalCluster, NodeSpec
+from waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -57,15 +58,15 @@ async def cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
 
 async def wait_for_active_pull(cluster: LocalCluster, layer: str) -> list[str]:
     """Nodes with a transfer of ``layer`` in progress (polled until there is one)."""
-    while True:
-        busy = []
-        for n in NODES:
-            status = await cluster.agent_status(n)
-            if any(a["layer"] == layer for a in status["active"]):
-                busy.append(n)
-        if busy:
-            return busy
-        await asyncio.sleep(0.01)
+
+    async def busy() -> list[str]:
+        return [
+            n
+            for n in NODES
+            if any(a["layer"] == layer for a in (await cluster.agent_status(n))["active"])
+        ]
+
+    return await wait_until(busy, timeout=60, what=f"a pull of {layer} to start")
 
 
 async def test_kill_9_coordinator_mid_job_job_completes_without_duplicate_transfers(

@@ -15,7 +15,6 @@ changed); the job must not end before the node is back and must end "done".
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -30,6 +29,7 @@ from rainbowd.imagebuild import BUSYBOX, build_demo_image
 from rainbowd.localcluster import LocalCluster, NodeSpec
 from rainbowd.netlab import HUB, NetLab, Shape, list_netns
 from testdeps import missing_dependency
+from waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -41,8 +41,6 @@ NODES = ["origin", "n1", "n2", "n3"]
 CUT = "n3"
 #: upload per node: 16 MiB takes ~2 s per link, long enough to cut mid-transfer
 UP_MBIT = 64.0
-#: the whole test, set-up to teardown, stays under this
-TEST_BUDGET = 90.0
 
 
 @pytest.fixture(scope="module")
@@ -143,45 +141,49 @@ async def test_cut_node_is_marked_down_replanned_and_catches_up(
 
         # cut the node in the middle of pulling the big payload layer (its agent's
         # status, read over the unix socket, says what it is moving right now)
-        async with asyncio.timeout(30):
-            while not await _pulling_big_layer(cluster, CUT):
-                job = await admin.job(job.job_id)
-                assert _node_state(job, CUT).state != "done", f"{CUT} finished before the cut"
-                await asyncio.sleep(0.02)
-        lab.link_down(CUT)
-        cut_at = time.monotonic()
+        async def cut_pulls_big_layer() -> bool:
+            if await _pulling_big_layer(cluster, CUT):
+                return True
+            view = await admin.job(job.job_id)
+            assert _node_state(view, CUT).state != "done", f"{CUT} finished before the cut"
+            return False
 
-        # marked down within the heartbeat timeout (3 intervals) plus slack
-        bound = 3 * HEARTBEAT + 2.0
-        while True:
+        await wait_until(cut_pulls_big_layer, timeout=30, what=f"{CUT} to pull the big layer")
+        lab.link_down(CUT)
+        cut_at = time.monotonic()  # for the printed summary only
+
+        # marked down for its missed heartbeats (3 intervals; nothing else tells the
+        # coordinator: its long-poll connection hangs, it does not drop)
+        async def cut_down() -> bool:
             nodes = {v.node_id: v for v in (await admin.nodes()).nodes}
-            if nodes[CUT].state == "down":
-                break
-            assert time.monotonic() - cut_at <= bound, f"{CUT} not marked down in {bound}s"
-            await asyncio.sleep(0.05)
+            return nodes[CUT].state == "down"
+
+        await wait_until(cut_down, timeout=30, what=f"{CUT} to be marked down")
         down_after = time.monotonic() - cut_at
+        missed = _coordinator_events(cluster, "missed heartbeats")
+        assert any(e.get("node") == CUT for e in missed), missed
 
         # its transfer was aborted (to be re-planned), and the others finish without it
         aborted = [e for e in _coordinator_events(cluster, "abort") if CUT in json.dumps(e)]
         assert aborted, f"no transfer of {CUT} was aborted when it went down"
-        async with asyncio.timeout(40):
-            while True:
-                job = await admin.job(job.job_id)
-                if all(_node_state(job, n).state == "done" for n in others):
-                    break
-                await asyncio.sleep(0.1)
+
+        async def others_done() -> m.JobView | None:
+            view = await admin.job(job.job_id)
+            return view if all(_node_state(view, n).state == "done" for n in others) else None
+
+        job = await wait_until(others_done, timeout=40, what="the other nodes to finish")
         assert job.state == "running", f"job ended while {CUT} was cut off: {job.state}"
         assert _node_state(job, CUT).state != "done"
 
         # back on the network: it is up again, catches up, the job ends done
         lab.link_up(CUT)
         back_at = time.monotonic()
-        async with asyncio.timeout(40):
-            while True:
-                job = await admin.job(job.job_id)
-                if job.state != "running":
-                    break
-                await asyncio.sleep(0.1)
+
+        async def job_final() -> m.JobView | None:
+            view = await admin.job(job.job_id)
+            return view if view.state != "running" else None
+
+        job = await wait_until(job_final, timeout=40, what="the job to end")
         caught_up_after = time.monotonic() - back_at
         nodes = {v.node_id: v for v in (await admin.nodes()).nodes}
 
@@ -201,4 +203,3 @@ async def test_cut_node_is_marked_down_replanned_and_catches_up(
         f"\n{CUT} marked down {down_after:.2f}s after the cut; "
         f"job done {caught_up_after:.2f}s after the link came back; test {elapsed:.1f}s"
     )
-    assert elapsed < TEST_BUDGET

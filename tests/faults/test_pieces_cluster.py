@@ -37,6 +37,7 @@ from rainbowd.digest import short
 from rainbowd.imagebuild import BUSYBOX, build_demo_image
 from rainbowd.localcluster import LocalCluster, NodeSpec
 from rainbowd.pieces import PieceScheduler
+from waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -168,14 +169,13 @@ async def test_a_seeder_killed_mid_piece_costs_nothing_already_received(
                 assert (await admin.wait_job(first.job_id)).state == "done"
                 job = await admin.create_job(m.CreateJob(image=REF, targets=["d"]))
 
-            async def s_feeds_d() -> None:
-                while True:
-                    for t in (await cluster.agent_status("d"))["active"]:
-                        if t["layer"] == big.digest and t["seeder"] == "s" and t["bytes_done"]:
-                            return
-                    await asyncio.sleep(0.01)
+            async def s_feeds_d() -> bool:
+                return any(
+                    t["layer"] == big.digest and t["seeder"] == "s" and t["bytes_done"]
+                    for t in (await cluster.agent_status("d"))["active"]
+                )
 
-            await s_feeds_d()
+            await wait_until(s_feeds_d, timeout=60, what="s to feed d the big layer")
             cluster.kill("s", signal.SIGKILL)
             async with cluster.admin() as admin:
                 final = await admin.wait_job(job.job_id)

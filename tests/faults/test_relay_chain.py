@@ -28,6 +28,7 @@ from invariants import InvariantMonitor
 from rainbowd import messages as m
 from rainbowd.imagebuild import BUSYBOX, build_demo_image
 from rainbowd.localcluster import LocalCluster, NodeSpec
+from waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -70,11 +71,14 @@ def blob_digest(cluster: LocalCluster, node: str, digest: str) -> str:
 
 async def relaying(cluster: LocalCluster, layer: str, min_bytes: int) -> None:
     """Wait until ``b`` pulls ``layer`` from ``a`` and has ``min_bytes`` of it."""
-    while True:
-        for t in (await cluster.agent_status("b"))["active"]:
-            if t["layer"] == layer and t["seeder"] == "a" and t["bytes_done"] >= min_bytes:
-                return
-        await asyncio.sleep(0.01)
+
+    async def fed() -> bool:
+        return any(
+            t["layer"] == layer and t["seeder"] == "a" and t["bytes_done"] >= min_bytes
+            for t in (await cluster.agent_status("b"))["active"]
+        )
+
+    await wait_until(fed, timeout=60, what=f"b to get {min_bytes} B of {layer} from a")
 
 
 async def test_b_pulls_from_relay_a_before_a_has_the_layer(
@@ -134,14 +138,11 @@ async def test_relay_killed_mid_way_b_fails_over_and_the_job_ends_done(
             cluster.kill("a", signal.SIGKILL)
 
             # b moves on without a: re-planned (to the origin) and done with the layer
-            async def b_has_it() -> None:
-                while True:
-                    st = await cluster.agent_status("b")
-                    if any(h["digest"] == big.digest for h in st["holdings"]):
-                        return
-                    await asyncio.sleep(0.05)
+            async def b_has_it() -> bool:
+                st = await cluster.agent_status("b")
+                return any(h["digest"] == big.digest for h in st["holdings"])
 
-            await asyncio.wait_for(b_has_it(), 30)
+            await wait_until(b_has_it, timeout=30, what="b to hold the big layer")
             cluster.start_agent("a")
             async with cluster.admin() as admin:
                 final = await admin.wait_job(job.job_id)

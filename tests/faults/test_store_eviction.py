@@ -19,9 +19,7 @@ Checked:
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +35,7 @@ from rainbowd.image import ingest_docker_archive
 from rainbowd.imagebuild import build_demo_image
 from rainbowd.localcluster import LocalCluster, NodeSpec
 from rainbowd.store import LayerStore
+from waiting import wait_until
 
 pytestmark = [pytest.mark.docker, pytest.mark.integration]
 
@@ -92,13 +91,12 @@ async def _status(cluster: LocalCluster, node: str) -> dict[str, Any]:
 
 
 async def _wait_evicted(cluster: LocalCluster, node: str, layers: set[str], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
+
+    async def evicted() -> bool:
         st = await _status(cluster, node)
-        if layers <= {e["digest"] for e in st["store"]["evicted"]}:
-            return
-        assert time.monotonic() < deadline, f"{node} did not evict {layers}: {st['store']}"
-        await asyncio.sleep(0.2)
+        return layers <= {e["digest"] for e in st["store"]["evicted"]}
+
+    await wait_until(evicted, timeout=timeout, what=f"{node} to evict {sorted(layers)}")
 
 
 async def test_lru_eviction_respects_jobs_and_updates_the_coordinator(

@@ -23,11 +23,31 @@ from rainbowd import messages as m
 from rainbowd.dockerd import PrivateDockerd
 from rainbowd.imagebuild import build_demo_image
 from rainbowd.localcluster import LocalCluster, NodeSpec
+from waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
 
 REF = "rbd-demo:latest"
+#: the cluster's heartbeat interval (seconds)
+HEARTBEAT = 0.5
+#: heartbeats a node sends before a claim that it "still" holds something is checked
+HEARTBEATS_LATER = 3
 OTHER = "rbd-demo-shared:1"
+
+
+async def heard_from(cluster: LocalCluster, node: str, beats: int) -> None:
+    """Wait until the coordinator has heard from ``node`` for ``beats`` more intervals."""
+    async with cluster.admin() as admin:
+
+        async def last_seen() -> float:
+            return next(n.last_seen for n in (await admin.nodes()).nodes if n.node_id == node)
+
+        since = await last_seen()
+
+        async def later() -> bool:
+            return await last_seen() >= since + beats * HEARTBEAT
+
+        await wait_until(later, timeout=30, what=f"{beats} more heartbeats from {node}")
 
 
 @pytest.fixture
@@ -37,7 +57,9 @@ async def cluster(tmp_path: Path, dockerd: PrivateDockerd) -> AsyncIterator[Loca
         NodeSpec("n1", speed_hint_mbps=500),
         NodeSpec("n2", speed_hint_mbps=500, docker_url=dockerd.url),
     ]
-    c = LocalCluster(tmp_path / "cluster", specs, chunk_size=256 * 1024, heartbeat_interval=0.5)
+    c = LocalCluster(
+        tmp_path / "cluster", specs, chunk_size=256 * 1024, heartbeat_interval=HEARTBEAT
+    )
     await c.start()
     try:
         yield c
@@ -184,9 +206,12 @@ async def test_cluster_functions_end_to_end(
     code, out, _ = await rbd(cluster, "images", "rm-nodes", REF, "--from", "n2")
     assert code == 1 and "refused to remove rbd-demo:latest" in out, out
     assert set(layers) <= layer_files(cluster, "n2")
-    await asyncio.sleep(1.5)  # heartbeats: n2's layers are holdings again
-    async with cluster.admin() as admin:
-        assert "n2" in (await admin.image(REF)).nodes
+    async with cluster.admin() as admin:  # n2's heartbeats list its layers as holdings again
+
+        async def n2_holds() -> bool:
+            return "n2" in (await admin.image(REF)).nodes
+
+        await wait_until(n2_holds, timeout=30, what="n2's heartbeat to list the image's layers")
     await rbd(cluster, "rm", blocker, "--on", "n2")
 
     code, out, err = await rbd(cluster, "images", "rm-nodes", REF, "--from", "all")
@@ -199,7 +224,7 @@ async def test_cluster_functions_end_to_end(
         tags = {t for i in await docker.images.list() for t in i.get("RepoTags") or []}
     assert REF not in tags and built in tags  # the built image keeps its own layers
 
-    await asyncio.sleep(1.5)  # several heartbeats later the removal still holds
+    await heard_from(cluster, "n2", HEARTBEATS_LATER)  # and later the removal still holds
     async with cluster.admin() as admin:
         assert (await admin.image(REF)).nodes == ["origin"]
         assert (await admin.image(OTHER)).nodes == ["n1", "origin"]

@@ -18,7 +18,6 @@ import asyncio
 import re
 import shutil
 import struct
-import time
 import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -34,6 +33,7 @@ from rainbowd.localcluster import LocalCluster, NodeSpec
 from rainbowd.scheduler import POLICIES
 from rainbowd.store import LayerStore
 from testdeps import missing_dependency
+from waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -208,7 +208,6 @@ async def test_console_shows_a_live_distribution(
 
         async with cluster.admin() as admin:
             job = await admin.create_job(m.CreateJob(image=REF, targets=["all"]))
-        t0 = time.monotonic()
         await page.wait_for_selector(f'.job[data-job="{job.job_id}"]', timeout=10_000)
 
         # while the job runs, the progress shown moves on its own
@@ -216,7 +215,10 @@ async def test_console_shows_a_live_distribution(
         totals: list[int] = []
         mid_shot = tmp_path / "console-running.png"
         shot_taken = False
-        while True:
+
+        async def watch() -> bool:
+            """One look at the page; True once it shows every node done."""
+            nonlocal shot_taken
             shown = await progress_of(page, job.job_id)
             for node, (_, _, kib) in shown.items():
                 seen[node].add(kib)
@@ -226,12 +228,10 @@ async def test_console_shows_a_live_distribution(
             if not shot_taken and moving and partial and len(set(totals)) >= 3:
                 await page.screenshot(path=str(mid_shot), full_page=True)
                 shot_taken = True
-            if all(st == "done" for st, _, _ in shown.values()):
-                break
-            assert time.monotonic() - t0 < 90, f"job not done in 90 s; page shows {shown}"
-            await asyncio.sleep(0.25)
-        elapsed = time.monotonic() - t0
-        assert elapsed > 3, f"the job took {elapsed:.1f}s: too fast to watch; raise the payload"
+            return all(st == "done" for st, _, _ in shown.values())
+
+        await wait_until(watch, timeout=90, what="the page to show the job done on every node")
+        # (a job too fast to watch shows no transfer in flight: raise the payload then)
         assert shot_taken, "no moment with a transfer in flight was seen"
         changing = [n for n in NODES[1:] if len(seen[n]) >= 3]
         assert changing, f"no node's progress changed while the job ran: {seen}"
@@ -293,7 +293,7 @@ async def test_console_shows_a_live_distribution(
         check_png(mid_shot, 1400, 900)
         check_png(final_shot, 1400, 900)
         assert errors == [], f"JavaScript errors on the page: {errors}"
-        print(f"job {job.job_id}: {elapsed:.1f}s in the browser; screenshots in {tmp_path}")
+        print(f"job {job.job_id}: {len(totals)} looks in the browser; screenshots in {tmp_path}")
 
 
 async def test_console_shows_a_refused_host_key_and_the_quarantine(

@@ -11,8 +11,6 @@ checked against these real scrapes too.
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from metric_names import dashboard_names, exposable_names
 from rainbowd import messages as m
 from rainbowd.localcluster import LocalCluster, NodeSpec
+from waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -150,13 +149,12 @@ async def test_scraped_counters_match_the_distribution(
     assert 0 < coord[("rbd_job_duration_seconds_sum", (("state", "done"),))] < 90
     assert coord[("rbd_scheduler_decision_seconds_count", ())] > 0
     # the job may beat the first heartbeat (1 s interval): one is handled soon after
-    beats = coord[("rbd_heartbeat_duration_seconds_count", ())]
-    deadline = time.monotonic() + 10
-    while not beats and time.monotonic() < deadline:
-        await asyncio.sleep(0.2)
+
+    async def beats() -> float:
         later = parse(await fetch(f"{cluster.admin_url}/metrics", cluster.admin_token))
-        beats = later[("rbd_heartbeat_duration_seconds_count", ())]
-    assert beats > 0
+        return later.get(("rbd_heartbeat_duration_seconds_count", ()), 0)
+
+    await wait_until(beats, timeout=10, what="a heartbeat in the coordinator's metrics")
     assert coord[("rbd_coordinator_nodes", (("state", "up"),))] == len(nodes)
     assert coord[("rbd_coordinator_jobs", (("state", "done"),))] == 1
     assert coord[("rbd_scheduler_pending_demands", ())] == 0

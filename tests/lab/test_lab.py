@@ -23,6 +23,7 @@ from bench.lab.__main__ import make_system, resolve_profile, run_lab
 from rainbowd.imagebuild import BUSYBOX
 from rainbowd.netlab import NetLab, list_netns
 from testdeps import missing_dependency
+from waiting import wait_until_sync
 
 pytestmark = pytest.mark.integration
 
@@ -148,7 +149,11 @@ def _start_run(workdir: Path) -> subprocess.Popen[str]:
         seen.append(line)
         if "running rbd" in line:
             # the agents are starting: the lab is up and has processes in it
-            time.sleep(2)
+            wait_until_sync(
+                lambda: set(_processes_mentioning(str(workdir))) - {p.pid},
+                timeout=30,
+                what="the lab's rbd processes to start",
+            )
             return p
         if not line and p.poll() is not None:
             break
@@ -183,10 +188,11 @@ def test_a_killed_run_is_removed_by_clean(tmp_path: Path) -> None:
     assert "removed" in r.stdout
     assert not _lab_namespaces(p.pid)
     # its processes died with it (PR_SET_PDEATHSIG) or were killed by clean
-    deadline = time.monotonic() + 10
-    while _processes_mentioning(str(tmp_path)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not _processes_mentioning(str(tmp_path))
+    wait_until_sync(
+        lambda: not _processes_mentioning(str(tmp_path)),
+        timeout=10,
+        what="the killed run's processes to be gone",
+    )
 
 
 def test_central_processes_run_at_a_higher_cpu_priority_than_nodes(tmp_path: Path) -> None:
@@ -208,10 +214,11 @@ def test_central_processes_run_at_a_higher_cpu_priority_than_nodes(tmp_path: Pat
 
         def nice(pid: int) -> int:
             # ip netns exec, then nice, exec the program in this pid: wait for it
-            deadline = time.monotonic() + 10
-            while Path(f"/proc/{pid}/comm").read_text().strip() != "sleep":
-                assert time.monotonic() < deadline, f"{pid} never became sleep"
-                time.sleep(0.05)
+            wait_until_sync(
+                lambda: Path(f"/proc/{pid}/comm").read_text().strip() == "sleep",
+                timeout=10,
+                what=f"{pid} to exec sleep",
+            )
             stat = Path(f"/proc/{pid}/stat").read_text()
             return int(stat.rsplit(")", 1)[1].split()[16])  # field 19: nice
 

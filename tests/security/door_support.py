@@ -22,18 +22,9 @@ from rainbowd.coordinator.core import Coordinator
 from rainbowd.coordinator.limits import EventBudget, server_options
 from rainbowd.coordinator.state import StateStore
 from rainbowd.messages import JSON, to_wire
+from waiting import FakeClock  # the coordinator's clock in these tests
 
 __all__ = ["ADMIN", "JOIN", "Door", "FakeClock", "open_door", "strict_json"]
-
-
-class FakeClock:
-    """The coordinator's clock in these tests: moves only when a test says so."""
-
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def strict_json(body: bytes) -> Any:

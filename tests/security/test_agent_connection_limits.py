@@ -17,6 +17,7 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncssh
 import pytest
@@ -30,6 +31,7 @@ from rainbowd.localcluster import LocalCluster, NodeSpec
 from rainbowd.messages import PeerInfo, TrustList
 from rainbowd.store import LayerStore
 from testdeps import missing_dependency
+from waiting import wait_until
 
 PEERS = ["p1", "p2", "p3"]
 
@@ -93,11 +95,9 @@ async def channel(conn: asyncssh.SSHClientConnection) -> asyncssh.SSHClientChann
     return chan
 
 
-async def until(done: Callable[[], bool], timeout: float = 10.0) -> None:
+async def until(done: Callable[[], bool], what: str) -> None:
     """Wait for the server's bookkeeping to see a close (it lands a loop turn or two later)."""
-    async with asyncio.timeout(timeout):
-        while not done():  # noqa: ASYNC110 (the server's counters have no event to wait on)
-            await asyncio.sleep(0.01)
+    await wait_until(done, timeout=10, what=what)
 
 
 async def refused(conn_or_connect: asyncssh.SSHClientConnection) -> None:
@@ -122,7 +122,7 @@ async def test_connections_per_peer_are_limited(tmp_path: Path, servers: list[Se
     assert s.server.gate.per_peer == {"p1": 2, "p2": 1}
     first.close()
     await first.wait_closed()
-    await until(lambda: s.server.gate.per_peer.get("p1") == 1)
+    await until(lambda: s.server.gate.per_peer.get("p1") == 1, "p1's first connection to close")
     again = await s.connect("p1")  # a slot freed: p1 gets in again
     await channel(again)
     for c in (second, other, again):
@@ -154,13 +154,15 @@ async def test_channels_per_connection_are_limited(tmp_path: Path, servers: list
     assert s.server.gate.refused == {"channel": 1}
     one.close()
     await one.wait_closed()
-    async with asyncio.timeout(10):
-        while True:  # the server sees the close a moment later
-            try:
-                await channel(conn)
-                break
-            except asyncssh.ChannelOpenError:
-                await asyncio.sleep(0.01)
+
+    async def reopened() -> bool:  # the server sees the close a moment later
+        try:
+            await channel(conn)
+        except asyncssh.ChannelOpenError:
+            return False
+        return True
+
+    await wait_until(reopened, timeout=10, what="a channel to open again after a close")
     conn.close()
 
 
@@ -181,7 +183,7 @@ async def test_pending_connections_are_bounded_and_time_out(
     async with asyncio.timeout(10):  # the login timeout closes them ...
         for r, _w in idle:
             await r.read()
-    await until(lambda: s.server.gate.pending == 0)
+    await until(lambda: s.server.gate.pending == 0, "the idle connections to time out")
     conn = await s.connect("p1")  # ... and a real peer gets in
     await channel(conn)
     conn.close()
@@ -258,45 +260,49 @@ async def test_fd_exhaustion_refuses_connections_and_the_agent_lives(tmp_path: P
                 idle.append(sock)
                 await loop.sock_connect(sock, ("127.0.0.1", port))
                 assert cluster.running("seed"), cluster.log_tail("seed")
+
         # every connection was either held (pending) or refused at once
-        async with asyncio.timeout(30):
-            while True:
-                assert cluster.running("seed"), cluster.log_tail("seed")
-                st = await cluster.agent_status("seed")
-                if sum(st["ssh_refused"].values()) >= IDLE - 32:
-                    break
-                await asyncio.sleep(0.05)
+        async def status() -> dict[str, Any]:
+            assert cluster.running("seed"), cluster.log_tail("seed")
+            return await cluster.agent_status("seed")
+
+        async def refused_enough() -> dict[str, Any] | None:
+            got = await status()
+            return got if sum(got["ssh_refused"].values()) >= IDLE - 32 else None
+
+        st = await wait_until(refused_enough, timeout=30, what="the seed to refuse the idle ones")
         # two more heartbeats land while the idle connections are held
-        async with asyncio.timeout(30):
-            for _ in range(2):
-                seen = st["coordinator"]["last_contact_age"]
-                while True:
-                    assert cluster.running("seed"), cluster.log_tail("seed")
-                    st = await cluster.agent_status("seed")
-                    if st["coordinator"]["last_contact_age"] < seen:
-                        break
-                    await asyncio.sleep(0.05)
+        for _ in range(2):
+            seen = st["coordinator"]["last_contact_age"]
+
+            async def contact_after(seen: float = seen) -> dict[str, Any] | None:
+                got = await status()
+                return got if got["coordinator"]["last_contact_age"] < seen else None
+
+            st = await wait_until(contact_after, timeout=30, what="the seed's next heartbeat")
         assert st["coordinator"]["connected"]
         for sock in idle:
             sock.close()
         idle.clear()
         # a real peer (dem's client key) is served again
         dem_key = load_or_create_key(cluster.agent_dir("dem") / "keys" / "client_ed25519")
-        async with asyncio.timeout(30):
-            while True:
-                try:
-                    conn = await asyncssh.connect(
-                        "127.0.0.1",
-                        port,
-                        username="rbd",
-                        client_keys=[dem_key],
-                        known_hosts=None,
-                        config=None,
-                    )
-                    await channel(conn)
-                    break
-                except (asyncssh.Error, OSError):  # pending slots free as the server sees closes
-                    await asyncio.sleep(0.1)
+
+        async def served() -> asyncssh.SSHClientConnection | None:
+            try:
+                conn = await asyncssh.connect(
+                    "127.0.0.1",
+                    port,
+                    username="rbd",
+                    client_keys=[dem_key],
+                    known_hosts=None,
+                    config=None,
+                )
+                await channel(conn)
+            except (asyncssh.Error, OSError):  # pending slots free as the server sees closes
+                return None
+            return conn
+
+        conn = await wait_until(served, timeout=30, what="a real peer to be served again")
         conn.close()
         assert cluster.running("seed")
         print(f"\nfd limit {NOFILE}, {IDLE} idle connections: refused {st['ssh_refused']}")

@@ -29,6 +29,7 @@ from rainbowd.coordinator.limits import (
 )
 from rainbowd.messages import MSGPACK
 from rainbowd.wirebounds import MAX_HOLDINGS
+from waiting import wait_until
 
 D_UNKNOWN = "sha256:" + "e" * 64
 
@@ -265,8 +266,10 @@ async def test_a_client_gone_mid_body_is_no_internal_error(quick: Door) -> None:
         await writer.drain()
         writer.close()
         await writer.wait_closed()
-        async with asyncio.timeout(10):  # the handler sees the reset when the read fails
-            while not any(e["event"] in ("client gone", "internal error") for e in logs):  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
+        await wait_until(  # the handler sees the reset when the read fails
+            lambda: any(e["event"] in ("client gone", "internal error") for e in logs),
+            timeout=10,
+            what="the coordinator to log the dropped request",
+        )
     events = [e["event"] for e in logs]
     assert "client gone" in events and "internal error" not in events, events

@@ -9,7 +9,6 @@ fails naming the layer (it used to run on, demanders failing on the origin).
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import shutil
@@ -22,6 +21,7 @@ from fake_clock_coordinator import Sim
 from rainbowd import messages as m
 from rainbowd.coordinator.holdings import HOLDING_GRACE_INTERVALS, ORPHAN_GRACE_INTERVALS
 from rainbowd.localcluster import LocalCluster, NodeSpec
+from waiting import wait_until
 
 HB = 1.0  # the Sim's heartbeat interval
 GRACE = HOLDING_GRACE_INTERVALS * HB
@@ -189,12 +189,13 @@ async def add_demo(c: LocalCluster, archive: Path) -> m.ImageView:
 
 async def wait_holdings(c: LocalCluster, node: str, count: int, timeout: float = 20) -> None:
     """Until the coordinator's view of ``node`` lists ``count`` layers (it heartbeats)."""
-    async with asyncio.timeout(timeout), c.admin() as admin:
-        while True:
+    async with c.admin() as admin:
+
+        async def listed() -> bool:
             view = next(n for n in (await admin.nodes()).nodes if n.node_id == node)
-            if view.holdings == count:
-                return
-            await asyncio.sleep(0.1)
+            return view.holdings == count
+
+        await wait_until(listed, timeout=timeout, what=f"{node} to list {count} layers")
 
 
 @pytest.fixture

@@ -36,6 +36,7 @@ from rainbowd.imagebuild import BUSYBOX, build_demo_image
 from rainbowd.localcluster import LocalCluster, NodeSpec
 from rainbowd.report_id import REPORT_ID_HEADER
 from testdeps import missing_dependency
+from waiting import wait_until
 
 # the coordinator unit tests' helpers (a real coordinator on loopback, fake images)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "unit"))
@@ -268,12 +269,17 @@ async def test_report_refused_while_the_coordinator_disk_is_full_lands_once(
         view = await admin.ingest(m.CreateImage(ref=REF, source=m.ArchiveSource(path=str(archive))))
         assert view.state == "ready", view.error
         job = await admin.create_job(m.CreateJob(image=REF, targets=["n1"]))
-        while not (await cluster.agent_status("n1"))["active"]:  # noqa: ASYNC110 (a status poll)
-            await asyncio.sleep(0.02)
+
+        async def pulling() -> bool:
+            return bool((await cluster.agent_status("n1"))["active"])
+
+        async def retrying() -> bool:
+            return bool((await cluster.agent_status("n1"))["reports"]["retries"])
+
+        await wait_until(pulling, timeout=60, what="n1 to start pulling")
         filler = fill(cluster.coordinator_dir)  # the coordinator's writes fail from now on
         # wait until a final report was refused with 500 and is being retried
-        while (await cluster.agent_status("n1"))["reports"]["retries"] == 0:  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
+        await wait_until(retrying, timeout=60, what="n1 to retry a refused report")
         filler.unlink()
         final = await admin.wait_job(job.job_id, timeout=90)
     assert final.state == "done", final.error

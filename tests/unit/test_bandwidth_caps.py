@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import pytest
@@ -12,29 +11,50 @@ from test_coordinator_support import enroll, register_request, start
 from rainbowd.agent.pacing import RatePacer
 from rainbowd.client import AgentClient, ApiError
 from rainbowd.scheduler import DEFAULT_SPEED_BPS, Scheduler
+from waiting import FakeClock
 
 MB = 1e6
 
 
+class PlayedTime:
+    """The pacer's clock and sleep: a sleep is noted and ends at once; the clock moves by hand."""
+
+    def __init__(self) -> None:
+        self.clock = FakeClock(0.0)
+        self.asked: list[float] = []  # every delay the pacer slept, in order
+
+    async def sleep(self, seconds: float) -> None:
+        self.asked.append(seconds)
+
+    def pacer(self, bps: float) -> RatePacer:
+        return RatePacer(bps, clock=self.clock, sleep=self.sleep)
+
+
 async def test_pacer_holds_shared_traffic_to_the_rate() -> None:
-    pacer = RatePacer(4 * MB)
-    t0 = time.monotonic()
+    played = PlayedTime()
+    pacer = played.pacer(4 * MB)
 
     async def stream(n: int) -> None:
         for _ in range(n):
             await pacer.pace(100_000)
 
-    await asyncio.gather(stream(6), stream(6))  # 1.2 MB over one 4 MB/s cap
-    elapsed = time.monotonic() - t0
-    assert elapsed >= 1.2 * MB / (4 * MB) * 0.98
-    assert elapsed < 1.0  # and it does pace, not stall
+    await asyncio.gather(stream(6), stream(6))  # 1.2 MB over one 4 MB/s cap, no time passing
+    # each booking ends 100 kB / 4 MB/s after the one before, whichever stream made it:
+    # the last ends exactly 1.2 MB / 4 MB/s from the start (it paces, it does not stall)
+    assert sorted(played.asked) == pytest.approx([0.025 * k for k in range(1, 13)])
+    # idle time is not saved up as credit: after a long pause a burst is paced again
+    played.clock.advance(60.0)
+    played.asked.clear()
+    await pacer.pace(100_000)
+    await pacer.pace(100_000)
+    assert played.asked == pytest.approx([0.025, 0.05])
 
 
 async def test_pacer_without_cap_does_not_wait() -> None:
-    t0 = time.monotonic()
+    played = PlayedTime()
     for _ in range(1000):
-        await RatePacer(0).pace(10**9)
-    assert time.monotonic() - t0 < 0.5
+        await played.pacer(0).pace(10**9)
+    assert played.asked == []
     with pytest.raises(ValueError, match="rate"):
         RatePacer(-1)
 

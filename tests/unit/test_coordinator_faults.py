@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 from pathlib import Path
 
-from test_coordinator_flow import Agent, agent
+from test_coordinator_flow import QUIET_INTERVAL, Agent, agent
 from test_coordinator_support import ADMIN, FakeImage, Running, fake_image, ingest, start
 
 from rainbowd.client import AdminClient, AgentClient
@@ -22,6 +22,7 @@ from rainbowd.messages import (
     TransferFailed,
     TransferProgress,
 )
+from waiting import FakeClock, wait_until
 
 
 async def origin_with_one_layer(r: Running, admin: AdminClient) -> tuple[Agent, FakeImage]:
@@ -190,10 +191,11 @@ async def test_dropped_poll_marks_the_node_down_and_frees_its_seeder(tmp_path: P
             assert await e.take() == []
             # a normal long-poll timing out does not mark anything down
             assert await d.take(wait=0.2) == []
-            assert r.coordinator.cluster.nodes["d"].up
+            nodes = r.coordinator.cluster.nodes
+            assert nodes["d"].up
             # d's connection drops mid-wait (its agent was killed)
             waiter = asyncio.create_task(d.take(wait=20.0))
-            await asyncio.sleep(0.2)
+            await wait_until(lambda: nodes["d"].polls > 0, timeout=5, what="d's poll to park")
             waiter.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await waiter
@@ -222,7 +224,8 @@ async def test_transfer_reports_keep_a_node_up_while_its_heartbeats_are_late(
     """A busy host's heartbeat can be late while its transfer reports keep coming (the
     lab saw it): the node stays up and its transfer runs; so does its seeder, whose
     bytes the reports show moving. Silence still marks them down."""
-    r = await start(tmp_path, heartbeat_interval=0.1)
+    clock = FakeClock(1_800_000_000.0)
+    r = await start(tmp_path, heartbeat_interval=QUIET_INTERVAL, clock=clock)
     try:
         async with AdminClient(r.url, ADMIN) as admin:
             origin, img = await origin_with_one_layer(r, admin)
@@ -230,15 +233,17 @@ async def test_transfer_reports_keep_a_node_up_while_its_heartbeats_are_late(
             await admin.create_job(CreateJob(image=img.record.ref, targets=["d"]))
             t = await d.transfer(wait=5.0)
             nodes = r.coordinator.cluster.nodes
-            for i in range(10):  # 1 s: ten heartbeat intervals without one from d or origin
+            for i in range(10):  # ten heartbeat intervals without one from d or origin
                 await d.c.transfer_progress(
                     t.transfer_id,
                     TransferProgress(bytes_done=1000 * i, bytes_total=t.layer.size, rate_bps=1e4),
                 )
-                await asyncio.sleep(0.1)
+                clock.advance(QUIET_INTERVAL)
+                assert r.coordinator.check_liveness() == []
             assert nodes["d"].up and nodes["origin"].up
             assert r.coordinator.scheduler.is_active(t.transfer_id)
-            await asyncio.sleep(0.6)  # now silence: six intervals
+            clock.advance(6 * QUIET_INTERVAL)  # now silence: six intervals
+            assert sorted(r.coordinator.check_liveness()) == ["d", "origin"]
             assert not nodes["d"].up and not nodes["origin"].up
             assert not r.coordinator.scheduler.is_active(t.transfer_id)
             for x in (origin, d):
@@ -248,13 +253,23 @@ async def test_transfer_reports_keep_a_node_up_while_its_heartbeats_are_late(
 
 
 async def test_node_down_longer_than_the_timeout_fails_in_its_job(tmp_path: Path) -> None:
-    r = await start(tmp_path, heartbeat_interval=0.1)
-    r.coordinator.node_down_timeout = 0.5
+    clock = FakeClock(1_800_000_000.0)
+    r = await start(tmp_path, heartbeat_interval=QUIET_INTERVAL, clock=clock)
+    r.coordinator.node_down_timeout = 5 * QUIET_INTERVAL
     try:
         async with AdminClient(r.url, ADMIN) as admin:
             origin, img = await origin_with_one_layer(r, admin)
             d = await agent(r.url, "d")
             job = await admin.create_job(CreateJob(image=img.record.ref, targets=["d"]))
+            # d goes silent: down after three intervals, still in its job (it may come back)
+            clock.advance(3.5 * QUIET_INTERVAL)
+            await origin.c.heartbeat(Heartbeat(holdings=img.digests))
+            assert r.coordinator.check_liveness() == ["d"]
+            assert (await admin.job(job.job_id)).state == "running"
+            # ... and failed in it once down longer than the timeout
+            clock.advance(5 * QUIET_INTERVAL)
+            await origin.c.heartbeat(Heartbeat(holdings=img.digests))
+            r.coordinator.check_liveness()
             view = await admin.wait_job(job.job_id, timeout=10)
             assert view.state == "failed"
             assert "node d down for" in view.nodes[0].error

@@ -6,8 +6,6 @@ so the coordinator's decisions can be checked step by step.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from pathlib import Path
 
 import pytest
@@ -23,6 +21,7 @@ from test_coordinator_support import (
 
 from rainbowd.client import AdminClient, AgentClient, ApiError
 from rainbowd.messages import (
+    ActiveTransfer,
     Assignment,
     CreateJob,
     Heartbeat,
@@ -34,6 +33,7 @@ from rainbowd.messages import (
     TransferFailed,
     TransferProgress,
 )
+from waiting import FakeClock
 
 
 class Agent:
@@ -254,10 +254,17 @@ async def test_host_key_mismatch_event_without_a_transfer_is_refused(
         await x.c.close()
 
 
+#: heartbeat interval (seconds) of the fake-clock liveness tests: the app's own liveness
+#: loop wakes every half interval of real time, so in these tests it never runs and the
+#: test calls check_liveness itself, after moving the clock
+QUIET_INTERVAL = 60.0
+
+
 async def test_node_that_stops_heartbeating_is_marked_down_and_work_moves(
     tmp_path: Path,
 ) -> None:
-    r = await start(tmp_path, heartbeat_interval=0.1)
+    clock = FakeClock(1_800_000_000.0)
+    r = await start(tmp_path, heartbeat_interval=QUIET_INTERVAL, clock=clock)
     try:
         async with AdminClient(r.url, ADMIN) as admin:
             origin = await agent(r.url, "origin", roles=["origin"], speed=1e6)
@@ -265,28 +272,33 @@ async def test_node_that_stops_heartbeating_is_marked_down_and_work_moves(
             await ingest(admin, origin.c, img)
             fast = await agent(r.url, "fast", speed=90e6, holdings=img.digests)
             d = await agent(r.url, "d")
-
-            async def beat(x: Agent) -> None:
-                held = img.digests if x is origin else []  # a heartbeat lists what it holds
-                while True:
-                    await x.c.heartbeat(Heartbeat(holdings=held))
-                    await asyncio.sleep(0.03)
-
-            beats = [asyncio.create_task(beat(x)) for x in (origin, d)]
             await admin.create_job(CreateJob(image=img.record.ref, targets=["d"]))
             t = await d.transfer()
             assert t.seeder.node_id == "fast"
             # "fast" never heartbeats: after 3 intervals it is down and d is re-planned
+            clock.advance(3.5 * QUIET_INTERVAL)
+            await origin.c.heartbeat(Heartbeat(holdings=img.digests))  # it lists what it holds
+            running = ActiveTransfer(
+                transfer_id=t.transfer_id,
+                layer=t.layer.digest,
+                seeder="fast",
+                bytes_done=0,
+                bytes_total=t.layer.size,
+                rate_bps=0.0,
+            )
+            await d.c.heartbeat(Heartbeat(active=[running]))  # d still pulls from "fast"
+            assert r.coordinator.check_liveness() == ["fast"]
+            # d's pull from "fast" fails; its next poll acknowledges t, and its next
+            # heartbeat, no longer listing t, releases the demand to be planned again
+            assert await d.take() == []
+            clock.advance(QUIET_INTERVAL)
+            await d.c.heartbeat(Heartbeat())
             t2 = await d.transfer(wait=3.0)
             assert t2.seeder.node_id == "origin" and t2.layer == t.layer
             nodes = {n.node_id: n.state for n in (await admin.nodes()).nodes}
             assert nodes == {"origin": "up", "fast": "down", "d": "up"}
             # a late done report for the aborted transfer still counts: d holds the layer
             await d.done(t)
-            for task in beats:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
             for x in (origin, fast, d):
                 await x.c.close()
     finally:

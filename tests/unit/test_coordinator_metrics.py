@@ -33,6 +33,7 @@ from rainbowd.messages import (
     TransferDone,
     TransferFailed,
 )
+from waiting import wait_until
 
 METRICS_TOKEN = "metrics-secret-for-tests"
 
@@ -186,12 +187,12 @@ async def test_heartbeats_and_parked_polls_are_seen(coord: Running) -> None:
         got = await scrape(coord.url)
         assert got[("rbd_heartbeat_duration_seconds_count", ())] == 2
         poll = asyncio.create_task(n.assignments(0, 10**9, 5.0))
-        for _ in range(100):
+
+        async def parked() -> bool:
             got = await scrape(coord.url)
-            if got[("rbd_assignment_polls_parked", ())] == 1:
-                break
-            await asyncio.sleep(0.02)
-        assert got[("rbd_assignment_polls_parked", ())] == 1
+            return got[("rbd_assignment_polls_parked", ())] == 1
+
+        await wait_until(parked, timeout=5, what="the metric to show one parked poll")
         poll.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await poll

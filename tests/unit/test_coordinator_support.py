@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,8 +64,17 @@ class Running:
         return probed
 
 
-async def start(state_dir: Path, heartbeat_interval: float = 5.0, policy: str = "paper") -> Running:
-    """A coordinator on loopback; ``paper`` by default, as most flow tests check Algorithm 1."""
+async def start(
+    state_dir: Path,
+    heartbeat_interval: float = 5.0,
+    policy: str = "paper",
+    clock: Callable[[], float] = time.time,
+) -> Running:
+    """A coordinator on loopback; ``paper`` by default, as most flow tests check Algorithm 1.
+
+    A test of liveness passes a fake ``clock`` and calls ``check_liveness`` itself
+    after moving it (the app's own liveness loop then sees no time pass).
+    """
     store = StateStore(state_dir / "coordinator.sqlite")
     c = Coordinator(
         store,
@@ -73,6 +83,7 @@ async def start(state_dir: Path, heartbeat_interval: float = 5.0, policy: str = 
         heartbeat_interval=heartbeat_interval,
         chunk_size=MIN_CHUNK_SIZE,
         policy=policy,
+        clock=clock,
     )
     server = TestServer(create_app(c), host="127.0.0.1", port=0)
     await server.start_server()

@@ -9,7 +9,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from rainbowd.coordinator.jobs import MAX_LAYER_FAILURES, Job
 from rainbowd.coordinator.mailbox import Mailbox
 from rainbowd.messages import ArchiveSource, IngestAssignment, SeederUse
 from rainbowd.progress import job_report, summary
+from waiting import settle, wait_until_sync
 
 L1, L2 = "sha256:" + "1" * 64, "sha256:" + "2" * 64
 
@@ -128,11 +128,11 @@ async def test_mailbox_cursor_and_wakeups() -> None:
     box = Mailbox(seq=10)
     ingest = IngestAssignment(ingest_id="i", ref="r", source=ArchiveSource(path="/x"), chunk_size=1)
     waiter = asyncio.create_task(box.wait(5.0))
-    await asyncio.sleep(0)
-    t0 = time.monotonic()
+    await settle()
+    assert not waiter.done()
     assert box.put(ingest) == 11
-    await waiter
-    assert time.monotonic() - t0 < 0.1
+    await settle()
+    assert waiter.done()  # woken by the put, not by its 5 s bound
     assert box.after(10) == (11, [ingest])
     assert box.after(11) == (11, [])  # acknowledged and dropped
     box.put(ingest)
@@ -188,9 +188,11 @@ def test_cli_starts_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
         text=True,
     )
     try:
-        deadline = time.monotonic() + 15
-        while not ready.exists() and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.05)
+        wait_until_sync(
+            lambda: ready.exists() or proc.poll() is not None,
+            timeout=15,
+            what="the coordinator's ready file (or its exit)",
+        )
         assert ready.exists(), proc.stderr.read() if proc.stderr else ""
         host, port = ready.read_text().strip().rsplit(":", 1)
         assert host == "127.0.0.1" and int(port) > 0

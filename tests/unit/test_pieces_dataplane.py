@@ -28,6 +28,7 @@ from rainbowd.chunks import ChunkManifest
 from rainbowd.digest import Digest, sha256_digest
 from rainbowd.messages import MessageError, PeerInfo, TransferAssignment, TrustList, decode
 from rainbowd.store import LayerStore
+from waiting import hang, wait_until
 
 CHUNK = 64 * 1024
 COUNT = 40
@@ -228,15 +229,13 @@ async def test_a_seeder_holding_only_some_pieces_serves_those_chunks(lab: Lab) -
     r = await p.pull(lab.assignment("t1", s, 0, HALF))
     assert r.bytes_moved == lab.bytes_of(0, HALF) == s.served
     assert s.server is not None and s.server.partial_chunks_served == HALF
-    # a chunk it does not have and nobody brings: refused within the start bound, not
+    # a chunk it does not have and nobody brings: refused at the start bound, not
     # after the 30 s a chunk being pulled may take
-    loop = asyncio.get_running_loop()
-    t0 = loop.time()
     with pytest.raises(PullError) as ei:
         await p.pull(lab.assignment("t2", s, HALF, COUNT))
     assert ei.value.kind == "relay" and "unavailable" in ei.value.reason
     assert "chunks [20, 40)" in ei.value.reason
-    assert loop.time() - t0 < 3.0
+    assert "no pull of it started within 0.3s" in ei.value.reason, ei.value.reason
     # the same without a relay board: "not held" at once
     bare = await lab.seeder("bare", holds=False)
     bare_part = bare.store.open_partial(lab.manifest)
@@ -278,9 +277,11 @@ async def test_a_node_serves_a_piece_it_got_while_it_pulls_another(lab: Lab) -> 
     lab.pullers.append(rp)
     await rp.pull(lab.assignment("r1", origin, 0, HALF))  # piece 1 held, as a partial
     slow = asyncio.create_task(rp.pull(lab.assignment("r2", origin, HALF, COUNT)))
-    async with asyncio.timeout(10):
-        while relay_store.shared_partial(lab.manifest.digest) is None:  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
+    await wait_until(
+        lambda: relay_store.shared_partial(lab.manifest.digest) is not None,
+        timeout=10,
+        what="the relay's pull of piece 2 to open the shared partial",
+    )
     r = await lab.puller().pull(lab.assignment("d1", relay, 0, HALF))
     assert r.bytes_moved == lab.bytes_of(0, HALF) == relay.served
     assert not slow.done()  # served while its own pull of the other piece ran
@@ -297,21 +298,24 @@ async def test_a_failed_piece_keeps_its_chunks_and_the_retry_moves_only_the_rest
     class Stalls(ChunkServer):
         async def _read(self, layer: Digest, index: int) -> tuple[int, bytes]:
             if index >= HALF + got:
-                await asyncio.sleep(3600)
+                await hang()  # stalls: never answers
             return await super()._read(layer, index)
 
     a = await lab.seeder("a", Stalls)
     p = lab.puller(chunk_timeout=30)
     task = asyncio.create_task(p.pull(lab.assignment("t1", a, HALF, COUNT)))
     assert a.server is not None
-    async with asyncio.timeout(10):
-        while a.server.chunks_served.get("dem", 0) < got:  # noqa: ASYNC110 (polling a counter)
-            await asyncio.sleep(0.01)
+    server = a.server
+    await wait_until(
+        lambda: server.chunks_served.get("dem", 0) >= got, timeout=10, what=f"{got} chunks served"
+    )
     shared = lab.dem_store.shared_partial(lab.manifest.digest)
     assert shared is not None
-    async with asyncio.timeout(10):  # the demander has verified what arrived
-        while len(shared.missing_in(HALF, COUNT)) > COUNT - HALF - got:  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
+    await wait_until(
+        lambda: len(shared.missing_in(HALF, COUNT)) <= COUNT - HALF - got,
+        timeout=10,
+        what="the demander to verify what arrived",
+    )
     await a.server.close()  # the source stalls for good: its link drops
     with pytest.raises(PullError) as ei:
         await task
@@ -334,8 +338,9 @@ async def test_an_overlapping_pull_waits_and_moves_only_what_is_missing(lab: Lab
     a = await lab.seeder("a", max_upload_bps=4e6)
     p = lab.puller()
     piece = asyncio.create_task(p.pull(lab.assignment("t1", a, 0, HALF)))
-    await asyncio.sleep(0)
-    assert p.overlapping(lab.manifest.digest, 0, COUNT)
+    await wait_until(
+        lambda: p.overlapping(lab.manifest.digest, 0, COUNT), timeout=5, what="piece 1's pull"
+    )
     assert not p.overlapping(lab.manifest.digest, HALF, COUNT)
     whole = asyncio.create_task(p.pull(lab.assignment("t2", a)))  # all of it: overlaps
     r1, r2 = await asyncio.gather(piece, whole)

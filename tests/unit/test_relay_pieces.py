@@ -12,6 +12,7 @@ import pytest
 from rainbowd.agent.relay import RelayBoard, RelayUnavailable
 from rainbowd.chunks import ChunkManifest, build_manifest
 from rainbowd.digest import sha256_digest
+from waiting import FakeClock, settle, wait_until
 
 CHUNK = 64 * 1024
 PART = Path("/nonexistent.part")
@@ -23,41 +24,44 @@ def manifest_of(n_chunks: int) -> ChunkManifest:
 
 
 async def test_a_chunk_of_a_running_piece_is_waited_for_and_others_are_not() -> None:
-    board = RelayBoard()
+    clock = FakeClock()
+    board = RelayBoard(clock=clock)
     m = manifest_of(8)
     first = board.begin(m, PART, [], 0, 4)
     board.begin(m, PART, [], 4, 8)
     waiter = asyncio.create_task(board.wait_chunk(m.digest, 6, 5.0, lambda: False, 0.1))
-    await asyncio.sleep(0.2)  # past the start bound: chunk 6 is covered, so it waits on
+    await wait_until(lambda: board.waiting(m.digest), timeout=5, what="the server to wait")
+    clock.advance(0.2)  # past the start bound: chunk 6 is covered, so it waits on
+    board.landed(m.digest, 5)  # wakes the waiter to look again
+    await settle()
     assert not waiter.done()
     board.landed(m.digest, 6)
     assert await waiter == (m, PART)
     # the first piece's pull fails: its chunks are unavailable at once, the other piece's not
     board.end(m.digest, installed=False, why="upstream gone", token=first)
-    loop = asyncio.get_running_loop()
-    t0 = loop.time()
-    with pytest.raises(RelayUnavailable, match="upstream gone"):
+    with pytest.raises(RelayUnavailable, match="upstream gone"):  # at once: no time passes
         await board.wait_chunk(m.digest, 2, 5.0, lambda: False, 5.0)
-    assert loop.time() - t0 < 0.5
     assert board.receiving(m.digest)  # the second pull still runs
     late = asyncio.create_task(board.wait_chunk(m.digest, 7, 5.0, lambda: False, 0.1))
-    await asyncio.sleep(0.05)
+    await wait_until(lambda: board.waiting(m.digest), timeout=5, what="the server to wait")
     board.landed(m.digest, 7)
     assert await late == (m, PART)
 
 
 async def test_a_chunk_no_pull_covers_is_unavailable_after_the_start_bound() -> None:
-    board = RelayBoard()
+    clock = FakeClock()
+    board = RelayBoard(clock=clock)
     m = manifest_of(8)
     board.begin(m, PART, [0, 1], 0, 4)
-    loop = asyncio.get_running_loop()
-    t0 = loop.time()
+    waiter = asyncio.create_task(board.wait_chunk(m.digest, 5, 30.0, lambda: False, 0.2))
+    await wait_until(lambda: board.waiting(m.digest), timeout=5, what="the server to wait")
+    clock.advance(0.25)  # past the start bound, far from the 30 s chunk bound
+    board.landed(m.digest, 2)  # wakes the waiter to look again
     with pytest.raises(RelayUnavailable, match=r"no pull of it started within 0\.2s"):
-        await board.wait_chunk(m.digest, 5, 30.0, lambda: False, 0.2)
-    assert 0.2 <= loop.time() - t0 < 2.0  # the start bound, not the 30 s chunk bound
+        await waiter
     # a pull of that piece announced within the bound is waited for
     waiter = asyncio.create_task(board.wait_chunk(m.digest, 5, 30.0, lambda: False, 2.0))
-    await asyncio.sleep(0.05)
+    await wait_until(lambda: board.waiting(m.digest), timeout=5, what="the server to wait")
     board.begin(m, PART, [], 4, 8)
     board.landed(m.digest, 5)
     assert await waiter == (m, PART)
@@ -77,9 +81,9 @@ async def test_the_last_piece_installing_the_layer_sends_waiters_to_the_blob() -
     a = board.begin(m, PART, [], 0, 4)
     b = board.begin(m, PART, [], 4, 8)
     waiter = asyncio.create_task(board.wait_chunk(m.digest, 1, 5.0, lambda: False, 1.0))
-    await asyncio.sleep(0.05)
+    await wait_until(lambda: board.waiting(m.digest), timeout=5, what="the server to wait")
     board.end(m.digest, installed=False, token=b, why="")  # its piece done, layer not yet
-    await asyncio.sleep(0.05)
+    await settle()
     assert not waiter.done()
     board.end(m.digest, installed=True, token=a)
     assert await waiter is None

@@ -25,12 +25,14 @@ from rainbowd.agent.keys import (
     public_line,
     same_key,
 )
+from rainbowd.agent.pacing import RatePacer
 from rainbowd.agent.puller import TRUST_RETRIES, HostKeyMismatch, LayerPuller, PullError
 from rainbowd.agent.ssh_server import ChunkServer
 from rainbowd.chunks import ChunkManifest
 from rainbowd.digest import Digest, sha256_digest
 from rainbowd.messages import PeerInfo, TransferAssignment, TrustList
 from rainbowd.store import LayerStore, PartialLayer
+from waiting import FakeClock, hang, wait_until
 
 CHUNK = 64 * 1024
 SIZE = 3 * 1024 * 1024 + 12_345  # 49 chunks, the last one short
@@ -228,6 +230,13 @@ async def test_resume_from_prefilled_partial(lab: Lab) -> None:
     assert blob(lab.dem_store, m.digest) == lab.data
 
 
+def verified(lab: Lab) -> int:
+    """Chunks of the layer the demander has verified into its partial so far."""
+    shared = lab.dem_store.shared_partial(lab.manifest.digest)
+    count = lab.manifest.count
+    return 0 if shared is None else count - len(shared.missing_in(0, count))
+
+
 class _DroppingServer(ChunkServer):
     """Reads ``limit`` chunks, then drops every connection (a seeder going away)."""
 
@@ -239,7 +248,7 @@ class _DroppingServer(ChunkServer):
         if self.reads > self.limit:
             for pc in list(self._conns):
                 pc.disconnect()
-            await asyncio.sleep(3600)
+            await hang()
         return await super()._read(layer, index)
 
 
@@ -470,16 +479,16 @@ async def test_dropped_link_resumes_from_another_seeder(lab: Lab) -> None:
     class Stalls(ChunkServer):
         async def _read(self, layer: Digest, index: int) -> tuple[int, bytes]:
             if index >= 20:
-                await asyncio.sleep(3600)
+                await hang()
             return await super()._read(layer, index)
 
     first = Stalls(lab.seed_store, lab.seed_host, node_id="seed")
     await start_server(lab, first)
     task = asyncio.create_task(lab.puller().pull(lab.assignment()))
-    async with asyncio.timeout(10):
-        while first.chunks_served.get("dem", 0) < 20:  # noqa: ASYNC110 (polling a counter)
-            await asyncio.sleep(0.01)
-    await asyncio.sleep(0.2)  # let the demander verify what arrived
+    await wait_until(
+        lambda: first.chunks_served.get("dem", 0) >= 20, timeout=10, what="20 chunks served"
+    )
+    await wait_until(lambda: verified(lab) >= 20, timeout=10, what="the demander to verify 20")
     await first.close()  # the link drops mid-transfer
     with pytest.raises(PullError) as ei:
         await task
@@ -513,11 +522,9 @@ async def test_two_pulls_of_one_layer_run_one_after_the_other(lab: Lab) -> None:
         transfer_id="t2", job_id="j2", layer=a1.layer, seeder=a1.seeder, reason="again"
     )
     first = asyncio.create_task(p.pull(a1))
-    await asyncio.sleep(0)
-    assert p.pulling(a1.layer.digest) == 1
+    await wait_until(lambda: p.pulling(a1.layer.digest) == 1, timeout=5, what="the first pull")
     second = asyncio.create_task(p.pull(a2))
-    await asyncio.sleep(0)
-    assert p.pulling(a1.layer.digest) == 2
+    await wait_until(lambda: p.pulling(a1.layer.digest) == 2, timeout=5, what="it to join")
     r1, r2 = await asyncio.gather(first, second)
     assert (r1.bytes_moved, r2.bytes_moved) == (SIZE, 0)
     assert lab.server.bytes_served == {"dem": SIZE}
@@ -531,7 +538,7 @@ async def test_second_pull_resumes_when_the_first_fails(lab: Lab) -> None:
     await start_server(lab, _DroppingServer(lab.seed_store, lab.seed_host, node_id="seed"))
     p = lab.puller()
     first = asyncio.create_task(p.pull(lab.assignment()))
-    await asyncio.sleep(0)
+    await wait_until(lambda: p.pulling(lab.manifest.digest), timeout=5, what="the first pull")
     seed2, peer2 = await second_seeder(lab)
     try:
         a2 = TransferAssignment(
@@ -582,12 +589,18 @@ async def test_upload_cap_paces_the_seeder(lab: Lab) -> None:
     await start_server(
         lab, ChunkServer(lab.seed_store, lab.seed_host, node_id="seed", max_upload_bps=rate)
     )
-    t0 = asyncio.get_running_loop().time()
+    assert isinstance(lab.server, ChunkServer)
+    asked: list[float] = []
+
+    async def sleep(seconds: float) -> None:  # the pacer's waits, noted; no time passes
+        asked.append(seconds)
+
+    lab.server._pacer = RatePacer(rate, clock=FakeClock(0.0), sleep=sleep)
     res = await lab.puller().pull(lab.assignment())
-    elapsed = asyncio.get_running_loop().time() - t0
     assert res.bytes_moved == SIZE
-    # the pacer lets the first chunk go at once and spaces the rest
-    assert elapsed >= (SIZE - CHUNK) / rate * 0.95
+    # every byte sent was booked on the pacer: the last booking ends SIZE / rate from the
+    # start (the pacer's own arithmetic is tested in test_bandwidth_caps.py)
+    assert max(asked) == pytest.approx(SIZE / rate)
     assert blob(lab.dem_store, lab.manifest.digest) == lab.data
 
 
@@ -613,16 +626,16 @@ async def test_cancel_flushes_partial(lab: Lab) -> None:
     class Slow(ChunkServer):
         async def _read(self, layer: Digest, index: int) -> tuple[int, bytes]:
             if index >= 8:
-                await asyncio.sleep(3600)
+                await hang()
             return await super()._read(layer, index)
 
     await start_server(lab, Slow(lab.seed_store, lab.seed_host, node_id="seed"))
     task = asyncio.create_task(lab.puller().pull(lab.assignment()))
-    for _ in range(200):
-        await asyncio.sleep(0.02)
-        if lab.server.chunks_served.get("dem", 0) >= 8:
-            break
-    await asyncio.sleep(0.2)
+    server = lab.server
+    await wait_until(
+        lambda: server.chunks_served.get("dem", 0) >= 8, timeout=10, what="8 chunks served"
+    )
+    await wait_until(lambda: verified(lab) >= 8, timeout=10, what="the demander to verify 8")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
