@@ -97,6 +97,7 @@ from rainbowd.messages import (
     TransferFailed,
     TransferProgress,
 )
+from rainbowd.wirebounds import MAX_QUERY_INT
 
 from . import console, limits
 from .core import MAX_WAIT, Coordinator
@@ -156,10 +157,15 @@ def _query(request: web.Request, name: str, default: float) -> float:
 
 
 def _query_int(request: web.Request, name: str) -> int:
-    value = _query(request, name, 0)
-    if value != int(value) or value < 0:
-        raise BadRequest(f"query parameter {name} must be a non-negative integer")
-    return int(value)
+    raw = request.query.get(name, "0")
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > len(str(MAX_QUERY_INT)):
+        raise BadRequest(
+            f"query parameter {name}={raw[:40]!r} must be an integer in 0..{MAX_QUERY_INT}"
+        )
+    value = int(raw)
+    if value > MAX_QUERY_INT:
+        raise BadRequest(f"query parameter {name}={raw!r} must be at most {MAX_QUERY_INT}")
+    return value
 
 
 # --------------------------------------------------------------------------

@@ -36,6 +36,9 @@ MAX_SECONDS = 366 * 24 * 3600.0
 MAX_LOAD = 1e6
 #: counts of chunks, layers, cursors and versions: 2**32
 MAX_COUNT = 2**32
+#: integers in a query string (cursors, ids, limits): exact in a double, and far below
+#: SQLite's INTEGER (2**63 - 1), which refused ?after=99999999999999999999 with a 500
+MAX_QUERY_INT = 2**53
 #: a protocol version, an exit code: a 32-bit signed integer
 MAX_INT32 = 2**31 - 1
 
