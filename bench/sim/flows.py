@@ -81,7 +81,7 @@ class FlowNetwork:
         self._flows[flow] = _Flow(tuple(resources))
         for r in resources:
             self._through.setdefault(r, {})[flow] = None
-        return self._refill(self._component(resources))
+        return self._refill_from(resources)
 
     def remove(self, flow: str) -> dict[str, float]:
         """End ``flow``; returns the rates of the flows that shared a component with it."""
@@ -95,7 +95,7 @@ class FlowNetwork:
                 del self._through[r]
             if r[0] == "flow":
                 del self._capacity[r]
-        return self._refill(self._component(f.resources))
+        return self._refill_from(f.resources)
 
     def rate(self, flow: str) -> float:
         try:
@@ -110,50 +110,64 @@ class FlowNetwork:
         return len(self._flows)
 
     # -- internals -------------------------------------------------------
-    def _component(self, start: Iterable[Resource]) -> set[str]:
-        """Every flow connected (through shared resources) to one of ``start``."""
-        flows: set[str] = set()
-        seen: set[Resource] = set()
-        todo = [r for r in start if r in self._through]
-        while todo:
-            r = todo.pop()
-            if r in seen:
-                continue
-            seen.add(r)
-            for fid in self._through.get(r, ()):
-                if fid not in flows:
-                    flows.add(fid)
-                    todo.extend(x for x in self._flows[fid].resources if x not in seen)
-        return flows
+    def _refill_from(self, start: Iterable[Resource]) -> dict[str, float]:
+        """Progressive filling of every component touching ``start``; the new rates there.
 
-    def _refill(self, flows: set[str]) -> dict[str, float]:
-        """Progressive filling of ``flows`` (a union of whole components)."""
+        One pass finds the component (flows linked through shared resources)
+        and its resources; each resource's unfrozen users start as every flow
+        through it, since a component holds all of them. Then resources are
+        popped by fair share (ties: by how many of their flows froze already,
+        then by resource), and a popped resource freezes its unfrozen flows at
+        its share. The order -- and so every float -- is that of the plain
+        algorithm (tests/unit/test_flows_refill.py replays both).
+        """
+        through, flows, capacity = self._through, self._flows, self._capacity
+        seen: set[Resource] = set()
+        todo: list[Resource] = []
+        for r in start:
+            if r in through and r not in seen:
+                seen.add(r)
+                todo.append(r)
+        members: set[str] = set()
+        while todo:
+            for fid in through[todo.pop()]:
+                if fid not in members:
+                    members.add(fid)
+                    for x in flows[fid].resources:
+                        if x not in seen:
+                            seen.add(x)
+                            todo.append(x)
         left: dict[Resource, float] = {}  # capacity not yet taken by frozen flows
         users: dict[Resource, int] = {}  # unfrozen flows through it
-        for fid in flows:
-            for r in self._flows[fid].resources:
-                left[r] = self._capacity[r]
-                users[r] = users.get(r, 0) + 1
-        version = dict.fromkeys(left, 0)
-        heap = [(left[r] / users[r], 0, r) for r in left]
+        version: dict[Resource, int] = {}  # flows through it frozen so far (stale heap entries)
+        heap: list[tuple[float, int, Resource]] = []
+        for r in seen:
+            cap, n = capacity[r], len(through[r])
+            left[r], users[r], version[r] = cap, n, 0
+            heap.append((cap / n, 0, r))
         heapq.heapify(heap)
+        pop, push = heapq.heappop, heapq.heappush
         out: dict[str, float] = {}
         while heap:
-            share, v, r = heapq.heappop(heap)
+            share, v, r = pop(heap)
             if v != version[r] or users[r] == 0:
                 continue  # stale: its share changed since this entry
-            for fid in self._through[r]:
+            for fid in through[r]:
                 if fid in out:
                     continue
                 out[fid] = share
-                self._flows[fid].rate = share
-                for other in self._flows[fid].resources:
+                f = flows[fid]
+                f.rate = share
+                for other in f.resources:
                     if other == r:
                         continue
-                    left[other] = max(0.0, left[other] - share)
-                    users[other] -= 1
-                    version[other] += 1
-                    if users[other]:
-                        heapq.heappush(heap, (left[other] / users[other], version[other], other))
+                    rest = left[other] - share
+                    left[other] = rest = rest if rest > 0.0 else 0.0
+                    n = users[other] - 1
+                    users[other] = n
+                    v = version[other] + 1
+                    version[other] = v
+                    if n:
+                        push(heap, (rest / n, v, other))
             users[r] = 0
         return out
