@@ -127,3 +127,44 @@ def test_the_fill_returns_the_plain_algorithms_rates_in_its_order(seed: int) -> 
             live.append(fid)
         assert list(got.items()) == list(want.items())
     assert net.rates() == {fid: net.rate(fid) for fid in live}
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_the_incremental_fill_gives_the_whole_components_allocation(seed: int) -> None:
+    """After every add and remove, every flow's rate is the whole fill's (to float rounding).
+
+    Few distinct capacities and shared nodes make full links common, so changes
+    travel far; the returned map must hold every flow whose rate moved.
+    """
+    rng = random.Random(1000 + seed)
+    names = [f"n{i}" for i in range(rng.randint(2, 16))]
+    levels = [1.0, 2.0, 3.0, 8.0]
+    inc, full = FlowNetwork(incremental=True), FlowNetwork()
+    for name in names:
+        up, down = rng.choice(levels), rng.choice(levels)
+        if rng.random() < 0.4:
+            up, down = rng.uniform(0.5, 10), rng.uniform(0.5, 10)
+        inc.add_node(name, up, down)
+        full.add_node(name, up, down)
+    live: list[str] = []
+    for i in range(rng.randint(30, 200)):
+        before = inc.rates()
+        if live and rng.random() < 0.4:
+            fid = live.pop(rng.randrange(len(live)))
+            got = inc.remove(fid)
+            full.remove(fid)
+            before.pop(fid)
+        else:
+            fid = f"f{i}"
+            cap = rng.choice([None, None, None, 0.7, 1.0, rng.uniform(0.1, 5)])
+            src, dst = rng.choice(names), rng.choice(names)
+            got = inc.add(fid, src, dst, cap)
+            full.add(fid, src, dst, cap)
+            live.append(fid)
+            assert fid in got
+        now, want = inc.rates(), full.rates()
+        assert now.keys() == want.keys()
+        for f, rate in want.items():
+            assert now[f] == pytest.approx(rate, rel=1e-9, abs=1e-12), f
+            if f not in got:
+                assert now[f] == before[f]  # not re-filled: untouched
