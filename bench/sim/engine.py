@@ -11,7 +11,7 @@ does (coordinator/core.py):
   targets ``["all"]``), every layer in image order, then asks for a schedule;
 * each transfer the scheduler starts waits for its setup delay, then runs as
   a flow in :class:`~bench.sim.flows.FlowNetwork` (rates max-min fair,
-  re-computed when any flow starts or ends);
+  re-computed when any flow starts or ends, for the flows that change can move);
 * after its last byte and the finish delay the coordinator learns of it:
   ``complete(tid, now, bytes)`` (so the seeder's measured speed is bytes
   over the time since the decision, delays included, as in the real
@@ -131,7 +131,7 @@ class Simulation:
         if isinstance(scheduler, Scheduler):
             scheduler = PieceScheduler.around(scheduler)
         self.scheduler = scheduler or PieceScheduler(policy)
-        self.network = FlowNetwork()
+        self.network = FlowNetwork(incremental=True)
         self.result = SimResult(self.scheduler.policy)
         self._events: list[tuple[float, int, int, str, int]] = []
         self._seq = itertools.count()

@@ -41,6 +41,10 @@ questions Algorithm 1 asks, and are updated as events arrive:
   it, keyed by their longest-waiting demand (lazy: an entry carries the
   demander's version and is dropped when that is stale).
 
+Only ``paper`` reads these two indexes; under a capacity-aware policy the
+planner (policies.py) keeps its own, so they are not maintained there (every
+transfer start and end would otherwise re-key them for nothing).
+
 A call then walks the idle holders of the layers someone waits for, fastest
 first, and stops once no waiting demander is left for any layer an idle
 seeder could serve. It costs about the transfers it starts (times the layers a
@@ -346,7 +350,7 @@ class Scheduler:
         self._demands[(node_id, layer)] = d
         node.demands[layer] = d
         self._demand_count[layer] = self._demand_count.get(layer, 0) + 1
-        if node.free_demander and layer not in node.pulling:
+        if self._planner is None and node.free_demander and layer not in node.pulling:
             # the newest demand never changes the node's rank (its oldest wanted
             # demand), so its other heap entries stay valid: add just this one
             first = node.first_wanted()
@@ -642,6 +646,7 @@ class Scheduler:
         node.version += 1
         if self._planner is not None:
             self._planner.refresh(node)
+            return  # the waiting heaps are Algorithm 1's index: a planner keeps its own
         if not node.free_demander:
             return
         rank: int | None = None
@@ -673,6 +678,7 @@ class Scheduler:
         """Put ``node`` in (or take it out of, or move it in) its layers' idle-holder lists."""
         if self._planner is not None:
             self._planner.refresh(node)
+            return  # the idle-holder lists are Algorithm 1's index: a planner keeps its own
         want = (-node.speed_bps, node.node_id) if node.free_seeder else None
         have = node.idle_key
         if want == have:
