@@ -270,7 +270,7 @@ class Planner:
         self._wait_key: dict[str, _WaitKey] = {}
         self._horizon = 0.0  # latest planned finish of a current demander (slack rule)
         self._upload_bound = 0.0  # _upload_bound_s as last summed
-        self._upload_total_at = -INF  # when _upload_bound_s next sums
+        self._upload_summed_at = -INF  # when it was summed
         self._starve_check_at = 0.0  # when _starving next walks the waiting demanders
         # demander -> when _starving first saw it waiting with nothing in flight (patience
         # counts from there, not from its demand: a node that just finished a piece of a
@@ -532,13 +532,12 @@ class Planner:
         per ``_UPLOAD_RESUM_S`` (it walks every node and every open demand); in between
         it counts down with the clock.
         """
-        if now >= self._upload_total_at:
+        if now - self._upload_summed_at >= _UPLOAD_RESUM_S:
             total = sum(n.speed_bps for n in self._s._nodes.values() if n.up and not n.suspect)
             open_bytes = sum(self._size(lr) * n for lr, n in self._s._demand_count.items())
             self._upload_bound = open_bytes / total if total > 0 else 0.0
-            self._upload_total_at = now + _UPLOAD_RESUM_S
-            return self._upload_bound
-        return max(0.0, self._upload_bound - (now - self._upload_total_at + _UPLOAD_RESUM_S))
+            self._upload_summed_at = now
+        return max(0.0, self._upload_bound - (now - self._upload_summed_at))
 
     def _merge(
         self,
@@ -584,10 +583,10 @@ class Planner:
             if node.pulling:
                 self._idle_seen.pop(nid, None)
                 continue
-            wanted = [d for lr, d in node.demands.items() if lr not in node.pulling]
-            if not wanted:
+            first = next(iter(node.demands.values()), None)
+            if first is None:
                 continue
-            idle_since = max(wanted[0].since, self._idle_seen.setdefault(nid, now))
+            idle_since = max(first.since, self._idle_seen.setdefault(nid, now))
             if now - idle_since >= self.rules.patience_s:
                 yield node
 
