@@ -49,6 +49,16 @@ class Tracked:
     bytes_seen: int = 0  # the most bytes a progress report of it has shown
 
 
+def transfer_fields(t: Transfer) -> dict[str, str]:
+    """The fields every log line about one transfer carries, in the same order."""
+    return {
+        "transfer": t.transfer_id,
+        "layer": short(t.layer),
+        "seeder": t.seeder,
+        "demander": t.demander,
+    }
+
+
 class Dispatch:
     """Tracked transfers, scheduling and delivery; see the module docstring."""
 
@@ -135,10 +145,7 @@ class Dispatch:
                 adopted.append(t)
                 log.info(
                     "transfer adopted after restart",
-                    transfer=t.transfer_id,
-                    layer=short(t.layer),
-                    seeder=t.seeder,
-                    demander=t.demander,
+                    **transfer_fields(t),
                 )
             elif st.state == "active":
                 ctx.store.delete_transfer(st.transfer_id)  # done; its report was lost
@@ -204,10 +211,7 @@ class Dispatch:
                 ctx.store.save_transfer(self.stored(tr, "aborted"))
             log.info(
                 "transfer aborted",
-                transfer=t.transfer_id,
-                layer=short(t.layer),
-                seeder=t.seeder,
-                demander=t.demander,
+                **transfer_fields(t),
                 why=why,
             )
 
@@ -242,10 +246,7 @@ class Dispatch:
             self.jobs.transfer_started(t.demander, t.layer)
             log.info(
                 "transfer assigned",
-                transfer=t.transfer_id,
-                layer=short(t.layer),
-                seeder=t.seeder,
-                demander=t.demander,
+                **transfer_fields(t),
                 reason=t.reason,
             )
         for nid in touched:

@@ -25,7 +25,7 @@ from rainbowd.scheduler import Transfer
 
 from .cluster import Node
 from .context import ServiceContext
-from .dispatch import Dispatch, Tracked
+from .dispatch import Dispatch, Tracked, transfer_fields
 from .errors import Forbidden
 from .evidence import PeerEvidence
 from .holdings_service import HoldingsService
@@ -133,10 +133,7 @@ class TransferReports:
         self.jobs.transfer_started(node.node_id, t.layer)
         log.info(
             "transfer taken back: the agent still pulls it",
-            transfer=t.transfer_id,
-            layer=short(t.layer),
-            seeder=t.seeder,
-            demander=t.demander,
+            **transfer_fields(t),
         )
         return True
 
@@ -248,10 +245,7 @@ class TransferReports:
                     p.record(use)  # every piece of a split layer counts (first: once each)
         log.info(
             "transfer done",
-            transfer=transfer_id,
-            layer=short(t.layer),
-            seeder=t.seeder,
-            demander=t.demander,
+            **transfer_fields(t),
             bytes=m.bytes_moved,
             seconds=round(m.seconds, 3),
         )
@@ -290,10 +284,7 @@ class TransferReports:
         why = f"{m.kind}: {m.reason}"
         log.warning(
             "transfer failed",
-            transfer=transfer_id,
-            layer=short(t.layer),
-            seeder=t.seeder,
-            demander=t.demander,
+            **transfer_fields(t),
             kind=m.kind,
             reason=m.reason,
             seeder_fault=m.seeder_fault,
