@@ -715,8 +715,8 @@ class LayerPuller:
                     self.metrics.chunk_failure(tally.peer, "timeout")
                     raise PullError(
                         "io",
-                        f"{where}: no chunk for {wait_s:.0f}s ({len(outstanding)} outstanding; "
-                        f"a {manifest.chunk_size} B chunk may take {wait_s:.0f}s)",
+                        f"{where}: no chunk for {wait_s:.0f}s "
+                        f"({len(outstanding)} outstanding, {manifest.chunk_size} B chunks)",
                     ) from None
                 if isinstance(ev, chunkproto.Chunk):
                     self.metrics.received(tally.peer, len(ev.data))
