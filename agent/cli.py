@@ -77,10 +77,7 @@ async def _serve(config: AgentConfig) -> int:
 def _status(args: argparse.Namespace) -> int:
     try:
         path, checked = _find_socket(args)
-    except ConfigError as e:
-        print(f"rbd-agent: {e}", file=sys.stderr)
-        return 2
-    except _Ambiguous as e:
+    except (ConfigError, _Ambiguous) as e:
         print(f"rbd-agent: {e}", file=sys.stderr)
         return 2
     try:
