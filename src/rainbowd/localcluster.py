@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Self
 
 import aiohttp
 
@@ -254,6 +254,13 @@ class LocalCluster:
                 proc.popen.wait()
         if proc.log_file is not None:
             proc.log_file.close()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
 
     async def stop(self) -> None:
         """SIGTERM every process (agents first), then SIGKILL what lingers."""

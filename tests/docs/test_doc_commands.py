@@ -292,12 +292,8 @@ def test_the_extractor_reads_blocks_continuations_and_comments(tmp_path: Path) -
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
     specs = [NodeSpec("origin", roles=["origin"]), *(NodeSpec(n) for n in NODES)]
-    c = LocalCluster(tmp_path / "cluster", specs, chunk_size=256 * 1024)
-    await c.start()
-    try:
+    async with LocalCluster(tmp_path / "cluster", specs, chunk_size=256 * 1024) as c:
         yield c
-    finally:
-        await c.stop()
 
 
 def _substitutions(c: LocalCluster, work: Path, archive: Path) -> dict[str, str]:

@@ -25,12 +25,9 @@ RBD = str(Path(sys.executable).parent / "rbd")
 
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
-    c = LocalCluster(tmp_path / "c", [NodeSpec("origin", roles=["origin"]), NodeSpec("n1")])
-    await c.start()
-    try:
+    specs = [NodeSpec("origin", roles=["origin"]), NodeSpec("n1")]
+    async with LocalCluster(tmp_path / "c", specs) as c:
         yield c
-    finally:
-        await c.stop()
 
 
 def _store_is_clean(cluster: LocalCluster, node: str) -> None:

@@ -40,12 +40,8 @@ async def run(
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
     specs = [NodeSpec("origin", roles=["origin"]), NodeSpec("n1"), NodeSpec("n2"), NodeSpec("n3")]
-    c = LocalCluster(tmp_path / "c", specs, chunk_size=256 * 1024)
-    await c.start()
-    try:
+    async with LocalCluster(tmp_path / "c", specs, chunk_size=256 * 1024) as c:
         yield c
-    finally:
-        await c.stop()
 
 
 def rbd_env(c: LocalCluster) -> dict[str, str]:

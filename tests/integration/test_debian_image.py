@@ -78,12 +78,8 @@ async def cluster(tmp_path: Path, dockerd: PrivateDockerd) -> AsyncIterator[Loca
         NodeSpec("n1"),
         NodeSpec("n2", docker_url=dockerd.url),
     ]
-    c = LocalCluster(tmp_path / "c", specs)
-    await c.start()
-    try:
+    async with LocalCluster(tmp_path / "c", specs) as c:
         yield c
-    finally:
-        await c.stop()
 
 
 async def test_debootstrapped_debian_distributes_and_runs(
