@@ -147,7 +147,14 @@ class NodeProgress:
         Pieces of one layer from one seeder (and a resumed pull from it) add up to
         one line, so the report keeps a line per layer and seeder while the wire
         bytes count every piece (they once counted the first piece of a layer only).
+
+        A report can arrive after the node finished (its heartbeat showed the layer
+        held first, and the load was quick): the layer was in place by then, so the
+        use ends at the node's finish, never after it (the lab's timeline once showed a
+        transfer done 4 ms after its node).
         """
+        if self.state == "done" and 0 < self.finished_at < use.finished_at:
+            use = msgspec.structs.replace(use, finished_at=self.finished_at)
         for i, u in enumerate(self.transfers):
             if u.layer == use.layer and u.seeder == use.seeder:
                 started = min(u.started_at, use.started_at) or max(u.started_at, use.started_at)

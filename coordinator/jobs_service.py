@@ -14,7 +14,15 @@ from collections.abc import Iterable, Mapping
 
 import structlog
 
-from rainbowd.messages import CreateJob, JobList, JobView, LoadAssignment, LoadDone, TaskFailed
+from rainbowd.messages import (
+    CreateJob,
+    JobList,
+    JobView,
+    LoadAssignment,
+    LoadDone,
+    SeederUse,
+    TaskFailed,
+)
 
 from . import holdings
 from .cluster import Node
@@ -52,6 +60,23 @@ class JobsService:
         for p in self.progress_of(node_id):
             if p.needs(layer):
                 p.started_transfer(layer)
+
+    def record_use(self, node_id: str, job_id: str, use: SeederUse) -> None:
+        """Count a finished transfer into the jobs of ``node_id`` that get its layer, and save.
+
+        The transfer's own job counts it even when it has ended: a done report that
+        reaches a restarted coordinator after the node's heartbeat showed the layer
+        held (and the job finished on that) would otherwise leave the node listed
+        without the layer's transfer (tests/faults/test_coordinator_restart.py).
+        """
+        jobs = list(self.jobs_of(node_id))
+        own = self.jobs.get(job_id)
+        if own is not None and not own.running and node_id in own.nodes:
+            jobs.append((own, own.nodes[node_id]))
+        for job, p in jobs:
+            if use.layer in p.sizes:
+                p.record(use)  # every piece of a split layer counts (first: once each)
+                self.job_changed(job, p)
 
     def jobs_of_all(self) -> Iterable[tuple[Job, NodeProgress]]:
         for job in list(self.jobs.values()):

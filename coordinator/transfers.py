@@ -240,9 +240,6 @@ class TransferReports:
                 started_at=t.started_at,
                 finished_at=now,
             )
-            for p in self.jobs.progress_of(node.node_id):
-                if t.layer in p.sizes:
-                    p.record(use)  # every piece of a split layer counts (first: once each)
         log.info(
             "transfer done",
             **transfer_fields(t),
@@ -252,11 +249,10 @@ class TransferReports:
         if holds_whole_layer(ctx.scheduler, t) and self.holdings.add(node, [t.layer], now):
             ctx.save_node(node)
         if first:
-            # the recorded use must survive a restart, also when the layer completed a
-            # holding (a kill -9 right after lost it: the job then listed the node without
-            # that layer, tests/faults/test_coordinator_restart.py, 1 run in 4)
-            for job, p in list(self.jobs.jobs_of(node.node_id)):
-                self.jobs.job_changed(job, p)
+            # after the holding: the recorded use must survive a restart, also when the
+            # layer completed a holding (a kill -9 right after lost it: the job then listed
+            # the node without that layer, tests/faults/test_coordinator_restart.py)
+            self.jobs.record_use(node.node_id, t.job_id, use)
         self.dispatch.schedule(now)
 
     def transfer_failed(self, node: Node, transfer_id: str, m: TransferFailed) -> None:

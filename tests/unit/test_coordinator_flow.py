@@ -305,6 +305,49 @@ async def test_node_that_stops_heartbeating_is_marked_down_and_work_moves(
         await r.stop()
 
 
+async def test_a_done_report_after_the_job_ended_still_counts_and_ends_with_the_node(
+    tmp_path: Path,
+) -> None:
+    """The heartbeat that shows the layer held can beat the transfer's done report.
+
+    The node is done (no Docker: nothing to load) and the job with it; the report
+    that comes next is still the layer's transfer, so the job lists it, ending no
+    later than the node (kill -9 and the lab's loaded runs both saw this order).
+    """
+    clock = FakeClock(1_800_000_000.0)
+    r = await start(tmp_path, clock=clock)
+    try:
+        async with AdminClient(r.url, ADMIN) as admin:
+            origin = await agent(r.url, "origin", roles=["origin"])
+            img = fake_image(sizes=(70_000,))
+            await ingest(admin, origin.c, img)
+            d = await agent(r.url, "d")
+            job = await admin.create_job(CreateJob(image=img.record.ref, targets=["d"]))
+            t = await d.transfer()
+            clock.advance(2.0)
+            await d.c.heartbeat(Heartbeat(holdings=img.digests))
+            ended = await admin.job(job.job_id)
+            assert ended.state == "done"
+            (node,) = ended.nodes
+            assert node.transfers == []  # the report is still to come
+            clock.advance(0.5)
+            await d.done(t)
+            (node,) = (await admin.job(job.job_id)).nodes
+            (use,) = node.transfers
+            assert (use.layer, use.seeder, use.bytes) == (t.layer.digest, "origin", t.layer.size)
+            assert use.finished_at == node.finished_at == clock() - 0.5
+            await d.c.close()
+            await origin.c.close()
+        # and it was saved: the restarted coordinator lists it too
+        await r.stop()
+        r = await start(tmp_path, clock=clock)
+        async with AdminClient(r.url, ADMIN) as admin:
+            (node,) = (await admin.job(job.job_id)).nodes
+            assert [u.layer for u in node.transfers] == [t.layer.digest]
+    finally:
+        await r.stop()
+
+
 async def test_state_survives_a_restart(tmp_path: Path) -> None:
     r = await start(tmp_path)
     async with AdminClient(r.url, ADMIN) as admin:
