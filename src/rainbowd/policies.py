@@ -31,6 +31,10 @@ policies here plan with *bandwidth*, not with locks:
   put the horizon too near and every node looks urgent within seconds; with
   ``upload_urgent`` the cut is at least that share of the seconds the whole
   cluster's upload needs for every open demand (``Planner._upload_bound_s``).
+* **stripe** -- while a demander has more to ask for, a transfer that is
+  short at full rate reserves only ``stripe`` of its download, so two run side
+  by side and each covers the other's set-up and report gap
+  (``Planner._reserve_down``).
 * **direct** -- a layer so small that a seeder can send it to many demanders
   within ``direct_s`` seconds goes straight from that seeder to all of them at
   once, reserving nothing (the DID crossover: a tree only adds hops).
@@ -168,6 +172,13 @@ class Rules:
     #: first seconds, and near the end the nodes lacking most go first before their own
     #: download becomes the bound (Planner._upload_bound_s)
     upload_urgent: float = 0.0
+    #: most share of a demander's download one transfer reserves while the demander has more
+    #: to ask for and the transfer would take under ``stripe_s`` at full rate (1 = no cap):
+    #: two short transfers in flight overlap each other's set-up and report gaps
+    #: (Planner._reserve_down)
+    stripe: float = 1.0
+    #: pieces taking longer than this at full rate are not striped (see ``stripe``)
+    stripe_s: float = 0.0
 
 
 RULES: dict[str, Rules] = {
@@ -209,6 +220,8 @@ RULES: dict[str, Rules] = {
             rank="min",
             rank_step=0.5,
             upload_urgent=0.6,
+            stripe=0.5,
+            stripe_s=2.0,
             piece_bytes=512 * 1024,
             layer_pieces=16,
         ),
@@ -754,7 +767,7 @@ class Planner:
             )
             plan = _Plan(0.0, 0.0, seeder.speed_bps, True, direct=True)
         elif self.rules.slots:
-            up, down = self.free_up(seeder), self.free_down(node)
+            up, down = self.free_up(seeder), self._reserve_down(node, d.layer)
             if urgent:
                 left = self.rules.urgent_share * seeder.speed_bps
                 up = min(up, left - self._urgent_used.get(seeder.node_id, 0.0))
@@ -791,6 +804,30 @@ class Planner:
             )
             plan = _Plan(seeder.speed_bps, node.speed_bps, rate, seeder.speed_bps <= node.speed_bps)
         return self._s._start(seeder, node, d, now, reason, plan_hook=lambda t: self._hold(t, plan))
+
+    def _reserve_down(self, node: _Node, layer: str) -> float:
+        """How much of ``node``'s free download a new transfer of ``layer`` may reserve.
+
+        All of it, except under ``stripe``: while the demander has more to ask for,
+        a transfer short at full rate (under ``stripe_s``) reserves at most
+        ``stripe`` of its download, so a second one runs beside it. One transfer at
+        a time leaves the download idle between two pieces -- the report, the next
+        assignment, a connection to a new seeder: ~40 ms in the simulator's
+        overheads, 14 % of a 512 KiB piece at 16 Mbit/s -- and two in flight
+        overlap those gaps. Long pieces keep the full rate: finishing one sooner
+        makes a new seeder sooner, which is what the ramp needs (upload-bound, 4 MiB
+        pieces: striping every piece took it from 1.46 to 1.66 x T*). Simulator,
+        100 nodes, suite of 16 shapes with stripe 0.5 / stripe_s 2 s: ci 1.29 ->
+        1.24 x T*, homogeneous 1.71 -> 1.57, random-pareto 1.41 -> 1.29, paper
+        1.14 -> 1.10; random-asymmetric's median slowdown 2.43 -> 2.89 (9 -> 10 of
+        16 shapes meet every goal).
+        """
+        down = self.free_down(node)
+        if self.rules.stripe >= 1.0 or len(node.demands) <= len(node.pulling) + 1:
+            return down  # nothing else to ask for: the last one takes what there is
+        if self._size(layer) / max(1.0, down) >= self.rules.stripe_s:
+            return down
+        return min(down, self.rules.stripe * _down_speed(node))
 
     def _hold(self, t: Transfer, plan: _Plan) -> None:
         self._plans[t.transfer_id] = plan

@@ -100,9 +100,10 @@ def test_a_node_holds_the_layer_only_with_every_piece_and_seeds_the_pieces_it_ha
 
 
 def test_a_failed_piece_is_demanded_again_alone() -> None:
-    s = swarm(("origin", 4 * MB, 4 * MB, (LAYER,)), ("a", 4 * MB, 4 * MB, ()), size=8 * CHUNK)
+    s = swarm(("origin", 4 * MB, 4 * MB, (LAYER,)), ("a", 4 * MB, 4 * MB, ()), size=2 * CHUNK)
     s.demand("a", LAYER, "j", 0.0)
     ts = s.schedule(0.0)
+    assert len(ts) == 2  # both pieces at once (striped: test_short_pieces_are_striped...)
     for t in ts[1:]:
         s.complete(t.transfer_id, 1.0)
     failed = s.fail(ts[0].transfer_id)
@@ -165,3 +166,25 @@ def test_slow_uploads_feed_demanders_that_lack_much() -> None:
     s.demand("a", LAYER, "j", 0.0)
     seeders = {t.seeder for t in s.schedule(0.0)}
     assert seeders == {"origin", "slowup"}
+
+
+def test_short_pieces_are_striped_so_two_run_beside_each_other() -> None:
+    """A piece short at full rate reserves half the download: a second one overlaps its gaps."""
+    s = swarm(("origin", 16 * MB, 16 * MB, (LAYER,)), ("a", 8 * MB, 8 * MB, ()))
+    s.demand("a", LAYER, "j", 0.0)
+    ts = s.schedule(0.0)  # 1 MiB pieces take 0.13 s at 8 MB/s: striped
+    assert len(ts) == 2 and {t.seeder for t in ts} == {"origin"}
+    assert all("planned at 4.0 MB/s" in t.reason for t in ts), [t.reason for t in ts]
+
+
+def test_long_pieces_and_the_last_one_take_the_whole_download() -> None:
+    # 1 MiB at 0.25 MB/s is 4.2 s: finishing it sooner makes a seeder sooner, no striping
+    slow = swarm(("origin", 16 * MB, 16 * MB, (LAYER,)), ("b", MB // 4, MB // 4, ()))
+    slow.demand("b", LAYER, "j", 0.0)
+    (t,) = slow.schedule(0.0)
+    assert "planned at 0.2 MB/s" in t.reason, t.reason  # 0.25 MB/s, as printed
+    # a one-piece layer: nothing else to ask for, so the transfer takes what there is
+    one = swarm(("origin", 16 * MB, 16 * MB, (LAYER,)), ("c", 8 * MB, 8 * MB, ()), size=CHUNK)
+    one.demand("c", LAYER, "j", 0.0)
+    (t,) = one.schedule(0.0)
+    assert "planned at 8.0 MB/s" in t.reason, t.reason
