@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from collections.abc import Iterator
+from collections.abc import Iterator, Sized
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 from aiohttp import web
@@ -44,9 +44,31 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from .agent import Agent
+    from rainbowd.store import LayerStore
+
+    from .ssh_server import ChunkServer
 
 log = structlog.get_logger(__name__)
+
+
+class _Pulls(Protocol):
+    @property
+    def active(self) -> Sized: ...
+
+
+class Watched(Protocol):
+    """What a scrape reads of the agent (agent/agent.py's ``Agent``), and no more.
+
+    A protocol, not the class: the agent imports this module, so this one must
+    not import the agent (no import cycle, tests/unit/test_import_contracts.py).
+    """
+
+    @property
+    def store(self) -> LayerStore: ...
+    @property
+    def server(self) -> ChunkServer: ...
+    @property
+    def view(self) -> _Pulls: ...
 
 TRANSFER_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 #: reasons of ``rbd_agent_chunk_failures_total`` (see LayerPuller._fetch)
@@ -100,9 +122,9 @@ class AgentMetrics:
             registry=r,
         )
         self._store = _StoreStats()
-        self._agent: Agent | None = None
+        self._agent: Watched | None = None
 
-    def watch(self, agent: Agent) -> None:
+    def watch(self, agent: Watched) -> None:
         """Read ``agent``'s server tallies and state at every scrape (call once)."""
         self._agent = agent
         self.registry.register(_AgentCollector(self))

@@ -34,10 +34,10 @@ import structlog
 
 from rainbowd import messages as m
 from rainbowd.agent.docker_loader import DockerLoader
-from rainbowd.buildcontext import MAX_CONTEXT, ContextError, check_from, digest_of, read_dockerfile
+from rainbowd.buildcontext import MAX_CONTEXT, ContextError, digest_of, read_dockerfile
 from rainbowd.client import AgentClient, ApiError
 from rainbowd.digest import Digest, short
-from rainbowd.dockerfile import check_triggers
+from rainbowd.dockerfile import check_from, check_triggers
 from rainbowd.store import LayerStore
 
 log = structlog.get_logger(__name__)

@@ -47,8 +47,8 @@ import structlog
 
 from rainbowd.chunks import ChunkManifest
 from rainbowd.digest import Digest, is_digest, parse_digest, short
+from rainbowd.hostplatform import host_architecture
 from rainbowd.image import ImageError
-from rainbowd.imagebuild import host_architecture
 from rainbowd.messages import ImageRecord, LayerRef, RegistrySource
 from rainbowd.store import LayerStore, StoreError
 

@@ -47,13 +47,13 @@ import structlog
 from rainbowd.buildcontext import (
     MAX_CONTEXT,
     ContextError,
-    check_from,
     digest_of,
     dockerfile_path,
     normalize_ref,
     read_dockerfile,
 )
 from rainbowd.digest import Digest, hex_part, is_digest, short
+from rainbowd.dockerfile import check_from
 from rainbowd.messages import (
     BuildOp,
     CreateOp,

@@ -126,14 +126,3 @@ def normalize_ref(ref: str) -> str:
     if "@" in last or ":" in last:
         return ref
     return ref + ":latest"
-
-
-def check_from(text: str, base: str) -> None:
-    """Every stage source must be ``base`` or an earlier stage; ContextError naming the line.
-
-    The Dockerfile is read as Docker reads it (escape directive, continuations,
-    every FROM, COPY --from, RUN --mount from=): see rainbowd/dockerfile.py.
-    """
-    from rainbowd.dockerfile import check_stage_sources  # it imports this module
-
-    check_stage_sources(text, base)

@@ -203,7 +203,7 @@ def builder_flags(args: str) -> tuple[list[tuple[str, str | None]], str]:
     return out, rest
 
 
-def check_stage_sources(text: str, base: str) -> None:
+def check_from(text: str, base: str) -> None:
     """Every stage source must be ``base`` or an earlier stage; ContextError naming the line.
 
     Checked as current and as older engines read the file: either refusing refuses.

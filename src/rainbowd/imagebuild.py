@@ -22,13 +22,14 @@ import hashlib
 import io
 import json
 import os
-import platform
 import tarfile
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import structlog
+
+from rainbowd.hostplatform import host_architecture
 
 log = structlog.get_logger(__name__)
 
@@ -38,29 +39,10 @@ MTIME = 1_700_000_000
 CREATED = "2023-11-14T22:13:20Z"
 APPLETS = ("sh", "cat", "echo", "ls", "wc", "sha256sum", "sleep", "true", "false", "env")
 DEMO_CMD = ["/bin/sh", "-c", "echo hello from rbd; wc -c /data/payload.bin"]
-_ARCH = {
-    "x86_64": "amd64",
-    "amd64": "amd64",
-    "aarch64": "arm64",
-    "arm64": "arm64",
-    "armv7l": "arm",
-    "armv6l": "arm",
-    "i686": "386",
-    "i386": "386",
-    "ppc64le": "ppc64le",
-    "s390x": "s390x",
-    "riscv64": "riscv64",
-}
 
 
 class ImageBuildError(RuntimeError):
     """The demo image cannot be built on this host (a missing tool, say)."""
-
-
-def host_architecture() -> str:
-    """The host CPU in Docker/OCI naming (amd64, arm64, ...)."""
-    machine = platform.machine().lower()
-    return _ARCH.get(machine, machine)
 
 
 def _info(

@@ -29,8 +29,8 @@ import structlog
 from rainbowd.chunks import DEFAULT_CHUNK_SIZE, ChunkManifest
 from rainbowd.compression import CompressionError, hash_layer, media_type, sniff
 from rainbowd.digest import Digest, DigestError, hex_part, parse_digest, sha256_digest, short
+from rainbowd.hostplatform import host_architecture
 from rainbowd.image import MAX_METADATA, ImageError, ingest_compressed
-from rainbowd.imagebuild import host_architecture
 from rainbowd.messages import Compression, ImageRecord, LayerRef
 from rainbowd.store import LayerStore, StoreError
 

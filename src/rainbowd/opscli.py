@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from rainbowd import messages as m
-from rainbowd.buildcontext import ContextError, check_from, pack_context
+from rainbowd.buildcontext import ContextError, pack_context
 from rainbowd.client import AdminClient, ApiError, CoordinatorUnreachable
+from rainbowd.dockerfile import check_from
 from rainbowd.units import human_bytes
 
 #: extra seconds the CLI waits beyond an op's deadline for the last reports

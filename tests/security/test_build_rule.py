@@ -1,6 +1,6 @@
 """`rbd build` keeps its rule: the Dockerfile is read as Docker reads it; nothing is pulled.
 
-Pure parser tests (rainbowd/dockerfile.py through buildcontext.check_from, the
+Pure parser tests (rainbowd/dockerfile.py through dockerfile.check_from, the
 function the CLI, the coordinator and the agent all call), including the two
 Dockerfiles from issue 14 that the old line-based check let through, and one
 real build on the session's private dockerd with the agent's own parameters
@@ -18,9 +18,9 @@ from pathlib import Path
 import aiodocker
 import pytest
 
-from rainbowd.buildcontext import ContextError, check_from
+from rainbowd.buildcontext import ContextError
 from rainbowd.dockerd import PrivateDockerd
-from rainbowd.dockerfile import MAX_DOCKERFILE, builder_flags, check_triggers, parse
+from rainbowd.dockerfile import MAX_DOCKERFILE, builder_flags, check_from, check_triggers, parse
 
 BASE = "rbd-demo:latest"
 

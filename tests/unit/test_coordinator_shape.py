@@ -77,25 +77,6 @@ def test_only_the_http_layer_and_the_cli_import_the_facade() -> None:
     assert set(SERVICES) <= set(modules)
 
 
-def test_no_import_cycle_among_coordinator_modules() -> None:
-    modules = _modules()
-    graph = {name: _imports(tree, set(modules)) for name, tree in modules.items()}
-    done: set[str] = set()
-
-    def visit(name: str, path: list[str]) -> None:
-        if name in path:
-            cycle = [*path[path.index(name) :], name]
-            raise AssertionError("import cycle: " + " -> ".join(cycle))
-        if name in done:
-            return
-        for dep in sorted(graph[name]):
-            visit(dep, [*path, name])
-        done.add(name)
-
-    for name in sorted(graph):
-        visit(name, [])
-
-
 def _context(tmp_path: Path, now: list[float], interval: float) -> ServiceContext:
     """A service context on a fake clock (``now[0]``), no coordinator."""
     return ServiceContext(

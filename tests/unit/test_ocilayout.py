@@ -15,8 +15,8 @@ import pytest
 
 from rainbowd.compression import MEDIA_OCI_GZIP, MEDIA_OCI_TAR, MEDIA_OCI_ZSTD, sniff
 from rainbowd.digest import Digest
+from rainbowd.hostplatform import host_architecture
 from rainbowd.image import ImageError, docker_archive_stream, ingest_docker_archive
-from rainbowd.imagebuild import host_architecture
 from rainbowd.messages import ImageRecord
 from rainbowd.ocilayout import ingest_oci_layout
 from rainbowd.store import LayerStore

@@ -27,7 +27,6 @@ from rainbowd import buildcontext, cli
 from rainbowd import messages as m
 from rainbowd.buildcontext import (
     ContextError,
-    check_from,
     digest_of,
     normalize_ref,
     pack_context,
@@ -35,6 +34,7 @@ from rainbowd.buildcontext import (
 )
 from rainbowd.client import AdminClient, AgentClient, ApiError
 from rainbowd.coordinator.core import Coordinator
+from rainbowd.dockerfile import check_from
 
 
 async def ops_of(agent: AgentClient, cursor: int = 0) -> tuple[int, list[m.OpAssignment]]:
