@@ -70,6 +70,7 @@ class Watched(Protocol):
     @property
     def view(self) -> _Pulls: ...
 
+
 TRANSFER_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 #: reasons of ``rbd_agent_chunk_failures_total`` (see LayerPuller._fetch)
 CHUNK_FAILURE_REASONS = (
