@@ -73,6 +73,7 @@ from rainbowd import messages as m
 from rainbowd.client import ApiError, CoordinatorUnreachable
 from rainbowd.digest import sha256_digest
 from rainbowd.localcluster import LocalCluster
+from rainbowd.report_id import new_report_id
 
 #: heartbeat p99 (ms) a cluster size must stay under to count as "held"
 P99_LIMIT_MS = 100.0
@@ -172,6 +173,7 @@ class WorkerSpec:
     layer_bytes: int
     done_delay: float
     lifetime: float  # the worker stops by itself after this many seconds, whatever happens
+    progress_interval: float = 0.0  # each agent reports its active transfers this often (0: never)
     cold_start: bool = False  # park each agent's long-poll as soon as it is enrolled
     poll_wait: float = POLL_WAIT
     request_timeout: float = REQUEST_TIMEOUT
@@ -191,6 +193,8 @@ class SimAgent:
     trust_version: int = 0
     disk_free: int = 0
     active: dict[str, tuple[m.TransferAssignment, float]] = field(default_factory=dict)
+    #: layer -> chunks received so far (a piece transfer brings some of them)
+    chunks: dict[str, set[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -246,6 +250,8 @@ class LoadWorker:
         self.trust_target: int | None = None  # the trust version after the last enrollment
         self.behind = 0  # enrolled agents whose trust list is older than trust_target
         self.reporting = 0  # done reports on the wire: the job is not over before they land
+        self.progress_sent = 0  # progress reports answered during the job
+        self.dones_sent = 0  # done reports answered (retries not counted)
         self.record, self.manifests = make_image(
             IMAGE_REF, layers=spec.layers, layer_bytes=spec.layer_bytes, seed=IMAGE_SEED
         )
@@ -327,6 +333,8 @@ class LoadWorker:
                     {
                         "arrivals": self.arrivals,
                         "dones": self.dones,
+                        "progress_sent": self.progress_sent,
+                        "dones_sent": self.dones_sent,
                         "errors": dict(self.job_errors),
                     },
                 )
@@ -372,6 +380,8 @@ class LoadWorker:
             a.interval = reply.heartbeat_interval
             a.trust_version = reply.trust.version
             self._spawn(self._heartbeats(a))
+            if self.spec.progress_interval > 0:
+                self._spawn(self._progress(a))
             if self.spec.cold_start:
                 self._spawn(self._polls(a))
             return
@@ -475,26 +485,56 @@ class LoadWorker:
                 self._spawn(self._ingest(a, x))
         a.cursor = batch.cursor
 
+    async def _progress(self, a: SimAgent) -> None:
+        """What agent/agent.py did every PROGRESS_INTERVAL: one report per active transfer."""
+        for _ in range(int(self.spec.lifetime / self.spec.progress_interval) + 2):
+            if not await self._sleep(self.spec.progress_interval):
+                return
+            now = time.monotonic()
+            for x, t0 in list(a.active.values()):
+                first, end = x.chunk_range()
+                total = min(x.layer.size, end * x.layer.chunk_size) - first * x.layer.chunk_size
+                share = min(1.0, (now - t0) / max(1e-9, self.spec.done_delay))
+                msg = m.TransferProgress(
+                    bytes_done=int(total * share), bytes_total=total, rate_bps=50e6
+                )
+                try:
+                    await a.client.transfer_progress(x.transfer_id, msg)
+                except (ApiError, CoordinatorUnreachable) as e:
+                    self.job_errors["progress " + _error_kind(e)] += 1
+                    continue
+                if self.job_started:
+                    self.progress_sent += 1
+
     async def _finish(self, a: SimAgent, x: m.TransferAssignment) -> None:
-        """The 'pull' takes done_delay; then the layer is held and the transfer reported done."""
+        """The 'pull' takes done_delay; the piece (or layer) is then reported done.
+
+        A layer is held once every chunk of it arrived (a piece transfer brings some).
+        """
         if not await self._sleep(self.spec.done_delay):
             return
-        if x.layer.digest not in a.holdings:
+        first, end = x.chunk_range()
+        have = a.chunks.setdefault(x.layer.digest, set())
+        have.update(range(first, end))
+        if len(have) >= x.layer.count and x.layer.digest not in a.holdings:
             a.holdings.append(x.layer.digest)
         a.active.pop(x.transfer_id, None)
-        done = m.TransferDone(bytes_moved=x.layer.size, seconds=self.spec.done_delay)
+        moved = min(x.layer.size, end * x.layer.chunk_size) - first * x.layer.chunk_size
+        done = m.TransferDone(bytes_moved=moved, seconds=self.spec.done_delay)
+        rid = new_report_id()  # as agent/report_sender.py: one id for every attempt
         self.reporting += 1
         try:
             for attempt in range(3):
                 t0 = time.monotonic()
                 try:
-                    await a.client.transfer_done(x.transfer_id, done)
+                    await a.client.transfer_done(x.transfer_id, done, report_id=rid)
                 except (ApiError, CoordinatorUnreachable) as e:
                     self.job_errors["done " + _error_kind(e)] += 1
                     if not await self._sleep(0.5 * (attempt + 1)):
                         return
                     continue
                 self.dones.append((t0, x.transfer_id, x.seeder.node_id, a.node_id))
+                self.dones_sent += 1
                 break
         finally:
             self.reporting -= 1
@@ -563,6 +603,7 @@ class Options:
     layers: int = 1
     layer_bytes: int = 100_000
     done_delay: float = 0.1
+    progress_interval: float = 0.0
     job_timeout: float = 120.0
     cold_start: bool = False
     profile_dir: Path | None = None
@@ -609,6 +650,9 @@ class StepResult:
     job_hb_errors: dict[str, int]
     job_errors: dict[str, int]
     job_coordinator_cpu_pct: float
+    done_reports: int = 0  # done reports the coordinator answered during the job
+    progress_reports: int = 0  # progress reports it answered during the job
+    job_coordinator_cpu_s: float = 0.0
     profile: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
 
     @property
@@ -678,6 +722,7 @@ async def _drive(cluster: LocalCluster, n: int, opts: Options) -> StepResult:
                 layer_bytes=opts.layer_bytes,
                 done_delay=opts.done_delay,
                 lifetime=lifetime,
+                progress_interval=opts.progress_interval,
                 cold_start=opts.cold_start,
             )
             parent_end, child_end = ctx.Pipe(duplex=True)
@@ -735,7 +780,8 @@ async def _drive(cluster: LocalCluster, n: int, opts: Options) -> StepResult:
                     for ch in channels:
                         finished.append(await ch.expect("job_done", opts.job_timeout))
             t_end = time.monotonic()
-            job_cpu = (_proc_cpu(coord_pid) - cpu0) / max(1e-9, t_end - t_create)
+            job_cpu_s = _proc_cpu(coord_pid) - cpu0
+            job_cpu = job_cpu_s / max(1e-9, t_end - t_create)
             profile["job"] = _finish_profile(profiler)
             view = await admin.job(job.job_id)
             for ch in channels:
@@ -800,6 +846,9 @@ async def _drive(cluster: LocalCluster, n: int, opts: Options) -> StepResult:
         job_hb_errors=_sum_counts(s["hb_errors"] for s in during),
         job_errors=_sum_counts(r["errors"] for r in reports),
         job_coordinator_cpu_pct=100 * job_cpu,
+        done_reports=sum(r["dones_sent"] for r in reports),
+        progress_reports=sum(r["progress_sent"] for r in reports),
+        job_coordinator_cpu_s=job_cpu_s,
         profile=profile,
     )
 
@@ -987,6 +1036,22 @@ def _row(s: StepResult, rep: int = 0) -> str:
     )
 
 
+def _report_cost(step: dict[str, Any]) -> str:
+    """The coordinator's cost of the job's reports: CPU per done report, heartbeats meanwhile."""
+    done, progress, cpu = (
+        step["done_reports"],
+        step["progress_reports"],
+        step["job_coordinator_cpu_s"],
+    )
+    per_done = 1000 * cpu / done if done else math.nan
+    return (
+        f"{done} done + {progress} progress reports in {step['job_s']:.1f} s; coordinator "
+        f"{cpu:.2f} CPU s ({step['job_coordinator_cpu_pct']:.0f}% of a core), "
+        f"{per_done:.2f} CPU ms per done report (all the job's work included); heartbeat "
+        f"p50 {step['job_hb_p50_ms']:.1f} ms, p99 {step['job_hb_p99_ms']:.1f} ms"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--sizes", default="250,500,1000,2000,4000,8000", help="comma-separated N")
@@ -997,6 +1062,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--heartbeat-interval", type=float, default=1.0)
     p.add_argument("--layers", type=int, default=1, help="layers of the distributed image")
     p.add_argument("--done-delay", type=float, default=0.1, help="fake transfer time (s)")
+    p.add_argument(
+        "--layer-bytes", type=int, default=Options.layer_bytes, help="size of each image layer"
+    )
+    p.add_argument(
+        "--policy",
+        default=Options.policy,
+        help="the coordinator's policy; swarm splits each layer into pieces (a done report each)",
+    )
+    p.add_argument(
+        "--progress-interval",
+        type=float,
+        default=0.0,
+        help="each agent reports progress of its active transfers this often (agent: 0.5 s)",
+    )
     p.add_argument("--p99-limit-ms", type=float, default=P99_LIMIT_MS)
     p.add_argument(
         "--cold-start",
@@ -1020,6 +1099,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers=args.workers,
         layers=args.layers,
         done_delay=args.done_delay,
+        layer_bytes=args.layer_bytes,
+        policy=args.policy,
+        progress_interval=args.progress_interval,
         profile_dir=args.profile,
         cold_start=args.cold_start,
     )
@@ -1042,6 +1124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             keep_going=args.keep_going,
         )
     )
+    for step in result["steps"]:
+        print(f"\nN={step['n']} job: {_report_cost(step)}")
     for step in result["steps"]:
         for phase, rows in step["profile"].items():
             if rows:
