@@ -605,6 +605,7 @@ class Options:
     done_delay: float = 0.1
     progress_interval: float = 0.0
     job_timeout: float = 120.0
+    log_level: str = "warning"  # the coordinator's (the lab runs it at info: a line per transfer)
     cold_start: bool = False
     profile_dir: Path | None = None
     #: store-and-forward: the simulated agents finish a transfer done_delay after its
@@ -689,7 +690,7 @@ async def run_step(n: int, opts: Options) -> StepResult:
             Path(tmp),
             [],
             heartbeat_interval=opts.heartbeat_interval,
-            log_level="warning",
+            log_level=opts.log_level,
             policy=opts.policy,
         )
         await cluster.start_coordinator()
@@ -1088,6 +1089,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="run every size even after one failed (e.g. on a machine others are loading)",
     )
+    p.add_argument("--log-level", default=Options.log_level, help="the coordinator's log level")
     p.add_argument("--profile", type=Path, default=None, help="py-spy output directory")
     p.add_argument("--out", type=Path, default=Path("bench/out/coordinator_load.json"))
     args = p.parse_args(argv)
@@ -1102,6 +1104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         layer_bytes=args.layer_bytes,
         policy=args.policy,
         progress_interval=args.progress_interval,
+        log_level=args.log_level,
         profile_dir=args.profile,
         cold_start=args.cold_start,
     )

@@ -12,9 +12,10 @@ scheduler before any node is heard from.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import structlog
@@ -77,6 +78,8 @@ class Dispatch:
         self.transfers: OrderedDict[str, Tracked] = OrderedDict()
         # node -> {transfer id: mailbox seq} of transfers not yet delivered to it
         self.undelivered: dict[str, dict[str, int]] = {}
+        # inside one_schedule(): whether a schedule was asked for (None: not inside)
+        self._deferred: bool | None = None
 
     def remember(self, tr: Tracked) -> None:
         self.transfers[tr.t.transfer_id] = tr
@@ -215,8 +218,30 @@ class Dispatch:
                 why=why,
             )
 
+    @contextlib.contextmanager
+    def one_schedule(self) -> Iterator[None]:
+        """The schedules asked for inside run once, at the end (a batch of reports).
+
+        Each done report frees a seeder and a demander and asks for a schedule;
+        for a batch of them one schedule, knowing every completion, plans as well
+        as one per report and costs one scheduler pass instead of many.
+        """
+        if self._deferred is not None:
+            yield
+            return
+        self._deferred = False
+        try:
+            yield
+        finally:
+            wanted, self._deferred = self._deferred, None
+            if wanted:
+                self.schedule(self.ctx.clock())
+
     def schedule(self, now: float) -> None:
         """Start every transfer the scheduler allows; queue each to its demander."""
+        if self._deferred is not None:
+            self._deferred = True
+            return
         ctx = self.ctx
         touched: set[str] = set()
         t0 = time.perf_counter()
