@@ -1,17 +1,21 @@
 """TransferReporter: an agent's transfer reports, as few requests as it takes.
 
 With pieces a demander runs several transfers at once, each ending in a done
-report within seconds, and each reporting progress every
-:data:`PROGRESS_INTERVAL`. Sent one request per report, that was most of the
-coordinator's work (issue 13). Here every report waiting to go leaves in one
+report within seconds; each also reported its progress every 0.5 s, one
+request per transfer. That was most of the coordinator's work (issue 13: a
+core saturated at 100 nodes). Here every report waiting to go leaves in one
 ``POST /v1/reports`` (coordinator/report_batch.py):
 
 * a final report (done/failed) is queued and the sender woken at once: when
-  no request is on the wire it leaves alone, without waiting; the ones that
-  end while a request is on the wire leave together in the next one. Its
-  caller waits for the outcome, as with :class:`ReportSender`;
-* progress of every active transfer whose bytes moved rides along once per
-  :data:`PROGRESS_INTERVAL` (with the finals, or alone when there are none);
+  no request is on the wire it leaves alone, without waiting (the scheduler
+  hands out the next piece on it); the ones that end while a request is on
+  the wire leave together in the next one. Its caller waits for the outcome,
+  as with :class:`ReportSender`;
+* progress of every active transfer whose bytes moved rides along with each
+  batch of finals, and goes alone at most every :data:`PROGRESS_INTERVAL`.
+  The coordinator needs no more at piece granularity: the heartbeat lists
+  the same bytes (and shows the seeder alive, coordinator/transfers.py);
+  progress only makes the live view fresher between heartbeats;
 * each final carries its report id, the same on every attempt, so the
   coordinator applies it once however often it is sent.
 
@@ -53,8 +57,9 @@ from .report_sender import ReportSender, retryable_status
 
 log = structlog.get_logger(__name__)
 
-#: how often active transfers report progress to the coordinator (seconds)
-PROGRESS_INTERVAL = 0.5
+#: a request carrying only progress goes at most this often (seconds): the coordinator's
+#: default heartbeat interval, whose heartbeats carry the same bytes
+PROGRESS_INTERVAL = 2.0
 
 #: sends one batch; None when every item was applied (204)
 Send = Callable[[ReportBatch], Awaitable[ReportBatchReply | None]]
@@ -168,8 +173,12 @@ class TransferReporter:
         return True
 
     def _due_progress(self, now: float, ending: set[str]) -> list[ProgressItem]:
-        """Progress of transfers whose bytes moved since last sent, once per interval."""
-        if now < self._next_progress:
+        """Progress of transfers whose bytes moved since last sent.
+
+        ``ending``: the transfers whose finals go in this batch (their progress is
+        moot). With finals progress always rides along; alone, once per interval.
+        """
+        if not ending and now < self._next_progress:
             return []
         self._next_progress = now + self.interval
         current = self.progress()

@@ -70,6 +70,8 @@ import aiohttp
 
 from agentsim import SharedSessionAgent, make_image, register_request
 from rainbowd import messages as m
+from rainbowd.agent.report_batch import TransferReporter
+from rainbowd.agent.report_sender import ReportSender
 from rainbowd.client import ApiError, CoordinatorUnreachable
 from rainbowd.digest import sha256_digest
 from rainbowd.localcluster import LocalCluster
@@ -174,6 +176,7 @@ class WorkerSpec:
     done_delay: float
     lifetime: float  # the worker stops by itself after this many seconds, whatever happens
     progress_interval: float = 0.0  # each agent reports its active transfers this often (0: never)
+    reports: str = "batch"  # "batch": as agents do (agent/report_batch.py); "single": one per POST
     cold_start: bool = False  # park each agent's long-poll as soon as it is enrolled
     poll_wait: float = POLL_WAIT
     request_timeout: float = REQUEST_TIMEOUT
@@ -195,6 +198,7 @@ class SimAgent:
     active: dict[str, tuple[m.TransferAssignment, float]] = field(default_factory=dict)
     #: layer -> chunks received so far (a piece transfer brings some of them)
     chunks: dict[str, set[int]] = field(default_factory=dict)
+    reporter: TransferReporter | None = None  # --reports batch: the agent's own batching
 
 
 @dataclass
@@ -251,6 +255,7 @@ class LoadWorker:
         self.behind = 0  # enrolled agents whose trust list is older than trust_target
         self.reporting = 0  # done reports on the wire: the job is not over before they land
         self.progress_sent = 0  # progress reports answered during the job
+        self.report_requests = 0  # requests that carried reports during the job
         self.dones_sent = 0  # done reports answered (retries not counted)
         self.record, self.manifests = make_image(
             IMAGE_REF, layers=spec.layers, layer_bytes=spec.layer_bytes, seed=IMAGE_SEED
@@ -334,6 +339,7 @@ class LoadWorker:
                         "arrivals": self.arrivals,
                         "dones": self.dones,
                         "progress_sent": self.progress_sent,
+                        "report_requests": self.report_requests,
                         "dones_sent": self.dones_sent,
                         "errors": dict(self.job_errors),
                     },
@@ -380,7 +386,10 @@ class LoadWorker:
             a.interval = reply.heartbeat_interval
             a.trust_version = reply.trust.version
             self._spawn(self._heartbeats(a))
-            if self.spec.progress_interval > 0:
+            if self.spec.reports == "batch":
+                a.reporter = self._reporter(a)
+                self._spawn(a.reporter.run())
+            elif self.spec.progress_interval > 0:
                 self._spawn(self._progress(a))
             if self.spec.cold_start:
                 self._spawn(self._polls(a))
@@ -485,26 +494,50 @@ class LoadWorker:
                 self._spawn(self._ingest(a, x))
         a.cursor = batch.cursor
 
+    def _progress_now(self, a: SimAgent) -> list[m.ProgressItem]:
+        """Each active transfer's bytes so far (a share of it by the time it has run)."""
+        now = time.monotonic()
+        out = []
+        for x, t0 in list(a.active.values()):
+            first, end = x.chunk_range()
+            total = min(x.layer.size, end * x.layer.chunk_size) - first * x.layer.chunk_size
+            share = min(1.0, (now - t0) / max(1e-9, self.spec.done_delay))
+            msg = m.TransferProgress(bytes_done=int(total * share), bytes_total=total, rate_bps=5e6)
+            out.append(m.ProgressItem(transfer_id=x.transfer_id, progress=msg))
+        return out
+
     async def _progress(self, a: SimAgent) -> None:
-        """What agent/agent.py did every PROGRESS_INTERVAL: one report per active transfer."""
+        """--reports single: what agents did before batches, one POST per active transfer."""
         for _ in range(int(self.spec.lifetime / self.spec.progress_interval) + 2):
             if not await self._sleep(self.spec.progress_interval):
                 return
-            now = time.monotonic()
-            for x, t0 in list(a.active.values()):
-                first, end = x.chunk_range()
-                total = min(x.layer.size, end * x.layer.chunk_size) - first * x.layer.chunk_size
-                share = min(1.0, (now - t0) / max(1e-9, self.spec.done_delay))
-                msg = m.TransferProgress(
-                    bytes_done=int(total * share), bytes_total=total, rate_bps=50e6
-                )
+            for item in self._progress_now(a):
                 try:
-                    await a.client.transfer_progress(x.transfer_id, msg)
+                    await a.client.transfer_progress(item.transfer_id, item.progress)
                 except (ApiError, CoordinatorUnreachable) as e:
                     self.job_errors["progress " + _error_kind(e)] += 1
                     continue
                 if self.job_started:
                     self.progress_sent += 1
+                    self.report_requests += 1
+
+    def _reporter(self, a: SimAgent) -> TransferReporter:
+        """--reports batch: the agent's own TransferReporter, sending through the shared session."""
+
+        async def send(batch: m.ReportBatch) -> m.ReportBatchReply | None:
+            reply = await a.client.reports(batch)
+            if self.job_started:
+                self.report_requests += 1
+                self.progress_sent += sum(isinstance(i, m.ProgressItem) for i in batch.items)
+            return reply
+
+        every = self.spec.progress_interval
+
+        def progress() -> list[m.ProgressItem]:
+            return self._progress_now(a) if every > 0 else []
+
+        counts = ReportSender(a.node_id, give_up_after=self.spec.request_timeout * 6)
+        return TransferReporter(send, progress, counts, interval=every or 1.0)
 
     async def _finish(self, a: SimAgent, x: m.TransferAssignment) -> None:
         """The 'pull' takes done_delay; the piece (or layer) is then reported done.
@@ -524,7 +557,14 @@ class LoadWorker:
         rid = new_report_id()  # as agent/report_sender.py: one id for every attempt
         self.reporting += 1
         try:
-            for attempt in range(3):
+            if a.reporter is not None:
+                t0 = time.monotonic()
+                if await a.reporter.done(f"transfer {x.transfer_id} done", x.transfer_id, done):
+                    self.dones.append((t0, x.transfer_id, x.seeder.node_id, a.node_id))
+                    self.dones_sent += 1
+                else:
+                    self.job_errors["done not taken"] += 1
+            for attempt in range(0 if a.reporter is not None else 3):
                 t0 = time.monotonic()
                 try:
                     await a.client.transfer_done(x.transfer_id, done, report_id=rid)
@@ -535,6 +575,7 @@ class LoadWorker:
                     continue
                 self.dones.append((t0, x.transfer_id, x.seeder.node_id, a.node_id))
                 self.dones_sent += 1
+                self.report_requests += 1
                 break
         finally:
             self.reporting -= 1
@@ -606,6 +647,7 @@ class Options:
     progress_interval: float = 0.0
     job_timeout: float = 120.0
     log_level: str = "warning"  # the coordinator's (the lab runs it at info: a line per transfer)
+    reports: str = "batch"  # how the agents send transfer reports (WorkerSpec.reports)
     cold_start: bool = False
     profile_dir: Path | None = None
     #: store-and-forward: the simulated agents finish a transfer done_delay after its
@@ -653,6 +695,7 @@ class StepResult:
     job_coordinator_cpu_pct: float
     done_reports: int = 0  # done reports the coordinator answered during the job
     progress_reports: int = 0  # progress reports it answered during the job
+    report_requests: int = 0  # requests that carried them
     job_coordinator_cpu_s: float = 0.0
     profile: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
 
@@ -724,6 +767,7 @@ async def _drive(cluster: LocalCluster, n: int, opts: Options) -> StepResult:
                 done_delay=opts.done_delay,
                 lifetime=lifetime,
                 progress_interval=opts.progress_interval,
+                reports=opts.reports,
                 cold_start=opts.cold_start,
             )
             parent_end, child_end = ctx.Pipe(duplex=True)
@@ -849,6 +893,7 @@ async def _drive(cluster: LocalCluster, n: int, opts: Options) -> StepResult:
         job_coordinator_cpu_pct=100 * job_cpu,
         done_reports=sum(r["dones_sent"] for r in reports),
         progress_reports=sum(r["progress_sent"] for r in reports),
+        report_requests=sum(r["report_requests"] for r in reports),
         job_coordinator_cpu_s=job_cpu_s,
         profile=profile,
     )
@@ -1046,7 +1091,8 @@ def _report_cost(step: dict[str, Any]) -> str:
     )
     per_done = 1000 * cpu / done if done else math.nan
     return (
-        f"{done} done + {progress} progress reports in {step['job_s']:.1f} s; coordinator "
+        f"{done} done + {progress} progress reports in {step['report_requests']} requests, "
+        f"{step['job_s']:.1f} s; coordinator "
         f"{cpu:.2f} CPU s ({step['job_coordinator_cpu_pct']:.0f}% of a core), "
         f"{per_done:.2f} CPU ms per done report (all the job's work included); heartbeat "
         f"p50 {step['job_hb_p50_ms']:.1f} ms, p99 {step['job_hb_p99_ms']:.1f} ms"
@@ -1089,6 +1135,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="run every size even after one failed (e.g. on a machine others are loading)",
     )
+    p.add_argument(
+        "--reports",
+        choices=("batch", "single"),
+        default=Options.reports,
+        help="batch: agents send reports as agent/report_batch.py does (several per POST "
+        "/v1/reports); single: one POST per report, as agents did before",
+    )
     p.add_argument("--log-level", default=Options.log_level, help="the coordinator's log level")
     p.add_argument("--profile", type=Path, default=None, help="py-spy output directory")
     p.add_argument("--out", type=Path, default=Path("bench/out/coordinator_load.json"))
@@ -1105,6 +1158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         policy=args.policy,
         progress_interval=args.progress_interval,
         log_level=args.log_level,
+        reports=args.reports,
         profile_dir=args.profile,
         cold_start=args.cold_start,
     )

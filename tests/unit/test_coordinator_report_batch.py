@@ -6,7 +6,9 @@
 * a done item is applied once: its id, retried in a batch or on the single
   route, and also after a restart, is answered as already applied (208/204);
 * one scheduler pass per batch, one transaction per batch (the state and the
-  ids it guards land together); a report handler may not await inside it.
+  ids it guards land together); a report handler may not await inside it;
+* a demander's heartbeat showing bytes arrive keeps a busy seeder up (what
+  progress reports every half second did).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from rainbowd.client import AdminClient, AgentClient
 from rainbowd.coordinator.app import REPORT_LEDGER
 from rainbowd.coordinator.report_ids import no_wait
 from rainbowd.coordinator.state import StateStore
+from waiting import FakeClock
 
 
 @pytest.fixture
@@ -211,3 +214,43 @@ async def test_a_report_handler_may_not_await_inside_its_transaction() -> None:
     assert no_wait(quick()) == 7
     with pytest.raises(RuntimeError, match="awaited inside its transaction"):
         no_wait(suspends())
+
+
+async def test_a_demanders_heartbeat_shows_its_busy_seeder_alive(tmp_path: Path) -> None:
+    """Progress no longer comes every half second: the heartbeat's bytes do its job.
+
+    A seeder too busy to heartbeat stays up while its demander's heartbeats show
+    bytes of its transfer arriving, and goes down once they stop.
+    """
+    clock = FakeClock()
+    r = await start(tmp_path, heartbeat_interval=1.0, clock=clock)
+    clients, transfers = await job_transfers(r, ["n1"])
+    c, t1 = r.coordinator, transfers["n1"]
+    n1, origin = c.cluster.nodes["n1"], c.cluster.nodes["origin"]
+
+    def beat(bytes_done: int) -> None:
+        active = m.ActiveTransfer(
+            transfer_id=t1.transfer_id,
+            layer=t1.layer.digest,
+            seeder="origin",
+            bytes_done=bytes_done,
+            bytes_total=t1.layer.size,
+            rate_bps=1e6,
+        )
+        c.heartbeat(n1, m.Heartbeat(active=[active]))
+
+    try:
+        for second in range(1, 7):  # the origin is silent all along
+            clock.advance(1.0)
+            beat(1000 * second)
+            c.check_liveness()
+        assert origin.up
+        for _ in range(4):  # the bytes stop: nothing shows the origin alive any more
+            clock.advance(1.0)
+            beat(6000)
+            c.check_liveness()
+        assert not origin.up and n1.up
+    finally:
+        for client in clients.values():
+            await client.close()
+        await r.stop()

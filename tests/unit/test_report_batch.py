@@ -202,3 +202,25 @@ async def test_a_reply_with_the_wrong_number_of_results_is_retried() -> None:
     assert await r.step()
     assert await outcome
     assert counts.retries == 1
+
+
+async def test_progress_rides_with_finals_and_goes_alone_only_once_per_interval() -> None:
+    clock, active = FakeClock(), Active()
+    active.bytes = {"t-long": 100}
+    coord = FakeCoordinator([])
+    r, _ = reporter(coord, active, clock)
+    assert await r.step()  # the first progress, alone
+    clock.advance(PROGRESS_INTERVAL / 4)
+    active.bytes["t-long"] = 200
+    assert not await r.step()  # alone again only after the interval
+    outcome = asyncio.create_task(r.done("t1 done", "t1", DONE))
+    await settle()
+    assert await r.step()  # a final goes at once, and the moved bytes with it
+    assert await outcome
+    assert [type(i).__name__ for i in coord.batches[1].items] == ["DoneItem", "ProgressItem"]
+    clock.advance(PROGRESS_INTERVAL / 2)
+    active.bytes["t-long"] = 300
+    assert not await r.step()  # the interval counts from the last progress sent
+    clock.advance(PROGRESS_INTERVAL / 2)
+    assert await r.step()
+    assert len(coord.batches) == 3
