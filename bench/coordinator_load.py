@@ -531,13 +531,12 @@ class LoadWorker:
                 self.progress_sent += sum(isinstance(i, m.ProgressItem) for i in batch.items)
             return reply
 
-        every = self.spec.progress_interval
-
         def progress() -> list[m.ProgressItem]:
-            return self._progress_now(a) if every > 0 else []
+            # on or off; when on, as often as the agent's own rule sends it
+            return self._progress_now(a) if self.spec.progress_interval > 0 else []
 
         counts = ReportSender(a.node_id, give_up_after=self.spec.request_timeout * 6)
-        return TransferReporter(send, progress, counts, interval=every or 1.0)
+        return TransferReporter(send, progress, counts)
 
     async def _finish(self, a: SimAgent, x: m.TransferAssignment) -> None:
         """The 'pull' takes done_delay; the piece (or layer) is then reported done.
@@ -1121,7 +1120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--progress-interval",
         type=float,
         default=0.0,
-        help="each agent reports progress of its active transfers this often (agent: 0.5 s)",
+        help="agents report progress of their active transfers (0: not at all); with "
+        "--reports single one POST per transfer this often (agents did: 0.5 s), with batch "
+        "as agent/report_batch.py does",
     )
     p.add_argument("--p99-limit-ms", type=float, default=P99_LIMIT_MS)
     p.add_argument(

@@ -79,7 +79,7 @@ def apply_batch(
 ) -> list[ReportResult]:
     """Apply ``items`` (raw) in order, in one transaction; one result each."""
     results: list[ReportResult] = []
-    with c.store.transaction(), c.dispatch.one_schedule():
+    with ledger.transaction(), c.dispatch.one_schedule():
         for raw in items:
             item = _item(raw)
             if isinstance(item, ReportResult):

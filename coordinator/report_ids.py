@@ -21,12 +21,14 @@ the single report routes:
   write, before anything in memory changed. If applying is refused (any
   non-2xx answer), the id is forgotten again, so a retry is judged afresh.
 
-The ids live in memory (a window per node, read from the database the
-first time the node reports after a start), so checking one costs no query;
-only writing one does, in the transaction the report needs anyway. A report
-applied in memory whose COMMIT then failed keeps its id in memory: a retry
-is not applied twice by this process (the database, which lacks both the id
-and the state, agrees after a restart).
+Checking an id is one indexed SELECT on the state store's own connection
+(it sees the open transaction's rows too); writing one is an INSERT in the
+transaction the report needs anyway, so neither costs a commit of its own
+(before: a second connection, a commit and an fsync per report). A report
+applied in memory whose transaction then failed to COMMIT keeps its id in
+memory (at most :data:`MAX_UNCOMMITTED`): a retry is not applied twice by
+this process, and the database, which lacks both the id and the state, agrees
+after a restart.
 
 Bounds: at most :data:`KEEP_PER_NODE` ids per node (the oldest are dropped),
 so one node sending made-up ids can only push out its own. Reports without
@@ -62,6 +64,9 @@ T = TypeVar("T")
 KEEP_PER_NODE = 1000
 #: trim a node's stored ids every this many new ones (not on every insert: it is a scan)
 PRUNE_EVERY = 100
+#: ids of reports applied whose transaction then failed to commit, kept in memory (the
+#: oldest dropped past this): a disk refusing writes for a while, not for ever
+MAX_UNCOMMITTED = 10_000
 #: the routes whose POSTs carry report ids (agent final reports and security events)
 REPORT_ROUTES = re.compile(
     r"/v1/(?:(?:transfers|ingests|loads)/[^/]+/(?:done|failed)|ops/[^/]+/(?:started|result)|events)"
@@ -77,39 +82,32 @@ def transfer_route(transfer_id: str, what: str) -> str:
 
 
 class ReportLedger:
-    """The report ids applied: in memory, and in table ``applied_reports`` of the state database."""
+    """The report ids applied, in table ``applied_reports`` of the state database."""
 
     def __init__(self, store: StateStore, keep_per_node: int = KEEP_PER_NODE) -> None:
         self.store = store
         self.keep_per_node = keep_per_node
-        self._ids: dict[str, OrderedDict[tuple[str, str], None]] = {}
         self._inflight: set[tuple[str, str, str]] = set()
         self._added: dict[str, int] = {}
+        #: ids claimed in the open transaction (they become uncommitted if its COMMIT fails)
+        self._claimed: list[tuple[str, str, str]] = []
+        #: ids whose reports were applied in memory but whose transaction did not commit
+        self._uncommitted: OrderedDict[tuple[str, str, str], None] = OrderedDict()
         #: duplicates answered without applying (shown in logs; tests read it)
         self.duplicates = 0
 
-    def _window(self, node: str) -> OrderedDict[tuple[str, str], None]:
-        """``node``'s ids, oldest first (read from the database on first use)."""
-        ids = self._ids.get(node)
-        if ids is None:
-            stored = self.store.report_ids(node, self.keep_per_node)
-            ids = self._ids[node] = OrderedDict.fromkeys(stored)
-        return ids
-
     def applied(self, node: str, route: str, report_id: str) -> bool:
-        return (route, report_id) in self._window(node)
+        """Applied: written (committed or in the open transaction), or applied uncommitted."""
+        key = (node, route, report_id)
+        return key in self._uncommitted or self.store.has_report_id(*key)
 
     def claim(self, node: str, route: str, report_id: str) -> None:
-        """Write the id, then remember it (before the report is applied).
+        """Write the id (before the report is applied), inside the report's transaction.
 
-        Called inside the report's transaction; sqlite3.Error if the disk
-        refuses the write, and then nothing is remembered.
+        sqlite3.Error if the disk refuses the write (then nothing changed).
         """
         self.store.add_report_id(node, route, report_id)
-        ids = self._window(node)
-        ids[(route, report_id)] = None
-        while len(ids) > self.keep_per_node:
-            ids.popitem(last=False)
+        self._claimed.append((node, route, report_id))
         n = self._added.get(node, 0) + 1
         self._added[node] = n
         if n % PRUNE_EVERY == 0:
@@ -117,27 +115,48 @@ class ReportLedger:
 
     def release(self, node: str, route: str, report_id: str) -> None:
         """Forget an id whose report was not applied (its row: best effort, logged if it fails)."""
-        self._window(node).pop((route, report_id), None)
+        key = (node, route, report_id)
+        if key in self._claimed:
+            self._claimed.remove(key)
+        self._uncommitted.pop(key, None)
         try:
-            self.store.delete_report_id(node, route, report_id)
+            self.store.delete_report_id(*key)
         except sqlite3.Error as e:
             log.error(
-                "report id not forgotten on disk; after a restart a retry of it is taken "
-                "as applied",
+                "report id not forgotten; a retry of it will be taken as applied",
                 node=node,
                 route=route,
                 report_id=report_id,
                 error=str(e),
             )
 
-    def forget_node(self, node: str) -> None:
-        """Drop ``node``'s window from memory (its rows stay; read again on its next report)."""
-        self._ids.pop(node, None)
-        self._added.pop(node, None)
-
     def count(self, node: str) -> int:
-        """Ids remembered for ``node``."""
-        return len(self._window(node))
+        """Ids stored for ``node``."""
+        return self.store.count_report_ids(node)
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """The store's transaction around applying reports; see the module docstring.
+
+        If its COMMIT fails, the reports applied in it (their ids claimed and not
+        released) stay applied in memory: their ids are kept here, so a retry is
+        not applied twice by this process.
+        """
+        if self.store.in_transaction:
+            yield
+            return
+        self._claimed.clear()
+        try:
+            with self.store.transaction():
+                yield
+        except sqlite3.Error:
+            for key in self._claimed:
+                self._uncommitted[key] = None
+            while len(self._uncommitted) > MAX_UNCOMMITTED:
+                self._uncommitted.popitem(last=False)
+            raise
+        finally:
+            self._claimed.clear()
 
     @contextmanager
     def applying(self, node: str, route: str, report_id: str) -> Iterator[None]:
@@ -191,7 +210,7 @@ class ReportLedger:
             if self.duplicate(node, request.path, rid):
                 return web.Response(status=204)
             try:
-                with self.store.transaction(), self.applying(node, request.path, rid):
+                with self.transaction(), self.applying(node, request.path, rid):
                     resp: web.StreamResponse = no_wait(handler(request))
                     if not 200 <= resp.status < 300:
                         raise _Refused(resp)  # the id is released, the transaction committed

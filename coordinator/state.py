@@ -162,6 +162,10 @@ class StateStore:
     def close(self) -> None:
         self._db.close()
 
+    @property
+    def in_transaction(self) -> bool:
+        return self._db.in_transaction
+
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         """Every write inside commits once, at the end (a write outside commits on its own).
@@ -201,14 +205,18 @@ class StateStore:
             (node_id, route, report_id),
         )
 
-    def report_ids(self, node_id: str, keep: int) -> list[tuple[str, str]]:
-        """The newest ``keep`` (route, report id) of ``node_id``, oldest first."""
-        rows = self._db.execute(
-            "SELECT route, report_id FROM (SELECT rowid, route, report_id FROM applied_reports "
-            "WHERE node_id = ? ORDER BY rowid DESC LIMIT ?) ORDER BY rowid",
-            (node_id, keep),
-        ).fetchall()
-        return [(str(r), str(i)) for r, i in rows]
+    def has_report_id(self, node_id: str, route: str, report_id: str) -> bool:
+        row = self._db.execute(
+            "SELECT 1 FROM applied_reports WHERE node_id = ? AND route = ? AND report_id = ?",
+            (node_id, route, report_id),
+        ).fetchone()
+        return row is not None
+
+    def count_report_ids(self, node_id: str) -> int:
+        row = self._db.execute(
+            "SELECT COUNT(*) FROM applied_reports WHERE node_id = ?", (node_id,)
+        ).fetchone()
+        return int(row[0])
 
     def prune_report_ids(self, node_id: str, keep: int) -> None:
         """Forget all but the newest ``keep`` report ids of ``node_id``."""

@@ -307,14 +307,7 @@ def test_ledger_keeps_a_bounded_number_of_ids_per_node(tmp_path: Path) -> None:
         assert ledger.applied("flooder", "/v1/events", f"made-up-{2 * PRUNE_EVERY - 1:06d}")
         assert not ledger.applied("flooder", "/v1/events", "made-up-000000")
         assert ledger.applied("honest", "/v1/transfers/t1/done", "honest-rid-1")
-        # what a restarted coordinator reads back: the same bounded window
-        assert len(store.report_ids("flooder", 1000)) == 5
-        ledger.forget_node("flooder")
-        assert ledger.count("flooder") == 5
-        assert ledger.applied("flooder", "/v1/events", f"made-up-{2 * PRUNE_EVERY - 1:06d}")
         ledger.release("honest", "/v1/transfers/t1/done", "honest-rid-1")
-        assert not ledger.applied("honest", "/v1/transfers/t1/done", "honest-rid-1")
-        ledger.forget_node("honest")
         assert not ledger.applied("honest", "/v1/transfers/t1/done", "honest-rid-1")
     finally:
         store.close()

@@ -27,7 +27,7 @@ from test_coordinator_support import ADMIN, Running, enroll, fake_image, ingest,
 from rainbowd import messages as m
 from rainbowd.client import AdminClient, AgentClient
 from rainbowd.coordinator.app import REPORT_LEDGER
-from rainbowd.coordinator.report_ids import no_wait
+from rainbowd.coordinator.report_ids import ReportLedger, no_wait
 from rainbowd.coordinator.state import StateStore
 from waiting import FakeClock
 
@@ -254,3 +254,30 @@ async def test_a_demanders_heartbeat_shows_its_busy_seeder_alive(tmp_path: Path)
         for client in clients.values():
             await client.close()
         await r.stop()
+
+
+def test_a_report_applied_whose_commit_failed_is_not_applied_again(tmp_path: Path) -> None:
+    """Memory has the report, the disk has neither it nor its id: a retry is a duplicate here."""
+    store = StateStore(tmp_path / "s.sqlite")
+    ledger = ReportLedger(store)
+    db = store._db  # a deferred foreign key: SQLite refuses the COMMIT, as a full disk would
+    db.execute("PRAGMA foreign_keys = ON")
+    db.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+    db.execute("CREATE TABLE child (p INTEGER REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED)")
+    key = ("n1", "/v1/transfers/t1/done", "rid-commit-fails")
+    refused = ("n1", "/v1/transfers/t2/done", "rid-refused-0001")
+    try:
+        with pytest.raises(sqlite3.IntegrityError), ledger.transaction():
+            with ledger.applying(*key):
+                db.execute("INSERT INTO child VALUES (7)")  # the report's own write
+            with pytest.raises(KeyError), ledger.applying(*refused):
+                raise KeyError("refused")
+        assert ledger.applied(*key) and not store.has_report_id(*key)
+        assert not ledger.applied(*refused)  # judged afresh
+        with ledger.transaction():  # a later transaction that commits
+            with ledger.applying("n1", "/v1/transfers/t3/done", "rid-later-00001"):
+                pass
+        assert store.has_report_id("n1", "/v1/transfers/t3/done", "rid-later-00001")
+        assert ledger.applied(*key)
+    finally:
+        store.close()
