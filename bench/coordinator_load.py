@@ -29,6 +29,22 @@ Per cluster size N (a fresh coordinator each time):
    (ceil(log2 N) rounds of ``--done-delay`` for a one-layer image), the
    scheduling throughput (assignments/s) and heartbeat latency during the job.
 
+The cost of piece reports (issue 13): with ``--policy swarm`` and layers of
+a few MiB (``--layer-bytes``) every layer moves as ~16 piece transfers, each
+ending in a done report (a node holds a layer once every chunk of it
+arrived); ``--progress-interval`` makes the agents report progress too. The
+agents send these as agents do (``--reports batch``: agent/report_batch.py's
+TransferReporter, several to a ``POST /v1/reports``) or one request per
+report as they did before (``--reports single``), each final with its report
+id. The job line then says how many reports went in how many requests, the
+coordinator's CPU per done report (all of the job's work, heartbeats and
+scheduling included, divided by the done reports) and heartbeat latency
+during the job::
+
+    PYTHONPATH=.:bench .venv/bin/python bench/coordinator_load.py --sizes 100 --steady 5 \
+        --warmup 2 --policy swarm --layer-bytes 8388608 --done-delay 1.0 \
+        --progress-interval 0.5 --log-level info [--reports single]
+
 Sizes are stepped up until heartbeat p99 passes ``--p99-limit-ms`` (100) or
 errors appear. Every loop is bounded in count and time; all traffic goes to
 127.0.0.1.
