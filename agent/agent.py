@@ -36,7 +36,7 @@ from rainbowd.agent.metrics import AgentMetrics, MetricsServer
 from rainbowd.agent.ops import OpRunner
 from rainbowd.agent.puller import HostKeyMismatch, LayerPuller, PullError
 from rainbowd.agent.relay import RelayBoard
-from rainbowd.agent.report_batch import TransferReporter
+from rainbowd.agent.report_batch import BatchOrSingle, TransferReporter
 from rainbowd.agent.report_sender import Attempt, ReportSender
 from rainbowd.agent.ssh_server import ChunkServer
 from rainbowd.agent.status import StatusServer
@@ -134,7 +134,9 @@ class Agent:
         self.api = AgentClient(config.coordinator_url, timeout=config.request_timeout)
         self.reports = ReportSender(config.node_id, give_up_after=config.report_retry_seconds)
         # transfer progress/done/failed: several to a request (agent/report_batch.py)
-        self.transfer_reports = TransferReporter(self.api.reports, self._progress, self.reports)
+        self.transfer_reports = TransferReporter(
+            BatchOrSingle(self.api), self._progress, self.reports
+        )
         self._stop = asyncio.Event()
         self._tg: asyncio.TaskGroup | None = None
         self._cursor = 0

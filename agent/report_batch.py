@@ -27,6 +27,10 @@ seconds from when it was queued; a final the coordinator refused (its own
 4xx in the reply, or the request's 4xx) is logged and dropped; one it could
 not take now (its 5xx/503) is retried alone after its own backoff.
 
+A coordinator older than ``POST /v1/reports`` answers it 404; :class:`BatchOrSingle`
+then sends each report on its own route, as agents did before (those routes
+stay), so agents may be upgraded before their coordinator.
+
 Clock and waiting are injectable: unit tests drive :meth:`TransferReporter.step`
 on a fake clock without sleeping.
 """
@@ -40,7 +44,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from rainbowd.client import ApiError, CoordinatorUnreachable
+from rainbowd.client import AgentClient, ApiError, CoordinatorUnreachable
 from rainbowd.messages import (
     MAX_REPORT_ITEMS,
     DoneItem,
@@ -48,6 +52,7 @@ from rainbowd.messages import (
     ProgressItem,
     ReportBatch,
     ReportBatchReply,
+    ReportResult,
     TransferDone,
     TransferFailed,
 )
@@ -278,3 +283,45 @@ class TransferReporter:
             retry_in=round(wait, 2),
             error=str(e),
         )
+
+
+class BatchOrSingle:
+    """Sends a batch to ``POST /v1/reports``; to an older coordinator, one report per route.
+
+    The old coordinator's answer to each single report becomes that item's
+    result (a connection error or 5xx still fails the whole batch: it is
+    retried whole, each final with its id, and the ones applied meanwhile are
+    recognised as such).
+    """
+
+    def __init__(self, api: AgentClient) -> None:
+        self.api = api
+        self.single = False  # the coordinator has no /v1/reports (found on first use)
+
+    async def __call__(self, batch: ReportBatch) -> ReportBatchReply | None:
+        if not self.single:
+            try:
+                return await self.api.reports(batch)
+            except ApiError as e:
+                if e.status != 404 or "no such endpoint" not in e.message:
+                    raise
+                self.single = True
+                log.warning("coordinator has no POST /v1/reports: reports go one by one")
+        results = [await self._one(item) for item in batch.items]
+        return ReportBatchReply(results=results)
+
+    async def _one(self, item: ProgressItem | DoneItem | FailedItem) -> ReportResult:
+        try:
+            if isinstance(item, ProgressItem):
+                await self.api.transfer_progress(item.transfer_id, item.progress)
+            elif isinstance(item, DoneItem):
+                await self.api.transfer_done(item.transfer_id, item.done, item.report_id)
+            else:
+                await self.api.transfer_failed(item.transfer_id, item.failed, item.report_id)
+        except CoordinatorUnreachable:
+            raise
+        except ApiError as e:
+            if retryable_status(e.status):
+                raise  # the coordinator could not take it: the batch is retried
+            return ReportResult(status=e.status, error=e.message)
+        return ReportResult(status=200)

@@ -4,7 +4,8 @@ On a fake clock, driving :meth:`TransferReporter.step` by hand: reports that
 wait go together with the progress that is due; the same report ids on every
 attempt; the shared backoff after a request the coordinator could not take;
 per-item results (taken, already applied, refused, not now); lost only after
-``give_up_after``.
+``give_up_after``; progress riding along with finals; an older coordinator
+(no ``POST /v1/reports``) getting each report on its own route.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import asyncio
 import structlog
 
 from rainbowd import messages as m
-from rainbowd.agent.report_batch import PROGRESS_INTERVAL, TransferReporter
+from rainbowd.agent.report_batch import PROGRESS_INTERVAL, BatchOrSingle, TransferReporter
 from rainbowd.agent.report_sender import BACKOFF_START, ReportSender
 from rainbowd.client import ApiError, CoordinatorUnreachable
 from waiting import FakeClock, settle
@@ -224,3 +225,52 @@ async def test_progress_rides_with_finals_and_goes_alone_only_once_per_interval(
     clock.advance(PROGRESS_INTERVAL / 2)
     assert await r.step()
     assert len(coord.batches) == 3
+
+
+class OldCoordinator:
+    """An AgentClient's report calls against a coordinator without POST /v1/reports."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, str]] = []
+
+    async def reports(self, batch: m.ReportBatch) -> m.ReportBatchReply | None:
+        self.calls.append(("reports", "", ""))
+        raise ApiError(404, "no such endpoint: POST /v1/reports")
+
+    async def transfer_progress(self, tid: str, p: m.TransferProgress) -> None:
+        self.calls.append(("progress", tid, ""))
+
+    async def transfer_done(self, tid: str, d: m.TransferDone, report_id: str = "") -> None:
+        self.calls.append(("done", tid, report_id))
+
+    async def transfer_failed(self, tid: str, f: m.TransferFailed, report_id: str = "") -> None:
+        self.calls.append(("failed", tid, report_id))
+        raise ApiError(403, f"transfer {tid} belongs to n2, not n1")
+
+
+async def test_an_older_coordinator_gets_each_report_on_its_own_route() -> None:
+    old = OldCoordinator()
+    send = BatchOrSingle(old)  # type: ignore[arg-type]
+    items: list[m.ReportItem] = [
+        m.DoneItem(transfer_id="t1", report_id="rid-old-00001", done=DONE),
+        m.FailedItem(
+            transfer_id="t2",
+            report_id="rid-old-00002",
+            failed=m.TransferFailed(reason="x", kind="io"),
+        ),
+        m.ProgressItem(
+            transfer_id="t3",
+            progress=m.TransferProgress(bytes_done=1, bytes_total=2, rate_bps=1.0),
+        ),
+    ]
+    reply = await send(m.ReportBatch(items=items))
+    assert reply is not None and [r.status for r in reply.results] == [200, 403, 200]
+    assert old.calls == [
+        ("reports", "", ""),
+        ("done", "t1", "rid-old-00001"),
+        ("failed", "t2", "rid-old-00002"),
+        ("progress", "t3", ""),
+    ]
+    await send(m.ReportBatch(items=items[:1]))
+    assert old.calls[-1] == ("done", "t1", "rid-old-00001")  # no second try of /v1/reports
+    assert sum(c[0] == "reports" for c in old.calls) == 1
