@@ -12,6 +12,7 @@ scheduler before any node is heard from.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections import OrderedDict
@@ -80,6 +81,8 @@ class Dispatch:
         self.undelivered: dict[str, dict[str, int]] = {}
         # inside one_schedule(): whether a schedule was asked for (None: not inside)
         self._deferred: bool | None = None
+        # a schedule_soon() pass waiting for the event loop's next turn
+        self._soon: asyncio.Handle | None = None
 
     def remember(self, tr: Tracked) -> None:
         self.transfers[tr.t.transfer_id] = tr
@@ -219,12 +222,15 @@ class Dispatch:
             )
 
     @contextlib.contextmanager
-    def one_schedule(self) -> Iterator[None]:
+    def one_schedule(self, *, soon: bool = False) -> Iterator[None]:
         """The schedules asked for inside run once, at the end (a batch of reports).
 
         Each done report frees a seeder and a demander and asks for a schedule;
         for a batch of them one schedule, knowing every completion, plans as well
-        as one per report and costs one scheduler pass instead of many.
+        as one per report and costs one scheduler pass instead of many. With
+        ``soon`` that pass waits for the event loop's next turn
+        (:meth:`schedule_soon`), so the batches of every agent handled in this
+        turn share it.
         """
         if self._deferred is not None:
             yield
@@ -234,8 +240,31 @@ class Dispatch:
             yield
         finally:
             wanted, self._deferred = self._deferred, None
-            if wanted:
+            if wanted and soon:
+                self.schedule_soon()
+            elif wanted:
                 self.schedule(self.ctx.clock())
+
+    def schedule_soon(self) -> None:
+        """One scheduler pass on the event loop's next turn, for every report before it.
+
+        A saturated coordinator has many agents' reports waiting in its sockets;
+        their handlers run in one turn of the loop, and one pass after them plans
+        with every completion known instead of one pass per report (the pass is
+        the bulk of a done report's cost). A quiet one loses one turn of the
+        loop (microseconds): the demander's next poll, sent after this reply,
+        is read after the pass.
+        """
+        if self._soon is None:
+            self._soon = asyncio.get_running_loop().call_soon(self._scheduled_soon)
+
+    def _scheduled_soon(self) -> None:
+        self._soon = None
+        try:
+            with self.ctx.store.transaction():
+                self.schedule(self.ctx.clock())
+        except Exception:  # a callback: nobody else would see it
+            log.exception("scheduling after reports failed")
 
     def schedule(self, now: float) -> None:
         """Start every transfer the scheduler allows; queue each to its demander."""

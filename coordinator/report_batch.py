@@ -18,7 +18,8 @@ agent sends what it has to say in one :class:`~rainbowd.messages.ReportBatch`
   none (a lost or repeated one does no harm);
 * the whole batch is one transaction of the state database: one commit, and
   each item's id lands with the state it guards; and one scheduler pass after
-  all its items (:meth:`Dispatch.one_schedule`), not one per done report.
+  all its items, on the event loop's next turn, shared with every other batch
+  handled in this turn (:meth:`Dispatch.one_schedule`), not one per done report.
 
 The reply is 204 when every item was taken (applied, or already applied);
 otherwise a :class:`~rainbowd.messages.ReportBatchReply` with one result per
@@ -79,7 +80,7 @@ def apply_batch(
 ) -> list[ReportResult]:
     """Apply ``items`` (raw) in order, in one transaction; one result each."""
     results: list[ReportResult] = []
-    with ledger.transaction(), c.dispatch.one_schedule():
+    with ledger.transaction(), c.dispatch.one_schedule(soon=True):
         for raw in items:
             item = _item(raw)
             if isinstance(item, ReportResult):

@@ -27,9 +27,10 @@ from test_coordinator_support import ADMIN, Running, enroll, fake_image, ingest,
 from rainbowd import messages as m
 from rainbowd.client import AdminClient, AgentClient
 from rainbowd.coordinator.app import REPORT_LEDGER
+from rainbowd.coordinator.report_batch import apply_batch
 from rainbowd.coordinator.report_ids import ReportLedger, no_wait
 from rainbowd.coordinator.state import StateStore
-from waiting import FakeClock
+from waiting import FakeClock, settle
 
 
 @pytest.fixture
@@ -281,3 +282,37 @@ def test_a_report_applied_whose_commit_failed_is_not_applied_again(tmp_path: Pat
         assert ledger.applied(*key)
     finally:
         store.close()
+
+
+async def test_batches_handled_in_one_turn_of_the_loop_share_one_scheduler_pass(
+    coord: Running,
+) -> None:
+    clients, transfers = await job_transfers(coord, ["n1", "n2"])
+    c, t1 = coord.coordinator, transfers["n1"]
+    ledger = coord.server.app[REPORT_LEDGER]
+    passes: list[float] = []
+    inner = c.scheduler.schedule
+
+    def counted(now: float) -> Any:
+        passes.append(now)
+        return inner(now)
+
+    c.scheduler.schedule = counted  # type: ignore[method-assign]
+    unknown = m.DoneItem(
+        transfer_id="t-unknown-2",
+        report_id="rid-unknown-02",
+        done=m.TransferDone(bytes_moved=1, seconds=0.1),
+    )
+    try:
+        # two agents' batches, handled one after the other in the same turn
+        r1 = apply_batch(c, ledger, c.cluster.nodes["n1"], [m.to_wire(done(t1, "rid-turn-00001"))])
+        r2 = apply_batch(c, ledger, c.cluster.nodes["n2"], [m.to_wire(unknown)])
+        assert [x.status for x in r1 + r2] == [200, 200]
+        assert passes == []  # not yet: on the loop's next turn
+        await settle()
+        assert len(passes) == 1
+        # the pass handed out what the completion made possible, and saved it
+        assert c.store.load_transfers()
+    finally:
+        for client in clients.values():
+            await client.close()
