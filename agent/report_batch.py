@@ -137,9 +137,24 @@ class TransferReporter:
     async def run(self) -> None:
         """Send batches until cancelled."""
         while True:
-            if not await self.step():
+            if not await self.guarded_step():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._idle_for())
+
+    async def guarded_step(self) -> bool:
+        """:meth:`step`, backing off instead of raising: this loop must outlive any bug.
+
+        (An exception out of :meth:`run` would stop the agent's task group, and
+        every transfer with it; the reports wait and go on the next attempt.)
+        """
+        try:
+            return await self.step()
+        except Exception:
+            self._failures += 1
+            wait = self.counts.delay(self._failures)
+            self._paused_until = self.counts.clock() + wait
+            self._log.exception("sending transfer reports failed; retrying", retry_in=wait)
+            return False
 
     def _idle_for(self) -> float:
         """Seconds until something may be due (a new final wakes the loop earlier)."""

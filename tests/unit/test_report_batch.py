@@ -274,3 +274,26 @@ async def test_an_older_coordinator_gets_each_report_on_its_own_route() -> None:
     await send(m.ReportBatch(items=items[:1]))
     assert old.calls[-1] == ("done", "t1", "rid-old-00001")  # no second try of /v1/reports
     assert sum(c[0] == "reports" for c in old.calls) == 1
+
+
+async def test_an_unexpected_error_backs_off_and_the_reports_go_later() -> None:
+    clock, active = FakeClock(), Active()
+    coord = FakeCoordinator([])
+    calls = 0
+
+    async def broken_then_fine(batch: m.ReportBatch) -> m.ReportBatchReply | None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise OSError("Too many open files")  # not an ApiError: a bug or the host
+        return await coord(batch)
+
+    counts = ReportSender("n1", clock=clock, rand=lambda: 1.0)
+    r = TransferReporter(broken_then_fine, active, counts)
+    outcome = asyncio.create_task(r.done("t1 done", "t1", DONE))
+    await settle()
+    assert not await r.guarded_step()  # no exception out of the loop
+    assert not await r.guarded_step()  # and a backoff before the next try
+    clock.advance(BACKOFF_START)
+    assert await r.guarded_step()
+    assert await outcome
