@@ -7,7 +7,7 @@ complete image into Docker (``load``). It also serves its own layers to
 trusted peers over SSH and answers ``rbd-agent status`` on a unix socket.
 
 Concurrency: :meth:`Agent.run` owns one TaskGroup. Every task in it is a loop
-(heartbeats, assignments, progress reports) or one piece of work; work tasks
+(heartbeats, assignments, transfer reports) or one piece of work; work tasks
 never let an exception escape (they report the failure to the coordinator), so
 one bad layer cannot take the agent down. SIGTERM sets the stop event; the
 group is cancelled and every resource is closed in reverse order.
