@@ -7,7 +7,7 @@ complete image into Docker (``load``). It also serves its own layers to
 trusted peers over SSH and answers ``rbd-agent status`` on a unix socket.
 
 Concurrency: :meth:`Agent.run` owns one TaskGroup. Every task in it is a loop
-(heartbeats, assignments, progress reports) or one piece of work; work tasks
+(heartbeats, assignments, transfer reports) or one piece of work; work tasks
 never let an exception escape (they report the failure to the coordinator), so
 one bad layer cannot take the agent down. SIGTERM sets the stop event; the
 group is cancelled and every resource is closed in reverse order.
@@ -36,6 +36,7 @@ from rainbowd.agent.metrics import AgentMetrics, MetricsServer
 from rainbowd.agent.ops import OpRunner
 from rainbowd.agent.puller import HostKeyMismatch, LayerPuller, PullError
 from rainbowd.agent.relay import RelayBoard
+from rainbowd.agent.report_batch import BatchOrSingle, TransferReporter
 from rainbowd.agent.report_sender import Attempt, ReportSender
 from rainbowd.agent.ssh_server import ChunkServer
 from rainbowd.agent.status import StatusServer
@@ -47,9 +48,6 @@ from rainbowd.sources import describe
 from rainbowd.store import LayerStore, StoreError
 
 log = structlog.get_logger(__name__)
-
-#: how often active transfers report progress to the coordinator (seconds)
-PROGRESS_INTERVAL = 0.5
 
 
 class _Shutdown(Exception):
@@ -135,6 +133,10 @@ class Agent:
         self._loading: dict[str, int] = {}  # layer -> Docker loads reading it now
         self.api = AgentClient(config.coordinator_url, timeout=config.request_timeout)
         self.reports = ReportSender(config.node_id, give_up_after=config.report_retry_seconds)
+        # transfer progress/done/failed: several to a request (agent/report_batch.py)
+        self.transfer_reports = TransferReporter(
+            BatchOrSingle(self.api), self._progress, self.reports
+        )
         self._stop = asyncio.Event()
         self._tg: asyncio.TaskGroup | None = None
         self._cursor = 0
@@ -246,7 +248,7 @@ class Agent:
     async def _main(self, tg: asyncio.TaskGroup) -> None:
         await self._register()
         tg.create_task(self._heartbeats())
-        tg.create_task(self._progress_reports())
+        tg.create_task(self.transfer_reports.run())
         tg.create_task(self.hygiene.run(self.api, lambda: self.view.heartbeat_interval))
         await self._assignments(tg)
 
@@ -369,19 +371,17 @@ class Agent:
                 self.view.last_error = f"node {self.config.node_id}: heartbeat: {e}"
                 self.log.error("heartbeat failed on this host; retrying", error=str(e))
 
-    async def _progress_reports(self) -> None:
-        while True:
-            await asyncio.sleep(PROGRESS_INTERVAL)
-            for w in list(self.view.active.values()):
-                try:
-                    await self.api.transfer_progress(
-                        w.transfer_id,
-                        m.TransferProgress(
-                            bytes_done=w.bytes_done, bytes_total=w.bytes_total, rate_bps=w.rate_bps
-                        ),
-                    )
-                except (ApiError, CoordinatorUnreachable) as e:
-                    self.log.debug("progress report failed", transfer=w.transfer_id, error=str(e))
+    def _progress(self) -> list[m.ProgressItem]:
+        """Progress of every active transfer (sent with the next batch of reports)."""
+        return [
+            m.ProgressItem(
+                transfer_id=w.transfer_id,
+                progress=m.TransferProgress(
+                    bytes_done=w.bytes_done, bytes_total=w.bytes_total, rate_bps=w.rate_bps
+                ),
+            )
+            for w in self.view.active.values()
+        ]
 
     # -- assignments -----------------------------------------------------
     async def _assignments(self, tg: asyncio.TaskGroup) -> None:
@@ -485,10 +485,7 @@ class Agent:
         what = f"transfer {a.transfer_id} of layer {layer} from {a.seeder.node_id}"
         if failure is not None:
             failed = failure
-            await self._report(
-                f"{what} failed",
-                lambda rid: self.api.transfer_failed(a.transfer_id, failed, rid),
-            )
+            await self.transfer_reports.failed(f"{what} failed", a.transfer_id, failed)
             return
         if result.installed:
             tlog.info("layer verified", bytes=result.bytes_moved, seconds=round(result.seconds, 3))
@@ -497,9 +494,7 @@ class Agent:
         else:  # other pieces of the layer are still to come
             tlog.info("piece verified", bytes=result.bytes_moved, seconds=round(result.seconds, 3))
         done = m.TransferDone(bytes_moved=result.bytes_moved, seconds=result.seconds)
-        await self._report(
-            f"{what} done", lambda rid: self.api.transfer_done(a.transfer_id, done, rid)
-        )
+        await self.transfer_reports.done(f"{what} done", a.transfer_id, done)
 
     async def _ingest(self, a: m.IngestAssignment) -> None:
         # no eviction until the coordinator has the report (and so pins the image's layers)

@@ -1,7 +1,8 @@
 """ReportSender: an agent's final reports reach the coordinator once, however long it takes.
 
-A final report (transfer done/failed, op started/result, ingest and load
-done/failed) is the only way the coordinator learns how a piece of work
+A final report (op started/result, ingest and load done/failed, security
+events; transfer done/failed go in batches, agent/report_batch.py, on the
+same schedule and counters) is the only way the coordinator learns how a piece of work
 ended; a lost one leaves a job running on or a node counted wrongly. So a
 report is retried while the coordinator cannot take it:
 
@@ -57,9 +58,14 @@ RETRY_STATUSES = frozenset({408, 429})
 Attempt = Callable[[str], Awaitable[Any]]
 
 
+def retryable_status(status: int) -> bool:
+    """Whether a report answered ``status`` may be taken if sent again later."""
+    return status >= 500 or status in RETRY_STATUSES
+
+
 def retryable(e: ApiError) -> bool:
     """Whether trying the same report again later may succeed."""
-    return isinstance(e, CoordinatorUnreachable) or e.status >= 500 or e.status in RETRY_STATUSES
+    return isinstance(e, CoordinatorUnreachable) or retryable_status(e.status)
 
 
 class ReportSender:

@@ -29,6 +29,22 @@ Per cluster size N (a fresh coordinator each time):
    (ceil(log2 N) rounds of ``--done-delay`` for a one-layer image), the
    scheduling throughput (assignments/s) and heartbeat latency during the job.
 
+The cost of piece reports (issue 13): with ``--policy swarm`` and layers of
+a few MiB (``--layer-bytes``) every layer moves as ~16 piece transfers, each
+ending in a done report (a node holds a layer once every chunk of it
+arrived); ``--progress-interval`` makes the agents report progress too. The
+agents send these as agents do (``--reports batch``: agent/report_batch.py's
+TransferReporter, several to a ``POST /v1/reports``) or one request per
+report as they did before (``--reports single``), each final with its report
+id. The job line then says how many reports went in how many requests, the
+coordinator's CPU per done report (all of the job's work, heartbeats and
+scheduling included, divided by the done reports) and heartbeat latency
+during the job::
+
+    PYTHONPATH=.:bench .venv/bin/python bench/coordinator_load.py --sizes 100 --steady 5 \
+        --warmup 2 --policy swarm --layer-bytes 8388608 --done-delay 1.0 \
+        --progress-interval 0.5 --log-level info [--reports single]
+
 Sizes are stepped up until heartbeat p99 passes ``--p99-limit-ms`` (100) or
 errors appear. Every loop is bounded in count and time; all traffic goes to
 127.0.0.1.
@@ -70,9 +86,12 @@ import aiohttp
 
 from agentsim import SharedSessionAgent, make_image, register_request
 from rainbowd import messages as m
+from rainbowd.agent.report_batch import TransferReporter
+from rainbowd.agent.report_sender import ReportSender
 from rainbowd.client import ApiError, CoordinatorUnreachable
 from rainbowd.digest import sha256_digest
 from rainbowd.localcluster import LocalCluster
+from rainbowd.report_id import new_report_id
 
 #: heartbeat p99 (ms) a cluster size must stay under to count as "held"
 P99_LIMIT_MS = 100.0
@@ -172,6 +191,8 @@ class WorkerSpec:
     layer_bytes: int
     done_delay: float
     lifetime: float  # the worker stops by itself after this many seconds, whatever happens
+    progress_interval: float = 0.0  # each agent reports its active transfers this often (0: never)
+    reports: str = "batch"  # "batch": as agents do (agent/report_batch.py); "single": one per POST
     cold_start: bool = False  # park each agent's long-poll as soon as it is enrolled
     poll_wait: float = POLL_WAIT
     request_timeout: float = REQUEST_TIMEOUT
@@ -191,6 +212,9 @@ class SimAgent:
     trust_version: int = 0
     disk_free: int = 0
     active: dict[str, tuple[m.TransferAssignment, float]] = field(default_factory=dict)
+    #: layer -> chunks received so far (a piece transfer brings some of them)
+    chunks: dict[str, set[int]] = field(default_factory=dict)
+    reporter: TransferReporter | None = None  # --reports batch: the agent's own batching
 
 
 @dataclass
@@ -246,6 +270,9 @@ class LoadWorker:
         self.trust_target: int | None = None  # the trust version after the last enrollment
         self.behind = 0  # enrolled agents whose trust list is older than trust_target
         self.reporting = 0  # done reports on the wire: the job is not over before they land
+        self.progress_sent = 0  # progress reports answered during the job
+        self.report_requests = 0  # requests that carried reports during the job
+        self.dones_sent = 0  # done reports answered (retries not counted)
         self.record, self.manifests = make_image(
             IMAGE_REF, layers=spec.layers, layer_bytes=spec.layer_bytes, seed=IMAGE_SEED
         )
@@ -327,6 +354,9 @@ class LoadWorker:
                     {
                         "arrivals": self.arrivals,
                         "dones": self.dones,
+                        "progress_sent": self.progress_sent,
+                        "report_requests": self.report_requests,
+                        "dones_sent": self.dones_sent,
                         "errors": dict(self.job_errors),
                     },
                 )
@@ -372,6 +402,11 @@ class LoadWorker:
             a.interval = reply.heartbeat_interval
             a.trust_version = reply.trust.version
             self._spawn(self._heartbeats(a))
+            if self.spec.reports == "batch":
+                a.reporter = self._reporter(a)
+                self._spawn(a.reporter.run())
+            elif self.spec.progress_interval > 0:
+                self._spawn(self._progress(a))
             if self.spec.cold_start:
                 self._spawn(self._polls(a))
             return
@@ -475,26 +510,87 @@ class LoadWorker:
                 self._spawn(self._ingest(a, x))
         a.cursor = batch.cursor
 
+    def _progress_now(self, a: SimAgent) -> list[m.ProgressItem]:
+        """Each active transfer's bytes so far (a share of it by the time it has run)."""
+        now = time.monotonic()
+        out = []
+        for x, t0 in list(a.active.values()):
+            first, end = x.chunk_range()
+            total = min(x.layer.size, end * x.layer.chunk_size) - first * x.layer.chunk_size
+            share = min(1.0, (now - t0) / max(1e-9, self.spec.done_delay))
+            msg = m.TransferProgress(bytes_done=int(total * share), bytes_total=total, rate_bps=5e6)
+            out.append(m.ProgressItem(transfer_id=x.transfer_id, progress=msg))
+        return out
+
+    async def _progress(self, a: SimAgent) -> None:
+        """--reports single: what agents did before batches, one POST per active transfer."""
+        for _ in range(int(self.spec.lifetime / self.spec.progress_interval) + 2):
+            if not await self._sleep(self.spec.progress_interval):
+                return
+            for item in self._progress_now(a):
+                try:
+                    await a.client.transfer_progress(item.transfer_id, item.progress)
+                except (ApiError, CoordinatorUnreachable) as e:
+                    self.job_errors["progress " + _error_kind(e)] += 1
+                    continue
+                if self.job_started:
+                    self.progress_sent += 1
+                    self.report_requests += 1
+
+    def _reporter(self, a: SimAgent) -> TransferReporter:
+        """--reports batch: the agent's own TransferReporter, sending through the shared session."""
+
+        async def send(batch: m.ReportBatch) -> m.ReportBatchReply | None:
+            reply = await a.client.reports(batch)
+            if self.job_started:
+                self.report_requests += 1
+                self.progress_sent += sum(isinstance(i, m.ProgressItem) for i in batch.items)
+            return reply
+
+        def progress() -> list[m.ProgressItem]:
+            # on or off; when on, as often as the agent's own rule sends it
+            return self._progress_now(a) if self.spec.progress_interval > 0 else []
+
+        counts = ReportSender(a.node_id, give_up_after=self.spec.request_timeout * 6)
+        return TransferReporter(send, progress, counts)
+
     async def _finish(self, a: SimAgent, x: m.TransferAssignment) -> None:
-        """The 'pull' takes done_delay; then the layer is held and the transfer reported done."""
+        """The 'pull' takes done_delay; the piece (or layer) is then reported done.
+
+        A layer is held once every chunk of it arrived (a piece transfer brings some).
+        """
         if not await self._sleep(self.spec.done_delay):
             return
-        if x.layer.digest not in a.holdings:
+        first, end = x.chunk_range()
+        have = a.chunks.setdefault(x.layer.digest, set())
+        have.update(range(first, end))
+        if len(have) >= x.layer.count and x.layer.digest not in a.holdings:
             a.holdings.append(x.layer.digest)
         a.active.pop(x.transfer_id, None)
-        done = m.TransferDone(bytes_moved=x.layer.size, seconds=self.spec.done_delay)
+        moved = min(x.layer.size, end * x.layer.chunk_size) - first * x.layer.chunk_size
+        done = m.TransferDone(bytes_moved=moved, seconds=self.spec.done_delay)
+        rid = new_report_id()  # as agent/report_sender.py: one id for every attempt
         self.reporting += 1
         try:
-            for attempt in range(3):
+            if a.reporter is not None:
+                t0 = time.monotonic()
+                if await a.reporter.done(f"transfer {x.transfer_id} done", x.transfer_id, done):
+                    self.dones.append((t0, x.transfer_id, x.seeder.node_id, a.node_id))
+                    self.dones_sent += 1
+                else:
+                    self.job_errors["done not taken"] += 1
+            for attempt in range(0 if a.reporter is not None else 3):
                 t0 = time.monotonic()
                 try:
-                    await a.client.transfer_done(x.transfer_id, done)
+                    await a.client.transfer_done(x.transfer_id, done, report_id=rid)
                 except (ApiError, CoordinatorUnreachable) as e:
                     self.job_errors["done " + _error_kind(e)] += 1
                     if not await self._sleep(0.5 * (attempt + 1)):
                         return
                     continue
                 self.dones.append((t0, x.transfer_id, x.seeder.node_id, a.node_id))
+                self.dones_sent += 1
+                self.report_requests += 1
                 break
         finally:
             self.reporting -= 1
@@ -563,7 +659,10 @@ class Options:
     layers: int = 1
     layer_bytes: int = 100_000
     done_delay: float = 0.1
+    progress_interval: float = 0.0
     job_timeout: float = 120.0
+    log_level: str = "warning"  # the coordinator's (the lab runs it at info: a line per transfer)
+    reports: str = "batch"  # how the agents send transfer reports (WorkerSpec.reports)
     cold_start: bool = False
     profile_dir: Path | None = None
     #: store-and-forward: the simulated agents finish a transfer done_delay after its
@@ -609,6 +708,10 @@ class StepResult:
     job_hb_errors: dict[str, int]
     job_errors: dict[str, int]
     job_coordinator_cpu_pct: float
+    done_reports: int = 0  # done reports the coordinator answered during the job
+    progress_reports: int = 0  # progress reports it answered during the job
+    report_requests: int = 0  # requests that carried them
+    job_coordinator_cpu_s: float = 0.0
     profile: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
 
     @property
@@ -645,7 +748,7 @@ async def run_step(n: int, opts: Options) -> StepResult:
             Path(tmp),
             [],
             heartbeat_interval=opts.heartbeat_interval,
-            log_level="warning",
+            log_level=opts.log_level,
             policy=opts.policy,
         )
         await cluster.start_coordinator()
@@ -678,6 +781,8 @@ async def _drive(cluster: LocalCluster, n: int, opts: Options) -> StepResult:
                 layer_bytes=opts.layer_bytes,
                 done_delay=opts.done_delay,
                 lifetime=lifetime,
+                progress_interval=opts.progress_interval,
+                reports=opts.reports,
                 cold_start=opts.cold_start,
             )
             parent_end, child_end = ctx.Pipe(duplex=True)
@@ -735,7 +840,8 @@ async def _drive(cluster: LocalCluster, n: int, opts: Options) -> StepResult:
                     for ch in channels:
                         finished.append(await ch.expect("job_done", opts.job_timeout))
             t_end = time.monotonic()
-            job_cpu = (_proc_cpu(coord_pid) - cpu0) / max(1e-9, t_end - t_create)
+            job_cpu_s = _proc_cpu(coord_pid) - cpu0
+            job_cpu = job_cpu_s / max(1e-9, t_end - t_create)
             profile["job"] = _finish_profile(profiler)
             view = await admin.job(job.job_id)
             for ch in channels:
@@ -800,6 +906,10 @@ async def _drive(cluster: LocalCluster, n: int, opts: Options) -> StepResult:
         job_hb_errors=_sum_counts(s["hb_errors"] for s in during),
         job_errors=_sum_counts(r["errors"] for r in reports),
         job_coordinator_cpu_pct=100 * job_cpu,
+        done_reports=sum(r["dones_sent"] for r in reports),
+        progress_reports=sum(r["progress_sent"] for r in reports),
+        report_requests=sum(r["report_requests"] for r in reports),
+        job_coordinator_cpu_s=job_cpu_s,
         profile=profile,
     )
 
@@ -987,6 +1097,23 @@ def _row(s: StepResult, rep: int = 0) -> str:
     )
 
 
+def _report_cost(step: dict[str, Any]) -> str:
+    """The coordinator's cost of the job's reports: CPU per done report, heartbeats meanwhile."""
+    done, progress, cpu = (
+        step["done_reports"],
+        step["progress_reports"],
+        step["job_coordinator_cpu_s"],
+    )
+    per_done = 1000 * cpu / done if done else math.nan
+    return (
+        f"{done} done + {progress} progress reports in {step['report_requests']} requests, "
+        f"{step['job_s']:.1f} s; coordinator "
+        f"{cpu:.2f} CPU s ({step['job_coordinator_cpu_pct']:.0f}% of a core), "
+        f"{per_done:.2f} CPU ms per done report (all the job's work included); heartbeat "
+        f"p50 {step['job_hb_p50_ms']:.1f} ms, p99 {step['job_hb_p99_ms']:.1f} ms"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--sizes", default="250,500,1000,2000,4000,8000", help="comma-separated N")
@@ -997,6 +1124,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--heartbeat-interval", type=float, default=1.0)
     p.add_argument("--layers", type=int, default=1, help="layers of the distributed image")
     p.add_argument("--done-delay", type=float, default=0.1, help="fake transfer time (s)")
+    p.add_argument(
+        "--layer-bytes", type=int, default=Options.layer_bytes, help="size of each image layer"
+    )
+    p.add_argument(
+        "--policy",
+        default=Options.policy,
+        help="the coordinator's policy; swarm splits each layer into pieces (a done report each)",
+    )
+    p.add_argument(
+        "--progress-interval",
+        type=float,
+        default=0.0,
+        help="agents report progress of their active transfers (0: not at all); with "
+        "--reports single one POST per transfer this often (agents did: 0.5 s), with batch "
+        "as agent/report_batch.py does",
+    )
     p.add_argument("--p99-limit-ms", type=float, default=P99_LIMIT_MS)
     p.add_argument(
         "--cold-start",
@@ -1009,6 +1152,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="run every size even after one failed (e.g. on a machine others are loading)",
     )
+    p.add_argument(
+        "--reports",
+        choices=("batch", "single"),
+        default=Options.reports,
+        help="batch: agents send reports as agent/report_batch.py does (several per POST "
+        "/v1/reports); single: one POST per report, as agents did before",
+    )
+    p.add_argument("--log-level", default=Options.log_level, help="the coordinator's log level")
     p.add_argument("--profile", type=Path, default=None, help="py-spy output directory")
     p.add_argument("--out", type=Path, default=Path("bench/out/coordinator_load.json"))
     args = p.parse_args(argv)
@@ -1020,6 +1171,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers=args.workers,
         layers=args.layers,
         done_delay=args.done_delay,
+        layer_bytes=args.layer_bytes,
+        policy=args.policy,
+        progress_interval=args.progress_interval,
+        log_level=args.log_level,
+        reports=args.reports,
         profile_dir=args.profile,
         cold_start=args.cold_start,
     )
@@ -1042,6 +1198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             keep_going=args.keep_going,
         )
     )
+    for step in result["steps"]:
+        print(f"\nN={step['n']} job: {_report_cost(step)}")
     for step in result["steps"]:
         for phase, rows in step["profile"].items():
             if rows:

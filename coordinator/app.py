@@ -27,6 +27,10 @@ Routes (prefix ``/v1``)::
     POST transfers/{id}/progress  TransferProgress -> 204
     POST transfers/{id}/done      TransferDone -> 204
     POST transfers/{id}/failed    TransferFailed -> 204
+    POST reports                  ReportBatch -> 204, or ReportBatchReply if an item was not
+                                  applied (progress, done and failed reports of many
+                                  transfers at once, each done/failed with its report id:
+                                  coordinator/report_batch.py; what agents send)
     POST ingests/{id}/done        IngestDone -> 204
     POST ingests/{id}/failed      TaskFailed -> 204
     POST loads/{id}/done          LoadDone -> 204
@@ -118,6 +122,7 @@ from .http_common import (
 )
 from .metrics import CONTENT_TYPE_LATEST
 from .ops_routes import add_op_routes
+from .report_batch import reports_handler
 from .report_ids import ReportLedger
 
 log = structlog.get_logger(__name__)
@@ -439,7 +444,7 @@ def create_app(
 ) -> web.Application:
     """The API; serve it with ``web.AppRunner(app, **limits.server_options())``."""
     # report ids (coordinator/report_ids.py) inside the error middleware: its refusals are replies
-    ledger = ReportLedger(c.store.path)
+    ledger = ReportLedger(c.store)
     ids = ledger.middleware(lambda header: c.authenticate_node(header).node_id)
     app = web.Application(client_max_size=MAX_BODY, middlewares=[errors_middleware, ids])
     app[COORDINATOR] = c
@@ -452,11 +457,6 @@ def create_app(
         app[CLOSING].set()
 
     app.on_shutdown.append(closing)
-
-    async def close_ledger(app: web.Application) -> None:
-        ledger.close()
-
-    app.on_cleanup.append(close_ledger)
 
     async def liveness(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(_liveness_loop(c))
@@ -472,6 +472,7 @@ def create_app(
     r.add_post("/v1/heartbeat", heartbeat)
     r.add_get("/v1/assignments", assignments)
     r.add_post("/v1/transfers/{id}/{what:progress|done|failed}", transfer_report)
+    r.add_post("/v1/reports", reports_handler(ledger))
     r.add_post("/v1/ingests/{id}/{what:done|failed}", ingest_report)
     r.add_post("/v1/loads/{id}/{what:done|failed}", load_report)
     r.add_post("/v1/events", security_event)

@@ -12,9 +12,11 @@ scheduler before any node is heard from.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import structlog
@@ -77,6 +79,10 @@ class Dispatch:
         self.transfers: OrderedDict[str, Tracked] = OrderedDict()
         # node -> {transfer id: mailbox seq} of transfers not yet delivered to it
         self.undelivered: dict[str, dict[str, int]] = {}
+        # inside one_schedule(): whether a schedule was asked for (None: not inside)
+        self._deferred: bool | None = None
+        # a schedule_soon() pass waiting for the event loop's next turn
+        self._soon: asyncio.Handle | None = None
 
     def remember(self, tr: Tracked) -> None:
         self.transfers[tr.t.transfer_id] = tr
@@ -215,8 +221,56 @@ class Dispatch:
                 why=why,
             )
 
+    @contextlib.contextmanager
+    def one_schedule(self, *, soon: bool = False) -> Iterator[None]:
+        """The schedules asked for inside run once, at the end (a batch of reports).
+
+        Each done report frees a seeder and a demander and asks for a schedule;
+        for a batch of them one schedule, knowing every completion, plans as well
+        as one per report and costs one scheduler pass instead of many. With
+        ``soon`` that pass waits for the event loop's next turn
+        (:meth:`schedule_soon`), so the batches of every agent handled in this
+        turn share it.
+        """
+        if self._deferred is not None:
+            yield
+            return
+        self._deferred = False
+        try:
+            yield
+        finally:
+            wanted, self._deferred = self._deferred, None
+            if wanted and soon:
+                self.schedule_soon()
+            elif wanted:
+                self.schedule(self.ctx.clock())
+
+    def schedule_soon(self) -> None:
+        """One scheduler pass on the event loop's next turn, for every report before it.
+
+        A saturated coordinator has many agents' reports waiting in its sockets;
+        their handlers run in one turn of the loop, and one pass after them plans
+        with every completion known instead of one pass per report (the pass is
+        the bulk of a done report's cost). A quiet one loses one turn of the
+        loop (microseconds): the demander's next poll, sent after this reply,
+        is read after the pass.
+        """
+        if self._soon is None:
+            self._soon = asyncio.get_running_loop().call_soon(self._scheduled_soon)
+
+    def _scheduled_soon(self) -> None:
+        self._soon = None
+        try:
+            with self.ctx.store.transaction():
+                self.schedule(self.ctx.clock())
+        except Exception:  # a callback: nobody else would see it
+            log.exception("scheduling after reports failed")
+
     def schedule(self, now: float) -> None:
         """Start every transfer the scheduler allows; queue each to its demander."""
+        if self._deferred is not None:
+            self._deferred = True
+            return
         ctx = self.ctx
         touched: set[str] = set()
         t0 = time.perf_counter()

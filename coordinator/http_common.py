@@ -65,18 +65,42 @@ def no_content() -> web.Response:
     return web.Response(status=204)
 
 
-async def body(request: web.Request, kind: type[T]) -> T:
-    ctype = request.content_type
-    if ctype not in (MSGPACK, JSON, "application/octet-stream"):
-        raise BadRequest(f"unsupported Content-Type {ctype!r}: send {MSGPACK} or {JSON}")
-    timeout = request.app[BODY_TIMEOUT]
+#: request key of a body already read (by the report-id middleware), so the handler's
+#: read of it does not wait
+_BODY: web.RequestKey[bytes] = web.RequestKey("rbd_body", bytes)
+
+
+async def read_body(request: web.Request, timeout: float) -> bytes:
+    """The whole body, read once (408 if it does not arrive within ``timeout``).
+
+    Once read, a second call returns it without suspending: report handlers run
+    inside a transaction that no other request may interleave with
+    (coordinator/report_ids.py).
+    """
+    if _BODY in request:
+        return request[_BODY]
     try:
         data = await asyncio.wait_for(request.read(), timeout)
     except TimeoutError:
         raise RequestTimeout(
             f"request body not received within {timeout:g} s; the connection is closed"
         ) from None
-    return decode(data, kind, JSON if ctype == JSON else MSGPACK)
+    request[_BODY] = data
+    return data
+
+
+def body_type(request: web.Request) -> str:
+    """The body's codec: JSON or msgpack (415-like 400 for anything else)."""
+    ctype = request.content_type
+    if ctype not in (MSGPACK, JSON, "application/octet-stream"):
+        raise BadRequest(f"unsupported Content-Type {ctype!r}: send {MSGPACK} or {JSON}")
+    return JSON if ctype == JSON else MSGPACK
+
+
+async def body(request: web.Request, kind: type[T]) -> T:
+    ctype = body_type(request)
+    data = await read_body(request, request.app[BODY_TIMEOUT])
+    return decode(data, kind, ctype)
 
 
 def coord(request: web.Request) -> Coordinator:

@@ -6,7 +6,11 @@ of one of its nodes is written as that node's own row (``job_nodes``), applied
 over the job's row on load: rewriting the whole job per report costs O(nodes)
 each time, O(nodes^2) per job. Writes are small and rare
 (state transitions, not progress ticks), so the stdlib driver called from the
-event loop is fast enough and keeps the code obvious.
+event loop is fast enough and keeps the code obvious. Each statement commits
+on its own unless it runs inside :meth:`StateStore.transaction`: an agent's
+report (or batch of reports) is one transaction, so its writes -- and the
+report id that guards them (coordinator/report_ids.py) -- land together or not
+at all, for one WAL commit instead of one per statement.
 
 Transfers in flight are stored too (one row written when it is assigned, one
 delete when its report arrives): agents keep pulling while the coordinator is
@@ -24,9 +28,10 @@ operator to look at; the other rows load. A node set aside must enroll again.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -131,6 +136,9 @@ CREATE TABLE IF NOT EXISTS security_events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, reporter TEXT NOT NULL,
     peer TEXT NOT NULL, kind TEXT NOT NULL, detail TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS ops (op_id TEXT PRIMARY KEY, created_at REAL, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS applied_reports (
+    node_id TEXT NOT NULL, route TEXT NOT NULL, report_id TEXT NOT NULL,
+    PRIMARY KEY (node_id, route, report_id));
 CREATE TABLE IF NOT EXISTS set_aside (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, tbl TEXT NOT NULL,
     key TEXT NOT NULL, body TEXT NOT NULL, error TEXT NOT NULL);
@@ -153,6 +161,70 @@ class StateStore:
 
     def close(self) -> None:
         self._db.close()
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._db.in_transaction
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Every write inside commits once, at the end (a write outside commits on its own).
+
+        Inside one already open, it joins it. What was written is committed also
+        when the body raises (a refusal after some writes): the changes in memory
+        that those writes mirror have happened, as with statements that commit
+        one by one. Only a failed COMMIT rolls back, and raises. The body must
+        not await: another request's writes would join, and be answered before
+        they are committed.
+        """
+        if self._db.in_transaction:
+            yield
+            return
+        self._db.execute("BEGIN")
+        try:
+            yield
+        finally:
+            if self._db.in_transaction:  # (SQLite ends it itself on some errors)
+                try:
+                    self._db.execute("COMMIT")
+                except sqlite3.Error:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                    raise
+
+    # -- report ids (coordinator/report_ids.py) ----------------------------
+    def add_report_id(self, node_id: str, route: str, report_id: str) -> None:
+        self._db.execute(
+            "INSERT OR IGNORE INTO applied_reports(node_id, route, report_id) VALUES (?, ?, ?)",
+            (node_id, route, report_id),
+        )
+
+    def delete_report_id(self, node_id: str, route: str, report_id: str) -> None:
+        self._db.execute(
+            "DELETE FROM applied_reports WHERE node_id = ? AND route = ? AND report_id = ?",
+            (node_id, route, report_id),
+        )
+
+    def has_report_id(self, node_id: str, route: str, report_id: str) -> bool:
+        row = self._db.execute(
+            "SELECT 1 FROM applied_reports WHERE node_id = ? AND route = ? AND report_id = ?",
+            (node_id, route, report_id),
+        ).fetchone()
+        return row is not None
+
+    def count_report_ids(self, node_id: str) -> int:
+        row = self._db.execute(
+            "SELECT COUNT(*) FROM applied_reports WHERE node_id = ?", (node_id,)
+        ).fetchone()
+        return int(row[0])
+
+    def prune_report_ids(self, node_id: str, keep: int) -> None:
+        """Forget all but the newest ``keep`` report ids of ``node_id``."""
+        self._db.execute(
+            "DELETE FROM applied_reports WHERE node_id = ? AND rowid NOT IN "
+            "(SELECT rowid FROM applied_reports WHERE node_id = ? ORDER BY rowid DESC LIMIT ?)",
+            (node_id, node_id, keep),
+        )
 
     # -- meta ------------------------------------------------------------
     def get_meta(self, key: str, default: str = "") -> str:

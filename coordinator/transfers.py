@@ -78,6 +78,7 @@ class TransferReports:
             if not tr.acked_at:
                 tr.acked_at = now  # listed, so delivered
                 self.dispatch.undelivered.get(node.node_id, {}).pop(a.transfer_id, None)
+            self.bytes_moved(tr, a.bytes_done, now)
             for p in self.jobs.progress_of(node.node_id):
                 p.progress(tr.t.layer, a.bytes_done, a.rate_bps)
         self.check_absent(node, listed, now)
@@ -187,17 +188,24 @@ class TransferReports:
         """
         node.last_seen = max(node.last_seen, now)
 
+    def bytes_moved(self, tr: Tracked, bytes_done: int, now: float) -> None:
+        """The demander says ``bytes_done`` of ``tr`` arrived (a progress report, a heartbeat).
+
+        Bytes moved since it last said so: the seeder is alive and serving, even if
+        its own heartbeat is late (a busy seeder sends no transfer reports of its own).
+        """
+        if bytes_done > tr.bytes_seen:
+            tr.bytes_seen = bytes_done
+            seeder = self.ctx.cluster.get(tr.t.seeder)
+            if seeder is not None:
+                self.heard_from(seeder, now)
+
     def transfer_progress(self, node: Node, transfer_id: str, m: TransferProgress) -> None:
         now = self.ctx.clock()
         self.heard_from(node, now)
         tr = self.tracked(node, transfer_id)
-        if tr is not None and m.bytes_done > tr.bytes_seen:
-            # bytes moved since the last report: the seeder is alive and serving, even if
-            # its own heartbeat is late (a busy seeder sends no transfer reports of its own)
-            tr.bytes_seen = m.bytes_done
-            seeder = self.ctx.cluster.get(tr.t.seeder)
-            if seeder is not None:
-                self.heard_from(seeder, now)
+        if tr is not None:
+            self.bytes_moved(tr, m.bytes_done, now)
         if tr is not None and self.ctx.scheduler.is_active(transfer_id):
             for p in self.jobs.progress_of(node.node_id):
                 p.progress(tr.t.layer, m.bytes_done, m.rate_bps)

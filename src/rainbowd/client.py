@@ -49,6 +49,8 @@ from rainbowd.messages import (
     OpView,
     RegisterReply,
     RegisterRequest,
+    ReportBatch,
+    ReportBatchReply,
     SecurityEvent,
     SecurityEventList,
     TaskFailed,
@@ -170,7 +172,7 @@ class _Http:
             raise CoordinatorUnreachable(f"cannot reach the coordinator: {e}", url=url) from None
         if status >= 400:
             raise ApiError(status, _error_message(body, ctype, status), url=url)
-        if reply is None:
+        if reply is None or status == 204:
             return None
         try:
             return decode(body, reply, JSON if ctype == JSON else MSGPACK)
@@ -295,6 +297,10 @@ class AgentClient(_Http):
 
     async def transfer_progress(self, tid: str, m: TransferProgress) -> None:
         await self.request("POST", f"transfers/{_seg(tid)}/progress", msg=m)
+
+    async def reports(self, batch: ReportBatch) -> ReportBatchReply | None:
+        """Several transfer reports at once; None when every item was applied (204)."""
+        return await self.request("POST", "reports", msg=batch, reply=ReportBatchReply)
 
     async def transfer_done(self, tid: str, m: TransferDone, report_id: str = "") -> None:
         await self.request("POST", f"transfers/{_seg(tid)}/done", msg=m, report_id=report_id)

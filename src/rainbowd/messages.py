@@ -379,6 +379,68 @@ class TransferFailed(Msg, kw_only=True):
     not_held: bool = False  # the seeder answered not_held: it does not have the layer
 
 
+# -- several transfer reports in one request (POST /v1/reports) ---------------
+#: most reports in one batch; with a failure reason at its longest (64 KiB) the
+#: body still fits MAX_BODY
+MAX_REPORT_ITEMS = 200
+#: a report id (rainbowd/report_id.py): the same one on every attempt of a report
+ReportId = Annotated[str, Meta(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
+
+
+class ProgressItem(msgspec.Struct, kw_only=True, tag="progress", tag_field="kind"):
+    """Bytes so far of an active transfer (no id: a lost or repeated one does no harm)."""
+
+    transfer_id: Name
+    progress: TransferProgress
+
+
+class DoneItem(msgspec.Struct, kw_only=True, tag="done", tag_field="kind"):
+    """A transfer's done report; ``report_id`` makes it safe to send again."""
+
+    transfer_id: Name
+    report_id: ReportId
+    done: TransferDone
+
+
+class FailedItem(msgspec.Struct, kw_only=True, tag="failed", tag_field="kind"):
+    """A transfer's failure report; ``report_id`` makes it safe to send again."""
+
+    transfer_id: Name
+    report_id: ReportId
+    failed: TransferFailed
+
+
+ReportItem = ProgressItem | DoneItem | FailedItem
+
+
+class ReportBatch(Msg, kw_only=True):
+    """An agent's transfer reports, sent together.
+
+    The coordinator checks each item on its own (coordinator/report_batch.py),
+    so one malformed item is refused alone, with a result saying why, and the
+    others are applied.
+    """
+
+    items: Annotated[list[ReportItem], Meta(max_length=MAX_REPORT_ITEMS)]
+
+
+class ReportResult(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """How one item of a batch was taken: an HTTP status and, if refused, why.
+
+    200 applied, 208 already applied (a retry), 4xx refused (not retried),
+    5xx or 503 not taken now (retried with the same report id).
+    """
+
+    status: int
+    error: str = ""
+
+
+class ReportBatchReply(Msg, kw_only=True):
+    """One result per item, in order (sent only when an item was not applied: else 204)."""
+
+    results: list[ReportResult]
+
+
 class IngestDone(Msg, kw_only=True):
     image: ImageRecord
     manifests: Annotated[list[ChunkManifest], Meta(max_length=MAX_LAYERS)]

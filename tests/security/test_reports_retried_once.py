@@ -32,6 +32,7 @@ from rainbowd.agent.report_sender import BACKOFF_CAP, BACKOFF_START, ReportSende
 from rainbowd.client import AdminClient, ApiError, CoordinatorUnreachable
 from rainbowd.coordinator.app import REPORT_LEDGER
 from rainbowd.coordinator.report_ids import PRUNE_EVERY, ReportLedger
+from rainbowd.coordinator.state import StateStore
 from rainbowd.imagebuild import BUSYBOX, build_demo_image
 from rainbowd.localcluster import LocalCluster, NodeSpec
 from rainbowd.report_id import REPORT_ID_HEADER
@@ -296,7 +297,8 @@ async def test_report_refused_while_the_coordinator_disk_is_full_lands_once(
 
 def test_ledger_keeps_a_bounded_number_of_ids_per_node(tmp_path: Path) -> None:
     """A node sending made-up ids pushes out only its own, and at most KEEP_PER_NODE stay."""
-    ledger = ReportLedger(tmp_path / "state.sqlite", keep_per_node=5)
+    store = StateStore(tmp_path / "state.sqlite")
+    ledger = ReportLedger(store, keep_per_node=5)
     try:
         ledger.claim("honest", "/v1/transfers/t1/done", "honest-rid-1")
         for i in range(2 * PRUNE_EVERY):
@@ -308,4 +310,4 @@ def test_ledger_keeps_a_bounded_number_of_ids_per_node(tmp_path: Path) -> None:
         ledger.release("honest", "/v1/transfers/t1/done", "honest-rid-1")
         assert not ledger.applied("honest", "/v1/transfers/t1/done", "honest-rid-1")
     finally:
-        ledger.close()
+        store.close()

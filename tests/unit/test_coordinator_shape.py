@@ -26,7 +26,8 @@ COORDINATOR = Path(__file__).resolve().parents[2] / "coordinator"
 #: longest class (lines, docstring included) the standards allow
 MAX_CLASS_LINES = 400
 #: the only modules that may import the facade (core.py): the process and its HTTP layer
-FACADE_USERS = {"app", "cli", "console", "http_common"}
+#: (report_batch: the route of batched transfer reports)
+FACADE_USERS = {"app", "cli", "console", "http_common", "report_batch"}
 #: modules each built from the narrow ServiceContext, never from the coordinator
 SERVICES = (
     "enrollment",
