@@ -738,8 +738,11 @@ class Planner:
         """Start one more transfer into ``node`` if a seeder fits; None if none does."""
         if node.node_id not in self._wait_key:
             return None
+        free, relays, pulling = self._free, self._relays, node.pulling
         wanted = [
-            d for lr, d in node.demands.items() if lr not in node.pulling and self._seedable(lr)
+            d
+            for lr, d in node.demands.items()
+            if lr not in pulling and (free.get(lr) or relays.get(lr))  # (_seedable)
         ]
         if not wanted:
             return None
@@ -754,7 +757,7 @@ class Planner:
                     return self._begin(seeder, node, d, now, why, direct=True)
         room = self.free_down(node) if self.rules.slots else node.speed_bps
         urgent = why.startswith(URGENT)
-        need_s = self._need_s(node) if self.rules.need_share else 0.0
+        need_s = self._hopes[node.node_id].need_s  # _need_s as of its last refresh (0: unused)
         # the layers whose best free upload reaches the least rate (a fit needs no less); the
         # others are left before sorting: on upload-bound at 1,000 nodes 98 % of the demanders
         # a walk met had none
@@ -805,6 +808,10 @@ class Planner:
         With ``need_share``, at most ``size / need_s``: a transfer that ends before
         the demander could finish the rest of what it lacks delays nothing, so a
         slow upload may feed a demander that lacks much (``need_s``: _need_s).
+
+        The speed walk steps over demanders by a bound on this (rainbowd.waiting.Bar,
+        from the node's Hope): a change to it must keep Bar.admits a bound, and
+        tests/unit/test_waiting.py compares that walk with the plain one.
         """
         fastest = self._fastest_holder.get(layer, INF)
         least = self.rules.min_share * min(_down_speed(node), fastest)
