@@ -440,17 +440,28 @@ class Planner:
     def _refresh_demander(self, node: _Node) -> None:
         nid = node.node_id
         want: _WaitKey | None = None
+        hope: Hope | None = None
         if node.up and not node.suspect and self._room(node):
-            layers = tuple(lr for lr in node.demands if lr not in node.pulling)
-            if layers:
+            # one pass for the key's need (layers not in flight) and the hope's (all it lacks)
+            sizes, pulling = self._s.layer_sizes, node.pulling
+            wanted: list[str] = []
+            waiting_bytes = all_bytes = 0
+            for lr in node.demands:
+                size = sizes.get(lr) or UNKNOWN_LAYER_BYTES  # (_size)
+                all_bytes += size
+                if lr not in pulling:
+                    wanted.append(lr)
+                    waiting_bytes += size
+            if wanted:
                 down = _down_speed(node)
-                need = sum(self._size(lr) for lr in layers) / down
+                need = waiting_bytes / down
                 tie = -need if self.rules.rank_step > 0 else 0.0  # (rank_step: ties by need)
-                want = ((-self._rank_step(node), tie, nid), (-need, nid), layers)
+                want = ((-self._rank_step(node), tie, nid), (-need, nid), tuple(wanted))
+                hope = self._hope(node, all_bytes / down)
         have = self._wait_key.get(nid)
         if want == have:
-            if want is not None:
-                self._refresh_hope(node)
+            if hope is not None and hope != self._hopes[nid]:
+                self._widen(nid, hope)
             return
         if have is not None:
             for layer in have[2]:
@@ -464,7 +475,8 @@ class Planner:
             self._wait_key.pop(nid, None)
             self._hopes.pop(nid, None)
         else:
-            self._hopes[nid] = self._hope(node)
+            assert hope is not None
+            self._hopes[nid] = hope
             for layer in want[2]:
                 if layer not in self._by_speed:
                     self._by_speed[layer] = WaitIndex(self._hopes)
@@ -475,18 +487,16 @@ class Planner:
         if not self._s._demands:
             self._horizon = 0.0
 
-    def _hope(self, node: _Node) -> Hope:
-        """The values of ``node`` that ``_serve`` weighs against a layer's best free upload."""
-        need_s = self._need_s(node) if self.rules.need_share else 0.0
-        room = self.free_down(node) if self.rules.slots else node.speed_bps
-        return Hope(_down_speed(node), need_s, room)
+    def _hope(self, node: _Node, need_s: float) -> Hope:
+        """The values of ``node`` that ``_serve`` weighs against a layer's best free upload.
 
-    def _refresh_hope(self, node: _Node) -> None:
-        """A waiting demander whose key stays: its values may still have moved (sizes, caps)."""
-        nid = node.node_id
-        hope = self._hope(node)
-        if hope == self._hopes[nid]:
-            return
+        ``need_s`` is :meth:`_need_s` (summed by the caller, with the key's need).
+        """
+        room = self.free_down(node) if self.rules.slots else node.speed_bps
+        return Hope(_down_speed(node), need_s if self.rules.need_share else 0.0, room)
+
+    def _widen(self, nid: str, hope: Hope) -> None:
+        """A waiting demander whose key stays has new values (sizes, caps, what it lacks)."""
         self._hopes[nid] = hope
         speed_key, _, layers = self._wait_key[nid]
         for layer in layers:
@@ -495,7 +505,10 @@ class Planner:
     def layer_size_set(self) -> None:
         """A layer's size changed: a waiting demander's need in seconds may have moved."""
         for nid in self._wait_key:
-            self._refresh_hope(self._s._nodes[nid])
+            node = self._s._nodes[nid]
+            hope = self._hope(node, self._need_s(node))
+            if hope != self._hopes[nid]:
+                self._widen(nid, hope)
 
     def _room(self, node: _Node) -> bool:
         """Whether ``node`` can take one more download now."""
