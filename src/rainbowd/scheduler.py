@@ -299,8 +299,10 @@ class Scheduler:
         ``relay`` also with the chunk size, since a relay hop forwards whole
         verified chunks (each hop adds a chunk's time to the lag).
         """
-        if size > 0:
+        if size > 0 and self.layer_sizes.get(layer) != size:
             self.layer_sizes[layer] = size
+            if self._planner is not None:
+                self._planner.layer_size_set()
         if chunk_size > 0:
             self.layer_chunks[layer] = chunk_size
 
