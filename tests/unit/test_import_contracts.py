@@ -47,6 +47,7 @@ LAYERS: dict[str, set[str]] = {
         "scheduler",
         "sources",
         "units",
+        "waiting",
         "wirebounds",
     },
     "lib": {
