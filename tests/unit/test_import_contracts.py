@@ -152,9 +152,13 @@ def _layer(module: str) -> str:
     for package in ("rainbowd.agent", "rainbowd.coordinator"):
         if module == package or module.startswith(package + "."):
             return package.rpartition(".")[2]
-    short = "rainbowd" if module == "rainbowd" else module.removeprefix("rainbowd.")
-    (layer,) = [layer for layer, names in LAYERS.items() if short in names] or [""]
-    return layer
+    short = _short_name(module)
+    return next((layer for layer, names in LAYERS.items() if short in names), "")
+
+
+def _short_name(module: str) -> str:
+    """A module's name as LAYERS spells it (the flat package's modules without the prefix)."""
+    return "rainbowd" if module == "rainbowd" else module.removeprefix("rainbowd.")
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[frozenset[str]]:
@@ -204,12 +208,8 @@ def test_every_module_is_in_one_layer() -> None:
     assert not unplaced, f"place these in LAYERS (tests/unit/test_import_contracts.py): {unplaced}"
     placed = [n for names in LAYERS.values() for n in names]
     assert len(placed) == len(set(placed)), "a module is in two layers"
-    gone = set(placed) - {_layer_name(m) for m in _modules()}
+    gone = set(placed) - {_short_name(m) for m in _modules()}
     assert not gone, f"LAYERS names modules that do not exist: {sorted(gone)}"
-
-
-def _layer_name(module: str) -> str:
-    return "rainbowd" if module == "rainbowd" else module.removeprefix("rainbowd.")
 
 
 def test_layers_import_only_downwards() -> None:
