@@ -2,6 +2,7 @@
 
     python -m bench.lab run --profile paper [--systems rbd,registry,bittorrent]
                             [--out bench/out/lab-paper] [--timeout 1800] [--keep]
+                            [--rate-scale 0.25]
     python -m bench.lab bound --profile paper     # T* for the profile's image
     python -m bench.lab clean                     # what a killed run left behind
 
@@ -10,7 +11,10 @@ Systems: ``rbd`` (the coordinator's default policy,
 rainbowd.scheduler.DEFAULT_POLICY), ``rbd:<policy>``, ``registry``,
 ``bittorrent``. Needs root (network namespaces). The run writes
 ``report.json`` and ``cdf.png`` into ``--out`` and prints the table; it
-exits 1 if any system left a node without the image.
+exits 1 if any system left a node without the image. Every node shares this
+host's CPUs: a system whose timed phase kept them >= 90 % busy is marked in
+the table (bench/lab/hostcpu.py), and ``--rate-scale F`` runs the same cluster
+with every rate times F (its name gets ``-xF``; T* grows by 1/F).
 """
 
 from __future__ import annotations
@@ -102,6 +106,7 @@ async def run_lab(
             finally:
                 env.stop_processes()
             result.origin_bytes = env.origin_sent
+            result.host_cpu_busy = env.host_cpu_busy
             report.results.append(result)
             if say:
                 took = time.monotonic() - started
@@ -111,7 +116,7 @@ async def run_lab(
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    profile = resolve_profile(args.profile)
+    profile = resolve_profile(args.profile).rates_scaled(args.rate_scale)
     systems = [
         make_system(s.strip(), log_level=args.log_level)
         for s in args.systems.split(",")
@@ -155,7 +160,7 @@ def _run_main(coro: Coroutine[Any, Any, LabReport]) -> LabReport:
 
 
 def _cmd_bound(args: argparse.Namespace) -> int:
-    profile = resolve_profile(args.profile)
+    profile = resolve_profile(args.profile).rates_scaled(args.rate_scale)
     with tempfile.TemporaryDirectory() as d:
         layers = layer_sizes(build_lab_image(profile, Path(d) / "i.tar"))
     size = sum(s for _, s in layers)
@@ -186,6 +191,15 @@ def parser() -> argparse.ArgumentParser:
     )
     bound = sub.add_parser("bound", help="print T* for a profile")
     bound.add_argument("--profile", default="paper")
+    for cmd in (run, bound):
+        cmd.add_argument(
+            "--rate-scale",
+            type=float,
+            default=1.0,
+            metavar="F",
+            help="every link rate times F (T* / F): for a host whose CPUs the run "
+            "would saturate (the table marks such runs with '!')",
+        )
     sub.add_parser("clean", help="remove namespaces and processes of dead runs")
     return p
 

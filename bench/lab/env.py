@@ -35,7 +35,9 @@ Every system's node processes get the same.
 The origin's egress (bench/lab/egress.py): each system calls
 :meth:`LabEnv.timed_start` just before its timed phase and
 :meth:`LabEnv.timed_end` just after it, and the lab runner reports
-``origin_sent`` -- the same kernel counter for every system.
+``origin_sent`` -- the same kernel counter for every system. The same two
+calls read the host's CPU times (bench/lab/hostcpu.py): ``host_cpu_busy`` says
+whether the phase measured the network or the host's CPUs.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from rainbowd.netlab import HUB, NetLab, Shape, clean_stale
 from rainbowd.profile import ORIGIN, ClusterProfile
 
 from .egress import tx_bytes
+from .hostcpu import CpuTimes, busy_fraction, read_cpu_times
 
 #: the niceness of each system's central process (see the module docstring)
 CENTRAL_NICE = -10
@@ -102,6 +105,9 @@ class LabEnv:
     _tx_at_start: int | None = field(default=None, init=False)
     #: bytes the origin sent in the last timed phase (None until one ended)
     origin_sent: int | None = field(default=None, init=False)
+    _cpu_at_start: CpuTimes | None = field(default=None, init=False)
+    #: share of the host's CPU time that was busy in the last timed phase (0..1)
+    host_cpu_busy: float | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         shapes = {
@@ -140,19 +146,22 @@ class LabEnv:
     # -- the timed phase -------------------------------------------------------
     def timed_start(self) -> None:
         """A system's timed phase starts now: note the origin's sent-bytes counter."""
-        self.origin_sent = None
+        self.origin_sent = self.host_cpu_busy = None
         self._tx_at_start = tx_bytes(self.lab, ORIGIN)
+        self._cpu_at_start = read_cpu_times()
 
     def timed_end(self) -> None:
         """The timed phase ended: ``origin_sent`` = what the origin sent since timed_start."""
         if self._tx_at_start is None:
             raise RuntimeError("timed_end without timed_start")
         self.origin_sent = tx_bytes(self.lab, ORIGIN) - self._tx_at_start
-        self._tx_at_start = None
+        if self._cpu_at_start is not None:
+            self.host_cpu_busy = busy_fraction(self._cpu_at_start, read_cpu_times())
+        self._tx_at_start = self._cpu_at_start = None
 
     def reset_timed(self) -> None:
         """Forget the last system's count (the runner calls it before each system)."""
-        self._tx_at_start = self.origin_sent = None
+        self._tx_at_start = self.origin_sent = self._cpu_at_start = self.host_cpu_busy = None
 
     # -- nodes -------------------------------------------------------------
     @property

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 from rainbowd.profile import Bound, ClusterProfile
 
 from ..measures import Measures, measure
+from .hostcpu import CPU_BOUND_BUSY, cpu_bound
 
 
 @dataclass
@@ -45,6 +46,8 @@ class SystemResult:
     notes: dict[str, Any] = field(default_factory=dict)
     #: bytes the origin's interface sent during the timed phase (bench/lab/egress.py)
     origin_bytes: int | None = None
+    #: share of the host's CPU time busy during the timed phase (bench/lab/hostcpu.py)
+    host_cpu_busy: float | None = None
 
     @property
     def complete(self) -> bool:
@@ -98,6 +101,7 @@ class LabReport:
         b = self.bound
         return {
             "profile": self.profile.name,
+            "rate_scale": self.profile.rate_scale,
             "nodes": len(self.profile.nodes),
             "image_bytes": self.image_bytes,
             "layers": [list(x) for x in self.layers],
@@ -118,6 +122,8 @@ class LabReport:
                         for k, v in self.measures(r).as_dict().items()
                         if k.startswith(("slowdown_", "origin_"))
                     },
+                    "host_cpu_busy": r.host_cpu_busy,
+                    "cpu_bound": cpu_bound(r.host_cpu_busy),
                     "node_seconds": r.node_seconds,
                     "failed": r.failed,
                     "notes": r.notes,
@@ -146,7 +152,7 @@ class LabReport:
             f"aggregate upload {b.aggregate_upload:.1f} s)",
             "",
             f"{'system':<14} {'all nodes':>10} {'x T*':>7} {'median':>8} {'slow med':>8} "
-            f"{'slow p90':>8} {'origin/S':>8} {'failed':>7}",
+            f"{'slow p90':>8} {'origin/S':>8} {'failed':>7} {'host CPU':>9}",
         ]
 
         def num(x: float | None) -> str:
@@ -157,9 +163,18 @@ class LabReport:
             total = f"{r.total:9.1f}s" if r.complete else "       -- "
             ratio = f"{self.ratio(r):6.2f}x" if r.complete else "     --"
             med = f"{r.median:7.1f}s" if r.node_seconds else "     -- "
+            cpu = "--" if r.host_cpu_busy is None else f"{100 * r.host_cpu_busy:.0f} %"
+            cpu += " !" if cpu_bound(r.host_cpu_busy) else "  "
             lines.append(
                 f"{r.system:<14} {total:>10} {ratio:>7} {med:>8} {num(m.slowdown_median)} "
-                f"{num(m.slowdown_p90)} {num(m.origin_copies)} {len(r.failed):>7}"
+                f"{num(m.slowdown_p90)} {num(m.origin_copies)} {len(r.failed):>7} {cpu:>9}"
+            )
+        bound = [r.system for r in self.results if cpu_bound(r.host_cpu_busy)]
+        if bound:
+            lines.append(
+                f"! {', '.join(bound)}: the host's CPUs were >= {100 * CPU_BOUND_BUSY:.0f} % busy "
+                "in the timed phase, so the run measured them, not the emulated network; "
+                "run again with a lower --rate-scale (every node shares this host's CPUs)"
             )
         for r in self.results:
             for node, why in sorted(r.failed.items())[:5]:

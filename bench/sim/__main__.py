@@ -48,7 +48,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return suite_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
-        profile = _profile(args.profile, args.nodes)
+        lab = _read_json(args.compare) if args.compare else None
+        # a lab run at a --rate-scale is compared with the same cluster unless told otherwise
+        scale = args.rate_scale
+        if scale is None:
+            scale = float(lab.get("rate_scale", 1.0)) if lab is not None else 1.0
+        profile = _profile(args.profile, args.nodes).rates_scaled(scale)
         if args.chunk_kib is not None:
             if args.chunk_kib * 1024 < MIN_CHUNK_SIZE:
                 raise ValueError(f"--chunk-kib must be >= {MIN_CHUNK_SIZE // 1024}")
@@ -62,7 +67,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             verify_Bps=args.verify_mbyte_s * 1e6,
             relay_hop_s=args.relay_hop_ms / 1e3,
         )
-        lab = _read_json(args.compare) if args.compare else None
         if args.layers:
             layers = given_layers(args.layers)
         elif lab is not None and lab.get("layers"):
@@ -96,6 +100,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--profile", default="paper", help="a name in bench/profiles/ or a .toml path")
     p.add_argument("--nodes", type=int, help="scale the profile to this many demanders")
+    p.add_argument(
+        "--rate-scale",
+        type=float,
+        metavar="F",
+        help="every link rate times F (default: the --compare lab run's, else 1)",
+    )
     p.add_argument(
         "--policy",
         default=DEFAULT_POLICY,

@@ -231,6 +231,8 @@ class ClusterProfile:
     random: RandomNodes | None = None
     #: groups whose count scaled() keeps (``scales = false``)
     fixed_groups: frozenset[str] = frozenset()
+    #: every rate of the file times this (rates_scaled(); scaled() keeps it for re-drawn nodes)
+    rate_scale: float = 1.0
 
     @property
     def all_nodes(self) -> tuple[ProfileNode, ...]:
@@ -264,7 +266,7 @@ class ClusterProfile:
                 f"profile {self.name}: cannot scale to {nodes} nodes (1 .. {MAX_NODES})"
             )
         if self.random is not None:
-            out = list(self.random.nodes(nodes))
+            out = [_times(n, self.rate_scale) for n in self.random.nodes(nodes)]
         else:
             out = self._scaled_groups(nodes)
         return dataclasses.replace(
@@ -272,6 +274,28 @@ class ClusterProfile:
             name=f"{self.name}@{nodes}",
             description=f"{self.description} (scaled to {nodes} nodes)",
             nodes=tuple(out),
+        )
+
+    def rates_scaled(self, factor: float) -> ClusterProfile:
+        """The same cluster with every link rate (origin's too) times ``factor``.
+
+        T* and every node's own bound scale by 1/factor, so ratios to them stay
+        comparable. The lab uses it to run a profile slower when the host's CPUs,
+        shared by every emulated node, would otherwise bind before the emulated
+        network does (bench/lab/hostcpu.py); the simulator takes the same option
+        so that ``--compare`` meets the same cluster.
+        """
+        if not (isinstance(factor, int | float) and math.isfinite(factor) and factor > 0):
+            raise ProfileError(f"rate scale must be a finite number > 0, got {factor!r}")
+        if factor == 1:
+            return self
+        return dataclasses.replace(
+            self,
+            name=f"{self.name}-x{factor:g}",
+            description=f"{self.description} (every rate x {factor:g})",
+            origin=_times(self.origin, factor),
+            nodes=tuple(_times(n, factor) for n in self.nodes),
+            rate_scale=self.rate_scale * factor,
         )
 
     def _scaled_groups(self, nodes: int) -> list[ProfileNode]:
@@ -299,6 +323,15 @@ class ClusterProfile:
             down = (min(n.down_mbit for n in ns), max(n.down_mbit for n in ns))
             out += _group_nodes(g, counts[g], up, down)
         return out
+
+
+def _times(node: ProfileNode, factor: float) -> ProfileNode:
+    """``node`` with both link rates times ``factor``."""
+    if factor == 1:
+        return node
+    return dataclasses.replace(
+        node, up_mbit=node.up_mbit * factor, down_mbit=node.down_mbit * factor
+    )
 
 
 def lower_bound(size_bytes: int, origin_up_Bps: float, nodes: Sequence[ProfileNode]) -> Bound:

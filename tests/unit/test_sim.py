@@ -315,6 +315,25 @@ def test_cli_writes_the_lab_shape_and_compares(
     )
 
 
+def test_cli_meets_a_lab_run_at_its_rate_scale(tmp_path: Path) -> None:
+    """A lab report made with ``--rate-scale`` is simulated at the same rates (and T*)."""
+    layers = [["sha256:" + "a" * 64, 4_000_000]]
+    base: dict[str, Any] = {"layers": layers, "systems": {"rbd": {"total": 5.0}}}
+    t_star = {}
+    for scale in (1.0, 0.5):
+        lab = tmp_path / f"lab-{scale}.json"
+        lab.write_text(json.dumps({**base, "rate_scale": scale}))
+        out = tmp_path / f"sim-{scale}.json"
+        assert main(["--profile", "ci", "--out", str(out), "--compare", str(lab)]) == 0
+        t_star[scale] = json.loads(out.read_text())["t_star"]
+    assert t_star[0.5] == pytest.approx(2 * t_star[1.0])
+    out = tmp_path / "sim.json"
+    quarter = ["--rate-scale", "0.25", "--layers", "4000000"]
+    assert main(["--profile", "ci", "--out", str(out), *quarter]) == 0
+    assert json.loads(out.read_text())["t_star"] == pytest.approx(4 * t_star[1.0])
+    assert main(["--profile", "ci", "--out", str(out), "--rate-scale", "0"]) == 2
+
+
 def test_cli_takes_any_profile_file_its_layers_or_given_layers(tmp_path: Path) -> None:
     out = tmp_path / "sim.json"
     bimodal = str(PROFILES / "bimodal.toml")
