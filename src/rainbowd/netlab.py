@@ -96,7 +96,7 @@ _seq = itertools.count()
 SMALL_PACKET_BYTES = 1408
 #: the largest segment a node's eth0 hands its qdisc: one Ethernet frame, no GSO
 #: super-packets (module docstring, "Sparse flows")
-GSO_MAX_BYTES = 1514
+GSO_MAX_BYTES = 16384
 #: the host's ARP cache limits (module docstring, "Neighbour table")
 NEIGH_SYSCTL = Path("/proc/sys/net/ipv4/neigh/default")
 #: headroom over (nodes + hub)^2 entries: a node may also hold an entry being resolved
