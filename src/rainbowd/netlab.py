@@ -47,16 +47,18 @@ Sparse flows and packet sizes: fq_codel also serves a *sparse* flow's packets
 bulk flows, on every port. The lab emulates that with a packet's size: an IP
 packet shorter than :data:`SMALL_PACKET_BYTES` joins the first-served class
 too, while a bulk flow's full-size segments queue in the bulk class. And each
-node's ``eth0`` sends segments no bigger than one frame
-(``gso_max_size`` :data:`GSO_MAX_BYTES`): with the default 64 KiB GSO
-super-packets, one of them holds a 1 Mbit/s link for half a second, a delay
-that a real host's 1 Gbit/s link spends in half a millisecond -- the lab
-scales rates down, and its queueing has to scale with them. Measured through a
-saturated 1 Mbit/s upload (session 9; connect and first byte back): default
-median 686 ms, p90 2.5 s, max 4.1 s; one-frame segments 109 / 141 / 558 ms;
-both changes 1 / 1 / 248 ms. Without them a system that opens many short
-connections (rbd's piece transfers) paid seconds per transfer in a way no real
-cluster of the profile's shape would.
+node's ``eth0`` hands its qdisc segments of at most :data:`GSO_MAX_BYTES`:
+with the default 64 KiB GSO super-packets, one of them holds a 1 Mbit/s link
+for half a second, a delay a real host's 1 Gbit/s link spends in half a
+millisecond -- the lab scales rates down, and its queueing has to scale with
+them. Measured through a saturated 1 Mbit/s upload (session 9; connect and
+first byte back, 20 tries): default median 686 ms, p90 2.5 s, max 4.1 s;
+16 KiB segments and small packets first: 1 ms, 1 ms, ~1.1 s (one try in
+twenty waits for a segment in service); one-frame segments and small packets
+first 1 / 1 / 248 ms, but then the host spent 39 % of its CPU in softirq and a
+paper-profile BitTorrent run slowed from 42 to 61 s, so 16 KiB it is. Without
+these a system that opens many short connections (rbd's piece transfers) paid
+seconds per transfer where no real cluster of the profile's shape would.
 
 Neighbour table: the kernel's ARP cache is one table for all namespaces, and
 its limits (``net.ipv4.neigh.default.gc_thresh1..3``, settable only from the
@@ -94,8 +96,9 @@ _seq = itertools.count()
 #: which is 1500 on the lab's 1500-byte MTU; an SSH key exchange message with
 #: mlkem768x25519 is ~1,300
 SMALL_PACKET_BYTES = 1408
-#: the largest segment a node's eth0 hands its qdisc: one Ethernet frame, no GSO
-#: super-packets (module docstring, "Sparse flows")
+#: the largest segment a node's eth0 hands its qdisc (module docstring, "Sparse
+#: flows"): 16 KiB holds a 4 Mbit/s link 33 ms; one frame (1514) cost the host's CPU
+#: 39 % in softirq, the default 64 KiB holds a 1 Mbit/s link half a second
 GSO_MAX_BYTES = 16384
 #: the host's ARP cache limits (module docstring, "Neighbour table")
 NEIGH_SYSCTL = Path("/proc/sys/net/ipv4/neigh/default")
