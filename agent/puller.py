@@ -41,6 +41,10 @@ chunks requested but not yet received; the SSH channel's receive window is
 the hard bound, and the reader pauses the channel when verification/disk
 falls behind. Hashing and disk writes run in a worker thread (hashlib drops
 the GIL on large buffers) while the event loop keeps decrypting packets.
+
+Protocol state (the request window, the chunk due next, and what each frame
+or error code from the seeder means) is :class:`~rainbowd.chunksession.FetchSession`'s,
+tested without sockets; :meth:`LayerPuller._fetch` is the I/O loop driving it.
 """
 
 from __future__ import annotations

@@ -32,14 +32,17 @@ What it accepts, and why so little:
   covered by a running pull is answered after at most ``relay_start_s``
   (the pull that brings it may be on its way), at once if its pull ended
   without it. A partial being served is pinned in the store (never discarded
-  meanwhile). File reads
-  run in a worker thread so the event loop keeps every other transfer
-  moving, and the next chunk is read while the current one drains
-  (``await writer.drain()`` is the flow control: the demander's SSH window
-  bounds what is in flight).
+  meanwhile). Every chunk is read through the store
+  (:meth:`~rainbowd.store.LayerStore.read_blob_chunk`,
+  :meth:`~rainbowd.store.LayerStore.read_partial_chunk`), in a worker thread
+  unless the chunk is small (agent/chunk_io.py), so the event loop keeps every
+  other transfer moving; the next chunks are read while the current one
+  drains (``await writer.drain()`` is the flow control: the demander's SSH
+  window bounds what is in flight). What to read next, the frames and the
+  ERROR answering each failed read are :class:`~rainbowd.chunksession.ServeSession`'s.
 * **Verify before sending** (``verify_reads``, on by default): each chunk read
   from disk is checked against the layer's stored chunk manifest (one sha256
-  per chunk, in the same worker thread as the read). A blob that rotted on disk
+  per chunk, in the same thread as the read). A blob that rotted on disk
   (bit flip, bad sector, someone editing it) is answered with an ERROR frame
   ``corrupt`` instead of bad bytes (and ``on_corrupt`` is told, so the agent
   drops its copy and stops advertising it): the demander fails the transfer at once as
