@@ -72,7 +72,8 @@ class Watched(Protocol):
 
 
 TRANSFER_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
-#: reasons of ``rbd_agent_chunk_failures_total`` (see LayerPuller._fetch)
+#: reasons of ``rbd_agent_chunk_failures_total`` (chunksession.FetchFailureLabel names those of a
+#: fetch; LayerPuller counts them)
 CHUNK_FAILURE_REASONS = (
     "bad_chunk",  # a chunk failed its manifest hash
     "out_of_order",  # the seeder sent another chunk than the one due

@@ -41,6 +41,10 @@ chunks requested but not yet received; the SSH channel's receive window is
 the hard bound, and the reader pauses the channel when verification/disk
 falls behind. Hashing and disk writes run in a worker thread (hashlib drops
 the GIL on large buffers) while the event loop keeps decrypting packets.
+
+Protocol state (the request window, the chunk due next, and what each frame
+or error code from the seeder means) is :class:`~rainbowd.chunksession.FetchSession`'s,
+tested without sockets; :meth:`LayerPuller._fetch` is the I/O loop driving it.
 """
 
 from __future__ import annotations
@@ -49,7 +53,6 @@ import asyncio
 import errno
 import itertools
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +62,7 @@ import structlog
 
 from rainbowd import chunkproto
 from rainbowd.chunks import ChunkManifest
+from rainbowd.chunksession import FetchFailure, FetchSession, WriteChunk
 from rainbowd.digest import Digest, short
 from rainbowd.messages import FailureKind, PeerInfo, TransferAssignment, TransferFailed
 from rainbowd.store import ChunkRejected, LayerStore, PartialLayer, StoreError
@@ -68,20 +72,12 @@ from .keys import KeyFormatError, fingerprint, key_blob, parse_public_line
 from .metrics import AgentMetrics
 from .pacing import RatePacer
 from .relay import RelayBoard
-from .ssh_server import (
-    CHANNEL_MAX_PKTSIZE,
-    CHANNEL_WINDOW,
-    COMPRESSION_ALGS,
-    ENCRYPTION_ALGS,
-    ERR_CORRUPT,
-)
+from .ssh_server import CHANNEL_MAX_PKTSIZE, CHANNEL_WINDOW, COMPRESSION_ALGS, ENCRYPTION_ALGS
 
 log = structlog.get_logger(__name__)
 
 ProgressCallback = Callable[[int, int, float], None]
 
-#: keep at least this many bytes of chunks requested ahead (when chunks are small)
-MIN_INFLIGHT_BYTES = 32 * 1024 * 1024
 #: the slowest a seeder may deliver a chunk before the pull gives up on it: a chunk may take
 #: ``chunk_timeout`` or chunk_size / this, whichever is longer (chunk_wait_s). A flat 60 s
 #: failed every 4 MiB chunk from a seeder sharing 1.5 Mbit/s between three demanders (the
@@ -685,109 +681,86 @@ class LayerPuller:
         on_progress: ProgressCallback | None,
         tally: _Tally,
     ) -> None:
+        """Fetch ``missing`` over one channel; the FetchSession (chunksession) says what to do.
+
+        This loop only waits for events, writes chunks, paces and reports
+        progress; which chunks to request, which one is due and what each
+        frame means are the session's.
+        """
         manifest = partial.manifest
-        digest = manifest.digest
         present, total = done_of  # bytes of the range already here, and of the whole range
-        session = await self._open_channel(conn, manifest, where)
-        inflight_max = min(
-            max(self.window, -(-MIN_INFLIGHT_BYTES // manifest.chunk_size)),
-            chunkproto.MAX_CHUNKS_PER_REQUEST,
+        channel = await self._open_channel(conn, manifest, where)
+        fetch = FetchSession(
+            manifest.digest,
+            missing,
+            chunk_size=manifest.chunk_size,
+            window=self.window,
+            where=where,
         )
-        todo = deque(missing)
-        outstanding: deque[int] = deque()
         last_progress = 0.0
-
-        def request_more() -> None:
-            batch: list[int] = []
-            while todo and len(outstanding) + len(batch) < inflight_max:
-                batch.append(todo.popleft())
-            if batch:
-                outstanding.extend(batch)
-                session.send(chunkproto.encode_request(digest, batch))
-
         wait_s = chunk_wait_s(manifest.chunk_size, self.chunk_timeout)
         try:
-            request_more()
-            while outstanding:
+            if (frame := fetch.next_request()) is not None:
+                channel.send(frame)
+            while not fetch.done:
                 try:
-                    ev = await session.next_event(wait_s)
+                    ev = await channel.next_event(wait_s)
                 except TimeoutError:
-                    self.metrics.chunk_failure(tally.peer, "timeout")
-                    raise PullError(
-                        "io",
-                        f"{where}: no chunk for {wait_s:.0f}s "
-                        f"({len(outstanding)} outstanding, {manifest.chunk_size} B chunks)",
-                    ) from None
+                    raise self._chunk_failure(fetch.timed_out(wait_s), tally, plog) from None
                 if isinstance(ev, chunkproto.Chunk):
                     self.metrics.received(tally.peer, len(ev.data))
-                    expected = outstanding[0]
-                    if ev.index != expected:
-                        self.metrics.chunk_failure(tally.peer, "out_of_order")
-                        raise PullError(
-                            "verify",
-                            f"{where}: sent chunk {ev.index} where {expected} was due",
-                            seeder_fault=True,
-                        )
-                    try:
-                        await self._write(partial, ev.index, ev.data)
-                    except ChunkRejected as e:
-                        plog.error("bad_chunk", chunk=ev.index, length=len(ev.data))
-                        self.metrics.chunk_failure(tally.peer, "bad_chunk")
-                        raise PullError("verify", f"{where}: {e}", seeder_fault=True) from None
-                    except OSError as e:
-                        raise self._disk_error(e, manifest, f"writing chunk {ev.index}") from None
-                    except StoreError as e:  # the shared partial was discarded under us
-                        raise PullError("io", f"node {self.node_id}: {where}: {e}") from None
-                    outstanding.popleft()
-                    if self.relay is not None:
-                        self.relay.landed(digest, ev.index)
-                    tally.moved += len(ev.data)
-                    tally.fetched += 1
-                    await self.download_pacer.pace(len(ev.data))
-                    if len(outstanding) <= inflight_max // 2:
-                        request_more()
-                    now = time.monotonic()
-                    if on_progress is not None and now - last_progress >= PROGRESS_INTERVAL:
-                        last_progress = now
-                        on_progress(present + tally.moved, total, tally.moved / max(now - t0, 1e-9))
-                elif isinstance(ev, chunkproto.End):
+                step = fetch.receive(ev)
+                if isinstance(step, FetchFailure):
+                    raise self._chunk_failure(step, tally, plog)
+                if step is None:
                     continue
-                elif isinstance(ev, chunkproto.Error):
-                    if ev.code == ERR_CORRUPT:
-                        # the seeder caught its own stored blob failing the manifest:
-                        # its fault, counted like a bad chunk, but no bad byte moved
-                        plog.error("seeder_reports_corrupt_blob", error=ev.message)
-                        self.metrics.chunk_failure(tally.peer, "seeder_corrupt")
-                        raise PullError(
-                            "verify",
-                            f"{where}: seeder says {ev.code}: {ev.message}",
-                            seeder_fault=True,
-                        )
-                    kind: FailureKind = "io"
-                    if ev.code == chunkproto.ERR_UNAVAILABLE:
-                        # a relay whose own pull is behind or broke: not its fault
-                        kind = "relay"
-                    self.metrics.chunk_failure(tally.peer, "seeder_error")
-                    raise PullError(
-                        kind,
-                        f"{where}: seeder says {ev.code}: {ev.message}",
-                        not_held=ev.code == chunkproto.ERR_NOT_HELD,
-                    )
-                elif isinstance(ev, chunkproto.ProtocolError):
-                    self.metrics.chunk_failure(tally.peer, "protocol")
-                    raise PullError(
-                        "verify", f"{where}: chunk protocol violation: {ev}", seeder_fault=True
-                    )
-                else:
-                    detail = f": {ev}" if ev is not None else ""
-                    self.metrics.chunk_failure(tally.peer, "channel_closed")
-                    raise PullError(
-                        "io",
-                        f"{where}: channel closed with {len(outstanding)} chunks outstanding"
-                        f"{detail}",
-                    )
+                await self._land(partial, fetch, step, where, plog, tally)
+                await self.download_pacer.pace(len(step.data))
+                if (frame := fetch.next_request()) is not None:
+                    channel.send(frame)
+                now = time.monotonic()
+                if on_progress is not None and now - last_progress >= PROGRESS_INTERVAL:
+                    last_progress = now
+                    on_progress(present + tally.moved, total, tally.moved / max(now - t0, 1e-9))
         finally:
-            session.close()
+            channel.close()
+
+    async def _land(
+        self,
+        partial: PartialLayer,
+        fetch: FetchSession,
+        chunk: WriteChunk,
+        where: str,
+        plog: Any,
+        tally: _Tally,
+    ) -> None:
+        """Verify and write the chunk due, and tell the relay and the tally it landed."""
+        try:
+            await self._write(partial, chunk.index, chunk.data)
+        except ChunkRejected as e:
+            failure = fetch.chunk_rejected(chunk.index, len(chunk.data), str(e))
+            raise self._chunk_failure(failure, tally, plog) from None
+        except OSError as e:
+            raise self._disk_error(e, partial.manifest, f"writing chunk {chunk.index}") from None
+        except StoreError as e:  # the shared partial was discarded under us
+            raise PullError("io", f"node {self.node_id}: {where}: {e}") from None
+        fetch.chunk_written(chunk.index)
+        if self.relay is not None:
+            self.relay.landed(partial.manifest.digest, chunk.index)
+        tally.moved += len(chunk.data)
+        tally.fetched += 1
+
+    def _chunk_failure(self, failure: FetchFailure, tally: _Tally, plog: Any) -> PullError:
+        """Log and count a failure the FetchSession named; the PullError that ends the pull."""
+        if failure.log_event:
+            plog.error(failure.log_event, **dict(failure.log_fields))
+        self.metrics.chunk_failure(tally.peer, failure.metric)
+        return PullError(
+            failure.kind,
+            failure.reason,
+            seeder_fault=failure.seeder_fault,
+            not_held=failure.not_held,
+        )
 
 
 def _outcome(e: BaseException) -> str:

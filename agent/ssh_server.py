@@ -32,14 +32,17 @@ What it accepts, and why so little:
   covered by a running pull is answered after at most ``relay_start_s``
   (the pull that brings it may be on its way), at once if its pull ended
   without it. A partial being served is pinned in the store (never discarded
-  meanwhile). File reads
-  run in a worker thread so the event loop keeps every other transfer
-  moving, and the next chunk is read while the current one drains
-  (``await writer.drain()`` is the flow control: the demander's SSH window
-  bounds what is in flight).
+  meanwhile). Every chunk is read through the store
+  (:meth:`~rainbowd.store.LayerStore.read_blob_chunk`,
+  :meth:`~rainbowd.store.LayerStore.read_partial_chunk`), in a worker thread
+  unless the chunk is small (agent/chunk_io.py), so the event loop keeps every
+  other transfer moving; the next chunks are read while the current one
+  drains (``await writer.drain()`` is the flow control: the demander's SSH
+  window bounds what is in flight). What to read next, the frames and the
+  ERROR answering each failed read are :class:`~rainbowd.chunksession.ServeSession`'s.
 * **Verify before sending** (``verify_reads``, on by default): each chunk read
   from disk is checked against the layer's stored chunk manifest (one sha256
-  per chunk, in the same worker thread as the read). A blob that rotted on disk
+  per chunk, in the same thread as the read). A blob that rotted on disk
   (bit flip, bad sector, someone editing it) is answered with an ERROR frame
   ``corrupt`` instead of bad bytes (and ``on_corrupt`` is told, so the agent
   drops its copy and stops advertising it): the demander fails the transfer at once as
@@ -59,7 +62,6 @@ What it accepts, and why so little:
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -72,9 +74,16 @@ from asyncssh.stream import SSHServerStreamSession
 
 from rainbowd import chunkproto
 from rainbowd.chunks import ChunkManifest
+from rainbowd.chunksession import (
+    ReadFailure,
+    Refusal,
+    ServeSession,
+    bad_request_frame,
+    internal_error_frame,
+)
 from rainbowd.digest import Digest, short
 from rainbowd.messages import TrustList
-from rainbowd.store import LayerMissing, LayerStore, StoreError
+from rainbowd.store import CorruptBlob, LayerMissing, LayerStore
 
 from .chunk_io import INLINE_MAX_BYTES, chunk_work
 from .keys import KeyFormatError, fingerprint, key_blob
@@ -99,21 +108,28 @@ CHANNEL_WINDOW = 8 * 1024 * 1024
 CHANNEL_MAX_PKTSIZE = 256 * 1024
 #: pending REQUEST frames per channel before the server stops reading more
 MAX_PENDING_REQUESTS = 16
-#: chunks read ahead of the one being written
-READ_AHEAD = 2
 #: refused-client records kept (the counter keeps counting past this)
 MAX_REFUSED_RECORDS = 256
-#: ERROR code for "my stored copy of this chunk fails its manifest"; the
-#: demander treats it as a seeder fault (kind "verify") without reading bad bytes
-ERR_CORRUPT = "corrupt"
 #: an unknown client key fetches the trust list at most once per this many seconds
 TRUST_REFRESH_INTERVAL = 1.0
 #: longest wait for that fetch (the client's login waits meanwhile)
 TRUST_REFRESH_TIMEOUT = 5.0
 
 
-class CorruptBlob(StoreError):
-    """A chunk read from a complete layer does not match the layer's manifest."""
+#: what each exception of a chunk read means on the wire (chunksession.ServeSession.refuse);
+#: a subclass before its base (RelayNotPulling is a RelayUnavailable)
+READ_FAILURES: tuple[tuple[type[Exception], ReadFailure], ...] = (
+    (LayerMissing, "layer_missing"),
+    (IndexError, "bad_index"),
+    (RelayNotPulling, "relay_not_pulling"),
+    (RelayUnavailable, "relay_unavailable"),
+    (CorruptBlob, "corrupt"),
+)
+
+
+def read_failure(error: BaseException) -> ReadFailure | None:
+    """The answerable failure ``error`` is, or None (the channel then fails ``internal``)."""
+    return next((failure for kind, failure in READ_FAILURES if isinstance(error, kind)), None)
 
 
 OnRefused = Callable[[str, str], None]
@@ -201,7 +217,6 @@ class ChunkServer:
         self._key_blobs: dict[str, bytes] = {}
         self._conns: dict[_PeerConnection, None] = {}
         self._listener: asyncssh.SSHAcceptor | None = None
-        self._manifests: dict[Digest, ChunkManifest] = {}
         self._log = log.bind(node=node_id)
 
     # -- trust -----------------------------------------------------------
@@ -331,57 +346,6 @@ class ChunkServer:
         self._conns.clear()
 
     # -- serving ---------------------------------------------------------
-    def _manifest(self, digest: Digest) -> ChunkManifest:
-        m = self._manifests.get(digest)
-        if m is None:
-            m = self.store.manifest(digest)
-            if len(self._manifests) > 256:
-                self._manifests.clear()
-            self._manifests[digest] = m
-        return m
-
-    def _read_chunk(self, digest: Digest, index: int) -> tuple[int, bytes]:
-        """(index, bytes) of a chunk of a complete layer; blocking (see :meth:`_read`)."""
-        if not self.store.has(digest):
-            self._manifests.pop(digest, None)
-            raise LayerMissing(f"node {self.node_id} does not hold layer {digest}")
-        m = self._manifest(digest)
-        return self._read_checked(
-            digest,
-            index,
-            m,
-            self.store.path(digest),
-            "stored layer",
-            " (the blob on disk is corrupt)",
-        )
-
-    def _read_checked(
-        self,
-        digest: Digest,
-        index: int,
-        m: ChunkManifest,
-        path: os.PathLike[str] | str,
-        what: str,
-        why: str = "",
-    ) -> tuple[int, bytes]:
-        """Chunk ``index`` of the file at ``path``, checked against the manifest before serving."""
-        if not 0 <= index < m.count:
-            raise IndexError(f"layer {digest} has chunks 0..{m.count - 1}, not {index}")
-        length = m.chunk_length(index)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            data = os.pread(fd, length, m.chunk_offset(index))
-        finally:
-            os.close(fd)
-        if len(data) != length:
-            raise StoreError(f"layer {digest} chunk {index}: short read ({len(data)}/{length})")
-        if self.verify_reads and not m.verify_chunk(index, data):
-            raise CorruptBlob(
-                f"node {self.node_id}: {what} {digest} chunk {index} does not match "
-                f"its manifest{why}; not serving it"
-            )
-        return index, data
-
     async def _pace(self, nbytes: int) -> None:
         """Hold the sender to ``max_upload_bps`` across all channels (see agent/pacing.py)."""
         if self._pacer.bps != self.max_upload_bps:
@@ -404,12 +368,12 @@ class ChunkServer:
             await self._send_chunks(peer, requests, stdout, plog)
         except chunkproto.ProtocolError as e:
             plog.warning("chunk_channel_protocol_error", error=str(e))
-            stdout.write(chunkproto.encode_error(chunkproto.ERR_BAD_REQUEST, str(e)))
+            stdout.write(bad_request_frame(e))
         except (asyncssh.Error, ConnectionError, BrokenPipeError) as e:
             plog.info("chunk_channel_lost", error=str(e))
         except Exception as e:
             plog.exception("chunk_channel_failed")
-            stdout.write(chunkproto.encode_error(chunkproto.ERR_INTERNAL, f"{type(e).__name__}"))
+            stdout.write(internal_error_frame(e))
         finally:
             reader.cancel()
             try:
@@ -449,94 +413,82 @@ class ChunkServer:
         stdout: asyncssh.SSHWriter[bytes],
         plog: Any,
     ) -> None:
-        """Answer requests in order, reading up to READ_AHEAD chunks ahead of the wire."""
+        """Answer requests in order; what to read and send is the ServeSession's (chunksession)."""
         while True:
             req = await requests.get()
             if req is None:
                 return
             if isinstance(req, chunkproto.ProtocolError):
                 raise req
-            layer = req.layer
-            reads: list[asyncio.Task[tuple[int, bytes]]] = []
-            todo = iter(req.chunks)
-            sent = 0
-            t0 = time.monotonic()
-            self.serving[layer] = self.serving.get(layer, 0) + 1
-            self.store.pin_partial(layer)
-            try:
-                for index in todo:
-                    reads.append(asyncio.create_task(self._read(layer, index)))
-                    if len(reads) >= READ_AHEAD:
-                        break
-                while reads:
-                    try:
-                        index, data = await reads.pop(0)
-                    except LayerMissing as e:
-                        plog.warning("chunk_request_layer_not_held", layer=short(layer))
-                        stdout.write(chunkproto.encode_error(chunkproto.ERR_NOT_HELD, str(e)))
-                        return
-                    except IndexError as e:
-                        stdout.write(chunkproto.encode_error(chunkproto.ERR_BAD_REQUEST, str(e)))
-                        return
-                    except RelayNotPulling as e:
-                        plog.warning("chunk_request_layer_not_held", layer=short(layer))
-                        stdout.write(
-                            chunkproto.encode_error(
-                                chunkproto.ERR_NOT_HELD, f"node {self.node_id}: {e}"
-                            )
-                        )
-                        return
-                    except RelayUnavailable as e:
-                        plog.info("relay_chunk_unavailable", layer=short(layer), error=str(e))
-                        stdout.write(
-                            chunkproto.encode_error(
-                                chunkproto.ERR_UNAVAILABLE, f"node {self.node_id}: {e}"
-                            )
-                        )
-                        return
-                    except CorruptBlob as e:
-                        if layer not in self.corrupt_layers:
-                            self.corrupt_layers[layer] = str(e)
-                        plog.error("serving_refused_corrupt_blob", layer=short(layer), error=str(e))
-                        if self.on_corrupt is not None:
-                            self.on_corrupt(layer, str(e))
-                        stdout.write(chunkproto.encode_error(ERR_CORRUPT, str(e)))
-                        return
-                    for nxt in todo:
-                        reads.append(asyncio.create_task(self._read(layer, nxt)))
-                        break
-                    await self._pace(len(data))
-                    if len(data) < CHANNEL_MAX_PKTSIZE - chunkproto.HEADER_SIZE:
-                        # one write, so one SSH packet for the chunk: asyncssh sends an
-                        # IGNORE packet before each packet, and each is an encryption, a
-                        # send() and a wake-up on the far end
-                        stdout.write(chunkproto.encode_chunk(index, data))
-                    else:  # several packets anyway: the header's own costs less than a copy
-                        stdout.write(chunkproto.encode_chunk_header(index, len(data)))
-                        stdout.write(data)
-                    sent += len(data)
-                    self.bytes_served[peer] = self.bytes_served.get(peer, 0) + len(data)
-                    self.chunks_served[peer] = self.chunks_served.get(peer, 0) + 1
-                    await stdout.drain()
-                stdout.write(chunkproto.encode_end(len(req.chunks)))
-            finally:
-                for t in reads:
-                    t.cancel()
-                if reads:
-                    await asyncio.gather(*reads, return_exceptions=True)
-                left = self.serving.pop(layer, 1) - 1
-                if left > 0:
-                    self.serving[layer] = left
-                self.store.unpin_partial(layer)
-                if sent and self.on_served is not None:
-                    self.on_served(layer)
-            plog.debug(
-                "chunks_served",
-                layer=short(layer),
-                chunks=len(req.chunks),
-                bytes=sent,
-                seconds=round(time.monotonic() - t0, 4),
-            )
+            if not await self._answer(peer, req, stdout, plog):
+                return
+
+    async def _answer(
+        self,
+        peer: str,
+        req: chunkproto.Request,
+        stdout: asyncssh.SSHWriter[bytes],
+        plog: Any,
+    ) -> bool:
+        """Send the chunks of one request and its END; False if a read failed (ERROR sent)."""
+        layer = req.layer
+        answer = ServeSession(req, node_id=self.node_id, max_packet=CHANNEL_MAX_PKTSIZE)
+        reads: list[asyncio.Task[tuple[int, bytes]]] = []
+        t0 = time.monotonic()
+        self.serving[layer] = self.serving.get(layer, 0) + 1
+        self.store.pin_partial(layer)
+        try:
+            reads += [asyncio.create_task(self._read(layer, i)) for i in answer.reads_to_start()]
+            while reads:
+                try:
+                    index, data = await reads.pop(0)
+                except Exception as e:
+                    failure = read_failure(e)
+                    if failure is None:
+                        raise
+                    self._refuse(answer.refuse(failure, str(e)), layer, plog, stdout)
+                    return False
+                reads += [
+                    asyncio.create_task(self._read(layer, i)) for i in answer.chunk_arrived(index)
+                ]
+                await self._pace(len(data))
+                for frame in answer.chunk_frames(index, data):
+                    stdout.write(frame)
+                self.bytes_served[peer] = self.bytes_served.get(peer, 0) + len(data)
+                self.chunks_served[peer] = self.chunks_served.get(peer, 0) + 1
+                await stdout.drain()
+            stdout.write(answer.end_frame())
+        finally:
+            for t in reads:
+                t.cancel()
+            if reads:
+                await asyncio.gather(*reads, return_exceptions=True)
+            left = self.serving.pop(layer, 1) - 1
+            if left > 0:
+                self.serving[layer] = left
+            self.store.unpin_partial(layer)
+            if answer.bytes_sent and self.on_served is not None:
+                self.on_served(layer)
+        plog.debug(
+            "chunks_served",
+            layer=short(layer),
+            chunks=len(req.chunks),
+            bytes=answer.bytes_sent,
+            seconds=round(time.monotonic() - t0, 4),
+        )
+        return True
+
+    def _refuse(
+        self, refusal: Refusal, layer: Digest, plog: Any, stdout: asyncssh.SSHWriter[bytes]
+    ) -> None:
+        """Log and record a failed read as the ServeSession says, and send its ERROR frame."""
+        if refusal.marks_corrupt and layer not in self.corrupt_layers:
+            self.corrupt_layers[layer] = refusal.message
+        if refusal.log_level:
+            getattr(plog, refusal.log_level)(refusal.log_event, **dict(refusal.log_fields))
+        if refusal.marks_corrupt and self.on_corrupt is not None:
+            self.on_corrupt(layer, refusal.message)
+        stdout.write(refusal.frame)
 
     async def _read(self, layer: Digest, index: int) -> tuple[int, bytes]:
         """Chunk ``index`` of ``layer``, from the stored blob or a partial of it (module docstring).
@@ -564,14 +516,16 @@ class ChunkServer:
             if where is not None:
                 manifest, path = where
                 try:
-                    out = await chunk_work(
+                    data = await chunk_work(
                         manifest.chunk_size,
                         self.inline_io_max,
-                        self._read_partial_chunk,
+                        self.store.read_partial_chunk,
                         layer,
                         index,
                         manifest,
                         path,
+                        node=self.node_id,
+                        verify=self.verify_reads,
                     )
                 except FileNotFoundError:
                     pass  # installed meanwhile (the .part was renamed into place): the blob
@@ -579,13 +533,16 @@ class ChunkServer:
                     self.partial_chunks_served += 1
                     if relay is not None:
                         relay.relayed_chunks += 1
-                    return out
-        known = self._manifests.get(layer)
+                    return index, data
+        read, node, verify = self.store.read_blob_chunk, self.node_id, self.verify_reads
+        known = self.store.cached_manifest(layer)
         if known is None:  # the manifest is read from disk the first time: not on the loop
-            return await asyncio.to_thread(self._read_chunk, layer, index)
-        return await chunk_work(
-            known.chunk_size, self.inline_io_max, self._read_chunk, layer, index
-        )
+            data = await asyncio.to_thread(read, layer, index, node=node, verify=verify)
+        else:
+            data = await chunk_work(
+                known.chunk_size, self.inline_io_max, read, layer, index, node=node, verify=verify
+            )
+        return index, data
 
     async def _partial_chunk(self, layer: Digest, index: int) -> tuple[ChunkManifest, Path] | None:
         """Where chunk ``index`` of a partial of ``layer`` is, if its bit is set (else None).
@@ -600,12 +557,6 @@ class ChunkServer:
         if not 0 <= index < p.manifest.count:
             raise IndexError(f"layer {layer} has chunks 0..{p.manifest.count - 1}, not {index}")
         return (p.manifest, p.data_path) if p.has_chunk(index) else None
-
-    def _read_partial_chunk(
-        self, digest: Digest, index: int, m: ChunkManifest, path: os.PathLike[str]
-    ) -> tuple[int, bytes]:
-        """A chunk of a layer still being received (bit set); blocking (see :meth:`_read`)."""
-        return self._read_checked(digest, index, m, path, "partial layer")
 
 
 class _ChunkSession(SSHServerStreamSession[bytes]):

@@ -66,6 +66,9 @@ ERR_INTERNAL = "internal"
 #: a relay (a seeder still receiving the layer) does not have the chunk within its bound,
 #: or its own pull ended; not the relay's fault: the demander fails over
 ERR_UNAVAILABLE = "unavailable"
+#: the seeder's stored copy of the chunk fails its manifest: the demander treats it as a
+#: seeder fault (kind "verify") without reading bad bytes
+ERR_CORRUPT = "corrupt"
 
 Side = Literal["server", "client"]
 

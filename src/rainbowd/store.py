@@ -54,6 +54,9 @@ from rainbowd.digest import Digest, hex_part, is_digest, parse_digest
 
 #: persisted partial bitmaps kept in memory for serving (a stat tells when one changed)
 MAX_CACHED_BITMAPS = 256
+#: manifests of complete layers kept in memory for serving (a complete layer never changes;
+#: past this many the cache starts over)
+MAX_CACHED_MANIFESTS = 256
 
 
 class StoreError(Exception):
@@ -66,6 +69,10 @@ class ChunkRejected(StoreError):
 
 class LayerMissing(StoreError):
     """The store does not hold the layer asked for."""
+
+
+class CorruptBlob(StoreError):
+    """A chunk read for serving does not match its layer's manifest (the copy on disk rotted)."""
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -350,6 +357,8 @@ class LayerStore:
         self._partial_pins: dict[str, int] = {}
         #: digest -> (bitmap file identity, manifest, bitmap) of a partial no pull has open
         self._stored_bitmaps: dict[str, tuple[tuple[int, int], ChunkManifest, ChunkBitmap]] = {}
+        #: digest -> manifest of a complete layer a chunk was served from (read_blob_chunk)
+        self._served_manifests: dict[Digest, ChunkManifest] = {}
         for leftover in self.tmp_dir.iterdir():
             if leftover.is_dir():
                 shutil.rmtree(leftover, ignore_errors=True)
@@ -404,7 +413,97 @@ class LayerStore:
             f.seek(m.chunk_offset(index))
             return f.read(length)
 
+    # -- serving peers ---------------------------------------------------
+    def cached_manifest(self, digest: Digest) -> ChunkManifest | None:
+        """The manifest :meth:`read_blob_chunk` holds in memory for ``digest`` (None: not yet).
+
+        Lets a caller on an event loop tell a read that touches only the blob
+        (cheap when the chunk is small) from one that must read the manifest
+        file first (never on the loop).
+        """
+        return self._served_manifests.get(digest)
+
+    def read_blob_chunk(
+        self, digest: Digest, index: int, *, node: str, verify: bool = True
+    ) -> bytes:
+        """Chunk ``index`` of the complete layer ``digest``, checked before it is served.
+
+        Blocking: a ``pread``, and the manifest file the first time a layer is
+        served. ``node`` names this host in the errors, which a peer reads:
+        LayerMissing (not held, or removed meanwhile), IndexError (no such
+        chunk), StoreError (short read), CorruptBlob (``verify`` and the bytes
+        do not match the manifest: the blob rotted on disk; better refuse than
+        send bad bytes a demander would only reject).
+        """
+        if not self.has(digest):
+            self._served_manifests.pop(digest, None)
+            raise LayerMissing(f"node {node} does not hold layer {digest}")
+        m = self._served_manifests.get(digest)
+        if m is None:
+            m = self.manifest(digest)
+            if len(self._served_manifests) > MAX_CACHED_MANIFESTS:
+                self._served_manifests.clear()
+            self._served_manifests[digest] = m
+        return self._read_checked(
+            digest,
+            index,
+            m,
+            self._blob_path(digest),
+            verify,
+            f"node {node}: stored layer",
+            " (the blob on disk is corrupt)",
+        )
+
+    def read_partial_chunk(
+        self,
+        digest: Digest,
+        index: int,
+        manifest: ChunkManifest,
+        path: os.PathLike[str] | str,
+        *,
+        node: str,
+        verify: bool = True,
+    ) -> bytes:
+        """Chunk ``index`` of a partial of ``digest`` (its bit is set), checked before serving.
+
+        ``manifest`` and ``path`` are what :meth:`stored_partial_chunk` or the
+        shared partial named. Blocking; raises like :meth:`read_blob_chunk`,
+        and FileNotFoundError when the partial was installed (renamed into
+        place) meanwhile: read the blob then.
+        """
+        return self._read_checked(
+            digest, index, manifest, path, verify, f"node {node}: partial layer"
+        )
+
+    @staticmethod
+    def _read_checked(
+        digest: Digest,
+        index: int,
+        m: ChunkManifest,
+        path: os.PathLike[str] | str,
+        verify: bool,
+        what: str,
+        why: str = "",
+    ) -> bytes:
+        """Chunk ``index`` of the file at ``path``, checked against ``m`` when ``verify``."""
+        if not 0 <= index < m.count:
+            raise IndexError(f"layer {digest} has chunks 0..{m.count - 1}, not {index}")
+        length = m.chunk_length(index)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            data = os.pread(fd, length, m.chunk_offset(index))
+        finally:
+            os.close(fd)
+        if len(data) != length:
+            raise StoreError(f"layer {digest} chunk {index}: short read ({len(data)}/{length})")
+        if verify and not m.verify_chunk(index, data):
+            raise CorruptBlob(
+                f"{what} {digest} chunk {index} does not match its manifest{why}; not serving it"
+            )
+        return data
+
     def remove(self, digest: Digest) -> None:
+        self._served_manifests.pop(digest, None)
         p = self.path(digest)
         p.unlink(missing_ok=True)
         p.with_name(p.name + ".chunks").unlink(missing_ok=True)

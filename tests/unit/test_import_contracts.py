@@ -38,6 +38,7 @@ LAYERS: dict[str, set[str]] = {
         "rainbowd",
         "chunkproto",
         "chunks",
+        "chunksession",  # the fetch and serve sessions: the chunk channel's state, sans I/O
         "digest",
         "eviction",
         "messages",

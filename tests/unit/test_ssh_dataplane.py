@@ -187,7 +187,7 @@ async def test_chunk_work_runs_inline_up_to_the_limit_and_in_threads_above(
 
         return wrapper
 
-    monkeypatch.setattr(ChunkServer, "_read_checked", spy("read", ChunkServer._read_checked))
+    monkeypatch.setattr(LayerStore, "read_blob_chunk", spy("read", LayerStore.read_blob_chunk))
     monkeypatch.setattr(PartialLayer, "put_chunk", spy("put", PartialLayer.put_chunk))
     monkeypatch.setattr(PartialLayer, "flush", spy("flush", PartialLayer.flush))
     monkeypatch.setattr(PartialLayer, "FLUSH_SECONDS", 0.0)  # a flush after every chunk

@@ -13,7 +13,14 @@ import pytest
 
 from rainbowd.chunks import MIN_CHUNK_SIZE, ChunkManifest, build_manifest
 from rainbowd.digest import Digest, hex_part, sha256_digest
-from rainbowd.store import ChunkRejected, LayerMissing, LayerStore, PartialLayer, StoreError
+from rainbowd.store import (
+    ChunkRejected,
+    CorruptBlob,
+    LayerMissing,
+    LayerStore,
+    PartialLayer,
+    StoreError,
+)
 
 C = MIN_CHUNK_SIZE
 
@@ -110,6 +117,63 @@ def test_remove(tmp_path: Path, data: bytes) -> None:
     assert not store.has(d)
     assert store.holdings() == []
     assert files(tmp_path / "blobs" / "sha256") == []
+
+
+# -- chunk reads for serving peers -------------------------------------------------
+def test_served_chunks_are_read_and_checked_through_the_store(tmp_path: Path, data: bytes) -> None:
+    store = LayerStore(tmp_path)
+    d = sha256_digest(data)
+    m = store.ingest(io.BytesIO(data), d, chunk_size=C)
+    assert store.cached_manifest(d) is None  # the first read loads it from disk
+    assert store.read_blob_chunk(d, 0, node="n1") == chunk(data, 0)
+    assert store.cached_manifest(d) == m
+    assert store.read_blob_chunk(d, 5, node="n1") == data[5 * C :]
+    with pytest.raises(IndexError, match=f"layer {d} has chunks 0..5, not 6"):
+        store.read_blob_chunk(d, 6, node="n1")
+    store.remove(d)
+    assert store.cached_manifest(d) is None
+    with pytest.raises(LayerMissing, match=f"^node n1 does not hold layer {d}$"):
+        store.read_blob_chunk(d, 0, node="n1")
+
+
+def test_a_rotten_blob_is_refused_unless_reads_are_not_verified(
+    tmp_path: Path, data: bytes
+) -> None:
+    store = LayerStore(tmp_path)
+    d = sha256_digest(data)
+    store.ingest(io.BytesIO(data), d, chunk_size=C)
+    path = store.path(d)
+    path.chmod(0o640)
+    rotten = bytearray(data)
+    rotten[C + 7] ^= 0xFF
+    path.write_bytes(bytes(rotten))
+    assert store.read_blob_chunk(d, 0, node="n1") == chunk(data, 0)
+    with pytest.raises(CorruptBlob) as ei:
+        store.read_blob_chunk(d, 1, node="n1")
+    assert str(ei.value) == (
+        f"node n1: stored layer {d} chunk 1 does not match its manifest "
+        "(the blob on disk is corrupt); not serving it"
+    )
+    assert store.read_blob_chunk(d, 1, node="n1", verify=False) == chunk(bytes(rotten), 1)
+
+
+def test_a_partial_chunk_is_read_and_checked_through_the_store(
+    tmp_path: Path, data: bytes, manifest: ChunkManifest
+) -> None:
+    store = LayerStore(tmp_path)
+    part = store.open_partial(manifest)
+    part.write_chunk(2, chunk(data, 2))
+    part.close()
+    where = store.stored_partial_chunk(manifest.digest, 2)
+    assert where is not None
+    m, path = where
+    d = Digest(manifest.digest)
+    assert store.read_partial_chunk(d, 2, m, path, node="n1") == chunk(data, 2)
+    with pytest.raises(CorruptBlob, match=f"^node n1: partial layer {d} chunk 3 does not"):
+        store.read_partial_chunk(d, 3, m, path, node="n1")  # its bit is not set: zeros
+    path.unlink()  # installed meanwhile: the caller reads the blob instead
+    with pytest.raises(FileNotFoundError):
+        store.read_partial_chunk(d, 2, m, path, node="n1")
 
 
 def test_blob_without_manifest_is_not_held(tmp_path: Path, data: bytes) -> None:
