@@ -55,8 +55,9 @@ them. Measured through a saturated 1 Mbit/s upload (session 9; connect and
 first byte back, 20 tries): default median 686 ms, p90 2.5 s, max 4.1 s;
 16 KiB segments and small packets first: 1 ms, 1 ms, ~1.1 s (one try in
 twenty waits for a segment in service); one-frame segments and small packets
-first 1 / 1 / 248 ms, but then the host spent 39 % of its CPU in softirq and a
-paper-profile BitTorrent run slowed from 42 to 61 s, so 16 KiB it is. Without
+first 1 / 1 / 248 ms, but then the host spent 39 % of its CPU in softirq (a
+paper-profile BitTorrent run took 61 s against 42 s the session before, with
+other work on the host too), so 16 KiB it is. Without
 these a system that opens many short connections (rbd's piece transfers) paid
 seconds per transfer where no real cluster of the profile's shape would.
 
