@@ -106,7 +106,6 @@ UNKNOWN_LAYER_BYTES = 8 * 1024 * 1024
 _MIN_FREE_SHARE = 0.02
 INF = float("inf")
 URGENT = "urgent"
-FRESH = "fresh"
 #: a waiting demander's keys: by speed (its rank step, then its need), by need, and the
 #: layers it waits for
 _SpeedKey = tuple[float, float, str]
@@ -145,6 +144,9 @@ class Rules:
     #: seconds a demander with nothing in flight waits for a seeder meeting min_share;
     #: after that any seeder will do (min_share is for speed, never for starvation)
     patience_s: float = 5.0
+    #: a demander found starving (``patience_s``) takes every seeder that fits, until its
+    #: download is full, not one transfer per starving check (Planner._feed_starving)
+    starve_fill: bool = False
     relay: bool = False  # cut-through: nodes still receiving a layer may seed it (needs slots)
     #: most seconds the end of a relay chain may trail a complete copy (first chunk's lag)
     relay_lag_s: float = 2.0
@@ -181,19 +183,6 @@ class Rules:
     stripe: float = 1.0
     #: pieces taking longer than this at full rate are not striped (see ``stripe``)
     stripe_s: float = 0.0
-    #: EXPERIMENT: how rank ties break: "most" (lacking most first), "least"
-    tie: str = "most"
-    #: EXPERIMENT: demanders holding nothing and pulling nothing get one transfer first
-    fresh_first: float = 0.0
-    fresh_up: float = 0.0
-    fresh_order: str = "rank"
-    fresh_once: bool = True
-    small_first: int = 0
-    horizon_fix: bool = False
-    starve_fill: bool = False
-    starve_keep: bool = False
-    starve_first: bool = False
-    starved_phase: bool = False
 
 
 RULES: dict[str, Rules] = {
@@ -235,6 +224,7 @@ RULES: dict[str, Rules] = {
             rank="min",
             rank_step=0.5,
             upload_urgent=0.6,
+            starve_fill=True,
             stripe=0.5,
             stripe_s=2.0,
             piece_bytes=512 * 1024,
@@ -308,16 +298,10 @@ class Planner:
         # layer -> sorted (-need s, id): the urgent walk's, short (only the urgent are met)
         self._by_need: dict[str, list[tuple[float, str]]] = {}
         self._wait_key: dict[str, _WaitKey] = {}
-        # waiting demanders that hold nothing and pull nothing, by speed key (fresh_first)
-        self._starved: set[str] = set()
-        self._fresh: list[_SpeedKey] = []
-        self._fresh_key: dict[str, _SpeedKey] = {}
         self._begun = 0  # transfers planned so far (a walk's bar is re-taken after each)
         self._horizon = 0.0  # latest planned finish of a current demander (slack rule)
         self._upload_bound = 0.0  # _upload_bound_s as last summed
         self._upload_summed_at = -INF  # when it was summed
-        self._mean_up = 0.0
-        self._upload_scarce = False  # demanders' upload below fresh_first x their download
         self._starve_check_at = 0.0  # when _starving next walks the waiting demanders
         # demander -> when _starving first saw it waiting with nothing in flight (patience
         # counts from there, not from its demand: a node that just finished a piece of a
@@ -454,12 +438,6 @@ class Planner:
     def _rank(self, node: _Node) -> float:
         """How fast ``node`` is as a demander (``rank`` rule: fastest first)."""
         down = _down_speed(node)
-        if self.rules.rank == "idle":
-            return min(down, max(0.0, self.free_up(node)))
-        if self.rules.rank == "up":
-            return node.speed_bps
-        if self.rules.rank == "geo":
-            return math.sqrt(down * node.speed_bps)
         return down if self.rules.rank == "down" else min(down, node.speed_bps)
 
     def _rank_step(self, node: _Node) -> float:
@@ -495,22 +473,8 @@ class Planner:
                 down = _down_speed(node)
                 need = waiting_bytes / down
                 tie = -need if self.rules.rank_step > 0 else 0.0  # (rank_step: ties by need)
-                if self.rules.tie == "least":
-                    tie = -tie
-                elif self.rules.tie == "fast":
-                    tie -= self._rank(node) * 1e-12
                 want = ((-self._rank_step(node), tie, nid), (-need, nid), tuple(wanted))
                 hope = self._hope(node, all_bytes / down)
-        if self.rules.fresh_first:
-            fresh = want[0] if want is not None and not node.holdings and not node.pulling else None
-            old = self._fresh_key.get(nid)
-            if fresh != old:
-                if old is not None:
-                    del self._fresh[bisect_left(self._fresh, old)]
-                    del self._fresh_key[nid]
-                if fresh is not None:
-                    insort(self._fresh, fresh)
-                    self._fresh_key[nid] = fresh
         have = self._wait_key.get(nid)
         if want == have:
             if hope is not None and hope != self._hopes[nid]:
@@ -546,8 +510,6 @@ class Planner:
         ``need_s`` is :meth:`_need_s` (summed by the caller, with the key's need).
         """
         room = self.free_down(node) if self.rules.slots else node.speed_bps
-        if node.node_id in self._starved:
-            return Hope(0.0, INF, room)
         return Hope(_down_speed(node), need_s if self.rules.need_share else 0.0, room)
 
     def _widen(self, nid: str, hope: Hope) -> None:
@@ -581,23 +543,9 @@ class Planner:
         started: list[Transfer] = []
         if not self._wait_key:
             return started
-        visited: set[tuple[str, int]] = set()  # (node, in the urgent phase)
-        if self.rules.slots and self.rules.starve_first:
-            self._feed_starving(now, started)
-        if self.rules.starved_phase:
-            for nid in sorted(self._starved):
-                node = self._s._nodes[nid]
-                if nid not in self._wait_key:
-                    continue
-                why = "starved before"
-                t = self._serve(node, now, why, starving=True)
-                while t is not None:
-                    started.append(t)
-                    if nid not in self._wait_key:
-                        break
-                    t = self._serve(node, now, why, starving=True)
+        visited: set[tuple[str, bool]] = set()  # (node, in the urgent phase)
         for nid, why in self._order(now):
-            phase = (nid, 0 if why.startswith(URGENT) else 1 if why.startswith(FRESH) else 2)
+            phase = (nid, why.startswith(URGENT))
             if phase in visited:
                 continue
             visited.add(phase)
@@ -607,25 +555,37 @@ class Planner:
                 if t is None:
                     break
                 started.append(t)
-                if nid not in self._wait_key or (why.startswith(FRESH) and self.rules.fresh_once):
+                if nid not in self._wait_key:
                     break
-        if self.rules.slots and not self.rules.starve_first:
+        if self.rules.slots:
             self._feed_starving(now, started)
         return started
 
     def _feed_starving(self, now: float, started: list[Transfer]) -> None:
-        if True:
-            for node in self._starving(now):
-                why = f"waited {self.rules.patience_s:g} s or more with nothing in flight"
-                if self.rules.starve_keep and node.node_id not in self._starved:
-                    self._starved.add(node.node_id)
-                    self._refresh_demander(node)
+        """Serve the starving demanders (:meth:`_starving`), any seeder with room will do.
+
+        With ``starve_fill`` a starving demander takes transfers until no seeder
+        fits or its download is full; without it, one, and it waits for the next
+        check (half a patience) for the next one. Who starves is a demander whose
+        download is far above every peer's upload (min_share of it: only the origin
+        qualifies, and its upload is spoken for) and whose upload ranks it last: the
+        walk hands each freed upload to others first, so such a node lives on the
+        starving checks alone. One slow transfer per check left it idle most of the
+        time: in the simulator, a drawn shape (seed 5: uploads 0.3..4.2 Mbit/s, a
+        fifth of the nodes downloading at 125 Mbit/s, the rest at 6) took 2.30 x T*
+        with a p90 slowdown of 30, the fast downloaders finishing last, 50 s idle
+        each; filling, 1.56 x T* and 19.6. The suite at 100 nodes: upload-bound 1.49
+        -> 1.47 x T*, drawn-2 1.56 -> 1.54, random-pareto 1.21 -> 1.25, the other
+        shapes unchanged (bench/RESULTS.md).
+        """
+        for node in self._starving(now):
+            why = f"waited {self.rules.patience_s:g} s or more with nothing in flight"
+            t = self._serve(node, now, why, starving=True)
+            while t is not None:
+                started.append(t)
+                if not self.rules.starve_fill or node.node_id not in self._wait_key:
+                    break
                 t = self._serve(node, now, why, starving=True)
-                while t is not None:
-                    started.append(t)
-                    if not self.rules.starve_fill or node.node_id not in self._wait_key:
-                        break
-                    t = self._serve(node, now, why, starving=True)
 
     def _order(self, now: float) -> Iterator[tuple[str, str]]:
         """Waiting demanders in service order, each with why it comes there.
@@ -636,10 +596,7 @@ class Planner:
         position) keeps the walk right while demanders leave the indexes.
         """
         margin = self.rules.slack_margin
-        upload_s = 0.0
-        if margin is not None and self.rules.upload_urgent > 0 and self.rules.horizon_fix:
-            upload_s = self._upload_bound_s(now) * self.rules.upload_urgent
-        if margin is not None and (self._horizon > now or upload_s > 0):
+        if margin is not None and self._horizon > now:
             # urgent: need * (1 + margin) >= horizon - now, i.e. -need <= -(horizon - now)/(1+m)
             guard = margin if self.rules.urgent_guard is None else self.rules.urgent_guard
             cut_s = (self._horizon - now) / (1 + guard)
@@ -648,16 +605,6 @@ class Planner:
             cut = (-cut_s, "\uffff")
             for (neg_need, _), nid in self._merge_plain(self._by_need, cut):
                 yield nid, URGENT + f": needs {-neg_need:.1f} s of download, little slack"
-        if self.rules.fresh_first > 0 and (self._resum(now) or self._upload_scarce):
-            fresh = list(self._fresh)
-            if self.rules.fresh_order == "up":
-                fresh.sort(key=lambda k: (-self._s._nodes[k[-1]].speed_bps, k))
-            for key in fresh:
-                if self._fresh_key.get(key[-1]) == key and (
-                    self.rules.fresh_up <= 0
-                    or self._s._nodes[key[-1]].speed_bps >= self.rules.fresh_up * self._mean_up
-                ):
-                    yield key[-1], FRESH + ": holds nothing to pass on yet"
         # demanders too fast for a layer's free uploads (min_share of their speed) are skipped
         share = max(self.rules.min_share, _MIN_FREE_SHARE) if self.rules.slots else 0.0
 
@@ -681,25 +628,12 @@ class Planner:
         per ``_UPLOAD_RESUM_S`` (it walks every node and every open demand); in between
         it counts down with the clock.
         """
-        self._resum(now)
+        if now - self._upload_summed_at >= _UPLOAD_RESUM_S:
+            total = sum(n.speed_bps for n in self._s._nodes.values() if n.up and not n.suspect)
+            open_bytes = sum(self._size(lr) * n for lr, n in self._s._demand_count.items())
+            self._upload_bound = open_bytes / total if total > 0 else 0.0
+            self._upload_summed_at = now
         return max(0.0, self._upload_bound - (now - self._upload_summed_at))
-
-    def _resum(self, now: float) -> None:
-        """Re-take the cluster's sums (at most once per ``_UPLOAD_RESUM_S``)."""
-        if now - self._upload_summed_at < _UPLOAD_RESUM_S:
-            return
-        total = up = down = 0.0
-        for n in self._s._nodes.values():
-            if n.up and not n.suspect:
-                total += n.speed_bps
-                if n.demands:
-                    up += n.speed_bps
-                    down += _down_speed(n)
-        open_bytes = sum(self._size(lr) * n for lr, n in self._s._demand_count.items())
-        self._upload_bound = open_bytes / total if total > 0 else 0.0
-        self._upload_scarce = up < self.rules.fresh_first * down
-        self._mean_up = up / max(1, sum(1 for n in self._s._nodes.values() if n.demands and n.up and not n.suspect))
-        self._upload_summed_at = now
 
     def _merge_plain(
         self, index: dict[str, list[tuple[float, str]]], stop: tuple[float, str]
@@ -881,7 +815,7 @@ class Planner:
         # a walk met had none
         fits: list[tuple[_Demand, float]] = []
         for d in wanted:
-            least = 0.0 if starving or node.node_id in self._starved else self._least(node, d.layer, need_s)
+            least = 0.0 if starving else self._least(node, d.layer, need_s)
             # never a trickle: at least MIN_TRANSFER_BPS, or all the fastest holder has
             floor = min(MIN_TRANSFER_BPS, self._fastest_holder.get(d.layer, INF), room)
             least = max(least, floor)
@@ -902,10 +836,6 @@ class Planner:
     def _scarcity(self, d: _Demand) -> tuple[bool, int]:
         """Rarest first: fewest copies first, one-chunk layers last (a copy of one costs a
         round trip; scarcity means nothing there)."""
-        if self.rules.small_first == 1:
-            return (False, self._copies(d.layer))
-        if self.rules.small_first == 2:
-            return (not self._one_chunk(d.layer), self._copies(d.layer))
         return (self._one_chunk(d.layer), self._copies(d.layer))
 
     def _chunk_size(self, layer: str) -> int:
