@@ -188,3 +188,28 @@ def test_long_pieces_and_the_last_one_take_the_whole_download() -> None:
     one.demand("c", LAYER, "j", 0.0)
     (t,) = one.schedule(0.0)
     assert "planned at 8.0 MB/s" in t.reason, t.reason
+
+
+def test_a_starving_demander_fills_its_download_with_any_seeders_not_one() -> None:
+    """A demander far faster than every peer, its one fast seeder taken, starves; then it
+    takes every peer with room (starve_fill), not one slow transfer per check -- but not a
+    peer so slow that its piece would outlast a patience (a new hostage)."""
+    from rainbowd.policies import RULES
+
+    patience = RULES["swarm"].patience_s
+    s = swarm(
+        ("origin", 10 * MB, 10 * MB, (LAYER,)),
+        *((f"peer-{i}", 0.5 * MB, 0.5 * MB, (LAYER,)) for i in range(4)),
+        ("crawl", 0.05 * MB, 0.05 * MB, (LAYER,)),  # a 1 MiB piece takes 21 s from it
+        ("hog", 10 * MB, 10 * MB, ()),  # ranks first and takes the origin's whole upload
+        ("fast", 0.1 * MB, 50 * MB, ()),  # min_share of 50 MB/s: no peer qualifies
+    )
+    s.demand("hog", LAYER, "j", 0.0)
+    s.demand("fast", LAYER, "j", 0.0)
+    first = s.schedule(0.0)
+    assert {t.seeder for t in first if t.demander == "hog"} == {"origin"}
+    assert not [t for t in first if t.demander == "fast"]
+    # nothing ends (the fake clock only moves): after its patience it is starving
+    late = [t for t in s.schedule(patience) if t.demander == "fast"]
+    assert {t.seeder for t in late} == {f"peer-{i}" for i in range(4)}, [t.reason for t in late]
+    assert all("waited" in t.reason for t in late)
