@@ -23,9 +23,9 @@ the few services it calls -- never the coordinator itself:
 
 How a job runs: each target node *demands* every layer it lacks (in image
 order); after every event that can free a seeder or a demander,
-:meth:`Dispatch.schedule` asks the ``paper`` scheduler for transfers and
-queues each as a :class:`TransferAssignment` to the demander (the demander
-pulls). A finished transfer makes the demander a seeder. A node holding every
+:meth:`Dispatch.schedule` asks the scheduler (default policy ``swarm``) for
+transfers and queues each as a :class:`TransferAssignment` to the demander (the
+demander pulls). A finished transfer makes the demander a seeder. A node holding every
 layer loads the image into Docker (``LoadAssignment``) when it has Docker.
 
 Quarantine (the evidence rules are in coordinator/evidence.py): a report
