@@ -34,13 +34,23 @@ PROFILES = ROOT / "bench" / "profiles"
 def test_no_shape_is_worse_than_its_record() -> None:
     record = read_record(GATE)
     profiles = suite_profiles(record["random"], record["seeds_from"])
-    runs = run_suite(profiles, record["nodes"], DEFAULT_POLICY)
+    # deterministic runs, so as many at once as the machine has cores
+    runs = run_suite(profiles, record["nodes"], DEFAULT_POLICY, workers=os.cpu_count() or 1)
     assert len(runs) == len(profiles) * len(record["nodes"]) >= 16
     problems = check(runs, record)
     assert not problems, (
         f"the simulator's gate (policy {DEFAULT_POLICY} against the record of "
         f"{record['policy']}):\n" + "\n".join(problems)
     )
+
+
+def test_runs_in_worker_processes_are_the_runs_one_after_the_other() -> None:
+    profiles = [load_profile(PROFILES / f"{name}.toml") for name in ("ci", "straggler")]
+    alone = run_suite(profiles, [8, 12])
+    together = run_suite(profiles, [8, 12], workers=2)
+    key = [(r.shape, r.nodes, r.measures) for r in alone]
+    assert key == [(r.shape, r.nodes, r.measures) for r in together]
+    assert [r.shape for r in together] == ["ci", "ci", "straggler", "straggler"]
 
 
 # -- check() on made-up runs -----------------------------------------------------------
