@@ -62,7 +62,7 @@ import structlog
 
 from rainbowd import chunkproto
 from rainbowd.chunks import ChunkManifest
-from rainbowd.chunksession import FetchFailure, FetchSession, WriteChunk
+from rainbowd.chunksession import FetchFailure, FetchSession
 from rainbowd.digest import Digest, short
 from rainbowd.messages import FailureKind, PeerInfo, TransferAssignment, TransferFailed
 from rainbowd.store import ChunkRejected, LayerStore, PartialLayer, StoreError
@@ -729,7 +729,7 @@ class LayerPuller:
         self,
         partial: PartialLayer,
         fetch: FetchSession,
-        chunk: WriteChunk,
+        chunk: chunkproto.Chunk,
         where: str,
         plog: Any,
         tally: _Tally,

@@ -66,14 +66,6 @@ def fetch_window(window: int, chunk_size: int) -> int:
 # The demander's side
 # --------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
-class WriteChunk:
-    """The chunk due next arrived: verify it, write it, then :meth:`FetchSession.chunk_written`."""
-
-    index: int
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
 class FetchFailure:
     """Why a fetch ends: everything the puller raises, counts and logs for it.
 
@@ -93,8 +85,9 @@ class FetchFailure:
     log_fields: tuple[tuple[str, object], ...] = ()
 
 
-#: what an event from the seeder means: write a chunk, nothing to do (None), or stop
-FetchStep = WriteChunk | FetchFailure | None
+#: what an event from the seeder means: the chunk due next (verify it, write it, then
+#: :meth:`FetchSession.chunk_written`), nothing to do (None), or stop
+FetchStep = chunkproto.Chunk | FetchFailure | None
 
 
 class FetchSession:
@@ -163,7 +156,7 @@ class FetchSession:
                     "out_of_order",
                     seeder_fault=True,
                 )
-            return WriteChunk(event.index, event.data)
+            return event
         if isinstance(event, chunkproto.End):
             return None  # the chunks of a request are counted as they come
         if isinstance(event, chunkproto.Error):

@@ -403,16 +403,6 @@ class LayerStore:
             raise LayerMissing(f"layer {digest} is not in the store at {self.root}")
         return open(self.path(digest), "rb")
 
-    def read_chunk(
-        self, digest: Digest, index: int, manifest: ChunkManifest | None = None
-    ) -> bytes:
-        """Read chunk ``index`` of a complete layer (for serving peers)."""
-        m = manifest or self.manifest(digest)
-        length = m.chunk_length(index)
-        with self.open_blob(digest) as f:
-            f.seek(m.chunk_offset(index))
-            return f.read(length)
-
     # -- serving peers ---------------------------------------------------
     def cached_manifest(self, digest: Digest) -> ChunkManifest | None:
         """The manifest :meth:`read_blob_chunk` holds in memory for ``digest`` (None: not yet).

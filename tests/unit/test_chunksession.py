@@ -23,7 +23,6 @@ from rainbowd.chunksession import (
     FetchSession,
     ReadFailure,
     ServeSession,
-    WriteChunk,
     bad_request_frame,
     fetch_window,
     internal_error_frame,
@@ -52,7 +51,7 @@ def fetch(missing: list[int], window: int = 4, chunk_size: int = BIG) -> FetchSe
 def deliver(session: FetchSession, index: int) -> None:
     """The seeder sends chunk ``index`` and the demander writes it."""
     step = session.receive(cp.Chunk(index, b"x"))
-    assert step == WriteChunk(index, b"x")
+    assert step == cp.Chunk(index, b"x")
     session.chunk_written(index)
 
 

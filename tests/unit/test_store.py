@@ -63,8 +63,8 @@ def test_ingest_installs_a_verified_layer(tmp_path: Path, data: bytes) -> None:
     assert store.size(d) == len(data)
     assert store.path(d).read_bytes() == data
     for i in range(m.count):
-        assert store.read_chunk(d, i) == chunk(data, i)
-    assert store.read_chunk(d, 5) == data[5 * C :]
+        assert store.read_blob_chunk(d, i, node="n1") == chunk(data, i)
+    assert store.read_blob_chunk(d, 5, node="n1") == data[5 * C :]
     with store.open_blob(d) as f:
         assert f.read() == data
     assert files(tmp_path / "tmp") == []
@@ -106,7 +106,7 @@ def test_missing_layer(tmp_path: Path) -> None:
     with pytest.raises(LayerMissing):
         store.open_blob(d)
     with pytest.raises(LayerMissing):
-        store.read_chunk(d, 0)
+        store.read_blob_chunk(d, 0, node="n1")
 
 
 def test_remove(tmp_path: Path, data: bytes) -> None:
