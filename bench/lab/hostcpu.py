@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 #: a timed phase whose CPUs were at least this busy measured the host, not the
-#: network (a run that is not CPU-bound leaves slack: the paper profile at a
-#: quarter of its rates kept them ~xx % busy, see bench/RESULTS.md)
+#: network (one that is not CPU-bound leaves slack: the paper profile at a quarter
+#: of its rates on a quiet host kept them 83-84 % busy, at its own rates 100 %;
+#: bench/RESULTS.md, session 9)
 CPU_BOUND_BUSY = 0.9
 
 PROC_STAT = Path("/proc/stat")

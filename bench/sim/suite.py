@@ -129,22 +129,23 @@ def run_suite(
                 demo[mib] = demo_layers(mib)
             layers = demo[mib]
         tasks += [(profile, n, layers, policy, overheads) for n in nodes]
-    runs: list[SuiteRun] = []
     if workers > 1 and len(tasks) > 1:
         ctx = multiprocessing.get_context("spawn")  # no forked copy of a test runner's state
         with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=ctx) as pool:
-            results: Iterable[SuiteRun] = pool.map(_simulate, tasks)
-            for run in results:
-                runs.append(run)
-                if progress is not None:
-                    progress(run)
-        return runs
-    for task in tasks:
-        run = _simulate(task)
-        runs.append(run)
+            return _collect(pool.map(_simulate, tasks), progress)
+    return _collect(map(_simulate, tasks), progress)
+
+
+def _collect(
+    runs: Iterable[SuiteRun], progress: Callable[[SuiteRun], None] | None
+) -> list[SuiteRun]:
+    """The runs in order, each shown to ``progress`` as it ends."""
+    out = []
+    for run in runs:
+        out.append(run)
         if progress is not None:
             progress(run)
-    return runs
+    return out
 
 
 #: one simulation of the suite: profile, demanders, layers, policy, overheads
