@@ -1,11 +1,11 @@
 """What every coordinator service shares: the narrow context it is built with.
 
-The coordinator is a set of services (enrollment, liveness, dispatch,
-transfer reports, quarantine, jobs, images, holdings; core.py wires them).
-None of them is handed the whole coordinator: each gets this context -- the
-state store, the scheduler, the cluster registry, the clock, an id source,
-the metrics hooks and the settings -- plus the few other services it calls,
-named in its constructor. So a service's dependencies are what its
+The coordinator is a set of services (enrollment, liveness, dispatch, transfer
+reports, quarantine, jobs, images, holdings; core.py wires them). None of them
+is handed the whole coordinator: each gets this context -- the state store, the
+scheduler (and the job driver over it), the cluster registry, the clock, an id
+source, the metrics hooks and the settings -- plus the few other services it
+calls, named in its constructor. So a service's dependencies are what its
 constructor says, and a test can build one with fakes.
 
 Mutable on purpose: :class:`Settings` is shared by reference, so a setting
@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from rainbowd.jobdriver import JobDriver
 from rainbowd.pieces import PieceScheduler
 
 from .cluster import Cluster, Node
@@ -59,6 +60,12 @@ class ServiceContext:
     settings: Settings
     #: ``new_id("j")`` -> a fresh job id; "l" loads, "i" ingests
     new_id: Callable[[str], str] = random_id
+    #: the rules that turn jobs, reports and faults into scheduler calls (rainbowd.jobdriver):
+    #: the services decide nothing about the scheduler themselves
+    driver: JobDriver = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "driver", JobDriver(self.scheduler, self.settings))
 
     def save_node(self, node: Node) -> None:
         """Persist ``node`` (its record and its mailbox sequence)."""

@@ -1,13 +1,14 @@
 """The dispatch service: transfers from the scheduler to the demanders' mailboxes, and back.
 
-After every event that can free a seeder or a demander, :meth:`Dispatch.schedule`
-asks the scheduler for transfers and queues each as a ``TransferAssignment``
-to its demander (the demander pulls). This service remembers every transfer
-(active ones, and recently ended ones so late reports are understood),
-persists the active ones, notes which were delivered (an agent's poll cursor
-passed them), withdraws those the scheduler dropped (:meth:`Dispatch.aborted`)
-and, after a coordinator restart, adopts the stored ones back into the
-scheduler before any node is heard from.
+After every event that can free a seeder or a demander,
+:meth:`Dispatch.schedule` asks the job driver (rainbowd.jobdriver) for the
+scheduler's transfers and queues each as a ``TransferAssignment`` to its
+demander (the demander pulls). This service remembers every transfer (active
+ones, and recently ended ones so late reports are understood), persists the
+active ones, notes which were delivered (an agent's poll cursor passed them),
+withdraws those the scheduler dropped (:meth:`Dispatch.aborted`) and, after a
+coordinator restart, adopts the stored ones back into the scheduler before any
+node is heard from.
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ class Dispatch:
             self.remember(Tracked(t, seq=st.seq, restored=True))
             if st.state == "active" and st.layer not in ctx.cluster.nodes[st.demander].holdings:
                 try:
-                    ctx.scheduler.adopt(t)
+                    ctx.driver.adopt(t)
                 except SchedulerError as e:  # e.g. its piece no longer exists: plan it anew
                     log.warning("stored transfer not adopted", transfer=t.transfer_id, error=str(e))
                     ctx.store.delete_transfer(st.transfer_id)
@@ -191,8 +192,7 @@ class Dispatch:
                 del pending[tid]
             elif tr.restored:
                 del pending[tid]
-                scheduler.fail(tid)
-                lost.append(tr.t)
+                lost.append(self.ctx.driver.lost(tid))
         if lost:
             self.aborted(lost, "its assignment was lost with the old coordinator process")
             self.schedule(now)
@@ -274,7 +274,7 @@ class Dispatch:
         ctx = self.ctx
         touched: set[str] = set()
         t0 = time.perf_counter()
-        started = list(ctx.scheduler.schedule(now))
+        started = ctx.driver.plan(now)
         ctx.metrics.decision(time.perf_counter() - t0, len(started))
         for t in started:
             demander = ctx.cluster.get(t.demander)
@@ -287,8 +287,7 @@ class Dispatch:
             )
             if demander is None or assignment is None:
                 # cannot happen for layers of ingested images; never hand out unverifiable work
-                ctx.scheduler.fail(t.transfer_id)
-                ctx.scheduler.cancel_demand(t.demander, t.layer)
+                ctx.driver.unusable(t)
                 log.error("no manifest or node for a transfer; demand dropped", layer=t.layer)
                 continue
             seq = demander.mailbox.put(assignment)

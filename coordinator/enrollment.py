@@ -130,7 +130,7 @@ class Enrollment:
             # the agent (re)started: whatever it was pulling or loading is gone,
             # including transfers adopted after a coordinator restart
             node.up = False
-            self.dispatch.aborted(ctx.scheduler.node_down(node.node_id), "agent re-registered")
+            self.dispatch.aborted(ctx.driver.node_down(node.node_id), "agent re-registered")
             restarted = True
             if node.peer() != peer_before and not node.quarantined:
                 ctx.cluster.trust_changed()
@@ -236,9 +236,8 @@ class Enrollment:
         busy_jobs = [j.job_id for j, p in self.jobs.jobs_of(node_id) if not p.final]
         if busy_jobs:
             raise Conflict(f"node {node_id} is in running job(s) {', '.join(busy_jobs)}")
-        self.dispatch.aborted(ctx.scheduler.node_down(node_id), f"node {node_id} removed")
-        for layer in list(node.holdings):
-            ctx.scheduler.cancel_demand(node_id, layer)
+        self.dispatch.aborted(ctx.driver.node_down(node_id), f"node {node_id} removed")
+        ctx.driver.release(node_id, list(node.holdings), keep=set())
         ctx.cluster.remove(node_id)
         ctx.store.delete_node(node_id)
         ctx.cluster.trust_changed()

@@ -24,10 +24,10 @@ from typing import Literal
 import msgspec
 
 from rainbowd.digest import short
+from rainbowd.jobdriver import MAX_LAYER_FAILURES, Charge, FailureBudget
 from rainbowd.messages import JobView, NodeJobState, NodeJobStateName, SeederUse
 
-#: transfer failures of one (node, layer) after which the node fails in the job
-MAX_LAYER_FAILURES = 5
+__all__ = ["FINAL_STATES", "MAX_LAYER_FAILURES", "Job", "NodeProgress", "unique_layers"]
 
 FINAL_STATES = ("done", "failed")
 
@@ -64,7 +64,8 @@ class NodeProgress:
     transfers: list[SeederUse] = field(default_factory=list)
     finished_at: float = 0.0
     error: str = ""
-    failures: dict[str, int] = field(default_factory=dict)
+    #: failed transfers per layer (the budget's rule is the job driver's, rainbowd.jobdriver)
+    budget: FailureBudget = field(default_factory=FailureBudget)
     load_id: str = ""
     down_since: float = 0.0  # the node is down (not yet failed); 0 while it is up
     reopened: bool = False  # put back to pending once at the job's end (coordinator/holdings.py)
@@ -185,12 +186,12 @@ class NodeProgress:
         if not self.needs(layer):
             return False
         self.transfer_stopped(layer)
-        n = self.failures.get(layer, 0) + 1
-        self.failures[layer] = n
+        charge = Charge.FINAL if final else Charge.COUNT
+        n = self.budget.charge(layer, charge)
         if final:
             self.fail(why, now)
             return True
-        if n >= MAX_LAYER_FAILURES:
+        if self.budget.exhausted(layer, charge):
             self.fail(
                 f"node {self.node_id}: layer {short(layer)} failed {n} times (last: {why})", now
             )

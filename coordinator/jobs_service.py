@@ -157,8 +157,7 @@ class JobsService:
             elif p.state == "loading" or p.all_held():
                 self.node_has_all(job, p, now)
             else:
-                for layer in p.missing():
-                    self.ctx.scheduler.demand(p.node_id, layer, job.job_id, now)
+                self.ctx.driver.demand(p.node_id, p.missing(), job.job_id, now)
 
     # -- a node's progress in its jobs ----------------------------------
     def node_has_all(self, job: Job, p: NodeProgress, now: float) -> None:
@@ -180,9 +179,7 @@ class JobsService:
     def node_failed(self, job: Job, p: NodeProgress, now: float) -> None:
         """Stop demanding for a node that failed a job (unless another job still needs it)."""
         still = {layer for _, q in self.jobs_of(p.node_id) if not q.final for layer in q.missing()}
-        for layer in p.missing():
-            if layer not in still:
-                self.ctx.scheduler.cancel_demand(p.node_id, layer)
+        self.ctx.driver.release(p.node_id, p.missing(), still)
         log.warning("node failed in job", job=job.job_id, node=p.node_id, error=p.error)
         self.job_changed(job, p)
 

@@ -51,11 +51,11 @@ class Liveness:
 
     def bring_up(self, node: Node, now: float) -> None:
         """The node reported: schedulable again; its jobs stop showing it down."""
-        scheduler = self.ctx.scheduler
+        driver = self.ctx.driver
         if node.quarantined:
             return
         if not node.up:
-            scheduler.add_node(
+            driver.node_up(
                 node.node_id,
                 node.info.speed_hint_bps,
                 max_upload_bps=node.info.max_upload_bps,
@@ -64,9 +64,8 @@ class Liveness:
             )
             node.up = True
             node.down_since = 0.0
-        elif scheduler.is_suspect(node.node_id):
+        elif driver.reported(node.node_id):
             log.info("suspect node reported; schedulable again", node=node.node_id)
-            scheduler.add_node(node.node_id)
         for job, p in list(self.jobs.jobs_of(node.node_id)):
             if p.came_back():
                 log.info("node back in job", job=job.job_id, node=node.node_id)
@@ -106,7 +105,7 @@ class Liveness:
         node.up = False
         node.down_since = now
         self.dispatch.aborted(
-            self.ctx.scheduler.node_down(node.node_id), f"node {node.node_id} down: {why}"
+            self.ctx.driver.node_down(node.node_id), f"node {node.node_id} down: {why}"
         )
         for job, p in list(self.jobs.jobs_of(node.node_id)):
             if not p.final:
@@ -155,11 +154,7 @@ class Liveness:
         ctx = self.ctx
         if now - self.started_at <= MISSED_HEARTBEATS * ctx.settings.heartbeat_interval:
             return
-        orphans = [
-            t for t in ctx.scheduler.active() if not (n := ctx.cluster.get(t.demander)) or not n.up
-        ]
-        for t in orphans:
-            ctx.scheduler.fail(t.transfer_id)
+        orphans = ctx.driver.orphans(lambda nid: (n := ctx.cluster.get(nid)) is not None and n.up)
         if orphans:
             self.dispatch.aborted(orphans, "its demander did not come back after the restart")
             self.dispatch.schedule(now)

@@ -8,16 +8,11 @@ is the coordinator's side of that contract, kept out of its services:
 * :func:`assignment_for` builds the demander's :class:`TransferAssignment`
   with the range (checked against the manifest: a range outside it is never
   handed out);
-* :func:`holds_whole_layer` says whether a finished transfer leaves its
-  demander holding the whole layer. A piece finishing does not: the job
-  counts the layer (and the coordinator offers the node as its seeder) only
-  once the scheduler has every piece of it on that node, and the agent
-  commits the layer (whole-digest check) before reporting the last piece.
+* whether a finished piece leaves its demander holding the whole layer is
+  the job driver's question (``JobDriver.holds_layer``, rainbowd.jobdriver).
 """
 
 from __future__ import annotations
-
-from typing import Protocol
 
 import structlog
 
@@ -27,10 +22,6 @@ from rainbowd.messages import PeerInfo, TransferAssignment
 from rainbowd.scheduler import Transfer
 
 log = structlog.get_logger(__name__)
-
-
-class _Holds(Protocol):
-    def holds(self, node_id: str, layer: str) -> bool: ...
 
 
 def chunk_range(t: Transfer) -> tuple[int, int]:
@@ -62,10 +53,3 @@ def assignment_for(
             error=str(e),
         )
         return None
-
-
-def holds_whole_layer(scheduler: _Holds, t: Transfer) -> bool:
-    """Whether ``t``'s demander holds all of ``t.layer`` now that ``t`` is done."""
-    if chunk_range(t)[1] == 0:
-        return True
-    return scheduler.holds(t.demander, t.layer)

@@ -1,16 +1,17 @@
 """The quarantine service: what reports about peers count, and what they cost the accused.
 
-The evidence rules are in coordinator/evidence.py: a report about a peer
-counts only if the coordinator assigned the reporter a transfer from that
-peer that is running or ended within ``EVIDENCE_WINDOW``; any other is
-refused (403) and recorded as an ``unfounded_report`` against the reporter.
-A host-key claim makes the coordinator probe the seeder's host key itself
-(coordinator/hostkey_probe.py); only its own probe seeing a key other than
-the pinned one quarantines the seeder. Bad chunks make that pair avoid each
-other; the seeder is penalized once two different demanders have reported it
-and quarantined once ``seeder_fault_limit`` different demanders have -- never
-on one node's word, and an origin never on peers' word at all. A quarantined
-node stays out until an admin clears it.
+The evidence rules are in coordinator/evidence.py: a report about a peer counts
+only if the coordinator assigned the reporter a transfer from that peer that is
+running or ended within ``EVIDENCE_WINDOW``; any other is refused (403) and
+recorded as an ``unfounded_report`` against the reporter. A host-key claim
+makes the coordinator probe the seeder's host key itself
+(coordinator/hostkey_probe.py); only its own probe seeing a key other than the
+pinned one quarantines the seeder. Bad chunks make that pair avoid each other
+(the job driver's rule, rainbowd.jobdriver); the seeder is penalized once two
+different demanders have reported it and quarantined once
+``seeder_fault_limit`` different demanders have -- never on one node's word,
+and an origin never on peers' word at all. A quarantined node stays out until
+an admin clears it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import structlog
 
 from rainbowd.digest import short
+from rainbowd.jobdriver import IO_AVOID_INTERVALS, VERIFY_AVOID_SECONDS, Blame
 from rainbowd.messages import SecurityEvent, SecurityEventList, SecurityEventView, TransferFailed
 from rainbowd.scheduler import Transfer
 
@@ -34,10 +36,8 @@ from .views import unknown_node
 
 log = structlog.get_logger(__name__)
 
-#: a demander that got bad chunks from a seeder does not use it again for this long
-VERIFY_AVOID_SECONDS = 60.0
-#: a demander that could not reach a seeder avoids it for this many heartbeat intervals
-IO_AVOID_INTERVALS = 2.0
+#: how long a pair avoids each other after a failure is the job driver's rule (re-exported)
+__all__ = ["IO_AVOID_INTERVALS", "VERIFY_AVOID_SECONDS", "Quarantine"]
 
 
 class Quarantine:
@@ -61,10 +61,15 @@ class Quarantine:
         self.evidence = evidence
         self.host_key_checks = host_key_checks
 
-    def blame_seeder(self, t: Transfer, m: TransferFailed, now: float) -> None:
-        """What a failed transfer says about its seeder (the quarantine policy)."""
+    def blame_seeder(self, t: Transfer, m: TransferFailed, blame: Blame, now: float) -> None:
+        """The evidence side of a failed transfer that blames its seeder (the quarantine policy).
+
+        The scheduler's side (suspect, avoid, rest) is already applied by the
+        job driver (rainbowd.jobdriver), which also decided ``blame``; here
+        are what the coordinator alone knows: holdings, security events, the
+        host-key probe and the bad-chunk verdict over several demanders.
+        """
         ctx = self.ctx
-        interval = ctx.settings.heartbeat_interval
         seeder = ctx.cluster.get(t.seeder)
         if seeder is None or seeder.quarantined:
             return
@@ -72,32 +77,28 @@ class Quarantine:
         if m.not_held:
             what = f"it answered not_held to {t.demander} (transfer {t.transfer_id})"
             self.holdings.lost(seeder, [t.layer], now, what)
-        if m.kind == "security" and m.seeder_fault:
+        if blame is Blame.HOST_KEY:
             ctx.store.add_security_event(t.demander, t.seeder, f"transfer_{m.kind}", m.reason)
-            self.host_key_claim(seeder, t.demander, now)
-        elif m.kind == "security":
+            self.probe_host_key(seeder)
+        elif blame is Blame.TRUST_BEHIND:
             # the seeder refused the demander's client key: its trust list is behind
             # (evidence.py), nobody's attack. Wake its poll so it fetches the list now.
             seeder.mailbox.wake()
-            ctx.scheduler.avoid(t.demander, t.seeder, now + interval)
             log.info("seeder's trust list is behind; re-planning", seeder=t.seeder, why=why)
-        elif m.seeder_fault:
+        elif blame is Blame.BAD_CHUNKS:
             ctx.store.add_security_event(t.demander, t.seeder, f"transfer_{m.kind}", m.reason)
-            self.seeder_fault(seeder, t.demander, why, now)
-        elif m.kind == "relay":
+            self.judge_bad_chunks(seeder, t.demander, why, now)
+        elif blame is Blame.RELAY:
             # a relay (still receiving the layer) could not provide a chunk: its upstream's
-            # fault, so no suspicion and no penalty; the pair rests a heartbeat, so the
-            # re-plan prefers another seeder while the relay's own pull recovers
-            ctx.scheduler.avoid(t.demander, t.seeder, now + interval)
+            # fault, so no suspicion and no penalty; the pair rests, so the re-plan prefers
+            # another seeder while the relay's own pull recovers
             log.info(
                 "relay could not serve; re-planning",
                 relay=t.seeder,
                 demander=t.demander,
                 layer=short(t.layer),
             )
-        elif m.kind in ("io", "unreachable") and not m.not_held:
-            ctx.scheduler.suspect(t.seeder)
-            ctx.scheduler.avoid(t.demander, t.seeder, now + IO_AVOID_INTERVALS * interval)
+        elif blame is Blame.SUSPECT:
             log.warning(
                 "seeder suspect: no new work until it reports",
                 node=t.seeder,
@@ -107,11 +108,15 @@ class Quarantine:
             )
 
     def seeder_fault(self, seeder: Node, demander: str, why: str, now: float) -> None:
-        """Bad bytes from ``seeder`` (a backed claim): the pair avoid each other; penalty and
-        quarantine need several different demanders (evidence.py)."""
+        """Bad bytes from ``seeder`` (a backed bad_chunk event): the pair avoid each other;
+        penalty and quarantine need several different demanders (evidence.py)."""
+        self.ctx.driver.bad_peer(demander, seeder.node_id, now)
+        self.judge_bad_chunks(seeder, demander, why, now)
+
+    def judge_bad_chunks(self, seeder: Node, demander: str, why: str, now: float) -> None:
+        """Count ``demander``'s word against ``seeder``: nothing yet, a penalty, or quarantine."""
         ctx = self.ctx
         ctx.metrics.seeder_fault(seeder.node_id)
-        ctx.scheduler.avoid(demander, seeder.node_id, now + VERIFY_AVOID_SECONDS)
         origin, limit = "origin" in seeder.info.roles, ctx.settings.seeder_fault_limit
         verdict, n = self.evidence.bad_chunk_verdict(
             seeder.node_id, demander, origin=origin, limit=limit
@@ -122,7 +127,7 @@ class Quarantine:
             why = f"{n} demanders reported bad chunks (last: {why})"
             self.quarantine(seeder.node_id, why, now)
             return
-        speed = ctx.scheduler.penalize(seeder.node_id) if verdict == "penalize" else 0.0
+        speed = ctx.driver.penalize(seeder.node_id) if verdict == "penalize" else 0.0
         log.warning(
             "bad chunks reported",
             node=seeder.node_id,
@@ -144,8 +149,12 @@ class Quarantine:
         raise Forbidden(why)
 
     def host_key_claim(self, seeder: Node, reporter: str, now: float) -> None:
-        """A backed host-key claim: the pair avoid each other; we look at the key ourselves."""
-        self.ctx.scheduler.avoid(reporter, seeder.node_id, now + VERIFY_AVOID_SECONDS)
+        """A backed host-key claim (an event): the pair avoid each other; we probe the key."""
+        self.ctx.driver.bad_peer(reporter, seeder.node_id, now)
+        self.probe_host_key(seeder)
+
+    def probe_host_key(self, seeder: Node) -> None:
+        """Look at ``seeder``'s host key ourselves; only our own probe can quarantine it."""
         i = seeder.info
         self.host_key_checks.request(
             i.node_id, i.address, i.ssh_port, i.host_key, self.host_key_probed
@@ -207,7 +216,7 @@ class Quarantine:
         node.info.quarantined, node.info.quarantine_reason = True, reason
         ctx.metrics.quarantined()
         node.up = False
-        self.dispatch.aborted(ctx.scheduler.node_down(node_id), f"seeder {node_id} quarantined")
+        self.dispatch.aborted(ctx.driver.node_down(node_id), f"seeder {node_id} quarantined")
         for job, p in list(self.jobs.jobs_of(node_id)):
             if not p.final:
                 p.fail(f"node {node_id} quarantined: {reason}", now)

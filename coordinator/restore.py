@@ -28,11 +28,11 @@ def restore(
     started_at: float,
 ) -> None:
     """Reload nodes (down until they heartbeat), images and jobs from SQLite."""
-    store, cluster, scheduler = ctx.store, ctx.cluster, ctx.scheduler
+    store, cluster, driver = ctx.store, ctx.cluster, ctx.driver
     for info, seq in store.load_nodes():
         node = cluster.add(info, seq)
         node.down_since = started_at
-        scheduler.add_node(
+        driver.node_up(
             node.node_id,
             info.speed_hint_bps,
             node.holdings,
@@ -40,7 +40,7 @@ def restore(
             max_download_bps=info.max_download_bps,
             download_bps=info.download_hint_bps,
         )
-        scheduler.node_down(node.node_id)
+        driver.node_down(node.node_id)  # down until its first heartbeat
     for image in store.load_images():
         images.images[image.ref] = image
         images.add_manifests(image.manifests)

@@ -20,8 +20,8 @@ import structlog
 
 from rainbowd.chunks import ChunkManifest
 from rainbowd.digest import short
+from rainbowd.jobdriver import Charge, Failure
 from rainbowd.messages import Heartbeat, SeederUse, TransferDone, TransferFailed, TransferProgress
-from rainbowd.scheduler import Transfer
 
 from .cluster import Node
 from .context import ServiceContext
@@ -30,7 +30,6 @@ from .errors import Forbidden
 from .evidence import PeerEvidence
 from .holdings_service import HoldingsService
 from .jobs_service import JobsService
-from .piece_wire import holds_whole_layer
 from .quarantine import Quarantine
 
 log = structlog.get_logger(__name__)
@@ -93,21 +92,12 @@ class TransferReports:
             or layer not in self.manifests
             or seeder not in ctx.cluster.nodes
             or seeder == node.node_id
-            or ctx.scheduler.receiving(node.node_id, layer) is not None
         ):
             return None
         job_id = next((j.job_id for j, p in self.jobs.jobs_of(node.node_id) if p.needs(layer)), "")
-        t = Transfer(
-            transfer_id=transfer_id,
-            layer=layer,
-            seeder=seeder,
-            demander=node.node_id,
-            job_id=job_id,
-            started_at=now,
-            reason="adopted: the agent was already pulling it (unknown to this coordinator)",
-            seeder_speed_bps=ctx.scheduler.speed(seeder),
-        )
-        ctx.scheduler.adopt(t)
+        t = ctx.driver.adopt_reported(transfer_id, layer, seeder, node.node_id, job_id, now)
+        if t is None:
+            return None
         tr = Tracked(t, acked_at=now)
         self.dispatch.remember(tr)
         ctx.store.save_transfer(self.dispatch.stored(tr))
@@ -125,11 +115,10 @@ class TransferReports:
         """We gave up on this transfer (node down), yet the agent still pulls it: take it back."""
         ctx = self.ctx
         t = tr.t
-        if t.layer in node.holdings or ctx.scheduler.receiving_piece(node.node_id, t) is not None:
-            return False
         if t.seeder not in ctx.cluster.nodes:
             return False
-        ctx.scheduler.adopt(t)
+        if not ctx.driver.readopt(t, held=t.layer in node.holdings):
+            return False
         ctx.store.save_transfer(self.dispatch.stored(tr))
         self.jobs.transfer_started(node.node_id, t.layer)
         log.info(
@@ -154,8 +143,7 @@ class TransferReports:
             tr = self.dispatch.transfers.get(t.transfer_id)
             if tr is None or not tr.acked_at or now - tr.acked_at < ABSENCE_GRACE:
                 continue
-            if t.layer in node.holdings:
-                scheduler.complete(t.transfer_id, now)
+            if self.ctx.driver.absent(t, held=t.layer in node.holdings, now=now):
                 self.evidence.transfer_ended(t, now)
                 self.ctx.store.delete_transfer(t.transfer_id)
                 log.info(
@@ -165,7 +153,6 @@ class TransferReports:
                     demander=t.demander,
                 )
             else:
-                scheduler.fail(t.transfer_id)
                 self.dispatch.aborted([t], f"agent {node.node_id} no longer runs it")
 
     # -- transfer reports -----------------------------------------------
@@ -230,8 +217,7 @@ class TransferReports:
             self.dispatch.schedule(now)
             return
         t = tr.t
-        if ctx.scheduler.is_active(transfer_id):
-            ctx.scheduler.complete(transfer_id, now, m.bytes_moved)
+        if ctx.driver.done(transfer_id, now, m.bytes_moved) is not None:
             self.evidence.transfer_ended(t, now)
         else:
             log.info("late done report for an ended transfer", transfer=transfer_id)
@@ -254,7 +240,7 @@ class TransferReports:
             bytes=m.bytes_moved,
             seconds=round(m.seconds, 3),
         )
-        if holds_whole_layer(ctx.scheduler, t) and self.holdings.add(node, [t.layer], now):
+        if ctx.driver.holds_layer(t) and self.holdings.add(node, [t.layer], now):
             ctx.save_node(node)
         if first:
             # after the holding: the recorded use must survive a restart, also when the
@@ -275,13 +261,19 @@ class TransferReports:
             log.info("repeated report for an ended transfer", transfer=transfer_id)
             return
         t = tr.t
-        if _blames_seeder(m):
+        failure = Failure(m.kind, seeder_fault=m.seeder_fault, not_held=m.not_held)
+        if failure.accuses_seeder:
             what = f"a {m.kind} failure of {transfer_id}"
             self.quarantine.check_backed(node, t.seeder, what, now)
         tr.reported = True
         ctx.store.delete_transfer(transfer_id)
-        if ctx.scheduler.is_active(transfer_id):
-            ctx.scheduler.fail(transfer_id)
+        seeder = ctx.cluster.get(t.seeder)
+        # the scheduler's side of the failure (suspect, avoid, rest) is the driver's rule;
+        # a seeder gone or already quarantined has nothing more held against it
+        outcome = ctx.driver.failed(
+            t, failure, now, blame=seeder is not None and not seeder.quarantined
+        )
+        if outcome.was_active:
             self.evidence.transfer_ended(t, now)
             # (one the coordinator had already dropped was counted as aborted then)
             ctx.metrics.transfer_failed(m.kind, now - t.started_at)
@@ -294,21 +286,17 @@ class TransferReports:
             seeder_fault=m.seeder_fault,
         )
         for job, p in list(self.jobs.jobs_of(node.node_id)):
-            if m.kind == "disk":
+            if outcome.charge is Charge.FINAL:
                 failed = p.count_failure(t.layer, f"disk full: {m.reason}", now, final=True)
-            elif m.kind == "relay":
-                # the relay's own pull was behind or broke: not this demander's (nor the
-                # relay's) failure; it is re-planned without using up its failure budget
+            elif outcome.charge is Charge.FREE:
+                # e.g. a relay's own pull was behind or broke: not this demander's failure;
+                # it is re-planned without using up its failure budget
                 p.transfer_stopped(t.layer)
                 failed = False
             else:
                 failed = p.count_failure(t.layer, f"from {t.seeder}: {why}", now)
             if failed:
                 self.jobs.node_failed(job, p, now)
-        self.quarantine.blame_seeder(t, m, now)
+        if seeder is not None and not seeder.quarantined:
+            self.quarantine.blame_seeder(t, m, outcome.blame, now)
         self.dispatch.schedule(now)
-
-
-def _blames_seeder(m: TransferFailed) -> bool:
-    """Does this failure report say something about the seeder (so it needs evidence)?"""
-    return m.seeder_fault or m.not_held or m.kind in ("security", "io", "unreachable")

@@ -21,7 +21,7 @@ from test_coordinator_support import ADMIN, ingest, start
 
 from rainbowd.client import AdminClient, AgentClient
 from rainbowd.coordinator import core
-from rainbowd.coordinator.piece_wire import assignment_for, holds_whole_layer
+from rainbowd.coordinator.piece_wire import assignment_for
 from rainbowd.messages import (
     ActiveTransfer,
     CreateJob,
@@ -134,17 +134,6 @@ def test_a_range_the_layer_does_not_have_is_never_handed_out() -> None:
     assert a is not None and a.chunk_range() == (2, 5)
     whole = assignment_for(transfer(0, 0), m, peer)
     assert whole is not None and whole.chunk_range() == (0, 5)
-
-    class Holds:
-        def __init__(self, answer: bool) -> None:
-            self.answer = answer
-
-        def holds(self, node_id: str, layer: str) -> bool:
-            return self.answer
-
-    assert holds_whole_layer(Holds(False), transfer(0, 0))  # a whole-layer transfer
-    assert not holds_whole_layer(Holds(False), transfer(2, 5))
-    assert holds_whole_layer(Holds(True), transfer(2, 5))
 
 
 async def test_with_the_piece_scheduler_a_layer_counts_when_its_last_piece_is_in(

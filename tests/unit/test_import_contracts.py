@@ -41,6 +41,7 @@ LAYERS: dict[str, set[str]] = {
         "chunksession",  # the fetch and serve sessions: the chunk channel's state, sans I/O
         "digest",
         "eviction",
+        "jobdriver",  # jobs, reports and faults as scheduler calls (coordinator and simulator)
         "messages",
         "pieces",
         "policies",

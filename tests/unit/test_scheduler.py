@@ -13,6 +13,8 @@ from collections.abc import Iterable
 
 import pytest
 
+from rainbowd.jobdriver import Failure, JobDriver
+from rainbowd.pieces import PieceScheduler
 from rainbowd.scheduler import DEFAULT_SPEED_BPS, POLICIES, Scheduler, SchedulerError, Transfer
 
 MB = 1e6
@@ -453,25 +455,33 @@ def test_complete_without_bytes_keeps_the_speed() -> None:
 
 
 # -- whole-cluster simulation ---------------------------------------------------
+class _Interval:
+    heartbeat_interval = 2.0  # no failure here depends on it (none blames a seeder)
+
+
 def simulate(
     seed: int, nodes: int = 20, layers: int = 3, fail_rate: float = 0.0
 ) -> tuple[float, int]:
     """Drive one cluster to completion; return (makespan, transfers completed).
 
     Transfer time is layer size / seeder speed. Every invariant is asserted
-    as events happen.
+    as events happen. The scheduler is driven through the job driver the
+    coordinator and the simulator use (rainbowd.jobdriver); a failure is one
+    that blames nobody ("internal"), so only the scheduler's rules show.
     """
     rng = random.Random(seed)
     layer_ids = [f"sha256:{i:064x}" for i in range(1, layers + 1)]
     sizes = {lid: rng.randint(1, 200) * 1_000_000 for lid in layer_ids}
     speeds = {f"n{i:02d}": rng.uniform(16 * MB, 125 * MB) for i in range(nodes)}
-    s = Scheduler("paper")
-    s.add_node("origin", 125 * MB, layer_ids)
+    s = PieceScheduler("paper")  # paper splits no layer: its pieces are the layers
+    driver = JobDriver(s, _Interval())
+    driver.node_up("origin", 125 * MB, layer_ids)
     for nid, sp in speeds.items():
-        s.add_node(nid, sp)
+        driver.node_up(nid, sp)
     for nid in rng.sample(sorted(speeds), len(speeds)):
-        for lid in layer_ids:
-            assert s.demand(nid, lid, "job", 0.0)
+        assert not any(s.holds(nid, lid) for lid in layer_ids)
+        driver.demand(nid, layer_ids, "job", 0.0)
+        assert [d for d in s.pending() if d[0] == nid] == [(nid, lid) for lid in layer_ids]
 
     events: list[tuple[float, int, str]] = []
     seq = 0
@@ -486,7 +496,7 @@ def simulate(
 
     def start_all() -> None:
         nonlocal seq
-        for t in s.schedule(now):
+        for t in driver.plan(now):
             assert t.seeder != t.demander
             assert t.seeder not in seeding, f"{t.seeder} seeds two transfers"
             assert t.demander not in receiving, f"{t.demander} receives two transfers"
@@ -515,9 +525,9 @@ def simulate(
         del seeding[t.seeder]
         del receiving[t.demander]
         if fail_rate and rng.random() < fail_rate:
-            s.fail(tid)
+            driver.failed(t, Failure("internal"), now)
         else:
-            s.complete(tid, now, bytes_moved=sizes[t.layer])
+            assert driver.done(tid, now, sizes[t.layer]) is not None
             assert (t.demander, t.layer) not in moved, "layer transferred twice"
             moved.add((t.demander, t.layer))
             completed += 1
