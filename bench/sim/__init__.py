@@ -7,7 +7,9 @@ time. The pieces:
 * :mod:`bench.sim.flows` -- max-min fair rates of flows over node up/down links;
 * :mod:`bench.sim.overheads` -- the real system's per-transfer costs, calibratable;
 * :mod:`bench.sim.engine` -- the event loop feeding :class:`rainbowd.scheduler.Scheduler`
-  as the coordinator does;
+  through the coordinator's job driver (:mod:`rainbowd.jobdriver`);
+* :mod:`bench.sim.faults` -- faults a run injects (a node dies, is unreachable, sends bad
+  chunks, is dropped by the coordinator), reported to the driver as agents report them;
 * :mod:`bench.sim.report` -- the lab's JSON shape, the table, ``--compare``;
 * :mod:`bench.sim.suite` -- every profile at several sizes, one table
   (``python -m bench.sim suite``), with shapes drawn from seeds (:mod:`bench.sim.drawn`);

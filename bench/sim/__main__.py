@@ -6,6 +6,8 @@
         [--out bench/out/sim-paper.json] [--compare LAB.json] [--layers 1996800,8396800,10240]
         [--policy relay] [--chunk-kib 64] [--relay-hop-ms 50]
         [--efficiency 0.95] [--assign-ms 2] [--connect-ms 30] [--channel-ms 2] [--finish-ms 5]
+        [--fault dies:NODE@T] [--fault unreachable:NODE@T] [--fault corrupt:SEEDER->DEMANDER@T]
+        [--fault blip:NODE@T]                      # faults: see bench/sim/faults.py
     .venv/bin/python -m bench.sim suite [--nodes 100,1000] [--random N] [--policy P]
         [--out FILE] [--record [GATE.json]]        # every profile: see bench/sim/suite.py
 
@@ -31,7 +33,8 @@ from rainbowd.profile import ClusterProfile, ProfileError, load_profile
 from rainbowd.scheduler import DEFAULT_POLICY
 
 from .calibrate import hop_report
-from .engine import Simulation
+from .engine import SimResult, Simulation
+from .faults import Fault, parse_fault
 from .image import given_layers, profile_layers
 from .overheads import Overheads
 from .report import compare, table, to_json
@@ -73,7 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             layers = [(str(name), int(size)) for name, size in lab["layers"]]
         else:
             layers = profile_layers(profile)
-        sim = Simulation(profile, layers, overheads, policy=args.policy)
+        faults = [parse_fault(spec) for spec in args.fault]
+        sim = Simulation(profile, layers, overheads, policy=args.policy, faults=faults)
     except (ProfileError, ValueError, OSError) as e:
         print(f"bench.sim: {e}", file=sys.stderr)
         return 2
@@ -84,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.write_text(json.dumps(doc, indent=1) + "\n")
     print(table(doc))
     print(f"\n{result.transfers} transfers, {result.events} events; wrote {out}")
+    if faults:
+        print(fault_summary(faults, result))
     if lab is not None:
         try:
             print(compare(lab, doc, args.lab_system))
@@ -126,7 +132,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--finish-ms", type=float, default=d.finish_s * 1e3)
     p.add_argument("--verify-mbyte-s", type=float, default=d.verify_Bps / 1e6)
     p.add_argument("--relay-hop-ms", type=float, default=d.relay_hop_s * 1e3)
+    p.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="KIND:NODE@T",
+        help="inject a fault (repeatable): dies:NODE@T (or seeder-dies), unreachable:NODE@T, "
+        "corrupt:SEEDER->DEMANDER@T (DEMANDER * for anyone), blip:NODE@T; bench/sim/faults.py",
+    )
     return p
+
+
+def fault_summary(faults: Sequence[Fault], result: SimResult) -> str:
+    """What the faults did: the reports the driver got, who died, who failed and why."""
+    lines = ["faults: " + ", ".join(f.spec() for f in faults)]
+    kinds = ", ".join(f"{k} {n}" for k, n in sorted(result.failures.items())) or "none"
+    lines.append(f"  failure reports: {kinds}")
+    lines.append(f"  seeders made suspect {result.suspected} times; {result.adopted} adopted back")
+    if result.dead:
+        lines.append("  dead (not waited for): " + ", ".join(sorted(result.dead)))
+    for node, why in sorted(result.failed.items()):
+        lines.append(f"  FAILED {node}: {why}")
+    return "\n".join(lines)
 
 
 def _profile(name: str, nodes: int | None) -> ClusterProfile:

@@ -1,8 +1,9 @@
 """The discrete-event loop: the real Scheduler driving transfers over a fluid network.
 
 One run distributes one image from the profile's origin to every demander,
-feeding :class:`rainbowd.scheduler.Scheduler` exactly as the coordinator
-does (coordinator/core.py):
+feeding :class:`rainbowd.scheduler.Scheduler` through the coordinator's own
+job driver (:class:`rainbowd.jobdriver.JobDriver`), so jobs, reports and the
+faults of bench/sim/faults.py take the coordinator's path:
 
 * every node is added with its speed hint -- the profile's upload rate, as
   the lab configures each agent's ``speed_hint_mbps`` -- the origin holding
@@ -34,20 +35,43 @@ long relay chains slow in the lab.
 Events are kept in one heap; a flow's end is re-predicted only when its rate
 changes (older predictions are skipped by version), so an event costs about
 the size of the flow component it touches, not the number of flows.
+
+Faults (``faults=``, bench/sim/faults.py) become the reports an agent would
+send, handed to the driver after the finish delay: it fails the transfer,
+makes the seeder suspect or the pair avoid each other, and the node's job
+record charges its :class:`~rainbowd.jobdriver.FailureBudget`; a node whose
+budget for a layer runs out fails (``SimResult.failed``). A suspect is
+schedulable again at its next heartbeat (node i's heartbeats fall at
+``(i / n + k) * heartbeat_interval``). A dead node is not waited for
+(``SimResult.dead``). Conservative against the agent: a failed transfer's
+bytes are lost (the agent keeps its verified chunks and the next pull moves
+only the rest), and a transfer that ends while the coordinator has it
+dropped (``blip``) is pulled again.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from rainbowd.coordinator.cluster import MISSED_HEARTBEATS
+from rainbowd.jobdriver import Blame, Charge, Failure, FailureBudget, JobDriver
 from rainbowd.pieces import PieceScheduler
 from rainbowd.profile import ClusterProfile
 from rainbowd.scheduler import Scheduler, Transfer
 
+from .faults import (
+    CONNECT_TIMEOUT_S,
+    DEAD_PEER_NOTICE_S,
+    RELAY_NOTICE_S,
+    Fault,
+    FaultState,
+    check_nodes,
+)
 from .flows import FlowNetwork
 from .overheads import Overheads
 
@@ -55,8 +79,12 @@ from .overheads import Overheads
 #: (rates and caps can chase each other round a cycle of relays; this ends the chase)
 _CAP_EPSILON = 1e-3
 
-# event kinds (events at the same instant are handled in the order they were queued)
-_START, _END, _DONE = 0, 1, 2
+# event kinds (events at the same instant are handled in the order they were queued):
+# a flow starts, its last byte arrives, its done report arrives; a fault strikes, a failure
+# report arrives, a node heartbeats (a suspect is cleared, a dropped node comes back), the
+# coordinator marks a silent node down, a scheduler pass (a heartbeat of any node: one
+# after a failed pair's avoid time ends, when the pair may be planned again)
+_START, _END, _DONE, _FAULT, _FAILED, _HEARTBEAT, _DOWN, _PASS = range(8)
 
 
 @dataclass
@@ -72,6 +100,24 @@ class _Running:
     flowing: bool = False
     cap: float | None = None  # its own rate cap while its relay's upstream still runs
     first_byte_at: float = 0.0  # when its first byte is (or was) due on the wire
+    failing: Failure | None = None  # it failed; its report is on its way
+    notice_at: float = 0.0  # when its demander noticed the failure
+    started: float = -1.0  # when its flow started (-1: never)
+    upstream: str = ""  # the transfer feeding its relay when it was planned ("": none)
+
+
+@dataclass(frozen=True)
+class Traced:
+    """One transfer's course, kept when a run is traced (tests pick their fault targets)."""
+
+    transfer_id: str
+    seeder: str
+    demander: str
+    layer: str
+    started: float  # its flow's start (-1: it never flowed)
+    ended: float  # when its done or failure report reached the driver
+    outcome: str  # "done", a failure kind, or "dropped" (done while the scheduler had dropped it)
+    upstream: str  # the transfer feeding its relay ("": it read a held piece)
 
 
 @dataclass
@@ -83,6 +129,16 @@ class SimResult:
     node_seconds: dict[str, float] = field(default_factory=dict)
     #: demander -> why it never held every layer
     failed: dict[str, str] = field(default_factory=dict)
+    #: node -> when it died (a ``dies`` fault): not waited for, neither done nor failed
+    dead: dict[str, float] = field(default_factory=dict)
+    #: failure reports the driver got, by kind (faults only; none in a fault-free run)
+    failures: dict[str, int] = field(default_factory=dict)
+    #: times a failure made its seeder suspect
+    suspected: int = 0
+    #: transfers the scheduler had dropped that a heartbeat gave back to it (``blip``)
+    adopted: int = 0
+    #: every transfer's course, when the run is traced (``Simulation(trace=True)``)
+    trace: list[Traced] = field(default_factory=list)
     #: seeder -> bytes it sent in transfers that completed (the origin's: bench/measures.py)
     sent_bytes: dict[str, int] = field(default_factory=dict)
     transfers: int = 0
@@ -114,11 +170,15 @@ class Simulation:
         *,
         policy: str = "paper",
         scheduler: Scheduler | PieceScheduler | None = None,
+        faults: Sequence[Fault] = (),
+        trace: bool = False,
     ) -> None:
         """``scheduler`` (default: a new ``Scheduler(policy)``) must be fresh; the run adds nodes.
 
         Passing one lets a test or an experiment drive a variant (a subclass
         that starts several flows per node, say) through the same loop.
+        ``faults`` (bench/sim/faults.py) strike at their times; ``trace`` keeps
+        every transfer's course in ``SimResult.trace``.
         """
         if not layers:
             raise ValueError("an image needs at least one layer")
@@ -131,6 +191,15 @@ class Simulation:
         if isinstance(scheduler, Scheduler):
             scheduler = PieceScheduler.around(scheduler)
         self.scheduler = scheduler or PieceScheduler(policy)
+        self.driver = JobDriver(self.scheduler, profile)
+        self.faults = list(faults)
+        self.tracing = trace
+        check_nodes(self.faults, {n.name for n in profile.all_nodes})
+        self._fault = FaultState()
+        self._budget: dict[str, FailureBudget] = {}  # demander -> its job's failure budget
+        self._down: set[str] = set()  # nodes the coordinator has marked down
+        self._dropped: dict[str, Transfer] = {}  # transfers the scheduler dropped, still flowing
+        self._beat: dict[str, float] = {}  # node -> heartbeat phase (seconds into an interval)
         self.network = FlowNetwork(incremental=True)
         self.result = SimResult(self.scheduler.policy)
         self._events: list[tuple[float, int, int, str, int]] = []
@@ -154,13 +223,18 @@ class Simulation:
             self.network.add_node(n.name, n.up_Bps * eff, n.down_Bps * eff)
         for layer, size in self.layers:
             self.scheduler.set_layer_size(layer, size, self.profile.chunk_size)
-        self.scheduler.add_node(origin.name, origin.up_Bps, names)
+        self.driver.node_up(origin.name, origin.up_Bps, names)
         for n in self.profile.nodes:
-            self.scheduler.add_node(n.name, n.up_Bps, download_bps=n.down_Bps)
+            self.driver.node_up(n.name, n.up_Bps, download_bps=n.down_Bps)
         for n in sorted(self.profile.nodes, key=lambda n: n.name):
             self._held[n.name] = 0
-            for layer in names:
-                self.scheduler.demand(n.name, layer, "sim", 0.0)
+            self._budget[n.name] = FailureBudget()
+            self.driver.demand(n.name, names, "sim", 0.0)
+        everyone = self.profile.all_nodes
+        for i, n in enumerate(everyone):
+            self._beat[n.name] = i / len(everyone) * self.profile.heartbeat_interval
+        for i, f in enumerate(self.faults):
+            self._push(f.at, _FAULT, str(i))
         self._dispatch(0.0)
         events = 0
         while self._events:
@@ -172,12 +246,15 @@ class Simulation:
                 r = self._running.get(tid)
                 if r is not None and r.version == version:  # else re-predicted since
                     self._end(tid, now)
-            else:
+            elif kind == _DONE:
                 self._done(tid, now)
+            else:
+                self._fault_event(kind, tid, now)
         for n in self.profile.nodes:
-            if n.name not in self.result.node_seconds:
-                self.result.failed[n.name] = (
-                    f"held {self._held[n.name]} of {len(names)} layers when nothing was left to do"
+            if n.name not in self.result.node_seconds and n.name not in self.result.dead:
+                self.result.failed.setdefault(
+                    n.name,
+                    f"held {self._held[n.name]} of {len(names)} layers when nothing was left to do",
                 )
         self.result.events = events
         self.result.wall_seconds = time.perf_counter() - wall
@@ -188,8 +265,8 @@ class Simulation:
         heapq.heappush(self._events, (at, next(self._seq), kind, tid, version))
 
     def _dispatch(self, now: float) -> None:
-        """Ask the scheduler for transfers; each starts after its setup delay."""
-        for t in self.scheduler.schedule(now):
+        """Ask the driver for transfers; each starts after its setup delay."""
+        for t in self.driver.plan(now):
             pair = (t.demander, t.seeder)
             new = pair not in self._connected
             if new:
@@ -202,11 +279,20 @@ class Simulation:
                 if up is None or up.transfer_id not in self._running:
                     raise RuntimeError(f"{t.transfer_id}: {t.seeder} neither holds nor receives")
                 u = self._running[up.transfer_id]
+                if u.failing is not None:  # the relay's own pull broke: "unavailable" once
+                    # its demander knows (a relay waits for chunks its pull is still bringing)
+                    self._running[t.transfer_id] = _Running(t, size, float(size))
+                    self.result.transfers += 1
+                    notice = max(start, u.notice_at) + RELAY_NOTICE_S
+                    self._fail(t.transfer_id, Failure("relay"), now, notice)
+                    continue
                 if u.flowing or u.remaining > 0:  # else: every byte is in, only its report is due
                     self._upstream[t.transfer_id] = up.transfer_id
                     self._downstream.setdefault(up.transfer_id, set()).add(t.transfer_id)
                     start = max(start, u.first_byte_at + self._hop(t, u.transfer))
-            self._running[t.transfer_id] = _Running(t, size, float(size), first_byte_at=start)
+            r = _Running(t, size, float(size), first_byte_at=start)
+            r.upstream = self._upstream.get(t.transfer_id, "")
+            self._running[t.transfer_id] = r
             self.result.transfers += 1
             self._push(start, _START, t.transfer_id)
 
@@ -221,11 +307,18 @@ class Simulation:
         return min(self.profile.chunk_size, piece) / link + self.overheads.relay_hop_s
 
     def _start(self, tid: str, now: float) -> None:
-        r = self._running[tid]
-        r.since, r.flowing = now, True
-        r.cap = self._cap_for(tid)
+        r = self._running.get(tid)
+        if r is None or r.failing is not None:
+            return  # it failed (or its seeder died) in its setup delay
         t = r.transfer
+        if self._fault.refuses(t.seeder):
+            self._fail(tid, Failure("unreachable"), now, now + CONNECT_TIMEOUT_S)
+            return
+        r.since, r.flowing, r.started = now, True, now
+        r.cap = self._cap_for(tid)
         self._rates(self.network.add(tid, t.seeder, t.demander, r.cap), now)
+        if self._fault.corrupts(t.seeder, t.demander):
+            self._fail(tid, Failure("verify", seeder_fault=True), now + self._chunk_time(t), now)
 
     def _end(self, tid: str, now: float) -> None:
         r = self._running[tid]
@@ -282,7 +375,14 @@ class Simulation:
 
     def _done(self, tid: str, now: float) -> None:
         r = self._running.pop(tid)
-        t = self.scheduler.complete(tid, now, r.size)
+        if r.failing is not None:
+            return  # its failure report is on its way (a fault struck after its last byte)
+        t = self.driver.done(tid, now, r.size)
+        self._traced(r, now, "done" if t is not None else "dropped")
+        if t is None:  # the scheduler had dropped it (blip): the piece is pulled again
+            self._dropped.pop(tid, None)
+            self._dispatch(now)
+            return
         self.result.sent_bytes[t.seeder] = self.result.sent_bytes.get(t.seeder, 0) + r.size
         if self.scheduler.holds(t.demander, t.layer):
             self._held[t.demander] += 1
@@ -315,3 +415,168 @@ class Simulation:
             if fid in self._downstream:
                 moved.append(fid)
         return moved
+
+    # -- faults (bench/sim/faults.py): what the agents would report --------------
+    def _fault_event(self, kind: int, key: str, now: float) -> None:
+        if kind == _FAULT:
+            self._strike(self.faults[int(key)], now)
+        elif kind == _FAILED:
+            self._failed(key, now)
+        elif kind == _HEARTBEAT:
+            self._heartbeat(key, now)
+        elif kind == _DOWN:
+            self._mark_down(key, now)
+        else:
+            self._dispatch(now)
+
+    def _strike(self, f: Fault, now: float) -> None:
+        if f.kind == "dies":
+            self._die(f.node, now)
+        elif f.kind == "unreachable":
+            self._fault.closed.add(f.node)  # transfers starting from now on fail (_start)
+        elif f.kind == "corrupt":
+            self._fault.corrupt.add((f.node, f.peer))
+            for tid in sorted(self._running):  # a running pull fails at its next chunk
+                r = self._running[tid]
+                t = r.transfer
+                if r.flowing and r.failing is None and self._fault.corrupts(t.seeder, t.demander):
+                    bad = Failure("verify", seeder_fault=True)
+                    self._fail(tid, bad, now, now + self._chunk_time(t))
+        else:  # blip: the coordinator drops the node; its agent pulls on and heartbeats
+            self._mark_down(f.node, now)
+            self._push(self._next_beat(f.node, now), _HEARTBEAT, f.node)
+
+    def _die(self, node: str, now: float) -> None:
+        """The node's agent dies: its pulls stop unreported, pulls from it fail ``io``."""
+        self._fault.dead.add(node)
+        self.result.dead[node] = now
+        # first the pulls from it (their demanders see the connection close: io), then its
+        # own pulls (nobody reports them; they feed relays from it, which failed already)
+        for tid in sorted(self._running):
+            r = self._running[tid]
+            ended = not r.flowing and r.remaining == 0  # every byte in: its report is due
+            if r.transfer.seeder == node and r.failing is None and not ended:
+                self._fail(tid, Failure("io"), now, now + DEAD_PEER_NOTICE_S)
+        for tid in sorted(self._running):
+            r = self._running[tid]
+            if r.transfer.demander == node and r.failing is None:
+                self._fail(tid, Failure("cancelled"), now, now, report=False)
+        if self.scheduler.is_demanding(node):
+            self._mark_down(node, now)  # its long-poll dropped (coordinator/liveness.py)
+        else:  # idle: its missed heartbeats decide
+            interval = self.profile.heartbeat_interval
+            last = self._next_beat(node, now) - interval
+            self._push(last + MISSED_HEARTBEATS * interval, _DOWN, node)
+
+    def _fail(
+        self, tid: str, failure: Failure, now: float, notice_at: float, *, report: bool = True
+    ) -> None:
+        """``tid`` breaks now; its demander reports ``failure`` (noticed at ``notice_at``).
+
+        The transfers relaying what it was bringing fail with it (``relay``).
+        """
+        r = self._running[tid]
+        r.failing, r.notice_at = failure, notice_at
+        r.version += 1  # its predicted end no longer holds
+        if r.flowing:
+            r.flowing = False
+            self._rates(self.network.remove(tid), now)
+        if report:
+            self._push(notice_at + self.overheads.finish(0), _FAILED, tid)
+        for d in sorted(self._downstream.pop(tid, ())):
+            self._upstream.pop(d, None)
+            dr = self._running.get(d)
+            if dr is not None and dr.failing is None and (dr.flowing or dr.remaining > 0):
+                self._fail(d, Failure("relay"), now, notice_at + RELAY_NOTICE_S)
+
+    def _failed(self, tid: str, now: float) -> None:
+        """A failure report reaches the coordinator: the driver's rules, then the job's budget."""
+        r = self._running.pop(tid)
+        self._downstream.pop(tid, None)
+        self._dropped.pop(tid, None)
+        t, failure = r.transfer, r.failing
+        assert failure is not None
+        self.result.failures[failure.kind] = self.result.failures.get(failure.kind, 0) + 1
+        self._traced(r, now, failure.kind)
+        outcome = self.driver.failed(t, failure, now)
+        self.result.suspected += outcome.blame is Blame.SUSPECT
+        node, layer = t.demander, t.layer
+        budget = self._budget[node]
+        waiting = node not in self.result.node_seconds and node not in self.result.failed
+        if waiting and not self.scheduler.holds(node, layer):
+            n = budget.charge(layer, outcome.charge)
+            if outcome.charge is not Charge.FREE and budget.exhausted(layer, outcome.charge):
+                self.result.failed[node] = (
+                    f"layer {layer} failed {n} times (last: {failure.kind} from {t.seeder})"
+                )
+                missing = [lr for lr, _ in self.layers if not self.scheduler.holds(node, lr)]
+                self.driver.release(node, missing, keep=set())
+        if self.scheduler.is_suspect(t.seeder) and t.seeder not in self._fault.dead:
+            self._push(self._next_beat(t.seeder, now), _HEARTBEAT, t.seeder)
+        if outcome.avoid_until > now:
+            self._push(outcome.avoid_until, _PASS, t.demander)
+        self._dispatch(now)
+
+    def _heartbeat(self, node: str, now: float) -> None:
+        """The node's heartbeat: its dropped pulls are adopted back, it is up and trusted again."""
+        if node in self._fault.dead:
+            return
+        for tid, t in sorted(self._dropped.items()):
+            r = self._running.get(tid)
+            if t.demander != node or r is None or r.failing is not None:
+                continue
+            if self.driver.readopt(t, held=self.scheduler.holds(node, t.layer)):
+                del self._dropped[tid]
+                self.result.adopted += 1
+        if node in self._down:
+            self._down.discard(node)
+            n = next(x for x in self.profile.all_nodes if x.name == node)
+            self.driver.node_up(node, n.up_Bps, download_bps=n.down_Bps)
+        else:
+            self.driver.reported(node)
+        self._dispatch(now)
+
+    def _mark_down(self, node: str, now: float) -> None:
+        """The coordinator marks ``node`` down: the transfers the driver drops stop being
+        tracked; those of a live agent keep flowing (it does not know)."""
+        if node in self._down:
+            return
+        self._down.add(node)
+        for t in self.driver.node_down(node):
+            r = self._running.get(t.transfer_id)
+            if r is None:
+                continue
+            if t.demander in self._fault.dead or t.seeder in self._fault.dead:
+                if r.failing is None:
+                    self._fail(t.transfer_id, Failure("cancelled"), now, now, report=False)
+                self._running.pop(t.transfer_id)
+            elif r.failing is None:
+                self._dropped[t.transfer_id] = t
+        self._dispatch(now)
+
+    def _traced(self, r: _Running, now: float, outcome: str) -> None:
+        if self.tracing:
+            t = r.transfer
+            self.result.trace.append(
+                Traced(
+                    t.transfer_id,
+                    t.seeder,
+                    t.demander,
+                    t.layer,
+                    r.started,
+                    now,
+                    outcome,
+                    r.upstream,
+                )
+            )
+
+    def _next_beat(self, node: str, now: float) -> float:
+        """The first heartbeat of ``node`` after ``now`` (each node has its own phase)."""
+        interval = self.profile.heartbeat_interval
+        phase = self._beat[node]
+        return phase + (math.floor((now - phase) / interval) + 1) * interval
+
+    def _chunk_time(self, t: Transfer) -> float:
+        """One chunk of ``t`` on its link: when a bad first chunk is found."""
+        link = min(self.network.up_Bps(t.seeder), self.network.down_Bps(t.demander))
+        return min(self.profile.chunk_size, self.scheduler.piece_of(t).size) / link

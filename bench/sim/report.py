@@ -86,9 +86,22 @@ def to_json(
                     "new_connections": result.new_connections,
                     "overheads": overheads.as_dict(),
                     "chunk_size": profile.chunk_size,
+                    **_fault_notes(result),
                 },
             }
         },
+    }
+
+
+def _fault_notes(result: SimResult) -> dict[str, Any]:
+    """What injected faults did (bench/sim/faults.py); nothing for a run without any."""
+    if not (result.dead or result.failures or result.adopted):
+        return {}
+    return {
+        "dead": dict(sorted(result.dead.items())),
+        "failure_reports": dict(sorted(result.failures.items())),
+        "suspected": result.suspected,
+        "adopted": result.adopted,
     }
 
 

@@ -123,6 +123,8 @@ class Failed:
     was_active: bool
     charge: Charge
     blame: Blame
+    #: until when the pair avoids each other (0: it does not); a pass after it may pair them
+    avoid_until: float = 0.0
 
 
 @dataclass
@@ -251,22 +253,29 @@ class JobDriver:
         if active:
             self.scheduler.fail(t.transfer_id)
         rule = failure.blame if blame else Blame.NONE
-        self._blame(t, rule, now)
-        return Failed(t, active, failure.charge, rule)
+        return Failed(t, active, failure.charge, rule, self._blame(t, rule, now))
 
-    def _blame(self, t: Transfer, rule: Blame, now: float) -> None:
+    def _blame(self, t: Transfer, rule: Blame, now: float) -> float:
+        """Apply ``rule`` to the scheduler; returns until when the pair avoids each other."""
         interval = self.timing.heartbeat_interval
         if rule in (Blame.HOST_KEY, Blame.BAD_CHUNKS):
-            self.bad_peer(t.demander, t.seeder, now)
-        elif rule in (Blame.TRUST_BEHIND, Blame.RELAY):
-            self.scheduler.avoid(t.demander, t.seeder, now + REST_INTERVALS * interval)
+            return self.bad_peer(t.demander, t.seeder, now)
+        if rule in (Blame.TRUST_BEHIND, Blame.RELAY):
+            until = now + REST_INTERVALS * interval
         elif rule is Blame.SUSPECT:
             self.scheduler.suspect(t.seeder)
-            self.scheduler.avoid(t.demander, t.seeder, now + IO_AVOID_INTERVALS * interval)
+            until = now + IO_AVOID_INTERVALS * interval
+        else:
+            return 0.0
+        self.scheduler.avoid(t.demander, t.seeder, until)
+        return until
 
-    def bad_peer(self, demander: str, seeder: str, now: float) -> None:
-        """``demander`` got bad chunks or a wrong host key from ``seeder``: the pair part."""
-        self.scheduler.avoid(demander, seeder, now + VERIFY_AVOID_SECONDS)
+    def bad_peer(self, demander: str, seeder: str, now: float) -> float:
+        """``demander`` got bad chunks or a wrong host key from ``seeder``: the pair part
+        (until the time returned)."""
+        until = now + VERIFY_AVOID_SECONDS
+        self.scheduler.avoid(demander, seeder, until)
+        return until
 
     def penalize(self, seeder: str) -> float:
         """Several demanders' word against ``seeder``: its speed halves (returned)."""
