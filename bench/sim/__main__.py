@@ -151,6 +151,8 @@ def fault_summary(faults: Sequence[Fault], result: SimResult) -> str:
     lines.append(f"  seeders made suspect {result.suspected} times; {result.adopted} adopted back")
     if result.dead:
         lines.append("  dead (not waited for): " + ", ".join(sorted(result.dead)))
+    if result.quarantined:
+        lines.append("  quarantined (out of the job): " + ", ".join(sorted(result.quarantined)))
     for node, why in sorted(result.failed.items()):
         lines.append(f"  FAILED {node}: {why}")
     return "\n".join(lines)

@@ -53,12 +53,12 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from rainbowd.coordinator.cluster import MISSED_HEARTBEATS
+from rainbowd.coordinator.core import SEEDER_FAULT_LIMIT
 from rainbowd.jobdriver import Blame, Charge, Failure, FailureBudget, JobDriver
 from rainbowd.pieces import PieceScheduler
 from rainbowd.profile import ClusterProfile
@@ -120,6 +120,11 @@ class Traced:
     upstream: str  # the transfer feeding its relay ("": it read a held piece)
 
 
+def _traced(r: _Running, now: float, outcome: str) -> Traced:
+    t = r.transfer
+    return Traced(t.transfer_id, t.seeder, t.demander, t.layer, r.started, now, outcome, r.upstream)
+
+
 @dataclass
 class SimResult:
     """What one run produced: per-node completion times and the simulator's own cost."""
@@ -131,6 +136,8 @@ class SimResult:
     failed: dict[str, str] = field(default_factory=dict)
     #: node -> when it died (a ``dies`` fault): not waited for, neither done nor failed
     dead: dict[str, float] = field(default_factory=dict)
+    #: node -> when bad-chunk reports of several demanders quarantined it: out, as the dead
+    quarantined: dict[str, float] = field(default_factory=dict)
     #: failure reports the driver got, by kind (faults only; none in a fault-free run)
     failures: dict[str, int] = field(default_factory=dict)
     #: times a failure made its seeder suspect
@@ -159,7 +166,212 @@ class SimResult:
         return self.total / self.wall_seconds if self.wall_seconds > 0 else float("inf")
 
 
-class Simulation:
+class _FaultEvents:
+    """What faults do to a run (bench/sim/faults.py): the reports agents would send.
+
+    Mixed into :class:`Simulation` (one class would pass 400 lines); it uses
+    the simulation's state and its three event hooks, declared here.
+    """
+
+    profile: ClusterProfile
+    scheduler: PieceScheduler
+    driver: JobDriver
+    overheads: Overheads
+    network: FlowNetwork
+    result: SimResult
+    faults: list[Fault]
+    layers: list[tuple[str, int]]
+    tracing: bool
+    _fault: FaultState
+    _budget: dict[str, FailureBudget]
+    _down: set[str]
+    _dropped: dict[str, Transfer]
+    _running: dict[str, _Running]
+    _downstream: dict[str, set[str]]
+    _upstream: dict[str, str]
+
+    def _push(self, at: float, kind: int, tid: str, version: int = 0) -> None:
+        raise NotImplementedError
+
+    def _dispatch(self, now: float) -> None:
+        raise NotImplementedError
+
+    def _rates(self, rates: dict[str, float], now: float) -> None:
+        raise NotImplementedError
+
+    def _fault_event(self, kind: int, key: str, now: float) -> None:
+        if kind == _FAULT:
+            self._strike(self.faults[int(key)], now)
+        elif kind == _FAILED:
+            self._failed(key, now)
+        elif kind == _HEARTBEAT:
+            self._heartbeat(key, now)
+        elif kind == _DOWN:
+            self._mark_down(key, now)
+        else:
+            self._dispatch(now)
+
+    def _strike(self, f: Fault, now: float) -> None:
+        if f.kind == "dies":
+            self._die(f.node, now)
+        elif f.kind == "unreachable":
+            self._fault.closed.add(f.node)  # transfers starting from now on fail (_start)
+        elif f.kind == "corrupt":
+            self._fault.corrupt.add((f.node, f.peer))
+            for tid in sorted(self._running):  # a running pull fails at its next chunk
+                r = self._running[tid]
+                t = r.transfer
+                if r.flowing and r.failing is None and self._fault.corrupts(t.seeder, t.demander):
+                    bad = Failure("verify", seeder_fault=True)
+                    self._fail(tid, bad, now, now + self._chunk_time(t))
+        else:  # blip: the coordinator drops the node; its agent pulls on and heartbeats
+            self._mark_down(f.node, now)
+            self._push(self._next_beat(f.node, now), _HEARTBEAT, f.node)
+
+    def _die(self, node: str, now: float) -> None:
+        """The node's agent dies: its pulls stop unreported, pulls from it fail ``io``."""
+        self._fault.dead.add(node)
+        self.result.dead[node] = now
+        # first the pulls from it (their demanders see the connection close: io), then its
+        # own pulls (nobody reports them; they feed relays from it, which failed already)
+        for tid in sorted(self._running):
+            r = self._running[tid]
+            ended = not r.flowing and r.remaining == 0  # every byte in: its report is due
+            if r.transfer.seeder == node and r.failing is None and not ended:
+                self._fail(tid, Failure("io"), now, now + DEAD_PEER_NOTICE_S)
+        for tid in sorted(self._running):
+            r = self._running[tid]
+            if r.transfer.demander == node and r.failing is None:
+                self._fail(tid, Failure("cancelled"), now, now, report=False)
+        if self.scheduler.is_demanding(node):
+            self._mark_down(node, now)  # its long-poll dropped (coordinator/liveness.py)
+        else:  # idle: its missed heartbeats decide
+            interval = self.profile.heartbeat_interval
+            last = self._next_beat(node, now) - interval
+            self._push(last + MISSED_HEARTBEATS * interval, _DOWN, node)
+
+    def _fail(
+        self, tid: str, failure: Failure, now: float, notice_at: float, *, report: bool = True
+    ) -> None:
+        """``tid`` breaks now; its demander reports ``failure`` (noticed at ``notice_at``).
+
+        The transfers relaying what it was bringing fail with it (``relay``).
+        """
+        if notice_at < now:
+            raise ValueError(
+                f"{tid}: a failure is noticed at {notice_at}, before it happens ({now})"
+            )
+        r = self._running[tid]
+        r.failing, r.notice_at = failure, notice_at
+        r.version += 1  # its predicted end no longer holds
+        if r.flowing:
+            r.flowing = False
+            self._rates(self.network.remove(tid), now)
+        if report:
+            self._push(notice_at + self.overheads.finish(0), _FAILED, tid)
+        for d in sorted(self._downstream.pop(tid, ())):
+            self._upstream.pop(d, None)
+            dr = self._running.get(d)
+            if dr is not None and dr.failing is None and (dr.flowing or dr.remaining > 0):
+                self._fail(d, Failure("relay"), now, notice_at + RELAY_NOTICE_S)
+
+    def _failed(self, tid: str, now: float) -> None:
+        """A failure report reaches the coordinator: the driver's rules, then the job's budget."""
+        r = self._running.pop(tid)
+        self._downstream.pop(tid, None)
+        self._dropped.pop(tid, None)
+        t, failure = r.transfer, r.failing
+        assert failure is not None
+        self.result.failures[failure.kind] = self.result.failures.get(failure.kind, 0) + 1
+        self._traced(r, now, failure.kind)
+        outcome = self.driver.failed(t, failure, now)
+        self.result.suspected += outcome.blame is Blame.SUSPECT
+        node, layer = t.demander, t.layer
+        budget = self._budget[node]
+        waiting = node not in self.result.node_seconds and node not in self.result.failed
+        waiting = waiting and not self._fault.gone(node)
+        if waiting and not self.scheduler.holds(node, layer):
+            n = budget.charge(layer, outcome.charge)
+            if outcome.charge is not Charge.FREE and budget.exhausted(layer, outcome.charge):
+                self.result.failed[node] = (
+                    f"layer {layer} failed {n} times (last: {failure.kind} from {t.seeder})"
+                )
+                missing = [lr for lr, _ in self.layers if not self.scheduler.holds(node, lr)]
+                self.driver.release(node, missing, keep=set())
+        if outcome.blame is Blame.BAD_CHUNKS:
+            self._judge(t.seeder, t.demander, now)
+        if self.scheduler.is_suspect(t.seeder) and not self._fault.gone(t.seeder):
+            self._push(self._next_beat(t.seeder, now), _HEARTBEAT, t.seeder)
+        if outcome.avoid_until > now:
+            self._push(outcome.avoid_until, _PASS, t.demander)
+        self._dispatch(now)
+
+    def _judge(self, seeder: str, demander: str, now: float) -> None:
+        """The coordinator's evidence rule on bad chunks (coordinator/evidence.py, quarantine.py):
+        the second demander's word penalizes the seeder, ``SEEDER_FAULT_LIMIT`` quarantine it
+        (never the origin) -- it is out of the job, as a dead node is."""
+        origin = seeder == self.profile.origin.name
+        verdict, _ = self._fault.evidence.bad_chunk_verdict(
+            seeder, demander, origin=origin, limit=SEEDER_FAULT_LIMIT
+        )
+        if verdict == "penalize":
+            self.driver.penalize(seeder)
+        elif verdict == "quarantine" and not self._fault.gone(seeder):
+            self._fault.quarantined.add(seeder)
+            self.result.quarantined[seeder] = now
+            self._mark_down(seeder, now)  # its pulls stop: nobody serves it any more
+
+    def _heartbeat(self, node: str, now: float) -> None:
+        """The node's heartbeat: its dropped pulls are adopted back, it is up and trusted again."""
+        if self._fault.gone(node):
+            return
+        for tid, t in sorted(self._dropped.items()):
+            r = self._running.get(tid)
+            if t.demander != node or r is None or r.failing is not None:
+                continue
+            if self.driver.readopt(t, held=self.scheduler.holds(node, t.layer)):
+                del self._dropped[tid]
+                self.result.adopted += 1
+        if node in self._down:
+            self._down.discard(node)
+            n = next(x for x in self.profile.all_nodes if x.name == node)
+            self.driver.node_up(node, n.up_Bps, download_bps=n.down_Bps)
+        else:
+            self.driver.reported(node)
+        self._dispatch(now)
+
+    def _mark_down(self, node: str, now: float) -> None:
+        """The coordinator marks ``node`` down: the transfers the driver drops stop being
+        tracked; those of a live agent keep flowing (it does not know)."""
+        if node in self._down:
+            return
+        self._down.add(node)
+        for t in self.driver.node_down(node):
+            r = self._running.get(t.transfer_id)
+            if r is None:
+                continue
+            if self._fault.gone(t.demander) or self._fault.gone(t.seeder):
+                if r.failing is None:
+                    self._fail(t.transfer_id, Failure("cancelled"), now, now, report=False)
+                self._running.pop(t.transfer_id)
+            elif r.failing is None:
+                self._dropped[t.transfer_id] = t
+        self._dispatch(now)
+
+    def _traced(self, r: _Running, now: float, outcome: str) -> None:
+        if self.tracing:
+            self.result.trace.append(_traced(r, now, outcome))
+
+    def _next_beat(self, node: str, now: float) -> float:
+        return self._fault.next_beat(node, now, self.profile.heartbeat_interval)
+
+    def _chunk_time(self, t: Transfer) -> float:
+        """One chunk of ``t`` on its link: when a bad first chunk is found."""
+        link = min(self.network.up_Bps(t.seeder), self.network.down_Bps(t.demander))
+        return min(self.profile.chunk_size, self.scheduler.piece_of(t).size) / link
+
+
+class Simulation(_FaultEvents):
     """One distribution of ``layers`` over ``profile``; call :meth:`run` once."""
 
     def __init__(
@@ -199,7 +411,6 @@ class Simulation:
         self._budget: dict[str, FailureBudget] = {}  # demander -> its job's failure budget
         self._down: set[str] = set()  # nodes the coordinator has marked down
         self._dropped: dict[str, Transfer] = {}  # transfers the scheduler dropped, still flowing
-        self._beat: dict[str, float] = {}  # node -> heartbeat phase (seconds into an interval)
         self.network = FlowNetwork(incremental=True)
         self.result = SimResult(self.scheduler.policy)
         self._events: list[tuple[float, int, int, str, int]] = []
@@ -230,9 +441,7 @@ class Simulation:
             self._held[n.name] = 0
             self._budget[n.name] = FailureBudget()
             self.driver.demand(n.name, names, "sim", 0.0)
-        everyone = self.profile.all_nodes
-        for i, n in enumerate(everyone):
-            self._beat[n.name] = i / len(everyone) * self.profile.heartbeat_interval
+        self._fault.phase([n.name for n in self.profile.all_nodes])
         for i, f in enumerate(self.faults):
             self._push(f.at, _FAULT, str(i))
         self._dispatch(0.0)
@@ -251,7 +460,7 @@ class Simulation:
             else:
                 self._fault_event(kind, tid, now)
         for n in self.profile.nodes:
-            if n.name not in self.result.node_seconds and n.name not in self.result.dead:
+            if n.name not in self.result.node_seconds and not self._fault.gone(n.name):
                 self.result.failed.setdefault(
                     n.name,
                     f"held {self._held[n.name]} of {len(names)} layers when nothing was left to do",
@@ -318,7 +527,7 @@ class Simulation:
         r.cap = self._cap_for(tid)
         self._rates(self.network.add(tid, t.seeder, t.demander, r.cap), now)
         if self._fault.corrupts(t.seeder, t.demander):
-            self._fail(tid, Failure("verify", seeder_fault=True), now + self._chunk_time(t), now)
+            self._fail(tid, Failure("verify", seeder_fault=True), now, now + self._chunk_time(t))
 
     def _end(self, tid: str, now: float) -> None:
         r = self._running[tid]
@@ -374,9 +583,9 @@ class Simulation:
                 work.extend(sorted(self._downstream.get(moved, ())))
 
     def _done(self, tid: str, now: float) -> None:
-        r = self._running.pop(tid)
-        if r.failing is not None:
-            return  # its failure report is on its way (a fault struck after its last byte)
+        r = self._running.pop(tid, None)
+        if r is None or r.failing is not None:
+            return  # a node of it is out of the run, or a fault struck it after its last byte
         t = self.driver.done(tid, now, r.size)
         self._traced(r, now, "done" if t is not None else "dropped")
         if t is None:  # the scheduler had dropped it (blip): the piece is pulled again
@@ -415,168 +624,3 @@ class Simulation:
             if fid in self._downstream:
                 moved.append(fid)
         return moved
-
-    # -- faults (bench/sim/faults.py): what the agents would report --------------
-    def _fault_event(self, kind: int, key: str, now: float) -> None:
-        if kind == _FAULT:
-            self._strike(self.faults[int(key)], now)
-        elif kind == _FAILED:
-            self._failed(key, now)
-        elif kind == _HEARTBEAT:
-            self._heartbeat(key, now)
-        elif kind == _DOWN:
-            self._mark_down(key, now)
-        else:
-            self._dispatch(now)
-
-    def _strike(self, f: Fault, now: float) -> None:
-        if f.kind == "dies":
-            self._die(f.node, now)
-        elif f.kind == "unreachable":
-            self._fault.closed.add(f.node)  # transfers starting from now on fail (_start)
-        elif f.kind == "corrupt":
-            self._fault.corrupt.add((f.node, f.peer))
-            for tid in sorted(self._running):  # a running pull fails at its next chunk
-                r = self._running[tid]
-                t = r.transfer
-                if r.flowing and r.failing is None and self._fault.corrupts(t.seeder, t.demander):
-                    bad = Failure("verify", seeder_fault=True)
-                    self._fail(tid, bad, now, now + self._chunk_time(t))
-        else:  # blip: the coordinator drops the node; its agent pulls on and heartbeats
-            self._mark_down(f.node, now)
-            self._push(self._next_beat(f.node, now), _HEARTBEAT, f.node)
-
-    def _die(self, node: str, now: float) -> None:
-        """The node's agent dies: its pulls stop unreported, pulls from it fail ``io``."""
-        self._fault.dead.add(node)
-        self.result.dead[node] = now
-        # first the pulls from it (their demanders see the connection close: io), then its
-        # own pulls (nobody reports them; they feed relays from it, which failed already)
-        for tid in sorted(self._running):
-            r = self._running[tid]
-            ended = not r.flowing and r.remaining == 0  # every byte in: its report is due
-            if r.transfer.seeder == node and r.failing is None and not ended:
-                self._fail(tid, Failure("io"), now, now + DEAD_PEER_NOTICE_S)
-        for tid in sorted(self._running):
-            r = self._running[tid]
-            if r.transfer.demander == node and r.failing is None:
-                self._fail(tid, Failure("cancelled"), now, now, report=False)
-        if self.scheduler.is_demanding(node):
-            self._mark_down(node, now)  # its long-poll dropped (coordinator/liveness.py)
-        else:  # idle: its missed heartbeats decide
-            interval = self.profile.heartbeat_interval
-            last = self._next_beat(node, now) - interval
-            self._push(last + MISSED_HEARTBEATS * interval, _DOWN, node)
-
-    def _fail(
-        self, tid: str, failure: Failure, now: float, notice_at: float, *, report: bool = True
-    ) -> None:
-        """``tid`` breaks now; its demander reports ``failure`` (noticed at ``notice_at``).
-
-        The transfers relaying what it was bringing fail with it (``relay``).
-        """
-        r = self._running[tid]
-        r.failing, r.notice_at = failure, notice_at
-        r.version += 1  # its predicted end no longer holds
-        if r.flowing:
-            r.flowing = False
-            self._rates(self.network.remove(tid), now)
-        if report:
-            self._push(notice_at + self.overheads.finish(0), _FAILED, tid)
-        for d in sorted(self._downstream.pop(tid, ())):
-            self._upstream.pop(d, None)
-            dr = self._running.get(d)
-            if dr is not None and dr.failing is None and (dr.flowing or dr.remaining > 0):
-                self._fail(d, Failure("relay"), now, notice_at + RELAY_NOTICE_S)
-
-    def _failed(self, tid: str, now: float) -> None:
-        """A failure report reaches the coordinator: the driver's rules, then the job's budget."""
-        r = self._running.pop(tid)
-        self._downstream.pop(tid, None)
-        self._dropped.pop(tid, None)
-        t, failure = r.transfer, r.failing
-        assert failure is not None
-        self.result.failures[failure.kind] = self.result.failures.get(failure.kind, 0) + 1
-        self._traced(r, now, failure.kind)
-        outcome = self.driver.failed(t, failure, now)
-        self.result.suspected += outcome.blame is Blame.SUSPECT
-        node, layer = t.demander, t.layer
-        budget = self._budget[node]
-        waiting = node not in self.result.node_seconds and node not in self.result.failed
-        if waiting and not self.scheduler.holds(node, layer):
-            n = budget.charge(layer, outcome.charge)
-            if outcome.charge is not Charge.FREE and budget.exhausted(layer, outcome.charge):
-                self.result.failed[node] = (
-                    f"layer {layer} failed {n} times (last: {failure.kind} from {t.seeder})"
-                )
-                missing = [lr for lr, _ in self.layers if not self.scheduler.holds(node, lr)]
-                self.driver.release(node, missing, keep=set())
-        if self.scheduler.is_suspect(t.seeder) and t.seeder not in self._fault.dead:
-            self._push(self._next_beat(t.seeder, now), _HEARTBEAT, t.seeder)
-        if outcome.avoid_until > now:
-            self._push(outcome.avoid_until, _PASS, t.demander)
-        self._dispatch(now)
-
-    def _heartbeat(self, node: str, now: float) -> None:
-        """The node's heartbeat: its dropped pulls are adopted back, it is up and trusted again."""
-        if node in self._fault.dead:
-            return
-        for tid, t in sorted(self._dropped.items()):
-            r = self._running.get(tid)
-            if t.demander != node or r is None or r.failing is not None:
-                continue
-            if self.driver.readopt(t, held=self.scheduler.holds(node, t.layer)):
-                del self._dropped[tid]
-                self.result.adopted += 1
-        if node in self._down:
-            self._down.discard(node)
-            n = next(x for x in self.profile.all_nodes if x.name == node)
-            self.driver.node_up(node, n.up_Bps, download_bps=n.down_Bps)
-        else:
-            self.driver.reported(node)
-        self._dispatch(now)
-
-    def _mark_down(self, node: str, now: float) -> None:
-        """The coordinator marks ``node`` down: the transfers the driver drops stop being
-        tracked; those of a live agent keep flowing (it does not know)."""
-        if node in self._down:
-            return
-        self._down.add(node)
-        for t in self.driver.node_down(node):
-            r = self._running.get(t.transfer_id)
-            if r is None:
-                continue
-            if t.demander in self._fault.dead or t.seeder in self._fault.dead:
-                if r.failing is None:
-                    self._fail(t.transfer_id, Failure("cancelled"), now, now, report=False)
-                self._running.pop(t.transfer_id)
-            elif r.failing is None:
-                self._dropped[t.transfer_id] = t
-        self._dispatch(now)
-
-    def _traced(self, r: _Running, now: float, outcome: str) -> None:
-        if self.tracing:
-            t = r.transfer
-            self.result.trace.append(
-                Traced(
-                    t.transfer_id,
-                    t.seeder,
-                    t.demander,
-                    t.layer,
-                    r.started,
-                    now,
-                    outcome,
-                    r.upstream,
-                )
-            )
-
-    def _next_beat(self, node: str, now: float) -> float:
-        """The first heartbeat of ``node`` after ``now`` (each node has its own phase)."""
-        interval = self.profile.heartbeat_interval
-        phase = self._beat[node]
-        return phase + (math.floor((now - phase) / interval) + 1) * interval
-
-    def _chunk_time(self, t: Transfer) -> float:
-        """One chunk of ``t`` on its link: when a bad first chunk is found."""
-        link = min(self.network.up_Bps(t.seeder), self.network.down_Bps(t.demander))
-        return min(self.profile.chunk_size, self.scheduler.piece_of(t).size) / link

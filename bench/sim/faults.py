@@ -17,7 +17,9 @@ same path (suspect, avoid, failure budgets, adoption). The faults:
                                connect timeout
 ``corrupt:SEEDER->DEMANDER@T`` from T, chunks SEEDER sends DEMANDER (``*``: anyone) fail
                                verification: the first one ends the transfer (``verify``,
-                               a seeder fault)
+                               a seeder fault); the coordinator's evidence rule penalizes
+                               SEEDER on a second demander's word and quarantines it on
+                               ``SEEDER_FAULT_LIMIT`` demanders' (coordinator/evidence.py)
 ``blip:NODE@T``                the coordinator loses NODE's long-poll (marks it down) while
                                its agent keeps pulling; its next heartbeat brings it back
                                and its transfers are adopted again
@@ -30,8 +32,11 @@ at once, agent/relay.py).
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
+
+from rainbowd.coordinator.evidence import PeerEvidence
 
 #: the fault kinds a spec may name (``seeder-dies`` is another name for ``dies``)
 KINDS = ("dies", "unreachable", "corrupt", "blip")
@@ -100,10 +105,27 @@ class FaultState:
         self.dead: set[str] = set()
         self.closed: set[str] = set()  # nodes accepting no connection (unreachable)
         self.corrupt: set[tuple[str, str]] = set()  # (seeder, demander or ANYONE)
+        self.phases: dict[str, float] = {}  # node -> its heartbeats' phase (share of an interval)
+        self.quarantined: set[str] = set()  # out: the coordinator's evidence rule put it out
+        #: which demanders reported bad chunks of which seeder (the coordinator's own rule)
+        self.evidence = PeerEvidence()
+
+    def gone(self, node: str) -> bool:
+        """The node is out of the run for good (dead, or quarantined)."""
+        return node in self.dead or node in self.quarantined
+
+    def phase(self, nodes: list[str]) -> None:
+        """Spread the nodes' heartbeats over the interval: node i of n beats at (i/n + k) I."""
+        self.phases = {name: i / len(nodes) for i, name in enumerate(nodes)}
+
+    def next_beat(self, node: str, now: float, interval: float) -> float:
+        """The first heartbeat of ``node`` after ``now``."""
+        phase = self.phases[node] * interval
+        return phase + (math.floor((now - phase) / interval) + 1) * interval
 
     def refuses(self, seeder: str) -> bool:
         """A new connection to ``seeder`` fails (it is dead or unreachable)."""
-        return seeder in self.closed or seeder in self.dead
+        return seeder in self.closed or self.gone(seeder)
 
     def corrupts(self, seeder: str, demander: str) -> bool:
         """Chunks from ``seeder`` to ``demander`` fail verification."""

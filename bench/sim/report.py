@@ -99,6 +99,7 @@ def _fault_notes(result: SimResult) -> dict[str, Any]:
         return {}
     return {
         "dead": dict(sorted(result.dead.items())),
+        "quarantined": dict(sorted(result.quarantined.items())),
         "failure_reports": dict(sorted(result.failures.items())),
         "suspected": result.suspected,
         "adopted": result.adopted,

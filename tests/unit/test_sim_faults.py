@@ -24,6 +24,7 @@ from bench.sim import Simulation
 from bench.sim.__main__ import main
 from bench.sim.engine import SimResult, Traced
 from bench.sim.faults import Fault, parse_fault
+from rainbowd.coordinator.core import SEEDER_FAULT_LIMIT
 from rainbowd.jobdriver import MAX_LAYER_FAILURES, VERIFY_AVOID_SECONDS
 from rainbowd.profile import ClusterProfile, load_profile
 
@@ -57,7 +58,7 @@ def spanning(r: SimResult, at: float) -> list[Traced]:
 
 def every_live_node_done(p: ClusterProfile, r: SimResult) -> None:
     assert r.failed == {}
-    live = {n.name for n in p.nodes} - set(r.dead)
+    live = {n.name for n in p.nodes} - set(r.dead) - set(r.quarantined)
     assert set(r.node_seconds) == live
 
 
@@ -136,6 +137,25 @@ def test_bad_chunks_part_the_pair_without_suspecting_the_seeder() -> None:
     every_live_node_done(paper(), r)
 
 
+def test_bad_chunks_to_everyone_quarantine_the_seeder_on_several_demanders_word() -> None:
+    clean = run("swarm")
+    victim = next(e.seeder for e in clean.trace if e.seeder != "origin")
+    r = run("swarm", f"corrupt:{victim}->*@0")
+    reporters = {e.demander for e in r.trace if e.outcome == "verify"}
+    assert len(reporters) >= SEEDER_FAULT_LIMIT  # never on one node's word
+    assert list(r.quarantined) == [victim]
+    # out of the job from then on: nothing more from it, nor to it
+    out = r.quarantined[victim]
+    assert not [e for e in r.trace if victim in (e.seeder, e.demander) and e.started > out]
+    every_live_node_done(paper(), r)
+
+
+def test_the_origin_is_never_quarantined_on_peers_word() -> None:
+    r = run("relay", "corrupt:origin->*@0", profile=paper(nodes=4))
+    assert r.quarantined == {}
+    assert r.failures.get("verify", 0) >= SEEDER_FAULT_LIMIT
+
+
 def test_a_node_fails_when_a_layer_fails_its_whole_budget() -> None:
     # one demander, the origin its only seeder, every chunk from it bad: each retry waits
     # out the pair's avoid time, and the fifth failure of a layer fails the node
@@ -164,6 +184,19 @@ def test_a_dropped_node_s_pulls_are_adopted_back_at_its_heartbeat(policy: str) -
     # was dropped is pulled again: "dropped"; this one was taken back in time)
     assert [x.outcome for x in r.trace if x.transfer_id == e.transfer_id] == ["done"]
     every_live_node_done(paper(), r)
+
+
+# -- every fault, on every node it can hit ------------------------------------------
+@pytest.mark.parametrize("policy", ["relay", "swarm"])
+@pytest.mark.parametrize("kind", ["dies", "unreachable", "corrupt", "blip"])
+def test_every_fault_on_every_peer_leaves_the_live_nodes_done(policy: str, kind: str) -> None:
+    # the model's invariants (a relayed flow never overtakes its upstream, time never runs
+    # back) are checked as the run goes; one fault per run, on each fast node in turn
+    p = paper(nodes=6)
+    for n in [x.name for x in p.nodes if x.name.startswith("fast")]:
+        spec = f"corrupt:{n}->*@0" if kind == "corrupt" else f"{kind}:{n}@{AT}"
+        r = run(policy, spec, profile=p)
+        every_live_node_done(p, r)
 
 
 # -- the command line ---------------------------------------------------------------
