@@ -24,9 +24,12 @@ the few services it calls -- never the coordinator itself:
 How a job runs: each target node *demands* every layer it lacks (in image
 order); after every event that can free a seeder or a demander,
 :meth:`Dispatch.schedule` asks the scheduler (default policy ``swarm``) for
-transfers and queues each as a :class:`TransferAssignment` to the demander (the
-demander pulls). A finished transfer makes the demander a seeder. A node holding every
-layer loads the image into Docker (``LoadAssignment``) when it has Docker.
+transfers -- the services call it only through the job driver
+(rainbowd.jobdriver, ``ctx.driver``), which holds the rules below that turn
+jobs, reports and faults into scheduler calls -- and queues each as a
+:class:`TransferAssignment` to the demander (the demander pulls). A finished
+transfer makes the demander a seeder. A node holding every layer loads the
+image into Docker (``LoadAssignment``) when it has Docker.
 
 Quarantine (the evidence rules are in coordinator/evidence.py): a report
 about a peer counts only if the coordinator assigned the reporter a transfer
@@ -50,7 +53,8 @@ running jobs, a seeder that answered ``not_held`` loses the layer at once, a
 node counted done is rechecked when its job ends, and job nodes waiting for a
 layer no node holds any more fail naming it.
 
-Faults (PAPER.md, "Fault handling"; decided by the services named above):
+Faults (PAPER.md, "Fault handling"; what they do to the scheduler is the job
+driver's rule, the rest is the services' named above):
 
 * **Coordinator restart.** Transfers in flight are persisted; a restarted
   coordinator adopts them back into the scheduler (their seeder and demander

@@ -9,7 +9,9 @@ layer is now held, released otherwise (its report, if it still comes, is
 applied for its information). Reports for ids nobody knows are ignored (a
 done one still counts the layer if the node's heartbeat listed that
 transfer). A failure report that blames the seeder must be backed by a
-transfer (coordinator/quarantine.py decides what it costs the seeder).
+transfer; what it does to the scheduler (suspect, avoid, the demander's
+failure budget) is the job driver's rule (rainbowd.jobdriver), what else it
+costs the seeder is coordinator/quarantine.py's.
 """
 
 from __future__ import annotations
