@@ -24,12 +24,12 @@ the few services it calls -- never the coordinator itself:
 How a job runs: each target node *demands* every layer it lacks (in image
 order); after every event that can free a seeder or a demander,
 :meth:`Dispatch.schedule` asks the scheduler (default policy ``swarm``) for
-transfers -- the services call it only through the job driver
-(rainbowd.jobdriver, ``ctx.driver``), which holds the rules below that turn
-jobs, reports and faults into scheduler calls -- and queues each as a
-:class:`TransferAssignment` to the demander (the demander pulls). A finished
-transfer makes the demander a seeder. A node holding every layer loads the
-image into Docker (``LoadAssignment``) when it has Docker.
+transfers -- jobs, reports and faults reach it through the job driver
+(rainbowd.jobdriver, ``ctx.driver``), which holds the rules below; holdings,
+layer sizes and the read-only views use the scheduler directly -- and queues
+each as a :class:`TransferAssignment` to the demander (the demander pulls). A
+finished transfer makes the demander a seeder. A node holding every layer loads
+the image into Docker (``LoadAssignment``) when it has Docker.
 
 Quarantine (the evidence rules are in coordinator/evidence.py): a report
 about a peer counts only if the coordinator assigned the reporter a transfer
