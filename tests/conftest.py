@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from rainbowd.dockerd import DockerdError, PrivateDockerd
-from rainbowd.imagebuild import BUSYBOX, build_demo_image
+from rainbowd.devcluster.dockerd import DockerdError, PrivateDockerd
+from rainbowd.devcluster.imagebuild import BUSYBOX, build_demo_image
 from registry_fixtures import RegistryError as RegistryProcessError
 from registry_fixtures import RegistryProcess, skopeo_push
 from testdeps import missing_dependency

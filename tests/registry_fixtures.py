@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
-from rainbowd.registryconf import (
+from rainbowd.devcluster.registryconf import (
     REGISTRY_BIN,
     REGISTRY_ENV,
     SKOPEO_BIN,

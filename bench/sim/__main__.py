@@ -26,9 +26,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rainbowd.chunks import MIN_CHUNK_SIZE
-from rainbowd.profile import ClusterProfile, ProfileError, load_profile
-from rainbowd.scheduler import DEFAULT_POLICY
+from rainbowd.core.chunks import MIN_CHUNK_SIZE
+from rainbowd.core.sched.scheduler import DEFAULT_POLICY
+from rainbowd.devcluster.profile import ClusterProfile, ProfileError, load_profile
 
 from .calibrate import hop_report
 from .engine import Simulation

@@ -19,7 +19,7 @@ import math
 import random
 from typing import Any
 
-from rainbowd.profile import ClusterProfile, parse_profile
+from rainbowd.devcluster.profile import ClusterProfile, parse_profile
 
 #: demanders of a drawn profile before scaling (the suite scales to --nodes)
 DRAWN_NODES = 40

@@ -44,9 +44,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from rainbowd.pieces import PieceScheduler
-from rainbowd.profile import ClusterProfile
-from rainbowd.scheduler import Scheduler, Transfer
+from rainbowd.core.sched.pieces import PieceScheduler
+from rainbowd.core.sched.scheduler import Scheduler, Transfer
+from rainbowd.devcluster.profile import ClusterProfile
 
 from .flows import FlowNetwork
 from .overheads import Overheads

@@ -14,8 +14,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from rainbowd.imagebuild import build_demo_image
-from rainbowd.profile import ClusterProfile
+from rainbowd.devcluster.imagebuild import build_demo_image
+from rainbowd.devcluster.profile import ClusterProfile
 
 
 def profile_layers(profile: ClusterProfile) -> list[tuple[str, int]]:

@@ -34,9 +34,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rainbowd.log import configure as configure_logging
-from rainbowd.profile import MAX_NODES, ORIGIN, ClusterProfile, ProfileError, load_profile
-from rainbowd.scheduler import DEFAULT_POLICY, POLICIES
+from rainbowd.core.sched.scheduler import DEFAULT_POLICY, POLICIES
+from rainbowd.devcluster.profile import (
+    MAX_NODES,
+    ORIGIN,
+    ClusterProfile,
+    ProfileError,
+    load_profile,
+)
+from rainbowd.lib.log import configure as configure_logging
 
 from ..measures import GOAL_MEDIAN_SLOWDOWN, GOAL_P90_SLOWDOWN, GOAL_RATIO, Measures, measure
 from .drawn import drawn_profile

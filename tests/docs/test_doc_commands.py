@@ -44,7 +44,7 @@ from pathlib import Path
 
 import pytest
 
-from rainbowd.localcluster import LocalCluster, NodeSpec
+from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec
 from testdeps import missing_dependency
 
 pytestmark = pytest.mark.integration

@@ -16,8 +16,8 @@ from door_support import ADMIN, Door, FakeClock, open_door
 from structlog.testing import capture_logs
 from test_coordinator_support import fake_image, ingest
 
-from rainbowd.client import AdminClient, AgentClient
-from rainbowd.messages import CreateJob
+from rainbowd.core.messages import CreateJob
+from rainbowd.lib.client import AdminClient, AgentClient
 
 
 def _edit(db: Path, sql: str, *args: object) -> None:

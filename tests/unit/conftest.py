@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from test_coordinator_support import ADMIN, Running, start
 
-from rainbowd.client import AdminClient
+from rainbowd.lib.client import AdminClient
 
 
 @pytest.fixture

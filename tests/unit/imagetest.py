@@ -6,7 +6,7 @@ import hashlib
 import io
 import tarfile
 
-from rainbowd.store import LayerStore
+from rainbowd.lib.store import LayerStore
 
 
 def sha(data: bytes) -> str:

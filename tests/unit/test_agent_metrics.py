@@ -20,12 +20,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from rainbowd.agent.agent import Agent
 from rainbowd.agent.config import ConfigError, load_config
-from rainbowd.agent.keys import public_line
+from rainbowd.agent.dataplane.keys import public_line
+from rainbowd.agent.dataplane.puller import PullError
 from rainbowd.agent.metrics import AgentMetrics, MetricsServer
-from rainbowd.agent.puller import PullError
-from rainbowd.chunks import ChunkManifest
-from rainbowd.digest import Digest, sha256_digest
-from rainbowd.messages import PeerInfo, TransferAssignment, TrustList
+from rainbowd.core.chunks import ChunkManifest
+from rainbowd.core.digest import Digest, sha256_digest
+from rainbowd.core.messages import PeerInfo, TransferAssignment, TrustList
 
 CHUNK = 64 * 1024
 SIZE = 20 * CHUNK + 999  # 21 chunks, the last one short

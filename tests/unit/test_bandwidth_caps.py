@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from test_coordinator_support import enroll, register_request, start
 
-from rainbowd.agent.pacing import RatePacer
-from rainbowd.client import AgentClient, ApiError
-from rainbowd.scheduler import DEFAULT_SPEED_BPS, Scheduler
+from rainbowd.agent.dataplane.pacing import RatePacer
+from rainbowd.core.sched.scheduler import DEFAULT_SPEED_BPS, Scheduler
+from rainbowd.lib.client import AgentClient, ApiError
 from waiting import FakeClock
 
 MB = 1e6

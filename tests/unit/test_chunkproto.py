@@ -7,8 +7,8 @@ import struct
 import msgpack
 import pytest
 
-from rainbowd import chunkproto as cp
-from rainbowd.digest import Digest
+from rainbowd.core import chunkproto as cp
+from rainbowd.core.digest import Digest
 
 LAYER = "sha256:" + "ab" * 32
 

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from rainbowd.chunks import (
+from rainbowd.core.chunks import (
     MAX_CHUNK_SIZE,
     MIN_CHUNK_SIZE,
     ChunkBitmap,
@@ -18,7 +18,7 @@ from rainbowd.chunks import (
     chunk_count,
     ranges,
 )
-from rainbowd.digest import Digest, sha256_digest
+from rainbowd.core.digest import Digest, sha256_digest
 
 C = MIN_CHUNK_SIZE
 ZERO = "sha256:" + "0" * 64

@@ -11,11 +11,11 @@ from typing import get_args
 
 import pytest
 
-from rainbowd import chunkproto as cp
+from rainbowd.agent.dataplane.relay import RelayNotPulling, RelayUnavailable
+from rainbowd.agent.dataplane.ssh_server import read_failure
 from rainbowd.agent.metrics import CHUNK_FAILURE_REASONS
-from rainbowd.agent.relay import RelayNotPulling, RelayUnavailable
-from rainbowd.agent.ssh_server import read_failure
-from rainbowd.chunksession import (
+from rainbowd.core import chunkproto as cp
+from rainbowd.core.chunksession import (
     MIN_INFLIGHT_BYTES,
     READ_AHEAD,
     FetchFailure,
@@ -27,8 +27,8 @@ from rainbowd.chunksession import (
     fetch_window,
     internal_error_frame,
 )
-from rainbowd.digest import Digest, short
-from rainbowd.store import CorruptBlob, LayerMissing, StoreError
+from rainbowd.core.digest import Digest, short
+from rainbowd.lib.store import CorruptBlob, LayerMissing, StoreError
 
 LAYER = Digest("sha256:" + "ab" * 32)
 WHERE = f"seeder s1 at 10.0.0.1:7022, layer {LAYER}"

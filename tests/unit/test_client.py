@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from test_coordinator_support import ADMIN, start
 
-from rainbowd.client import AdminClient, AgentClient, ApiError, CoordinatorUnreachable
-from rainbowd.messages import Heartbeat
+from rainbowd.core.messages import Heartbeat
+from rainbowd.lib.client import AdminClient, AgentClient, ApiError, CoordinatorUnreachable
 
 
 def free_port() -> int:

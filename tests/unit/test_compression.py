@@ -13,7 +13,9 @@ import pytest
 import zstandard
 from imagetest import add, layer_tar, sha, store_snapshot
 
-from rainbowd.compression import (
+from rainbowd.core.digest import Digest
+from rainbowd.core.messages import Compression, ImageRecord
+from rainbowd.lib.compression import (
     MEDIA_DOCKER_GZIP,
     MEDIA_DOCKER_TAR,
     MEDIA_OCI_ZSTD,
@@ -23,10 +25,8 @@ from rainbowd.compression import (
     hash_layer,
     sniff,
 )
-from rainbowd.digest import Digest
-from rainbowd.image import ImageError, docker_archive_stream, ingest_docker_archive
-from rainbowd.messages import Compression, ImageRecord
-from rainbowd.store import LayerStore
+from rainbowd.lib.image import ImageError, docker_archive_stream, ingest_docker_archive
+from rainbowd.lib.store import LayerStore
 
 CHUNK = 256 * 1024
 MODES: list[Compression] = ["off", "gzip", "zstd"]

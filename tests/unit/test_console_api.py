@@ -15,15 +15,15 @@ from test_coordinator_api import error_of, raw
 from test_coordinator_flow import agent
 from test_coordinator_support import ADMIN, Running, fake_image, ingest
 
-from rainbowd.client import AdminClient
-from rainbowd.coordinator.console import ASSETS, load_assets
-from rainbowd.messages import (
+from rainbowd.coordinator.http.console import ASSETS, load_assets
+from rainbowd.core.messages import (
     CreateJob,
     Heartbeat,
     SecurityEvent,
     TransferFailed,
     TransferProgress,
 )
+from rainbowd.lib.client import AdminClient
 
 JSON_ADMIN = {"Accept": "application/json", "Authorization": f"Bearer {ADMIN}"}
 

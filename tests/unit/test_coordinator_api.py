@@ -19,8 +19,7 @@ from test_coordinator_support import (
     register_request,
 )
 
-from rainbowd.client import AdminClient, AgentClient, ApiError
-from rainbowd.messages import (
+from rainbowd.core.messages import (
     MAX_BODY,
     ArchiveSource,
     CreateImage,
@@ -31,6 +30,7 @@ from rainbowd.messages import (
     TransferAssignment,
     to_wire,
 )
+from rainbowd.lib.client import AdminClient, AgentClient, ApiError
 from waiting import wait_until
 
 

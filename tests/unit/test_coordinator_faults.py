@@ -13,8 +13,7 @@ from pathlib import Path
 from test_coordinator_flow import QUIET_INTERVAL, Agent, agent
 from test_coordinator_support import ADMIN, FakeImage, Running, fake_image, ingest, start
 
-from rainbowd.client import AdminClient, AgentClient
-from rainbowd.messages import (
+from rainbowd.core.messages import (
     ActiveTransfer,
     CreateJob,
     Heartbeat,
@@ -22,6 +21,7 @@ from rainbowd.messages import (
     TransferFailed,
     TransferProgress,
 )
+from rainbowd.lib.client import AdminClient, AgentClient
 from waiting import FakeClock, wait_until
 
 

@@ -19,8 +19,7 @@ from test_coordinator_support import (
     start,
 )
 
-from rainbowd.client import AdminClient, AgentClient, ApiError
-from rainbowd.messages import (
+from rainbowd.core.messages import (
     ActiveTransfer,
     Assignment,
     CreateJob,
@@ -33,6 +32,7 @@ from rainbowd.messages import (
     TransferFailed,
     TransferProgress,
 )
+from rainbowd.lib.client import AdminClient, AgentClient, ApiError
 from waiting import FakeClock
 
 
@@ -237,7 +237,7 @@ async def test_host_key_mismatch_event_without_a_transfer_is_refused(
     coord: Running, admin: AdminClient
 ) -> None:
     """The rule changed on purpose (issue 14): a claim about a peer needs a transfer from it."""
-    from rainbowd.messages import SecurityEvent
+    from rainbowd.core.messages import SecurityEvent
 
     a = await agent(coord.url, "a")
     b = await agent(coord.url, "b")

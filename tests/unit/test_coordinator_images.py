@@ -12,8 +12,7 @@ import msgspec
 import pytest
 from test_coordinator_support import ADMIN, FakeImage, Running, enroll, fake_image, start
 
-from rainbowd.client import AdminClient, AgentClient, ApiError
-from rainbowd.messages import (
+from rainbowd.core.messages import (
     ArchiveSource,
     Assignment,
     CreateImage,
@@ -31,6 +30,7 @@ from rainbowd.messages import (
     TransferAssignment,
     TransferDone,
 )
+from rainbowd.lib.client import AdminClient, AgentClient, ApiError
 
 
 class Agent:

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 import coordinator_load
 from rainbowd.coordinator.state import StateStore
-from rainbowd.messages import JobView, NodeJobState, NodeJobStateName
+from rainbowd.core.messages import JobView, NodeJobState, NodeJobStateName
 
 
 @pytest.mark.timeout(60)

@@ -19,13 +19,12 @@ from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 from test_coordinator_support import ADMIN, JOIN, Running, enroll, fake_image, ingest
 
-from rainbowd.chunks import MIN_CHUNK_SIZE
-from rainbowd.client import AdminClient, AgentClient
-from rainbowd.coordinator.app import create_app
 from rainbowd.coordinator.core import Coordinator
+from rainbowd.coordinator.http.app import create_app
 from rainbowd.coordinator.metrics import CoordinatorMetrics
 from rainbowd.coordinator.state import StateStore
-from rainbowd.messages import (
+from rainbowd.core.chunks import MIN_CHUNK_SIZE
+from rainbowd.core.messages import (
     CreateJob,
     Heartbeat,
     SecurityEvent,
@@ -33,6 +32,7 @@ from rainbowd.messages import (
     TransferDone,
     TransferFailed,
 )
+from rainbowd.lib.client import AdminClient, AgentClient
 from waiting import wait_until
 
 METRICS_TOKEN = "metrics-secret-for-tests"

@@ -4,7 +4,7 @@ Real app on loopback with fake agents playing the protocol (as in
 test_coordinator_flow). The coordinator's contract with a piece-splitting
 scheduler: the range goes out in the assignment, survives a restart, and a
 piece done does not count the layer until the scheduler says the node holds
-all of it. Checked with rainbowd.pieces.PieceScheduler (policy ``swarm``)
+all of it. Checked with rainbowd.core.sched.pieces.PieceScheduler (policy ``swarm``)
 in the coordinator, and with :class:`FirstHalf`, a plain Scheduler whose
 transfers carry a range and which holds a layer only when a test says so
 (the case of a layer completed by the node's heartbeat).
@@ -19,10 +19,9 @@ import pytest
 from test_coordinator_flow import Agent, agent
 from test_coordinator_support import ADMIN, ingest, start
 
-from rainbowd.client import AdminClient, AgentClient
 from rainbowd.coordinator import core
 from rainbowd.coordinator.piece_wire import assignment_for, holds_whole_layer
-from rainbowd.messages import (
+from rainbowd.core.messages import (
     ActiveTransfer,
     CreateJob,
     Heartbeat,
@@ -30,7 +29,8 @@ from rainbowd.messages import (
     TransferAssignment,
     TransferDone,
 )
-from rainbowd.scheduler import Scheduler, Transfer
+from rainbowd.core.sched.scheduler import Scheduler, Transfer
+from rainbowd.lib.client import AdminClient, AgentClient
 
 CHUNK = 65_536
 SIZE = 4 * CHUNK + 100  # 5 chunks
@@ -53,7 +53,7 @@ class FirstHalf(Scheduler):
 
 @pytest.fixture
 def first_half(monkeypatch: pytest.MonkeyPatch) -> type[FirstHalf]:
-    from rainbowd.pieces import PieceScheduler
+    from rainbowd.core.sched.pieces import PieceScheduler
 
     def first_half_pieces(policy: str, **kw: Any) -> PieceScheduler:
         # whole layers for the piece layer (relay): FirstHalf sets the range itself
@@ -119,7 +119,7 @@ def test_a_range_the_layer_does_not_have_is_never_handed_out() -> None:
     import io
     import os
 
-    from rainbowd.chunks import build_manifest
+    from rainbowd.core.chunks import build_manifest
 
     m = build_manifest(io.BytesIO(os.urandom(SIZE)), chunk_size=CHUNK)
     peer = PeerInfo(node_id="s", address="127.0.0.1", ssh_port=1, host_key="", client_key="")
@@ -150,7 +150,7 @@ def test_a_range_the_layer_does_not_have_is_never_handed_out() -> None:
 async def test_with_the_piece_scheduler_a_layer_counts_when_its_last_piece_is_in(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """rainbowd.pieces in the coordinator: pieces go out with their ranges, from two
+    """rainbowd.core.sched.pieces in the coordinator: pieces go out with their ranges, from two
     seeders, survive a restart, and the job counts the layer at the last piece only."""
     from test_coordinator_support import fake_image
 

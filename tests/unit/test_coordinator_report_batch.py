@@ -1,4 +1,4 @@
-"""``POST /v1/reports`` (coordinator/report_batch.py) on a real coordinator on loopback.
+"""``POST /v1/reports`` (coordinator/http/report_batch.py) on a real coordinator on loopback.
 
 * each item is judged on its own: a malformed one (bad id, negative bytes) is
   a 400 for it alone, a report about another node's transfer a 403, the
@@ -24,12 +24,12 @@ import msgpack
 import pytest
 from test_coordinator_support import ADMIN, Running, enroll, fake_image, ingest, start
 
-from rainbowd import messages as m
-from rainbowd.client import AdminClient, AgentClient
-from rainbowd.coordinator.app import REPORT_LEDGER
-from rainbowd.coordinator.report_batch import apply_batch
-from rainbowd.coordinator.report_ids import ReportLedger, no_wait
+from rainbowd.coordinator.http.app import REPORT_LEDGER
+from rainbowd.coordinator.http.report_batch import apply_batch
+from rainbowd.coordinator.http.report_ids import ReportLedger, no_wait
 from rainbowd.coordinator.state import StateStore
+from rainbowd.core import messages as m
+from rainbowd.lib.client import AdminClient, AgentClient
 from waiting import FakeClock, settle
 
 

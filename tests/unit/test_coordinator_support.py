@@ -14,14 +14,13 @@ from pathlib import Path
 
 from aiohttp.test_utils import TestServer
 
-from rainbowd.chunks import MIN_CHUNK_SIZE, ChunkManifest, build_manifest
-from rainbowd.client import AdminClient, AgentClient
-from rainbowd.coordinator.app import create_app
 from rainbowd.coordinator.core import Coordinator
 from rainbowd.coordinator.hostkey_probe import ProbeOutcome, ProbeState
+from rainbowd.coordinator.http.app import create_app
 from rainbowd.coordinator.state import StateStore
-from rainbowd.digest import sha256_digest
-from rainbowd.messages import (
+from rainbowd.core.chunks import MIN_CHUNK_SIZE, ChunkManifest, build_manifest
+from rainbowd.core.digest import sha256_digest
+from rainbowd.core.messages import (
     ArchiveSource,
     Assignment,
     CreateImage,
@@ -32,6 +31,7 @@ from rainbowd.messages import (
     LayerRef,
     RegisterRequest,
 )
+from rainbowd.lib.client import AdminClient, AgentClient
 
 JOIN = "join-secret-for-tests"
 ADMIN = "admin-secret-for-tests"

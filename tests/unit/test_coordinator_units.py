@@ -17,8 +17,8 @@ import pytest
 from rainbowd.coordinator import auth, config
 from rainbowd.coordinator.jobs import MAX_LAYER_FAILURES, Job
 from rainbowd.coordinator.mailbox import Mailbox
-from rainbowd.messages import ArchiveSource, IngestAssignment, SeederUse
-from rainbowd.progress import job_report, summary
+from rainbowd.core.messages import ArchiveSource, IngestAssignment, SeederUse
+from rainbowd.lib.progress import job_report, summary
 from waiting import settle, wait_until_sync
 
 L1, L2 = "sha256:" + "1" * 64, "sha256:" + "2" * 64

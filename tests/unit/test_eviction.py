@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from rainbowd.agent.config import ConfigError, load_config
-from rainbowd.eviction import EvictionError, StoreEntry, StoreLimits, plan
-from rainbowd.units import SizeError, parse_size
+from rainbowd.core.eviction import EvictionError, StoreEntry, StoreLimits, plan
+from rainbowd.core.units import SizeError, parse_size
 
 MiB = 1024 * 1024
 LIMITS = StoreLimits(100 * MiB, high=0.9, low=0.8)

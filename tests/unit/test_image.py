@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from imagetest import add, layer_tar, sha, store_snapshot
 
-from rainbowd.digest import Digest
-from rainbowd.image import (
+from rainbowd.core.digest import Digest
+from rainbowd.devcluster.imagebuild import build_demo_image
+from rainbowd.lib.image import (
     MEDIA_TAR,
     MEDIA_TAR_GZIP,
     ImageError,
@@ -22,8 +23,7 @@ from rainbowd.image import (
     ingest_docker_archive,
     write_docker_archive,
 )
-from rainbowd.imagebuild import build_demo_image
-from rainbowd.store import LayerStore
+from rainbowd.lib.store import LayerStore
 
 CHUNK = 256 * 1024
 

@@ -2,7 +2,7 @@
 
 Every emulated node shares the host's CPUs; a timed phase that kept them
 saturated is marked in the report and the table, and ``--rate-scale`` runs the
-same cluster slower (rainbowd.profile.ClusterProfile.rates_scaled), in the lab
+same cluster slower (rainbowd.devcluster.profile.ClusterProfile.rates_scaled), in the lab
 and in the simulator alike.
 """
 
@@ -26,7 +26,7 @@ from bench.lab.hostcpu import (
     read_cpu_times,
 )
 from bench.lab.result import LabReport, SystemResult
-from rainbowd.profile import ProfileError, load_profile, parse_profile
+from rainbowd.devcluster.profile import ProfileError, load_profile, parse_profile
 
 PROFILES = Path(__file__).resolve().parents[2] / "bench" / "profiles"
 

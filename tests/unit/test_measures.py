@@ -24,7 +24,7 @@ from bench.lab.result import LabReport, SystemResult, layer_sizes
 from bench.measures import measure, quantile, slowdowns
 from bench.sim import IDEAL, Simulation
 from bench.sim.report import to_json
-from rainbowd.profile import parse_profile
+from rainbowd.devcluster.profile import parse_profile
 
 MBIT = 1e6 / 8
 

@@ -9,9 +9,9 @@ import msgpack
 import msgspec
 import pytest
 
-from rainbowd import messages as m
-from rainbowd.chunks import MIN_CHUNK_SIZE, ChunkManifest, build_manifest
-from rainbowd.messages import (
+from rainbowd.core import messages as m
+from rainbowd.core.chunks import MIN_CHUNK_SIZE, ChunkManifest, build_manifest
+from rainbowd.core.messages import (
     JSON,
     MAX_BODY,
     MSGPACK,
@@ -259,8 +259,8 @@ def test_deeply_nested_msgpack_is_a_message_error() -> None:
         decode(nested_version, Heartbeat)
 
 
-# -- every field the coordinator decodes is bounded (rainbowd.wirebounds) ----------
-#: every body the coordinator decodes (coordinator/app.py and ops_routes.py)
+# -- every field the coordinator decodes is bounded (rainbowd.core.wirebounds) ----------
+#: every body the coordinator decodes (coordinator/http/app.py and ops_routes.py)
 INBOUND = [
     m.RegisterRequest,
     m.Heartbeat,

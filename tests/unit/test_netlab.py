@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from rainbowd.netlab import (
+from rainbowd.devcluster.netlab import (
     GSO_MAX_BYTES,
     HUB,
     SMALL_PACKET_BYTES,

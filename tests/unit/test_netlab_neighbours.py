@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rainbowd.netlab import neighbour_limits, raise_neighbour_limits
+from rainbowd.devcluster.netlab import neighbour_limits, raise_neighbour_limits
 
 
 def _sysctl(tmp_path: Path, **values: int) -> Path:

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from rainbowd.compression import MEDIA_OCI_GZIP, MEDIA_OCI_TAR, MEDIA_OCI_ZSTD, sniff
-from rainbowd.digest import Digest
-from rainbowd.hostplatform import host_architecture
-from rainbowd.image import ImageError, docker_archive_stream, ingest_docker_archive
-from rainbowd.messages import ImageRecord
-from rainbowd.ocilayout import ingest_oci_layout
-from rainbowd.store import LayerStore
+from rainbowd.core.digest import Digest
+from rainbowd.core.messages import ImageRecord
+from rainbowd.lib.compression import MEDIA_OCI_GZIP, MEDIA_OCI_TAR, MEDIA_OCI_ZSTD, sniff
+from rainbowd.lib.hostplatform import host_architecture
+from rainbowd.lib.image import ImageError, docker_archive_stream, ingest_docker_archive
+from rainbowd.lib.ocilayout import ingest_oci_layout
+from rainbowd.lib.store import LayerStore
 from testdeps import missing_dependency
 
 CHUNK = 256 * 1024

@@ -16,16 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from rainbowd import cli as rbd_cli
 from rainbowd.agent import cli as agent_cli
 from rainbowd.agent.status import StatusServer
-from rainbowd.chunks import DEFAULT_CHUNK_SIZE
+from rainbowd.cli import main as rbd_cli
 from rainbowd.coordinator import cli as coordinator_cli
 from rainbowd.coordinator import config as coordinator_config
 from rainbowd.coordinator.jobs import Job
-from rainbowd.messages import SeederUse
-from rainbowd.progress import summary
-from rainbowd.scheduler import DEFAULT_POLICY
+from rainbowd.core.chunks import DEFAULT_CHUNK_SIZE
+from rainbowd.core.messages import SeederUse
+from rainbowd.core.sched.scheduler import DEFAULT_POLICY
+from rainbowd.lib.progress import summary
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 LAYER = "sha256:" + "1" * 64

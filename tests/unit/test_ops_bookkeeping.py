@@ -23,18 +23,19 @@ from test_coordinator_support import (
     start,
 )
 
-from rainbowd import buildcontext, cli
-from rainbowd import messages as m
-from rainbowd.buildcontext import (
+from rainbowd.cli import main as cli
+from rainbowd.coordinator.core import Coordinator
+from rainbowd.core import messages as m
+from rainbowd.lib import buildcontext
+from rainbowd.lib.buildcontext import (
     ContextError,
     digest_of,
     normalize_ref,
     pack_context,
     read_dockerfile,
 )
-from rainbowd.client import AdminClient, AgentClient, ApiError
-from rainbowd.coordinator.core import Coordinator
-from rainbowd.dockerfile import check_from
+from rainbowd.lib.client import AdminClient, AgentClient, ApiError
+from rainbowd.lib.dockerfile import check_from
 
 
 async def ops_of(agent: AgentClient, cursor: int = 0) -> tuple[int, list[m.OpAssignment]]:
@@ -418,8 +419,8 @@ async def test_agent_runner_without_docker_reports_clearly_and_runs_each_op_once
 ) -> None:
     import asyncio
 
-    from rainbowd.agent.ops import OpRunner
-    from rainbowd.store import LayerStore
+    from rainbowd.agent.docker.ops import OpRunner
+    from rainbowd.lib.store import LayerStore
 
     store = LayerStore(tmp_path / "store")
     async with AgentClient("http://127.0.0.1:9") as api:

@@ -1,4 +1,4 @@
-"""Pieces: layers scheduled as runs of chunks (rainbowd.pieces) and the ``swarm`` policy's rules.
+"""Pieces: layers as runs of chunks (rainbowd.core.sched.pieces) and the ``swarm`` policy's rules.
 
 Pure: the scheduler is driven with explicit times (a fake clock), no I/O.
 """
@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from rainbowd.pieces import PieceScheduler, piece_chunks, split_layer
-from rainbowd.scheduler import SchedulerError, Transfer
+from rainbowd.core.sched.pieces import PieceScheduler, piece_chunks, split_layer
+from rainbowd.core.sched.scheduler import SchedulerError, Transfer
 
 MB = 1_000_000
 CHUNK = 1 << 20
@@ -194,7 +194,7 @@ def test_a_starving_demander_fills_its_download_with_any_seeders_not_one() -> No
     """A demander far faster than every peer, its one fast seeder taken, starves; then it
     takes every peer with room (starve_fill), not one slow transfer per check -- but not a
     peer so slow that its piece would outlast a patience (a new hostage)."""
-    from rainbowd.policies import RULES
+    from rainbowd.core.sched.policies import RULES
 
     patience = RULES["swarm"].patience_s
     s = swarm(

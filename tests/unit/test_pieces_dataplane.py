@@ -19,15 +19,15 @@ import asyncssh
 import msgpack
 import pytest
 
-from rainbowd import chunkproto
-from rainbowd.agent.keys import parse_public_line, public_line
-from rainbowd.agent.puller import LayerPuller, PullError
-from rainbowd.agent.relay import RelayBoard
-from rainbowd.agent.ssh_server import ChunkServer
-from rainbowd.chunks import ChunkManifest
-from rainbowd.digest import Digest, sha256_digest
-from rainbowd.messages import MessageError, PeerInfo, TransferAssignment, TrustList, decode
-from rainbowd.store import LayerStore
+from rainbowd.agent.dataplane.keys import parse_public_line, public_line
+from rainbowd.agent.dataplane.puller import LayerPuller, PullError
+from rainbowd.agent.dataplane.relay import RelayBoard
+from rainbowd.agent.dataplane.ssh_server import ChunkServer
+from rainbowd.core import chunkproto
+from rainbowd.core.chunks import ChunkManifest
+from rainbowd.core.digest import Digest, sha256_digest
+from rainbowd.core.messages import MessageError, PeerInfo, TransferAssignment, TrustList, decode
+from rainbowd.lib.store import LayerStore
 from waiting import hang, wait_until
 
 CHUNK = 64 * 1024
@@ -120,7 +120,7 @@ class Lab:
 async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
     data = os.urandom(SIZE)
     dem_store = LayerStore(tmp_path / "dem")
-    import rainbowd.chunks as chunks
+    import rainbowd.core.chunks as chunks
 
     manifest = chunks.build_manifest(io.BytesIO(data), sha256_digest(data), CHUNK)
     assert manifest.count == COUNT
@@ -375,7 +375,7 @@ def test_an_old_assignment_without_a_range_is_the_whole_layer(lab: Lab) -> None:
 
 
 def _wire(a: TransferAssignment) -> dict[str, object]:
-    from rainbowd.messages import to_wire
+    from rainbowd.core.messages import to_wire
 
     out: dict[str, object] = to_wire(a)
     return out
@@ -416,7 +416,7 @@ async def test_a_slow_seeder_is_given_a_chunk_s_time_at_the_least_rate(lab: Lab)
     In the lab, 4 MiB chunks from a seeder sharing 1.5 Mbit/s between three
     demanders took 67 s each and every pull of them failed at a flat 60 s.
     """
-    from rainbowd.agent.puller import MIN_CHUNK_RATE_BPS, chunk_wait_s
+    from rainbowd.agent.dataplane.puller import MIN_CHUNK_RATE_BPS, chunk_wait_s
 
     assert chunk_wait_s(CHUNK, 0.2) == CHUNK / MIN_CHUNK_RATE_BPS  # 4 s for 64 KiB
     assert chunk_wait_s(CHUNK, 60.0) == 60.0

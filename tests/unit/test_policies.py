@@ -1,4 +1,4 @@
-"""The capacity-aware policies (rainbowd.policies): one test per rule, then whole runs.
+"""The capacity-aware policies (rainbowd.core.sched.policies): one test per rule, then whole runs.
 
 Speeds are bytes/s; a node's speed hint stands for both its upload and its
 download (the lab's profiles give both the same rate).
@@ -16,9 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.sim.engine import Simulation
 from bench.sim.overheads import Overheads
-from rainbowd.policies import RELAY_HOP_S, RULES, Planner
-from rainbowd.profile import load_profile
-from rainbowd.scheduler import POLICIES, Scheduler, Transfer
+from rainbowd.core.sched.policies import RELAY_HOP_S, RULES, Planner
+from rainbowd.core.sched.scheduler import POLICIES, Scheduler, Transfer
+from rainbowd.devcluster.profile import load_profile
 
 MB = 1e6
 L1, L2, L3 = "sha256:" + "1" * 64, "sha256:" + "2" * 64, "sha256:" + "3" * 64

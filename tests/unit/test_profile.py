@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from rainbowd.profile import ProfileError, load_profile, lower_bound, parse_profile
+from rainbowd.devcluster.profile import ProfileError, load_profile, lower_bound, parse_profile
 
 PROFILES = Path(__file__).resolve().parents[2] / "bench" / "profiles"
 

@@ -17,14 +17,14 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from rainbowd.agent.keys import public_line
-from rainbowd.agent.puller import LayerPuller, PullError
-from rainbowd.agent.relay import RelayBoard, RelayNotPulling, RelayUnavailable
-from rainbowd.agent.ssh_server import ChunkServer
-from rainbowd.chunks import ChunkManifest
-from rainbowd.digest import Digest, sha256_digest
-from rainbowd.messages import PeerInfo, TransferAssignment, TrustList
-from rainbowd.store import LayerStore
+from rainbowd.agent.dataplane.keys import public_line
+from rainbowd.agent.dataplane.puller import LayerPuller, PullError
+from rainbowd.agent.dataplane.relay import RelayBoard, RelayNotPulling, RelayUnavailable
+from rainbowd.agent.dataplane.ssh_server import ChunkServer
+from rainbowd.core.chunks import ChunkManifest
+from rainbowd.core.digest import Digest, sha256_digest
+from rainbowd.core.messages import PeerInfo, TransferAssignment, TrustList
+from rainbowd.lib.store import LayerStore
 from waiting import FakeClock, wait_until
 
 CHUNK = 64 * 1024
@@ -154,7 +154,7 @@ async def test_a_layer_nobody_pulls_is_not_held_after_the_start_bound(chain: Cha
 
 # -- the board alone: wait, notify, bounds -------------------------------------
 def manifest_of(data: bytes) -> ChunkManifest:
-    from rainbowd.chunks import build_manifest
+    from rainbowd.core.chunks import build_manifest
 
     return build_manifest(io.BytesIO(data), sha256_digest(data), CHUNK)
 

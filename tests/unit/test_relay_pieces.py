@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from rainbowd.agent.relay import RelayBoard, RelayUnavailable
-from rainbowd.chunks import ChunkManifest, build_manifest
-from rainbowd.digest import sha256_digest
+from rainbowd.agent.dataplane.relay import RelayBoard, RelayUnavailable
+from rainbowd.core.chunks import ChunkManifest, build_manifest
+from rainbowd.core.digest import sha256_digest
 from waiting import FakeClock, settle, wait_until
 
 CHUNK = 64 * 1024

@@ -1,4 +1,4 @@
-"""TransferReporter (agent/report_batch.py): an agent's transfer reports, several to a request.
+"""TransferReporter (agent/control/report_batch.py): transfer reports, several to a request.
 
 On a fake clock, driving :meth:`TransferReporter.step` by hand: reports that
 wait go together with the progress that is due; the same report ids on every
@@ -14,10 +14,10 @@ import asyncio
 
 import structlog
 
-from rainbowd import messages as m
-from rainbowd.agent.report_batch import PROGRESS_INTERVAL, BatchOrSingle, TransferReporter
-from rainbowd.agent.report_sender import BACKOFF_START, ReportSender
-from rainbowd.client import ApiError, CoordinatorUnreachable
+from rainbowd.agent.control.report_batch import PROGRESS_INTERVAL, BatchOrSingle, TransferReporter
+from rainbowd.agent.control.report_sender import BACKOFF_START, ReportSender
+from rainbowd.core import messages as m
+from rainbowd.lib.client import ApiError, CoordinatorUnreachable
 from waiting import FakeClock, settle
 
 DONE = m.TransferDone(bytes_moved=1000, seconds=0.5)

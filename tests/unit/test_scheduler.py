@@ -1,4 +1,4 @@
-"""Algorithm 1 (policy "paper") as implemented by rainbowd.scheduler.
+"""Algorithm 1 (policy "paper") as implemented by rainbowd.core.sched.scheduler.
 
 Each test pins one rule of the scheduler; the last ones drive a whole
 simulated cluster and check global invariants.
@@ -13,7 +13,13 @@ from collections.abc import Iterable
 
 import pytest
 
-from rainbowd.scheduler import DEFAULT_SPEED_BPS, POLICIES, Scheduler, SchedulerError, Transfer
+from rainbowd.core.sched.scheduler import (
+    DEFAULT_SPEED_BPS,
+    POLICIES,
+    Scheduler,
+    SchedulerError,
+    Transfer,
+)
 
 MB = 1e6
 L1, L2, L3 = "sha256:" + "1" * 64, "sha256:" + "2" * 64, "sha256:" + "3" * 64

@@ -1,4 +1,4 @@
-"""Shared partials (rainbowd.store): several pulls of one layer write one partial at once.
+"""Shared partials (rainbowd.lib.store): several pulls of one layer write one partial at once.
 
 Real files and real threads: each chunk is written once, the bitmap stays
 consistent, the layer is committed once, and a partial in use is not deleted.
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from rainbowd.chunks import ChunkManifest, build_manifest
-from rainbowd.digest import Digest, sha256_digest
-from rainbowd.store import LayerStore, StoreError
+from rainbowd.core.chunks import ChunkManifest, build_manifest
+from rainbowd.core.digest import Digest, sha256_digest
+from rainbowd.lib.store import LayerStore, StoreError
 
 CHUNK = 64 * 1024
 COUNT = 40
@@ -185,9 +185,9 @@ def test_a_pull_starting_while_the_last_one_closes_resumes_after_its_flush(
 def test_the_bitmaps_kept_for_serving_are_bounded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import rainbowd.store
+    import rainbowd.lib.store
 
-    monkeypatch.setattr(rainbowd.store, "MAX_CACHED_BITMAPS", 2)
+    monkeypatch.setattr(rainbowd.lib.store, "MAX_CACHED_BITMAPS", 2)
     store = LayerStore(tmp_path)
     for _ in range(5):
         data = os.urandom(CHUNK)

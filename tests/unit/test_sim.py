@@ -23,9 +23,9 @@ from bench.sim import IDEAL, FlowNetwork, Overheads, Simulation
 from bench.sim.__main__ import main
 from bench.sim.calibrate import hop_report, relay_hop_overheads
 from bench.sim.flows import FlowError
-from rainbowd.imagebuild import BUSYBOX
-from rainbowd.profile import ClusterProfile, load_profile, parse_profile
-from rainbowd.scheduler import DEFAULT_POLICY, Scheduler, Transfer
+from rainbowd.core.sched.scheduler import DEFAULT_POLICY, Scheduler, Transfer
+from rainbowd.devcluster.imagebuild import BUSYBOX
+from rainbowd.devcluster.profile import ClusterProfile, load_profile, parse_profile
 
 PROFILES = Path(__file__).resolve().parents[2] / "bench" / "profiles"
 MBIT = 1e6 / 8  # bytes/s in one Mbit/s

@@ -24,8 +24,8 @@ from bench.measures import Measures
 from bench.sim.drawn import drawn_profile
 from bench.sim.gate import GATE, GateError, check, make_record, read_record
 from bench.sim.suite import SuiteRun, main, run_suite, suite_profiles
-from rainbowd.profile import load_profile
-from rainbowd.scheduler import DEFAULT_POLICY
+from rainbowd.core.sched.scheduler import DEFAULT_POLICY
+from rainbowd.devcluster.profile import load_profile
 
 ROOT = Path(__file__).resolve().parents[2]
 PROFILES = ROOT / "bench" / "profiles"

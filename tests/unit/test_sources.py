@@ -7,10 +7,9 @@ from typing import Any
 
 import pytest
 
-from rainbowd.agent import origin
-from rainbowd.chunks import MIN_CHUNK_SIZE
-from rainbowd.image import ImageError
-from rainbowd.messages import (
+from rainbowd.agent.origin import ingest as origin
+from rainbowd.core.chunks import MIN_CHUNK_SIZE
+from rainbowd.core.messages import (
     ArchiveSource,
     Compression,
     CreateImage,
@@ -22,8 +21,9 @@ from rainbowd.messages import (
     decode,
     encode,
 )
-from rainbowd.sources import SourceError, check_source, describe, parse_source
-from rainbowd.store import LayerStore
+from rainbowd.core.sources import SourceError, check_source, describe, parse_source
+from rainbowd.lib.image import ImageError
+from rainbowd.lib.store import LayerStore
 
 
 @pytest.mark.parametrize(
@@ -133,7 +133,7 @@ def test_describe_docker_source_with_its_own_engine() -> None:
 
 
 # --------------------------------------------------------------------------
-# the origin's dispatch on the source kind (rainbowd.agent.origin)
+# the origin's dispatch on the source kind (rainbowd.agent.origin.ingest)
 # --------------------------------------------------------------------------
 def _assignment(source: ImageSource, compression: Compression = "off") -> IngestAssignment:
     return IngestAssignment(

@@ -16,8 +16,7 @@ import asyncssh
 import msgspec
 import pytest
 
-from rainbowd import chunkproto
-from rainbowd.agent.keys import (
+from rainbowd.agent.dataplane.keys import (
     KeyFormatError,
     fingerprint,
     load_or_create_key,
@@ -25,13 +24,14 @@ from rainbowd.agent.keys import (
     public_line,
     same_key,
 )
-from rainbowd.agent.pacing import RatePacer
-from rainbowd.agent.puller import TRUST_RETRIES, HostKeyMismatch, LayerPuller, PullError
-from rainbowd.agent.ssh_server import ChunkServer
-from rainbowd.chunks import ChunkManifest
-from rainbowd.digest import Digest, sha256_digest
-from rainbowd.messages import PeerInfo, TransferAssignment, TrustList
-from rainbowd.store import LayerStore, PartialLayer
+from rainbowd.agent.dataplane.pacing import RatePacer
+from rainbowd.agent.dataplane.puller import TRUST_RETRIES, HostKeyMismatch, LayerPuller, PullError
+from rainbowd.agent.dataplane.ssh_server import ChunkServer
+from rainbowd.core import chunkproto
+from rainbowd.core.chunks import ChunkManifest
+from rainbowd.core.digest import Digest, sha256_digest
+from rainbowd.core.messages import PeerInfo, TransferAssignment, TrustList
+from rainbowd.lib.store import LayerStore, PartialLayer
 from waiting import FakeClock, hang, wait_until
 
 CHUNK = 64 * 1024
@@ -318,7 +318,7 @@ async def test_a_repeated_trust_list_parses_no_key_twice(
 ) -> None:
     # at a cold start every enrollment sends every agent the whole trust list: parsing all
     # of it each time cost N^2 key parses (the lab's 101 agents kept 2 vCPUs busy)
-    import rainbowd.agent.ssh_server as ssh_server
+    import rainbowd.agent.dataplane.ssh_server as ssh_server
 
     parsed: list[str] = []
     real = ssh_server.key_blob

@@ -11,9 +11,9 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from rainbowd.chunks import MIN_CHUNK_SIZE, ChunkManifest, build_manifest
-from rainbowd.digest import Digest, hex_part, sha256_digest
-from rainbowd.store import (
+from rainbowd.core.chunks import MIN_CHUNK_SIZE, ChunkManifest, build_manifest
+from rainbowd.core.digest import Digest, hex_part, sha256_digest
+from rainbowd.lib.store import (
     ChunkRejected,
     CorruptBlob,
     LayerMissing,
@@ -384,7 +384,7 @@ def test_bitmap_is_persisted_after_flush_seconds_even_below_flush_every(
     part = store.open_partial(manifest)
     part.FLUSH_EVERY = 1000
     clock = [100.0]
-    monkeypatch.setattr("rainbowd.store.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("rainbowd.lib.store.time.monotonic", lambda: clock[0])
     part.write_chunk(0, chunk(data, 0))
     part.write_chunk(1, chunk(data, 1))
     # neither the chunk count nor the age reached: a crash now loses both

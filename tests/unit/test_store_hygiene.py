@@ -20,11 +20,10 @@ from test_coordinator_support import ADMIN, Running, enroll, start
 
 from rainbowd.agent.hygiene import StoreHygiene, store_footprint
 from rainbowd.agent.layer_uses import LayerUses
-from rainbowd.chunks import MIN_CHUNK_SIZE, ChunkManifest
-from rainbowd.client import AdminClient, AgentClient
-from rainbowd.digest import Digest, sha256_digest
-from rainbowd.eviction import StoreLimits
-from rainbowd.messages import (
+from rainbowd.core.chunks import MIN_CHUNK_SIZE, ChunkManifest
+from rainbowd.core.digest import Digest, sha256_digest
+from rainbowd.core.eviction import StoreLimits
+from rainbowd.core.messages import (
     ArchiveSource,
     CreateImage,
     CreateJob,
@@ -37,7 +36,8 @@ from rainbowd.messages import (
     TransferAssignment,
     TransferDone,
 )
-from rainbowd.store import LayerStore
+from rainbowd.lib.client import AdminClient, AgentClient
+from rainbowd.lib.store import LayerStore
 
 LAYER = 3 * MIN_CHUNK_SIZE
 

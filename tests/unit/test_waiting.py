@@ -1,4 +1,4 @@
-"""The planner's index of waiting demanders (rainbowd.waiting) and the walk that skips.
+"""The planner's index of waiting demanders (rainbowd.core.sched.waiting) and the walk that skips.
 
 Two kinds of check: the index against a plain sorted list (order, and the
 filter never hiding a demander it admits), and the planner with the skipping
@@ -17,9 +17,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from rainbowd.pieces import PieceScheduler
-from rainbowd.scheduler import Transfer
-from rainbowd.waiting import BLOCK, CLOSED, Bar, Hope, WaitIndex
+from rainbowd.core.sched.pieces import PieceScheduler
+from rainbowd.core.sched.scheduler import Transfer
+from rainbowd.core.sched.waiting import BLOCK, CLOSED, Bar, Hope, WaitIndex
 
 MB = 1e6
 
