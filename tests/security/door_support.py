@@ -14,8 +14,8 @@ from typing import Any
 import aiohttp
 import msgpack
 from aiohttp.test_utils import TestServer
-from test_coordinator_support import ADMIN, JOIN, register_request
 
+from coordinator_support import ADMIN, JOIN, register_request
 from rainbowd.coordinator.core import Coordinator
 from rainbowd.coordinator.http.app import create_app
 from rainbowd.coordinator.limits import EventBudget, server_options

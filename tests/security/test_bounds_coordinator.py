@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 from door_support import ADMIN, Door, FakeClock, open_door, strict_json
-from test_coordinator_support import fake_image, ingest, register_request
 
+from coordinator_support import fake_image, ingest, register_request
 from rainbowd.coordinator.limits import (
     EVENT_BURST,
     EVENT_RATE_PER_S,

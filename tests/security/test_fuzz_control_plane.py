@@ -31,8 +31,8 @@ from aiohttp.test_utils import TestServer
 from door_support import strict_json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_coordinator_support import fake_image, register_request
 
+from coordinator_support import fake_image, register_request
 from rainbowd.coordinator.core import Coordinator
 from rainbowd.coordinator.http.app import create_app
 from rainbowd.coordinator.limits import server_options

@@ -60,7 +60,7 @@ class Watched(Protocol):
     """What a scrape reads of the agent (agent/agent.py's ``Agent``), and no more.
 
     A protocol, not the class: the agent imports this module, so this one must
-    not import the agent (no import cycle, tests/unit/test_import_contracts.py).
+    not import the agent (no import cycle, tests/contracts/test_import_contracts.py).
     """
 
     @property

@@ -17,9 +17,9 @@ the protocol *state* on top of it and decides what each frame means:
 
 Why apart from the I/O loops (``LayerPuller._fetch`` in agent/dataplane/puller.py and
 ``ChunkServer._send_chunks`` in agent/dataplane/ssh_server.py): the rules are tested
-frame by frame with no socket, thread or clock (tests/unit/test_chunksession.py),
+frame by frame with no socket, thread or clock (tests/core/test_chunksession.py),
 and the loops keep only what is I/O -- waiting, reading, writing, pacing.
-Nothing here does I/O or reads the clock; tests/unit/test_import_contracts.py
+Nothing here does I/O or reads the clock; tests/contracts/test_import_contracts.py
 holds this module to that.
 """
 

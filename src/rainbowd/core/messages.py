@@ -10,7 +10,7 @@ raises :class:`MessageError` naming the field, with a message fit for a 4xx repl
 
 Schema rules (for the engineer adding a field next year):
 - add fields with defaults only; never change a field's meaning or type;
-- give every field a bounded type from rainbowd.core.wirebounds (tests/unit/test_messages.py
+- give every field a bounded type from rainbowd.core.wirebounds (tests/core/test_messages.py
   fails on a bare float, int, str, list or dict in a message the coordinator decodes);
 - a breaking change bumps PROTOCOL_VERSION, and the coordinator then refuses
   old agents with a clear "upgrade" error rather than misreading them.

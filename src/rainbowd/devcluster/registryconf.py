@@ -1,6 +1,6 @@
 """Running Debian's ``docker-registry`` (CNCF distribution) and pushing into it with skopeo.
 
-Why a module of its own: the tests' registry fixtures (tests/registry_fixtures.py)
+Why a module of its own: the tests' registry fixtures (tests/support/registry_fixtures.py)
 and the lab's registry-only baseline (bench/lab/registry_system.py) start the very
 same registry, one on loopback, one inside a lab node's network namespace. Both
 take the config file and the push command from here, so a fix to either (a key

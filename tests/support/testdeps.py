@@ -1,7 +1,7 @@
 """The rule for test dependencies: fail in CI, skip elsewhere.
 
 A plain module (not conftest) so any test file can import it: the name
-``conftest`` is ambiguous once tests/unit/conftest.py is loaded too.
+``conftest`` is ambiguous once tests/coordinator/conftest.py is loaded too.
 """
 
 from __future__ import annotations

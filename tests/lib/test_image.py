@@ -10,8 +10,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from imagetest import add, layer_tar, sha, store_snapshot
 
+from imagetest import add, layer_tar, sha, store_snapshot
 from rainbowd.core.digest import Digest
 from rainbowd.devcluster.imagebuild import build_demo_image
 from rainbowd.lib.image import (

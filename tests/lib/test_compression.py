@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from imagetest import add, layer_tar, sha, store_snapshot
 
+from imagetest import add, layer_tar, sha, store_snapshot
 from rainbowd.core.digest import Digest
 from rainbowd.core.messages import Compression, ImageRecord
 from rainbowd.lib.compression import (

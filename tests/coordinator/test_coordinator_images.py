@@ -10,8 +10,8 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from test_coordinator_support import ADMIN, FakeImage, Running, enroll, fake_image, start
 
+from coordinator_support import ADMIN, FakeImage, Running, enroll, fake_image, start
 from rainbowd.core.messages import (
     ArchiveSource,
     Assignment,

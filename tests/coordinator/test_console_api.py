@@ -13,8 +13,8 @@ import json
 import aiohttp
 from test_coordinator_api import error_of, raw
 from test_coordinator_flow import agent
-from test_coordinator_support import ADMIN, Running, fake_image, ingest
 
+from coordinator_support import ADMIN, Running, fake_image, ingest
 from rainbowd.coordinator.http.console import ASSETS, load_assets
 from rainbowd.core.messages import (
     CreateJob,

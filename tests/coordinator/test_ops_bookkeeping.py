@@ -13,7 +13,8 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from test_coordinator_support import (
+
+from coordinator_support import (
     ADMIN,
     Running,
     enroll,
@@ -22,7 +23,6 @@ from test_coordinator_support import (
     register_request,
     start,
 )
-
 from rainbowd.cli import main as cli
 from rainbowd.coordinator.core import Coordinator
 from rainbowd.core import messages as m

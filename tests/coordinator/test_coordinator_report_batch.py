@@ -22,8 +22,8 @@ from typing import Any
 import aiohttp
 import msgpack
 import pytest
-from test_coordinator_support import ADMIN, Running, enroll, fake_image, ingest, start
 
+from coordinator_support import ADMIN, Running, enroll, fake_image, ingest, start
 from rainbowd.coordinator.http.app import REPORT_LEDGER
 from rainbowd.coordinator.http.report_batch import apply_batch
 from rainbowd.coordinator.http.report_ids import ReportLedger, no_wait

@@ -9,7 +9,8 @@ import json
 import aiohttp
 import msgpack
 import pytest
-from test_coordinator_support import (
+
+from coordinator_support import (
     ADMIN,
     JOIN,
     Running,
@@ -18,7 +19,6 @@ from test_coordinator_support import (
     ingest,
     register_request,
 )
-
 from rainbowd.core.messages import (
     MAX_BODY,
     ArchiveSource,

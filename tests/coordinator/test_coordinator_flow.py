@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_coordinator_support import (
+
+from coordinator_support import (
     ADMIN,
     Running,
     enroll,
@@ -18,7 +19,6 @@ from test_coordinator_support import (
     register_request,
     start,
 )
-
 from rainbowd.core.messages import (
     ActiveTransfer,
     Assignment,

@@ -11,8 +11,8 @@ import contextlib
 from pathlib import Path
 
 from test_coordinator_flow import QUIET_INTERVAL, Agent, agent
-from test_coordinator_support import ADMIN, FakeImage, Running, fake_image, ingest, start
 
+from coordinator_support import ADMIN, FakeImage, Running, fake_image, ingest, start
 from rainbowd.core.messages import (
     ActiveTransfer,
     CreateJob,

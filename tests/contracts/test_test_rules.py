@@ -1,8 +1,8 @@
-"""The rule of tests/unit and tests/security: they do not wait, and they time nothing.
+"""The rule of the in-process tests and tests/security: they do not wait, and they time nothing.
 
 Time that matters to the code under test is a fake clock the test moves
-(tests/waiting.py ``FakeClock``); a condition a test cannot await is waited
-for through ``tests/waiting.py`` (``wait_until``, ``wait_until_sync``,
+(tests/support/waiting.py ``FakeClock``); a condition a test cannot await is waited
+for through ``tests/support/waiting.py`` (``wait_until``, ``wait_until_sync``,
 ``settle``), the one place a sleep is written. Timing belongs to bench/.
 
 This test reads the test files' syntax trees and fails on a call of
@@ -18,10 +18,23 @@ import ast
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parents[1]
-#: the folders under the rule: tests of the core and of single services
-RULED = ("unit", "security")
+#: the folders under the rule: tests of the core, of lib, of single services and processes
+#: in one process, and of the tree itself (everything but integration/, faults/ and lab/,
+#: which run real processes)
+RULED = (
+    "core",
+    "lib",
+    "agent",
+    "coordinator",
+    "cli",
+    "devcluster",
+    "bench",
+    "contracts",
+    "docs",
+    "security",
+)
 #: the module every sleep of a test goes through
-HELPER = TESTS / "waiting.py"
+HELPER = TESTS / "support" / "waiting.py"
 
 SLEEPS = {("time", "sleep"), ("asyncio", "sleep")}
 CLOCKS = {
@@ -37,12 +50,12 @@ CLOCKS = {
 }
 
 #: file (relative to tests/) -> (sleeps, wall-clock reads) it may still have, and why.
-#: Lower a count when you remove one; never raise it: use a fake clock or tests/waiting.py.
+#: Lower a count when you remove one; never raise it: use a fake clock or tests/support/waiting.py.
 ALLOWED: dict[str, tuple[int, int, str]] = {
     # drives real network namespaces and tc queues (the lab's netlab): real time is the
     # subject (a bulk flow filling a queue for 1 s); the probes' timings, in scripts run
     # in the namespaces, are the measurement
-    "unit/test_netlab.py": (1, 0, "real tc queues: real time is what it tests"),
+    "devcluster/test_netlab.py": (1, 0, "real tc queues: real time is what it tests"),
 }
 
 
@@ -99,8 +112,8 @@ def test_ruled_tests_do_not_sleep_or_read_a_wall_clock() -> None:
         if len(clocks) > may_clock:
             broken.append(f"{name}: reads a wall clock at lines {clocks} (allowed {may_clock})")
     assert not broken, (
-        "tests/unit and tests/security do not wait or time: use a fake clock "
-        "(tests/waiting.py FakeClock) or wait_until/settle from tests/waiting.py\n"
+        "in-process tests and tests/security do not wait or time: use a fake clock "
+        "(tests/support/waiting.py FakeClock) or wait_until/settle from tests/support/waiting.py\n"
         + "\n".join(broken)
     )
     # an allowance nobody uses any more is removed, so it cannot be spent again
@@ -134,4 +147,4 @@ def test_the_rule_sees_what_it_forbids() -> None:
 
 def test_the_helper_is_where_the_sleeps_are() -> None:
     sleeps, _ = waits_and_clocks(HELPER.read_text())
-    assert sleeps, "tests/waiting.py is the place a test's sleep is written"
+    assert sleeps, "tests/support/waiting.py is the place a test's sleep is written"

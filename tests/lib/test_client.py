@@ -6,8 +6,8 @@ import socket
 from pathlib import Path
 
 import pytest
-from test_coordinator_support import ADMIN, start
 
+from coordinator_support import ADMIN, start
 from rainbowd.core.messages import Heartbeat
 from rainbowd.lib.client import AdminClient, AgentClient, ApiError, CoordinatorUnreachable
 
@@ -50,7 +50,7 @@ async def test_errors_carry_the_coordinators_message(tmp_path: Path) -> None:
             assert e.value.status == 404 and "no/such:ref" in e.value.message
         # the long-poll's HTTP timeout exceeds its wait
         async with AgentClient(r.url, timeout=0.2) as a:
-            from test_coordinator_support import register_request
+            from coordinator_support import register_request
 
             await a.register(register_request("n1"))
             batch = await a.assignments(0, 0, 0.5)

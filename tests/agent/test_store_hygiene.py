@@ -2,7 +2,7 @@
 
 The agent side is the real :class:`StoreHygiene` talking to the coordinator
 through the real AgentClient; the jobs around it are played by fake agents
-(test_coordinator_support). Checked: LRU layers are evicted and forgotten by
+(coordinator_support). Checked: LRU layers are evicted and forgotten by
 the coordinator (holdings, scheduler, image view) before they leave the disk;
 layers pinned by a running job, an active transfer, an origin's image or
 local use are kept; nothing is deleted while the coordinator cannot be asked.
@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from test_coordinator_support import ADMIN, Running, enroll, start
 
+from coordinator_support import ADMIN, Running, enroll, start
 from rainbowd.agent.hygiene import StoreHygiene, store_footprint
 from rainbowd.agent.layer_uses import LayerUses
 from rainbowd.core.chunks import MIN_CHUNK_SIZE, ChunkManifest

@@ -17,8 +17,8 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
-from test_coordinator_support import ADMIN, JOIN, Running, enroll, fake_image, ingest
 
+from coordinator_support import ADMIN, JOIN, Running, enroll, fake_image, ingest
 from rainbowd.coordinator.core import Coordinator
 from rainbowd.coordinator.http.app import create_app
 from rainbowd.coordinator.metrics import CoordinatorMetrics

@@ -13,7 +13,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "rbd-dashboard.json"
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "rbd-dashboard.json"
 
 _SUFFIXES = {
     "counter": ("_total", "_created"),

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 from test_coordinator_flow import Agent, agent
-from test_coordinator_support import ADMIN, ingest, start
 
+from coordinator_support import ADMIN, ingest, start
 from rainbowd.coordinator import core
 from rainbowd.coordinator.piece_wire import assignment_for, holds_whole_layer
 from rainbowd.core.messages import (
@@ -67,7 +67,7 @@ def first_half(monkeypatch: pytest.MonkeyPatch) -> type[FirstHalf]:
 async def test_an_assignment_carries_its_range_and_keeps_it_across_a_restart(
     tmp_path: Path, first_half: type[FirstHalf]
 ) -> None:
-    from test_coordinator_support import fake_image
+    from coordinator_support import fake_image
 
     r = await start(tmp_path)
     async with AdminClient(r.url, ADMIN) as admin:
@@ -152,7 +152,7 @@ async def test_with_the_piece_scheduler_a_layer_counts_when_its_last_piece_is_in
 ) -> None:
     """rainbowd.core.sched.pieces in the coordinator: pieces go out with their ranges, from two
     seeders, survive a restart, and the job counts the layer at the last piece only."""
-    from test_coordinator_support import fake_image
+    from coordinator_support import fake_image
 
     size = 32 * CHUNK  # swarm: 8-chunk pieces, so 4 of them
     r = await start(tmp_path, policy="swarm")

@@ -6,8 +6,8 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from test_coordinator_support import enroll, register_request, start
 
+from coordinator_support import enroll, register_request, start
 from rainbowd.agent.dataplane.pacing import RatePacer
 from rainbowd.core.sched.scheduler import DEFAULT_SPEED_BPS, Scheduler
 from rainbowd.lib.client import AgentClient, ApiError

@@ -9,8 +9,8 @@ and checks again, until it holds or ``timeout`` passes; then it fails with
 
 The timeout is a failure deadline, not a measurement: a predicate that holds
 at once returns at once, so a fast machine runs the test as fast as the code
-goes. ``tests/unit/test_test_rules.py`` keeps every other sleep out of
-tests/unit and tests/security. (No tests here; pytest collects nothing from
+goes. ``tests/contracts/test_test_rules.py`` keeps every other sleep out of
+the in-process tests and tests/security. (No tests here; pytest collects nothing from
 this module.)
 """
 

@@ -6,8 +6,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from test_coordinator_support import ADMIN, Running, start
 
+from coordinator_support import ADMIN, Running, start
 from rainbowd.lib.client import AdminClient
 
 
