@@ -17,10 +17,10 @@ import random
 
 import aiohttp
 
-from rainbowd import messages as m
-from rainbowd.chunks import MIN_CHUNK_SIZE, ChunkManifest, build_manifest
-from rainbowd.client import AgentClient
-from rainbowd.digest import sha256_digest
+from rainbowd.core import messages as m
+from rainbowd.core.chunks import MIN_CHUNK_SIZE, ChunkManifest, build_manifest
+from rainbowd.core.digest import sha256_digest
+from rainbowd.lib.client import AgentClient
 
 
 def register_request(

@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 
 from agentsim import make_image, register_request
-from rainbowd import messages as m
-from rainbowd.client import AgentClient
-from rainbowd.localcluster import LocalCluster
+from rainbowd.core import messages as m
+from rainbowd.devcluster.localcluster import LocalCluster
+from rainbowd.lib.client import AgentClient
 
 
 async def run(rounds: int) -> dict[str, float]:

@@ -33,7 +33,7 @@ The cost of piece reports (issue 13): with ``--policy swarm`` and layers of
 a few MiB (``--layer-bytes``) every layer moves as ~16 piece transfers, each
 ending in a done report (a node holds a layer once every chunk of it
 arrived); ``--progress-interval`` makes the agents report progress too. The
-agents send these as agents do (``--reports batch``: agent/report_batch.py's
+agents send these as agents do (``--reports batch``: agent/control/report_batch.py's
 TransferReporter, several to a ``POST /v1/reports``) or one request per
 report as they did before (``--reports single``), each final with its report
 id. The job line then says how many reports went in how many requests, the
@@ -85,13 +85,13 @@ from typing import Any
 import aiohttp
 
 from agentsim import SharedSessionAgent, make_image, register_request
-from rainbowd import messages as m
-from rainbowd.agent.report_batch import TransferReporter
-from rainbowd.agent.report_sender import ReportSender
-from rainbowd.client import ApiError, CoordinatorUnreachable
-from rainbowd.digest import sha256_digest
-from rainbowd.localcluster import LocalCluster
-from rainbowd.report_id import new_report_id
+from rainbowd.agent.control.report_batch import TransferReporter
+from rainbowd.agent.control.report_sender import ReportSender
+from rainbowd.core import messages as m
+from rainbowd.core.digest import sha256_digest
+from rainbowd.core.report_id import new_report_id
+from rainbowd.devcluster.localcluster import LocalCluster
+from rainbowd.lib.client import ApiError, CoordinatorUnreachable
 
 #: heartbeat p99 (ms) a cluster size must stay under to count as "held"
 P99_LIMIT_MS = 100.0
@@ -192,7 +192,9 @@ class WorkerSpec:
     done_delay: float
     lifetime: float  # the worker stops by itself after this many seconds, whatever happens
     progress_interval: float = 0.0  # each agent reports its active transfers this often (0: never)
-    reports: str = "batch"  # "batch": as agents do (agent/report_batch.py); "single": one per POST
+    reports: str = (
+        "batch"  # "batch": as agents do (agent/control/report_batch.py); "single": one per POST
+    )
     cold_start: bool = False  # park each agent's long-poll as soon as it is enrolled
     poll_wait: float = POLL_WAIT
     request_timeout: float = REQUEST_TIMEOUT
@@ -569,7 +571,7 @@ class LoadWorker:
         a.active.pop(x.transfer_id, None)
         moved = min(x.layer.size, end * x.layer.chunk_size) - first * x.layer.chunk_size
         done = m.TransferDone(bytes_moved=moved, seconds=self.spec.done_delay)
-        rid = new_report_id()  # as agent/report_sender.py: one id for every attempt
+        rid = new_report_id()  # as agent/control/report_sender.py: one id for every attempt
         self.reporting += 1
         try:
             if a.reporter is not None:
@@ -1138,7 +1140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=0.0,
         help="agents report progress of their active transfers (0: not at all); with "
         "--reports single one POST per transfer this often (agents did: 0.5 s), with batch "
-        "as agent/report_batch.py does",
+        "as agent/control/report_batch.py does",
     )
     p.add_argument("--p99-limit-ms", type=float, default=P99_LIMIT_MS)
     p.add_argument(
@@ -1156,7 +1158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--reports",
         choices=("batch", "single"),
         default=Options.reports,
-        help="batch: agents send reports as agent/report_batch.py does (several per POST "
+        help="batch: agents send reports as agent/control/report_batch.py does (several per POST "
         "/v1/reports); single: one POST per report, as agents did before",
     )
     p.add_argument("--log-level", default=Options.log_level, help="the coordinator's log level")

@@ -1,9 +1,9 @@
 """The measures every run reports, simulator and lab alike (issue 13, item 2).
 
 * **x T*** -- completion (the last node holding the image) over the cluster's
-  bound T* (rainbowd.profile.lower_bound).
+  bound T* (rainbowd.devcluster.profile.lower_bound).
 * **slowdown** -- per node, its completion time t_i over its own bound
-  t_i* = max(S/d_i, S/u_origin) (rainbowd.profile.node_bound): how much longer
+  t_i* = max(S/d_i, S/u_origin) (rainbowd.devcluster.profile.node_bound): how much longer
   than its own link and the origin allow it waited. Reported as the median and
   the p90 over all demanders; a node that never got the image counts as an
   infinite slowdown (so the p90 of a run that lost nodes is inf, never a
@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from rainbowd.profile import ClusterProfile
+from rainbowd.devcluster.profile import ClusterProfile
 
 #: completion within this many T* (issue 13, item 5)
 GOAL_RATIO = 1.25

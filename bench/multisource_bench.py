@@ -35,14 +35,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from rainbowd.agent.keys import load_or_create_key, public_line
-from rainbowd.agent.puller import LayerPuller
-from rainbowd.agent.ssh_server import ChunkServer
-from rainbowd.chunks import DEFAULT_CHUNK_SIZE, ChunkManifest
-from rainbowd.digest import Digest
-from rainbowd.log import configure
-from rainbowd.messages import PeerInfo, TransferAssignment, TrustList
-from rainbowd.store import LayerStore
+from rainbowd.agent.dataplane.keys import load_or_create_key, public_line
+from rainbowd.agent.dataplane.puller import LayerPuller
+from rainbowd.agent.dataplane.ssh_server import ChunkServer
+from rainbowd.core.chunks import DEFAULT_CHUNK_SIZE, ChunkManifest
+from rainbowd.core.digest import Digest
+from rainbowd.core.messages import PeerInfo, TransferAssignment, TrustList
+from rainbowd.lib.log import configure
+from rainbowd.lib.store import LayerStore
 
 OUT = Path(__file__).resolve().parent / "out" / "multisource.json"
 

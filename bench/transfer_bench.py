@@ -44,20 +44,20 @@ from typing import Any
 
 import asyncssh
 
-from rainbowd.agent.keys import load_or_create_key, parse_public_line, public_line
-from rainbowd.agent.puller import LayerPuller
-from rainbowd.agent.ssh_server import (
+from rainbowd.agent.dataplane.keys import load_or_create_key, parse_public_line, public_line
+from rainbowd.agent.dataplane.puller import LayerPuller
+from rainbowd.agent.dataplane.ssh_server import (
     CHANNEL_MAX_PKTSIZE,
     CHANNEL_WINDOW,
     COMPRESSION_ALGS,
     ENCRYPTION_ALGS,
     ChunkServer,
 )
-from rainbowd.chunks import DEFAULT_CHUNK_SIZE, ChunkManifest
-from rainbowd.digest import Digest
-from rainbowd.log import configure
-from rainbowd.messages import PeerInfo, TransferAssignment, TrustList
-from rainbowd.store import LayerStore
+from rainbowd.core.chunks import DEFAULT_CHUNK_SIZE, ChunkManifest
+from rainbowd.core.digest import Digest
+from rainbowd.core.messages import PeerInfo, TransferAssignment, TrustList
+from rainbowd.lib.log import configure
+from rainbowd.lib.store import LayerStore
 
 AES = "aes128-gcm@openssh.com"
 CHACHA = "chacha20-poly1305@openssh.com"

@@ -7,19 +7,41 @@ go green by silently skipping the parts it exists to check.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
-from rainbowd.dockerd import DockerdError, PrivateDockerd
-from rainbowd.imagebuild import BUSYBOX, build_demo_image
+from rainbowd.devcluster.dockerd import DockerdError, PrivateDockerd
+from rainbowd.devcluster.imagebuild import BUSYBOX, build_demo_image
 from registry_fixtures import RegistryError as RegistryProcessError
 from registry_fixtures import RegistryProcess, skopeo_push
 from testdeps import missing_dependency
 
 #: payload of the demo image used by tests (small: tests are about correctness)
 DEMO_PAYLOAD_MIB = 2
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_found() -> Iterator[None]:
+    """Each test leaves structlog and the root logger as it found them.
+
+    A test that runs a process's entry point in-process (the simulator's suite
+    calls ``rainbowd.lib.log.configure("warning")``) would otherwise leave a
+    warning-level, cache-on-first-use config behind, and every later test whose
+    loggers are first used under it loses their info events: a test capturing
+    them (``structlog.testing.capture_logs``) then fails for the order it ran in.
+    """
+    config = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    if structlog.get_config() != config:
+        structlog.configure(**config)
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +72,7 @@ def demo_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # --------------------------------------------------------------------------
-# registry (tests/registry_fixtures.py): a real docker-registry and skopeo
+# registry (tests/support/registry_fixtures.py): a real docker-registry and skopeo
 # --------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:

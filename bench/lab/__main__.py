@@ -8,7 +8,7 @@
 
 ``--profile`` takes a name from bench/profiles/ or a path to a TOML file.
 Systems: ``rbd`` (the coordinator's default policy,
-rainbowd.scheduler.DEFAULT_POLICY), ``rbd:<policy>``, ``registry``,
+rainbowd.core.sched.scheduler.DEFAULT_POLICY), ``rbd:<policy>``, ``registry``,
 ``bittorrent``. Needs root (network namespaces). The run writes
 ``report.json`` and ``cdf.png`` into ``--out`` and prints the table; it
 exits 1 if any system left a node without the image. Every node shares this
@@ -31,8 +31,8 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from rainbowd.netlab import NetLab, NetLabError
-from rainbowd.profile import ClusterProfile, ProfileError, load_profile
+from rainbowd.devcluster.netlab import NetLab, NetLabError
+from rainbowd.devcluster.profile import ClusterProfile, ProfileError, load_profile
 
 from .env import LabEnv, clean
 from .image import build_lab_image

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import json
 
-from rainbowd.netlab import NetLab
+from rainbowd.devcluster.netlab import NetLab
 
-#: the interface every lab node talks through (rainbowd.netlab)
+#: the interface every lab node talks through (rainbowd.devcluster.netlab)
 LAB_DEV = "eth0"
 
 

@@ -3,7 +3,7 @@
 One :class:`LabEnv` is built per run; the systems under test (rbd, the
 registry-only pull, the BitTorrent swarm) run in it one after the other, so
 they all see the same shaped links. The origin node and every demander of the
-profile get a namespace (rainbowd.netlab) shaped with its up/down rates; the
+profile get a namespace (rainbowd.devcluster.netlab) shaped with its up/down rates; the
 hub namespace is unshaped and holds what is not a node (the rbd coordinator).
 
 Every process a system starts goes through :meth:`LabEnv.spawn`: it runs
@@ -21,7 +21,7 @@ host too; here it is started with ``nice`` ``CENTRAL_NICE`` (``spawn(...,
 central=True)``), so 100 busy nodes cannot starve it. Every system gets the
 same treatment, so the comparison stays fair. (It did not, on its own, stop
 the missed heartbeats seen in paper-profile runs: those came from tbf's FIFO,
-see rainbowd.netlab "Control traffic", and from the agent's busy thread pool.)
+see rainbowd.devcluster.netlab "Control traffic", and from the agent's busy thread pool.)
 
 A node's CPU need grows with the bytes it moves, so with one CPU share per
 process a 32 Mbit/s node got no more CPU than a 4 Mbit/s one once the cores
@@ -53,9 +53,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-from rainbowd.localcluster import die_with_parent
-from rainbowd.netlab import HUB, NetLab, Shape, clean_stale
-from rainbowd.profile import ORIGIN, ClusterProfile
+from rainbowd.devcluster.localcluster import die_with_parent
+from rainbowd.devcluster.netlab import HUB, NetLab, Shape, clean_stale
+from rainbowd.devcluster.profile import ORIGIN, ClusterProfile
 
 from .egress import tx_bytes
 from .hostcpu import CpuTimes, busy_fraction, read_cpu_times
@@ -79,7 +79,7 @@ def node_nice(rate_mbit: float, slowest_mbit: float) -> int:
 
 
 #: the central processes' ports, whose traffic every shaped link serves first
-#: (rainbowd.netlab, "Control traffic"): rbd's coordinator and the BitTorrent tracker
+#: (rainbowd.devcluster.netlab, "Control traffic"): rbd's coordinator and the BitTorrent tracker
 COORDINATOR_PORT = 7700
 TRACKER_PORT = 6969
 

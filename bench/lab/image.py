@@ -1,6 +1,6 @@
 """The image a lab run distributes, from the profile's ``[image]`` table.
 
-* ``payload_mib`` given: the demo image (rainbowd.imagebuild.build_demo_image:
+* ``payload_mib`` given: the demo image (rainbowd.devcluster.imagebuild.build_demo_image:
   busybox, the payload, a small layer), as every lab run has used.
 * only ``layers`` given: an image with one layer per size, each a tar holding
   one file ``layer-<i>.bin`` of seeded incompressible bytes. The file is the
@@ -18,8 +18,8 @@ import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
-from rainbowd.imagebuild import MTIME, build_demo_image, build_image
-from rainbowd.profile import ClusterProfile
+from rainbowd.devcluster.imagebuild import MTIME, build_demo_image, build_image
+from rainbowd.devcluster.profile import ClusterProfile
 
 #: the reference every lab system distributes (rbd ingests it under this name)
 REF = "rbd-demo:latest"

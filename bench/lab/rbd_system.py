@@ -2,7 +2,7 @@
 
 The coordinator runs in the hub (unshaped: its traffic is control messages),
 the origin agent and every demander in their own shaped namespaces, each
-started exactly as systemd would (rainbowd.localcluster). Untimed set-up:
+started exactly as systemd would (rainbowd.devcluster.localcluster). Untimed set-up:
 start everything, wait until every node is up, ingest the image at the
 origin. Timed: from the job's creation (``rbd distribute IMAGE --to all``)
 until each node holds every layer, checked chunk by chunk and by digest --
@@ -10,7 +10,7 @@ the coordinator's own per-node ``finished_at``. Speed hints are the profile's
 upload rates and download hints its download rates, as an operator would
 configure ``speed_hint_mbps`` and ``download_hint_mbps``.
 
-The policy is the coordinator's default (rainbowd.scheduler.DEFAULT_POLICY)
+The policy is the coordinator's default (rainbowd.core.sched.scheduler.DEFAULT_POLICY)
 unless one is named, so ``rbd`` in a lab report is what an operator gets
 without configuring one; the system is named ``rbd`` for the default,
 ``rbd:<policy>`` for any other.
@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from rainbowd import messages as m
-from rainbowd.localcluster import LocalCluster, NodeSpec
-from rainbowd.scheduler import DEFAULT_POLICY
+from rainbowd.core import messages as m
+from rainbowd.core.sched.scheduler import DEFAULT_POLICY
+from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec
 
 from .env import COORDINATOR_PORT, LabEnv
 from .image import REF

@@ -11,7 +11,7 @@ digest checked), without needing a dockerd per node. It is not the engine's
 own client library (dockerd uses distribution's), which the notes say.
 
 Untimed set-up: the registry's config (shared with the tests,
-rainbowd.registryconf), the registry started and polled until ``/v2/``
+rainbowd.devcluster.registryconf), the registry started and polled until ``/v2/``
 answers, the archive pushed into it with skopeo from inside the origin.
 ``--preserve-digests`` keeps the archive's uncompressed layers as they are:
 without it skopeo gzips them on the way in, and the pull would move fewer
@@ -42,7 +42,7 @@ from bench.lab.baseline import (
 )
 from bench.lab.env import LabEnv
 from bench.lab.result import SystemResult, layer_sizes
-from rainbowd.registryconf import (
+from rainbowd.devcluster.registryconf import (
     REGISTRY_BIN,
     REGISTRY_ENV,
     SKOPEO_BIN,

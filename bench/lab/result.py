@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from rainbowd.profile import Bound, ClusterProfile
+from rainbowd.devcluster.profile import Bound, ClusterProfile
 
 from ..measures import Measures, measure
 from .hostcpu import CPU_BOUND_BUSY, cpu_bound

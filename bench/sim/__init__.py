@@ -6,8 +6,8 @@ time. The pieces:
 
 * :mod:`bench.sim.flows` -- max-min fair rates of flows over node up/down links;
 * :mod:`bench.sim.overheads` -- the real system's per-transfer costs, calibratable;
-* :mod:`bench.sim.engine` -- the event loop feeding :class:`rainbowd.scheduler.Scheduler`
-  through the coordinator's job driver (:mod:`rainbowd.jobdriver`);
+* :mod:`bench.sim.engine` -- the event loop feeding :class:`rainbowd.core.sched.scheduler.Scheduler`
+  through the coordinator's job driver (:mod:`rainbowd.core.sched.jobdriver`);
 * :mod:`bench.sim.faults` -- faults a run injects (a node dies, is unreachable, sends bad
   chunks, is dropped by the coordinator), reported to the driver as agents report them;
 * :mod:`bench.sim.report` -- the lab's JSON shape, the table, ``--compare``;

@@ -11,7 +11,7 @@
     .venv/bin/python -m bench.sim suite [--nodes 100,1000] [--random N] [--policy P]
         [--out FILE] [--record [GATE.json]]        # every profile: see bench/sim/suite.py
 
-``--policy`` defaults to the coordinator's (``rainbowd.scheduler.DEFAULT_POLICY``).
+``--policy`` defaults to the coordinator's (``rainbowd.core.sched.scheduler.DEFAULT_POLICY``).
 The image is the profile's ``[image] layers`` if it gives them, else the lab's
 demo image for its ``payload_mib`` (built in a temporary directory to learn its
 layer sizes); ``--layers`` gives sizes instead, and ``--compare`` names a lab
@@ -28,9 +28,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rainbowd.chunks import MIN_CHUNK_SIZE
-from rainbowd.profile import ClusterProfile, ProfileError, load_profile
-from rainbowd.scheduler import DEFAULT_POLICY
+from rainbowd.core.chunks import MIN_CHUNK_SIZE
+from rainbowd.core.sched.scheduler import DEFAULT_POLICY
+from rainbowd.devcluster.profile import ClusterProfile, ProfileError, load_profile
 
 from .calibrate import hop_report
 from .engine import SimResult, Simulation

@@ -29,7 +29,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from rainbowd.profile import ClusterProfile
+from rainbowd.devcluster.profile import ClusterProfile
 
 from .overheads import Overheads
 

@@ -6,7 +6,7 @@ shape -- which distribution the uploads follow (uniform, lognormal, pareto,
 bimodal mixture), whether downloads follow their own (asymmetric links) or
 equal the uploads, their parameters, the origin's rate and the image (1 to 5
 layers of 100 kB .. 80 MB). The profile goes through
-:func:`rainbowd.profile.parse_profile` like a file would, so it is checked the
+:func:`rainbowd.devcluster.profile.parse_profile` like a file would, so it is checked the
 same way and scales the same way (``scaled(n)`` re-draws n nodes from the seed).
 
 Only ``random.Random(seed).random()`` is used, so a seed gives the same shape
@@ -19,7 +19,7 @@ import math
 import random
 from typing import Any
 
-from rainbowd.profile import ClusterProfile, parse_profile
+from rainbowd.devcluster.profile import ClusterProfile, parse_profile
 
 #: demanders of a drawn profile before scaling (the suite scales to --nodes)
 DRAWN_NODES = 40

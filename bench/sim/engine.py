@@ -1,8 +1,8 @@
 """The discrete-event loop: the real Scheduler driving transfers over a fluid network.
 
 One run distributes one image from the profile's origin to every demander,
-feeding :class:`rainbowd.scheduler.Scheduler` through the coordinator's own
-job driver (:class:`rainbowd.jobdriver.JobDriver`), so jobs, reports and the
+feeding :class:`rainbowd.core.sched.scheduler.Scheduler` through the coordinator's own
+job driver (:class:`rainbowd.core.sched.jobdriver.JobDriver`), so jobs, reports and the
 faults of bench/sim/faults.py take the coordinator's path:
 
 * every node is added with its speed hint -- the profile's upload rate, as
@@ -39,7 +39,7 @@ the size of the flow component it touches, not the number of flows.
 Faults (``faults=``, bench/sim/faults.py) become the reports an agent would
 send, handed to the driver after the finish delay: it fails the transfer,
 makes the seeder suspect or the pair avoid each other, and the node's job
-record charges its :class:`~rainbowd.jobdriver.FailureBudget`; a node whose
+record charges its :class:`~rainbowd.core.sched.jobdriver.FailureBudget`; a node whose
 budget for a layer runs out fails (``SimResult.failed``). A suspect is
 schedulable again at its next heartbeat (node i's heartbeats fall at
 ``(i / n + k) * heartbeat_interval``). A dead node is not waited for
@@ -59,10 +59,10 @@ from dataclasses import dataclass, field
 
 from rainbowd.coordinator.cluster import MISSED_HEARTBEATS
 from rainbowd.coordinator.core import SEEDER_FAULT_LIMIT
-from rainbowd.jobdriver import Blame, Charge, Failure, FailureBudget, JobDriver
-from rainbowd.pieces import PieceScheduler
-from rainbowd.profile import ClusterProfile
-from rainbowd.scheduler import Scheduler, Transfer
+from rainbowd.core.sched.jobdriver import Blame, Charge, Failure, FailureBudget, JobDriver
+from rainbowd.core.sched.pieces import PieceScheduler
+from rainbowd.core.sched.scheduler import Scheduler, Transfer
+from rainbowd.devcluster.profile import ClusterProfile
 
 from .faults import (
     CONNECT_TIMEOUT_S,

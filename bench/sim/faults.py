@@ -1,7 +1,7 @@
 """Faults a simulated run injects: a small schedule, parsed from ``--fault`` specs.
 
 Why: the simulator drives the scheduler through the job driver
-(rainbowd.jobdriver) as the coordinator does, so a fault here becomes the
+(rainbowd.core.sched.jobdriver) as the coordinator does, so a fault here becomes the
 report the coordinator would get -- an ``io`` failure from a dead seeder, an
 ``unreachable`` one, bad chunks, a relay whose upstream broke -- and takes the
 same path (suspect, avoid, failure budgets, adoption). The faults:
@@ -27,7 +27,7 @@ same path (suspect, avoid, failure budgets, adoption). The faults:
 
 A transfer relaying what a failed transfer was bringing (cut-through relay)
 fails with ``relay`` when its upstream does (the relay answers "unavailable"
-at once, agent/relay.py).
+at once, agent/dataplane/relay.py).
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ _SPEC = re.compile(
 #: a demander reading from a seeder whose process died sees its connection close at once
 DEAD_PEER_NOTICE_S = 0.0
 #: a connection to a node that accepts none fails after the puller's connect timeout
-#: (agent/puller.py, ``connect_timeout``)
+#: (agent/dataplane/puller.py, ``connect_timeout``)
 CONNECT_TIMEOUT_S = 10.0
-#: a relay whose own pull ended answers "unavailable" at once (agent/relay.py)
+#: a relay whose own pull ended answers "unavailable" at once (agent/dataplane/relay.py)
 RELAY_NOTICE_S = 0.0
 #: any demander, in ``corrupt:SEEDER->*``
 ANYONE = "*"

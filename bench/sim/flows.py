@@ -148,7 +148,7 @@ class FlowNetwork:
         it joins the full ones and the fill is redone. Every other flow keeps
         its bottleneck, untouched, so the result is max-min fair again -- the
         allocation a whole-component fill gives, up to float rounding
-        (tests/unit/test_flows_refill.py checks both on random sequences).
+        (tests/bench/test_flows_refill.py checks both on random sequences).
         """
         through, flows, capacity = self._through, self._flows, self._capacity
         roots = [r for r in start if r in through]
@@ -226,7 +226,7 @@ class FlowNetwork:
         popped by fair share (ties: by how many of their flows froze already,
         then by resource), and a popped resource freezes its unfrozen flows at
         its share. The order -- and so every float -- is that of the plain
-        algorithm (tests/unit/test_flows_refill.py replays both).
+        algorithm (tests/bench/test_flows_refill.py replays both).
         """
         through, flows, capacity = self._through, self._flows, self._capacity
         seen: set[Resource] = set()

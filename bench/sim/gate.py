@@ -7,7 +7,7 @@
      "shapes": {"bimodal@100": {"ratio": 2.05, "slowdown_p90": 23.9,
                                 "slowdown_median": 1.69, "origin_copies": 20.8}, ...}}
 
-tests/unit/test_sim_gate.py re-runs the suite with the record's sizes and
+tests/bench/test_sim_gate.py re-runs the suite with the record's sizes and
 seeds and the coordinator's default policy, and :func:`check` fails it when
 
 * a run's x T* or p90 slowdown is more than ``TOLERANCE`` (10 %) above its

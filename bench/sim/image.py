@@ -1,7 +1,7 @@
 """The layers the simulator distributes: the profile's, the lab's demo image's, or sizes given.
 
 A profile's ``[image] layers`` are used as they are (named layer-1, layer-2, ...).
-Otherwise the lab distributes ``rainbowd.imagebuild.build_demo_image(payload_mib=...)``
+Otherwise the lab distributes ``rainbowd.devcluster.imagebuild.build_demo_image(payload_mib=...)``
 (busybox, the payload, a small file layer). Its exact layer sizes come from
 building it -- under a second, in a temporary directory -- rather than from a
 formula that would drift when the image builder changes.
@@ -14,8 +14,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from rainbowd.imagebuild import build_demo_image
-from rainbowd.profile import ClusterProfile
+from rainbowd.devcluster.imagebuild import build_demo_image
+from rainbowd.devcluster.profile import ClusterProfile
 
 
 def profile_layers(profile: ClusterProfile) -> list[tuple[str, int]]:

@@ -25,7 +25,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from rainbowd.profile import ORIGIN, ClusterProfile
+from rainbowd.devcluster.profile import ORIGIN, ClusterProfile
 
 from ..measures import measure
 from .engine import SimResult

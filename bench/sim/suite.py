@@ -8,7 +8,7 @@
 
 Each profile (and ``N`` shapes drawn whole from seeds ``seeds-from ..``, see
 bench/sim/drawn.py) is scaled to each ``--nodes`` count
-(:meth:`rainbowd.profile.ClusterProfile.scaled`) and simulated once with the
+(:meth:`rainbowd.devcluster.profile.ClusterProfile.scaled`) and simulated once with the
 policy (default: the coordinator's) and the default overheads. The image is
 the profile's ``layers``, else the lab's demo image of its ``payload_mib``.
 The table has, per run: T*, completion, x T*, median and p90 slowdown, the
@@ -34,9 +34,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rainbowd.log import configure as configure_logging
-from rainbowd.profile import MAX_NODES, ORIGIN, ClusterProfile, ProfileError, load_profile
-from rainbowd.scheduler import DEFAULT_POLICY, POLICIES
+from rainbowd.core.sched.scheduler import DEFAULT_POLICY, POLICIES
+from rainbowd.devcluster.profile import (
+    MAX_NODES,
+    ORIGIN,
+    ClusterProfile,
+    ProfileError,
+    load_profile,
+)
+from rainbowd.lib.log import configure as configure_logging
 
 from ..measures import GOAL_MEDIAN_SLOWDOWN, GOAL_P90_SLOWDOWN, GOAL_RATIO, Measures, measure
 from .drawn import drawn_profile

@@ -1,10 +1,11 @@
 """rbd: RainbowD-style Docker image distribution for heterogeneous clusters.
 
-This package holds the layers the agent (rainbowd.agent) and the coordinator
-(rainbowd.coordinator) build on -- core (pure logic and wire types), lib (I/O
-shared by processes) -- and the ones on top of them, the ``rbd`` CLI and the
-dev cluster; ARCHITECTURE.md and tests/unit/test_import_contracts.py say which
-module is in which. It imports neither process.
+One folder per layer, each importing only the layers below it: core (pure
+logic and wire types) and lib (I/O shared by processes), which the agent and
+the coordinator build on, and on top the ``rbd`` CLI (cli) and the dev
+cluster (devcluster). A module's folder is its layer; ARCHITECTURE.md says
+what each holds and tests/contracts/test_import_contracts.py checks it. This
+file imports nothing.
 """
 
 __version__ = "0.1.0"

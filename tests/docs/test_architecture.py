@@ -6,14 +6,14 @@ every name it writes in code style is checked against the tree:
 
 - a repository path (an inline code span with a ``/`` or a file suffix, or
   the first word of a line in a fenced ``text`` block) must exist;
-- a ``rainbowd.…`` name must be a module of rbd (pyproject.toml's package-dir
-  mapping), or a module and one name defined at its top level;
+- a ``rainbowd.…`` name must be a module of rbd (a file under src/rainbowd),
+  or a module and one name defined at its top level;
 - a ``ClassName``, ``ClassName.method`` or ``CONSTANT`` must be defined at the
   top level of some module of rbd, bench/ or tests/ (a method: in such a class).
 
-Folders that do not exist yet (issue 15's folder per layer) are named in
-plain text, never in code style. README.md's layout block (fenced ``text``)
-is held to the same path rule, and README must point to ARCHITECTURE.md.
+Folders that do not exist yet are named in plain text, never in code style.
+README.md's layout block (fenced ``text``) is held to the same path rule,
+names a folder per layer, and README must point to ARCHITECTURE.md.
 
 Pure file reading and ``ast``: no process, no network, well under a second.
 """
@@ -28,14 +28,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 ARCHITECTURE = REPO / "ARCHITECTURE.md"
 README = REPO / "README.md"
-#: where each package's modules live (pyproject.toml's package-dir mapping)
-PACKAGES = {
-    "rainbowd": REPO / "src" / "rainbowd",
-    "rainbowd.agent": REPO / "agent",
-    "rainbowd.coordinator": REPO / "coordinator",
-}
+#: where the package's modules live (every layer is a folder of it)
+PACKAGE = REPO / "src" / "rainbowd"
 #: trees whose top-level definitions a class or constant name may refer to
-DEFINING_TREES = ("src", "agent", "coordinator", "bench", "tests")
+DEFINING_TREES = ("src", "bench", "tests")
 #: suffixes that make a code span a file path even without a slash
 FILE_SUFFIXES = (".py", ".md", ".toml", ".json", ".sh")
 #: fewest names of each kind the page must yield: a parser that finds nothing proves nothing
@@ -71,14 +67,14 @@ def _is_path(span: str) -> bool:
 
 
 def _module_path(module: str) -> Path | None:
-    """The file of an rbd module (``rainbowd.agent.puller``), or None."""
-    for package, folder in sorted(PACKAGES.items(), key=lambda p: -len(p[0])):
-        if module == package:
-            return folder / "__init__.py"
-        if module.startswith(package + "."):
-            rest = module.removeprefix(package + ".")
-            path = folder / f"{rest.replace('.', '/')}.py"
-            return path if path.is_file() else None
+    """The file of an rbd module (``rainbowd.agent.dataplane.puller``), or None."""
+    first, *rest = module.split(".")
+    if first != PACKAGE.name:
+        return None
+    folder = PACKAGE.joinpath(*rest)
+    for path in (folder / "__init__.py", folder.with_suffix(".py")):
+        if path.is_file():
+            return path
     return None
 
 
@@ -163,7 +159,8 @@ def test_readme_layout_agrees_and_points_to_architecture() -> None:
     text = README.read_text()
     problems, _ = _problems(text, names=False)
     layout = _text_block_paths(text)
-    assert {"src/rainbowd/", "agent/", "coordinator/", "bench/", "tests/"} <= set(layout), layout
+    layers = {f"src/rainbowd/{layer}/" for layer in ("core", "lib", "agent", "coordinator", "cli")}
+    assert layers | {"src/rainbowd/devcluster/", "bench/", "tests/"} <= set(layout), layout
     assert not problems, "README.md names paths that do not exist:\n" + "\n".join(problems)
     assert "ARCHITECTURE.md" in text
 
@@ -171,14 +168,15 @@ def test_readme_layout_agrees_and_points_to_architecture() -> None:
 def test_the_checks_see_a_wrong_name() -> None:
     """Each rule refuses what it is for (made-up names), so a pass means something."""
     problems, _ = _problems(
-        "`agent/nothing.py` `rainbowd.nothing` `rainbowd.store.Nothing` `NoSuchClass`"
+        "`agent/nothing.py` `rainbowd.nothing` `rainbowd.lib.store.Nothing` `NoSuchClass`"
         " `LayerStore.no_such_method` `NO_SUCH_CONSTANT`\n```text\nnowhere/   x\n```\n",
         names=True,
     )
     assert len(problems) == 7, problems
     ok, _ = _problems(
-        "`agent/puller.py` `rainbowd.store` `rainbowd.store.LayerStore` `LayerPuller.pull`"
-        " `DEFAULT_POLICY` `rainbowd.agent.relay`",
+        "`src/rainbowd/agent/dataplane/puller.py` `rainbowd.lib.store` `rainbowd.agent`"
+        " `rainbowd.lib.store.LayerStore` `LayerPuller.pull` `DEFAULT_POLICY`"
+        " `rainbowd.agent.dataplane.relay`",
         names=True,
     )
     assert ok == [], ok

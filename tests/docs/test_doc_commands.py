@@ -18,7 +18,7 @@ in :data:`COMMANDS`, keyed by its exact text:
 A command added to the docs fails :func:`test_every_doc_command_is_listed`
 until it is given an entry; an entry whose command left the docs fails it
 too. Nothing here skips on its own: a missing tool (busybox-static for the
-image, skopeo, curl) skips only off CI (``tests/testdeps.py``), and fails the
+image, skopeo, curl) skips only off CI (``tests/support/testdeps.py``), and fails the
 run under ``CI=true``.
 
 The admin token: the docs rely on the CLI's default file
@@ -44,7 +44,7 @@ from pathlib import Path
 
 import pytest
 
-from rainbowd.localcluster import LocalCluster, NodeSpec
+from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec
 from testdeps import missing_dependency
 
 pytestmark = pytest.mark.integration
@@ -64,7 +64,7 @@ NO_DOCKER = (
     "and every agent, and each node reports that (exit 1); with Docker it is "
     "tests/integration/test_cluster_ops.py"
 )
-SYSTEMD = "systemd units are not run on a test host (tests/unit/test_deploy_configs.py checks them)"
+SYSTEMD = "systemd units are not run on a test host (tests/docs/test_deploy_configs.py checks them)"
 
 
 @dataclass(frozen=True)

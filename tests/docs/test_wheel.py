@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from rainbowd.scheduler import DEFAULT_POLICY
+from rainbowd.core.sched.scheduler import DEFAULT_POLICY
 from testdeps import missing_dependency
 from waiting import wait_until_sync
 
@@ -100,7 +100,8 @@ def test_make_wheel_installs_as_install_md_says_and_runs(tmp_path: Path) -> None
     py = venv / "bin" / "python"
     where = _sh(
         f"{py} -c 'import rainbowd, importlib.resources as r; print(rainbowd.__file__); "
-        'print(len((r.files("rainbowd.coordinator") / "console-ui" / "index.html").read_text()))\''
+        'ui = r.files("rainbowd.coordinator.http") / "console-ui"; '
+        'print(len((ui / "index.html").read_text()))\''
     ).split()
     assert Path(where[0]).is_relative_to(venv), f"{where[0]} is not the wheel's copy"
     assert int(where[1]) > 0  # the web console ships in the wheel

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rainbowd import messages as m
-from rainbowd.localcluster import LocalCluster
+from rainbowd.core import messages as m
+from rainbowd.devcluster.localcluster import LocalCluster
 
 
 async def add_image(cluster: LocalCluster, archive: Path, ref: str) -> m.ImageView:

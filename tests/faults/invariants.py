@@ -24,9 +24,9 @@ import contextlib
 from collections import Counter
 from types import TracebackType
 
-from rainbowd import messages as m
 from rainbowd.agent.status import AgentNotRunning
-from rainbowd.localcluster import LocalCluster
+from rainbowd.core import messages as m
+from rainbowd.devcluster.localcluster import LocalCluster
 from waiting import wait_until
 
 

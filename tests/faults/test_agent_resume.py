@@ -31,12 +31,12 @@ import pytest
 from faultkit import WHOLE_LAYERS, add_image
 from invariants import InvariantMonitor
 
-from rainbowd import messages as m
-from rainbowd.agent.puller import FLUSH_BYTES
-from rainbowd.agent.ssh_server import CHANNEL_WINDOW
-from rainbowd.chunks import ChunkBitmap, ChunkManifest
-from rainbowd.imagebuild import BUSYBOX, build_demo_image
-from rainbowd.localcluster import LocalCluster, NodeSpec
+from rainbowd.agent.dataplane.puller import FLUSH_BYTES
+from rainbowd.agent.dataplane.ssh_server import CHANNEL_WINDOW
+from rainbowd.core import messages as m
+from rainbowd.core.chunks import ChunkBitmap, ChunkManifest
+from rainbowd.devcluster.imagebuild import BUSYBOX, build_demo_image
+from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec
 from waiting import wait_until
 
 pytestmark = pytest.mark.integration

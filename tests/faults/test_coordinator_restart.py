@@ -21,9 +21,9 @@ import pytest
 from faultkit import WHOLE_LAYERS, add_image, log_events
 from invariants import InvariantMonitor
 
-from rainbowd import messages as m
-from rainbowd.imagebuild import BUSYBOX, build_demo_image
-from rainbowd.localcluster import LocalCluster, NodeSpec
+from rainbowd.core import messages as m
+from rainbowd.devcluster.imagebuild import BUSYBOX, build_demo_image
+from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec
 from waiting import wait_until
 
 pytestmark = pytest.mark.integration

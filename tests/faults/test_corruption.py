@@ -37,10 +37,10 @@ from pathlib import Path
 import pytest
 from invariants import InvariantMonitor
 
-from rainbowd import messages as m
-from rainbowd.client import AdminClient
-from rainbowd.imagebuild import BUSYBOX, build_demo_image
-from rainbowd.localcluster import LocalCluster, NodeSpec
+from rainbowd.core import messages as m
+from rainbowd.devcluster.imagebuild import BUSYBOX, build_demo_image
+from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec
+from rainbowd.lib.client import AdminClient
 
 pytestmark = pytest.mark.integration
 

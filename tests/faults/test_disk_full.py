@@ -25,9 +25,9 @@ import pytest
 from faultkit import WHOLE_LAYERS
 from invariants import InvariantMonitor
 
-from rainbowd import messages as m
-from rainbowd.imagebuild import BUSYBOX, build_demo_image
-from rainbowd.localcluster import LocalCluster, NodeSpec
+from rainbowd.core import messages as m
+from rainbowd.devcluster.imagebuild import BUSYBOX, build_demo_image
+from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec
 
 pytestmark = pytest.mark.integration
 

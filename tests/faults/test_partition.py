@@ -1,6 +1,6 @@
 """A node is cut off the network mid-job, then comes back (real processes, real partition).
 
-Every agent runs in its own network namespace (rainbowd.netlab) and the
+Every agent runs in its own network namespace (rainbowd.devcluster.netlab) and the
 coordinator in the lab's hub; the cut is the node's bridge port going down,
 so its packets vanish without any error -- what a dead switch port does.
 Expected: the coordinator marks the node down after the heartbeat timeout,
@@ -24,10 +24,10 @@ import pytest
 from faultkit import WHOLE_LAYERS
 from invariants import InvariantMonitor
 
-from rainbowd import messages as m
-from rainbowd.imagebuild import BUSYBOX, build_demo_image
-from rainbowd.localcluster import LocalCluster, NodeSpec
-from rainbowd.netlab import HUB, NetLab, Shape, list_netns
+from rainbowd.core import messages as m
+from rainbowd.devcluster.imagebuild import BUSYBOX, build_demo_image
+from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec
+from rainbowd.devcluster.netlab import HUB, NetLab, Shape, list_netns
 from testdeps import missing_dependency
 from waiting import wait_until
 

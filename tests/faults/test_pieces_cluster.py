@@ -2,7 +2,7 @@
 
 Real agents (processes, asyncssh, stores on disk) on loopback; the
 coordinator runs in this process (the real app on a loopback port) with the
-piece scheduler (rainbowd.pieces, policy ``swarm``) in place of the plain
+piece scheduler (rainbowd.core.sched.pieces, policy ``swarm``) in place of the plain
 one, because it is not yet the coordinator's own. Every agent's upload is
 capped, so one seeder cannot fill the demander's download: ``s`` first gets
 the image from the origin, then ``d`` gets the big layer as pieces from the
@@ -29,14 +29,14 @@ from aiohttp.test_utils import TestServer
 from faultkit import add_image, log_events
 from invariants import InvariantMonitor
 
-from rainbowd import messages as m
 from rainbowd.coordinator import core
-from rainbowd.coordinator.app import create_app
+from rainbowd.coordinator.http.app import create_app
 from rainbowd.coordinator.state import StateStore
-from rainbowd.digest import short
-from rainbowd.imagebuild import BUSYBOX, build_demo_image
-from rainbowd.localcluster import LocalCluster, NodeSpec
-from rainbowd.pieces import PieceScheduler
+from rainbowd.core import messages as m
+from rainbowd.core.digest import short
+from rainbowd.core.sched.pieces import PieceScheduler
+from rainbowd.devcluster.imagebuild import BUSYBOX, build_demo_image
+from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec
 from waiting import wait_until
 
 pytestmark = pytest.mark.integration

@@ -28,13 +28,13 @@ import pytest
 from faultkit import WHOLE_LAYERS
 from invariants import InvariantMonitor
 
-from rainbowd import messages as m
 from rainbowd.agent.status import render_status
-from rainbowd.dockerd import PrivateDockerd
-from rainbowd.image import ingest_docker_archive
-from rainbowd.imagebuild import build_demo_image
-from rainbowd.localcluster import LocalCluster, NodeSpec
-from rainbowd.store import LayerStore
+from rainbowd.core import messages as m
+from rainbowd.devcluster.dockerd import PrivateDockerd
+from rainbowd.devcluster.imagebuild import build_demo_image
+from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec
+from rainbowd.lib.image import ingest_docker_archive
+from rainbowd.lib.store import LayerStore
 from waiting import wait_until
 
 pytestmark = [pytest.mark.docker, pytest.mark.integration]

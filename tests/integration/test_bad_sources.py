@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from test_cli import run
 
-from rainbowd.localcluster import LocalCluster, NodeSpec
+from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec
 from registry_fixtures import RegistryProcess
 
 pytestmark = pytest.mark.integration

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from rainbowd.localcluster import LocalCluster, NodeSpec
-from rainbowd.scheduler import DEFAULT_POLICY
+from rainbowd.core.sched.scheduler import DEFAULT_POLICY
+from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec
 
 pytestmark = pytest.mark.integration
 

@@ -19,10 +19,10 @@ import aiodocker
 import pytest
 from test_cli import BIN, rbd_env, run
 
-from rainbowd import messages as m
-from rainbowd.dockerd import PrivateDockerd
-from rainbowd.imagebuild import build_demo_image
-from rainbowd.localcluster import LocalCluster, NodeSpec
+from rainbowd.core import messages as m
+from rainbowd.devcluster.dockerd import PrivateDockerd
+from rainbowd.devcluster.imagebuild import build_demo_image
+from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec
 from waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from rainbowd.agent.docker_loader import DockerLoader
-from rainbowd.compression import MEDIA_DOCKER_GZIP, MEDIA_OCI_ZSTD, sniff
-from rainbowd.digest import Digest
-from rainbowd.dockerd import PrivateDockerd
-from rainbowd.image import ingest_docker_archive
-from rainbowd.messages import Compression
-from rainbowd.store import LayerStore
+from rainbowd.agent.docker.loader import DockerLoader
+from rainbowd.core.digest import Digest
+from rainbowd.core.messages import Compression
+from rainbowd.devcluster.dockerd import PrivateDockerd
+from rainbowd.lib.compression import MEDIA_DOCKER_GZIP, MEDIA_OCI_ZSTD, sniff
+from rainbowd.lib.image import ingest_docker_archive
+from rainbowd.lib.store import LayerStore
 
 pytestmark = [pytest.mark.docker, pytest.mark.integration]
 

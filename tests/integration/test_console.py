@@ -25,13 +25,13 @@ from typing import Any
 
 import pytest
 
-from rainbowd import messages as m
-from rainbowd.agent.keys import load_or_create_key
-from rainbowd.agent.ssh_server import ChunkServer
-from rainbowd.imagebuild import BUSYBOX, build_demo_image
-from rainbowd.localcluster import LocalCluster, NodeSpec
-from rainbowd.scheduler import POLICIES
-from rainbowd.store import LayerStore
+from rainbowd.agent.dataplane.keys import load_or_create_key
+from rainbowd.agent.dataplane.ssh_server import ChunkServer
+from rainbowd.core import messages as m
+from rainbowd.core.sched.scheduler import POLICIES
+from rainbowd.devcluster.imagebuild import BUSYBOX, build_demo_image
+from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec
+from rainbowd.lib.store import LayerStore
 from testdeps import missing_dependency
 from waiting import wait_until
 

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from rainbowd import messages as m
-from rainbowd.agent.docker_loader import DockerLoader
-from rainbowd.dockerd import PrivateDockerd
-from rainbowd.imagebuild import build_rootfs_image
-from rainbowd.localcluster import LocalCluster, NodeSpec
+from rainbowd.agent.docker.loader import DockerLoader
+from rainbowd.core import messages as m
+from rainbowd.devcluster.dockerd import PrivateDockerd
+from rainbowd.devcluster.imagebuild import build_rootfs_image
+from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec
 from registry_fixtures import RegistryProcess
 from testdeps import missing_dependency
 

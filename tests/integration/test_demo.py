@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rainbowd.dockerd import PrivateDockerd
+from rainbowd.devcluster.dockerd import PrivateDockerd
 
 pytestmark = pytest.mark.integration
 

@@ -16,13 +16,13 @@ import asyncssh
 import pytest
 from test_cli import run
 
-from rainbowd import messages as m
-from rainbowd.agent.docker_loader import DockerLoader
-from rainbowd.agent.keys import load_or_create_key
-from rainbowd.agent.ssh_server import ChunkServer
-from rainbowd.dockerd import PrivateDockerd
-from rainbowd.localcluster import LocalCluster, NodeSpec
-from rainbowd.store import LayerStore
+from rainbowd.agent.dataplane.keys import load_or_create_key
+from rainbowd.agent.dataplane.ssh_server import ChunkServer
+from rainbowd.agent.docker.loader import DockerLoader
+from rainbowd.core import messages as m
+from rainbowd.devcluster.dockerd import PrivateDockerd
+from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec
+from rainbowd.lib.store import LayerStore
 
 pytestmark = pytest.mark.integration
 

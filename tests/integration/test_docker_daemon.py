@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rainbowd.dockerd import DockerdError, PrivateDockerd, ping
+from rainbowd.devcluster.dockerd import DockerdError, PrivateDockerd, ping
 
 pytestmark = [pytest.mark.docker]
 

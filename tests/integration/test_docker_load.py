@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from rainbowd.agent.docker_loader import DockerLoader, DockerLoadError
-from rainbowd.digest import Digest
-from rainbowd.dockerd import PrivateDockerd
-from rainbowd.image import ingest_docker_archive
-from rainbowd.imagebuild import build_demo_image
-from rainbowd.store import LayerStore
+from rainbowd.agent.docker.loader import DockerLoader, DockerLoadError
+from rainbowd.core.digest import Digest
+from rainbowd.devcluster.dockerd import PrivateDockerd
+from rainbowd.devcluster.imagebuild import build_demo_image
+from rainbowd.lib.image import ingest_docker_archive
+from rainbowd.lib.store import LayerStore
 
 pytestmark = [pytest.mark.docker, pytest.mark.integration]
 

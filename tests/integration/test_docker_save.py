@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from rainbowd.agent.docker_loader import DockerLoader
-from rainbowd.dockerd import PrivateDockerd
-from rainbowd.image import ImageError, ingest_docker_archive
-from rainbowd.imagebuild import build_demo_image
-from rainbowd.store import LayerStore
+from rainbowd.agent.docker.loader import DockerLoader
+from rainbowd.devcluster.dockerd import PrivateDockerd
+from rainbowd.devcluster.imagebuild import build_demo_image
+from rainbowd.lib.image import ImageError, ingest_docker_archive
+from rainbowd.lib.store import LayerStore
 
 pytestmark = [pytest.mark.docker, pytest.mark.integration]
 

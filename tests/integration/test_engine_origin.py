@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from rainbowd.agent.docker_loader import DockerLoader
-from rainbowd.agent.engine_origin import ingest_docker_engine
-from rainbowd.digest import Digest
-from rainbowd.dockerd import PrivateDockerd
-from rainbowd.image import ImageError, ingest_docker_archive
-from rainbowd.messages import DockerEngineSource
-from rainbowd.store import LayerStore
+from rainbowd.agent.docker.loader import DockerLoader
+from rainbowd.agent.origin.engine import ingest_docker_engine
+from rainbowd.core.digest import Digest
+from rainbowd.core.messages import DockerEngineSource
+from rainbowd.devcluster.dockerd import PrivateDockerd
+from rainbowd.lib.image import ImageError, ingest_docker_archive
+from rainbowd.lib.store import LayerStore
 
 pytestmark = [pytest.mark.docker, pytest.mark.integration]
 

@@ -19,8 +19,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from metric_names import dashboard_names, exposable_names
-from rainbowd import messages as m
-from rainbowd.localcluster import LocalCluster, NodeSpec
+from rainbowd.core import messages as m
+from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec
 from waiting import wait_until
 
 pytestmark = pytest.mark.integration

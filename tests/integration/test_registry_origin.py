@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from rainbowd.agent.registry import (
+from rainbowd.agent.origin.registry import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
     OCI_INDEX,
@@ -28,11 +28,11 @@ from rainbowd.agent.registry import (
     parse_platform,
     parse_reference,
 )
-from rainbowd.chunks import ChunkManifest
-from rainbowd.image import ImageError, ingest_docker_archive
-from rainbowd.imagebuild import build_demo_image
-from rainbowd.messages import ImageRecord, RegistrySource
-from rainbowd.store import LayerStore
+from rainbowd.core.chunks import ChunkManifest
+from rainbowd.core.messages import ImageRecord, RegistrySource
+from rainbowd.devcluster.imagebuild import build_demo_image
+from rainbowd.lib.image import ImageError, ingest_docker_archive
+from rainbowd.lib.store import LayerStore
 from registry_fixtures import RegistryProcess, TlsFiles, TokenServer, free_port, make_tls
 
 CHUNK = 256 * 1024

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from rainbowd import messages as m
-from rainbowd.imagebuild import build_demo_image
-from rainbowd.localcluster import LocalCluster, NodeSpec
+from rainbowd.core import messages as m
+from rainbowd.devcluster.imagebuild import build_demo_image
+from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec
 from registry_fixtures import RegistryProcess
 
 pytestmark = pytest.mark.integration

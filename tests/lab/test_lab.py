@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from bench.lab.__main__ import make_system, resolve_profile, run_lab
-from rainbowd.imagebuild import BUSYBOX
-from rainbowd.netlab import NetLab, list_netns
+from rainbowd.devcluster.imagebuild import BUSYBOX
+from rainbowd.devcluster.netlab import NetLab, list_netns
 from testdeps import missing_dependency
 from waiting import wait_until_sync
 

@@ -10,7 +10,7 @@ import pytest
 
 from bench.lab.__main__ import make_system
 from bench.lab.rbd_system import RbdSystem
-from rainbowd.scheduler import DEFAULT_POLICY
+from rainbowd.core.sched.scheduler import DEFAULT_POLICY
 
 
 def test_rbd_runs_the_default_policy_under_the_plain_name() -> None:

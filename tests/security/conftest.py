@@ -1,19 +1,15 @@
 """Fixtures of the security tests: a real coordinator app on loopback with a fake clock.
 
-The helpers of the coordinator unit tests (tests/unit/test_coordinator_support.py)
-are reused: tests/unit goes on sys.path.
+The helpers of the coordinator tests (tests/support/coordinator_support.py) are
+reused, through tests/security/door_support.py.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-
 from door_support import Door, FakeClock, open_door
 
 

@@ -14,14 +14,14 @@ from typing import Any
 import aiohttp
 import msgpack
 from aiohttp.test_utils import TestServer
-from test_coordinator_support import ADMIN, JOIN, register_request
 
-from rainbowd.chunks import MIN_CHUNK_SIZE
-from rainbowd.coordinator.app import create_app
+from coordinator_support import ADMIN, JOIN, register_request
 from rainbowd.coordinator.core import Coordinator
+from rainbowd.coordinator.http.app import create_app
 from rainbowd.coordinator.limits import EventBudget, server_options
 from rainbowd.coordinator.state import StateStore
-from rainbowd.messages import JSON, to_wire
+from rainbowd.core.chunks import MIN_CHUNK_SIZE
+from rainbowd.core.messages import JSON, to_wire
 from waiting import FakeClock  # the coordinator's clock in these tests
 
 __all__ = ["ADMIN", "JOIN", "Door", "FakeClock", "open_door", "strict_json"]

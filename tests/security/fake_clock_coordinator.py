@@ -14,13 +14,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rainbowd.chunks import MIN_CHUNK_SIZE, ChunkManifest, build_manifest
 from rainbowd.coordinator.cluster import Node
 from rainbowd.coordinator.core import Coordinator
 from rainbowd.coordinator.hostkey_probe import ProbeOutcome, ProbeState
 from rainbowd.coordinator.state import StateStore
-from rainbowd.digest import sha256_digest
-from rainbowd.messages import (
+from rainbowd.core.chunks import MIN_CHUNK_SIZE, ChunkManifest, build_manifest
+from rainbowd.core.digest import sha256_digest
+from rainbowd.core.messages import (
     ArchiveSource,
     CreateImage,
     CreateJob,

@@ -22,14 +22,14 @@ from typing import Any
 import asyncssh
 import pytest
 
-from rainbowd import chunkproto
 from rainbowd.agent.config import ConfigError, load_config
-from rainbowd.agent.keys import load_or_create_key, public_line
-from rainbowd.agent.ssh_limits import ConnectionGate, SshLimits
-from rainbowd.agent.ssh_server import ChunkServer
-from rainbowd.localcluster import LocalCluster, NodeSpec
-from rainbowd.messages import PeerInfo, TrustList
-from rainbowd.store import LayerStore
+from rainbowd.agent.dataplane.keys import load_or_create_key, public_line
+from rainbowd.agent.dataplane.ssh_limits import ConnectionGate, SshLimits
+from rainbowd.agent.dataplane.ssh_server import ChunkServer
+from rainbowd.core import chunkproto
+from rainbowd.core.messages import PeerInfo, TrustList
+from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec
+from rainbowd.lib.store import LayerStore
 from testdeps import missing_dependency
 from waiting import wait_until
 

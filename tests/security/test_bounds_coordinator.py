@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 from door_support import ADMIN, Door, FakeClock, open_door, strict_json
-from test_coordinator_support import fake_image, ingest, register_request
 
-from rainbowd.client import AdminClient, AgentClient
+from coordinator_support import fake_image, ingest, register_request
 from rainbowd.coordinator.limits import (
     EVENT_BURST,
     EVENT_RATE_PER_S,
@@ -27,8 +26,9 @@ from rainbowd.coordinator.limits import (
     EVENTS_PAGE_MAX,
     EventBudget,
 )
-from rainbowd.messages import MSGPACK
-from rainbowd.wirebounds import MAX_HOLDINGS
+from rainbowd.core.messages import MSGPACK
+from rainbowd.core.wirebounds import MAX_HOLDINGS
+from rainbowd.lib.client import AdminClient, AgentClient
 from waiting import wait_until
 
 D_UNKNOWN = "sha256:" + "e" * 64

@@ -18,9 +18,9 @@ from pathlib import Path
 import aiodocker
 import pytest
 
-from rainbowd.buildcontext import ContextError
-from rainbowd.dockerd import PrivateDockerd
-from rainbowd.dockerfile import MAX_DOCKERFILE, builder_flags, check_from, check_triggers, parse
+from rainbowd.devcluster.dockerd import PrivateDockerd
+from rainbowd.lib.buildcontext import ContextError
+from rainbowd.lib.dockerfile import MAX_DOCKERFILE, builder_flags, check_from, check_triggers, parse
 
 BASE = "rbd-demo:latest"
 

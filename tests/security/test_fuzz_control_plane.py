@@ -31,16 +31,16 @@ from aiohttp.test_utils import TestServer
 from door_support import strict_json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_coordinator_support import fake_image, register_request
 
-from rainbowd import messages as m
-from rainbowd.chunks import MIN_CHUNK_SIZE
-from rainbowd.client import AdminClient, AgentClient
-from rainbowd.coordinator.app import create_app
+from coordinator_support import fake_image, register_request
 from rainbowd.coordinator.core import Coordinator
+from rainbowd.coordinator.http.app import create_app
 from rainbowd.coordinator.limits import server_options
 from rainbowd.coordinator.state import StateStore
-from rainbowd.localcluster import LocalCluster, NodeSpec
+from rainbowd.core import messages as m
+from rainbowd.core.chunks import MIN_CHUNK_SIZE
+from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec
+from rainbowd.lib.client import AdminClient, AgentClient
 
 pytestmark = pytest.mark.integration
 

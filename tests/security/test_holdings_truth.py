@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from fake_clock_coordinator import Sim
 
-from rainbowd import messages as m
 from rainbowd.coordinator.holdings import HOLDING_GRACE_INTERVALS, ORPHAN_GRACE_INTERVALS
-from rainbowd.localcluster import LocalCluster, NodeSpec
+from rainbowd.core import messages as m
+from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec
 from waiting import wait_until
 
 HB = 1.0  # the Sim's heartbeat interval

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 from door_support import ADMIN, Door, open_door, strict_json
-from test_coordinator_support import register_request
 
-from rainbowd.messages import JSON, MSGPACK, CreateOp, RunOp, to_wire
+from coordinator_support import register_request
+from rainbowd.core.messages import JSON, MSGPACK, CreateOp, RunOp, to_wire
 
 NAN = float("nan")
 INF = float("inf")

@@ -19,15 +19,15 @@ from pathlib import Path
 import pytest
 from fake_clock_coordinator import Sim
 
-from rainbowd import messages as m
-from rainbowd.agent.keys import fingerprint, load_or_create_key, public_line
-from rainbowd.agent.ssh_server import ChunkServer
-from rainbowd.client import AgentClient, ApiError
+from rainbowd.agent.dataplane.keys import fingerprint, load_or_create_key, public_line
+from rainbowd.agent.dataplane.ssh_server import ChunkServer
 from rainbowd.coordinator.errors import Forbidden
 from rainbowd.coordinator.evidence import EVIDENCE_WINDOW
 from rainbowd.coordinator.hostkey_probe import PROBE_INTERVAL, probe_host_key
-from rainbowd.localcluster import LocalCluster, NodeSpec
-from rainbowd.store import LayerStore
+from rainbowd.core import messages as m
+from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec
+from rainbowd.lib.client import AgentClient, ApiError
+from rainbowd.lib.store import LayerStore
 
 VERIFY = m.TransferFailed(reason="chunk 0 digest mismatch", kind="verify", seeder_fault=True)
 HOST_KEY = m.TransferFailed(reason="host key mismatch", kind="security", seeder_fault=True)

@@ -19,7 +19,6 @@ import errno
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -27,21 +26,19 @@ import aiohttp
 import pytest
 import structlog
 
-from rainbowd import messages as m
-from rainbowd.agent.report_sender import BACKOFF_CAP, BACKOFF_START, ReportSender
-from rainbowd.client import AdminClient, ApiError, CoordinatorUnreachable
-from rainbowd.coordinator.app import REPORT_LEDGER
-from rainbowd.coordinator.report_ids import PRUNE_EVERY, ReportLedger
+# the coordinator tests' helpers (a real coordinator on loopback, fake images)
+from coordinator_support import ADMIN, enroll, fake_image, ingest, poll, start
+from rainbowd.agent.control.report_sender import BACKOFF_CAP, BACKOFF_START, ReportSender
+from rainbowd.coordinator.http.app import REPORT_LEDGER
+from rainbowd.coordinator.http.report_ids import PRUNE_EVERY, ReportLedger
 from rainbowd.coordinator.state import StateStore
-from rainbowd.imagebuild import BUSYBOX, build_demo_image
-from rainbowd.localcluster import LocalCluster, NodeSpec
-from rainbowd.report_id import REPORT_ID_HEADER
+from rainbowd.core import messages as m
+from rainbowd.core.report_id import REPORT_ID_HEADER
+from rainbowd.devcluster.imagebuild import BUSYBOX, build_demo_image
+from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec
+from rainbowd.lib.client import AdminClient, ApiError, CoordinatorUnreachable
 from testdeps import missing_dependency
 from waiting import wait_until
-
-# the coordinator unit tests' helpers (a real coordinator on loopback, fake images)
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "unit"))
-from test_coordinator_support import ADMIN, enroll, fake_image, ingest, poll, start
 
 
 class FakeTime:

@@ -2,8 +2,8 @@
 
 A node enrolled a moment ago pulls from a seeder that has not heard of it
 yet. The seeder fetches the current list when it meets the unknown key
-(agent/ssh_server.py), the demander tries a refused key again a few times
-(agent/puller.py), the pull succeeds and nobody is quarantined; and a
+(agent/dataplane/ssh_server.py), the demander tries a refused key again a few times
+(agent/dataplane/puller.py), the pull succeeds and nobody is quarantined; and a
 refusal that still gets reported blames nobody (coordinator). Real asyncssh
 on both ends; the real coordinator app where the list comes from it.
 """
@@ -20,17 +20,17 @@ import pytest
 from aiohttp.test_utils import TestServer
 from fake_clock_coordinator import ADMIN, JOIN, Clock, Sim
 
-from rainbowd import messages as m
-from rainbowd.agent.keys import load_or_create_key, public_line
-from rainbowd.agent.puller import TRUST_RETRIES, LayerPuller, PullError
-from rainbowd.agent.ssh_server import TRUST_REFRESH_INTERVAL, ChunkServer
-from rainbowd.chunks import MIN_CHUNK_SIZE
-from rainbowd.client import AgentClient
-from rainbowd.coordinator.app import create_app
+from rainbowd.agent.dataplane.keys import load_or_create_key, public_line
+from rainbowd.agent.dataplane.puller import TRUST_RETRIES, LayerPuller, PullError
+from rainbowd.agent.dataplane.ssh_server import TRUST_REFRESH_INTERVAL, ChunkServer
 from rainbowd.coordinator.core import Coordinator
+from rainbowd.coordinator.http.app import create_app
 from rainbowd.coordinator.state import StateStore
-from rainbowd.digest import Digest, sha256_digest
-from rainbowd.store import LayerStore
+from rainbowd.core import messages as m
+from rainbowd.core.chunks import MIN_CHUNK_SIZE
+from rainbowd.core.digest import Digest, sha256_digest
+from rainbowd.lib.client import AgentClient
+from rainbowd.lib.store import LayerStore
 
 SIZE = 40 * MIN_CHUNK_SIZE + 123
 

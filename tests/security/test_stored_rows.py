@@ -14,10 +14,10 @@ from pathlib import Path
 
 from door_support import ADMIN, Door, FakeClock, open_door
 from structlog.testing import capture_logs
-from test_coordinator_support import fake_image, ingest
 
-from rainbowd.client import AdminClient, AgentClient
-from rainbowd.messages import CreateJob
+from coordinator_support import fake_image, ingest
+from rainbowd.core.messages import CreateJob
+from rainbowd.lib.client import AdminClient, AgentClient
 
 
 def _edit(db: Path, sql: str, *args: object) -> None:
@@ -73,7 +73,7 @@ async def test_bad_rows_of_every_table_are_set_aside(door: Door, clock: FakeCloc
     origin = AgentClient(door.url)
     await origin.open()
     try:
-        from test_coordinator_support import register_request
+        from coordinator_support import register_request
 
         await origin.register(register_request("origin", roles=["origin"], speed=1e8))
         img = fake_image(sizes=(70_000,))

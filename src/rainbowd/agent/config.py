@@ -1,0 +1,319 @@
+"""AgentConfig: every option of rbd-agent, read from TOML, explicit defaults.
+
+The keys are documented with examples in deploy/config/agent.example.toml.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from rainbowd.core.eviction import DEFAULT_HIGH_WATERMARK, DEFAULT_LOW_WATERMARK
+from rainbowd.core.units import SizeError, parse_size
+
+from .control.report_sender import DEFAULT_REPORT_RETRY_SECONDS, MAX_REPORT_RETRY_SECONDS
+from .dataplane.ssh_limits import SshLimits
+
+
+class ConfigError(ValueError):
+    """The agent configuration is unusable; the message says which key and why."""
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    node_id: str
+    coordinator_url: str
+    state_dir: Path
+    join_token_file: Path | None = None
+    listen_address: str = "0.0.0.0"
+    advertise_address: str = ""  # "" = this host's name resolved, or 127.0.0.1
+    ssh_port: int = 7722
+    roles: list[str] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)
+    docker_url: str = ""  # "" = no Docker engine on this host
+    speed_hint_mbps: float = 0.0
+    #: download speed in Mbit/s, for asymmetric links (0 = unknown: speed_hint_mbps)
+    download_hint_mbps: float = 0.0
+    status_socket: Path | None = None
+    log_level: str = "info"
+    #: seconds to wait for the coordinator on each request
+    request_timeout: float = 10.0
+    #: seconds a long-poll for assignments may hang at the coordinator
+    poll_wait: float = 25.0
+    #: check each chunk against the manifest before serving it (catches a blob
+    #: that rotted on this disk before a peer downloads it)
+    verify_served: bool = True
+    #: cap on the bytes/s this agent serves to peers, in Mbit/s (0 = no cap)
+    max_upload_mbps: float = 0.0
+    #: HOST:PORT of the Prometheus endpoint (GET /metrics); "" = off, the default:
+    #: an operator opts in and picks the interface, and several agents on one
+    #: host (tests, labs) do not fight over one port. 9465 is the suggested port.
+    metrics_listen: str = ""
+    #: file with a bearer token GET /metrics then requires (None = no token)
+    metrics_token_file: Path | None = None
+    #: cap on the bytes/s this agent pulls from peers, in Mbit/s (0 = no cap)
+    max_download_mbps: float = 0.0
+    #: most bytes rbd's own store files may take (0 = no limit); see rainbowd.core.eviction
+    store_max_bytes: int = 0
+    #: above this fraction of store_max_bytes, least recently used layers are evicted ...
+    store_high_watermark: float = DEFAULT_HIGH_WATERMARK
+    #: ... until the store is back under this fraction
+    store_low_watermark: float = DEFAULT_LOW_WATERMARK
+    #: SSH server limits (agent/dataplane/ssh_limits.py says why each exists): authenticated
+    #: connections in total, per peer (client key), chunk channels per connection,
+    #: connections not yet authenticated, and seconds allowed to authenticate
+    ssh_max_connections: int = SshLimits.max_connections
+    ssh_max_connections_per_peer: int = SshLimits.max_connections_per_peer
+    ssh_max_channels_per_connection: int = SshLimits.max_channels_per_connection
+    ssh_max_pending: int = SshLimits.max_pending
+    ssh_login_timeout: float = SshLimits.login_timeout
+    #: how long a final report (transfer/op/ingest/load) is retried on connection
+    #: errors and 5xx before it is given up (logged as lost); see agent/control/report_sender.py
+    report_retry_seconds: float = DEFAULT_REPORT_RETRY_SECONDS
+
+    def ssh_limits(self) -> SshLimits:
+        return SshLimits(
+            max_connections=self.ssh_max_connections,
+            max_connections_per_peer=self.ssh_max_connections_per_peer,
+            max_channels_per_connection=self.ssh_max_channels_per_connection,
+            max_pending=self.ssh_max_pending,
+            login_timeout=self.ssh_login_timeout,
+        )
+
+    @property
+    def store_dir(self) -> Path:
+        return self.state_dir / "store"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.state_dir / "keys"
+
+    @property
+    def credential_file(self) -> Path:
+        return self.state_dir / "credential"
+
+    @property
+    def status_path(self) -> Path:
+        return self.status_socket or self.state_dir / "agent.sock"
+
+    def advertised(self) -> str:
+        if self.advertise_address:
+            return self.advertise_address
+        if self.listen_address not in ("0.0.0.0", "::", ""):
+            return self.listen_address
+        return socket.getfqdn()
+
+    def metrics_address(self) -> tuple[str, int] | None:
+        """(host, port) of the metrics endpoint, or None when it is off."""
+        return _host_port(self.metrics_listen) if self.metrics_listen else None
+
+    def metrics_token(self) -> str:
+        """The token GET /metrics requires ("" = none); a configured file must hold one."""
+        if self.metrics_token_file is None:
+            return ""
+        try:
+            token = self.metrics_token_file.read_text().strip()
+        except OSError as e:
+            raise ConfigError(
+                f"metrics_token_file {self.metrics_token_file}: {e.strerror}"
+            ) from None
+        if not token:
+            raise ConfigError(
+                f"metrics_token_file {self.metrics_token_file} is empty; put a token in it "
+                'or set metrics_token_file = ""'
+            )
+        return token
+
+    def join_token(self) -> str:
+        if self.join_token_file is None:
+            return ""
+        try:
+            return self.join_token_file.read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"join_token_file {self.join_token_file}: {e.strerror}") from None
+
+
+class _Raw(msgspec.Struct, forbid_unknown_fields=True):
+    node_id: str
+    coordinator_url: str
+    state_dir: str
+    join_token_file: str = ""
+    listen_address: str = "0.0.0.0"
+    advertise_address: str = ""
+    ssh_port: int = 7722
+    roles: list[str] = []
+    labels: dict[str, str] = {}
+    docker_url: str = ""
+    speed_hint_mbps: float = 0.0
+    download_hint_mbps: float = 0.0
+    status_socket: str = ""
+    log_level: str = "info"
+    request_timeout: float = 10.0
+    poll_wait: float = 25.0
+    verify_served: bool = True
+    max_upload_mbps: float = 0.0
+    metrics_listen: str = ""
+    metrics_token_file: str = ""
+    max_download_mbps: float = 0.0
+    store_max_bytes: int | str = 0
+    store_high_watermark: float = DEFAULT_HIGH_WATERMARK
+    store_low_watermark: float = DEFAULT_LOW_WATERMARK
+    ssh_max_connections: int = SshLimits.max_connections
+    ssh_max_connections_per_peer: int = SshLimits.max_connections_per_peer
+    ssh_max_channels_per_connection: int = SshLimits.max_channels_per_connection
+    ssh_max_pending: int = SshLimits.max_pending
+    ssh_login_timeout: float = SshLimits.login_timeout
+    report_retry_seconds: float = DEFAULT_REPORT_RETRY_SECONDS
+
+
+KNOWN_ROLES = {"origin"}
+#: the largest link-speed hint taken (Mbit/s): 10 Tbit/s, far above any NIC, finite
+MAX_HINT_MBPS = 1e7
+
+
+def load_config(path: Path, overrides: dict[str, Any] | None = None) -> AgentConfig:
+    """Read ``path`` (TOML); ``overrides`` (from CLI flags) win over the file."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file {path} not found; copy deploy/config/agent.example.toml"
+        ) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    data.update(env_overrides())
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        raw = msgspec.convert(data, _Raw)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"config file {path}: {e}") from None
+    return _from_raw(raw)
+
+
+#: prefix of environment variables that override scalar config keys
+ENV_PREFIX = "RBD_AGENT_"
+_ENV_KEYS: dict[str, type] = {
+    "verify_served": bool,
+    "max_upload_mbps": float,
+    "max_download_mbps": float,
+    "request_timeout": float,
+    "poll_wait": float,
+    "log_level": str,
+    "ssh_login_timeout": float,
+    "report_retry_seconds": float,
+}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Config keys set as ``RBD_AGENT_<KEY>`` in the environment (between file and flags).
+
+    Only tuning keys are read this way (not identity or trust: node_id, URLs,
+    tokens stay in the file), so a systemd drop-in ``Environment=`` can tune
+    one host, and tests can tune agents a LocalCluster starts, without
+    rewriting configs. Values are parsed by the key's type.
+    """
+    env = os.environ if environ is None else environ
+    out: dict[str, Any] = {}
+    for key, kind in _ENV_KEYS.items():
+        name = ENV_PREFIX + key.upper()
+        value = env.get(name, "").strip()
+        if not value:
+            continue
+        if kind is bool:
+            if value.lower() not in _TRUE | _FALSE:
+                raise ConfigError(f"{name}={value!r}: use true or false")
+            out[key] = value.lower() in _TRUE
+        elif kind is float:
+            try:
+                out[key] = float(value)
+            except ValueError:
+                raise ConfigError(f"{name}={value!r}: not a number") from None
+        else:
+            out[key] = value
+    return out
+
+
+def _store_limits(raw: _Raw) -> int:
+    """``store_max_bytes`` in bytes, after checking it and the watermarks."""
+    try:
+        max_bytes = parse_size(raw.store_max_bytes)
+    except SizeError as e:
+        raise ConfigError(f"store_max_bytes: {e}; 0 = no limit") from None
+    high, low = raw.store_high_watermark, raw.store_low_watermark
+    if not 0 < high <= 1:
+        raise ConfigError(f"store_high_watermark {high}: must be a fraction in (0, 1]")
+    if not 0 < low < high:
+        raise ConfigError(
+            f"store_low_watermark {low}: must be > 0 and below store_high_watermark {high}"
+        )
+    return max_bytes
+
+
+def _from_raw(raw: _Raw) -> AgentConfig:
+    if not raw.node_id or not all(c.isalnum() or c in "-_." for c in raw.node_id):
+        raise ConfigError(f"node_id {raw.node_id!r}: use letters, digits, '-', '_' or '.'")
+    if not raw.coordinator_url.startswith(("http://", "https://")):
+        raise ConfigError(f"coordinator_url {raw.coordinator_url!r}: must start with http(s)://")
+    if not 0 <= raw.ssh_port <= 65535:
+        raise ConfigError(f"ssh_port {raw.ssh_port}: must be 0..65535")
+    if raw.max_upload_mbps < 0:
+        raise ConfigError(f"max_upload_mbps {raw.max_upload_mbps}: must be >= 0 (0 = no cap)")
+    if raw.metrics_listen:
+        _host_port(raw.metrics_listen)
+    for key in ("max_upload_mbps", "max_download_mbps"):
+        if getattr(raw, key) < 0:
+            raise ConfigError(f"{key} {getattr(raw, key)}: must be >= 0 (0 = no cap)")
+    for key in ("speed_hint_mbps", "download_hint_mbps"):
+        value = getattr(raw, key)
+        if not 0 <= value <= MAX_HINT_MBPS:  # also false for NaN
+            raise ConfigError(f"{key} {value}: must be 0..{MAX_HINT_MBPS:g} Mbit/s (0 = unknown)")
+    try:
+        _ssh_limits(raw).check()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if not 1 <= raw.report_retry_seconds <= MAX_REPORT_RETRY_SECONDS:
+        raise ConfigError(
+            f"report_retry_seconds {raw.report_retry_seconds}: must be seconds in "
+            f"1..{MAX_REPORT_RETRY_SECONDS:.0f}"
+        )
+    unknown = set(raw.roles) - KNOWN_ROLES
+    if unknown:
+        raise ConfigError(f"roles: unknown {sorted(unknown)}; known: {sorted(KNOWN_ROLES)}")
+    kw: dict[str, Any] = {f.name: getattr(raw, f.name) for f in fields(AgentConfig)}
+    kw["store_max_bytes"] = _store_limits(raw)
+    kw["state_dir"] = Path(raw.state_dir)
+    kw["join_token_file"] = Path(raw.join_token_file) if raw.join_token_file else None
+    kw["status_socket"] = Path(raw.status_socket) if raw.status_socket else None
+    kw["metrics_token_file"] = Path(raw.metrics_token_file) if raw.metrics_token_file else None
+    return AgentConfig(**kw)
+
+
+def _ssh_limits(raw: _Raw) -> SshLimits:
+    return SshLimits(
+        max_connections=raw.ssh_max_connections,
+        max_connections_per_peer=raw.ssh_max_connections_per_peer,
+        max_channels_per_connection=raw.ssh_max_channels_per_connection,
+        max_pending=raw.ssh_max_pending,
+        login_timeout=raw.ssh_login_timeout,
+    )
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT``) of metrics_listen; ConfigError names the key."""
+    host, sep, port_s = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        raise ConfigError(
+            f'metrics_listen {value!r}: use HOST:PORT, e.g. "127.0.0.1:9465" '
+            '(or "" to turn the metrics endpoint off)'
+        )
+    return host, int(port_s)

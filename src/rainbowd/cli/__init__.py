@@ -1,0 +1,1 @@
+"""The `rbd` command: the admin CLI over the coordinator's admin API."""

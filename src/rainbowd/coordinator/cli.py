@@ -1,0 +1,220 @@
+"""``rbd-coordinator``: run the coordinator, or print one of its tokens.
+
+Usage::
+
+    rbd-coordinator [run] --state-dir DIR [--listen HOST:PORT] [--config FILE] ...
+    rbd-coordinator show-token {join,admin,metrics} --state-dir DIR [--config FILE]
+
+Tokens live in ``<state-dir>/join-token``, ``<state-dir>/admin-token`` and
+``<state-dir>/metrics-token`` (what a Prometheus server presents on
+``GET /metrics``) unless ``--join-token-file``/``--admin-token-file``/
+``--metrics-token-file`` say otherwise; a missing file is created (mode 0600)
+with a fresh random token at start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from rainbowd.core.chunks import DEFAULT_CHUNK_SIZE
+from rainbowd.core.sched.scheduler import DEFAULT_POLICY, POLICIES
+from rainbowd.lib.log import configure
+
+from . import auth, config
+from .core import Coordinator
+from .http.app import create_app
+from .limits import server_options
+from .state import StateStore
+
+log = structlog.get_logger(__name__)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="TOML config file (flags override it)")
+    p.add_argument("--state-dir", help="directory for the SQLite database and tokens")
+    p.add_argument("--join-token-file", help="default <state-dir>/join-token")
+    p.add_argument("--admin-token-file", help="default <state-dir>/admin-token")
+    p.add_argument("--metrics-token-file", help="default <state-dir>/metrics-token")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rbd-coordinator", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command")
+    run = sub.add_parser("run", help="run the coordinator (the default)")
+    _common(run)
+    run.add_argument("--listen", help=f"HOST:PORT to serve on (default {config.DEFAULT_LISTEN})")
+    # every default below is read from the constant the code uses, never written out:
+    # a literal here said "slots" long after the default had moved on
+    run.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        help=f"seconds (default {config.DEFAULT_HEARTBEAT_INTERVAL:g})",
+    )
+    run.add_argument(
+        "--chunk-size",
+        type=int,
+        help=f"bytes per chunk for new ingests (default {DEFAULT_CHUNK_SIZE})",
+    )
+    run.add_argument(
+        "--policy",
+        help=f"scheduling policy, one of {', '.join(POLICIES)} (default {DEFAULT_POLICY}; "
+        "paper = the paper's Algorithm 1)",
+    )
+    run.add_argument(
+        "--node-down-timeout",
+        type=float,
+        help="seconds a target node may be down before it fails in its jobs "
+        f"(default {config.DEFAULT_NODE_DOWN_TIMEOUT:g})",
+    )
+    run.add_argument(
+        "--seeder-fault-limit",
+        type=int,
+        help="transfers spoiled with bad chunks before a seeder is quarantined "
+        f"(default {config.DEFAULT_SEEDER_FAULT_LIMIT})",
+    )
+    run.add_argument("--log-level", help="debug, info, warning, error")
+    run.add_argument("--log-json", action="store_true", default=None, help="JSON log lines")
+    run.add_argument("--ready-file", help="write HOST:PORT here once listening (for tests)")
+    show = sub.add_parser("show-token", help="print the join, admin or metrics token")
+    show.add_argument("which", choices=["join", "admin", "metrics"])
+    _common(show)
+    return p
+
+
+def _settings(args: argparse.Namespace) -> config.CoordinatorConfig:
+    file_values = config.load_file(args.config) if args.config else {}
+    overrides: dict[str, Any] = {
+        "state_dir": args.state_dir,
+        "join_token_file": args.join_token_file,
+        "admin_token_file": args.admin_token_file,
+        "metrics_token_file": args.metrics_token_file,
+    }
+    flags = (
+        "listen",
+        "heartbeat_interval",
+        "chunk_size",
+        "policy",
+        "node_down_timeout",
+        "seeder_fault_limit",
+        "log_level",
+        "log_json",
+        "ready_file",
+    )
+    for key in flags:
+        overrides[key] = getattr(args, key, None)
+    return config.build(file_values, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("run", "show-token", "-h", "--help"):
+        argv.insert(0, "run")
+    args = parser().parse_args(argv)
+    try:
+        cfg = _settings(args)
+    except (config.ConfigError, ValueError) as e:
+        print(f"rbd-coordinator: {e}", file=sys.stderr)
+        return 2
+    if args.command == "show-token":
+        path = {
+            "join": cfg.join_token_path,
+            "admin": cfg.admin_token_path,
+            "metrics": cfg.metrics_token_path,
+        }[args.which]
+        try:
+            print(path.read_text().strip())
+        except OSError as e:
+            print(f"rbd-coordinator: cannot read {path}: {e.strerror}", file=sys.stderr)
+            return 1
+        return 0
+    configure(cfg.log_level, cfg.log_json)
+    try:
+        asyncio.run(serve(cfg))
+    except (OSError, ValueError) as e:
+        log.error("coordinator failed to start", error=str(e))
+        return 1
+    return 0
+
+
+def _token(path: Path, which: str) -> str:
+    token, created = auth.read_or_create_token(path)
+    if created:
+        log.info(f"generated a new {which} token", path=str(path))
+    return token
+
+
+async def serve(cfg: config.CoordinatorConfig) -> None:
+    """Run until SIGTERM/SIGINT, then shut the HTTP server down and close the database."""
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    join_token = _token(cfg.join_token_path, "join")
+    admin_token = _token(cfg.admin_token_path, "admin")
+    metrics_token = _token(cfg.metrics_token_path, "metrics")
+    store = StateStore(cfg.db_path)
+    try:
+        coordinator = Coordinator(
+            store,
+            join_token=join_token,
+            admin_token=admin_token,
+            heartbeat_interval=cfg.heartbeat_interval,
+            chunk_size=cfg.chunk_size,
+            policy=cfg.policy,
+            node_down_timeout=cfg.node_down_timeout,
+            seeder_fault_limit=cfg.seeder_fault_limit,
+            metrics_token=metrics_token,
+        )
+        # handler_cancellation: a long-poll whose agent vanished (kill -9, crash,
+        # cable) is cancelled at once, which is how a dead demander is noticed
+        # without waiting for missed heartbeats (see app.assignments)
+        # server_options: idle connections and half-sent headers are closed (limits.py)
+        runner = web.AppRunner(
+            create_app(coordinator),
+            access_log=None,
+            handler_cancellation=True,
+            **server_options(),
+        )
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, cfg.host, cfg.port)
+            await site.start()
+            host, port = _bound(site, cfg)
+            log.info(
+                "coordinator listening",
+                listen=f"{host}:{port}",
+                state_dir=str(cfg.state_dir),
+                join_token_file=str(cfg.join_token_path),
+                admin_token_file=str(cfg.admin_token_path),
+                metrics_token_file=str(cfg.metrics_token_path),
+            )
+            if cfg.ready_file:
+                cfg.ready_file.write_text(f"{host}:{port}\n")
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
+            log.info("shutting down")
+        finally:
+            await runner.cleanup()
+    finally:
+        store.close()
+
+
+def _bound(site: web.TCPSite, cfg: config.CoordinatorConfig) -> tuple[str, int]:
+    server = site._server  # the asyncio server knows the real port when 0 was asked
+    sockets = getattr(server, "sockets", None) or []
+    if sockets:
+        addr = sockets[0].getsockname()
+        return str(addr[0]), int(addr[1])
+    return cfg.host, cfg.port
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

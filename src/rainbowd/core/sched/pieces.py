@@ -1,0 +1,314 @@
+"""Pieces: a layer scheduled as runs of chunks, so several seeders feed one demander at once.
+
+Why: with whole-layer transfers a demander handed a slow seeder waits for
+that one seeder for the whole layer, and a seeder's upload is only useful to
+a demander once it holds (or relays) the whole layer. On an upload-bound
+cluster that leaves most upload idle (issue 13: 6.8 x T* in the lab). Split
+into pieces -- runs of ``piece_chunks`` consecutive chunks -- a layer moves
+as several transfers, each of one piece from one seeder:
+
+* a demander pulls different pieces of one layer from different seeders at
+  the same time (chunk-level multi-source, as Dragonfly and Kraken do), as
+  many as its download has room for;
+* a node seeds the pieces it holds before it holds the whole layer, so slow
+  uploads contribute from the first piece on (BitTorrent's insight);
+* a stalled or failed source costs one piece, and the agent keeps the chunks
+  of it that landed: the next transfer of that piece moves only the rest;
+* per-source rates adapt: each piece's rate is measured like any transfer.
+
+:class:`PieceScheduler` has the public interface of
+:class:`~rainbowd.core.sched.scheduler.Scheduler` in terms of *layers* (the coordinator
+and the simulator speak layers) and drives an inner ``Scheduler`` whose
+"layers" are pieces. A layer of one piece keeps its own digest as the piece
+key, so whole-layer policies (``paper``, ``relay``...) behave exactly as
+before. A piece key is ``"<layer>#<first chunk>"``.
+
+Transfers handed out carry ``first_chunk``/``end_chunk`` (``end_chunk`` 0:
+the whole layer); ``layer`` is always the layer's digest. A node *holds* a
+layer once it holds every piece of it.
+
+Pieces are sized by the policy's ``piece_bytes`` (policies.py): a piece is
+``max(1, piece_bytes // chunk_size)`` chunks. A layer whose size is learnt
+while transfers or demands of it are open stays whole (re-keying those
+would lose track of them); one that is only held is split at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from .policies import RULES
+from .scheduler import DEFAULT_SPEED_BPS, Scheduler, SchedulerError, Transfer
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Chunks ``[first, end)`` of ``layer``: ``size`` bytes, scheduled under ``key``."""
+
+    layer: str
+    key: str
+    first: int
+    end: int
+    size: int
+
+
+def piece_chunks(piece_bytes: int, chunk_size: int, size: int = 0, layer_pieces: int = 0) -> int:
+    """Chunks per piece of a ``size``-byte layer (0: no split).
+
+    At least ``piece_bytes`` worth of chunks (at least one); with ``layer_pieces``,
+    enough chunks that the layer has no more than that many pieces.
+    """
+    if piece_bytes <= 0 or chunk_size <= 0:
+        return 0
+    per = max(1, piece_bytes // chunk_size)
+    if layer_pieces > 0 and size > 0:
+        chunks = -(-size // chunk_size)
+        per = max(per, -(-chunks // layer_pieces))
+    return per
+
+
+def split_layer(layer: str, size: int, chunk_size: int, per_piece: int) -> list[Piece]:
+    """``layer`` as pieces of ``per_piece`` chunks; one piece (keyed by the layer) if it fits."""
+    chunks = max(1, -(-size // chunk_size)) if chunk_size > 0 else 1
+    if per_piece <= 0 or chunks <= per_piece:
+        return [Piece(layer, layer, 0, 0, size)]
+    pieces = []
+    for first in range(0, chunks, per_piece):
+        end = min(chunks, first + per_piece)
+        nbytes = min(size, end * chunk_size) - first * chunk_size
+        pieces.append(Piece(layer, f"{layer}#{first}", first, end, nbytes))
+    return pieces
+
+
+class PieceScheduler:
+    """A :class:`Scheduler` over layers, splitting them into pieces (module docstring)."""
+
+    def __init__(
+        self,
+        policy: str = "paper",
+        *,
+        default_speed_bps: float = DEFAULT_SPEED_BPS,
+        new_id: Callable[[], str] | None = None,
+    ) -> None:
+        self.inner = Scheduler(policy, default_speed_bps=default_speed_bps, new_id=new_id)
+        self._setup(policy)
+
+    @classmethod
+    def around(cls, inner: Scheduler) -> PieceScheduler:
+        """Pieces over an existing ``inner`` scheduler (a test's or an experiment's variant)."""
+        self = cls.__new__(cls)
+        self.inner = inner
+        self._setup(inner.policy)
+        return self
+
+    def _setup(self, policy: str) -> None:
+        self.policy = policy
+        rules = RULES.get(policy)
+        self.piece_bytes = rules.piece_bytes if rules is not None else 0
+        self.layer_pieces = rules.layer_pieces if rules is not None else 0
+        self._pieces: dict[str, list[Piece]] = {}  # layer -> its pieces (known sizes only)
+        self._piece: dict[str, Piece] = {}  # piece key -> piece (split layers only)
+
+    # -- layers and pieces --------------------------------------------------
+    def pieces(self, layer: str) -> list[Piece]:
+        """The pieces of ``layer`` (one, keyed by the layer, while its size is unknown)."""
+        return self._pieces.get(layer) or [Piece(layer, layer, 0, 0, 0)]
+
+    def _keys(self, layer: str) -> list[str]:
+        return [p.key for p in self.pieces(layer)]
+
+    def piece_of(self, t: Transfer) -> Piece:
+        """The piece ``t`` moves."""
+        key = self._key_of(t)
+        return self._piece.get(key) or self.pieces(t.layer)[0]
+
+    def _key_of(self, t: Transfer) -> str:
+        return f"{t.layer}#{t.first_chunk}" if t.end_chunk else t.layer
+
+    def set_layer_size(self, layer: str, size: int, chunk_size: int = 0) -> None:
+        """Learn ``layer``'s size and chunking, and split it into pieces if it can be."""
+        if layer in self._pieces or size <= 0:
+            if layer in self._pieces:
+                return
+            self.inner.set_layer_size(layer, size, chunk_size)
+            return
+        per = piece_chunks(self.piece_bytes, chunk_size, size, self.layer_pieces)
+        pieces = split_layer(layer, size, chunk_size, per)
+        if len(pieces) > 1 and not self._may_split(layer):
+            pieces = [Piece(layer, layer, 0, 0, size)]
+        holders = self.inner.holders(layer) if len(pieces) > 1 else []
+        for h in holders:
+            self.inner.remove_holding(h, layer)
+        self._pieces[layer] = pieces
+        for p in pieces:
+            if p.key != layer:
+                self._piece[p.key] = p
+            self.inner.set_layer_size(p.key, p.size, chunk_size)
+        for h in holders:
+            for p in pieces:
+                self.inner.add_holding(h, p.key)
+
+    def _may_split(self, layer: str) -> bool:
+        """A layer may be re-keyed into pieces while nothing but holdings refer to it."""
+        if any(lr == layer for _, lr in self.inner.pending()):
+            return False
+        return not any(t.layer == layer for t in self.inner.active())
+
+    # -- nodes (forwarded) ----------------------------------------------------
+    def add_node(
+        self,
+        node_id: str,
+        speed_bps: float = 0.0,
+        holdings: Iterable[str] = (),
+        *,
+        max_upload_bps: float | None = None,
+        max_download_bps: float | None = None,
+        download_bps: float = 0.0,
+    ) -> None:
+        items = [k for layer in holdings for k in self._keys(layer)]
+        self.inner.add_node(
+            node_id,
+            speed_bps,
+            items,
+            max_upload_bps=max_upload_bps,
+            max_download_bps=max_download_bps,
+            download_bps=download_bps,
+        )
+
+    def node_down(self, node_id: str) -> list[Transfer]:
+        return [self._outer(t) for t in self.inner.node_down(node_id)]
+
+    def suspect(self, node_id: str) -> None:
+        self.inner.suspect(node_id)
+
+    def is_suspect(self, node_id: str) -> bool:
+        return self.inner.is_suspect(node_id)
+
+    def avoid(self, demander: str, seeder: str, until: float) -> None:
+        self.inner.avoid(demander, seeder, until)
+
+    def penalize(self, node_id: str, factor: float = 0.5) -> float:
+        return self.inner.penalize(node_id, factor)
+
+    def observe_speed(self, node_id: str, bytes_per_second: float) -> None:
+        self.inner.observe_speed(node_id, bytes_per_second)
+
+    def speed(self, node_id: str) -> float:
+        return self.inner.speed(node_id)
+
+    # -- holdings -------------------------------------------------------------
+    def add_holding(self, node_id: str, layer: str) -> None:
+        for k in self._keys(layer):
+            self.inner.add_holding(node_id, k)
+
+    def remove_holding(self, node_id: str, layer: str) -> None:
+        for k in self._keys(layer):
+            self.inner.remove_holding(node_id, k)
+
+    def holds(self, node_id: str, layer: str) -> bool:
+        """Whether ``node_id`` holds every piece of ``layer``."""
+        return all(self.inner.holds(node_id, k) for k in self._keys(layer))
+
+    def holds_piece(self, node_id: str, t: Transfer) -> bool:
+        """Whether ``node_id`` holds the piece ``t`` moves."""
+        return self.inner.holds(node_id, self._key_of(t))
+
+    def holders(self, layer: str) -> list[str]:
+        """Nodes holding every piece of ``layer``."""
+        keys = self._keys(layer)
+        common = set(self.inner.holders(keys[0]))
+        for k in keys[1:]:
+            common.intersection_update(self.inner.holders(k))
+        return sorted(common)
+
+    # -- demands --------------------------------------------------------------
+    def demand(self, node_id: str, layer: str, job_id: str, now: float) -> bool:
+        """``node_id`` needs ``layer``: every piece it lacks; False if it lacks none or asked."""
+        added = False
+        for k in self._keys(layer):
+            added = self.inner.demand(node_id, k, job_id, now) or added
+        return added
+
+    def cancel_demand(self, node_id: str, layer: str) -> None:
+        for k in self._keys(layer):
+            self.inner.cancel_demand(node_id, k)
+
+    def pending(self) -> list[tuple[str, str]]:
+        """(node, layer) with a piece not yet satisfied, in arrival order."""
+        seen: dict[tuple[str, str], None] = {}
+        for node, key in self.inner.pending():
+            p = self._piece.get(key)
+            seen[(node, p.layer if p is not None else key)] = None
+        return list(seen)
+
+    def is_demanding(self, node_id: str) -> bool:
+        return self.inner.is_demanding(node_id)
+
+    # -- transfers ------------------------------------------------------------
+    def _outer(self, t: Transfer) -> Transfer:
+        """The inner transfer of piece ``t.layer`` as the layer's transfer with its chunk range."""
+        p = self._piece.get(t.layer)
+        if p is None:
+            return t
+        # a field-for-field copy: what dataclasses.replace does, without its per-call
+        # introspection of the fields (this runs twice per transfer; the simulator's
+        # 10,000-node runs make millions)
+        out = object.__new__(Transfer)
+        out.__dict__.update(t.__dict__)
+        out.layer, out.first_chunk, out.end_chunk = p.layer, p.first, p.end
+        return out
+
+    def active(self) -> list[Transfer]:
+        return [self._outer(t) for t in self.inner.active()]
+
+    def active_for(self, node_id: str) -> list[Transfer]:
+        return [self._outer(t) for t in self.inner.active_for(node_id)]
+
+    def is_active(self, transfer_id: str) -> bool:
+        return self.inner.is_active(transfer_id)
+
+    def adopt(self, t: Transfer) -> Transfer:
+        """Take back a running transfer; its chunk range names the piece.
+
+        A whole-layer transfer (range 0, 0) of a layer now split is adopted as
+        its first piece: its demander stays locked for that piece, and the
+        agent's resumable partial keeps the rest from being sent twice.
+        """
+        key = self._key_of(t)
+        split = len(self.pieces(t.layer)) > 1
+        known = self._piece.get(key)
+        if not split:
+            key = t.layer  # a layer scheduled whole: the transfer's own range stays with it
+        elif t.end_chunk and (known is None or known.end != t.end_chunk):
+            raise SchedulerError(
+                f"transfer {t.transfer_id}: no piece of {t.layer} is chunks "
+                f"[{t.first_chunk}, {t.end_chunk})"
+            )
+        elif not t.end_chunk:
+            key = self._keys(t.layer)[0]
+        return self._outer(self.inner.adopt(dataclasses.replace(t, layer=key)))
+
+    def receiving(self, node_id: str, layer: str) -> Transfer | None:
+        """An active transfer bringing a piece of ``layer`` to ``node_id``, if any."""
+        for k in self._keys(layer):
+            t = self.inner.receiving(node_id, k)
+            if t is not None:
+                return self._outer(t)
+        return None
+
+    def receiving_piece(self, node_id: str, t: Transfer) -> Transfer | None:
+        """The active transfer bringing the piece ``t`` moves to ``node_id``, if any."""
+        up = self.inner.receiving(node_id, self._key_of(t))
+        return None if up is None else self._outer(up)
+
+    def schedule(self, now: float) -> list[Transfer]:
+        return [self._outer(t) for t in self.inner.schedule(now)]
+
+    def complete(self, transfer_id: str, now: float, bytes_moved: int = 0) -> Transfer:
+        """The demander verified the piece; it holds the layer once :meth:`holds` says so."""
+        return self._outer(self.inner.complete(transfer_id, now, bytes_moved))
+
+    def fail(self, transfer_id: str) -> Transfer:
+        return self._outer(self.inner.fail(transfer_id))

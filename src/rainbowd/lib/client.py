@@ -1,0 +1,477 @@
+"""HTTP clients of the coordinator API: :class:`AgentClient` and :class:`AdminClient`.
+
+Both speak msgpack (``application/msgpack``) with the typed messages of
+:mod:`rainbowd.core.messages`, so a reply is validated before the caller sees it.
+A refusal from the coordinator raises :class:`ApiError` carrying the HTTP
+status and the coordinator's own message; not reaching the coordinator at
+all raises :class:`CoordinatorUnreachable` (status 0) naming the URL, so a
+log line says what to fix.
+
+Auth headers: agents send ``Authorization: Bearer <node_id>:<credential>``
+(the credential comes back once, in the :class:`RegisterReply`); the admin
+client sends ``Authorization: Bearer <admin token>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from types import TracebackType
+from typing import Any, Self, TypeVar
+from urllib.parse import quote
+
+import aiohttp
+import msgspec
+
+from rainbowd.core.messages import (
+    JSON,
+    MSGPACK,
+    AssignmentBatch,
+    CreateImage,
+    CreateJob,
+    CreateOp,
+    ErrorReply,
+    EvictReply,
+    EvictRequest,
+    Heartbeat,
+    HeartbeatReply,
+    ImageList,
+    ImageView,
+    IngestDone,
+    JobList,
+    JobView,
+    LoadDone,
+    MessageError,
+    NodeList,
+    NodeView,
+    OpList,
+    OpResult,
+    OpStarted,
+    OpView,
+    RegisterReply,
+    RegisterRequest,
+    ReportBatch,
+    ReportBatchReply,
+    SecurityEvent,
+    SecurityEventList,
+    TaskFailed,
+    TransferDone,
+    TransferFailed,
+    TransferProgress,
+    TrustList,
+    decode,
+    encode,
+)
+from rainbowd.core.report_id import REPORT_ID_HEADER
+
+T = TypeVar("T")
+
+#: extra seconds the HTTP timeout of a long-poll allows beyond its wait
+POLL_SLACK = 10.0
+
+
+class ApiError(Exception):
+    """The coordinator refused a request (``status`` >= 400) or sent garbage."""
+
+    def __init__(self, status: int, message: str, *, url: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.url = url
+
+    def __str__(self) -> str:
+        where = f" ({self.url})" if self.url else ""
+        if self.status:
+            return f"coordinator answered {self.status}: {self.message}{where}"
+        return f"{self.message}{where}"
+
+
+class CoordinatorUnreachable(ApiError):
+    """No answer at all: connection refused, DNS failure, timeout. ``status`` is 0."""
+
+    def __init__(self, message: str, *, url: str = "") -> None:
+        super().__init__(0, message, url=url)
+
+
+class _Http:
+    """One aiohttp session to the coordinator plus the msgpack request/response dance."""
+
+    def __init__(self, base_url: str, timeout: float) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    def _auth(self) -> str | None:
+        return None
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        msg: msgspec.Struct | None = None,
+        reply: type[T] | None = None,
+        params: dict[str, str] | None = None,
+        timeout: float | None = None,
+        report_id: str = "",
+    ) -> T | None:
+        """Send ``msg`` (msgpack) and decode the reply as ``reply`` (None: ignore the body).
+
+        ``report_id`` (rainbowd/report_id.py) makes a report safe to retry: the
+        coordinator applies one id once.
+        """
+        await self.open()
+        assert self._session is not None
+        url = f"{self.base_url}/v1/{path}"
+        headers = {"Accept": MSGPACK}
+        if report_id:
+            headers[REPORT_ID_HEADER] = report_id
+        auth = self._auth()
+        if auth:
+            headers["Authorization"] = auth
+        data = None
+        if msg is not None:
+            data = encode(msg)
+            headers["Content-Type"] = MSGPACK
+        kwargs: dict[str, Any] = {}
+        if timeout is not None:
+            kwargs["timeout"] = aiohttp.ClientTimeout(total=timeout)
+        try:
+            async with self._session.request(
+                method, url, data=data, headers=headers, params=params, **kwargs
+            ) as resp:
+                body = await resp.read()
+                ctype = resp.content_type
+                status = resp.status
+        except TimeoutError:
+            t = timeout if timeout is not None else self.timeout
+            raise CoordinatorUnreachable(
+                f"coordinator did not answer {method} within {t:.0f}s", url=url
+            ) from None
+        except aiohttp.ClientError as e:
+            raise CoordinatorUnreachable(f"cannot reach the coordinator: {e}", url=url) from None
+        if status >= 400:
+            raise ApiError(status, _error_message(body, ctype, status), url=url)
+        if reply is None or status == 204:
+            return None
+        try:
+            return decode(body, reply, JSON if ctype == JSON else MSGPACK)
+        except MessageError as e:
+            raise ApiError(status, f"unreadable reply: {e}", url=url) from None
+
+    async def raw(
+        self,
+        method: str,
+        path: str,
+        *,
+        data: bytes | None = None,
+        content_type: str = "application/octet-stream",
+        limit: int = 0,
+        timeout: float | None = None,
+    ) -> bytes:
+        """A request with a raw body and a raw reply (build contexts); ``limit`` caps the reply."""
+        await self.open()
+        assert self._session is not None
+        url = f"{self.base_url}/v1/{path}"
+        headers = {"Accept": MSGPACK}
+        auth = self._auth()
+        if auth:
+            headers["Authorization"] = auth
+        if data is not None:
+            headers["Content-Type"] = content_type
+        kwargs: dict[str, Any] = {}
+        if timeout is not None:
+            kwargs["timeout"] = aiohttp.ClientTimeout(total=timeout)
+        try:
+            async with self._session.request(
+                method, url, data=data, headers=headers, **kwargs
+            ) as resp:
+                if resp.status >= 400:
+                    err = await resp.read()
+                    raise ApiError(
+                        resp.status, _error_message(err, resp.content_type, resp.status), url=url
+                    )
+                if limit and (resp.content_length or 0) > limit:
+                    raise ApiError(resp.status, f"reply exceeds {limit} bytes", url=url)
+                out = bytearray()
+                async for piece in resp.content.iter_chunked(1 << 20):
+                    out += piece
+                    if limit and len(out) > limit:
+                        raise ApiError(resp.status, f"reply exceeds {limit} bytes", url=url)
+                return bytes(out)
+        except TimeoutError:
+            t = timeout if timeout is not None else self.timeout
+            raise CoordinatorUnreachable(
+                f"coordinator did not answer {method} within {t:.0f}s", url=url
+            ) from None
+        except aiohttp.ClientError as e:
+            raise CoordinatorUnreachable(f"cannot reach the coordinator: {e}", url=url) from None
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        reply: type[T],
+        msg: msgspec.Struct | None = None,
+        **kw: Any,
+    ) -> T:
+        out = await self.request(method, path, msg=msg, reply=reply, **kw)
+        assert out is not None
+        return out
+
+
+def _error_message(body: bytes, ctype: str, status: int) -> str:
+    try:
+        return decode(body, ErrorReply, JSON if ctype == JSON else MSGPACK).error
+    except MessageError:
+        text = body[:200].decode(errors="replace").strip()
+        return text or f"HTTP {status} with no explanation"
+
+
+def _seg(value: str) -> str:
+    """An id as one URL path segment."""
+    return quote(value, safe="")
+
+
+class AgentClient(_Http):
+    """What an agent says to the coordinator. Use as ``async with AgentClient(url) as c``."""
+
+    def __init__(
+        self, base_url: str, *, node_id: str = "", credential: str = "", timeout: float = 10.0
+    ) -> None:
+        super().__init__(base_url, timeout)
+        self.node_id = node_id
+        self.credential = credential
+
+    def set_credential(self, node_id: str, credential: str) -> None:
+        self.node_id = node_id
+        self.credential = credential
+
+    def _auth(self) -> str | None:
+        if self.node_id and self.credential:
+            return f"Bearer {self.node_id}:{self.credential}"
+        return None
+
+    async def register(self, req: RegisterRequest) -> RegisterReply:
+        """Enroll (join token in ``req``) or re-register (credential in ``req``).
+
+        The reply's credential is remembered for every later call.
+        """
+        out = await self.call("POST", "register", RegisterReply, req)
+        self.set_credential(out.node_id, out.credential)
+        return out
+
+    async def heartbeat(self, hb: Heartbeat) -> HeartbeatReply:
+        return await self.call("POST", "heartbeat", HeartbeatReply, hb)
+
+    async def assignments(self, cursor: int, trust_version: int, wait: float) -> AssignmentBatch:
+        """Long-poll: returns at once when there is news, else after ``wait`` seconds."""
+        params = {"cursor": str(cursor), "trust_version": str(trust_version), "wait": str(wait)}
+        return await self.call(
+            "GET",
+            "assignments",
+            AssignmentBatch,
+            params=params,
+            timeout=max(wait, 0.0) + max(self.timeout, POLL_SLACK),
+        )
+
+    async def transfer_progress(self, tid: str, m: TransferProgress) -> None:
+        await self.request("POST", f"transfers/{_seg(tid)}/progress", msg=m)
+
+    async def reports(self, batch: ReportBatch) -> ReportBatchReply | None:
+        """Several transfer reports at once; None when every item was applied (204)."""
+        return await self.request("POST", "reports", msg=batch, reply=ReportBatchReply)
+
+    async def transfer_done(self, tid: str, m: TransferDone, report_id: str = "") -> None:
+        await self.request("POST", f"transfers/{_seg(tid)}/done", msg=m, report_id=report_id)
+
+    async def transfer_failed(self, tid: str, m: TransferFailed, report_id: str = "") -> None:
+        await self.request("POST", f"transfers/{_seg(tid)}/failed", msg=m, report_id=report_id)
+
+    async def ingest_done(self, iid: str, m: IngestDone, report_id: str = "") -> None:
+        await self.request("POST", f"ingests/{_seg(iid)}/done", msg=m, report_id=report_id)
+
+    async def ingest_failed(self, iid: str, m: TaskFailed, report_id: str = "") -> None:
+        await self.request("POST", f"ingests/{_seg(iid)}/failed", msg=m, report_id=report_id)
+
+    async def load_done(self, lid: str, m: LoadDone, report_id: str = "") -> None:
+        await self.request("POST", f"loads/{_seg(lid)}/done", msg=m, report_id=report_id)
+
+    async def load_failed(self, lid: str, m: TaskFailed, report_id: str = "") -> None:
+        await self.request("POST", f"loads/{_seg(lid)}/failed", msg=m, report_id=report_id)
+
+    async def security_event(self, ev: SecurityEvent, report_id: str = "") -> None:
+        await self.request("POST", "events", msg=ev, report_id=report_id)
+
+    async def trust(self) -> TrustList:
+        """The coordinator's current trust list (see ChunkServer's refresh on unknown keys)."""
+        return await self.call("GET", "trust", TrustList)
+
+    async def evict(self, req: EvictRequest) -> EvictReply:
+        """Ask to delete layers from the store; delete only what the reply accepts."""
+        return await self.call("POST", "evictions", EvictReply, req)
+
+    async def op_started(self, op_id: str, report_id: str = "") -> None:
+        await self.request(
+            "POST", f"ops/{_seg(op_id)}/started", msg=OpStarted(), report_id=report_id
+        )
+
+    async def op_result(self, op_id: str, r: OpResult, report_id: str = "") -> None:
+        await self.request("POST", f"ops/{_seg(op_id)}/result", msg=r, report_id=report_id)
+
+    async def fetch_context(self, digest: str, limit: int, timeout: float = 120.0) -> bytes:
+        """A build context tar (the caller checks its digest)."""
+        return await self.raw("GET", f"contexts/{_seg(digest)}", limit=limit, timeout=timeout)
+
+
+class AdminClient(_Http):
+    """The admin API (what ``rbd`` uses). Use as ``async with AdminClient(url, token) as c``."""
+
+    def __init__(self, base_url: str, admin_token: str, timeout: float = 10.0) -> None:
+        super().__init__(base_url, timeout)
+        self.admin_token = admin_token
+
+    def _auth(self) -> str | None:
+        return f"Bearer {self.admin_token}" if self.admin_token else None
+
+    async def nodes(self) -> NodeList:
+        return await self.call("GET", "nodes", NodeList)
+
+    async def clear_quarantine(self, node_id: str) -> NodeView:
+        return await self.call("POST", f"nodes/{_seg(node_id)}/clear-quarantine", NodeView)
+
+    async def remove_node(self, node_id: str) -> None:
+        await self.request("DELETE", f"nodes/{_seg(node_id)}")
+
+    async def security_events(
+        self, *, after: int | None = None, limit: int | None = None
+    ) -> SecurityEventList:
+        """One page: the newest ``limit`` events, or with ``after`` those after that id."""
+        params = {}
+        if after is not None:
+            params["after"] = str(after)
+        if limit is not None:
+            params["limit"] = str(limit)
+        return await self.call("GET", "security-events", SecurityEventList, params=params)
+
+    async def images(self) -> ImageList:
+        return await self.call("GET", "images", ImageList)
+
+    async def add_image(self, req: CreateImage) -> ImageView:
+        return await self.call("POST", "images", ImageView, req)
+
+    async def image(self, ref: str) -> ImageView:
+        return await self.call("GET", f"images/{quote(ref, safe='/:@')}", ImageView)
+
+    async def remove_image(self, ref: str) -> None:
+        """Forget an image (409 while a running job uses it); its layers stay on the nodes."""
+        await self.request("DELETE", f"images/{quote(ref, safe='/:@')}")
+
+    async def create_job(self, req: CreateJob) -> JobView:
+        return await self.call("POST", "jobs", JobView, req)
+
+    async def jobs(self) -> JobList:
+        return await self.call("GET", "jobs", JobList)
+
+    async def job(self, job_id: str) -> JobView:
+        return await self.call("GET", f"jobs/{_seg(job_id)}", JobView)
+
+    async def wait_image(
+        self, ref: str, *, timeout: float = 300.0, interval: float = 0.1
+    ) -> ImageView:
+        """Poll ``ref`` until its ingest ends; the view says "ready" or "failed" (and why).
+
+        Raises TimeoutError if it is still ingesting after ``timeout`` seconds.
+        """
+        async with asyncio.timeout(timeout):
+            view = await self.image(ref)
+            while view.state == "ingesting":
+                await asyncio.sleep(interval)
+                view = await self.image(ref)
+        return view
+
+    async def ingest(self, req: CreateImage, *, timeout: float = 300.0) -> ImageView:
+        """Add an image and wait until its ingest ends; the view says "ready" or "failed"."""
+        await self.add_image(req)
+        return await self.wait_image(req.ref, timeout=timeout)
+
+    async def distribute(self, req: CreateJob, *, timeout: float = 600.0) -> JobView:
+        """Create a job and wait until it is final ("done" or "failed")."""
+        job = await self.create_job(req)
+        return await self.wait_job(job.job_id, timeout=timeout)
+
+    async def wait_job(
+        self, job_id: str, *, timeout: float = 600.0, interval: float = 0.1
+    ) -> JobView:
+        """Poll a job until it is final ("done" or "failed"); TimeoutError after ``timeout``."""
+        async with asyncio.timeout(timeout):
+            job = await self.job(job_id)
+            while job.state == "running":
+                await asyncio.sleep(interval)
+                job = await self.job(job_id)
+        return job
+
+    async def create_op(self, req: CreateOp) -> OpView:
+        return await self.call("POST", "ops", OpView, req)
+
+    async def ops(self) -> OpList:
+        return await self.call("GET", "ops", OpList)
+
+    async def op(self, op_id: str) -> OpView:
+        return await self.call("GET", f"ops/{_seg(op_id)}", OpView)
+
+    async def upload_context(self, digest: str, data: bytes, timeout: float = 120.0) -> None:
+        """Upload a build context tar under its digest (the coordinator checks it)."""
+        await self.raw(
+            "PUT",
+            f"contexts/{_seg(digest)}",
+            data=data,
+            content_type="application/x-tar",
+            timeout=timeout,
+        )
+
+    async def wait_op(self, op_id: str, *, timeout: float, interval: float = 0.2) -> OpView:
+        """Poll an operation until every node has reported; TimeoutError after ``timeout``."""
+        async with asyncio.timeout(timeout):
+            op = await self.op(op_id)
+            while op.state == "running":
+                await asyncio.sleep(interval)
+                op = await self.op(op_id)
+        return op
+
+    async def health(self) -> dict[str, Any]:
+        """The unauthenticated health document (JSON)."""
+        await self.open()
+        assert self._session is not None
+        url = f"{self.base_url}/v1/health"
+        try:
+            async with self._session.get(url, headers={"Accept": JSON}) as resp:
+                if resp.status >= 400:
+                    raise ApiError(resp.status, await resp.text(), url=url)
+                doc: dict[str, Any] = await resp.json()
+                return doc
+        except (TimeoutError, aiohttp.ClientError) as e:
+            raise CoordinatorUnreachable(f"cannot reach the coordinator: {e}", url=url) from None
+
+
+__all__ = ["AdminClient", "AgentClient", "ApiError", "CoordinatorUnreachable"]

@@ -1,0 +1,215 @@
+"""Pieces: layers as runs of chunks (rainbowd.core.sched.pieces) and the ``swarm`` policy's rules.
+
+Pure: the scheduler is driven with explicit times (a fake clock), no I/O.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from rainbowd.core.sched.pieces import PieceScheduler, piece_chunks, split_layer
+from rainbowd.core.sched.scheduler import SchedulerError, Transfer
+
+MB = 1_000_000
+CHUNK = 1 << 20
+LAYER = "sha256:" + "a" * 64
+SMALL = "sha256:" + "b" * 64
+
+
+def swarm(
+    *nodes: tuple[str, float, float, tuple[str, ...]], size: int = 16 * CHUNK
+) -> PieceScheduler:
+    """A ``swarm`` scheduler with LAYER (``size`` bytes, 1 MiB chunks) and ``nodes``.
+
+    Each node is (id, upload B/s, download B/s, layers held).
+    """
+    s = PieceScheduler("swarm")
+    s.set_layer_size(LAYER, size, CHUNK)
+    for nid, up, down, held in nodes:
+        s.add_node(nid, up, held, download_bps=down)
+    return s
+
+
+def test_a_layer_is_split_into_runs_of_whole_chunks() -> None:
+    pieces = split_layer(LAYER, 10 * CHUNK + 5, CHUNK, 4)
+    assert [(p.first, p.end) for p in pieces] == [(0, 4), (4, 8), (8, 11)]
+    assert [p.size for p in pieces] == [4 * CHUNK, 4 * CHUNK, 2 * CHUNK + 5]
+    assert len({p.key for p in pieces}) == 3
+    # a layer that fits one piece keeps its own digest as its key: whole-layer behaviour
+    (whole,) = split_layer(SMALL, 3 * CHUNK, CHUNK, 4)
+    assert (whole.key, whole.first, whole.end) == (SMALL, 0, 0)
+
+
+def test_piece_size_follows_the_layer_not_only_the_constant() -> None:
+    # at least piece_bytes of chunks; at most layer_pieces pieces per layer
+    assert piece_chunks(512 * 1024, 128 * 1024) == 4
+    assert piece_chunks(512 * 1024, 128 * 1024, 64 * 128 * 1024, 8) == 8
+    assert piece_chunks(0, CHUNK) == 0  # whole layers
+    assert piece_chunks(512 * 1024, 4 * CHUNK) == 1  # never less than a chunk
+
+
+def test_whole_layer_policies_are_unchanged() -> None:
+    s = PieceScheduler("relay")
+    s.set_layer_size(LAYER, 64 * CHUNK, CHUNK)
+    assert len(s.pieces(LAYER)) == 1
+    s.add_node("origin", 10 * MB, [LAYER])
+    s.add_node("n1", 10 * MB)
+    s.demand("n1", LAYER, "j", 0.0)
+    (t,) = s.schedule(0.0)
+    assert (t.layer, t.first_chunk, t.end_chunk) == (LAYER, 0, 0)
+
+
+def test_several_seeders_feed_one_demander_different_pieces_of_one_layer() -> None:
+    s = swarm(
+        ("origin", 2 * MB, 2 * MB, (LAYER,)),
+        ("peer", 2 * MB, 2 * MB, (LAYER,)),
+        ("fast", 2 * MB, 8 * MB, ()),
+    )
+    s.demand("fast", LAYER, "j", 0.0)
+    ts = s.schedule(0.0)
+    assert {t.seeder for t in ts} == {"origin", "peer"}
+    assert all(t.demander == "fast" and t.layer == LAYER for t in ts)
+    ranges = [(t.first_chunk, t.end_chunk) for t in ts]
+    assert len(set(ranges)) == len(ranges) and all(end > first for first, end in ranges)
+    assert not s.holds("fast", LAYER)
+
+
+def test_a_node_holds_the_layer_only_with_every_piece_and_seeds_the_pieces_it_has() -> None:
+    s = swarm(("origin", 4 * MB, 4 * MB, (LAYER,)), ("a", 4 * MB, 4 * MB, ()), size=8 * CHUNK)
+    s.demand("a", LAYER, "j", 0.0)
+    first = s.schedule(0.0)
+    assert first
+    done = s.complete(first[0].transfer_id, 1.0, first[0].end_chunk * CHUNK)
+    assert s.holds_piece("a", done)
+    assert not s.holds("a", LAYER) and s.holders(LAYER) == ["origin"]
+    # a newcomer may be fed that piece by "a", a partial holder (its download has room for
+    # the origin and "a" at once; the origin alone goes first to the node lacking most)
+    s.add_node("b", 4 * MB, download_bps=8 * MB)
+    s.demand("b", LAYER, "j", 1.0)
+    from_a = [t for t in s.schedule(1.0) if t.seeder == "a"]
+    assert from_a and all(s.holds_piece("a", t) for t in from_a)
+    # finish everything "a" still lacks: then it holds the layer
+    t_now = 2.0
+    while not s.holds("a", LAYER):
+        for t in s.active():  # "b"'s too: they hold the origin's upload
+            s.complete(t.transfer_id, t_now)
+        s.schedule(t_now)
+        t_now += 1.0
+        assert t_now < 100
+    assert "a" in s.holders(LAYER)
+
+
+def test_a_failed_piece_is_demanded_again_alone() -> None:
+    s = swarm(("origin", 4 * MB, 4 * MB, (LAYER,)), ("a", 4 * MB, 4 * MB, ()), size=2 * CHUNK)
+    s.demand("a", LAYER, "j", 0.0)
+    ts = s.schedule(0.0)
+    assert len(ts) == 2  # both pieces at once (striped: test_short_pieces_are_striped...)
+    for t in ts[1:]:
+        s.complete(t.transfer_id, 1.0)
+    failed = s.fail(ts[0].transfer_id)
+    again = [t for t in s.schedule(2.0) if t.demander == "a"]
+    assert [(t.first_chunk, t.end_chunk) for t in again] == [(failed.first_chunk, failed.end_chunk)]
+
+
+def test_adopt_names_the_piece_by_its_chunk_range() -> None:
+    s = swarm(("origin", 4 * MB, 4 * MB, (LAYER,)), ("a", 4 * MB, 4 * MB, ()))
+    p = s.pieces(LAYER)[1]
+    t = s.adopt(Transfer("x1", LAYER, "origin", "a", "j", 0.0, "", 0.0, 0.0, p.first, p.end))
+    assert (t.layer, t.first_chunk, t.end_chunk) == (LAYER, p.first, p.end)
+    assert s.is_active("x1") and s.receiving("a", LAYER) is not None
+    s.demand("a", LAYER, "j", 0.0)
+    assert all((x.first_chunk, x.end_chunk) != (p.first, p.end) for x in s.schedule(0.0))
+    with pytest.raises(SchedulerError):
+        s.adopt(Transfer("x2", LAYER, "origin", "a", "j", 0.0, "", 0.0, 0.0, 3, 5))
+
+
+def test_a_layer_held_before_its_size_is_known_is_split_when_it_is() -> None:
+    s = PieceScheduler("swarm")
+    s.add_node("origin", 4 * MB, [LAYER])
+    s.set_layer_size(LAYER, 16 * CHUNK, CHUNK)
+    assert len(s.pieces(LAYER)) > 1 and s.holds("origin", LAYER)
+    # one with a demand open stays whole: re-keying would lose the demand
+    s2 = PieceScheduler("swarm")
+    s2.add_node("origin", 4 * MB, [SMALL])
+    s2.add_node("a", 4 * MB)
+    s2.demand("a", SMALL, "j", 0.0)
+    s2.set_layer_size(SMALL, 16 * CHUNK, CHUNK)
+    assert len(s2.pieces(SMALL)) == 1 and s2.pending() == [("a", SMALL)]
+
+
+def test_fast_nodes_are_fed_first_and_slow_ones_are_not_urgent_at_the_start() -> None:
+    # the paper's rule, kept: the origin's upload goes to the fast nodes first; the slow
+    # ones have slack (the fast nodes will feed them) and take only what is left over
+    s = swarm(
+        ("origin", 3 * MB, 3 * MB, (LAYER,)),
+        ("fast-1", 3 * MB, 3 * MB, ()),
+        ("fast-2", 3 * MB, 3 * MB, ()),
+        *((f"slow-{i}", 0.2 * MB, 0.2 * MB, ()) for i in range(8)),
+    )
+    for nid in ["slow-0", "fast-1", "slow-1", "fast-2", *(f"slow-{i}" for i in range(2, 8))]:
+        s.demand(nid, LAYER, "j", 0.0)
+    ts = s.schedule(0.0)
+    from_origin = [t for t in ts if t.seeder == "origin"]
+    assert from_origin and from_origin[0].demander.startswith("fast")
+    assert all("urgent" not in t.reason for t in ts)
+
+
+def test_slow_uploads_feed_demanders_that_lack_much() -> None:
+    # upload-bound: the demander downloads at 2 MB/s, the seeders upload 1 and 0.2; a slow seeder's
+    # piece ends long before the demander could finish the rest, so it is used
+    s = swarm(
+        ("origin", 1 * MB, 1 * MB, (LAYER,)),
+        ("slowup", 0.2 * MB, 1 * MB, (LAYER,)),
+        ("a", 0.1 * MB, 2 * MB, ()),
+        size=64 * CHUNK,
+    )
+    s.demand("a", LAYER, "j", 0.0)
+    seeders = {t.seeder for t in s.schedule(0.0)}
+    assert seeders == {"origin", "slowup"}
+
+
+def test_short_pieces_are_striped_so_two_run_beside_each_other() -> None:
+    """A piece short at full rate reserves half the download: a second one overlaps its gaps."""
+    s = swarm(("origin", 16 * MB, 16 * MB, (LAYER,)), ("a", 8 * MB, 8 * MB, ()))
+    s.demand("a", LAYER, "j", 0.0)
+    ts = s.schedule(0.0)  # 1 MiB pieces take 0.13 s at 8 MB/s: striped
+    assert len(ts) == 2 and {t.seeder for t in ts} == {"origin"}
+    assert all("planned at 4.0 MB/s" in t.reason for t in ts), [t.reason for t in ts]
+
+
+def test_long_pieces_and_the_last_one_take_the_whole_download() -> None:
+    # 1 MiB at 0.25 MB/s is 4.2 s: finishing it sooner makes a seeder sooner, no striping
+    slow = swarm(("origin", 16 * MB, 16 * MB, (LAYER,)), ("b", MB // 4, MB // 4, ()))
+    slow.demand("b", LAYER, "j", 0.0)
+    (t,) = slow.schedule(0.0)
+    assert "planned at 0.2 MB/s" in t.reason, t.reason  # 0.25 MB/s, as printed
+    # a one-piece layer: nothing else to ask for, so the transfer takes what there is
+    one = swarm(("origin", 16 * MB, 16 * MB, (LAYER,)), ("c", 8 * MB, 8 * MB, ()), size=CHUNK)
+    one.demand("c", LAYER, "j", 0.0)
+    (t,) = one.schedule(0.0)
+    assert "planned at 8.0 MB/s" in t.reason, t.reason
+
+
+def test_a_starving_demander_fills_its_download_with_any_seeders_not_one() -> None:
+    """A demander far faster than every peer, its one fast seeder taken, starves; then it
+    takes every peer with room (starve_fill), not one slow transfer per check -- but not a
+    peer so slow that its piece would outlast a patience (a new hostage)."""
+    from rainbowd.core.sched.policies import RULES
+
+    patience = RULES["swarm"].patience_s
+    s = swarm(
+        ("origin", 10 * MB, 10 * MB, (LAYER,)),
+        *((f"peer-{i}", 0.5 * MB, 0.5 * MB, (LAYER,)) for i in range(4)),
+        ("crawl", 0.05 * MB, 0.05 * MB, (LAYER,)),  # a 1 MiB piece takes 21 s from it
+        ("hog", 10 * MB, 10 * MB, ()),  # ranks first and takes the origin's whole upload
+        ("fast", 0.1 * MB, 50 * MB, ()),  # min_share of 50 MB/s: no peer qualifies
+    )
+    s.demand("hog", LAYER, "j", 0.0)
+    s.demand("fast", LAYER, "j", 0.0)
+    first = s.schedule(0.0)
+    assert {t.seeder for t in first if t.demander == "hog"} == {"origin"}
+    assert not [t for t in first if t.demander == "fast"]
+    # nothing ends (the fake clock only moves): after its patience it is starving
+    late = [t for t in s.schedule(patience) if t.demander == "fast"]
+    assert {t.seeder for t in late} == {f"peer-{i}" for i in range(4)}, [t.reason for t in late]
+    assert all("waited" in t.reason for t in late)

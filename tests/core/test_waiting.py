@@ -1,0 +1,183 @@
+"""The planner's index of waiting demanders (rainbowd.core.sched.waiting) and the walk that skips.
+
+Two kinds of check: the index against a plain sorted list (order, and the
+filter never hiding a demander it admits), and the planner with the skipping
+walk against the plain walk (``Planner.skip_hopeless`` off) on random event
+sequences: the same transfers, in the same order, at every step.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from rainbowd.core.sched.pieces import PieceScheduler
+from rainbowd.core.sched.scheduler import Transfer
+from rainbowd.core.sched.waiting import BLOCK, CLOSED, Bar, Hope, WaitIndex
+
+MB = 1e6
+
+
+# -- the index ------------------------------------------------------------------
+def test_the_index_keeps_keys_in_order_over_many_blocks() -> None:
+    rng = random.Random(1)
+    hopes: dict[str, Hope] = {}
+    index: WaitIndex[tuple[float, str]] = WaitIndex(hopes)
+    plain: list[tuple[float, str]] = []
+    for step in range(6 * BLOCK * 4):
+        if plain and rng.random() < 0.35:
+            key = plain.pop(rng.randrange(len(plain)))
+            index.remove(key)
+        else:
+            nid = f"n{step}"
+            hopes[nid] = Hope(rng.uniform(1, 10), rng.uniform(0, 100), rng.uniform(0, 5))
+            key = (float(rng.randint(0, 50)), nid)
+            plain.append(key)
+            index.add(key)
+        plain.sort()
+        assert len(index) == len(plain)
+    assert index.keys() == plain
+    with pytest.raises(KeyError):
+        index.remove((-1.0, "nobody"))
+
+
+def test_first_finds_exactly_the_next_admitted_key() -> None:
+    """Skipping blocks never hides an admitted demander, whatever the bounds went through."""
+    rng = random.Random(2)
+    hopes: dict[str, Hope] = {}
+    index: WaitIndex[tuple[float, str]] = WaitIndex(hopes)
+    keys: list[tuple[float, str]] = []
+    for i in range(5 * BLOCK):
+        nid = f"n{i:04d}"
+        hopes[nid] = Hope(rng.uniform(1, 10), rng.uniform(0, 100), rng.uniform(0, 5))
+        keys.append((rng.uniform(0, 1), nid))
+        index.add(keys[-1])
+    # some leave (bounds stay loose), some change their values in place (bounds widen)
+    for key in rng.sample(keys, BLOCK):
+        index.remove(key)
+        keys.remove(key)
+    for key in rng.sample(keys, BLOCK):
+        hopes[key[1]] = Hope(rng.uniform(1, 10), rng.uniform(0, 100), rng.uniform(0, 5))
+        index.widen(key, hopes[key[1]])
+    keys.sort()
+    for _ in range(200):
+        lo = rng.uniform(1, 10)
+        need = rng.uniform(0, 100)
+
+        def admits(
+            down: float, need_s: float, _room: float, lo: float = lo, need: float = need
+        ) -> bool:
+            return down <= lo and need_s >= need
+
+        low = (rng.uniform(-0.1, 1.1), "")
+        strict = rng.random() < 0.5
+        if strict and rng.random() < 0.5:
+            low = rng.choice(keys)
+        want = next(
+            (k for k in keys if (k > low if strict else k >= low) and admits(*hopes[k[1]])),
+            None,
+        )
+        assert index.first(low, strict, admits) == want
+
+
+def test_the_bar_admits_whoever_some_layer_could_serve() -> None:
+    bar = Bar(best=2 * MB, need_s=50.0, any_share=False, any_floor=False, share=0.5)
+    assert bar.admits(4 * MB, 0.0, 1 * MB)  # half its download fits the best free upload
+    assert not bar.admits(5 * MB, 0.0, 1 * MB)  # too fast for every layer's free upload
+    assert bar.admits(5 * MB, 60.0, 1 * MB)  # but it lacks so much that a slow one will do
+    assert not bar.admits(4 * MB, 0.0, 3 * MB)  # the floor: more room than any seeder has
+    assert Bar(2 * MB, 50.0, True, True, 0.5).admits(100 * MB, 0.0, 100 * MB)
+    assert not CLOSED.admits(0.0, 1e9, 0.0)
+    assert Bar(3 * MB, 50.0, False, False, 0.5).looser_than(bar)
+    assert Bar(2 * MB, 40.0, False, False, 0.5).looser_than(bar)
+    assert not Bar(1 * MB, 60.0, False, False, 0.5).looser_than(bar)
+
+
+# -- the walk: skipping against asking everyone ---------------------------------
+def _run(policy: str, seed: int, skip: bool, nodes: int = 40) -> list[list[tuple[str, ...]]]:
+    """One random cluster driven to the end; every schedule() call's transfers, as text.
+
+    The clock is the event queue's (no sleeping): a transfer takes its
+    piece's size over the lesser of its two nodes' speeds; some fail, some
+    pairs are kept apart, some nodes go down and come back.
+    """
+    rng = random.Random(seed)
+    s = PieceScheduler(policy)
+    assert s.inner._planner is not None
+    s.inner._planner.skip_hopeless = skip
+    s.inner._planner.skip_from = 0
+    sizes = [rng.choice((300_000, 2_000_000, 9_000_000)) for _ in range(rng.randint(1, 4))]
+    layers = [(f"L{i}", size) for i, size in enumerate(sizes)]
+    for layer, size in layers:
+        s.set_layer_size(layer, size, 256 * 1024)
+    s.add_node("origin", rng.uniform(1, 4) * MB, [lr for lr, _ in layers])
+    up, down = {"origin": 4 * MB}, {}
+    for i in range(nodes):
+        nid = f"n{i:02d}"
+        up[nid] = rng.choice((0.1, 0.5, 1.0, 2.0, 4.0)) * MB * rng.uniform(0.8, 1.2)
+        down[nid] = max(up[nid], rng.choice((0.5, 1.0, 4.0)) * MB)
+        s.add_node(nid, up[nid], download_bps=down[nid])
+    for nid in down:
+        for layer, _ in layers:
+            s.demand(nid, layer, "j", 0.0)
+    log: list[list[tuple[str, ...]]] = []
+    events: list[tuple[float, int, str]] = []
+    seq = 0
+    now = 0.0
+    downed: list[str] = []
+
+    def schedule() -> None:
+        nonlocal seq
+        out: list[Transfer] = s.schedule(now)
+        log.append(
+            [(t.transfer_id, t.layer, f"{t.first_chunk}", t.seeder, t.demander) for t in out]
+        )
+        for t in out:
+            size = s.piece_of(t).size
+            rate = min(up[t.seeder], down[t.demander])
+            heapq.heappush(events, (now + size / rate, seq, t.transfer_id))
+            seq += 1
+
+    schedule()
+    while events:
+        now, _, tid = heapq.heappop(events)
+        if not s.is_active(tid):
+            continue
+        roll = rng.random()
+        if roll < 0.05:
+            t = s.fail(tid)
+            s.avoid(t.demander, t.seeder, now + 3.0)
+        else:
+            s.complete(tid, now, bytes_moved=1)
+        if rng.random() < 0.02:
+            victim = rng.choice(sorted(down))
+            s.node_down(victim)
+            downed.append(victim)
+        elif downed and rng.random() < 0.3:
+            s.add_node(downed.pop(0))
+        schedule()
+        if not events and downed:
+            for nid in downed:
+                s.add_node(nid)
+            downed.clear()
+            now += 10.0
+            schedule()
+        if not events and s.pending():
+            now += 10.0  # starving demanders take any seeder after their patience
+            schedule()
+    return log
+
+
+@pytest.mark.parametrize("policy", ["swarm", "relay", "slots", "fastest", "deadline"])
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_skipping_walk_starts_what_the_plain_walk_starts(policy: str, seed: int) -> None:
+    plain = _run(policy, seed, skip=False)
+    skipping = _run(policy, seed, skip=True)
+    assert sum(map(len, plain)) > 40
+    assert skipping == plain
