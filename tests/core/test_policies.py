@@ -10,6 +10,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -163,7 +164,7 @@ def test_fault_rules_hold_under_the_new_policies() -> None:
         assert t2.demander == "d"
         # an adopted second transfer of the same layer blocks a third
         s.fail(t2.transfer_id)
-        s.adopt(dataclasses.replace(t2, transfer_id="x"))
+        s.adopt(msgspec.structs.replace(t2, transfer_id="x"))
         assert s.schedule(7.0) == []
 
 

@@ -61,6 +61,9 @@ from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+import msgspec
+
+from ..wirebounds import Digest, Finite, Name, Text
 from .policies import RULES, Planner
 
 #: speed assumed for a node nothing is known about (bytes/s); 100 Mbit/s
@@ -82,21 +85,31 @@ class SchedulerError(ValueError):
     """An event that contradicts the scheduler's state (unknown id, say)."""
 
 
-@dataclass
-class Transfer:
-    """One layer moving from ``seeder`` to ``demander``."""
+class Transfer(msgspec.Struct):
+    """One layer (or piece of it) moving from ``seeder`` to ``demander``: the transfer record.
 
-    transfer_id: str
-    layer: str
-    seeder: str
-    demander: str
-    job_id: str
-    started_at: float
-    reason: str
-    seeder_speed_bps: float
+    The one record of a transfer's identity and plan from the scheduler to the
+    state file: the scheduler creates it, the coordinator's dispatch tracks it
+    (``Tracked`` adds only its own lifecycle fields), the state store persists it
+    as it is (``StateStore.save_transfer``), and the demander's
+    ``TransferAssignment`` is derived from it in one place
+    (``rainbowd.coordinator.piece_wire.assignment_for``). A msgspec struct, not a
+    dataclass, so that store can decode and bound-check a stored row as this very
+    type: the field types are the bounded wire types (rainbowd.core.wirebounds),
+    which msgspec checks only when decoding, never when the scheduler builds one.
+    """
+
+    transfer_id: Name
+    layer: Digest  # the layer's digest (inside PieceScheduler's inner scheduler: a piece key)
+    seeder: Name
+    demander: Name
+    job_id: Name
+    started_at: Finite
+    reason: Text
+    seeder_speed_bps: Finite
     #: the rate the demander is expected to receive at: the seeder's speed, capped by
-    #: the demander's configured download limit (0 = not computed, e.g. adopted)
-    expected_bps: float = 0.0
+    #: the demander's configured download limit (0 = not computed: taken back from an agent)
+    expected_bps: Finite = 0.0
     #: the chunks it moves, [first_chunk, end_chunk) of the layer; end_chunk 0 = the whole
     #: layer (a piece of a split layer otherwise: rainbowd.core.sched.pieces)
     first_chunk: int = 0
