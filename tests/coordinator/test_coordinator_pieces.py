@@ -78,7 +78,7 @@ async def test_an_assignment_carries_its_range_and_keeps_it_across_a_restart(
         job = await admin.create_job(CreateJob(image=img.record.ref, targets=["d"]))
         t = await d.transfer()
         assert (t.first_chunk, t.end_chunk) == (0, 2) and t.chunk_range() == (0, 2)
-        [stored] = r.store.load_transfers()
+        [(stored, _, _)] = r.store.load_transfers()
         assert (stored.first_chunk, stored.end_chunk) == (0, 2)
         creds = {"origin": origin.c.credential, "d": d.c.credential}
         cursor = d.cursor
@@ -159,7 +159,9 @@ async def test_with_the_piece_scheduler_a_layer_counts_when_its_last_piece_is_in
         ranges = sorted(a.chunk_range() for a in got)
         assert all(end - first == 8 and first % 8 == 0 for first, end in ranges), ranges
         assert len(set(ranges)) == len(ranges)
-        stored = {st.transfer_id: (st.first_chunk, st.end_chunk) for st in r.store.load_transfers()}
+        stored = {
+            st.transfer_id: (st.first_chunk, st.end_chunk) for st, _, _ in r.store.load_transfers()
+        }
         assert stored == {a.transfer_id: a.chunk_range() for a in got}
         creds = {"origin": origin.c.credential, "s": s.c.credential, "d": d.c.credential}
         cursor = d.cursor

@@ -31,8 +31,8 @@ from .cluster import Node
 from .context import ServiceContext
 from .evidence import PeerEvidence
 from .jobs_service import JobsService
-from .piece_wire import assignment_for, chunk_range
-from .state import StoredTransfer
+from .piece_wire import assignment_for
+from .state import TransferState
 
 log = structlog.get_logger(__name__)
 
@@ -42,7 +42,12 @@ TRANSFER_MEMORY = 10_000
 
 @dataclass
 class Tracked:
-    """What the coordinator knows of one transfer beyond the scheduler's record."""
+    """What the coordinator knows of one transfer beyond the scheduler's record.
+
+    ``t`` is that record, shared, not copied; the fields beside it are the
+    coordinator's lifecycle of the transfer (its mailbox, delivery, restart and
+    report bookkeeping), which the scheduler and the simulator must not see.
+    """
 
     t: Transfer
     seq: int = 0  # mailbox sequence number of its assignment (0: not queued by us)
@@ -90,22 +95,9 @@ class Dispatch:
         while len(self.transfers) > TRANSFER_MEMORY:
             self.transfers.popitem(last=False)
 
-    def stored(self, tr: Tracked, state: str = "active") -> StoredTransfer:
-        t = tr.t
-        return StoredTransfer(
-            transfer_id=t.transfer_id,
-            layer=t.layer,
-            seeder=t.seeder,
-            demander=t.demander,
-            job_id=t.job_id,
-            started_at=t.started_at,
-            reason=t.reason,
-            seeder_speed_bps=t.seeder_speed_bps,
-            seq=tr.seq,
-            state="aborted" if state == "aborted" else "active",
-            first_chunk=chunk_range(t)[0],
-            end_chunk=chunk_range(t)[1],
-        )
+    def save(self, tr: Tracked, state: TransferState = "active") -> None:
+        """Persist ``tr``: the scheduler's record as it is, with its mailbox seq and state."""
+        self.ctx.store.save_transfer(tr.t, tr.seq, state)
 
     def restore_transfers(self) -> list[Transfer]:
         """Adopt the transfers that were in flight when the last run ended.
@@ -119,43 +111,31 @@ class Dispatch:
         """
         ctx = self.ctx
         adopted: list[Transfer] = []
-        for st in ctx.store.load_transfers():
-            t = Transfer(
-                transfer_id=st.transfer_id,
-                layer=st.layer,
-                seeder=st.seeder,
-                demander=st.demander,
-                job_id=st.job_id,
-                started_at=st.started_at,
-                reason=st.reason,
-                seeder_speed_bps=st.seeder_speed_bps,
-                first_chunk=st.first_chunk,
-                end_chunk=st.end_chunk,
-            )
+        for t, seq, state in ctx.store.load_transfers():
             usable = (
-                st.seeder in ctx.cluster.nodes
-                and st.demander in ctx.cluster.nodes
-                and st.layer in self.manifests
+                t.seeder in ctx.cluster.nodes
+                and t.demander in ctx.cluster.nodes
+                and t.layer in self.manifests
             )
             if not usable:
-                ctx.store.delete_transfer(st.transfer_id)
+                ctx.store.delete_transfer(t.transfer_id)
                 continue
-            self.remember(Tracked(t, seq=st.seq, restored=True))
-            if st.state == "active" and st.layer not in ctx.cluster.nodes[st.demander].holdings:
+            self.remember(Tracked(t, seq=seq, restored=True))
+            if state == "active" and t.layer not in ctx.cluster.nodes[t.demander].holdings:
                 try:
                     ctx.driver.adopt(t)
                 except SchedulerError as e:  # e.g. its piece no longer exists: plan it anew
                     log.warning("stored transfer not adopted", transfer=t.transfer_id, error=str(e))
-                    ctx.store.delete_transfer(st.transfer_id)
+                    ctx.store.delete_transfer(t.transfer_id)
                     continue
-                self.undelivered.setdefault(t.demander, {})[t.transfer_id] = st.seq
+                self.undelivered.setdefault(t.demander, {})[t.transfer_id] = seq
                 adopted.append(t)
                 log.info(
                     "transfer adopted after restart",
                     **transfer_fields(t),
                 )
-            elif st.state == "active":
-                ctx.store.delete_transfer(st.transfer_id)  # done; its report was lost
+            elif state == "active":
+                ctx.store.delete_transfer(t.transfer_id)  # done; its report was lost
         ctx.store.prune_transfers(TRANSFER_MEMORY)
         return adopted
 
@@ -214,7 +194,7 @@ class Dispatch:
             tr = self.transfers.get(t.transfer_id)
             if tr is not None and not tr.reported:
                 # kept (bounded) so a late report of it is still understood after a restart
-                ctx.store.save_transfer(self.stored(tr, "aborted"))
+                self.save(tr, "aborted")
             log.info(
                 "transfer aborted",
                 **transfer_fields(t),
@@ -294,7 +274,7 @@ class Dispatch:
             tr = Tracked(t, seq=seq)
             self.remember(tr)
             self.undelivered.setdefault(t.demander, {})[t.transfer_id] = seq
-            ctx.store.save_transfer(self.stored(tr))
+            self.save(tr)
             touched.add(t.demander)
             self.jobs.transfer_started(t.demander, t.layer)
             log.info(

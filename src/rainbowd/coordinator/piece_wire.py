@@ -1,15 +1,21 @@
-"""Pieces on the wire: a scheduler transfer's chunk range, to the agent and to the state file.
+"""A transfer on the wire: the one conversion of ``Transfer`` into ``TransferAssignment``.
+
+A transfer has one record, ``rainbowd.core.sched.scheduler.Transfer``, from the
+scheduler to the state file. The demander gets a different shape,
+``rainbowd.core.messages.TransferAssignment``, for reasons of its own: it is a
+bounded wire schema older agents decode, it carries what the demander needs and
+the scheduler does not keep (the layer's ``ChunkManifest``, the seeder's
+``PeerInfo`` with its pinned host key), and it leaves out what is the
+coordinator's business (the seeder's measured speed, the expected rate, the
+demander, the start time). :func:`assignment_for` is the only place that builds
+one from the other.
 
 The scheduler may split a layer into *pieces* (runs of consecutive chunks,
-rainbowd.core.sched.pieces) and move each from its own seeder; a transfer then carries
-``first_chunk``/``end_chunk`` (``end_chunk`` 0: the whole layer). This module
-is the coordinator's side of that contract, kept out of its services:
-
-* :func:`assignment_for` builds the demander's :class:`TransferAssignment`
-  with the range (checked against the manifest: a range outside it is never
-  handed out);
-* whether a finished piece leaves its demander holding the whole layer is
-  the job driver's question (``JobDriver.holds_layer``, rainbowd.core.sched.jobdriver).
+rainbowd.core.sched.pieces); a transfer then carries ``first_chunk``/``end_chunk``
+(``end_chunk`` 0: the whole layer), checked here against the manifest so a
+range outside the layer is never handed out. Whether a finished piece leaves
+its demander holding the whole layer is the job driver's question
+(``JobDriver.holds_layer``, rainbowd.core.sched.jobdriver).
 """
 
 from __future__ import annotations
@@ -24,16 +30,10 @@ from rainbowd.core.sched.scheduler import Transfer
 log = structlog.get_logger(__name__)
 
 
-def chunk_range(t: Transfer) -> tuple[int, int]:
-    """``(first_chunk, end_chunk)`` of ``t``; (0, 0) is the whole layer."""
-    return int(getattr(t, "first_chunk", 0)), int(getattr(t, "end_chunk", 0))
-
-
 def assignment_for(
     t: Transfer, manifest: ChunkManifest, seeder: PeerInfo
 ) -> TransferAssignment | None:
     """The demander's assignment for ``t``; None (logged) if its range does not fit the layer."""
-    first, end = chunk_range(t)
     try:
         return TransferAssignment(
             transfer_id=t.transfer_id,
@@ -41,8 +41,8 @@ def assignment_for(
             layer=manifest,
             seeder=seeder,
             reason=t.reason,
-            first_chunk=first,
-            end_chunk=end,
+            first_chunk=t.first_chunk,
+            end_chunk=t.end_chunk,
         )
     except ValueError as e:
         log.error(

@@ -17,7 +17,10 @@ delete when its report arrives): agents keep pulling while the coordinator is
 away, so a restarted coordinator must know them -- to lock their seeder and
 demander again (no second transfer of a layer a node is still pulling) and to
 understand their late done/failed reports. Rows whose transfer the
-coordinator gave up on (``aborted``) are kept, bounded, for late reports.
+coordinator gave up on (``aborted``) are kept, bounded, for late reports. A
+transfer row is the scheduler's own record (``rainbowd.core.sched.scheduler.Transfer``,
+the body) plus the two columns only the coordinator has (its mailbox ``seq``
+and its ``state``): no mirror type to keep in step with it.
 
 A stored value can never stop the coordinator from starting: every row is
 decoded and validated on its own (the structs' fields carry the same bounds
@@ -47,7 +50,9 @@ from rainbowd.core.messages import (
     NodeJobState,
     OpView,
 )
+from rainbowd.core.sched.scheduler import Transfer
 from rainbowd.core.wirebounds import (
+    MAX_COUNT,
     MAX_TEXT,
     Count,
     Digest,
@@ -58,7 +63,6 @@ from rainbowd.core.wirebounds import (
     Rate,
     Roles,
     SshKey,
-    Text,
 )
 
 log = structlog.get_logger(__name__)
@@ -68,7 +72,10 @@ MAX_STORED_EVENTS = 10_000
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+#: 2: a transfer row is the scheduler's ``Transfer`` as it is (body) plus the coordinator's
+#: own columns ``seq`` and ``state``; version 1 kept a field-by-field copy holding both
+#: (``_migrate`` moves a version-1 database on when it is opened)
+SCHEMA_VERSION = 2
 
 
 class StoredNode(msgspec.Struct, kw_only=True):
@@ -95,23 +102,10 @@ class StoredNode(msgspec.Struct, kw_only=True):
     max_download_bps: Rate = 0.0
 
 
-class StoredTransfer(msgspec.Struct, kw_only=True):
-    """A transfer handed to a demander and not yet reported on (or given up on)."""
-
-    transfer_id: Name
-    layer: Digest
-    seeder: Name
-    demander: Name
-    job_id: Name
-    started_at: Finite
-    reason: Text
-    seeder_speed_bps: Finite
-    seq: Count = 0  # its place in the demander's mailbox: delivered once the cursor passes it
-    state: Literal["active", "aborted"] = "active"
-    #: the piece it moves, chunks [first_chunk, end_chunk); end_chunk 0 = the whole layer
-    #: (rows written before pieces existed decode to the whole layer, as they meant)
-    first_chunk: int = 0
-    end_chunk: int = 0
+#: a stored transfer's own column: ``active`` (handed to its demander, not reported on) or
+#: ``aborted`` (given up on; kept, bounded, so its late report is understood)
+TransferState = Literal["active", "aborted"]
+_TRANSFER_STATES: tuple[TransferState, ...] = ("active", "aborted")
 
 
 class StoredImage(msgspec.Struct, kw_only=True):
@@ -138,7 +132,9 @@ CREATE TABLE IF NOT EXISTS jobs (job_id TEXT PRIMARY KEY, created_at REAL, body 
 CREATE TABLE IF NOT EXISTS job_nodes (
     job_id TEXT NOT NULL, node_id TEXT NOT NULL, body TEXT NOT NULL,
     PRIMARY KEY (job_id, node_id));
-CREATE TABLE IF NOT EXISTS transfers (transfer_id TEXT PRIMARY KEY, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS transfers (
+    transfer_id TEXT PRIMARY KEY, body TEXT NOT NULL,
+    seq INTEGER NOT NULL DEFAULT 0, state TEXT NOT NULL DEFAULT 'active');
 CREATE TABLE IF NOT EXISTS security_events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, reporter TEXT NOT NULL,
     peer TEXT NOT NULL, kind TEXT NOT NULL, detail TEXT NOT NULL);
@@ -162,9 +158,35 @@ class StateStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        self._migrate()
         self._db.execute(
             "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
         )
+
+    def _migrate(self) -> None:
+        """Bring a database written by an older rbd to ``SCHEMA_VERSION``, in one transaction.
+
+        Version 1 -> 2: its transfer rows kept ``seq`` and ``state`` inside the JSON
+        body; they become columns (the body's other fields are the ``Transfer``'s, and
+        the two extra keys left in old bodies are ignored when decoding). A body that
+        is not JSON keeps the defaults here and is set aside when loaded, as before.
+        """
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(transfers)")}
+        if "seq" in columns:
+            return
+        with self.transaction():
+            self._db.execute("ALTER TABLE transfers ADD COLUMN seq INTEGER NOT NULL DEFAULT 0")
+            self._db.execute(
+                "ALTER TABLE transfers ADD COLUMN state TEXT NOT NULL DEFAULT 'active'"
+            )
+            self._db.execute(
+                "UPDATE transfers SET "
+                "seq = coalesce(json_extract(body, '$.seq'), 0), "
+                "state = coalesce(json_extract(body, '$.state'), 'active') "
+                "WHERE json_valid(body)"
+            )
+            self.set_meta("schema", str(SCHEMA_VERSION))
+        log.info("state database migrated", path=str(self.path), schema=SCHEMA_VERSION)
 
     def close(self) -> None:
         self._db.close()
@@ -339,25 +361,46 @@ class StateStore:
         )
 
     # -- transfers in flight ----------------------------------------------
-    def save_transfer(self, t: StoredTransfer) -> None:
+    def save_transfer(self, t: Transfer, seq: int, state: TransferState = "active") -> None:
+        """Persist ``t`` as it is, with the coordinator's own ``seq`` and ``state`` beside it.
+
+        ``seq``: its assignment's place in the demander's mailbox (delivered once the
+        agent's cursor passes it).
+        """
         self._db.execute(
-            "INSERT INTO transfers(transfer_id, body) VALUES (?, ?) "
-            "ON CONFLICT(transfer_id) DO UPDATE SET body = excluded.body",
-            (t.transfer_id, _dump(t)),
+            "INSERT INTO transfers(transfer_id, body, seq, state) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(transfer_id) DO UPDATE SET "
+            "body = excluded.body, seq = excluded.seq, state = excluded.state",
+            (t.transfer_id, _dump(t), seq, state),
         )
 
     def delete_transfer(self, transfer_id: str) -> None:
         self._db.execute("DELETE FROM transfers WHERE transfer_id = ?", (transfer_id,))
 
-    def load_transfers(self) -> list[StoredTransfer]:
-        rows = self._db.execute("SELECT transfer_id, body FROM transfers ORDER BY rowid")
-        return self._valid_rows("transfers", "transfer_id", rows.fetchall(), StoredTransfer)
+    def load_transfers(self) -> list[tuple[Transfer, int, TransferState]]:
+        """Every stored transfer as (transfer, seq, state), oldest first; bad rows set aside."""
+        rows = self._db.execute(
+            "SELECT transfer_id, body, seq, state FROM transfers ORDER BY rowid"
+        ).fetchall()
+        out: list[tuple[Transfer, int, TransferState]] = []
+        for key, body, seq, state in rows:
+            t = self._valid("transfers", "transfer_id = ?", key, body, Transfer)
+            if t is None:
+                continue
+            for value in _TRANSFER_STATES:
+                if state == value and isinstance(seq, int) and 0 <= seq <= MAX_COUNT:
+                    out.append((t, seq, value))
+                    break
+            else:
+                error = f"seq {seq!r} is not a count or state {state!r} not in {_TRANSFER_STATES}"
+                self._set_aside("transfers", "transfer_id = ?", (key,), body, error)
+        return out
 
     def prune_transfers(self, keep: int) -> None:
         """Forget all but the newest ``keep`` aborted transfers (active ones stay)."""
         self._db.execute(
             "DELETE FROM transfers WHERE rowid IN (SELECT rowid FROM transfers "
-            "WHERE json_extract(body, '$.state') = 'aborted' "
+            "WHERE state = 'aborted' "
             "ORDER BY rowid DESC LIMIT -1 OFFSET ?)",
             (keep,),
         )
@@ -435,6 +478,13 @@ class StateStore:
             return _load(body, kind)
         except (msgspec.ValidationError, msgspec.DecodeError, ValueError, RecursionError) as e:
             error = str(e)
+        self._set_aside(table, where, keys, body, error)
+        return None
+
+    def _set_aside(
+        self, table: str, where: str, keys: tuple[Any, ...], body: Any, error: str
+    ) -> None:
+        """Log the row of ``table`` selected by ``where``/``keys`` and move it to ``set_aside``."""
         log.error(
             "stored row is not valid; set aside (see its set_aside row) and not loaded",
             table=table,
@@ -452,7 +502,6 @@ class StateStore:
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
-        return None
 
     def set_aside(self) -> list[tuple[str, str, str]]:
         """Rows set aside at load, oldest first: (table, key, error)."""

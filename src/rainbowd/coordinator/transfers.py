@@ -108,7 +108,7 @@ class TransferReports:
             return None
         tr = Tracked(t, acked_at=now)
         self.dispatch.remember(tr)
-        ctx.store.save_transfer(self.dispatch.stored(tr))
+        self.dispatch.save(tr)
         self.jobs.transfer_started(node.node_id, layer)
         log.warning(
             "unknown transfer adopted from heartbeat",
@@ -127,7 +127,7 @@ class TransferReports:
             return False
         if not ctx.driver.readopt(t, held=t.layer in node.holdings):
             return False
-        ctx.store.save_transfer(self.dispatch.stored(tr))
+        self.dispatch.save(tr)
         self.jobs.transfer_started(node.node_id, t.layer)
         log.info(
             "transfer taken back: the agent still pulls it",
