@@ -60,13 +60,31 @@ class EnrollmentRefused(RuntimeError):
 
 @dataclass
 class ActiveWork:
-    transfer_id: str
-    layer: str
-    seeder: str
-    started: float
+    """A pull this agent runs: its assignment, kept by reference, and its progress so far.
+
+    The transfer's identity and plan are the coordinator's ``TransferAssignment``
+    (not copied: the properties read it); the agent adds only when the pull
+    started and what the puller last said of it, for heartbeats, progress
+    reports and ``rbd-agent status``.
+    """
+
+    assignment: m.TransferAssignment
+    started: float  # wall clock (status shows seconds since)
+    bytes_total: int  # of its chunk range
     bytes_done: int = 0
-    bytes_total: int = 0
     rate_bps: float = 0.0
+
+    @property
+    def transfer_id(self) -> str:
+        return self.assignment.transfer_id
+
+    @property
+    def layer(self) -> str:
+        return self.assignment.layer.digest
+
+    @property
+    def seeder(self) -> str:
+        return self.assignment.seeder.node_id
 
 
 @dataclass
@@ -450,7 +468,7 @@ class Agent:
         layer = a.layer.digest
         first, end = a.chunk_range()  # a piece of the layer, or all of it
         size = min(a.layer.size, end * a.layer.chunk_size) - first * a.layer.chunk_size
-        w = ActiveWork(a.transfer_id, layer, a.seeder.node_id, time.time(), 0, size)
+        w = ActiveWork(a, started=time.time(), bytes_total=size)
         self.view.active[a.transfer_id] = w
         tlog = self.log.bind(layer=layer, seeder=a.seeder.node_id, transfer=a.transfer_id)
         if self.puller.overlapping(layer, first, end):

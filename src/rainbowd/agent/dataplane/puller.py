@@ -254,12 +254,16 @@ class _ChunkClientSession(asyncssh.SSHClientSession[bytes]):
 
 
 @dataclass(slots=True)
-class _Tally:
-    """What one pull has moved so far (kept outside _fetch so failures can log it)."""
+class _PullCounters:
+    """One pull's byte and chunk counters, and the seeder label its metrics carry.
+
+    Not a transfer record (the pull's identity is its ``TransferAssignment``):
+    counters kept outside ``_fetch`` so a failure can still log and count them.
+    """
 
     peer: str = ""  # the seeder's node id (metrics label)
-    moved: int = 0
-    fetched: int = 0
+    moved: int = 0  # bytes of verified chunks written
+    fetched: int = 0  # verified chunks written
 
 
 @dataclass(slots=True)
@@ -529,7 +533,7 @@ class LayerPuller:
         # instance override of the class default (4 chunks): sync per ~FLUSH_BYTES
         # (and per PartialLayer.FLUSH_SECONDS), whatever the chunk size
         partial.FLUSH_EVERY = max(1, FLUSH_BYTES // manifest.chunk_size)
-        tally = _Tally(peer=seeder.node_id)
+        counters = _PullCounters(peer=seeder.node_id)
         relay = self.relay
         token = 0
         if relay is not None:
@@ -546,15 +550,15 @@ class LayerPuller:
                 conn = await self.connection(seeder)
                 done_of = (present, range_bytes)
                 await self._fetch(
-                    conn, partial, missing, done_of, t0, where, plog, on_progress, tally
+                    conn, partial, missing, done_of, t0, where, plog, on_progress, counters
                 )
-            installed = await self._commit_if_complete(partial, where, tally)
+            installed = await self._commit_if_complete(partial, where, counters)
         except BaseException as e:
             await _shield_release(self.store, partial)
             if isinstance(e, PullError):
-                plog.warning("pull_failed", kind=e.kind, reason=e.reason, moved=tally.moved)
+                plog.warning("pull_failed", kind=e.kind, reason=e.reason, moved=counters.moved)
             elif isinstance(e, asyncio.CancelledError):
-                plog.info("pull_cancelled", moved=tally.moved)
+                plog.info("pull_cancelled", moved=counters.moved)
             raise
         else:
             await _shield_release(self.store, partial)
@@ -563,7 +567,7 @@ class LayerPuller:
                 why = "" if installed else f"pull from {seeder.node_id} ended"
                 relay.end(digest, installed=installed, why=why, token=token)
         seconds = time.monotonic() - t0
-        moved, fetched = tally.moved, tally.fetched
+        moved, fetched = counters.moved, counters.fetched
         if on_progress is not None:
             on_progress(range_bytes, range_bytes, moved / seconds if seconds > 0 else 0.0)
         plog.info(
@@ -576,7 +580,9 @@ class LayerPuller:
         )
         return PullResult(moved, seconds, fetched, installed)
 
-    async def _commit_if_complete(self, partial: PartialLayer, where: str, tally: _Tally) -> bool:
+    async def _commit_if_complete(
+        self, partial: PartialLayer, where: str, counters: _PullCounters
+    ) -> bool:
         """Install the layer if no chunk of it is missing; True if it is installed (by anyone).
 
         ``PartialLayer.commit`` runs the whole-digest check and the install once;
@@ -591,7 +597,7 @@ class LayerPuller:
             raise self._disk_error(e, manifest, "installing it") from None
         except StoreError as e:
             # every chunk matched yet the whole did not: the manifest is wrong
-            self.metrics.chunk_failure(tally.peer, "layer_digest")
+            self.metrics.chunk_failure(counters.peer, "layer_digest")
             raise PullError("verify", f"{where}: {e}") from None
         return True
 
@@ -679,7 +685,7 @@ class LayerPuller:
         where: str,
         plog: Any,
         on_progress: ProgressCallback | None,
-        tally: _Tally,
+        counters: _PullCounters,
     ) -> None:
         """Fetch ``missing`` over one channel; the FetchSession (chunksession) says what to do.
 
@@ -706,22 +712,24 @@ class LayerPuller:
                 try:
                     ev = await channel.next_event(wait_s)
                 except TimeoutError:
-                    raise self._chunk_failure(fetch.timed_out(wait_s), tally, plog) from None
+                    raise self._chunk_failure(fetch.timed_out(wait_s), counters, plog) from None
                 if isinstance(ev, chunkproto.Chunk):
-                    self.metrics.received(tally.peer, len(ev.data))
+                    self.metrics.received(counters.peer, len(ev.data))
                 step = fetch.receive(ev)
                 if isinstance(step, FetchFailure):
-                    raise self._chunk_failure(step, tally, plog)
+                    raise self._chunk_failure(step, counters, plog)
                 if step is None:
                     continue
-                await self._land(partial, fetch, step, where, plog, tally)
+                await self._land(partial, fetch, step, where, plog, counters)
                 await self.download_pacer.pace(len(step.data))
                 if (frame := fetch.next_request()) is not None:
                     channel.send(frame)
                 now = time.monotonic()
                 if on_progress is not None and now - last_progress >= PROGRESS_INTERVAL:
                     last_progress = now
-                    on_progress(present + tally.moved, total, tally.moved / max(now - t0, 1e-9))
+                    on_progress(
+                        present + counters.moved, total, counters.moved / max(now - t0, 1e-9)
+                    )
         finally:
             channel.close()
 
@@ -732,14 +740,14 @@ class LayerPuller:
         chunk: chunkproto.Chunk,
         where: str,
         plog: Any,
-        tally: _Tally,
+        counters: _PullCounters,
     ) -> None:
-        """Verify and write the chunk due, and tell the relay and the tally it landed."""
+        """Verify and write the chunk due, and tell the relay and the counters it landed."""
         try:
             await self._write(partial, chunk.index, chunk.data)
         except ChunkRejected as e:
             failure = fetch.chunk_rejected(chunk.index, len(chunk.data), str(e))
-            raise self._chunk_failure(failure, tally, plog) from None
+            raise self._chunk_failure(failure, counters, plog) from None
         except OSError as e:
             raise self._disk_error(e, partial.manifest, f"writing chunk {chunk.index}") from None
         except StoreError as e:  # the shared partial was discarded under us
@@ -747,14 +755,16 @@ class LayerPuller:
         fetch.chunk_written(chunk.index)
         if self.relay is not None:
             self.relay.landed(partial.manifest.digest, chunk.index)
-        tally.moved += len(chunk.data)
-        tally.fetched += 1
+        counters.moved += len(chunk.data)
+        counters.fetched += 1
 
-    def _chunk_failure(self, failure: FetchFailure, tally: _Tally, plog: Any) -> PullError:
+    def _chunk_failure(
+        self, failure: FetchFailure, counters: _PullCounters, plog: Any
+    ) -> PullError:
         """Log and count a failure the FetchSession named; the PullError that ends the pull."""
         if failure.log_event:
             plog.error(failure.log_event, **dict(failure.log_fields))
-        self.metrics.chunk_failure(tally.peer, failure.metric)
+        self.metrics.chunk_failure(counters.peer, failure.metric)
         return PullError(
             failure.kind,
             failure.reason,
