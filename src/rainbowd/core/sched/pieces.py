@@ -27,7 +27,7 @@ Transfers handed out carry ``first_chunk``/``end_chunk`` (``end_chunk`` 0:
 the whole layer); ``layer`` is always the layer's digest. A node *holds* a
 layer once it holds every piece of it.
 
-Pieces are sized by the policy's ``piece_bytes`` (policies.py): a piece is
+Pieces are sized by the policy's ``piece_bytes`` (policies/rules.py): a piece is
 ``max(1, piece_bytes // chunk_size)`` chunks. A layer whose size is learnt
 while transfers or demands of it are open stays whole (re-keying those
 would lose track of them); one that is only held is split at once.

@@ -42,7 +42,7 @@ questions Algorithm 1 asks, and are updated as events arrive:
   demander's version and is dropped when that is stale).
 
 Only ``paper`` reads these two indexes; under a capacity-aware policy the
-planner (policies.py) keeps its own, so they are not maintained there (every
+planner (policies/) keeps its own, so they are not maintained there (every
 transfer start and end would otherwise re-key them for nothing).
 
 A call then walks the idle holders of the layers someone waits for, fastest
@@ -69,7 +69,7 @@ from .policies import RULES, Planner
 #: speed assumed for a node nothing is known about (bytes/s); 100 Mbit/s
 DEFAULT_SPEED_BPS = 12.5e6
 
-#: ``paper`` is Algorithm 1 (this module); the others are capacity-aware (policies.py)
+#: ``paper`` is Algorithm 1 (this module); the others are capacity-aware (policies/)
 POLICIES = ("paper", *RULES)
 #: the best measured policy across the profile suite (bench/RESULTS.md, issue 13); ``paper``
 #: and the others stay selectable

@@ -1,0 +1,136 @@
+"""The demander side of the planner's indexes: who waits, keyed by speed and by need.
+
+Why: the walk (walk.py) meets waiting demanders fastest first and, under the
+slack rule, those with least slack first; per layer they stand sorted both ways
+(by speed in a :class:`~rainbowd.core.sched.waiting.WaitIndex`, whose blocks
+carry bounds so the walk can step over demanders no seeder could serve). A
+demander's key is re-taken after any change to it (:meth:`DemanderIndex.refresh`).
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left, insort
+from typing import TYPE_CHECKING
+
+from ..waiting import Hope, WaitIndex
+from .seeders import SeederIndex
+from .state import _MIN_FREE_SHARE, UNKNOWN_LAYER_BYTES, _down_speed, _WaitKey
+
+if TYPE_CHECKING:
+    from ..scheduler import _Demand, _Node
+
+
+class DemanderIndex(SeederIndex):
+    """Waiting demanders per layer they want, by rank step and need, and by need alone."""
+
+    def refresh(self, node: _Node) -> None:
+        """Re-key ``node`` as a seeder and as a demander after any change to it."""
+        self._refresh_seeder(node)
+        self._refresh_demander(node)
+
+    def demand_added(self, node: _Node, demand: _Demand) -> None:
+        if self.rules.slack_margin is not None:
+            total = sum(self._size(lr) for lr in node.demands)
+            finish = demand.since + total / _down_speed(node) * (1 + self.rules.slack_margin)
+            self._horizon = max(self._horizon, finish)
+        self._refresh_demander(node)
+
+    def _rank(self, node: _Node) -> float:
+        """How fast ``node`` is as a demander (``rank`` rule: fastest first)."""
+        down = _down_speed(node)
+        return down if self.rules.rank == "down" else min(down, node.speed_bps)
+
+    def _rank_step(self, node: _Node) -> float:
+        """:meth:`_rank` rounded down to a ``rank_step`` (geometric), so near-equal nodes tie.
+
+        Ties go to the demander that lacks the most (its need in seconds): on a
+        cluster of equal nodes the first transfers then spread over nodes that
+        have nothing yet, so each new holder has an idle upload to pass on what
+        it receives, instead of one node taking every fresh piece in turn.
+        """
+        rank = self._rank(node)
+        step = self.rules.rank_step
+        if step <= 0 or rank <= 0:
+            return rank
+        return (1 + step) ** math.floor(math.log(rank, 1 + step))
+
+    def _refresh_demander(self, node: _Node) -> None:
+        nid = node.node_id
+        want: _WaitKey | None = None
+        hope: Hope | None = None
+        if node.up and not node.suspect and self._room(node):
+            # one pass for the key's need (layers not in flight) and the hope's (all it lacks)
+            sizes, pulling = self._s.layer_sizes, node.pulling
+            wanted: list[str] = []
+            waiting_bytes = all_bytes = 0
+            for lr in node.demands:
+                size = sizes.get(lr) or UNKNOWN_LAYER_BYTES  # (_size)
+                all_bytes += size
+                if lr not in pulling:
+                    wanted.append(lr)
+                    waiting_bytes += size
+            if wanted:
+                down = _down_speed(node)
+                need = waiting_bytes / down
+                tie = -need if self.rules.rank_step > 0 else 0.0  # (rank_step: ties by need)
+                want = ((-self._rank_step(node), tie, nid), (-need, nid), tuple(wanted))
+                hope = self._hope(node, all_bytes / down)
+        have = self._wait_key.get(nid)
+        if want == have:
+            if hope is not None and hope != self._hopes[nid]:
+                self._widen(nid, hope)
+            return
+        if have is not None:
+            for layer in have[2]:
+                by_speed = self._by_speed[layer]
+                by_speed.remove(have[0])
+                by_need = self._by_need[layer]
+                del by_need[bisect_left(by_need, have[1])]
+                if not by_speed:
+                    del self._by_speed[layer], self._by_need[layer]
+        if want is None:
+            self._wait_key.pop(nid, None)
+            self._hopes.pop(nid, None)
+        else:
+            assert hope is not None
+            self._hopes[nid] = hope
+            for layer in want[2]:
+                if layer not in self._by_speed:
+                    self._by_speed[layer] = WaitIndex(self._hopes)
+                    self._by_need[layer] = []
+                self._by_speed[layer].add(want[0])
+                insort(self._by_need[layer], want[1])
+            self._wait_key[nid] = want
+        if not self._s._demands:
+            self._horizon = 0.0
+
+    def _hope(self, node: _Node, need_s: float) -> Hope:
+        """The values of ``node`` that ``_serve`` weighs against a layer's best free upload.
+
+        ``need_s`` is :meth:`_need_s` (summed by the caller, with the key's need).
+        """
+        room = self.free_down(node) if self.rules.slots else node.speed_bps
+        return Hope(_down_speed(node), need_s if self.rules.need_share else 0.0, room)
+
+    def _widen(self, nid: str, hope: Hope) -> None:
+        """A waiting demander whose key stays has new values (sizes, caps, what it lacks)."""
+        self._hopes[nid] = hope
+        speed_key, _, layers = self._wait_key[nid]
+        for layer in layers:
+            self._by_speed[layer].widen(speed_key, hope)
+
+    def layer_size_set(self) -> None:
+        """A layer's size changed: a waiting demander's need in seconds may have moved."""
+        for nid in self._wait_key:
+            node = self._s._nodes[nid]
+            hope = self._hope(node, self._need_s(node))
+            if hope != self._hopes[nid]:
+                self._widen(nid, hope)
+
+    def _room(self, node: _Node) -> bool:
+        """Whether ``node`` can take one more download now."""
+        if not self.rules.slots:
+            return not self._down_used.get(node.node_id)
+        share = max(self.rules.min_share, _MIN_FREE_SHARE)
+        return self.free_down(node) >= share * _down_speed(node)

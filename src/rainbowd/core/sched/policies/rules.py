@@ -1,0 +1,138 @@
+"""The rules a policy switches on and weighs: :class:`Rules`, one field per rule.
+
+Why: on a mixed cluster the bound T* (PAPER.md, "The physical limit") is
+usually set by the slowest *download*, while Algorithm 1 lets one seeder
+serve one demander at a time and treats a 4 Mbit/s node like a 32 Mbit/s one.
+Most upload capacity then sits idle and the slowest nodes start last. The
+policies here plan with *bandwidth*, not with locks:
+
+* **slots** -- a transfer reserves a rate, ``min(seeder's free upload,
+  demander's free download)``; a seeder runs as many uploads as its estimated
+  capacity covers, and a demander pulls several layers at once from different
+  seeders while its download has room. A new transfer must get at least
+  ``min_share`` of the demander's speed, so slow seeders are not handed fast
+  demanders (they would hold the layer hostage for its whole length).
+* **best fit** -- a demander takes the seeder whose free upload covers its
+  free download most tightly (or, if none covers it, the one with most room),
+  so big free uploads stay for fast demanders.
+* **fastest-node-first** -- demanders are served in order of speed, so
+  seeding capacity grows fastest. With ``rank_step`` speeds within one
+  geometric step tie, and a tie goes to the demander lacking most: on equal
+  nodes the first pieces then spread over nodes with idle uploads, which pass
+  them on at once, instead of one node taking every fresh piece in turn
+  (simulator, homogeneous profile at 100 nodes: 1.78 -> 1.71 x T*;
+  upload-bound, where the origin fed the fastest node piece after piece:
+  1.51 -> 1.49 x with ``upload_urgent``).
+* **least slack first** -- a node whose remaining bytes over its speed come
+  close to the horizon (the latest any current demander could finish,
+  ``since + need * (1 + margin)``) is *urgent* and goes before everyone else:
+  the slowest downloads decide T*, so they must start early, and they take
+  little of a seeder's upload. Where the *upload* sets T* the downloads alone
+  put the horizon too near and every node looks urgent within seconds; with
+  ``upload_urgent`` the cut is at least that share of the seconds the whole
+  cluster's upload needs for every open demand (``Planner._upload_bound_s``).
+* **stripe** -- while a demander has more to ask for, a transfer that is
+  short at full rate reserves only ``stripe`` of its download, so two run side
+  by side and each covers the other's set-up and report gap
+  (``Planner._reserve_down``).
+* **direct** -- a layer so small that a seeder can send it to many demanders
+  within ``direct_s`` seconds goes straight from that seeder to all of them at
+  once, reserving nothing (the DID crossover: a tree only adds hops).
+* **cut-through relay** (``relay``) -- a node with an active incoming transfer
+  of layer L is a *relay* holder of L: it may seed L while still receiving it,
+  at no more than its inbound transfer's planned rate and its free upload (the
+  agent serves chunks as they land; agent/dataplane/relay.py). Store-and-forward costs
+  one whole layer time per level of the tree; a relay adds only a chunk. A
+  complete holder that covers the demander's free download is still taken
+  first (it cannot stall); then the tightest-fitting relay; then the most
+  room of either. A hop forwards whole verified chunks, so each one adds a
+  chunk's time on the link *into* the relay plus a fixed cost
+  (``RELAY_HOP_S``) to how far the last node of a chain trails a complete
+  copy: a relay is offered only while that lag stays within the lag budget.
+  Without the bound best fit builds one long chain (each node's upload
+  exactly covers the next node's download): in the lab a 100-hop chain left
+  the tail waiting 20 s for its first chunk. The budget is ``relay_lag_s`` up
+  to 100 nodes and one more ``relay_lag_s`` per tenfold beyond (``log10(nodes)
+  - 1`` times it): between chains the layer is stored and forwarded, so a
+  deeper chain per generation means fewer generations. (Simulator, paper
+  profile with 64 KiB chunks, budget at 10,000 nodes: 3 s gave 1.53 x T*,
+  4 s 1.46 x, 5 s 1.47 x; at 100 nodes 1.5 s gave 1.06 x and 2 s 1.10 x.)
+  Small chunks shorten every hop: the slow nodes' chains (a 256 KiB chunk
+  takes 0.5 s at 4 Mbit/s) went from 1.62 to 1.53 x T* at 10,000 nodes with
+  64 KiB, the same budget; with this budget 256 / 128 / 64 KiB give 1.61 /
+  1.51 / 1.47 x.
+* **rarest layer first** -- a demander asks for the layer with the fewest
+  copies (holders plus transfers in flight) before the others. Every node
+  wants the image's layers in the same order; without this the origin spends
+  its upload on the first layer while the big one waits there alone (in the
+  simulator at 1,000 nodes, with least slack first, the 8 MB layer had 2
+  holders at 8.5 s while the 2 MB one had 993).
+* **measured speeds** -- a completed transfer that ran ``MIN_OBSERVE_S`` or
+  longer moves the estimate of the side that limited it (EWMA of achieved /
+  planned rate); repeated failures halve a seeder's estimate, so slow or
+  failing peers drop out of ``min_share`` and best fit.
+
+Each policy is one :class:`Rules` entry in a file of its own (fastest.py,
+slots.py, relay.py, swarm.py, deadline.py) with why its weights are what they are;
+the planner (planner.py and its bases) runs whichever it is given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Rules:
+    """One policy: which of the planner's rules it uses, and their weights (module docstring)."""
+
+    name: str
+    summary: str
+    slots: bool = True  # several uploads per seeder / downloads per demander, by rate
+    slack_margin: float | None = None  # least slack first with this margin; None = off
+    urgent_share: float = 0.25  # most of a seeder's upload that urgent demanders may take
+    min_share: float = 0.5  # least rate a new transfer gets, as a share of the demander's speed
+    direct_s: float = 0.0  # direct rule: seconds a seeder may spend on small layers; 0 = off
+    ewma: float = 0.0  # weight of one observation in the speed estimate; 0 = off
+    #: seconds a demander with nothing in flight waits for a seeder meeting min_share;
+    #: after that any seeder will do (min_share is for speed, never for starvation)
+    patience_s: float = 5.0
+    #: a demander found starving (``patience_s``) takes every seeder that fits, until its
+    #: download is full, not one transfer per starving check (Planner._feed_starving)
+    starve_fill: bool = False
+    relay: bool = False  # cut-through: nodes still receiving a layer may seed it (needs slots)
+    #: most seconds the end of a relay chain may trail a complete copy (first chunk's lag)
+    relay_lag_s: float = 2.0
+    #: a demander asks first for the layer with the fewest copies (holders + in flight)
+    rarest_first: bool = False
+    #: urgent only once waiting longer would miss the horizon: need * (1 + guard) >= horizon - now
+    #: (None: the slack margin itself, which makes the slowest demanders urgent from the start)
+    urgent_guard: float | None = None
+    #: a slow seeder may feed a demander whose other open demands keep it busy longer than the
+    #: transfer takes: the least rate is also at most size / (the demander's need in seconds)
+    need_share: bool = False
+    #: what ranks waiting demanders ("fastest first"): "down" (its download), "min" (the
+    #: lower of its upload and download: how fast it can pass the image on)
+    rank: str = "down"
+    #: split layers into pieces of about this many bytes (whole chunks; 0 = whole layers), so
+    #: several seeders feed one demander and partial holders seed (rainbowd.core.sched.pieces)
+    piece_bytes: int = 0
+    #: with piece_bytes: split each layer into about this many pieces instead, where that
+    #: gives pieces larger than piece_bytes (a piece's time is then a small share of the
+    #: layer's, whatever the image's size; 0 = piece_bytes alone)
+    layer_pieces: int = 0
+    #: demanders whose ranks lie within this geometric step tie (0 = exact ranks), and ties
+    #: go to the one lacking most (Planner._rank_step)
+    rank_step: float = 0.0
+    #: the slack rule's cut is at least this share of the seconds the cluster's whole upload
+    #: needs for every open demand (0 = off): where the upload binds, nobody is urgent in the
+    #: first seconds, and near the end the nodes lacking most go first before their own
+    #: download becomes the bound (Planner._upload_bound_s)
+    upload_urgent: float = 0.0
+    #: most share of a demander's download one transfer reserves while the demander has more
+    #: to ask for and the transfer would take under ``stripe_s`` at full rate (1 = no cap):
+    #: two short transfers in flight overlap each other's set-up and report gaps
+    #: (Planner._reserve_down)
+    stripe: float = 1.0
+    #: pieces taking longer than this at full rate are not striped (see ``stripe``)
+    stripe_s: float = 0.0

@@ -1,0 +1,146 @@
+"""The planner's state: its constants, what it reserved per transfer, and its base class.
+
+Why a file of its own: every concern of the planner (seeders.py, demanders.py,
+fit.py, walk.py, planner.py) reads and writes the same reservations and
+indexes; they live here, in one ``__init__``, so no concern owns another's
+state. The rules these serve are described in rules.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
+
+from ...chunks import DEFAULT_CHUNK_SIZE
+from ..waiting import Hope, WaitIndex
+
+if TYPE_CHECKING:
+    from ..scheduler import Scheduler, _Node
+    from .rules import Rules
+
+#: a transfer shorter than this says more about set-up delays than about link speed
+MIN_OBSERVE_S = 1.0
+#: layers of unknown size count as this many bytes in a demander's need
+UNKNOWN_LAYER_BYTES = 8 * 1024 * 1024
+#: a seeder with less free upload than this share of its speed takes no new upload
+_MIN_FREE_SHARE = 0.02
+INF = float("inf")
+URGENT = "urgent"
+#: a waiting demander's keys: by speed (its rank step, then its need), by need, and the
+#: layers it waits for
+_SpeedKey = tuple[float, float, str]
+_K = TypeVar("_K", tuple[float, str], _SpeedKey)
+_WaitKey = tuple[_SpeedKey, tuple[float, str], tuple[str, ...]]
+#: failures in a row after which a seeder's estimate is halved (each further one halves it again)
+FAILURES_TO_SLOW = 2
+#: the least rate a transfer is planned at (unless the fastest holder of its layer, or the
+#: demander's free download, has less): twice the agent's MIN_CHUNK_RATE_BPS
+#: (agent/dataplane/puller.py), below which a pull gives up on a chunk. Without it a seeder with 2 %
+#: of its upload free took a transfer at that 2 %: 1 KB/s for a 4 MiB chunk
+MIN_TRANSFER_BPS = 32 * 1024
+#: seconds between two sums of the cluster's upload (Planner._upload_bound_s); the sum walks
+#: every node, and speeds move slowly against this
+_UPLOAD_RESUM_S = 1.0
+#: fixed seconds one relay hop is planned to add beyond a chunk's wire time: the relay's
+#: wake-up, its serve-side check, the demander's check and write. A margin, not the
+#: measurement: the lab's first-round chains now show 5-43 ms (bench/sim/calibrate.py),
+#: but hops on a loaded host cost more, and at 10,000 simulated nodes planning with
+#: 0.15 s did better than with 0.05 s (1.40 against 1.42 x T*; bench/RESULTS.md)
+RELAY_HOP_S = 0.15
+
+
+@dataclass
+class _Plan:
+    """What the planner reserved for one active transfer."""
+
+    up: float  # of the seeder's upload
+    down: float  # of the demander's download
+    planned: float  # the rate it was planned at (bytes/s)
+    seeder_limited: bool  # the seeder's free upload set that rate
+    direct: bool = False  # a small layer sent directly (reserves nothing)
+    urgent: bool = False  # planned for an urgent demander (counts against urgent_share)
+    #: seconds the demander's chunks trail what a complete holder would send it: a hop per
+    #: relay on the way (0 when the seeder holds the layer)
+    lag: float = 0.0
+
+
+class PlannerState:
+    """What the planner keeps between calls, and the sizes and room it reads of a node.
+
+    The base of the planner's classes (seeders.py -> demanders.py -> fit.py -> walk.py
+    -> planner.py): each adds one concern over the same state.
+    """
+
+    def __init__(self, rules: Rules, scheduler: Scheduler) -> None:
+        self.rules = rules
+        self._s = scheduler
+        self._up_used: dict[str, float] = {}
+        self._down_used: dict[str, float] = {}
+        self._urgent_used: dict[str, float] = {}  # seeder -> upload reserved for urgent ones
+        self._direct_bytes: dict[str, int] = {}  # seeder -> bytes of direct transfers in flight
+        self._plans: dict[str, _Plan] = {}
+        self._receiving: dict[str, int] = {}  # layer -> transfers of it in flight
+        self._failures: dict[str, int] = {}  # seeder -> failures in a row
+        self._prior: dict[str, float] = {}  # node -> its first speed estimate (the hint)
+        # layer -> holders with free upload, sorted by (-free upload, node id)
+        self._free: dict[str, list[tuple[float, str]]] = {}
+        self._seed_key: dict[str, tuple[float, str]] = {}
+        # layer -> the fastest speed any holder of it had when it became one: min_share is
+        # taken of min(demander speed, this), so a demander faster than every holder
+        # (a huge hint, a capped origin) is not starved waiting for a seeder that cannot exist
+        self._fastest_holder: dict[str, float] = {}
+        # layer -> relays of it (receiving it, free upload), sorted by (-relay rate, node id)
+        self._relays: dict[str, list[tuple[float, str]]] = {}
+        self._relay_keys: dict[str, dict[str, tuple[float, str]]] = {}  # node -> layer -> key
+        # waiting demanders (free download, a wanted layer not in flight), per layer they want
+        # layer -> sorted (-rank step, -need s, id); rainbowd.core.sched.waiting: in blocks,
+        # with bounds on the values below, so a walk steps over demanders no seeder could serve
+        self._hopes: dict[str, Hope] = {}  # waiting demander -> what decides if it can be served
+        self._by_speed: dict[str, WaitIndex[_SpeedKey]] = {}
+        # layer -> sorted (-need s, id): the urgent walk's, short (only the urgent are met)
+        self._by_need: dict[str, list[tuple[float, str]]] = {}
+        self._wait_key: dict[str, _WaitKey] = {}
+        self._begun = 0  # transfers planned so far (a walk's bar is re-taken after each)
+        self._horizon = 0.0  # latest planned finish of a current demander (slack rule)
+        self._upload_bound = 0.0  # _upload_bound_s as last summed
+        self._upload_summed_at = -INF  # when it was summed
+        self._starve_check_at = 0.0  # when _starving next walks the waiting demanders
+        # demander -> when _starving first saw it waiting with nothing in flight (patience
+        # counts from there, not from its demand: a node that just finished a piece of a
+        # job an hour old has not waited an hour)
+        self._idle_seen: dict[str, float] = {}
+
+    def free_up(self, node: _Node) -> float:
+        return node.speed_bps - self._up_used.get(node.node_id, 0.0)
+
+    def free_down(self, node: _Node) -> float:
+        """Download room: its speed estimate, or its configured download cap if lower."""
+        return _down_speed(node) - self._down_used.get(node.node_id, 0.0)
+
+    def _size(self, layer: str) -> int:
+        return self._s.layer_sizes.get(layer) or UNKNOWN_LAYER_BYTES
+
+    def _chunk_size(self, layer: str) -> int:
+        return self._s.layer_chunks.get(layer, DEFAULT_CHUNK_SIZE)
+
+    def _one_chunk(self, layer: str) -> bool:
+        return self._size(layer) <= self._chunk_size(layer)
+
+    def _copies(self, layer: str) -> int:
+        """Holders of ``layer`` plus transfers of it in flight (rarest first)."""
+        return len(self._s._holders.get(layer, ())) + self._receiving.get(layer, 0)
+
+    def _need_s(self, node: _Node) -> float:
+        """Seconds ``node`` needs to download all it still lacks (in flight included)."""
+        return sum(self._size(lr) for lr in node.demands) / _down_speed(node)
+
+
+def _down_speed(node: _Node) -> float:
+    """What ``node`` can download at: its speed estimate, or its download cap if lower.
+
+    Shares of a demander's speed (min_share, room) are taken of this: a capped
+    demander must not wait for room it can never have.
+    """
+    cap = node.max_download_bps
+    down = node.down_bps or node.speed_bps
+    return min(down, cap) if cap > 0 else down

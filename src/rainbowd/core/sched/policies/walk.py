@@ -1,0 +1,291 @@
+"""The walk over waiting demanders: who is served in what order, and who starves.
+
+Why: the order is the policy's main lever (fastest-node-first, least slack
+first: rules.py). The walk merges the per-layer indexes of demanders.py by key
+over the layers some seeder has free upload for, steps over demanders that
+cannot clear the bar (rainbowd.core.sched.waiting), and serves starving
+demanders (patience) with any seeder that has room.
+"""
+
+from __future__ import annotations
+
+import heapq
+from bisect import bisect_right
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from ..waiting import CLOSED, Admits, Bar, WaitIndex
+from .fit import Fitter
+from .state import _K, _MIN_FREE_SHARE, _UPLOAD_RESUM_S, INF, MIN_TRANSFER_BPS, URGENT, _SpeedKey
+
+if TYPE_CHECKING:
+    from ..scheduler import Transfer, _Node
+
+
+class Walker(Fitter):
+    """:meth:`plan`: walk the waiting demanders in service order and serve each in turn."""
+
+    #: a walk steps over waiting demanders that cannot clear the bar (rainbowd.core.sched.waiting);
+    #: off, it asks every one, as before (tests compare the two)
+    skip_hopeless = True
+    #: ... once more demanders wait than this many times the layers they wait for: the bar
+    #: is a sum over those layers, re-taken after each transfer planned, and asking a few
+    #: demanders costs less (many-small at 100 nodes, 40 layers in ~100 pieces: 1.4 x the
+    #: CPU time with the bar always on; upload-bound at 1,000, 21 pieces: 179 -> 29 s)
+    skip_from = 1.0
+
+    def plan(self, now: float) -> list[Transfer]:
+        """Start every transfer the rules allow now (rules.py)."""
+        started: list[Transfer] = []
+        if not self._wait_key:
+            return started
+        visited: set[tuple[str, bool]] = set()  # (node, in the urgent phase)
+        for nid, why in self._order(now):
+            phase = (nid, why.startswith(URGENT))
+            if phase in visited:
+                continue
+            visited.add(phase)
+            node = self._s._nodes[nid]
+            while True:
+                t = self._serve(node, now, why)
+                if t is None:
+                    break
+                started.append(t)
+                if nid not in self._wait_key:
+                    break
+        if self.rules.slots:
+            self._feed_starving(now, started)
+        return started
+
+    def _feed_starving(self, now: float, started: list[Transfer]) -> None:
+        """Serve the starving demanders (:meth:`_starving`), any seeder with room will do.
+
+        With ``starve_fill`` a starving demander takes transfers until no seeder
+        fits or its download is full; without it, one, and it waits for the next
+        check (half a patience) for the next one. Who starves is a demander whose
+        download is far above every peer's upload (min_share of it: only the origin
+        qualifies, and its upload is spoken for) and whose upload ranks it last: the
+        walk hands each freed upload to others first, so such a node lives on the
+        starving checks alone. The first transfer takes any seeder (liveness); the
+        ones filling up behind it must end within ``patience_s`` at the seeder's
+        free upload, so a crawling seeder does not take a piece hostage.
+
+        Simulator, 100 nodes: a drawn shape (seed 5: uploads 0.3..4.2 Mbit/s, a
+        fifth of the nodes downloading at 125 Mbit/s, the rest at 6) took 2.30 x T*,
+        p90 slowdown 30, the fast downloaders finishing last; filled, 1.65 x and
+        19.7. Filling without the patience bound gave 1.56 x there, but upload-bound
+        at 1,000 nodes (4 MiB pieces from crumbs of upload) went 1.70 -> 1.79 x, and
+        the drawn seed 11 1.40 -> 1.45; with it, 1.70 and 1.39. The suite at 100:
+        random-pareto 1.21 -> 1.24 x T*, the other 15 shapes unchanged
+        (bench/RESULTS.md).
+        """
+        for node in self._starving(now):
+            why = f"waited {self.rules.patience_s:g} s or more with nothing in flight"
+            t = self._serve(node, now, why, starving=True)
+            while t is not None:
+                started.append(t)
+                if not self.rules.starve_fill or node.node_id not in self._wait_key:
+                    break
+                t = self._serve(node, now, why, starving=True, within_s=self.rules.patience_s)
+
+    def _order(self, now: float) -> Iterator[tuple[str, str]]:
+        """Waiting demanders in service order, each with why it comes there.
+
+        Only demanders wanting a layer some holder has free upload for are
+        met: the per-layer indexes are merged by key, and a layer drops out of
+        the merge once its free holders are used up. Walking by key (not by
+        position) keeps the walk right while demanders leave the indexes.
+        """
+        margin = self.rules.slack_margin
+        if margin is not None and self._horizon > now:
+            # urgent: need * (1 + margin) >= horizon - now, i.e. -need <= -(horizon - now)/(1+m)
+            guard = margin if self.rules.urgent_guard is None else self.rules.urgent_guard
+            cut_s = (self._horizon - now) / (1 + guard)
+            if self.rules.upload_urgent > 0:
+                cut_s = max(cut_s, self._upload_bound_s(now) * self.rules.upload_urgent)
+            cut = (-cut_s, "\uffff")
+            for (neg_need, _), nid in self._merge_plain(self._by_need, cut):
+                yield nid, URGENT + f": needs {-neg_need:.1f} s of download, little slack"
+        # demanders too fast for a layer's free uploads (min_share of their speed) are skipped
+        share = max(self.rules.min_share, _MIN_FREE_SHARE) if self.rules.slots else 0.0
+
+        def start(layer: str) -> _SpeedKey:
+            best = self._best_free(layer)
+            if share <= 0 or best >= share * self._fastest_holder.get(layer, INF):
+                return (-INF, -INF, "")  # every demander gets its least share (see _least)
+            return (-best / share, -INF, "")
+
+        for (neg_speed, _, _), nid in self._merge(self._by_speed, start, (INF, INF, "")):
+            yield nid, f"fastest waiting demander first ({-neg_speed / 1e6:.1f} MB/s)"
+
+    def _upload_bound_s(self, now: float) -> float:
+        """Seconds the cluster's whole upload needs for every open demand (T*'s upload term).
+
+        The horizon of the slack rule is at least this far off: where the upload
+        sets the bound (every node's upload capped below its download), the
+        downloads alone would put the horizon too near, and every node would
+        look urgent from the first seconds, serving slow uploaders (who pass
+        nothing on) before fast ones. The upload sum is re-taken at most once
+        per ``_UPLOAD_RESUM_S`` (it walks every node and every open demand); in between
+        it counts down with the clock.
+        """
+        if now - self._upload_summed_at >= _UPLOAD_RESUM_S:
+            total = sum(n.speed_bps for n in self._s._nodes.values() if n.up and not n.suspect)
+            open_bytes = sum(self._size(lr) * n for lr, n in self._s._demand_count.items())
+            self._upload_bound = open_bytes / total if total > 0 else 0.0
+            self._upload_summed_at = now
+        return max(0.0, self._upload_bound - (now - self._upload_summed_at))
+
+    def _merge_plain(
+        self, index: dict[str, list[tuple[float, str]]], stop: tuple[float, str]
+    ) -> Iterator[tuple[tuple[float, str], str]]:
+        """The keys of ``index`` up to ``stop`` in order, over the layers with a free seeder.
+
+        The urgent walk's: it meets only the demanders with little slack, so it
+        asks each (``_merge`` is the speed walk's, which steps over the hopeless).
+        """
+        heap: list[tuple[tuple[float, str], str]] = []
+        for layer, keys in index.items():
+            if self._seedable(layer) and keys[0] <= stop:
+                heap.append((keys[0], layer))
+        heapq.heapify(heap)
+        while heap:
+            key, layer = heapq.heappop(heap)
+            if not self._seedable(layer):
+                continue  # its free holders are used up
+            yield key, key[-1]
+            keys = index.get(layer, [])
+            i = bisect_right(keys, key)
+            if i < len(keys) and keys[i] <= stop:
+                heapq.heappush(heap, (keys[i], layer))
+
+    def _merge(
+        self,
+        index: dict[str, WaitIndex[_K]],
+        start: Callable[[str], _K],
+        stop: _K,
+    ) -> Iterator[tuple[_K, str]]:
+        """The keys of ``index`` in order, over the layers with a free seeder, from ``start``.
+
+        A layer's run starts at ``start(layer)`` and ends past ``stop``, or
+        when the layer is found without a free seeder (it cannot get one back
+        during a walk: only a transfer of it can add a relay of it). Demanders
+        that cannot clear the bar (rainbowd.core.sched.waiting.Bar) are left out: ``_serve``
+        would find no seeder for them, so the walk starts the same transfers
+        without asking them. A transfer planned on the way changes the bar;
+        if it admits more than before, every run restarts after the key just
+        walked (the keys before it are behind the walk).
+        """
+        filtering = (
+            self.skip_hopeless
+            and self.rules.direct_s <= 0
+            and len(self._wait_key) >= self.skip_from * len(index)
+        )
+        bar = self._bar(index) if filtering else CLOSED
+        admits = bar.admits if filtering else _admit_all
+        begun = self._begun
+        # each layer's run: the key it is past (inclusive unless the flag is set)
+        runs: dict[str, tuple[_K, bool]] = {}
+        heap: list[tuple[_K, str]] = []
+        for layer, keys in index.items():
+            if self._seedable(layer):
+                low = start(layer)
+                runs[layer] = (low, False)
+                first = keys.first(low, False, admits)
+                if first is not None and first <= stop:
+                    heap.append((first, layer))
+        heapq.heapify(heap)
+        while heap:
+            key, layer = heapq.heappop(heap)
+            if not self._seedable(layer):
+                del runs[layer]  # its free holders are used up
+                continue
+            runs[layer] = (key, True)
+            yield key, key[-1]
+            if filtering and self._begun != begun:
+                begun = self._begun
+                looser = self._bar(index)
+                restart = looser.looser_than(bar)
+                bar, admits = looser, looser.admits
+                if restart:
+                    heap = self._restart(index, runs, key, stop, admits)
+                    continue
+            run = index.get(layer)
+            nxt = run.first(key, True, admits) if run is not None else None
+            if nxt is not None and nxt <= stop:
+                heapq.heappush(heap, (nxt, layer))
+
+    def _restart(
+        self,
+        index: dict[str, WaitIndex[_K]],
+        runs: dict[str, tuple[_K, bool]],
+        at: _K,
+        stop: _K,
+        admits: Admits,
+    ) -> list[tuple[_K, str]]:
+        """The merge's heap again, every run past ``at`` (or its own start, if that is later)."""
+        heap: list[tuple[_K, str]] = []
+        for layer, (low, strict) in list(runs.items()):
+            keys = index.get(layer)
+            if keys is None or not self._seedable(layer):
+                del runs[layer]
+                continue
+            if low <= at:
+                low, strict = at, True
+            nxt = keys.first(low, strict, admits)
+            if nxt is not None and nxt <= stop:
+                heap.append((nxt, layer))
+        heapq.heapify(heap)
+        return heap
+
+    def _bar(self, index: dict[str, WaitIndex[_K]]) -> Bar:
+        """What the layers of ``index`` with a free seeder offer a demander (waiting.Bar)."""
+        share = self.rules.min_share
+        best, need_s = -INF, INF
+        any_share = any_floor = False
+        for layer in index:
+            if not self._seedable(layer):
+                continue
+            free = self._best_free(layer)
+            fastest = self._fastest_holder.get(layer, INF)
+            best = max(best, free)
+            if share <= 0 or share * fastest <= free:
+                any_share = True
+            if min(MIN_TRANSFER_BPS, fastest) <= free:
+                any_floor = True
+            if self.rules.need_share and free > 0:
+                need_s = min(need_s, self._size(layer) / free)
+        return Bar(best, need_s, any_share, any_floor, share)
+
+    def _starving(self, now: float) -> Iterator[_Node]:
+        """Waiting demanders with nothing in flight for ``patience_s``: liveness over speed.
+
+        Patience counts from when a walk first saw the demander idle (or its
+        demand, if later): counting from the demand alone made every node that
+        finished a piece late in a long job "starving" at once, and it took any
+        seeder, a 0.5 Mbit/s one for its last 4 MiB included (simulator,
+        upload-bound: the last node waited 70 s on that one piece).
+
+        min_share keeps slow seeders from fast demanders, but estimates can be
+        wrong or stale; no demander may wait for ever because of them. This
+        walks every waiting demander, so it runs at most twice per patience.
+        """
+        if now < self._starve_check_at:
+            return
+        self._starve_check_at = now + self.rules.patience_s / 2
+        for nid in list(self._wait_key):
+            node = self._s._nodes[nid]
+            if node.pulling:
+                self._idle_seen.pop(nid, None)
+                continue
+            first = next(iter(node.demands.values()), None)
+            if first is None:
+                continue
+            idle_since = max(first.since, self._idle_seen.setdefault(nid, now))
+            if now - idle_since >= self.rules.patience_s:
+                yield node
+
+
+def _admit_all(down: float, need_s: float, room: float) -> bool:
+    """The plain walk's filter (``Planner.skip_hopeless`` off): every demander is asked."""
+    return True
