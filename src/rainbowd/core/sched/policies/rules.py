@@ -1,10 +1,8 @@
 """The rules a policy switches on and weighs: :class:`Rules`, one field per rule.
 
-Why: on a mixed cluster the bound T* (PAPER.md, "The physical limit") is
-usually set by the slowest *download*, while Algorithm 1 lets one seeder
-serve one demander at a time and treats a 4 Mbit/s node like a 32 Mbit/s one.
-Most upload capacity then sits idle and the slowest nodes start last. The
-policies here plan with *bandwidth*, not with locks:
+Every rule the planner knows, each switched on and weighed by fields of
+:class:`Rules` (why the planner plans with bandwidth, not with locks: the
+package's docstring):
 
 * **slots** -- a transfer reserves a rate, ``min(seeder's free upload,
   demander's free download)``; a seeder runs as many uploads as its estimated
