@@ -297,7 +297,7 @@ async def test_a_relay_failure_blames_nobody_and_does_not_use_up_the_failure_bud
         kind="relay",
     )
     seeders = []
-    for _ in range(7):  # more than the per-layer failure budget (jobs.MAX_LAYER_FAILURES)
+    for _ in range(7):  # more than the per-layer failure budget (jobdriver.MAX_LAYER_FAILURES)
         t = await d.transfer()
         seeders.append(t.seeder.node_id)
         await d.c.transfer_failed(t.transfer_id, unavailable)

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from rainbowd.coordinator import auth, config
-from rainbowd.coordinator.jobs import MAX_LAYER_FAILURES, Job
+from rainbowd.coordinator.jobs import Job
 from rainbowd.coordinator.mailbox import Mailbox
 from rainbowd.core.messages import ArchiveSource, IngestAssignment, SeederUse
+from rainbowd.core.sched.jobdriver import MAX_LAYER_FAILURES
 from rainbowd.lib.progress import job_report, summary
 from waiting import settle, wait_until_sync
 

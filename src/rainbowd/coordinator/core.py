@@ -139,18 +139,16 @@ from .jobs_service import JobsService
 from .liveness import Liveness
 from .metrics import CoordinatorMetrics, MetricsSnapshot
 from .ops import ClusterOps
-from .quarantine import IO_AVOID_INTERVALS, VERIFY_AVOID_SECONDS, Quarantine
+from .quarantine import Quarantine
 from .restore import restore
 from .state import StateStore, StoredImage
 from .transfers import ABSENCE_GRACE, TransferReports
 
 __all__ = [
     "ABSENCE_GRACE",
-    "IO_AVOID_INTERVALS",
     "MAX_WAIT",
     "NODE_DOWN_TIMEOUT",
     "SEEDER_FAULT_LIMIT",
-    "VERIFY_AVOID_SECONDS",
     "Coordinator",
 ]
 

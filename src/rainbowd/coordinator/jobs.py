@@ -25,9 +25,9 @@ import msgspec
 
 from rainbowd.core.digest import short
 from rainbowd.core.messages import JobView, NodeJobState, NodeJobStateName, SeederUse
-from rainbowd.core.sched.jobdriver import MAX_LAYER_FAILURES, Charge, FailureBudget
+from rainbowd.core.sched.jobdriver import Charge, FailureBudget
 
-__all__ = ["FINAL_STATES", "MAX_LAYER_FAILURES", "Job", "NodeProgress", "unique_layers"]
+__all__ = ["FINAL_STATES", "Job", "NodeProgress", "unique_layers"]
 
 FINAL_STATES = ("done", "failed")
 

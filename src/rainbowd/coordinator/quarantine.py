@@ -25,7 +25,7 @@ from rainbowd.core.messages import (
     SecurityEventView,
     TransferFailed,
 )
-from rainbowd.core.sched.jobdriver import IO_AVOID_INTERVALS, VERIFY_AVOID_SECONDS, Blame
+from rainbowd.core.sched.jobdriver import Blame
 from rainbowd.core.sched.scheduler import Transfer
 
 from .cluster import MISSED_HEARTBEATS, Node
@@ -41,8 +41,9 @@ from .views import unknown_node
 
 log = structlog.get_logger(__name__)
 
-#: how long a pair avoids each other after a failure is the job driver's rule (re-exported)
-__all__ = ["IO_AVOID_INTERVALS", "VERIFY_AVOID_SECONDS", "Quarantine"]
+#: how long a pair avoids each other after a failure is the job driver's rule
+#: (rainbowd.core.sched.jobdriver: VERIFY_AVOID_SECONDS, IO_AVOID_INTERVALS)
+__all__ = ["Quarantine"]
 
 
 class Quarantine:
