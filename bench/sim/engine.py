@@ -334,7 +334,7 @@ class _FaultEvents:
                 self.result.adopted += 1
         if node in self._down:
             self._down.discard(node)
-            n = next(x for x in self.profile.all_nodes if x.name == node)
+            n = self.profile.node(node)
             self.driver.node_up(node, n.up_Bps, download_bps=n.down_Bps)
         else:
             self.driver.reported(node)

@@ -27,8 +27,6 @@ from rainbowd.core.digest import short
 from rainbowd.core.messages import JobView, NodeJobState, NodeJobStateName, SeederUse
 from rainbowd.core.sched.jobdriver import Charge, FailureBudget
 
-__all__ = ["FINAL_STATES", "Job", "NodeProgress", "unique_layers"]
-
 FINAL_STATES = ("done", "failed")
 
 JobStateName = Literal["running", "done", "failed"]

@@ -41,10 +41,6 @@ from .views import unknown_node
 
 log = structlog.get_logger(__name__)
 
-# how long a pair avoids each other after a failure is the job driver's rule
-# (rainbowd.core.sched.jobdriver: VERIFY_AVOID_SECONDS, IO_AVOID_INTERVALS)
-__all__ = ["Quarantine"]
-
 
 class Quarantine:
     """Peer reports, security events, quarantine and its clearing; see the module docstring."""

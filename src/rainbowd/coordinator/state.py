@@ -36,7 +36,7 @@ import sqlite3
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import msgspec
 import structlog
@@ -387,10 +387,8 @@ class StateStore:
             t = self._valid("transfers", "transfer_id = ?", key, body, Transfer)
             if t is None:
                 continue
-            for value in _TRANSFER_STATES:
-                if state == value and isinstance(seq, int) and 0 <= seq <= MAX_COUNT:
-                    out.append((t, seq, value))
-                    break
+            if state in _TRANSFER_STATES and isinstance(seq, int) and 0 <= seq <= MAX_COUNT:
+                out.append((t, seq, cast(TransferState, state)))
             else:
                 error = f"seq {seq!r} is not a count or state {state!r} not in {_TRANSFER_STATES}"
                 self._set_aside("transfers", "transfer_id = ?", (key,), body, error)
