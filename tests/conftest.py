@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import structlog
 
+from pg_support import PostgresServer, PostgresUnavailable
 from rainbowd.devcluster.dockerd import DockerdError, PrivateDockerd
 from rainbowd.devcluster.imagebuild import BUSYBOX, build_demo_image
 from registry_fixtures import RegistryError as RegistryProcessError
@@ -107,3 +108,24 @@ def push_image() -> Callable[..., str]:
         return dest
 
     return push
+
+
+# --------------------------------------------------------------------------
+# PostgreSQL (tests/support/pg_support.py): the coordinator's second state backend
+# --------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL server for the session (started on first use)."""
+    try:
+        server = PostgresServer()
+    except PostgresUnavailable as e:
+        missing_dependency(str(e))
+    try:
+        server.start()
+    except PostgresUnavailable as e:
+        server.stop()
+        missing_dependency(str(e))
+    try:
+        yield server
+    finally:
+        server.stop()

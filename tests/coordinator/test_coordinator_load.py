@@ -15,7 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 import coordinator_load
-from rainbowd.coordinator.state import StateStore
+from coordinator_support import open_state
 from rainbowd.core.messages import JobView, NodeJobState, NodeJobStateName
 
 
@@ -60,7 +60,7 @@ def _node(node_id: str, state: NodeJobStateName) -> NodeJobState:
 
 
 def test_job_node_rows_apply_over_the_job_until_it_is_saved_whole(tmp_path: Path) -> None:
-    store = StateStore(tmp_path / "c.sqlite")
+    store = open_state(tmp_path)
     view = JobView(
         job_id="j-1",
         image="x:1",
@@ -78,5 +78,5 @@ def test_job_node_rows_apply_over_the_job_until_it_is_saved_whole(tmp_path: Path
     (loaded,) = store.load_jobs()
     assert loaded.state == "done"
     assert [n.state for n in loaded.nodes] == ["done", "done"]
-    assert store._db.execute("SELECT count(*) FROM job_nodes").fetchone() == (0,)
+    assert tuple(store.execute("SELECT count(*) FROM job_nodes").fetchone()) == (0,)
     store.close()

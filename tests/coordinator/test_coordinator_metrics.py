@@ -18,11 +18,10 @@ import pytest
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from coordinator_support import ADMIN, JOIN, Running, enroll, fake_image, ingest
+from coordinator_support import ADMIN, JOIN, Running, enroll, fake_image, ingest, open_state
 from rainbowd.coordinator.core import Coordinator
 from rainbowd.coordinator.http.app import create_app
 from rainbowd.coordinator.metrics import CoordinatorMetrics
-from rainbowd.coordinator.state import StateStore
 from rainbowd.core.chunks import MIN_CHUNK_SIZE
 from rainbowd.core.messages import (
     CreateJob,
@@ -60,7 +59,7 @@ async def scrape(url: str, token: str = ADMIN) -> Samples:
 
 @pytest.fixture
 async def with_metrics_token(tmp_path: Path) -> AsyncIterator[str]:
-    store = StateStore(tmp_path / "coordinator.sqlite")
+    store = open_state(tmp_path)
     c = Coordinator(
         store,
         join_token=JOIN,
@@ -202,7 +201,7 @@ async def test_heartbeats_and_parked_polls_are_seen(coord: Running) -> None:
 
 def test_each_coordinator_has_its_own_registry(tmp_path: Path) -> None:
     """Two coordinators in one process: separate numbers, no duplicate-name clash."""
-    stores = [StateStore(tmp_path / f"c{i}.sqlite") for i in range(2)]
+    stores = [open_state(tmp_path / f"c{i}") for i in range(2)]
     try:
         cs = [Coordinator(s, join_token=JOIN, admin_token=ADMIN) for s in stores]
         cs[0].metrics.decision(0.001, 3)

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,11 +22,11 @@ import aiohttp
 import msgpack
 import pytest
 
-from coordinator_support import ADMIN, Running, enroll, fake_image, ingest, start
+from coordinator_support import ADMIN, Running, enroll, fake_image, ingest, open_state, start
 from rainbowd.coordinator.http.app import REPORT_LEDGER
 from rainbowd.coordinator.http.report_batch import apply_batch
 from rainbowd.coordinator.http.report_ids import ReportLedger, no_wait
-from rainbowd.coordinator.state import StateStore
+from rainbowd.coordinator.state import StateError
 from rainbowd.core import messages as m
 from rainbowd.lib.client import AdminClient, AgentClient
 from waiting import FakeClock, settle
@@ -181,12 +180,12 @@ async def test_a_batch_is_one_scheduler_pass(coord: Running) -> None:
 
 
 def test_a_transaction_commits_once_at_its_end(tmp_path: Path) -> None:
-    store = StateStore(tmp_path / "s.sqlite")
-    other = sqlite3.connect(tmp_path / "s.sqlite")
+    store = open_state(tmp_path)
+    other = open_state(tmp_path)  # a second connection: it sees only what was committed
     try:
 
         def seen() -> int:
-            return int(other.execute("SELECT count(*) FROM applied_reports").fetchone()[0])
+            return other.count_report_ids("n1")
 
         with store.transaction():
             store.add_report_id("n1", "/r", "rid-0000001")
@@ -259,18 +258,21 @@ async def test_a_demanders_heartbeat_shows_its_busy_seeder_alive(tmp_path: Path)
 
 def test_a_report_applied_whose_commit_failed_is_not_applied_again(tmp_path: Path) -> None:
     """Memory has the report, the disk has neither it nor its id: a retry is a duplicate here."""
-    store = StateStore(tmp_path / "s.sqlite")
+    store = open_state(tmp_path)
     ledger = ReportLedger(store)
-    db = store._db  # a deferred foreign key: SQLite refuses the COMMIT, as a full disk would
-    db.execute("PRAGMA foreign_keys = ON")
-    db.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
-    db.execute("CREATE TABLE child (p INTEGER REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED)")
+    # a deferred foreign key: the database refuses the COMMIT, as a full disk would
+    if store.backend == "sqlite":
+        store.execute("PRAGMA foreign_keys = ON")
+    store.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+    store.execute(
+        "CREATE TABLE child (p INTEGER REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED)"
+    )
     key = ("n1", "/v1/transfers/t1/done", "rid-commit-fails")
     refused = ("n1", "/v1/transfers/t2/done", "rid-refused-0001")
     try:
-        with pytest.raises(sqlite3.IntegrityError), ledger.transaction():
+        with pytest.raises(StateError), ledger.transaction():
             with ledger.applying(*key):
-                db.execute("INSERT INTO child VALUES (7)")  # the report's own write
+                store.execute("INSERT INTO child VALUES (7)")  # the report's own write
             with pytest.raises(KeyError), ledger.applying(*refused):
                 raise KeyError("refused")
         assert ledger.applied(*key) and not store.has_report_id(*key)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from coordinator_support import open_state
 from rainbowd.coordinator.cluster import MISSED_HEARTBEATS, Cluster
 from rainbowd.coordinator.context import ServiceContext, Settings
 from rainbowd.coordinator.dispatch import Dispatch
@@ -19,7 +20,7 @@ from rainbowd.coordinator.evidence import PeerEvidence
 from rainbowd.coordinator.jobs_service import JobsService
 from rainbowd.coordinator.liveness import Liveness
 from rainbowd.coordinator.metrics import CoordinatorMetrics
-from rainbowd.coordinator.state import StateStore, StoredNode
+from rainbowd.coordinator.state import StoredNode
 from rainbowd.core.sched.pieces import PieceScheduler
 
 COORDINATOR = Path(__file__).resolve().parents[2] / "src" / "rainbowd" / "coordinator"
@@ -89,7 +90,7 @@ def test_only_the_http_layer_and_the_cli_import_the_facade() -> None:
 def _context(tmp_path: Path, now: list[float], interval: float) -> ServiceContext:
     """A service context on a fake clock (``now[0]``), no coordinator."""
     return ServiceContext(
-        store=StateStore(tmp_path / "state.sqlite"),
+        store=open_state(tmp_path),
         scheduler=PieceScheduler("paper"),
         cluster=Cluster(),
         clock=lambda: now[0],

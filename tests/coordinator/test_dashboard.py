@@ -10,15 +10,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from coordinator_support import open_state
 from metric_names import dashboard, dashboard_exprs, dashboard_names, exposable_names
 from rainbowd.agent.agent import Agent
 from rainbowd.agent.config import load_config
 from rainbowd.coordinator.core import Coordinator
-from rainbowd.coordinator.state import StateStore
 
 
 def _scrapes(tmp_path: Path) -> tuple[set[str], set[str]]:
-    store = StateStore(tmp_path / "c.sqlite")
+    store = open_state(tmp_path)
     try:
         coordinator = Coordinator(store, join_token="j", admin_token="a")
         coord_names = exposable_names(coordinator.metrics.exposition().decode())

@@ -1,4 +1,4 @@
-"""A state database written by an older rbd loads (coordinator/state.py, ``_migrate``).
+"""A state database written by an older rbd loads (coordinator/state/, each backend's MIGRATIONS).
 
 Schema 1 stored a transfer as a field-by-field copy of the scheduler's record
 with the coordinator's ``seq`` and ``state`` inside the JSON body; schema 2
@@ -13,10 +13,12 @@ import json
 import sqlite3
 from pathlib import Path
 
+import pytest
 from test_coordinator_flow import Agent, agent
 
-from coordinator_support import ADMIN, fake_image, ingest, start
-from rainbowd.coordinator.state import SCHEMA_VERSION, StateStore
+from coordinator_support import ADMIN, fake_image, ingest, open_state, start
+from rainbowd.coordinator.state import SCHEMA_VERSION, StateError
+from rainbowd.coordinator.state.sqlite import SqliteStore
 from rainbowd.core.messages import CreateJob, Heartbeat, TransferDone
 from rainbowd.lib.client import AdminClient, AgentClient
 
@@ -91,7 +93,16 @@ def downgrade_to_v1(db: Path) -> None:
         con.close()
 
 
-def test_schema_1_transfers_load_with_their_seq_and_state(tmp_path: Path) -> None:
+def sqlite_only(state_backend: str) -> None:
+    """Schema 1 existed only as a SQLite file: PostgreSQL starts at schema 2."""
+    if state_backend != "sqlite":
+        pytest.skip("schema 1 was SQLite only")
+
+
+def test_schema_1_transfers_load_with_their_seq_and_state(
+    state_backend: str, tmp_path: Path
+) -> None:
+    sqlite_only(state_backend)
     db = tmp_path / "coordinator.sqlite"
     write_v1(
         db,
@@ -101,7 +112,7 @@ def test_schema_1_transfers_load_with_their_seq_and_state(tmp_path: Path) -> Non
             ("t-bad", v1_body("t-bad", -1, "active")),  # refused by schema 1 too
         ],
     )
-    store = StateStore(db)
+    store = SqliteStore(db)
     try:
         assert store.get_meta("schema") == str(SCHEMA_VERSION) == "2"
         loaded = {t.transfer_id: (t, seq, state) for t, seq, state in store.load_transfers()}
@@ -120,7 +131,7 @@ def test_schema_1_transfers_load_with_their_seq_and_state(tmp_path: Path) -> Non
     finally:
         store.close()
     # opening it again migrates nothing twice
-    again = StateStore(db)
+    again = SqliteStore(db)
     try:
         [(t, seq, state)] = again.load_transfers()
         assert (t.transfer_id, seq, state) == ("t-active", 3, "active")
@@ -131,7 +142,7 @@ def test_schema_1_transfers_load_with_their_seq_and_state(tmp_path: Path) -> Non
 def test_a_transfer_row_is_the_schedulers_record_with_two_columns(tmp_path: Path) -> None:
     from rainbowd.core.sched.scheduler import Transfer
 
-    store = StateStore(tmp_path / "coordinator.sqlite")
+    store = open_state(tmp_path)
     try:
         t = Transfer("t1", LAYER, "s", "d", "j", 1.0, "why", 2e6, 1e6, 4, 8)
         store.save_transfer(t, 7)
@@ -142,8 +153,9 @@ def test_a_transfer_row_is_the_schedulers_record_with_two_columns(tmp_path: Path
 
 
 async def test_a_coordinator_restarted_on_a_schema_1_file_adopts_its_transfer(
-    tmp_path: Path,
+    state_backend: str, tmp_path: Path
 ) -> None:
+    sqlite_only(state_backend)
     r = await start(tmp_path)
     async with AdminClient(r.url, ADMIN) as admin:
         origin = await agent(r.url, "origin", roles=["origin"])
@@ -176,3 +188,27 @@ async def test_a_coordinator_restarted_on_a_schema_1_file_adopts_its_transfer(
             await d2.c.close()
     finally:
         await r2.stop()
+
+
+def test_a_new_database_gets_the_current_schema_and_reopens_unchanged(tmp_path: Path) -> None:
+    store = open_state(tmp_path)
+    try:
+        assert store.get_meta("schema") == str(SCHEMA_VERSION)
+        store.set_meta("trust_version", "7")
+    finally:
+        store.close()
+    again = open_state(tmp_path)
+    try:
+        assert (again.get_meta("schema"), again.get_meta("trust_version")) == ("2", "7")
+    finally:
+        again.close()
+
+
+def test_a_database_from_a_newer_rbd_is_refused_with_its_schema_named(tmp_path: Path) -> None:
+    store = open_state(tmp_path)
+    try:
+        store.set_meta("schema", str(SCHEMA_VERSION + 1))
+    finally:
+        store.close()
+    with pytest.raises(StateError, match=f"schema {SCHEMA_VERSION + 1}, newer than"):
+        open_state(tmp_path)

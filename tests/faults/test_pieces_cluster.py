@@ -31,7 +31,7 @@ from invariants import InvariantMonitor
 
 from rainbowd.coordinator import core
 from rainbowd.coordinator.http.app import create_app
-from rainbowd.coordinator.state import StateStore
+from rainbowd.coordinator.state.sqlite import SqliteStore
 from rainbowd.core import messages as m
 from rainbowd.core.digest import short
 from rainbowd.core.sched.pieces import PieceScheduler
@@ -73,7 +73,7 @@ async def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncItera
     c = LocalCluster(tmp_path / "cluster", specs, chunk_size=CHUNK, heartbeat_interval=0.5)
     write_secret(c.coordinator_dir / "join-token", c.join_token)
     write_secret(c.admin_token_file, c.admin_token)
-    store = StateStore(c.coordinator_dir / "coordinator.sqlite")
+    store = SqliteStore(c.coordinator_dir / "coordinator.sqlite")
     coord = core.Coordinator(
         store,
         join_token=c.join_token,

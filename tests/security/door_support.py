@@ -19,7 +19,7 @@ from coordinator_support import ADMIN, JOIN, register_request
 from rainbowd.coordinator.core import Coordinator
 from rainbowd.coordinator.http.app import create_app
 from rainbowd.coordinator.limits import EventBudget, server_options
-from rainbowd.coordinator.state import StateStore
+from rainbowd.coordinator.state.sqlite import SqliteStore
 from rainbowd.core.chunks import MIN_CHUNK_SIZE
 from rainbowd.core.messages import JSON, to_wire
 from waiting import FakeClock  # the coordinator's clock in these tests
@@ -55,7 +55,7 @@ class Door:
 
     server: TestServer
     coordinator: Coordinator
-    store: StateStore
+    store: SqliteStore
     url: str
     state_dir: Path
     clock: FakeClock
@@ -114,7 +114,7 @@ async def open_door(
     keepalive_timeout: float = 30.0,
     body_timeout: float = 60.0,
 ) -> Door:
-    store = StateStore(state_dir / "coordinator.sqlite")
+    store = SqliteStore(state_dir / "coordinator.sqlite")
     c = Coordinator(
         store,
         join_token=JOIN,

@@ -17,7 +17,7 @@ from pathlib import Path
 from rainbowd.coordinator.cluster import Node
 from rainbowd.coordinator.core import Coordinator
 from rainbowd.coordinator.hostkey_probe import ProbeOutcome, ProbeState
-from rainbowd.coordinator.state import StateStore
+from rainbowd.coordinator.state.sqlite import SqliteStore
 from rainbowd.core.chunks import MIN_CHUNK_SIZE, ChunkManifest, build_manifest
 from rainbowd.core.digest import sha256_digest
 from rainbowd.core.messages import (
@@ -80,7 +80,7 @@ class Sim:
     def __init__(self, tmp_path: Path, *, heartbeat_interval: float = 1.0) -> None:
         self.clock = Clock()
         self.probe = PlayedProbe()
-        self.store = StateStore(tmp_path / "coordinator.sqlite")
+        self.store = SqliteStore(tmp_path / "coordinator.sqlite")
         self.c = Coordinator(
             self.store,
             join_token=JOIN,

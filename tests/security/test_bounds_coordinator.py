@@ -83,9 +83,9 @@ async def test_a_security_event_over_the_size_limit_is_refused(door: Door) -> No
 
 
 def test_the_event_log_keeps_only_the_newest_rows(tmp_path: Path) -> None:
-    from rainbowd.coordinator.state import StateStore
+    from rainbowd.coordinator.state.sqlite import SqliteStore
 
-    store = StateStore(tmp_path / "c.sqlite")
+    store = SqliteStore(tmp_path / "c.sqlite")
     for i in range(8):
         store.add_security_event("n1", "n2", "bad_chunk", f"e{i}", keep=5)
     assert [d for *_, d in store.security_events()] == [f"e{i}" for i in range(3, 8)]

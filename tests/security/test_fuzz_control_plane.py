@@ -36,7 +36,7 @@ from coordinator_support import fake_image, register_request
 from rainbowd.coordinator.core import Coordinator
 from rainbowd.coordinator.http.app import create_app
 from rainbowd.coordinator.limits import server_options
-from rainbowd.coordinator.state import StateStore
+from rainbowd.coordinator.state.sqlite import SqliteStore
 from rainbowd.core import messages as m
 from rainbowd.core.chunks import MIN_CHUNK_SIZE
 from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec
@@ -250,9 +250,9 @@ class _Target:
 
 async def _prepare(
     state_dir: Path, join: str, admin_token: str
-) -> tuple[TestServer, StateStore, _Target]:
+) -> tuple[TestServer, SqliteStore, _Target]:
     """A coordinator with an origin, a demander, an image, a job, a transfer and an op."""
-    store = StateStore(state_dir / "coordinator.sqlite")
+    store = SqliteStore(state_dir / "coordinator.sqlite")
     c = Coordinator(store, join_token=join, admin_token=admin_token, chunk_size=MIN_CHUNK_SIZE)
     server = TestServer(create_app(c), host="127.0.0.1", port=0)
     await server.start_server(**server_options())
@@ -385,7 +385,7 @@ def test_fuzz_every_endpoint_then_restart_and_distribute(tmp_path: Path, demo_im
             loop.run_until_complete(server.close())
             store.close()
         # a restart on the same state, in-process: every row loads or is set aside
-        again = StateStore(state_dir / "coordinator.sqlite")
+        again = SqliteStore(state_dir / "coordinator.sqlite")
         Coordinator(again, join_token="j", admin_token="a")
         again.close()
         # and the real coordinator process on that state, with real agents

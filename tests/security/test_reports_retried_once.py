@@ -31,7 +31,7 @@ from coordinator_support import ADMIN, enroll, fake_image, ingest, poll, start
 from rainbowd.agent.control.report_sender import BACKOFF_CAP, BACKOFF_START, ReportSender
 from rainbowd.coordinator.http.app import REPORT_LEDGER
 from rainbowd.coordinator.http.report_ids import PRUNE_EVERY, ReportLedger
-from rainbowd.coordinator.state import StateStore
+from rainbowd.coordinator.state.sqlite import SqliteStore
 from rainbowd.core import messages as m
 from rainbowd.core.report_id import REPORT_ID_HEADER
 from rainbowd.devcluster.imagebuild import BUSYBOX, build_demo_image
@@ -294,7 +294,7 @@ async def test_report_refused_while_the_coordinator_disk_is_full_lands_once(
 
 def test_ledger_keeps_a_bounded_number_of_ids_per_node(tmp_path: Path) -> None:
     """A node sending made-up ids pushes out only its own, and at most KEEP_PER_NODE stay."""
-    store = StateStore(tmp_path / "state.sqlite")
+    store = SqliteStore(tmp_path / "state.sqlite")
     ledger = ReportLedger(store, keep_per_node=5)
     try:
         ledger.claim("honest", "/v1/transfers/t1/done", "honest-rid-1")

@@ -25,7 +25,7 @@ from rainbowd.agent.dataplane.puller import TRUST_RETRIES, LayerPuller, PullErro
 from rainbowd.agent.dataplane.ssh_server import TRUST_REFRESH_INTERVAL, ChunkServer
 from rainbowd.coordinator.core import Coordinator
 from rainbowd.coordinator.http.app import create_app
-from rainbowd.coordinator.state import StateStore
+from rainbowd.coordinator.state.sqlite import SqliteStore
 from rainbowd.core import messages as m
 from rainbowd.core.chunks import MIN_CHUNK_SIZE
 from rainbowd.core.digest import Digest, sha256_digest
@@ -62,7 +62,7 @@ async def test_seeder_fetches_the_list_from_the_coordinator_and_serves_the_new_n
     tmp_path: Path,
 ) -> None:
     """Real coordinator app, real asyncssh: the seeder's list predates the demander."""
-    store = StateStore(tmp_path / "coordinator.sqlite")
+    store = SqliteStore(tmp_path / "coordinator.sqlite")
     coord = Coordinator(store, join_token=JOIN, admin_token=ADMIN, chunk_size=MIN_CHUNK_SIZE)
     app = TestServer(create_app(coord), host="127.0.0.1", port=0)
     await app.start_server()

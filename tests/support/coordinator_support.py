@@ -11,13 +11,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from aiohttp.test_utils import TestServer
 
 from rainbowd.coordinator.core import Coordinator
 from rainbowd.coordinator.hostkey_probe import ProbeOutcome, ProbeState
 from rainbowd.coordinator.http.app import create_app
-from rainbowd.coordinator.state import StateStore
+from rainbowd.coordinator.state.backends import open_store
+from rainbowd.coordinator.state.sql import SqlStore
 from rainbowd.core.chunks import MIN_CHUNK_SIZE, ChunkManifest, build_manifest
 from rainbowd.core.digest import sha256_digest
 from rainbowd.core.messages import (
@@ -37,11 +39,55 @@ JOIN = "join-secret-for-tests"
 ADMIN = "admin-secret-for-tests"
 
 
+class Backend:
+    """The state backend of the test running now (tests/coordinator/conftest.py sets it).
+
+    ``url_for``: None for SQLite in the state directory (the default, as the
+    other suites use), else a function from a state directory to the URL of a
+    PostgreSQL database of its own (the same one each time it is asked, so a
+    test that restarts its coordinator on one directory finds its state).
+    """
+
+    url_for: Callable[[Path], str] | None = None
+
+
+def open_state(state_dir: Path) -> SqlStore:
+    """A test's state store in ``state_dir``, on the backend of the test running now.
+
+    Typed as the backends' common class: a test may run a statement of its own
+    (``execute``) to look at or damage the tables.
+    """
+    url = Backend.url_for(state_dir) if Backend.url_for is not None else None
+    return cast(SqlStore, open_store(url, state_dir))
+
+
+#: every table of the state schema (coordinator/state/sql.py)
+TABLES = (
+    "meta",
+    "nodes",
+    "images",
+    "jobs",
+    "job_nodes",
+    "transfers",
+    "security_events",
+    "ops",
+    "applied_reports",
+    "set_aside",
+)
+
+
+def stored_text(store: SqlStore) -> str:
+    """Every row of every table, as text: to check a secret is not in the database."""
+    return "\n".join(
+        repr(row) for table in TABLES for row in store.execute(f"SELECT * FROM {table}").fetchall()
+    )
+
+
 @dataclass
 class Running:
     server: TestServer
     coordinator: Coordinator
-    store: StateStore
+    store: SqlStore
     url: str
 
     async def stop(self) -> None:
@@ -75,7 +121,7 @@ async def start(
     A test of liveness passes a fake ``clock`` and calls ``check_liveness`` itself
     after moving it (the app's own liveness loop then sees no time pass).
     """
-    store = StateStore(state_dir / "coordinator.sqlite")
+    store = open_state(state_dir)
     c = Coordinator(
         store,
         join_token=JOIN,

@@ -4,12 +4,21 @@ Usage::
 
     rbd-coordinator [run] --state-dir DIR [--listen HOST:PORT] [--config FILE] ...
     rbd-coordinator show-token {join,admin,metrics} --state-dir DIR [--config FILE]
+    rbd-coordinator backup DEST --state-dir DIR [--config FILE]
+    rbd-coordinator restore BACKUP --state-dir DIR [--force]
 
 Tokens live in ``<state-dir>/join-token``, ``<state-dir>/admin-token`` and
 ``<state-dir>/metrics-token`` (what a Prometheus server presents on
 ``GET /metrics``) unless ``--join-token-file``/``--admin-token-file``/
 ``--metrics-token-file`` say otherwise; a missing file is created (mode 0600)
 with a fresh random token at start-up.
+
+The state is a SQLite file in the state directory unless ``--state-url`` (or
+``state_url`` in the config) names a PostgreSQL database. ``backup`` copies the
+SQLite file while the coordinator runs (SQLite's online backup); ``restore``
+puts such a copy in place, the coordinator stopped (deploy/INSTALL.md,
+"Backup and restore"). A PostgreSQL state is backed up with PostgreSQL's own
+tools (pg_dump).
 """
 
 from __future__ import annotations
@@ -32,14 +41,24 @@ from . import auth, config
 from .core import Coordinator
 from .http.app import create_app
 from .limits import server_options
-from .state import StateStore
+from .state import StateError, redact
+from .state import sqlite as sqlite_state
+from .state.backends import open_store
 
 log = structlog.get_logger(__name__)
+
+#: the first arguments that name a command; anything else is ``run``'s
+COMMANDS = ("run", "show-token", "backup", "restore", "-h", "--help")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="TOML config file (flags override it)")
     p.add_argument("--state-dir", help="directory for the SQLite database and tokens")
+    p.add_argument(
+        "--state-url",
+        help="where the state is kept: postgresql://[USER@]HOST[:PORT]/DBNAME (password in "
+        "~/.pgpass or PGPASSWORD), or sqlite:///PATH; default: SQLite in the state directory",
+    )
     p.add_argument("--join-token-file", help="default <state-dir>/join-token")
     p.add_argument("--admin-token-file", help="default <state-dir>/admin-token")
     p.add_argument("--metrics-token-file", help="default <state-dir>/metrics-token")
@@ -86,6 +105,17 @@ def parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show-token", help="print the join, admin or metrics token")
     show.add_argument("which", choices=["join", "admin", "metrics"])
     _common(show)
+    backup = sub.add_parser(
+        "backup", help="copy the SQLite state to DEST, online (the coordinator may run)"
+    )
+    backup.add_argument("dest", type=Path, help="the backup file to write (replaced whole)")
+    _common(backup)
+    restore = sub.add_parser(
+        "restore", help="put a backup in place of the SQLite state (the coordinator stopped)"
+    )
+    restore.add_argument("backup", type=Path, help="a file written by rbd-coordinator backup")
+    restore.add_argument("--force", action="store_true", help="replace an existing state database")
+    _common(restore)
     return p
 
 
@@ -93,6 +123,7 @@ def _settings(args: argparse.Namespace) -> config.CoordinatorConfig:
     file_values = config.load_file(args.config) if args.config else {}
     overrides: dict[str, Any] = {
         "state_dir": args.state_dir,
+        "state_url": args.state_url,
         "join_token_file": args.join_token_file,
         "admin_token_file": args.admin_token_file,
         "metrics_token_file": args.metrics_token_file,
@@ -115,7 +146,7 @@ def _settings(args: argparse.Namespace) -> config.CoordinatorConfig:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("run", "show-token", "-h", "--help"):
+    if not argv or argv[0] not in COMMANDS:
         argv.insert(0, "run")
     args = parser().parse_args(argv)
     try:
@@ -135,11 +166,36 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rbd-coordinator: cannot read {path}: {e.strerror}", file=sys.stderr)
             return 1
         return 0
+    if args.command in ("backup", "restore"):
+        return _backup_or_restore(args, cfg)
     configure(cfg.log_level, cfg.log_json)
     try:
         asyncio.run(serve(cfg))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, StateError) as e:
         log.error("coordinator failed to start", error=str(e))
+        return 1
+    return 0
+
+
+def _backup_or_restore(args: argparse.Namespace, cfg: config.CoordinatorConfig) -> int:
+    """``backup DEST`` or ``restore BACKUP`` of the SQLite state; 1 with a message if refused."""
+    db, db_url = cfg.sqlite_path, cfg.state_url or ""
+    if db is None:
+        print(
+            f"rbd-coordinator: {args.command}: the state is in PostgreSQL ({redact(db_url)}); "
+            "use pg_dump and pg_restore",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        if args.command == "backup":
+            pages = sqlite_state.backup(db, args.dest)
+            print(f"backed up {db} to {args.dest} ({pages} pages)")
+        else:
+            sqlite_state.restore(args.backup, db, force=args.force)
+            print(f"restored {args.backup} to {db}; start the coordinator")
+    except StateError as e:
+        print(f"rbd-coordinator: {e}", file=sys.stderr)
         return 1
     return 0
 
@@ -157,7 +213,7 @@ async def serve(cfg: config.CoordinatorConfig) -> None:
     join_token = _token(cfg.join_token_path, "join")
     admin_token = _token(cfg.admin_token_path, "admin")
     metrics_token = _token(cfg.metrics_token_path, "metrics")
-    store = StateStore(cfg.db_path)
+    store = open_store(cfg.state_url, cfg.state_dir)
     try:
         coordinator = Coordinator(
             store,
@@ -189,6 +245,7 @@ async def serve(cfg: config.CoordinatorConfig) -> None:
                 "coordinator listening",
                 listen=f"{host}:{port}",
                 state_dir=str(cfg.state_dir),
+                state=store.describe,
                 join_token_file=str(cfg.join_token_path),
                 admin_token_file=str(cfg.admin_token_path),
                 metrics_token_file=str(cfg.metrics_token_path),

@@ -4,6 +4,7 @@ Keys of the TOML file (all optional) mirror the long flags::
 
     listen = "0.0.0.0:7700"
     state_dir = "/var/lib/rbd-coordinator"
+    state_url = "postgresql://rbd@db.example/rbd"   # default: SQLite in state_dir
     join_token_file = "/etc/rbd/join-token"
     admin_token_file = "/etc/rbd/admin-token"
     metrics_token_file = "/etc/rbd/metrics-token"   # Bearer token for GET /metrics
@@ -26,6 +27,8 @@ from typing import Any
 from rainbowd.core.chunks import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from rainbowd.core.sched.scheduler import DEFAULT_POLICY, POLICIES
 
+from .state import SQLITE_FILE, check_url
+
 DEFAULT_LISTEN = "127.0.0.1:7700"
 DEFAULT_HEARTBEAT_INTERVAL = 2.0
 DEFAULT_NODE_DOWN_TIMEOUT = 300.0
@@ -39,6 +42,9 @@ class ConfigError(ValueError):
 @dataclass
 class CoordinatorConfig:
     state_dir: Path
+    #: where the state is kept: None for SQLite in ``state_dir``, else a URL
+    #: (``postgresql://...`` or ``sqlite:///PATH``; coordinator/state/__init__.py)
+    state_url: str | None = None
     host: str = "127.0.0.1"
     port: int = 7700
     join_token_file: Path | None = None
@@ -66,8 +72,13 @@ class CoordinatorConfig:
         return self.metrics_token_file or self.state_dir / "metrics-token"
 
     @property
-    def db_path(self) -> Path:
-        return self.state_dir / "coordinator.sqlite"
+    def sqlite_path(self) -> Path | None:
+        """The SQLite database file, or None if the state is in PostgreSQL."""
+        if self.state_url is None:
+            return self.state_dir / SQLITE_FILE
+        if self.state_url.startswith("sqlite:"):
+            return Path(self.state_url.removeprefix("sqlite://"))
+        return None
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -98,6 +109,7 @@ def load_file(path: Path) -> dict[str, Any]:
 _KNOWN = {
     "listen",
     "state_dir",
+    "state_url",
     "join_token_file",
     "admin_token_file",
     "metrics_token_file",
@@ -146,8 +158,15 @@ def build(file_values: dict[str, Any], overrides: dict[str, Any]) -> Coordinator
     if policy not in POLICIES:
         raise ConfigError(f"unknown policy {policy!r}; known: {', '.join(POLICIES)}")
     log_json = merged.get("log_json")
+    state_url = str(merged["state_url"]) if merged.get("state_url") else None
+    if state_url is not None:
+        try:
+            check_url(state_url)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     return CoordinatorConfig(
         state_dir=Path(str(merged["state_dir"])),
+        state_url=state_url,
         host=host,
         port=port,
         join_token_file=path("join_token_file"),

@@ -259,7 +259,7 @@ class Coordinator:
             self.reports,
         )
         # rbd run/rm/build/images rm-nodes/docker check (coordinator/ops.py)
-        self.ops = ClusterOps(ctx, self.images, self.job_service, store.path.parent / "contexts")
+        self.ops = ClusterOps(ctx, self.images, self.job_service, store.work_dir / "contexts")
         restore(ctx, self.image_service, self.job_service, self.dispatch, self.started_at)
 
     # ------------------------------------------------------------------

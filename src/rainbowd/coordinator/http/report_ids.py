@@ -38,7 +38,6 @@ the header (older agents) are applied as before. A malformed id is a 400.
 from __future__ import annotations
 
 import re
-import sqlite3
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
@@ -51,7 +50,7 @@ from aiohttp.typedefs import Handler, Middleware
 from rainbowd.core.report_id import MAX_REPORT_ID, REPORT_ID_HEADER, valid
 
 from ..errors import BadRequest, CoordinatorError
-from ..state import StateStore
+from ..state import StateError, StateStore
 from .common import BODY_TIMEOUT, read_body
 
 log = structlog.get_logger(__name__)
@@ -104,7 +103,7 @@ class ReportLedger:
     def claim(self, node: str, route: str, report_id: str) -> None:
         """Write the id (before the report is applied), inside the report's transaction.
 
-        sqlite3.Error if the disk refuses the write (then nothing changed).
+        StateError if the database refuses the write (then nothing changed).
         """
         self.store.add_report_id(node, route, report_id)
         self._claimed.append((node, route, report_id))
@@ -121,7 +120,7 @@ class ReportLedger:
         self._uncommitted.pop(key, None)
         try:
             self.store.delete_report_id(*key)
-        except sqlite3.Error as e:
+        except StateError as e:
             log.error(
                 "report id not forgotten; a retry of it will be taken as applied",
                 node=node,
@@ -149,7 +148,7 @@ class ReportLedger:
         try:
             with self.store.transaction():
                 yield
-        except sqlite3.Error:
+        except StateError:
             for key in self._claimed:
                 self._uncommitted[key] = None
             while len(self._uncommitted) > MAX_UNCOMMITTED:

@@ -1,16 +1,18 @@
-"""Durable coordinator state in SQLite (WAL mode).
+"""The statements both state backends run: one schema, written once.
 
-One row per node, image and job, each a JSON document of a msgspec struct, so
-adding a field (with a default) needs no migration. While a job runs, a change
-of one of its nodes is written as that node's own row (``job_nodes``), applied
-over the job's row on load: rewriting the whole job per report costs O(nodes)
-each time, O(nodes^2) per job. Writes are small and rare
-(state transitions, not progress ticks), so the stdlib driver called from the
-event loop is fast enough and keeps the code obvious. Each statement commits
-on its own unless it runs inside :meth:`StateStore.transaction`: an agent's
-report (or batch of reports) is one transaction, so its writes -- and the
-report id that guards them (coordinator/http/report_ids.py) -- land together or not
-at all, for one WAL commit instead of one per statement.
+A backend (state/sqlite.py, state/postgres.py) supplies its connection and a
+:class:`Dialect` -- the few words the two SQL dialects spell differently -- and
+its list of :class:`Migration` steps; everything else is here. Statements are
+written with ``?`` placeholders (PostgreSQL's become ``%s``), and each one's
+driver error is raised as :class:`StateError`.
+
+While a job runs, a change of one of its nodes is written as that node's own
+row (``job_nodes``), applied over the job's row on load: rewriting the whole
+job per report costs O(nodes) each time, O(nodes^2) per job. Each statement
+commits on its own unless it runs inside :meth:`SqlStore.transaction`: an
+agent's report (or batch of reports) is one transaction, so its writes -- and
+the report id that guards them (coordinator/http/report_ids.py) -- land
+together or not at all.
 
 Transfers in flight are stored too (one row written when it is assigned, one
 delete when its report arrives): agents keep pulling while the coordinator is
@@ -32,168 +34,140 @@ operator to look at; the other rows load. A node set aside must enroll again.
 from __future__ import annotations
 
 import contextlib
-import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import msgspec
 import structlog
 
-from rainbowd.core.chunks import ChunkManifest
-from rainbowd.core.messages import (
-    Compression,
-    ImageRecord,
-    ImageSource,
-    JobView,
-    NodeJobState,
-    OpView,
-)
+from rainbowd.core.messages import JobView, NodeJobState, OpView
 from rainbowd.core.sched.scheduler import Transfer
-from rainbowd.core.wirebounds import (
-    MAX_COUNT,
-    MAX_TEXT,
-    Count,
-    Digest,
-    Finite,
-    Labels,
-    Name,
-    Port,
-    Rate,
-    Roles,
-    SshKey,
+from rainbowd.core.wirebounds import MAX_COUNT, MAX_TEXT
+
+from . import (
+    MAX_STORED_EVENTS,
+    SCHEMA_VERSION,
+    StateError,
+    StoredImage,
+    StoredNode,
+    TransferState,
 )
 
 log = structlog.get_logger(__name__)
 
-#: security events kept (older ones are pruned on insert); see coordinator/limits.py
-MAX_STORED_EVENTS = 10_000
-
 T = TypeVar("T")
 
-#: 2: a transfer row is the scheduler's ``Transfer`` as it is (body) plus the coordinator's
-#: own columns ``seq`` and ``state``; version 1 kept a field-by-field copy holding both
-#: (``_migrate`` moves a version-1 database on when it is opened)
-SCHEMA_VERSION = 2
-
-
-class StoredNode(msgspec.Struct, kw_only=True):
-    """A node as persisted: identity, keys, the credential's hash, what it holds."""
-
-    node_id: Name
-    address: Name
-    ssh_port: Port
-    host_key: SshKey
-    client_key: SshKey
-    credential_hash: Name
-    labels: Labels = {}
-    roles: Roles = []
-    docker: bool = False
-    speed_hint_bps: Rate = 0.0
-    download_hint_bps: Rate = 0.0
-    holdings: list[Digest] = []  # only layers of known images (bounded by them)
-    quarantined: bool = False
-    quarantine_reason: str = ""
-    registered_at: Finite = 0.0
-    last_seen: Finite = 0.0
-    seeder_faults: Count = 0  # transfers it spoiled (bad chunks); quarantined at the limit
-    max_upload_bps: Rate = 0.0  # the agent's configured caps (0 = none)
-    max_download_bps: Rate = 0.0
-
-
-#: a stored transfer's own column: ``active`` (handed to its demander, not reported on) or
-#: ``aborted`` (given up on; kept, bounded, so its late report is understood)
-TransferState = Literal["active", "aborted"]
 _TRANSFER_STATES: tuple[TransferState, ...] = ("active", "aborted")
 
 
-class StoredImage(msgspec.Struct, kw_only=True):
-    """An image entry: where it came from, its ingest state and, once ready, its layers."""
+@dataclass(frozen=True)
+class Dialect:
+    """The words the backends spell differently; the tables are the same.
 
-    ref: str
-    state: Literal["ingesting", "ready", "failed"]
-    source: ImageSource
-    origin: str
-    ingest_id: str
-    created_at: float
-    record: ImageRecord | None = None
-    manifests: list[ChunkManifest] = []
-    error: str = ""
-    compression: Compression = "off"  # asked of the origin for uncompressed layers
+    ``order``: the column that keeps insertion order in ``transfers`` and
+    ``applied_reports`` (SQLite's implicit ``rowid``; PostgreSQL's ``n``, a
+    serial column of its own, as it has no rowid).
+    """
 
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS nodes (
-    node_id TEXT PRIMARY KEY, body TEXT NOT NULL, seq INTEGER NOT NULL DEFAULT 0);
-CREATE TABLE IF NOT EXISTS images (ref TEXT PRIMARY KEY, body TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS jobs (job_id TEXT PRIMARY KEY, created_at REAL, body TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS job_nodes (
-    job_id TEXT NOT NULL, node_id TEXT NOT NULL, body TEXT NOT NULL,
-    PRIMARY KEY (job_id, node_id));
-CREATE TABLE IF NOT EXISTS transfers (
-    transfer_id TEXT PRIMARY KEY, body TEXT NOT NULL,
-    seq INTEGER NOT NULL DEFAULT 0, state TEXT NOT NULL DEFAULT 'active');
-CREATE TABLE IF NOT EXISTS security_events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, reporter TEXT NOT NULL,
-    peer TEXT NOT NULL, kind TEXT NOT NULL, detail TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS ops (op_id TEXT PRIMARY KEY, created_at REAL, body TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS applied_reports (
-    node_id TEXT NOT NULL, route TEXT NOT NULL, report_id TEXT NOT NULL,
-    PRIMARY KEY (node_id, route, report_id));
-CREATE TABLE IF NOT EXISTS set_aside (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, tbl TEXT NOT NULL,
-    key TEXT NOT NULL, body TEXT NOT NULL, error TEXT NOT NULL);
-"""
+    name: str
+    serial_key: str  # an auto-numbered integer primary key
+    real: str  # an 8-byte float (PostgreSQL's REAL is 4 bytes)
+    integer: str  # wide enough for a count up to MAX_COUNT (2**32)
+    order: str
+    order_column: str  # the extra column that holds ``order`` ("" if implicit)
+    no_limit: int | None  # the LIMIT value meaning "all rows"
+    placeholder: str  # what ``?`` is written as
 
 
-class StateStore:
-    """The coordinator's SQLite database (``coordinator.sqlite`` in the state dir)."""
+def schema(d: Dialect) -> list[str]:
+    """The current schema's tables, created if missing (so a new table needs no step)."""
+    return [
+        "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        f"CREATE TABLE IF NOT EXISTS nodes (node_id TEXT PRIMARY KEY, body TEXT NOT NULL, "
+        f"seq {d.integer} NOT NULL DEFAULT 0)",
+        "CREATE TABLE IF NOT EXISTS images (ref TEXT PRIMARY KEY, body TEXT NOT NULL)",
+        f"CREATE TABLE IF NOT EXISTS jobs (job_id TEXT PRIMARY KEY, created_at {d.real}, "
+        "body TEXT NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS job_nodes (job_id TEXT NOT NULL, node_id TEXT NOT NULL, "
+        "body TEXT NOT NULL, PRIMARY KEY (job_id, node_id))",
+        f"CREATE TABLE IF NOT EXISTS transfers (transfer_id TEXT PRIMARY KEY, body TEXT NOT NULL, "
+        f"seq {d.integer} NOT NULL DEFAULT 0, state TEXT NOT NULL DEFAULT 'active'"
+        f"{d.order_column})",
+        f"CREATE TABLE IF NOT EXISTS security_events (id {d.serial_key}, at {d.real} NOT NULL, "
+        "reporter TEXT NOT NULL, peer TEXT NOT NULL, kind TEXT NOT NULL, detail TEXT NOT NULL)",
+        f"CREATE TABLE IF NOT EXISTS ops (op_id TEXT PRIMARY KEY, created_at {d.real}, "
+        "body TEXT NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS applied_reports (node_id TEXT NOT NULL, route TEXT NOT NULL, "
+        f"report_id TEXT NOT NULL{d.order_column}, PRIMARY KEY (node_id, route, report_id))",
+        f"CREATE TABLE IF NOT EXISTS set_aside (id {d.serial_key}, at {d.real} NOT NULL, "
+        "tbl TEXT NOT NULL, key TEXT NOT NULL, body TEXT NOT NULL, error TEXT NOT NULL)",
+    ]
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._db = sqlite3.connect(path, isolation_level=None)  # autocommit; WAL makes it cheap
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        self._migrate()
-        self._db.execute(
-            "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
-        )
 
-    def _migrate(self) -> None:
-        """Bring a database written by an older rbd to ``SCHEMA_VERSION``, in one transaction.
+@dataclass(frozen=True)
+class Migration:
+    """The step that brings a database at schema ``to - 1`` to schema ``to``.
 
-        Version 1 -> 2: its transfer rows kept ``seq`` and ``state`` inside the JSON
-        body; they become columns (the body's other fields are the ``Transfer``'s, and
-        the two extra keys left in old bodies are ignored when decoding). A body that
-        is not JSON keeps the defaults here and is set aside when loaded, as before.
-        """
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(transfers)")}
-        if "seq" in columns:
-            return
-        with self.transaction():
-            self._db.execute("ALTER TABLE transfers ADD COLUMN seq INTEGER NOT NULL DEFAULT 0")
-            self._db.execute(
-                "ALTER TABLE transfers ADD COLUMN state TEXT NOT NULL DEFAULT 'active'"
-            )
-            self._db.execute(
-                "UPDATE transfers SET "
-                "seq = coalesce(json_extract(body, '$.seq'), 0), "
-                "state = coalesce(json_extract(body, '$.state'), 'active') "
-                "WHERE json_valid(body)"
-            )
-            self.set_meta("schema", str(SCHEMA_VERSION))
-        log.info("state database migrated", path=str(self.path), schema=SCHEMA_VERSION)
+    ``run`` gets the store and issues its statements through ``store.execute``;
+    all of a start-up's steps run in one transaction, so a failed step leaves
+    the database as it was.
+    """
 
-    def close(self) -> None:
-        self._db.close()
+    to: int
+    run: Callable[[SqlStore], None]
+
+
+class Cursor(Protocol):
+    """What both drivers' cursors give back (sqlite3.Cursor, psycopg.Cursor)."""
+
+    def fetchone(self) -> Any: ...
+    def fetchall(self) -> list[Any]: ...
+
+
+class SqlStore:
+    """The coordinator's state over a DB-API connection; a backend subclass opens it."""
+
+    backend = "sql"
+
+    def __init__(self, dialect: Dialect, work_dir: Path, describe: str) -> None:
+        self.dialect = dialect
+        self.work_dir = work_dir
+        #: where the state is, for logs and errors (a path, or a URL without its password)
+        self.describe = describe
+        self._sql: dict[str, str] = {}
+
+    # -- what a backend provides -------------------------------------------
+    def _execute(self, sql: str, params: Sequence[Any]) -> Cursor:
+        """Run one statement on the connection (the driver's own errors may escape)."""
+        raise NotImplementedError
+
+    def _driver_errors(self) -> tuple[type[BaseException], ...]:
+        raise NotImplementedError
 
     @property
     def in_transaction(self) -> bool:
-        return self._db.in_transaction
+        raise NotImplementedError
+
+    def _commit(self) -> None:
+        """COMMIT the open transaction; StateError (after a ROLLBACK) if it did not."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    # -- statements ------------------------------------------------------
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        """Run ``sql`` (``?`` placeholders); the driver's error is raised as StateError."""
+        text = self._sql.get(sql)
+        if text is None:
+            text = self._sql[sql] = sql.replace("?", self.dialect.placeholder)
+        try:
+            return self._execute(text, params)
+        except self._driver_errors() as e:
+            raise StateError(f"state database {self.describe}: {e}") from e
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
@@ -202,66 +176,91 @@ class StateStore:
         Inside one already open, it joins it. What was written is committed also
         when the body raises (a refusal after some writes): the changes in memory
         that those writes mirror have happened, as with statements that commit
-        one by one. Only a failed COMMIT rolls back, and raises. The body must
-        not await: another request's writes would join, and be answered before
-        they are committed.
+        one by one. Only a failed COMMIT rolls back, and raises StateError. The
+        body must not await: another request's writes would join, and be
+        answered before they are committed.
         """
-        if self._db.in_transaction:
+        if self.in_transaction:
             yield
             return
-        self._db.execute("BEGIN")
+        self.execute("BEGIN")
         try:
             yield
         finally:
-            if self._db.in_transaction:  # (SQLite ends it itself on some errors)
-                try:
-                    self._db.execute("COMMIT")
-                except sqlite3.Error:
-                    with contextlib.suppress(sqlite3.Error):
-                        self._db.execute("ROLLBACK")
-                    raise
+            if self.in_transaction:  # (SQLite ends it itself on some errors)
+                self._commit()
+
+    def migrate(self, migrations: Sequence[Migration], before: Callable[[], None]) -> None:
+        """Create missing tables, then run each step above the stored schema, in one transaction.
+
+        ``before`` runs first inside the transaction (PostgreSQL takes a lock
+        there, so two coordinators starting together migrate once). A database
+        written by a newer rbd (a larger schema number) is refused: its rows may
+        mean what this version cannot know.
+        """
+        with self.transaction():
+            before()
+            fresh = not self._has_meta()
+            for statement in schema(self.dialect):
+                self.execute(statement)
+            version = SCHEMA_VERSION if fresh else int(self.get_meta("schema", "0") or 0)
+            if version > SCHEMA_VERSION:
+                raise StateError(
+                    f"state database {self.describe} has schema {version}, newer than this "
+                    f"rbd's {SCHEMA_VERSION}: run the newer rbd-coordinator, or restore a backup"
+                )
+            for step in migrations:
+                if version < step.to <= SCHEMA_VERSION:
+                    step.run(self)
+                    log.info("state database migrated", state=self.describe, schema=step.to)
+            self.set_meta("schema", str(SCHEMA_VERSION))
+
+    def _has_meta(self) -> bool:
+        raise NotImplementedError
 
     # -- report ids (coordinator/http/report_ids.py) ----------------------------
     def add_report_id(self, node_id: str, route: str, report_id: str) -> None:
-        self._db.execute(
-            "INSERT OR IGNORE INTO applied_reports(node_id, route, report_id) VALUES (?, ?, ?)",
+        self.execute(
+            "INSERT INTO applied_reports(node_id, route, report_id) VALUES (?, ?, ?) "
+            "ON CONFLICT DO NOTHING",
             (node_id, route, report_id),
         )
 
     def delete_report_id(self, node_id: str, route: str, report_id: str) -> None:
-        self._db.execute(
+        self.execute(
             "DELETE FROM applied_reports WHERE node_id = ? AND route = ? AND report_id = ?",
             (node_id, route, report_id),
         )
 
     def has_report_id(self, node_id: str, route: str, report_id: str) -> bool:
-        row = self._db.execute(
+        row = self.execute(
             "SELECT 1 FROM applied_reports WHERE node_id = ? AND route = ? AND report_id = ?",
             (node_id, route, report_id),
         ).fetchone()
         return row is not None
 
     def count_report_ids(self, node_id: str) -> int:
-        row = self._db.execute(
+        row = self.execute(
             "SELECT COUNT(*) FROM applied_reports WHERE node_id = ?", (node_id,)
         ).fetchone()
         return int(row[0])
 
     def prune_report_ids(self, node_id: str, keep: int) -> None:
         """Forget all but the newest ``keep`` report ids of ``node_id``."""
-        self._db.execute(
-            "DELETE FROM applied_reports WHERE node_id = ? AND rowid NOT IN "
-            "(SELECT rowid FROM applied_reports WHERE node_id = ? ORDER BY rowid DESC LIMIT ?)",
+        o = self.dialect.order
+        self.execute(
+            f"DELETE FROM applied_reports WHERE node_id = ? AND {o} NOT IN "
+            f"(SELECT {o} FROM applied_reports WHERE node_id = ? ORDER BY {o} DESC LIMIT ?)",
             (node_id, node_id, keep),
         )
 
     # -- meta ------------------------------------------------------------
     def get_meta(self, key: str, default: str = "") -> str:
-        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        row = self.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return str(row[0]) if row else default
 
     def set_meta(self, key: str, value: str) -> None:
-        self._db.execute(
+        self.execute(
             "INSERT INTO meta(key, value) VALUES (?, ?) "
             "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
             (key, value),
@@ -269,22 +268,22 @@ class StateStore:
 
     # -- nodes -----------------------------------------------------------
     def save_node(self, node: StoredNode, seq: int) -> None:
-        self._db.execute(
+        self.execute(
             "INSERT INTO nodes(node_id, body, seq) VALUES (?, ?, ?) "
             "ON CONFLICT(node_id) DO UPDATE SET body = excluded.body, seq = excluded.seq",
             (node.node_id, _dump(node), seq),
         )
 
     def save_seq(self, node_id: str, seq: int) -> None:
-        self._db.execute("UPDATE nodes SET seq = ? WHERE node_id = ?", (seq, node_id))
+        self.execute("UPDATE nodes SET seq = ? WHERE node_id = ?", (seq, node_id))
 
     def delete_node(self, node_id: str) -> None:
-        self._db.execute("DELETE FROM nodes WHERE node_id = ?", (node_id,))
+        self.execute("DELETE FROM nodes WHERE node_id = ?", (node_id,))
 
     def load_nodes(self) -> list[tuple[StoredNode, int]]:
-        rows = self._db.execute("SELECT node_id, body, seq FROM nodes ORDER BY node_id")
+        rows = self.execute("SELECT node_id, body, seq FROM nodes ORDER BY node_id").fetchall()
         out: list[tuple[StoredNode, int]] = []
-        for key, body, seq in rows.fetchall():
+        for key, body, seq in rows:
             node = self._valid("nodes", "node_id = ?", key, body, StoredNode)
             if node is not None:
                 out.append((node, int(seq)))
@@ -292,32 +291,32 @@ class StateStore:
 
     # -- images ----------------------------------------------------------
     def save_image(self, image: StoredImage) -> None:
-        self._db.execute(
+        self.execute(
             "INSERT INTO images(ref, body) VALUES (?, ?) "
             "ON CONFLICT(ref) DO UPDATE SET body = excluded.body",
             (image.ref, _dump(image)),
         )
 
     def delete_image(self, ref: str) -> None:
-        self._db.execute("DELETE FROM images WHERE ref = ?", (ref,))
+        self.execute("DELETE FROM images WHERE ref = ?", (ref,))
 
     def load_images(self) -> list[StoredImage]:
-        rows = self._db.execute("SELECT ref, body FROM images ORDER BY ref").fetchall()
+        rows = self.execute("SELECT ref, body FROM images ORDER BY ref").fetchall()
         return self._valid_rows("images", "ref", rows, StoredImage)
 
     # -- jobs ------------------------------------------------------------
     def save_job(self, job: JobView) -> None:
         """The whole job; it supersedes the per-node rows written since."""
-        self._db.execute(
+        self.execute(
             "INSERT INTO jobs(job_id, created_at, body) VALUES (?, ?, ?) "
             "ON CONFLICT(job_id) DO UPDATE SET body = excluded.body",
             (job.job_id, job.created_at, _dump(job)),
         )
-        self._db.execute("DELETE FROM job_nodes WHERE job_id = ?", (job.job_id,))
+        self.execute("DELETE FROM job_nodes WHERE job_id = ?", (job.job_id,))
 
     def save_job_node(self, job_id: str, node: NodeJobState) -> None:
         """One node's part of a running job (a small row instead of rewriting the job)."""
-        self._db.execute(
+        self.execute(
             "INSERT INTO job_nodes(job_id, node_id, body) VALUES (?, ?, ?) "
             "ON CONFLICT(job_id, node_id) DO UPDATE SET body = excluded.body",
             (job_id, node.node_id, _dump(node)),
@@ -325,10 +324,10 @@ class StateStore:
 
     def load_jobs(self) -> list[JobView]:
         """Every job, with the per-node rows saved after its last whole write applied."""
-        rows = self._db.execute("SELECT job_id, body FROM jobs ORDER BY created_at, job_id")
+        rows = self.execute("SELECT job_id, body FROM jobs ORDER BY created_at, job_id")
         views = self._valid_rows("jobs", "job_id", rows.fetchall(), JobView)
         newer: dict[str, dict[str, NodeJobState]] = {}
-        part_rows = self._db.execute("SELECT job_id, node_id, body FROM job_nodes").fetchall()
+        part_rows = self.execute("SELECT job_id, node_id, body FROM job_nodes").fetchall()
         for job_id, node_id, body in part_rows:
             where = "job_id = ? AND node_id = ?"
             ns = self._valid("job_nodes", where, (job_id, node_id), body, NodeJobState)
@@ -342,21 +341,21 @@ class StateStore:
 
     # -- cluster operations (rbd run/rm/build/...) --------------------------
     def save_op(self, op: OpView) -> None:
-        self._db.execute(
+        self.execute(
             "INSERT INTO ops(op_id, created_at, body) VALUES (?, ?, ?) "
             "ON CONFLICT(op_id) DO UPDATE SET body = excluded.body",
             (op.op_id, op.created_at, _dump(op)),
         )
 
     def load_ops(self) -> list[OpView]:
-        rows = self._db.execute("SELECT op_id, body FROM ops ORDER BY created_at, op_id")
+        rows = self.execute("SELECT op_id, body FROM ops ORDER BY created_at, op_id")
         return self._valid_rows("ops", "op_id", rows.fetchall(), OpView)
 
     def prune_ops(self, keep: int) -> None:
         """Forget all but the newest ``keep`` operations."""
-        self._db.execute(
-            "DELETE FROM ops WHERE op_id IN (SELECT op_id FROM ops "
-            "ORDER BY created_at DESC, op_id DESC LIMIT -1 OFFSET ?)",
+        self.execute(
+            "DELETE FROM ops WHERE op_id NOT IN (SELECT op_id FROM ops "
+            "ORDER BY created_at DESC, op_id DESC LIMIT ?)",
             (keep,),
         )
 
@@ -367,7 +366,7 @@ class StateStore:
         ``seq``: its assignment's place in the demander's mailbox (delivered once the
         agent's cursor passes it).
         """
-        self._db.execute(
+        self.execute(
             "INSERT INTO transfers(transfer_id, body, seq, state) VALUES (?, ?, ?, ?) "
             "ON CONFLICT(transfer_id) DO UPDATE SET "
             "body = excluded.body, seq = excluded.seq, state = excluded.state",
@@ -375,12 +374,12 @@ class StateStore:
         )
 
     def delete_transfer(self, transfer_id: str) -> None:
-        self._db.execute("DELETE FROM transfers WHERE transfer_id = ?", (transfer_id,))
+        self.execute("DELETE FROM transfers WHERE transfer_id = ?", (transfer_id,))
 
     def load_transfers(self) -> list[tuple[Transfer, int, TransferState]]:
         """Every stored transfer as (transfer, seq, state), oldest first; bad rows set aside."""
-        rows = self._db.execute(
-            "SELECT transfer_id, body, seq, state FROM transfers ORDER BY rowid"
+        rows = self.execute(
+            f"SELECT transfer_id, body, seq, state FROM transfers ORDER BY {self.dialect.order}"
         ).fetchall()
         out: list[tuple[Transfer, int, TransferState]] = []
         for key, body, seq, state in rows:
@@ -396,10 +395,10 @@ class StateStore:
 
     def prune_transfers(self, keep: int) -> None:
         """Forget all but the newest ``keep`` aborted transfers (active ones stay)."""
-        self._db.execute(
-            "DELETE FROM transfers WHERE rowid IN (SELECT rowid FROM transfers "
-            "WHERE state = 'aborted' "
-            "ORDER BY rowid DESC LIMIT -1 OFFSET ?)",
+        o = self.dialect.order
+        self.execute(
+            f"DELETE FROM transfers WHERE state = 'aborted' AND {o} NOT IN "
+            f"(SELECT {o} FROM transfers WHERE state = 'aborted' ORDER BY {o} DESC LIMIT ?)",
             (keep,),
         )
 
@@ -414,12 +413,14 @@ class StateStore:
         """
         if len(detail) > MAX_TEXT:
             detail = detail[: MAX_TEXT - 1] + "\u2026"
-        cur = self._db.execute(
-            "INSERT INTO security_events(at, reporter, peer, kind, detail) VALUES (?, ?, ?, ?, ?)",
+        row = self.execute(
+            "INSERT INTO security_events(at, reporter, peer, kind, detail) "
+            "VALUES (?, ?, ?, ?, ?) RETURNING id",
             (time.time(), reporter, peer, kind, detail),
-        )
-        if cur.lastrowid is not None and cur.lastrowid > keep:
-            self._db.execute("DELETE FROM security_events WHERE id <= ?", (cur.lastrowid - keep,))
+        ).fetchone()
+        last = int(row[0])
+        if last > keep:
+            self.execute("DELETE FROM security_events WHERE id <= ?", (last - keep,))
 
     def security_events(self) -> list[tuple[float, str, str, str, str]]:
         """Every event kept, as (at, reporter, peer, kind, detail), oldest first."""
@@ -434,21 +435,22 @@ class StateStore:
         ``limit`` (all when ``limit`` is -1).
         """
         cols = "id, at, reporter, peer, kind, detail"
+        bound = self.dialect.no_limit if limit < 0 else limit
         if after is not None:
-            rows = self._db.execute(
+            rows = self.execute(
                 f"SELECT {cols} FROM security_events WHERE id > ? ORDER BY id LIMIT ?",
-                (after, limit),
+                (after, bound),
             ).fetchall()
         else:
-            rows = self._db.execute(
+            rows = self.execute(
                 f"SELECT * FROM (SELECT {cols} FROM security_events ORDER BY id DESC LIMIT ?) "
-                "ORDER BY id",
-                (limit,),
+                "AS newest ORDER BY id",
+                (bound,),
             ).fetchall()
         return [(int(i), float(a), str(r), str(p), str(k), str(d)) for i, a, r, p, k, d in rows]
 
     def security_event_count(self) -> int:
-        row = self._db.execute("SELECT count(*) FROM security_events").fetchone()
+        row = self.execute("SELECT count(*) FROM security_events").fetchone()
         return int(row[0])
 
     # -- rows that fail validation ------------------------------------------
@@ -489,21 +491,22 @@ class StateStore:
             key=":".join(str(k) for k in keys),
             error=error,
         )
-        self._db.execute("BEGIN")
+        self.execute("BEGIN")
         try:
-            self._db.execute(
+            self.execute(
                 "INSERT INTO set_aside(at, tbl, key, body, error) VALUES (?, ?, ?, ?, ?)",
                 (time.time(), table, ":".join(str(k) for k in keys), str(body), error),
             )
-            self._db.execute(f"DELETE FROM {table} WHERE {where}", keys)
-            self._db.execute("COMMIT")
+            self.execute(f"DELETE FROM {table} WHERE {where}", keys)
+            self._commit()
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if self.in_transaction:
+                self.execute("ROLLBACK")
             raise
 
     def set_aside(self) -> list[tuple[str, str, str]]:
         """Rows set aside at load, oldest first: (table, key, error)."""
-        rows = self._db.execute("SELECT tbl, key, error FROM set_aside ORDER BY id").fetchall()
+        rows = self.execute("SELECT tbl, key, error FROM set_aside ORDER BY id").fetchall()
         return [(str(t), str(k), str(e)) for t, k, e in rows]
 
 

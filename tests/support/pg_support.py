@@ -1,0 +1,147 @@
+"""A throwaway PostgreSQL server for the tests: Debian's binaries, a cluster in a temp dir.
+
+(No tests here.) :class:`PostgresServer` runs ``initdb`` and ``postgres`` as
+the ``postgres`` user when the tests run as root (PostgreSQL refuses root),
+as the current user otherwise, listening on a free loopback port with trust
+authentication. It is the test process's child (it dies with it) and is
+tuned for speed, not durability (``fsync=off``): each test gets a fresh
+database of its own, created in milliseconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from rainbowd.devcluster.localcluster import die_with_parent, free_port
+
+#: the superuser initdb creates; the tests connect as it
+USER = "rbd"
+#: the system user that runs the server when the tests run as root
+SYSTEM_USER = "postgres"
+#: seconds the server may take to accept connections after it starts
+START_TIMEOUT_S = 30.0
+#: settings for a test server: speed over durability, and room for many connections
+SERVER_SETTINGS = {
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+    "max_connections": "200",
+    "listen_addresses": "127.0.0.1",
+}
+
+
+class PostgresUnavailable(RuntimeError):
+    """No PostgreSQL binaries here, or the server would not start (the message says which)."""
+
+
+def bindir() -> Path:
+    """The newest Debian PostgreSQL's bin directory (or the one on PATH)."""
+    found = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/postgres"),
+        key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0,
+    )
+    if found:
+        return Path(found[-1]).parent
+    on_path = shutil.which("postgres")
+    if on_path:
+        return Path(on_path).resolve().parent
+    raise PostgresUnavailable("PostgreSQL is not installed: apt-get install postgresql")
+
+
+class PostgresServer:
+    """One PostgreSQL cluster in a temp dir, for one test session."""
+
+    def __init__(self) -> None:
+        self.bin = bindir()
+        self.port = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._admin: psycopg.Connection[Any] | None = None
+        self._run_as: dict[str, Any] = {}
+        self.root = Path(tempfile.mkdtemp(prefix="rbd-pg-"))
+        if os.geteuid() == 0:
+            try:
+                who = pwd.getpwnam(SYSTEM_USER)
+            except KeyError:
+                raise PostgresUnavailable(f"no {SYSTEM_USER} user to run PostgreSQL as") from None
+            os.chown(self.root, who.pw_uid, who.pw_gid)
+            self._run_as = {"user": who.pw_uid, "group": who.pw_gid, "extra_groups": []}
+        self.data = self.root / "data"
+        self.log = self.root / "server.log"
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://{USER}@127.0.0.1:{self.port}/{database}"
+
+    def start(self) -> None:
+        argv = [str(self.bin / "initdb"), "-D", str(self.data), "-U", USER, "-A", "trust"]
+        init = subprocess.run(
+            [*argv, "--no-sync", "--no-locale", "-E", "UTF8"],
+            capture_output=True,
+            check=False,
+            **self._run_as,
+        )
+        if init.returncode != 0:
+            raise PostgresUnavailable(f"initdb failed: {init.stderr.decode()[-2000:]}")
+        self.port = free_port()
+        argv = [str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port)]
+        argv += ["-k", str(self.root)]
+        for key, value in SERVER_SETTINGS.items():
+            argv += ["-c", f"{key}={value}"]
+        with open(self.log, "ab") as log:
+            self._proc = subprocess.Popen(
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=die_with_parent,
+                **self._run_as,
+            )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            try:
+                self._admin = psycopg.connect(self.url(), autocommit=True, connect_timeout=2)
+                return
+            except psycopg.OperationalError as e:
+                if self._proc.poll() is not None or time.monotonic() > deadline:
+                    tail = self.log.read_text(errors="replace")[-2000:]
+                    raise PostgresUnavailable(f"postgres did not start: {e}\n{tail}") from e
+                time.sleep(0.05)
+
+    def create_database(self, key: str) -> str:
+        """A new empty database named after ``key`` (a test's state dir); its URL."""
+        name = "t_" + hashlib.sha256(key.encode()).hexdigest()[:24]
+        assert self._admin is not None
+        self._admin.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def drop_database(self, url: str) -> None:
+        """Drop the database of ``url``, closing whatever still uses it."""
+        assert self._admin is not None
+        name = url.rsplit("/", 1)[1]
+        self._admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    def stop(self) -> None:
+        if self._admin is not None:
+            with contextlib.suppress(psycopg.Error):
+                self._admin.close()
+        if self._proc is not None and self._proc.poll() is None:
+            # SIGINT: "fast" shutdown (SIGTERM's "smart" one waits for every client to leave)
+            self._proc.send_signal(signal.SIGINT)
+            try:
+                self._proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        shutil.rmtree(self.root, ignore_errors=True)
