@@ -6,8 +6,10 @@ cd "$(dirname "$0")/.."
 
 # opentracker, mktorrent, aria2: the lab's BitTorrent baseline (bench/lab)
 # chromium + fonts-dejavu-core: the web console's end-to-end test drives headless Chromium
+# postgresql: the coordinator's second state backend; the tests run a throwaway server of
+# their own from its binaries (tests/support/pg_support.py), not the packaged service
 APT_PACKAGES=(docker.io docker-registry busybox-static skopeo debootstrap iproute2 openssh-client
-  opentracker mktorrent aria2 chromium fonts-dejavu-core)
+  opentracker mktorrent aria2 chromium fonts-dejavu-core postgresql)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from coordinator_support import state_url_args
 from rainbowd.coordinator import auth, config
 from rainbowd.coordinator.jobs import Job
 from rainbowd.coordinator.mailbox import Mailbox
@@ -170,7 +171,7 @@ def test_config_merges_file_and_flags(tmp_path: Path) -> None:
             config.build({"state_dir": "/x", **bad} if bad else {}, {})
 
 
-def test_cli_starts_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
+def test_cli_starts_serves_and_stops_on_sigterm(state_backend: str, tmp_path: Path) -> None:
     ready = tmp_path / "ready"
     proc = subprocess.Popen(
         [
@@ -181,6 +182,7 @@ def test_cli_starts_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
             "127.0.0.1:0",
             "--state-dir",
             str(tmp_path / "state"),
+            *state_url_args(tmp_path / "state"),
             "--ready-file",
             str(ready),
             "--log-json",
@@ -238,6 +240,7 @@ def test_cli_starts_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
         _, err = proc.communicate(timeout=10)
         assert proc.returncode == 0, err
         assert "coordinator listening" in err and "shutting down" in err
+        assert state_backend in err  # the state it opened, named in the listening line
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -83,6 +83,11 @@ def stored_text(store: SqlStore) -> str:
     )
 
 
+def state_url_args(state_dir: Path) -> list[str]:
+    """``rbd-coordinator`` flags that put ``state_dir``'s state on this test's backend."""
+    return ["--state-url", Backend.url_for(state_dir)] if Backend.url_for is not None else []
+
+
 @dataclass
 class Running:
     server: TestServer
