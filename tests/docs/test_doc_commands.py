@@ -64,6 +64,14 @@ NO_DOCKER = (
     "and every agent, and each node reports that (exit 1); with Docker it is "
     "tests/integration/test_cluster_ops.py"
 )
+#: the tests that run the coordinator on PostgreSQL (a throwaway server of the same package)
+POSTGRES_COVERED = (
+    "tests/coordinator/test_coordinator_units.py::test_cli_starts_serves_and_stops_on_sigterm"
+)
+RESTORE_COVERED = (
+    "tests/faults/test_coordinator_restore.py::"
+    "test_a_restored_backup_brings_every_node_back_with_its_own_credential"
+)
 SYSTEMD = "systemd units are not run on a test host (tests/docs/test_deploy_configs.py checks them)"
 
 
@@ -225,6 +233,35 @@ COMMANDS: dict[str, Run | Skip] = {
         "the wheel test runs it (offline)", covered_by=WHEEL
     ),
     "systemctl restart rbd-coordinator; systemctl restart rbd-agent": Skip(SYSTEMD),
+    # -- INSTALL.md: state in PostgreSQL, backup and restore -----------------------------
+    "apt-get install postgresql": Skip(
+        "apt on a fresh host; the tests run a throwaway server from the same package",
+        covered_by=POSTGRES_COVERED,
+    ),
+    "runuser -u postgres -- createuser rbd": Skip(
+        "the packaged cluster is not run here; the tests' own server has the role",
+        covered_by=POSTGRES_COVERED,
+    ),
+    "runuser -u postgres -- createdb --owner rbd rbd": Skip(
+        "the packaged cluster is not run here; the tests create a database per test",
+        covered_by=POSTGRES_COVERED,
+    ),
+    "rbd-coordinator backup /var/backups/rbd/coordinator.sqlite "
+    "--config /etc/rbd/coordinator.toml": Skip(
+        "needs the coordinator stopped and its state dir deleted afterwards, so it runs in a "
+        "cluster of its own, with --state-dir for --config",
+        covered_by=RESTORE_COVERED,
+    ),
+    "systemctl stop rbd-coordinator": Skip(SYSTEMD),
+    "rbd-coordinator restore /var/backups/rbd/coordinator.sqlite "
+    "--config /etc/rbd/coordinator.toml": Skip(
+        "stops this test's coordinator for good; the restore test runs it on a cluster of its own",
+        covered_by=RESTORE_COVERED,
+    ),
+    "chown -R rbd:rbd /var/lib/rbd/coordinator": Skip(
+        "the test cluster runs as the test's user; no rbd user here"
+    ),
+    "systemctl start rbd-coordinator": Skip(SYSTEMD),
 }
 
 FENCE = re.compile(r"^```(\S*)\s*$")
