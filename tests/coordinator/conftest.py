@@ -3,8 +3,10 @@
 Every test here runs twice, once on each state backend (issue 16): SQLite in
 its temp dir, and a fresh database of its own on the session's throwaway
 PostgreSQL server (tests/support/pg_support.py; missing, it skips here and
-fails under CI=true). A test only for one backend asks ``state_backend`` and
-skips the other.
+fails under CI=true). A test that opens no state store of the test's backend
+(a flag's parsing, SQLite's own backup file) is marked ``one_backend`` and runs
+once, on SQLite; a test that means something else on each backend asks
+``state_backend``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,20 @@ from rainbowd.lib.client import AdminClient
 
 #: the state backends every coordinator test runs on
 BACKENDS = ["sqlite", "postgresql"]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Drop the PostgreSQL run of the tests marked ``one_backend`` (it would repeat SQLite's)."""
+    twice = [
+        item
+        for item in items
+        if item.get_closest_marker("one_backend") is not None
+        and getattr(item, "callspec", None) is not None
+        and item.callspec.params.get("state_backend") == "postgresql"  # type: ignore[attr-defined]
+    ]
+    if twice:
+        config.hook.pytest_deselected(items=twice)
+        items[:] = [item for item in items if item not in twice]
 
 
 @pytest.fixture(autouse=True, params=BACKENDS)

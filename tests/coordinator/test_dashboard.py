@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from coordinator_support import open_state
 from metric_names import dashboard, dashboard_exprs, dashboard_names, exposable_names
 from rainbowd.agent.agent import Agent
@@ -33,6 +35,7 @@ def _scrapes(tmp_path: Path) -> tuple[set[str], set[str]]:
     return coord_names, exposable_names(agent.metrics.exposition().decode())
 
 
+@pytest.mark.one_backend  # touches no state store
 def test_dashboard_is_grafana_json() -> None:
     d = dashboard()
     assert d["uid"] and d["title"] and isinstance(d["schemaVersion"], int)
@@ -61,6 +64,7 @@ def test_dashboard_is_grafana_json() -> None:
         cells |= mine
 
 
+@pytest.mark.one_backend  # touches no state store
 def test_every_expression_is_balanced_and_scoped_to_its_job() -> None:
     for expr in dashboard_exprs():
         for open_, close in ("()", "{}", "[]"):

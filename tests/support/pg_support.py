@@ -123,7 +123,9 @@ class PostgresServer:
         """A new empty database named after ``key`` (a test's state dir); its URL."""
         name = "t_" + hashlib.sha256(key.encode()).hexdigest()[:24]
         assert self._admin is not None
-        self._admin.execute(f'CREATE DATABASE "{name}"')
+        # FILE_COPY (PostgreSQL 15+): with fsync off, a third of the default's time
+        strategy = " STRATEGY = FILE_COPY" if self._admin.info.server_version >= 150000 else ""
+        self._admin.execute(f'CREATE DATABASE "{name}"{strategy}')
         return self.url(name)
 
     def drop_database(self, url: str) -> None:
