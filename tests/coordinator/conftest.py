@@ -3,10 +3,11 @@
 Every test here runs twice, once on each state backend (issue 16): SQLite in
 its temp dir, and a fresh database of its own on the session's throwaway
 PostgreSQL server (tests/support/pg_support.py; missing, it skips here and
-fails under CI=true). A test that opens no state store of the test's backend
-(a flag's parsing, SQLite's own backup file) is marked ``one_backend`` and runs
-once, on SQLite; a test that means something else on each backend asks
-``state_backend``.
+fails under CI=true). ``@pytest.mark.backends("sqlite")`` runs a test on the
+backends named only: one that opens no state store of its run's backend (a
+flag's parsing, SQLite's own backup file) runs once, and one about a single
+backend's behaviour (a schema only SQLite had, a PostgreSQL connection lost)
+runs on it alone. A test that means something else on each asks ``state_backend``.
 """
 
 from __future__ import annotations
@@ -25,17 +26,19 @@ BACKENDS = ["sqlite", "postgresql"]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Drop the PostgreSQL run of the tests marked ``one_backend`` (it would repeat SQLite's)."""
-    twice = [
-        item
-        for item in items
-        if item.get_closest_marker("one_backend") is not None
-        and getattr(item, "callspec", None) is not None
-        and item.callspec.params.get("state_backend") == "postgresql"  # type: ignore[attr-defined]
-    ]
-    if twice:
-        config.hook.pytest_deselected(items=twice)
-        items[:] = [item for item in items if item not in twice]
+    """Drop the runs on a backend a test's ``backends`` marker does not name."""
+    off = [item for item in items if not _runs_here(item)]
+    if off:
+        config.hook.pytest_deselected(items=off)
+        items[:] = [item for item in items if _runs_here(item)]
+
+
+def _runs_here(item: pytest.Item) -> bool:
+    marker = item.get_closest_marker("backends")
+    callspec = getattr(item, "callspec", None)
+    if marker is None or callspec is None:
+        return True
+    return callspec.params.get("state_backend") in marker.args
 
 
 @pytest.fixture(autouse=True, params=BACKENDS)

@@ -19,7 +19,7 @@ from coordinator_support import open_state
 from rainbowd.core.messages import JobView, NodeJobState, NodeJobStateName
 
 
-@pytest.mark.one_backend  # touches no state store
+@pytest.mark.backends("sqlite")  # touches no state store
 @pytest.mark.timeout(60)
 async def test_tiny_load_run_measures_every_agent_and_finishes_its_job() -> None:
     opts = coordinator_load.Options(steady=3.0, warmup=0.5, workers=1, job_timeout=30.0)
@@ -37,7 +37,7 @@ async def test_tiny_load_run_measures_every_agent_and_finishes_its_job() -> None
     assert summary["steps"][0]["n"] == 20
 
 
-@pytest.mark.one_backend  # touches no state store
+@pytest.mark.backends("sqlite")  # touches no state store
 def test_assignment_latency_counts_from_what_freed_the_pair() -> None:
     t0 = 100.0
     arrivals = [(100.010, "t1", "origin", "a"), (100.230, "t2", "a", "b")]

@@ -70,7 +70,7 @@ def _imports(name: str, tree: ast.Module, names: set[str]) -> set[str]:
     return out
 
 
-@pytest.mark.one_backend  # touches no state store
+@pytest.mark.backends("sqlite")  # touches no state store
 def test_no_class_is_over_the_limit() -> None:
     too_long = [
         f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines"
@@ -83,7 +83,7 @@ def test_no_class_is_over_the_limit() -> None:
     assert not too_long, too_long
 
 
-@pytest.mark.one_backend  # touches no state store
+@pytest.mark.backends("sqlite")  # touches no state store
 def test_only_the_http_layer_and_the_cli_import_the_facade() -> None:
     modules = _modules()
     users = {n for n, tree in modules.items() if "core" in _imports(n, tree, set(modules))}

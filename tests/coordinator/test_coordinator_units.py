@@ -26,7 +26,7 @@ from waiting import settle, wait_until_sync
 L1, L2 = "sha256:" + "1" * 64, "sha256:" + "2" * 64
 
 
-@pytest.mark.one_backend  # touches no state store
+@pytest.mark.backends("sqlite")  # touches no state store
 def test_job_node_lifecycle_and_outcome() -> None:
     job = Job.create("j1", "img", [(L1, 100), (L2, 50), (L1, 100)], ["a", "b"], {"b": {L1}}, 1.0)
     a, b = job.nodes["a"], job.nodes["b"]
@@ -50,7 +50,7 @@ def test_job_node_lifecycle_and_outcome() -> None:
     assert again.view() == view
 
 
-@pytest.mark.one_backend  # touches no state store
+@pytest.mark.backends("sqlite")  # touches no state store
 def test_restored_transferring_node_goes_back_to_pending() -> None:
     job = Job.create("j1", "img", [(L1, 100)], ["a"], {}, 1.0)
     job.nodes["a"].started_transfer(L1)
@@ -58,7 +58,7 @@ def test_restored_transferring_node_goes_back_to_pending() -> None:
     assert again.nodes["a"].state == "pending" and again.running
 
 
-@pytest.mark.one_backend  # touches no state store
+@pytest.mark.backends("sqlite")  # touches no state store
 def test_job_byte_accounting_and_summary() -> None:
     mib = 1024 * 1024
     job = Job.create(
@@ -107,7 +107,7 @@ def test_job_byte_accounting_and_summary() -> None:
     assert "a copy is 10 B on the wire (1.0 MiB unpacked); nothing sent" in summary(idle.view())
 
 
-@pytest.mark.one_backend  # touches no state store
+@pytest.mark.backends("sqlite")  # touches no state store
 def test_summary_of_a_compressed_image_counts_copies_not_unpacked_bytes() -> None:
     """The issue's case: 190.3 MiB unpacked, gzip layers, a full copy to each of 40 nodes.
 
@@ -130,7 +130,7 @@ def test_summary_of_a_compressed_image_counts_copies_not_unpacked_bytes() -> Non
     assert "3.0 GiB sent = 40.0 copies, to 40 nodes" in text, text
 
 
-@pytest.mark.one_backend  # touches no state store
+@pytest.mark.backends("sqlite")  # touches no state store
 async def test_mailbox_cursor_and_wakeups() -> None:
     box = Mailbox(seq=10)
     ingest = IngestAssignment(ingest_id="i", ref="r", source=ArchiveSource(path="/x"), chunk_size=1)
@@ -148,7 +148,7 @@ async def test_mailbox_cursor_and_wakeups() -> None:
     assert box.pending() == []
 
 
-@pytest.mark.one_backend  # touches no state store
+@pytest.mark.backends("sqlite")  # touches no state store
 def test_auth_helpers(tmp_path: Path) -> None:
     assert auth.bearer("Bearer abc") == "abc" and auth.bearer("Basic abc") is None
     assert auth.bearer(None) is None and auth.bearer("Bearer ") is None
@@ -165,7 +165,7 @@ def test_auth_helpers(tmp_path: Path) -> None:
     assert auth.read_or_create_token(path) == (token, False)
 
 
-@pytest.mark.one_backend  # touches no state store
+@pytest.mark.backends("sqlite")  # touches no state store
 def test_config_merges_file_and_flags(tmp_path: Path) -> None:
     f = tmp_path / "c.toml"
     f.write_text('listen = "0.0.0.0:8000"\nstate_dir = "/var/x"\nheartbeat_interval = 1.5\n')
@@ -254,7 +254,7 @@ def test_cli_starts_serves_and_stops_on_sigterm(state_backend: str, tmp_path: Pa
             proc.communicate()
 
 
-@pytest.mark.one_backend  # touches no state store
+@pytest.mark.backends("sqlite")  # touches no state store
 def test_a_full_disk_fails_the_node_at_once() -> None:
     job = Job.create("j2", "img", [(L1, 10), (L2, 20)], ["n1"], {}, 0.0)
     n1 = job.nodes["n1"]
@@ -262,7 +262,7 @@ def test_a_full_disk_fails_the_node_at_once() -> None:
     assert n1.view().state == "failed" and "2 B free" in n1.view().error
 
 
-@pytest.mark.one_backend  # touches no state store
+@pytest.mark.backends("sqlite")  # touches no state store
 def test_every_piece_of_a_layer_counts_on_the_wire() -> None:
     """A split layer arrives in several transfers: all their bytes crossed a link.
 

@@ -35,7 +35,7 @@ def _scrapes(tmp_path: Path) -> tuple[set[str], set[str]]:
     return coord_names, exposable_names(agent.metrics.exposition().decode())
 
 
-@pytest.mark.one_backend  # touches no state store
+@pytest.mark.backends("sqlite")  # touches no state store
 def test_dashboard_is_grafana_json() -> None:
     d = dashboard()
     assert d["uid"] and d["title"] and isinstance(d["schemaVersion"], int)
@@ -64,7 +64,7 @@ def test_dashboard_is_grafana_json() -> None:
         cells |= mine
 
 
-@pytest.mark.one_backend  # touches no state store
+@pytest.mark.backends("sqlite")  # touches no state store
 def test_every_expression_is_balanced_and_scoped_to_its_job() -> None:
     for expr in dashboard_exprs():
         for open_, close in ("()", "{}", "[]"):

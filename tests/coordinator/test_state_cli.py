@@ -37,7 +37,7 @@ def node(node_id: str) -> StoredNode:
     )
 
 
-@pytest.mark.one_backend
+@pytest.mark.backends("sqlite")  # touches no state store of its run
 @pytest.mark.parametrize(
     ("url", "says"),
     [
@@ -56,7 +56,7 @@ def test_a_malformed_state_url_is_refused_at_once(
         config.build({"state_dir": str(tmp_path), "state_url": url}, {})
 
 
-@pytest.mark.one_backend
+@pytest.mark.backends("sqlite")  # touches no state store of its run
 def test_an_unreachable_database_stops_the_coordinator_naming_it_not_its_password(
     tmp_path: Path,
 ) -> None:
@@ -73,7 +73,7 @@ def test_an_unreachable_database_stops_the_coordinator_naming_it_not_its_passwor
     assert "s3cret-pw" not in out
 
 
-@pytest.mark.one_backend
+@pytest.mark.backends("sqlite")  # touches no state store of its run
 def test_help_names_the_state_url_and_the_backup_commands() -> None:
     run = subprocess.run([*CLI, "run", "--help"], capture_output=True, text=True, check=True)
     assert "--state-url" in run.stdout and "postgresql://" in run.stdout
@@ -81,7 +81,7 @@ def test_help_names_the_state_url_and_the_backup_commands() -> None:
     assert "backup" in top.stdout and "restore" in top.stdout
 
 
-@pytest.mark.one_backend
+@pytest.mark.backends("sqlite")  # touches no state store of its run
 def test_backup_copies_an_open_store_and_restore_brings_it_back(tmp_path: Path) -> None:
     live = SqliteStore(tmp_path / "live" / SQLITE_FILE)
     try:
@@ -114,7 +114,7 @@ def test_backup_copies_an_open_store_and_restore_brings_it_back(tmp_path: Path) 
         again.close()
 
 
-@pytest.mark.one_backend
+@pytest.mark.backends("sqlite")  # touches no state store of its run
 def test_restore_refuses_what_is_not_a_state_backup(tmp_path: Path) -> None:
     junk = tmp_path / "junk.sqlite"
     junk.write_bytes(b"not a database at all" * 100)

@@ -93,16 +93,12 @@ def downgrade_to_v1(db: Path) -> None:
         con.close()
 
 
-def sqlite_only(state_backend: str) -> None:
-    """Schema 1 existed only as a SQLite file: PostgreSQL starts at schema 2."""
-    if state_backend != "sqlite":
-        pytest.skip("schema 1 was SQLite only")
+#: schema 1 existed only as a SQLite file: PostgreSQL starts at schema 2
+sqlite_only = pytest.mark.backends("sqlite")
 
 
-def test_schema_1_transfers_load_with_their_seq_and_state(
-    state_backend: str, tmp_path: Path
-) -> None:
-    sqlite_only(state_backend)
+@sqlite_only
+def test_schema_1_transfers_load_with_their_seq_and_state(tmp_path: Path) -> None:
     db = tmp_path / "coordinator.sqlite"
     write_v1(
         db,
@@ -152,10 +148,10 @@ def test_a_transfer_row_is_the_schedulers_record_with_two_columns(tmp_path: Path
         store.close()
 
 
+@sqlite_only
 async def test_a_coordinator_restarted_on_a_schema_1_file_adopts_its_transfer(
-    state_backend: str, tmp_path: Path
+    tmp_path: Path,
 ) -> None:
-    sqlite_only(state_backend)
     r = await start(tmp_path)
     async with AdminClient(r.url, ADMIN) as admin:
         origin = await agent(r.url, "origin", roles=["origin"])

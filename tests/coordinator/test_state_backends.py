@@ -1,0 +1,76 @@
+"""What each state backend does when its database misbehaves (coordinator/state/).
+
+Both: a transaction whose COMMIT the database refuses raises StateError and
+keeps none of its writes. PostgreSQL alone: a statement that fails inside a
+transaction aborts it, so its COMMIT is refused too (the caller must not think
+the earlier writes landed); a connection the server dropped (a restart, a
+network cut) fails one statement and the next one connects again.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from coordinator_support import open_state
+from pg_support import PostgresServer
+from rainbowd.coordinator.state import StateError
+
+
+def test_a_refused_commit_keeps_nothing_and_raises_state_error(tmp_path: Path) -> None:
+    store = open_state(tmp_path)
+    try:
+        if store.backend == "sqlite":
+            store.execute("PRAGMA foreign_keys = ON")
+        store.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+        store.execute(
+            "CREATE TABLE child (p INTEGER REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED)"
+        )
+        with pytest.raises(StateError, match=r"(?i)foreign key"):
+            with store.transaction():
+                store.set_meta("written-before", "1")
+                store.execute("INSERT INTO child VALUES (7)")
+        assert not store.in_transaction
+        assert store.get_meta("written-before") == ""
+    finally:
+        store.close()
+
+
+@pytest.mark.backends("postgresql")
+def test_a_failed_statement_aborts_the_postgresql_transaction_and_its_commit_says_so(
+    tmp_path: Path,
+) -> None:
+    store = open_state(tmp_path)
+    try:
+        with pytest.raises(StateError, match="rolled back"):
+            with store.transaction():
+                store.set_meta("written-before", "1")
+                with pytest.raises(StateError, match="no_such_table"):
+                    store.execute("SELECT * FROM no_such_table")
+        assert not store.in_transaction
+        assert store.get_meta("written-before") == ""
+        store.set_meta("after", "2")  # the connection is usable again
+        assert store.get_meta("after") == "2"
+    finally:
+        store.close()
+
+
+@pytest.mark.backends("postgresql")
+def test_a_dropped_postgresql_connection_fails_one_statement_then_reconnects(
+    tmp_path: Path, postgres: PostgresServer
+) -> None:
+    store = open_state(tmp_path)
+    try:
+        store.set_meta("k", "v")
+        (pid,) = store.execute("SELECT pg_backend_pid()").fetchone()
+        with psycopg.connect(postgres.url(), autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        with pytest.raises(StateError):
+            store.get_meta("k")
+        assert store.get_meta("k") == "v"  # a new connection, the same data
+        (new_pid,) = store.execute("SELECT pg_backend_pid()").fetchone()
+        assert new_pid != pid
+    finally:
+        store.close()
