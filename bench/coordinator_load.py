@@ -671,6 +671,8 @@ class Options:
     #: assignment and serve nothing while receiving, so cut-through (``relay``) would
     #: hand out relays they cannot be; ideal_job_s counts doubling rounds
     policy: str = "slots"
+    #: the coordinator's state: "" = SQLite in its state dir, else a URL (--state-url)
+    state_url: str = ""
 
 
 @dataclass
@@ -752,6 +754,7 @@ async def run_step(n: int, opts: Options) -> StepResult:
             heartbeat_interval=opts.heartbeat_interval,
             log_level=opts.log_level,
             policy=opts.policy,
+            state_url=opts.state_url,
         )
         await cluster.start_coordinator()
         try:
@@ -1163,6 +1166,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--log-level", default=Options.log_level, help="the coordinator's log level")
     p.add_argument("--profile", type=Path, default=None, help="py-spy output directory")
+    p.add_argument(
+        "--state-url",
+        default="",
+        help="the coordinator's state database (postgresql://...); default SQLite. "
+        "Each size starts on it as it is: give a fresh database per run",
+    )
     p.add_argument("--out", type=Path, default=Path("bench/out/coordinator_load.json"))
     args = p.parse_args(argv)
     sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
@@ -1180,6 +1189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         reports=args.reports,
         profile_dir=args.profile,
         cold_start=args.cold_start,
+        state_url=args.state_url,
     )
     print(
         f"coordinator load: {os.cpu_count()} CPUs shared by the coordinator process and the "

@@ -4,12 +4,14 @@ Both: a transaction whose COMMIT the database refuses raises StateError and
 keeps none of its writes. PostgreSQL alone: a statement that fails inside a
 transaction aborts it, so its COMMIT is refused too (the caller must not think
 the earlier writes landed); a connection the server dropped (a restart, a
-network cut) fails one statement and the next one connects again.
+network cut) fails one statement and the next one connects again; its
+commits do not wait for the server's disk unless the URL asks them to.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import psycopg
 import pytest
@@ -17,6 +19,7 @@ import pytest
 from coordinator_support import open_state
 from pg_support import PostgresServer
 from rainbowd.coordinator.state import StateError
+from rainbowd.coordinator.state.postgres import PostgresStore
 
 
 def test_a_refused_commit_keeps_nothing_and_raises_state_error(tmp_path: Path) -> None:
@@ -74,3 +77,20 @@ def test_a_dropped_postgresql_connection_fails_one_statement_then_reconnects(
         assert new_pid != pid
     finally:
         store.close()
+
+
+@pytest.mark.backends("postgresql")
+def test_postgresql_commits_do_not_wait_for_the_disk_unless_the_url_says_so(
+    tmp_path: Path, postgres: PostgresServer
+) -> None:
+    store = open_state(tmp_path)
+    try:
+        assert store.execute("SHOW synchronous_commit").fetchone()[0] == "off"
+        url = cast(PostgresStore, store).url
+    finally:
+        store.close()
+    own = PostgresStore(f"{url}?options=-c%20synchronous_commit%3Don", work_dir=tmp_path)
+    try:
+        assert own.execute("SHOW synchronous_commit").fetchone()[0] == "on"
+    finally:
+        own.close()

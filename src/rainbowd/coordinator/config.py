@@ -27,7 +27,7 @@ from typing import Any
 from rainbowd.core.chunks import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from rainbowd.core.sched.scheduler import DEFAULT_POLICY, POLICIES
 
-from .state import SQLITE_FILE, check_url
+from .state import check_url, sqlite_file
 
 DEFAULT_LISTEN = "127.0.0.1:7700"
 DEFAULT_HEARTBEAT_INTERVAL = 2.0
@@ -74,11 +74,7 @@ class CoordinatorConfig:
     @property
     def sqlite_path(self) -> Path | None:
         """The SQLite database file, or None if the state is in PostgreSQL."""
-        if self.state_url is None:
-            return self.state_dir / SQLITE_FILE
-        if self.state_url.startswith("sqlite:"):
-            return Path(self.state_url.removeprefix("sqlite://"))
-        return None
+        return sqlite_file(self.state_url, self.state_dir)
 
 
 def parse_listen(value: str) -> tuple[str, int]:

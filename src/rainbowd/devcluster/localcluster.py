@@ -96,6 +96,7 @@ class LocalCluster:
         prefix_for: Callable[[str], Sequence[str]] | None = None,
         policy: str = "",
         agent_metrics: bool = False,
+        state_url: str = "",
     ) -> None:
         self.root = Path(root)
         self.nodes = {n.node_id: n for n in nodes}
@@ -108,6 +109,8 @@ class LocalCluster:
         self.prefix_for = prefix_for
         self.policy = policy
         self.agent_metrics = agent_metrics
+        #: the coordinator's --state-url ("" = SQLite in its state dir)
+        self.state_url = state_url
         self.join_token = secrets.token_urlsafe(24)
         self.admin_token = secrets.token_urlsafe(24)
         self._procs: dict[str, _Proc] = {}
@@ -184,6 +187,8 @@ class LocalCluster:
             argv += ["--chunk-size", str(self.chunk_size)]
         if self.policy:
             argv += ["--policy", self.policy]
+        if self.state_url:
+            argv += ["--state-url", self.state_url]
         self._spawn("coordinator", "coordinator", argv)
         await self._wait_health(timeout)
 

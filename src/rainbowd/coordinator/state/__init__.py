@@ -191,8 +191,8 @@ class StateStore(Protocol):
 def check_url(url: str) -> str:
     """``url`` if it names a backend this rbd has, else ValueError saying what would.
 
-    ``sqlite:///abs/path.sqlite`` (or a plain path) and ``postgresql://...``
-    (libpq's URL; a password is better kept in ``~/.pgpass`` or ``PGPASSWORD``).
+    ``sqlite:///ABSOLUTE/PATH`` and ``postgresql://...`` (libpq's URL; a
+    password is better kept in a pgpass file or ``PGPASSWORD``).
     """
     scheme = urlsplit(url).scheme
     if scheme in POSTGRES_SCHEMES:
@@ -209,6 +209,18 @@ def check_url(url: str) -> str:
             "(use postgresql://HOST/DB or sqlite:///PATH)"
         )
     raise ValueError(f"state URL {url!r}: use postgresql://HOST/DB or sqlite:///PATH")
+
+
+def sqlite_file(url: str | None, state_dir: Path) -> Path | None:
+    """The SQLite file of a state ``url`` (None: the default one in ``state_dir``), or None.
+
+    None when the URL names PostgreSQL: there is no file to back up.
+    """
+    if not url:
+        return state_dir / SQLITE_FILE
+    if check_url(url).startswith("sqlite:"):
+        return Path(url.removeprefix("sqlite://"))
+    return None
 
 
 def redact(url: str) -> str:

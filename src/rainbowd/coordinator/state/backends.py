@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import SQLITE_FILE, StateStore, check_url
+from . import StateStore, sqlite_file
 
 
 def open_store(url: str | None, state_dir: Path) -> StateStore:
@@ -17,15 +17,12 @@ def open_store(url: str | None, state_dir: Path) -> StateStore:
     Imports each backend only when it is asked for, so a coordinator on SQLite
     never loads the PostgreSQL driver.
     """
-    if not url:
+    path = sqlite_file(url, state_dir)
+    if path is not None:
         from .sqlite import SqliteStore
 
-        return SqliteStore(state_dir / SQLITE_FILE)
-    check_url(url)
-    if url.startswith("sqlite:"):
-        from .sqlite import SqliteStore
-
-        return SqliteStore(Path(url.removeprefix("sqlite://")), work_dir=state_dir)
+        return SqliteStore(path, work_dir=state_dir)
     from .postgres import PostgresStore
 
+    assert url is not None  # (sqlite_file names the default file for no URL)
     return PostgresStore(url, work_dir=state_dir)
