@@ -70,8 +70,11 @@ class PostgresServer:
         self._proc: subprocess.Popen[bytes] | None = None
         self._admin: psycopg.Connection[Any] | None = None
         self._run_as: dict[str, Any] = {}
-        self.root = Path(tempfile.mkdtemp(prefix="rbd-pg-"))
-        if os.geteuid() == 0:
+        root = os.geteuid() == 0
+        # as root, under /tmp itself: the postgres user must reach it, and $TMPDIR may be
+        # inside a directory only root can enter
+        self.root = Path(tempfile.mkdtemp(prefix="rbd-pg-", dir="/tmp" if root else None))
+        if root:
             try:
                 who = pwd.getpwnam(SYSTEM_USER)
             except KeyError:
@@ -90,6 +93,7 @@ class PostgresServer:
             [*argv, "--no-sync", "--no-locale", "-E", "UTF8"],
             capture_output=True,
             check=False,
+            cwd=self.root,  # a working directory the postgres user may enter
             **self._run_as,
         )
         if init.returncode != 0:
@@ -106,6 +110,7 @@ class PostgresServer:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 preexec_fn=die_with_parent,
+                cwd=self.root,
                 **self._run_as,
             )
         deadline = time.monotonic() + START_TIMEOUT_S
