@@ -77,7 +77,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,7 @@ from rainbowd.core import messages as m
 from rainbowd.core.digest import sha256_digest
 from rainbowd.core.report_id import new_report_id
 from rainbowd.devcluster.localcluster import LocalCluster
+from rainbowd.devcluster.pgserver import PostgresServer
 from rainbowd.lib.client import ApiError, CoordinatorUnreachable
 
 #: heartbeat p99 (ms) a cluster size must stay under to count as "held"
@@ -671,8 +672,9 @@ class Options:
     #: assignment and serve nothing while receiving, so cut-through (``relay``) would
     #: hand out relays they cannot be; ideal_job_s counts doubling rounds
     policy: str = "slots"
-    #: the coordinator's state: "" = SQLite in its state dir, else a URL (--state-url)
-    state_url: str = ""
+    #: the coordinator's state backend: "sqlite" (in its state dir) or "postgresql" (a
+    #: throwaway durable server of each step's own, rainbowd.devcluster.pgserver)
+    state: str = "sqlite"
 
 
 @dataclass
@@ -745,16 +747,30 @@ def _proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+@contextlib.contextmanager
+def _state_url(state: str) -> Iterator[str]:
+    """The coordinator's --state-url for one step ("" for SQLite), its server stopped after."""
+    if state == "sqlite":
+        yield ""
+        return
+    server = PostgresServer(durable=True)  # fsync on, as a real server: commits are measured
+    try:
+        server.start()
+        yield server.create_database("coordinator-load")
+    finally:
+        server.stop()
+
+
 async def run_step(n: int, opts: Options) -> StepResult:
     """A fresh coordinator and ``n`` simulated agents (one of them the origin)."""
-    with tempfile.TemporaryDirectory(prefix="rbd-load-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="rbd-load-") as tmp, _state_url(opts.state) as url:
         cluster = LocalCluster(
             Path(tmp),
             [],
             heartbeat_interval=opts.heartbeat_interval,
             log_level=opts.log_level,
             policy=opts.policy,
-            state_url=opts.state_url,
+            state_url=url,
         )
         await cluster.start_coordinator()
         try:
@@ -1167,10 +1183,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--log-level", default=Options.log_level, help="the coordinator's log level")
     p.add_argument("--profile", type=Path, default=None, help="py-spy output directory")
     p.add_argument(
-        "--state-url",
-        default="",
-        help="the coordinator's state database (postgresql://...); default SQLite. "
-        "Each size starts on it as it is: give a fresh database per run",
+        "--state",
+        choices=("sqlite", "postgresql"),
+        default=Options.state,
+        help="the coordinator's state backend; postgresql: a throwaway server (Debian's "
+        "postgresql package) with a fresh database for each size",
     )
     p.add_argument("--out", type=Path, default=Path("bench/out/coordinator_load.json"))
     args = p.parse_args(argv)
@@ -1189,10 +1206,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         reports=args.reports,
         profile_dir=args.profile,
         cold_start=args.cold_start,
-        state_url=args.state_url,
+        state=args.state,
     )
     print(
-        f"coordinator load: {os.cpu_count()} CPUs shared by the coordinator process and the "
+        f"coordinator load ({opts.state} state): {os.cpu_count()} CPUs shared by the "
+        "coordinator process and the "
         f"load generator; heartbeat every {opts.heartbeat_interval:g}s, {opts.steady:g}s steady "
         f"window, one job of a {opts.layers}-layer image to all nodes "
         f"(fake transfers of {opts.done_delay:g}s). Latencies in ms; coord%/gen%/all% "

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 # opentracker, mktorrent, aria2: the lab's BitTorrent baseline (bench/lab)
 # chromium + fonts-dejavu-core: the web console's end-to-end test drives headless Chromium
 # postgresql: the coordinator's second state backend; the tests run a throwaway server of
-# their own from its binaries (tests/support/pg_support.py), not the packaged service
+# their own from its binaries (src/rainbowd/devcluster/pgserver.py), not the packaged service
 APT_PACKAGES=(docker.io docker-registry busybox-static skopeo debootstrap iproute2 openssh-client
   opentracker mktorrent aria2 chromium fonts-dejavu-core postgresql)
 missing=()

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import structlog
 
-from pg_support import PostgresServer, PostgresUnavailable
 from rainbowd.devcluster.dockerd import DockerdError, PrivateDockerd
 from rainbowd.devcluster.imagebuild import BUSYBOX, build_demo_image
+from rainbowd.devcluster.pgserver import PostgresServer, PostgresUnavailable
 from registry_fixtures import RegistryError as RegistryProcessError
 from registry_fixtures import RegistryProcess, skopeo_push
 from testdeps import missing_dependency
@@ -111,7 +111,7 @@ def push_image() -> Callable[..., str]:
 
 
 # --------------------------------------------------------------------------
-# PostgreSQL (tests/support/pg_support.py): the coordinator's second state backend
+# PostgreSQL (rainbowd.devcluster.pgserver): the coordinator's second state backend
 # --------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresServer]:

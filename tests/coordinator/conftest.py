@@ -2,7 +2,7 @@
 
 Every test here runs twice, once on each state backend (issue 16): SQLite in
 its temp dir, and a fresh database of its own on the session's throwaway
-PostgreSQL server (tests/support/pg_support.py; missing, it skips here and
+PostgreSQL server (rainbowd.devcluster.pgserver; missing, it skips here and
 fails under CI=true). ``@pytest.mark.backends("sqlite")`` runs a test on the
 backends named only: one that opens no state store of its run's backend (a
 flag's parsing, SQLite's own backup file) runs once, and one about a single
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from coordinator_support import ADMIN, Backend, Running, start
-from pg_support import PostgresServer
+from rainbowd.devcluster.pgserver import PostgresServer
 from rainbowd.lib.client import AdminClient
 
 #: the state backends every coordinator test runs on

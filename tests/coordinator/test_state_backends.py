@@ -17,9 +17,9 @@ import psycopg
 import pytest
 
 from coordinator_support import open_state
-from pg_support import PostgresServer
 from rainbowd.coordinator.state import StateError
 from rainbowd.coordinator.state.postgres import PostgresStore
+from rainbowd.devcluster.pgserver import PostgresServer
 
 
 def test_a_refused_commit_keeps_nothing_and_raises_state_error(tmp_path: Path) -> None:

@@ -1,11 +1,13 @@
-"""A throwaway PostgreSQL server for the tests: Debian's binaries, a cluster in a temp dir.
+"""A throwaway PostgreSQL server: Debian's binaries, a cluster in a temp dir.
 
-(No tests here.) :class:`PostgresServer` runs ``initdb`` and ``postgres`` as
-the ``postgres`` user when the tests run as root (PostgreSQL refuses root),
-as the current user otherwise, listening on a free loopback port with trust
-authentication. It is the test process's child (it dies with it) and is
-tuned for speed, not durability (``fsync=off``): each test gets a fresh
-database of its own, created in milliseconds.
+For the tests (tests/conftest.py: the coordinator's second state backend) and
+the benchmarks (bench/coordinator_load.py ``--state postgresql``).
+:class:`PostgresServer` runs ``initdb`` and ``postgres`` as the ``postgres``
+user when run as root (PostgreSQL refuses root), as the current user
+otherwise, listening on a free loopback port with trust authentication. It is
+its starter's child (it dies with it). The tests' server is tuned for speed,
+not durability (``fsync=off``; each test gets a fresh database of its own, in
+milliseconds); a benchmark's is ``durable``, as a real server would be.
 """
 
 from __future__ import annotations
@@ -25,22 +27,18 @@ from typing import Any
 
 import psycopg
 
-from rainbowd.devcluster.localcluster import die_with_parent, free_port
+from .localcluster import die_with_parent, free_port
 
-#: the superuser initdb creates; the tests connect as it
+#: the superuser initdb creates; its users connect as it
 USER = "rbd"
-#: the system user that runs the server when the tests run as root
+#: the system user that runs the server when its starter is root
 SYSTEM_USER = "postgres"
 #: seconds the server may take to accept connections after it starts
 START_TIMEOUT_S = 30.0
-#: settings for a test server: speed over durability, and room for many connections
-SERVER_SETTINGS = {
-    "fsync": "off",
-    "synchronous_commit": "off",
-    "full_page_writes": "off",
-    "max_connections": "200",
-    "listen_addresses": "127.0.0.1",
-}
+#: settings of every server here: loopback only, room for many connections
+SERVER_SETTINGS = {"max_connections": "200", "listen_addresses": "127.0.0.1"}
+#: and of a server for tests: speed over durability (a crash loses a throwaway cluster)
+FAST_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
 
 
 class PostgresUnavailable(RuntimeError):
@@ -62,10 +60,11 @@ def bindir() -> Path:
 
 
 class PostgresServer:
-    """One PostgreSQL cluster in a temp dir, for one test session."""
+    """One PostgreSQL cluster in a temp dir, for one test session or one benchmark run."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, durable: bool = False) -> None:
         self.bin = bindir()
+        self.settings = dict(SERVER_SETTINGS) if durable else {**SERVER_SETTINGS, **FAST_SETTINGS}
         self.port = 0
         self._proc: subprocess.Popen[bytes] | None = None
         self._admin: psycopg.Connection[Any] | None = None
@@ -101,7 +100,7 @@ class PostgresServer:
         self.port = free_port()
         argv = [str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port)]
         argv += ["-k", str(self.root)]
-        for key, value in SERVER_SETTINGS.items():
+        for key, value in self.settings.items():
             argv += ["-c", f"{key}={value}"]
         with open(self.log, "ab") as log:
             self._proc = subprocess.Popen(
@@ -125,7 +124,7 @@ class PostgresServer:
                 time.sleep(0.05)
 
     def create_database(self, key: str) -> str:
-        """A new empty database named after ``key`` (a test's state dir); its URL."""
+        """A new empty database named after ``key`` (a test's state dir, a run's size); its URL."""
         name = "t_" + hashlib.sha256(key.encode()).hexdigest()[:24]
         assert self._admin is not None
         # FILE_COPY (PostgreSQL 15+): with fsync off, a third of the default's time
