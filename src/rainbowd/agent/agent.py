@@ -629,6 +629,8 @@ class Agent:
                 "last_contact_age": (now - self.view.last_contact)
                 if self.view.last_contact
                 else None,
+                # the contact's own time: a watcher tells one contact from the next exactly
+                "last_contact_at": self.view.last_contact or None,
                 "connected": bool(self.view.last_contact)
                 and now - self.view.last_contact < max(30.0, 3 * self.view.heartbeat_interval),
                 "last_error": self.view.last_error,
