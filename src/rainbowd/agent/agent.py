@@ -37,6 +37,8 @@ from rainbowd.agent.docker.loader import DockerLoader
 from rainbowd.agent.docker.ops import OpRunner
 from rainbowd.agent.hygiene import StoreHygiene
 from rainbowd.agent.metrics import AgentMetrics, MetricsServer
+from rainbowd.agent.mirror.catalog import CatalogError, ImageCatalog
+from rainbowd.agent.mirror.server import MirrorServer
 from rainbowd.agent.origin import ingest as origin
 from rainbowd.agent.status import StatusServer
 from rainbowd.core import messages as m
@@ -138,6 +140,21 @@ class Agent:
         self.view = AgentView()
         self.metrics.watch(self)
         self.metrics_server: MetricsServer | None = None
+        # the registry front door (agent/mirror/): off unless mirror_listen is set
+        self.catalog = ImageCatalog(config.mirror_dir)
+        mirror_at = config.mirror_address()
+        self.mirror: MirrorServer | None = None
+        if mirror_at is not None:
+            self.mirror = MirrorServer(
+                self.store,
+                self.catalog,
+                *mirror_at,
+                node_id=config.node_id,
+                verify_reads=config.verify_served,
+                hooks=self.metrics,
+                on_served=lambda layer: self.hygiene.used(layer),
+                on_corrupt=self._own_copy_corrupt,
+            )
         limits = (
             StoreLimits(
                 config.store_max_bytes, config.store_high_watermark, config.store_low_watermark
@@ -211,7 +228,8 @@ class Agent:
     def _busy_layers(self) -> set[str]:
         """Layers in use on this host right now: pulled, served, loaded (never evicted)."""
         busy = {w.layer for w in self.view.active.values()}
-        return busy | set(self.server.serving) | set(self._loading)
+        mirrored = set(self.mirror.serving) if self.mirror is not None else set()
+        return busy | set(self.server.serving) | set(self._loading) | mirrored
 
     # -- lifecycle -------------------------------------------------------
     async def run(self) -> None:
@@ -225,6 +243,8 @@ class Agent:
                 self.metrics, *metrics_at, self.config.metrics_token()
             )
             await self.metrics_server.start()
+        if self.mirror is not None:
+            await self.mirror.start()
         self.log.info(
             "agent started", ssh_port=self.server_port, status_socket=str(self.config.status_path)
         )
@@ -247,6 +267,8 @@ class Agent:
             await status.close()
             if self.metrics_server is not None:
                 await self.metrics_server.close()
+            if self.mirror is not None:
+                await self.mirror.close()
             self._control_pool.shutdown(wait=True)
             self.log.info("agent stopped")
 
@@ -560,6 +582,7 @@ class Agent:
         for lr in record.layers:
             self.hygiene.used(lr.digest)
         self.hygiene.kick()
+        await self._catalog_image(record)
         ilog.info("image ingested", layers=len(record.layers), size=record.size)
         await self._report(
             f"ingest {a.ingest_id} of {a.ref} done",
@@ -577,6 +600,8 @@ class Agent:
                 lambda rid: self.api.load_failed(a.load_id, m.TaskFailed(reason=reason), rid),
             )
             return
+        # every layer is held (that is when a load is sent): the front door may serve it
+        await self._catalog_image(a.image)
         layers = [lr.digest for lr in a.image.layers]
         for d in layers:
             self._loading[d] = self._loading.get(d, 0) + 1
@@ -604,6 +629,18 @@ class Agent:
                 a.load_id, m.LoadDone(seconds=result.seconds, layers_sent=result.layers_sent), rid
             ),
         )
+
+    async def _catalog_image(self, image: m.ImageRecord) -> None:
+        """Keep ``image``'s manifest and config for the registry front door.
+
+        Never fails the work it rides on: an image the catalog refuses (its
+        config does not match its digest) or cannot write is only not served
+        by the front door, and a client pulling it goes to its upstream.
+        """
+        try:
+            await asyncio.to_thread(self.catalog.record, image)
+        except (CatalogError, OSError) as e:
+            self.log.error("mirror_catalog_failed", image=image.ref, error=str(e))
 
     async def _report(self, what: str, send: Attempt) -> None:
         """Send a final report once; retried on connection errors and 5xx (report_sender.py)."""
@@ -662,6 +699,7 @@ class Agent:
             ],
             "disk": {"used": self.store.bytes_used(), "free": self.store.bytes_free()},
             "metrics_url": self.metrics_server.url if self.metrics_server is not None else "",
+            "mirror_url": self.mirror.url if self.mirror is not None else "",
             "store": self.hygiene.status(),
             "served_bytes": dict(self.server.bytes_served),
             "relayed_chunks": self.relay.relayed_chunks,

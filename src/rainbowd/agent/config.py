@@ -58,6 +58,12 @@ class AgentConfig:
     metrics_listen: str = ""
     #: file with a bearer token GET /metrics then requires (None = no token)
     metrics_token_file: Path | None = None
+    #: HOST:PORT of the registry front door (agent/mirror/: the OCI distribution read
+    #: API over the images this node holds); "" = off, the default here for the same
+    #: reason as metrics_listen (several agents on one host would fight over one
+    #: port); deploy/config/agent.example.toml turns it on at 127.0.0.1:5000, loopback:
+    #: it answers without authentication, for the container runtimes of this host
+    mirror_listen: str = ""
     #: cap on the bytes/s this agent pulls from peers, in Mbit/s (0 = no cap)
     max_download_mbps: float = 0.0
     #: most bytes rbd's own store files may take (0 = no limit); see rainbowd.core.eviction
@@ -92,6 +98,11 @@ class AgentConfig:
         return self.state_dir / "store"
 
     @property
+    def mirror_dir(self) -> Path:
+        """Manifests and configs the registry front door serves (agent/mirror/catalog.py)."""
+        return self.state_dir / "mirror"
+
+    @property
     def keys_dir(self) -> Path:
         return self.state_dir / "keys"
 
@@ -113,6 +124,12 @@ class AgentConfig:
     def metrics_address(self) -> tuple[str, int] | None:
         """(host, port) of the metrics endpoint, or None when it is off."""
         return _host_port(self.metrics_listen) if self.metrics_listen else None
+
+    def mirror_address(self) -> tuple[str, int] | None:
+        """(host, port) of the registry front door, or None when it is off."""
+        if not self.mirror_listen:
+            return None
+        return _host_port(self.mirror_listen, "mirror_listen", MIRROR_EXAMPLE)
 
     def metrics_token(self) -> str:
         """The token GET /metrics requires ("" = none); a configured file must hold one."""
@@ -161,6 +178,7 @@ class _Raw(msgspec.Struct, forbid_unknown_fields=True):
     max_upload_mbps: float = 0.0
     metrics_listen: str = ""
     metrics_token_file: str = ""
+    mirror_listen: str = ""
     max_download_mbps: float = 0.0
     store_max_bytes: int | str = 0
     store_high_watermark: float = DEFAULT_HIGH_WATERMARK
@@ -269,6 +287,8 @@ def _from_raw(raw: _Raw) -> AgentConfig:
         raise ConfigError(f"max_upload_mbps {raw.max_upload_mbps}: must be >= 0 (0 = no cap)")
     if raw.metrics_listen:
         _host_port(raw.metrics_listen)
+    if raw.mirror_listen:
+        _host_port(raw.mirror_listen, "mirror_listen", MIRROR_EXAMPLE)
     for key in ("max_upload_mbps", "max_download_mbps"):
         if getattr(raw, key) < 0:
             raise ConfigError(f"{key} {getattr(raw, key)}: must be >= 0 (0 = no cap)")
@@ -307,13 +327,20 @@ def _ssh_limits(raw: _Raw) -> SshLimits:
     )
 
 
-def _host_port(value: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT``) of metrics_listen; ConfigError names the key."""
+#: the example each listen key's error shows
+METRICS_EXAMPLE = "127.0.0.1:9465"
+MIRROR_EXAMPLE = "127.0.0.1:5000"
+
+
+def _host_port(
+    value: str, key: str = "metrics_listen", example: str = METRICS_EXAMPLE
+) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT``) of a listen key; ConfigError names the key."""
     host, sep, port_s = value.rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        what = "metrics endpoint" if key == "metrics_listen" else "registry front door"
         raise ConfigError(
-            f'metrics_listen {value!r}: use HOST:PORT, e.g. "127.0.0.1:9465" '
-            '(or "" to turn the metrics endpoint off)'
+            f'{key} {value!r}: use HOST:PORT, e.g. "{example}" (or "" to turn the {what} off)'
         )
     return host, int(port_s)
