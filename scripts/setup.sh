@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 
 # opentracker, mktorrent, aria2: the lab's BitTorrent baseline (bench/lab)
 # chromium + fonts-dejavu-core: the web console's end-to-end test drives headless Chromium
-APT_PACKAGES=(docker.io docker-registry busybox-static skopeo debootstrap iproute2 openssh-client
+# containerd: the registry front door's tests pull through it with ctr (tests/agent/test_mirror.py)
+APT_PACKAGES=(docker.io docker-registry busybox-static skopeo containerd debootstrap iproute2 openssh-client
   opentracker mktorrent aria2 chromium fonts-dejavu-core)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -9,17 +9,19 @@ and digests, misses) and reads the spec's error bodies.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import shutil
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 from multidict import CIMultiDict
 
+from containerd_fixtures import ContainerdError, ContainerdProcess, hosts_dir
 from rainbowd.agent.metrics import AgentMetrics
 from rainbowd.agent.mirror.catalog import CatalogError, ImageCatalog
 from rainbowd.agent.mirror.server import MirrorServer
@@ -28,6 +30,7 @@ from rainbowd.core.imagemanifest import DOCKER_MANIFEST, BuiltManifest
 from rainbowd.core.messages import ImageRecord
 from rainbowd.lib.image import ingest_docker_archive
 from rainbowd.lib.store import LayerStore
+from registry_fixtures import RegistryProcess
 from testdeps import missing_dependency
 
 #: small chunks, so a range crosses several of them and every chunk check runs
@@ -348,10 +351,89 @@ class _Done:
 
 async def asyncio_run(argv: list[str], timeout: float = 120.0) -> _Done:
     """Run a client off the event loop (the server under test runs on it)."""
-    import asyncio
 
     def run() -> _Done:
         p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
         return _Done(p.returncode, p.stdout, p.stderr)
 
     return await asyncio.to_thread(run)
+
+
+# --------------------------------------------------------------------------
+# containerd (Debian's package, its own root), through a hosts.toml
+# --------------------------------------------------------------------------
+@pytest.fixture
+def containerd(tmp_path: Path) -> Iterator[ContainerdProcess]:
+    reason = ContainerdProcess.available()
+    if reason:
+        missing_dependency(reason)
+    proc = ContainerdProcess(tmp_path / "containerd")
+    try:
+        proc.start()
+    except ContainerdError as e:
+        missing_dependency(f"containerd did not start: {e}")
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def image_digests(containerd: ContainerdProcess) -> dict[str, str]:
+    """Image name -> the manifest digest containerd recorded for it."""
+    out = containerd.ctr("images", "ls").stdout.splitlines()
+    digests = {}
+    for line in out[1:]:
+        cols = line.split()
+        if len(cols) >= 3:
+            digests[cols[0]] = cols[2]
+    return digests
+
+
+async def test_containerd_pulls_through_the_mirror(
+    served: Served, containerd: ContainerdProcess, tmp_path: Path
+) -> None:
+    """A pull of an image the node holds is served whole by the front door.
+
+    The upstream named in hosts.toml does not exist (an .invalid name): had
+    containerd gone to it for anything, the pull would have failed.
+    """
+    hosts = hosts_dir(
+        tmp_path / "certs.d", "upstream.invalid", "https://upstream.invalid", served.url
+    )
+    ref = f"upstream.invalid/rbd-demo@{served.built.digest}"
+    done = await asyncio.to_thread(
+        containerd.ctr, "images", "pull", "--hosts-dir", str(hosts), "--snapshotter", "native", ref
+    )
+    assert done.returncode == 0
+    assert image_digests(containerd)[ref] == served.built.digest
+    # every blob is in containerd's content store under the source's digest
+    content = containerd.ctr("content", "ls", "-q").stdout.split()
+    for digest in [served.image.config_digest, *(x.digest for x in served.image.layers)]:
+        assert digest in content
+    hits = sample(served.metrics, "rbd_agent_mirror_requests_total", kind="blob", outcome="hit")
+    assert hits >= 1 + len(served.image.layers)
+
+
+async def test_containerd_falls_back_to_the_upstream_on_a_miss(
+    served: Served,
+    containerd: ContainerdProcess,
+    registry: RegistryProcess,
+    push_image: Callable[..., str],
+    demo_image: Path,
+    tmp_path: Path,
+) -> None:
+    """A tag (never resolved here yet) is a 404 at the front door; containerd goes upstream."""
+    ref = push_image(demo_image, f"{registry.host}/rbd-demo:fallback")
+    hosts = hosts_dir(tmp_path / "certs.d", registry.host, registry.url, served.url)
+    done = await asyncio.to_thread(
+        containerd.ctr, "images", "pull", "--hosts-dir", str(hosts), "--snapshotter", "native", ref
+    )
+    assert done.returncode == 0
+    upstream = await asyncio_run(
+        ["skopeo", "inspect", "--no-tags", "--tls-verify=false", f"docker://{ref}"]
+    )
+    assert image_digests(containerd)[ref] == json.loads(upstream.stdout)["Digest"]
+    misses = sample(
+        served.metrics, "rbd_agent_mirror_requests_total", kind="manifest", outcome="miss"
+    )
+    assert misses >= 1
