@@ -24,10 +24,12 @@ from multidict import CIMultiDict
 from containerd_fixtures import ContainerdError, ContainerdProcess, hosts_dir
 from rainbowd.agent.metrics import AgentMetrics
 from rainbowd.agent.mirror.catalog import CatalogError, ImageCatalog
+from rainbowd.agent.mirror.clientconfig import docker_daemon_json
 from rainbowd.agent.mirror.server import MirrorServer
 from rainbowd.core.digest import Digest, hex_part
 from rainbowd.core.imagemanifest import DOCKER_MANIFEST, BuiltManifest
 from rainbowd.core.messages import ImageRecord
+from rainbowd.devcluster.dockerd import DockerdError, PrivateDockerd
 from rainbowd.lib.image import ingest_docker_archive
 from rainbowd.lib.store import LayerStore
 from registry_fixtures import RegistryProcess
@@ -437,3 +439,58 @@ async def test_containerd_falls_back_to_the_upstream_on_a_miss(
         served.metrics, "rbd_agent_mirror_requests_total", kind="manifest", outcome="miss"
     )
     assert misses >= 1
+
+
+# --------------------------------------------------------------------------
+# Docker: a pull from the front door by name, and through registry-mirrors
+# --------------------------------------------------------------------------
+def docker_cli(engine: PrivateDockerd, *args: str) -> subprocess.CompletedProcess[str]:
+    if shutil.which("docker") is None:
+        missing_dependency("docker CLI missing: apt-get install docker.io")
+    return subprocess.run(
+        ["docker", "-H", engine.url, *args], capture_output=True, text=True, timeout=180
+    )
+
+
+async def test_docker_pulls_from_the_front_door_by_digest(
+    served: Served, dockerd: PrivateDockerd
+) -> None:
+    """``docker pull 127.0.0.1:PORT/repo@sha256:...``: the image ID is the source's config."""
+    ref = f"{served.hostport}/rbd-demo@{served.built.digest}"
+    done = await asyncio.to_thread(docker_cli, dockerd, "pull", ref)
+    try:
+        assert done.returncode == 0, done.stderr
+        info = await asyncio.to_thread(docker_cli, dockerd, "image", "inspect", ref)
+        assert info.returncode == 0, info.stderr
+        image = json.loads(info.stdout)[0]
+        assert image["Id"] == served.image.config_digest
+        assert image["RootFS"]["Layers"] == [x.diff_id for x in served.image.layers]
+    finally:
+        await asyncio.to_thread(docker_cli, dockerd, "image", "rm", "-f", ref)
+
+
+async def test_docker_hub_names_go_through_registry_mirrors(served: Served, tmp_path: Path) -> None:
+    """A dockerd whose daemon.json is what ``mirror-config docker`` writes pulls a Docker Hub
+    name from the front door; this host reaches no Hub, so nothing else could have served it."""
+    try:
+        PrivateDockerd.check_prerequisites()
+    except DockerdError as e:
+        missing_dependency(str(e))
+    config = json.loads(docker_daemon_json(served.url))
+    engine = PrivateDockerd(tmp_path / "dockerd", daemon_config=config)
+    try:
+        await asyncio.to_thread(engine.start)
+    except DockerdError as e:
+        missing_dependency(f"private dockerd did not start: {e}")
+    try:
+        ref = f"docker.io/library/rbd-demo@{served.built.digest}"
+        done = await asyncio.to_thread(docker_cli, engine, "pull", ref)
+        assert done.returncode == 0, done.stderr
+        info = await asyncio.to_thread(docker_cli, engine, "image", "inspect", ref)
+        assert json.loads(info.stdout)[0]["Id"] == served.image.config_digest
+        hits = sample(
+            served.metrics, "rbd_agent_mirror_requests_total", kind="manifest", outcome="hit"
+        )
+        assert hits >= 1
+    finally:
+        await asyncio.to_thread(engine.stop)

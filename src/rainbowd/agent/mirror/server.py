@@ -59,8 +59,8 @@ log = structlog.get_logger(__name__)
 
 #: Content-Type of a blob (configs and layers alike), as registries send it
 BLOB_TYPE = "application/octet-stream"
-#: Content-Type of an error body
-ERROR_TYPE = "application/json"
+#: Content-Type of an error body and of the /v2/ answer
+JSON_TYPE = "application/json"
 
 
 class MirrorHooks(Protocol):
@@ -157,7 +157,7 @@ class MirrorServer:
                 kind = "base"
                 self._count(kind, "hit")
                 return web.Response(
-                    body=b"{}", content_type=ERROR_TYPE, headers={API_VERSION_HEADER: API_VERSION}
+                    body=b"{}", content_type=JSON_TYPE, headers={API_VERSION_HEADER: API_VERSION}
                 )
             if isinstance(req, ManifestRequest):
                 kind = "manifest"
@@ -363,4 +363,4 @@ def _error(e: ApiError) -> web.Response:
     headers = {API_VERSION_HEADER: API_VERSION}
     if e.code == "RANGE_INVALID" and isinstance(e.detail, dict) and "size" in e.detail:
         headers["Content-Range"] = f"bytes */{e.detail['size']}"
-    return web.Response(status=e.status, body=e.body(), content_type=ERROR_TYPE, headers=headers)
+    return web.Response(status=e.status, body=e.body(), content_type=JSON_TYPE, headers=headers)
