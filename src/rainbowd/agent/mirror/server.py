@@ -309,7 +309,6 @@ class MirrorServer:
                     verify=self.verify_reads,
                 )
                 if not prepared:
-                    self._count("blob", "hit")
                     await resp.prepare(request)
                     prepared = True
                 piece = data[first:stop]
@@ -326,15 +325,18 @@ class MirrorServer:
                 bytes_sent=sent,
                 headers_sent=prepared,
             )
+            self._count("blob", "error")  # once per request, whichever way it ends
             if not prepared:
-                self._count("blob", "error")
-                raise ApiError(
-                    "BLOB_UNKNOWN",
-                    f"blob {digest} cannot be served by node {self.node_id} now",
-                    {"digest": digest},
-                ) from None
+                return _error(
+                    ApiError(
+                        "BLOB_UNKNOWN",
+                        f"blob {digest} cannot be served by node {self.node_id} now",
+                        {"digest": digest},
+                    )
+                )
             raise  # headers are out: only cutting the connection tells the client
         await resp.write_eof()
+        self._count("blob", "hit")
         log.debug("mirror_layer_served", layer=short(digest), bytes=sent, status=status)
         return resp
 
