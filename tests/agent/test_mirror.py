@@ -498,3 +498,11 @@ async def test_docker_hub_names_go_through_registry_mirrors(served: Served, tmp_
         assert hits >= 1
     finally:
         await asyncio.to_thread(engine.stop)
+
+
+def test_the_catalog_remembers_what_it_recorded(served: Served) -> None:
+    again = ImageCatalog(served.catalog.root)
+    assert again.recorded == {served.image.ref: served.built.digest}
+    assert again.manifest(served.built.digest) is not None
+    again.refs_path.write_text("{not json")
+    assert ImageCatalog(served.catalog.root).recorded == {}  # status only: never fatal

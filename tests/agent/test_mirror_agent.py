@@ -21,6 +21,7 @@ import pytest
 
 from rainbowd.agent.agent import Agent
 from rainbowd.agent.config import load_config
+from rainbowd.agent.status import render_status
 from rainbowd.core.digest import hex_part
 from rainbowd.core.messages import ArchiveSource, IngestAssignment
 from testdeps import missing_dependency
@@ -65,6 +66,8 @@ async def test_the_agent_serves_what_it_ingested_and_closes_with_it(
             )
         )
         digest = agent.catalog.recorded["rbd-demo:latest"]
+        shown = render_status(agent.status_snapshot())
+        assert f"mirror      {url}" in shown and f"rbd-demo:latest  @{digest}" in shown
         out = tmp_path / "pulled"
         host = url.removeprefix("http://")
         done = await asyncio.to_thread(

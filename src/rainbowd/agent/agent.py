@@ -700,6 +700,8 @@ class Agent:
             "disk": {"used": self.store.bytes_used(), "free": self.store.bytes_free()},
             "metrics_url": self.metrics_server.url if self.metrics_server is not None else "",
             "mirror_url": self.mirror.url if self.mirror is not None else "",
+            # ref -> manifest digest the front door serves (pull REPO@DIGEST from it)
+            "mirror_images": dict(sorted(self.catalog.recorded.items())),
             "store": self.hygiene.status(),
             "served_bytes": dict(self.server.bytes_served),
             "relayed_chunks": self.relay.relayed_chunks,

@@ -126,6 +126,11 @@ def render_status(s: dict[str, Any]) -> str:
     lines.append(f"images      {len(s['images'])} loaded into Docker")
     for i in s["images"]:
         lines.append(f"  {i['ref']}  (loaded {i['loaded_at']})")
+    mirrored = s.get("mirror_images") or {}
+    if mirrored and s.get("mirror_url"):
+        lines.append(f"mirror      {len(mirrored)} image(s) served by digest")
+        for ref, digest in mirrored.items():
+            lines.append(f"  {ref}  @{digest}")
     lines.append(f"transfers   {len(s['active'])} active")
     for t in s["active"]:
         pct = 100.0 * t["bytes_done"] / t["bytes_total"] if t["bytes_total"] else 100.0

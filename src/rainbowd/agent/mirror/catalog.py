@@ -13,6 +13,8 @@ layer store so heartbeats, hygiene and peers never see these as layers::
 
     manifests/<hex>     a manifest, exactly the bytes served
     configs/<hex>       an image config, exactly the bytes served
+    images.json         image ref -> manifest digest, for rbd-agent status (what to pull
+                        by digest); never used to answer a pull by tag
 
 Every read checks the bytes against the digest they are named by: a file that
 rotted or was edited is not served (the caller answers a miss, and the client
@@ -64,8 +66,9 @@ class ImageCatalog:
         self.config_dir = self.root / "configs"
         for d in (self.manifest_dir, self.config_dir):
             d.mkdir(parents=True, exist_ok=True)
-        #: image ref -> manifest digest, for what this process recorded (status)
-        self.recorded: dict[str, Digest] = {}
+        self.refs_path = self.root / "images.json"
+        #: image ref -> manifest digest of every image recorded here (rbd-agent status)
+        self.recorded: dict[str, Digest] = _read_refs(self.refs_path)
 
     def record(self, image: ImageRecord) -> BuiltManifest:
         """Keep ``image``'s config and manifest; return the manifest (its digest names it).
@@ -92,7 +95,8 @@ class ImageCatalog:
                 media_type=built.media_type,
                 layers=len(built.layer_digests),
             )
-        self.recorded[image.ref] = built.digest
+            self.recorded[image.ref] = built.digest
+            _write_once(self.refs_path, json.dumps(self.recorded, sort_keys=True).encode())
         return built
 
     def has_config(self, digest: Digest) -> bool:
@@ -126,6 +130,20 @@ class ImageCatalog:
             config_digest=Digest(config_digest),
             layer_digests=tuple(Digest(d) for d in layers),
         )
+
+
+def _read_refs(path: Path) -> dict[str, Digest]:
+    """The refs file, or {} when it is absent or unreadable (it only feeds status)."""
+    try:
+        doc = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return {}
+    except ValueError as e:
+        log.warning("mirror_refs_unreadable", path=str(path), error=str(e))
+        return {}
+    if not isinstance(doc, dict):
+        return {}
+    return {str(k): Digest(v) for k, v in doc.items() if isinstance(v, str) and is_digest(v)}
 
 
 def _read_checked(folder: Path, digest: Digest, what: str) -> bytes | None:
