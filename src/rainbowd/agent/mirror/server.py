@@ -179,8 +179,9 @@ class MirrorServer:
     async def _manifest(self, request: web.Request, req: ManifestRequest) -> web.StreamResponse:
         if req.digest is None:
             # Tags are resolved only through the coordinator (issue 17 item 3: no peer
-            # may spoof a tag); until a miss becomes a P2P job (item 2) the client goes
-            # to its upstream for the tag, then asks here again by digest.
+            # may spoof a tag); until a miss becomes a P2P job (item 2) the client
+            # resolves the tag at its upstream (containerd then still asks here first
+            # for each blob, by digest; Docker takes the whole pull upstream).
             raise ApiError(
                 "MANIFEST_UNKNOWN",
                 f"{req.name}:{req.tag}: this mirror serves manifests by digest only",
