@@ -23,7 +23,8 @@ from bench.sim import IDEAL, FlowNetwork, Overheads, Simulation
 from bench.sim.__main__ import main
 from bench.sim.calibrate import hop_report, relay_hop_overheads
 from bench.sim.flows import FlowError
-from rainbowd.core.sched.scheduler import DEFAULT_POLICY, Scheduler, Transfer
+from rainbowd.core.sched.records import Transfer
+from rainbowd.core.sched.scheduler import DEFAULT_POLICY, Scheduler
 from rainbowd.devcluster.imagebuild import BUSYBOX
 from rainbowd.devcluster.profile import ClusterProfile, load_profile, parse_profile
 

@@ -29,7 +29,8 @@ from rainbowd.core.messages import (
     TransferAssignment,
     TransferDone,
 )
-from rainbowd.core.sched.scheduler import Scheduler, Transfer
+from rainbowd.core.sched.records import Transfer
+from rainbowd.core.sched.scheduler import Scheduler
 from rainbowd.lib.client import AdminClient, AgentClient
 
 CHUNK = 65_536

@@ -24,7 +24,7 @@ from rainbowd.core.sched.jobdriver import (
     JobDriver,
 )
 from rainbowd.core.sched.pieces import PieceScheduler
-from rainbowd.core.sched.scheduler import Transfer
+from rainbowd.core.sched.records import Transfer
 
 MB = 1e6
 L1, L2 = "sha256:" + "1" * 64, "sha256:" + "2" * 64

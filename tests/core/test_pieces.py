@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 
 from rainbowd.core.sched.pieces import PieceScheduler, piece_chunks, split_layer
-from rainbowd.core.sched.scheduler import SchedulerError, Transfer
+from rainbowd.core.sched.records import Transfer
+from rainbowd.core.sched.scheduler import SchedulerError
 
 MB = 1_000_000
 CHUNK = 1 << 20

@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bench.sim.engine import Simulation
 from bench.sim.overheads import Overheads
 from rainbowd.core.sched.policies import RELAY_HOP_S, RULES, Planner
-from rainbowd.core.sched.scheduler import POLICIES, Scheduler, Transfer
+from rainbowd.core.sched.records import Transfer
+from rainbowd.core.sched.scheduler import POLICIES, Scheduler
 from rainbowd.devcluster.profile import load_profile
 
 MB = 1e6
@@ -343,13 +344,13 @@ def test_a_relay_stops_relaying_when_its_inbound_ends_and_serves_as_a_holder_aft
     assert isinstance(planner, Planner)
     s.demand("a", L1, "j", 0.0)
     (ta,) = s.schedule(0.0)
-    assert planner.relay_rate(s._nodes["a"], L1) == 4 * MB
+    assert planner.relay_rate(s.nodes["a"], L1) == 4 * MB
     s.fail(ta.transfer_id)  # a's own pull broke: it is no relay of L1 any more
-    assert planner.relay_rate(s._nodes["a"], L1) == 0.0
+    assert planner.relay_rate(s.nodes["a"], L1) == 0.0
     (ta2,) = s.schedule(0.1)
     assert (ta2.seeder, ta2.demander) == ("o", "a")
     s.complete(ta2.transfer_id, 3.0, 10_000_000)
-    assert planner.relay_rate(s._nodes["a"], L1) == 0.0 and s.holds("a", L1)
+    assert planner.relay_rate(s.nodes["a"], L1) == 0.0 and s.holds("a", L1)
     # a holder now: it seeds at its full free upload, as any holder does
     s.demand("c", L1, "j", 3.0)
     (tc,) = s.schedule(3.0)
@@ -397,8 +398,8 @@ def test_a_relay_chain_stops_where_its_tail_would_trail_too_far() -> None:
         assert f"first chunk {i * hop:.1f} s behind a complete copy" in t.reason
     # the chain's last node is no relay: the rest wait for a holder
     assert set(chain) == {f"n{i}" for i in range(depth + 1)}
-    assert planner.relay_rate(s._nodes[f"n{depth}"], L1) == 0.0
-    assert planner.relay_rate(s._nodes[f"n{depth - 1}"], L1) == 0.0  # its upload is in use
+    assert planner.relay_rate(s.nodes[f"n{depth}"], L1) == 0.0
+    assert planner.relay_rate(s.nodes[f"n{depth - 1}"], L1) == 0.0  # its upload is in use
 
 
 def test_the_lag_budget_grows_by_one_per_tenfold_beyond_100_nodes() -> None:
@@ -447,7 +448,7 @@ def test_a_layer_of_one_chunk_is_not_relayed() -> None:
     s.demand("b", L1, "j", 0.1)
     assert s.schedule(0.1) == []  # b waits for a holder rather than relaying through a
     planner = s._planner
-    assert isinstance(planner, Planner) and planner.relay_rate(s._nodes["a"], L1) == 0.0
+    assert isinstance(planner, Planner) and planner.relay_rate(s.nodes["a"], L1) == 0.0
 
 
 def test_relay_asks_for_the_rarest_layer_first() -> None:

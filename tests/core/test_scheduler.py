@@ -15,13 +15,8 @@ import pytest
 
 from rainbowd.core.sched.jobdriver import Failure, JobDriver
 from rainbowd.core.sched.pieces import PieceScheduler
-from rainbowd.core.sched.scheduler import (
-    DEFAULT_SPEED_BPS,
-    POLICIES,
-    Scheduler,
-    SchedulerError,
-    Transfer,
-)
+from rainbowd.core.sched.records import Transfer
+from rainbowd.core.sched.scheduler import DEFAULT_SPEED_BPS, POLICIES, Scheduler, SchedulerError
 
 MB = 1e6
 L1, L2, L3 = "sha256:" + "1" * 64, "sha256:" + "2" * 64, "sha256:" + "3" * 64

@@ -25,7 +25,7 @@ import structlog
 from rainbowd.core.chunks import ChunkManifest
 from rainbowd.core.digest import short
 from rainbowd.core.messages import PeerInfo, TransferAssignment
-from rainbowd.core.sched.scheduler import Transfer
+from rainbowd.core.sched.records import Transfer
 
 log = structlog.get_logger(__name__)
 

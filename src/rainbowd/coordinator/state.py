@@ -50,7 +50,7 @@ from rainbowd.core.messages import (
     NodeJobState,
     OpView,
 )
-from rainbowd.core.sched.scheduler import Transfer
+from rainbowd.core.sched.records import Transfer
 from rainbowd.core.wirebounds import (
     MAX_COUNT,
     MAX_TEXT,

@@ -45,7 +45,7 @@ from enum import Enum
 from typing import Protocol
 
 from .pieces import PieceScheduler
-from .scheduler import Transfer
+from .records import Transfer
 
 #: transfer failures of one (node, layer) in one job after which the node fails in the job
 MAX_LAYER_FAILURES = 5

@@ -9,7 +9,16 @@ package's docstring):
   capacity covers, and a demander pulls several layers at once from different
   seeders while its download has room. A new transfer must get at least
   ``min_share`` of the demander's speed, so slow seeders are not handed fast
-  demanders (they would hold the layer hostage for its whole length).
+  demanders (they would hold the layer hostage for its whole length). The
+  least rate of a new transfer of a layer (``Fitter._least``, ``Fitter._serve``)::
+
+      least = min_share * min(demander's download, fastest holder's speed)
+      least = min(least, size / need_s)            # with need_share
+      least = max(least, size / within_s)          # a starving demander's fill
+      least = max(least, min(MIN_TRANSFER_BPS, fastest holder, free download))
+
+  (``need_s``: seconds the demander needs for all it lacks; a starving
+  demander's first transfer has only the last line.)
 * **best fit** -- a demander takes the seeder whose free upload covers its
   free download most tightly (or, if none covers it, the one with most room),
   so big free uploads stay for fast demanders.
@@ -68,7 +77,13 @@ package's docstring):
 * **measured speeds** -- a completed transfer that ran ``MIN_OBSERVE_S`` or
   longer moves the estimate of the side that limited it (EWMA of achieved /
   planned rate); repeated failures halve a seeder's estimate, so slow or
-  failing peers drop out of ``min_share`` and best fit.
+  failing peers drop out of ``min_share`` and best fit (``Planner.observe``,
+  ``Planner.failed``; constants in state.py)::
+
+      seen  = min(first estimate, speed * max(MIN_OBSERVED_RATIO, achieved / planned))
+      speed = max(MIN_SPEED_BPS, (1 - ewma) * speed + ewma * seen)
+      speed = max(MIN_SPEED_BPS, speed * FAILED_FACTOR)  # from the FAILURES_TO_SLOW-th
+                                                         # failure in a row on
 
 Each policy is one :class:`Rules` entry in a file of its own (fastest.py,
 slots.py, relay.py, swarm.py, deadline.py) with why its weights are what they are;

@@ -16,10 +16,19 @@ from typing import TYPE_CHECKING
 
 from ..waiting import CLOSED, Admits, Bar, WaitIndex
 from .fit import Fitter
-from .state import _K, _MIN_FREE_SHARE, _UPLOAD_RESUM_S, INF, MIN_TRANSFER_BPS, URGENT, _SpeedKey
+from .state import (
+    _K,
+    _MIN_FREE_SHARE,
+    _UPLOAD_RESUM_S,
+    INF,
+    MIN_TRANSFER_BPS,
+    STARVE_CHECKS_PER_PATIENCE,
+    URGENT,
+    _SpeedKey,
+)
 
 if TYPE_CHECKING:
-    from ..scheduler import Transfer, _Node
+    from ..records import Node, Transfer
 
 
 class Walker(Fitter):
@@ -45,7 +54,7 @@ class Walker(Fitter):
             if phase in visited:
                 continue
             visited.add(phase)
-            node = self._s._nodes[nid]
+            node = self._s.nodes[nid]
             while True:
                 t = self._serve(node, now, why)
                 if t is None:
@@ -130,8 +139,8 @@ class Walker(Fitter):
         it counts down with the clock.
         """
         if now - self._upload_summed_at >= _UPLOAD_RESUM_S:
-            total = sum(n.speed_bps for n in self._s._nodes.values() if n.up and not n.suspect)
-            open_bytes = sum(self._size(lr) * n for lr, n in self._s._demand_count.items())
+            total = sum(n.speed_bps for n in self._s.nodes.values() if n.up and not n.suspect)
+            open_bytes = sum(self._size(lr) * n for lr, n in self._s.open_demands.items())
             self._upload_bound = open_bytes / total if total > 0 else 0.0
             self._upload_summed_at = now
         return max(0.0, self._upload_bound - (now - self._upload_summed_at))
@@ -257,7 +266,7 @@ class Walker(Fitter):
                 need_s = min(need_s, self._size(layer) / free)
         return Bar(best, need_s, any_share, any_floor, share)
 
-    def _starving(self, now: float) -> Iterator[_Node]:
+    def _starving(self, now: float) -> Iterator[Node]:
         """Waiting demanders with nothing in flight for ``patience_s``: liveness over speed.
 
         Patience counts from when a walk first saw the demander idle (or its
@@ -272,9 +281,9 @@ class Walker(Fitter):
         """
         if now < self._starve_check_at:
             return
-        self._starve_check_at = now + self.rules.patience_s / 2
+        self._starve_check_at = now + self.rules.patience_s / STARVE_CHECKS_PER_PATIENCE
         for nid in list(self._wait_key):
-            node = self._s._nodes[nid]
+            node = self._s.nodes[nid]
             if node.pulling:
                 self._idle_seen.pop(nid, None)
                 continue
