@@ -281,7 +281,7 @@ class Dispatch:
             log.info(
                 "transfer assigned",
                 **transfer_fields(t),
-                reason=t.reason,
+                reason=t.reason.render(t.seeder),
             )
         for nid in touched:
             ctx.store.save_seq(nid, ctx.cluster.nodes[nid].mailbox.seq)

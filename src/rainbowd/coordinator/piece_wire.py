@@ -40,7 +40,7 @@ def assignment_for(
             job_id=t.job_id,
             layer=manifest,
             seeder=seeder,
-            reason=t.reason,
+            reason=t.reason.render(t.seeder),
             first_chunk=t.first_chunk,
             end_chunk=t.end_chunk,
         )

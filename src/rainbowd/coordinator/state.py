@@ -18,7 +18,7 @@ away, so a restarted coordinator must know them -- to lock their seeder and
 demander again (no second transfer of a layer a node is still pulling) and to
 understand their late done/failed reports. Rows whose transfer the
 coordinator gave up on (``aborted``) are kept, bounded, for late reports. A
-transfer row is the scheduler's own record (``rainbowd.core.sched.scheduler.Transfer``,
+transfer row is the scheduler's own record (``rainbowd.core.sched.records.Transfer``,
 the body) plus the two columns only the coordinator has (its mailbox ``seq``
 and its ``state``): no mirror type to keep in step with it.
 
@@ -32,6 +32,7 @@ operator to look at; the other rows load. A node set aside must enroll again.
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
@@ -50,6 +51,7 @@ from rainbowd.core.messages import (
     NodeJobState,
     OpView,
 )
+from rainbowd.core.sched.reasons import TransferReason
 from rainbowd.core.sched.records import Transfer
 from rainbowd.core.wirebounds import (
     MAX_COUNT,
@@ -73,9 +75,13 @@ MAX_STORED_EVENTS = 10_000
 T = TypeVar("T")
 
 #: 2: a transfer row is the scheduler's ``Transfer`` as it is (body) plus the coordinator's
-#: own columns ``seq`` and ``state``; version 1 kept a field-by-field copy holding both
-#: (``_migrate`` moves a version-1 database on when it is opened)
-SCHEMA_VERSION = 2
+#: own columns ``seq`` and ``state``; version 1 kept a field-by-field copy holding both.
+#: 3: a transfer's reason (in a transfer row, and in each finished transfer of a job's
+#: rows) is a record, rainbowd.core.sched.reasons.TransferReason; version 2 kept text.
+#: (``_migrate`` moves an older database on when it is opened.)
+SCHEMA_VERSION = 3
+#: tables whose JSON bodies hold transfer reasons, and where (schema 3: ``_reasons_to_v3``)
+_REASON_TABLES = ("transfers", "jobs", "job_nodes")
 
 
 class StoredNode(msgspec.Struct, kw_only=True):
@@ -164,16 +170,23 @@ class StateStore:
         )
 
     def _migrate(self) -> None:
-        """Bring a database written by an older rbd to ``SCHEMA_VERSION``, in one transaction.
+        """Bring a database written by an older rbd to ``SCHEMA_VERSION``, a step at a time.
 
         Version 1 -> 2: its transfer rows kept ``seq`` and ``state`` inside the JSON
         body; they become columns (the body's other fields are the ``Transfer``'s, and
         the two extra keys left in old bodies are ignored when decoding). A body that
         is not JSON keeps the defaults here and is set aside when loaded, as before.
+
+        Version 2 -> 3: :meth:`_reasons_to_v3`. Each step is one transaction.
         """
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(transfers)")}
-        if "seq" in columns:
-            return
+        if "seq" not in columns:
+            self._to_v2()
+        stored = self.get_meta("schema")  # "" in a new file: nothing in it to migrate
+        if stored and stored.isdigit() and int(stored) < 3:
+            self._reasons_to_v3()
+
+    def _to_v2(self) -> None:
         with self.transaction():
             self._db.execute("ALTER TABLE transfers ADD COLUMN seq INTEGER NOT NULL DEFAULT 0")
             self._db.execute(
@@ -185,8 +198,28 @@ class StateStore:
                 "state = coalesce(json_extract(body, '$.state'), 'active') "
                 "WHERE json_valid(body)"
             )
-            self.set_meta("schema", str(SCHEMA_VERSION))
-        log.info("state database migrated", path=str(self.path), schema=SCHEMA_VERSION)
+            self.set_meta("schema", "2")
+        log.info("state database migrated", path=str(self.path), schema=2)
+
+    def _reasons_to_v3(self) -> None:
+        """Version 2 -> 3: every transfer reason stored as text becomes a legacy record.
+
+        The text is kept as it was (``TransferReason.legacy``: rule ``legacy``, the
+        text), in transfer rows (``$.reason``), jobs (``$.nodes[*].transfers[*].reason``)
+        and job nodes (``$.transfers[*].reason``). A body that is not JSON, or not the
+        shape expected, is left as it is; loading sets it aside, as for any bad row.
+        """
+        with self.transaction():
+            for table in _REASON_TABLES:
+                rows = self._db.execute(f"SELECT rowid, body FROM {table}").fetchall()
+                for rowid, body in rows:
+                    new = _reasons_as_records(table, body)
+                    if new is not None:
+                        self._db.execute(
+                            f"UPDATE {table} SET body = ? WHERE rowid = ?", (new, rowid)
+                        )
+            self.set_meta("schema", "3")
+        log.info("state database migrated", path=str(self.path), schema=3)
 
     def close(self) -> None:
         self._db.close()
@@ -505,6 +538,30 @@ class StateStore:
         """Rows set aside at load, oldest first: (table, key, error)."""
         rows = self._db.execute("SELECT tbl, key, error FROM set_aside ORDER BY id").fetchall()
         return [(str(t), str(k), str(e)) for t, k, e in rows]
+
+
+def _reasons_as_records(table: str, body: Any) -> str | None:
+    """``body`` with each text reason a legacy record (schema 3); None if nothing changed."""
+    try:
+        doc = json.loads(body) if isinstance(body, str) else None
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    holders: list[Any] = []  # the dicts with a "reason": a transfer, or a job's SeederUses
+    if table == "transfers":
+        holders.append(doc)
+    else:
+        nodes = doc.get("nodes") if table == "jobs" else [doc]
+        for node in nodes if isinstance(nodes, list) else []:
+            uses = node.get("transfers") if isinstance(node, dict) else None
+            holders.extend(uses if isinstance(uses, list) else [])
+    changed = False
+    for holder in holders:
+        if isinstance(holder, dict) and isinstance(holder.get("reason"), str):
+            holder["reason"] = msgspec.to_builtins(TransferReason.legacy(holder["reason"]))
+            changed = True
+    return json.dumps(doc) if changed else None
 
 
 def _dump(obj: msgspec.Struct) -> str:

@@ -26,6 +26,7 @@ import msgspec
 from msgspec import Meta
 
 from rainbowd.core.chunks import ChunkManifest
+from rainbowd.core.sched.reasons import TransferReason
 from rainbowd.core.wirebounds import (
     MAX_ACTIVE,
     MAX_LAYERS,
@@ -515,7 +516,7 @@ class SeederUse(msgspec.Struct, kw_only=True):
 
     layer: str
     seeder: str
-    reason: str
+    reason: TransferReason  # the rule and the numbers that chose the seeder
     bytes: int
     seconds: float  # as the demander measured it
     # coordinator clock: assigned and reported done (0.0 in records from before these fields)
@@ -568,7 +569,7 @@ class ActiveTransferView(msgspec.Struct, kw_only=True):
     layer: str
     seeder: str
     demander: str
-    reason: str
+    reason: TransferReason
     started_at: float
     bytes_done: int
     bytes_total: int

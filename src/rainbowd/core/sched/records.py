@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from ..wirebounds import Digest, Finite, Name, Text
+from ..wirebounds import Digest, Finite, Name
+from .reasons import TransferReason
 
 #: a seeder's place in Algorithm 1's idle-holder lists: faster first, then by node id
 SeederKey = tuple[float, str]
@@ -40,7 +41,7 @@ class Transfer(msgspec.Struct):
     demander: Name
     job_id: Name
     started_at: Finite
-    reason: Text
+    reason: TransferReason  # why this seeder: the rule and its numbers (reasons.py)
     seeder_speed_bps: Finite
     #: the rate the demander is expected to receive at: the seeder's speed, capped by
     #: the demander's configured download limit (0 = not computed: taken back from an agent)

@@ -17,8 +17,9 @@ Policy ``paper`` is Algorithm 1 of RainbowD applied per layer:
 * when a transfer completes, the demander holds the layer and so becomes a
   seeder of it; demanders without an idle seeder wait until one frees up.
 
-Every transfer records why its seeder was chosen (``reason``) so ``rbd job``
-can explain the plan.
+Every transfer records why its seeder was chosen (``reason``, a
+:class:`~rainbowd.core.sched.reasons.TransferReason`: the rule and the numbers
+that decided it) so ``rbd job`` and the console can explain the plan.
 
 Faults (PAPER.md, "Fault handling"): a node that is down or *suspect* (a
 demander could not reach it; cleared by its next heartbeat, i.e. the next
@@ -61,7 +62,9 @@ from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterable
 from collections.abc import Set as AbstractSet
 
+from . import reasons as rs
 from .policies import RULES, Planner
+from .reasons import TransferReason
 from .records import Demand, Node, SeederKey, Transfer
 
 #: speed assumed for a node nothing is known about (bytes/s); 100 Mbit/s
@@ -452,26 +455,29 @@ class Scheduler:
         demander: Node,
         demand: Demand,
         now: float,
-        reason: str = "",
+        reason: TransferReason | None = None,
         plan_hook: Callable[[Transfer], None] | None = None,
     ) -> Transfer:
-        """Create and lock a transfer; a planner gives ``reason`` and books it via ``plan_hook``."""
+        """Create and lock a transfer; a planner gives ``reason`` and books it via ``plan_hook``.
+
+        Without a ``reason`` (``paper``) it is Algorithm 1's: the fastest idle holder,
+        its speed, the slower idle holders left, and the demander's download cap if
+        that sets the expected rate.
+        """
         expected = seeder.speed_bps
-        capped = ""
-        if 0 < demander.max_download_bps < expected:
+        capped = 0 < demander.max_download_bps < expected
+        if capped:
             expected = demander.max_download_bps
-            capped = f"; expected {expected / 1e6:.1f} MB/s, the demander's download cap"
-        if not reason:
+        if reason is None:
             # the idle lists are those of the start of this schedule() call, so the
             # holders after this seeder in its layer's list are the slower idle ones left
             idle = self._idle[demand.layer]
             assert seeder.idle_key is not None
             others = len(idle) - bisect_right(idle, seeder.idle_key)
-            reason = (
-                f"{self.policy}: fastest idle seeder holding the layer "
-                f"({seeder.speed_bps / 1e6:.1f} MB/s measured; {others} slower idle holder(s) left"
-                f"{capped})"
-            )
+            numbers = {rs.SEEDER_BPS: seeder.speed_bps, rs.SLOWER_IDLE: float(others)}
+            if capped:
+                numbers[rs.DOWNLOAD_CAP_BPS] = expected
+            reason = TransferReason(rule=rs.FASTEST_IDLE, policy=self.policy, numbers=numbers)
         t = Transfer(
             transfer_id=self._new_id(),
             layer=demand.layer,

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
 from typing import Protocol
 
+from .reasons import TransferReason
 from .records import Demand, Node, Transfer
 
 
@@ -68,7 +69,7 @@ class SchedulerView(Protocol):
         demander: Node,
         demand: Demand,
         now: float,
-        reason: str = "",
+        reason: TransferReason | None = None,
         plan_hook: Callable[[Transfer], None] | None = None,
     ) -> Transfer:
         """Start ``demand``'s transfer from ``seeder``; ``plan_hook`` books it before it locks."""

@@ -42,7 +42,6 @@ from .state import (
     MIN_TRANSFER_BPS,
     RELAY_HOP_S,
     UNKNOWN_LAYER_BYTES,
-    URGENT,
 )
 from .swarm import SWARM
 
@@ -53,7 +52,6 @@ __all__ = [
     "RELAY_HOP_S",
     "RULES",
     "UNKNOWN_LAYER_BYTES",
-    "URGENT",
     "Planner",
     "Rules",
 ]

@@ -4,8 +4,9 @@ Why: this is where the rules of rules.py pick a seeder -- min_share and the
 floor (:meth:`Fitter._least`), best fit among holders and relays
 (:meth:`Fitter._fit`), the urgent share, direct small layers, striping the
 download (:meth:`Fitter._reserve_down`) -- and where a started transfer's
-reservation is recorded (:meth:`Fitter._hold`). Every transfer's reason names
-the rule and the numbers that chose its seeder.
+reservation is recorded (:meth:`Fitter._hold`). Every transfer's reason
+(rainbowd.core.sched.reasons) names the rule and the numbers that chose its
+seeder.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 from bisect import bisect_right
 from typing import TYPE_CHECKING
 
+from .. import reasons as rs
+from ..reasons import TransferReason, Turn
 from .demanders import DemanderIndex
 from .state import (
     DIRECT_TRIES,
@@ -20,7 +23,6 @@ from .state import (
     INF,
     MIN_SPEED_BPS,
     MIN_TRANSFER_BPS,
-    URGENT,
     _down_speed,
     _Plan,
 )
@@ -36,7 +38,7 @@ class Fitter(DemanderIndex):
         self,
         node: Node,
         now: float,
-        why: str,
+        turn: Turn,
         *,
         starving: bool = False,
         within_s: float = 0.0,
@@ -64,9 +66,9 @@ class Fitter(DemanderIndex):
                 waiting = self._by_speed.get(d.layer)
                 seeder = self._direct_seeder(node, d.layer, len(waiting) if waiting else 0)
                 if seeder is not None:
-                    return self._begin(seeder, node, d, now, why, direct=True)
+                    return self._begin(seeder, node, d, now, turn, direct=True)
         room = self.free_down(node) if self.rules.slots else node.speed_bps
-        urgent = why.startswith(URGENT)
+        urgent = turn.name == rs.URGENT
         need_s = self._hopes[node.node_id].need_s  # _need_s as of its last refresh (0: unused)
         # the layers whose best free upload reaches the least rate (a fit needs no less); the
         # others are left before sorting: on upload-bound at 1,000 nodes 98 % of the demanders
@@ -90,7 +92,7 @@ class Fitter(DemanderIndex):
             else:
                 seeder = self._fit(node, d.layer, room, least)
             if seeder is not None:
-                return self._begin(seeder, node, d, now, why, urgent=urgent)
+                return self._begin(seeder, node, d, now, turn, urgent=urgent)
         return None
 
     def _scarcity(self, d: Demand) -> tuple[bool, int]:
@@ -197,18 +199,21 @@ class Fitter(DemanderIndex):
         node: Node,
         d: Demand,
         now: float,
-        why: str,
+        turn: Turn,
         *,
         direct: bool = False,
         urgent: bool = False,
     ) -> Transfer:
+        """Reserve the rates of ``d``'s transfer from ``seeder`` and start it, with its reason.
+
+        The reason (reasons.py) is the rule that chose the seeder with the numbers it
+        weighed, and ``turn``, why ``node`` was served now.
+        """
+        numbers = {rs.SEEDER_BPS: seeder.speed_bps, turn.number: turn.value}
         if direct:
-            size = self._s.layer_sizes[d.layer]
-            reason = (
-                f"{self.rules.name}: direct -- the layer is small ({size} B), so "
-                f"{seeder.node_id} ({seeder.speed_bps / 1e6:.1f} MB/s) sends it straight to "
-                f"every demander within {self.rules.direct_s:g} s; {why}"
-            )
+            rule = rs.DIRECT
+            numbers[rs.SIZE_BYTES] = float(self._s.layer_sizes[d.layer])
+            numbers[rs.DIRECT_S] = self.rules.direct_s
             plan = _Plan(0.0, 0.0, seeder.speed_bps, True, direct=True)
         elif self.rules.slots:
             up, down = self.free_up(seeder), self._reserve_down(node, d.layer)
@@ -216,37 +221,23 @@ class Fitter(DemanderIndex):
                 left = self.rules.urgent_share * seeder.speed_bps
                 up = min(up, left - self._urgent_used.get(seeder.node_id, 0.0))
             rate = min(up, down)
-            relayed = self.rules.relay and d.layer not in seeder.holdings
-            if relayed:
+            numbers[rs.FREE_UP_BPS], numbers[rs.FREE_DOWN_BPS] = up, down
+            if self.rules.relay and d.layer not in seeder.holdings:
+                rule = rs.RELAY
                 inbound = self.relay_rate(seeder, d.layer)
                 rate = min(rate, inbound)
                 lag = self._relay_lag(seeder.node_id, d.layer, rate)
-                reason = (
-                    f"{self.rules.name}: cut-through relay -- {seeder.node_id} is still "
-                    f"receiving the layer (inbound planned at {inbound / 1e6:.1f} MB/s) and "
-                    f"serves its chunks as they land; the best fit among the layer's holders "
-                    f"and relays for {down / 1e6:.1f} MB/s of free download; "
-                    f"{up / 1e6:.1f} of its {seeder.speed_bps / 1e6:.1f} MB/s upload free; "
-                    f"planned at {rate / 1e6:.1f} MB/s (no faster than its inbound), first "
-                    f"chunk {lag:.1f} s behind a complete copy; {why}"
-                )
+                numbers[rs.INBOUND_BPS], numbers[rs.LAG_S] = inbound, lag
                 plan = _Plan(rate, rate, rate, True, urgent=urgent, lag=lag)
-                return self._s.start_transfer(
-                    seeder, node, d, now, reason, plan_hook=lambda t: self._hold(t, plan)
-                )
-            reason = (
-                f"{self.rules.name}: best-fit seeder, {up / 1e6:.1f} of its "
-                f"{seeder.speed_bps / 1e6:.1f} MB/s upload free for {down / 1e6:.1f} MB/s of "
-                f"free download; planned at {rate / 1e6:.1f} MB/s; {why}"
-            )
-            plan = _Plan(rate, rate, rate, up <= down, urgent=urgent)
+            else:
+                rule = rs.BEST_FIT
+                plan = _Plan(rate, rate, rate, up <= down, urgent=urgent)
+            numbers[rs.PLANNED_BPS] = rate
         else:
+            rule = rs.FASTEST_IDLE
             rate = min(seeder.speed_bps, node.speed_bps)
-            reason = (
-                f"{self.rules.name}: fastest idle seeder holding the layer "
-                f"({seeder.speed_bps / 1e6:.1f} MB/s); {why}"
-            )
             plan = _Plan(seeder.speed_bps, node.speed_bps, rate, seeder.speed_bps <= node.speed_bps)
+        reason = TransferReason(rule=rule, policy=self.rules.name, turn=turn.name, numbers=numbers)
         return self._s.start_transfer(
             seeder, node, d, now, reason, plan_hook=lambda t: self._hold(t, plan)
         )

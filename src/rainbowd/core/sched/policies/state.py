@@ -27,8 +27,6 @@ UNKNOWN_LAYER_BYTES = 8 * 1024 * 1024
 _MIN_FREE_SHARE = 0.02
 #: no bound yet (a layer no node holds has no fastest holder; no demander was met)
 INF = float("inf")
-#: the name of the least-slack-first turn: a demander served before the speed walk
-URGENT = "urgent"
 #: a waiting demander's keys: by speed (its rank step, then its need), by need, and the
 #: layers it waits for
 _SpeedKey = tuple[float, float, str]
