@@ -281,6 +281,7 @@ class Dispatch:
             log.info(
                 "transfer assigned",
                 **transfer_fields(t),
+                rule=t.reason.rule,
                 reason=t.reason.render(t.seeder),
             )
         for nid in touched:

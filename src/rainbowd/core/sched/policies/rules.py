@@ -44,7 +44,13 @@ package's docstring):
   (``Planner._reserve_down``).
 * **direct** -- a layer so small that a seeder can send it to many demanders
   within ``direct_s`` seconds goes straight from that seeder to all of them at
-  once, reserving nothing (the DID crossover: a tree only adds hops).
+  once, reserving nothing (the DID crossover: a tree only adds hops). One of
+  the ``DIRECT_TRIES`` fastest free holders qualifies when
+  (``Fitter._direct_seeder``)::
+
+      bytes of its direct transfers in flight + size * max(1, demanders waiting)
+          <= direct_s * its speed
+
 * **cut-through relay** (``relay``) -- a node with an active incoming transfer
   of layer L is a *relay* holder of L: it may seed L while still receiving it,
   at no more than its inbound transfer's planned rate and its free upload (the
@@ -55,7 +61,12 @@ package's docstring):
   room of either. A hop forwards whole verified chunks, so each one adds a
   chunk's time on the link *into* the relay plus a fixed cost
   (``RELAY_HOP_S``) to how far the last node of a chain trails a complete
-  copy: a relay is offered only while that lag stays within the lag budget.
+  copy: a relay is offered only while that lag stays within the lag budget
+  (``SeederIndex.hop_s``, ``SeederIndex.lag_budget``)::
+
+      lag(new hop) = lag(relay's own inbound) + chunk size / inbound rate + RELAY_HOP_S
+      budget       = relay_lag_s * max(1, log10(nodes) - 1)
+
   Without the bound best fit builds one long chain (each node's upload
   exactly covers the next node's download): in the lab a 100-hop chain left
   the tail waiting 20 s for its first chunk. The budget is ``relay_lag_s`` up
@@ -87,7 +98,11 @@ package's docstring):
 
 Each policy is one :class:`Rules` entry in a file of its own (fastest.py,
 slots.py, relay.py, swarm.py, deadline.py) with why its weights are what they are;
-the planner (planner.py and its bases) runs whichever it is given.
+the planner (planner.py and its bases) runs whichever it is given. Every
+transfer it starts records which rule chose the seeder (``best-fit``,
+``relay``, ``direct``, or ``fastest-idle`` without slots), which put the
+demander first (``fastest-first``, ``urgent``, ``starving``), and the numbers
+above that decided both: rainbowd.core.sched.reasons.
 """
 
 from __future__ import annotations
