@@ -59,6 +59,9 @@ CTR_CALL_SECONDS: Final = 60.0
 #: with the image; 10 MB/s is far below any disk, so only a stuck containerd hits it
 IMPORT_MIN_SECONDS: Final = 300.0
 IMPORT_SECONDS_PER_BYTE: Final = 1 / 10e6
+#: seconds ctr waits to connect to the socket (its own default waits 10 s, and a
+#: registration asks once whether containerd answers: a local socket connects at once)
+CTR_CONNECT_SECONDS: Final = 3
 #: most bytes of ctr's error output kept for a failed load's reason
 MAX_ERROR_BYTES: Final = 4000
 
@@ -180,7 +183,16 @@ class ContainerdLoader:
         self, *args: str, stdin: Pieces | None = None, timeout: float = CTR_CALL_SECONDS
     ) -> str:
         """Run ``ctr`` against this containerd; its stdout, or ContainerdLoadError with stderr."""
-        argv = [self.ctr, "--address", self.address, "--namespace", self.namespace, *args]
+        argv = [
+            self.ctr,
+            "--address",
+            self.address,
+            "--namespace",
+            self.namespace,
+            "--connect-timeout",
+            f"{CTR_CONNECT_SECONDS}s",
+            *args,
+        ]
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,

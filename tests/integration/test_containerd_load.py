@@ -1,0 +1,107 @@
+"""``rbd distribute`` to a node with containerd and no Docker: the image lands in containerd.
+
+Real coordinator and agent processes (LocalCluster) and a real containerd
+(Debian's package, its own root; tests/support/containerd_fixtures.py); no
+dockerd anywhere. The target registers ``containerd: true``, so the
+coordinator sends it a load once it holds every layer; the agent imports the
+image into containerd's content store and image table. Then ``ctr`` shows the
+image under its normalized name with the manifest digest the node's front
+door names it by, calls its content complete, and runs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from containerd_fixtures import ContainerdProcess, listed_digests, start_or_missing
+from rainbowd.core import messages as m
+from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec
+
+pytestmark = [pytest.mark.integration]
+
+REF = "rbd-demo:latest"
+NAME = "docker.io/library/rbd-demo:latest"
+#: a namespace of the test's own (the agent's default, k8s.io, is the CRI's)
+NAMESPACE = "rbd-load"
+CHUNK = 256 * 1024
+
+
+@pytest.fixture
+def containerd(tmp_path: Path) -> Iterator[ContainerdProcess]:
+    proc = start_or_missing(tmp_path / "containerd")
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path, containerd: ContainerdProcess) -> AsyncIterator[LocalCluster]:
+    target = {
+        "containerd_address": containerd.address,
+        "containerd_namespace": NAMESPACE,
+        "mirror_listen": "127.0.0.1:0",
+    }
+    specs = [
+        NodeSpec("origin", roles=["origin"], speed_hint_mbps=1000),
+        NodeSpec("n1", speed_hint_mbps=1000, config=target),
+    ]
+    c = LocalCluster(tmp_path / "cluster", specs, chunk_size=CHUNK, heartbeat_interval=1.0)
+    await c.start()
+    try:
+        yield c
+    finally:
+        await c.stop()
+
+
+async def test_distribute_loads_into_containerd_on_a_node_without_docker(
+    cluster: LocalCluster, containerd: ContainerdProcess, demo_image: Path
+) -> None:
+    async with cluster.admin() as admin:
+        nodes = {n.node_id: n for n in (await admin.nodes()).nodes}
+        assert nodes["n1"].containerd and not nodes["n1"].docker
+        assert not nodes["origin"].containerd
+        view = await admin.ingest(
+            m.CreateImage(
+                ref=REF, source=m.ArchiveSource(path=str(demo_image)), compression="gzip"
+            ),
+            timeout=60,
+        )
+        assert view.state == "ready", view.error
+        job = await admin.distribute(m.CreateJob(image=REF, targets=["n1"]), timeout=120)
+        assert job.state == "done", job
+    n1 = await cluster.agent_status("n1")
+    digest = n1["mirror_images"][REF]  # the manifest digest the node's front door serves
+    assert n1["containerd"] == {"address": containerd.address, "namespace": NAMESPACE}
+    assert [i["ref"] for i in n1["images"]] == [REF]
+    assert listed_digests(containerd, NAMESPACE)[NAME] == digest
+    check = containerd.ctr("images", "check", namespace=NAMESPACE).stdout
+    (row,) = [line for line in check.splitlines() if line.startswith(NAME)]
+    n = len(view.layers) + 1  # the config and every layer
+    assert f"complete ({n}/{n})" in row, row
+    ran = containerd.ctr("run", "--rm", NAME, "rbd-distributed", namespace=NAMESPACE)
+    assert "hello from rbd" in ran.stdout
+
+
+async def test_a_load_containerd_cannot_take_fails_the_node_by_name(
+    cluster: LocalCluster, containerd: ContainerdProcess, demo_image: Path
+) -> None:
+    """containerd goes away after the agent registered it: the job fails, naming node and image."""
+    async with cluster.admin() as admin:
+        view = await admin.ingest(
+            m.CreateImage(
+                ref=REF, source=m.ArchiveSource(path=str(demo_image)), compression="gzip"
+            ),
+            timeout=60,
+        )
+        assert view.state == "ready", view.error
+        containerd.stop()
+        job = await admin.distribute(m.CreateJob(image=REF, targets=["n1"]), timeout=120)
+    assert job.state == "failed", job
+    (p,) = job.nodes
+    assert p.state == "failed"
+    for text in (job.error, p.error):
+        assert "n1" in text and REF in text and "containerd" in text, text
