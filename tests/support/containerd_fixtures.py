@@ -132,7 +132,7 @@ def hosts_dir(root: Path, registry_host: str, server: str, mirror_url: str) -> P
 
 
 def start_or_missing(workdir: Path) -> ContainerdProcess:
-    """A started containerd under ``workdir``; a missing or broken one fails in CI, skips elsewhere."""
+    """A started containerd under ``workdir``; one missing or broken fails in CI, else skips."""
     from testdeps import missing_dependency
 
     reason = ContainerdProcess.available()
