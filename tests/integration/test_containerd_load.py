@@ -1,8 +1,8 @@
 """``rbd distribute`` to a node with containerd and no Docker: the image lands in containerd.
 
-Real coordinator and agent processes (LocalCluster) and a real containerd
-(Debian's package, its own root; tests/support/containerd_fixtures.py); no
-dockerd anywhere. The target registers ``containerd: true``, so the
+The operator's ``rbd`` commands, real coordinator and agent processes
+(LocalCluster) and a real containerd (Debian's package, its own root;
+tests/support/containerd_fixtures.py); no dockerd anywhere. The target registers ``containerd: true``, so the
 coordinator sends it a load once it holds every layer; the agent imports the
 image into containerd's content store and image table. Then ``ctr`` shows the
 image under its normalized name with the manifest digest the node's front
@@ -11,6 +11,10 @@ door names it by, calls its content complete, and runs it.
 
 from __future__ import annotations
 
+import asyncio
+import os
+import re
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -27,6 +31,7 @@ NAME = "docker.io/library/rbd-demo:latest"
 #: a namespace of the test's own (the agent's default, k8s.io, is the CRI's)
 NAMESPACE = "rbd-load"
 CHUNK = 256 * 1024
+BIN = Path(sys.executable).parent
 
 
 @pytest.fixture
@@ -57,22 +62,39 @@ async def cluster(tmp_path: Path, containerd: ContainerdProcess) -> AsyncIterato
         await c.stop()
 
 
-async def test_distribute_loads_into_containerd_on_a_node_without_docker(
+async def run(*argv: str, env: dict[str, str], timeout: float = 180) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL,
+        env={**os.environ, **env},
+    )
+    async with asyncio.timeout(timeout):
+        out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_rbd_distribute_loads_into_containerd_on_a_node_without_docker(
     cluster: LocalCluster, containerd: ContainerdProcess, demo_image: Path
 ) -> None:
+    rbd = str(BIN / "rbd")
+    env = {"RBD_COORDINATOR": cluster.url, "RBD_ADMIN_TOKEN_FILE": str(cluster.admin_token_file)}
+    code, out, err = await run(rbd, "nodes", env=env)
+    assert code == 0, err
+    assert re.search(r"^n1\s+up\b.*\bcontainerd\b", out, re.M), out
+    assert "docker" not in out, out  # no Docker anywhere in this cluster
+    code, _, err = await run(rbd, "images", "add", REF, "--archive", str(demo_image), env=env)
+    assert code == 0, err
+    code, out, err = await run(rbd, "distribute", REF, "--to", "n1", env=env)
+    assert code == 0, err
+    assert re.search(r"^n1\s+done\b", out, re.M), out
     async with cluster.admin() as admin:
+        view = await admin.image(REF)
         nodes = {n.node_id: n for n in (await admin.nodes()).nodes}
-        assert nodes["n1"].containerd and not nodes["n1"].docker
-        assert not nodes["origin"].containerd
-        view = await admin.ingest(
-            m.CreateImage(
-                ref=REF, source=m.ArchiveSource(path=str(demo_image)), compression="gzip"
-            ),
-            timeout=60,
-        )
-        assert view.state == "ready", view.error
-        job = await admin.distribute(m.CreateJob(image=REF, targets=["n1"]), timeout=120)
-        assert job.state == "done", job
+    assert nodes["n1"].containerd and not nodes["n1"].docker
+    assert not nodes["origin"].containerd
     n1 = await cluster.agent_status("n1")
     digest = n1["mirror_images"][REF]  # the manifest digest the node's front door serves
     assert n1["containerd"] == {"address": containerd.address, "namespace": NAMESPACE}
