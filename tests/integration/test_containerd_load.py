@@ -2,11 +2,13 @@
 
 The operator's ``rbd`` commands, real coordinator and agent processes
 (LocalCluster) and a real containerd (Debian's package, its own root;
-tests/support/containerd_fixtures.py); no dockerd anywhere. The target registers ``containerd: true``, so the
-coordinator sends it a load once it holds every layer; the agent imports the
-image into containerd's content store and image table. Then ``ctr`` shows the
-image under its normalized name with the manifest digest the node's front
-door names it by, calls its content complete, and runs it.
+tests/support/containerd_fixtures.py); no dockerd but in the last test. The
+target registers ``containerd: true``, so the coordinator sends it a load
+once it holds every layer; the agent imports the image into containerd's
+content store and image table. Then ``ctr`` shows the image under its
+normalized name with the manifest digest the node's front door names it by,
+calls its content complete, and runs it. A node with Docker too gets the
+image into both.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ from pathlib import Path
 import pytest
 
 from containerd_fixtures import ContainerdProcess, listed_digests, start_or_missing
+from rainbowd.agent.docker.loader import DockerLoader
 from rainbowd.core import messages as m
+from rainbowd.devcluster.dockerd import PrivateDockerd
+from rainbowd.devcluster.imagebuild import build_demo_image
 from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec
 
 pytestmark = [pytest.mark.integration]
@@ -106,6 +111,41 @@ async def test_rbd_distribute_loads_into_containerd_on_a_node_without_docker(
     assert f"complete ({n}/{n})" in row, row
     ran = containerd.ctr("run", "--rm", NAME, "rbd-distributed", namespace=NAMESPACE)
     assert "hello from rbd" in ran.stdout
+    agent = str(BIN / "rbd-agent")
+    socket = str(cluster.status_socket("n1"))
+    code, out, err = await run(agent, "status", "--socket", socket, env={})
+    assert code == 0, err
+    assert f"containerd  {containerd.address} (namespace {NAMESPACE})" in out, out
+
+
+@pytest.mark.docker
+async def test_a_node_with_docker_and_containerd_gets_the_image_into_both(
+    tmp_path: Path, containerd: ContainerdProcess, dockerd: PrivateDockerd
+) -> None:
+    ref, name = "rbd-both:1", "docker.io/library/rbd-both:1"
+    archive = build_demo_image(tmp_path / "both.tar", ref=ref, payload_mib=1, seed=11)
+    both = {"containerd_address": containerd.address, "containerd_namespace": NAMESPACE}
+    specs = [
+        NodeSpec("origin", roles=["origin"], speed_hint_mbps=1000),
+        NodeSpec("n2", speed_hint_mbps=1000, docker_url=dockerd.url, config=both),
+    ]
+    async with (
+        LocalCluster(tmp_path / "c", specs, chunk_size=CHUNK, heartbeat_interval=1.0) as c,
+        c.admin() as admin,
+    ):
+        nodes = {n.node_id: n for n in (await admin.nodes()).nodes}
+        assert nodes["n2"].containerd and nodes["n2"].docker
+        view = await admin.ingest(
+            m.CreateImage(ref=ref, source=m.ArchiveSource(path=str(archive))), timeout=60
+        )
+        assert view.state == "ready", view.error
+        job = await admin.distribute(m.CreateJob(image=ref, targets=["n2"]), timeout=120)
+        assert job.state == "done", job
+        n2 = await c.agent_status("n2")
+    # containerd names it as the front door does; Docker's loader checked its image ID
+    assert listed_digests(containerd, NAMESPACE)[name] == n2["mirror_images"][ref]
+    async with DockerLoader(dockerd.url) as docker:
+        assert await docker.has_image(ref)
 
 
 async def test_a_load_containerd_cannot_take_fails_the_node_by_name(
