@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from containerd_fixtures import ContainerdProcess, listed_digests, start_or_missing
+from containerd_fixtures import ContainerdProcess, listed_digests
 from rainbowd.agent.containerd.loader import ContainerdLoader, ContainerdLoadError
 from rainbowd.agent.containerd.names import containerd_name
 from rainbowd.agent.mirror.catalog import ImageCatalog
@@ -41,15 +41,6 @@ def stored(demo_image: Path, tmp_path: Path) -> tuple[LayerStore, ImageRecord]:
     store = LayerStore(tmp_path / "store")
     image, _ = ingest_docker_archive(demo_image, store, chunk_size=CHUNK, compression="gzip")
     return store, image
-
-
-@pytest.fixture
-def containerd(tmp_path: Path) -> Iterator[ContainerdProcess]:
-    proc = start_or_missing(tmp_path / "containerd")
-    try:
-        yield proc
-    finally:
-        proc.stop()
 
 
 def loader_for(proc: ContainerdProcess) -> ContainerdLoader:

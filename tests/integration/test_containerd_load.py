@@ -17,12 +17,12 @@ import asyncio
 import os
 import re
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from containerd_fixtures import ContainerdProcess, listed_digests, start_or_missing
+from containerd_fixtures import ContainerdProcess, listed_digests
 from rainbowd.agent.docker.loader import DockerLoader
 from rainbowd.core import messages as m
 from rainbowd.devcluster.dockerd import PrivateDockerd
@@ -37,15 +37,6 @@ NAME = "docker.io/library/rbd-demo:latest"
 NAMESPACE = "rbd-load"
 CHUNK = 256 * 1024
 BIN = Path(sys.executable).parent
-
-
-@pytest.fixture
-def containerd(tmp_path: Path) -> Iterator[ContainerdProcess]:
-    proc = start_or_missing(tmp_path / "containerd")
-    try:
-        yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture

@@ -486,16 +486,7 @@ def docker_archive_stream(
     config_bytes = image.config.encode("utf-8")
     if "sha256:" + hashlib.sha256(config_bytes).hexdigest() != config_digest:
         raise ImageError(f"image {image.ref}: config does not match {config_digest}")
-    send: dict[str, LayerRef] = {}
-    for layer in image.layers:
-        if layer.diff_id in skip or layer.digest in send:
-            continue
-        if not store.has(Digest(layer.digest)):
-            raise ImageError(
-                f"image {image.ref}: layer {layer.digest} is not complete in the store "
-                f"at {store.root}"
-            )
-        send[layer.digest] = layer
+    send = layers_to_send(image, store, [x for x in image.layers if x.diff_id not in skip])
     config_name = f"{hex_part(config_digest)}.json"
     manifest = [
         {
@@ -526,6 +517,27 @@ def _archive_pieces(
             image, store, layer, archive_layer_name(layer.digest), inflate_zstd=inflate_zstd
         )
     yield b"\0" * (2 * tarfile.BLOCKSIZE)
+
+
+def layers_to_send(
+    image: ImageRecord, store: LayerStore, layers: Iterable[LayerRef]
+) -> dict[str, LayerRef]:
+    """``layers`` by digest, once each, after checking each is complete in ``store``.
+
+    Checked before an archive's first byte, so a load that cannot finish
+    sends the engine nothing (ImageError naming the image and the layer).
+    """
+    send: dict[str, LayerRef] = {}
+    for layer in layers:
+        if layer.digest in send:
+            continue
+        if not store.has(Digest(layer.digest)):
+            raise ImageError(
+                f"image {image.ref}: layer {layer.digest} is not complete in the store "
+                f"at {store.root}"
+            )
+        send[layer.digest] = layer
+    return send
 
 
 def stored_blob_member(

@@ -31,7 +31,7 @@ from collections.abc import Iterable, Iterator
 from rainbowd.core.digest import Digest, DigestError, hex_part, parse_digest, sha256_digest
 from rainbowd.core.imagemanifest import BuiltManifest, manifest_for
 from rainbowd.core.messages import ImageRecord, LayerRef
-from rainbowd.lib.image import ImageError, stored_blob_member, tar_member
+from rainbowd.lib.image import ImageError, layers_to_send, stored_blob_member, tar_member
 from rainbowd.lib.ocilayout import CONTAINERD_NAME
 from rainbowd.lib.store import LayerStore
 
@@ -66,16 +66,7 @@ def oci_archive_stream(
     if sha256_digest(config) != image.config_digest:
         raise ImageError(f"image {image.ref}: config does not match {image.config_digest}")
     left_out = set(skip)
-    send: dict[str, LayerRef] = {}
-    for layer in image.layers:
-        if layer.digest in left_out or layer.digest in send:
-            continue
-        if not store.has(Digest(layer.digest)):
-            raise ImageError(
-                f"image {image.ref}: layer {layer.digest} is not complete in the store "
-                f"at {store.root}"
-            )
-        send[layer.digest] = layer
+    send = layers_to_send(image, store, [x for x in image.layers if x.digest not in left_out])
     built = manifest_for(image)
     index = {
         "schemaVersion": 2,
