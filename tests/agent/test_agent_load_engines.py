@@ -70,7 +70,7 @@ def assignment() -> LoadAssignment:
 async def test_both_engines_get_the_image_and_one_done_report_sums_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    reports, calls = Reports(), []
+    reports, calls = Reports(), list[str]()
     agent = make_agent(tmp_path, reports, monkeypatch)
     agent.loader = FakeLoader("docker", calls, layers=2)  # type: ignore[assignment]
     agent.containerd = FakeLoader("containerd", calls, layers=1)  # type: ignore[assignment]
@@ -88,7 +88,7 @@ async def test_both_engines_get_the_image_and_one_done_report_sums_them(
 async def test_a_failing_engine_fails_the_load_naming_node_image_and_engine(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str, tried: list[str]
 ) -> None:
-    reports, calls = Reports(), []
+    reports, calls = Reports(), list[str]()
     agent = make_agent(tmp_path, reports, monkeypatch)
     agent.loader = FakeLoader(  # type: ignore[assignment]
         "docker", calls, error="engine said no" if failing == "docker" else ""
@@ -107,7 +107,7 @@ async def test_a_failing_engine_fails_the_load_naming_node_image_and_engine(
 async def test_a_containerd_only_node_loads_into_containerd(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    reports, calls = Reports(), []
+    reports, calls = Reports(), list[str]()
     agent = make_agent(tmp_path, reports, monkeypatch)
     assert agent.loader is None
     agent.containerd = FakeLoader("containerd", calls)  # type: ignore[assignment]
