@@ -18,7 +18,9 @@ blob breaks the tar before its end, and containerd commits no blob whose
 bytes do not match its digest. Layers in ``skip`` (the content store has them
 already) are left out of the tar; the manifest still names them, which
 containerd's import accepts, since it reads only the manifest and config
-from the archive's references. The tar never exists whole: a blocking
+from the archive's references. ``index.json`` is the last member: a stream
+cut short (a rotten blob, the agent stopping) never reaches it, so the
+import creates no image from it. The tar never exists whole: a blocking
 generator of pieces, pulled from a worker thread.
 """
 
