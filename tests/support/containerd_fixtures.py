@@ -91,10 +91,10 @@ class ContainerdProcess:
             raise ContainerdError(f"{e}: {self.log_tail()}") from None
 
     def ctr(
-        self, *args: str, check: bool = True, timeout: float = 120.0
+        self, *args: str, check: bool = True, timeout: float = 120.0, namespace: str = NAMESPACE
     ) -> subprocess.CompletedProcess[str]:
-        """``ctr`` against this containerd, in the tests' namespace."""
-        argv = [CTR_BIN, "--address", self.address, "--namespace", NAMESPACE, *args]
+        """``ctr`` against this containerd, in ``namespace`` (by default the tests' own)."""
+        argv = [CTR_BIN, "--address", self.address, "--namespace", namespace, *args]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
         if check and done.returncode != 0:
             raise ContainerdError(f"{' '.join(argv)} failed: {done.stderr.strip()}")
@@ -129,3 +129,24 @@ def hosts_dir(root: Path, registry_host: str, server: str, mirror_url: str) -> P
     d.mkdir(parents=True, exist_ok=True)
     (d / "hosts.toml").write_text(containerd_hosts_toml(mirror_url, server=server))
     return root
+
+
+def start_or_missing(workdir: Path) -> ContainerdProcess:
+    """A started containerd under ``workdir``; one missing or broken fails in CI, else skips."""
+    from testdeps import missing_dependency
+
+    reason = ContainerdProcess.available()
+    if reason:
+        missing_dependency(reason)
+    proc = ContainerdProcess(workdir)
+    try:
+        proc.start()
+    except ContainerdError as e:
+        missing_dependency(f"containerd did not start: {e}")
+    return proc
+
+
+def listed_digests(proc: ContainerdProcess, namespace: str = NAMESPACE) -> dict[str, str]:
+    """Image name -> the manifest digest ``ctr images ls`` shows in ``namespace``."""
+    out = proc.ctr("images", "ls", namespace=namespace).stdout.splitlines()
+    return {cols[0]: cols[2] for cols in (line.split() for line in out[1:]) if len(cols) >= 3}

@@ -6,6 +6,7 @@ The keys are documented with examples in deploy/config/agent.example.toml.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -26,6 +27,16 @@ class ConfigError(ValueError):
     """The agent configuration is unusable; the message says which key and why."""
 
 
+#: the CRI plugin's namespace (what the kubelet sees); see AgentConfig.containerd_namespace
+DEFAULT_CONTAINERD_NAMESPACE = "k8s.io"
+#: a unix socket path is at most 107 bytes (sun_path is 108 with its NUL)
+MAX_SOCKET_PATH = 107
+#: containerd's own rule for a namespace (and the one we apply to a snapshotter name):
+#: alphanumerics joined by single '.', '_' or '-', at most 76 characters
+_CONTAINERD_IDENT = re.compile(r"^[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*$")
+MAX_CONTAINERD_IDENT = 76
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     node_id: str
@@ -38,6 +49,17 @@ class AgentConfig:
     roles: list[str] = field(default_factory=list)
     labels: dict[str, str] = field(default_factory=dict)
     docker_url: str = ""  # "" = no Docker engine on this host
+    #: containerd's socket (its [grpc] address), a load target beside Docker
+    #: (agent/containerd/loader.py); "" = off: no containerd on this host
+    containerd_address: str = ""
+    #: the containerd namespace images are loaded into. k8s.io by default: it is the
+    #: one the CRI plugin (the kubelet's view) lists and runs images from, and most
+    #: containerd hosts are Kubernetes nodes; "default" is where plain ctr and
+    #: nerdctl look
+    containerd_namespace: str = DEFAULT_CONTAINERD_NAMESPACE
+    #: the snapshotter an import unpacks into; "" = containerd's default (overlayfs),
+    #: which is also the CRI's. Set it only when containerd runs another one
+    containerd_snapshotter: str = ""
     speed_hint_mbps: float = 0.0
     #: download speed in Mbit/s, for asymmetric links (0 = unknown: speed_hint_mbps)
     download_hint_mbps: float = 0.0
@@ -168,6 +190,9 @@ class _Raw(msgspec.Struct, forbid_unknown_fields=True):
     roles: list[str] = []
     labels: dict[str, str] = {}
     docker_url: str = ""
+    containerd_address: str = ""
+    containerd_namespace: str = DEFAULT_CONTAINERD_NAMESPACE
+    containerd_snapshotter: str = ""
     speed_hint_mbps: float = 0.0
     download_hint_mbps: float = 0.0
     status_socket: str = ""
@@ -289,6 +314,7 @@ def _from_raw(raw: _Raw) -> AgentConfig:
         _host_port(raw.metrics_listen)
     if raw.mirror_listen:
         _host_port(raw.mirror_listen, "mirror_listen", MIRROR_EXAMPLE)
+    _check_containerd(raw)
     for key in ("max_upload_mbps", "max_download_mbps"):
         if getattr(raw, key) < 0:
             raise ConfigError(f"{key} {getattr(raw, key)}: must be >= 0 (0 = no cap)")
@@ -310,11 +336,35 @@ def _from_raw(raw: _Raw) -> AgentConfig:
         raise ConfigError(f"roles: unknown {sorted(unknown)}; known: {sorted(KNOWN_ROLES)}")
     kw: dict[str, Any] = {f.name: getattr(raw, f.name) for f in fields(AgentConfig)}
     kw["store_max_bytes"] = _store_limits(raw)
+    kw["containerd_address"] = raw.containerd_address.removeprefix("unix://")
     kw["state_dir"] = Path(raw.state_dir)
     kw["join_token_file"] = Path(raw.join_token_file) if raw.join_token_file else None
     kw["status_socket"] = Path(raw.status_socket) if raw.status_socket else None
     kw["metrics_token_file"] = Path(raw.metrics_token_file) if raw.metrics_token_file else None
     return AgentConfig(**kw)
+
+
+def _check_containerd(raw: _Raw) -> None:
+    """The containerd keys: an absolute socket path (or ""), and names containerd accepts."""
+    address = raw.containerd_address.removeprefix("unix://")
+    if address and (
+        not address.startswith("/") or len(address.encode()) > MAX_SOCKET_PATH or "\0" in address
+    ):
+        raise ConfigError(
+            f"containerd_address {raw.containerd_address!r}: use the absolute path of "
+            f"containerd's socket (at most {MAX_SOCKET_PATH} bytes), e.g. "
+            f'"/run/containerd/containerd.sock", or "" for no containerd'
+        )
+    for key in ("containerd_namespace", "containerd_snapshotter"):
+        value = getattr(raw, key)
+        if key == "containerd_snapshotter" and not value:
+            continue  # containerd's default
+        if len(value) > MAX_CONTAINERD_IDENT or not _CONTAINERD_IDENT.match(value):
+            raise ConfigError(
+                f"{key} {value!r}: use letters and digits joined by '.', '_' or '-' "
+                f"(at most {MAX_CONTAINERD_IDENT}), e.g. "
+                + ('"k8s.io" or "default"' if key == "containerd_namespace" else '"overlayfs"')
+            )
 
 
 def _ssh_limits(raw: _Raw) -> SshLimits:

@@ -103,6 +103,12 @@ def render_status(s: dict[str, Any]) -> str:
         + (f"\n            last error: {c['last_error']}" if c.get("last_error") else ""),
         f"ssh         {s['ssh']['address']}:{s['ssh']['port']}",
         f"docker      {s['docker_url'] or 'not configured'}",
+        "containerd  "
+        + (
+            f"{s['containerd']['address']} (namespace {s['containerd']['namespace']})"
+            if s.get("containerd")
+            else "not configured"
+        ),
         f"mirror      {s.get('mirror_url') or 'off (mirror_listen)'}",
         f"disk        {human_bytes(s['disk']['used'])} used by rbd, "
         f"{human_bytes(s['disk']['free'])} free",
