@@ -6,9 +6,10 @@ cd "$(dirname "$0")/.."
 
 # opentracker, mktorrent, aria2: the lab's BitTorrent baseline (bench/lab)
 # chromium + fonts-dejavu-core: the web console's end-to-end test drives headless Chromium
+# containerd: the registry front door's tests pull through it with ctr (tests/agent/test_mirror.py)
 # postgresql: the coordinator's second state backend; the tests run a throwaway server of
 # their own from its binaries (src/rainbowd/devcluster/pgserver.py), not the packaged service
-APT_PACKAGES=(docker.io docker-registry busybox-static skopeo debootstrap iproute2 openssh-client
+APT_PACKAGES=(docker.io docker-registry busybox-static skopeo containerd debootstrap iproute2 openssh-client
   opentracker mktorrent aria2 chromium fonts-dejavu-core postgresql)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -1,4 +1,4 @@
-"""Shared fixtures: a private Docker engine and the demo image.
+"""Shared fixtures: a private Docker engine, a containerd, a registry and the demo image.
 
 A missing dependency (dockerd, root, busybox-static) skips the tests that need
 it on a developer's machine, but fails them in CI (``CI=true``): CI must never
@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import structlog
 
+from containerd_fixtures import ContainerdProcess, start_or_missing
 from rainbowd.devcluster.dockerd import DockerdError, PrivateDockerd
 from rainbowd.devcluster.imagebuild import BUSYBOX, build_demo_image
 from rainbowd.devcluster.pgserver import PostgresServer, PostgresUnavailable
@@ -108,6 +109,19 @@ def push_image() -> Callable[..., str]:
         return dest
 
     return push
+
+
+# --------------------------------------------------------------------------
+# containerd (tests/support/containerd_fixtures.py): Debian's package, its own root
+# --------------------------------------------------------------------------
+@pytest.fixture
+def containerd(tmp_path: Path) -> Iterator[ContainerdProcess]:
+    """A containerd of this test's own, stopped by PID at the end (a load target, a client)."""
+    proc = start_or_missing(tmp_path / "containerd")
+    try:
+        yield proc
+    finally:
+        proc.stop()
 
 
 # --------------------------------------------------------------------------

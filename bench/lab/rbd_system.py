@@ -29,15 +29,6 @@ from .image import REF
 from .result import SystemResult
 
 
-def _rule(reason: str) -> str:
-    """The scheduler rule a transfer's reason names: ``relay: cut-through relay -- ...``
-    gives ``cut-through relay``, ``slots: best-fit seeder, ...`` gives ``best-fit seeder``."""
-    rule = reason.partition(": ")[2] or reason
-    for stop in (" --", ",", ";", " ("):
-        rule = rule.split(stop, 1)[0]
-    return rule.strip()
-
-
 class RbdSystem:
     """``rbd`` with one scheduling policy; named ``rbd`` for the coordinator's default
     policy, ``rbd:<policy>`` for another (so two reports' ``rbd`` rows are comparable
@@ -128,7 +119,7 @@ class RbdSystem:
                     "done": round(t.finished_at - job.created_at, 3) if t.finished_at else None,
                     "seconds": round(t.seconds, 3),
                     "bytes": t.bytes,
-                    "rule": _rule(t.reason),
+                    "rule": t.reason.rule,  # reasons.py: best-fit, relay, ...
                 }
                 for t in n.transfers
             ]

@@ -61,7 +61,8 @@ from rainbowd.coordinator.cluster import MISSED_HEARTBEATS
 from rainbowd.coordinator.core import SEEDER_FAULT_LIMIT
 from rainbowd.core.sched.jobdriver import Blame, Charge, Failure, FailureBudget, JobDriver
 from rainbowd.core.sched.pieces import PieceScheduler
-from rainbowd.core.sched.scheduler import Scheduler, Transfer
+from rainbowd.core.sched.records import Transfer
+from rainbowd.core.sched.scheduler import Scheduler
 from rainbowd.devcluster.profile import ClusterProfile
 
 from .faults import (

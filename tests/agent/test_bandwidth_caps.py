@@ -9,6 +9,7 @@ import pytest
 
 from coordinator_support import enroll, register_request, start
 from rainbowd.agent.dataplane.pacing import RatePacer
+from rainbowd.core.sched.reasons import DOWNLOAD_CAP_BPS
 from rainbowd.core.sched.scheduler import DEFAULT_SPEED_BPS, Scheduler
 from rainbowd.lib.client import AgentClient, ApiError
 from waiting import FakeClock
@@ -89,7 +90,7 @@ def test_a_capped_demander_caps_the_expected_rate_and_does_not_slow_the_seeder()
     s.demand("slow", "L", "j", now=0.0)
     (t,) = s.schedule(now=0.0)
     assert t.seeder_speed_bps == 50 * MB and t.expected_bps == 2 * MB
-    assert "download cap" in t.reason
+    assert t.reason.numbers[DOWNLOAD_CAP_BPS] == 2 * MB and "download cap" in t.reason.render()
     # 10 MB in 5 s: the demander's cap was the bottleneck, not the seeder
     s.complete(t.transfer_id, now=5.0, bytes_moved=int(10 * MB))
     assert s.speed("seed") == 50 * MB
@@ -97,7 +98,8 @@ def test_a_capped_demander_caps_the_expected_rate_and_does_not_slow_the_seeder()
     s.add_node("fast")
     s.demand("fast", "L", "j", now=5.0)
     (t2,) = s.schedule(now=5.0)
-    assert t2.expected_bps == 50 * MB and "download cap" not in t2.reason
+    assert t2.expected_bps == 50 * MB and DOWNLOAD_CAP_BPS not in t2.reason.numbers
+    assert "download cap" not in t2.reason.render()
     s.complete(t2.transfer_id, now=10.0, bytes_moved=int(10 * MB))
     assert s.speed("seed") == 2 * MB
 

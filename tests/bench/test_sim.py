@@ -23,9 +23,14 @@ from bench.sim import IDEAL, FlowNetwork, Overheads, Simulation
 from bench.sim.__main__ import main
 from bench.sim.calibrate import hop_report, relay_hop_overheads
 from bench.sim.flows import FlowError
-from rainbowd.core.sched.scheduler import DEFAULT_POLICY, Scheduler, Transfer
+from rainbowd.core.sched.reasons import TransferReason
+from rainbowd.core.sched.records import Transfer
+from rainbowd.core.sched.scheduler import DEFAULT_POLICY, Scheduler
 from rainbowd.devcluster.imagebuild import BUSYBOX
 from rainbowd.devcluster.profile import ClusterProfile, load_profile, parse_profile
+
+#: the reason of a transfer taken back from an agent
+ADOPTED = TransferReason.adopted()
 
 PROFILES = Path(__file__).resolve().parents[2] / "bench" / "profiles"
 MBIT = 1e6 / 8  # bytes/s in one Mbit/s
@@ -194,7 +199,7 @@ class SendAllAtOnce(Scheduler):
         for node, layer in self.pending():
             if self.receiving(node, layer) is None:
                 tid = f"x-{node}-{layer}"
-                out.append(self.adopt(Transfer(tid, layer, "origin", node, "j", now, "", 0.0)))
+                out.append(self.adopt(Transfer(tid, layer, "origin", node, "j", now, ADOPTED, 0.0)))
         return out
 
 
@@ -205,7 +210,7 @@ class RelayThroughF(Scheduler):
         if self.active():
             return []
         return [
-            self.adopt(Transfer(f"x-{d}", "l", seeder, d, "j", now, "", 0.0))
+            self.adopt(Transfer(f"x-{d}", "l", seeder, d, "j", now, ADOPTED, 0.0))
             for seeder, d in (("origin", "f-001"), ("f-001", "s-001"))
             if (d, "l") in self.pending()
         ]

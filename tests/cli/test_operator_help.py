@@ -24,6 +24,7 @@ from rainbowd.coordinator import config as coordinator_config
 from rainbowd.coordinator.jobs import Job
 from rainbowd.core.chunks import DEFAULT_CHUNK_SIZE
 from rainbowd.core.messages import SeederUse
+from rainbowd.core.sched.reasons import TransferReason
 from rainbowd.core.sched.scheduler import DEFAULT_POLICY
 from rainbowd.lib.progress import summary
 
@@ -238,7 +239,13 @@ def test_install_md_quotes_the_summary_the_cli_prints() -> None:
     nodes = [f"n{i:02d}" for i in range(40)]
     job = Job.create("j1", "img", [(LAYER, 66 * mib)], nodes, {}, 1.0, image_bytes=int(190.3 * mib))
     for nid in nodes:
-        use = SeederUse(layer=LAYER, seeder="origin", reason="r", bytes=66 * mib, seconds=1.0)
+        use = SeederUse(
+            layer=LAYER,
+            seeder="origin",
+            reason=TransferReason.legacy("r"),
+            bytes=66 * mib,
+            seconds=1.0,
+        )
         job.nodes[nid].record(use)
     assert quoted.group(1) in summary(job.view())
 

@@ -78,25 +78,10 @@ IO_LIBRARIES = {
     "urllib",
 }
 #: cycles known today, each with what removes it; a cycle not listed fails, and so does a
-#: listed one that is gone (the list only shrinks)
-KNOWN_CYCLES = {
-    # the planner's classes read the scheduler's private state (its node records) and call
-    # its _start; the scheduler builds the planner (issue 15, item 5: the policies are one
-    # per file now, the planner's concerns too; what remains is the small protocol that
-    # would let them see the scheduler through an interface of their own)
-    frozenset(
-        {
-            "rainbowd.core.sched.policies",
-            "rainbowd.core.sched.policies.demanders",
-            "rainbowd.core.sched.policies.fit",
-            "rainbowd.core.sched.policies.planner",
-            "rainbowd.core.sched.policies.seeders",
-            "rainbowd.core.sched.policies.state",
-            "rainbowd.core.sched.policies.walk",
-            "rainbowd.core.sched.scheduler",
-        }
-    ),
-}
+#: listed one that is gone (the list only shrinks). Empty: the last one, the planner's
+#: modules with the scheduler, went when the policies came to see the scheduler only
+#: through rainbowd.core.sched.view.SchedulerView (issue 15, item 5)
+KNOWN_CYCLES: set[frozenset[str]] = set()
 
 
 def _modules(package: Path = PACKAGE) -> dict[str, Path]:

@@ -23,6 +23,7 @@ from rainbowd.core.messages import (
     TransferFailed,
     TransferProgress,
 )
+from rainbowd.core.sched.reasons import FASTEST_IDLE, SEEDER_BPS
 from rainbowd.lib.client import AdminClient
 
 JSON_ADMIN = {"Accept": "application/json", "Authorization": f"Bearer {ADMIN}"}
@@ -96,7 +97,14 @@ async def test_job_transfers_show_live_edges_with_progress_and_reason(
         assert edge["transfer_id"] == ta.transfer_id
         assert (edge["seeder"], edge["demander"], edge["layer"]) == ("origin", "a", img.digests[0])
         assert (edge["bytes_done"], edge["bytes_total"], edge["rate_bps"]) == (60_000, 150_000, 7e6)
-        assert "fastest idle seeder" in edge["reason"]
+        # the reason is the record (rule and numbers), not a sentence to parse
+        assert edge["reason"] == {
+            "rule": "fastest-idle",
+            "policy": "paper",
+            "turn": "",
+            "numbers": {"seeder_bps": 100e6, "slower_idle": 0.0},
+            "text": "",
+        }
 
         # once done it leaves the live list and shows as the job's recorded SeederUse; the
         # next transfer has moved nothing yet, so it shows no rate (not the previous one's)
@@ -108,7 +116,8 @@ async def test_job_transfers_show_live_edges_with_progress_and_reason(
         view = await admin.job(job.job_id)
         [uses] = [n.transfers for n in view.nodes if n.node_id == "a"]
         assert [(u.seeder, u.layer) for u in uses] == [("origin", img.digests[0])]
-        assert "fastest idle seeder" in uses[0].reason
+        assert (uses[0].reason.rule, uses[0].reason.numbers[SEEDER_BPS]) == (FASTEST_IDLE, 100e6)
+        assert "fastest idle seeder" in uses[0].reason.render()
 
         await a.done(ta2)
         live = json.loads((await raw(coord.url, "GET", path, headers=JSON_ADMIN))[2])["transfers"]

@@ -29,7 +29,8 @@ from rainbowd.core.messages import (
     TransferAssignment,
     TransferDone,
 )
-from rainbowd.core.sched.scheduler import Scheduler, Transfer
+from rainbowd.core.sched.records import Transfer
+from rainbowd.core.sched.scheduler import Scheduler
 from rainbowd.lib.client import AdminClient, AgentClient
 
 CHUNK = 65_536
@@ -120,13 +121,14 @@ def test_a_range_the_layer_does_not_have_is_never_handed_out() -> None:
     import os
 
     from rainbowd.core.chunks import build_manifest
+    from rainbowd.core.sched.reasons import TransferReason
 
     m = build_manifest(io.BytesIO(os.urandom(SIZE)), chunk_size=CHUNK)
     peer = PeerInfo(node_id="s", address="127.0.0.1", ssh_port=1, host_key="", client_key="")
 
     def transfer(first: int, end: int) -> Transfer:
         return Transfer(
-            "t", m.digest, "s", "d", "j", 0.0, "r", 1.0, first_chunk=first, end_chunk=end
+            "t", m.digest, "s", "d", "j", 0.0, TransferReason.legacy("r"), 1.0, 0.0, first, end
         )
 
     assert assignment_for(transfer(2, 6), m, peer) is None  # 5 chunks only

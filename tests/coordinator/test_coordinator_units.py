@@ -20,10 +20,14 @@ from rainbowd.coordinator.jobs import Job
 from rainbowd.coordinator.mailbox import Mailbox
 from rainbowd.core.messages import ArchiveSource, IngestAssignment, SeederUse
 from rainbowd.core.sched.jobdriver import MAX_LAYER_FAILURES
+from rainbowd.core.sched.reasons import TransferReason
 from rainbowd.lib.progress import job_report, summary
 from waiting import settle, wait_until_sync
 
 L1, L2 = "sha256:" + "1" * 64, "sha256:" + "2" * 64
+
+#: a finished transfer's reason where it does not matter
+R = TransferReason.legacy("r")
 
 
 @pytest.mark.backends("sqlite")  # touches no state store
@@ -73,9 +77,9 @@ def test_job_byte_accounting_and_summary() -> None:
     a, b, c = job.nodes["a"], job.nodes["b"], job.nodes["c"]
     assert c.all_held() and c.missing() == []
     for layer, size in ((L1, 40 * mib), (L2, 2 * mib)):
-        a.record(SeederUse(layer=layer, seeder="c", reason="r", bytes=size, seconds=1.0))
+        a.record(SeederUse(layer=layer, seeder="c", reason=R, bytes=size, seconds=1.0))
         a.hold(layer)
-    b.record(SeederUse(layer=L1, seeder="a", reason="r", bytes=10 * mib, seconds=1.0))  # resumed
+    b.record(SeederUse(layer=L1, seeder="a", reason=R, bytes=10 * mib, seconds=1.0))  # resumed
     b.hold(L1)
     b.hold(L2)  # held from another image: no transfer, no wire bytes
     for p in (a, b, c):
@@ -120,7 +124,7 @@ def test_summary_of_a_compressed_image_counts_copies_not_unpacked_bytes() -> Non
     job = Job.create("j1", "img", layers, nodes, {}, 1.0, image_bytes=int(190.3 * mib))
     for nid in nodes:
         for layer, size in layers:
-            use = SeederUse(layer=layer, seeder="origin", reason="r", bytes=size, seconds=1.0)
+            use = SeederUse(layer=layer, seeder="origin", reason=R, bytes=size, seconds=1.0)
             job.nodes[nid].record(use)
             job.nodes[nid].hold(layer)
         job.nodes[nid].finish(2.0)
@@ -276,14 +280,14 @@ def test_every_piece_of_a_layer_counts_on_the_wire() -> None:
             SeederUse(
                 layer=L1,
                 seeder=seeder,
-                reason="r",
+                reason=R,
                 bytes=mib,
                 seconds=0.5,
                 started_at=10.0 + i,
                 finished_at=10.5 + i,
             )
         )
-    d.record(SeederUse(layer=L2, seeder="n1", reason="r", bytes=mib, seconds=1.0))
+    d.record(SeederUse(layer=L2, seeder="n1", reason=R, bytes=mib, seconds=1.0))
     view = job.view()
     assert view.wire_bytes == 5 * mib == view.copy_bytes
     lines = {(u.layer, u.seeder): u for u in view.nodes[0].transfers}

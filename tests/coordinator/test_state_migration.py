@@ -3,8 +3,10 @@
 Schema 1 stored a transfer as a field-by-field copy of the scheduler's record
 with the coordinator's ``seq`` and ``state`` inside the JSON body; schema 2
 stores the scheduler's ``Transfer`` as it is with ``seq`` and ``state`` as
-columns. A coordinator upgraded in place must open the old file, adopt the
-transfers its agents are still pulling, and understand their reports.
+columns; schema 3 stores a transfer's reason as a record (``TransferReason``)
+where schema 2 kept text, in transfer rows and in jobs' finished transfers. A
+coordinator upgraded in place must open the old file, adopt the transfers its
+agents are still pulling, understand their reports, and show the old reasons.
 """
 
 from __future__ import annotations
@@ -12,14 +14,25 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
+from typing import Any
 
+import msgspec
 import pytest
 from test_coordinator_flow import Agent, agent
 
 from coordinator_support import ADMIN, fake_image, ingest, open_state, start
 from rainbowd.coordinator.state import SCHEMA_VERSION, StateError
 from rainbowd.coordinator.state.sqlite import SqliteStore
-from rainbowd.core.messages import CreateJob, Heartbeat, TransferDone
+from rainbowd.core.messages import (
+    CreateJob,
+    Heartbeat,
+    JobView,
+    NodeJobState,
+    SeederUse,
+    TransferDone,
+)
+from rainbowd.core.sched.reasons import BEST_FIT, LEGACY, PLANNED_BPS, TransferReason
+from rainbowd.core.sched.records import Transfer
 from rainbowd.lib.client import AdminClient, AgentClient
 
 #: the transfers table as schema 1 created it
@@ -40,6 +53,10 @@ V1_FIELDS = (
     "end_chunk",
 )
 LAYER = "sha256:" + "ab" * 32
+#: schemas 1 and 2 existed only as SQLite files: PostgreSQL starts at schema 3
+sqlite_only = pytest.mark.backends("sqlite")
+#: a reason where the test is not about it
+R = TransferReason(rule=BEST_FIT, policy="swarm", numbers={PLANNED_BPS: 1e6})
 
 
 def v1_body(transfer_id: str, seq: int, state: str, first: int = 0, end: int = 0) -> str:
@@ -74,8 +91,45 @@ def write_v1(db: Path, rows: list[tuple[str, str]]) -> None:
         con.close()
 
 
+#: tables whose bodies hold transfer reasons (schema 3)
+REASON_TABLES = ("transfers", "jobs", "job_nodes")
+
+
+def reason_holders(table: str, doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The dicts of a stored body that carry a ``reason``: the transfer, or its SeederUses."""
+    if table == "transfers":
+        return [doc]
+    nodes = doc["nodes"] if table == "jobs" else [doc]
+    return [use for node in nodes for use in node["transfers"]]
+
+
+def as_text(holder: dict[str, Any]) -> str:
+    """A stored reason record as schema 2 kept it: the line it renders."""
+    reason = msgspec.convert(holder["reason"], TransferReason)
+    return reason.render(holder["seeder"])
+
+
+def downgrade_to_v2(db: Path) -> None:
+    """Rewrite every reason of a schema-3 file as schema 2 stored it (text)."""
+    con = sqlite3.connect(db)
+    try:
+        with con:
+            for table in REASON_TABLES:
+                for rowid, body in con.execute(f"SELECT rowid, body FROM {table}").fetchall():
+                    doc = json.loads(body)
+                    for holder in reason_holders(table, doc):
+                        holder["reason"] = as_text(holder)
+                    con.execute(
+                        f"UPDATE {table} SET body = ? WHERE rowid = ?", (json.dumps(doc), rowid)
+                    )
+            con.execute("UPDATE meta SET value = '2' WHERE key = 'schema'")
+    finally:
+        con.close()
+
+
 def downgrade_to_v1(db: Path) -> None:
-    """Rewrite the transfers of a schema-2 file as schema 1 stored them."""
+    """Rewrite the transfers of a schema-3 file as schema 1 stored them."""
+    downgrade_to_v2(db)
     con = sqlite3.connect(db)
     try:
         rows = con.execute("SELECT transfer_id, body, seq, state FROM transfers").fetchall()
@@ -93,10 +147,6 @@ def downgrade_to_v1(db: Path) -> None:
         con.close()
 
 
-#: schema 1 existed only as a SQLite file: PostgreSQL starts at schema 2
-sqlite_only = pytest.mark.backends("sqlite")
-
-
 @sqlite_only
 def test_schema_1_transfers_load_with_their_seq_and_state(tmp_path: Path) -> None:
     db = tmp_path / "coordinator.sqlite"
@@ -110,13 +160,14 @@ def test_schema_1_transfers_load_with_their_seq_and_state(tmp_path: Path) -> Non
     )
     store = SqliteStore(db)
     try:
-        assert store.get_meta("schema") == str(SCHEMA_VERSION) == "2"
+        assert store.get_meta("schema") == str(SCHEMA_VERSION) == "3"
         loaded = {t.transfer_id: (t, seq, state) for t, seq, state in store.load_transfers()}
         assert set(loaded) == {"t-active", "t-aborted"}
         t, seq, state = loaded["t-active"]
         assert (seq, state) == (3, "active")
         assert (t.layer, t.seeder, t.demander, t.job_id) == (LAYER, "origin", "d", "job-1")
-        assert (t.started_at, t.reason, t.seeder_speed_bps) == (12.5, "swarm: piece 1", 1e8)
+        assert (t.started_at, t.seeder_speed_bps) == (12.5, 1e8)
+        assert t.reason == TransferReason.legacy("swarm: piece 1")  # schema 3: kept as legacy
         assert (t.first_chunk, t.end_chunk, t.expected_bps) == (0, 2, 0.0)
         assert loaded["t-aborted"][1:] == (5, "aborted")
         [(table, key, error)] = store.set_aside()
@@ -136,11 +187,9 @@ def test_schema_1_transfers_load_with_their_seq_and_state(tmp_path: Path) -> Non
 
 
 def test_a_transfer_row_is_the_schedulers_record_with_two_columns(tmp_path: Path) -> None:
-    from rainbowd.core.sched.scheduler import Transfer
-
     store = open_state(tmp_path)
     try:
-        t = Transfer("t1", LAYER, "s", "d", "j", 1.0, "why", 2e6, 1e6, 4, 8)
+        t = Transfer("t1", LAYER, "s", "d", "j", 1.0, R, 2e6, 1e6, 4, 8)
         store.save_transfer(t, 7)
         store.save_transfer(t, 9, "aborted")  # the same row, updated
         assert store.load_transfers() == [(t, 9, "aborted")]
@@ -186,6 +235,117 @@ async def test_a_coordinator_restarted_on_a_schema_1_file_adopts_its_transfer(
         await r2.stop()
 
 
+@sqlite_only
+def test_schema_2_reasons_load_as_legacy_records(tmp_path: Path) -> None:
+    """Text reasons in transfer, job and job-node rows become rule ``legacy`` with the text."""
+    db = tmp_path / "coordinator.sqlite"
+    SqliteStore(db).close()  # a schema-3 file, emptied of rows; written below as schema 2
+    use = SeederUse(layer=LAYER, seeder="origin", reason=R, bytes=10, seconds=1.0)
+    node = NodeJobState(
+        node_id="d",
+        state="done",
+        layers_done=1,
+        layers_total=1,
+        bytes_done=10,
+        bytes_total=10,
+        rate_bps=0.0,
+        transfers=[use],
+        started_at=1.0,
+    )
+    job = JobView(job_id="job-1", image="img", state="done", created_at=1.0, nodes=[node])
+    t = Transfer("t1", LAYER, "origin", "d", "job-1", 1.0, R, 2e6)
+
+    def old(obj: msgspec.Struct, table: str) -> str:
+        doc = json.loads(msgspec.json.encode(obj))
+        for holder in reason_holders(table, doc):
+            holder["reason"] = "swarm: best-fit seeder, as schema 2 wrote it"
+        return json.dumps(doc)
+
+    con = sqlite3.connect(db)
+    with con:
+        con.execute("UPDATE meta SET value = '2' WHERE key = 'schema'")
+        con.execute(
+            "INSERT INTO transfers(transfer_id, body) VALUES ('t1', ?)", (old(t, "transfers"),)
+        )
+        con.execute("INSERT INTO transfers(transfer_id, body) VALUES ('t-bad', 'not json')")
+        con.execute("INSERT INTO jobs VALUES ('job-1', 1.0, ?)", (old(job, "jobs"),))
+        con.execute("INSERT INTO job_nodes VALUES ('job-1', 'd', ?)", (old(node, "job_nodes"),))
+    con.close()
+
+    legacy = TransferReason.legacy("swarm: best-fit seeder, as schema 2 wrote it")
+    store = SqliteStore(db)
+    try:
+        assert store.get_meta("schema") == str(SCHEMA_VERSION) == "3"
+        [(loaded, seq, state)] = store.load_transfers()
+        assert (loaded.transfer_id, seq, state) == ("t1", 0, "active")
+        assert loaded.reason == legacy and loaded.reason.rule == LEGACY
+        assert loaded.reason.render() == "swarm: best-fit seeder, as schema 2 wrote it"
+        [view] = store.load_jobs()  # the job_nodes row applied over the job's
+        assert [u.reason for n in view.nodes for u in n.transfers] == [legacy]
+        raw = store.execute("SELECT body FROM jobs").fetchone()[0]
+        assert json.loads(raw)["nodes"][0]["transfers"][0]["reason"]["rule"] == LEGACY
+        [(table, key, _)] = store.set_aside()  # a body that is not JSON: as before
+        assert (table, key) == ("transfers", "t-bad")
+    finally:
+        store.close()
+    again = SqliteStore(db)  # migrated once: the records stay as they are
+    try:
+        assert [t.reason for t, _, _ in again.load_transfers()] == [legacy]
+    finally:
+        again.close()
+
+
+@sqlite_only
+async def test_a_coordinator_restarted_on_a_schema_2_file_shows_its_old_reasons(
+    tmp_path: Path,
+) -> None:
+    r = await start(tmp_path)
+    async with AdminClient(r.url, ADMIN) as admin:
+        origin = await agent(r.url, "origin", roles=["origin"])
+        img = fake_image(sizes=(70_000, 30_000))
+        await ingest(admin, origin.c, img)
+        d = await agent(r.url, "d")
+        job = await admin.create_job(CreateJob(image=img.record.ref, targets=["d"]))
+        first = await d.transfer()
+        await d.done(first)
+        second = await d.transfer()
+        [before] = [n.transfers for n in (await admin.job(job.job_id)).nodes if n.node_id == "d"]
+        creds = {"origin": origin.c.credential, "d": d.c.credential}
+        cursor = d.cursor
+    for x in (origin, d):
+        await x.c.close()
+    await r.stop()
+    downgrade_to_v2(tmp_path / "coordinator.sqlite")
+
+    r2 = await start(tmp_path)
+    try:
+        async with AdminClient(r2.url, ADMIN) as admin:
+            [adopted] = r2.coordinator.scheduler.active()
+            assert adopted.transfer_id == second.transfer_id
+            assert adopted.reason == TransferReason.legacy(second.reason)
+            [uses] = [n.transfers for n in (await admin.job(job.job_id)).nodes if n.node_id == "d"]
+            # the finished transfer's reason: the same line, now a legacy record
+            assert [u.reason for u in uses] == [
+                TransferReason.legacy(u.reason.render(u.seeder)) for u in before
+            ]
+            assert uses[0].reason.render() == first.reason
+            o2 = Agent(AgentClient(r2.url, node_id="origin", credential=creds["origin"]))
+            d2 = Agent(AgentClient(r2.url, node_id="d", credential=creds["d"]))
+            d2.cursor = cursor
+            await o2.c.heartbeat(Heartbeat(holdings=img.digests))
+            await d2.take()
+            await d2.done(second)
+            view = await admin.job(job.job_id)
+            assert view.state == "done"
+            [uses] = [n.transfers for n in view.nodes if n.node_id == "d"]
+            assert [u.reason.rule for u in uses] == [LEGACY, LEGACY]
+            assert uses[1].reason.render() == second.reason
+            await o2.c.close()
+            await d2.c.close()
+    finally:
+        await r2.stop()
+
+
 def test_a_new_database_gets_the_current_schema_and_reopens_unchanged(tmp_path: Path) -> None:
     store = open_state(tmp_path)
     try:
@@ -195,7 +355,10 @@ def test_a_new_database_gets_the_current_schema_and_reopens_unchanged(tmp_path: 
         store.close()
     again = open_state(tmp_path)
     try:
-        assert (again.get_meta("schema"), again.get_meta("trust_version")) == ("2", "7")
+        assert (again.get_meta("schema"), again.get_meta("trust_version")) == (
+            str(SCHEMA_VERSION),
+            "7",
+        )
     finally:
         again.close()
 

@@ -24,12 +24,15 @@ from rainbowd.core.sched.jobdriver import (
     JobDriver,
 )
 from rainbowd.core.sched.pieces import PieceScheduler
-from rainbowd.core.sched.scheduler import Transfer
+from rainbowd.core.sched.reasons import TransferReason
+from rainbowd.core.sched.records import Transfer
 
 MB = 1e6
 L1, L2 = "sha256:" + "1" * 64, "sha256:" + "2" * 64
 #: the heartbeat interval the tests run with (seconds)
 INTERVAL = 2.0
+#: the reason of a transfer taken back from an agent
+ADOPTED = TransferReason.adopted()
 
 
 @dataclass
@@ -214,7 +217,7 @@ def test_a_piece_done_is_not_the_layer() -> None:
     t = started[0]
     d.done(t.transfer_id, 1.0, s.piece_of(t).size)
     assert not d.holds_layer(t)
-    whole = Transfer("w", L1, "o", "d1", "j", 0.0, "r", 1.0)
+    whole = Transfer("w", L1, "o", "d1", "j", 0.0, ADOPTED, 1.0)
     assert d.holds_layer(whole)  # a whole-layer transfer done is the layer
 
 
@@ -253,7 +256,7 @@ def test_no_readoption_of_a_held_or_replanned_piece() -> None:
 def test_an_unknown_transfer_is_adopted_unless_the_layer_is_on_its_way() -> None:
     d = cluster(fast=50 * MB)
     t = d.adopt_reported("x1", L1, "fast", "d1", "j", 3.0)
-    assert t is not None and t.reason.startswith("adopted")
+    assert t is not None and t.reason.render().startswith("adopted")
     assert t.seeder_speed_bps == 50 * MB
     assert d.scheduler.is_active("x1")
     assert d.adopt_reported("x2", L1, "fast", "d1", "j", 3.0) is None
@@ -262,7 +265,7 @@ def test_an_unknown_transfer_is_adopted_unless_the_layer_is_on_its_way() -> None
 def test_after_a_restart_a_stored_transfer_is_locked_before_nodes_report() -> None:
     d = cluster(fast=50 * MB)
     d.node_down("d1")
-    t = Transfer("t-old", L1, "fast", "d1", "j", 0.0, "r", 50 * MB)
+    t = Transfer("t-old", L1, "fast", "d1", "j", 0.0, ADOPTED, 50 * MB)
     assert d.adopt(t) == t
     d.node_up("d1", 1 * MB)
     d.demand("d1", [L1], "j", 1.0)

@@ -8,7 +8,12 @@ from __future__ import annotations
 import pytest
 
 from rainbowd.core.sched.pieces import PieceScheduler, piece_chunks, split_layer
-from rainbowd.core.sched.scheduler import SchedulerError, Transfer
+from rainbowd.core.sched.reasons import TransferReason
+from rainbowd.core.sched.records import Transfer
+from rainbowd.core.sched.scheduler import SchedulerError
+
+#: the reason of a transfer taken back from an agent
+ADOPTED = TransferReason.adopted()
 
 MB = 1_000_000
 CHUNK = 1 << 20
@@ -114,13 +119,13 @@ def test_a_failed_piece_is_demanded_again_alone() -> None:
 def test_adopt_names_the_piece_by_its_chunk_range() -> None:
     s = swarm(("origin", 4 * MB, 4 * MB, (LAYER,)), ("a", 4 * MB, 4 * MB, ()))
     p = s.pieces(LAYER)[1]
-    t = s.adopt(Transfer("x1", LAYER, "origin", "a", "j", 0.0, "", 0.0, 0.0, p.first, p.end))
+    t = s.adopt(Transfer("x1", LAYER, "origin", "a", "j", 0.0, ADOPTED, 0.0, 0.0, p.first, p.end))
     assert (t.layer, t.first_chunk, t.end_chunk) == (LAYER, p.first, p.end)
     assert s.is_active("x1") and s.receiving("a", LAYER) is not None
     s.demand("a", LAYER, "j", 0.0)
     assert all((x.first_chunk, x.end_chunk) != (p.first, p.end) for x in s.schedule(0.0))
     with pytest.raises(SchedulerError):
-        s.adopt(Transfer("x2", LAYER, "origin", "a", "j", 0.0, "", 0.0, 0.0, 3, 5))
+        s.adopt(Transfer("x2", LAYER, "origin", "a", "j", 0.0, ADOPTED, 0.0, 0.0, 3, 5))
 
 
 def test_a_layer_held_before_its_size_is_known_is_split_when_it_is() -> None:
@@ -151,7 +156,7 @@ def test_fast_nodes_are_fed_first_and_slow_ones_are_not_urgent_at_the_start() ->
     ts = s.schedule(0.0)
     from_origin = [t for t in ts if t.seeder == "origin"]
     assert from_origin and from_origin[0].demander.startswith("fast")
-    assert all("urgent" not in t.reason for t in ts)
+    assert all("urgent" not in t.reason.render() for t in ts)
 
 
 def test_slow_uploads_feed_demanders_that_lack_much() -> None:
@@ -174,7 +179,9 @@ def test_short_pieces_are_striped_so_two_run_beside_each_other() -> None:
     s.demand("a", LAYER, "j", 0.0)
     ts = s.schedule(0.0)  # 1 MiB pieces take 0.13 s at 8 MB/s: striped
     assert len(ts) == 2 and {t.seeder for t in ts} == {"origin"}
-    assert all("planned at 4.0 MB/s" in t.reason for t in ts), [t.reason for t in ts]
+    assert all("planned at 4.0 MB/s" in t.reason.render() for t in ts), [
+        t.reason.render() for t in ts
+    ]
 
 
 def test_long_pieces_and_the_last_one_take_the_whole_download() -> None:
@@ -182,12 +189,12 @@ def test_long_pieces_and_the_last_one_take_the_whole_download() -> None:
     slow = swarm(("origin", 16 * MB, 16 * MB, (LAYER,)), ("b", MB // 4, MB // 4, ()))
     slow.demand("b", LAYER, "j", 0.0)
     (t,) = slow.schedule(0.0)
-    assert "planned at 0.2 MB/s" in t.reason, t.reason  # 0.25 MB/s, as printed
+    assert "planned at 0.2 MB/s" in t.reason.render(), t.reason.render()  # 0.25 MB/s, as printed
     # a one-piece layer: nothing else to ask for, so the transfer takes what there is
     one = swarm(("origin", 16 * MB, 16 * MB, (LAYER,)), ("c", 8 * MB, 8 * MB, ()), size=CHUNK)
     one.demand("c", LAYER, "j", 0.0)
     (t,) = one.schedule(0.0)
-    assert "planned at 8.0 MB/s" in t.reason, t.reason
+    assert "planned at 8.0 MB/s" in t.reason.render(), t.reason.render()
 
 
 def test_a_starving_demander_fills_its_download_with_any_seeders_not_one() -> None:
@@ -211,5 +218,7 @@ def test_a_starving_demander_fills_its_download_with_any_seeders_not_one() -> No
     assert not [t for t in first if t.demander == "fast"]
     # nothing ends (the fake clock only moves): after its patience it is starving
     late = [t for t in s.schedule(patience) if t.demander == "fast"]
-    assert {t.seeder for t in late} == {f"peer-{i}" for i in range(4)}, [t.reason for t in late]
-    assert all("waited" in t.reason for t in late)
+    assert {t.seeder for t in late} == {f"peer-{i}" for i in range(4)}, [
+        t.reason.render() for t in late
+    ]
+    assert all("waited" in t.reason.render() for t in late)

@@ -18,7 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bench.sim.engine import Simulation
 from bench.sim.overheads import Overheads
 from rainbowd.core.sched.policies import RELAY_HOP_S, RULES, Planner
-from rainbowd.core.sched.scheduler import POLICIES, Scheduler, Transfer
+from rainbowd.core.sched.reasons import PLANNED_BPS
+from rainbowd.core.sched.records import Transfer
+from rainbowd.core.sched.scheduler import POLICIES, Scheduler
 from rainbowd.devcluster.profile import load_profile
 
 MB = 1e6
@@ -40,7 +42,7 @@ def make(
 
 def planned(t: Transfer) -> float:
     """The rate a transfer was planned at, from its reason (bytes/s)."""
-    return float(t.reason.split("planned at ")[1].split(" MB/s")[0]) * MB
+    return t.reason.numbers[PLANNED_BPS]
 
 
 def by_demander(ts: list[Transfer]) -> dict[str, Transfer]:
@@ -61,7 +63,7 @@ def test_fastest_serves_the_fastest_demander_first_and_locks_like_paper() -> Non
     s.demand("fast", L1, "j", 1.0)
     (t,) = s.schedule(2.0)  # one upload per seeder
     assert t.demander == "fast"
-    assert "fastest waiting demander first (8.0 MB/s)" in t.reason
+    assert "fastest waiting demander first (8.0 MB/s)" in t.reason.render()
     s.complete(t.transfer_id, 3.0)
     ts = s.schedule(3.0)
     assert {(x.seeder, x.demander) for x in ts} == {("o", "slow")}
@@ -74,7 +76,7 @@ def test_a_seeder_runs_as_many_uploads_as_its_capacity_covers() -> None:
         s.demand(f"d{i}", L1, "j", 0.0)
     ts = s.schedule(0.0)
     assert len(ts) == 5  # 5 x 2 MB/s fill 10 MB/s; the other two wait
-    assert all("planned at 2.0 MB/s" in t.reason for t in ts)
+    assert all("planned at 2.0 MB/s" in t.reason.render() for t in ts)
     s.complete(ts[0].transfer_id, 5.0)
     assert len(s.schedule(5.0)) == 2  # the freed slot plus the new seeder's
 
@@ -101,7 +103,7 @@ def test_best_fit_keeps_big_free_uploads_for_fast_demanders() -> None:
     got = by_demander(s.schedule(0.0))
     assert got["fast"].seeder == "big"  # the only upload covering 10 MB/s
     assert got["slow"].seeder == "small"  # 2.5 covers 2 most tightly
-    assert "best-fit seeder, 2.5 of its 2.5 MB/s upload free" in got["slow"].reason
+    assert "best-fit seeder, 2.5 of its 2.5 MB/s upload free" in got["slow"].reason.render()
 
 
 def test_a_slow_seeder_is_not_given_a_fast_demander() -> None:
@@ -144,7 +146,7 @@ def test_a_starving_demander_takes_any_seeder_after_its_patience() -> None:
     patience = RULES[policy].patience_s
     (t,) = s.schedule(patience + 0.1)
     assert (t.seeder, t.demander) == ("slow", waiting)
-    assert "nothing in flight" in t.reason
+    assert "nothing in flight" in t.reason.render()
 
 
 def test_fault_rules_hold_under_the_new_policies() -> None:
@@ -175,8 +177,8 @@ def test_the_slowest_download_starts_at_once_next_to_a_fast_one() -> None:
     s.demand("slow", L1, "j", 0.0)
     got = by_demander(s.schedule(0.0))
     assert set(got) == {"fast", "slow"}
-    assert got["slow"].reason.endswith("urgent: needs 20.0 s of download, little slack")
-    assert "planned at 3.5 MB/s" in got["fast"].reason
+    assert got["slow"].reason.render().endswith("urgent: needs 20.0 s of download, little slack")
+    assert "planned at 3.5 MB/s" in got["fast"].reason.render()
 
 
 def test_urgent_demanders_take_at_most_their_share_of_a_seeder() -> None:
@@ -186,7 +188,7 @@ def test_urgent_demanders_take_at_most_their_share_of_a_seeder() -> None:
         s.demand(f"s{i}", L1, "j", 0.0)
     s.demand("fast", L1, "j", 0.0)
     got = by_demander(s.schedule(0.0))
-    urgent = [d for d, t in got.items() if "urgent" in t.reason]
+    urgent = [d for d, t in got.items() if "urgent" in t.reason.render()]
     assert len(urgent) == 4  # 4 x 0.5 = half of the origin's 4 MB/s
     assert "fast" in got  # the other half goes to the node that grows the seeding capacity
 
@@ -196,8 +198,10 @@ def test_a_node_is_not_urgent_while_it_has_slack() -> None:
     s.demand("slow", L1, "j", 0.0)
     s.demand("mid", L1, "j", 0.0)
     got = by_demander(s.schedule(0.0))
-    assert "urgent" in got["slow"].reason
-    assert "fastest waiting demander first" in got["mid"].reason  # 5 s of need, 26 s horizon
+    assert "urgent" in got["slow"].reason.render()
+    assert (
+        "fastest waiting demander first" in got["mid"].reason.render()
+    )  # 5 s of need, 26 s horizon
 
 
 def test_a_small_layer_goes_directly_to_everyone_at_once() -> None:
@@ -207,7 +211,7 @@ def test_a_small_layer_goes_directly_to_everyone_at_once() -> None:
         s.demand(f"d{i}", L1, "j", 0.0)
     ts = s.schedule(0.0)
     assert len(ts) == 50 and {t.seeder for t in ts} == {"o"}
-    assert all("direct -- the layer is small (10000 B)" in t.reason for t in ts)
+    assert all("direct -- the layer is small (10000 B)" in t.reason.render() for t in ts)
 
 
 def test_a_big_layer_is_not_sent_directly() -> None:
@@ -217,7 +221,7 @@ def test_a_big_layer_is_not_sent_directly() -> None:
         s.demand(f"d{i}", L1, "j", 0.0)
     ts = s.schedule(0.0)
     # 50 MB would take 12.5 s: planned transfers only, within the origin's 4 MB/s
-    assert ts and not any("direct" in t.reason for t in ts)
+    assert ts and not any("direct" in t.reason.render() for t in ts)
     assert sum(planned(t) for t in ts) <= 4 * MB
 
 
@@ -311,8 +315,8 @@ def test_a_node_receiving_a_layer_relays_it_at_no_more_than_its_inbound_rate() -
     (tb,) = s.schedule(0.5)
     assert (tb.seeder, tb.demander) == ("a", "b")
     assert planned(tb) == 4 * MB  # capped at a's inbound 4 MB/s, not a's 8 MB/s upload
-    assert "cut-through relay" in tb.reason and "still receiving" in tb.reason
-    assert "no faster than its inbound" in tb.reason
+    assert "cut-through relay" in tb.reason.render() and "still receiving" in tb.reason.render()
+    assert "no faster than its inbound" in tb.reason.render()
     # holdings are not touched: a is a relay, not a holder
     assert s.holders(L1) == ["o"]
 
@@ -334,7 +338,7 @@ def test_a_complete_holder_that_fits_goes_before_a_relay() -> None:
     assert ta.seeder == "o"  # best fit: o's 2 MB/s covers a's 2 MB/s exactly
     s.demand("b", L1, "j", 0.1)
     (tb,) = s.schedule(0.1)
-    assert tb.seeder == "h" and "cut-through" not in tb.reason
+    assert tb.seeder == "h" and "cut-through" not in tb.reason.render()
 
 
 def test_a_relay_stops_relaying_when_its_inbound_ends_and_serves_as_a_holder_after() -> None:
@@ -343,17 +347,17 @@ def test_a_relay_stops_relaying_when_its_inbound_ends_and_serves_as_a_holder_aft
     assert isinstance(planner, Planner)
     s.demand("a", L1, "j", 0.0)
     (ta,) = s.schedule(0.0)
-    assert planner.relay_rate(s._nodes["a"], L1) == 4 * MB
+    assert planner.relay_rate(s.nodes["a"], L1) == 4 * MB
     s.fail(ta.transfer_id)  # a's own pull broke: it is no relay of L1 any more
-    assert planner.relay_rate(s._nodes["a"], L1) == 0.0
+    assert planner.relay_rate(s.nodes["a"], L1) == 0.0
     (ta2,) = s.schedule(0.1)
     assert (ta2.seeder, ta2.demander) == ("o", "a")
     s.complete(ta2.transfer_id, 3.0, 10_000_000)
-    assert planner.relay_rate(s._nodes["a"], L1) == 0.0 and s.holds("a", L1)
+    assert planner.relay_rate(s.nodes["a"], L1) == 0.0 and s.holds("a", L1)
     # a holder now: it seeds at its full free upload, as any holder does
     s.demand("c", L1, "j", 3.0)
     (tc,) = s.schedule(3.0)
-    assert tc.seeder == "a" and "cut-through" not in tc.reason and planned(tc) == 8 * MB
+    assert tc.seeder == "a" and "cut-through" not in tc.reason.render() and planned(tc) == 8 * MB
 
 
 def test_a_relays_downstream_stays_when_its_inbound_fails_and_is_replanned_after() -> None:
@@ -393,12 +397,12 @@ def test_a_relay_chain_stops_where_its_tail_would_trail_too_far() -> None:
     assert chain["n0"].seeder == "o"
     for i in range(1, depth + 1):
         t = chain[f"n{i}"]
-        assert t.seeder == f"n{i - 1}" and "cut-through" in t.reason
-        assert f"first chunk {i * hop:.1f} s behind a complete copy" in t.reason
+        assert t.seeder == f"n{i - 1}" and "cut-through" in t.reason.render()
+        assert f"first chunk {i * hop:.1f} s behind a complete copy" in t.reason.render()
     # the chain's last node is no relay: the rest wait for a holder
     assert set(chain) == {f"n{i}" for i in range(depth + 1)}
-    assert planner.relay_rate(s._nodes[f"n{depth}"], L1) == 0.0
-    assert planner.relay_rate(s._nodes[f"n{depth - 1}"], L1) == 0.0  # its upload is in use
+    assert planner.relay_rate(s.nodes[f"n{depth}"], L1) == 0.0
+    assert planner.relay_rate(s.nodes[f"n{depth - 1}"], L1) == 0.0  # its upload is in use
 
 
 def test_the_lag_budget_grows_by_one_per_tenfold_beyond_100_nodes() -> None:
@@ -432,9 +436,9 @@ def test_a_hop_lags_by_a_chunk_on_the_link_into_the_relay() -> None:
     assert tf.seeder == "o" and planned(tf) == 4 * MB
     s.demand("s", L1, "j", 0.1)
     (ts,) = s.schedule(0.1)
-    assert ts.seeder == "f" and "cut-through" in ts.reason
+    assert ts.seeder == "f" and "cut-through" in ts.reason.render()
     inbound_hop = 256 * 1024 / (4 * MB) + RELAY_HOP_S  # 0.2 s; on s's link it would be 0.7 s
-    assert f"first chunk {inbound_hop:.1f} s behind a complete copy" in ts.reason
+    assert f"first chunk {inbound_hop:.1f} s behind a complete copy" in ts.reason.render()
 
 
 def test_a_layer_of_one_chunk_is_not_relayed() -> None:
@@ -443,11 +447,11 @@ def test_a_layer_of_one_chunk_is_not_relayed() -> None:
     s.set_layer_size(L1, 3_000_000, 4 * 1024 * 1024)  # 0.75 s at 4 MB/s: too big to send direct
     s.demand("a", L1, "j", 0.0)
     (ta,) = s.schedule(0.0)
-    assert ta.seeder == "o" and "direct" not in ta.reason
+    assert ta.seeder == "o" and "direct" not in ta.reason.render()
     s.demand("b", L1, "j", 0.1)
     assert s.schedule(0.1) == []  # b waits for a holder rather than relaying through a
     planner = s._planner
-    assert isinstance(planner, Planner) and planner.relay_rate(s._nodes["a"], L1) == 0.0
+    assert isinstance(planner, Planner) and planner.relay_rate(s.nodes["a"], L1) == 0.0
 
 
 def test_relay_asks_for_the_rarest_layer_first() -> None:

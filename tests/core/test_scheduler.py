@@ -13,15 +13,15 @@ from collections.abc import Iterable
 
 import pytest
 
+from rainbowd.core.sched import reasons as rs
 from rainbowd.core.sched.jobdriver import Failure, JobDriver
 from rainbowd.core.sched.pieces import PieceScheduler
-from rainbowd.core.sched.scheduler import (
-    DEFAULT_SPEED_BPS,
-    POLICIES,
-    Scheduler,
-    SchedulerError,
-    Transfer,
-)
+from rainbowd.core.sched.reasons import TransferReason
+from rainbowd.core.sched.records import Transfer
+from rainbowd.core.sched.scheduler import DEFAULT_SPEED_BPS, POLICIES, Scheduler, SchedulerError
+
+#: the reason of a transfer taken back from an agent
+ADOPTED = TransferReason.adopted()
 
 MB = 1e6
 L1, L2, L3 = "sha256:" + "1" * 64, "sha256:" + "2" * 64, "sha256:" + "3" * 64
@@ -121,10 +121,10 @@ def test_reason_names_policy_and_measured_speed() -> None:
     s = make(("o", 12 * MB, (L1,)), ("p", 7 * MB, (L1,)), ("a", 1 * MB, ()))
     s.demand("a", L1, "j", 0.0)
     (t,) = s.schedule(0.0)
-    assert t.reason
-    assert t.reason.startswith("paper")
-    assert "12.0 MB/s" in t.reason
-    assert "1 slower idle holder" in t.reason
+    assert t.reason.render()
+    assert t.reason.render().startswith("paper")
+    assert "12.0 MB/s" in t.reason.render()
+    assert "1 slower idle holder" in t.reason.render()
 
 
 def test_every_transfer_has_a_distinct_id() -> None:
@@ -421,7 +421,7 @@ def test_observe_speed_reorders_seeders() -> None:
     s.demand("d", L1, "j", 0.0)
     (t,) = s.schedule(0.0)
     assert t.seeder == "o"
-    assert "10.0 MB/s" in t.reason
+    assert "10.0 MB/s" in t.reason.render()
 
 
 def test_observe_speed_ignores_non_positive_values() -> None:
@@ -509,7 +509,7 @@ def simulate(
             assert s.holds(t.seeder, t.layer)
             assert not s.holds(t.demander, t.layer)
             assert (t.demander, t.layer) not in moved
-            assert t.reason.startswith("paper") and "MB/s" in t.reason
+            assert t.reason.render().startswith("paper") and "MB/s" in t.reason.render()
             seeding[t.seeder] = t.transfer_id
             receiving[t.demander] = t.transfer_id
             by_id[t.transfer_id] = t
@@ -574,7 +574,7 @@ def test_simulation_beats_origin_alone() -> None:
 
 # -- faults: adoption, suspects, avoidance, penalties --------------------------
 def _running(tid: str, layer: str, seeder: str, demander: str) -> Transfer:
-    return Transfer(tid, layer, seeder, demander, "j", 0.0, "before the restart", 1 * MB)
+    return Transfer(tid, layer, seeder, demander, "j", 0.0, ADOPTED, 1 * MB)
 
 
 def test_adopted_transfer_locks_its_pair_and_blocks_a_second_copy() -> None:
@@ -788,10 +788,8 @@ class ReferenceScheduler:
                     continue
                 others = sum(1 for _, n in idle if w[0] in self.holdings[n])
                 speed = self.speeds[seeder]
-                reason = (
-                    "paper: fastest idle seeder holding the layer "
-                    f"({speed / 1e6:.1f} MB/s measured; {others} slower idle holder(s) left)"
-                )
+                numbers = {rs.SEEDER_BPS: speed, rs.SLOWER_IDLE: float(others)}
+                reason = TransferReason(rule=rs.FASTEST_IDLE, policy="paper", numbers=numbers)
                 t = Transfer(
                     self._new_id(), w[0], seeder, demander, w[1], now, reason, speed, speed
                 )
@@ -919,7 +917,7 @@ def _random_run(seed: int, steps: int = 600) -> int:
                 demander = rng.choice(active).demander
                 wants = [lr for n, lr in ref.pending() if n == demander] or [layer]
                 other, layer = demander, rng.choice(wants)
-            both("adopt", Transfer(tid, layer, node, other, "j", now, "adopted", 1 * MB))
+            both("adopt", Transfer(tid, layer, node, other, "j", now, ADOPTED, 1 * MB))
         else:
             both("add_node", node)  # a heartbeat: back up, no longer suspect
         # every node now and then; the ones just touched each step

@@ -18,7 +18,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from rainbowd.core.sched.pieces import PieceScheduler
-from rainbowd.core.sched.scheduler import Transfer
+from rainbowd.core.sched.records import Transfer
 from rainbowd.core.sched.waiting import BLOCK, CLOSED, Bar, Hope, WaitIndex
 
 MB = 1e6

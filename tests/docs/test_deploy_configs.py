@@ -19,6 +19,7 @@ def test_agent_example_loads() -> None:
     assert cfg.coordinator_url.startswith("http")
     assert cfg.ssh_port == 7722
     assert cfg.metrics_address() is None  # metrics are off unless the operator opts in
+    assert cfg.mirror_address() == ("127.0.0.1", 5000)  # the front door is on, on loopback
 
 
 def test_prometheus_example_scrapes_the_jobs_the_dashboard_expects() -> None:

@@ -228,6 +228,19 @@ COMMANDS: dict[str, Run | Skip] = {
     ),
     'curl -H "Authorization: Bearer $(cat /var/lib/rbd/coordinator/metrics-token)" '
     "http://10.0.0.1:7700/metrics": Run(output=r"rbd_coordinator_nodes\{"),
+    # -- INSTALL.md § 8 --------------------------------------------------------------------------
+    "rbd-agent mirror-config containerd": Skip(
+        "reads /etc/rbd/agent.toml, which no agent here uses",
+        covered_by="tests/agent/test_mirror_config.py::test_mirror_config_prints_and_writes",
+    ),
+    "rbd-agent mirror-config containerd --registry registry.example.com:5000 --write": Skip(
+        "writes this host's /etc/containerd",
+        covered_by="tests/agent/test_mirror_config.py::test_mirror_config_prints_and_writes",
+    ),
+    "rbd-agent mirror-config docker --write && systemctl restart docker": Skip(
+        "writes this host's /etc/docker and restarts its dockerd",
+        covered_by="tests/agent/test_mirror_config.py::test_mirror_config_prints_and_writes",
+    ),
     # -- INSTALL.md: upgrading -------------------------------------------------------------------
     "/opt/rbd/venv/bin/pip install --force-reinstall --no-deps dist/rainbowd-*.whl": Skip(
         "the wheel test runs it (offline)", covered_by=WHEEL

@@ -45,9 +45,24 @@ def big_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_demo_image(tmp_path_factory.mktemp("img") / "big.tar", payload_mib=PAYLOAD_MIB)
 
 
-async def start_cluster(root: Path, nodes: list[str], interval: float) -> LocalCluster:
+#: n2's download cap in the seeder-death test: 64 MiB then take ~3.4 s, so the kill lands
+#: mid-transfer however fast loopback is (uncapped, a quiet host moved it all in ~0.5 s and
+#: the kill could come after the last chunk)
+N2_DOWNLOAD_MBPS = 160.0
+
+
+async def start_cluster(
+    root: Path, nodes: list[str], interval: float, capped: dict[str, float] | None = None
+) -> LocalCluster:
+    """Origin + ``nodes``; ``capped`` maps a node to its agent's ``max_download_mbps``."""
+    capped = capped or {}
     specs = [NodeSpec("origin", roles=["origin"], speed_hint_mbps=1000)]
-    specs += [NodeSpec(n, speed_hint_mbps=500) for n in nodes]
+    specs += [
+        NodeSpec(
+            n, speed_hint_mbps=500, config={"max_download_mbps": capped[n]} if n in capped else {}
+        )
+        for n in nodes
+    ]
     c = LocalCluster(
         root, specs, chunk_size=CHUNK, heartbeat_interval=interval, policy=WHOLE_LAYERS
     )
@@ -57,7 +72,9 @@ async def start_cluster(root: Path, nodes: list[str], interval: float) -> LocalC
 
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
-    c = await start_cluster(tmp_path / "cluster", ["n1", "n2", "n3"], 0.5)
+    c = await start_cluster(
+        tmp_path / "cluster", ["n1", "n2", "n3"], 0.5, capped={"n2": N2_DOWNLOAD_MBPS}
+    )
     try:
         yield c
     finally:

@@ -108,7 +108,7 @@ async def test_distribute_to_all_verifies_every_layer_and_runs_in_docker(
             continue
         assert sorted(t.layer for t in n.transfers) == sorted(layer_digests), n.node_id
         seeders |= {t.seeder for t in n.transfers}
-        assert all(t.reason for t in n.transfers)
+        assert all(t.reason.rule and t.reason.render() for t in n.transfers)
     assert seeders - {"origin"}, "finished demanders never became seeders"
 
     # the docker node loaded the image: a container from it runs
@@ -149,7 +149,8 @@ async def test_capacity_policies_distribute_to_all(
                 continue
             # every layer arrived; a split layer may show a line per seeder that fed it
             assert {t.layer for t in n.transfers} == digests, n.node_id
-            assert all(t.reason.startswith(f"{policy}: ") for t in n.transfers)
+            assert all(t.reason.policy == policy for t in n.transfers)
+            assert all(t.reason.render(t.seeder).startswith(f"{policy}: ") for t in n.transfers)
             status = await c.agent_status(n.node_id)
             assert digests <= {h["digest"] for h in status["holdings"]}
             assert not status["partials"]

@@ -273,11 +273,11 @@ async def test_fd_exhaustion_refuses_connections_and_the_agent_lives(tmp_path: P
         st = await wait_until(refused_enough, timeout=30, what="the seed to refuse the idle ones")
         # two more heartbeats land while the idle connections are held
         for _ in range(2):
-            seen = st["coordinator"]["last_contact_age"]
+            seen = st["coordinator"]["last_contact_at"]
 
             async def contact_after(seen: float = seen) -> dict[str, Any] | None:
                 got = await status()
-                return got if got["coordinator"]["last_contact_age"] < seen else None
+                return got if got["coordinator"]["last_contact_at"] > seen else None
 
             st = await wait_until(contact_after, timeout=30, what="the seed's next heartbeat")
         assert st["coordinator"]["connected"]

@@ -146,6 +146,7 @@ def register_request(
     *,
     roles: Sequence[str] = (),
     docker: bool = False,
+    containerd: bool = False,
     speed: float = 0.0,
     holdings: Sequence[str] = (),
     join: str = JOIN,
@@ -162,6 +163,7 @@ def register_request(
         client_key=f"ssh-ed25519 CLIENTKEY{node_id}",
         roles=list(roles),
         docker=docker,
+        containerd=containerd,
         speed_hint_bps=speed,
         holdings=list(holdings),
     )

@@ -3,7 +3,7 @@
 It enrolls with the coordinator, reports what it holds, long-polls for
 assignments and carries them out: pull a layer from a peer (``transfer``),
 read an image from its source (``ingest``, origin role only), or load a
-complete image into Docker (``load``). It also serves its own layers to
+complete image into Docker and/or containerd (``load``). It also serves its own layers to
 trusted peers over SSH and answers ``rbd-agent status`` on a unix socket.
 
 Concurrency: :meth:`Agent.run` owns one TaskGroup. Every task in it is a loop
@@ -27,6 +27,7 @@ from typing import Any
 import structlog
 
 from rainbowd.agent.config import AgentConfig
+from rainbowd.agent.containerd.loader import ContainerdLoader
 from rainbowd.agent.control.report_batch import BatchOrSingle, TransferReporter
 from rainbowd.agent.control.report_sender import Attempt, ReportSender
 from rainbowd.agent.dataplane.keys import load_or_create_key, public_line
@@ -36,7 +37,10 @@ from rainbowd.agent.dataplane.ssh_server import ChunkServer
 from rainbowd.agent.docker.loader import DockerLoader
 from rainbowd.agent.docker.ops import OpRunner
 from rainbowd.agent.hygiene import StoreHygiene
+from rainbowd.agent.loadstream import Loader
 from rainbowd.agent.metrics import AgentMetrics, MetricsServer
+from rainbowd.agent.mirror.catalog import CatalogError, ImageCatalog
+from rainbowd.agent.mirror.server import MirrorServer
 from rainbowd.agent.origin import ingest as origin
 from rainbowd.agent.status import StatusServer
 from rainbowd.core import messages as m
@@ -135,9 +139,35 @@ class Agent:
             relay=self.relay,
         )
         self.loader = DockerLoader(config.docker_url) if config.docker_url else None
+        # containerd is a load target too (agent/containerd/): a node without Docker runs
+        # what rbd distributes, and a node with both gets every image into both
+        self.containerd = (
+            ContainerdLoader(
+                config.containerd_address,
+                config.containerd_namespace,
+                snapshotter=config.containerd_snapshotter,
+            )
+            if config.containerd_address
+            else None
+        )
         self.view = AgentView()
         self.metrics.watch(self)
         self.metrics_server: MetricsServer | None = None
+        # the registry front door (agent/mirror/): off unless mirror_listen is set
+        self.catalog = ImageCatalog(config.mirror_dir)
+        mirror_at = config.mirror_address()
+        self.mirror: MirrorServer | None = None
+        if mirror_at is not None:
+            self.mirror = MirrorServer(
+                self.store,
+                self.catalog,
+                *mirror_at,
+                node_id=config.node_id,
+                verify_reads=config.verify_served,
+                hooks=self.metrics,
+                on_served=lambda layer: self.hygiene.used(layer),
+                on_corrupt=self._own_copy_corrupt,
+            )
         limits = (
             StoreLimits(
                 config.store_max_bytes, config.store_high_watermark, config.store_low_watermark
@@ -148,7 +178,7 @@ class Agent:
         self.hygiene = StoreHygiene(
             self.store, limits, node_id=config.node_id, local_pins=self._busy_layers
         )
-        self._loading: dict[str, int] = {}  # layer -> Docker loads reading it now
+        self._loading: dict[str, int] = {}  # layer -> image loads reading it now
         self.api = AgentClient(config.coordinator_url, timeout=config.request_timeout)
         self.reports = ReportSender(config.node_id, give_up_after=config.report_retry_seconds)
         # transfer progress/done/failed: several to a request (agent/control/report_batch.py)
@@ -211,7 +241,8 @@ class Agent:
     def _busy_layers(self) -> set[str]:
         """Layers in use on this host right now: pulled, served, loaded (never evicted)."""
         busy = {w.layer for w in self.view.active.values()}
-        return busy | set(self.server.serving) | set(self._loading)
+        mirrored = set(self.mirror.serving) if self.mirror is not None else set()
+        return busy | set(self.server.serving) | set(self._loading) | mirrored
 
     # -- lifecycle -------------------------------------------------------
     async def run(self) -> None:
@@ -225,6 +256,8 @@ class Agent:
                 self.metrics, *metrics_at, self.config.metrics_token()
             )
             await self.metrics_server.start()
+        if self.mirror is not None:
+            await self.mirror.start()
         self.log.info(
             "agent started", ssh_port=self.server_port, status_socket=str(self.config.status_path)
         )
@@ -247,6 +280,8 @@ class Agent:
             await status.close()
             if self.metrics_server is not None:
                 await self.metrics_server.close()
+            if self.mirror is not None:
+                await self.mirror.close()
             self._control_pool.shutdown(wait=True)
             self.log.info("agent stopped")
 
@@ -291,6 +326,7 @@ class Agent:
             labels=dict(cfg.labels),
             roles=list(cfg.roles),
             docker=self.loader is not None and await self.loader.available(),
+            containerd=self.containerd is not None and await self.containerd.available(),
             disk_free=self.store.bytes_free(),
             speed_hint_bps=cfg.speed_hint_mbps * 1e6 / 8,
             download_hint_bps=cfg.download_hint_mbps * 1e6 / 8,
@@ -560,6 +596,7 @@ class Agent:
         for lr in record.layers:
             self.hygiene.used(lr.digest)
         self.hygiene.kick()
+        await self._catalog_image(record)
         ilog.info("image ingested", layers=len(record.layers), size=record.size)
         await self._report(
             f"ingest {a.ingest_id} of {a.ref} done",
@@ -568,42 +605,87 @@ class Agent:
             ),
         )
 
+    def _engines(self) -> list[tuple[str, Loader]]:
+        """The engines a load goes into, by name: Docker, then containerd, as configured."""
+        engines: list[tuple[str, Loader]] = []
+        if self.loader is not None:
+            engines.append(("Docker", self.loader))
+        if self.containerd is not None:
+            engines.append(("containerd", self.containerd))
+        return engines
+
     async def _load(self, a: m.LoadAssignment) -> None:
+        """Load ``a.image`` into every engine this node has; one failure fails the load.
+
+        Every engine, not one: the agent cannot know which runtime will run
+        the image (a Kubernetes node's containerd, a Docker beside it for
+        builds), and an engine left out would pull it from the registry
+        anyway. A load is done only when each engine holds the image, so the
+        job never reports "done" for a node where one of them lacks it.
+        """
         llog = self.log.bind(image=a.image.ref, load=a.load_id)
-        if self.loader is None:
-            reason = f"node {self.config.node_id} has no Docker engine configured (docker_url)"
+        engines = self._engines()
+        if not engines:
+            reason = (
+                f"node {self.config.node_id} has no Docker engine (docker_url) nor containerd "
+                "(containerd_address) configured"
+            )
             await self._report(
                 f"load {a.load_id} of {a.image.ref} failed",
                 lambda rid: self.api.load_failed(a.load_id, m.TaskFailed(reason=reason), rid),
             )
             return
+        # every layer is held (that is when a load is sent): the front door may serve it
+        await self._catalog_image(a.image)
         layers = [lr.digest for lr in a.image.layers]
         for d in layers:
             self._loading[d] = self._loading.get(d, 0) + 1
+        seconds, layers_sent, failed = 0.0, 0, ""
         try:
-            result = await self.loader.load(a.image, self.store)
-        except Exception as e:  # Docker errors come in many types; all are reported
-            reason = f"node {self.config.node_id} could not load {a.image.ref} into Docker: {e}"
-            llog.warning("docker load failed", error=str(e))
-            await self._report(
-                f"load {a.load_id} of {a.image.ref} failed",
-                lambda rid: self.api.load_failed(a.load_id, m.TaskFailed(reason=reason), rid),
-            )
-            return
+            for engine, loader in engines:
+                try:
+                    result = await loader.load(a.image, self.store)
+                except Exception as e:  # engine errors come in many types; all are reported
+                    failed = (
+                        f"node {self.config.node_id} could not load {a.image.ref} "
+                        f"into {engine}: {e}"
+                    )
+                    llog.warning("image load failed", engine=engine, error=str(e))
+                    break
+                seconds += result.seconds
+                layers_sent += result.layers_sent
+                llog.info("image loaded", engine=engine, layers_sent=result.layers_sent)
         finally:
             for d in layers:
                 left = self._loading.pop(d, 1) - 1
                 if left > 0:
                     self._loading[d] = left
                 self.hygiene.used(d)
+        if failed:
+            await self._report(
+                f"load {a.load_id} of {a.image.ref} failed",
+                lambda rid: self.api.load_failed(a.load_id, m.TaskFailed(reason=failed), rid),
+            )
+            return
         self.view.images[a.image.ref] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        llog.info("image loaded into docker", layers_sent=result.layers_sent)
         await self._report(
             f"load {a.load_id} of {a.image.ref} done",
             lambda rid: self.api.load_done(
-                a.load_id, m.LoadDone(seconds=result.seconds, layers_sent=result.layers_sent), rid
+                a.load_id, m.LoadDone(seconds=seconds, layers_sent=layers_sent), rid
             ),
         )
+
+    async def _catalog_image(self, image: m.ImageRecord) -> None:
+        """Keep ``image``'s manifest and config for the registry front door.
+
+        Never fails the work it rides on: an image the catalog refuses (its
+        config does not match its digest) or cannot write is only not served
+        by the front door, and a client pulling it goes to its upstream.
+        """
+        try:
+            await asyncio.to_thread(self.catalog.record, image)
+        except (CatalogError, OSError) as e:
+            self.log.error("mirror_catalog_failed", image=image.ref, error=str(e))
 
     async def _report(self, what: str, send: Attempt) -> None:
         """Send a final report once; retried on connection errors and 5xx (report_sender.py)."""
@@ -629,6 +711,8 @@ class Agent:
                 "last_contact_age": (now - self.view.last_contact)
                 if self.view.last_contact
                 else None,
+                # the contact's own time: a watcher tells one contact from the next exactly
+                "last_contact_at": self.view.last_contact or None,
                 "connected": bool(self.view.last_contact)
                 and now - self.view.last_contact < max(30.0, 3 * self.view.heartbeat_interval),
                 "last_error": self.view.last_error,
@@ -641,6 +725,9 @@ class Agent:
             },
             "roles": cfg.roles,
             "docker_url": cfg.docker_url,
+            "containerd": {"address": cfg.containerd_address, "namespace": cfg.containerd_namespace}
+            if cfg.containerd_address
+            else None,
             "holdings": holdings,
             "partials": [
                 {"digest": d, "have": have, "count": n} for d, have, n in self.store.partials()
@@ -660,6 +747,9 @@ class Agent:
             ],
             "disk": {"used": self.store.bytes_used(), "free": self.store.bytes_free()},
             "metrics_url": self.metrics_server.url if self.metrics_server is not None else "",
+            "mirror_url": self.mirror.url if self.mirror is not None else "",
+            # ref -> manifest digest the front door serves (pull REPO@DIGEST from it)
+            "mirror_images": dict(sorted(self.catalog.recorded.items())),
             "store": self.hygiene.status(),
             "served_bytes": dict(self.server.bytes_served),
             "relayed_chunks": self.relay.relayed_chunks,

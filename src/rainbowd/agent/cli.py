@@ -1,7 +1,8 @@
-"""``rbd-agent``: run the agent, or show a running agent's status.
+"""``rbd-agent``: run the agent, show a running agent's status, or set up its mirror's clients.
 
 rbd-agent run --config /etc/rbd/agent.toml
 rbd-agent status [--socket PATH | --config FILE] [--json]
+rbd-agent mirror-config containerd|docker [--write]
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 from rainbowd.agent.config import AgentConfig, ConfigError, load_config
+from rainbowd.agent.mirror import cli as mirror_cli
 from rainbowd.agent.status import AgentNotRunning, fetch_status, render_json, render_status
 from rainbowd.lib import log
 
@@ -37,9 +39,12 @@ def main(argv: list[str] | None = None) -> int:
         "else the config of the one agent running here)",
     )
     st.add_argument("--json", action="store_true", help="machine-readable output")
+    mirror_cli.add_parser(sub, DEFAULT_CONFIG)
     args = p.parse_args(argv)
     if args.cmd == "run":
         return _run(args)
+    if args.cmd == "mirror-config":
+        return mirror_cli.run(args)
     return _status(args)
 
 

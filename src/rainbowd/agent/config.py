@@ -6,6 +6,7 @@ The keys are documented with examples in deploy/config/agent.example.toml.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -26,6 +27,16 @@ class ConfigError(ValueError):
     """The agent configuration is unusable; the message says which key and why."""
 
 
+#: the CRI plugin's namespace (what the kubelet sees); see AgentConfig.containerd_namespace
+DEFAULT_CONTAINERD_NAMESPACE = "k8s.io"
+#: a unix socket path is at most 107 bytes (sun_path is 108 with its NUL)
+MAX_SOCKET_PATH = 107
+#: containerd's own rule for a namespace (and the one we apply to a snapshotter name):
+#: alphanumerics joined by single '.', '_' or '-', at most 76 characters
+_CONTAINERD_IDENT = re.compile(r"^[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*$")
+MAX_CONTAINERD_IDENT = 76
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     node_id: str
@@ -38,6 +49,17 @@ class AgentConfig:
     roles: list[str] = field(default_factory=list)
     labels: dict[str, str] = field(default_factory=dict)
     docker_url: str = ""  # "" = no Docker engine on this host
+    #: containerd's socket (its [grpc] address), a load target beside Docker
+    #: (agent/containerd/loader.py); "" = off: no containerd on this host
+    containerd_address: str = ""
+    #: the containerd namespace images are loaded into. k8s.io by default: it is the
+    #: one the CRI plugin (the kubelet's view) lists and runs images from, and most
+    #: containerd hosts are Kubernetes nodes; "default" is where plain ctr and
+    #: nerdctl look
+    containerd_namespace: str = DEFAULT_CONTAINERD_NAMESPACE
+    #: the snapshotter an import unpacks into; "" = containerd's default (overlayfs),
+    #: which is also the CRI's. Set it only when containerd runs another one
+    containerd_snapshotter: str = ""
     speed_hint_mbps: float = 0.0
     #: download speed in Mbit/s, for asymmetric links (0 = unknown: speed_hint_mbps)
     download_hint_mbps: float = 0.0
@@ -58,6 +80,12 @@ class AgentConfig:
     metrics_listen: str = ""
     #: file with a bearer token GET /metrics then requires (None = no token)
     metrics_token_file: Path | None = None
+    #: HOST:PORT of the registry front door (agent/mirror/: the OCI distribution read
+    #: API over the images this node holds); "" = off, the default here for the same
+    #: reason as metrics_listen (several agents on one host would fight over one
+    #: port); deploy/config/agent.example.toml turns it on at 127.0.0.1:5000, loopback:
+    #: it answers without authentication, for the container runtimes of this host
+    mirror_listen: str = ""
     #: cap on the bytes/s this agent pulls from peers, in Mbit/s (0 = no cap)
     max_download_mbps: float = 0.0
     #: most bytes rbd's own store files may take (0 = no limit); see rainbowd.core.eviction
@@ -92,6 +120,11 @@ class AgentConfig:
         return self.state_dir / "store"
 
     @property
+    def mirror_dir(self) -> Path:
+        """Manifests and configs the registry front door serves (agent/mirror/catalog.py)."""
+        return self.state_dir / "mirror"
+
+    @property
     def keys_dir(self) -> Path:
         return self.state_dir / "keys"
 
@@ -113,6 +146,12 @@ class AgentConfig:
     def metrics_address(self) -> tuple[str, int] | None:
         """(host, port) of the metrics endpoint, or None when it is off."""
         return _host_port(self.metrics_listen) if self.metrics_listen else None
+
+    def mirror_address(self) -> tuple[str, int] | None:
+        """(host, port) of the registry front door, or None when it is off."""
+        if not self.mirror_listen:
+            return None
+        return _host_port(self.mirror_listen, "mirror_listen", MIRROR_EXAMPLE)
 
     def metrics_token(self) -> str:
         """The token GET /metrics requires ("" = none); a configured file must hold one."""
@@ -151,6 +190,9 @@ class _Raw(msgspec.Struct, forbid_unknown_fields=True):
     roles: list[str] = []
     labels: dict[str, str] = {}
     docker_url: str = ""
+    containerd_address: str = ""
+    containerd_namespace: str = DEFAULT_CONTAINERD_NAMESPACE
+    containerd_snapshotter: str = ""
     speed_hint_mbps: float = 0.0
     download_hint_mbps: float = 0.0
     status_socket: str = ""
@@ -161,6 +203,7 @@ class _Raw(msgspec.Struct, forbid_unknown_fields=True):
     max_upload_mbps: float = 0.0
     metrics_listen: str = ""
     metrics_token_file: str = ""
+    mirror_listen: str = ""
     max_download_mbps: float = 0.0
     store_max_bytes: int | str = 0
     store_high_watermark: float = DEFAULT_HIGH_WATERMARK
@@ -269,6 +312,9 @@ def _from_raw(raw: _Raw) -> AgentConfig:
         raise ConfigError(f"max_upload_mbps {raw.max_upload_mbps}: must be >= 0 (0 = no cap)")
     if raw.metrics_listen:
         _host_port(raw.metrics_listen)
+    if raw.mirror_listen:
+        _host_port(raw.mirror_listen, "mirror_listen", MIRROR_EXAMPLE)
+    _check_containerd(raw)
     for key in ("max_upload_mbps", "max_download_mbps"):
         if getattr(raw, key) < 0:
             raise ConfigError(f"{key} {getattr(raw, key)}: must be >= 0 (0 = no cap)")
@@ -290,11 +336,35 @@ def _from_raw(raw: _Raw) -> AgentConfig:
         raise ConfigError(f"roles: unknown {sorted(unknown)}; known: {sorted(KNOWN_ROLES)}")
     kw: dict[str, Any] = {f.name: getattr(raw, f.name) for f in fields(AgentConfig)}
     kw["store_max_bytes"] = _store_limits(raw)
+    kw["containerd_address"] = raw.containerd_address.removeprefix("unix://")
     kw["state_dir"] = Path(raw.state_dir)
     kw["join_token_file"] = Path(raw.join_token_file) if raw.join_token_file else None
     kw["status_socket"] = Path(raw.status_socket) if raw.status_socket else None
     kw["metrics_token_file"] = Path(raw.metrics_token_file) if raw.metrics_token_file else None
     return AgentConfig(**kw)
+
+
+def _check_containerd(raw: _Raw) -> None:
+    """The containerd keys: an absolute socket path (or ""), and names containerd accepts."""
+    address = raw.containerd_address.removeprefix("unix://")
+    if address and (
+        not address.startswith("/") or len(address.encode()) > MAX_SOCKET_PATH or "\0" in address
+    ):
+        raise ConfigError(
+            f"containerd_address {raw.containerd_address!r}: use the absolute path of "
+            f"containerd's socket (at most {MAX_SOCKET_PATH} bytes), e.g. "
+            f'"/run/containerd/containerd.sock", or "" for no containerd'
+        )
+    for key in ("containerd_namespace", "containerd_snapshotter"):
+        value = getattr(raw, key)
+        if key == "containerd_snapshotter" and not value:
+            continue  # containerd's default
+        if len(value) > MAX_CONTAINERD_IDENT or not _CONTAINERD_IDENT.match(value):
+            raise ConfigError(
+                f"{key} {value!r}: use letters and digits joined by '.', '_' or '-' "
+                f"(at most {MAX_CONTAINERD_IDENT}), e.g. "
+                + ('"k8s.io" or "default"' if key == "containerd_namespace" else '"overlayfs"')
+            )
 
 
 def _ssh_limits(raw: _Raw) -> SshLimits:
@@ -307,13 +377,20 @@ def _ssh_limits(raw: _Raw) -> SshLimits:
     )
 
 
-def _host_port(value: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT``) of metrics_listen; ConfigError names the key."""
+#: the example each listen key's error shows
+METRICS_EXAMPLE = "127.0.0.1:9465"
+MIRROR_EXAMPLE = "127.0.0.1:5000"
+
+
+def _host_port(
+    value: str, key: str = "metrics_listen", example: str = METRICS_EXAMPLE
+) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT``) of a listen key; ConfigError names the key."""
     host, sep, port_s = value.rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        what = "metrics endpoint" if key == "metrics_listen" else "registry front door"
         raise ConfigError(
-            f'metrics_listen {value!r}: use HOST:PORT, e.g. "127.0.0.1:9465" '
-            '(or "" to turn the metrics endpoint off)'
+            f'{key} {value!r}: use HOST:PORT, e.g. "{example}" (or "" to turn the {what} off)'
         )
     return host, int(port_s)

@@ -12,6 +12,10 @@ What is counted where, and why:
   per-peer tallies, the ones ``rbd-agent status`` prints, so the two can never
   disagree and the serving hot path gains nothing. ``peer`` is the demander's
   node id, as the trust list names the client key it authenticated with.
+* **Registry front door** (``rbd_agent_mirror_requests_total{kind,outcome}``,
+  ``rbd_agent_mirror_bytes_served_total``) are hooks the
+  :class:`~rainbowd.agent.mirror.server.MirrorServer` calls per request and as
+  it sends; a rising ``outcome="miss"`` is pulls this node sent to the upstream.
 * **State** (active transfers, store bytes, disk free, layers held, partial
   and corrupt layers, refused client keys) is read at scrape time. The store
   figures walk the store directory, so a scrape refreshes them in a worker
@@ -123,6 +127,20 @@ class AgentMetrics:
             buckets=TRANSFER_BUCKETS,
             registry=r,
         )
+        self.mirror_requests = Counter(
+            "rbd_agent_mirror_requests_total",
+            "Requests to the registry front door (mirror_listen), by what was asked "
+            "(base, manifest, blob, other) and the answer (hit; miss: a 404 the client "
+            "falls back on; invalid: a 4xx for a bad name, digest or range; error: a "
+            "layer that failed its check or went while being read).",
+            ["kind", "outcome"],
+            registry=r,
+        )
+        self.mirror_bytes_served = Counter(
+            "rbd_agent_mirror_bytes_served_total",
+            "Manifest and blob bytes the registry front door sent to this host's clients.",
+            registry=r,
+        )
         self._store = _StoreStats()
         self._agent: Watched | None = None
 
@@ -140,6 +158,13 @@ class AgentMetrics:
 
     def transfer_ended(self, outcome: str, seconds: float) -> None:
         self.transfer_seconds.labels(outcome).observe(max(0.0, seconds))
+
+    # -- hooks the registry front door calls (agent/mirror/server.py) -----
+    def mirror_request(self, kind: str, outcome: str) -> None:
+        self.mirror_requests.labels(kind, outcome).inc()
+
+    def mirror_bytes(self, nbytes: int) -> None:
+        self.mirror_bytes_served.inc(nbytes)
 
     # -- exposition --------------------------------------------------------
     def refresh_store(self) -> None:

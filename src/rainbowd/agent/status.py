@@ -103,6 +103,13 @@ def render_status(s: dict[str, Any]) -> str:
         + (f"\n            last error: {c['last_error']}" if c.get("last_error") else ""),
         f"ssh         {s['ssh']['address']}:{s['ssh']['port']}",
         f"docker      {s['docker_url'] or 'not configured'}",
+        "containerd  "
+        + (
+            f"{s['containerd']['address']} (namespace {s['containerd']['namespace']})"
+            if s.get("containerd")
+            else "not configured"
+        ),
+        f"mirror      {s.get('mirror_url') or 'off (mirror_listen)'}",
         f"disk        {human_bytes(s['disk']['used'])} used by rbd, "
         f"{human_bytes(s['disk']['free'])} free",
         f"layers      {len(s['holdings'])} held "
@@ -125,6 +132,11 @@ def render_status(s: dict[str, Any]) -> str:
     lines.append(f"images      {len(s['images'])} loaded into Docker")
     for i in s["images"]:
         lines.append(f"  {i['ref']}  (loaded {i['loaded_at']})")
+    mirrored = s.get("mirror_images") or {}
+    if mirrored and s.get("mirror_url"):
+        lines.append(f"mirror      {len(mirrored)} image(s) served by digest")
+        for ref, digest in mirrored.items():
+            lines.append(f"  {ref}  @{digest}")
     lines.append(f"transfers   {len(s['active'])} active")
     for t in s["active"]:
         pct = 100.0 * t["bytes_done"] / t["bytes_total"] if t["bytes_total"] else 100.0

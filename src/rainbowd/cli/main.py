@@ -244,7 +244,12 @@ async def _nodes(args: argparse.Namespace, token: str) -> int:
                 str(n.holdings),
                 f"{n.load:.2f}",
                 human_bytes(n.disk_free),
-                ",".join(n.roles + (["docker"] if n.docker else [])) or "-",
+                ",".join(
+                    n.roles
+                    + (["docker"] if n.docker else [])
+                    + (["containerd"] if n.containerd else [])
+                )
+                or "-",
                 "yes" if n.busy else "",
             ]
         )

@@ -52,6 +52,10 @@ class Node:
     def docker(self) -> bool:
         return self.info.docker
 
+    @property
+    def containerd(self) -> bool:
+        return self.info.containerd
+
     def peer(self) -> PeerInfo:
         i = self.info
         return PeerInfo(
@@ -89,6 +93,7 @@ class Node:
             quarantined=i.quarantined,
             quarantine_reason=i.quarantine_reason,
             suspect=suspect,
+            containerd=i.containerd,
         )
 
 

@@ -122,7 +122,8 @@ from rainbowd.core.messages import (
     TransferProgress,
 )
 from rainbowd.core.sched.pieces import PieceScheduler
-from rainbowd.core.sched.scheduler import DEFAULT_POLICY, Transfer
+from rainbowd.core.sched.records import Transfer
+from rainbowd.core.sched.scheduler import DEFAULT_POLICY
 
 from . import views
 from .cluster import Cluster, Node

@@ -25,7 +25,8 @@ import structlog
 from rainbowd.core.chunks import ChunkManifest
 from rainbowd.core.digest import short
 from rainbowd.core.messages import Assignment, AssignmentBatch, TransferAssignment
-from rainbowd.core.sched.scheduler import SchedulerError, Transfer
+from rainbowd.core.sched.records import Transfer
+from rainbowd.core.sched.scheduler import SchedulerError
 
 from .cluster import Node
 from .context import ServiceContext
@@ -280,7 +281,8 @@ class Dispatch:
             log.info(
                 "transfer assigned",
                 **transfer_fields(t),
-                reason=t.reason,
+                rule=t.reason.rule,
+                reason=t.reason.render(t.seeder),
             )
         for nid in touched:
             ctx.store.save_seq(nid, ctx.cluster.nodes[nid].mailbox.seq)

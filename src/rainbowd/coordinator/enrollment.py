@@ -125,6 +125,7 @@ class Enrollment:
             info.host_key, info.client_key = req.host_key, req.client_key
             info.labels, info.roles = dict(req.labels), list(req.roles)
             info.docker, info.speed_hint_bps = req.docker, req.speed_hint_bps
+            info.containerd = req.containerd
             info.download_hint_bps = req.download_hint_bps
             info.max_upload_bps, info.max_download_bps = req.max_upload_bps, req.max_download_bps
             # the agent (re)started: whatever it was pulling or loading is gone,
@@ -154,6 +155,7 @@ class Enrollment:
                 labels=dict(req.labels),
                 roles=list(req.roles),
                 docker=req.docker,
+                containerd=req.containerd,
                 speed_hint_bps=req.speed_hint_bps,
                 download_hint_bps=req.download_hint_bps,
                 max_upload_bps=req.max_upload_bps,

@@ -49,7 +49,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Literal
 
-from rainbowd.core.sched.scheduler import Transfer
+from rainbowd.core.sched.records import Transfer
 
 #: a report about a peer counts while a transfer from it to the reporter runs and this
 #: long after it ended (seconds). As long as an agent keeps retrying a final report

@@ -167,7 +167,7 @@ class JobsService:
         if node is None or image is None or image.record is None:
             p.fail(f"node {p.node_id} or image {job.image} vanished", now)
             return
-        if not node.docker:
+        if not (node.docker or node.containerd):  # no engine: holding the layers is all
             p.finish(now)
             return
         load_id = ctx.new_id("l")
@@ -207,7 +207,7 @@ class JobsService:
         self.ctx.metrics.job_finished(job.state, job.finished_at - job.created_at)
 
     def reload(self, node: Node, now: float) -> None:
-        """Re-issue the Docker loads a restarted agent lost (its jobs wait on them)."""
+        """Re-issue the image loads a restarted agent lost (its jobs wait on them)."""
         for job, p in list(self.jobs_of(node.node_id)):
             if p.state == "loading":
                 self.loads.pop(p.load_id, None)

@@ -25,7 +25,7 @@ import structlog
 from rainbowd.core.chunks import ChunkManifest
 from rainbowd.core.digest import short
 from rainbowd.core.messages import PeerInfo, TransferAssignment
-from rainbowd.core.sched.scheduler import Transfer
+from rainbowd.core.sched.records import Transfer
 
 log = structlog.get_logger(__name__)
 
@@ -40,7 +40,7 @@ def assignment_for(
             job_id=t.job_id,
             layer=manifest,
             seeder=seeder,
-            reason=t.reason,
+            reason=t.reason.render(t.seeder),
             first_chunk=t.first_chunk,
             end_chunk=t.end_chunk,
         )

@@ -26,7 +26,7 @@ from rainbowd.core.messages import (
     TransferFailed,
 )
 from rainbowd.core.sched.jobdriver import Blame
-from rainbowd.core.sched.scheduler import Transfer
+from rainbowd.core.sched.records import Transfer
 
 from .cluster import MISSED_HEARTBEATS, Node
 from .context import ServiceContext

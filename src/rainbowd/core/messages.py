@@ -26,6 +26,7 @@ import msgspec
 from msgspec import Meta
 
 from rainbowd.core.chunks import ChunkManifest
+from rainbowd.core.sched.reasons import TransferReason
 from rainbowd.core.wirebounds import (
     MAX_ACTIVE,
     MAX_LAYERS,
@@ -170,6 +171,8 @@ class RegisterRequest(Msg, kw_only=True):
     labels: Labels = {}
     roles: Roles = []  # "origin" may ingest images from a source
     docker: bool = False  # a Docker engine is reachable on this host
+    #: containerd answers on this host (a load target too); absent from older agents
+    containerd: bool = False
     disk_free: Bytes = 0
     speed_hint_bps: Rate = 0.0  # configured link speed; 0 = unknown
     #: configured download speed (links are often asymmetric); 0 = unknown: the upload hint
@@ -279,7 +282,7 @@ class IngestAssignment(msgspec.Struct, kw_only=True, tag="ingest", tag_field="ki
 
 
 class LoadAssignment(msgspec.Struct, kw_only=True, tag="load", tag_field="kind"):
-    """All layers of ``image`` are held: load it into the local Docker engine."""
+    """All layers of ``image`` are held: load it into the node's Docker and/or containerd."""
 
     load_id: Name
     job_id: Name
@@ -454,7 +457,7 @@ class TaskFailed(Msg, kw_only=True):
 
 class LoadDone(Msg, kw_only=True):
     seconds: Seconds
-    layers_sent: Count  # layers streamed to Docker (the rest the engine had)
+    layers_sent: Count  # layers streamed to its engines (the rest they had), summed
 
 
 class SecurityEvent(Msg, kw_only=True):
@@ -484,6 +487,7 @@ class NodeView(msgspec.Struct, kw_only=True):
     quarantined: bool = False
     quarantine_reason: str = ""
     suspect: bool = False  # a demander could not reach it: no new work until it reports
+    containerd: bool = False  # containerd answers there (a load target beside Docker)
 
 
 class ImageView(msgspec.Struct, kw_only=True):
@@ -515,7 +519,7 @@ class SeederUse(msgspec.Struct, kw_only=True):
 
     layer: str
     seeder: str
-    reason: str
+    reason: TransferReason  # the rule and the numbers that chose the seeder
     bytes: int
     seconds: float  # as the demander measured it
     # coordinator clock: assigned and reported done (0.0 in records from before these fields)
@@ -568,7 +572,7 @@ class ActiveTransferView(msgspec.Struct, kw_only=True):
     layer: str
     seeder: str
     demander: str
-    reason: str
+    reason: TransferReason
     started_at: float
     bytes_done: int
     bytes_total: int

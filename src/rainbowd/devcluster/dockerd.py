@@ -14,6 +14,7 @@ long the socket and exec root go to a short ``/tmp/rbd-dk-XXXX`` instead.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -23,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import structlog
 
@@ -65,8 +67,11 @@ class PrivateDockerd:
         storage_drivers: tuple[str, ...] = STORAGE_DRIVERS,
         start_timeout: float = 60.0,
         dockerd: str = "dockerd",
+        daemon_config: dict[str, Any] | None = None,
     ) -> None:
         self.base_dir = Path(base_dir)
+        #: the engine's daemon.json (e.g. registry-mirrors); {} keeps the host's out
+        self.daemon_config = dict(daemon_config or {})
         self.storage_drivers = storage_drivers
         self.start_timeout = start_timeout
         self.dockerd = dockerd
@@ -119,7 +124,8 @@ class PrivateDockerd:
             self.run_dir = self._short_dir
         self.data_root.mkdir(parents=True, exist_ok=True)
         config_file = self.base_dir / "daemon.json"
-        config_file.write_text("{}\n")  # isolate from the host's /etc/docker/daemon.json
+        # always our own file: isolates the engine from the host's /etc/docker/daemon.json
+        config_file.write_text(json.dumps(self.daemon_config) + "\n")
         errors: list[str] = []
         for driver in self.storage_drivers:
             try:

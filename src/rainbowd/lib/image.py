@@ -430,6 +430,11 @@ def _ingest_compressed(
 # --------------------------------------------------------------------------
 # docker-archive out
 # --------------------------------------------------------------------------
+def tar_member(name: str, data: bytes) -> bytes:
+    """A whole small tar member: header, ``data`` and padding."""
+    return _tar_header(name, len(data)) + data + _padding(len(data))
+
+
 def _tar_header(name: str, size: int) -> bytes:
     info = tarfile.TarInfo(name)
     info.size = size
@@ -481,16 +486,7 @@ def docker_archive_stream(
     config_bytes = image.config.encode("utf-8")
     if "sha256:" + hashlib.sha256(config_bytes).hexdigest() != config_digest:
         raise ImageError(f"image {image.ref}: config does not match {config_digest}")
-    send: dict[str, LayerRef] = {}
-    for layer in image.layers:
-        if layer.diff_id in skip or layer.digest in send:
-            continue
-        if not store.has(Digest(layer.digest)):
-            raise ImageError(
-                f"image {image.ref}: layer {layer.digest} is not complete in the store "
-                f"at {store.root}"
-            )
-        send[layer.digest] = layer
+    send = layers_to_send(image, store, [x for x in image.layers if x.diff_id not in skip])
     config_name = f"{hex_part(config_digest)}.json"
     manifest = [
         {
@@ -515,43 +511,87 @@ def _archive_pieces(
     inflate_zstd: bool = True,
 ) -> Iterator[bytes]:
     for name, data in ((config_name, config_bytes), ("manifest.json", manifest_bytes)):
-        yield _tar_header(name, len(data)) + data + _padding(len(data))
-    for digest, layer in send.items():
-        d = Digest(digest)
-        try:
-            f: BinaryIO = store.open_blob(d)
-        except StoreError as e:
-            raise ImageError(f"image {image.ref}: {e}") from None
-        with f:
-            size = _file_size(f)
-            if size != store.size(d):
-                raise ImageError(f"image {image.ref}: layer {digest} has the wrong size on disk")
-            if inflate_zstd and sniff(f.read(4)) == "zstd":
-                f.seek(0)
-                yield from _inflated_layer(image, layer, f)
-                continue
-            f.seek(0)
-            yield _tar_header(archive_layer_name(digest), size)
-            h = hashlib.sha256()
-            sent = 0
-            while True:
-                data = f.read(STREAM_PIECE)
-                if not data:
-                    break
-                h.update(data)
-                sent += len(data)
-                if sent == size and "sha256:" + h.hexdigest() != digest:
-                    raise ImageError(f"image {image.ref}: layer {digest} is corrupt in the store")
-                yield data
-            if sent != size or "sha256:" + h.hexdigest() != digest:
-                raise ImageError(f"image {image.ref}: layer {digest} changed while streaming")
-            pad = _padding(size)
-            if pad:
-                yield pad
+        yield tar_member(name, data)
+    for layer in send.values():
+        yield from stored_blob_member(
+            image, store, layer, archive_layer_name(layer.digest), inflate_zstd=inflate_zstd
+        )
     yield b"\0" * (2 * tarfile.BLOCKSIZE)
 
 
-def _inflated_layer(image: ImageRecord, layer: LayerRef, f: BinaryIO) -> Iterator[bytes]:
+def layers_to_send(
+    image: ImageRecord, store: LayerStore, layers: Iterable[LayerRef]
+) -> dict[str, LayerRef]:
+    """``layers`` by digest, once each, after checking each is complete in ``store``.
+
+    Checked before an archive's first byte, so a load that cannot finish
+    sends the engine nothing (ImageError naming the image and the layer).
+    """
+    send: dict[str, LayerRef] = {}
+    for layer in layers:
+        if layer.digest in send:
+            continue
+        if not store.has(Digest(layer.digest)):
+            raise ImageError(
+                f"image {image.ref}: layer {layer.digest} is not complete in the store "
+                f"at {store.root}"
+            )
+        send[layer.digest] = layer
+    return send
+
+
+def stored_blob_member(
+    image: ImageRecord,
+    store: LayerStore,
+    layer: LayerRef,
+    member_name: str,
+    *,
+    inflate_zstd: bool = False,
+) -> Iterator[bytes]:
+    """One tar member ``member_name`` holding ``layer``'s blob, read piecewise from the store.
+
+    The blob is re-hashed while it streams: a blob that no longer matches its
+    digest raises ImageError before its last piece goes out, so the reader
+    sees a broken tar and loads nothing. ``inflate_zstd``: a zstd blob goes
+    out as its inflated tar (checked against the diff_id too), for Docker.
+    """
+    digest = layer.digest
+    d = Digest(digest)
+    try:
+        f: BinaryIO = store.open_blob(d)
+    except StoreError as e:
+        raise ImageError(f"image {image.ref}: {e}") from None
+    with f:
+        size = _file_size(f)
+        if size != store.size(d):
+            raise ImageError(f"image {image.ref}: layer {digest} has the wrong size on disk")
+        if inflate_zstd and sniff(f.read(4)) == "zstd":
+            f.seek(0)
+            yield from _inflated_layer(image, layer, f, member_name)
+            return
+        f.seek(0)
+        yield _tar_header(member_name, size)
+        h = hashlib.sha256()
+        sent = 0
+        while True:
+            data = f.read(STREAM_PIECE)
+            if not data:
+                break
+            h.update(data)
+            sent += len(data)
+            if sent == size and "sha256:" + h.hexdigest() != digest:
+                raise ImageError(f"image {image.ref}: layer {digest} is corrupt in the store")
+            yield data
+        if sent != size or "sha256:" + h.hexdigest() != digest:
+            raise ImageError(f"image {image.ref}: layer {digest} changed while streaming")
+        pad = _padding(size)
+        if pad:
+            yield pad
+
+
+def _inflated_layer(
+    image: ImageRecord, layer: LayerRef, f: BinaryIO, member_name: str
+) -> Iterator[bytes]:
     """The tar member of a zstd blob, as its inflated tar, checked on both sides."""
     where = f"image {image.ref}: layer {layer.digest}"
     tar_size = layer.uncompressed_size
@@ -562,7 +602,7 @@ def _inflated_layer(image: ImageRecord, layer: LayerRef, f: BinaryIO) -> Iterato
                 raise ImageError(f"{where} is corrupt in the store")
             tar_size = got.uncompressed_size
             f.seek(0)
-        yield _tar_header(archive_layer_name(layer.digest), tar_size)
+        yield _tar_header(member_name, tar_size)
         inf = Inflater(f, "zstd")
         while data := inf.read(STREAM_PIECE):
             if inf.out_size > tar_size:

@@ -81,7 +81,7 @@ def job_report(job: JobView) -> str:
         for t in n.transfers:
             lines.append(
                 f"    {short(t.layer)} <- {t.seeder:<12} {human_bytes(t.bytes):>10} "
-                f"in {t.seconds:5.2f}s  why: {t.reason}"
+                f"in {t.seconds:5.2f}s  why: {t.reason.render(t.seeder)}"
             )
     return "\n".join(lines)
 

@@ -7,7 +7,7 @@ tar (manifest.json still names them), which is where most of the time goes
 for a second image on the same base.
 
 Streaming: :func:`rainbowd.lib.image.docker_archive_stream` is a blocking
-generator of 1 MiB pieces; :class:`_Pieces` pulls one piece at a time in
+generator of 1 MiB pieces; :class:`~rainbowd.agent.loadstream.Pieces` pulls one piece at a time in
 a worker thread and hands it to aiohttp as a chunked request body (aiodocker's
 ``images.import_image`` passes ``data`` straight to aiohttp with
 ``chunked=True``). At most a couple of pieces are in memory at any time; the
@@ -21,16 +21,14 @@ still has to be sent.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 import aiodocker
 import structlog
 
+from rainbowd.agent.loadstream import LoadResult, Pieces, close_quietly
 from rainbowd.core.digest import Digest, short
 from rainbowd.core.messages import ImageRecord
 from rainbowd.lib.image import ImageError, chain_ids, docker_archive_stream
@@ -41,48 +39,6 @@ log = structlog.get_logger(__name__)
 
 class DockerLoadError(RuntimeError):
     """Loading an image into Docker failed; the message names the image and Docker's reason."""
-
-
-@dataclass
-class LoadResult:
-    layers_sent: int  # layers streamed to Docker (the rest the engine already had)
-    seconds: float
-    image_id: str
-    bytes_sent: int = 0
-
-
-class _Pieces:
-    """An async view of a blocking piece iterator, pulled one piece at a time in a thread.
-
-    aiohttp wraps an exception raised by a request body in its own connection
-    error; keeping it here lets the loader report the real cause (a corrupt blob).
-    """
-
-    def __init__(self, pieces: Iterator[bytes]) -> None:
-        self.pieces = pieces
-        self.bytes = 0
-        self.error: BaseException | None = None
-
-    async def stream(self) -> AsyncIterator[bytes]:
-        sentinel = b""
-        while True:
-            try:
-                piece = await asyncio.to_thread(next, self.pieces, sentinel)
-            except Exception as e:
-                self.error = e
-                raise
-            if piece is sentinel:
-                return
-            self.bytes += len(piece)
-            yield piece
-
-
-def _close_quietly(pieces: Iterator[bytes]) -> None:
-    """Close the archive generator (its open blob), unless a thread is still inside it."""
-    close = getattr(pieces, "close", None)
-    if close is not None:
-        with contextlib.suppress(ValueError):  # "generator already executing"
-            close()
 
 
 class DockerLoader:
@@ -171,7 +127,7 @@ class DockerLoader:
         except ImageError as e:
             raise DockerLoadError(f"load {image.ref}: {e}") from e
         sent_layers = len({layer.digest for layer in image.layers if layer.diff_id not in skip})
-        body = _Pieces(pieces)
+        body = Pieces(pieces)
         messages: list[str] = []
         try:
             stream = self.docker.images.import_image(data=body.stream(), stream=True)
@@ -190,7 +146,7 @@ class DockerLoader:
                 raise DockerLoadError(f"load {image.ref}: {body.error}") from body.error
             raise DockerLoadError(f"load {image.ref}: Docker refused it: {e.message}") from e
         finally:
-            await asyncio.to_thread(_close_quietly, pieces)
+            await asyncio.to_thread(close_quietly, pieces)
         try:
             info = await self.docker.images.inspect(image.ref)
         except aiodocker.DockerError as e:

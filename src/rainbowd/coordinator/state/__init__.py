@@ -45,7 +45,7 @@ from rainbowd.core.messages import (
     NodeJobState,
     OpView,
 )
-from rainbowd.core.sched.scheduler import Transfer
+from rainbowd.core.sched.records import Transfer
 from rainbowd.core.wirebounds import (
     Count,
     Digest,
@@ -59,9 +59,12 @@ from rainbowd.core.wirebounds import (
 )
 
 #: 2: a transfer row is the scheduler's ``Transfer`` as it is (body) plus the coordinator's
-#: own columns ``seq`` and ``state``; version 1 kept a field-by-field copy holding both
-#: (SQLite's migration list moves a version-1 database on when it is opened)
-SCHEMA_VERSION = 2
+#: own columns ``seq`` and ``state``; version 1 kept a field-by-field copy holding both.
+#: 3: a transfer's reason (in a transfer row, and in each finished transfer of a job's
+#: rows) is a record, rainbowd.core.sched.reasons.TransferReason; version 2 kept text.
+#: (SQLite's migration list moves an older database on when it is opened; PostgreSQL
+#: starts at 3, the first schema it had.)
+SCHEMA_VERSION = 3
 
 #: security events kept (older ones are pruned on insert); see coordinator/limits.py
 MAX_STORED_EVENTS = 10_000
@@ -92,6 +95,7 @@ class StoredNode(msgspec.Struct, kw_only=True):
     labels: Labels = {}
     roles: Roles = []
     docker: bool = False
+    containerd: bool = False  # a load target beside Docker (absent in older rows: False)
     speed_hint_bps: Rate = 0.0
     download_hint_bps: Rate = 0.0
     holdings: list[Digest] = []  # only layers of known images (bounded by them)

@@ -59,7 +59,7 @@ DIALECT = Dialect(
 CONNECT_TIMEOUT_S = 10
 #: the advisory lock key held while the schema is created or migrated ("rbd" + "schema")
 SCHEMA_LOCK_KEY = 0x7262_6473_6368
-#: steps bringing a PostgreSQL database to each schema; none yet (it starts at schema 2,
+#: steps bringing a PostgreSQL database to each schema; none yet (it starts at schema 3,
 #: the first with a PostgreSQL backend)
 MIGRATIONS: tuple[Migration, ...] = ()
 

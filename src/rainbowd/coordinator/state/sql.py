@@ -20,7 +20,7 @@ away, so a restarted coordinator must know them -- to lock their seeder and
 demander again (no second transfer of a layer a node is still pulling) and to
 understand their late done/failed reports. Rows whose transfer the
 coordinator gave up on (``aborted``) are kept, bounded, for late reports. A
-transfer row is the scheduler's own record (``rainbowd.core.sched.scheduler.Transfer``,
+transfer row is the scheduler's own record (``rainbowd.core.sched.records.Transfer``,
 the body) plus the two columns only the coordinator has (its mailbox ``seq``
 and its ``state``): no mirror type to keep in step with it.
 
@@ -44,7 +44,7 @@ import msgspec
 import structlog
 
 from rainbowd.core.messages import JobView, NodeJobState, OpView
-from rainbowd.core.sched.scheduler import Transfer
+from rainbowd.core.sched.records import Transfer
 from rainbowd.core.wirebounds import MAX_COUNT, MAX_TEXT
 
 from . import (

@@ -10,13 +10,17 @@ puts such a copy in place of a state directory's database (INSTALL.md).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import structlog
+
+from rainbowd.core.sched.reasons import TransferReason
 
 from . import SCHEMA_VERSION, StateError
 from .sql import Cursor, Dialect, Migration, SqlStore
@@ -60,8 +64,55 @@ def _transfers_seq_and_state_as_columns(store: SqlStore) -> None:
     )
 
 
+#: tables whose JSON bodies hold transfer reasons (schema 3: ``_reasons_as_records``)
+_REASON_TABLES = ("transfers", "jobs", "job_nodes")
+
+
+def _reasons_to_records(store: SqlStore) -> None:
+    """2 -> 3: every transfer reason stored as text becomes a legacy record.
+
+    The text is kept as it was (``TransferReason.legacy``: rule ``legacy``, the
+    text), in transfer rows (``$.reason``), jobs (``$.nodes[*].transfers[*].reason``)
+    and job nodes (``$.transfers[*].reason``). A body that is not JSON, or not the
+    shape expected, is left as it is; loading sets it aside, as for any bad row.
+    """
+    for table in _REASON_TABLES:
+        rows = store.execute(f"SELECT rowid, body FROM {table}").fetchall()
+        for rowid, body in rows:
+            new = _reasons_as_records(table, body)
+            if new is not None:
+                store.execute(f"UPDATE {table} SET body = ? WHERE rowid = ?", (new, rowid))
+
+
+def _reasons_as_records(table: str, body: Any) -> str | None:
+    """``body`` with each text reason a legacy record (schema 3); None if nothing changed."""
+    try:
+        doc = json.loads(body) if isinstance(body, str) else None
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    holders: list[Any] = []  # the dicts with a "reason": a transfer, or a job's SeederUses
+    if table == "transfers":
+        holders.append(doc)
+    else:
+        nodes = doc.get("nodes") if table == "jobs" else [doc]
+        for node in nodes if isinstance(nodes, list) else []:
+            uses = node.get("transfers") if isinstance(node, dict) else None
+            holders.extend(uses if isinstance(uses, list) else [])
+    changed = False
+    for holder in holders:
+        if isinstance(holder, dict) and isinstance(holder.get("reason"), str):
+            holder["reason"] = msgspec.to_builtins(TransferReason.legacy(holder["reason"]))
+            changed = True
+    return json.dumps(doc) if changed else None
+
+
 #: each step brings the schema to ``to`` (state/sql.py runs those above the stored one)
-MIGRATIONS: tuple[Migration, ...] = (Migration(2, _transfers_seq_and_state_as_columns),)
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(2, _transfers_seq_and_state_as_columns),
+    Migration(3, _reasons_to_records),
+)
 
 
 class SqliteStore(SqlStore):

@@ -45,7 +45,8 @@ from enum import Enum
 from typing import Protocol
 
 from .pieces import PieceScheduler
-from .scheduler import Transfer
+from .reasons import TransferReason
+from .records import Transfer
 
 #: transfer failures of one (node, layer) in one job after which the node fails in the job
 MAX_LAYER_FAILURES = 5
@@ -313,7 +314,7 @@ class JobDriver:
             demander=demander,
             job_id=job_id,
             started_at=now,
-            reason="adopted: the agent was already pulling it (unknown to this coordinator)",
+            reason=TransferReason.adopted(),
             seeder_speed_bps=self.scheduler.speed(seeder),
         )
         self.scheduler.adopt(t)

@@ -41,7 +41,8 @@ from dataclasses import dataclass
 import msgspec
 
 from .policies import RULES
-from .scheduler import DEFAULT_SPEED_BPS, Scheduler, SchedulerError, Transfer
+from .records import Transfer
+from .scheduler import DEFAULT_SPEED_BPS, Scheduler, SchedulerError
 
 
 @dataclass(frozen=True)

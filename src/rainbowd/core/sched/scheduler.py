@@ -17,8 +17,9 @@ Policy ``paper`` is Algorithm 1 of RainbowD applied per layer:
 * when a transfer completes, the demander holds the layer and so becomes a
   seeder of it; demanders without an idle seeder wait until one frees up.
 
-Every transfer records why its seeder was chosen (``reason``) so ``rbd job``
-can explain the plan.
+Every transfer records why its seeder was chosen (``reason``, a
+:class:`~rainbowd.core.sched.reasons.TransferReason`: the rule and the numbers
+that decided it) so ``rbd job`` and the console can explain the plan.
 
 Faults (PAPER.md, "Fault handling"): a node that is down or *suspect* (a
 demander could not reach it; cleared by its next heartbeat, i.e. the next
@@ -59,12 +60,12 @@ import heapq
 import itertools
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Set as AbstractSet
 
-import msgspec
-
-from ..wirebounds import Digest, Finite, Name, Text
+from . import reasons as rs
 from .policies import RULES, Planner
+from .reasons import TransferReason
+from .records import Demand, Node, SeederKey, Transfer
 
 #: speed assumed for a node nothing is known about (bytes/s); 100 Mbit/s
 DEFAULT_SPEED_BPS = 12.5e6
@@ -75,98 +76,14 @@ POLICIES = ("paper", *RULES)
 #: and the others stay selectable
 DEFAULT_POLICY = "swarm"
 
-#: a seeder's place in the idle-holder lists: faster first, then by node id
-_SeederKey = tuple[float, str]
+#: the holders of a layer nobody holds
+_NOBODY: frozenset[str] = frozenset()
 #: a waiting demander in a layer's heap: (seq of its longest-waiting demand, node id, version)
 _WaitEntry = tuple[int, str, int]
 
 
 class SchedulerError(ValueError):
     """An event that contradicts the scheduler's state (unknown id, say)."""
-
-
-class Transfer(msgspec.Struct):
-    """One layer (or piece of it) moving from ``seeder`` to ``demander``: the transfer record.
-
-    The one record of a transfer's identity and plan from the scheduler to the
-    state file: the scheduler creates it, the coordinator's dispatch tracks it
-    (``Tracked`` adds only its own lifecycle fields), the state store persists it
-    as it is (``StateStore.save_transfer``), and the demander's
-    ``TransferAssignment`` is derived from it in one place
-    (``rainbowd.coordinator.piece_wire.assignment_for``). A msgspec struct, not a
-    dataclass, so that store can decode and bound-check a stored row as this very
-    type: the field types are the bounded wire types (rainbowd.core.wirebounds),
-    which msgspec checks only when decoding, never when the scheduler builds one.
-    """
-
-    transfer_id: Name
-    layer: Digest  # the layer's digest (inside PieceScheduler's inner scheduler: a piece key)
-    seeder: Name
-    demander: Name
-    job_id: Name
-    started_at: Finite
-    reason: Text
-    seeder_speed_bps: Finite
-    #: the rate the demander is expected to receive at: the seeder's speed, capped by
-    #: the demander's configured download limit (0 = not computed: taken back from an agent)
-    expected_bps: Finite = 0.0
-    #: the chunks it moves, [first_chunk, end_chunk) of the layer; end_chunk 0 = the whole
-    #: layer (a piece of a split layer otherwise: rainbowd.core.sched.pieces)
-    first_chunk: int = 0
-    end_chunk: int = 0
-
-
-@dataclass
-class _Demand:
-    node_id: str
-    layer: str
-    job_id: str
-    since: float
-    seq: int
-
-
-@dataclass
-class _Node:
-    node_id: str
-    speed_bps: float
-    up: bool = True
-    suspect: bool = False  # unreachable for a demander; no new work until it reports
-    holdings: set[str] = field(default_factory=set)
-    sending: str | None = None  # transfer id while seeding
-    receiving: str | None = None  # transfer id while demanding
-    # -- indexes (see the module docstring, "Cost") --
-    # layer -> its open demand, in arrival order (= image layer order)
-    demands: dict[str, _Demand] = field(default_factory=dict)
-    # layer -> active transfers bringing it here (more than one only through adopt)
-    pulling: dict[str, int] = field(default_factory=dict)
-    # active transfers it sends or receives, in start order
-    transfers: dict[str, Transfer] = field(default_factory=dict)
-    # bumped whenever its standing as a waiting demander changes: older heap entries are stale
-    version: int = 0
-    # its key in the idle-holder lists of its layers; None while it cannot seed
-    idle_key: _SeederKey | None = None
-    # configured caps (0 = none): its speed estimate never exceeds its upload cap
-    max_upload_bps: float = 0.0
-    max_download_bps: float = 0.0
-    #: its download estimate (bytes/s); 0 = unknown: taken to be its upload speed, the one
-    #: number older agents report (links are often asymmetric, so agents now send both)
-    down_bps: float = 0.0
-
-    def clamp(self, bps: float) -> float:
-        """``bps`` as an upload speed of this node: never above its configured cap."""
-        return min(bps, self.max_upload_bps) if self.max_upload_bps > 0 else bps
-
-    @property
-    def free_demander(self) -> bool:
-        return self.up and not self.suspect and self.receiving is None
-
-    @property
-    def free_seeder(self) -> bool:
-        return self.up and not self.suspect and self.sending is None
-
-    def first_wanted(self) -> _Demand | None:
-        """Its longest-waiting demand not already in flight (it ranks the node as a demander)."""
-        return next((d for layer, d in self.demands.items() if layer not in self.pulling), None)
 
 
 class Scheduler:
@@ -186,20 +103,22 @@ class Scheduler:
         counter = itertools.count(1)
         self._new_id = new_id or (lambda: f"t{next(counter)}")
         self._seq = itertools.count()
-        self._nodes: dict[str, _Node] = {}
+        #: node id -> its record (records.Node); the policies read it (view.SchedulerView)
+        self.nodes: dict[str, Node] = {}
         # (node, layer) -> demand, in arrival order (pending() reports this order)
-        self._demands: dict[tuple[str, str], _Demand] = {}
+        self._demands: dict[tuple[str, str], Demand] = {}
         self._active: dict[str, Transfer] = {}
         # (demander, seeder) -> time until which that seeder is not used for that demander
         self._avoid: dict[tuple[str, str], float] = {}
         # layer -> nodes holding it
         self._holders: dict[str, set[str]] = {}
-        # layer -> idle holders (up, not suspect, not sending), sorted by _SeederKey
-        self._idle: dict[str, list[_SeederKey]] = {}
+        # layer -> idle holders (up, not suspect, not sending), sorted by SeederKey
+        self._idle: dict[str, list[SeederKey]] = {}
         # layer -> heap of free demanders needing it; entries with an old version are stale
         self._waiting: dict[str, list[_WaitEntry]] = {}
-        # layer -> open demands of it (bounds the stale entries a heap may keep)
-        self._demand_count: dict[str, int] = {}
+        #: layer -> open demands of it (bounds the stale entries a heap may keep; the
+        #: planner sums the bytes still wanted with it)
+        self.open_demands: dict[str, int] = {}
         #: layer -> size in bytes, where known (the capacity-aware policies plan with it)
         self.layer_sizes: dict[str, int] = {}
         #: layer -> chunk size in bytes, where known (``relay`` bounds the lag of a chain with it)
@@ -227,10 +146,10 @@ class Scheduler:
         ``download_bps`` is the first estimate of its download speed (0 = unknown:
         its upload estimate stands in, as before agents sent both).
         """
-        node = self._nodes.get(node_id)
+        node = self.nodes.get(node_id)
         if node is None:
-            node = _Node(node_id, speed_bps or self.default_speed_bps, down_bps=download_bps)
-            self._nodes[node_id] = node
+            node = Node(node_id, speed_bps or self.default_speed_bps, down_bps=download_bps)
+            self.nodes[node_id] = node
         if max_upload_bps is not None:
             node.max_upload_bps = max(0.0, max_upload_bps)
         if max_download_bps is not None:
@@ -262,7 +181,7 @@ class Scheduler:
         aborted = [
             t
             for t in node.transfers.values()
-            if t.demander == node_id or (t.seeder == node_id and not self._nodes[t.demander].up)
+            if t.demander == node_id or (t.seeder == node_id and not self.nodes[t.demander].up)
         ]
         for t in aborted:
             self._release(t)
@@ -338,7 +257,7 @@ class Scheduler:
         idle-seeder list. Its running transfers are left alone (the callers
         refuse to remove a layer a node is seeding). Unknown nodes are ignored.
         """
-        node = self._nodes.get(node_id)
+        node = self.nodes.get(node_id)
         if node is None or layer not in node.holdings:
             return
         node.holdings.discard(layer)
@@ -355,16 +274,20 @@ class Scheduler:
     def holders(self, layer: str) -> list[str]:
         return sorted(self._holders.get(layer, ()))
 
+    def holders_of(self, layer: str) -> AbstractSet[str]:
+        """The nodes holding ``layer``, unsorted and not copied (view.py: the planner's)."""
+        return self._holders.get(layer, _NOBODY)
+
     # -- demands ---------------------------------------------------------
     def demand(self, node_id: str, layer: str, job_id: str, now: float) -> bool:
         """``node_id`` needs ``layer``; False if it holds it or already asked."""
         node = self._node(node_id)
         if layer in node.holdings or layer in node.demands:
             return False
-        d = _Demand(node_id, layer, job_id, now, next(self._seq))
+        d = Demand(node_id, layer, job_id, now, next(self._seq))
         self._demands[(node_id, layer)] = d
         node.demands[layer] = d
-        self._demand_count[layer] = self._demand_count.get(layer, 0) + 1
+        self.open_demands[layer] = self.open_demands.get(layer, 0) + 1
         if self._planner is None and node.free_demander and layer not in node.pulling:
             # the newest demand never changes the node's rank (its oldest wanted
             # demand), so its other heap entries stay valid: add just this one
@@ -376,7 +299,7 @@ class Scheduler:
         return True
 
     def cancel_demand(self, node_id: str, layer: str) -> None:
-        node = self._nodes.get(node_id)
+        node = self.nodes.get(node_id)
         if node is not None and self._drop_demand(node, layer):
             self._touch(node)
 
@@ -394,12 +317,12 @@ class Scheduler:
         Costs what it returns, so per-node hot paths (a heartbeat checking the
         transfers of one agent) need not scan every transfer of the cluster.
         """
-        node = self._nodes.get(node_id)
+        node = self.nodes.get(node_id)
         return list(node.transfers.values()) if node is not None else []
 
     def is_demanding(self, node_id: str) -> bool:
         """Whether ``node_id`` receives a transfer or waits for a layer (O(its transfers))."""
-        node = self._nodes.get(node_id)
+        node = self.nodes.get(node_id)
         if node is None:
             return False
         return bool(node.demands) or any(t.demander == node_id for t in node.transfers.values())
@@ -432,7 +355,7 @@ class Scheduler:
 
     def receiving(self, node_id: str, layer: str) -> Transfer | None:
         """The active transfer bringing ``layer`` to ``node_id``, if any."""
-        node = self._nodes.get(node_id)
+        node = self.nodes.get(node_id)
         if node is None:
             return None
         return next(
@@ -478,7 +401,7 @@ class Scheduler:
             if seeder_id in seen:
                 continue  # came up earlier through another layer it holds
             seen.add(seeder_id)
-            seeder = self._nodes[seeder_id]
+            seeder = self.nodes[seeder_id]
             demander = self._pick(seeder, live)
             if demander is None:
                 continue
@@ -487,16 +410,16 @@ class Scheduler:
                 for lr, d in demander.demands.items()
                 if lr in seeder.holdings and lr not in demander.pulling
             )
-            started.append(self._start(seeder, demander, demand, now))
+            started.append(self.start_transfer(seeder, demander, demand, now))
             for lr in demander.demands:
                 if lr in live and self._top(live[lr]) is None:
                     del live[lr]
         # the idle lists stay as they were during the walk; now take the seeders out
         for t in started:
-            self._sync_idle(self._nodes[t.seeder])
+            self._sync_idle(self.nodes[t.seeder])
         return started
 
-    def _pick(self, seeder: _Node, live: dict[str, list[_WaitEntry]]) -> _Node | None:
+    def _pick(self, seeder: Node, live: dict[str, list[_WaitEntry]]) -> Node | None:
         """The longest-waiting free demander that ``seeder`` may serve, or None."""
         if len(seeder.holdings) < len(live):
             layers = [lr for lr in seeder.holdings if lr in live]
@@ -507,50 +430,54 @@ class Scheduler:
             entry = self._first_allowed(live[layer], seeder.node_id)
             if entry is not None and (best is None or entry < best):
                 best = entry
-        return None if best is None else self._nodes[best[1]]
+        return None if best is None else self.nodes[best[1]]
 
     def _first_allowed(self, heap: list[_WaitEntry], seeder_id: str) -> _WaitEntry | None:
         """The top valid entry of ``heap`` whose demander may be paired with ``seeder_id``."""
         top = self._top(heap)
-        if top is None or self._allowed(top[1], seeder_id):
+        if top is None or self.allowed(top[1], seeder_id):
             return top
         kept_away: list[_WaitEntry] = []
-        while top is not None and not self._allowed(top[1], seeder_id):
+        while top is not None and not self.allowed(top[1], seeder_id):
             kept_away.append(heapq.heappop(heap))
             top = self._top(heap)
         for entry in kept_away:
             heapq.heappush(heap, entry)
         return top
 
-    def _allowed(self, demander_id: str, seeder_id: str) -> bool:
+    def allowed(self, demander_id: str, seeder_id: str) -> bool:
+        """Whether ``seeder_id`` may serve ``demander_id`` now (not itself, not avoided)."""
         return demander_id != seeder_id and (demander_id, seeder_id) not in self._avoid
 
-    def _start(
+    def start_transfer(
         self,
-        seeder: _Node,
-        demander: _Node,
-        demand: _Demand,
+        seeder: Node,
+        demander: Node,
+        demand: Demand,
         now: float,
-        reason: str = "",
+        reason: TransferReason | None = None,
         plan_hook: Callable[[Transfer], None] | None = None,
     ) -> Transfer:
-        """Create and lock a transfer; a planner gives ``reason`` and books it via ``plan_hook``."""
+        """Create and lock a transfer; a planner gives ``reason`` and books it via ``plan_hook``.
+
+        Without a ``reason`` (``paper``) it is Algorithm 1's: the fastest idle holder,
+        its speed, the slower idle holders left, and the demander's download cap if
+        that sets the expected rate.
+        """
         expected = seeder.speed_bps
-        capped = ""
-        if 0 < demander.max_download_bps < expected:
+        capped = 0 < demander.max_download_bps < expected
+        if capped:
             expected = demander.max_download_bps
-            capped = f"; expected {expected / 1e6:.1f} MB/s, the demander's download cap"
-        if not reason:
+        if reason is None:
             # the idle lists are those of the start of this schedule() call, so the
             # holders after this seeder in its layer's list are the slower idle ones left
             idle = self._idle[demand.layer]
             assert seeder.idle_key is not None
             others = len(idle) - bisect_right(idle, seeder.idle_key)
-            reason = (
-                f"{self.policy}: fastest idle seeder holding the layer "
-                f"({seeder.speed_bps / 1e6:.1f} MB/s measured; {others} slower idle holder(s) left"
-                f"{capped})"
-            )
+            numbers = {rs.SEEDER_BPS: seeder.speed_bps, rs.SLOWER_IDLE: float(others)}
+            if capped:
+                numbers[rs.DOWNLOAD_CAP_BPS] = expected
+            reason = TransferReason(rule=rs.FASTEST_IDLE, policy=self.policy, numbers=numbers)
         t = Transfer(
             transfer_id=self._new_id(),
             layer=demand.layer,
@@ -583,7 +510,7 @@ class Scheduler:
             self._planner.observe(t, now, bytes_moved)
         elif bytes_moved > 0 and seconds > 0:
             rate = bytes_moved / seconds
-            demander = self._nodes.get(t.demander)
+            demander = self.nodes.get(t.demander)
             cap = demander.max_download_bps if demander is not None else 0.0
             if cap > 0 and rate >= 0.8 * cap:
                 # the demander's own cap set the pace: this says little about the
@@ -609,7 +536,7 @@ class Scheduler:
         return t
 
     # -- bookkeeping -----------------------------------------------------
-    def _lock(self, t: Transfer, seeder: _Node, demander: _Node) -> None:
+    def _lock(self, t: Transfer, seeder: Node, demander: Node) -> None:
         self._active[t.transfer_id] = t
         seeder.transfers[t.transfer_id] = t
         demander.transfers[t.transfer_id] = t
@@ -626,7 +553,7 @@ class Scheduler:
             return
         if self._planner is not None:
             self._planner.ended(t)
-        seeder, demander = self._nodes[t.seeder], self._nodes[t.demander]
+        seeder, demander = self.nodes[t.seeder], self.nodes[t.demander]
         seeder.transfers.pop(t.transfer_id, None)
         demander.transfers.pop(t.transfer_id, None)
         left = demander.pulling.get(t.layer, 0) - 1
@@ -641,18 +568,18 @@ class Scheduler:
         self._touch(demander)
         self._sync_idle(seeder)
 
-    def _drop_demand(self, node: _Node, layer: str) -> bool:
+    def _drop_demand(self, node: Node, layer: str) -> bool:
         if node.demands.pop(layer, None) is None:
             return False
         del self._demands[(node.node_id, layer)]
-        left = self._demand_count[layer] - 1
+        left = self.open_demands[layer] - 1
         if left:
-            self._demand_count[layer] = left
+            self.open_demands[layer] = left
         else:
-            del self._demand_count[layer]
+            del self.open_demands[layer]
         return True
 
-    def _touch(self, node: _Node) -> None:
+    def _touch(self, node: Node) -> None:
         """``node``'s standing as a demander changed: re-enter it in the waiting heaps.
 
         Its older entries become stale (wrong version) and are dropped when
@@ -675,21 +602,21 @@ class Scheduler:
     def _push_waiting(self, layer: str, entry: _WaitEntry) -> None:
         heap = self._waiting.setdefault(layer, [])
         heapq.heappush(heap, entry)
-        if len(heap) > 2 * self._demand_count.get(layer, 0) + 64:
+        if len(heap) > 2 * self.open_demands.get(layer, 0) + 64:
             # at most one entry per open demand is valid: drop the stale rest
-            heap[:] = [e for e in heap if self._nodes[e[1]].version == e[2]]
+            heap[:] = [e for e in heap if self.nodes[e[1]].version == e[2]]
             heapq.heapify(heap)
 
     def _top(self, heap: list[_WaitEntry]) -> _WaitEntry | None:
         """The first valid entry of a waiting heap (stale ones are popped on the way)."""
         while heap:
             entry = heap[0]
-            if self._nodes[entry[1]].version == entry[2]:
+            if self.nodes[entry[1]].version == entry[2]:
                 return entry
             heapq.heappop(heap)
         return None
 
-    def _sync_idle(self, node: _Node) -> None:
+    def _sync_idle(self, node: Node) -> None:
         """Put ``node`` in (or take it out of, or move it in) its layers' idle-holder lists."""
         if self._planner is not None:
             self._planner.refresh(node)
@@ -707,8 +634,8 @@ class Scheduler:
                 insort(self._idle.setdefault(layer, []), want)
         node.idle_key = want
 
-    def _node(self, node_id: str) -> _Node:
+    def _node(self, node_id: str) -> Node:
         try:
-            return self._nodes[node_id]
+            return self.nodes[node_id]
         except KeyError:
             raise SchedulerError(f"unknown node {node_id!r}") from None

@@ -368,11 +368,35 @@ function graphEdges(job, active) {
   return edges;
 }
 
-// "paper: fastest idle seeder holding the layer (125.0 MB/s measured; 0 slower ...)"
-//   -> "paper: 125.0 MB/s measured; 0 slower ..." (the policy and its score)
-function reasonShort(reason) {
-  const m = /^([\w.-]+): [^(]*\((.*)\)\s*$/.exec(reason);
-  return truncate(m ? `${m[1]}: ${m[2]}` : reason, 34);
+// A transfer's reason is a record (rainbowd.core.sched.reasons): the policy, the rule
+// that chose the seeder, the turn that put the demander first, and the numbers both
+// weighed, by name; a name's suffix gives its unit (_bps: bytes/s, _s: seconds, _bytes).
+// A reason stored by an older rbd is rule "legacy" with its text.
+function reasonNumber(name, v) {
+  const label = name.replace(/_(bps|bytes|s)$/, "").replace(/_/g, " ");
+  if (name.endsWith("_bps")) return `${label} ${mbps(v)}`;
+  if (name.endsWith("_bytes")) return `${label} ${size(v)}`;
+  if (name.endsWith("_s")) return `${label} ${v.toFixed(1)} s`;
+  return `${label} ${v}`;
+}
+
+// "swarm: best-fit (seeder 8.0 MB/s, free up 8.0 MB/s, ...); turn fastest-first"
+function reasonText(r) {
+  if (!r) return "";
+  if (r.rule === "legacy") return r.text;
+  const numbers = Object.entries(r.numbers || {}).map(([k, v]) => reasonNumber(k, v));
+  const rule = `${r.policy ? r.policy + ": " : ""}${r.rule}`;
+  const head = numbers.length ? `${rule} (${numbers.join(", ")})` : rule;
+  return r.turn ? `${head}; turn ${r.turn}` : head;
+}
+
+// the policy, the rule and the rate it gave: "swarm: best-fit 4.0 MB/s"
+function reasonShort(r) {
+  if (!r || r.rule === "legacy") return truncate(r ? r.text : "", 34);
+  const n = r.numbers || {};
+  const rate = "planned_bps" in n ? n.planned_bps : n.seeder_bps;
+  const rule = `${r.policy ? r.policy + ": " : ""}${r.rule}`;
+  return truncate(rate === undefined ? rule : `${rule} ${mbps(rate)}`, 34);
 }
 
 // A layered layout: column 0 holds the nodes that had the data (the origin, earlier
@@ -481,7 +505,8 @@ function renderGraph(job, active, nodes) {
     const x2 = b.x - 2, y2 = b.y + e.inY;
     const edge = svg("g", {
       class: "edge" + (e.active ? " active" : ""),
-      "data-seeder": e.seeder, "data-demander": e.demander, "data-layer": e.layer, "data-reason": e.reason,
+      "data-seeder": e.seeder, "data-demander": e.demander, "data-layer": e.layer,
+      "data-rule": e.reason ? e.reason.rule : "", "data-reason": reasonText(e.reason),
     });
     const h = BEND / 2;
     const d = `M${x1},${y1} C${x1 + h},${y1} ${x1 + h},${y2} ${x1 + BEND},${y2} L${x2},${y2}`;
@@ -495,7 +520,7 @@ function renderGraph(job, active, nodes) {
     } else {
       edge.append(svg("text", { class: "what", x: lx, y: y2 - 3, "text-anchor": "end" }, what));
     }
-    edge.append(svg("title", {}, `${e.seeder} → ${e.demander}, layer ${e.layer}: ${size(e.bytes)} at ${mbps(e.rate)}\nwhy: ${e.reason}`));
+    edge.append(svg("title", {}, `${e.seeder} → ${e.demander}, layer ${e.layer}: ${size(e.bytes)} at ${mbps(e.rate)}\nwhy: ${reasonText(e.reason)}`));
     g.append(edge);
   }
   for (const [id, p] of pos) {
@@ -522,7 +547,7 @@ function renderGraph(job, active, nodes) {
       td(e.active && e.total ? `${size(e.bytes)} / ${size(e.total)}` : size(e.bytes), "num"),
       td(mbps(e.rate), "num"),
       el("td", {}, badge(e.active ? "moving" : "done", e.active ? "transferring" : "done")),
-      td(e.reason, "why"),
+      td(reasonText(e.reason), "why"),
     ),
   );
   replaceRows(tbody, trs, "no transfers yet", 7);

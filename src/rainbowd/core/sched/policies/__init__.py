@@ -20,10 +20,12 @@ One concern per file:
 
 The planner keeps standing indexes so a :meth:`Planner.plan` call costs about
 the transfers it starts: per layer, the holders with free upload sorted by
-free upload; the waiting demanders sorted by speed and by need. It reads the
-scheduler's node records (holdings, demands, what is in flight) and starts
-transfers through it, so every other rule of :class:`~rainbowd.core.sched.scheduler.Scheduler`
-(avoided pairs, suspects, adopt, node down) holds unchanged.
+free upload; the waiting demanders sorted by speed and by need. It sees the
+scheduler only through :class:`~rainbowd.core.sched.view.SchedulerView`: it
+reads the node records (records.py: holdings, demands, what is in flight) and
+starts transfers through it, so every other rule of the scheduler (avoided
+pairs, suspects, adopt, node down) holds unchanged, and no module here
+imports scheduler.py.
 """
 
 from __future__ import annotations
@@ -40,7 +42,6 @@ from .state import (
     MIN_TRANSFER_BPS,
     RELAY_HOP_S,
     UNKNOWN_LAYER_BYTES,
-    URGENT,
 )
 from .swarm import SWARM
 
@@ -51,7 +52,6 @@ __all__ = [
     "RELAY_HOP_S",
     "RULES",
     "UNKNOWN_LAYER_BYTES",
-    "URGENT",
     "Planner",
     "Rules",
 ]

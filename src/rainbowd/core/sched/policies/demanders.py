@@ -18,30 +18,30 @@ from .seeders import SeederIndex
 from .state import _MIN_FREE_SHARE, UNKNOWN_LAYER_BYTES, _down_speed, _WaitKey
 
 if TYPE_CHECKING:
-    from ..scheduler import _Demand, _Node
+    from ..records import Demand, Node
 
 
 class DemanderIndex(SeederIndex):
     """Waiting demanders per layer they want, by rank step and need, and by need alone."""
 
-    def refresh(self, node: _Node) -> None:
+    def refresh(self, node: Node) -> None:
         """Re-key ``node`` as a seeder and as a demander after any change to it."""
         self._refresh_seeder(node)
         self._refresh_demander(node)
 
-    def demand_added(self, node: _Node, demand: _Demand) -> None:
+    def demand_added(self, node: Node, demand: Demand) -> None:
         if self.rules.slack_margin is not None:
             total = sum(self._size(lr) for lr in node.demands)
             finish = demand.since + total / _down_speed(node) * (1 + self.rules.slack_margin)
             self._horizon = max(self._horizon, finish)
         self._refresh_demander(node)
 
-    def _rank(self, node: _Node) -> float:
+    def _rank(self, node: Node) -> float:
         """How fast ``node`` is as a demander (``rank`` rule: fastest first)."""
         down = _down_speed(node)
         return down if self.rules.rank == "down" else min(down, node.speed_bps)
 
-    def _rank_step(self, node: _Node) -> float:
+    def _rank_step(self, node: Node) -> float:
         """:meth:`_rank` rounded down to a ``rank_step`` (geometric), so near-equal nodes tie.
 
         Ties go to the demander that lacks the most (its need in seconds): on a
@@ -55,7 +55,7 @@ class DemanderIndex(SeederIndex):
             return rank
         return (1 + step) ** math.floor(math.log(rank, 1 + step))
 
-    def _refresh_demander(self, node: _Node) -> None:
+    def _refresh_demander(self, node: Node) -> None:
         nid = node.node_id
         want: _WaitKey | None = None
         hope: Hope | None = None
@@ -102,10 +102,10 @@ class DemanderIndex(SeederIndex):
                 self._by_speed[layer].add(want[0])
                 insort(self._by_need[layer], want[1])
             self._wait_key[nid] = want
-        if not self._s._demands:
+        if not self._s.open_demands:
             self._horizon = 0.0
 
-    def _hope(self, node: _Node, need_s: float) -> Hope:
+    def _hope(self, node: Node, need_s: float) -> Hope:
         """The values of ``node`` that ``_serve`` weighs against a layer's best free upload.
 
         ``need_s`` is :meth:`_need_s` (summed by the caller, with the key's need).
@@ -123,12 +123,12 @@ class DemanderIndex(SeederIndex):
     def layer_size_set(self) -> None:
         """A layer's size changed: a waiting demander's need in seconds may have moved."""
         for nid in self._wait_key:
-            node = self._s._nodes[nid]
+            node = self._s.nodes[nid]
             hope = self._hope(node, self._need_s(node))
             if hope != self._hopes[nid]:
                 self._widen(nid, hope)
 
-    def _room(self, node: _Node) -> bool:
+    def _room(self, node: Node) -> bool:
         """Whether ``node`` can take one more download now."""
         if not self.rules.slots:
             return not self._down_used.get(node.node_id)

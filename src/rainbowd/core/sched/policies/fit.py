@@ -4,8 +4,9 @@ Why: this is where the rules of rules.py pick a seeder -- min_share and the
 floor (:meth:`Fitter._least`), best fit among holders and relays
 (:meth:`Fitter._fit`), the urgent share, direct small layers, striping the
 download (:meth:`Fitter._reserve_down`) -- and where a started transfer's
-reservation is recorded (:meth:`Fitter._hold`). Every transfer's reason names
-the rule and the numbers that chose its seeder.
+reservation is recorded (:meth:`Fitter._hold`). Every transfer's reason
+(rainbowd.core.sched.reasons) names the rule and the numbers that chose its
+seeder.
 """
 
 from __future__ import annotations
@@ -13,11 +14,21 @@ from __future__ import annotations
 from bisect import bisect_right
 from typing import TYPE_CHECKING
 
+from .. import reasons as rs
+from ..reasons import TransferReason, Turn
 from .demanders import DemanderIndex
-from .state import INF, MIN_TRANSFER_BPS, URGENT, _down_speed, _Plan
+from .state import (
+    DIRECT_TRIES,
+    FIT_TRIES,
+    INF,
+    MIN_SPEED_BPS,
+    MIN_TRANSFER_BPS,
+    _down_speed,
+    _Plan,
+)
 
 if TYPE_CHECKING:
-    from ..scheduler import Transfer, _Demand, _Node
+    from ..records import Demand, Node, Transfer
 
 
 class Fitter(DemanderIndex):
@@ -25,9 +36,9 @@ class Fitter(DemanderIndex):
 
     def _serve(
         self,
-        node: _Node,
+        node: Node,
         now: float,
-        why: str,
+        turn: Turn,
         *,
         starving: bool = False,
         within_s: float = 0.0,
@@ -55,14 +66,14 @@ class Fitter(DemanderIndex):
                 waiting = self._by_speed.get(d.layer)
                 seeder = self._direct_seeder(node, d.layer, len(waiting) if waiting else 0)
                 if seeder is not None:
-                    return self._begin(seeder, node, d, now, why, direct=True)
+                    return self._begin(seeder, node, d, now, turn, direct=True)
         room = self.free_down(node) if self.rules.slots else node.speed_bps
-        urgent = why.startswith(URGENT)
+        urgent = turn.name == rs.URGENT
         need_s = self._hopes[node.node_id].need_s  # _need_s as of its last refresh (0: unused)
         # the layers whose best free upload reaches the least rate (a fit needs no less); the
         # others are left before sorting: on upload-bound at 1,000 nodes 98 % of the demanders
         # a walk met had none
-        fits: list[tuple[_Demand, float]] = []
+        fits: list[tuple[Demand, float]] = []
         for d in wanted:
             least = 0.0 if starving else self._least(node, d.layer, need_s)
             if within_s > 0:
@@ -81,15 +92,15 @@ class Fitter(DemanderIndex):
             else:
                 seeder = self._fit(node, d.layer, room, least)
             if seeder is not None:
-                return self._begin(seeder, node, d, now, why, urgent=urgent)
+                return self._begin(seeder, node, d, now, turn, urgent=urgent)
         return None
 
-    def _scarcity(self, d: _Demand) -> tuple[bool, int]:
+    def _scarcity(self, d: Demand) -> tuple[bool, int]:
         """Rarest first: fewest copies first, one-chunk layers last (a copy of one costs a
         round trip; scarcity means nothing there)."""
         return (self._one_chunk(d.layer), self._copies(d.layer))
 
-    def _least(self, node: _Node, layer: str, need_s: float = 0.0) -> float:
+    def _least(self, node: Node, layer: str, need_s: float = 0.0) -> float:
         """The least rate a new transfer of ``layer`` into ``node`` must get (min_share).
 
         A share of the demander's speed, or of the fastest holder's speed if that is
@@ -108,7 +119,7 @@ class Fitter(DemanderIndex):
             least = min(least, self._size(layer) / need_s)
         return least
 
-    def _urgent_fit(self, node: _Node, layer: str, room: float, least: float) -> _Node | None:
+    def _urgent_fit(self, node: Node, layer: str, room: float, least: float) -> Node | None:
         """For an urgent demander: the best-fit holder, if its urgent share has ``least`` left.
 
         Urgent (slow) demanders take at most ``urgent_share`` of a seeder's
@@ -138,7 +149,7 @@ class Fitter(DemanderIndex):
             return self.hop_s(layer, rate)
         return up_plan.lag + self.hop_s(layer, up_plan.planned)
 
-    def _fit(self, node: _Node, layer: str, room: float, least: float) -> _Node | None:
+    def _fit(self, node: Node, layer: str, room: float, least: float) -> Node | None:
         """Best fit: the tightest free upload >= ``room``, else the largest (if >= ``least``).
 
         With relays: a complete holder that fits first (it cannot stall), then
@@ -151,21 +162,21 @@ class Fitter(DemanderIndex):
             for idle in lists:
                 # entries with free upload >= room sit before this index; the last fits tightest
                 i = bisect_right(idle, (-room, "\uffff"))
-                for j in range(i - 1, max(-1, i - 9), -1):
-                    if self._s._allowed(node.node_id, idle[j][1]):
-                        return self._s._nodes[idle[j][1]]
+                for j in range(i - 1, max(-1, i - 1 - FIT_TRIES), -1):
+                    if self._s.allowed(node.node_id, idle[j][1]):
+                        return self._s.nodes[idle[j][1]]
         best: tuple[float, str] | None = None
         for idle in lists:
-            for neg_free, sid in idle[:8]:
+            for neg_free, sid in idle[:FIT_TRIES]:
                 if -neg_free < least:
                     break
-                if self._s._allowed(node.node_id, sid):
+                if self._s.allowed(node.node_id, sid):
                     if best is None or neg_free < best[0]:
                         best = (neg_free, sid)
                     break
-        return None if best is None else self._s._nodes[best[1]]
+        return None if best is None else self._s.nodes[best[1]]
 
-    def _direct_seeder(self, node: _Node, layer: str, waiting: int) -> _Node | None:
+    def _direct_seeder(self, node: Node, layer: str, waiting: int) -> Node | None:
         """A holder that can send this small layer to all ``waiting`` within ``direct_s``.
 
         That is where a tree only adds hops: one seeder reaches everyone who
@@ -174,32 +185,35 @@ class Fitter(DemanderIndex):
         size = self._s.layer_sizes.get(layer, 0)
         if size <= 0:
             return None
-        for _, sid in self._free.get(layer, ())[:4]:
-            seeder = self._s._nodes[sid]
+        for _, sid in self._free.get(layer, ())[:DIRECT_TRIES]:
+            seeder = self._s.nodes[sid]
             budget = self.rules.direct_s * seeder.speed_bps
             fan_out = self._direct_bytes.get(sid, 0) + size * max(1, waiting)
-            if fan_out <= budget and self._s._allowed(node.node_id, sid):
+            if fan_out <= budget and self._s.allowed(node.node_id, sid):
                 return seeder
         return None
 
     def _begin(
         self,
-        seeder: _Node,
-        node: _Node,
-        d: _Demand,
+        seeder: Node,
+        node: Node,
+        d: Demand,
         now: float,
-        why: str,
+        turn: Turn,
         *,
         direct: bool = False,
         urgent: bool = False,
     ) -> Transfer:
+        """Reserve the rates of ``d``'s transfer from ``seeder`` and start it, with its reason.
+
+        The reason (reasons.py) is the rule that chose the seeder with the numbers it
+        weighed, and ``turn``, why ``node`` was served now.
+        """
+        numbers = {rs.SEEDER_BPS: seeder.speed_bps, turn.number: turn.value}
         if direct:
-            size = self._s.layer_sizes[d.layer]
-            reason = (
-                f"{self.rules.name}: direct -- the layer is small ({size} B), so "
-                f"{seeder.node_id} ({seeder.speed_bps / 1e6:.1f} MB/s) sends it straight to "
-                f"every demander within {self.rules.direct_s:g} s; {why}"
-            )
+            rule = rs.DIRECT
+            numbers[rs.SIZE_BYTES] = float(self._s.layer_sizes[d.layer])
+            numbers[rs.DIRECT_S] = self.rules.direct_s
             plan = _Plan(0.0, 0.0, seeder.speed_bps, True, direct=True)
         elif self.rules.slots:
             up, down = self.free_up(seeder), self._reserve_down(node, d.layer)
@@ -207,40 +221,28 @@ class Fitter(DemanderIndex):
                 left = self.rules.urgent_share * seeder.speed_bps
                 up = min(up, left - self._urgent_used.get(seeder.node_id, 0.0))
             rate = min(up, down)
-            relayed = self.rules.relay and d.layer not in seeder.holdings
-            if relayed:
+            numbers[rs.FREE_UP_BPS], numbers[rs.FREE_DOWN_BPS] = up, down
+            if self.rules.relay and d.layer not in seeder.holdings:
+                rule = rs.RELAY
                 inbound = self.relay_rate(seeder, d.layer)
                 rate = min(rate, inbound)
                 lag = self._relay_lag(seeder.node_id, d.layer, rate)
-                reason = (
-                    f"{self.rules.name}: cut-through relay -- {seeder.node_id} is still "
-                    f"receiving the layer (inbound planned at {inbound / 1e6:.1f} MB/s) and "
-                    f"serves its chunks as they land; the best fit among the layer's holders "
-                    f"and relays for {down / 1e6:.1f} MB/s of free download; "
-                    f"{up / 1e6:.1f} of its {seeder.speed_bps / 1e6:.1f} MB/s upload free; "
-                    f"planned at {rate / 1e6:.1f} MB/s (no faster than its inbound), first "
-                    f"chunk {lag:.1f} s behind a complete copy; {why}"
-                )
+                numbers[rs.INBOUND_BPS], numbers[rs.LAG_S] = inbound, lag
                 plan = _Plan(rate, rate, rate, True, urgent=urgent, lag=lag)
-                return self._s._start(
-                    seeder, node, d, now, reason, plan_hook=lambda t: self._hold(t, plan)
-                )
-            reason = (
-                f"{self.rules.name}: best-fit seeder, {up / 1e6:.1f} of its "
-                f"{seeder.speed_bps / 1e6:.1f} MB/s upload free for {down / 1e6:.1f} MB/s of "
-                f"free download; planned at {rate / 1e6:.1f} MB/s; {why}"
-            )
-            plan = _Plan(rate, rate, rate, up <= down, urgent=urgent)
+            else:
+                rule = rs.BEST_FIT
+                plan = _Plan(rate, rate, rate, up <= down, urgent=urgent)
+            numbers[rs.PLANNED_BPS] = rate
         else:
+            rule = rs.FASTEST_IDLE
             rate = min(seeder.speed_bps, node.speed_bps)
-            reason = (
-                f"{self.rules.name}: fastest idle seeder holding the layer "
-                f"({seeder.speed_bps / 1e6:.1f} MB/s); {why}"
-            )
             plan = _Plan(seeder.speed_bps, node.speed_bps, rate, seeder.speed_bps <= node.speed_bps)
-        return self._s._start(seeder, node, d, now, reason, plan_hook=lambda t: self._hold(t, plan))
+        reason = TransferReason(rule=rule, policy=self.rules.name, turn=turn.name, numbers=numbers)
+        return self._s.start_transfer(
+            seeder, node, d, now, reason, plan_hook=lambda t: self._hold(t, plan)
+        )
 
-    def _reserve_down(self, node: _Node, layer: str) -> float:
+    def _reserve_down(self, node: Node, layer: str) -> float:
         """How much of ``node``'s free download a new transfer of ``layer`` may reserve.
 
         All of it, except under ``stripe``: while the demander has more to ask for,
@@ -260,7 +262,7 @@ class Fitter(DemanderIndex):
         down = self.free_down(node)
         if self.rules.stripe >= 1.0 or len(node.demands) <= len(node.pulling) + 1:
             return down  # nothing else to ask for: the last one takes what there is
-        if self._size(layer) / max(1.0, down) >= self.rules.stripe_s:
+        if self._size(layer) / max(MIN_SPEED_BPS, down) >= self.rules.stripe_s:
             return down
         return min(down, self.rules.stripe * _down_speed(node))
 

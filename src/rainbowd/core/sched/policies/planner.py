@@ -11,11 +11,19 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .state import FAILURES_TO_SLOW, MIN_OBSERVE_S, _Plan
+from .state import (
+    FAILED_FACTOR,
+    FAILURES_TO_SLOW,
+    MIN_OBSERVE_S,
+    MIN_OBSERVED_RATIO,
+    MIN_SPEED_BPS,
+    RESERVED_DUST_BPS,
+    _Plan,
+)
 from .walk import Walker
 
 if TYPE_CHECKING:
-    from ..scheduler import Transfer
+    from ..records import Transfer
 
 
 class Planner(Walker):
@@ -25,7 +33,7 @@ class Planner(Walker):
         """A transfer the planner did not plan (adopted): reserve what it plausibly takes."""
         if t.transfer_id in self._plans:
             return
-        seeder, node = self._s._nodes[t.seeder], self._s._nodes[t.demander]
+        seeder, node = self._s.nodes[t.seeder], self._s.nodes[t.demander]
         if self.rules.slots:
             rate = max(0.0, min(self.free_up(seeder), self.free_down(node)))
         else:
@@ -33,7 +41,7 @@ class Planner(Walker):
         up = rate if self.rules.slots else seeder.speed_bps
         down = rate if self.rules.slots else node.speed_bps
         # (adopted after a restart: whether it was relayed is not known; taken as direct)
-        self._hold(t, _Plan(up, down, max(rate, 1.0), True))
+        self._hold(t, _Plan(up, down, max(rate, MIN_SPEED_BPS), True))
 
     def ended(self, t: Transfer) -> None:
         plan = self._plans.pop(t.transfer_id, None)
@@ -53,7 +61,7 @@ class Planner(Walker):
             self._direct_bytes[t.seeder] = max(0, left)
         for x in (self._up_used, self._down_used):
             for nid in (t.seeder, t.demander):
-                if x.get(nid, 1.0) < 1e-6:
+                if x.get(nid, 1.0) < RESERVED_DUST_BPS:
                     x.pop(nid, None)
 
     def observe(self, t: Transfer, now: float, bytes_moved: int) -> float | None:
@@ -72,12 +80,13 @@ class Planner(Walker):
             return None
         if plan.planned <= 0:
             return None
-        ratio = max(0.05, bytes_moved / seconds / plan.planned)
-        node = self._s._nodes[t.seeder if plan.seeder_limited else t.demander]
+        ratio = max(MIN_OBSERVED_RATIO, bytes_moved / seconds / plan.planned)
+        node = self._s.nodes[t.seeder if plan.seeder_limited else t.demander]
         # a rate above plan only means others left room: it brings a slowed node back up to
         # its first estimate (the agent's hint), never beyond it
         seen = min(self._prior.setdefault(node.node_id, node.speed_bps), node.speed_bps * ratio)
-        node.speed_bps = max(1.0, (1 - self.rules.ewma) * node.speed_bps + self.rules.ewma * seen)
+        ewma = self.rules.ewma
+        node.speed_bps = max(MIN_SPEED_BPS, (1 - ewma) * node.speed_bps + ewma * seen)
         return node.speed_bps
 
     def failed(self, t: Transfer) -> float | None:
@@ -86,6 +95,6 @@ class Planner(Walker):
         self._failures[t.seeder] = n
         if self.rules.ewma <= 0 or n < FAILURES_TO_SLOW:
             return None
-        node = self._s._nodes[t.seeder]
-        node.speed_bps = max(1.0, node.speed_bps / 2)
+        node = self._s.nodes[t.seeder]
+        node.speed_bps = max(MIN_SPEED_BPS, node.speed_bps * FAILED_FACTOR)
         return node.speed_bps

@@ -9,7 +9,16 @@ package's docstring):
   capacity covers, and a demander pulls several layers at once from different
   seeders while its download has room. A new transfer must get at least
   ``min_share`` of the demander's speed, so slow seeders are not handed fast
-  demanders (they would hold the layer hostage for its whole length).
+  demanders (they would hold the layer hostage for its whole length). The
+  least rate of a new transfer of a layer (``Fitter._least``, ``Fitter._serve``)::
+
+      least = min_share * min(demander's download, fastest holder's speed)
+      least = min(least, size / need_s)            # with need_share
+      least = max(least, size / within_s)          # a starving demander's fill
+      least = max(least, min(MIN_TRANSFER_BPS, fastest holder, free download))
+
+  (``need_s``: seconds the demander needs for all it lacks; a starving
+  demander's first transfer has only the last line.)
 * **best fit** -- a demander takes the seeder whose free upload covers its
   free download most tightly (or, if none covers it, the one with most room),
   so big free uploads stay for fast demanders.
@@ -35,7 +44,13 @@ package's docstring):
   (``Planner._reserve_down``).
 * **direct** -- a layer so small that a seeder can send it to many demanders
   within ``direct_s`` seconds goes straight from that seeder to all of them at
-  once, reserving nothing (the DID crossover: a tree only adds hops).
+  once, reserving nothing (the DID crossover: a tree only adds hops). One of
+  the ``DIRECT_TRIES`` fastest free holders qualifies when
+  (``Fitter._direct_seeder``)::
+
+      bytes of its direct transfers in flight + size * max(1, demanders waiting)
+          <= direct_s * its speed
+
 * **cut-through relay** (``relay``) -- a node with an active incoming transfer
   of layer L is a *relay* holder of L: it may seed L while still receiving it,
   at no more than its inbound transfer's planned rate and its free upload (the
@@ -46,7 +61,12 @@ package's docstring):
   room of either. A hop forwards whole verified chunks, so each one adds a
   chunk's time on the link *into* the relay plus a fixed cost
   (``RELAY_HOP_S``) to how far the last node of a chain trails a complete
-  copy: a relay is offered only while that lag stays within the lag budget.
+  copy: a relay is offered only while that lag stays within the lag budget
+  (``SeederIndex.hop_s``, ``SeederIndex.lag_budget``)::
+
+      lag(new hop) = lag(relay's own inbound) + chunk size / inbound rate + RELAY_HOP_S
+      budget       = relay_lag_s * max(1, log10(nodes) - 1)
+
   Without the bound best fit builds one long chain (each node's upload
   exactly covers the next node's download): in the lab a 100-hop chain left
   the tail waiting 20 s for its first chunk. The budget is ``relay_lag_s`` up
@@ -68,11 +88,21 @@ package's docstring):
 * **measured speeds** -- a completed transfer that ran ``MIN_OBSERVE_S`` or
   longer moves the estimate of the side that limited it (EWMA of achieved /
   planned rate); repeated failures halve a seeder's estimate, so slow or
-  failing peers drop out of ``min_share`` and best fit.
+  failing peers drop out of ``min_share`` and best fit (``Planner.observe``,
+  ``Planner.failed``; constants in state.py)::
+
+      seen  = min(first estimate, speed * max(MIN_OBSERVED_RATIO, achieved / planned))
+      speed = max(MIN_SPEED_BPS, (1 - ewma) * speed + ewma * seen)
+      speed = max(MIN_SPEED_BPS, speed * FAILED_FACTOR)  # from the FAILURES_TO_SLOW-th
+                                                         # failure in a row on
 
 Each policy is one :class:`Rules` entry in a file of its own (fastest.py,
 slots.py, relay.py, swarm.py, deadline.py) with why its weights are what they are;
-the planner (planner.py and its bases) runs whichever it is given.
+the planner (planner.py and its bases) runs whichever it is given. Every
+transfer it starts records which rule chose the seeder (``best-fit``,
+``relay``, ``direct``, or ``fastest-idle`` without slots), which put the
+demander first (``fastest-first``, ``urgent``, ``starving``), and the numbers
+above that decided both: rainbowd.core.sched.reasons.
 """
 
 from __future__ import annotations

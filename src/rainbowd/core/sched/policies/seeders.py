@@ -13,22 +13,22 @@ import math
 from bisect import bisect_left, insort
 from typing import TYPE_CHECKING
 
-from .state import _MIN_FREE_SHARE, RELAY_HOP_S, PlannerState
+from .state import _MIN_FREE_SHARE, MIN_SPEED_BPS, RELAY_HOP_S, PlannerState
 
 if TYPE_CHECKING:
-    from ..scheduler import _Node
+    from ..records import Node
 
 
 class SeederIndex(PlannerState):
     """Per layer, the holders with free upload and the relays, sorted by what they offer."""
 
-    def holding_added(self, node: _Node, layer: str) -> None:
+    def holding_added(self, node: Node, layer: str) -> None:
         self._fastest_holder[layer] = max(self._fastest_holder.get(layer, 0.0), node.speed_bps)
         key = self._seed_key.get(node.node_id)
         if key is not None:
             insort(self._free.setdefault(layer, []), key)
 
-    def holding_removed(self, node: _Node, layer: str) -> None:
+    def holding_removed(self, node: Node, layer: str) -> None:
         """``node`` deleted ``layer``: it leaves the layer's free holders (it cannot seed it)."""
         key = self._seed_key.get(node.node_id)
         idle = self._free.get(layer)
@@ -38,17 +38,13 @@ class SeederIndex(PlannerState):
                 del idle[i]
         # min_share is taken of the fastest holder: one that is gone must not count
         # (a demander would wait for a seeder that no longer exists)
-        rest = [
-            self._s._nodes[h].speed_bps
-            for h in self._s._holders.get(layer, ())
-            if h != node.node_id
-        ]
+        rest = [self._s.nodes[h].speed_bps for h in self._s.holders_of(layer) if h != node.node_id]
         if rest:
             self._fastest_holder[layer] = max(rest)
         else:
             self._fastest_holder.pop(layer, None)
 
-    def _refresh_seeder(self, node: _Node) -> None:
+    def _refresh_seeder(self, node: Node) -> None:
         nid = node.node_id
         self._prior.setdefault(nid, node.speed_bps)
         free = self.free_up(node)
@@ -73,7 +69,7 @@ class SeederIndex(PlannerState):
         else:
             self._seed_key[nid] = want
 
-    def _refresh_relay(self, node: _Node, free: float, seeds: bool) -> None:
+    def _refresh_relay(self, node: Node, free: float, seeds: bool) -> None:
         """Re-key ``node`` as a relay of each layer it is receiving (and does not hold)."""
         nid = node.node_id
         want: dict[str, tuple[float, str]] = {}
@@ -110,13 +106,13 @@ class SeederIndex(PlannerState):
 
     def lag_budget(self) -> float:
         """Seconds a relay chain's tail may trail a complete copy (rules.py, cut-through relay)."""
-        return self.rules.relay_lag_s * max(1.0, math.log10(max(len(self._s._nodes), 1)) - 1)
+        return self.rules.relay_lag_s * max(1.0, math.log10(max(len(self._s.nodes), 1)) - 1)
 
     def hop_s(self, layer: str, rate: float) -> float:
         """Seconds one hop at ``rate`` adds to a chain's lag: a chunk's wire time + fixed cost."""
-        return self._chunk_size(layer) / max(rate, 1.0) + RELAY_HOP_S
+        return self._chunk_size(layer) / max(rate, MIN_SPEED_BPS) + RELAY_HOP_S
 
-    def relay_rate(self, node: _Node, layer: str) -> float:
+    def relay_rate(self, node: Node, layer: str) -> float:
         """The rate ``node`` can relay ``layer`` at (0: it is not a relay of it)."""
         key = self._relay_keys.get(node.node_id, {}).get(layer)
         return -key[0] if key is not None else 0.0

@@ -15,7 +15,8 @@ from ...chunks import DEFAULT_CHUNK_SIZE
 from ..waiting import Hope, WaitIndex
 
 if TYPE_CHECKING:
-    from ..scheduler import Scheduler, _Node
+    from ..records import Node
+    from ..view import SchedulerView
     from .rules import Rules
 
 #: a transfer shorter than this says more about set-up delays than about link speed
@@ -24,8 +25,8 @@ MIN_OBSERVE_S = 1.0
 UNKNOWN_LAYER_BYTES = 8 * 1024 * 1024
 #: a seeder with less free upload than this share of its speed takes no new upload
 _MIN_FREE_SHARE = 0.02
+#: no bound yet (a layer no node holds has no fastest holder; no demander was met)
 INF = float("inf")
-URGENT = "urgent"
 #: a waiting demander's keys: by speed (its rank step, then its need), by need, and the
 #: layers it waits for
 _SpeedKey = tuple[float, float, str]
@@ -33,6 +34,24 @@ _K = TypeVar("_K", tuple[float, str], _SpeedKey)
 _WaitKey = tuple[_SpeedKey, tuple[float, str], tuple[str, ...]]
 #: failures in a row after which a seeder's estimate is halved (each further one halves it again)
 FAILURES_TO_SLOW = 2
+#: what each failure from the FAILURES_TO_SLOW-th on multiplies a seeder's estimate by
+FAILED_FACTOR = 0.5
+#: the least achieved/planned ratio one observation counts as: a transfer that crawled
+#: (a stall, a sleeping laptop) moves the estimate towards 5 % of it at most, never to 0
+MIN_OBSERVED_RATIO = 0.05
+#: no estimate or planned rate is below this (bytes/s): they divide sizes and rates
+MIN_SPEED_BPS = 1.0
+#: a reservation below this (bytes/s) is float dust from adding and taking back rates
+RESERVED_DUST_BPS = 1e-6
+#: free holders (and relays) of a layer best fit looks at for one demander: past the ones
+#: ``avoid`` keeps from it (a handful at most) any would do, and looking further costs
+#: every walk
+FIT_TRIES = 8
+#: the fastest free holders of a small layer the direct rule asks (its seeder must send
+#: the layer's fan-out within direct_s; if none of the fastest can, slower ones cannot)
+DIRECT_TRIES = 4
+#: starving checks per patience: a demander is found starving at most patience_s / this late
+STARVE_CHECKS_PER_PATIENCE = 2
 #: the least rate a transfer is planned at (unless the fastest holder of its layer, or the
 #: demander's free download, has less): twice the agent's MIN_CHUNK_RATE_BPS
 #: (agent/dataplane/puller.py), below which a pull gives up on a chunk. Without it a seeder with 2 %
@@ -71,7 +90,7 @@ class PlannerState:
     -> planner.py): each adds one concern over the same state.
     """
 
-    def __init__(self, rules: Rules, scheduler: Scheduler) -> None:
+    def __init__(self, rules: Rules, scheduler: SchedulerView) -> None:
         self.rules = rules
         self._s = scheduler
         self._up_used: dict[str, float] = {}
@@ -110,10 +129,10 @@ class PlannerState:
         # job an hour old has not waited an hour)
         self._idle_seen: dict[str, float] = {}
 
-    def free_up(self, node: _Node) -> float:
+    def free_up(self, node: Node) -> float:
         return node.speed_bps - self._up_used.get(node.node_id, 0.0)
 
-    def free_down(self, node: _Node) -> float:
+    def free_down(self, node: Node) -> float:
         """Download room: its speed estimate, or its configured download cap if lower."""
         return _down_speed(node) - self._down_used.get(node.node_id, 0.0)
 
@@ -128,14 +147,14 @@ class PlannerState:
 
     def _copies(self, layer: str) -> int:
         """Holders of ``layer`` plus transfers of it in flight (rarest first)."""
-        return len(self._s._holders.get(layer, ())) + self._receiving.get(layer, 0)
+        return len(self._s.holders_of(layer)) + self._receiving.get(layer, 0)
 
-    def _need_s(self, node: _Node) -> float:
+    def _need_s(self, node: Node) -> float:
         """Seconds ``node`` needs to download all it still lacks (in flight included)."""
         return sum(self._size(lr) for lr in node.demands) / _down_speed(node)
 
 
-def _down_speed(node: _Node) -> float:
+def _down_speed(node: Node) -> float:
     """What ``node`` can download at: its speed estimate, or its download cap if lower.
 
     Shares of a demander's speed (min_share, room) are taken of this: a capped

@@ -14,12 +14,22 @@ from bisect import bisect_right
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
+from .. import reasons as rs
+from ..reasons import Turn
 from ..waiting import CLOSED, Admits, Bar, WaitIndex
 from .fit import Fitter
-from .state import _K, _MIN_FREE_SHARE, _UPLOAD_RESUM_S, INF, MIN_TRANSFER_BPS, URGENT, _SpeedKey
+from .state import (
+    _K,
+    _MIN_FREE_SHARE,
+    _UPLOAD_RESUM_S,
+    INF,
+    MIN_TRANSFER_BPS,
+    STARVE_CHECKS_PER_PATIENCE,
+    _SpeedKey,
+)
 
 if TYPE_CHECKING:
-    from ..scheduler import Transfer, _Node
+    from ..records import Node, Transfer
 
 
 class Walker(Fitter):
@@ -40,14 +50,14 @@ class Walker(Fitter):
         if not self._wait_key:
             return started
         visited: set[tuple[str, bool]] = set()  # (node, in the urgent phase)
-        for nid, why in self._order(now):
-            phase = (nid, why.startswith(URGENT))
+        for nid, turn in self._order(now):
+            phase = (nid, turn.name == rs.URGENT)
             if phase in visited:
                 continue
             visited.add(phase)
-            node = self._s._nodes[nid]
+            node = self._s.nodes[nid]
             while True:
-                t = self._serve(node, now, why)
+                t = self._serve(node, now, turn)
                 if t is None:
                     break
                 started.append(t)
@@ -80,16 +90,16 @@ class Walker(Fitter):
         (bench/RESULTS.md).
         """
         for node in self._starving(now):
-            why = f"waited {self.rules.patience_s:g} s or more with nothing in flight"
-            t = self._serve(node, now, why, starving=True)
+            turn = Turn(rs.STARVING, rs.PATIENCE_S, self.rules.patience_s)
+            t = self._serve(node, now, turn, starving=True)
             while t is not None:
                 started.append(t)
                 if not self.rules.starve_fill or node.node_id not in self._wait_key:
                     break
-                t = self._serve(node, now, why, starving=True, within_s=self.rules.patience_s)
+                t = self._serve(node, now, turn, starving=True, within_s=self.rules.patience_s)
 
-    def _order(self, now: float) -> Iterator[tuple[str, str]]:
-        """Waiting demanders in service order, each with why it comes there.
+    def _order(self, now: float) -> Iterator[tuple[str, Turn]]:
+        """Waiting demanders in service order, each with why it comes there (its turn).
 
         Only demanders wanting a layer some holder has free upload for are
         met: the per-layer indexes are merged by key, and a layer drops out of
@@ -105,7 +115,7 @@ class Walker(Fitter):
                 cut_s = max(cut_s, self._upload_bound_s(now) * self.rules.upload_urgent)
             cut = (-cut_s, "\uffff")
             for (neg_need, _), nid in self._merge_plain(self._by_need, cut):
-                yield nid, URGENT + f": needs {-neg_need:.1f} s of download, little slack"
+                yield nid, Turn(rs.URGENT, rs.NEED_S, -neg_need)
         # demanders too fast for a layer's free uploads (min_share of their speed) are skipped
         share = max(self.rules.min_share, _MIN_FREE_SHARE) if self.rules.slots else 0.0
 
@@ -116,7 +126,7 @@ class Walker(Fitter):
             return (-best / share, -INF, "")
 
         for (neg_speed, _, _), nid in self._merge(self._by_speed, start, (INF, INF, "")):
-            yield nid, f"fastest waiting demander first ({-neg_speed / 1e6:.1f} MB/s)"
+            yield nid, Turn(rs.FASTEST_FIRST, rs.DEMANDER_BPS, -neg_speed)
 
     def _upload_bound_s(self, now: float) -> float:
         """Seconds the cluster's whole upload needs for every open demand (T*'s upload term).
@@ -130,8 +140,8 @@ class Walker(Fitter):
         it counts down with the clock.
         """
         if now - self._upload_summed_at >= _UPLOAD_RESUM_S:
-            total = sum(n.speed_bps for n in self._s._nodes.values() if n.up and not n.suspect)
-            open_bytes = sum(self._size(lr) * n for lr, n in self._s._demand_count.items())
+            total = sum(n.speed_bps for n in self._s.nodes.values() if n.up and not n.suspect)
+            open_bytes = sum(self._size(lr) * n for lr, n in self._s.open_demands.items())
             self._upload_bound = open_bytes / total if total > 0 else 0.0
             self._upload_summed_at = now
         return max(0.0, self._upload_bound - (now - self._upload_summed_at))
@@ -257,7 +267,7 @@ class Walker(Fitter):
                 need_s = min(need_s, self._size(layer) / free)
         return Bar(best, need_s, any_share, any_floor, share)
 
-    def _starving(self, now: float) -> Iterator[_Node]:
+    def _starving(self, now: float) -> Iterator[Node]:
         """Waiting demanders with nothing in flight for ``patience_s``: liveness over speed.
 
         Patience counts from when a walk first saw the demander idle (or its
@@ -272,9 +282,9 @@ class Walker(Fitter):
         """
         if now < self._starve_check_at:
             return
-        self._starve_check_at = now + self.rules.patience_s / 2
+        self._starve_check_at = now + self.rules.patience_s / STARVE_CHECKS_PER_PATIENCE
         for nid in list(self._wait_key):
-            node = self._s._nodes[nid]
+            node = self._s.nodes[nid]
             if node.pulling:
                 self._idle_seen.pop(nid, None)
                 continue

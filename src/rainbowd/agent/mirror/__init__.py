@@ -1,0 +1,1 @@
+"""The registry front door: the OCI distribution read API over what this node holds."""

@@ -1,0 +1,369 @@
+"""MirrorServer: the read side of the OCI distribution API, on the node's own images.
+
+``docker pull`` (with ``registry-mirrors``), containerd (a ``hosts.toml``
+naming this address) and skopeo ask it for ``/v2/``, manifests and blobs; it
+answers from what the node already holds and never fetches anything itself:
+
+* a manifest by digest, when :class:`~rainbowd.agent.mirror.catalog.ImageCatalog`
+  has it and the store holds its config and every layer complete (serving a
+  manifest whose blobs would then be missing would break the pull half way,
+  where neither client falls back cleanly);
+* a blob by digest: an image config from the catalog, or a complete layer of
+  the :class:`~rainbowd.lib.store.LayerStore` read chunk by chunk, each chunk
+  checked against the layer's chunk manifest before a byte of it is sent
+  (``verify_served``; a partial layer is never served);
+* ``Range`` on blobs: one range, 206 with ``Content-Range``, 416 past the end.
+
+A miss (a tag, a digest the node lacks, a layer that failed its check) is a
+404 with the spec's ``MANIFEST_UNKNOWN`` or ``BLOB_UNKNOWN`` body: containerd
+and Docker then go to the upstream themselves (``rainbowd.core.distribution``
+says why each does). Tags are never resolved here: which manifest a tag names
+is the coordinator's to say (issue 17 item 3), so a node cannot be fooled into
+serving another image under a tag. Turning a miss into a P2P job (item 2) is
+the next step and leaves these answers as they are for a node that cannot get
+the image in time.
+
+The server is unauthenticated, like a registry mirror on loopback: it serves
+only content named by its digest, which a client verifies again. It listens on
+``mirror_listen`` (loopback in the example config; off when empty).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Protocol
+
+import structlog
+from aiohttp import web
+
+from rainbowd.core.chunks import ChunkManifest
+from rainbowd.core.digest import Digest, short
+from rainbowd.core.distribution import (
+    API_VERSION,
+    API_VERSION_HEADER,
+    ApiError,
+    BaseRequest,
+    BlobRequest,
+    ByteRange,
+    ManifestRequest,
+    chunk_slices,
+    parse_path,
+    parse_range,
+)
+from rainbowd.lib.store import CorruptBlob, LayerMissing, LayerStore, StoreError
+
+from .catalog import ImageCatalog, StoredManifest
+
+log = structlog.get_logger(__name__)
+
+#: Content-Type of a blob (configs and layers alike), as registries send it
+BLOB_TYPE = "application/octet-stream"
+#: Content-Type of an error body and of the /v2/ answer
+JSON_TYPE = "application/json"
+
+
+class MirrorHooks(Protocol):
+    """What the front door tells the agent's metrics (``AgentMetrics`` is one)."""
+
+    def mirror_request(self, kind: str, outcome: str) -> None: ...
+    def mirror_bytes(self, nbytes: int) -> None: ...
+
+
+class MirrorServer:
+    """The front door on ``host:port``; start with :meth:`start`, stop with :meth:`close`."""
+
+    def __init__(
+        self,
+        store: LayerStore,
+        catalog: ImageCatalog,
+        host: str,
+        port: int,
+        *,
+        node_id: str,
+        verify_reads: bool = True,
+        hooks: MirrorHooks | None = None,
+        on_served: Callable[[str], None] | None = None,
+        on_corrupt: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.catalog = catalog
+        self.host = host
+        self.port = port
+        self.node_id = node_id
+        self.verify_reads = verify_reads
+        self.hooks = hooks
+        #: told the layer each time one is served (the hygiene's use times)
+        self.on_served = on_served
+        #: told (layer, why) when a stored layer fails its check while served
+        self.on_corrupt = on_corrupt
+        #: layer -> responses sending it right now (hygiene must not evict these)
+        self.serving: dict[str, int] = {}
+        self._runner: web.AppRunner | None = None
+        #: the address actually bound (port 0 asks for an ephemeral one)
+        self.bound: tuple[str, int] | None = None
+
+    @property
+    def url(self) -> str:
+        """``http://host:port`` of the front door ("" before :meth:`start`)."""
+        if self.bound is None:
+            return ""
+        host, port = self.bound
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        # one route: the name may hold slashes, so parse_path reads the whole path
+        app.router.add_route("*", "/{path:.*}", self._handle)
+        return app
+
+    async def start(self) -> tuple[str, int]:
+        runner = web.AppRunner(self.app(), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self.port)
+        try:
+            await site.start()
+        except OSError as e:
+            await runner.cleanup()
+            raise OSError(
+                e.errno,
+                f"mirror_listen {self.host}:{self.port}: cannot listen ({e.strerror}); "
+                'choose another address or port, or set mirror_listen = "" to turn it off',
+            ) from None
+        self._runner = runner
+        sockets = getattr(site._server, "sockets", None) or []
+        addr = sockets[0].getsockname() if sockets else (self.host, self.port)
+        self.bound = (str(addr[0]), int(addr[1]))
+        log.info("mirror_listening", url=self.url, node=self.node_id)
+        return self.bound
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # -- requests ------------------------------------------------------------
+    def _count(self, kind: str, outcome: str) -> None:
+        if self.hooks is not None:
+            self.hooks.mirror_request(kind, outcome)
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        kind = "other"
+        try:
+            if request.method not in ("GET", "HEAD"):
+                raise ApiError("UNSUPPORTED", f"{request.method}: this mirror only serves")
+            req = parse_path(request.path)
+            if isinstance(req, BaseRequest):
+                kind = "base"
+                self._count(kind, "hit")
+                return web.Response(
+                    body=b"{}", content_type=JSON_TYPE, headers={API_VERSION_HEADER: API_VERSION}
+                )
+            if isinstance(req, ManifestRequest):
+                kind = "manifest"
+                return await self._manifest(request, req)
+            kind = "blob"
+            return await self._blob(request, req)
+        except ApiError as e:
+            outcome = "miss" if e.status == 404 else "invalid"
+            self._count(kind, outcome)
+            log.debug(
+                "mirror_refused",
+                method=request.method,
+                path=request.path[:300],
+                code=e.code,
+                status=e.status,
+            )
+            return _error(e)
+
+    async def _manifest(self, request: web.Request, req: ManifestRequest) -> web.StreamResponse:
+        if req.digest is None:
+            # Tags are resolved only through the coordinator (issue 17 item 3: no peer
+            # may spoof a tag); until a miss becomes a P2P job (item 2) the client
+            # resolves the tag at its upstream (containerd then still asks here first
+            # for each blob, by digest; Docker takes the whole pull upstream).
+            raise ApiError(
+                "MANIFEST_UNKNOWN",
+                f"{req.name}:{req.tag}: this mirror serves manifests by digest only",
+                {"tag": req.tag},
+            )
+        stored = await asyncio.to_thread(self.catalog.manifest, req.digest)
+        if stored is None:
+            raise ApiError(
+                "MANIFEST_UNKNOWN",
+                f"manifest {req.digest} is not held by node {self.node_id}",
+                {"digest": req.digest},
+            )
+        missing = await asyncio.to_thread(self._missing_blobs, stored)
+        if missing:
+            raise ApiError(
+                "MANIFEST_UNKNOWN",
+                f"manifest {req.digest}: node {self.node_id} does not hold all of its blobs "
+                f"({len(missing)} missing, e.g. {missing[0]})",
+                {"digest": req.digest},
+            )
+        self._count("manifest", "hit")
+        headers = _content_headers(req.digest, len(stored.data))
+        if request.method == "HEAD":
+            return _head(stored.media_type, headers)
+        self._sent(len(stored.data))
+        return web.Response(body=stored.data, content_type=stored.media_type, headers=headers)
+
+    def _missing_blobs(self, stored: StoredManifest) -> list[str]:
+        """Blobs of a manifest the node cannot serve whole (blocking: stats)."""
+        missing: list[str] = []
+        if not self.catalog.has_config(stored.config_digest):
+            missing.append(stored.config_digest)
+        missing.extend(d for d in stored.layer_digests if not self.store.has(d))
+        return missing
+
+    async def _blob(self, request: web.Request, req: BlobRequest) -> web.StreamResponse:
+        config = await asyncio.to_thread(self.catalog.config, req.digest)
+        if config is not None:
+            return self._small_blob(request, req.digest, config)
+        try:
+            manifest = await asyncio.to_thread(self._layer_manifest, req.digest)
+        except LayerMissing:
+            raise ApiError(
+                "BLOB_UNKNOWN",
+                f"blob {req.digest} is not held complete by node {self.node_id}",
+                {"digest": req.digest},
+            ) from None
+        return await self._layer(request, req.digest, manifest)
+
+    def _layer_manifest(self, digest: Digest) -> ChunkManifest:
+        if not self.store.has(digest):  # a partial is never served
+            raise LayerMissing(f"layer {digest} is not complete here")
+        return self.store.manifest(digest)
+
+    def _small_blob(self, request: web.Request, digest: Digest, data: bytes) -> web.StreamResponse:
+        rng = parse_range(request.headers.get("Range"), len(data))
+        self._count("blob", "hit")
+        headers = _content_headers(digest, len(data) if rng is None else rng.length)
+        headers["Accept-Ranges"] = "bytes"
+        status = 200
+        if rng is not None:
+            headers["Content-Range"] = rng.content_range()
+            status = 206
+            data = data[rng.start : rng.end + 1]
+        if request.method == "HEAD":
+            return _head(BLOB_TYPE, headers, status)
+        self._sent(len(data))
+        return web.Response(status=status, body=data, content_type=BLOB_TYPE, headers=headers)
+
+    async def _layer(
+        self, request: web.Request, digest: Digest, manifest: ChunkManifest
+    ) -> web.StreamResponse:
+        rng = parse_range(request.headers.get("Range"), manifest.size)
+        whole = rng is None
+        if rng is None:
+            if manifest.size == 0:
+                return self._small_blob(request, digest, b"")
+            rng = ByteRange(0, manifest.size - 1, manifest.size)
+        headers = _content_headers(digest, rng.length)
+        headers["Accept-Ranges"] = "bytes"
+        status = 200 if whole else 206
+        if not whole:
+            headers["Content-Range"] = rng.content_range()
+        if request.method == "HEAD":
+            self._count("blob", "hit")
+            return _head(BLOB_TYPE, headers, status)
+        self.serving[digest] = self.serving.get(digest, 0) + 1
+        try:
+            return await self._send_layer(request, digest, rng, headers, status, manifest)
+        finally:
+            left = self.serving.pop(digest, 1) - 1
+            if left > 0:
+                self.serving[digest] = left
+            if self.on_served is not None:
+                self.on_served(digest)
+
+    async def _send_layer(
+        self,
+        request: web.Request,
+        digest: Digest,
+        rng: ByteRange,
+        headers: dict[str, str],
+        status: int,
+        manifest: ChunkManifest,
+    ) -> web.StreamResponse:
+        """Stream ``rng`` of the layer, each chunk checked before any of its bytes go out.
+
+        The first chunk is read before the headers are sent, so a layer that
+        rotted (or went) at its start is still a clean 404; a failure later
+        can only cut the connection, and the client's own digest check then
+        refuses the short blob.
+        """
+        slices = chunk_slices(manifest.chunk_size, rng.start, rng.end)
+        resp = web.StreamResponse(status=status, headers=headers)
+        resp.content_type = BLOB_TYPE
+        resp.content_length = rng.length
+        prepared = False
+        sent = 0
+        try:
+            for index, first, stop in slices:
+                data = await asyncio.to_thread(
+                    self.store.read_blob_chunk,
+                    digest,
+                    index,
+                    node=self.node_id,
+                    verify=self.verify_reads,
+                )
+                if not prepared:
+                    await resp.prepare(request)
+                    prepared = True
+                piece = data[first:stop]
+                await resp.write(piece)
+                sent += len(piece)
+                self._sent(len(piece))
+        except (CorruptBlob, LayerMissing, StoreError, OSError) as e:
+            if isinstance(e, CorruptBlob) and self.on_corrupt is not None:
+                self.on_corrupt(digest, str(e))
+            log.error(
+                "mirror_layer_unservable",
+                layer=short(digest),
+                error=str(e),
+                bytes_sent=sent,
+                headers_sent=prepared,
+            )
+            self._count("blob", "error")  # once per request, whichever way it ends
+            if not prepared:
+                return _error(
+                    ApiError(
+                        "BLOB_UNKNOWN",
+                        f"blob {digest} cannot be served by node {self.node_id} now",
+                        {"digest": digest},
+                    )
+                )
+            raise  # headers are out: only cutting the connection tells the client
+        await resp.write_eof()
+        self._count("blob", "hit")
+        log.debug("mirror_layer_served", layer=short(digest), bytes=sent, status=status)
+        return resp
+
+    def _sent(self, nbytes: int) -> None:
+        if self.hooks is not None:
+            self.hooks.mirror_bytes(nbytes)
+
+
+def _content_headers(digest: Digest, length: int) -> dict[str, str]:
+    return {
+        "Docker-Content-Digest": digest,
+        "ETag": f'"{digest}"',
+        "Content-Length": str(length),
+        API_VERSION_HEADER: API_VERSION,
+    }
+
+
+def _head(content_type: str, headers: dict[str, str], status: int = 200) -> web.Response:
+    """A HEAD answer: the GET's headers, Content-Length included, and no body."""
+    resp = web.Response(status=status, headers=headers)
+    resp.content_type = content_type
+    return resp
+
+
+def _error(e: ApiError) -> web.Response:
+    headers = {API_VERSION_HEADER: API_VERSION}
+    if e.code == "RANGE_INVALID" and isinstance(e.detail, dict) and "size" in e.detail:
+        headers["Content-Range"] = f"bytes */{e.detail['size']}"
+    return web.Response(status=e.status, body=e.body(), content_type=JSON_TYPE, headers=headers)
