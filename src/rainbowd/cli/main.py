@@ -41,6 +41,7 @@ from rainbowd.core.sources import SourceError, parse_source
 from rainbowd.core.units import human_bytes, human_rate
 from rainbowd.lib.client import AdminClient, ApiError, CoordinatorUnreachable
 from rainbowd.lib.coordinators import CoordinatorListError, parse_urls
+from rainbowd.lib.log import configure as configure_logging
 from rainbowd.lib.progress import follow_job, job_report, summary
 
 DEFAULT_URL = "http://127.0.0.1:7700"
@@ -191,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
                 docker=not args.no_docker,
             )
         )
+    # stdout is the command's output (tables, --json): the client's notes go to stderr, and
+    # only warnings (a standby naming a leader that is not configured), not routine ones
+    configure_logging("warning")
     try:
         try:
             args.coordinator = parse_urls(args.coordinator, "--coordinator / $RBD_COORDINATOR")
