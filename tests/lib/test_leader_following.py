@@ -1,69 +1,28 @@
 """Clients configured with several coordinators find the leader (lib/client.py, issue 16).
 
 Real parts on loopback: the leader is a real coordinator (tests/support/
-coordinator_support.py); the standby is :func:`standby_stand_in`, a tiny aiohttp
-app speaking the standby's side of the protocol (core/leader.py: 503, "not the
-leader", ``RBD-Leader``) until the real standby (coordinator/) lands; a dead
-coordinator is a closed port; a connection that breaks after the request went
-out is :class:`Breaker`, a TCP server that reads the request and hangs up.
+coordinator_support.py); the standby is a stand-in speaking the standby's side
+of the protocol until the real standby (coordinator/) lands, and a dead
+coordinator is a closed port (tests/support/leader_support.py); a connection
+that breaks after the request went out is :class:`Breaker`, a TCP server that
+reads the request and hangs up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import sys
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from coordinator_support import ADMIN, Running, register_request, start
-from rainbowd.core.leader import LEADER_HEADER, not_leader_error
-from rainbowd.core.messages import MSGPACK, ErrorReply, Heartbeat, SecurityEvent, encode
+from leader_support import dead_url, standby_stand_in
+from rainbowd.core.messages import Heartbeat, SecurityEvent
 from rainbowd.core.report_id import new_report_id
 from rainbowd.lib.client import AdminClient, AgentClient, ApiError, CoordinatorUnreachable
-
-
-def dead_url() -> str:
-    """A loopback URL nobody listens on: connections are refused."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
-
-
-@dataclass
-class Standby:
-    """What a stand-in standby saw: requests, and the Authorization headers they carried."""
-
-    url: str
-    seen: list[str] = field(default_factory=list)
-    auth: list[str] = field(default_factory=list)
-
-
-async def standby_stand_in(leader: Callable[[], str]) -> tuple[Standby, TestServer]:
-    """A coordinator that does not lead: 503 + ``RBD-Leader: leader()`` (absent when "")."""
-
-    async def refuse(request: web.Request) -> web.Response:
-        me.seen.append(f"{request.method} {request.path}")
-        me.auth.append(request.headers.get("Authorization", ""))
-        if request.method == "GET" and request.path == "/v1/health":
-            return web.json_response({"ok": True, "leader": False})
-        named = leader()
-        headers = {LEADER_HEADER: named} if named else {}
-        body = encode(ErrorReply(error=not_leader_error(named)))
-        return web.Response(status=503, body=body, content_type=MSGPACK, headers=headers)
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", refuse)
-    server = TestServer(app, host="127.0.0.1", port=0)
-    await server.start_server()
-    me = Standby(str(server.make_url("")).rstrip("/"))
-    return me, server
 
 
 class Breaker:
