@@ -84,7 +84,7 @@ DISK_HEADROOM = 256 * 1024
 SSH_USER = "rbd"
 #: connection attempts repeated after a seeder refused our client key (see LayerPuller._dial)
 TRUST_RETRIES = 2
-#: seconds between them: longer than ssh_server.TRUST_REFRESH_INTERVAL, so the seeder may
+#: seconds between them: longer than ssh_trust.TRUST_REFRESH_INTERVAL, so the seeder may
 #: fetch its trust list again before the next attempt
 TRUST_RETRY_DELAY = 1.5
 
@@ -287,7 +287,7 @@ class LayerPuller:
 
         A seeder refusing our key most likely has not heard of this node yet
         (its trust list is behind; it fetches the list when it meets an
-        unknown key, at most once per ssh_server.TRUST_REFRESH_INTERVAL), so
+        unknown key, at most once per ssh_trust.TRUST_REFRESH_INTERVAL), so
         the connection is retried TRUST_RETRIES times, TRUST_RETRY_DELAY apart,
         before the pull fails (kind ``security``, not the seeder's fault).
         """
