@@ -248,7 +248,9 @@ async def rbd_run(
         node_id="seed", address="127.0.0.1", ssh_port=port, host_key=host_line, client_key=""
     )
     try:
-        conn = await puller.connection(seeder)  # handshake outside the timing, as for raw
+        conn = await puller.connections.connection(
+            seeder
+        )  # handshake outside the timing, as for raw
         a = TransferAssignment(
             transfer_id="bench", job_id="bench", layer=manifest, seeder=seeder, reason="bench"
         )

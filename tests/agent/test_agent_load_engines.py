@@ -57,7 +57,7 @@ def make_agent(tmp: Path, reports: Reports, monkeypatch: pytest.MonkeyPatch) -> 
     async def report(what: str, send: Callable[[str], Awaitable[Any]]) -> None:
         await send("rid")
 
-    monkeypatch.setattr(agent, "_report", report)
+    monkeypatch.setattr(agent.reports, "send", report)
     monkeypatch.setattr(agent.api, "load_done", reports.load_done)
     monkeypatch.setattr(agent.api, "load_failed", reports.load_failed)
     return agent
@@ -72,14 +72,14 @@ async def test_both_engines_get_the_image_and_one_done_report_sums_them(
 ) -> None:
     reports, calls = Reports(), list[str]()
     agent = make_agent(tmp_path, reports, monkeypatch)
-    agent.loader = FakeLoader("docker", calls, layers=2)  # type: ignore[assignment]
-    agent.containerd = FakeLoader("containerd", calls, layers=1)  # type: ignore[assignment]
-    await agent._load(assignment())
+    agent.loads.docker = FakeLoader("docker", calls, layers=2)  # type: ignore[assignment]
+    agent.loads.containerd = FakeLoader("containerd", calls, layers=1)  # type: ignore[assignment]
+    await agent.loads.load(assignment())
     assert calls == ["docker", "containerd"]
     assert reports.failed == [] and len(reports.done) == 1
     assert reports.done[0].layers_sent == 3 and reports.done[0].seconds == 0.5
     assert "example/app:1" in agent.view.images
-    assert not agent._loading  # the layers are no longer pinned by the load
+    assert not agent.loads.loading  # the layers are no longer pinned by the load
 
 
 @pytest.mark.parametrize(
@@ -90,13 +90,13 @@ async def test_a_failing_engine_fails_the_load_naming_node_image_and_engine(
 ) -> None:
     reports, calls = Reports(), list[str]()
     agent = make_agent(tmp_path, reports, monkeypatch)
-    agent.loader = FakeLoader(  # type: ignore[assignment]
+    agent.loads.docker = FakeLoader(  # type: ignore[assignment]
         "docker", calls, error="engine said no" if failing == "docker" else ""
     )
-    agent.containerd = FakeLoader(  # type: ignore[assignment]
+    agent.loads.containerd = FakeLoader(  # type: ignore[assignment]
         "containerd", calls, error="engine said no" if failing == "containerd" else ""
     )
-    await agent._load(assignment())
+    await agent.loads.load(assignment())
     assert calls == tried and reports.done == []
     (failed,) = reports.failed
     engine = "Docker" if failing == "docker" else "containerd"
@@ -109,9 +109,9 @@ async def test_a_containerd_only_node_loads_into_containerd(
 ) -> None:
     reports, calls = Reports(), list[str]()
     agent = make_agent(tmp_path, reports, monkeypatch)
-    assert agent.loader is None
-    agent.containerd = FakeLoader("containerd", calls)  # type: ignore[assignment]
-    await agent._load(assignment())
+    assert agent.loads.docker is None
+    agent.loads.containerd = FakeLoader("containerd", calls)  # type: ignore[assignment]
+    await agent.loads.load(assignment())
     assert calls == ["containerd"] and len(reports.done) == 1
 
 
@@ -120,8 +120,8 @@ async def test_a_node_without_an_engine_fails_a_load_naming_both_keys(
 ) -> None:
     reports = Reports()
     agent = make_agent(tmp_path, reports, monkeypatch)
-    assert agent.loader is None and agent.containerd is None
-    await agent._load(assignment())
+    assert agent.loads.docker is None and agent.loads.containerd is None
+    await agent.loads.load(assignment())
     (failed,) = reports.failed
     assert "n7" in failed.reason
     assert "docker_url" in failed.reason and "containerd_address" in failed.reason

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from rainbowd.agent.agent import Agent
 from rainbowd.agent.config import ConfigError, load_config
 from rainbowd.agent.dataplane.keys import public_line
-from rainbowd.agent.dataplane.puller import PullError
+from rainbowd.agent.dataplane.pull_failures import PullError
 from rainbowd.agent.metrics import AgentMetrics, MetricsServer
 from rainbowd.core.chunks import ChunkManifest
 from rainbowd.core.digest import Digest, sha256_digest

@@ -56,7 +56,7 @@ async def test_the_agent_serves_what_it_ingested_and_closes_with_it(
         )
         url = agent.mirror.url
         assert agent.status_snapshot()["mirror_url"] == url
-        await agent._ingest_and_report(
+        await agent.assignments.ingest_and_report(
             IngestAssignment(
                 ingest_id="i1",
                 ref="rbd-demo:latest",

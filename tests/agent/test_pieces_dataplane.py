@@ -20,7 +20,8 @@ import msgpack
 import pytest
 
 from rainbowd.agent.dataplane.keys import parse_public_line, public_line
-from rainbowd.agent.dataplane.puller import LayerPuller, PullError
+from rainbowd.agent.dataplane.pull_failures import PullError
+from rainbowd.agent.dataplane.puller import LayerPuller
 from rainbowd.agent.dataplane.relay import RelayBoard
 from rainbowd.agent.dataplane.ssh_server import ChunkServer
 from rainbowd.core import chunkproto

@@ -18,7 +18,8 @@ import asyncssh
 import pytest
 
 from rainbowd.agent.dataplane.keys import public_line
-from rainbowd.agent.dataplane.puller import LayerPuller, PullError
+from rainbowd.agent.dataplane.pull_failures import PullError
+from rainbowd.agent.dataplane.puller import LayerPuller
 from rainbowd.agent.dataplane.relay import RelayBoard, RelayNotPulling, RelayUnavailable
 from rainbowd.agent.dataplane.ssh_server import ChunkServer
 from rainbowd.core.chunks import ChunkManifest

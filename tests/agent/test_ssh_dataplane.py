@@ -25,7 +25,9 @@ from rainbowd.agent.dataplane.keys import (
     same_key,
 )
 from rainbowd.agent.dataplane.pacing import RatePacer
-from rainbowd.agent.dataplane.puller import TRUST_RETRIES, HostKeyMismatch, LayerPuller, PullError
+from rainbowd.agent.dataplane.pull_failures import HostKeyMismatch, PullError
+from rainbowd.agent.dataplane.puller import LayerPuller
+from rainbowd.agent.dataplane.seeder_connections import TRUST_RETRIES
 from rainbowd.agent.dataplane.ssh_server import ChunkServer
 from rainbowd.core import chunkproto
 from rainbowd.core.chunks import ChunkManifest
@@ -209,7 +211,7 @@ async def test_connection_reused_for_several_layers(lab: Lab) -> None:
     m2 = ingest(lab.seed_store, other)
     p = lab.puller()
     await asyncio.gather(p.pull(lab.assignment()), p.pull(lab.assignment(m2)))
-    assert len(p._conns) == 1
+    assert len(p.connections._conns) == 1
     assert blob(lab.dem_store, m2.digest) == other
     assert lab.server.bytes_served["dem"] == SIZE + len(other)
 
@@ -289,7 +291,7 @@ async def test_host_key_mismatch(lab: Lab) -> None:
 async def test_untrusted_client_refused(lab: Lab) -> None:
     stranger = new_key()
     puller = lab.puller(client_key=stranger)
-    puller.trust_retry_delay = 0.0  # a refused key is tried TRUST_RETRIES more times
+    puller.connections.trust_retry_delay = 0.0  # a refused key is tried TRUST_RETRIES more times
     with pytest.raises(PullError) as ei:
         await puller.pull(lab.assignment())
     assert ei.value.kind == "security" and not ei.value.seeder_fault
@@ -305,7 +307,7 @@ async def test_untrusted_client_refused(lab: Lab) -> None:
 async def test_trust_update_revokes(lab: Lab) -> None:
     p = lab.puller()
     await p.pull(lab.assignment())
-    conn = next(iter(p._conns.values()))
+    conn = next(iter(p.connections._conns.values()))
     lab.server.update_trust(TrustList(version=2, peers=[]))
     await asyncio.wait_for(conn.wait_closed(), 5)
     lab.dem_store.remove(Digest(lab.manifest.digest))

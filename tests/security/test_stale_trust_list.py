@@ -21,7 +21,9 @@ from aiohttp.test_utils import TestServer
 from fake_clock_coordinator import ADMIN, JOIN, Clock, Sim
 
 from rainbowd.agent.dataplane.keys import load_or_create_key, public_line
-from rainbowd.agent.dataplane.puller import TRUST_RETRIES, LayerPuller, PullError
+from rainbowd.agent.dataplane.pull_failures import PullError
+from rainbowd.agent.dataplane.puller import LayerPuller
+from rainbowd.agent.dataplane.seeder_connections import TRUST_RETRIES
 from rainbowd.agent.dataplane.ssh_server import ChunkServer
 from rainbowd.agent.dataplane.ssh_trust import TRUST_REFRESH_INTERVAL
 from rainbowd.coordinator.core import Coordinator
@@ -136,7 +138,7 @@ async def test_unknown_keys_fetch_the_list_at_most_once_per_interval(tmp_path: P
     server.update_trust(trust)
     port = await server.start("127.0.0.1", 0)
     stranger = LayerPuller(LayerStore(tmp_path / "s"), client, node_id="stranger")
-    stranger.trust_retry_delay = 0.0
+    stranger.connections.trust_retry_delay = 0.0
     try:
         job = assignment(manifest, peer("seed", host, client, port))
         with pytest.raises(PullError, match="refused our client key"):
@@ -167,7 +169,7 @@ async def test_demander_tries_a_refused_key_again_after_the_seeder_caught_up(
     server.update_trust(m.TrustList(version=1, peers=[]))
     port = await server.start("127.0.0.1", 0)
     puller = LayerPuller(LayerStore(tmp_path / "dem"), client, node_id="dem")
-    puller.trust_retry_delay = 0.0
+    puller.connections.trust_retry_delay = 0.0
     try:
         result = await puller.pull(assignment(manifest, peer("seed", host, client, port)))
         assert result.bytes_moved == SIZE and server.refused_count == 1

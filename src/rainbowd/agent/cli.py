@@ -59,7 +59,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 async def _serve(config: AgentConfig) -> int:
-    from rainbowd.agent.agent import Agent, EnrollmentRefused
+    from rainbowd.agent.agent import Agent
+    from rainbowd.agent.control.coordinator_link import EnrollmentRefused
 
     agent = Agent(config)
     loop = asyncio.get_running_loop()

@@ -1,1 +1,2 @@
-"""What the agent tells the coordinator besides its main loop: reports that arrive once."""
+"""What the agent tells the coordinator: its standing (register, heartbeats, long-poll)
+and the reports that arrive once."""

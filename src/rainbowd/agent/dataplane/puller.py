@@ -3,7 +3,8 @@
 Trust: the seeder's host key is pinned from the assignment (which the
 coordinator filled from its trust list); nothing is read from ``~/.ssh``
 (no config, no known_hosts, no agent, no default identities), so a spoofed
-address or DNS name fails the handshake with :class:`HostKeyMismatch`.
+address or DNS name fails the handshake with a HostKeyMismatch
+(seeder_connections.py).
 
 Integrity: every chunk is checked against the manifest the *coordinator*
 gave us (``PartialLayer.write_chunk``) before it is written, and the whole
@@ -39,9 +40,11 @@ digest matches (``PartialLayer.commit``).
 The parts: the loop that moves the chunks is
 :class:`~rainbowd.agent.dataplane.chunk_fetch.ChunkFetcher` (chunk_fetch.py),
 stopping on a failure with a FetchAborted (pull_failures.py) that is
-reported here as a :class:`PullError` of the same kind; this module keeps
-the course of a pull (the layer's running pulls, disk space, the install) and
-the seeder's connection it needs (pinned host key, client-key retries).
+reported here as a PullError of the same kind (pull_failures.py too); the
+seeder's connection (pinned host key, client-key retries) is
+:class:`~rainbowd.agent.dataplane.seeder_connections.SeederConnections`'s;
+this module keeps the course of a pull (the layer's running pulls, disk
+space, the install).
 """
 
 from __future__ import annotations
@@ -57,17 +60,17 @@ import structlog
 
 from rainbowd.core.chunks import ChunkManifest
 from rainbowd.core.digest import Digest, short
-from rainbowd.core.messages import FailureKind, PeerInfo, TransferAssignment, TransferFailed
+from rainbowd.core.messages import TransferAssignment
 from rainbowd.lib.store import LayerStore, PartialLayer, StoreError
 
 from ..metrics import AgentMetrics
 from .chunk_fetch import ChunkFetcher, ProgressCallback, PullCounters
 from .chunk_io import INLINE_MAX_BYTES
-from .keys import KeyFormatError, fingerprint, key_blob, parse_public_line
 from .pacing import RatePacer
-from .pull_failures import FetchAborted, disk_reason, mib
+from .pull_failures import FetchAborted, PullError, disk_reason, mib
 from .relay import RelayBoard
-from .ssh_server import COMPRESSION_ALGS, ENCRYPTION_ALGS
+from .seeder_connections import SeederConnections
+from .ssh_server import ENCRYPTION_ALGS
 
 log = structlog.get_logger(__name__)
 
@@ -80,48 +83,6 @@ FLUSH_BYTES = 8 * 1024 * 1024
 #: free space kept in hand beyond a layer's missing bytes before a pull starts
 #: (bitmap, manifest and filesystem metadata need a little room too)
 DISK_HEADROOM = 256 * 1024
-#: SSH user name; the server ignores it (the key is the identity)
-SSH_USER = "rbd"
-#: connection attempts repeated after a seeder refused our client key (see LayerPuller._dial)
-TRUST_RETRIES = 2
-#: seconds between them: longer than ssh_trust.TRUST_REFRESH_INTERVAL, so the seeder may
-#: fetch its trust list again before the next attempt
-TRUST_RETRY_DELAY = 1.5
-
-
-class PullError(Exception):
-    """A pull failed; ``kind`` is a FailureKind, ``reason`` names seeder, address and layer."""
-
-    def __init__(
-        self, kind: FailureKind, reason: str, seeder_fault: bool = False, not_held: bool = False
-    ) -> None:
-        super().__init__(reason)
-        self.kind: FailureKind = kind
-        self.reason = reason
-        self.seeder_fault = seeder_fault
-        #: the seeder answered not_held (the coordinator then stops counting it a holder)
-        self.not_held = not_held
-
-    def to_failed(self) -> TransferFailed:
-        """The control-plane message reporting this failure."""
-        return TransferFailed(
-            reason=self.reason,
-            kind=self.kind,
-            seeder_fault=self.seeder_fault,
-            not_held=self.not_held,
-        )
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.kind!r}, {self.reason!r}, {self.seeder_fault})"
-
-
-class HostKeyMismatch(PullError):
-    """The seeder presented a host key other than the pinned one (spoofing?)."""
-
-    def __init__(self, reason: str, presented: str | None = None) -> None:
-        super().__init__("security", reason, seeder_fault=True)
-        #: fingerprint of the key the far end presented, if it got that far
-        self.presented = presented
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,23 +92,6 @@ class PullResult:
     chunks_fetched: int
     #: the layer is installed (complete and verified); False: its piece is in, others missing
     installed: bool = True
-
-
-class _Client(asyncssh.SSHClient):
-    """Records the host key a seeder presented when it is not the pinned one."""
-
-    def __init__(self) -> None:
-        self.presented: str | None = None
-        self.closed = False
-
-    def validate_host_public_key(
-        self, host: str, addr: str, port: int, key: asyncssh.SSHKey
-    ) -> bool:
-        self.presented = fingerprint(key)
-        return False  # only the pinned key (known_hosts) is ever accepted
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
 
 
 @dataclass(slots=True)
@@ -164,9 +108,6 @@ class _LayerPulls:
     def wake(self) -> None:
         self.changed.set()
         self.changed = asyncio.Event()
-
-
-_ConnKey = tuple[str, bytes, str, int]
 
 
 class LayerPuller:
@@ -190,12 +131,9 @@ class LayerPuller:
         if window < 1:
             raise ValueError("window must be at least 1")
         self.store = store
-        self.client_key = client_key
         self.node_id = node_id
-        self.connect_timeout = connect_timeout
         self.chunk_timeout = chunk_timeout
         self.window = window
-        self.encryption_algs = encryption_algs or ENCRYPTION_ALGS
         #: bytes received, chunk failures and pull durations (agent/metrics.py)
         self.metrics = metrics if metrics is not None else AgentMetrics()
         #: shared by every pull of this agent: the download cap is per node
@@ -204,15 +142,17 @@ class LayerPuller:
         self.relay = relay
         #: chunks up to this size are checked and written on the event loop (chunk_io.py)
         self.inline_io_max = inline_io_max
-        self._conns: dict[_ConnKey, asyncssh.SSHClientConnection] = {}
-        self._clients: dict[_ConnKey, _Client] = {}
-        self._locks: dict[_ConnKey, asyncio.Lock] = {}
         #: the pulls of each layer: overlapping ranges wait (see the module docstring)
         self._layers: dict[str, _LayerPulls] = {}
         self._pull_ids = itertools.count(1)
-        #: see _dial (an attribute so tests of a refused key need not wait)
-        self.trust_retry_delay = TRUST_RETRY_DELAY
         self._log = log.bind(node=node_id)
+        #: the SSH connection to each seeder, opened once and pinned (seeder_connections.py)
+        self.connections = SeederConnections(
+            client_key,
+            connect_timeout=connect_timeout,
+            encryption_algs=encryption_algs or ENCRYPTION_ALGS,
+            log=self._log,
+        )
 
     def pulling(self, digest: str) -> int:
         """How many pulls of ``digest`` are running or waiting."""
@@ -224,120 +164,9 @@ class LayerPuller:
         entry = self._layers.get(digest)
         return entry is not None and entry.overlaps(first, end)
 
-    # -- connections -----------------------------------------------------
-    async def connection(self, seeder: PeerInfo) -> asyncssh.SSHClientConnection:
-        """The cached SSH connection to ``seeder`` (opened and authenticated if needed)."""
-        where = f"seeder {seeder.node_id} at {seeder.address}:{seeder.ssh_port}"
-        try:
-            pinned = parse_public_line(seeder.host_key)
-        except KeyFormatError as e:
-            raise PullError("security", f"{where}: trust list host key unusable: {e}") from None
-        key: _ConnKey = (seeder.node_id, key_blob(pinned), seeder.address, seeder.ssh_port)
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        async with lock:
-            conn = self._conns.get(key)
-            if conn is not None and not self._clients[key].closed:
-                return conn
-            self._conns.pop(key, None)
-            client = _Client()
-            try:
-                conn = await self._dial(seeder, pinned, client)
-            except asyncssh.HostKeyNotVerifiable as e:
-                presented = client.presented
-                reason = (
-                    f"{where} presented host key {presented or '(unknown)'}, but the trust list "
-                    f"pins {fingerprint(pinned)}: possible spoofing, not pulling ({e.reason})"
-                )
-                self._log.error(
-                    "host_key_mismatch",
-                    seeder=seeder.node_id,
-                    address=seeder.address,
-                    presented=presented,
-                    pinned=fingerprint(pinned),
-                )
-                raise HostKeyMismatch(reason, presented) from None
-            except asyncssh.PermissionDenied as e:
-                raise PullError(
-                    "security",
-                    f"{where} refused our client key {fingerprint(self.client_key)} "
-                    f"(not on its trust list yet?): {e.reason}",
-                ) from None
-            except TimeoutError as e:
-                raise PullError("unreachable", f"{where}: connect timed out ({e})") from None
-            except asyncssh.DisconnectError as e:
-                raise PullError(
-                    "unreachable", f"{where}: SSH handshake failed: {e.reason}"
-                ) from None
-            except OSError as e:
-                raise PullError("unreachable", f"{where}: cannot connect: {e}") from None
-            self._conns[key] = conn
-            self._clients[key] = client
-            self._log.info(
-                "seeder_connected",
-                seeder=seeder.node_id,
-                address=f"{seeder.address}:{seeder.ssh_port}",
-                cipher=conn.get_extra_info("send_cipher"),
-            )
-            return conn
-
-    async def _dial(
-        self, seeder: PeerInfo, pinned: asyncssh.SSHKey, client: _Client
-    ) -> asyncssh.SSHClientConnection:
-        """Connect and authenticate; a refused client key is tried again a few times.
-
-        A seeder refusing our key most likely has not heard of this node yet
-        (its trust list is behind; it fetches the list when it meets an
-        unknown key, at most once per ssh_trust.TRUST_REFRESH_INTERVAL), so
-        the connection is retried TRUST_RETRIES times, TRUST_RETRY_DELAY apart,
-        before the pull fails (kind ``security``, not the seeder's fault).
-        """
-        for attempt in range(TRUST_RETRIES + 1):
-            try:
-                return await asyncssh.connect(
-                    seeder.address,
-                    seeder.ssh_port,
-                    client_factory=lambda: client,
-                    username=SSH_USER,
-                    config=[],
-                    known_hosts=([pinned], [], []),
-                    client_keys=[self.client_key],
-                    agent_path=None,
-                    agent_forwarding=False,
-                    x509_trusted_certs=None,
-                    x509_trusted_cert_paths=[],
-                    pkcs11_provider=None,
-                    password=None,
-                    public_key_auth=True,
-                    password_auth=False,
-                    kbdint_auth=False,
-                    host_based_auth=False,
-                    gss_auth=False,
-                    gss_kex=False,
-                    preferred_auth=["publickey"],
-                    encryption_algs=self.encryption_algs,
-                    compression_algs=COMPRESSION_ALGS,
-                    connect_timeout=self.connect_timeout,
-                    login_timeout=self.connect_timeout,
-                    keepalive_interval=30,
-                    tcp_keepalive=True,
-                    client_version="rbd",
-                )
-            except asyncssh.PermissionDenied:
-                if attempt == TRUST_RETRIES:
-                    raise
-                self._log.info("client_key_refused_retry", seeder=seeder.node_id, attempt=attempt)
-                await asyncio.sleep(self.trust_retry_delay)
-        raise AssertionError("unreachable")
-
     async def close(self) -> None:
-        """Close every cached connection."""
-        conns = list(self._conns.values())
-        self._conns.clear()
-        self._clients.clear()
-        for conn in conns:
-            conn.close()
-        for conn in conns:
-            await conn.wait_closed()
+        """Close every cached seeder connection."""
+        await self.connections.close()
 
     # -- pulling ---------------------------------------------------------
     async def pull(
@@ -349,7 +178,7 @@ class LayerPuller:
 
         Installs the layer when no chunk of it is missing afterwards (see the
         module docstring). Raises PullError (HostKeyMismatch for a wrong host
-        key); on cancellation the partial is flushed and CancelledError
+        key; both in pull_failures.py); on cancellation the partial is flushed and CancelledError
         propagates (report "cancelled"). A pull overlapping a running pull of
         the same layer waits for it.
         """
@@ -431,7 +260,7 @@ class LayerPuller:
             present = range_bytes - sum(manifest.chunk_length(i) for i in missing)
             plog.info("pull_started", missing=len(missing), chunks=end - first)
             if missing:
-                conn = await self.connection(seeder)
+                conn = await self.connections.connection(seeder)
                 fetcher = self._fetcher(partial, counters, where, plog)
                 try:
                     await fetcher.fetch(conn, missing, (present, range_bytes), t0, on_progress)

@@ -1,0 +1,191 @@
+"""SeederConnections: the SSH connection to each seeder, pinned, authenticated and cached.
+
+Trust: the seeder's host key is pinned from the assignment (which the
+coordinator filled from its trust list); nothing is read from ``~/.ssh``
+(no config, no known_hosts, no agent, no default identities), so a spoofed
+address or DNS name fails the handshake with :class:`HostKeyMismatch`. A
+seeder refusing our client key is asked again a few times, since its trust
+list may be behind (see :meth:`SeederConnections._dial`).
+
+Why a module of its own: who we connect to and how we prove who they are is
+one concern, apart from what a pull moves over the connection (puller.py).
+One connection per seeder (node, pinned key, address, port) is shared by
+every pull from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncssh
+from structlog.typing import FilteringBoundLogger
+
+from rainbowd.core.messages import PeerInfo
+
+from .keys import KeyFormatError, fingerprint, key_blob, parse_public_line
+from .pull_failures import HostKeyMismatch, PullError
+from .ssh_server import COMPRESSION_ALGS
+
+#: SSH user name; the server ignores it (the key is the identity)
+SSH_USER = "rbd"
+#: connection attempts repeated after a seeder refused our client key (see SeederConnections._dial)
+TRUST_RETRIES = 2
+#: seconds between them: longer than ssh_trust.TRUST_REFRESH_INTERVAL, so the seeder may
+#: fetch its trust list again before the next attempt
+TRUST_RETRY_DELAY = 1.5
+
+
+class _Client(asyncssh.SSHClient):
+    """Records the host key a seeder presented when it is not the pinned one."""
+
+    def __init__(self) -> None:
+        self.presented: str | None = None
+        self.closed = False
+
+    def validate_host_public_key(
+        self, host: str, addr: str, port: int, key: asyncssh.SSHKey
+    ) -> bool:
+        self.presented = fingerprint(key)
+        return False  # only the pinned key (known_hosts) is ever accepted
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+
+
+_ConnKey = tuple[str, bytes, str, int]
+
+
+class SeederConnections:
+    """Open, pin, authenticate and cache the SSH connections to seeders."""
+
+    def __init__(
+        self,
+        client_key: asyncssh.SSHKey,
+        *,
+        connect_timeout: float,
+        encryption_algs: list[str],
+        log: FilteringBoundLogger,
+    ) -> None:
+        self.client_key = client_key
+        self.connect_timeout = connect_timeout
+        self.encryption_algs = encryption_algs
+        self.log = log
+        self._conns: dict[_ConnKey, asyncssh.SSHClientConnection] = {}
+        self._clients: dict[_ConnKey, _Client] = {}
+        self._locks: dict[_ConnKey, asyncio.Lock] = {}
+        #: see _dial (an attribute so tests of a refused key need not wait)
+        self.trust_retry_delay = TRUST_RETRY_DELAY
+
+    async def connection(self, seeder: PeerInfo) -> asyncssh.SSHClientConnection:
+        """The cached SSH connection to ``seeder`` (opened and authenticated if needed)."""
+        where = f"seeder {seeder.node_id} at {seeder.address}:{seeder.ssh_port}"
+        try:
+            pinned = parse_public_line(seeder.host_key)
+        except KeyFormatError as e:
+            raise PullError("security", f"{where}: trust list host key unusable: {e}") from None
+        key: _ConnKey = (seeder.node_id, key_blob(pinned), seeder.address, seeder.ssh_port)
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            conn = self._conns.get(key)
+            if conn is not None and not self._clients[key].closed:
+                return conn
+            self._conns.pop(key, None)
+            client = _Client()
+            try:
+                conn = await self._dial(seeder, pinned, client)
+            except asyncssh.HostKeyNotVerifiable as e:
+                presented = client.presented
+                reason = (
+                    f"{where} presented host key {presented or '(unknown)'}, but the trust list "
+                    f"pins {fingerprint(pinned)}: possible spoofing, not pulling ({e.reason})"
+                )
+                self.log.error(
+                    "host_key_mismatch",
+                    seeder=seeder.node_id,
+                    address=seeder.address,
+                    presented=presented,
+                    pinned=fingerprint(pinned),
+                )
+                raise HostKeyMismatch(reason, presented) from None
+            except asyncssh.PermissionDenied as e:
+                raise PullError(
+                    "security",
+                    f"{where} refused our client key {fingerprint(self.client_key)} "
+                    f"(not on its trust list yet?): {e.reason}",
+                ) from None
+            except TimeoutError as e:
+                raise PullError("unreachable", f"{where}: connect timed out ({e})") from None
+            except asyncssh.DisconnectError as e:
+                raise PullError(
+                    "unreachable", f"{where}: SSH handshake failed: {e.reason}"
+                ) from None
+            except OSError as e:
+                raise PullError("unreachable", f"{where}: cannot connect: {e}") from None
+            self._conns[key] = conn
+            self._clients[key] = client
+            self.log.info(
+                "seeder_connected",
+                seeder=seeder.node_id,
+                address=f"{seeder.address}:{seeder.ssh_port}",
+                cipher=conn.get_extra_info("send_cipher"),
+            )
+            return conn
+
+    async def _dial(
+        self, seeder: PeerInfo, pinned: asyncssh.SSHKey, client: _Client
+    ) -> asyncssh.SSHClientConnection:
+        """Connect and authenticate; a refused client key is tried again a few times.
+
+        A seeder refusing our key most likely has not heard of this node yet
+        (its trust list is behind; it fetches the list when it meets an
+        unknown key, at most once per ssh_trust.TRUST_REFRESH_INTERVAL), so
+        the connection is retried TRUST_RETRIES times, TRUST_RETRY_DELAY apart,
+        before the pull fails (kind ``security``, not the seeder's fault).
+        """
+        for attempt in range(TRUST_RETRIES + 1):
+            try:
+                return await asyncssh.connect(
+                    seeder.address,
+                    seeder.ssh_port,
+                    client_factory=lambda: client,
+                    username=SSH_USER,
+                    config=[],
+                    known_hosts=([pinned], [], []),
+                    client_keys=[self.client_key],
+                    agent_path=None,
+                    agent_forwarding=False,
+                    x509_trusted_certs=None,
+                    x509_trusted_cert_paths=[],
+                    pkcs11_provider=None,
+                    password=None,
+                    public_key_auth=True,
+                    password_auth=False,
+                    kbdint_auth=False,
+                    host_based_auth=False,
+                    gss_auth=False,
+                    gss_kex=False,
+                    preferred_auth=["publickey"],
+                    encryption_algs=self.encryption_algs,
+                    compression_algs=COMPRESSION_ALGS,
+                    connect_timeout=self.connect_timeout,
+                    login_timeout=self.connect_timeout,
+                    keepalive_interval=30,
+                    tcp_keepalive=True,
+                    client_version="rbd",
+                )
+            except asyncssh.PermissionDenied:
+                if attempt == TRUST_RETRIES:
+                    raise
+                self.log.info("client_key_refused_retry", seeder=seeder.node_id, attempt=attempt)
+                await asyncio.sleep(self.trust_retry_delay)
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        """Close every cached connection."""
+        conns = list(self._conns.values())
+        self._conns.clear()
+        self._clients.clear()
+        for conn in conns:
+            conn.close()
+        for conn in conns:
+            await conn.wait_closed()
