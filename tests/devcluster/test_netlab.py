@@ -27,6 +27,7 @@ from rainbowd.devcluster.netlab import (
     list_netns,
 )
 from testdeps import missing_dependency
+from waiting import wait_until_sync
 
 #: an asyncio echo server: prints "ready" once listening, echoes one line per connection
 ECHO_SERVER = r"""
@@ -228,6 +229,12 @@ def test_unknown_nodes_and_reserved_names_are_refused(lab: NetLab) -> None:
         NetLab(["a"], shapes={"b": Shape(up_mbit=1)})
 
 
+def netns_pids(ns: str) -> list[str]:
+    return subprocess.run(
+        ["ip", "netns", "pids", ns], capture_output=True, text=True, check=False
+    ).stdout.split()
+
+
 def test_clean_stale_removes_labs_of_dead_processes_only(lab: NetLab) -> None:
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -235,6 +242,13 @@ def test_clean_stale_removes_labs_of_dead_processes_only(lab: NetLab) -> None:
     orphan.up()
     left_running = subprocess.Popen([*orphan.exec_prefix("a"), "sleep", "120"])
     try:
+        # `ip netns exec` enters the namespace before it execs: until then clean_stale
+        # cannot see the process there (a loaded host lost this race once)
+        wait_until_sync(
+            lambda: str(left_running.pid) in netns_pids(orphan.netns("a")),
+            timeout=10,
+            what="the orphan's process to enter its namespace",
+        )
         removed = clean_stale()
         assert set(removed) == {orphan.hub_netns, orphan.netns("a")}
         # what the dead run left running in its lab is killed, not orphaned
