@@ -40,7 +40,7 @@ import structlog
 from psycopg import pq
 
 from . import StateError, redact
-from .sql import Cursor, Dialect, Migration, SqlStore
+from .sql import Cursor, Dialect, Migration, SqlStore, add_leader_table
 
 log = structlog.get_logger(__name__)
 
@@ -53,15 +53,19 @@ DIALECT = Dialect(
     order_column=", n BIGSERIAL",
     no_limit=None,
     placeholder="%s",
+    timestamp="TIMESTAMPTZ",
+    now="now()",
+    plus_seconds="now() + make_interval(secs => ?)",
+    epoch="'epoch'::timestamptz",
 )
 #: seconds to wait for the server when connecting (libpq's own default waits for ever);
 #: a URL's own ``connect_timeout`` wins
 CONNECT_TIMEOUT_S = 10
 #: the advisory lock key held while the schema is created or migrated ("rbd" + "schema")
 SCHEMA_LOCK_KEY = 0x7262_6473_6368
-#: steps bringing a PostgreSQL database to each schema; none yet (it starts at schema 3,
-#: the first with a PostgreSQL backend)
-MIGRATIONS: tuple[Migration, ...] = ()
+#: steps bringing a PostgreSQL database to each schema (it starts at schema 3, the first
+#: with a PostgreSQL backend; 4 adds the leader lease)
+MIGRATIONS: tuple[Migration, ...] = (Migration(4, add_leader_table),)
 
 
 class PostgresStore(SqlStore):
