@@ -85,6 +85,14 @@ class StateError(Exception):
     """
 
 
+class FencedError(StateError):
+    """A write of a coordinator whose lease token is no longer the leader's: refused.
+
+    Raised by the PostgreSQL backend's fence (state/postgres.py) before the
+    write runs; the coordinator that sees it has been deposed and must stop.
+    """
+
+
 class StoredNode(msgspec.Struct, kw_only=True):
     """A node as persisted: identity, keys, the credential's hash, what it holds."""
 

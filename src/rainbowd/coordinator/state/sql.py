@@ -199,6 +199,13 @@ class SqlStore:
         except self._driver_errors() as e:
             raise StateError(f"state database {self.describe}: {e}") from e
 
+    def execute_unfenced(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        """:meth:`execute` without the fencing a backend may add (the lease's own statements).
+
+        Only PostgreSQL fences (state/postgres.py); elsewhere this is ``execute``.
+        """
+        return SqlStore.execute(self, sql, params)
+
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         """Every write inside commits once, at the end (a write outside commits on its own).
