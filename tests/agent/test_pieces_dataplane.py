@@ -416,7 +416,7 @@ async def test_a_slow_seeder_is_given_a_chunk_s_time_at_the_least_rate(lab: Lab)
     In the lab, 4 MiB chunks from a seeder sharing 1.5 Mbit/s between three
     demanders took 67 s each and every pull of them failed at a flat 60 s.
     """
-    from rainbowd.agent.dataplane.puller import MIN_CHUNK_RATE_BPS, chunk_wait_s
+    from rainbowd.agent.dataplane.chunk_fetch import MIN_CHUNK_RATE_BPS, chunk_wait_s
 
     assert chunk_wait_s(CHUNK, 0.2) == CHUNK / MIN_CHUNK_RATE_BPS  # 4 s for 64 KiB
     assert chunk_wait_s(CHUNK, 60.0) == 60.0

@@ -318,16 +318,16 @@ async def test_a_repeated_trust_list_parses_no_key_twice(
 ) -> None:
     # at a cold start every enrollment sends every agent the whole trust list: parsing all
     # of it each time cost N^2 key parses (the lab's 101 agents kept 2 vCPUs busy)
-    import rainbowd.agent.dataplane.ssh_server as ssh_server
+    import rainbowd.agent.dataplane.ssh_trust as ssh_trust
 
     parsed: list[str] = []
-    real = ssh_server.key_blob
+    real = ssh_trust.key_blob
 
     def counting(line: asyncssh.SSHKey | str) -> bytes:
         parsed.append(str(line))
         return real(line)
 
-    monkeypatch.setattr(ssh_server, "key_blob", counting)
+    monkeypatch.setattr(ssh_trust, "key_blob", counting)
     lab.server.update_trust(lab.trust(version=2))
     lab.server.update_trust(lab.trust(version=3))
     assert parsed == []  # both keys were parsed when the server started

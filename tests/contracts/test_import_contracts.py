@@ -316,7 +316,8 @@ def test_the_checks_see_a_violation(tmp_path: Path) -> None:
             }
         )
     ]
-    # and the real graph is read: the puller uses the store (lib) and the chunk protocol (core)
+    # and the real graph is read: the puller's fetch loop uses the store (lib) and the chunk
+    # protocol (core)
     assert {"rainbowd.lib.store", "rainbowd.core.chunkproto"} <= _graph()[
-        "rainbowd.agent.dataplane.puller"
+        "rainbowd.agent.dataplane.chunk_fetch"
     ]

@@ -22,7 +22,8 @@ from fake_clock_coordinator import ADMIN, JOIN, Clock, Sim
 
 from rainbowd.agent.dataplane.keys import load_or_create_key, public_line
 from rainbowd.agent.dataplane.puller import TRUST_RETRIES, LayerPuller, PullError
-from rainbowd.agent.dataplane.ssh_server import TRUST_REFRESH_INTERVAL, ChunkServer
+from rainbowd.agent.dataplane.ssh_server import ChunkServer
+from rainbowd.agent.dataplane.ssh_trust import TRUST_REFRESH_INTERVAL
 from rainbowd.coordinator.core import Coordinator
 from rainbowd.coordinator.http.app import create_app
 from rainbowd.coordinator.state.sqlite import SqliteStore

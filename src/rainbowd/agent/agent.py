@@ -179,7 +179,7 @@ class Agent:
             self.store, limits, node_id=config.node_id, local_pins=self._busy_layers
         )
         self._loading: dict[str, int] = {}  # layer -> image loads reading it now
-        self.api = AgentClient(config.coordinator_url, timeout=config.request_timeout)
+        self.api = AgentClient(config.coordinator_urls, timeout=config.request_timeout)
         self.reports = ReportSender(config.node_id, give_up_after=config.report_retry_seconds)
         # transfer progress/done/failed: several to a request (agent/control/report_batch.py)
         self.transfer_reports = TransferReporter(
@@ -359,7 +359,7 @@ class Agent:
         self.view.registered = True
         self.view.last_contact = time.time()
         self._cursor = 0  # the coordinator's queue for us starts again after (re)registration
-        self.log.info("registered", coordinator=cfg.coordinator_url, trust=reply.trust.version)
+        self.log.info("registered", coordinator=self.api.base_url, trust=reply.trust.version)
 
     def _heartbeat(self) -> m.Heartbeat:
         return m.Heartbeat(
@@ -706,7 +706,9 @@ class Agent:
             "node_id": cfg.node_id,
             "pid": os.getpid(),
             "coordinator": {
-                "url": cfg.coordinator_url,
+                # the one asked first: the leader once one answered
+                "url": self.api.base_url,
+                "urls": list(cfg.coordinator_urls),
                 "registered": self.view.registered,
                 "last_contact_age": (now - self.view.last_contact)
                 if self.view.last_contact

@@ -18,6 +18,7 @@ import msgspec
 
 from rainbowd.core.eviction import DEFAULT_HIGH_WATERMARK, DEFAULT_LOW_WATERMARK
 from rainbowd.core.units import SizeError, parse_size
+from rainbowd.lib.coordinators import CoordinatorListError, parse_urls
 
 from .control.report_sender import DEFAULT_REPORT_RETRY_SECONDS, MAX_REPORT_RETRY_SECONDS
 from .dataplane.ssh_limits import SshLimits
@@ -40,7 +41,9 @@ MAX_CONTAINERD_IDENT = 76
 @dataclass(frozen=True)
 class AgentConfig:
     node_id: str
-    coordinator_url: str
+    #: every coordinator of the cluster (config ``coordinator_url``: one URL or a list);
+    #: the agent follows whichever leads (lib/coordinators.py)
+    coordinator_urls: tuple[str, ...]
     state_dir: Path
     join_token_file: Path | None = None
     listen_address: str = "0.0.0.0"
@@ -116,6 +119,11 @@ class AgentConfig:
         )
 
     @property
+    def coordinator_url(self) -> str:
+        """The first configured coordinator (the only one of a single-coordinator cluster)."""
+        return self.coordinator_urls[0]
+
+    @property
     def store_dir(self) -> Path:
         return self.state_dir / "store"
 
@@ -181,7 +189,7 @@ class AgentConfig:
 
 class _Raw(msgspec.Struct, forbid_unknown_fields=True):
     node_id: str
-    coordinator_url: str
+    coordinator_url: str | list[str]
     state_dir: str
     join_token_file: str = ""
     listen_address: str = "0.0.0.0"
@@ -304,8 +312,10 @@ def _store_limits(raw: _Raw) -> int:
 def _from_raw(raw: _Raw) -> AgentConfig:
     if not raw.node_id or not all(c.isalnum() or c in "-_." for c in raw.node_id):
         raise ConfigError(f"node_id {raw.node_id!r}: use letters, digits, '-', '_' or '.'")
-    if not raw.coordinator_url.startswith(("http://", "https://")):
-        raise ConfigError(f"coordinator_url {raw.coordinator_url!r}: must start with http(s)://")
+    try:
+        urls = parse_urls(raw.coordinator_url, "coordinator_url")
+    except CoordinatorListError as e:
+        raise ConfigError(str(e)) from None
     if not 0 <= raw.ssh_port <= 65535:
         raise ConfigError(f"ssh_port {raw.ssh_port}: must be 0..65535")
     if raw.max_upload_mbps < 0:
@@ -334,7 +344,10 @@ def _from_raw(raw: _Raw) -> AgentConfig:
     unknown = set(raw.roles) - KNOWN_ROLES
     if unknown:
         raise ConfigError(f"roles: unknown {sorted(unknown)}; known: {sorted(KNOWN_ROLES)}")
-    kw: dict[str, Any] = {f.name: getattr(raw, f.name) for f in fields(AgentConfig)}
+    kw: dict[str, Any] = {
+        f.name: getattr(raw, f.name) for f in fields(AgentConfig) if f.name != "coordinator_urls"
+    }
+    kw["coordinator_urls"] = urls
     kw["store_max_bytes"] = _store_limits(raw)
     kw["containerd_address"] = raw.containerd_address.removeprefix("unix://")
     kw["state_dir"] = Path(raw.state_dir)

@@ -91,6 +91,16 @@ async def fetch_status(path: Path, timeout: float = 5.0) -> dict[str, Any]:
         ) from None
 
 
+def _others(c: dict[str, Any]) -> str:
+    """The line listing every configured coordinator, when there are several."""
+    urls = c.get("urls") or []
+    if len(urls) < 2:
+        return ""
+    return "\n            configured: " + ", ".join(
+        f"{u} (current)" if u == c["url"] else u for u in urls
+    )
+
+
 def render_status(s: dict[str, Any]) -> str:
     """The human form of a status snapshot."""
     c = s["coordinator"]
@@ -100,6 +110,7 @@ def render_status(s: dict[str, Any]) -> str:
         f"node        {s['node_id']}  (pid {s['pid']}, roles: {', '.join(s['roles']) or '-'})",
         f"coordinator {c['url']}  {conn}"
         + (f", last contact {age:.1f}s ago" if age is not None else ", never contacted")
+        + _others(c)
         + (f"\n            last error: {c['last_error']}" if c.get("last_error") else ""),
         f"ssh         {s['ssh']['address']}:{s['ssh']['port']}",
         f"docker      {s['docker_url'] or 'not configured'}",

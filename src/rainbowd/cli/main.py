@@ -14,7 +14,9 @@
     rbd demo
     rbd run | rm | build | images rm-nodes | docker check | ops | op   (see rainbowd.cli.ops)
 
-The coordinator URL comes from --coordinator or $RBD_COORDINATOR; the admin
+The coordinator URL comes from --coordinator or $RBD_COORDINATOR: one URL, or
+several separated by commas when a cluster runs standby coordinators (rbd then
+finds the leader by itself and sends the token only to those); the admin
 token from $RBD_ADMIN_TOKEN or the file named by --admin-token-file /
 $RBD_ADMIN_TOKEN_FILE (default /var/lib/rbd/coordinator/admin-token).
 """
@@ -38,6 +40,8 @@ from rainbowd.core import messages as m
 from rainbowd.core.sources import SourceError, parse_source
 from rainbowd.core.units import human_bytes, human_rate
 from rainbowd.lib.client import AdminClient, ApiError, CoordinatorUnreachable
+from rainbowd.lib.coordinators import CoordinatorListError, parse_urls
+from rainbowd.lib.log import configure as configure_logging
 from rainbowd.lib.progress import follow_job, job_report, summary
 
 DEFAULT_URL = "http://127.0.0.1:7700"
@@ -57,7 +61,14 @@ _FORMS = """SOURCE is one of:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rbd", description="rbd: image distribution admin CLI")
-    p.add_argument("--coordinator", default=os.environ.get("RBD_COORDINATOR", DEFAULT_URL))
+    p.add_argument(
+        "--coordinator",
+        metavar="URL[,URL...]",
+        default=os.environ.get("RBD_COORDINATOR", DEFAULT_URL),
+        help="the coordinator's URL, or every coordinator's, comma-separated: rbd asks the "
+        "one that leads, and the admin token goes to no other address "
+        f"(default: $RBD_COORDINATOR or {DEFAULT_URL})",
+    )
     p.add_argument(
         "--admin-token-file",
         type=Path,
@@ -181,7 +192,14 @@ def main(argv: list[str] | None = None) -> int:
                 docker=not args.no_docker,
             )
         )
+    # stdout is the command's output (tables, --json): the client's notes go to stderr, and
+    # only warnings (a standby naming a leader that is not configured), not routine ones
+    configure_logging("warning")
     try:
+        try:
+            args.coordinator = parse_urls(args.coordinator, "--coordinator / $RBD_COORDINATOR")
+        except CoordinatorListError as e:
+            raise UsageError(str(e)) from None
         if args.cmd == "images" and args.images_cmd == "add":
             args.parsed_source = _source(args)  # a bad --from is reported before anything else
         token = _admin_token(args.admin_token_file)

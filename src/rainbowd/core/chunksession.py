@@ -15,7 +15,7 @@ the protocol *state* on top of it and decides what each frame means:
   frames that carry each chunk, the END frame, and the ERROR frame (and log
   line) that answers each way a read can fail (:data:`ReadFailure`).
 
-Why apart from the I/O loops (``LayerPuller._fetch`` in agent/dataplane/puller.py and
+Why apart from the I/O loops (``ChunkFetcher.fetch`` in agent/dataplane/chunk_fetch.py and
 ``ChunkServer._send_chunks`` in agent/dataplane/ssh_server.py): the rules are tested
 frame by frame with no socket, thread or clock (tests/core/test_chunksession.py),
 and the loops keep only what is I/O -- waiting, reading, writing, pacing.

@@ -4,8 +4,12 @@ Both speak msgpack (``application/msgpack``) with the typed messages of
 :mod:`rainbowd.core.messages`, so a reply is validated before the caller sees it.
 A refusal from the coordinator raises :class:`ApiError` carrying the HTTP
 status and the coordinator's own message; not reaching the coordinator at
-all raises :class:`CoordinatorUnreachable` (status 0) naming the URL, so a
-log line says what to fix.
+all raises :class:`CoordinatorUnreachable` (status 0) naming the URL (every
+URL, when several are configured), so a log line says what to fix.
+
+Both take one coordinator URL or several: with several, a call finds the
+leader by itself, following a standby's ``RBD-Leader`` header only to a
+configured URL (lib/coordinators.py, ``_Http._exchange``).
 
 Auth headers: agents send ``Authorization: Bearer <node_id>:<credential>``
 (the credential comes back once, in the :class:`RegisterReply`); the admin
@@ -15,13 +19,19 @@ client sends ``Authorization: Bearer <admin token>``.
 from __future__ import annotations
 
 import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self, TypeVar
 from urllib.parse import quote
 
 import aiohttp
 import msgspec
+import structlog
 
+from rainbowd.core.leader import LEADER_HEADER, NOT_LEADER_STATUS, is_not_leader
 from rainbowd.core.messages import (
     JSON,
     MSGPACK,
@@ -63,10 +73,20 @@ from rainbowd.core.messages import (
 )
 from rainbowd.core.report_id import REPORT_ID_HEADER
 
+from .coordinators import CoordinatorList
+
 T = TypeVar("T")
+log = structlog.get_logger(__name__)
 
 #: extra seconds the HTTP timeout of a long-poll allows beyond its wait
 POLL_SLACK = 10.0
+#: methods that change nothing, so sent twice they do no harm (after a broken connection)
+SAFE_METHODS = frozenset({"GET", "HEAD"})
+#: with several coordinators, the longest wait for one's TCP connection before the next
+#: is tried (a host that is down drops SYNs rather than refusing them)
+CONNECT_TIMEOUT = 3.0
+#: the least time an attempt is given, even when the call's deadline is about to pass
+MIN_ATTEMPT = 0.05
 
 
 class ApiError(Exception):
@@ -92,13 +112,62 @@ class CoordinatorUnreachable(ApiError):
         super().__init__(0, message, url=url)
 
 
-class _Http:
-    """One aiohttp session to the coordinator plus the msgpack request/response dance."""
+@dataclass(frozen=True)
+class _Reply:
+    """What one attempt brought back: the status, the body and the leader a standby named."""
 
-    def __init__(self, base_url: str, timeout: float) -> None:
-        self.base_url = base_url.rstrip("/")
+    url: str
+    status: int
+    content_type: str
+    body: bytes
+    leader: str
+
+
+class _Broken(Exception):
+    """An attempt failed after the request may have reached the coordinator."""
+
+    def __init__(self, error: CoordinatorUnreachable) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _NotSent(_Broken):
+    """An attempt failed before the request reached any coordinator: always safe to retry."""
+
+
+class _Http:
+    """One aiohttp session to the coordinators plus the msgpack request/response dance.
+
+    ``base_url`` is one URL or several (a list, or a comma-separated string): the
+    coordinators of one cluster, one leading (lib/coordinators.py). Each call
+    goes to the one that answered last and, if that one does not lead or cannot
+    be reached, finds the leader by itself within the call's ``timeout``; one
+    URL behaves exactly as a single coordinator always did.
+    """
+
+    def __init__(
+        self,
+        base_url: str | Sequence[str],
+        timeout: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.coordinators = CoordinatorList(base_url)
         self.timeout = timeout
+        self._clock = clock
+        self._sleep = sleep
         self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def base_url(self) -> str:
+        """The coordinator calls go to first: the one that answered last."""
+        return self.coordinators.current
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """Every configured coordinator URL, in the configured order."""
+        return self.coordinators.urls
 
     def _auth(self) -> str | None:
         return None
@@ -140,44 +209,30 @@ class _Http:
         ``report_id`` (rainbowd/report_id.py) makes a report safe to retry: the
         coordinator applies one id once.
         """
-        await self.open()
-        assert self._session is not None
-        url = f"{self.base_url}/v1/{path}"
         headers = {"Accept": MSGPACK}
         if report_id:
             headers[REPORT_ID_HEADER] = report_id
-        auth = self._auth()
-        if auth:
-            headers["Authorization"] = auth
         data = None
         if msg is not None:
             data = encode(msg)
             headers["Content-Type"] = MSGPACK
-        kwargs: dict[str, Any] = {}
-        if timeout is not None:
-            kwargs["timeout"] = aiohttp.ClientTimeout(total=timeout)
-        try:
-            async with self._session.request(
-                method, url, data=data, headers=headers, params=params, **kwargs
-            ) as resp:
-                body = await resp.read()
-                ctype = resp.content_type
-                status = resp.status
-        except TimeoutError:
-            t = timeout if timeout is not None else self.timeout
-            raise CoordinatorUnreachable(
-                f"coordinator did not answer {method} within {t:.0f}s", url=url
-            ) from None
-        except aiohttp.ClientError as e:
-            raise CoordinatorUnreachable(f"cannot reach the coordinator: {e}", url=url) from None
-        if status >= 400:
-            raise ApiError(status, _error_message(body, ctype, status), url=url)
-        if reply is None or status == 204:
+        r = await self._exchange(
+            method,
+            path,
+            data=data,
+            headers=headers,
+            params=params,
+            timeout=timeout,
+            idempotent=method in SAFE_METHODS or bool(report_id),
+        )
+        if r.status >= 400:
+            raise ApiError(r.status, _error_message(r.body, r.content_type, r.status), url=r.url)
+        if reply is None or r.status == 204:
             return None
         try:
-            return decode(body, reply, JSON if ctype == JSON else MSGPACK)
+            return decode(r.body, reply, JSON if r.content_type == JSON else MSGPACK)
         except MessageError as e:
-            raise ApiError(status, f"unreadable reply: {e}", url=url) from None
+            raise ApiError(r.status, f"unreadable reply: {e}", url=r.url) from None
 
     async def raw(
         self,
@@ -190,42 +245,160 @@ class _Http:
         timeout: float | None = None,
     ) -> bytes:
         """A request with a raw body and a raw reply (build contexts); ``limit`` caps the reply."""
-        await self.open()
-        assert self._session is not None
-        url = f"{self.base_url}/v1/{path}"
         headers = {"Accept": MSGPACK}
-        auth = self._auth()
-        if auth:
-            headers["Authorization"] = auth
         if data is not None:
             headers["Content-Type"] = content_type
-        kwargs: dict[str, Any] = {}
-        if timeout is not None:
-            kwargs["timeout"] = aiohttp.ClientTimeout(total=timeout)
+        r = await self._exchange(
+            method,
+            path,
+            data=data,
+            headers=headers,
+            timeout=timeout,
+            limit=limit,
+            idempotent=method in SAFE_METHODS,
+        )
+        if r.status >= 400:
+            raise ApiError(
+                r.status,
+                _error_message(r.body, r.content_type, r.status),
+                url=r.url,
+            )
+        return r.body
+
+    async def _exchange(
+        self,
+        method: str,
+        path: str,
+        *,
+        headers: dict[str, str],
+        idempotent: bool,
+        data: bytes | None = None,
+        params: dict[str, str] | None = None,
+        timeout: float | None = None,
+        limit: int = 0,
+        auth: bool = True,
+        leads: bool = True,
+    ) -> _Reply:
+        """One call: the first answer of a coordinator that takes it, finding the leader.
+
+        Tries the URL that answered last, then follows the walk
+        (lib/coordinators.py) while the call's ``timeout`` lasts. What is retried
+        elsewhere: a standby's 503 (not applied), a connection that never reached
+        a server (refused, no route, connect timeout), and, only when
+        ``idempotent``, an attempt that broke after the request may have arrived.
+        ``leads``: an answer shows the coordinator leads (not for /health, which a
+        standby answers too).
+        """
+        await self.open()
+        assert self._session is not None
+        if auth and (token := self._auth()):
+            headers = {**headers, "Authorization": token}
+        call_timeout = timeout if timeout is not None else self.timeout
+        deadline = self._clock() + call_timeout
+        walk = self.coordinators.walk()
+        url = walk.first
+        tried: dict[str, str] = {}
+        many = len(self.urls) > 1
+        while True:
+            left = max(deadline - self._clock(), MIN_ATTEMPT)
+            # several coordinators: a black-holed one costs CONNECT_TIMEOUT, not the whole call
+            attempt = aiohttp.ClientTimeout(
+                total=left, sock_connect=min(CONNECT_TIMEOUT, left) if many else None
+            )
+            leader: str | None = None
+            try:
+                r = await self._attempt(
+                    method, f"{url}/v1/{path}", headers, data, params, attempt, limit
+                )
+            except _NotSent as e:
+                failure: ApiError = e.error
+            except _Broken as e:
+                if not idempotent:
+                    raise e.error from None
+                failure = e.error
+            else:
+                message = ""
+                if r.status == NOT_LEADER_STATUS:
+                    message = _error_message(r.body, r.content_type, r.status)
+                if not is_not_leader(r.status, message, r.leader):
+                    if leads:
+                        self.coordinators.answered(url)
+                    return r
+                failure = ApiError(r.status, message, url=f"{url}/v1/{path}")
+                leader = self._follow(url, r.leader)
+            tried[url] = str(failure)
+            step = walk.next(url, now=self._clock(), deadline=deadline, leader=leader)
+            if step is None:
+                if not many:
+                    raise failure
+                raise CoordinatorUnreachable(
+                    f"no coordinator took {method} /v1/{path} within {call_timeout:g}s; tried "
+                    + "; ".join(f"{u}: {tried.get(u, 'not tried')}" for u in self.urls)
+                )
+            url, pause = step
+            if pause:
+                await self._sleep(pause)
+
+    def _follow(self, standby: str, named: str) -> str | None:
+        """The leader a standby named, if it is one of ours; else None (and why, logged)."""
+        if not named:
+            log.info("coordinator does not lead and knows no leader", coordinator=standby)
+            return None
+        leader = self.coordinators.known(named)
+        if leader is None:
+            log.warning(
+                "coordinator names a leader that is not configured; not following it",
+                coordinator=standby,
+                named=named,
+                configured=list(self.urls),
+            )
+        elif leader != self.coordinators.current:
+            log.info("following the leader", standby=standby, leader=leader)
+        return leader
+
+    async def _attempt(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        data: bytes | None,
+        params: dict[str, str] | None,
+        timeout: aiohttp.ClientTimeout,
+        limit: int,
+    ) -> _Reply:
+        """One request to one coordinator; connection failures as :class:`_Broken`/``_NotSent``."""
+        assert self._session is not None
         try:
             async with self._session.request(
-                method, url, data=data, headers=headers, **kwargs
+                method, url, data=data, headers=headers, params=params, timeout=timeout
             ) as resp:
-                if resp.status >= 400:
-                    err = await resp.read()
-                    raise ApiError(
-                        resp.status, _error_message(err, resp.content_type, resp.status), url=url
-                    )
-                if limit and (resp.content_length or 0) > limit:
-                    raise ApiError(resp.status, f"reply exceeds {limit} bytes", url=url)
-                out = bytearray()
-                async for piece in resp.content.iter_chunked(1 << 20):
-                    out += piece
-                    if limit and len(out) > limit:
-                        raise ApiError(resp.status, f"reply exceeds {limit} bytes", url=url)
-                return bytes(out)
+                leader = resp.headers.get(LEADER_HEADER, "")
+                if resp.status >= 400 or not limit:
+                    body = await resp.read()
+                else:
+                    body = await _read_capped(resp, limit, url)
+                return _Reply(url, resp.status, resp.content_type, body, leader)
+        except aiohttp.ConnectionTimeoutError:
+            raise _NotSent(
+                CoordinatorUnreachable(
+                    f"cannot reach the coordinator: no connection within {timeout.sock_connect:g}s",
+                    url=url,
+                )
+            ) from None
         except TimeoutError:
-            t = timeout if timeout is not None else self.timeout
-            raise CoordinatorUnreachable(
-                f"coordinator did not answer {method} within {t:.0f}s", url=url
+            raise _Broken(
+                CoordinatorUnreachable(
+                    f"coordinator did not answer {method} within {timeout.total or 0:.0f}s", url=url
+                )
+            ) from None
+        except aiohttp.ClientConnectorError as e:
+            raise _NotSent(
+                CoordinatorUnreachable(f"cannot reach the coordinator: {e}", url=url)
             ) from None
         except aiohttp.ClientError as e:
-            raise CoordinatorUnreachable(f"cannot reach the coordinator: {e}", url=url) from None
+            raise _Broken(
+                CoordinatorUnreachable(f"cannot reach the coordinator: {e}", url=url)
+            ) from None
 
     async def call(
         self,
@@ -238,6 +411,18 @@ class _Http:
         out = await self.request(method, path, msg=msg, reply=reply, **kw)
         assert out is not None
         return out
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, limit: int, url: str) -> bytes:
+    """A reply body of at most ``limit`` bytes (ApiError beyond: not retried)."""
+    if (resp.content_length or 0) > limit:
+        raise ApiError(resp.status, f"reply exceeds {limit} bytes", url=url)
+    out = bytearray()
+    async for piece in resp.content.iter_chunked(1 << 20):
+        out += piece
+        if len(out) > limit:
+            raise ApiError(resp.status, f"reply exceeds {limit} bytes", url=url)
+    return bytes(out)
 
 
 def _error_message(body: bytes, ctype: str, status: int) -> str:
@@ -257,7 +442,12 @@ class AgentClient(_Http):
     """What an agent says to the coordinator. Use as ``async with AgentClient(url) as c``."""
 
     def __init__(
-        self, base_url: str, *, node_id: str = "", credential: str = "", timeout: float = 10.0
+        self,
+        base_url: str | Sequence[str],
+        *,
+        node_id: str = "",
+        credential: str = "",
+        timeout: float = 10.0,
     ) -> None:
         super().__init__(base_url, timeout)
         self.node_id = node_id
@@ -347,7 +537,9 @@ class AgentClient(_Http):
 class AdminClient(_Http):
     """The admin API (what ``rbd`` uses). Use as ``async with AdminClient(url, token) as c``."""
 
-    def __init__(self, base_url: str, admin_token: str, timeout: float = 10.0) -> None:
+    def __init__(
+        self, base_url: str | Sequence[str], admin_token: str, timeout: float = 10.0
+    ) -> None:
         super().__init__(base_url, timeout)
         self.admin_token = admin_token
 
@@ -460,18 +652,20 @@ class AdminClient(_Http):
         return op
 
     async def health(self) -> dict[str, Any]:
-        """The unauthenticated health document (JSON)."""
-        await self.open()
-        assert self._session is not None
-        url = f"{self.base_url}/v1/health"
+        """The unauthenticated health document (JSON) of the coordinator asked first.
+
+        A standby answers it too, so an answer does not make that one the leader.
+        """
+        r = await self._exchange(
+            "GET", "health", headers={"Accept": JSON}, idempotent=True, auth=False, leads=False
+        )
+        if r.status >= 400:
+            raise ApiError(r.status, r.body.decode(errors="replace"), url=r.url)
         try:
-            async with self._session.get(url, headers={"Accept": JSON}) as resp:
-                if resp.status >= 400:
-                    raise ApiError(resp.status, await resp.text(), url=url)
-                doc: dict[str, Any] = await resp.json()
-                return doc
-        except (TimeoutError, aiohttp.ClientError) as e:
-            raise CoordinatorUnreachable(f"cannot reach the coordinator: {e}", url=url) from None
+            doc: dict[str, Any] = json.loads(r.body)
+        except ValueError as e:
+            raise ApiError(r.status, f"unreadable health document: {e}", url=r.url) from None
+        return doc
 
 
 __all__ = ["AdminClient", "AgentClient", "ApiError", "CoordinatorUnreachable"]

@@ -36,57 +36,41 @@ the layer's missing bytes; a pull that cannot fit fails at once with kind
 a partial is never committed unless every chunk is present and the whole
 digest matches (``PartialLayer.commit``).
 
-Throughput: requests are pipelined, keeping ``max(window, 32 MiB worth)``
-chunks requested but not yet received; the SSH channel's receive window is
-the hard bound, and the reader pauses the channel when verification/disk
-falls behind. Hashing and disk writes run in a worker thread (hashlib drops
-the GIL on large buffers) while the event loop keeps decrypting packets.
-
-Protocol state (the request window, the chunk due next, and what each frame
-or error code from the seeder means) is :class:`~rainbowd.core.chunksession.FetchSession`'s,
-tested without sockets; :meth:`LayerPuller._fetch` is the I/O loop driving it.
+The parts: the loop that moves the chunks is
+:class:`~rainbowd.agent.dataplane.chunk_fetch.ChunkFetcher` (chunk_fetch.py),
+stopping on a failure with a FetchAborted (pull_failures.py) that is
+reported here as a :class:`PullError` of the same kind; this module keeps
+the course of a pull (the layer's running pulls, disk space, the install) and
+the seeder's connection it needs (pinned host key, client-key retries).
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import itertools
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import asyncssh
 import structlog
 
-from rainbowd.core import chunkproto
 from rainbowd.core.chunks import ChunkManifest
-from rainbowd.core.chunksession import FetchFailure, FetchSession
 from rainbowd.core.digest import Digest, short
 from rainbowd.core.messages import FailureKind, PeerInfo, TransferAssignment, TransferFailed
-from rainbowd.lib.store import ChunkRejected, LayerStore, PartialLayer, StoreError
+from rainbowd.lib.store import LayerStore, PartialLayer, StoreError
 
 from ..metrics import AgentMetrics
-from .chunk_io import INLINE_MAX_BYTES, runs_inline
+from .chunk_fetch import ChunkFetcher, ProgressCallback, PullCounters
+from .chunk_io import INLINE_MAX_BYTES
 from .keys import KeyFormatError, fingerprint, key_blob, parse_public_line
 from .pacing import RatePacer
+from .pull_failures import FetchAborted, disk_reason, mib
 from .relay import RelayBoard
-from .ssh_server import CHANNEL_MAX_PKTSIZE, CHANNEL_WINDOW, COMPRESSION_ALGS, ENCRYPTION_ALGS
+from .ssh_server import COMPRESSION_ALGS, ENCRYPTION_ALGS
 
 log = structlog.get_logger(__name__)
 
-ProgressCallback = Callable[[int, int, float], None]
-
-#: the slowest a seeder may deliver a chunk before the pull gives up on it: a chunk may take
-#: ``chunk_timeout`` or chunk_size / this, whichever is longer (chunk_wait_s). A flat 60 s
-#: failed every 4 MiB chunk from a seeder sharing 1.5 Mbit/s between three demanders (the
-#: namespace lab's bimodal profile: 15 of 26 failed transfers, each costing a slow node
-#: 60 s); 16 KiB/s (0.13 Mbit/s) is below any uplink rbd plans for and still ends a
-#: dribbling seeder's hold on a 4 MiB chunk within 256 s
-MIN_CHUNK_RATE_BPS = 16 * 1024
-#: chunks decoded but not yet verified before the channel is paused
-QUEUE_HIGH_WATER = 4
 #: persist the partial's bitmap (fdatasync + bitmap rewrite) after this many
 #: bytes (or PartialLayer.FLUSH_SECONDS, whichever is first). A SIGKILL re-fetches
 #: at most this much plus what was in flight; 8 MiB costs no measurable
@@ -96,13 +80,11 @@ FLUSH_BYTES = 8 * 1024 * 1024
 #: free space kept in hand beyond a layer's missing bytes before a pull starts
 #: (bitmap, manifest and filesystem metadata need a little room too)
 DISK_HEADROOM = 256 * 1024
-#: minimum seconds between two on_progress calls
-PROGRESS_INTERVAL = 0.25
 #: SSH user name; the server ignores it (the key is the identity)
 SSH_USER = "rbd"
 #: connection attempts repeated after a seeder refused our client key (see LayerPuller._dial)
 TRUST_RETRIES = 2
-#: seconds between them: longer than ssh_server.TRUST_REFRESH_INTERVAL, so the seeder may
+#: seconds between them: longer than ssh_trust.TRUST_REFRESH_INTERVAL, so the seeder may
 #: fetch its trust list again before the next attempt
 TRUST_RETRY_DELAY = 1.5
 
@@ -166,104 +148,6 @@ class _Client(asyncssh.SSHClient):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-
-
-def chunk_wait_s(chunk_size: int, chunk_timeout: float) -> float:
-    """Seconds a pull waits for its next chunk: ``chunk_timeout``, or longer for big chunks.
-
-    A chunk arrives whole, so a slow seeder is silent for a whole chunk's time:
-    the wait is at least that time at ``MIN_CHUNK_RATE_BPS``.
-    """
-    return max(chunk_timeout, chunk_size / MIN_CHUNK_RATE_BPS)
-
-
-class _ChunkClientSession(asyncssh.SSHClientSession[bytes]):
-    """Client end of a chunk channel: decodes frames into a queue with backpressure.
-
-    Working on raw packets (not asyncssh streams) saves a buffer copy and a
-    task switch per packet; the queue holds whole chunks, and reading is
-    paused when ``QUEUE_HIGH_WATER`` of them wait for verification, which
-    stops SSH window adjusts and so throttles the seeder.
-    """
-
-    def __init__(self, max_chunk: int) -> None:
-        self.decoder = chunkproto.Decoder("client", max_chunk=max_chunk)
-        self.events: asyncio.Queue[chunkproto.Event | BaseException | None] = asyncio.Queue()
-        self.chan: asyncssh.SSHClientChannel[bytes] | None = None
-        self._chunks_queued = 0
-        self._paused = False
-        self._done = False
-
-    def connection_made(self, chan: asyncssh.SSHClientChannel[bytes]) -> None:
-        self.chan = chan
-
-    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
-        if self._done or datatype is not None:
-            return
-        try:
-            evs = self.decoder.feed(data)
-        except chunkproto.ProtocolError as e:
-            self._finish(e)
-            return
-        for ev in evs:
-            if isinstance(ev, chunkproto.Chunk):
-                self._chunks_queued += 1
-            self.events.put_nowait(ev)
-        if self._chunks_queued >= QUEUE_HIGH_WATER and not self._paused and self.chan:
-            self._paused = True
-            self.chan.pause_reading()
-
-    def eof_received(self) -> bool:
-        try:
-            self.decoder.eof()
-        except chunkproto.ProtocolError as e:
-            self._finish(e)
-        else:
-            self._finish(None)
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._finish(exc if exc is not None else None)
-
-    def _finish(self, item: BaseException | None) -> None:
-        if not self._done:
-            self._done = True
-            self.events.put_nowait(item)
-            if item is not None and self.chan is not None:
-                self.chan.close()
-
-    async def next_event(self, timeout: float) -> chunkproto.Event | BaseException | None:
-        # asyncio.timeout, not wait_for: wait_for wraps the get in a new task, per chunk
-        async with asyncio.timeout(timeout):
-            ev = await self.events.get()
-        if isinstance(ev, chunkproto.Chunk):
-            self._chunks_queued -= 1
-            if self._paused and self._chunks_queued < QUEUE_HIGH_WATER and self.chan:
-                self._paused = False
-                self.chan.resume_reading()
-        return ev
-
-    def send(self, frame: bytes) -> None:
-        assert self.chan is not None
-        self.chan.write(frame)
-
-    def close(self) -> None:
-        self._done = True
-        if self.chan is not None:
-            self.chan.close()
-
-
-@dataclass(slots=True)
-class _PullCounters:
-    """One pull's byte and chunk counters, and the seeder label its metrics carry.
-
-    Not a transfer record (the pull's identity is its ``TransferAssignment``):
-    counters kept outside ``_fetch`` so a failure can still log and count them.
-    """
-
-    peer: str = ""  # the seeder's node id (metrics label)
-    moved: int = 0  # bytes of verified chunks written
-    fetched: int = 0  # verified chunks written
 
 
 @dataclass(slots=True)
@@ -403,7 +287,7 @@ class LayerPuller:
 
         A seeder refusing our key most likely has not heard of this node yet
         (its trust list is behind; it fetches the list when it meets an
-        unknown key, at most once per ssh_server.TRUST_REFRESH_INTERVAL), so
+        unknown key, at most once per ssh_trust.TRUST_REFRESH_INTERVAL), so
         the connection is retried TRUST_RETRIES times, TRUST_RETRY_DELAY apart,
         before the pull fails (kind ``security``, not the seeder's fault).
         """
@@ -533,7 +417,7 @@ class LayerPuller:
         # instance override of the class default (4 chunks): sync per ~FLUSH_BYTES
         # (and per PartialLayer.FLUSH_SECONDS), whatever the chunk size
         partial.FLUSH_EVERY = max(1, FLUSH_BYTES // manifest.chunk_size)
-        counters = _PullCounters(peer=seeder.node_id)
+        counters = PullCounters(peer=seeder.node_id)
         relay = self.relay
         token = 0
         if relay is not None:
@@ -548,10 +432,11 @@ class LayerPuller:
             plog.info("pull_started", missing=len(missing), chunks=end - first)
             if missing:
                 conn = await self.connection(seeder)
-                done_of = (present, range_bytes)
-                await self._fetch(
-                    conn, partial, missing, done_of, t0, where, plog, on_progress, counters
-                )
+                fetcher = self._fetcher(partial, counters, where, plog)
+                try:
+                    await fetcher.fetch(conn, missing, (present, range_bytes), t0, on_progress)
+                except FetchAborted as e:
+                    raise PullError(e.kind, e.reason, e.seeder_fault, e.not_held) from None
             installed = await self._commit_if_complete(partial, where, counters)
         except BaseException as e:
             await _shield_release(self.store, partial)
@@ -580,8 +465,34 @@ class LayerPuller:
         )
         return PullResult(moved, seconds, fetched, installed)
 
+    def _fetcher(
+        self, partial: PartialLayer, counters: PullCounters, where: str, plog: Any
+    ) -> ChunkFetcher:
+        """The fetch loop of one pull, with this puller's settings and shared parts."""
+        return ChunkFetcher(
+            self.store,
+            partial,
+            counters,
+            where=where,
+            log=plog,
+            node_id=self.node_id,
+            window=self.window,
+            chunk_timeout=self.chunk_timeout,
+            inline_io_max=self.inline_io_max,
+            metrics=self.metrics,
+            pacer=self.download_pacer,
+            relay=self.relay,
+        )
+
+    def _disk_error(self, e: OSError, manifest: ChunkManifest, what: str) -> PullError:
+        """A PullError of kind ``disk`` naming this node, the layer, need and free space."""
+        reason = disk_reason(
+            e, node_id=self.node_id, store=self.store, manifest=manifest, what=what
+        )
+        return PullError("disk", reason)
+
     async def _commit_if_complete(
-        self, partial: PartialLayer, where: str, counters: _PullCounters
+        self, partial: PartialLayer, where: str, counters: PullCounters
     ) -> bool:
         """Install the layer if no chunk of it is missing; True if it is installed (by anyone).
 
@@ -619,158 +530,12 @@ class LayerPuller:
         free = await asyncio.to_thread(self.store.bytes_free)
         if needed + DISK_HEADROOM > free:
             reason = (
-                f"node {self.node_id}: layer {manifest.digest} needs {_mib(needed)}"
-                f"{f' more ({_mib(present)} already received)' if present else ''}, "
-                f"{_mib(free)} free on {self.store.root}"
+                f"node {self.node_id}: layer {manifest.digest} needs {mib(needed)}"
+                f"{f' more ({mib(present)} already received)' if present else ''}, "
+                f"{mib(free)} free on {self.store.root}"
             )
             plog.error("pull_refused_disk_full", needed=needed, free=free, present=present)
             raise PullError("disk", reason)
-
-    async def _write(self, partial: PartialLayer, index: int, data: bytes) -> None:
-        """Check and write one received chunk; persist the bitmap when due.
-
-        A layer of small chunks is checked and written on the loop (agent/dataplane/chunk_io.py);
-        the flush (``fdatasync`` and a renamed bitmap) always runs in a thread.
-        Neither is cut off by cancellation (see :func:`_uninterrupted`).
-        """
-        if not runs_inline(partial.manifest.chunk_size, self.inline_io_max):
-            await _uninterrupted(partial.write_chunk, index, data)
-            return
-        partial.put_chunk(index, data)
-        if partial.flush_due():
-            await _uninterrupted(partial.flush)
-
-    def _disk_error(self, e: OSError, manifest: ChunkManifest, what: str) -> PullError:
-        """A PullError of kind ``disk`` naming node, layer, need and free space."""
-        try:
-            free = _mib(self.store.bytes_free())
-        except OSError:
-            free = "unknown"
-        cause = "disk full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "disk error"
-        return PullError(
-            "disk",
-            f"node {self.node_id}: layer {manifest.digest} ({_mib(manifest.size)}): "
-            f"{cause} {what}, {free} free on {self.store.root}: {e}",
-        )
-
-    async def _open_channel(
-        self, conn: asyncssh.SSHClientConnection, manifest: ChunkManifest, where: str
-    ) -> _ChunkClientSession:
-        try:
-            _chan, session = await conn.create_session(
-                lambda: _ChunkClientSession(manifest.chunk_size),
-                subsystem=chunkproto.SUBSYSTEM,
-                encoding=None,
-                env={},
-                send_env=[],
-                request_pty=False,
-                x11_forwarding=False,
-                window=CHANNEL_WINDOW,
-                max_pktsize=CHANNEL_MAX_PKTSIZE,
-            )
-        except asyncssh.ChannelOpenError as e:
-            raise PullError("io", f"{where}: chunk channel refused: {e.reason}") from None
-        except (asyncssh.Error, OSError) as e:
-            raise PullError("io", f"{where}: cannot open chunk channel: {e}") from None
-        assert isinstance(session, _ChunkClientSession)
-        return session
-
-    async def _fetch(
-        self,
-        conn: asyncssh.SSHClientConnection,
-        partial: PartialLayer,
-        missing: list[int],
-        done_of: tuple[int, int],
-        t0: float,
-        where: str,
-        plog: Any,
-        on_progress: ProgressCallback | None,
-        counters: _PullCounters,
-    ) -> None:
-        """Fetch ``missing`` over one channel; the FetchSession (chunksession) says what to do.
-
-        This loop only waits for events, writes chunks, paces and reports
-        progress; which chunks to request, which one is due and what each
-        frame means are the session's.
-        """
-        manifest = partial.manifest
-        present, total = done_of  # bytes of the range already here, and of the whole range
-        channel = await self._open_channel(conn, manifest, where)
-        fetch = FetchSession(
-            manifest.digest,
-            missing,
-            chunk_size=manifest.chunk_size,
-            window=self.window,
-            where=where,
-        )
-        last_progress = 0.0
-        wait_s = chunk_wait_s(manifest.chunk_size, self.chunk_timeout)
-        try:
-            if (frame := fetch.next_request()) is not None:
-                channel.send(frame)
-            while not fetch.done:
-                try:
-                    ev = await channel.next_event(wait_s)
-                except TimeoutError:
-                    raise self._chunk_failure(fetch.timed_out(wait_s), counters, plog) from None
-                if isinstance(ev, chunkproto.Chunk):
-                    self.metrics.received(counters.peer, len(ev.data))
-                step = fetch.receive(ev)
-                if isinstance(step, FetchFailure):
-                    raise self._chunk_failure(step, counters, plog)
-                if step is None:
-                    continue
-                await self._land(partial, fetch, step, where, plog, counters)
-                await self.download_pacer.pace(len(step.data))
-                if (frame := fetch.next_request()) is not None:
-                    channel.send(frame)
-                now = time.monotonic()
-                if on_progress is not None and now - last_progress >= PROGRESS_INTERVAL:
-                    last_progress = now
-                    on_progress(
-                        present + counters.moved, total, counters.moved / max(now - t0, 1e-9)
-                    )
-        finally:
-            channel.close()
-
-    async def _land(
-        self,
-        partial: PartialLayer,
-        fetch: FetchSession,
-        chunk: chunkproto.Chunk,
-        where: str,
-        plog: Any,
-        counters: _PullCounters,
-    ) -> None:
-        """Verify and write the chunk due, and tell the relay and the counters it landed."""
-        try:
-            await self._write(partial, chunk.index, chunk.data)
-        except ChunkRejected as e:
-            failure = fetch.chunk_rejected(chunk.index, len(chunk.data), str(e))
-            raise self._chunk_failure(failure, counters, plog) from None
-        except OSError as e:
-            raise self._disk_error(e, partial.manifest, f"writing chunk {chunk.index}") from None
-        except StoreError as e:  # the shared partial was discarded under us
-            raise PullError("io", f"node {self.node_id}: {where}: {e}") from None
-        fetch.chunk_written(chunk.index)
-        if self.relay is not None:
-            self.relay.landed(partial.manifest.digest, chunk.index)
-        counters.moved += len(chunk.data)
-        counters.fetched += 1
-
-    def _chunk_failure(
-        self, failure: FetchFailure, counters: _PullCounters, plog: Any
-    ) -> PullError:
-        """Log and count a failure the FetchSession named; the PullError that ends the pull."""
-        if failure.log_event:
-            plog.error(failure.log_event, **dict(failure.log_fields))
-        self.metrics.chunk_failure(counters.peer, failure.metric)
-        return PullError(
-            failure.kind,
-            failure.reason,
-            seeder_fault=failure.seeder_fault,
-            not_held=failure.not_held,
-        )
 
 
 def _outcome(e: BaseException) -> str:
@@ -787,28 +552,6 @@ def _range_bytes(manifest: ChunkManifest, first: int, end: int) -> int:
     if end <= first:
         return 0
     return min(manifest.size, end * manifest.chunk_size) - first * manifest.chunk_size
-
-
-def _mib(n: int) -> str:
-    return f"{n / (1024 * 1024):.1f} MiB"
-
-
-async def _uninterrupted(func: Callable[..., object], *args: Any) -> None:
-    """Run ``func`` in a thread and let it finish even if we are cancelled.
-
-    A chunk write cut off by cancellation would otherwise race the partial's
-    close(): the thread could pwrite to a file descriptor already closed (or
-    reused), so the write always completes before cancellation proceeds.
-    """
-    task = asyncio.ensure_future(asyncio.to_thread(func, *args))
-    try:
-        await asyncio.shield(task)
-    except asyncio.CancelledError:
-        try:
-            await task
-        except Exception:
-            pass
-        raise
 
 
 async def _shield_release(store: LayerStore, partial: PartialLayer) -> None:

@@ -5,15 +5,9 @@ What it accepts, and why so little:
 * **Authentication**: public key only, and only keys that are some peer's
   ``client_key`` in the coordinator's current trust list. No passwords, no
   keyboard-interactive, no host-based or GSS auth, no ``authorized_keys``
-  file and no config file read from the host. A refused key is logged with its
-  fingerprint and the remote address, kept in :attr:`ChunkServer.refused_clients`
-  and passed to ``on_refused`` so the agent can raise a
-  ``client_key_refused`` security event. A key it does not know may belong to
-  a node enrolled after our last trust list (a stale list is not an attack):
-  before refusing, the server fetches the current list once through
-  ``refresh_trust`` (one fetch at a time, at most one per
-  :data:`TRUST_REFRESH_INTERVAL`, each bounded by :data:`TRUST_REFRESH_TIMEOUT`,
-  so a stranger's keys cost the coordinator at most one request a second).
+  file and no config file read from the host. Which keys, the list's refresh
+  when an unknown key knocks, and the record of refused keys are
+  :class:`~rainbowd.agent.dataplane.ssh_trust.ClientTrust`'s (ssh_trust.py).
 * **Channels**: only ``session`` channels, and on them only the
   :data:`~rainbowd.core.chunkproto.SUBSYSTEM` subsystem. Shell, exec, pty,
   X11/agent forwarding, SFTP/SCP, TCP/unix forwarding and tun/tap are all
@@ -63,8 +57,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -86,10 +79,11 @@ from rainbowd.core.messages import TrustList
 from rainbowd.lib.store import CorruptBlob, LayerMissing, LayerStore
 
 from .chunk_io import INLINE_MAX_BYTES, chunk_work
-from .keys import KeyFormatError, fingerprint, key_blob
+from .keys import fingerprint
 from .pacing import RatePacer
 from .relay import RelayBoard, RelayNotPulling, RelayUnavailable
 from .ssh_limits import ConnectionGate, SshLimits, fd_budget
+from .ssh_trust import ClientTrust, OnRefused, RefreshTrust, RefusedClient
 
 log = structlog.get_logger(__name__)
 
@@ -108,12 +102,6 @@ CHANNEL_WINDOW = 8 * 1024 * 1024
 CHANNEL_MAX_PKTSIZE = 256 * 1024
 #: pending REQUEST frames per channel before the server stops reading more
 MAX_PENDING_REQUESTS = 16
-#: refused-client records kept (the counter keeps counting past this)
-MAX_REFUSED_RECORDS = 256
-#: an unknown client key fetches the trust list at most once per this many seconds
-TRUST_REFRESH_INTERVAL = 1.0
-#: longest wait for that fetch (the client's login waits meanwhile)
-TRUST_REFRESH_TIMEOUT = 5.0
 
 
 #: what each exception of a chunk read means on the wire (chunksession.ServeSession.refuse);
@@ -130,19 +118,6 @@ READ_FAILURES: tuple[tuple[type[Exception], ReadFailure], ...] = (
 def read_failure(error: BaseException) -> ReadFailure | None:
     """The answerable failure ``error`` is, or None (the channel then fails ``internal``)."""
     return next((failure for kind, failure in READ_FAILURES if isinstance(error, kind)), None)
-
-
-OnRefused = Callable[[str, str], None]
-RefreshTrust = Callable[[], Awaitable[TrustList]]
-
-
-@dataclass(frozen=True, slots=True)
-class RefusedClient:
-    """A client key that tried to authenticate and is not on the trust list."""
-
-    fingerprint: str
-    address: str
-    at: float
 
 
 class ChunkServer:
@@ -168,14 +143,8 @@ class ChunkServer:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
-        #: fetches the coordinator's current trust list (an unknown client key; see above)
-        self.refresh_trust = refresh_trust
         #: told (layer, why) each time a stored blob fails its manifest while serving
         self.on_corrupt = on_corrupt
-        self.trust_refreshes = 0  # fetches made for unknown keys
-        self._clock = clock
-        self._last_refresh: float | None = None
-        self._refreshing: asyncio.Future[None] | None = None
         #: chunks up to this size are read and checked on the event loop (chunk_io.py)
         self.inline_io_max = inline_io_max
         #: chunks of layers still being pulled here (None: serve complete layers only)
@@ -199,7 +168,6 @@ class ChunkServer:
         self._pacer = RatePacer(max_upload_bps)
         self.host_key = host_key
         self.node_id = node_id
-        self.on_refused = on_refused
         self.limits = limits or SshLimits()
         self.limits.check()
         #: counts connections by state and admits or refuses them (agent/dataplane/ssh_limits.py)
@@ -208,90 +176,52 @@ class ChunkServer:
         self.bytes_served: dict[str, int] = {}
         #: chunks served per demanding peer (node id)
         self.chunks_served: dict[str, int] = {}
-        #: recent refused client keys (newest last), see also :attr:`refused_count`
-        self.refused_clients: list[RefusedClient] = []
-        self.refused_count = 0
-        self.trust_version = -1
-        self._trusted: dict[bytes, str] = {}  # client key blob -> node id
-        #: the trust list's client keys as parsed last time: key line -> blob (see update_trust)
-        self._key_blobs: dict[str, bytes] = {}
         self._conns: dict[_PeerConnection, None] = {}
         self._listener: asyncssh.SSHAcceptor | None = None
         self._log = log.bind(node=node_id)
+        #: the client keys let in, the trust list's refresh and the keys refused (ssh_trust.py)
+        self.trust = ClientTrust(
+            log=self._log,
+            refresh_trust=refresh_trust,
+            on_refused=on_refused,
+            on_update=self._drop_untrusted,
+            clock=clock,
+        )
 
     # -- trust -----------------------------------------------------------
     def update_trust(self, trust: TrustList) -> None:
-        """Replace the set of client keys allowed in; drop connections no longer trusted.
+        """Replace the set of client keys allowed in; drop connections no longer trusted."""
+        self.trust.update(trust)
 
-        Keys seen in the last list are not parsed again: at a cold start every
-        enrollment sends every agent the whole list, so N agents parsed N keys
-        N times (77 us each; in the lab, 101 agents kept 2 vCPUs busy until the
-        job began). Only keys still listed are remembered.
-        """
-        trusted: dict[bytes, str] = {}
-        blobs: dict[str, bytes] = {}
-        for peer in trust.peers:
-            if not peer.client_key:
-                continue
-            blob = self._key_blobs.get(peer.client_key)
-            if blob is None:
-                try:
-                    blob = key_blob(peer.client_key)
-                except KeyFormatError as e:
-                    self._log.warning("trust_bad_client_key", peer=peer.node_id, error=str(e))
-                    continue
-            blobs[peer.client_key] = blob
-            trusted[blob] = peer.node_id
-        self._key_blobs = blobs
-        self._trusted = trusted
-        self.trust_version = trust.version
-        self._log.info("trust_updated", version=trust.version, clients=len(trusted))
+    def trusted_peer(self, blob: bytes) -> str | None:
+        return self.trust.peer_of(blob)
+
+    @property
+    def trust_version(self) -> int:
+        """The version of the trust list in force (-1 before the first)."""
+        return self.trust.trust_version
+
+    @property
+    def trust_refreshes(self) -> int:
+        """Fetches of the trust list made for unknown keys."""
+        return self.trust.trust_refreshes
+
+    @property
+    def refused_clients(self) -> list[RefusedClient]:
+        """Recent refused client keys (newest last), see also :attr:`refused_count`."""
+        return self.trust.refused_clients
+
+    @property
+    def refused_count(self) -> int:
+        """Client keys refused since start (past the records kept)."""
+        return self.trust.refused_count
+
+    def _drop_untrusted(self, trusted: Mapping[bytes, str]) -> None:
+        """After a trust list update: close the connections whose peer it no longer trusts."""
         for pc in list(self._conns):
             if pc.key_blob is not None and trusted.get(pc.key_blob) != pc.peer:
                 self._log.warning("peer_untrusted_disconnect", peer=pc.peer, address=pc.address)
                 pc.disconnect()
-
-    def trusted_peer(self, blob: bytes) -> str | None:
-        return self._trusted.get(blob)
-
-    async def refresh_for_unknown_key(self) -> None:
-        """A client key not on our list: fetch the current list (shared, rate-limited)."""
-        if self._refreshing is not None:
-            await asyncio.shield(self._refreshing)
-            return
-        now = self._clock()
-        if self.refresh_trust is None or (
-            self._last_refresh is not None and now - self._last_refresh < TRUST_REFRESH_INTERVAL
-        ):
-            return
-        self._last_refresh = now
-        self._refreshing = asyncio.ensure_future(self._refresh(self.refresh_trust))
-        try:
-            await asyncio.shield(self._refreshing)
-        finally:
-            self._refreshing = None
-
-    async def _refresh(self, fetch: RefreshTrust) -> None:
-        self.trust_refreshes += 1
-        try:
-            async with asyncio.timeout(TRUST_REFRESH_TIMEOUT):
-                trust = await fetch()
-        except Exception as e:  # the coordinator away, or refusing: keep the list we have
-            self._log.warning("trust_refresh_failed", error=f"{type(e).__name__}: {e}")
-            return
-        if trust.version > self.trust_version:
-            self.update_trust(trust)
-
-    def _record_refusal(self, fp: str, address: str) -> None:
-        self.refused_count += 1
-        self.refused_clients.append(RefusedClient(fp, address, time.time()))
-        del self.refused_clients[:-MAX_REFUSED_RECORDS]
-        self._log.warning("client_key_refused", fingerprint=fp, address=address)
-        if self.on_refused is not None:
-            try:
-                self.on_refused(fp, address)
-            except Exception:
-                self._log.exception("on_refused_callback_failed")
 
     # -- lifecycle -------------------------------------------------------
     async def start(self, host: str, port: int) -> int:
@@ -676,13 +606,13 @@ class _PeerConnection(asyncssh.SSHServer):
         blob = bytes(key.public_data)
         peer = self.server.trusted_peer(blob)
         if peer is None:  # a node enrolled after our last list? (asyncssh awaits this)
-            await self.server.refresh_for_unknown_key()
+            await self.server.trust.refresh_for_unknown_key()
             peer = self.server.trusted_peer(blob)
         if peer is None:
             fp = fingerprint(key)
             if fp not in self._refused:  # a client may offer the same key twice
                 self._refused.add(fp)
-                self.server._record_refusal(fp, self.address)
+                self.server.trust.record_refusal(fp, self.address)
             return False
         # the last key validated before auth_completed is the one that signed
         self.peer, self.key_blob = peer, blob

@@ -5,7 +5,7 @@ console draws it on the transfer graph, ``rbd --json job ID`` and the lab's
 reports are read by programs, and the state file keeps it. A sentence had to
 be parsed back with regular expressions (the console's, the lab's), which
 broke whenever its wording moved. So the policy that starts a transfer
-(scheduler.py for ``paper``, policies/fit.py for the others) records
+(paper.py for ``paper``, policies/fit.py for the others) records
 :class:`TransferReason`: the policy, the *rule* that chose the seeder, the
 *turn* that put the demander first (capacity-aware policies), and the
 numbers both weighed, by name. :meth:`TransferReason.render` gives the one

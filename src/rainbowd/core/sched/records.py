@@ -78,7 +78,7 @@ class Node:
     holdings: set[str] = field(default_factory=set)
     sending: str | None = None  # transfer id while seeding
     receiving: str | None = None  # transfer id while demanding
-    # -- indexes (scheduler.py's module docstring, "Cost") --
+    # -- indexes (scheduler.py's and paper.py's module docstrings, "Cost") --
     # layer -> its open demand, in arrival order (= image layer order)
     demands: dict[str, Demand] = field(default_factory=dict)
     # layer -> active transfers bringing it here (more than one only through adopt)

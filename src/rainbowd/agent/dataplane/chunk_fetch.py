@@ -1,0 +1,329 @@
+"""The fetch loop of one pull: chunks requested over one SSH channel, checked and written.
+
+Why a module of its own: :class:`~rainbowd.agent.dataplane.puller.LayerPuller`
+decides *whether* and *from whom* to pull (the seeder's connection, the
+layer's running pulls, disk space, the install); this is the part that moves
+bytes, the hot loop of a transfer. Protocol state (the request window, the
+chunk due next, and what each frame or error code from the seeder means) is
+:class:`~rainbowd.core.chunksession.FetchSession`'s, tested without sockets;
+:meth:`ChunkFetcher.fetch` is the I/O loop driving it. It stops on a failure
+with :class:`~rainbowd.agent.dataplane.pull_failures.FetchAborted`, which the
+puller reports as its PullError.
+
+Throughput: requests are pipelined, keeping ``max(window, 32 MiB worth)``
+chunks requested but not yet received; the SSH channel's receive window is
+the hard bound, and the reader pauses the channel when verification/disk
+falls behind. Hashing and disk writes run in a worker thread (hashlib drops
+the GIL on large buffers) while the event loop keeps decrypting packets;
+chunks small enough run inline (chunk_io.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import asyncssh
+
+from rainbowd.core import chunkproto
+from rainbowd.core.chunksession import FetchFailure, FetchSession
+from rainbowd.lib.store import ChunkRejected, LayerStore, PartialLayer, StoreError
+
+from ..metrics import AgentMetrics
+from .chunk_io import runs_inline
+from .pacing import RatePacer
+from .pull_failures import FetchAborted, disk_reason
+from .relay import RelayBoard
+from .ssh_server import CHANNEL_MAX_PKTSIZE, CHANNEL_WINDOW
+
+ProgressCallback = Callable[[int, int, float], None]
+
+#: the slowest a seeder may deliver a chunk before the pull gives up on it: a chunk may take
+#: ``chunk_timeout`` or chunk_size / this, whichever is longer (chunk_wait_s). A flat 60 s
+#: failed every 4 MiB chunk from a seeder sharing 1.5 Mbit/s between three demanders (the
+#: namespace lab's bimodal profile: 15 of 26 failed transfers, each costing a slow node
+#: 60 s); 16 KiB/s (0.13 Mbit/s) is below any uplink rbd plans for and still ends a
+#: dribbling seeder's hold on a 4 MiB chunk within 256 s
+MIN_CHUNK_RATE_BPS = 16 * 1024
+#: chunks decoded but not yet verified before the channel is paused
+QUEUE_HIGH_WATER = 4
+#: minimum seconds between two on_progress calls
+PROGRESS_INTERVAL = 0.25
+
+
+@dataclass(slots=True)
+class PullCounters:
+    """One pull's byte and chunk counters, and the seeder label its metrics carry.
+
+    Not a transfer record (the pull's identity is its ``TransferAssignment``):
+    counters kept outside :meth:`ChunkFetcher.fetch` so a failure can still log and count them.
+    """
+
+    peer: str = ""  # the seeder's node id (metrics label)
+    moved: int = 0  # bytes of verified chunks written
+    fetched: int = 0  # verified chunks written
+
+
+def chunk_wait_s(chunk_size: int, chunk_timeout: float) -> float:
+    """Seconds a pull waits for its next chunk: ``chunk_timeout``, or longer for big chunks.
+
+    A chunk arrives whole, so a slow seeder is silent for a whole chunk's time:
+    the wait is at least that time at ``MIN_CHUNK_RATE_BPS``.
+    """
+    return max(chunk_timeout, chunk_size / MIN_CHUNK_RATE_BPS)
+
+
+class ChunkClientSession(asyncssh.SSHClientSession[bytes]):
+    """Client end of a chunk channel: decodes frames into a queue with backpressure.
+
+    Working on raw packets (not asyncssh streams) saves a buffer copy and a
+    task switch per packet; the queue holds whole chunks, and reading is
+    paused when ``QUEUE_HIGH_WATER`` of them wait for verification, which
+    stops SSH window adjusts and so throttles the seeder.
+    """
+
+    def __init__(self, max_chunk: int) -> None:
+        self.decoder = chunkproto.Decoder("client", max_chunk=max_chunk)
+        self.events: asyncio.Queue[chunkproto.Event | BaseException | None] = asyncio.Queue()
+        self.chan: asyncssh.SSHClientChannel[bytes] | None = None
+        self._chunks_queued = 0
+        self._paused = False
+        self._done = False
+
+    def connection_made(self, chan: asyncssh.SSHClientChannel[bytes]) -> None:
+        self.chan = chan
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        if self._done or datatype is not None:
+            return
+        try:
+            evs = self.decoder.feed(data)
+        except chunkproto.ProtocolError as e:
+            self._finish(e)
+            return
+        for ev in evs:
+            if isinstance(ev, chunkproto.Chunk):
+                self._chunks_queued += 1
+            self.events.put_nowait(ev)
+        if self._chunks_queued >= QUEUE_HIGH_WATER and not self._paused and self.chan:
+            self._paused = True
+            self.chan.pause_reading()
+
+    def eof_received(self) -> bool:
+        try:
+            self.decoder.eof()
+        except chunkproto.ProtocolError as e:
+            self._finish(e)
+        else:
+            self._finish(None)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._finish(exc if exc is not None else None)
+
+    def _finish(self, item: BaseException | None) -> None:
+        if not self._done:
+            self._done = True
+            self.events.put_nowait(item)
+            if item is not None and self.chan is not None:
+                self.chan.close()
+
+    async def next_event(self, timeout: float) -> chunkproto.Event | BaseException | None:
+        # asyncio.timeout, not wait_for: wait_for wraps the get in a new task, per chunk
+        async with asyncio.timeout(timeout):
+            ev = await self.events.get()
+        if isinstance(ev, chunkproto.Chunk):
+            self._chunks_queued -= 1
+            if self._paused and self._chunks_queued < QUEUE_HIGH_WATER and self.chan:
+                self._paused = False
+                self.chan.resume_reading()
+        return ev
+
+    def send(self, frame: bytes) -> None:
+        assert self.chan is not None
+        self.chan.write(frame)
+
+    def close(self) -> None:
+        self._done = True
+        if self.chan is not None:
+            self.chan.close()
+
+
+class ChunkFetcher:
+    """Fetches chunks of one pull's range into its partial, over one channel at a time.
+
+    Made per pull by the puller, with its settings of the moment and what it
+    shares between pulls (metrics, the download pacer, the relay board).
+    """
+
+    def __init__(
+        self,
+        store: LayerStore,
+        partial: PartialLayer,
+        counters: PullCounters,
+        *,
+        where: str,
+        log: Any,
+        node_id: str,
+        window: int,
+        chunk_timeout: float,
+        inline_io_max: int,
+        metrics: AgentMetrics,
+        pacer: RatePacer,
+        relay: RelayBoard | None,
+    ) -> None:
+        self._store = store
+        self._partial = partial
+        self._counters = counters
+        self._where = where
+        self._log = log
+        self._node_id = node_id
+        self._window = window
+        self._chunk_timeout = chunk_timeout
+        self._inline_io_max = inline_io_max
+        self._metrics = metrics
+        self._pacer = pacer
+        self._relay = relay
+
+    async def fetch(
+        self,
+        conn: asyncssh.SSHClientConnection,
+        missing: list[int],
+        done_of: tuple[int, int],
+        t0: float,
+        on_progress: ProgressCallback | None,
+    ) -> None:
+        """Fetch ``missing`` over one channel; the FetchSession (chunksession) says what to do.
+
+        This loop only waits for events, writes chunks, paces and reports
+        progress; which chunks to request, which one is due and what each
+        frame means are the session's.
+        """
+        manifest, counters = self._partial.manifest, self._counters
+        present, total = done_of  # bytes of the range already here, and of the whole range
+        channel = await self._open_channel(conn)
+        fetch = FetchSession(
+            manifest.digest,
+            missing,
+            chunk_size=manifest.chunk_size,
+            window=self._window,
+            where=self._where,
+        )
+        last_progress = 0.0
+        wait_s = chunk_wait_s(manifest.chunk_size, self._chunk_timeout)
+        try:
+            if (frame := fetch.next_request()) is not None:
+                channel.send(frame)
+            while not fetch.done:
+                try:
+                    ev = await channel.next_event(wait_s)
+                except TimeoutError:
+                    raise self._chunk_failure(fetch.timed_out(wait_s)) from None
+                if isinstance(ev, chunkproto.Chunk):
+                    self._metrics.received(counters.peer, len(ev.data))
+                step = fetch.receive(ev)
+                if isinstance(step, FetchFailure):
+                    raise self._chunk_failure(step)
+                if step is None:
+                    continue
+                await self._land(fetch, step)
+                await self._pacer.pace(len(step.data))
+                if (frame := fetch.next_request()) is not None:
+                    channel.send(frame)
+                now = time.monotonic()
+                if on_progress is not None and now - last_progress >= PROGRESS_INTERVAL:
+                    last_progress = now
+                    on_progress(
+                        present + counters.moved, total, counters.moved / max(now - t0, 1e-9)
+                    )
+        finally:
+            channel.close()
+
+    async def _open_channel(self, conn: asyncssh.SSHClientConnection) -> ChunkClientSession:
+        manifest, where = self._partial.manifest, self._where
+        try:
+            _chan, session = await conn.create_session(
+                lambda: ChunkClientSession(manifest.chunk_size),
+                subsystem=chunkproto.SUBSYSTEM,
+                encoding=None,
+                env={},
+                send_env=[],
+                request_pty=False,
+                x11_forwarding=False,
+                window=CHANNEL_WINDOW,
+                max_pktsize=CHANNEL_MAX_PKTSIZE,
+            )
+        except asyncssh.ChannelOpenError as e:
+            raise FetchAborted("io", f"{where}: chunk channel refused: {e.reason}") from None
+        except (asyncssh.Error, OSError) as e:
+            raise FetchAborted("io", f"{where}: cannot open chunk channel: {e}") from None
+        assert isinstance(session, ChunkClientSession)
+        return session
+
+    async def _land(self, fetch: FetchSession, chunk: chunkproto.Chunk) -> None:
+        """Verify and write the chunk due, and tell the relay and the counters it landed."""
+        partial = self._partial
+        try:
+            await self._write(chunk.index, chunk.data)
+        except ChunkRejected as e:
+            failure = fetch.chunk_rejected(chunk.index, len(chunk.data), str(e))
+            raise self._chunk_failure(failure) from None
+        except OSError as e:
+            reason = disk_reason(
+                e,
+                node_id=self._node_id,
+                store=self._store,
+                manifest=partial.manifest,
+                what=f"writing chunk {chunk.index}",
+            )
+            raise FetchAborted("disk", reason) from None
+        except StoreError as e:  # the shared partial was discarded under us
+            raise FetchAborted("io", f"node {self._node_id}: {self._where}: {e}") from None
+        fetch.chunk_written(chunk.index)
+        if self._relay is not None:
+            self._relay.landed(partial.manifest.digest, chunk.index)
+        self._counters.moved += len(chunk.data)
+        self._counters.fetched += 1
+
+    async def _write(self, index: int, data: bytes) -> None:
+        """Check and write one received chunk; persist the bitmap when due.
+
+        A layer of small chunks is checked and written on the loop (agent/dataplane/chunk_io.py);
+        the flush (``fdatasync`` and a renamed bitmap) always runs in a thread.
+        Neither is cut off by cancellation (see :func:`_uninterrupted`).
+        """
+        partial = self._partial
+        if not runs_inline(partial.manifest.chunk_size, self._inline_io_max):
+            await _uninterrupted(partial.write_chunk, index, data)
+            return
+        partial.put_chunk(index, data)
+        if partial.flush_due():
+            await _uninterrupted(partial.flush)
+
+    def _chunk_failure(self, failure: FetchFailure) -> FetchAborted:
+        """Log and count a failure the FetchSession named; the abort that ends the fetch."""
+        if failure.log_event:
+            self._log.error(failure.log_event, **dict(failure.log_fields))
+        self._metrics.chunk_failure(self._counters.peer, failure.metric)
+        return FetchAborted.of(failure)
+
+
+async def _uninterrupted(func: Callable[..., object], *args: Any) -> None:
+    """Run ``func`` in a thread and let it finish even if we are cancelled.
+
+    A chunk write cut off by cancellation would otherwise race the partial's
+    close(): the thread could pwrite to a file descriptor already closed (or
+    reused), so the write always completes before cancellation proceeds.
+    """
+    task = asyncio.ensure_future(asyncio.to_thread(func, *args))
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        try:
+            await task
+        except Exception:
+            pass
+        raise
