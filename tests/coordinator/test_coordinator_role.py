@@ -20,7 +20,7 @@ from rainbowd.coordinator.enrollment import Tokens
 from rainbowd.coordinator.http.role import ROLE, Role
 from rainbowd.coordinator.http.standby import create_standby_app
 from rainbowd.coordinator.metrics import CoordinatorMetrics
-from rainbowd.core.report_id import LEADER_HEADER
+from rainbowd.core.leader import LEADER_HEADER
 
 JSON_ADMIN = {"Authorization": f"Bearer {ADMIN}", "Accept": "application/json"}
 

@@ -17,9 +17,6 @@ import secrets
 
 #: HTTP header carrying the report id (ASCII, see :func:`valid`)
 REPORT_ID_HEADER = "Rbd-Report-Id"
-#: HTTP header of a standby coordinator's 503: the URL of the coordinator that leads
-#: (absent when none is known); clients follow it (issue 16)
-LEADER_HEADER = "RBD-Leader"
 #: longest id accepted: ours are 32 hex characters; room for other clients' UUIDs
 MAX_REPORT_ID = 64
 _VALID = re.compile(rf"[A-Za-z0-9._-]{{8,{MAX_REPORT_ID}}}")

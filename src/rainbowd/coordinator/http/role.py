@@ -4,7 +4,8 @@ A coordinator that does not lead answers every request under ``/v1/`` except
 ``GET /v1/health`` with HTTP 503, an ``ErrorReply`` saying it is not the
 leader (and naming the leader if it knows it), and the header
 :data:`~rainbowd.core.report_id.LEADER_HEADER` with the leader's URL (absent
-when none is known): agents and ``rbd`` follow it. ``/v1/health`` reports
+when none is known): agents and ``rbd`` follow it (the words and the header are
+rainbowd.core.leader's, shared with the clients). ``/v1/health`` reports
 ``role`` (``leader`` or ``standby``) and ``leader`` (a URL, "" if unknown).
 
 The gate is a middleware on both apps (the leader's, coordinator/http/app.py,
@@ -22,8 +23,8 @@ from typing import Any
 import msgpack
 from aiohttp import web
 
+from rainbowd.core.leader import LEADER_HEADER, NOT_LEADER_STATUS, not_leader_error
 from rainbowd.core.messages import JSON, MSGPACK, PROTOCOL_VERSION
-from rainbowd.core.report_id import LEADER_HEADER
 
 from .common import error_reply, reply_type
 
@@ -54,8 +55,7 @@ ROLE: web.AppKey[Role] = web.AppKey("role", Role)
 
 def not_leader(request: web.Request, leader_url: str) -> web.Response:
     """The 503 of a coordinator that does not lead, naming the leader if known."""
-    where = f"; the leader is {leader_url}" if leader_url else "; no leader is known yet"
-    resp = error_reply(request, 503, f"this coordinator is not the leader{where}")
+    resp = error_reply(request, NOT_LEADER_STATUS, not_leader_error(leader_url))
     if leader_url:
         resp.headers[LEADER_HEADER] = leader_url
     return resp
