@@ -104,6 +104,7 @@ from .. import limits
 from ..core import MAX_WAIT, Coordinator
 from ..errors import BadRequest, CoordinatorError
 from ..metrics import CONTENT_TYPE_LATEST
+from ..state import FencedError
 from . import console
 from .common import (
     BODY_TIMEOUT,
@@ -121,7 +122,7 @@ from .common import (
 from .ops_routes import add_op_routes
 from .report_batch import reports_handler
 from .report_ids import ReportLedger
-from .role import ROLE, Role, health_reply, leader_gate
+from .role import ROLE, Role, health_reply, leader_gate, not_leader
 
 log = structlog.get_logger(__name__)
 
@@ -191,6 +192,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return resp
     except MessageError as e:
         return error_reply(request, 400, str(e))
+    except FencedError:
+        # deposed mid-request: nothing of it reached the database, and this process is
+        # about to stand by (http/leadership.py); the client takes it to the leader
+        return not_leader(request, "")
     except web.HTTPException as e:
         if e.status < 400:
             raise

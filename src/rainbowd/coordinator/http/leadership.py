@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 import structlog
 from aiohttp import web
 
-from rainbowd.core.lease import LEASE_S, Action, LeaseKeeper
+from rainbowd.core.lease import Action, LeaseKeeper
 
 from ..core import Coordinator
 from ..enrollment import Tokens
@@ -154,7 +154,7 @@ class Leadership:
     # -- acquire, renew ---------------------------------------------------
     async def _try_acquire(self, sent_at: float) -> None:
         try:
-            token = acquire(self.store, self.holder, self.url, LEASE_S)
+            token = acquire(self.store, self.holder, self.url, self.keeper.lease_s)
             row = None if token is not None else read_leader(self.store)
         except StateError as e:
             log.warning("lease: cannot reach the state database", error=str(e))
@@ -172,7 +172,7 @@ class Leadership:
         token = self.keeper.token
         assert token is not None
         try:
-            ours = renew(self.store, token, LEASE_S)
+            ours = renew(self.store, token, self.keeper.lease_s)
         except StateError as e:
             log.warning("lease: renew failed; still leading until the lease ends", error=str(e))
             self.keeper.renew_failed(sent_at)
