@@ -30,7 +30,14 @@ COORDINATOR = Path(__file__).resolve().parents[2] / "src" / "rainbowd" / "coordi
 MAX_CLASS_LINES = 400
 #: the only modules that may import the facade (core.py): the process and its HTTP layer
 #: (http/, whose report_batch is the route of batched transfer reports)
-FACADE_USERS = {"cli", "http.app", "http.console", "http.common", "http.report_batch"}
+FACADE_USERS = {
+    "cli",
+    "http.app",
+    "http.console",
+    "http.common",
+    "http.report_batch",
+    "http.leadership",  # builds a Coordinator when it takes over (issue 16)
+}
 #: modules each built from the narrow ServiceContext, never from the coordinator
 SERVICES = (
     "enrollment",

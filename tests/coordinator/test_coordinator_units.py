@@ -215,6 +215,13 @@ def test_cli_starts_serves_and_stops_on_sigterm(state_backend: str, tmp_path: Pa
         )
         with urllib.request.urlopen(req, timeout=5) as resp:
             assert json.loads(resp.read())["status"] == "ok"
+
+        def role() -> str:
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                return str(json.loads(resp.read())["role"])
+
+        # on PostgreSQL it listens as a standby first, and leads once it has the lease
+        wait_until_sync(lambda: role() == "leader", timeout=15, what="the coordinator to lead")
         out = subprocess.run(
             [
                 sys.executable,

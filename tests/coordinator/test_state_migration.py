@@ -4,7 +4,9 @@ Schema 1 stored a transfer as a field-by-field copy of the scheduler's record
 with the coordinator's ``seq`` and ``state`` inside the JSON body; schema 2
 stores the scheduler's ``Transfer`` as it is with ``seq`` and ``state`` as
 columns; schema 3 stores a transfer's reason as a record (``TransferReason``)
-where schema 2 kept text, in transfer rows and in jobs' finished transfers. A
+where schema 2 kept text, in transfer rows and in jobs' finished transfers;
+schema 4 adds the ``leader`` lease table (both backends: PostgreSQL's first
+migration step). A
 coordinator upgraded in place must open the old file, adopt the transfers its
 agents are still pulling, understand their reports, and show the old reasons.
 """
@@ -160,7 +162,7 @@ def test_schema_1_transfers_load_with_their_seq_and_state(tmp_path: Path) -> Non
     )
     store = SqliteStore(db)
     try:
-        assert store.get_meta("schema") == str(SCHEMA_VERSION) == "3"
+        assert store.get_meta("schema") == str(SCHEMA_VERSION) == "4"
         loaded = {t.transfer_id: (t, seq, state) for t, seq, state in store.load_transfers()}
         assert set(loaded) == {"t-active", "t-aborted"}
         t, seq, state = loaded["t-active"]
@@ -275,7 +277,7 @@ def test_schema_2_reasons_load_as_legacy_records(tmp_path: Path) -> None:
     legacy = TransferReason.legacy("swarm: best-fit seeder, as schema 2 wrote it")
     store = SqliteStore(db)
     try:
-        assert store.get_meta("schema") == str(SCHEMA_VERSION) == "3"
+        assert store.get_meta("schema") == str(SCHEMA_VERSION) == "4"
         [(loaded, seq, state)] = store.load_transfers()
         assert (loaded.transfer_id, seq, state) == ("t1", 0, "active")
         assert loaded.reason == legacy and loaded.reason.rule == LEGACY
@@ -371,3 +373,32 @@ def test_a_database_from_a_newer_rbd_is_refused_with_its_schema_named(tmp_path: 
         store.close()
     with pytest.raises(StateError, match=f"schema {SCHEMA_VERSION + 1}, newer than"):
         open_state(tmp_path)
+
+
+def test_a_schema_3_database_gets_the_leader_table_with_its_row_held_by_nobody(
+    tmp_path: Path,
+) -> None:
+    """3 -> 4 on either backend: the lease row appears, token 0, expired, its data kept."""
+    store = open_state(tmp_path)
+    try:
+        store.set_meta("trust_version", "5")
+        store.execute("DROP TABLE leader")  # the database as schema 3 left it
+        store.set_meta("schema", "3")
+    finally:
+        store.close()
+    again = open_state(tmp_path)
+    try:
+        assert again.get_meta("schema") == str(SCHEMA_VERSION) == "4"
+        assert again.get_meta("trust_version") == "5"
+        now = again.dialect.now
+        row = again.execute(
+            f"SELECT id, holder, url, token, expires_at < {now} FROM leader"
+        ).fetchall()
+        assert [tuple(r) for r in row] == [(1, "", "", 0, True)]
+    finally:
+        again.close()
+    third = open_state(tmp_path)  # migrated once: still one row
+    try:
+        assert third.execute("SELECT count(*) FROM leader").fetchone()[0] == 1
+    finally:
+        third.close()

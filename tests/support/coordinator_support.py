@@ -73,6 +73,7 @@ TABLES = (
     "ops",
     "applied_reports",
     "set_aside",
+    "leader",
 )
 
 

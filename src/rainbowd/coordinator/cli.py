@@ -27,23 +27,32 @@ import argparse
 import asyncio
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 from aiohttp import web
 
 from rainbowd.core.chunks import DEFAULT_CHUNK_SIZE
+from rainbowd.core.lease import LEASE_S
 from rainbowd.core.sched.scheduler import DEFAULT_POLICY, POLICIES
 from rainbowd.lib.log import configure
 
 from . import auth, config
 from .core import Coordinator
+from .enrollment import Tokens
 from .http.app import create_app
+from .http.leadership import Leadership, holder_id
+from .http.role import Role
 from .limits import server_options
-from .state import StateError, redact
+from .state import StateError, StateStore, lease, redact
 from .state import sqlite as sqlite_state
 from .state.backends import open_store
+from .state.sql import SqlStore
+
+if TYPE_CHECKING:  # (the driver is loaded only by a coordinator on PostgreSQL)
+    from .state.postgres import PostgresStore
 
 log = structlog.get_logger(__name__)
 
@@ -102,6 +111,12 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", help="debug, info, warning, error")
     run.add_argument("--log-json", action="store_true", default=None, help="JSON log lines")
     run.add_argument("--ready-file", help="write HOST:PORT here once listening (for tests)")
+    run.add_argument(
+        "--coordinator-url",
+        dest="advertise_url",
+        help="this coordinator's URL as agents reach it (the leader row names it, standbys "
+        "send clients there; default http://LISTEN)",
+    )
     show = sub.add_parser("show-token", help="print the join, admin or metrics token")
     show.add_argument("which", choices=["join", "admin", "metrics"])
     _common(show)
@@ -138,6 +153,7 @@ def _settings(args: argparse.Namespace) -> config.CoordinatorConfig:
         "log_level",
         "log_json",
         "ready_file",
+        "advertise_url",
     )
     for key in flags:
         overrides[key] = getattr(args, key, None)
@@ -208,60 +224,105 @@ def _token(path: Path, which: str) -> str:
 
 
 async def serve(cfg: config.CoordinatorConfig) -> None:
-    """Run until SIGTERM/SIGINT, then shut the HTTP server down and close the database."""
+    """Run until SIGTERM/SIGINT, then shut the HTTP server down and close the database.
+
+    On SQLite the coordinator leads from the start (one file, one coordinator);
+    on PostgreSQL it starts as a standby and leads while it holds the lease
+    (coordinator/http/leadership.py).
+    """
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
-    join_token = _token(cfg.join_token_path, "join")
-    admin_token = _token(cfg.admin_token_path, "admin")
-    metrics_token = _token(cfg.metrics_token_path, "metrics")
+    tokens = Tokens(
+        join=_token(cfg.join_token_path, "join"),
+        admin=_token(cfg.admin_token_path, "admin"),
+        metrics=_token(cfg.metrics_token_path, "metrics"),
+    )
     store = open_store(cfg.state_url, cfg.state_dir)
-    try:
-        coordinator = Coordinator(
+
+    def make_coordinator() -> Coordinator:
+        return Coordinator(
             store,
-            join_token=join_token,
-            admin_token=admin_token,
+            join_token=tokens.join,
+            admin_token=tokens.admin,
             heartbeat_interval=cfg.heartbeat_interval,
             chunk_size=cfg.chunk_size,
             policy=cfg.policy,
             node_down_timeout=cfg.node_down_timeout,
             seeder_fault_limit=cfg.seeder_fault_limit,
-            metrics_token=metrics_token,
+            metrics_token=tokens.metrics,
         )
-        # handler_cancellation: a long-poll whose agent vanished (kill -9, crash,
-        # cable) is cancelled at once, which is how a dead demander is noticed
-        # without waiting for missed heartbeats (see app.assignments)
-        # server_options: idle connections and half-sent headers are closed (limits.py)
-        runner = web.AppRunner(
-            create_app(coordinator),
-            access_log=None,
-            handler_cancellation=True,
-            **server_options(),
+
+    def listening(host: str, port: int) -> None:
+        log.info(
+            "coordinator listening",
+            listen=f"{host}:{port}",
+            state_dir=str(cfg.state_dir),
+            state=store.describe,
+            join_token_file=str(cfg.join_token_path),
+            admin_token_file=str(cfg.admin_token_path),
+            metrics_token_file=str(cfg.metrics_token_path),
         )
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, cfg.host, cfg.port)
-            await site.start()
-            host, port = _bound(site, cfg)
-            log.info(
-                "coordinator listening",
-                listen=f"{host}:{port}",
-                state_dir=str(cfg.state_dir),
-                state=store.describe,
-                join_token_file=str(cfg.join_token_path),
-                admin_token_file=str(cfg.admin_token_path),
-                metrics_token_file=str(cfg.metrics_token_path),
+        if cfg.ready_file:
+            cfg.ready_file.write_text(f"{host}:{port}\n")
+
+    try:
+        if store.backend == "postgresql":
+            leadership = Leadership(
+                cast("PostgresStore", store),
+                make_coordinator,
+                tokens,
+                host=cfg.host,
+                port=cfg.port,
+                url=cfg.advertise_url,
+                on_listening=listening,
             )
-            if cfg.ready_file:
-                cfg.ready_file.write_text(f"{host}:{port}\n")
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, stop.set)
-            await stop.wait()
+            _on_signals(leadership.stop)
+            await leadership.run()
             log.info("shutting down")
-        finally:
-            await runner.cleanup()
+        else:
+            await _serve_alone(cfg, store, make_coordinator(), listening)
     finally:
         store.close()
+
+
+def _on_signals(stop: Callable[[], None]) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
+
+
+async def _serve_alone(
+    cfg: config.CoordinatorConfig,
+    store: StateStore,
+    coordinator: Coordinator,
+    listening: Callable[[str, int], None],
+) -> None:
+    """The one coordinator of a SQLite file: it always leads (its lease row says where)."""
+    # handler_cancellation: a long-poll whose agent vanished (kill -9, crash,
+    # cable) is cancelled at once, which is how a dead demander is noticed
+    # without waiting for missed heartbeats (see app.assignments)
+    # server_options: idle connections and half-sent headers are closed (limits.py)
+    role = Role(leading=True)
+    runner = web.AppRunner(
+        create_app(coordinator, role=role),
+        access_log=None,
+        handler_cancellation=True,
+        **server_options(),
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, cfg.host, cfg.port)
+        await site.start()
+        host, port = _bound(site, cfg)
+        role.leader_url = cfg.advertise_url or f"http://{host}:{port}"
+        if isinstance(store, SqlStore):
+            lease.acquire(store, holder_id(), role.leader_url, LEASE_S)  # always wins
+        listening(host, port)
+        stop = asyncio.Event()
+        _on_signals(stop.set)
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await runner.cleanup()
 
 
 def _bound(site: web.TCPSite, cfg: config.CoordinatorConfig) -> tuple[str, int]:

@@ -5,6 +5,8 @@ Keys of the TOML file (all optional) mirror the long flags::
     listen = "0.0.0.0:7700"
     state_dir = "/var/lib/rbd-coordinator"
     state_url = "postgresql://rbd@db.example/rbd"   # default: SQLite in state_dir
+    advertise_url = "http://coord-a.example:7700"   # this coordinator's URL, as agents reach
+                                # it (the leader row names it; default http://LISTEN)
     join_token_file = "/etc/rbd/join-token"
     admin_token_file = "/etc/rbd/admin-token"
     metrics_token_file = "/etc/rbd/metrics-token"   # Bearer token for GET /metrics
@@ -58,6 +60,9 @@ class CoordinatorConfig:
     log_level: str = "info"
     log_json: bool | None = None
     ready_file: Path | None = None
+    #: this coordinator's own URL as agents and admins reach it: what the leader row
+    #: names, so standbys can send clients here ("" = http://HOST:PORT as listening)
+    advertise_url: str = ""
 
     @property
     def join_token_path(self) -> Path:
@@ -117,6 +122,7 @@ _KNOWN = {
     "log_level",
     "log_json",
     "ready_file",
+    "advertise_url",
 }
 
 
@@ -176,4 +182,12 @@ def build(file_values: dict[str, Any], overrides: dict[str, Any]) -> Coordinator
         log_level=str(merged.get("log_level", "info")),
         log_json=None if log_json is None else bool(log_json),
         ready_file=path("ready_file"),
+        advertise_url=_advertise_url(str(merged.get("advertise_url") or "")),
     )
+
+
+def _advertise_url(url: str) -> str:
+    """``url`` without a trailing slash; ConfigError unless it is http(s)://HOST[:PORT]."""
+    if url and not (url.startswith(("http://", "https://")) and len(url.split("://", 1)[1]) > 0):
+        raise ConfigError(f"advertise_url {url!r}: write http://HOST:PORT")
+    return url.rstrip("/")

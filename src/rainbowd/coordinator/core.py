@@ -202,6 +202,7 @@ class Coordinator:
         self.cluster = Cluster(int(store.get_meta("trust_version", "0") or 0))
         self.metrics = metrics if metrics is not None else CoordinatorMetrics()
         self.metrics.watch(self.metrics_snapshot)
+        self.metrics.is_leader.set(1)  # a Coordinator exists only while it leads
         self.images: dict[str, StoredImage] = {}
         self.manifests: dict[str, ChunkManifest] = {}
         self.evidence = PeerEvidence()  # which reports about peers count (evidence.py)

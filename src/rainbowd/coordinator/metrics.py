@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
@@ -123,6 +123,12 @@ class CoordinatorMetrics:
         self.quarantines = Counter(
             "rbd_quarantines_total",
             "Nodes quarantined (host key mismatch, or too many seeder faults).",
+            registry=r,
+        )
+        self.is_leader = Gauge(
+            "rbd_coordinator_is_leader",
+            "1 while this coordinator leads (schedules and assigns), 0 while it is a "
+            "standby; a coordinator on SQLite always leads.",
             registry=r,
         )
         self.job_seconds = Histogram(

@@ -59,7 +59,9 @@ Routes (prefix ``/v1``)::
 
     GET  /console                 the web console (static page; its data needs the admin token)
 
-    GET  health                   (no auth) -> {"v": 1, "status": "ok", ...}
+    GET  health                   (no auth) -> {"v": 1, "status": "ok", "role": "leader",
+                                  "leader": URL, ...}; a standby coordinator answers every
+                                  other /v1/ route 503 + RBD-Leader: URL (http/role.py)
 
     GET  /metrics                 (Bearer <metrics token> or <admin token>) -> Prometheus
                                   text exposition (coordinator/metrics.py)
@@ -70,21 +72,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import msgpack
 import structlog
 from aiohttp import web
 
 from rainbowd.core.digest import is_digest
 from rainbowd.core.messages import (
-    JSON,
     MAX_BODY,
-    MSGPACK,
-    PROTOCOL_VERSION,
     CreateImage,
     CreateJob,
     EvictRequest,
@@ -107,6 +104,7 @@ from .. import limits
 from ..core import MAX_WAIT, Coordinator
 from ..errors import BadRequest, CoordinatorError
 from ..metrics import CONTENT_TYPE_LATEST
+from ..state import FencedError
 from . import console
 from .common import (
     BODY_TIMEOUT,
@@ -120,11 +118,11 @@ from .common import (
     error_reply,
     no_content,
     reply,
-    reply_type,
 )
 from .ops_routes import add_op_routes
 from .report_batch import reports_handler
 from .report_ids import ReportLedger
+from .role import ROLE, Role, health_reply, leader_gate, not_leader
 
 log = structlog.get_logger(__name__)
 
@@ -194,6 +192,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return resp
     except MessageError as e:
         return error_reply(request, 400, str(e))
+    except FencedError:
+        # deposed mid-request: nothing of it reached the database, and this process is
+        # about to stand by (http/leadership.py); the client takes it to the leader
+        return not_leader(request, "")
     except web.HTTPException as e:
         if e.status < 400:
             raise
@@ -403,15 +405,11 @@ async def get_job(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     c = coord(request)
     doc: dict[str, Any] = {
-        "v": PROTOCOL_VERSION,
-        "status": "ok",
         "nodes": len(c.cluster.nodes),
         "nodes_up": sum(1 for n in c.cluster.nodes.values() if n.up),
         "trust_version": c.cluster.trust_version,
     }
-    if reply_type(request) == JSON:
-        return web.Response(body=json.dumps(doc).encode(), content_type=JSON)
-    return web.Response(body=msgpack.packb(doc, use_bin_type=True), content_type=MSGPACK)
+    return health_reply(request, request.app[ROLE], doc)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -442,13 +440,21 @@ def create_app(
     *,
     body_timeout: float = limits.BODY_READ_TIMEOUT,
     event_budget: limits.EventBudget | None = None,
+    role: Role | None = None,
 ) -> web.Application:
-    """The API; serve it with ``web.AppRunner(app, **limits.server_options())``."""
+    """The API; serve it with ``web.AppRunner(app, **limits.server_options())``.
+
+    ``role``: shared with the leadership loop (http/leadership.py), which sets
+    it to standby when this coordinator must stop; default: always the leader
+    (SQLite, tests).
+    """
     # report ids (report_ids.py) inside the error middleware: its refusals are replies
     ledger = ReportLedger(c.store)
     ids = ledger.middleware(lambda header: c.authenticate_node(header).node_id)
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[errors_middleware, ids])
+    gate_and_ids = [leader_gate, errors_middleware, ids]
+    app = web.Application(client_max_size=MAX_BODY, middlewares=gate_and_ids)
     app[COORDINATOR] = c
+    app[ROLE] = role if role is not None else Role()
     app[REPORT_LEDGER] = ledger
     app[CLOSING] = asyncio.Event()
     app[BODY_TIMEOUT] = body_timeout

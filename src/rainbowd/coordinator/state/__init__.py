@@ -62,9 +62,11 @@ from rainbowd.core.wirebounds import (
 #: own columns ``seq`` and ``state``; version 1 kept a field-by-field copy holding both.
 #: 3: a transfer's reason (in a transfer row, and in each finished transfer of a job's
 #: rows) is a record, rainbowd.core.sched.reasons.TransferReason; version 2 kept text.
+#: 4: the ``leader`` table, the lease coordinators sharing one database compete for
+#: (coordinator/state/lease.py; SQLite has it too and its one coordinator always holds it).
 #: (SQLite's migration list moves an older database on when it is opened; PostgreSQL
 #: starts at 3, the first schema it had.)
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: security events kept (older ones are pruned on insert); see coordinator/limits.py
 MAX_STORED_EVENTS = 10_000
@@ -80,6 +82,14 @@ class StateError(Exception):
 
     Callers that must tell "the disk refused" from a bug (report_ids.py keeps a
     report's id in memory when its transaction did not commit) catch this.
+    """
+
+
+class FencedError(StateError):
+    """A write of a coordinator whose lease token is no longer the leader's: refused.
+
+    Raised by the PostgreSQL backend's fence (state/postgres.py) before the
+    write runs; the coordinator that sees it has been deposed and must stop.
     """
 
 

@@ -17,6 +17,15 @@ What differs from SQLite, and how it is handled:
   fails, since its transaction is gone.
 * Two coordinators may start against one database: the schema is created and
   migrated under a transaction-scoped advisory lock, so it happens once.
+* Fencing (issue 16): once the coordinator leads, :attr:`PostgresStore.fence_token`
+  is its lease token, and every write transaction first runs ``SELECT 1 FROM
+  leader WHERE id = 1 AND token = $token FOR SHARE``; a write outside a
+  transaction (``INSERT``/``UPDATE``/``DELETE`` in autocommit) becomes a
+  transaction for that. A stale token refuses the write (:class:`FencedError`,
+  nothing written) and calls :attr:`PostgresStore.on_fenced`. The share lock
+  makes a takeover's acquire wait for the commit, so no write of the old leader
+  lands after another took the lease, even on a connection that never broke.
+  The lease statements themselves are unfenced (state/lease.py).
 * A commit does not wait for the server's disk (``synchronous_commit = off``
   for this session): the store is called from the event loop, and a WAL flush
   per commit stalled every request behind it (bench/coordinator_load.py, 100
@@ -31,7 +40,7 @@ What differs from SQLite, and how it is handled:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +48,8 @@ import psycopg
 import structlog
 from psycopg import pq
 
-from . import StateError, redact
-from .sql import Cursor, Dialect, Migration, SqlStore
+from . import FencedError, StateError, redact
+from .sql import Cursor, Dialect, Migration, SqlStore, add_leader_table
 
 log = structlog.get_logger(__name__)
 
@@ -53,15 +62,21 @@ DIALECT = Dialect(
     order_column=", n BIGSERIAL",
     no_limit=None,
     placeholder="%s",
+    timestamp="TIMESTAMPTZ",
+    now="now()",
+    plus_seconds="now() + make_interval(secs => ?)",
+    epoch="'epoch'::timestamptz",
 )
 #: seconds to wait for the server when connecting (libpq's own default waits for ever);
 #: a URL's own ``connect_timeout`` wins
 CONNECT_TIMEOUT_S = 10
 #: the advisory lock key held while the schema is created or migrated ("rbd" + "schema")
 SCHEMA_LOCK_KEY = 0x7262_6473_6368
-#: steps bringing a PostgreSQL database to each schema; none yet (it starts at schema 3,
-#: the first with a PostgreSQL backend)
-MIGRATIONS: tuple[Migration, ...] = ()
+#: the statements that write (a write outside a transaction is fenced in one of its own)
+WRITES = ("INSERT", "UPDATE", "DELETE")
+#: steps bringing a PostgreSQL database to each schema (it starts at schema 3, the first
+#: with a PostgreSQL backend; 4 adds the leader lease)
+MIGRATIONS: tuple[Migration, ...] = (Migration(4, add_leader_table),)
 
 
 class PostgresStore(SqlStore):
@@ -72,6 +87,10 @@ class PostgresStore(SqlStore):
     def __init__(self, url: str, *, work_dir: Path) -> None:
         super().__init__(DIALECT, work_dir, redact(url))
         self.url = url
+        #: the lease token writes are fenced with (None: not fenced; a standby writes nothing)
+        self.fence_token: int | None = None
+        #: called when the fence refuses a write (the coordinator steps down at once)
+        self.on_fenced: Callable[[], None] | None = None
         self._conn = self._connect()
         try:
             self.migrate(MIGRATIONS, before=self._lock_schema)
@@ -94,6 +113,44 @@ class PostgresStore(SqlStore):
 
     def _lock_schema(self) -> None:
         self.execute("SELECT pg_advisory_xact_lock(?)", (SCHEMA_LOCK_KEY,))
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        """Run ``sql``; while fenced, a transaction starts with the token check (see above)."""
+        if self.fence_token is None:
+            return super().execute(sql, params)
+        if sql == "BEGIN":
+            cursor = super().execute(sql, params)
+            self._check_fence(self.fence_token)
+            return cursor
+        if not self.in_transaction and sql.lstrip()[:6].upper() in WRITES:
+            with self.transaction():
+                return super().execute(sql, params)
+        return super().execute(sql, params)
+
+    def _check_fence(self, token: int) -> None:
+        """In the transaction just begun: lock the lease row if ``token`` still holds it.
+
+        Otherwise roll back and raise FencedError; the transaction never writes.
+        """
+        try:
+            row = (
+                super()
+                .execute("SELECT 1 FROM leader WHERE id = 1 AND token = ? FOR SHARE", (token,))
+                .fetchone()
+            )
+        except BaseException:
+            if self.in_transaction:
+                super().execute("ROLLBACK")
+            raise
+        if row is None:
+            super().execute("ROLLBACK")
+            log.error("write refused: this coordinator's lease was taken", token=token)
+            if self.on_fenced is not None:
+                self.on_fenced()
+            raise FencedError(
+                f"state database {self.describe}: write refused, lease token {token} is "
+                "stale (another coordinator leads)"
+            )
 
     def _execute(self, sql: str, params: Sequence[Any]) -> Cursor:
         if self._conn.closed:

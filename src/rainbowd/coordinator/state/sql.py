@@ -80,6 +80,10 @@ class Dialect:
     order_column: str  # the extra column that holds ``order`` ("" if implicit)
     no_limit: int | None  # the LIMIT value meaning "all rows"
     placeholder: str  # what ``?`` is written as
+    timestamp: str  # the type of the lease's ``expires_at`` (the database's own clock)
+    now: str  # the database's clock now, as a ``timestamp``
+    plus_seconds: str  # ``now`` plus ``?`` seconds (a float parameter)
+    epoch: str  # a ``timestamp`` long past: a lease row nobody holds
 
 
 def schema(d: Dialect) -> list[str]:
@@ -104,7 +108,33 @@ def schema(d: Dialect) -> list[str]:
         f"report_id TEXT NOT NULL{d.order_column}, PRIMARY KEY (node_id, route, report_id))",
         f"CREATE TABLE IF NOT EXISTS set_aside (id {d.serial_key}, at {d.real} NOT NULL, "
         "tbl TEXT NOT NULL, key TEXT NOT NULL, body TEXT NOT NULL, error TEXT NOT NULL)",
+        *leader_table(d),
     ]
+
+
+def leader_table(d: Dialect) -> list[str]:
+    """Schema 4: the leader lease, one row (``id = 1``) every coordinator competes for.
+
+    ``holder`` names the coordinator process holding it, ``url`` is where it
+    serves (what a standby's 503 names), ``token`` grows by one with each
+    acquire (the fencing token, coordinator/state/lease.py), ``expires_at`` is
+    on the database's clock. The row starts held by nobody and long expired.
+    Both statements are idempotent: :func:`schema` runs them on every open,
+    and the step to schema 4 runs them on a database from before it.
+    """
+    return [
+        f"CREATE TABLE IF NOT EXISTS leader (id {d.integer} PRIMARY KEY CHECK (id = 1), "
+        f"holder TEXT NOT NULL, url TEXT NOT NULL, token {d.integer} NOT NULL, "
+        f"expires_at {d.timestamp} NOT NULL)",
+        "INSERT INTO leader(id, holder, url, token, expires_at) "
+        f"VALUES (1, '', '', 0, {d.epoch}) ON CONFLICT DO NOTHING",
+    ]
+
+
+def add_leader_table(store: SqlStore) -> None:
+    """3 -> 4: the leader lease table and its one row (:func:`leader_table`)."""
+    for statement in leader_table(store.dialect):
+        store.execute(statement)
 
 
 @dataclass(frozen=True)
@@ -168,6 +198,13 @@ class SqlStore:
             return self._execute(text, params)
         except self._driver_errors() as e:
             raise StateError(f"state database {self.describe}: {e}") from e
+
+    def execute_unfenced(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        """:meth:`execute` without the fencing a backend may add (the lease's own statements).
+
+        Only PostgreSQL fences (state/postgres.py); elsewhere this is ``execute``.
+        """
+        return SqlStore.execute(self, sql, params)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:

@@ -23,7 +23,7 @@ import structlog
 from rainbowd.core.sched.reasons import TransferReason
 
 from . import SCHEMA_VERSION, StateError
-from .sql import Cursor, Dialect, Migration, SqlStore
+from .sql import Cursor, Dialect, Migration, SqlStore, add_leader_table
 
 log = structlog.get_logger(__name__)
 
@@ -36,6 +36,11 @@ DIALECT = Dialect(
     order_column="",
     no_limit=-1,
     placeholder="?",
+    # unix seconds: SQLite has no timestamp type, and its one coordinator never waits on it
+    timestamp="REAL",
+    now="((julianday('now') - 2440587.5) * 86400.0)",
+    plus_seconds="((julianday('now') - 2440587.5) * 86400.0 + ?)",
+    epoch="0.0",
 )
 #: pages copied per step of an online backup: small steps let the coordinator's writes
 #: go on between them (a step holds a read lock only); 1024 pages = 4 MiB
@@ -112,6 +117,7 @@ def _reasons_as_records(table: str, body: Any) -> str | None:
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, _transfers_seq_and_state_as_columns),
     Migration(3, _reasons_to_records),
+    Migration(4, add_leader_table),
 )
 
 
