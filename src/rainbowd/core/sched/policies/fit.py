@@ -87,10 +87,7 @@ class Fitter(DemanderIndex):
     def _scarcity(self, d: _Demand) -> tuple[bool, int]:
         """Rarest first: fewest copies first, one-chunk layers last (a copy of one costs a
         round trip; scarcity means nothing there)."""
-        last = self._one_chunk(d.layer) and not (self.rules.split_by_copies and "#" in d.layer)
-        if self.rules.split_by_copies >= 2 and self._size(d.layer) > self.rules.piece_bytes:
-            last = False
-        return (last, self._copies(d.layer))
+        return (self._one_chunk(d.layer), self._copies(d.layer))
 
     def _least(self, node: _Node, layer: str, need_s: float = 0.0) -> float:
         """The least rate a new transfer of ``layer`` into ``node`` must get (min_share).

@@ -107,8 +107,6 @@ class Rules:
     breadth: bool = False
     rank_anchor: bool = False
     relay_down: float = 1.0
-    urgent_after: bool = False
-    split_by_copies: float = 0
     relay: bool = False  # cut-through: nodes still receiving a layer may seed it (needs slots)
     #: most seconds the end of a relay chain may trail a complete copy (first chunk's lag)
     relay_lag_s: float = 2.0

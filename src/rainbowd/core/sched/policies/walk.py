@@ -119,15 +119,12 @@ class Walker(Fitter):
         position) keeps the walk right while demanders leave the indexes.
         """
         margin = self.rules.slack_margin
-        after = self.rules.urgent_after and self.rules.upload_urgent > 0
-        if margin is not None and (self._horizon > now or after):
+        if margin is not None and self._horizon > now:
             # urgent: need * (1 + margin) >= horizon - now, i.e. -need <= -(horizon - now)/(1+m)
             guard = margin if self.rules.urgent_guard is None else self.rules.urgent_guard
             cut_s = (self._horizon - now) / (1 + guard)
             if self.rules.upload_urgent > 0:
                 cut_s = max(cut_s, self._upload_bound_s(now) * self.rules.upload_urgent)
-            if cut_s <= 0:
-                cut_s = INF
             cut = (-cut_s, "\uffff")
             for (neg_need, _), nid in self._merge_plain(self._by_need, cut):
                 yield nid, URGENT + f": needs {-neg_need:.1f} s of download, little slack"
