@@ -53,18 +53,7 @@ class DemanderIndex(SeederIndex):
         step = self.rules.rank_step
         if step <= 0 or rank <= 0:
             return rank
-        if self.rules.rank_anchor:
-            top = self._top_rank()
-            if top > 0:
-                return top * (1 + step) ** math.floor(math.log(rank / top, 1 + step) + 1e-9)
         return (1 + step) ** math.floor(math.log(rank, 1 + step))
-
-    def _top_rank(self) -> float:
-        n = len(self._s._nodes)
-        if getattr(self, "_top_n", -1) != n:
-            self._top_n = n
-            self._top = max((self._rank(x) for x in self._s._nodes.values() if x.demands or True), default=0.0)
-        return self._top
 
     def _refresh_demander(self, node: _Node) -> None:
         nid = node.node_id

@@ -221,7 +221,7 @@ class Fitter(DemanderIndex):
                     f"planned at {rate / 1e6:.1f} MB/s (no faster than its inbound), first "
                     f"chunk {lag:.1f} s behind a complete copy; {why}"
                 )
-                plan = _Plan(rate, rate * self.rules.relay_down, rate, True, urgent=urgent, lag=lag)
+                plan = _Plan(rate, rate, rate, True, urgent=urgent, lag=lag)
                 return self._s._start(
                     seeder, node, d, now, reason, plan_hook=lambda t: self._hold(t, plan)
                 )

@@ -98,15 +98,6 @@ class Rules:
     #: a demander found starving (``patience_s``) takes every seeder that fits, until its
     #: download is full, not one transfer per starving check (Planner._feed_starving)
     starve_fill: bool = False
-    #: before its patience runs out, a demander idle for w seconds takes a seeder below
-    #: min_share if the transfer ends within this many times w (0 = off): waiting longer for
-    #: a fast seeder than a slow one would take costs more (Planner._feed_starving)
-    idle_factor: float = 0.0
-    #: the speed walk serves a demander one transfer per visit; re-keyed (it lacks less now)
-    #: it is met again after the tied demanders that lack more (Planner.plan)
-    breadth: bool = False
-    rank_anchor: bool = False
-    relay_down: float = 1.0
     relay: bool = False  # cut-through: nodes still receiving a layer may seed it (needs slots)
     #: most seconds the end of a relay chain may trail a complete copy (first chunk's lag)
     relay_lag_s: float = 2.0

@@ -18,10 +18,6 @@ from ..waiting import CLOSED, Admits, Bar, WaitIndex
 from .fit import Fitter
 from .state import _K, _MIN_FREE_SHARE, _UPLOAD_RESUM_S, INF, MIN_TRANSFER_BPS, URGENT, _SpeedKey
 
-#: with ``idle_factor``: seconds between two looks at the idle demanders (and the least
-#: idle time that counts): the wait is known to within this
-IDLE_CHECK_S = 0.25
-
 if TYPE_CHECKING:
     from ..scheduler import Transfer, _Node
 
@@ -37,21 +33,15 @@ class Walker(Fitter):
     #: demanders costs less (many-small at 100 nodes, 40 layers in ~100 pieces: 1.4 x the
     #: CPU time with the bar always on; upload-bound at 1,000, 21 pieces: 179 -> 29 s)
     skip_from = 1.0
-    _walked: object = None  # the speed walk's last key (breadth)
 
     def plan(self, now: float) -> list[Transfer]:
         """Start every transfer the rules allow now (rules.py)."""
         started: list[Transfer] = []
         if not self._wait_key:
             return started
-        visited: set[tuple[str, bool, object]] = set()  # (node, in the urgent phase, key)
+        visited: set[tuple[str, bool]] = set()  # (node, in the urgent phase)
         for nid, why in self._order(now):
-            urgent = why.startswith(URGENT)
-            once = self.rules.breadth and not urgent
-            key = self._walked if once else None
-            if once and self._wait_key.get(nid, (None,))[0] != key:
-                continue  # met under a key it no longer has: it is further on in the walk
-            phase = (nid, urgent, key)
+            phase = (nid, why.startswith(URGENT))
             if phase in visited:
                 continue
             visited.add(phase)
@@ -61,7 +51,7 @@ class Walker(Fitter):
                 if t is None:
                     break
                 started.append(t)
-                if nid not in self._wait_key or once:
+                if nid not in self._wait_key:
                     break
         if self.rules.slots:
             self._feed_starving(now, started)
@@ -89,19 +79,7 @@ class Walker(Fitter):
         random-pareto 1.21 -> 1.24 x T*, the other 15 shapes unchanged
         (bench/RESULTS.md).
         """
-        for node, idle_s in self._starving(now):
-            if idle_s < self.rules.patience_s:
-                # idle_factor: not starving yet, but a slow seeder that ends within a few
-                # times the wait so far beats waiting on for a fast one
-                within = self.rules.idle_factor * idle_s
-                why = f"idle {idle_s:.1f} s: a seeder that ends within {within:.1f} s"
-                t = self._serve(node, now, why, starving=True, within_s=within)
-                while t is not None:
-                    started.append(t)
-                    if node.node_id not in self._wait_key:
-                        break
-                    t = self._serve(node, now, why, starving=True, within_s=within)
-                continue
+        for node in self._starving(now):
             why = f"waited {self.rules.patience_s:g} s or more with nothing in flight"
             t = self._serve(node, now, why, starving=True)
             while t is not None:
@@ -137,9 +115,7 @@ class Walker(Fitter):
                 return (-INF, -INF, "")  # every demander gets its least share (see _least)
             return (-best / share, -INF, "")
 
-        for key, nid in self._merge(self._by_speed, start, (INF, INF, "")):
-            neg_speed = key[0]
-            self._walked = key
+        for (neg_speed, _, _), nid in self._merge(self._by_speed, start, (INF, INF, "")):
             yield nid, f"fastest waiting demander first ({-neg_speed / 1e6:.1f} MB/s)"
 
     def _upload_bound_s(self, now: float) -> float:
@@ -281,7 +257,7 @@ class Walker(Fitter):
                 need_s = min(need_s, self._size(layer) / free)
         return Bar(best, need_s, any_share, any_floor, share)
 
-    def _starving(self, now: float) -> Iterator[tuple[_Node, float]]:
+    def _starving(self, now: float) -> Iterator[_Node]:
         """Waiting demanders with nothing in flight for ``patience_s``: liveness over speed.
 
         Patience counts from when a walk first saw the demander idle (or its
@@ -296,9 +272,7 @@ class Walker(Fitter):
         """
         if now < self._starve_check_at:
             return
-        early = self.rules.idle_factor > 0
-        every = IDLE_CHECK_S if early else self.rules.patience_s / 2
-        self._starve_check_at = now + every
+        self._starve_check_at = now + self.rules.patience_s / 2
         for nid in list(self._wait_key):
             node = self._s._nodes[nid]
             if node.pulling:
@@ -308,9 +282,8 @@ class Walker(Fitter):
             if first is None:
                 continue
             idle_since = max(first.since, self._idle_seen.setdefault(nid, now))
-            idle_s = now - idle_since
-            if idle_s >= self.rules.patience_s or (early and idle_s >= IDLE_CHECK_S):
-                yield node, idle_s
+            if now - idle_since >= self.rules.patience_s:
+                yield node
 
 
 def _admit_all(down: float, need_s: float, room: float) -> bool:
