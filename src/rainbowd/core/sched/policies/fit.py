@@ -92,8 +92,8 @@ class Fitter(DemanderIndex):
         one-chunk pieces (1 MiB chunks, 512 KiB pieces) and every split layer's short last
         piece, so every node fetched those last, from few holders, at the end of its
         job (simulator, 100 nodes, 16 shapes: random-asymmetric 1.21 -> 1.15 x T*, drawn-2
-        1.56 -> 1.47, geometric mean 1.194 -> 1.185; at 90 and 110 nodes the same way;
-        bench/RESULTS.md, session 11).
+        1.56 -> 1.47, geometric mean 1.194 -> 1.180; drawn-2 1.48 -> 1.47 and 1.56 -> 1.43
+        at 90 and 110 nodes; bench/RESULTS.md, session 11).
         """
         return (self._tiny(d.layer), self._copies(d.layer))
 
