@@ -222,3 +222,31 @@ def test_a_starving_demander_fills_its_download_with_any_seeders_not_one() -> No
         t.reason.render() for t in late
     ]
     assert all("waited" in t.reason.render() for t in late)
+
+
+def test_rarest_first_leaves_only_tiny_layers_last_not_one_chunk_pieces() -> None:
+    """A one-chunk piece of a split layer goes by its copies like any piece; only a whole
+    layer of one chunk no bigger than a piece (a copy costs a round trip) goes last."""
+    many = "sha256:" + "c" * 64  # 32 chunks: 2-chunk pieces, more copies
+    few = "sha256:" + "d" * 64  # 3 chunks: 1-chunk pieces, fewer copies
+    s = PieceScheduler("swarm")
+    s.set_layer_size(many, 32 * CHUNK, CHUNK)
+    s.set_layer_size(few, 3 * CHUNK, CHUNK)
+    s.set_layer_size(SMALL, 10_000, CHUNK)  # tiny: one chunk, under a piece
+    s.add_node("origin", 100 * MB, [many, few, SMALL])
+    s.add_node("peer", 100 * MB, [many])
+    s.add_node("a", 1 * MB, download_bps=1 * MB)
+    for layer in (SMALL, many, few):
+        s.demand("a", layer, "j", 0.0)
+    first = s.schedule(0.0)[0]
+    assert first.layer == few and first.end_chunk == first.first_chunk + 1
+    # the tiny layer waits for every piece, however rare it is
+    b = PieceScheduler("swarm")
+    b.set_layer_size(many, 32 * CHUNK, CHUNK)
+    b.set_layer_size(SMALL, 10_000, CHUNK)
+    b.add_node("origin", 100 * MB, [many, SMALL])
+    b.add_node("peer", 100 * MB, [many])
+    b.add_node("a", 1 * MB, download_bps=1 * MB)
+    for layer in (SMALL, many):
+        b.demand("a", layer, "j", 0.0)
+    assert b.schedule(0.0)[0].layer == many

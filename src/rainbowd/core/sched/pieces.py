@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import msgspec
 
 from .policies import RULES
+from .policies.state import PIECE_MARK
 from .records import Transfer
 from .scheduler import DEFAULT_SPEED_BPS, Scheduler, SchedulerError
 
@@ -80,7 +81,7 @@ def split_layer(layer: str, size: int, chunk_size: int, per_piece: int) -> list[
     for first in range(0, chunks, per_piece):
         end = min(chunks, first + per_piece)
         nbytes = min(size, end * chunk_size) - first * chunk_size
-        pieces.append(Piece(layer, f"{layer}#{first}", first, end, nbytes))
+        pieces.append(Piece(layer, f"{layer}{PIECE_MARK}{first}", first, end, nbytes))
     return pieces
 
 
@@ -127,7 +128,7 @@ class PieceScheduler:
         return self._piece.get(key) or self.pieces(t.layer)[0]
 
     def _key_of(self, t: Transfer) -> str:
-        return f"{t.layer}#{t.first_chunk}" if t.end_chunk else t.layer
+        return f"{t.layer}{PIECE_MARK}{t.first_chunk}" if t.end_chunk else t.layer
 
     def set_layer_size(self, layer: str, size: int, chunk_size: int = 0) -> None:
         """Learn ``layer``'s size and chunking, and split it into pieces if it can be."""

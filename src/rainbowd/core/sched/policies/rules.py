@@ -84,7 +84,8 @@ package's docstring):
   wants the image's layers in the same order; without this the origin spends
   its upload on the first layer while the big one waits there alone (in the
   simulator at 1,000 nodes, with least slack first, the 8 MB layer had 2
-  holders at 8.5 s while the 2 MB one had 993).
+  holders at 8.5 s while the 2 MB one had 993). Tiny layers (one chunk, no
+  bigger than a piece) go last: a copy of one costs a round trip.
 * **measured speeds** -- a completed transfer that ran ``MIN_OBSERVE_S`` or
   longer moves the estimate of the side that limited it (EWMA of achieved /
   planned rate); repeated failures halve a seeder's estimate, so slow or

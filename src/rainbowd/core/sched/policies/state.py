@@ -57,6 +57,9 @@ STARVE_CHECKS_PER_PATIENCE = 2
 #: (agent/dataplane/puller.py), below which a pull gives up on a chunk. Without it a seeder with 2 %
 #: of its upload free took a transfer at that 2 %: 1 KB/s for a 4 MiB chunk
 MIN_TRANSFER_BPS = 32 * 1024
+#: what joins a layer's digest and a piece's first chunk in the piece's scheduling key
+#: (rainbowd.core.sched.pieces); a whole layer's key, its digest, has none
+PIECE_MARK = "#"
 #: seconds between two sums of the cluster's upload (Planner._upload_bound_s); the sum walks
 #: every node, and speeds move slowly against this
 _UPLOAD_RESUM_S = 1.0
@@ -144,6 +147,19 @@ class PlannerState:
 
     def _one_chunk(self, layer: str) -> bool:
         return self._size(layer) <= self._chunk_size(layer)
+
+    def _tiny(self, layer: str) -> bool:
+        """A layer rarest first leaves last: a copy of it costs a round trip (fit.py, _scarcity).
+
+        A whole layer of one chunk; where layers are split into pieces, also no bigger
+        than a piece. A one-chunk *piece* of a split layer, or a one-chunk layer of
+        megabytes (4 MiB chunks), is as scarce as any other piece.
+        """
+        if not self._one_chunk(layer):
+            return False
+        if self.rules.piece_bytes <= 0:
+            return True
+        return PIECE_MARK not in layer and self._size(layer) <= self.rules.piece_bytes
 
     def _copies(self, layer: str) -> int:
         """Holders of ``layer`` plus transfers of it in flight (rarest first)."""
