@@ -21,13 +21,13 @@ costs a dict update, not a disk write.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import msgpack
 import msgspec
 import structlog
+
+from rainbowd.lib.atomicfile import write_atomic
 
 log = structlog.get_logger(__name__)
 
@@ -127,14 +127,8 @@ class LayerUses:
 
     def write(self, data: bytes) -> None:
         """Replace the record with ``data`` atomically (temp file, fsync, rename)."""
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            write_atomic(self.path, data)
         except BaseException:
             self._dirty = True
-            Path(tmp).unlink(missing_ok=True)
             raise

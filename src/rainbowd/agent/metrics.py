@@ -47,6 +47,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
+from rainbowd.lib.httplisten import listen
+
 if TYPE_CHECKING:
     from rainbowd.lib.store import LayerStore
 
@@ -284,22 +286,7 @@ class MetricsServer:
     async def start(self) -> tuple[str, int]:
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port)
-        try:
-            await site.start()
-        except OSError as e:
-            await runner.cleanup()
-            raise OSError(
-                e.errno,
-                f"metrics_listen {self.host}:{self.port}: cannot listen ({e.strerror}); "
-                'choose another address or port, or set metrics_listen = "" to turn it off',
-            ) from None
-        self._runner = runner
-        sockets = getattr(site._server, "sockets", None) or []
-        addr = sockets[0].getsockname() if sockets else (self.host, self.port)
-        self.bound = (str(addr[0]), int(addr[1]))
+        self._runner, self.bound = await listen(app, self.host, self.port, "metrics_listen")
         log.info("metrics_listening", url=self.url, token=bool(self.token))
         return self.bound
 

@@ -51,6 +51,7 @@ from rainbowd.core.chunks import (
     build_manifest,
 )
 from rainbowd.core.digest import Digest, hex_part, is_digest, parse_digest
+from rainbowd.lib.atomicfile import write_atomic
 
 #: persisted partial bitmaps kept in memory for serving (a stat tells when one changed)
 MAX_CACHED_BITMAPS = 256
@@ -73,19 +74,6 @@ class LayerMissing(StoreError):
 
 class CorruptBlob(StoreError):
     """A chunk read for serving does not match its layer's manifest (the copy on disk rotted)."""
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _fsync_dir(path: Path) -> None:
@@ -156,7 +144,7 @@ class PartialLayer:
             # no partial, or one cut with other chunk boundaries: start clean
             self.data_path.unlink(missing_ok=True)
             self.bitmap_path.unlink(missing_ok=True)
-            _atomic_write(self.manifest_path, msgpack.packb(msgspec.to_builtins(self.manifest)))
+            write_atomic(self.manifest_path, msgpack.packb(msgspec.to_builtins(self.manifest)))
         elif self.bitmap_path.exists():
             try:
                 self.bitmap = ChunkBitmap(self.manifest.count, self.bitmap_path.read_bytes())
@@ -272,7 +260,7 @@ class PartialLayer:
             self._unflushed = 0
         try:
             os.fdatasync(fd)
-            _atomic_write(self.bitmap_path, snapshot)
+            write_atomic(self.bitmap_path, snapshot)
         except BaseException:
             with self._lock:
                 self._unflushed += count  # not persisted: the next flush tries again
@@ -524,7 +512,7 @@ class LayerStore:
 
     def _install(self, digest: Digest, src: Path, manifest: ChunkManifest) -> Path:
         dest = self.path(digest)
-        _atomic_write(
+        write_atomic(
             dest.with_name(dest.name + ".chunks"), msgpack.packb(msgspec.to_builtins(manifest))
         )
         os.replace(src, dest)

@@ -24,8 +24,6 @@ falls back to its upstream). Blocking file I/O: call from a worker thread.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +32,7 @@ import structlog
 from rainbowd.core.digest import Digest, hex_part, is_digest, sha256_digest
 from rainbowd.core.imagemanifest import BuiltManifest, manifest_for
 from rainbowd.core.messages import ImageRecord
+from rainbowd.lib.atomicfile import write_atomic
 
 log = structlog.get_logger(__name__)
 
@@ -166,13 +165,4 @@ def _write_once(path: Path, data: bytes) -> None:
             return
     except FileNotFoundError:
         pass
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, data)

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from rainbowd.agent.config import ConfigError, load_config
+from rainbowd.lib.atomicfile import write_atomic
 
 from .clientconfig import (
     CONTAINERD_CERTS_D,
@@ -94,7 +93,7 @@ def _containerd(args: argparse.Namespace, mirror: str) -> int:
         path = args.certs_dir / registry / "hosts.toml"
         if args.write:
             path.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write(path, text)
+            write_atomic(path, text.encode(), mode=0o644)
             print(f"wrote {path}")
         else:
             print(f"# {path}\n{text}")
@@ -121,20 +120,8 @@ def _docker(args: argparse.Namespace, mirror: str) -> int:
     text = docker_daemon_json(mirror, existing)
     if args.write:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, text)
+        write_atomic(path, text.encode(), mode=0o644)
         print(f"wrote {path}; restart dockerd to use it (Docker asks mirrors for docker.io only)")
     else:
         print(f"# {path} (Docker asks mirrors for docker.io images only)\n{text}", end="")
     return 0
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -51,6 +51,7 @@ from rainbowd.core.distribution import (
     parse_path,
     parse_range,
 )
+from rainbowd.lib.httplisten import listen
 from rainbowd.lib.store import CorruptBlob, LayerMissing, LayerStore, StoreError
 
 from .catalog import ImageCatalog, StoredManifest
@@ -118,22 +119,7 @@ class MirrorServer:
         return app
 
     async def start(self) -> tuple[str, int]:
-        runner = web.AppRunner(self.app(), access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port)
-        try:
-            await site.start()
-        except OSError as e:
-            await runner.cleanup()
-            raise OSError(
-                e.errno,
-                f"mirror_listen {self.host}:{self.port}: cannot listen ({e.strerror}); "
-                'choose another address or port, or set mirror_listen = "" to turn it off',
-            ) from None
-        self._runner = runner
-        sockets = getattr(site._server, "sockets", None) or []
-        addr = sockets[0].getsockname() if sockets else (self.host, self.port)
-        self.bound = (str(addr[0]), int(addr[1]))
+        self._runner, self.bound = await listen(self.app(), self.host, self.port, "mirror_listen")
         log.info("mirror_listening", url=self.url, node=self.node_id)
         return self.bound
 
