@@ -1,5 +1,6 @@
 """``rbd``: the admin CLI. Talks to the coordinator's admin API.
 
+    rbd status                          (which coordinator leads; no token needed)
     rbd nodes
     rbd images [--wide]
     rbd images add REF --from SOURCE [--origin NODE] [--compression off|gzip|zstd]
@@ -36,6 +37,7 @@ from typing import Any
 import msgspec
 
 from rainbowd.cli import ops as opscli
+from rainbowd.cli.status import status_cmd
 from rainbowd.core import messages as m
 from rainbowd.core.sources import SourceError, parse_source
 from rainbowd.core.units import human_bytes, human_rate
@@ -81,6 +83,11 @@ def _parser() -> argparse.ArgumentParser:
         "rbd job ID --json)",
     )
     sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser(
+        "status",
+        help="which coordinator leads: each configured URL's role and the leader it names "
+        "(exit 0 if exactly one leads, 1 if none does, 3 if none answers)",
+    )
     sub.add_parser("nodes", help="list nodes with state, speed and holdings")
     im = sub.add_parser("images", help="list images, add or remove one")
     im.add_argument("--wide", action="store_true", help="name the nodes holding each image")
@@ -146,6 +153,7 @@ def _parser() -> argparse.ArgumentParser:
 #: commands whose output has a JSON form; each takes --json after its name too
 JSON_COMMANDS = frozenset(
     {
+        ("status",),
         ("nodes",),
         ("images",),
         ("images", "add"),
@@ -200,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
             args.coordinator = parse_urls(args.coordinator, "--coordinator / $RBD_COORDINATOR")
         except CoordinatorListError as e:
             raise UsageError(str(e)) from None
+        if args.cmd == "status":  # health is unauthenticated: no token to read
+            return asyncio.run(status_cmd(args))
         if args.cmd == "images" and args.images_cmd == "add":
             args.parsed_source = _source(args)  # a bad --from is reported before anything else
         token = _admin_token(args.admin_token_file)
