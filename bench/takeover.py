@@ -22,13 +22,13 @@ demander). Then, per run:
    and stands by, every agent is up again; the next run kills the other one.
 
 Per run: kill -> leader_takeover (the lease's expiry + the standby's poll +
-the restore), kill -> job accepted (the client's view), kill -> first
+the restore, also shown alone), kill -> job accepted (the client's view), kill -> first
 assignment (issue 16's number), kill -> job done. Prints the median, p90 and
 p99 of each (nearest rank: with 10 runs p90 is the 9th value and p99 the
 10th, the maximum) and writes bench/out/takeover.json.
 
     .venv/bin/python bench/takeover.py [--runs 10] [--nodes 2] [--payload-mib 1]
-        [--lease-s 3] [--workdir DIR] [--keep]
+        [--workdir DIR] [--keep] [--out bench/out/takeover.json]
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ class Run:
     killed: str
     kill: float
     takeover_s: float
+    restore_s: float  # of takeover_s: the heir loading the state (its log's restore_seconds)
     job_accepted_s: float
     first_assignment_s: float
     job_done_s: float
@@ -229,6 +230,7 @@ class Bench:
             killed="ab"[old],
             kill=killed_wall,
             takeover_s=log_time(took) - killed_wall,
+            restore_s=float(took.get("restore_seconds", 0.0)),
             job_accepted_s=accepted,
             first_assignment_s=log_time(first) - killed_wall,
             job_done_s=done,
@@ -243,7 +245,7 @@ class Bench:
 
 def summarize(runs: list[Run]) -> dict[str, dict[str, float]]:
     out = {}
-    for key in ("takeover_s", "job_accepted_s", "first_assignment_s", "job_done_s"):
+    for key in ("takeover_s", "restore_s", "job_accepted_s", "first_assignment_s", "job_done_s"):
         values = sorted(float(getattr(r, key)) for r in runs)
         out[key] = {
             "median": statistics.median(values),
@@ -271,7 +273,8 @@ async def run(
                 r = await bench.kill_once(http, i)
                 results.append(r)
                 print(
-                    f"run {i + 1}/{runs}: killed {r.killed}; takeover {r.takeover_s:.2f} s, "
+                    f"run {i + 1}/{runs}: killed {r.killed}; takeover {r.takeover_s:.2f} s "
+                    f"(restore {r.restore_s:.2f} s), "
                     f"job accepted {r.job_accepted_s:.2f} s, first assignment "
                     f"{r.first_assignment_s:.2f} s, job done {r.job_done_s:.2f} s",
                     flush=True,
@@ -314,6 +317,7 @@ def main() -> int:
     print(f"\nover {n} kills (lease {LEASE_S:g} s; nearest rank: with {n} runs p99 is the max):")
     for key, label in (
         ("takeover_s", "kill -> leader_takeover"),
+        ("restore_s", "  of which the restore"),
         ("job_accepted_s", "kill -> job accepted"),
         ("first_assignment_s", "kill -> first assignment"),
         ("job_done_s", "kill -> job done"),

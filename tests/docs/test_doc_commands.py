@@ -126,6 +126,7 @@ COMMANDS: dict[str, Run | Skip] = {
     "rbd job <id> --json": Run(json=True),
     "rbd images rm tools:2": Run(output="removed"),
     "rbd events": Run(),
+    "rbd status": Run(output=r"leader: http://"),
     "rbd-agent status": Run(
         why="four agents share this host and none uses /etc/rbd/agent.toml; with several, "
         "rbd-agent status asks for --config, as here",
@@ -168,6 +169,9 @@ COMMANDS: dict[str, Run | Skip] = {
         "a benchmark: minutes of CPU for 10,000 simulated nodes"
     ),
     ".venv/bin/python bench/coordinator_load.py": Skip("a load benchmark: minutes of CPU"),
+    ".venv/bin/python bench/takeover.py": Skip(
+        "a benchmark: ten kills of a coordinator on PostgreSQL, a minute or more"
+    ),
     # -- INSTALL.md § 1 ----------------------------------------------------------------------
     "make wheel": Skip("built and installed by the wheel test", covered_by=WHEEL),
     "apt-get install python3 python3-venv docker.io": Skip("installs packages on a fresh host"),
