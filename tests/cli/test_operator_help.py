@@ -77,6 +77,7 @@ def test_coordinator_example_config_names_the_default_policy() -> None:
 
 #: a minimal command line for every rbd command with JSON output
 JSON_ARGV = {
+    ("status",): ["status"],
     ("nodes",): ["nodes"],
     ("images",): ["images"],
     ("images", "add"): ["images", "add", "r:1", "--from", "archive:/x.tar"],
