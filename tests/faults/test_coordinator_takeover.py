@@ -19,15 +19,10 @@ invariant monitor holds (holdings never revert, every job ends final).
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,50 +34,16 @@ from invariants import InvariantMonitor
 from rainbowd.core import messages as m
 from rainbowd.core.leader import LEADER_HEADER
 from rainbowd.core.lease import LEASE_S, STANDBY_POLL_S
+from rainbowd.devcluster.coordprocs import CoordinatorProcess, start_coordinator
 from rainbowd.devcluster.imagebuild import BUSYBOX, build_demo_image
 from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec, free_port
 from rainbowd.devcluster.pgserver import PostgresServer
-from waiting import wait_until, wait_until_sync
+from waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
-CLI = (sys.executable, "-m", "rainbowd.coordinator.cli")
-#: a process's start (Python, imports, the schema) on a busy 2-core machine
-START_TIMEOUT_S = 30.0
 #: the takeover after a kill: lease + poll + restore, with room for a loaded machine
 TAKEOVER_TIMEOUT_S = 3 * (LEASE_S + STANDBY_POLL_S) + 10
-
-
-@dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen[bytes]
-    url: str
-    log: Path
-
-    def kill(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGKILL)
-        self.popen.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def log_events(self, event: str) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log.read_text(errors="replace").splitlines():
-            try:
-                doc = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(doc, dict) and doc.get("event") == event:
-                out.append(doc)
-        return out
 
 
 @pytest.fixture
@@ -104,47 +65,23 @@ def start(
     tokens: Path,
     listen: str = "127.0.0.1:0",
     extra: tuple[str, ...] = (),
-) -> Proc:
-    """``rbd-coordinator`` on a port of its own; returns once it listens."""
-    state = tmp_path / name
-    state.mkdir(exist_ok=True)
-    ready = state / "ready"
-    ready.unlink(missing_ok=True)
-    log = state / f"log-{len(list(state.glob('log-*.jsonl')))}.jsonl"  # one per start
-    args = [
-        *CLI,
-        "--state-dir",
-        str(state),
-        "--state-url",
-        state_url,
-        "--listen",
-        listen,
-        "--ready-file",
-        str(ready),
-        "--log-json",
-        "--heartbeat-interval",
-        "0.5",
-        *(f"--{w}-token-file={tokens / f'{w}-token'}" for w in ("join", "admin", "metrics")),
-        *extra,
-    ]
-    with log.open("ab") as out:
-        popen = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
-    addr = wait_until_sync(
-        lambda: ready.is_file() and ready.read_text().strip(),
-        timeout=START_TIMEOUT_S,
-        what=f"{name} to listen (log: {log})",
+) -> CoordinatorProcess:
+    """``rbd-coordinator`` ``name`` on a port of its own; returns once it listens."""
+    return start_coordinator(
+        tmp_path / name, state_url=state_url, tokens=tokens, listen=listen, extra=extra
     )
-    return Proc(name, popen, f"http://{addr}", log)
 
 
-async def health(http: aiohttp.ClientSession, p: Proc) -> dict[str, Any]:
+async def health(http: aiohttp.ClientSession, p: CoordinatorProcess) -> dict[str, Any]:
     async with http.get(f"{p.url}/v1/health", headers={"Accept": "application/json"}) as r:
         assert r.status == 200
         doc: dict[str, Any] = await r.json()
         return doc
 
 
-async def role_of(http: aiohttp.ClientSession, p: Proc, role: str, leader: str) -> bool:
+async def role_of(
+    http: aiohttp.ClientSession, p: CoordinatorProcess, role: str, leader: str
+) -> bool:
     """Whether ``p`` says it has ``role`` under ``leader`` (not while it swaps its listener)."""
     try:
         doc = await health(http, p)
@@ -153,7 +90,9 @@ async def role_of(http: aiohttp.ClientSession, p: Proc, role: str, leader: str) 
     return doc["role"] == role and doc["leader"] == leader
 
 
-async def takeover_events(http: aiohttp.ClientSession, p: Proc, admin: str, by: str) -> list[Any]:
+async def takeover_events(
+    http: aiohttp.ClientSession, p: CoordinatorProcess, admin: str, by: str
+) -> list[Any]:
     """The ``leader_takeover`` events in ``rbd events`` (asked of ``p``) of the leader ``by``."""
     headers = {"Authorization": f"Bearer {admin}", "Accept": "application/json"}
     try:
@@ -256,7 +195,7 @@ async def test_a_distribution_in_flight_completes_after_the_leader_is_killed(
         state_url=state_url,
         port=a_port,
     )
-    b: Proc | None = None
+    b: CoordinatorProcess | None = None
     try:
         await cluster.start()  # its coordinator ("a") leads: the first to take the lease
         b = start(

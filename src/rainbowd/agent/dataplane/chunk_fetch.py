@@ -7,8 +7,8 @@ bytes, the hot loop of a transfer. Protocol state (the request window, the
 chunk due next, and what each frame or error code from the seeder means) is
 :class:`~rainbowd.core.chunksession.FetchSession`'s, tested without sockets;
 :meth:`ChunkFetcher.fetch` is the I/O loop driving it. It stops on a failure
-with :class:`~rainbowd.agent.dataplane.pull_failures.FetchAborted`, which the
-puller reports as its PullError.
+with a :class:`~rainbowd.agent.dataplane.pull_failures.PullError`, which the
+puller reports as it is.
 
 Throughput: requests are pipelined, keeping ``max(window, 32 MiB worth)``
 chunks requested but not yet received; the SSH channel's receive window is
@@ -35,7 +35,7 @@ from rainbowd.lib.store import ChunkRejected, LayerStore, PartialLayer, StoreErr
 from ..metrics import AgentMetrics
 from .chunk_io import runs_inline
 from .pacing import RatePacer
-from .pull_failures import FetchAborted, disk_reason
+from .pull_failures import PullError, disk_reason
 from .relay import RelayBoard
 from .ssh_server import CHANNEL_MAX_PKTSIZE, CHANNEL_WINDOW
 
@@ -257,9 +257,9 @@ class ChunkFetcher:
                 max_pktsize=CHANNEL_MAX_PKTSIZE,
             )
         except asyncssh.ChannelOpenError as e:
-            raise FetchAborted("io", f"{where}: chunk channel refused: {e.reason}") from None
+            raise PullError("io", f"{where}: chunk channel refused: {e.reason}") from None
         except (asyncssh.Error, OSError) as e:
-            raise FetchAborted("io", f"{where}: cannot open chunk channel: {e}") from None
+            raise PullError("io", f"{where}: cannot open chunk channel: {e}") from None
         assert isinstance(session, ChunkClientSession)
         return session
 
@@ -279,9 +279,9 @@ class ChunkFetcher:
                 manifest=partial.manifest,
                 what=f"writing chunk {chunk.index}",
             )
-            raise FetchAborted("disk", reason) from None
+            raise PullError("disk", reason) from None
         except StoreError as e:  # the shared partial was discarded under us
-            raise FetchAborted("io", f"node {self._node_id}: {self._where}: {e}") from None
+            raise PullError("io", f"node {self._node_id}: {self._where}: {e}") from None
         fetch.chunk_written(chunk.index)
         if self._relay is not None:
             self._relay.landed(partial.manifest.digest, chunk.index)
@@ -303,12 +303,12 @@ class ChunkFetcher:
         if partial.flush_due():
             await _uninterrupted(partial.flush)
 
-    def _chunk_failure(self, failure: FetchFailure) -> FetchAborted:
+    def _chunk_failure(self, failure: FetchFailure) -> PullError:
         """Log and count a failure the FetchSession named; the abort that ends the fetch."""
         if failure.log_event:
             self._log.error(failure.log_event, **dict(failure.log_fields))
         self._metrics.chunk_failure(self._counters.peer, failure.metric)
-        return FetchAborted.of(failure)
+        return PullError.of(failure)
 
 
 async def _uninterrupted(func: Callable[..., object], *args: Any) -> None:

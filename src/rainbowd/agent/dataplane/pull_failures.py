@@ -1,12 +1,10 @@
-"""How a pull fails: PullError, the fetch loop's FetchAborted, and a disk failure's reason.
+"""How a pull fails: PullError (and HostKeyMismatch), and a disk failure's reason.
 
 Why a module of its own: a pull ends with a :class:`PullError` of one of a few kinds
 (``FailureKind``: ``verify``, ``disk``, ``io`` ...), from which the
 coordinator decides whom to blame (a seeder's fault is avoided, a full disk
 is the demander's). The fetch loop (chunk_fetch.py) stops on such failures
-too, and raises :class:`FetchAborted` with the same fields, which the puller
-reports as its PullError unchanged (the loop's own type, so what it may
-raise stays apart from what a pull reports); the seeder's connection
+with a PullError the puller reports as it is; the seeder's connection
 (seeder_connections.py) raises PullError, or :class:`HostKeyMismatch` for a
 host key other than the pinned one. The disk reason is written alike on
 both sides. Here, not in the puller, so that the agent and the connection
@@ -39,6 +37,16 @@ class PullError(Exception):
         #: the seeder answered not_held (the coordinator then stops counting it a holder)
         self.not_held = not_held
 
+    @classmethod
+    def of(cls, failure: FetchFailure) -> PullError:
+        """The error for a failure the chunk session named."""
+        return cls(
+            failure.kind,
+            failure.reason,
+            seeder_fault=failure.seeder_fault,
+            not_held=failure.not_held,
+        )
+
     def to_failed(self) -> TransferFailed:
         """The control-plane message reporting this failure."""
         return TransferFailed(
@@ -59,29 +67,6 @@ class HostKeyMismatch(PullError):
         super().__init__("security", reason, seeder_fault=True)
         #: fingerprint of the key the far end presented, if it got that far
         self.presented = presented
-
-
-class FetchAborted(Exception):
-    """The fetch loop stopped on a failure of ``kind``; the fields a PullError carries."""
-
-    def __init__(
-        self, kind: FailureKind, reason: str, seeder_fault: bool = False, not_held: bool = False
-    ) -> None:
-        super().__init__(reason)
-        self.kind: FailureKind = kind
-        self.reason = reason
-        self.seeder_fault = seeder_fault
-        self.not_held = not_held
-
-    @classmethod
-    def of(cls, failure: FetchFailure) -> FetchAborted:
-        """The abort for a failure the chunk session named."""
-        return cls(
-            failure.kind,
-            failure.reason,
-            seeder_fault=failure.seeder_fault,
-            not_held=failure.not_held,
-        )
 
 
 def disk_reason(

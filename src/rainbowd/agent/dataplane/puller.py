@@ -39,8 +39,8 @@ digest matches (``PartialLayer.commit``).
 
 The parts: the loop that moves the chunks is
 :class:`~rainbowd.agent.dataplane.chunk_fetch.ChunkFetcher` (chunk_fetch.py),
-stopping on a failure with a FetchAborted (pull_failures.py) that is
-reported here as a PullError of the same kind (pull_failures.py too); the
+stopping on a failure with a PullError (pull_failures.py) reported as it
+is; the
 seeder's connection (pinned host key, client-key retries) is
 :class:`~rainbowd.agent.dataplane.seeder_connections.SeederConnections`'s;
 this module keeps the course of a pull (the layer's running pulls, disk
@@ -67,7 +67,7 @@ from ..metrics import AgentMetrics
 from .chunk_fetch import ChunkFetcher, ProgressCallback, PullCounters
 from .chunk_io import INLINE_MAX_BYTES
 from .pacing import RatePacer
-from .pull_failures import FetchAborted, PullError, disk_reason, mib
+from .pull_failures import PullError, disk_reason, mib
 from .relay import RelayBoard
 from .seeder_connections import SeederConnections
 from .ssh_server import ENCRYPTION_ALGS
@@ -262,10 +262,7 @@ class LayerPuller:
             if missing:
                 conn = await self.connections.connection(seeder)
                 fetcher = self._fetcher(partial, counters, where, plog)
-                try:
-                    await fetcher.fetch(conn, missing, (present, range_bytes), t0, on_progress)
-                except FetchAborted as e:
-                    raise PullError(e.kind, e.reason, e.seeder_fault, e.not_held) from None
+                await fetcher.fetch(conn, missing, (present, range_bytes), t0, on_progress)
             installed = await self._commit_if_complete(partial, where, counters)
         except BaseException as e:
             await _shield_release(self.store, partial)
