@@ -38,6 +38,8 @@ OTHER = "http://other.example:7700"
 JSON_ADMIN = {"Authorization": f"Bearer {ADMIN}", "Accept": "application/json"}
 #: how long the tests give each change of role (they end as soon as it happens)
 WAIT_S = 15.0
+#: clients asking health at once while the role changes (more of them meet the switch)
+POLLERS = 4
 
 
 @dataclass
@@ -76,11 +78,10 @@ async def running(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterat
 
 
 async def get(url: str) -> tuple[int, dict[str, str], dict[str, Any]]:
-    try:
-        async with aiohttp.ClientSession() as s, s.get(url, headers=JSON_ADMIN) as r:
-            return r.status, dict(r.headers), await r.json()
-    except aiohttp.ClientConnectionError:
-        return 0, {}, {}  # swapping its listener
+    """One request on a new connection (a switch of role must never refuse or reset one)."""
+    timeout = aiohttp.ClientTimeout(total=WAIT_S)
+    async with aiohttp.ClientSession(timeout=timeout) as s, s.get(url, headers=JSON_ADMIN) as r:
+        return r.status, dict(r.headers), await r.json()
 
 
 async def stands_by_naming(lead: Leadership, leader: str) -> bool:
@@ -142,3 +143,41 @@ async def test_unanswered_renews_make_it_step_down_by_its_own_clock(
     )
     # nobody else took the lease: it stopped by its own clock, not because it was deposed
     assert read_leader(running.other).holder == lead.holder
+
+
+async def test_a_change_of_role_never_refuses_or_drops_a_connection(running: Running) -> None:
+    """Health asked without pause, each on a new connection, while it steps down and leads again.
+
+    The apps of the two roles share one listening socket and overlap at a switch
+    (http/leadership.py): every request gets its answer, none a refused or reset
+    connection (a CI run once lost one to a takeover).
+    """
+    lead = running.lead
+    roles: list[str] = []
+    errors: list[BaseException] = []
+    polling = True
+
+    async def poll() -> None:
+        while polling:
+            try:
+                status, _, doc = await get(f"{lead.url}/v1/health")
+                assert status == 200
+                roles.append(str(doc["role"]))
+            except (aiohttp.ClientError, AssertionError, TimeoutError) as e:
+                errors.append(e)
+
+    pollers = [asyncio.create_task(poll()) for _ in range(POLLERS)]
+    try:
+        assert take_lease(running.other) == 2
+        await wait_until(lambda: "standby" in roles, timeout=WAIT_S, what="it to stand by")
+        running.other.execute_unfenced("UPDATE leader SET expires_at = now() - interval '1 second'")
+        await wait_until(
+            lambda: lead.coordinator is not None and roles[-1:] == ["leader"],
+            timeout=WAIT_S,
+            what="it to lead again",
+        )
+    finally:
+        polling = False
+        await asyncio.gather(*pollers)
+    assert errors == []
+    assert roles[0] == "leader" and "standby" in roles and roles[-1] == "leader"

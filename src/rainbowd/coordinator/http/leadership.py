@@ -23,9 +23,12 @@ address:
   one no row has), and the standby's app replaces it. The process lives on as
   a standby and may lead again later with a new token.
 
-The app is swapped by stopping one listener and starting the other on the
-same address: for a moment connections are refused, which clients retry like
-any other; requests in flight get ``ROLE_SWITCH_GRACE_S`` to finish.
+The process binds its listening socket once, for its whole life, and each
+role's app is served on a duplicate of it: the new app starts accepting before
+the old one stops, so a role switch never refuses a connection (a CI run once
+reset a health request that met a takeover in the gap of a stop-and-rebind).
+The old app stops accepting at once and is torn down ``ROLE_SWITCH_GRACE_S``
+later, so connections it had already accepted still get their answer.
 """
 
 from __future__ import annotations
@@ -59,14 +62,47 @@ if TYPE_CHECKING:  # (the driver is loaded only by a coordinator on PostgreSQL)
 
 log = structlog.get_logger(__name__)
 
-#: seconds requests in flight get to finish when the app of a role is replaced (a parked
-#: long-poll would otherwise hold the switch for its whole wait)
+#: seconds the app of a role that was replaced keeps answering the connections it had
+#: accepted (a request on its way in when the new app started), and then the time requests
+#: in flight get to finish before they are cancelled (a parked long-poll would otherwise
+#: hold the old app for its whole wait)
 ROLE_SWITCH_GRACE_S = 1.0
 #: the fence token of a coordinator that stepped down: no lease row has it, so every
 #: write it still tries is refused (tokens start at 1)
 STOPPED_TOKEN = -1
+#: connections the kernel queues while no app has accepted them yet (aiohttp's default)
+LISTEN_BACKLOG = 128
 #: the security-event kind of a takeover (``rbd events``)
 TAKEOVER_EVENT = "leader_takeover"
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The coordinator's listening socket on ``host:port`` (port 0: any free port)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+async def stop_accepting(fd: int) -> None:
+    """Stop a server accepting on ``fd`` and let the connections it just accepted settle.
+
+    Closing an asyncio server right after its socket was readable drops a
+    connection it accepted but had not yet given a transport (CPython 3.11:
+    ``Server._attach`` asserts the server is open; the accepted socket leaks and
+    the client sees a hang, then a reset). So the accepting stops first, and one
+    turn of the loop lets those connections get their transports before the
+    server is closed.
+    """
+    asyncio.get_running_loop().remove_reader(fd)
+    await asyncio.sleep(0)
 
 
 def holder_id() -> str:
@@ -106,6 +142,12 @@ class Leadership:
         self.standby_metrics = CoordinatorMetrics()
         self.standby_metrics.is_leader.set(0)
         self._runner: web.AppRunner | None = None
+        #: the listening socket, bound once; each role's app accepts on a duplicate of it
+        self._listener: socket.socket | None = None
+        #: the file descriptor the current app accepts on (its duplicate of the listener)
+        self._accepting_fd = -1
+        #: apps of earlier roles being torn down (owned here: awaited on shut-down)
+        self._retiring: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._fenced = False
         self._stopping = False
@@ -229,9 +271,16 @@ class Leadership:
         await self._serve(create_standby_app(self.role, self.tokens, self.standby_metrics))
 
     async def _serve(self, app: web.Application) -> None:
-        """Serve ``app`` on this process's address in place of the app served until now."""
-        if self._runner is not None:
-            await self._runner.cleanup()
+        """Serve ``app`` on this process's address in place of the app served until now.
+
+        The new app accepts (on a duplicate of the one listening socket) before the old
+        one stops: there is no moment in which a connection is refused.
+        """
+        if self._listener is None:
+            self._listener = bind_listener(self.host, self.port)
+            self.port = int(self._listener.getsockname()[1])  # port 0 asked: keep the one bound
+            if not self.url:
+                self.url = f"http://{self.host}:{self.port}"
         runner = web.AppRunner(
             app,
             access_log=None,
@@ -240,17 +289,26 @@ class Leadership:
             **server_options(),
         )
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port)
-        await site.start()
-        self._runner = runner
-        for sock in getattr(site._server, "sockets", None) or []:
-            self.port = int(sock.getsockname()[1])  # port 0 asked: keep the one bound
-            break
-        if not self.url:
-            self.url = f"http://{self.host}:{self.port}"
+        sock = self._listener.dup()
+        await web.SockSite(runner, sock).start()
+        old, self._runner = self._runner, runner
+        old_fd, self._accepting_fd = self._accepting_fd, sock.fileno()
+        if old is not None:
+            await stop_accepting(old_fd)
+            for site in list(old.sites):
+                await site.stop()  # closes its listening duplicate; its connections live on
+            task = asyncio.create_task(self._retire(old), name="retire-role-app")
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
         if self.on_listening is not None:  # the first time only
             self.on_listening(self.host, self.port)
             self.on_listening = None
+
+    @staticmethod
+    async def _retire(runner: web.AppRunner) -> None:
+        """Tear down the app of a replaced role once its accepted connections had their grace."""
+        await asyncio.sleep(ROLE_SWITCH_GRACE_S)
+        await runner.cleanup()
 
     async def _shut_down(self) -> None:
         token = self.keeper.token
@@ -262,6 +320,14 @@ class Leadership:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        for task in list(self._retiring):
+            task.cancel()
+        for task in list(self._retiring):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
 
     def leader_row(self) -> LeaderRow:
         """The lease row as the database has it now (for tests and ``rbd status``)."""
