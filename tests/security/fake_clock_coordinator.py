@@ -80,19 +80,31 @@ class Sim:
     def __init__(self, tmp_path: Path, *, heartbeat_interval: float = 1.0) -> None:
         self.clock = Clock()
         self.probe = PlayedProbe()
-        self.store = SqliteStore(tmp_path / "coordinator.sqlite")
-        self.c = Coordinator(
+        self.path = tmp_path / "coordinator.sqlite"
+        self.heartbeat_interval = heartbeat_interval
+        self.store = SqliteStore(self.path)
+        self.c = self._coordinator()
+        self.cursors: dict[str, int] = {}
+        self.credentials: dict[str, str] = {}
+
+    def _coordinator(self) -> Coordinator:
+        return Coordinator(
             self.store,
             join_token=JOIN,
             admin_token=ADMIN,
-            heartbeat_interval=heartbeat_interval,
+            heartbeat_interval=self.heartbeat_interval,
             chunk_size=MIN_CHUNK_SIZE,
             policy="paper",
             clock=self.clock,
             host_key_probe=self.probe,
         )
-        self.cursors: dict[str, int] = {}
-        self.credentials: dict[str, str] = {}
+
+    def restart(self) -> None:
+        """A new coordinator on the same state (a restart, or a standby taking over)."""
+        self.store.close()
+        self.store = SqliteStore(self.path)
+        self.c = self._coordinator()
+        self.cursors = {}
 
     def close(self) -> None:
         self.store.close()

@@ -71,6 +71,32 @@ def test_a_heartbeat_older_than_a_done_report_does_not_undo_it(sim: Sim) -> None
     assert img.layers[0] not in sim.node("a").holdings
 
 
+def test_a_heartbeat_carried_across_a_restart_does_not_undo_what_the_last_leader_recorded(
+    sim: Sim,
+) -> None:
+    """A heartbeat built before the leader died reaches the next one (a takeover, issue 16).
+
+    The done report reached the old leader, which recorded the layer; the new
+    leader restores it from the state and must keep it against that older
+    snapshot (coordinator/restore.py), and drop it only when heartbeats keep
+    leaving it out past the grace.
+    """
+    sim.enroll("origin", roles=["origin"])
+    img = sim.add_image("origin")
+    sim.enroll("a")
+    sim.job(img, ["a"])
+    sim.done("a", sim.transfer("a"))
+    sim.clock.advance(10 * GRACE)  # long recorded: the old leader's grace is long over
+    sim.restart()
+    sim.heartbeat("a", [])  # built before the pull ended, retried across the takeover
+    assert img.layers[0] in sim.node("a").holdings
+    [job] = sim.c.jobs.values()
+    assert job.state == "done"
+    sim.clock.advance(GRACE + 0.1)
+    sim.heartbeat("a", [])  # still not listed long after the new leader led: dropped
+    assert img.layers[0] not in sim.node("a").holdings
+
+
 def test_registration_states_the_holdings_too(sim: Sim) -> None:
     sim.enroll("origin", roles=["origin"])
     img = sim.add_image("origin")

@@ -32,6 +32,10 @@ def restore(
     for info, seq in store.load_nodes():
         node = cluster.add(info, seq)
         node.down_since = started_at
+        # restored holdings count as recorded now: a heartbeat built before this process
+        # led (retried across a takeover, or sent before a restart) may predate a transfer
+        # the last leader recorded, and must not drop it (holdings.HOLDING_GRACE_INTERVALS)
+        node.holding_since = dict.fromkeys(node.holdings, started_at)
         driver.node_up(
             node.node_id,
             info.speed_hint_bps,

@@ -471,8 +471,9 @@ class AgentClient(_Http):
         self.set_credential(out.node_id, out.credential)
         return out
 
-    async def heartbeat(self, hb: Heartbeat) -> HeartbeatReply:
-        return await self.call("POST", "heartbeat", HeartbeatReply, hb)
+    async def heartbeat(self, hb: Heartbeat, timeout: float | None = None) -> HeartbeatReply:
+        """Send a heartbeat; ``timeout`` bounds the walk for the leader (default: the client's)."""
+        return await self.call("POST", "heartbeat", HeartbeatReply, hb, timeout=timeout)
 
     async def assignments(self, cursor: int, trust_version: int, wait: float) -> AssignmentBatch:
         """Long-poll: returns at once when there is news, else after ``wait`` seconds."""

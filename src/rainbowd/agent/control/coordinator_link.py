@@ -33,6 +33,13 @@ from rainbowd.lib.store import LayerStore
 RETRY_FIRST = 0.5
 #: longest wait between those retries, seconds
 RETRY_MAX = 10.0
+#: heartbeat intervals one heartbeat may spend finding the leader before it is given up
+#: (the next is built afresh). A heartbeat is a snapshot of the holdings: carried across a
+#: takeover for longer, it could reach the new leader after the done report of a pull that
+#: ended meanwhile and undo it. The coordinator keeps a restored holding for two intervals
+#: after it leads (coordinator/holdings.py HOLDING_GRACE_INTERVALS), and a takeover takes at
+#: least a lease: two intervals here cannot outlive that grace.
+HEARTBEAT_TIMEOUT_INTERVALS = 2.0
 
 
 class EnrollmentRefused(RuntimeError):
@@ -165,7 +172,9 @@ class CoordinatorLink:
                     locked = time.monotonic()
                     hb = await loop.run_in_executor(self._control_pool, self._heartbeat)
                     built = time.monotonic()
-                    reply = await self.api.heartbeat(hb)
+                    reply = await self.api.heartbeat(
+                        hb, timeout=HEARTBEAT_TIMEOUT_INTERVALS * self.view.heartbeat_interval
+                    )
                 took = time.monotonic() - started
                 if took > self.view.heartbeat_interval:
                     # the coordinator marks a node down after a few missed intervals:
