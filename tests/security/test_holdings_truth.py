@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from fake_clock_coordinator import Sim
 
+from fake_clock_coordinator import Sim
 from rainbowd.coordinator.holdings import HOLDING_GRACE_INTERVALS, ORPHAN_GRACE_INTERVALS
 from rainbowd.core import messages as m
 from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec

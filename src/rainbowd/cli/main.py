@@ -3,7 +3,8 @@
     rbd status                          (which coordinator leads; no token needed)
     rbd nodes
     rbd images [--wide]
-    rbd images add REF --from SOURCE [--origin NODE] [--compression off|gzip|zstd]
+    rbd images add REF --from SOURCE [--origin NODE] [--standby-origin NODE ...]
+                   [--compression off|gzip|zstd]
                    [--platform OS/ARCH] [--insecure] [--ca-file PATH]
                    [--credentials-file PATH] [--no-wait]
     rbd images rm REF
@@ -103,6 +104,15 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--from", dest="source", metavar="SOURCE", help="where the origin reads it")
     where.add_argument("--archive", metavar="PATH", help="deprecated: same as --from archive:PATH")
     add.add_argument("--origin", default="", help="origin node id (default: the only origin)")
+    add.add_argument(
+        "--standby-origin",
+        dest="standby_origins",
+        action="append",
+        default=[],
+        metavar="NODE",
+        help="an origin node that reads the same source and takes over if the origin dies "
+        "while the image is ingested or distributed (repeat for more, in order)",
+    )
     add.add_argument(
         "--compression",
         choices=("off", "gzip", "zstd"),
@@ -339,7 +349,11 @@ def _source(args: argparse.Namespace) -> m.ImageSource:
 async def _images_add(args: argparse.Namespace, token: str) -> int:
     source = getattr(args, "parsed_source", None) or _source(args)
     req = m.CreateImage(
-        ref=args.ref, source=source, origin=args.origin, compression=args.compression
+        ref=args.ref,
+        source=source,
+        origin=args.origin,
+        compression=args.compression,
+        standby_origins=args.standby_origins,
     )
     async with _admin(args, token) as admin:
         view = await admin.add_image(req)

@@ -140,6 +140,7 @@ from .jobs_service import JobsService
 from .liveness import Liveness
 from .metrics import CoordinatorMetrics, MetricsSnapshot
 from .ops import ClusterOps
+from .origin_standby import OriginStandby
 from .quarantine import Quarantine
 from .restore import restore
 from .state import StateStore, StoredImage
@@ -223,7 +224,7 @@ class Coordinator:
             ctx, self.job_service, self.images, lambda nid, d: self.ops.withheld(nid, d)
         )
         self.liveness = Liveness(
-            ctx, self.job_service, self.dispatch, self.started_at, lambda now: self.ops.expire(now)
+            ctx, self.job_service, self.dispatch, self.started_at, self._liveness_pass
         )
         self.quarantine = Quarantine(
             ctx,
@@ -262,7 +263,15 @@ class Coordinator:
         )
         # rbd run/rm/build/images rm-nodes/docker check (coordinator/ops.py)
         self.ops = ClusterOps(ctx, self.images, self.job_service, store.work_dir / "contexts")
+        self.origin_standby = OriginStandby(
+            ctx, self.image_service, self.job_service, self.started_at
+        )
         restore(ctx, self.image_service, self.job_service, self.dispatch, self.started_at)
+
+    def _liveness_pass(self, now: float) -> None:
+        """What runs on each liveness pass besides liveness itself."""
+        self.ops.expire(now)
+        self.origin_standby.fail_over(now)
 
     # ------------------------------------------------------------------
     # shared state, as it was reachable before the split

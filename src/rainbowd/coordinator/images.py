@@ -78,4 +78,5 @@ def image_view(image: StoredImage, holders: list[str]) -> ImageView:
         error=image.error,
         source=describe(image.source),
         uncompressed_size=image.record.uncompressed_size if image.record else 0,
+        standby_origins=list(image.standby_origins),
     )

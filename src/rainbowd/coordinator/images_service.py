@@ -14,6 +14,7 @@ import msgspec
 import structlog
 
 from rainbowd.core.chunks import ChunkManifest
+from rainbowd.core.digest import short
 from rainbowd.core.messages import (
     CreateImage,
     ImageList,
@@ -28,6 +29,7 @@ from rainbowd.core.sources import SourceError, check_source, describe
 from .cluster import Node
 from .context import Schedule, ServiceContext
 from .errors import BadRequest, Conflict, Forbidden, NotFound
+from .evidence import COORDINATOR
 from .holdings_service import HoldingsService
 from .images import check_ingest, check_ref, image_view
 from .jobs_service import JobsService
@@ -103,6 +105,7 @@ class ImagesService:
             )
         else:
             raise BadRequest(f"several origins ({', '.join(origins)}): say which one with origin")
+        standbys = self._standby_origins(req, origin, origins)
         image = StoredImage(
             ref=req.ref,
             state="ingesting",
@@ -111,6 +114,7 @@ class ImagesService:
             ingest_id=ctx.new_id("i"),
             created_at=ctx.clock(),
             compression=req.compression,
+            standby_origins=standbys,
         )
         self.images[req.ref] = image
         ctx.store.save_image(image)
@@ -124,6 +128,23 @@ class ImagesService:
             compression=req.compression,
         )
         return self.image_view(req.ref)
+
+    def _standby_origins(self, req: CreateImage, origin: str, origins: list[str]) -> list[str]:
+        """The standby origins asked for: enrolled origin nodes, not quarantined, each once."""
+        out: list[str] = []
+        for nid in req.standby_origins:
+            node = self.ctx.cluster.get(nid)
+            if node is None or "origin" not in node.info.roles:
+                raise BadRequest(
+                    f"standby origin {nid!r} is not a node with the origin role "
+                    f"(origins: {', '.join(origins) or 'none'})"
+                )
+            if node.quarantined:
+                raise BadRequest(f"standby origin {nid} is quarantined")
+            if nid == origin or nid in out:
+                raise BadRequest(f"standby origin {nid} is named twice (or is the origin)")
+            out.append(nid)
+        return out
 
     def remove_image(self, ref: str) -> None:
         """Forget an image; refused while a running job distributes it.
@@ -176,7 +197,8 @@ class ImagesService:
         now = ctx.clock()
         image = self._ingest(node, ingest_id)
         if image.state == "ready":
-            return  # a repeated report
+            self._took_over(node, image, m, now)  # a standby origin's read, or a repeat
+            return
         if image.state != "ingesting":
             raise Conflict(f"image {image.ref} is {image.state}; ingest {ingest_id} is over")
         try:
@@ -196,8 +218,45 @@ class ImagesService:
             ctx.save_node(node)
         self.schedule(now)
 
+    def _took_over(self, node: Node, image: StoredImage, m: IngestDone, now: float) -> None:
+        """The ingest of a ready image by the origin that took it over (origin_standby.py).
+
+        It read the image again from the same source: it must be the same image
+        (layer for layer, chunk manifest for chunk manifest), and then the new
+        origin holds every layer. A repeated report changes nothing.
+        """
+        assert image.record is not None
+        want = [lr.digest for lr in image.record.layers]
+        if set(want) <= node.holdings:
+            return
+        got = [lr.digest for lr in m.image.layers]
+        same = got == want and {mf.digest: mf for mf in m.manifests} == {
+            mf.digest: mf for mf in image.manifests
+        }
+        if not same:
+            why = (
+                f"standby origin {node.node_id} read a different image from "
+                f"{describe(image.source)} for {image.ref} (layers {_names(got)}, recorded "
+                f"{_names(want)}): the source changed; add the image again"
+            )
+            log.error("origin takeover read a different image", image=image.ref, node=node.node_id)
+            self.ctx.store.add_security_event(COORDINATOR, node.node_id, "origin_mismatch", why)
+            raise Conflict(why)
+        log.warning("standby origin holds the image", image=image.ref, origin=node.node_id)
+        if self.holdings.add(node, want, now):
+            self.ctx.save_node(node)
+        self.schedule(now)
+
     def ingest_failed(self, node: Node, ingest_id: str, m: TaskFailed) -> None:
         image = self._ingest(node, ingest_id)
+        if image.state == "ready":  # a standby origin's read after a takeover
+            log.error(
+                "standby origin could not read the image again; it holds none of it",
+                image=image.ref,
+                origin=node.node_id,
+                reason=m.reason,
+            )
+            return
         if image.state != "ingesting":
             return
         image.state, image.error = "failed", m.reason or "ingest failed (no reason given)"
@@ -213,3 +272,7 @@ class ImagesService:
                 f"ingest {ingest_id} was assigned to {image.origin}, not {node.node_id}"
             )
         return image
+
+
+def _names(digests: list[str]) -> str:
+    return ", ".join(short(d) for d in digests) or "none"

@@ -38,13 +38,15 @@ class Liveness:
         jobs: JobsService,
         dispatch: Dispatch,
         started_at: float,
-        expire_ops: Callable[[float], None],
+        on_pass: Callable[[float], None],
     ) -> None:
         self.ctx = ctx
         self.jobs = jobs
         self.dispatch = dispatch
         self.started_at = started_at
-        self.expire_ops = expire_ops  # cluster ops past their deadline fail (ops.py)
+        #: what else each pass does: cluster ops past their deadline fail (ops.py), images
+        #: whose origin is down move to a standby origin (origin_standby.py)
+        self.on_pass = on_pass
         self.orphans = holdings.OrphanWatch()
         self._last_check: float | None = None  # when check_liveness last ran
         self._deferred = False  # the last pass left stale nodes up (see check_liveness)
@@ -146,7 +148,7 @@ class Liveness:
         ):
             p.fail(why, now)
             self.jobs.node_failed(job, p, now)
-        self.expire_ops(now)
+        self.on_pass(now)
         return [n.node_id for n in gone]
 
     def reap_orphans(self, now: float) -> None:

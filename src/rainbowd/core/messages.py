@@ -500,6 +500,12 @@ class ImageView(msgspec.Struct, kw_only=True):
     error: str = ""
     source: str = ""  # where the origin read it, for people (rainbowd.core.sources.describe)
     uncompressed_size: int = 0
+    standby_origins: list[str] = []  # next origins, in the order they take over
+
+
+#: most standby origins one image may name (each reads the source only if it takes over)
+MAX_STANDBY_ORIGINS = 8
+StandbyOrigins = Annotated[list[Name], Meta(max_length=MAX_STANDBY_ORIGINS)]
 
 
 class CreateImage(Msg, kw_only=True):
@@ -507,6 +513,9 @@ class CreateImage(Msg, kw_only=True):
     source: ImageSource
     origin: Name = ""  # node id with the origin role; "" = the only origin
     compression: Compression = "off"
+    #: origin nodes that read the same source and take over, in this order, when the
+    #: origin goes down while the image is ingesting or distributed (coordinator/origin_standby.py)
+    standby_origins: StandbyOrigins = []
 
 
 class CreateJob(Msg, kw_only=True):

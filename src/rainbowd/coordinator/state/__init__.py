@@ -136,6 +136,9 @@ class StoredImage(msgspec.Struct, kw_only=True):
     manifests: list[ChunkManifest] = []
     error: str = ""
     compression: Compression = "off"  # asked of the origin for uncompressed layers
+    #: origins that take over, in order, when ``origin`` goes down (coordinator/origin_standby.py);
+    #: the one it replaced goes to the end of the list
+    standby_origins: list[str] = []
 
 
 class StateStore(Protocol):

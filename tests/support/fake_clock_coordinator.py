@@ -136,8 +136,32 @@ class Sim:
         self.credentials[node_id] = reply.credential
         return self.node(node_id)
 
-    def add_image(self, origin: str, ref: str = "app:1", sizes: Sequence[int] = (70_000,)) -> Image:
-        """Add an image and play the origin's ingest of it."""
+    def add_image(
+        self,
+        origin: str,
+        ref: str = "app:1",
+        sizes: Sequence[int] = (70_000,),
+        *,
+        standby_origins: Sequence[str] = (),
+        ingest: bool = True,
+    ) -> Image:
+        """Add an image and (``ingest``) play the origin's ingest of it."""
+        image = self.read_image(ref, sizes)
+        self.c.add_image(
+            CreateImage(
+                ref=ref,
+                source=ArchiveSource(path="/srv/app.tar"),
+                origin=origin,
+                standby_origins=list(standby_origins),
+            )
+        )
+        if ingest:
+            self.ingest(origin, image)
+        return image
+
+    @staticmethod
+    def read_image(ref: str = "app:1", sizes: Sequence[int] = (70_000,)) -> Image:
+        """An image as an origin reads it from its source: random layers of ``sizes``."""
         manifests = [
             build_manifest(io.BytesIO(os.urandom(n)), chunk_size=MIN_CHUNK_SIZE) for n in sizes
         ]
@@ -151,11 +175,14 @@ class Sim:
                 for m in manifests
             ],
         )
-        self.c.add_image(CreateImage(ref=ref, source=ArchiveSource(path="/srv/app.tar")))
-        [ingest] = [a for a in self.take(origin) if isinstance(a, IngestAssignment)]
-        done = IngestDone(image=record, manifests=manifests)
-        self.c.ingest_done(self.node(origin), ingest.ingest_id, done)
         return Image(record, manifests)
+
+    def ingest(self, origin: str, image: Image) -> str:
+        """Play ``origin`` taking its ingest assignment and reporting ``image``; the ingest id."""
+        [task] = [a for a in self.take(origin) if isinstance(a, IngestAssignment)]
+        done = IngestDone(image=image.record, manifests=image.manifests)
+        self.c.ingest_done(self.node(origin), task.ingest_id, done)
+        return task.ingest_id
 
     def job(self, image: Image, targets: list[str]) -> JobView:
         return self.c.create_job(CreateJob(image=image.record.ref, targets=targets))
