@@ -46,11 +46,13 @@ class Reports:
         self.failed.append(m)
 
 
-def make_agent(tmp: Path, reports: Reports, monkeypatch: pytest.MonkeyPatch) -> Agent:
+def make_agent(
+    tmp: Path, reports: Reports, monkeypatch: pytest.MonkeyPatch, extra: str = ""
+) -> Agent:
     cfg = tmp / "agent.toml"
     cfg.write_text(
         'node_id = "n7"\ncoordinator_url = "http://127.0.0.1:1"\n'
-        f'state_dir = "{tmp / "state"}"\nlisten_address = "127.0.0.1"\nssh_port = 0\n'
+        f'state_dir = "{tmp / "state"}"\nlisten_address = "127.0.0.1"\nssh_port = 0\n' + extra
     )
     agent = Agent(load_config(cfg))
 
@@ -125,3 +127,16 @@ async def test_a_node_without_an_engine_fails_a_load_naming_both_keys(
     (failed,) = reports.failed
     assert "n7" in failed.reason
     assert "docker_url" in failed.reason and "containerd_address" in failed.reason
+
+
+async def test_a_mirror_only_node_records_the_image_for_its_front_door_and_is_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No engine, but a registry front door: the load is the image record, and it is done."""
+    reports = Reports()
+    agent = make_agent(tmp_path, reports, monkeypatch, 'mirror_listen = "127.0.0.1:0"\n')
+    assert agent.loads.docker is None and agent.loads.containerd is None
+    a = assignment()
+    await agent.loads.load(a)
+    assert not reports.failed and len(reports.done) == 1
+    assert a.image.ref in agent.catalog.recorded

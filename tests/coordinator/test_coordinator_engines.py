@@ -1,10 +1,12 @@
-"""Which nodes get a load: one with Docker or containerd (or both), none without an engine.
+"""Which nodes get a load: one with Docker or containerd (or both) or a registry front door.
 
 A node tells the coordinator at registration which engines it can load into
-(``docker``, ``containerd``); the coordinator keeps that with the node (and
-across its own restart) and sends a LoadAssignment when a node holding every
-layer has either. The job stays "loading" until the agent reports, so no
-node is "done" before its engine holds the image.
+(``docker``, ``containerd``) and whether it runs the front door (``mirror``);
+the coordinator keeps that with the node (and across its own restart) and
+sends a LoadAssignment when a node holding every layer has any of them (a
+mirror-only node needs the image record to serve it). The job stays
+"loading" until the agent reports, so no node is "done" before its engine
+holds the image; a node with none of them is done when it holds the layers.
 """
 
 from __future__ import annotations
@@ -21,18 +23,26 @@ from rainbowd.lib.client import AdminClient
 
 
 @pytest.mark.parametrize(
-    ("docker", "containerd", "loads"),
-    [(False, True, True), (True, True, True), (True, False, True), (False, False, False)],
+    ("docker", "containerd", "mirror", "loads"),
+    [
+        (False, True, False, True),
+        (True, True, False, True),
+        (True, False, False, True),
+        (False, False, True, True),
+        (False, False, False, False),
+    ],
 )
-async def test_a_node_with_any_engine_is_sent_a_load(
-    coord: Running, admin: AdminClient, docker: bool, containerd: bool, loads: bool
+async def test_a_node_with_any_engine_or_a_front_door_is_sent_a_load(
+    coord: Running, admin: AdminClient, docker: bool, containerd: bool, mirror: bool, loads: bool
 ) -> None:
     origin = await enroll(coord.url, "origin", roles=["origin"])
     img = fake_image(sizes=(70_000,))
     await ingest(admin, origin, img)
-    n = await enroll(coord.url, "n", docker=docker, containerd=containerd, holdings=img.digests)
+    n = await enroll(
+        coord.url, "n", docker=docker, containerd=containerd, mirror=mirror, holdings=img.digests
+    )
     (view,) = [x for x in (await admin.nodes()).nodes if x.node_id == "n"]
-    assert (view.docker, view.containerd) == (docker, containerd)
+    assert (view.docker, view.containerd, view.mirror) == (docker, containerd, mirror)
     job = await admin.create_job(CreateJob(image=img.record.ref, targets=["n"]))
     (p,) = job.nodes
     if not loads:

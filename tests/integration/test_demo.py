@@ -39,4 +39,13 @@ async def test_rbd_demo_distributes_and_runs(dockerd: PrivateDockerd, tmp_path: 
     for i in range(1, 9):
         assert re.search(rf"^\s+node-{i:02d}\s+done\s+\d+\.\d+s\s+from ", out, re.M), out
     assert "hello from rbd" in out
+    # rbd distribute preheated every node: each one's mirror serves the image from its store
+    pulled = re.findall(
+        r"^\s+(\S+)\s+pulled rbd-demo@sha256:[0-9a-f]{12}\.\.\. from its mirror "
+        r"127\.0\.0\.1:\d+ .*, 0 B from peers\)$",
+        out,
+        re.M,
+    )
+    assert sorted(pulled) == ["origin"] + [f"node-{i:02d}" for i in range(1, 9)], out
+    assert "9 pulls served from the nodes' own stores" in out
     assert not (tmp_path / "demo").exists(), "the demo left its work dir behind"

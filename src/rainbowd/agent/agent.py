@@ -150,6 +150,7 @@ class Agent:
             reports=self.reports,
             view=self.view,
             log=self.log,
+            front_door=bool(config.mirror_listen),
         )
         self.ops = OpRunner(
             config.node_id,

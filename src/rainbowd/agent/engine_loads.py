@@ -40,8 +40,12 @@ class EngineLoads:
         reports: ReportSender,
         view: AgentView,
         log: FilteringBoundLogger,
+        front_door: bool = False,
     ) -> None:
         self.node_id = node_id
+        #: the agent runs its registry front door: a load on a node without an engine
+        #: records the image for it and is done (the coordinator sends one for that)
+        self.front_door = front_door
         self.docker = docker
         # containerd is a load target too (agent/containerd/): a node without Docker runs
         # what rbd distributes, and a node with both gets every image into both
@@ -76,6 +80,17 @@ class EngineLoads:
         """
         llog = self.log.bind(image=a.image.ref, load=a.load_id)
         engines = self.engines()
+        if not engines and self.front_door:
+            # a mirror-only node: the record is what it needed (the layers are held)
+            await keep_for_front_door(self.catalog, a.image, self.log)
+            llog.info("image recorded for the front door; no engine to load into")
+            await self.reports.send(
+                f"load {a.load_id} of {a.image.ref} done",
+                lambda rid: self.api.load_done(
+                    a.load_id, m.LoadDone(seconds=0.0, layers_sent=0), rid
+                ),
+            )
+            return
         if not engines:
             reason = (
                 f"node {self.node_id} has no Docker engine (docker_url) nor containerd "

@@ -149,6 +149,14 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--dir", type=Path, default=None, help="work dir (default: a temp dir)")
     demo.add_argument("--keep", action="store_true", help="keep the work dir and logs")
     demo.add_argument("--no-docker", action="store_true", help="do not start a Docker engine")
+    pulls = demo.add_mutually_exclusive_group()
+    pulls.add_argument(
+        "--pull",
+        action="store_true",
+        default=None,
+        help="then pull the image through every node's registry mirror (default with skopeo)",
+    )
+    pulls.add_argument("--no-pull", dest="pull", action="store_false", help="do not pull")
     opscli.add_parsers(sub, isub)
     for path, sp in _subparsers(p):
         if path in JSON_COMMANDS:
@@ -208,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                 workdir=args.dir,
                 keep=args.keep,
                 docker=not args.no_docker,
+                pull=args.pull,
             )
         )
     # stdout is the command's output (tables, --json): the client's notes go to stderr, and

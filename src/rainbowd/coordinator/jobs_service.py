@@ -167,8 +167,8 @@ class JobsService:
         if node is None or image is None or image.record is None:
             p.fail(f"node {p.node_id} or image {job.image} vanished", now)
             return
-        if not (node.docker or node.containerd):  # no engine: holding the layers is all
-            p.finish(now)
+        if not (node.docker or node.containerd or node.mirror):
+            p.finish(now)  # no engine and no front door: holding the layers is all
             return
         load_id = ctx.new_id("l")
         p.loading(load_id)

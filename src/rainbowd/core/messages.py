@@ -173,6 +173,10 @@ class RegisterRequest(Msg, kw_only=True):
     docker: bool = False  # a Docker engine is reachable on this host
     #: containerd answers on this host (a load target too); absent from older agents
     containerd: bool = False
+    #: the agent runs its registry front door (``mirror_listen``): a job's image record is
+    #: sent to it once it holds every layer (a LoadAssignment), engine or not, so its
+    #: mirror serves the image without a pull from anywhere (rbd distribute as preheat)
+    mirror: bool = False
     disk_free: Bytes = 0
     speed_hint_bps: Rate = 0.0  # configured link speed; 0 = unknown
     #: configured download speed (links are often asymmetric); 0 = unknown: the upload hint
@@ -488,6 +492,7 @@ class NodeView(msgspec.Struct, kw_only=True):
     quarantine_reason: str = ""
     suspect: bool = False  # a demander could not reach it: no new work until it reports
     containerd: bool = False  # containerd answers there (a load target beside Docker)
+    mirror: bool = False  # it runs the registry front door
 
 
 class ImageView(msgspec.Struct, kw_only=True):

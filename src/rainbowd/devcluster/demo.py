@@ -5,7 +5,10 @@ layers, one of them a data payload), starts a coordinator and an origin plus
 N agents as real processes on loopback, adds the image at the origin,
 distributes it to every node with live progress, prints per-node times, and,
 where a Docker engine can run here (root, ``dockerd`` installed), loads it into
-a private engine through one agent and runs a container from it.
+a private engine through one agent and runs a container from it. With ``pull``
+(``rbd demo --pull``; the default where skopeo is installed) every agent runs its
+registry front door and the image is then pulled through each node's mirror,
+served from the node's own store (devcluster/demo_pull.py).
 """
 
 from __future__ import annotations
@@ -49,13 +52,21 @@ async def run_demo(
     workdir: Path | None = None,
     keep: bool = False,
     docker: bool = True,
+    pull: bool | None = None,
 ) -> int:
+    """Run the demo; ``pull`` None: pull through the mirrors where skopeo is installed."""
+    from rainbowd.devcluster.demo_pull import skopeo_available
     from rainbowd.devcluster.dockerd import DockerdError, PrivateDockerd
     from rainbowd.devcluster.imagebuild import build_demo_image
 
     if nodes < 1:
         print("rbd demo: --nodes must be at least 1", file=sys.stderr)
         return 2
+    if pull and not skopeo_available():
+        print("rbd demo: --pull needs skopeo (apt-get install skopeo)", file=sys.stderr)
+        return 2
+    if pull is None:
+        pull = skopeo_available()
     root = Path(workdir or tempfile.mkdtemp(prefix="rbd-demo-"))
     root.mkdir(parents=True, exist_ok=True)
     _say(f"rbd demo: working in {root}")
@@ -72,11 +83,18 @@ async def run_demo(
             except DockerdError as e:
                 _say(f"no Docker engine for the demo ({e}); distributing only")
         specs = _demo_nodes(nodes, engine.url if engine else "")
+        if pull:
+            from rainbowd.devcluster.demo_pull import MIRROR_CONFIG
+
+            for spec in specs:
+                spec.config.update(MIRROR_CONFIG)
         cluster = LocalCluster(root / "cluster", specs)
         try:
             _say(f"starting rbd-coordinator and {len(specs)} rbd-agent processes on loopback ...")
             await cluster.start()
             code = await _run(cluster, archive, engine is not None, specs[-1].node_id)
+            if code == 0 and pull:
+                code = await _pull(cluster)
         finally:
             await cluster.stop()
     if keep:
@@ -119,6 +137,22 @@ async def _run(cluster: LocalCluster, archive: Path, docker: bool, docker_node: 
         for line in output.splitlines():
             _say(f"  | {line}")
         return 0 if code == 0 else 1
+    return 0
+
+
+async def _pull(cluster: LocalCluster) -> int:
+    from rainbowd.devcluster.demo_pull import PullError, pull_everywhere
+
+    _say(f"pulling {DEMO_REF} through every node's registry mirror (skopeo, by digest):")
+    try:
+        pulls = await pull_everywhere(cluster, DEMO_REF, _say)
+    except PullError as e:
+        print(f"rbd demo: {e}", file=sys.stderr)
+        return 1
+    _say(
+        f"{len(pulls)} pulls served from the nodes' own stores: 0 bytes from peers, "
+        "no transfer assigned (rbd distribute preheated them)"
+    )
     return 0
 
 

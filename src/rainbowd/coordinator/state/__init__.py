@@ -106,6 +106,7 @@ class StoredNode(msgspec.Struct, kw_only=True):
     roles: Roles = []
     docker: bool = False
     containerd: bool = False  # a load target beside Docker (absent in older rows: False)
+    mirror: bool = False  # runs the registry front door (absent in older rows: False)
     speed_hint_bps: Rate = 0.0
     download_hint_bps: Rate = 0.0
     holdings: list[Digest] = []  # only layers of known images (bounded by them)
