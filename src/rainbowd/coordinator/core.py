@@ -112,6 +112,8 @@ from rainbowd.core.messages import (
     LoadDone,
     NodeList,
     NodeView,
+    PullReply,
+    PullRequest,
     RegisterReply,
     RegisterRequest,
     SecurityEvent,
@@ -141,6 +143,7 @@ from .liveness import Liveness
 from .metrics import CoordinatorMetrics, MetricsSnapshot
 from .ops import ClusterOps
 from .origin_standby import OriginStandby
+from .pulls import PullsService
 from .quarantine import Quarantine
 from .restore import restore
 from .state import StateStore, StoredImage
@@ -263,6 +266,7 @@ class Coordinator:
         )
         # rbd run/rm/build/images rm-nodes/docker check (coordinator/ops.py)
         self.ops = ClusterOps(ctx, self.images, self.job_service, store.work_dir / "contexts")
+        self.pulls = PullsService(ctx, self.image_service, self.job_service)
         self.origin_standby = OriginStandby(
             ctx, self.image_service, self.job_service, self.started_at
         )
@@ -431,6 +435,9 @@ class Coordinator:
 
     def create_job(self, req: CreateJob) -> JobView:
         return self.job_service.create_job(req)
+
+    def pull(self, node: Node, req: PullRequest) -> PullReply:
+        return self.pulls.pull(node, req)
 
     # -- for ops.py and tests: the rules below the API ----------------------
     def _targets(self, names: list[str]) -> list[str]:

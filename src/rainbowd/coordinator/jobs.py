@@ -271,6 +271,8 @@ class Job:
     finished_at: float = 0.0
     error: str = ""
     image_bytes: int = 0  # one copy of the image, uncompressed
+    #: made by pulls through the front doors: nodes pulling the image join it (pulls.py)
+    pull: bool = False
 
     @classmethod
     def create(
@@ -283,20 +285,35 @@ class Job:
         now: float,
         *,
         image_bytes: int = 0,
+        pull: bool = False,
     ) -> Job:
         """A new job; ``layers`` are (digest, size) in image order, ``holdings`` per target.
 
         Layers are shared across images: a target already holding a layer (from
         any image) starts with it done and never demands it.
         """
+        job = cls(
+            job_id=job_id, image=image, created_at=now, nodes={}, image_bytes=image_bytes, pull=pull
+        )
         order = unique_layers([d for d, _ in layers])
         sizes = dict(layers)
-        nodes = {}
         for nid in targets:
-            p = NodeProgress(node_id=nid, layers=order, sizes=sizes, started_at=now)
-            p.done = {d for d in order if d in holdings.get(nid, set())}
-            nodes[nid] = p
-        return cls(job_id=job_id, image=image, created_at=now, nodes=nodes, image_bytes=image_bytes)
+            job.add_node(nid, order, sizes, holdings.get(nid, set()), now)
+        return job
+
+    def add_node(
+        self,
+        node_id: str,
+        order: list[str],
+        sizes: dict[str, int],
+        holdings: set[str],
+        now: float,
+    ) -> NodeProgress:
+        """A target (at creation, or a node joining a running pull job); held layers done."""
+        p = NodeProgress(node_id=node_id, layers=order, sizes=sizes, started_at=now)
+        p.done = {d for d in order if d in holdings}
+        self.nodes[node_id] = p
+        return p
 
     @classmethod
     def from_view(
@@ -330,6 +347,7 @@ class Job:
             finished_at=view.finished_at,
             error=view.error,
             image_bytes=view.image_bytes,
+            pull=view.pull,
         )
 
     @property
@@ -363,6 +381,7 @@ class Job:
             image_bytes=self.image_bytes,
             wire_bytes=sum(p.wire_bytes for p in self.nodes.values()),
             copy_bytes=self.copy_bytes,
+            pull=self.pull,
         )
 
     @property

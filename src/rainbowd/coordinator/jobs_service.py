@@ -95,7 +95,8 @@ class JobsService:
             raise NotFound(f"no job {job_id!r}")
         return job.view()
 
-    def create_job(self, req: CreateJob) -> JobView:
+    def create_job(self, req: CreateJob, *, pull: bool = False) -> JobView:
+        """A new job (``pull``: made by a front door's miss, coordinator/pulls.py)."""
         ctx = self.ctx
         now = ctx.clock()
         image = self.images.get(req.image)
@@ -116,6 +117,7 @@ class JobsService:
             holdings,
             now,
             image_bytes=image.record.uncompressed_size,
+            pull=pull,
         )
         self.jobs[job.job_id] = job
         log.info("job created", job=job.job_id, image=req.image, nodes=len(targets))
@@ -125,6 +127,19 @@ class JobsService:
         ctx.store.save_job(job.view())
         self.schedule(now)
         return job.view()
+
+    def join(self, job: Job, node_id: str, now: float) -> None:
+        """``node_id`` joins the running pull ``job``: it demands what it lacks, as targets do."""
+        first = next(iter(job.nodes.values()))
+        held = self.ctx.cluster.nodes[node_id].holdings
+        p = job.add_node(node_id, first.layers, first.sizes, held, now)
+        log.info("node joined pull job", job=job.job_id, node=node_id, image=job.image)
+        if p.all_held():
+            self.node_has_all(job, p, now)
+        else:
+            self.ctx.driver.demand(node_id, p.missing(), job.job_id, now)
+        self.ctx.store.save_job(job.view())
+        self.schedule(now)
 
     def targets(self, names: list[str]) -> list[str]:
         nodes = self.ctx.cluster.nodes
@@ -167,8 +182,10 @@ class JobsService:
         if node is None or image is None or image.record is None:
             p.fail(f"node {p.node_id} or image {job.image} vanished", now)
             return
-        if not (node.docker or node.containerd or node.mirror):
-            p.finish(now)  # no engine and no front door: holding the layers is all
+        if job.pull or not (node.docker or node.containerd or node.mirror):
+            # no engine and no front door: holding the layers is all; and a pull's client
+            # (containerd, Docker) takes the image from the front door, which has the record
+            p.finish(now)
             return
         load_id = ctx.new_id("l")
         p.loading(load_id)

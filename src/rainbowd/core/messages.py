@@ -523,6 +523,26 @@ class CreateImage(Msg, kw_only=True):
     standby_origins: StandbyOrigins = []
 
 
+class PullRequest(Msg, kw_only=True):
+    """A node's registry front door lacks ``image``: the node asks to get it (POST /v1/pulls).
+
+    A node asks only for itself (it is the authenticated caller); the image is
+    one the coordinator knows, by its rbd ref.
+    """
+
+    image: Text
+
+
+class PullReply(Msg, kw_only=True):
+    """What became of a pull: ``held`` (the node holds every layer: serve it now),
+    ``joined`` (the node is in the running pull job ``job_id``), ``ingesting`` (the
+    origin is still reading the image: ask again)."""
+
+    state: Literal["held", "joined", "ingesting"]
+    job_id: str = ""
+    image: ImageRecord | None = None  # the record to serve (once ready)
+
+
 class CreateJob(Msg, kw_only=True):
     image: Text
     targets: Names  # node ids, or ["all"]
@@ -573,6 +593,9 @@ class JobView(msgspec.Struct, kw_only=True):
     # one copy as it crosses a link (the image's distinct layers as stored, compressed or
     # not): wire_bytes / copy_bytes is the number of copies the job sent
     copy_bytes: int = 0
+    #: made by pulls through the nodes' registry front doors (not by an admin): nodes
+    #: that pull the same image while it runs join it (coordinator/pulls.py)
+    pull: bool = False
 
 
 class ActiveTransferView(msgspec.Struct, kw_only=True):

@@ -57,6 +57,8 @@ from rainbowd.core.messages import (
     OpResult,
     OpStarted,
     OpView,
+    PullReply,
+    PullRequest,
     RegisterReply,
     RegisterRequest,
     ReportBatch,
@@ -513,6 +515,10 @@ class AgentClient(_Http):
 
     async def security_event(self, ev: SecurityEvent, report_id: str = "") -> None:
         await self.request("POST", "events", msg=ev, report_id=report_id)
+
+    async def pull(self, req: PullRequest) -> PullReply:
+        """Ask for an image this node's front door lacks (coordinator/pulls.py)."""
+        return await self.call("POST", "pulls", PullReply, req)
 
     async def trust(self) -> TrustList:
         """The coordinator's current trust list (see ChunkServer's refresh on unknown keys)."""

@@ -35,6 +35,8 @@ Routes (prefix ``/v1``)::
     POST ingests/{id}/failed      TaskFailed -> 204
     POST loads/{id}/done          LoadDone -> 204
     POST loads/{id}/failed        TaskFailed -> 204
+    POST pulls                    PullRequest -> PullReply (its registry front door lacks an
+                                  image: the node joins or starts a pull job; pulls.py)
     POST events                   SecurityEvent -> 204 (429 past the node's event budget; 403
                                   for a claim about a peer with no transfer behind it:
                                   coordinator/evidence.py)
@@ -89,6 +91,7 @@ from rainbowd.core.messages import (
     IngestDone,
     LoadDone,
     MessageError,
+    PullRequest,
     RegisterRequest,
     SecurityEvent,
     SecurityEventList,
@@ -308,6 +311,11 @@ async def evict(request: web.Request) -> web.Response:
     return reply(request, coord(request).evict(node, await body(request, EvictRequest)))
 
 
+async def pull(request: web.Request) -> web.Response:
+    node = agent(request)
+    return reply(request, coord(request).pull(node, await body(request, PullRequest)))
+
+
 async def trust(request: web.Request) -> web.Response:
     agent(request)
     return reply(request, coord(request).cluster.trust())
@@ -485,6 +493,7 @@ def create_app(
     r.add_post("/v1/events", security_event)
     r.add_get("/v1/trust", trust)
     r.add_post("/v1/evictions", evict)
+    r.add_post("/v1/pulls", pull)
     r.add_get("/v1/nodes", list_nodes)
     r.add_get("/v1/security-events", list_security_events)
     r.add_post("/v1/nodes/{id}/clear-quarantine", clear_quarantine)

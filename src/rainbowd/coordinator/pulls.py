@@ -1,0 +1,80 @@
+"""The pulls service: a node's registry front door lacks an image, and asks for it (issue 17).
+
+A pull through an agent's front door (agent/mirror/) of an image the node does
+not hold becomes a P2P distribution to that node (``POST /v1/pulls``, a
+:class:`~rainbowd.core.messages.PullRequest`). The rules:
+
+* **A node asks only for itself.** The caller is the authenticated node; the
+  request names an image the coordinator knows (its rbd ref). Nothing a node
+  says can put another node in a job.
+* **One job per image at a time.** The first pull of an image starts a *pull
+  job* (``JobView.pull``); every node that pulls the same image while that job
+  runs joins it, so the normal scheduler feeds them together -- fast nodes
+  first, cut-through relay, each layer from the origin once when peers can
+  carry it -- rather than in one job each. A pull after the job ended starts
+  the next one.
+* **The answer says what to do now**: ``held`` (the node holds every layer:
+  its front door serves the image with the record in the reply), ``joined``
+  (the job id; the front door waits for the layers), ``ingesting`` (the origin
+  is still reading the image: ask again). An unknown or failed image is an
+  error, and the front door answers the client so it falls back to the
+  upstream itself.
+* A node in a pull job gets no engine load: its client (containerd, Docker)
+  takes the image from the front door, which has the record from the reply.
+"""
+
+from __future__ import annotations
+
+import structlog
+
+from rainbowd.core.messages import CreateJob, PullReply, PullRequest
+
+from .cluster import Node
+from .context import ServiceContext
+from .errors import Conflict, Forbidden, NotFound
+from .images_service import ImagesService
+from .jobs_service import JobsService
+
+log = structlog.get_logger(__name__)
+
+
+class PullsService:
+    """Turns front-door misses into pull jobs; see the module docstring."""
+
+    def __init__(self, ctx: ServiceContext, images: ImagesService, jobs: JobsService) -> None:
+        self.ctx = ctx
+        self.images = images
+        self.jobs = jobs
+
+    def pull(self, node: Node, req: PullRequest) -> PullReply:
+        if node.quarantined:
+            raise Forbidden(f"node {node.node_id} is quarantined: it gets no image by pulls")
+        image = self.images.images.get(req.image)
+        if image is None:
+            raise NotFound(f"node {node.node_id} pulls {req.image!r}: no such image here")
+        if image.state == "ingesting":
+            return PullReply(state="ingesting")
+        if image.state != "ready" or image.record is None:
+            raise Conflict(f"image {req.image} is {image.state}: {image.error or 'not ready'}")
+        record = image.record
+        if {lr.digest for lr in record.layers} <= node.holdings:
+            return PullReply(state="held", image=record)
+        now = self.ctx.clock()
+        running = [
+            j for j in self.jobs.jobs.values() if j.running and j.pull and j.image == req.image
+        ]
+        if running:
+            job = running[0]
+            mine = job.nodes.get(node.node_id)
+            if mine is None:
+                self.jobs.join(job, node.node_id, now)
+            elif mine.final:  # failed in it, or lost the layers since: not twice in one job
+                raise Conflict(
+                    f"node {node.node_id} was in pull job {job.job_id} of {req.image} "
+                    f"({mine.state}{': ' + mine.error if mine.error else ''}); "
+                    "pull again once that job has ended"
+                )
+            return PullReply(state="joined", job_id=job.job_id, image=record)
+        view = self.jobs.create_job(CreateJob(image=req.image, targets=[node.node_id]), pull=True)
+        log.info("pull job created", job=view.job_id, image=req.image, node=node.node_id)
+        return PullReply(state="joined", job_id=view.job_id, image=record)
