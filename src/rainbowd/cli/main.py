@@ -330,7 +330,8 @@ async def _images(args: argparse.Namespace, token: str) -> int:
                 str(len(i.layers)),
                 nodes,
                 i.source or "-",
-                i.origin,
+                # the standby origins after it, in the order they take over
+                ",".join([i.origin, *i.standby_origins]),
             ]
         )
     print(_table(rows))

@@ -516,9 +516,9 @@ class AgentClient(_Http):
     async def security_event(self, ev: SecurityEvent, report_id: str = "") -> None:
         await self.request("POST", "events", msg=ev, report_id=report_id)
 
-    async def pull(self, req: PullRequest) -> PullReply:
+    async def pull(self, req: PullRequest, timeout: float | None = None) -> PullReply:
         """Ask for an image this node's front door lacks (coordinator/pulls.py)."""
-        return await self.call("POST", "pulls", PullReply, req)
+        return await self.call("POST", "pulls", PullReply, req, timeout=timeout)
 
     async def trust(self) -> TrustList:
         """The coordinator's current trust list (see ChunkServer's refresh on unknown keys)."""

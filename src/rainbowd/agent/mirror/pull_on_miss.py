@@ -1,0 +1,152 @@
+"""The front door lacks an image the coordinator knows: get it by P2P, then serve it (issue 17).
+
+When a client asks the registry front door for an image the node does not
+hold -- a tag the coordinator resolved to an rbd image, or an image it names
+-- the front door does not send the client away at once: it asks the
+coordinator for the image (``POST /v1/pulls``, coordinator/pulls.py), which
+puts this node in the image's pull job (the one every node pulling the same
+image joins: one ingest, one job, the normal scheduler), and waits while the
+layers land in the store through the node's ordinary pulls from peers.
+
+* **One request per image.** Many clients (or one client's parallel requests)
+  asking for the same image share one :meth:`PullOnMiss.fetch`.
+* **Never hangs.** The wait ends when every layer is held (the image is then
+  recorded for the front door, mirror/catalog_feed.py, and served), when the
+  coordinator refuses or cannot be reached, or when the pull stops moving for
+  ``stall_s`` (rainbowd.core.stall: progress is the chunks of the image's
+  layers the store holds, so a slow but steady pull is never cut short). The
+  front door then answers so the client goes to its upstream itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import structlog
+
+from rainbowd.agent.mirror.catalog import ImageCatalog
+from rainbowd.agent.mirror.catalog_feed import keep_for_front_door
+from rainbowd.core.digest import Digest
+from rainbowd.core.messages import ImageRecord, PullRequest
+from rainbowd.core.stall import StallWatch
+from rainbowd.lib.client import AgentClient, ApiError
+from rainbowd.lib.store import LayerStore, StoreError
+
+log = structlog.get_logger(__name__)
+
+#: seconds between looks at the store while a pull runs (what a waiting client adds at
+#: most, after the last chunk lands, before its answer starts)
+POLL_S = 0.2
+#: seconds between asks while the origin still ingests the image
+INGEST_POLL_S = 1.0
+
+
+class PullOnMiss:
+    """``await fetch(ref)`` -> the image record once the node holds it all, or None."""
+
+    def __init__(
+        self,
+        api: AgentClient,
+        store: LayerStore,
+        catalog: ImageCatalog,
+        *,
+        node_id: str,
+        stall_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.api = api
+        self.store = store
+        self.catalog = catalog
+        self.node_id = node_id
+        self.stall_s = stall_s
+        self.clock = clock
+        self._inflight: dict[str, asyncio.Task[ImageRecord | None]] = {}
+        self.log = log.bind(node=node_id)
+
+    async def fetch(self, ref: str) -> ImageRecord | None:
+        """Get ``ref`` onto this node (module docstring); None: the client must go upstream."""
+        task = self._inflight.get(ref)
+        if task is None:
+            task = asyncio.create_task(self._fetch(ref), name=f"pull-on-miss {ref}")
+            self._inflight[ref] = task
+            task.add_done_callback(lambda _t: self._inflight.pop(ref, None))
+        # a client that goes away does not cancel the pull the others wait for
+        return await asyncio.shield(task)
+
+    async def close(self) -> None:
+        """Cancel the pulls still waited for (the agent stops)."""
+        tasks = list(self._inflight.values())
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
+    async def _fetch(self, ref: str) -> ImageRecord | None:
+        started = self.clock()
+        watch = StallWatch(self.stall_s, started)
+        while True:
+            left = watch.left(self.clock())
+            try:
+                reply = await self.api.pull(PullRequest(image=ref), timeout=max(left, 1.0))
+            except ApiError as e:  # CoordinatorUnreachable is one
+                self.log.warning("mirror_pull_refused", image=ref, error=str(e))
+                return None
+            if reply.state == "ingesting":
+                if watch.seen(0, self.clock()):
+                    self.log.warning("mirror_pull_stalled", image=ref, why="still ingesting")
+                    return None
+                await asyncio.sleep(min(INGEST_POLL_S, watch.left(self.clock())))
+                continue
+            record = reply.image
+            if record is None:  # (a coordinator always sends it with held/joined)
+                self.log.error("mirror_pull_no_record", image=ref, state=reply.state)
+                return None
+            if await self._wait_for_layers(ref, record, watch, reply.job_id):
+                await keep_for_front_door(self.catalog, record, self.log)
+                self.log.info(
+                    "mirror_pull_done",
+                    image=ref,
+                    job=reply.job_id,
+                    seconds=round(self.clock() - started, 3),
+                )
+                return record
+            return None
+
+    async def _wait_for_layers(
+        self, ref: str, record: ImageRecord, watch: StallWatch, job_id: str
+    ) -> bool:
+        layers = [Digest(lr.digest) for lr in record.layers]
+        while True:
+            held, chunks = await asyncio.to_thread(self._progress, layers)
+            if held:
+                return True
+            if watch.seen(chunks, self.clock()):
+                self.log.warning(
+                    "mirror_pull_stalled",
+                    image=ref,
+                    job=job_id,
+                    chunks=chunks,
+                    stall_s=self.stall_s,
+                )
+                return False
+            await asyncio.sleep(POLL_S)
+
+    def _progress(self, layers: list[Digest]) -> tuple[bool, int]:
+        """(every layer held, chunks of them in the store): what the stall watch counts."""
+        partial = {d: have for d, have, _n in self.store.partials()}
+        chunks, complete = 0, True
+        for d in layers:
+            if self.store.has(d):
+                try:
+                    chunks += len(self.store.manifest(d).chunks)
+                except StoreError:
+                    complete = False
+                continue
+            complete = False
+            chunks += partial.get(d, 0)
+        return complete, chunks
