@@ -8,18 +8,16 @@ agents are played by calling the coordinator's methods as the HTTP layer would.
 
 from __future__ import annotations
 
-import io
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from coordinator_support import fake_image
 from rainbowd.coordinator.cluster import Node
 from rainbowd.coordinator.core import Coordinator
 from rainbowd.coordinator.hostkey_probe import ProbeOutcome, ProbeState
 from rainbowd.coordinator.state.sqlite import SqliteStore
-from rainbowd.core.chunks import MIN_CHUNK_SIZE, ChunkManifest, build_manifest
-from rainbowd.core.digest import sha256_digest
+from rainbowd.core.chunks import MIN_CHUNK_SIZE, ChunkManifest
 from rainbowd.core.messages import (
     ArchiveSource,
     CreateImage,
@@ -29,7 +27,6 @@ from rainbowd.core.messages import (
     IngestAssignment,
     IngestDone,
     JobView,
-    LayerRef,
     RegisterRequest,
     TransferAssignment,
     TransferDone,
@@ -162,20 +159,8 @@ class Sim:
     @staticmethod
     def read_image(ref: str = "app:1", sizes: Sequence[int] = (70_000,)) -> Image:
         """An image as an origin reads it from its source: random layers of ``sizes``."""
-        manifests = [
-            build_manifest(io.BytesIO(os.urandom(n)), chunk_size=MIN_CHUNK_SIZE) for n in sizes
-        ]
-        config = '{"architecture":"amd64","os":"linux"}'
-        record = ImageRecord(
-            ref=ref,
-            config_digest=sha256_digest(config.encode()),
-            config=config,
-            layers=[
-                LayerRef(digest=m.digest, size=m.size, media_type="x", diff_id=m.digest)
-                for m in manifests
-            ],
-        )
-        return Image(record, manifests)
+        image = fake_image(ref, sizes)
+        return Image(image.record, image.manifests)
 
     def ingest(self, origin: str, image: Image) -> str:
         """Play ``origin`` taking its ingest assignment and reporting ``image``; the ingest id."""

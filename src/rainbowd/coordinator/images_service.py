@@ -88,14 +88,7 @@ class ImagesService:
             raise Conflict(f"image {req.ref} already exists ({existing.state})")
         origins = ctx.cluster.origins()
         if req.origin:
-            node = ctx.cluster.get(req.origin)
-            if node is None or "origin" not in node.info.roles:
-                raise BadRequest(
-                    f"{req.origin!r} is not a node with the origin role "
-                    f"(origins: {', '.join(origins) or 'none'})"
-                )
-            if node.quarantined:
-                raise BadRequest(f"origin {req.origin} is quarantined")
+            self._check_origin(req.origin, "origin", origins)
             origin = req.origin
         elif len(origins) == 1:
             origin = origins[0]
@@ -129,18 +122,22 @@ class ImagesService:
         )
         return self.image_view(req.ref)
 
+    def _check_origin(self, node_id: str, what: str, origins: list[str]) -> None:
+        """``node_id`` is an enrolled node with the origin role, not quarantined."""
+        node = self.ctx.cluster.get(node_id)
+        if node is None or "origin" not in node.info.roles:
+            raise BadRequest(
+                f"{what} {node_id!r} is not a node with the origin role "
+                f"(origins: {', '.join(origins) or 'none'})"
+            )
+        if node.quarantined:
+            raise BadRequest(f"{what} {node_id} is quarantined")
+
     def _standby_origins(self, req: CreateImage, origin: str, origins: list[str]) -> list[str]:
         """The standby origins asked for: enrolled origin nodes, not quarantined, each once."""
         out: list[str] = []
         for nid in req.standby_origins:
-            node = self.ctx.cluster.get(nid)
-            if node is None or "origin" not in node.info.roles:
-                raise BadRequest(
-                    f"standby origin {nid!r} is not a node with the origin role "
-                    f"(origins: {', '.join(origins) or 'none'})"
-                )
-            if node.quarantined:
-                raise BadRequest(f"standby origin {nid} is quarantined")
+            self._check_origin(nid, "standby origin", origins)
             if nid == origin or nid in out:
                 raise BadRequest(f"standby origin {nid} is named twice (or is the origin)")
             out.append(nid)
