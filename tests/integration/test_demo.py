@@ -46,6 +46,6 @@ async def test_rbd_demo_distributes_and_runs(dockerd: PrivateDockerd, tmp_path: 
         out,
         re.M,
     )
-    assert sorted(pulled) == ["origin"] + [f"node-{i:02d}" for i in range(1, 9)], out
+    assert sorted(pulled) == [f"node-{i:02d}" for i in range(1, 9)] + ["origin"], out
     assert "9 pulls served from the nodes' own stores" in out
     assert not (tmp_path / "demo").exists(), "the demo left its work dir behind"
