@@ -87,8 +87,9 @@ class PostgresServer:
         self.data = self.root / "data"
         self.log = self.root / "server.log"
 
-    def url(self, database: str = "postgres") -> str:
-        return f"postgresql://{USER}@127.0.0.1:{self.port}/{database}"
+    def url(self, database: str = "postgres", user: str = USER) -> str:
+        """A libpq URL of ``database`` on this server, connecting as ``user``."""
+        return f"postgresql://{user}@127.0.0.1:{self.port}/{database}"
 
     def start(self) -> None:
         argv = [str(self.bin / "initdb"), "-D", str(self.data), "-U", USER, "-A", "trust"]
