@@ -173,6 +173,7 @@ async def test_a_leader_cut_off_from_the_database_steps_down_and_stands_by_when_
         mark = audit.mark()
         async with aiohttp.ClientSession() as http, SplitBrainWatch(http, new=b, old=a) as watch:
             assert cut_off(pair.admin_url, role_a) >= 1
+            cut_at = time.time()  # (the logs' clock: this host's)
             # a write asked of the cut-off leader (an enrollment) lands nowhere
             async with AgentClient(a.url) as agent:
                 with pytest.raises(ApiError) as refused:
@@ -215,9 +216,10 @@ async def test_a_leader_cut_off_from_the_database_steps_down_and_stands_by_when_
         assert audit.writes_by(role_a, after=mark) == []
         assert audit.writes_by(role_name(pair, "b"), after=mark)  # the new leader's renews
         print(
-            f"\ncut off at lease token {token}: the old leader stood down at "
-            f"{down['timestamp']}, the new one led at {took['timestamp']}; "
-            f"{watch.rounds} rounds of the split-brain watch"
+            f"\ncut off at lease token {token}: the old leader stood down "
+            f"{log_time(down) - cut_at:.2f} s after the cut (lease {LEASE_S:g} s), the new one "
+            f"led {log_time(took) - cut_at:.2f} s after it; {watch.rounds} rounds of the "
+            "split-brain watch, none with two leaders"
         )
     finally:
         audit.close()
