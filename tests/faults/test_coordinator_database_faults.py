@@ -99,22 +99,23 @@ class Pair:
     def url_as(self, role: str) -> str:
         return self.server.url(self.database, user=role)
 
-    def admin_token(self) -> str:
-        return (self.tokens / "admin-token").read_text().strip()
-
     def join_token(self) -> str:
         return (self.tokens / "join-token").read_text().strip()
 
 
 @pytest.fixture
-def pair(tmp_path: Path, own_postgres: PostgresServer) -> Pair:
+def pair(tmp_path: Path, own_postgres: PostgresServer) -> Iterator[Pair]:
+    """A database of its own, a login role per coordinator, the token directory they share."""
     url = own_postgres.create_database(str(tmp_path))
     database = url.rsplit("/", 1)[1]
     for who in ("a", "b"):
         create_login_role(own_postgres.url(database), f"{database}_{who}")
     tokens = tmp_path / "tokens"
     tokens.mkdir()
-    return Pair(own_postgres, database, tokens)
+    try:
+        yield Pair(own_postgres, database, tokens)
+    finally:
+        own_postgres.drop_database(url)
 
 
 def role_name(pair: Pair, who: str) -> str:
