@@ -51,6 +51,7 @@ from pairkit import (
 
 from coordinator_support import register_request
 from rainbowd.core import messages as m
+from rainbowd.core.leader import LEADER_HEADER
 from rainbowd.core.lease import LEASE_S
 from rainbowd.devcluster.coordprocs import CoordinatorProcess
 from rainbowd.devcluster.imagebuild import BUSYBOX, build_demo_image
@@ -98,6 +99,9 @@ class Pair:
 
     def url_as(self, role: str) -> str:
         return self.server.url(self.database, user=role)
+
+    def admin_token(self) -> str:
+        return (self.tokens / "admin-token").read_text().strip()
 
     def join_token(self) -> str:
         return (self.tokens / "join-token").read_text().strip()
@@ -213,6 +217,9 @@ async def test_a_leader_cut_off_from_the_database_steps_down_and_stands_by_when_
                 what="the old leader, reconnected, to stand by naming the new one",
             )
             assert await role_now(http, b) == ("leader", b.url)
+            headers = {"Authorization": f"Bearer {pair.admin_token()}"}
+            async with http.get(f"{a.url}/v1/nodes", headers=headers) as r:
+                assert r.status == 503 and r.headers[LEADER_HEADER] == b.url
         assert len(a.log_events("took over as the leader")) == 1  # its first lead only
         assert audit.writes_by(role_a, after=mark) == []
         assert audit.writes_by(role_name(pair, "b"), after=mark)  # the new leader's renews
