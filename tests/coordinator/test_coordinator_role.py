@@ -8,20 +8,26 @@ The leader's health says ``role: leader``; once its role flips to standby
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from coordinator_support import ADMIN, Running
+from coordinator_support import ADMIN, Running, enroll, start
 from rainbowd.coordinator.enrollment import Tokens
+from rainbowd.coordinator.http.app import LIVENESS_ENDED
 from rainbowd.coordinator.http.role import ROLE, Role
 from rainbowd.coordinator.http.standby import create_standby_app
 from rainbowd.coordinator.metrics import CoordinatorMetrics
 from rainbowd.core.leader import LEADER_HEADER
+from waiting import FakeClock, settle
 
+#: a failure deadline: the loop ends at its next turn, half a heartbeat interval on
+LOOP_END_TIMEOUT_S = 10.0
 JSON_ADMIN = {"Authorization": f"Bearer {ADMIN}", "Accept": "application/json"}
 
 
@@ -52,6 +58,32 @@ async def test_the_leaders_health_names_it_and_a_stepped_down_one_answers_503(
     role.leader_url = ""  # no leader known: no header
     status, headers, doc = await get(f"{coord.url}/v1/jobs", JSON_ADMIN)
     assert status == 503 and LEADER_HEADER not in headers and "no leader" in str(doc["error"])
+
+
+#: heartbeat interval of the step-down test: the liveness loop turns every half of it
+FAST_HEARTBEAT_S = 0.05
+
+
+async def test_a_stepped_down_leaders_liveness_loop_ends_and_marks_nobody_down(
+    state_backend: str, tmp_path: Path
+) -> None:
+    """The loop ends on the role's flip, not when the app is torn down (it may serve on)."""
+    clock = FakeClock()
+    r = await start(tmp_path, heartbeat_interval=FAST_HEARTBEAT_S, clock=clock)
+    try:
+        agent = await enroll(r.url, "n1")
+        await agent.close()
+        assert r.coordinator.cluster.nodes["n1"].up
+        ended = r.server.app[LIVENESS_ENDED]
+        assert not ended.is_set()
+        r.server.app[ROLE].leading = False  # it stepped down
+        async with asyncio.timeout(LOOP_END_TIMEOUT_S):
+            await ended.wait()
+        clock.advance(1000 * FAST_HEARTBEAT_S)  # no heartbeat for ages: nobody looks
+        await settle()
+        assert r.coordinator.cluster.nodes["n1"].up
+    finally:
+        await r.stop()
 
 
 @pytest.fixture

@@ -15,14 +15,16 @@ from pathlib import Path
 import pytest
 
 from coordinator_support import open_state
-from rainbowd.coordinator.state import FencedError
+from rainbowd.coordinator.state import FencedError, StateError
 from rainbowd.coordinator.state.lease import acquire, read_leader, release, renew
-from rainbowd.coordinator.state.postgres import PostgresStore
+from rainbowd.coordinator.state.postgres import IDLE_IN_TRANSACTION_MS, PostgresStore
 from rainbowd.coordinator.state.sql import SqlStore
 from waiting import wait_until_sync
 
 postgresql_only = pytest.mark.backends("postgresql")
 LEASE = 3.0
+#: milliseconds an acquire may wait on a lock before the test fails: far over the idle bound
+HANG_MS = 4 * IDLE_IN_TRANSACTION_MS
 
 
 def expire(store: SqlStore) -> None:
@@ -122,6 +124,38 @@ def test_a_takeover_waits_for_the_old_leaders_open_transaction(tmp_path: Path) -
     finally:
         for store in (a, b, watch):
             store.close()
+
+
+@postgresql_only
+def test_a_paused_leaders_open_transaction_holds_a_takeover_up_for_one_lease_at_most(
+    tmp_path: Path,
+) -> None:
+    """A leader stopped mid-transaction keeps its share lock only until the server ends it.
+
+    The server ends a session idle in a transaction for longer than the lease
+    (``idle_in_transaction_session_timeout``, set on every connection of the
+    store): the takeover's acquire then gets the row, and the woken leader's
+    transaction fails, so nothing of it lands. (Without the setting the acquire
+    waits for as long as the leader sleeps: here, until ``statement_timeout``
+    fails the test.)
+    """
+    a, b = open_state(tmp_path), open_state(tmp_path)
+    assert isinstance(a, PostgresStore)
+    try:
+        (setting,) = a.execute("SHOW idle_in_transaction_session_timeout").fetchone()
+        assert setting == f"{IDLE_IN_TRANSACTION_MS // 1000}s"
+        a.fence_token = acquire(a, "a", "http://a:7700", LEASE)
+        expire(a)  # the lease runs out while a sleeps, its transaction open:
+        a.execute("BEGIN")  # the fence's share lock on the lease row, taken
+        a.set_meta("last", "a")
+        b.execute_unfenced(f"SET statement_timeout = {HANG_MS}")
+        assert acquire(b, "b", "http://b:7700", LEASE) == 2  # waited, then won
+        with pytest.raises(StateError):
+            a.set_meta("last", "a, woken")  # its session is gone with its transaction
+        assert b.get_meta("last") == ""  # never written
+    finally:
+        a.close()
+        b.close()
 
 
 @postgresql_only

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -72,3 +73,32 @@ def test_agent_example_documents_the_optional_keys_and_they_load(tmp_path: Path)
     cfg = load_config(uncommented)
     assert cfg.store_max_bytes == 20 * 1024**3
     assert (cfg.store_high_watermark, cfg.store_low_watermark) == (0.9, 0.8)
+
+
+def test_the_standby_pair_examples_load_and_differ_only_in_their_address() -> None:
+    """Both hosts' files: one database, one set of tokens, one configuration, two URLs."""
+    pair = DEPLOY / "config" / "standby-pair"
+    one, two = (
+        coordinator_config.build(coordinator_config.load_file(pair / f"coordinator-{n}.toml"), {})
+        for n in (1, 2)
+    )
+    assert one.state_url is not None and one.state_url.startswith("postgresql://")
+    assert (one.host, one.advertise_url) == ("10.0.0.1", "http://10.0.0.1:7700")
+    assert (two.host, two.advertise_url) == ("10.0.0.2", "http://10.0.0.2:7700")
+    same = dataclasses.replace(two, host=one.host, advertise_url=one.advertise_url)
+    assert same == one
+    user = one.state_url.removeprefix("postgresql://").split("@")[0]
+    assert ":" not in user, "no password in the URL: it goes in the pgpass file"
+
+
+def test_the_standby_pair_drop_in_names_the_password_file_the_guide_writes() -> None:
+    drop_in = (DEPLOY / "systemd" / "rbd-coordinator.service.d" / "standby-pair.conf").read_text()
+    guide = (DEPLOY / "INSTALL.md").read_text()
+    assert "[Service]" in drop_in and "Environment=PGPASSFILE=/etc/rbd/pgpass" in drop_in
+    assert "cat > /etc/rbd/pgpass" in guide and "After=postgresql.service" in drop_in
+    for path in (
+        "deploy/config/standby-pair/coordinator-1.toml",
+        "deploy/config/standby-pair/coordinator-2.toml",
+        "deploy/systemd/rbd-coordinator.service.d/standby-pair.conf",
+    ):
+        assert path in guide, path

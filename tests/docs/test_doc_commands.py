@@ -72,6 +72,12 @@ RESTORE_COVERED = (
     "tests/faults/test_coordinator_restore.py::"
     "test_a_restored_backup_brings_every_node_back_with_its_own_credential"
 )
+#: the tests that run a standby pair (two coordinators on one PostgreSQL) as INSTALL.md sets it up
+PAIR_COVERED = (
+    "tests/cli/test_rbd_status.py::test_a_standby_pair_before_and_after_the_leader_is_killed"
+)
+#: a standby pair's second host: not here (the pair runs in tests/faults and tests/cli)
+SECOND_HOST = "a second coordinator host: the pair's tests start both coordinators themselves"
 SYSTEMD = "systemd units are not run on a test host (tests/docs/test_deploy_configs.py checks them)"
 
 
@@ -279,6 +285,42 @@ COMMANDS: dict[str, Run | Skip] = {
         "the test cluster runs as the test's user; no rbd user here"
     ),
     "systemctl start rbd-coordinator": Skip(SYSTEMD),
+    # -- INSTALL.md § 2: a standby coordinator -------------------------------------------
+    "runuser -u postgres -- createuser --pwprompt rbd": Skip(
+        "the packaged cluster is not run here, and the prompt is for a person",
+        covered_by=POSTGRES_COVERED,
+    ),
+    "install -m 0640 -o root -g rbd deploy/config/standby-pair/coordinator-1.toml "
+    "/etc/rbd/coordinator.toml": Run(
+        why="this host's coordinator.toml stays the single coordinator's the later commands "
+        "read; the pair's files load in tests/docs/test_deploy_configs.py",
+        as_run="install -m 0640 -o root -g rbd deploy/config/standby-pair/coordinator-1.toml "
+        "/etc/rbd/pair-coordinator-1.toml",
+    ),
+    "install -m 0640 -o root -g rbd deploy/config/standby-pair/coordinator-2.toml "
+    "/etc/rbd/coordinator.toml": Run(
+        why="as for coordinator-1.toml",
+        as_run="install -m 0640 -o root -g rbd deploy/config/standby-pair/coordinator-2.toml "
+        "/etc/rbd/pair-coordinator-2.toml",
+    ),
+    "install -D -m 0644 deploy/systemd/rbd-coordinator.service.d/standby-pair.conf "
+    "/etc/systemd/system/rbd-coordinator.service.d/standby-pair.conf": Skip(SYSTEMD),
+    "(umask 077; cat > /etc/rbd/pgpass) && chown rbd:rbd /etc/rbd/pgpass": Skip(
+        "the password of the packaged PostgreSQL, not run here (its tests' server trusts "
+        "loopback); no rbd user here"
+    ),
+    "install -d -m 0750 -o rbd -g rbd /var/lib/rbd/coordinator": Skip(SECOND_HOST),
+    "scp -p '10.0.0.1:/var/lib/rbd/coordinator/*-token' /var/lib/rbd/coordinator/": Skip(
+        SECOND_HOST, covered_by=PAIR_COVERED
+    ),
+    "chown rbd:rbd /var/lib/rbd/coordinator/*-token": Skip(SECOND_HOST),
+    "export RBD_COORDINATOR=http://10.0.0.1:7700,http://10.0.0.2:7700": Skip(
+        "no 10.0.0.2 here: every later command would carry a URL nobody answers",
+        covered_by=PAIR_COVERED,
+    ),
+    "rbd status --coordinator http://10.0.0.1:7700,http://10.0.0.2:7700": Skip(
+        SECOND_HOST, covered_by=PAIR_COVERED
+    ),
 }
 
 FENCE = re.compile(r"^```(\S*)\s*$")

@@ -24,26 +24,23 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 from faultkit import WHOLE_LAYERS, add_image, log_events
 from invariants import InvariantMonitor
+from pairkit import TAKEOVER_TIMEOUT_S, role_of, start, takeover_events
 
 from rainbowd.core import messages as m
 from rainbowd.core.leader import LEADER_HEADER
-from rainbowd.core.lease import LEASE_S, STANDBY_POLL_S
-from rainbowd.devcluster.coordprocs import CoordinatorProcess, start_coordinator
+from rainbowd.core.lease import LEASE_S
+from rainbowd.devcluster.coordprocs import CoordinatorProcess
 from rainbowd.devcluster.imagebuild import BUSYBOX, build_demo_image
 from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec, free_port
 from rainbowd.devcluster.pgserver import PostgresServer
 from waiting import wait_until
 
 pytestmark = pytest.mark.integration
-
-#: the takeover after a kill: lease + poll + restore, with room for a loaded machine
-TAKEOVER_TIMEOUT_S = 3 * (LEASE_S + STANDBY_POLL_S) + 10
 
 
 @pytest.fixture
@@ -56,53 +53,6 @@ def pair_dirs(tmp_path: Path, postgres: PostgresServer) -> Iterator[tuple[str, P
         yield url, tokens
     finally:
         postgres.drop_database(url)
-
-
-def start(
-    tmp_path: Path,
-    name: str,
-    state_url: str,
-    tokens: Path,
-    listen: str = "127.0.0.1:0",
-    extra: tuple[str, ...] = (),
-) -> CoordinatorProcess:
-    """``rbd-coordinator`` ``name`` on a port of its own; returns once it listens."""
-    return start_coordinator(
-        tmp_path / name, state_url=state_url, tokens=tokens, listen=listen, extra=extra
-    )
-
-
-async def health(http: aiohttp.ClientSession, p: CoordinatorProcess) -> dict[str, Any]:
-    async with http.get(f"{p.url}/v1/health", headers={"Accept": "application/json"}) as r:
-        assert r.status == 200
-        doc: dict[str, Any] = await r.json()
-        return doc
-
-
-async def role_of(
-    http: aiohttp.ClientSession, p: CoordinatorProcess, role: str, leader: str
-) -> bool:
-    """Whether ``p`` says it has ``role`` under ``leader`` (not while it swaps its listener)."""
-    try:
-        doc = await health(http, p)
-    except aiohttp.ClientConnectionError:
-        return False
-    return doc["role"] == role and doc["leader"] == leader
-
-
-async def takeover_events(
-    http: aiohttp.ClientSession, p: CoordinatorProcess, admin: str, by: str
-) -> list[Any]:
-    """The ``leader_takeover`` events in ``rbd events`` (asked of ``p``) of the leader ``by``."""
-    headers = {"Authorization": f"Bearer {admin}", "Accept": "application/json"}
-    try:
-        async with http.get(f"{p.url}/v1/security-events", headers=headers) as r:
-            if r.status != 200:
-                return []  # a standby still
-            doc = await r.json()
-    except aiohttp.ClientConnectionError:
-        return []  # swapping the standby's listener for the leader's
-    return [e for e in doc["events"] if e["kind"] == "leader_takeover" and e["peer"] == by]
 
 
 async def test_the_standby_leads_after_the_leader_is_killed_and_the_old_one_stands_by(

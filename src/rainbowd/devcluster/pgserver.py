@@ -5,7 +5,9 @@ the benchmarks (bench/coordinator_load.py ``--state postgresql``).
 :class:`PostgresServer` runs ``initdb`` and ``postgres`` as the ``postgres``
 user when run as root (PostgreSQL refuses root), as the current user
 otherwise, listening on a free loopback port with trust authentication. It is
-its starter's child (it dies with it). The tests' server is tuned for speed,
+its starter's child (it dies with it); a fault test may shut it down and
+start it again on the same data and port (:meth:`PostgresServer.shut_down`,
+:meth:`PostgresServer.start_again`). The tests' server is tuned for speed,
 not durability (``fsync=off``; each test gets a fresh database of its own, in
 milliseconds); a benchmark's is ``durable``, as a real server would be.
 """
@@ -35,6 +37,8 @@ USER = "rbd"
 SYSTEM_USER = "postgres"
 #: seconds the server may take to accept connections after it starts
 START_TIMEOUT_S = 30.0
+#: seconds a fast shutdown may take before the server is killed
+STOP_TIMEOUT_S = 15.0
 #: settings of every server here: loopback only, room for many connections
 SERVER_SETTINGS = {"max_connections": "200", "listen_addresses": "127.0.0.1"}
 #: and of a server for tests: speed over durability (a crash loses a throwaway cluster)
@@ -83,8 +87,9 @@ class PostgresServer:
         self.data = self.root / "data"
         self.log = self.root / "server.log"
 
-    def url(self, database: str = "postgres") -> str:
-        return f"postgresql://{USER}@127.0.0.1:{self.port}/{database}"
+    def url(self, database: str = "postgres", user: str = USER) -> str:
+        """A libpq URL of ``database`` on this server, connecting as ``user``."""
+        return f"postgresql://{user}@127.0.0.1:{self.port}/{database}"
 
     def start(self) -> None:
         argv = [str(self.bin / "initdb"), "-D", str(self.data), "-U", USER, "-A", "trust"]
@@ -98,6 +103,10 @@ class PostgresServer:
         if init.returncode != 0:
             raise PostgresUnavailable(f"initdb failed: {init.stderr.decode()[-2000:]}")
         self.port = free_port()
+        self._run_server()
+
+    def _run_server(self) -> None:
+        """Start ``postgres`` on :attr:`data` and :attr:`port`; return once it accepts."""
         argv = [str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port)]
         argv += ["-k", str(self.root)]
         for key, value in self.settings.items():
@@ -138,16 +147,32 @@ class PostgresServer:
         name = url.rsplit("/", 1)[1]
         self._admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
-    def stop(self) -> None:
+    def shut_down(self) -> None:
+        """Stop the server, keeping its data: every client's connection breaks (a fault test).
+
+        :meth:`start_again` brings the same cluster back on the same port.
+        """
         if self._admin is not None:
             with contextlib.suppress(psycopg.Error):
                 self._admin.close()
+            self._admin = None
         if self._proc is not None and self._proc.poll() is None:
             # SIGINT: "fast" shutdown (SIGTERM's "smart" one waits for every client to leave)
             self._proc.send_signal(signal.SIGINT)
             try:
-                self._proc.wait(timeout=15)
+                self._proc.wait(timeout=STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
+        self._proc = None
+
+    def start_again(self) -> None:
+        """After :meth:`shut_down`: the same data directory served again on the same port."""
+        if self._proc is not None:
+            raise RuntimeError("the server is running: shut_down() first")
+        self._run_server()
+
+    def stop(self) -> None:
+        """Stop the server for good and delete its cluster."""
+        self.shut_down()
         shutil.rmtree(self.root, ignore_errors=True)

@@ -433,14 +433,30 @@ async def metrics(request: web.Request) -> web.Response:
 # --------------------------------------------------------------------------
 # the application
 # --------------------------------------------------------------------------
-async def _liveness_loop(c: Coordinator) -> None:
-    """Mark nodes down when they miss heartbeats (checked twice per interval)."""
-    while True:
-        await asyncio.sleep(c.heartbeat_interval / 2)
-        try:
-            c.check_liveness()
-        except Exception:
-            log.exception("liveness check failed")
+#: set when the app's liveness loop has ended (a step-down, or the app's cleanup)
+LIVENESS_ENDED: web.AppKey[asyncio.Event] = web.AppKey("liveness_ended", asyncio.Event)
+
+
+async def _liveness_loop(c: Coordinator, role: Role, ended: asyncio.Event) -> None:
+    """Mark nodes down when they miss heartbeats (checked twice per interval), while leading.
+
+    It ends at its first turn after the role flips to standby (a step-down,
+    http/leadership.py), whatever becomes of the app: a stepped-down
+    coordinator's view of the nodes is stale, its writes would only be refused
+    by the fence, and the process may serve on with this app's listener.
+    """
+    try:
+        while True:
+            await asyncio.sleep(c.heartbeat_interval / 2)
+            if not role.leading:
+                log.info("liveness checks end: this coordinator no longer leads")
+                return
+            try:
+                c.check_liveness()
+            except Exception:
+                log.exception("liveness check failed")
+    finally:
+        ended.set()
 
 
 def create_app(
@@ -462,9 +478,10 @@ def create_app(
     gate_and_ids = [leader_gate, errors_middleware, ids]
     app = web.Application(client_max_size=MAX_BODY, middlewares=gate_and_ids)
     app[COORDINATOR] = c
-    app[ROLE] = role if role is not None else Role()
+    app[ROLE] = role = role if role is not None else Role()
     app[REPORT_LEDGER] = ledger
     app[CLOSING] = asyncio.Event()
+    app[LIVENESS_ENDED] = asyncio.Event()
     app[BODY_TIMEOUT] = body_timeout
     app[EVENT_BUDGET] = event_budget if event_budget is not None else limits.EventBudget(c.clock)
 
@@ -474,7 +491,7 @@ def create_app(
     app.on_shutdown.append(closing)
 
     async def liveness(app: web.Application) -> AsyncIterator[None]:
-        task = asyncio.create_task(_liveness_loop(c))
+        task = asyncio.create_task(_liveness_loop(c, role, app[LIVENESS_ENDED]))
         yield
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

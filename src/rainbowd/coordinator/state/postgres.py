@@ -26,6 +26,11 @@ What differs from SQLite, and how it is handled:
   makes a takeover's acquire wait for the commit, so no write of the old leader
   lands after another took the lease, even on a connection that never broke.
   The lease statements themselves are unfenced (state/lease.py).
+* A transaction idle for longer than the lease ends the session
+  (``idle_in_transaction_session_timeout``, :data:`IDLE_IN_TRANSACTION_MS`): the
+  store never holds one open across an await, so only a paused process's can
+  linger, and its share lock on the lease row must not hold a takeover up for
+  longer than the lease. A URL that sets it itself keeps its own.
 * A commit does not wait for the server's disk (``synchronous_commit = off``
   for this session): the store is called from the event loop, and a WAL flush
   per commit stalled every request behind it (bench/coordinator_load.py, 100
@@ -47,6 +52,8 @@ from typing import Any
 import psycopg
 import structlog
 from psycopg import pq
+
+from rainbowd.core.lease import LEASE_S
 
 from . import FencedError, StateError, redact
 from .sql import Cursor, Dialect, Migration, SqlStore, add_leader_table
@@ -70,6 +77,12 @@ DIALECT = Dialect(
 #: seconds to wait for the server when connecting (libpq's own default waits for ever);
 #: a URL's own ``connect_timeout`` wins
 CONNECT_TIMEOUT_S = 10
+#: milliseconds a transaction of ours may sit idle before the server ends the session: the
+#: lease. A leader paused mid-transaction (SIGSTOP, a frozen VM) holds the fence's share
+#: lock on the lease row, and a takeover's acquire waits on that lock: without a bound it
+#: waits until the paused process wakes, however long. With it, the lock goes at most one
+#: lease after the pause, and the woken leader's transaction fails (nothing of it lands)
+IDLE_IN_TRANSACTION_MS = int(LEASE_S * 1000)
 #: the advisory lock key held while the schema is created or migrated ("rbd" + "schema")
 SCHEMA_LOCK_KEY = 0x7262_6473_6368
 #: the statements that write (a write outside a transaction is fenced in one of its own)
@@ -106,6 +119,8 @@ class PostgresStore(SqlStore):
             conn = psycopg.connect(self.url, **kwargs)
             if "synchronous_commit" not in self.url:
                 conn.execute("SET synchronous_commit = off")
+            if "idle_in_transaction_session_timeout" not in self.url:
+                conn.execute(f"SET idle_in_transaction_session_timeout = {IDLE_IN_TRANSACTION_MS}")
             return conn
         except psycopg.Error as e:
             reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
