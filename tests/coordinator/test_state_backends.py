@@ -18,7 +18,8 @@ import pytest
 
 from coordinator_support import open_state
 from rainbowd.coordinator.state import StateError
-from rainbowd.coordinator.state.postgres import PostgresStore
+from rainbowd.coordinator.state.postgres import NETWORK_CUT_SETTINGS, PostgresStore
+from rainbowd.core.lease import LEASE_S
 from rainbowd.devcluster.pgserver import PostgresServer
 
 
@@ -92,5 +93,31 @@ def test_postgresql_commits_do_not_wait_for_the_disk_unless_the_url_says_so(
     own = PostgresStore(f"{url}?options=-c%20synchronous_commit%3Don", work_dir=tmp_path)
     try:
         assert own.execute("SHOW synchronous_commit").fetchone()[0] == "on"
+    finally:
+        own.close()
+
+
+@pytest.mark.backends("postgresql")
+def test_postgresql_connections_give_up_on_a_silent_network_within_a_lease(
+    tmp_path: Path, postgres: PostgresServer
+) -> None:
+    """libpq's tcp_user_timeout and keepalives are set (state/postgres.py NETWORK_CUT_SETTINGS).
+
+    A network that drops packets must fail a statement, not freeze the coordinator's
+    event loop until TCP gives up; a URL that sets one itself keeps its own.
+    """
+    store = cast(PostgresStore, open_state(tmp_path))
+    try:
+        params = store._conn.info.get_parameters()
+        for key, value in NETWORK_CUT_SETTINGS.items():
+            assert params.get(key) == str(value), (key, params)
+        assert NETWORK_CUT_SETTINGS["tcp_user_timeout"] <= LEASE_S * 1000
+        url = store.url
+    finally:
+        store.close()
+    sep = "&" if "?" in url else "?"
+    own = PostgresStore(f"{url}{sep}tcp_user_timeout=60000", work_dir=tmp_path)
+    try:
+        assert own._conn.info.get_parameters().get("tcp_user_timeout") == "60000"
     finally:
         own.close()

@@ -31,6 +31,9 @@ What differs from SQLite, and how it is handled:
   store never holds one open across an await, so only a paused process's can
   linger, and its share lock on the lease row must not hold a takeover up for
   longer than the lease. A URL that sets it itself keeps its own.
+* A network that drops packets fails a statement within about a lease
+  (:data:`NETWORK_CUT_SETTINGS`: libpq's ``tcp_user_timeout`` and keepalives)
+  instead of freezing the event loop until TCP gives up.
 * A commit does not wait for the server's disk (``synchronous_commit = off``
   for this session): the store is called from the event loop, and a WAL flush
   per commit stalled every request behind it (bench/coordinator_load.py, 100
@@ -83,6 +86,20 @@ CONNECT_TIMEOUT_S = 10
 #: waits until the paused process wakes, however long. With it, the lock goes at most one
 #: lease after the pause, and the woken leader's transaction fails (nothing of it lands)
 IDLE_IN_TRANSACTION_MS = int(LEASE_S * 1000)
+#: libpq settings that bound how long a statement can wait on a network that drops the
+#: packets (a cut link, not a refused one): the store is called from the event loop, so a
+#: statement that waits for TCP's own give-up (~15 min) would freeze the coordinator -- its
+#: health silent, its standby role unsaid -- long after its lease ended. Data unacknowledged
+#: for a lease, or a connection whose keepalives go unanswered for about a lease, fails the
+#: statement (StateError); the lease logic then steps down as for any unreachable database.
+#: A URL that sets one of them itself keeps its own.
+NETWORK_CUT_SETTINGS: dict[str, int] = {
+    "tcp_user_timeout": int(LEASE_S * 1000),  # ms data may go unacknowledged
+    "keepalives": 1,
+    "keepalives_idle": 1,  # s of silence before the first probe
+    "keepalives_interval": 1,  # s between probes
+    "keepalives_count": max(1, int(LEASE_S) - 1),  # probes lost before the link is dead
+}
 #: the advisory lock key held while the schema is created or migrated ("rbd" + "schema")
 SCHEMA_LOCK_KEY = 0x7262_6473_6368
 #: the statements that write (a write outside a transaction is fenced in one of its own)
@@ -115,6 +132,9 @@ class PostgresStore(SqlStore):
         kwargs: dict[str, Any] = {"autocommit": True}
         if "connect_timeout" not in self.url:
             kwargs["connect_timeout"] = CONNECT_TIMEOUT_S
+        for key, value in NETWORK_CUT_SETTINGS.items():
+            if key not in self.url:
+                kwargs[key] = value
         try:
             conn = psycopg.connect(self.url, **kwargs)
             if "synchronous_commit" not in self.url:
