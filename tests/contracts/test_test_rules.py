@@ -148,3 +148,16 @@ def test_the_rule_sees_what_it_forbids() -> None:
 def test_the_helper_is_where_the_sleeps_are() -> None:
     sleeps, _ = waits_and_clocks(HELPER.read_text())
     assert sleeps, "tests/support/waiting.py is the place a test's sleep is written"
+
+
+def test_test_module_names_are_unique_across_folders() -> None:
+    """pytest imports test modules by basename (rootdir-relative, no packages): two files of
+    one name in two folders stop the whole collection ("import file mismatch"), as a
+    session's tests/coordinator and tests/faults test_origin_standby.py once did."""
+    seen: dict[str, list[str]] = {}
+    for path in TESTS.rglob("*.py"):
+        if path.name == "conftest.py" or "__pycache__" in path.parts:
+            continue
+        seen.setdefault(path.name, []).append(str(path.relative_to(TESTS)))
+    twice = {name: paths for name, paths in seen.items() if len(paths) > 1}
+    assert not twice, f"rename one of each: {twice}"

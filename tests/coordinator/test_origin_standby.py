@@ -3,7 +3,7 @@
 The real Coordinator on a fake clock (fake_clock_coordinator.py): agents are
 played by the test, a death is missed heartbeats and a liveness pass, and
 nothing sleeps. coordinator/origin_standby.py says what must happen.
-tests/faults/test_origin_standby.py kills a real origin agent mid-job.
+tests/faults/test_origin_killed_mid_job.py kills a real origin agent mid-job.
 """
 
 from __future__ import annotations
