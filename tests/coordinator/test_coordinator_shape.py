@@ -134,7 +134,7 @@ def test_a_service_runs_on_its_narrow_context_alone(tmp_path: Path) -> None:
     jobs = JobsService(ctx, {}, lambda _now: None)
     dispatch = Dispatch(ctx, {}, jobs, PeerEvidence())
     expired: list[float] = []
-    liveness = Liveness(ctx, jobs, dispatch, started_at=now[0], expire_ops=expired.append)
+    liveness = Liveness(ctx, jobs, dispatch, started_at=now[0], on_pass=expired.append)
     node = ctx.cluster.add(_stored("n1"))
     liveness.bring_up(node, now[0])
     node.last_seen = now[0]
@@ -156,7 +156,7 @@ def test_a_late_liveness_pass_gives_stale_nodes_one_more_pass(tmp_path: Path) ->
     ctx = _context(tmp_path, now, interval)
     jobs = JobsService(ctx, {}, lambda _now: None)
     dispatch = Dispatch(ctx, {}, jobs, PeerEvidence())
-    liveness = Liveness(ctx, jobs, dispatch, started_at=now[0], expire_ops=lambda _now: None)
+    liveness = Liveness(ctx, jobs, dispatch, started_at=now[0], on_pass=lambda _now: None)
     nodes = []
     for name in ("live", "dead"):
         n = ctx.cluster.add(_stored(name))
