@@ -74,6 +74,7 @@ TABLES = (
     "applied_reports",
     "set_aside",
     "leader",
+    "image_manifests",
 )
 
 

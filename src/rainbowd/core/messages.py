@@ -39,6 +39,7 @@ from rainbowd.core.wirebounds import (
     Int32,
     Labels,
     Load,
+    ManifestText,
     Name,
     Names,
     Output,
@@ -102,6 +103,36 @@ class LayerRef(msgspec.Struct, kw_only=True):
     uncompressed_size: Bytes = 0  # size of the tar behind diff_id; 0 = not known
 
 
+class ManifestDoc(msgspec.Struct, kw_only=True):
+    """A registry manifest or index exactly as its source had it (UTF-8 JSON text).
+
+    ``digest`` is the sha256 of ``text.encode()``: what the source named it by,
+    and what a client pulling by digest asks for. Who receives one checks the
+    digest again (rainbowd.core.upstreammanifest).
+    """
+
+    digest: Digest
+    media_type: Name
+    text: ManifestText
+
+
+class UpstreamManifest(msgspec.Struct, kw_only=True):
+    """The source's own manifest of an image (issue 17: the digest clients know).
+
+    ``manifest`` lists the image's config and layers, as the record does;
+    ``index``, when the source's tag named a manifest list, is that list (one
+    of its entries is ``manifest``: the platform the origin chose).
+    """
+
+    manifest: ManifestDoc
+    index: ManifestDoc | None = None
+
+    @property
+    def top(self) -> ManifestDoc:
+        """What the source's tag names: the index when there is one, else the manifest."""
+        return self.index if self.index is not None else self.manifest
+
+
 class ImageRecord(msgspec.Struct, kw_only=True):
     """An image: its config (verbatim JSON text) and ordered layers."""
 
@@ -109,6 +140,9 @@ class ImageRecord(msgspec.Struct, kw_only=True):
     config_digest: Digest
     config: ConfigText
     layers: Annotated[list[LayerRef], Meta(max_length=MAX_LAYERS)]
+    #: the source's manifest, byte for byte, when the source had one (a registry, an OCI
+    #: layout); None for a docker archive or engine, and from older origins
+    upstream: UpstreamManifest | None = None
 
     @property
     def size(self) -> int:
@@ -447,6 +481,27 @@ class ReportBatchReply(Msg, kw_only=True):
 class IngestDone(Msg, kw_only=True):
     image: ImageRecord
     manifests: Annotated[list[ChunkManifest], Meta(max_length=MAX_LAYERS)]
+
+
+class ResolveTag(Msg, kw_only=True):
+    """A node's registry front door asks which manifest ``registry/repository:tag`` names.
+
+    ``registry`` is the host the client pulled from (``docker.io``,
+    ``registry.example.com:5000``): containerd says it (``?ns=``), else the
+    agent's ``mirror_registry``. Only the coordinator answers this, never a peer.
+    """
+
+    registry: Name
+    repository: Text
+    tag: Name
+
+
+class ResolvedTag(Msg, kw_only=True):
+    """The manifest a tag names now (the upstream's digest), and the image holding it."""
+
+    digest: Digest
+    media_type: Name
+    ref: Text
 
 
 class TaskFailed(Msg, kw_only=True):
