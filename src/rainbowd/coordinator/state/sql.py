@@ -43,8 +43,7 @@ from typing import Any, Protocol, TypeVar, cast
 import msgspec
 import structlog
 
-from rainbowd.core.digest import sha256_digest
-from rainbowd.core.messages import JobView, ManifestDoc, NodeJobState, OpView, UpstreamManifest
+from rainbowd.core.messages import JobView, NodeJobState, OpView
 from rainbowd.core.sched.records import Transfer
 from rainbowd.core.wirebounds import MAX_COUNT, MAX_TEXT
 
@@ -55,6 +54,7 @@ from . import (
     StoredImage,
     StoredNode,
     TransferState,
+    image_rows,
 )
 
 log = structlog.get_logger(__name__)
@@ -353,88 +353,15 @@ class SqlStore:
                 out.append((node, int(seq)))
         return out
 
-    # -- images ----------------------------------------------------------
+    # -- images (state/image_rows.py: the row and its upstream manifests) -----
     def save_image(self, image: StoredImage) -> None:
-        """The image row, and its upstream manifests as rows of their own (schema 5)."""
-        docs = _upstream_docs(image)
-        with self.transaction():
-            self.execute(
-                "INSERT INTO images(ref, body) VALUES (?, ?) "
-                "ON CONFLICT(ref) DO UPDATE SET body = excluded.body",
-                (image.ref, _dump(_without_manifest_text(image))),
-            )
-            self._save_manifests(image.ref, docs)
-
-    def _save_manifests(self, ref: str, docs: list[ManifestDoc]) -> None:
-        have = {
-            str(row[0])
-            for row in self.execute(
-                "SELECT digest FROM image_manifests WHERE ref = ?", (ref,)
-            ).fetchall()
-        }
-        keep = {d.digest for d in docs}
-        for digest in sorted(have - keep):
-            self.execute("DELETE FROM image_manifests WHERE ref = ? AND digest = ?", (ref, digest))
-        for d in docs:
-            if d.digest not in have:
-                self.execute(
-                    "INSERT INTO image_manifests(ref, digest, media_type, body) "
-                    "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                    (ref, d.digest, d.media_type, d.text),
-                )
+        image_rows.save_image(self, image)
 
     def delete_image(self, ref: str) -> None:
-        with self.transaction():
-            self.execute("DELETE FROM images WHERE ref = ?", (ref,))
-            self.execute("DELETE FROM image_manifests WHERE ref = ?", (ref,))
+        image_rows.delete_image(self, ref)
 
     def load_images(self) -> list[StoredImage]:
-        """Every image; its upstream manifests filled in from their rows, each checked.
-
-        A manifest row that is missing or does not hash to its digest costs
-        the image only its upstream manifest (logged; its row set aside): the
-        image loads and is served under rbd's built manifest.
-        """
-        rows = self.execute("SELECT ref, body FROM images ORDER BY ref").fetchall()
-        images = self._valid_rows("images", "ref", rows, StoredImage)
-        texts: dict[tuple[str, str], tuple[str, str]] = {}
-        for ref, digest, media_type, body in self.execute(
-            "SELECT ref, digest, media_type, body FROM image_manifests"
-        ).fetchall():
-            key = (str(ref), str(digest))
-            if isinstance(body, str) and sha256_digest(body.encode()) == digest:
-                texts[key] = (str(media_type), body)
-            else:
-                error = "body does not hash to its digest"
-                self._set_aside("image_manifests", "ref = ? AND digest = ?", key, body, error)
-        for image in images:
-            self._fill_manifests(image, texts)
-        return images
-
-    def _fill_manifests(
-        self, image: StoredImage, texts: dict[tuple[str, str], tuple[str, str]]
-    ) -> None:
-        record = image.record
-        if record is None or record.upstream is None:
-            return
-        filled: list[ManifestDoc] = []
-        for doc in _docs_of(record.upstream):
-            found = texts.get((image.ref, doc.digest))
-            if found is None or found[0] != doc.media_type:
-                log.error(
-                    "upstream manifest of an image is not stored intact; the image is "
-                    "served under rbd's built manifest",
-                    image=image.ref,
-                    manifest=doc.digest,
-                )
-                record.upstream = None
-                return
-            filled.append(msgspec.structs.replace(doc, text=found[1]))
-        record.upstream = msgspec.structs.replace(
-            record.upstream,
-            manifest=filled[0],
-            index=filled[1] if len(filled) > 1 else None,
-        )
+        return image_rows.load_images(self)
 
     # -- jobs ------------------------------------------------------------
     def save_job(self, job: JobView) -> None:
@@ -640,31 +567,6 @@ class SqlStore:
         """Rows set aside at load, oldest first: (table, key, error)."""
         rows = self.execute("SELECT tbl, key, error FROM set_aside ORDER BY id").fetchall()
         return [(str(t), str(k), str(e)) for t, k, e in rows]
-
-
-def _docs_of(upstream: UpstreamManifest) -> list[ManifestDoc]:
-    """The documents of ``upstream``: the manifest first, then the index if any."""
-    return [upstream.manifest] + ([upstream.index] if upstream.index is not None else [])
-
-
-def _upstream_docs(image: StoredImage) -> list[ManifestDoc]:
-    if image.record is None or image.record.upstream is None:
-        return []
-    return _docs_of(image.record.upstream)
-
-
-def _without_manifest_text(image: StoredImage) -> StoredImage:
-    """``image`` as its row stores it: upstream documents without their text (own rows)."""
-    record = image.record
-    if record is None or record.upstream is None:
-        return image
-    up = record.upstream
-    bare = msgspec.structs.replace(
-        up,
-        manifest=msgspec.structs.replace(up.manifest, text=""),
-        index=None if up.index is None else msgspec.structs.replace(up.index, text=""),
-    )
-    return msgspec.structs.replace(image, record=msgspec.structs.replace(record, upstream=bare))
 
 
 def _dump(obj: msgspec.Struct) -> str:
