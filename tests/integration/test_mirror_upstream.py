@@ -33,9 +33,10 @@ import aiohttp
 import pytest
 
 from containerd_fixtures import ContainerdProcess, hosts_dir, start_or_missing
+from rainbowd.agent.mirror.clientconfig import docker_daemon_json
 from rainbowd.agent.origin.registry import DOCKER_LIST, DOCKER_MANIFEST, host_platform
 from rainbowd.core import messages as m
-from rainbowd.devcluster.dockerd import PrivateDockerd
+from rainbowd.devcluster.dockerd import DockerdError, PrivateDockerd
 from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec
 from registry_fixtures import RegistryProcess, skopeo_push
 from testdeps import missing_dependency
@@ -277,3 +278,46 @@ async def test_no_upstream_or_no_coordinator_is_a_miss_and_digests_still_serve(
     status, headers, body = await fetch(f"{url}/v2/{REPO}/manifests/{sha(upstream.manifest)}")
     assert status == 200 and body == upstream.manifest
     assert headers["Docker-Content-Digest"] == sha(upstream.manifest)
+
+
+def docker_cli(engine: PrivateDockerd, *args: str) -> subprocess.CompletedProcess[str]:
+    if shutil.which("docker") is None:
+        missing_dependency("docker CLI missing: apt-get install docker.io")
+    return subprocess.run(
+        ["docker", "-H", engine.url, *args], capture_output=True, text=True, timeout=180
+    )
+
+
+async def test_docker_pulls_a_tag_by_name_and_through_registry_mirrors(
+    cluster: LocalCluster, upstream: Upstream, dockerd: PrivateDockerd, tmp_path: Path
+) -> None:
+    """``docker pull localhost:PORT/repo:tag``, and a Docker Hub name via ``registry-mirrors``.
+
+    Docker names no registry: the front door assumes docker.io, which the
+    coordinator maps to the upstream. This host reaches no Docker Hub, so the
+    mirrored pull was served by the front door alone. Docker records the
+    manifest digest it pulled (RepoDigests): the upstream's.
+    """
+    n1 = await cluster.agent_status("n1")
+    want = sha(upstream.manifest)
+    direct = f"{n1['mirror_url'].removeprefix('http://')}/{REPO}:v1"
+    done = await asyncio.to_thread(docker_cli, dockerd, "pull", direct)
+    assert done.returncode == 0, done.stderr
+    info = json.loads((await asyncio.to_thread(docker_cli, dockerd, "inspect", direct)).stdout)
+    assert f"{direct.rsplit(':', 1)[0]}@{want}" in info[0]["RepoDigests"]
+    await asyncio.to_thread(docker_cli, dockerd, "image", "rm", "-f", direct)
+
+    config = json.loads(docker_daemon_json(n1["mirror_url"]))
+    engine = PrivateDockerd(tmp_path / "dockerd", daemon_config=config)
+    try:
+        await asyncio.to_thread(engine.start)
+    except DockerdError as e:
+        missing_dependency(f"private dockerd did not start: {e}")
+    try:
+        hub = f"docker.io/{REPO}:v1"
+        done = await asyncio.to_thread(docker_cli, engine, "pull", hub)
+        assert done.returncode == 0, done.stderr
+        info = json.loads((await asyncio.to_thread(docker_cli, engine, "inspect", hub)).stdout)
+        assert info[0]["RepoDigests"] == [f"{REPO}@{want}"]
+    finally:
+        await asyncio.to_thread(engine.stop)
