@@ -5,7 +5,8 @@ Real parts: a ``docker-registry`` as the upstream (the demo image pushed by
 skopeo, and a manifest list of it PUT by hand), rbd-coordinator and rbd-agent
 processes (LocalCluster; the coordinator's ``[upstreams]`` maps ``docker.io``
 and ``upstream.invalid`` to that registry), a dockerd for the target's load,
-skopeo and containerd's ``ctr`` as clients. The origin ingests the image
+skopeo, containerd's ``ctr`` and dockerd (by name, and a Docker Hub name
+through ``registry-mirrors``) as clients. The origin ingests the image
 from the registry and keeps its manifest bytes; ``rbd distribute`` moves the
 image to n1; every pull from n1's front door -- by the upstream's digest, and
 by tag -- gets the manifest whose digest ``skopeo inspect`` of the upstream
