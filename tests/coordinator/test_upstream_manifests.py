@@ -28,6 +28,7 @@ from coordinator_support import (
 from rainbowd.coordinator.config import ConfigError, build
 from rainbowd.coordinator.state import SCHEMA_VERSION
 from rainbowd.coordinator.upstreams import parse_upstreams
+from rainbowd.core.imagemanifest import manifest_for
 from rainbowd.core.messages import (
     CreateImage,
     CreateJob,
@@ -106,7 +107,9 @@ async def test_the_upstream_manifest_is_kept_verbatim_resolved_and_sent_with_loa
                 f"{REGISTRY}/team/app:v1",
                 IngestDone(image=record, manifests=image.manifests),
             )
-            assert (await admin.image("app:1")).state == "ready"
+            view = await admin.image("app:1")
+            assert view.state == "ready"
+            assert up.index is not None and (view.digest, view.upstream) == (up.index.digest, True)
             want = ResolveTag(registry=REGISTRY, repository="team/app", tag="v1")
             got = await target.resolve_tag(want, timeout=5)
             assert up.index is not None
@@ -194,6 +197,7 @@ async def test_an_upstream_manifest_that_is_not_the_images_fails_the_ingest(
                 assert e.value.status == 400 and "upstream" in e.value.message
                 view = await admin.image("app:1")
                 assert view.state == "failed" and "upstream" in view.error
+                assert view.digest == ""
             finally:
                 await origin.close()
         assert r.store.execute("SELECT count(*) FROM image_manifests").fetchone()[0] == 0
@@ -229,6 +233,8 @@ async def test_a_stored_manifest_that_rotted_costs_the_image_only_its_upstream_m
         loaded = r2.coordinator.images["app:1"]
         assert loaded.state == "ready" and loaded.record is not None
         assert loaded.record.upstream is None  # served under rbd's built manifest now
+        view = r2.coordinator.image_view("app:1")
+        assert (view.digest, view.upstream) == (manifest_for(loaded.record).digest, False)
         assert [t for t, _, _ in r2.store.set_aside()] == ["image_manifests"]
         async with AgentClient(r2.url) as c:
             await c.register(register_request("t1"))

@@ -14,6 +14,7 @@ import re
 
 from rainbowd.core.chunks import ChunkManifest
 from rainbowd.core.digest import is_digest
+from rainbowd.core.imagemanifest import manifest_for
 from rainbowd.core.messages import ImageRecord, ImageView
 from rainbowd.core.sources import describe
 from rainbowd.core.upstreammanifest import UpstreamManifestError, check_upstream
@@ -78,7 +79,15 @@ def check_ingest(record: ImageRecord, manifests: list[ChunkManifest]) -> list[Ch
 
 def image_view(image: StoredImage, holders: list[str]) -> ImageView:
     layers = list(image.record.layers) if image.record else []
+    digest, upstream = "", False
+    if image.record is not None:
+        if image.record.upstream is not None:
+            digest, upstream = image.record.upstream.top.digest, True
+        else:
+            digest = manifest_for(image.record).digest
     return ImageView(
+        digest=digest,
+        upstream=upstream,
         ref=image.ref,
         state=image.state,
         size=image.record.size if image.record else 0,

@@ -555,6 +555,10 @@ class ImageView(msgspec.Struct, kw_only=True):
     error: str = ""
     source: str = ""  # where the origin read it, for people (rainbowd.core.sources.describe)
     uncompressed_size: int = 0
+    #: the manifest digest nodes' registry front doors serve it by ("" until ready): the
+    #: upstream's own when its manifest was kept (``upstream``), else rbd's built one
+    digest: str = ""
+    upstream: bool = False
 
 
 class CreateImage(Msg, kw_only=True):
