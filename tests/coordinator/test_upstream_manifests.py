@@ -247,6 +247,58 @@ async def test_a_stored_manifest_that_rotted_costs_the_image_only_its_upstream_m
         await r2.stop()
 
 
+async def test_a_front_door_without_an_engine_is_sent_the_record_to_catalog(
+    tmp_path: Path,
+) -> None:
+    """A node with mirror_listen and neither Docker nor containerd: a catalog-only load.
+
+    Without it, such a node would hold every layer and never the manifest its
+    front door needs; a node with neither engine nor front door is done at once.
+    """
+    image = fake_image("app:1")
+    record = msgspec.structs.replace(image.record, upstream=upstream_of(image))
+    r = await start(tmp_path, upstreams=UPSTREAMS)
+    try:
+        async with AdminClient(r.url, ADMIN) as admin:
+            origin = await enroll(r.url, "origin", roles=["origin"])
+            mirror = await enroll(r.url, "m1", mirror=True)
+            bare = await enroll(r.url, "b1")
+            try:
+                await ingest_from_registry(
+                    admin,
+                    origin,
+                    "app:1",
+                    f"{REGISTRY}/team/app:v1",
+                    IngestDone(image=record, manifests=image.manifests),
+                )
+                await origin.heartbeat(Heartbeat(holdings=image.digests))
+                job = await admin.create_job(CreateJob(image="app:1", targets=["m1", "b1"]))
+                for node in (mirror, bare):
+                    await node.heartbeat(Heartbeat(holdings=image.digests))
+                loads = [
+                    a
+                    for a in (await mirror.assignments(0, 10**9, 0.0)).assignments
+                    if isinstance(a, LoadAssignment)
+                ]
+                assert len(loads) == 1 and loads[0].catalog_only
+                assert loads[0].image.upstream == record.upstream
+                assert not [
+                    a
+                    for a in (await bare.assignments(0, 10**9, 0.0)).assignments
+                    if isinstance(a, LoadAssignment)
+                ]
+                states = {n.node_id: n.state for n in (await admin.job(job.job_id)).nodes}
+                assert states == {"m1": "loading", "b1": "done"}
+                await mirror.load_done(loads[0].load_id, LoadDone(seconds=0.0, layers_sent=0))
+                assert (await admin.job(job.job_id)).state == "done"
+                assert {n.node_id: n.mirror for n in (await admin.nodes()).nodes}["m1"]
+            finally:
+                for c in (origin, mirror, bare):
+                    await c.close()
+    finally:
+        await r.stop()
+
+
 def test_a_schema_4_database_gets_the_image_manifests_table(tmp_path: Path) -> None:
     """4 -> 5 on either backend: the table appears, the images already there load."""
     store = open_state(tmp_path)

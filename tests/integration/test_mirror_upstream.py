@@ -137,6 +137,8 @@ async def cluster(
     specs = [
         NodeSpec("origin", roles=["origin"], speed_hint_mbps=1000, config=MIRROR),
         NodeSpec("n1", speed_hint_mbps=1000, docker_url=dockerd.url, config=MIRROR),
+        # no engine at all: a front door only (sent a catalog-only load)
+        NodeSpec("n2", speed_hint_mbps=1000, config=MIRROR),
     ]
     c = LocalCluster(
         tmp_path / "cluster",
@@ -152,7 +154,9 @@ async def cluster(
                 source = m.RegistrySource(reference=f"{host}/{REPO}:{tag}", insecure=True)
                 view = await admin.ingest(m.CreateImage(ref=ref, source=source), timeout=120)
                 assert view.state == "ready", view.error
-                job = await admin.distribute(m.CreateJob(image=ref, targets=["n1"]), timeout=120)
+                job = await admin.distribute(
+                    m.CreateJob(image=ref, targets=["n1", "n2"]), timeout=120
+                )
                 assert job.state == "done", job
         yield c
     finally:
@@ -217,6 +221,22 @@ async def test_pulls_from_the_front_door_get_the_upstreams_digest(
     assert status == 200 and body == upstream.index
     assert headers["Docker-Content-Digest"] == sha(upstream.index)
     assert headers["Content-Type"] == DOCKER_LIST
+
+
+async def test_a_node_with_no_engine_serves_the_image_too(
+    cluster: LocalCluster, upstream: Upstream, tmp_path: Path
+) -> None:
+    """n2 has neither Docker nor containerd: the job sent it the record to catalog."""
+    tool = skopeo()
+    n2 = await cluster.agent_status("n2")
+    assert n2["mirror_images"]["app:v1"] == sha(upstream.manifest)
+    out = tmp_path / "from-n2"
+    mirror = n2["mirror_url"].removeprefix("http://")
+    done = await run(
+        [tool, "copy", "-q", "--src-tls-verify=false", f"docker://{mirror}/{REPO}:v1", f"dir:{out}"]
+    )
+    assert done.returncode == 0, done.stderr
+    assert (out / "manifest.json").read_bytes() == upstream.manifest
 
 
 async def test_containerd_pulls_a_tag_through_the_front_door_alone(

@@ -151,6 +151,7 @@ def register_request(
     roles: Sequence[str] = (),
     docker: bool = False,
     containerd: bool = False,
+    mirror: bool = False,
     speed: float = 0.0,
     holdings: Sequence[str] = (),
     join: str = JOIN,
@@ -168,6 +169,7 @@ def register_request(
         roles=list(roles),
         docker=docker,
         containerd=containerd,
+        mirror=mirror,
         speed_hint_bps=speed,
         holdings=list(holdings),
     )

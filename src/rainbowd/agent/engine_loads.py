@@ -75,6 +75,16 @@ class EngineLoads:
         job never reports "done" for a node where one of them lacks it.
         """
         llog = self.log.bind(image=a.image.ref, load=a.load_id)
+        if a.catalog_only:  # no engine here: the registry front door is the image's user
+            await keep_for_front_door(self.catalog, a.image, self.log)
+            llog.info("image catalogued for the front door")
+            await self.reports.send(
+                f"load {a.load_id} of {a.image.ref} done",
+                lambda rid: self.api.load_done(
+                    a.load_id, m.LoadDone(seconds=0.0, layers_sent=0), rid
+                ),
+            )
+            return
         engines = self.engines()
         if not engines:
             reason = (

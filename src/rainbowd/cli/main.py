@@ -280,6 +280,7 @@ async def _nodes(args: argparse.Namespace, token: str) -> int:
                     n.roles
                     + (["docker"] if n.docker else [])
                     + (["containerd"] if n.containerd else [])
+                    + (["mirror"] if n.mirror else [])
                 )
                 or "-",
                 "yes" if n.busy else "",

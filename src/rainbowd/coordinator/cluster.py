@@ -56,6 +56,10 @@ class Node:
     def containerd(self) -> bool:
         return self.info.containerd
 
+    @property
+    def mirror(self) -> bool:
+        return self.info.mirror
+
     def peer(self) -> PeerInfo:
         i = self.info
         return PeerInfo(
@@ -94,6 +98,7 @@ class Node:
             quarantine_reason=i.quarantine_reason,
             suspect=suspect,
             containerd=i.containerd,
+            mirror=i.mirror,
         )
 
 

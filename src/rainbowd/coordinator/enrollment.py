@@ -125,7 +125,7 @@ class Enrollment:
             info.host_key, info.client_key = req.host_key, req.client_key
             info.labels, info.roles = dict(req.labels), list(req.roles)
             info.docker, info.speed_hint_bps = req.docker, req.speed_hint_bps
-            info.containerd = req.containerd
+            info.containerd, info.mirror = req.containerd, req.mirror
             info.download_hint_bps = req.download_hint_bps
             info.max_upload_bps, info.max_download_bps = req.max_upload_bps, req.max_download_bps
             # the agent (re)started: whatever it was pulling or loading is gone,
@@ -156,6 +156,7 @@ class Enrollment:
                 roles=list(req.roles),
                 docker=req.docker,
                 containerd=req.containerd,
+                mirror=req.mirror,
                 speed_hint_bps=req.speed_hint_bps,
                 download_hint_bps=req.download_hint_bps,
                 max_upload_bps=req.max_upload_bps,

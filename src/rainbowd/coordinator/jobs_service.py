@@ -167,13 +167,19 @@ class JobsService:
         if node is None or image is None or image.record is None:
             p.fail(f"node {p.node_id} or image {job.image} vanished", now)
             return
-        if not (node.docker or node.containerd):  # no engine: holding the layers is all
+        engines = node.docker or node.containerd
+        if not engines and not node.mirror:  # no engine, no front door: the layers are all
             p.finish(now)
             return
         load_id = ctx.new_id("l")
         p.loading(load_id)
         self.loads[load_id] = (job.job_id, p.node_id)
-        node.mailbox.put(LoadAssignment(load_id=load_id, job_id=job.job_id, image=image.record))
+        # a front door with no engine still needs the record (its manifest) to serve the image
+        node.mailbox.put(
+            LoadAssignment(
+                load_id=load_id, job_id=job.job_id, image=image.record, catalog_only=not engines
+            )
+        )
         ctx.store.save_seq(node.node_id, node.mailbox.seq)
 
     def node_failed(self, job: Job, p: NodeProgress, now: float) -> None:

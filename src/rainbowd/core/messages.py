@@ -207,6 +207,9 @@ class RegisterRequest(Msg, kw_only=True):
     docker: bool = False  # a Docker engine is reachable on this host
     #: containerd answers on this host (a load target too); absent from older agents
     containerd: bool = False
+    #: this node runs a registry front door (mirror_listen): it is sent each image's record
+    #: (a catalog-only load) when it holds every layer, engine or not (issue 17)
+    mirror: bool = False
     disk_free: Bytes = 0
     speed_hint_bps: Rate = 0.0  # configured link speed; 0 = unknown
     #: configured download speed (links are often asymmetric); 0 = unknown: the upload hint
@@ -321,6 +324,8 @@ class LoadAssignment(msgspec.Struct, kw_only=True, tag="load", tag_field="kind")
     load_id: Name
     job_id: Name
     image: ImageRecord
+    #: no engine to load into: only keep the record for the node's registry front door
+    catalog_only: bool = False
 
 
 # --------------------------------------------------------------------------
@@ -543,6 +548,7 @@ class NodeView(msgspec.Struct, kw_only=True):
     quarantine_reason: str = ""
     suspect: bool = False  # a demander could not reach it: no new work until it reports
     containerd: bool = False  # containerd answers there (a load target beside Docker)
+    mirror: bool = False  # it runs a registry front door (mirror_listen)
 
 
 class ImageView(msgspec.Struct, kw_only=True):

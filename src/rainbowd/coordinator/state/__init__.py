@@ -108,6 +108,7 @@ class StoredNode(msgspec.Struct, kw_only=True):
     roles: Roles = []
     docker: bool = False
     containerd: bool = False  # a load target beside Docker (absent in older rows: False)
+    mirror: bool = False  # runs a registry front door: sent catalog-only loads (issue 17)
     speed_hint_bps: Rate = 0.0
     download_hint_bps: Rate = 0.0
     holdings: list[Digest] = []  # only layers of known images (bounded by them)
