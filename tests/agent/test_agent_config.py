@@ -84,3 +84,21 @@ def test_a_download_hint_is_read_and_bad_hints_are_refused(
     for bad in ("nan", "inf", "-1.0", "1e9"):
         with pytest.raises(ConfigError, match="download_hint_mbps"):
             load_config(write(tmp_path, f"download_hint_mbps = {bad}\n"))
+
+
+def test_the_front_doors_registry_and_resolve_timeout_are_checked(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path))
+    assert (cfg.mirror_registry, cfg.mirror_resolve_timeout) == ("docker.io", 2.0)
+    cfg = load_config(
+        write(
+            tmp_path,
+            'mirror_registry = "registry.example.com:5000"\nmirror_resolve_timeout = 0.5\n',
+        )
+    )
+    assert (cfg.mirror_registry, cfg.mirror_resolve_timeout) == ("registry.example.com:5000", 0.5)
+    for bad in ('"http://x"', '"a b"', '""'):
+        with pytest.raises(ConfigError, match="mirror_registry"):
+            load_config(write(tmp_path, f"mirror_registry = {bad}\n"))
+    for value in ("0.0", "-1.0", "nan", "inf", "31.0"):
+        with pytest.raises(ConfigError, match="mirror_resolve_timeout"):
+            load_config(write(tmp_path, f"mirror_resolve_timeout = {value}\n"))

@@ -16,6 +16,7 @@ import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from containerd_fixtures import ContainerdProcess, listed_digests
@@ -24,8 +25,10 @@ from rainbowd.agent.containerd.names import containerd_name
 from rainbowd.agent.mirror.catalog import ImageCatalog
 from rainbowd.core.digest import Digest, hex_part, sha256_digest
 from rainbowd.core.imagemanifest import manifest_for
-from rainbowd.core.messages import ImageRecord
+from rainbowd.core.messages import ImageRecord, UpstreamManifest
+from rainbowd.core.upstreammanifest import DOCKER_LIST, DOCKER_MANIFEST, doc_of
 from rainbowd.devcluster.imagebuild import build_demo_image
+from rainbowd.lib.hostplatform import host_architecture
 from rainbowd.lib.image import ImageError, ingest_docker_archive
 from rainbowd.lib.ociarchive import oci_archive_stream
 from rainbowd.lib.ocilayout import CONTAINERD_NAME
@@ -156,6 +159,65 @@ async def test_a_load_puts_the_image_in_containerd_under_the_manifest_digest(
     again = await loader.load(image, store)
     assert again.layers_sent == 0
     assert listed_digests(containerd)[NAME] == digest
+
+
+def with_upstream(image: ImageRecord) -> ImageRecord:
+    """``image`` as a registry had it: its own manifest bytes, in a list with another platform.
+
+    The other platform's manifest is named only: the origin chose this host's.
+    """
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": DOCKER_MANIFEST,
+        "config": {
+            "mediaType": "application/vnd.docker.container.image.v1+json",
+            "size": len(image.config.encode()),
+            "digest": image.config_digest,
+        },
+        "layers": [
+            {"mediaType": x.media_type, "size": x.size, "digest": x.digest} for x in image.layers
+        ],
+    }
+    manifest = doc_of(json.dumps(doc, indent=3).encode(), DOCKER_MANIFEST)
+    assert manifest is not None
+    entries = [
+        {
+            "mediaType": DOCKER_MANIFEST,
+            "digest": "sha256:" + "5" * 64,
+            "size": 900,
+            "platform": {"architecture": "s390x", "os": "linux"},
+        },
+        {
+            "mediaType": DOCKER_MANIFEST,
+            "digest": manifest.digest,
+            "size": len(manifest.text.encode()),
+            "platform": {"architecture": host_architecture(), "os": "linux"},
+        },
+    ]
+    index = doc_of(
+        json.dumps({"schemaVersion": 2, "mediaType": DOCKER_LIST, "manifests": entries}).encode(),
+        DOCKER_LIST,
+    )
+    assert index is not None
+    return msgspec.structs.replace(image, upstream=UpstreamManifest(manifest=manifest, index=index))
+
+
+async def test_an_image_with_the_upstreams_manifest_list_is_named_by_it_and_runs(
+    stored: tuple[LayerStore, ImageRecord], containerd: ContainerdProcess, tmp_path: Path
+) -> None:
+    """containerd and the front door name it by the upstream's digest (the list's)."""
+    store, plain = stored
+    image = with_upstream(plain)
+    assert image.upstream is not None and image.upstream.index is not None
+    catalog = ImageCatalog(tmp_path / "mirror")
+    catalog.record(image)
+    want = image.upstream.index.digest
+    assert catalog.recorded[image.ref] == want
+    result = await loader_for(containerd).load(image, store)
+    assert result.image_id == want
+    assert listed_digests(containerd)[NAME] == want
+    ran = containerd.ctr("run", "--rm", NAME, "rbd-containerd-upstream")
+    assert "hello from rbd" in ran.stdout
 
 
 async def test_a_second_image_on_the_same_base_sends_only_its_own_layers(

@@ -162,7 +162,7 @@ def test_schema_1_transfers_load_with_their_seq_and_state(tmp_path: Path) -> Non
     )
     store = SqliteStore(db)
     try:
-        assert store.get_meta("schema") == str(SCHEMA_VERSION) == "4"
+        assert store.get_meta("schema") == str(SCHEMA_VERSION) == "5"
         loaded = {t.transfer_id: (t, seq, state) for t, seq, state in store.load_transfers()}
         assert set(loaded) == {"t-active", "t-aborted"}
         t, seq, state = loaded["t-active"]
@@ -277,7 +277,7 @@ def test_schema_2_reasons_load_as_legacy_records(tmp_path: Path) -> None:
     legacy = TransferReason.legacy("swarm: best-fit seeder, as schema 2 wrote it")
     store = SqliteStore(db)
     try:
-        assert store.get_meta("schema") == str(SCHEMA_VERSION) == "4"
+        assert store.get_meta("schema") == str(SCHEMA_VERSION) == "5"
         [(loaded, seq, state)] = store.load_transfers()
         assert (loaded.transfer_id, seq, state) == ("t1", 0, "active")
         assert loaded.reason == legacy and loaded.reason.rule == LEGACY
@@ -388,7 +388,7 @@ def test_a_schema_3_database_gets_the_leader_table_with_its_row_held_by_nobody(
         store.close()
     again = open_state(tmp_path)
     try:
-        assert again.get_meta("schema") == str(SCHEMA_VERSION) == "4"
+        assert again.get_meta("schema") == str(SCHEMA_VERSION) == "5"
         assert again.get_meta("trust_version") == "5"
         now = again.dialect.now
         row = again.execute(

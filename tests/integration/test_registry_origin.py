@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from rainbowd.agent.origin.registry import (
+    ACCEPT,
     DOCKER_LIST,
     DOCKER_MANIFEST,
     OCI_INDEX,
@@ -221,6 +222,11 @@ async def test_ingest_by_tag_and_digest(
     assert {x.media_type for x in record.layers} == {media}
     # gzip blobs are kept as the registry sent them: smaller than their tars
     assert all(x.size < x.uncompressed_size for x in record.layers)
+    # and so is the registry's manifest: its bytes, its digest (what front doors serve)
+    assert record.upstream is not None and record.upstream.index is None
+    body, _ = registry.get_manifest(REPO, pushed.digests[tag], ACCEPT)
+    assert record.upstream.manifest.text.encode() == body
+    assert record.upstream.manifest.digest == pushed.digests[tag]
 
 
 async def test_uncompressed_layers(
@@ -264,6 +270,13 @@ async def test_index_picks_platform(
     record, manifests = await ingest(RegistrySource(reference=ref, insecure=True), store)
     check_record(record, pushed, store, manifests)
     assert json.loads(record.config)["architecture"] == host.architecture
+    # the list the tag names and the manifest chosen from it, as the registry has them
+    child = pushed.digests["v1" if tag == "list" else "oci"]
+    assert record.upstream is not None and record.upstream.index is not None
+    assert record.upstream.index.digest == pushed.digests[tag]
+    assert record.upstream.index.media_type == (DOCKER_LIST if tag == "list" else OCI_INDEX)
+    assert record.upstream.manifest.digest == child
+    assert sha(record.upstream.index.text.encode()) == pushed.digests[tag]
     # explicitly arm64: the other config, same layers
     arm, _ = await ingest(
         RegistrySource(reference=ref, insecure=True, platform="linux/arm64"), store

@@ -203,12 +203,40 @@ def test_nested_index_picks_the_platform(layouts: dict[str, Path], tmp_path: Pat
     (layout / "index.json").write_text(json.dumps(index))
     image, _ = ingest_oci_layout(layout, LayerStore(tmp_path / "s"), ref="m:1", tag="multi")
     assert len(image.layers) == 3
+    # the tag names the index: it and the manifest chosen from it are kept as they are
+    assert image.upstream is not None and image.upstream.index is not None
+    assert image.upstream.index.text.encode() == nested
+    assert image.upstream.manifest.digest == real["digest"]
     store = LayerStore(tmp_path / "s2")
     with pytest.raises(ImageError, match=r"no manifest for platform linux/arm64.*s390x"):
         ingest_oci_layout(layout, store, ref="m:1", tag="multi", platform="linux/arm64")
     with pytest.raises(ImageError, match="missing"):  # the s390x manifest is not there
         ingest_oci_layout(layout, store, ref="m:1", tag="multi", platform="linux/s390x")
     assert snapshot(store) == ([], [], [])
+
+
+def test_the_layouts_own_manifest_is_kept_when_it_lists_the_blobs_rbd_holds(
+    layouts: dict[str, Path], tmp_path: Path
+) -> None:
+    """Kept (to be served byte for byte) only when the layers pass unchanged."""
+    index = json.loads((layouts["multi"] / "index.json").read_text())
+    by_tag = {m["annotations"]["org.opencontainers.image.ref.name"]: m for m in index["manifests"]}
+    gz, _ = ingest_oci_layout(layouts["multi"], LayerStore(tmp_path / "a"), ref="a:1", tag="gz")
+    assert gz.upstream is not None and gz.upstream.index is None
+    assert gz.upstream.manifest.digest == by_tag["gz"]["digest"]
+    kept = blob_path(layouts["multi"], by_tag["gz"]["digest"]).read_bytes()
+    assert gz.upstream.manifest.text.encode() == kept
+    # recompressed layers are other blobs than the manifest names; and skopeo labels these
+    # tars "+gzip", which rbd does not believe: the image is served under rbd's manifest
+    for mode in ("gzip", "off"):
+        raw, _ = ingest_oci_layout(
+            layouts["multi"],
+            LayerStore(tmp_path / mode),
+            ref="r:1",
+            tag="raw",
+            compression=mode,  # type: ignore[arg-type]
+        )
+        assert raw.upstream is None, mode
 
 
 # --------------------------------------------------------------------------

@@ -203,6 +203,7 @@ ENDPOINTS: list[tuple[str, str, type | None, str]] = [
     ("POST", "/v1/register", m.RegisterRequest, NOBODY),
     ("POST", "/v1/heartbeat", m.Heartbeat, AGENT),
     ("POST", "/v1/evictions", m.EvictRequest, AGENT),
+    ("POST", "/v1/tags/resolve", m.ResolveTag, AGENT),
     ("POST", "/v1/transfers/{t}/progress", m.TransferProgress, AGENT),
     ("POST", "/v1/transfers/{t}/done", m.TransferDone, AGENT),
     ("POST", "/v1/transfers/{t}/failed", m.TransferFailed, AGENT),

@@ -74,6 +74,7 @@ TABLES = (
     "applied_reports",
     "set_aside",
     "leader",
+    "image_manifests",
 )
 
 
@@ -121,6 +122,7 @@ async def start(
     heartbeat_interval: float = 5.0,
     policy: str = "paper",
     clock: Callable[[], float] = time.time,
+    upstreams: dict[str, str] | None = None,
 ) -> Running:
     """A coordinator on loopback; ``paper`` by default, as most flow tests check Algorithm 1.
 
@@ -136,6 +138,7 @@ async def start(
         chunk_size=MIN_CHUNK_SIZE,
         policy=policy,
         clock=clock,
+        upstreams=upstreams,
     )
     server = TestServer(create_app(c), host="127.0.0.1", port=0)
     await server.start_server()

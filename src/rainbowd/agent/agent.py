@@ -42,6 +42,7 @@ from rainbowd.agent.engine_loads import EngineLoads
 from rainbowd.agent.hygiene import StoreHygiene
 from rainbowd.agent.metrics import AgentMetrics, MetricsServer
 from rainbowd.agent.mirror.catalog import ImageCatalog
+from rainbowd.agent.mirror.resolver import CoordinatorResolver
 from rainbowd.agent.mirror.server import MirrorServer
 from rainbowd.agent.status import StatusServer
 from rainbowd.agent.status_snapshot import AgentStatus
@@ -96,6 +97,7 @@ class Agent:
         self.view = AgentView()
         self.metrics.watch(self)
         self.metrics_server: MetricsServer | None = None
+        self.api = AgentClient(config.coordinator_urls, timeout=config.request_timeout)
         # the registry front door (agent/mirror/): off unless mirror_listen is set
         self.catalog = ImageCatalog(config.mirror_dir)
         mirror_at = config.mirror_address()
@@ -110,6 +112,11 @@ class Agent:
                 hooks=self.metrics,
                 on_served=lambda layer: self.hygiene.used(layer),
                 on_corrupt=self._own_copy_corrupt,
+                resolve=CoordinatorResolver(
+                    self.api, node_id=config.node_id, timeout=config.mirror_resolve_timeout
+                ),
+                default_registry=config.mirror_registry,
+                resolve_timeout=config.mirror_resolve_timeout,
             )
         limits = (
             StoreLimits(
@@ -121,7 +128,6 @@ class Agent:
         self.hygiene = StoreHygiene(
             self.store, limits, node_id=config.node_id, local_pins=self._busy_layers
         )
-        self.api = AgentClient(config.coordinator_urls, timeout=config.request_timeout)
         self.reports = ReportSender(config.node_id, give_up_after=config.report_retry_seconds)
         # transfer progress/done/failed: several to a request (agent/control/report_batch.py)
         self.transfer_reports = TransferReporter(
@@ -150,7 +156,6 @@ class Agent:
             reports=self.reports,
             view=self.view,
             log=self.log,
-            front_door=bool(config.mirror_listen),
         )
         self.ops = OpRunner(
             config.node_id,

@@ -23,6 +23,16 @@ from rainbowd.lib.coordinators import CoordinatorListError, parse_urls
 from .control.report_sender import DEFAULT_REPORT_RETRY_SECONDS, MAX_REPORT_RETRY_SECONDS
 from .dataplane.ssh_limits import SshLimits
 
+#: the registry a front-door pull names when its client does not say (Docker's mirrors)
+DEFAULT_MIRROR_REGISTRY = "docker.io"
+#: seconds a tag resolution may take: short, since containerd and Docker wait for it
+#: before falling back to their upstream, and a healthy coordinator answers in ms
+DEFAULT_MIRROR_RESOLVE_TIMEOUT = 2.0
+#: the longest mirror_resolve_timeout taken (a client's own request times out near it)
+MAX_MIRROR_RESOLVE_TIMEOUT = 30.0
+#: a registry host as references write it: name or IPv4 or [IPv6], optional port
+_REGISTRY_HOST = re.compile(r"^(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
+
 
 class ConfigError(ValueError):
     """The agent configuration is unusable; the message says which key and why."""
@@ -89,6 +99,14 @@ class AgentConfig:
     #: port); deploy/config/agent.example.toml turns it on at 127.0.0.1:5000, loopback:
     #: it answers without authentication, for the container runtimes of this host
     mirror_listen: str = ""
+    #: the registry a pull through the front door names when the client does not say
+    #: (containerd sends ``?ns=<host>``; Docker's ``registry-mirrors`` are for Docker Hub,
+    #: and ``docker pull localhost:PORT/repo:tag`` names no upstream): its tags resolve
+    #: through the coordinator's ``[upstreams]`` entry for it (coordinator/upstreams.py)
+    mirror_registry: str = DEFAULT_MIRROR_REGISTRY
+    #: seconds the front door waits for the coordinator to resolve a tag; past it the
+    #: answer is 404 and the client goes to its upstream itself (issue 17 item 4)
+    mirror_resolve_timeout: float = DEFAULT_MIRROR_RESOLVE_TIMEOUT
     #: cap on the bytes/s this agent pulls from peers, in Mbit/s (0 = no cap)
     max_download_mbps: float = 0.0
     #: most bytes rbd's own store files may take (0 = no limit); see rainbowd.core.eviction
@@ -212,6 +230,8 @@ class _Raw(msgspec.Struct, forbid_unknown_fields=True):
     metrics_listen: str = ""
     metrics_token_file: str = ""
     mirror_listen: str = ""
+    mirror_registry: str = DEFAULT_MIRROR_REGISTRY
+    mirror_resolve_timeout: float = DEFAULT_MIRROR_RESOLVE_TIMEOUT
     max_download_mbps: float = 0.0
     store_max_bytes: int | str = 0
     store_high_watermark: float = DEFAULT_HIGH_WATERMARK
@@ -324,6 +344,15 @@ def _from_raw(raw: _Raw) -> AgentConfig:
         _host_port(raw.metrics_listen)
     if raw.mirror_listen:
         _host_port(raw.mirror_listen, "mirror_listen", MIRROR_EXAMPLE)
+    if not _REGISTRY_HOST.match(raw.mirror_registry):
+        raise ConfigError(
+            f"mirror_registry {raw.mirror_registry!r}: a registry HOST[:PORT], e.g. docker.io"
+        )
+    if not 0 < raw.mirror_resolve_timeout <= MAX_MIRROR_RESOLVE_TIMEOUT:  # False for NaN
+        raise ConfigError(
+            f"mirror_resolve_timeout {raw.mirror_resolve_timeout}: must be seconds in "
+            f"(0, {MAX_MIRROR_RESOLVE_TIMEOUT:g}] (a client waits this long before its upstream)"
+        )
     _check_containerd(raw)
     for key in ("max_upload_mbps", "max_download_mbps"):
         if getattr(raw, key) < 0:

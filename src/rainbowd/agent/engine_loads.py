@@ -40,12 +40,8 @@ class EngineLoads:
         reports: ReportSender,
         view: AgentView,
         log: FilteringBoundLogger,
-        front_door: bool = False,
     ) -> None:
         self.node_id = node_id
-        #: the agent runs its registry front door: a load on a node without an engine
-        #: records the image for it and is done (the coordinator sends one for that)
-        self.front_door = front_door
         self.docker = docker
         # containerd is a load target too (agent/containerd/): a node without Docker runs
         # what rbd distributes, and a node with both gets every image into both
@@ -79,11 +75,9 @@ class EngineLoads:
         job never reports "done" for a node where one of them lacks it.
         """
         llog = self.log.bind(image=a.image.ref, load=a.load_id)
-        engines = self.engines()
-        if not engines and self.front_door:
-            # a mirror-only node: the record is what it needed (the layers are held)
+        if a.catalog_only:  # no engine here: the registry front door is the image's user
             await keep_for_front_door(self.catalog, a.image, self.log)
-            llog.info("image recorded for the front door; no engine to load into")
+            llog.info("image catalogued for the front door")
             await self.reports.send(
                 f"load {a.load_id} of {a.image.ref} done",
                 lambda rid: self.api.load_done(
@@ -91,6 +85,7 @@ class EngineLoads:
                 ),
             )
             return
+        engines = self.engines()
         if not engines:
             reason = (
                 f"node {self.node_id} has no Docker engine (docker_url) nor containerd "

@@ -145,7 +145,8 @@ def render_status(s: dict[str, Any]) -> str:
         lines.append(f"  {i['ref']}  (loaded {i['loaded_at']})")
     mirrored = s.get("mirror_images") or {}
     if mirrored and s.get("mirror_url"):
-        lines.append(f"mirror      {len(mirrored)} image(s) served by digest")
+        # by this digest; by tag too when the coordinator resolves the tag to it
+        lines.append(f"mirror      {len(mirrored)} image(s) served, each by its digest")
         for ref, digest in mirrored.items():
             lines.append(f"  {ref}  @{digest}")
     lines.append(f"transfers   {len(s['active'])} active")

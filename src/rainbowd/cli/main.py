@@ -91,7 +91,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub.add_parser("nodes", help="list nodes with state, speed and holdings")
     im = sub.add_parser("images", help="list images, add or remove one")
-    im.add_argument("--wide", action="store_true", help="name the nodes holding each image")
+    im.add_argument(
+        "--wide",
+        action="store_true",
+        help="name the nodes holding each image, and the manifest digest to pull it by",
+    )
     isub = im.add_subparsers(dest="images_cmd")
     add = isub.add_parser(
         "add",
@@ -295,6 +299,7 @@ async def _nodes(args: argparse.Namespace, token: str) -> int:
                     n.roles
                     + (["docker"] if n.docker else [])
                     + (["containerd"] if n.containerd else [])
+                    + (["mirror"] if n.mirror else [])
                 )
                 or "-",
                 "yes" if n.busy else "",
@@ -317,6 +322,8 @@ async def _images(args: argparse.Namespace, token: str) -> int:
         _dump(images)
         return 0
     rows = [["REF", "STATE", "SIZE", "UNCOMPRESSED", "LAYERS", "NODES", "SOURCE", "ORIGIN"]]
+    if args.wide:  # the digest to pull it by from a node's front door
+        rows[0].append("DIGEST")
     for i in sorted(images.images, key=lambda i: i.ref):
         nodes = str(len(i.nodes))
         if args.wide:
@@ -334,6 +341,8 @@ async def _images(args: argparse.Namespace, token: str) -> int:
                 ",".join([i.origin, *i.standby_origins]),
             ]
         )
+        if args.wide:
+            rows[-1].append((i.digest + (" (upstream)" if i.upstream else "")) or "-")
     print(_table(rows))
     return 0
 

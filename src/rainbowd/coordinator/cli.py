@@ -249,6 +249,7 @@ async def serve(cfg: config.CoordinatorConfig) -> None:
             node_down_timeout=cfg.node_down_timeout,
             seeder_fault_limit=cfg.seeder_fault_limit,
             metrics_token=tokens.metrics,
+            upstreams=cfg.upstreams,
         )
 
     def listening(host: str, port: int) -> None:

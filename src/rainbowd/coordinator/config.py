@@ -17,12 +17,16 @@ Keys of the TOML file (all optional) mirror the long flags::
     seeder_fault_limit = 3      # transfers spoiled by bad chunks before quarantine
     log_level = "info"
     log_json = true
+
+    [upstreams]                 # registry hosts nodes' mirrors resolve tags of (issue 17):
+    "docker.io" = "mirror.internal:5000"   # host clients pull from = host images come from
+                                # (coordinator/upstreams.py); unlisted hosts are not resolved
 """
 
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,7 @@ from rainbowd.core.chunks import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_S
 from rainbowd.core.sched.scheduler import DEFAULT_POLICY, POLICIES
 
 from .state import check_url, sqlite_file
+from .upstreams import parse_upstreams
 
 DEFAULT_LISTEN = "127.0.0.1:7700"
 DEFAULT_HEARTBEAT_INTERVAL = 2.0
@@ -63,6 +68,9 @@ class CoordinatorConfig:
     #: this coordinator's own URL as agents and admins reach it: what the leader row
     #: names, so standbys can send clients here ("" = http://HOST:PORT as listening)
     advertise_url: str = ""
+    #: registry host clients pull from -> the upstream its images are ingested from
+    #: (coordinator/upstreams.py); only these hosts' tags are resolved for mirrors
+    upstreams: dict[str, str] = field(default_factory=dict)
 
     @property
     def join_token_path(self) -> Path:
@@ -123,6 +131,7 @@ _KNOWN = {
     "log_json",
     "ready_file",
     "advertise_url",
+    "upstreams",
 }
 
 
@@ -166,7 +175,12 @@ def build(file_values: dict[str, Any], overrides: dict[str, Any]) -> Coordinator
             check_url(state_url)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    try:
+        upstreams = parse_upstreams(merged.get("upstreams"))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return CoordinatorConfig(
+        upstreams=upstreams,
         state_dir=Path(str(merged["state_dir"])),
         state_url=state_url,
         host=host,

@@ -116,6 +116,8 @@ from rainbowd.core.messages import (
     PullRequest,
     RegisterReply,
     RegisterRequest,
+    ResolvedTag,
+    ResolveTag,
     SecurityEvent,
     SecurityEventList,
     TaskFailed,
@@ -148,6 +150,7 @@ from .quarantine import Quarantine
 from .restore import restore
 from .state import StateStore, StoredImage
 from .transfers import ABSENCE_GRACE, TransferReports
+from .upstreams import resolve_tag
 
 __all__ = [
     "ABSENCE_GRACE",
@@ -189,6 +192,7 @@ class Coordinator:
         metrics: CoordinatorMetrics | None = None,
         metrics_token: str = "",
         host_key_probe: Probe = probe_host_key,
+        upstreams: dict[str, str] | None = None,
     ) -> None:
         if not join_token or not admin_token:
             raise ValueError("join and admin tokens must not be empty")
@@ -208,6 +212,8 @@ class Coordinator:
         self.metrics.watch(self.metrics_snapshot)
         self.metrics.is_leader.set(1)  # a Coordinator exists only while it leads
         self.images: dict[str, StoredImage] = {}
+        #: registry host -> upstream host, for nodes' mirrors (coordinator/upstreams.py)
+        self.upstreams: dict[str, str] = dict(upstreams or {})
         self.manifests: dict[str, ChunkManifest] = {}
         self.evidence = PeerEvidence()  # which reports about peers count (evidence.py)
         self.host_key_checks = HostKeyChecks(clock, host_key_probe)
@@ -417,6 +423,10 @@ class Coordinator:
 
     def image_views(self) -> ImageList:
         return self.image_service.image_views()
+
+    def resolve_tag(self, node: Node, req: ResolveTag) -> ResolvedTag:
+        """The upstream manifest a tag names, for ``node``'s mirror (coordinator/upstreams.py)."""
+        return resolve_tag(self.images, self.upstreams, req)
 
     def image_view(self, ref: str) -> ImageView:
         return self.image_service.image_view(ref)

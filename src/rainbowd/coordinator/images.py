@@ -2,7 +2,10 @@
 
 The origin's ingest report is the only source of chunk manifests, and every
 demander later checks its chunks against them, so the report is validated
-hard: every layer must come with a manifest whose digest and size match.
+hard: every layer must come with a manifest whose digest and size match. The
+upstream's own registry manifest, when the report carries one, must hash to
+its digest and list exactly the image's config and layers
+(rainbowd.core.upstreammanifest): every node's front door serves it as it is.
 """
 
 from __future__ import annotations
@@ -11,8 +14,10 @@ import re
 
 from rainbowd.core.chunks import ChunkManifest
 from rainbowd.core.digest import is_digest
+from rainbowd.core.imagemanifest import manifest_for
 from rainbowd.core.messages import ImageRecord, ImageView
 from rainbowd.core.sources import describe
+from rainbowd.core.upstreammanifest import UpstreamManifestError, check_upstream
 
 from .errors import BadRequest
 from .state import StoredImage
@@ -63,12 +68,26 @@ def check_ingest(record: ImageRecord, manifests: list[ChunkManifest]) -> list[Ch
         if layer.digest not in seen:
             seen.add(layer.digest)
             out.append(found)
+    if record.upstream is not None:
+        # served byte for byte by every node's front door: it must list this image's blobs
+        try:
+            check_upstream(record, record.upstream)
+        except UpstreamManifestError as e:
+            raise BadRequest(f"ingest report: {e}") from None
     return out
 
 
 def image_view(image: StoredImage, holders: list[str]) -> ImageView:
     layers = list(image.record.layers) if image.record else []
+    digest, upstream = "", False
+    if image.record is not None:
+        if image.record.upstream is not None:
+            digest, upstream = image.record.upstream.top.digest, True
+        else:
+            digest = manifest_for(image.record).digest
     return ImageView(
+        digest=digest,
+        upstream=upstream,
         ref=image.ref,
         state=image.state,
         size=image.record.size if image.record else 0,

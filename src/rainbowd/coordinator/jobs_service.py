@@ -182,7 +182,8 @@ class JobsService:
         if node is None or image is None or image.record is None:
             p.fail(f"node {p.node_id} or image {job.image} vanished", now)
             return
-        if job.pull or not (node.docker or node.containerd or node.mirror):
+        engines = node.docker or node.containerd
+        if job.pull or not (engines or node.mirror):
             # no engine and no front door: holding the layers is all; and a pull's client
             # (containerd, Docker) takes the image from the front door, which has the record
             p.finish(now)
@@ -190,7 +191,12 @@ class JobsService:
         load_id = ctx.new_id("l")
         p.loading(load_id)
         self.loads[load_id] = (job.job_id, p.node_id)
-        node.mailbox.put(LoadAssignment(load_id=load_id, job_id=job.job_id, image=image.record))
+        # a front door with no engine still needs the record (its manifest) to serve the image
+        node.mailbox.put(
+            LoadAssignment(
+                load_id=load_id, job_id=job.job_id, image=image.record, catalog_only=not engines
+            )
+        )
         ctx.store.save_seq(node.node_id, node.mailbox.seq)
 
     def node_failed(self, job: Job, p: NodeProgress, now: float) -> None:

@@ -10,10 +10,11 @@ layer digest are the source's own, so what a client pulls is the image the
 origin verified.
 
 The manifest's own digest is not the upstream registry's when the upstream
-sent another serialization (or a Docker v2 manifest for OCI layers): keeping
-the upstream's bytes needs them carried with the image, which is the
-coordinator's part of issue 17 (items 2 and 3: tags are resolved there and a
-manifest is served only if its digest is the one recorded).
+sent another serialization (or a Docker v2 manifest for OCI layers). So when
+the source had a manifest (a registry, an OCI layout) the image record
+carries the upstream's bytes (``ImageRecord.upstream``,
+rainbowd.core.upstreammanifest) and the front door serves those; the built
+one serves images whose source had none (a docker archive, an engine).
 
 The schema follows the layers: all Docker layer types give a Docker image
 manifest v2 schema 2 (what ``docker save`` images and Docker Hub use), anything

@@ -39,6 +39,7 @@ from rainbowd.core.wirebounds import (
     Int32,
     Labels,
     Load,
+    ManifestText,
     Name,
     Names,
     Output,
@@ -102,6 +103,36 @@ class LayerRef(msgspec.Struct, kw_only=True):
     uncompressed_size: Bytes = 0  # size of the tar behind diff_id; 0 = not known
 
 
+class ManifestDoc(msgspec.Struct, kw_only=True):
+    """A registry manifest or index exactly as its source had it (UTF-8 JSON text).
+
+    ``digest`` is the sha256 of ``text.encode()``: what the source named it by,
+    and what a client pulling by digest asks for. Who receives one checks the
+    digest again (rainbowd.core.upstreammanifest).
+    """
+
+    digest: Digest
+    media_type: Name
+    text: ManifestText
+
+
+class UpstreamManifest(msgspec.Struct, kw_only=True):
+    """The source's own manifest of an image (issue 17: the digest clients know).
+
+    ``manifest`` lists the image's config and layers, as the record does;
+    ``index``, when the source's tag named a manifest list, is that list (one
+    of its entries is ``manifest``: the platform the origin chose).
+    """
+
+    manifest: ManifestDoc
+    index: ManifestDoc | None = None
+
+    @property
+    def top(self) -> ManifestDoc:
+        """What the source's tag names: the index when there is one, else the manifest."""
+        return self.index if self.index is not None else self.manifest
+
+
 class ImageRecord(msgspec.Struct, kw_only=True):
     """An image: its config (verbatim JSON text) and ordered layers."""
 
@@ -109,6 +140,9 @@ class ImageRecord(msgspec.Struct, kw_only=True):
     config_digest: Digest
     config: ConfigText
     layers: Annotated[list[LayerRef], Meta(max_length=MAX_LAYERS)]
+    #: the source's manifest, byte for byte, when the source had one (a registry, an OCI
+    #: layout); None for a docker archive or engine, and from older origins
+    upstream: UpstreamManifest | None = None
 
     @property
     def size(self) -> int:
@@ -173,9 +207,8 @@ class RegisterRequest(Msg, kw_only=True):
     docker: bool = False  # a Docker engine is reachable on this host
     #: containerd answers on this host (a load target too); absent from older agents
     containerd: bool = False
-    #: the agent runs its registry front door (``mirror_listen``): a job's image record is
-    #: sent to it once it holds every layer (a LoadAssignment), engine or not, so its
-    #: mirror serves the image without a pull from anywhere (rbd distribute as preheat)
+    #: this node runs a registry front door (mirror_listen): it is sent each image's record
+    #: (a catalog-only load) when it holds every layer, engine or not (issue 17)
     mirror: bool = False
     disk_free: Bytes = 0
     speed_hint_bps: Rate = 0.0  # configured link speed; 0 = unknown
@@ -291,6 +324,8 @@ class LoadAssignment(msgspec.Struct, kw_only=True, tag="load", tag_field="kind")
     load_id: Name
     job_id: Name
     image: ImageRecord
+    #: no engine to load into: only keep the record for the node's registry front door
+    catalog_only: bool = False
 
 
 # --------------------------------------------------------------------------
@@ -453,6 +488,27 @@ class IngestDone(Msg, kw_only=True):
     manifests: Annotated[list[ChunkManifest], Meta(max_length=MAX_LAYERS)]
 
 
+class ResolveTag(Msg, kw_only=True):
+    """A node's registry front door asks which manifest ``registry/repository:tag`` names.
+
+    ``registry`` is the host the client pulled from (``docker.io``,
+    ``registry.example.com:5000``): containerd says it (``?ns=``), else the
+    agent's ``mirror_registry``. Only the coordinator answers this, never a peer.
+    """
+
+    registry: Name
+    repository: Text
+    tag: Name
+
+
+class ResolvedTag(Msg, kw_only=True):
+    """The manifest a tag names now (the upstream's digest), and the image holding it."""
+
+    digest: Digest
+    media_type: Name
+    ref: Text
+
+
 class TaskFailed(Msg, kw_only=True):
     """An ingest or load failed; ``reason`` names what and why."""
 
@@ -492,7 +548,7 @@ class NodeView(msgspec.Struct, kw_only=True):
     quarantine_reason: str = ""
     suspect: bool = False  # a demander could not reach it: no new work until it reports
     containerd: bool = False  # containerd answers there (a load target beside Docker)
-    mirror: bool = False  # it runs the registry front door
+    mirror: bool = False  # it runs a registry front door (mirror_listen)
 
 
 class ImageView(msgspec.Struct, kw_only=True):
@@ -506,6 +562,10 @@ class ImageView(msgspec.Struct, kw_only=True):
     source: str = ""  # where the origin read it, for people (rainbowd.core.sources.describe)
     uncompressed_size: int = 0
     standby_origins: list[str] = []  # next origins, in the order they take over
+    #: the manifest digest nodes' registry front doors serve it by ("" until ready): the
+    #: upstream's own when its manifest was kept (``upstream``), else rbd's built one
+    digest: str = ""
+    upstream: bool = False
 
 
 #: most standby origins one image may name (each reads the source only if it takes over)

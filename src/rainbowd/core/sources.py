@@ -90,3 +90,38 @@ def check_source(source: ImageSource) -> None:
         raise SourceError(
             f"registry source {source.reference!r}: expected HOST[:PORT]/REPO[:TAG|@sha256:...]"
         )
+
+
+#: the names Docker Hub goes by in references (both mean docker.io)
+DOCKER_HUB_NAMES = ("docker.io", "index.docker.io")
+
+
+def canonical_registry(host: str) -> str:
+    """``host`` as rbd compares registry hosts: lowercase, Docker Hub's aliases as docker.io."""
+    host = host.lower()
+    return "docker.io" if host in DOCKER_HUB_NAMES else host
+
+
+def registry_name(reference: str) -> tuple[str, str, str] | None:
+    """(registry host, repository, tag) a registry source's reference names, or None.
+
+    The host is :func:`canonical_registry`'s; a Docker Hub repository without
+    a namespace gets ``library/`` (what clients ask a registry for); no tag
+    and no digest is ``latest``; a reference pinned by digest alone has no tag
+    (None: no tag resolves to it). The origin parses references strictly
+    (agent/origin/registry.py) before anything is ingested; this only
+    re-reads one it took.
+    """
+    host, sep, rest = reference.partition("/")
+    if not sep or not rest:
+        return None
+    rest, at, _digest = rest.partition("@")
+    name, colon, tag = rest.rpartition(":")
+    if not colon or "/" in tag:
+        name, tag = rest, ("" if at else "latest")
+    if not tag or not name:
+        return None
+    host = canonical_registry(host)
+    if host == "docker.io" and "/" not in name:
+        name = f"library/{name}"
+    return host, name, tag

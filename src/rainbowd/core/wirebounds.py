@@ -54,6 +54,11 @@ MAX_SSH_KEY = 16 * 1024
 MAX_TEXT = 4096
 #: an image's config JSON (verbatim): real ones are a few KB
 MAX_CONFIG = 1024 * 1024
+#: a registry manifest or index kept verbatim (issue 17: the upstream's bytes, served by
+#: every node's registry front door): a 1,000-layer manifest is about 200 KB, and
+#: registries themselves refuse manifests over 4 MiB; a larger one is not kept (the
+#: image is served under rbd's own manifest instead)
+MAX_MANIFEST = 1024 * 1024
 #: an op's output and error (the agent sends the last 32 KiB of a log)
 MAX_OUTPUT = 64 * 1024
 
@@ -88,6 +93,7 @@ Secret = Annotated[str, msgspec.Meta(max_length=MAX_SECRET)]
 SshKey = Annotated[str, msgspec.Meta(max_length=MAX_SSH_KEY)]
 Text = Annotated[str, msgspec.Meta(max_length=MAX_TEXT)]
 ConfigText = Annotated[str, msgspec.Meta(max_length=MAX_CONFIG)]
+ManifestText = Annotated[str, msgspec.Meta(max_length=MAX_MANIFEST)]
 Output = Annotated[str, msgspec.Meta(max_length=MAX_OUTPUT)]
 
 # -- collections ---------------------------------------------------------

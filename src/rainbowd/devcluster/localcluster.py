@@ -97,6 +97,7 @@ class LocalCluster:
         policy: str = "",
         agent_metrics: bool = False,
         state_url: str = "",
+        coordinator_config: dict[str, Any] | None = None,
     ) -> None:
         self.root = Path(root)
         self.nodes = {n.node_id: n for n in nodes}
@@ -111,6 +112,8 @@ class LocalCluster:
         self.agent_metrics = agent_metrics
         #: the coordinator's --state-url ("" = SQLite in its state dir)
         self.state_url = state_url
+        #: written as the coordinator's --config (keys the flags do not set: upstreams)
+        self.coordinator_config = coordinator_config or {}
         self.join_token = secrets.token_urlsafe(24)
         self.admin_token = secrets.token_urlsafe(24)
         self._procs: dict[str, _Proc] = {}
@@ -189,6 +192,10 @@ class LocalCluster:
             argv += ["--policy", self.policy]
         if self.state_url:
             argv += ["--state-url", self.state_url]
+        if self.coordinator_config:
+            conf = d / "coordinator.toml"
+            conf.write_text(_toml(self.coordinator_config))
+            argv += ["--config", str(conf)]
         self._spawn("coordinator", "coordinator", argv)
         await self._wait_health(timeout)
 
@@ -363,7 +370,8 @@ def _toml(cfg: dict[str, Any]) -> str:
     for k, v in cfg.items():
         if isinstance(v, dict):
             tables.append(f"\n[{k}]")
-            tables += [f"{tk} = {json.dumps(tv)}" for tk, tv in v.items()]
+            # keys quoted: a bare docker.io would be a dotted key
+            tables += [f"{json.dumps(tk)} = {json.dumps(tv)}" for tk, tv in v.items()]
         else:
             lines.append(f"{k} = {json.dumps(v)}")
     return "\n".join(lines + tables) + "\n"

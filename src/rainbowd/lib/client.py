@@ -63,6 +63,8 @@ from rainbowd.core.messages import (
     RegisterRequest,
     ReportBatch,
     ReportBatchReply,
+    ResolvedTag,
+    ResolveTag,
     SecurityEvent,
     SecurityEventList,
     TaskFailed,
@@ -84,6 +86,9 @@ log = structlog.get_logger(__name__)
 POLL_SLACK = 10.0
 #: methods that change nothing, so sent twice they do no harm (after a broken connection)
 SAFE_METHODS = frozenset({"GET", "HEAD"})
+#: largest reply to a tag resolution: a digest, a media type and an image ref (each
+#: bounded by wirebounds) fit many times over
+RESOLVE_REPLY_LIMIT = 16 * 1024
 #: with several coordinators, the longest wait for one's TCP connection before the next
 #: is tried (a host that is down drops SYNs rather than refusing them)
 CONNECT_TIMEOUT = 3.0
@@ -205,11 +210,14 @@ class _Http:
         params: dict[str, str] | None = None,
         timeout: float | None = None,
         report_id: str = "",
+        limit: int = 0,
+        read_only: bool = False,
     ) -> T | None:
         """Send ``msg`` (msgpack) and decode the reply as ``reply`` (None: ignore the body).
 
         ``report_id`` (rainbowd/report_id.py) makes a report safe to retry: the
-        coordinator applies one id once.
+        coordinator applies one id once. ``limit`` caps the reply's size (0: MAX_BODY,
+        checked when decoding). ``read_only``: a POST that changes nothing, retried like a GET.
         """
         headers = {"Accept": MSGPACK}
         if report_id:
@@ -225,7 +233,8 @@ class _Http:
             headers=headers,
             params=params,
             timeout=timeout,
-            idempotent=method in SAFE_METHODS or bool(report_id),
+            idempotent=method in SAFE_METHODS or bool(report_id) or read_only,
+            limit=limit,
         )
         if r.status >= 400:
             raise ApiError(r.status, _error_message(r.body, r.content_type, r.status), url=r.url)
@@ -523,6 +532,23 @@ class AgentClient(_Http):
     async def trust(self) -> TrustList:
         """The coordinator's current trust list (see ChunkServer's refresh on unknown keys)."""
         return await self.call("GET", "trust", TrustList)
+
+    async def resolve_tag(self, req: ResolveTag, timeout: float) -> ResolvedTag:
+        """Which manifest a tag names (the registry front door's only way to learn it).
+
+        ApiError 404 when the coordinator knows none. Read only, so retried at
+        another coordinator within ``timeout``; the reply is capped at
+        RESOLVE_REPLY_LIMIT bytes (a digest, a media type and a ref).
+        """
+        return await self.call(
+            "POST",
+            "tags/resolve",
+            ResolvedTag,
+            req,
+            timeout=timeout,
+            limit=RESOLVE_REPLY_LIMIT,
+            read_only=True,
+        )
 
     async def evict(self, req: EvictRequest) -> EvictReply:
         """Ask to delete layers from the store; delete only what the reply accepts."""

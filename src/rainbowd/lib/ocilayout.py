@@ -28,7 +28,8 @@ import structlog
 
 from rainbowd.core.chunks import DEFAULT_CHUNK_SIZE, ChunkManifest
 from rainbowd.core.digest import Digest, DigestError, hex_part, parse_digest, sha256_digest, short
-from rainbowd.core.messages import Compression, ImageRecord, LayerRef
+from rainbowd.core.messages import Compression, ImageRecord, LayerRef, UpstreamManifest
+from rainbowd.core.upstreammanifest import UpstreamManifestError, check_upstream, doc_of
 from rainbowd.lib.compression import CompressionError, hash_layer, media_type, sniff
 from rainbowd.lib.hostplatform import host_architecture
 from rainbowd.lib.image import MAX_METADATA, ImageError, ingest_compressed
@@ -250,15 +251,21 @@ def _pick_platform(entries: list[Any], want: tuple[str, str, str], what: str) ->
 
 def _resolve_manifest(
     root: Path, entries: list[Any], want: tuple[str, str, str]
-) -> tuple[Digest, dict[str, Any]]:
-    """Follow descriptors (through nested indexes) to one image manifest."""
+) -> tuple[Digest, dict[str, Any], list[tuple[bytes, str]]]:
+    """Follow descriptors (through nested indexes) to one image manifest.
+
+    Returns its digest, its document, and the (bytes, media type) of each
+    document on the way, the tag's first and the manifest's last.
+    """
     entry = _pick_platform(entries, want, "index.json")
+    path: list[tuple[bytes, str]] = []
     for _ in range(MAX_INDEX_DEPTH + 1):
         digest, size, media = _descriptor(entry, "manifest")
-        _, doc = _read_json_blob(root, digest, size, f"manifest {digest}")
+        data, doc = _read_json_blob(root, digest, size, f"manifest {digest}")
         if not isinstance(doc, dict):
             raise _Fail(f"manifest {digest} is not a JSON object")
         kind = doc.get("mediaType") or media
+        path.append((data, str(kind)))
         if kind in _INDEX_TYPES or ("manifests" in doc and "layers" not in doc):
             children = doc.get("manifests")
             if not isinstance(children, list) or not children:
@@ -267,8 +274,33 @@ def _resolve_manifest(
             continue
         if kind and kind not in _MANIFEST_TYPES:
             raise _Fail(f"manifest {digest} has unsupported media type {kind!r}")
-        return digest, doc
+        return digest, doc, path
     raise _Fail(f"indexes nest deeper than {MAX_INDEX_DEPTH}")
+
+
+def _upstream(record: ImageRecord, path: list[tuple[bytes, str]]) -> UpstreamManifest | None:
+    """The layout's own manifest (and the index naming it) of ``record``, to serve as they are.
+
+    Kept only when the tag names the manifest itself or one index listing
+    it (deeper nesting has no place in a registry's answer for one tag), when
+    the documents can travel (``doc_of``) and when the manifest still lists
+    the record's blobs: with ``compression`` asked of uncompressed layers it
+    does not, and the image is served under rbd's built manifest.
+    """
+    if len(path) > 2:
+        return None
+    docs = [doc_of(data, media) for data, media in path]
+    main = docs[-1]
+    top = docs[0] if len(docs) == 2 else None
+    if main is None or (len(docs) == 2 and top is None):
+        return None
+    kept = UpstreamManifest(manifest=main, index=top)
+    try:
+        check_upstream(record, kept)
+    except UpstreamManifestError as e:
+        log.info("layout manifest not kept", image=record.ref, reason=str(e))
+        return None
+    return kept
 
 
 # --------------------------------------------------------------------------
@@ -285,7 +317,7 @@ def _ingest(
     added: list[Digest],
 ) -> tuple[ImageRecord, list[ChunkManifest]]:
     entries = _pick_by_tag(_read_top(root), tag)
-    manifest_digest, manifest = _resolve_manifest(root, entries, want)
+    manifest_digest, manifest, path = _resolve_manifest(root, entries, want)
     oci = (manifest.get("mediaType") or MEDIA_OCI_MANIFEST) != MEDIA_DOCKER_MANIFEST
 
     config_digest, config_size, _ = _descriptor(manifest.get("config"), "config")
@@ -315,6 +347,7 @@ def _ingest(
         layers.append(layer)
         chunk_manifests.append(cm)
     record = ImageRecord(ref=ref, config_digest=config_digest, config=config_text, layers=layers)
+    record.upstream = _upstream(record, path)
     return record, chunk_manifests
 
 

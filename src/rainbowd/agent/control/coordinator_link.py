@@ -114,7 +114,7 @@ class CoordinatorLink:
             roles=list(cfg.roles),
             docker=docker is not None and await docker.available(),
             containerd=containerd is not None and await containerd.available(),
-            mirror=bool(cfg.mirror_listen),
+            mirror=cfg.mirror_address() is not None,
             disk_free=self.store.bytes_free(),
             speed_hint_bps=cfg.speed_hint_mbps * 1e6 / 8,
             download_hint_bps=cfg.download_hint_mbps * 1e6 / 8,

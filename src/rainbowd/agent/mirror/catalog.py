@@ -8,10 +8,20 @@ origin when it ingests one; :meth:`ImageCatalog.record` then writes the config
 built from the record (``rainbowd.core.imagemanifest``), each named by its
 digest, so both survive a restart.
 
+When the record carries the source's own manifest (``record.upstream``: a
+registry or an OCI layout source), that manifest is kept too, byte for byte,
+and the index it came from when the source's tag named one, after
+:func:`~rainbowd.core.upstreammanifest.check_upstream` (they must hash to their
+digests and list exactly the record's config and layers). The image is then
+known by the upstream's digest: ``images.json`` names it, and a pull by that
+digest (or by a tag the coordinator resolves to it) gets the upstream's
+bytes. An image whose source had no manifest (a docker archive, an engine)
+is known by the built manifest's digest, as before.
+
 Layout under ``root`` (the agent's ``state_dir/mirror``), kept apart from the
 layer store so heartbeats, hygiene and peers never see these as layers::
 
-    manifests/<hex>     a manifest, exactly the bytes served
+    manifests/<hex>     a manifest or index, exactly the bytes served
     configs/<hex>       an image config, exactly the bytes served
     images.json         image ref -> manifest digest, for rbd-agent status (what to pull
                         by digest); never used to answer a pull by tag
@@ -31,7 +41,13 @@ import structlog
 
 from rainbowd.core.digest import Digest, hex_part, is_digest, sha256_digest
 from rainbowd.core.imagemanifest import BuiltManifest, manifest_for
-from rainbowd.core.messages import ImageRecord
+from rainbowd.core.messages import ImageRecord, UpstreamManifest
+from rainbowd.core.upstreammanifest import (
+    OCI_INDEX,
+    OCI_MANIFEST,
+    UpstreamManifestError,
+    check_upstream,
+)
 from rainbowd.lib.atomicfile import write_atomic
 
 log = structlog.get_logger(__name__)
@@ -47,13 +63,22 @@ class CatalogError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class StoredManifest:
-    """A manifest read back and checked: its bytes, media type and the blobs it names."""
+    """A manifest read back and checked: its bytes, media type and the blobs it names.
+
+    An index names no blobs: ``children`` are the manifests it lists (this node
+    keeps at most the one the origin chose), ``config_digest`` is None.
+    """
 
     data: bytes
     media_type: str
     digest: Digest
-    config_digest: Digest
+    config_digest: Digest | None
     layer_digests: tuple[Digest, ...]
+    children: tuple[Digest, ...] = ()
+
+    @property
+    def is_index(self) -> bool:
+        return self.config_digest is None
 
 
 class ImageCatalog:
@@ -70,7 +95,11 @@ class ImageCatalog:
         self.recorded: dict[str, Digest] = _read_refs(self.refs_path)
 
     def record(self, image: ImageRecord) -> BuiltManifest:
-        """Keep ``image``'s config and manifest; return the manifest (its digest names it).
+        """Keep ``image``'s config and manifests; return the manifest built from the record.
+
+        The image is known (``recorded[image.ref]``) by the upstream's digest
+        (its index's, if any) when the record carries a manifest that passes
+        its check, else by the built manifest's.
 
         Raises CatalogError when the config text does not hash to the
         record's config digest: such a record would make the front door serve
@@ -86,17 +115,36 @@ class ImageCatalog:
         built = manifest_for(image)
         _write_once(self.config_dir / hex_part(actual), config)
         _write_once(self.manifest_dir / hex_part(built.digest), built.data)
-        if self.recorded.get(image.ref) != built.digest:
+        known_as = built.digest
+        upstream = self._upstream(image)
+        if upstream is not None:
+            for doc in [upstream.manifest] + ([upstream.index] if upstream.index else []):
+                _write_once(self.manifest_dir / hex_part(Digest(doc.digest)), doc.text.encode())
+            known_as = Digest(upstream.top.digest)
+        if self.recorded.get(image.ref) != known_as:
             log.info(
                 "mirror_image_recorded",
                 ref=image.ref,
-                manifest=built.digest,
-                media_type=built.media_type,
+                manifest=known_as,
+                upstream=upstream is not None,
+                built=built.digest,
                 layers=len(built.layer_digests),
             )
-            self.recorded[image.ref] = built.digest
+            self.recorded[image.ref] = known_as
             _write_once(self.refs_path, json.dumps(self.recorded, sort_keys=True).encode())
         return built
+
+    @staticmethod
+    def _upstream(image: ImageRecord) -> UpstreamManifest | None:
+        """``image.upstream`` if it describes the image, else None (logged: built one served)."""
+        if image.upstream is None:
+            return None
+        try:
+            check_upstream(image, image.upstream)
+        except UpstreamManifestError as e:
+            log.error("mirror_upstream_manifest_refused", ref=image.ref, error=str(e))
+            return None
+        return image.upstream
 
     def has_config(self, digest: Digest) -> bool:
         """Whether a config named ``digest`` is kept (a stat; :meth:`config` checks the bytes)."""
@@ -112,23 +160,39 @@ class ImageCatalog:
         if data is None:
             return None
         try:
-            doc = json.loads(data)
-            config_digest = doc["config"]["digest"]
-            layers = tuple(layer["digest"] for layer in doc["layers"])
-            media_type = doc["mediaType"]
-        except (ValueError, KeyError, TypeError) as e:
+            return _parse(data, digest)
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
             log.error("mirror_manifest_unreadable", manifest=digest, error=str(e))
             return None
-        if not all(is_digest(d) for d in (config_digest, *layers)):
-            log.error("mirror_manifest_unreadable", manifest=digest, error="bad digest in it")
-            return None
-        return StoredManifest(
-            data=data,
-            media_type=str(media_type),
-            digest=digest,
-            config_digest=Digest(config_digest),
-            layer_digests=tuple(Digest(d) for d in layers),
-        )
+
+
+def _parse(data: bytes, digest: Digest) -> StoredManifest:
+    """``data`` (a manifest or an index) parsed; ValueError/KeyError/TypeError if it is not one."""
+    doc = json.loads(data)
+    children: tuple[str, ...] = ()
+    config_digest: str | None = None
+    layers: tuple[str, ...] = ()
+    if "manifests" in doc and "layers" not in doc:
+        children = tuple(entry["digest"] for entry in doc["manifests"])
+        media_type = doc.get("mediaType") or OCI_INDEX
+    else:
+        config_digest = doc["config"]["digest"]
+        layers = tuple(layer["digest"] for layer in doc["layers"])
+        # an OCI manifest may leave its media type out (the registry's header said it)
+        media_type = doc.get("mediaType") or OCI_MANIFEST
+    named = (*children, *layers, *((config_digest,) if config_digest is not None else ()))
+    if not all(isinstance(d, str) and is_digest(d) for d in named):
+        raise ValueError("a digest in it is not sha256")
+    if not isinstance(media_type, str):
+        raise TypeError("its mediaType is not a string")
+    return StoredManifest(
+        data=data,
+        media_type=media_type,
+        digest=digest,
+        config_digest=None if config_digest is None else Digest(config_digest),
+        layer_digests=tuple(Digest(d) for d in layers),
+        children=tuple(Digest(d) for d in children),
+    )
 
 
 def _read_refs(path: Path) -> dict[str, Digest]:

@@ -14,14 +14,29 @@ answers from what the node already holds and never fetches anything itself:
   (``verify_served``; a partial layer is never served);
 * ``Range`` on blobs: one range, 206 with ``Content-Range``, 416 past the end.
 
-A miss (a tag, a digest the node lacks, a layer that failed its check) is a
-404 with the spec's ``MANIFEST_UNKNOWN`` or ``BLOB_UNKNOWN`` body: containerd
-and Docker then go to the upstream themselves (``rainbowd.core.distribution``
-says why each does). Tags are never resolved here: which manifest a tag names
-is the coordinator's to say (issue 17 item 3), so a node cannot be fooled into
-serving another image under a tag. Turning a miss into a P2P job (item 2) is
-the next step and leaves these answers as they are for a node that cannot get
-the image in time.
+Manifests are the upstream's own bytes when the image's source had a
+manifest (a registry, an OCI layout: ``ImageCatalog`` keeps them, checked
+against the image), so a pull by the upstream's digest, and the digest a
+client sees, are the upstream's. An image whose source had none (a docker
+archive, an engine) is served under the manifest rbd builds from its record
+(``rainbowd.core.imagemanifest``): same config and layers, rbd's own digest.
+An index (the upstream's tag named a manifest list) is served when the node
+holds the platform manifest the origin chose, with all its blobs; a client
+on another platform then finds its manifest missing and goes upstream.
+
+A tag is resolved only by asking the coordinator (``resolve``: issue 17
+item 3; never a peer, so no peer can make this node serve another image
+under a tag), for the registry the client names (containerd's ``?ns=``) or
+else ``default_registry``. The manifest is then served only if the catalog
+holds one whose bytes hash to the digest the coordinator said. No answer
+within ``resolve_timeout`` (coordinator down, partitioned, slow) is a miss.
+
+A miss (a tag nobody resolves, a digest the node lacks, a layer that failed
+its check) is a 404 with the spec's ``MANIFEST_UNKNOWN`` or ``BLOB_UNKNOWN``
+body: containerd and Docker then go to the upstream themselves
+(``rainbowd.core.distribution`` says why each does). Turning a miss into a
+P2P job (item 2) is the next step and leaves these answers as they are for a
+node that cannot get the image in time.
 
 The server is unauthenticated, like a registry mirror on loopback: it serves
 only content named by its digest, which a client verifies again. It listens on
@@ -31,7 +46,8 @@ only content named by its digest, which a client verifies again. It listens on
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import re
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import structlog
@@ -62,6 +78,14 @@ log = structlog.get_logger(__name__)
 BLOB_TYPE = "application/octet-stream"
 #: Content-Type of an error body and of the /v2/ answer
 JSON_TYPE = "application/json"
+#: seconds a tag resolution may take by default (the agent passes mirror_resolve_timeout)
+RESOLVE_TIMEOUT = 2.0
+#: a registry host as a client names it in ``?ns=`` (containerd): name or IP, optional port
+_REGISTRY_HOST = re.compile(r"^(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
+
+#: (registry, repository, tag) -> the manifest digest the coordinator says the tag
+#: names, or None (no upstream, no such image, coordinator unreachable)
+Resolver = Callable[[str, str, str], Awaitable[Digest | None]]
 
 
 class MirrorHooks(Protocol):
@@ -86,6 +110,9 @@ class MirrorServer:
         hooks: MirrorHooks | None = None,
         on_served: Callable[[str], None] | None = None,
         on_corrupt: Callable[[str, str], None] | None = None,
+        resolve: Resolver | None = None,
+        default_registry: str = "docker.io",
+        resolve_timeout: float = RESOLVE_TIMEOUT,
     ) -> None:
         self.store = store
         self.catalog = catalog
@@ -98,6 +125,10 @@ class MirrorServer:
         self.on_served = on_served
         #: told (layer, why) when a stored layer fails its check while served
         self.on_corrupt = on_corrupt
+        #: asks the coordinator which manifest a tag names (None: tags are never served)
+        self.resolve = resolve
+        self.default_registry = default_registry
+        self.resolve_timeout = resolve_timeout
         #: layer -> responses sending it right now (hygiene must not evict these)
         self.serving: dict[str, int] = {}
         self._runner: web.AppRunner | None = None
@@ -163,42 +194,73 @@ class MirrorServer:
             return _error(e)
 
     async def _manifest(self, request: web.Request, req: ManifestRequest) -> web.StreamResponse:
-        if req.digest is None:
-            # Tags are resolved only through the coordinator (issue 17 item 3: no peer
-            # may spoof a tag); until a miss becomes a P2P job (item 2) the client
-            # resolves the tag at its upstream (containerd then still asks here first
-            # for each blob, by digest; Docker takes the whole pull upstream).
-            raise ApiError(
-                "MANIFEST_UNKNOWN",
-                f"{req.name}:{req.tag}: this mirror serves manifests by digest only",
-                {"tag": req.tag},
-            )
-        stored = await asyncio.to_thread(self.catalog.manifest, req.digest)
+        digest = req.digest if req.digest is not None else await self._resolve_tag(request, req)
+        stored = await asyncio.to_thread(self.catalog.manifest, digest)
         if stored is None:
             raise ApiError(
                 "MANIFEST_UNKNOWN",
-                f"manifest {req.digest} is not held by node {self.node_id}",
-                {"digest": req.digest},
+                f"manifest {digest} is not held by node {self.node_id}",
+                {"digest": digest},
             )
         missing = await asyncio.to_thread(self._missing_blobs, stored)
         if missing:
             raise ApiError(
                 "MANIFEST_UNKNOWN",
-                f"manifest {req.digest}: node {self.node_id} does not hold all of its blobs "
+                f"manifest {digest}: node {self.node_id} does not hold all of its blobs "
                 f"({len(missing)} missing, e.g. {missing[0]})",
-                {"digest": req.digest},
+                {"digest": digest},
             )
         self._count("manifest", "hit")
-        headers = _content_headers(req.digest, len(stored.data))
+        headers = _content_headers(digest, len(stored.data))
         if request.method == "HEAD":
             return _head(stored.media_type, headers)
         self._sent(len(stored.data))
         return web.Response(body=stored.data, content_type=stored.media_type, headers=headers)
 
+    async def _resolve_tag(self, request: web.Request, req: ManifestRequest) -> Digest:
+        """The digest the coordinator says ``req``'s tag names; ApiError MANIFEST_UNKNOWN if none.
+
+        Never from this node's own records or a peer's (module docstring).
+        """
+        registry = request.query.get("ns") or self.default_registry
+        asked = f"{registry}/{req.name}:{req.tag}"
+        if self.resolve is None or not _REGISTRY_HOST.match(registry):
+            raise ApiError(
+                "MANIFEST_UNKNOWN",
+                f"{asked}: this mirror resolves no tags here; pull by digest or from the upstream",
+                {"tag": req.tag},
+            )
+        assert req.tag is not None
+        try:
+            async with asyncio.timeout(self.resolve_timeout):
+                digest = await self.resolve(registry, req.name, req.tag)
+        except TimeoutError:
+            log.warning(
+                "mirror_resolve_timeout", tag=asked, node=self.node_id, after=self.resolve_timeout
+            )
+            digest = None
+        if digest is None:
+            raise ApiError(
+                "MANIFEST_UNKNOWN",
+                f"{asked}: the coordinator names no manifest for this tag now",
+                {"tag": req.tag},
+            )
+        log.debug("mirror_tag_resolved", tag=asked, manifest=digest, node=self.node_id)
+        return digest
+
     def _missing_blobs(self, stored: StoredManifest) -> list[str]:
-        """Blobs of a manifest the node cannot serve whole (blocking: stats)."""
+        """What of a manifest the node cannot serve whole (blocking: stats and reads).
+
+        An index needs one of the manifests it lists held, with all its blobs.
+        """
+        if stored.is_index:
+            for child in stored.children:
+                found = self.catalog.manifest(child)
+                if found is not None and not found.is_index and not self._missing_blobs(found):
+                    return []
+            return [f"any of its {len(stored.children)} platform manifests"]
         missing: list[str] = []
-        if not self.catalog.has_config(stored.config_digest):
+        if stored.config_digest is not None and not self.catalog.has_config(stored.config_digest):
             missing.append(stored.config_digest)
         missing.extend(d for d in stored.layer_digests if not self.store.has(d))
         return missing

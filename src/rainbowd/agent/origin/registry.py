@@ -47,7 +47,8 @@ import structlog
 
 from rainbowd.core.chunks import ChunkManifest
 from rainbowd.core.digest import Digest, is_digest, parse_digest, short
-from rainbowd.core.messages import ImageRecord, LayerRef, RegistrySource
+from rainbowd.core.messages import ImageRecord, LayerRef, RegistrySource, UpstreamManifest
+from rainbowd.core.upstreammanifest import UpstreamManifestError, check_upstream, doc_of
 from rainbowd.lib.hostplatform import host_architecture
 from rainbowd.lib.image import ImageError
 from rainbowd.lib.store import LayerStore, StoreError
@@ -426,10 +427,17 @@ def _sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-async def _fetch_manifest(
-    client: _Client, target: str, expected: str, what: str
-) -> tuple[str, dict[str, Any], str]:
-    """(media type, parsed manifest, digest of its bytes); checked against ``expected``."""
+@dataclass(frozen=True)
+class _Fetched:
+    """A manifest (or index) as the registry sent it, checked: media type, parsed, bytes."""
+
+    media: str
+    doc: dict[str, Any]
+    body: bytes
+
+
+async def _fetch_manifest(client: _Client, target: str, expected: str, what: str) -> _Fetched:
+    """The manifest ``target`` names; its bytes checked against ``expected`` (if set)."""
     where = client.where
     try:
         resp = await client.get(f"/manifests/{target}", accept=ACCEPT)
@@ -474,7 +482,7 @@ async def _fetch_manifest(
         )
     if media not in MANIFEST_TYPES and media not in INDEX_TYPES:
         raise RegistryError(f"{where}: {what} has unsupported media type {media!r}")
-    return media, doc, actual
+    return _Fetched(media, doc, body)
 
 
 def _pick_platform(index: dict[str, Any], wanted: Platform, where: str) -> dict[str, Any]:
@@ -868,14 +876,17 @@ async def _ingest(
     added: list[Digest],
 ) -> tuple[ImageRecord, list[ChunkManifest]]:
     where = client.where
-    media, doc, _ = await _fetch_manifest(client, client.ref.target, client.ref.digest, "manifest")
-    if media in INDEX_TYPES:
-        entry = _pick_platform(doc, wanted, where)
+    top = await _fetch_manifest(client, client.ref.target, client.ref.digest, "manifest")
+    fetched, index = top, None
+    if top.media in INDEX_TYPES:
+        index = top
+        entry = _pick_platform(top.doc, wanted, where)
         child, _, _ = _descriptor(entry, where, f"manifest for {wanted}")
-        media, doc, _ = await _fetch_manifest(client, child, child, f"manifest for {wanted}")
-        if media in INDEX_TYPES:
+        fetched = await _fetch_manifest(client, child, child, f"manifest for {wanted}")
+        if fetched.media in INDEX_TYPES:
             raise RegistryError(f"{where}: nested manifest lists are not supported")
         explicit_platform = False  # the index entry already said which platform it is
+    doc = fetched.doc
 
     cfg_digest, cfg_size, cfg_media = _descriptor(doc.get("config"), where, "config")
     config_text = await _fetch_config(client, cfg_digest, cfg_size, cfg_media)
@@ -958,10 +969,32 @@ async def _ingest(
             raise RegistryError(f"{where}: blob {short(digest)} is listed with two diff_ids")
         layers.append(layer)
         manifests.append(manifest)
-    return (
-        ImageRecord(ref=ref, config_digest=cfg_digest, config=config_text, layers=layers),
-        manifests,
-    )
+    record = ImageRecord(ref=ref, config_digest=cfg_digest, config=config_text, layers=layers)
+    record.upstream = _upstream(record, fetched, index, where)
+    return record, manifests
+
+
+def _upstream(
+    record: ImageRecord, manifest: _Fetched, index: _Fetched | None, where: str
+) -> UpstreamManifest | None:
+    """The registry's own manifest (and index) of ``record``, to be served as they are.
+
+    None, logged, when they cannot travel (over MAX_MANIFEST, not UTF-8) or do
+    not describe the record: the image is then served under rbd's built
+    manifest, which names the same blobs under another digest.
+    """
+    main = doc_of(manifest.body, manifest.media)
+    top = doc_of(index.body, index.media) if index is not None else None
+    if main is None or (index is not None and top is None):
+        log.warning("upstream manifest not kept", image=where, reason="too large or not UTF-8")
+        return None
+    kept = UpstreamManifest(manifest=main, index=top)
+    try:
+        check_upstream(record, kept)
+    except UpstreamManifestError as e:
+        log.warning("upstream manifest not kept", image=where, reason=str(e))
+        return None
+    return kept
 
 
 __all__ = [

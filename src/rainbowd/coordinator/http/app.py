@@ -42,6 +42,9 @@ Routes (prefix ``/v1``)::
                                   coordinator/evidence.py)
     GET  trust                    -> TrustList (an agent's server meets a client key it
                                   does not know: its list may be behind)
+    POST tags/resolve             ResolveTag -> ResolvedTag, 404 when the registry has no
+                                  upstream or no ready image has the tag (a node's registry
+                                  front door; coordinator/upstreams.py)
 
     admin (Authorization: Bearer <admin token>)
     GET  nodes                    -> NodeList
@@ -93,6 +96,7 @@ from rainbowd.core.messages import (
     MessageError,
     PullRequest,
     RegisterRequest,
+    ResolveTag,
     SecurityEvent,
     SecurityEventList,
     SecurityEventView,
@@ -321,6 +325,11 @@ async def trust(request: web.Request) -> web.Response:
     return reply(request, coord(request).cluster.trust())
 
 
+async def resolve_tag(request: web.Request) -> web.Response:
+    node = agent(request)
+    return reply(request, coord(request).resolve_tag(node, await body(request, ResolveTag)))
+
+
 async def security_event(request: web.Request) -> web.Response:
     node = agent(request)
     ev = await body(request, SecurityEvent)
@@ -509,6 +518,7 @@ def create_app(
     r.add_post("/v1/loads/{id}/{what:done|failed}", load_report)
     r.add_post("/v1/events", security_event)
     r.add_get("/v1/trust", trust)
+    r.add_post("/v1/tags/resolve", resolve_tag)
     r.add_post("/v1/evictions", evict)
     r.add_post("/v1/pulls", pull)
     r.add_get("/v1/nodes", list_nodes)

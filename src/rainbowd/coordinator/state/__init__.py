@@ -64,9 +64,11 @@ from rainbowd.core.wirebounds import (
 #: rows) is a record, rainbowd.core.sched.reasons.TransferReason; version 2 kept text.
 #: 4: the ``leader`` table, the lease coordinators sharing one database compete for
 #: (coordinator/state/lease.py; SQLite has it too and its one coordinator always holds it).
+#: 5: the ``image_manifests`` table, each image's upstream manifest bytes verbatim
+#: (issue 17; state/sql.py ``image_manifests_table``): the image row keeps their digests.
 #: (SQLite's migration list moves an older database on when it is opened; PostgreSQL
 #: starts at 3, the first schema it had.)
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 #: security events kept (older ones are pruned on insert); see coordinator/limits.py
 MAX_STORED_EVENTS = 10_000
@@ -106,7 +108,7 @@ class StoredNode(msgspec.Struct, kw_only=True):
     roles: Roles = []
     docker: bool = False
     containerd: bool = False  # a load target beside Docker (absent in older rows: False)
-    mirror: bool = False  # runs the registry front door (absent in older rows: False)
+    mirror: bool = False  # runs a registry front door: sent catalog-only loads (issue 17)
     speed_hint_bps: Rate = 0.0
     download_hint_bps: Rate = 0.0
     holdings: list[Digest] = []  # only layers of known images (bounded by them)

@@ -59,7 +59,7 @@ from psycopg import pq
 from rainbowd.core.lease import LEASE_S
 
 from . import FencedError, StateError, redact
-from .sql import Cursor, Dialect, Migration, SqlStore, add_leader_table
+from .sql import Cursor, Dialect, Migration, SqlStore, add_image_manifests_table, add_leader_table
 
 log = structlog.get_logger(__name__)
 
@@ -106,7 +106,10 @@ SCHEMA_LOCK_KEY = 0x7262_6473_6368
 WRITES = ("INSERT", "UPDATE", "DELETE")
 #: steps bringing a PostgreSQL database to each schema (it starts at schema 3, the first
 #: with a PostgreSQL backend; 4 adds the leader lease)
-MIGRATIONS: tuple[Migration, ...] = (Migration(4, add_leader_table),)
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(4, add_leader_table),
+    Migration(5, add_image_manifests_table),
+)
 
 
 class PostgresStore(SqlStore):

@@ -54,6 +54,7 @@ from . import (
     StoredImage,
     StoredNode,
     TransferState,
+    image_rows,
 )
 
 log = structlog.get_logger(__name__)
@@ -109,7 +110,33 @@ def schema(d: Dialect) -> list[str]:
         f"CREATE TABLE IF NOT EXISTS set_aside (id {d.serial_key}, at {d.real} NOT NULL, "
         "tbl TEXT NOT NULL, key TEXT NOT NULL, body TEXT NOT NULL, error TEXT NOT NULL)",
         *leader_table(d),
+        *image_manifests_table(),
     ]
+
+
+def image_manifests_table() -> list[str]:
+    """Schema 5: the upstream's own manifest bytes of each image, verbatim (issue 17).
+
+    One row per document (the manifest, and the index when the tag named
+    one) of an image's ``record.upstream``: ``body`` is exactly the text whose
+    sha256 is ``digest``, checked again on load. The image row keeps the
+    documents' digests and media types only, so the JSON body of an image
+    stays small and a manifest is never escaped inside it.
+    """
+    return [
+        "CREATE TABLE IF NOT EXISTS image_manifests (ref TEXT NOT NULL, digest TEXT NOT NULL, "
+        "media_type TEXT NOT NULL, body TEXT NOT NULL, PRIMARY KEY (ref, digest))",
+    ]
+
+
+def add_image_manifests_table(store: SqlStore) -> None:
+    """4 -> 5: the ``image_manifests`` table (:func:`image_manifests_table`).
+
+    Images stored before it have no upstream manifest (origins did not keep
+    one): nothing to move, and they are served under rbd's built manifest.
+    """
+    for statement in image_manifests_table():
+        store.execute(statement)
 
 
 def leader_table(d: Dialect) -> list[str]:
@@ -326,20 +353,15 @@ class SqlStore:
                 out.append((node, int(seq)))
         return out
 
-    # -- images ----------------------------------------------------------
+    # -- images (state/image_rows.py: the row and its upstream manifests) -----
     def save_image(self, image: StoredImage) -> None:
-        self.execute(
-            "INSERT INTO images(ref, body) VALUES (?, ?) "
-            "ON CONFLICT(ref) DO UPDATE SET body = excluded.body",
-            (image.ref, _dump(image)),
-        )
+        image_rows.save_image(self, image)
 
     def delete_image(self, ref: str) -> None:
-        self.execute("DELETE FROM images WHERE ref = ?", (ref,))
+        image_rows.delete_image(self, ref)
 
     def load_images(self) -> list[StoredImage]:
-        rows = self.execute("SELECT ref, body FROM images ORDER BY ref").fetchall()
-        return self._valid_rows("images", "ref", rows, StoredImage)
+        return image_rows.load_images(self)
 
     # -- jobs ------------------------------------------------------------
     def save_job(self, job: JobView) -> None:

@@ -23,7 +23,7 @@ import structlog
 from rainbowd.core.sched.reasons import TransferReason
 
 from . import SCHEMA_VERSION, StateError
-from .sql import Cursor, Dialect, Migration, SqlStore, add_leader_table
+from .sql import Cursor, Dialect, Migration, SqlStore, add_image_manifests_table, add_leader_table
 
 log = structlog.get_logger(__name__)
 
@@ -118,6 +118,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, _transfers_seq_and_state_as_columns),
     Migration(3, _reasons_to_records),
     Migration(4, add_leader_table),
+    Migration(5, add_image_manifests_table),
 )
 
 

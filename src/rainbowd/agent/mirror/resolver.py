@@ -1,0 +1,49 @@
+"""The registry front door's one way to learn what a tag names: ask the coordinator.
+
+``CoordinatorResolver`` is the :data:`~rainbowd.agent.mirror.server.Resolver`
+the agent hands its MirrorServer. It sends ``POST /v1/tags/resolve`` (a
+bounded reply: a digest, a media type, a ref) and turns every way that can
+fail -- the coordinator knows no such tag or upstream (404), refuses,
+cannot be reached, or does not answer within the timeout -- into None: the
+front door then answers 404 and the client pulls from its upstream itself
+(issue 17 item 4). A peer is never asked: a tag is a name anyone could
+claim, and only the coordinator knows what its origin ingested and checked.
+"""
+
+from __future__ import annotations
+
+import structlog
+
+from rainbowd.core.digest import Digest, is_digest
+from rainbowd.core.messages import ResolveTag
+from rainbowd.lib.client import AgentClient, ApiError
+
+log = structlog.get_logger(__name__)
+
+
+class CoordinatorResolver:
+    """``await resolver(registry, repository, tag)`` -> the manifest digest, or None."""
+
+    def __init__(self, api: AgentClient, *, node_id: str, timeout: float) -> None:
+        self.api = api
+        self.node_id = node_id
+        self.timeout = timeout
+
+    async def __call__(self, registry: str, repository: str, tag: str) -> Digest | None:
+        asked = f"{registry}/{repository}:{tag}"
+        try:
+            reply = await self.api.resolve_tag(
+                ResolveTag(registry=registry, repository=repository, tag=tag),
+                timeout=self.timeout,
+            )
+        except ApiError as e:  # CoordinatorUnreachable is one (status 0)
+            if e.status == 404:
+                log.info("mirror_tag_unknown", tag=asked, node=self.node_id, why=e.message)
+            else:
+                log.warning("mirror_resolve_failed", tag=asked, node=self.node_id, error=str(e))
+            return None
+        if not is_digest(reply.digest):
+            log.error("mirror_resolve_bad_digest", tag=asked, node=self.node_id)
+            return None
+        log.info("mirror_tag_resolved", tag=asked, node=self.node_id, manifest=reply.digest)
+        return Digest(reply.digest)
