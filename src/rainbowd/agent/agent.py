@@ -42,6 +42,7 @@ from rainbowd.agent.engine_loads import EngineLoads
 from rainbowd.agent.hygiene import StoreHygiene
 from rainbowd.agent.metrics import AgentMetrics, MetricsServer
 from rainbowd.agent.mirror.catalog import ImageCatalog
+from rainbowd.agent.mirror.pull_on_miss import PullOnMiss
 from rainbowd.agent.mirror.resolver import CoordinatorResolver
 from rainbowd.agent.mirror.server import MirrorServer
 from rainbowd.agent.status import StatusServer
@@ -102,7 +103,21 @@ class Agent:
         self.catalog = ImageCatalog(config.mirror_dir)
         mirror_at = config.mirror_address()
         self.mirror: MirrorServer | None = None
+        #: a front door's miss of an image the coordinator knows, got by P2P (None: off)
+        self.pull_on_miss: PullOnMiss | None = None
         if mirror_at is not None:
+            resolver = CoordinatorResolver(
+                self.api, node_id=config.node_id, timeout=config.mirror_resolve_timeout
+            )
+            if config.mirror_pull_stall_seconds > 0:
+                self.pull_on_miss = PullOnMiss(
+                    self.api,
+                    self.store,
+                    self.catalog,
+                    node_id=config.node_id,
+                    stall_s=config.mirror_pull_stall_seconds,
+                    ref_of=resolver.ref_of,
+                )
             self.mirror = MirrorServer(
                 self.store,
                 self.catalog,
@@ -112,11 +127,10 @@ class Agent:
                 hooks=self.metrics,
                 on_served=lambda layer: self.hygiene.used(layer),
                 on_corrupt=self._own_copy_corrupt,
-                resolve=CoordinatorResolver(
-                    self.api, node_id=config.node_id, timeout=config.mirror_resolve_timeout
-                ),
+                resolve=resolver,
                 default_registry=config.mirror_registry,
                 resolve_timeout=config.mirror_resolve_timeout,
+                fetch_missing=self.pull_on_miss.fetch_manifest if self.pull_on_miss else None,
             )
         limits = (
             StoreLimits(
@@ -282,6 +296,8 @@ class Agent:
                 await self.metrics_server.close()
             if self.mirror is not None:
                 await self.mirror.close()
+            if self.pull_on_miss is not None:
+                await self.pull_on_miss.close()
             self.link.close()
             self.log.info("agent stopped")
 

@@ -30,6 +30,12 @@ DEFAULT_MIRROR_REGISTRY = "docker.io"
 DEFAULT_MIRROR_RESOLVE_TIMEOUT = 2.0
 #: the longest mirror_resolve_timeout taken (a client's own request times out near it)
 MAX_MIRROR_RESOLVE_TIMEOUT = 30.0
+#: seconds without progress after which a front door gives up getting an image it lacks
+#: and answers 404, so the client pulls from its upstream (agent/mirror/pull_on_miss.py).
+#: Progress is any new chunk of the image's layers: a slow steady pull is never cut short
+DEFAULT_MIRROR_PULL_STALL_S = 30.0
+#: the longest mirror_pull_stall_seconds taken (a client holds its request meanwhile)
+MAX_MIRROR_PULL_STALL_S = 600.0
 #: a registry host as references write it: name or IPv4 or [IPv6], optional port
 _REGISTRY_HOST = re.compile(r"^(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
 
@@ -107,6 +113,9 @@ class AgentConfig:
     #: seconds the front door waits for the coordinator to resolve a tag; past it the
     #: answer is 404 and the client goes to its upstream itself (issue 17 item 4)
     mirror_resolve_timeout: float = DEFAULT_MIRROR_RESOLVE_TIMEOUT
+    #: seconds a front door's miss of an image the coordinator knows may go without progress
+    #: while the node gets it by P2P (0 = never: a miss is a 404 at once); then 404
+    mirror_pull_stall_seconds: float = DEFAULT_MIRROR_PULL_STALL_S
     #: cap on the bytes/s this agent pulls from peers, in Mbit/s (0 = no cap)
     max_download_mbps: float = 0.0
     #: most bytes rbd's own store files may take (0 = no limit); see rainbowd.core.eviction
@@ -232,6 +241,7 @@ class _Raw(msgspec.Struct, forbid_unknown_fields=True):
     mirror_listen: str = ""
     mirror_registry: str = DEFAULT_MIRROR_REGISTRY
     mirror_resolve_timeout: float = DEFAULT_MIRROR_RESOLVE_TIMEOUT
+    mirror_pull_stall_seconds: float = DEFAULT_MIRROR_PULL_STALL_S
     max_download_mbps: float = 0.0
     store_max_bytes: int | str = 0
     store_high_watermark: float = DEFAULT_HIGH_WATERMARK
@@ -352,6 +362,11 @@ def _from_raw(raw: _Raw) -> AgentConfig:
         raise ConfigError(
             f"mirror_resolve_timeout {raw.mirror_resolve_timeout}: must be seconds in "
             f"(0, {MAX_MIRROR_RESOLVE_TIMEOUT:g}] (a client waits this long before its upstream)"
+        )
+    if not 0 <= raw.mirror_pull_stall_seconds <= MAX_MIRROR_PULL_STALL_S:  # False for NaN
+        raise ConfigError(
+            f"mirror_pull_stall_seconds {raw.mirror_pull_stall_seconds}: must be seconds in "
+            f"[0, {MAX_MIRROR_PULL_STALL_S:g}] (0: a miss is answered 404 at once)"
         )
     _check_containerd(raw)
     for key in ("max_upload_mbps", "max_download_mbps"):

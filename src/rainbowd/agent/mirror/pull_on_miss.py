@@ -54,9 +54,12 @@ class PullOnMiss:
         *,
         node_id: str,
         stall_s: float,
+        ref_of: Callable[[Digest], str | None] = lambda _d: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.api = api
+        #: the rbd image a manifest digest is, as the coordinator said (mirror/resolver.py)
+        self.ref_of = ref_of
         self.store = store
         self.catalog = catalog
         self.node_id = node_id
@@ -64,6 +67,13 @@ class PullOnMiss:
         self.clock = clock
         self._inflight: dict[str, asyncio.Task[ImageRecord | None]] = {}
         self.log = log.bind(node=node_id)
+
+    async def fetch_manifest(self, digest: Digest) -> bool:
+        """Get the image manifest ``digest`` belongs to; False if unknown or not got in time."""
+        ref = self.ref_of(digest)
+        if ref is None:
+            return False
+        return await self.fetch(ref) is not None
 
     async def fetch(self, ref: str) -> ImageRecord | None:
         """Get ``ref`` onto this node (module docstring); None: the client must go upstream."""

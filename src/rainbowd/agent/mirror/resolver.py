@@ -21,13 +21,28 @@ from rainbowd.lib.client import AgentClient, ApiError
 log = structlog.get_logger(__name__)
 
 
+#: manifest digests whose image ref is remembered (the refs of the latest resolutions)
+MAX_REMEMBERED_REFS = 1024
+
+
 class CoordinatorResolver:
-    """``await resolver(registry, repository, tag)`` -> the manifest digest, or None."""
+    """``await resolver(registry, repository, tag)`` -> the manifest digest, or None.
+
+    It remembers which rbd image each digest it was told belongs to
+    (:meth:`ref_of`): a miss of that manifest can then ask the coordinator for
+    the image itself (mirror/pull_on_miss.py). Only the coordinator's answers
+    go in, never a client's words.
+    """
 
     def __init__(self, api: AgentClient, *, node_id: str, timeout: float) -> None:
         self.api = api
         self.node_id = node_id
         self.timeout = timeout
+        self._refs: dict[Digest, str] = {}
+
+    def ref_of(self, digest: Digest) -> str | None:
+        """The rbd image the coordinator said ``digest`` is, if it said so lately."""
+        return self._refs.get(digest)
 
     async def __call__(self, registry: str, repository: str, tag: str) -> Digest | None:
         asked = f"{registry}/{repository}:{tag}"
@@ -46,4 +61,9 @@ class CoordinatorResolver:
             log.error("mirror_resolve_bad_digest", tag=asked, node=self.node_id)
             return None
         log.info("mirror_tag_resolved", tag=asked, node=self.node_id, manifest=reply.digest)
-        return Digest(reply.digest)
+        digest = Digest(reply.digest)
+        self._refs.pop(digest, None)
+        self._refs[digest] = reply.ref  # newest last: the oldest go first past the bound
+        while len(self._refs) > MAX_REMEMBERED_REFS:
+            del self._refs[next(iter(self._refs))]
+        return digest

@@ -34,9 +34,12 @@ within ``resolve_timeout`` (coordinator down, partitioned, slow) is a miss.
 A miss (a tag nobody resolves, a digest the node lacks, a layer that failed
 its check) is a 404 with the spec's ``MANIFEST_UNKNOWN`` or ``BLOB_UNKNOWN``
 body: containerd and Docker then go to the upstream themselves
-(``rainbowd.core.distribution`` says why each does). Turning a miss into a
-P2P job (item 2) is the next step and leaves these answers as they are for a
-node that cannot get the image in time.
+(``rainbowd.core.distribution`` says why each does). Before that answer, a
+manifest the coordinator resolved for this node (an image it knows) is got by
+P2P when ``fetch_missing`` is set (mirror/pull_on_miss.py: the node joins the
+image's pull job and the answer waits while the pull makes progress; a pull
+that stalls for ``mirror_pull_stall_seconds`` is the same 404). Blobs are
+served once complete; streaming a layer while its chunks land is not done.
 
 The server is unauthenticated, like a registry mirror on loopback: it serves
 only content named by its digest, which a client verifies again. It listens on
@@ -86,6 +89,9 @@ _REGISTRY_HOST = re.compile(r"^(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,
 #: (registry, repository, tag) -> the manifest digest the coordinator says the tag
 #: names, or None (no upstream, no such image, coordinator unreachable)
 Resolver = Callable[[str, str, str], Awaitable[Digest | None]]
+#: a manifest the node lacks -> True once the node holds it and its blobs (got by P2P:
+#: mirror/pull_on_miss.py), False when it cannot be had in time
+FetchMissing = Callable[[Digest], Awaitable[bool]]
 
 
 class MirrorHooks(Protocol):
@@ -113,6 +119,7 @@ class MirrorServer:
         resolve: Resolver | None = None,
         default_registry: str = "docker.io",
         resolve_timeout: float = RESOLVE_TIMEOUT,
+        fetch_missing: FetchMissing | None = None,
     ) -> None:
         self.store = store
         self.catalog = catalog
@@ -129,6 +136,8 @@ class MirrorServer:
         self.resolve = resolve
         self.default_registry = default_registry
         self.resolve_timeout = resolve_timeout
+        #: gets a manifest the node lacks by P2P before answering (None: a miss is a 404)
+        self.fetch_missing = fetch_missing
         #: layer -> responses sending it right now (hygiene must not evict these)
         self.serving: dict[str, int] = {}
         self._runner: web.AppRunner | None = None
@@ -195,14 +204,17 @@ class MirrorServer:
 
     async def _manifest(self, request: web.Request, req: ManifestRequest) -> web.StreamResponse:
         digest = req.digest if req.digest is not None else await self._resolve_tag(request, req)
-        stored = await asyncio.to_thread(self.catalog.manifest, digest)
+        stored, missing = await self._servable(digest)
+        if (stored is None or missing) and self.fetch_missing is not None:
+            # an image the coordinator knows: this node gets it by P2P, then serves it
+            if await self.fetch_missing(digest):
+                stored, missing = await self._servable(digest)
         if stored is None:
             raise ApiError(
                 "MANIFEST_UNKNOWN",
                 f"manifest {digest} is not held by node {self.node_id}",
                 {"digest": digest},
             )
-        missing = await asyncio.to_thread(self._missing_blobs, stored)
         if missing:
             raise ApiError(
                 "MANIFEST_UNKNOWN",
@@ -247,6 +259,13 @@ class MirrorServer:
             )
         log.debug("mirror_tag_resolved", tag=asked, manifest=digest, node=self.node_id)
         return digest
+
+    async def _servable(self, digest: Digest) -> tuple[StoredManifest | None, list[str]]:
+        """The manifest ``digest`` as kept (None: not kept), and the blobs of it not held."""
+        stored = await asyncio.to_thread(self.catalog.manifest, digest)
+        if stored is None:
+            return None, []
+        return stored, await asyncio.to_thread(self._missing_blobs, stored)
 
     def _missing_blobs(self, stored: StoredManifest) -> list[str]:
         """What of a manifest the node cannot serve whole (blocking: stats and reads).

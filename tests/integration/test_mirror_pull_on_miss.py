@@ -1,0 +1,140 @@
+"""A pull of an image a node lacks becomes one P2P job, and the upstream sends each blob once.
+
+Issue 17, items 2, 4 and 5. Real parts: a ``docker-registry`` as the upstream,
+rbd-coordinator and rbd-agent processes (LocalCluster, the coordinator's
+``[upstreams]`` mapping ``docker.io`` to the registry), skopeo as the client.
+The origin ingests the image from the registry; no ``rbd distribute`` runs.
+Then three nodes' front doors are asked for the tag at the same moment: each
+lacks the image, asks the coordinator, joins the one pull job and answers
+once the layers have come by P2P. Every client gets the upstream's own
+manifest; the registry's log shows each blob fetched once (the origin's
+ingest) for all of them. And a node whose pull cannot make progress (its only
+source gone) answers 404 after ``mirror_pull_stall_seconds``, not never.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from rainbowd.agent.origin.registry import DOCKER_MANIFEST
+from rainbowd.core import messages as m
+from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec
+from registry_fixtures import RegistryProcess, skopeo_push
+from testdeps import missing_dependency
+
+pytestmark = pytest.mark.integration
+
+CHUNK = 256 * 1024
+REPO = "rbd/onmiss"  # this test's own repository in the session's registry
+#: the stall after which a front door gives up (small: the last test waits it out once)
+STALL_S = 3.0
+MIRROR = {"mirror_listen": "127.0.0.1:0", "mirror_pull_stall_seconds": STALL_S}
+PULLERS = ("n1", "n2", "n3")
+
+
+def skopeo() -> str:
+    path = shutil.which("skopeo")
+    if path is None:
+        missing_dependency("skopeo missing: apt-get install skopeo")
+    assert path is not None
+    return path
+
+
+async def run(argv: list[str], timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(
+        subprocess.run, argv, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def blob_gets(registry: RegistryProcess, digest: str) -> int:
+    """GETs of ``digest`` in REPO the registry logged (one line per response)."""
+    text = registry.log_path.read_text(errors="replace")
+    uri = re.escape(f"/v2/{REPO}/blobs/{digest}")
+    return len(re.findall(rf'http\.request\.method=GET [^\n]*http\.request\.uri="{uri}"', text))
+
+
+@pytest.fixture
+async def cluster(
+    tmp_path: Path, registry: RegistryProcess, demo_image: Path
+) -> AsyncIterator[LocalCluster]:
+    skopeo_push(demo_image, f"{registry.host}/{REPO}:v1")
+    specs = [NodeSpec("origin", roles=["origin"], speed_hint_mbps=1000, config=MIRROR)]
+    specs += [NodeSpec(n, speed_hint_mbps=500, config=MIRROR) for n in (*PULLERS, "n4")]
+    c = LocalCluster(
+        tmp_path / "cluster",
+        specs,
+        chunk_size=CHUNK,
+        heartbeat_interval=0.5,
+        coordinator_config={"upstreams": {"docker.io": registry.host}},
+    )
+    await c.start()
+    try:
+        async with c.admin() as admin:
+            source = m.RegistrySource(reference=f"{registry.host}/{REPO}:v1", insecure=True)
+            view = await admin.ingest(m.CreateImage(ref="app:v1", source=source), timeout=120)
+            assert view.state == "ready", view.error
+        yield c
+    finally:
+        await c.stop()
+
+
+async def pull(cluster: LocalCluster, node: str, out: Path) -> subprocess.CompletedProcess[str]:
+    mirror = (await cluster.agent_status(node))["mirror_url"].removeprefix("http://")
+    src = f"docker://{mirror}/{REPO}:v1"
+    return await run([skopeo(), "copy", "-q", "--src-tls-verify=false", src, f"dir:{out}"])
+
+
+async def test_nodes_pulling_a_new_image_at_once_share_one_job_and_one_upstream_read(
+    cluster: LocalCluster, registry: RegistryProcess, tmp_path: Path
+) -> None:
+    manifest, media = registry.get_manifest(REPO, "v1", DOCKER_MANIFEST)
+    assert media == DOCKER_MANIFEST
+    doc = json.loads(manifest)
+    layers = [layer["digest"] for layer in doc["layers"]]
+    before = {d: blob_gets(registry, d) for d in layers}
+    assert all(n == 1 for n in before.values()), before  # the origin's ingest read each once
+    for n in PULLERS:
+        assert "app:v1" not in (await cluster.agent_status(n))["mirror_images"]
+
+    results = await asyncio.gather(*(pull(cluster, n, tmp_path / n) for n in PULLERS))
+    for node, done in zip(PULLERS, results, strict=True):
+        assert done.returncode == 0, (node, done.stderr)
+        # the upstream's own manifest, byte for byte
+        got = (tmp_path / node / "manifest.json").read_bytes()
+        assert got == manifest
+        assert "sha256:" + hashlib.sha256(got).hexdigest() == registry_digest(manifest)
+    # one pull job with the three nodes, done; no node fetched from the upstream
+    async with cluster.admin() as admin:
+        jobs = (await admin.jobs()).jobs
+    [job] = [j for j in jobs if j.pull]
+    assert sorted(n.node_id for n in job.nodes) == sorted(PULLERS)
+    assert job.state == "done"
+    assert {d: blob_gets(registry, d) for d in layers} == before
+
+
+def registry_digest(manifest: bytes) -> str:
+    return "sha256:" + hashlib.sha256(manifest).hexdigest()
+
+
+async def test_a_pull_that_cannot_progress_is_a_404_after_the_stall(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    cluster.kill("origin", signal.SIGKILL)  # the only holder: n4's pull gets nothing
+    started = time.monotonic()
+    done = await pull(cluster, "n4", tmp_path / "n4")
+    took = time.monotonic() - started
+    assert done.returncode != 0
+    assert "manifest unknown" in done.stderr.lower() or "404" in done.stderr, done.stderr
+    # it waited for the stall, and then answered (the bound is loose: a loaded host)
+    assert took >= STALL_S * 0.9, took
