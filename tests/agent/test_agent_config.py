@@ -102,3 +102,12 @@ def test_the_front_doors_registry_and_resolve_timeout_are_checked(tmp_path: Path
     for value in ("0.0", "-1.0", "nan", "inf", "31.0"):
         with pytest.raises(ConfigError, match="mirror_resolve_timeout"):
             load_config(write(tmp_path, f"mirror_resolve_timeout = {value}\n"))
+
+
+def test_the_front_doors_pull_stall_is_checked(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path)).mirror_pull_stall_seconds == 30.0
+    off = load_config(write(tmp_path, "mirror_pull_stall_seconds = 0.0\n"))
+    assert off.mirror_pull_stall_seconds == 0.0  # a miss is a 404 at once
+    for value in ("-1.0", "nan", "inf", "601.0"):
+        with pytest.raises(ConfigError, match="mirror_pull_stall_seconds"):
+            load_config(write(tmp_path, f"mirror_pull_stall_seconds = {value}\n"))
