@@ -14,8 +14,13 @@ from coordinator_support import ADMIN, Running, enroll, fake_image, ingest, poll
 from rainbowd.core.messages import (
     ArchiveSource,
     CreateImage,
+    Heartbeat,
+    IngestAssignment,
     LoadAssignment,
     PullRequest,
+    RegistrySource,
+    ResolveTag,
+    TaskFailed,
     TransferAssignment,
     TransferDone,
 )
@@ -93,3 +98,49 @@ async def test_a_pull_job_stays_a_pull_job_across_a_restart(tmp_path: Path) -> N
             assert (await admin.job(job_id)).pull
     finally:
         await r2.stop()
+
+
+async def test_a_tag_no_image_has_is_added_once_on_demand(tmp_path: Path) -> None:
+    """POST /v1/tags/resolve of a new tag on an on-demand upstream: one image, read once."""
+    upstreams = {
+        "docker.io": {"upstream": "up.example:5000", "insecure": True},
+        "closed.example": {"upstream": "closed.example", "on_demand": False},
+    }
+    r = await start(tmp_path, upstreams=upstreams)
+    try:
+        async with AdminClient(r.url, ADMIN) as admin:
+            origin = await enroll(r.url, "origin", roles=["origin"])
+            await origin.heartbeat(Heartbeat())
+            a = await enroll(r.url, "a", mirror=True)
+            b = await enroll(r.url, "b", mirror=True)
+            ask = ResolveTag(registry="docker.io", repository="team/app", tag="v2")
+            first = await a.resolve_tag(ask, timeout=5)
+            second = await b.resolve_tag(ask, timeout=5)
+            assert (first.state, first.ref, first.digest) == (
+                "ingesting",
+                "docker.io/team/app:v2",
+                "",
+            )
+            assert second == first  # the same image: not added twice
+            [image] = (await admin.images()).images
+            assert image.ref == first.ref and image.state == "ingesting"
+            assert "up.example:5000/team/app:v2" in image.source
+            [task] = [t for t in await poll(origin) if isinstance(t, IngestAssignment)]
+            assert isinstance(task.source, RegistrySource) and task.source.insecure
+            assert task.source.reference == "up.example:5000/team/app:v2"
+            # the read fails: for a while, pulls of the tag are 404s (the upstream is not
+            # asked again by every pull of a bad tag)
+            await origin.ingest_failed(task.ingest_id, TaskFailed(reason="manifest unknown"))
+            with pytest.raises(ApiError) as e:
+                await a.resolve_tag(ask, timeout=5)
+            assert e.value.status == 404
+            # an upstream whose entry says on_demand = false adds nothing
+            closed = ResolveTag(registry="closed.example", repository="x", tag="1")
+            with pytest.raises(ApiError) as e:
+                await a.resolve_tag(closed, timeout=5)
+            assert e.value.status == 404
+            assert len((await admin.images()).images) == 1
+            for client in (origin, a, b):
+                await client.close()
+    finally:
+        await r.stop()

@@ -27,7 +27,7 @@ from coordinator_support import (
 )
 from rainbowd.coordinator.config import ConfigError, build
 from rainbowd.coordinator.state import SCHEMA_VERSION
-from rainbowd.coordinator.upstreams import parse_upstreams
+from rainbowd.coordinator.upstreams import Upstream, parse_upstreams
 from rainbowd.core.imagemanifest import manifest_for
 from rainbowd.core.messages import (
     CreateImage,
@@ -336,11 +336,24 @@ def test_a_schema_4_database_gets_the_image_manifests_table(tmp_path: Path) -> N
 def test_upstreams_in_the_config_are_checked() -> None:
     # hosts compare as rbd compares them: lowercase, Docker Hub's names as docker.io
     assert parse_upstreams({"Index.Docker.io": "Mirror.local:5000"}) == {
-        "docker.io": "mirror.local:5000"
+        "docker.io": Upstream(host="mirror.local:5000")
     }
     assert parse_upstreams(None) == {}
     cfg = build({"state_dir": "/tmp/x", "upstreams": {"docker.io": "127.0.0.1:5000"}}, {})
-    assert cfg.upstreams == {"docker.io": "127.0.0.1:5000"}
-    for bad in ({"docker.io": "http://x"}, {"a b": "x"}, {"docker.io": 5}, "docker.io"):
+    assert cfg.upstreams == {"docker.io": Upstream(host="127.0.0.1:5000")}
+    table = {"upstream": "lab:5000", "insecure": True, "credentials_file": "/etc/rbd/lab"}
+    cfg = build({"state_dir": "/tmp/x", "upstreams": {"lab:5000": table}}, {})
+    assert cfg.upstreams == {
+        "lab:5000": Upstream(host="lab:5000", insecure=True, credentials_file="/etc/rbd/lab")
+    }
+    for bad in (
+        {"docker.io": "http://x"},
+        {"a b": "x"},
+        {"docker.io": 5},
+        "docker.io",
+        {"docker.io": {"upstream": "x", "insecure": "yes"}},
+        {"docker.io": {"upstream": "x", "password": "p"}},
+        {"docker.io": {"insecure": True}},
+    ):
         with pytest.raises(ConfigError, match="upstreams"):
             build({"state_dir": "/tmp/x", "upstreams": bad}, {})

@@ -59,9 +59,7 @@ async def run(argv: list[str], timeout: float = 120.0) -> subprocess.CompletedPr
 
 def blob_gets(registry: RegistryProcess, digest: str) -> int:
     """GETs of ``digest`` in REPO the registry logged (one line per response)."""
-    text = registry.log_path.read_text(errors="replace")
-    uri = re.escape(f"/v2/{REPO}/blobs/{digest}")
-    return len(re.findall(rf'http\.request\.method=GET [^\n]*http\.request\.uri="{uri}"', text))
+    return blob_gets_of(registry, REPO, digest)
 
 
 @pytest.fixture
@@ -138,3 +136,61 @@ async def test_a_pull_that_cannot_progress_is_a_404_after_the_stall(
     assert "manifest unknown" in done.stderr.lower() or "404" in done.stderr, done.stderr
     # it waited for the stall, and then answered (the bound is loose: a loaded host)
     assert took >= STALL_S * 0.9, took
+
+
+ON_DEMAND_REPO = "rbd/ondemand"  # a repository nobody adds: the first pull brings it
+
+
+async def test_a_tag_no_image_has_is_ingested_once_on_demand_and_pulled_by_p2p(
+    tmp_path: Path, registry: RegistryProcess, demo_image: Path
+) -> None:
+    """No `rbd images add`: three front doors asked for a new tag at once add it once."""
+    skopeo_push(demo_image, f"{registry.host}/{ON_DEMAND_REPO}:v2")
+    manifest, _ = registry.get_manifest(ON_DEMAND_REPO, "v2", DOCKER_MANIFEST)
+    layers = [layer["digest"] for layer in json.loads(manifest)["layers"]]
+    specs = [NodeSpec("origin", roles=["origin"], speed_hint_mbps=1000, config=MIRROR)]
+    specs += [NodeSpec(n, speed_hint_mbps=500, config=MIRROR) for n in PULLERS]
+    c = LocalCluster(
+        tmp_path / "cluster",
+        specs,
+        chunk_size=CHUNK,
+        heartbeat_interval=0.5,
+        # the origin reads the upstream over plain HTTP: the entry says so
+        coordinator_config={
+            "upstreams": {"docker.io": {"upstream": registry.host, "insecure": True}}
+        },
+    )
+    await c.start()
+    try:
+
+        async def pull_new(node: str) -> subprocess.CompletedProcess[str]:
+            mirror = (await c.agent_status(node))["mirror_url"].removeprefix("http://")
+            src = f"docker://{mirror}/{ON_DEMAND_REPO}:v2"
+            out = f"dir:{tmp_path / node}"
+            return await run([skopeo(), "copy", "-q", "--src-tls-verify=false", src, out])
+
+        results = await asyncio.gather(*(pull_new(n) for n in PULLERS))
+        for node, done in zip(PULLERS, results, strict=True):
+            assert done.returncode == 0, (node, done.stderr)
+            assert (tmp_path / node / "manifest.json").read_bytes() == manifest
+        async with c.admin() as admin:
+            images = (await admin.images()).images
+            jobs = (await admin.jobs()).jobs
+        # one image added on demand, under the name the nodes pulled, from the upstream
+        [image] = images
+        assert image.ref == f"docker.io/{ON_DEMAND_REPO}:v2" and image.state == "ready"
+        assert image.digest == registry_digest(manifest) and image.upstream
+        [job] = jobs
+        assert job.pull and sorted(n.node_id for n in job.nodes) == sorted(PULLERS)
+        # the upstream sent each layer once (to the origin), for all three nodes
+        assert {d: blob_gets_of(registry, ON_DEMAND_REPO, d) for d in layers} == dict.fromkeys(
+            layers, 1
+        )
+    finally:
+        await c.stop()
+
+
+def blob_gets_of(registry: RegistryProcess, repo: str, digest: str) -> int:
+    text = registry.log_path.read_text(errors="replace")
+    uri = re.escape(f"/v2/{repo}/blobs/{digest}")
+    return len(re.findall(rf'http\.request\.method=GET [^\n]*http\.request\.uri="{uri}"', text))

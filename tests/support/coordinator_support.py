@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from aiohttp.test_utils import TestServer
 
@@ -20,6 +20,7 @@ from rainbowd.coordinator.hostkey_probe import ProbeOutcome, ProbeState
 from rainbowd.coordinator.http.app import create_app
 from rainbowd.coordinator.state.backends import open_store
 from rainbowd.coordinator.state.sql import SqlStore
+from rainbowd.coordinator.upstreams import parse_upstreams
 from rainbowd.core.chunks import MIN_CHUNK_SIZE, ChunkManifest, build_manifest
 from rainbowd.core.digest import sha256_digest
 from rainbowd.core.messages import (
@@ -122,7 +123,7 @@ async def start(
     heartbeat_interval: float = 5.0,
     policy: str = "paper",
     clock: Callable[[], float] = time.time,
-    upstreams: dict[str, str] | None = None,
+    upstreams: dict[str, Any] | None = None,
 ) -> Running:
     """A coordinator on loopback; ``paper`` by default, as most flow tests check Algorithm 1.
 
@@ -138,7 +139,7 @@ async def start(
         chunk_size=MIN_CHUNK_SIZE,
         policy=policy,
         clock=clock,
-        upstreams=upstreams,
+        upstreams=parse_upstreams(upstreams),
     )
     server = TestServer(create_app(c), host="127.0.0.1", port=0)
     await server.start_server()

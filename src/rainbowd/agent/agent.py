@@ -117,6 +117,7 @@ class Agent:
                     node_id=config.node_id,
                     stall_s=config.mirror_pull_stall_seconds,
                     ref_of=resolver.ref_of,
+                    ingesting_ref=resolver.ingesting_ref,
                 )
             self.mirror = MirrorServer(
                 self.store,
@@ -131,6 +132,7 @@ class Agent:
                 default_registry=config.mirror_registry,
                 resolve_timeout=config.mirror_resolve_timeout,
                 fetch_missing=self.pull_on_miss.fetch_manifest if self.pull_on_miss else None,
+                fetch_tag=self.pull_on_miss.fetch_tag if self.pull_on_miss else None,
             )
         limits = (
             StoreLimits(

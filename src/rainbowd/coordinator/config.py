@@ -34,7 +34,7 @@ from rainbowd.core.chunks import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_S
 from rainbowd.core.sched.scheduler import DEFAULT_POLICY, POLICIES
 
 from .state import check_url, sqlite_file
-from .upstreams import parse_upstreams
+from .upstreams import Upstream, parse_upstreams
 
 DEFAULT_LISTEN = "127.0.0.1:7700"
 DEFAULT_HEARTBEAT_INTERVAL = 2.0
@@ -70,7 +70,7 @@ class CoordinatorConfig:
     advertise_url: str = ""
     #: registry host clients pull from -> the upstream its images are ingested from
     #: (coordinator/upstreams.py); only these hosts' tags are resolved for mirrors
-    upstreams: dict[str, str] = field(default_factory=dict)
+    upstreams: dict[str, Upstream] = field(default_factory=dict)
 
     @property
     def join_token_path(self) -> Path:

@@ -134,6 +134,7 @@ from .cluster import Cluster, Node
 from .context import ServiceContext, Settings, random_id
 from .dispatch import Dispatch, Tracked
 from .enrollment import Enrollment, Tokens
+from .errors import NotFound
 from .evidence import PeerEvidence
 from .holdings import OrphanWatch
 from .holdings_service import HoldingsService
@@ -150,7 +151,7 @@ from .quarantine import Quarantine
 from .restore import restore
 from .state import StateStore, StoredImage
 from .transfers import ABSENCE_GRACE, TransferReports
-from .upstreams import resolve_tag
+from .upstreams import Upstream, resolve_tag
 
 __all__ = [
     "ABSENCE_GRACE",
@@ -192,7 +193,7 @@ class Coordinator:
         metrics: CoordinatorMetrics | None = None,
         metrics_token: str = "",
         host_key_probe: Probe = probe_host_key,
-        upstreams: dict[str, str] | None = None,
+        upstreams: dict[str, Upstream] | None = None,
     ) -> None:
         if not join_token or not admin_token:
             raise ValueError("join and admin tokens must not be empty")
@@ -213,7 +214,7 @@ class Coordinator:
         self.metrics.is_leader.set(1)  # a Coordinator exists only while it leads
         self.images: dict[str, StoredImage] = {}
         #: registry host -> upstream host, for nodes' mirrors (coordinator/upstreams.py)
-        self.upstreams: dict[str, str] = dict(upstreams or {})
+        self.upstreams: dict[str, Upstream] = dict(upstreams or {})
         self.manifests: dict[str, ChunkManifest] = {}
         self.evidence = PeerEvidence()  # which reports about peers count (evidence.py)
         self.host_key_checks = HostKeyChecks(clock, host_key_probe)
@@ -425,8 +426,18 @@ class Coordinator:
         return self.image_service.image_views()
 
     def resolve_tag(self, node: Node, req: ResolveTag) -> ResolvedTag:
-        """The upstream manifest a tag names, for ``node``'s mirror (coordinator/upstreams.py)."""
-        return resolve_tag(self.images, self.upstreams, req)
+        """The upstream manifest a tag names, for ``node``'s mirror (coordinator/upstreams.py).
+
+        A tag no ready image has is added and ingested on demand where its upstream
+        allows it (coordinator/pulls.py): the answer then says ``ingesting``.
+        """
+        try:
+            return resolve_tag(self.images, self.upstreams, req)
+        except NotFound:
+            pending = self.pulls.on_demand(node, req, self.upstreams)
+            if pending is None:
+                raise
+            return pending
 
     def image_view(self, ref: str) -> ImageView:
         return self.image_service.image_view(ref)

@@ -12,6 +12,12 @@ upstream its images are ingested from (``[upstreams]`` in the TOML)::
     [upstreams]
     "docker.io" = "mirror.internal:5000"     # Docker Hub's images, via a pull-through cache
     "registry.example.com:5000" = "registry.example.com:5000"
+    "lab.internal:5000" = { upstream = "lab.internal:5000", insecure = true }
+
+An entry written as a table also says how the origin reads the upstream
+(``insecure``, ``ca_file``, ``credentials_file``: paths on the origin host)
+and whether a tag no image has yet is added when a node pulls it
+(``on_demand``, true by default: coordinator/pulls.py).
 
 A tag resolves to the newest ready image whose source is a registry
 reference on that upstream with that repository and tag, and whose record
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from rainbowd.core.messages import RegistrySource, ResolvedTag, ResolveTag
@@ -38,12 +45,37 @@ from .state import StoredImage
 _HOST_RE = re.compile(r"^(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
 #: registry hosts one coordinator maps (far more than any cluster pulls from)
 MAX_UPSTREAMS = 256
+#: longest path an upstream entry may name (a file on the origin host)
+MAX_PATH = 4096
 
 
-def parse_upstreams(value: Any) -> dict[str, str]:
-    """The ``[upstreams]`` table checked: host -> upstream host, both canonical.
+@dataclass(frozen=True)
+class Upstream:
+    """Where one registry host's images are ingested from, and how the origin reads it.
 
-    ValueError naming the entry when a key or value is not a ``host[:port]``.
+    The settings are a :class:`~rainbowd.core.messages.RegistrySource`'s, used for
+    images added on demand (coordinator/pulls.py): the paths name files on the
+    origin host, where the credentials live.
+    """
+
+    host: str
+    insecure: bool = False  # plain HTTP (a registry on a trusted network)
+    ca_file: str = ""
+    credentials_file: str = ""
+    #: a tag no image has is added and ingested when a node pulls it (else a 404)
+    on_demand: bool = True
+
+
+#: the keys an ``[upstreams]`` entry written as a table may have
+_ENTRY_KEYS = {"upstream", "insecure", "ca_file", "credentials_file", "on_demand"}
+
+
+def parse_upstreams(value: Any) -> dict[str, Upstream]:
+    """The ``[upstreams]`` table checked: host -> :class:`Upstream`, hosts canonical.
+
+    An entry is the upstream host (``"docker.io" = "mirror.internal:5000"``) or a
+    table (``"docker.io" = { upstream = "...", insecure = true }``). ValueError
+    naming the entry when a key or value is wrong.
     """
     if value is None:
         return {}
@@ -51,28 +83,51 @@ def parse_upstreams(value: Any) -> dict[str, str]:
         raise ValueError("upstreams must be a table of registry host = upstream host")
     if len(value) > MAX_UPSTREAMS:
         raise ValueError(f"upstreams: {len(value)} entries, at most {MAX_UPSTREAMS}")
-    out: dict[str, str] = {}
-    for host, upstream in value.items():
+    out: dict[str, Upstream] = {}
+    for host, entry in value.items():
+        fields = dict(entry) if isinstance(entry, Mapping) else {"upstream": entry}
+        unknown = set(fields) - _ENTRY_KEYS
+        if unknown:
+            raise ValueError(
+                f"upstreams: {host!r} has unknown key(s) {sorted(unknown)}; "
+                f"known: {sorted(_ENTRY_KEYS)}"
+            )
+        upstream = fields.get("upstream")
         for what, text in (("registry host", host), ("upstream", upstream)):
             if not isinstance(text, str) or not _HOST_RE.match(text):
                 raise ValueError(
                     f"upstreams: {what} {text!r} (of {host!r}) is not HOST[:PORT] "
                     "(e.g. docker.io, registry.example.com:5000)"
                 )
-        out[canonical_registry(host)] = canonical_registry(upstream)
+        assert isinstance(upstream, str)
+        for key in ("insecure", "on_demand"):
+            if not isinstance(fields.get(key, False), bool):
+                raise ValueError(f"upstreams: {host!r} {key} must be true or false")
+        for key in ("ca_file", "credentials_file"):
+            path = fields.get(key, "")
+            if not isinstance(path, str) or len(path) > MAX_PATH or "\n" in path:
+                raise ValueError(f"upstreams: {host!r} {key} must be a path on the origin host")
+        out[canonical_registry(host)] = Upstream(
+            host=canonical_registry(upstream),
+            insecure=bool(fields.get("insecure", False)),
+            ca_file=str(fields.get("ca_file", "")),
+            credentials_file=str(fields.get("credentials_file", "")),
+            on_demand=bool(fields.get("on_demand", True)),
+        )
     return out
 
 
 def resolve_tag(
-    images: Mapping[str, StoredImage], upstreams: Mapping[str, str], req: ResolveTag
+    images: Mapping[str, StoredImage], upstreams: Mapping[str, Upstream], req: ResolveTag
 ) -> ResolvedTag:
     """The upstream manifest ``req``'s tag names (module docstring); NotFound saying why not."""
     registry = canonical_registry(req.registry)
-    upstream = upstreams.get(registry)
+    entry = upstreams.get(registry)
     asked = f"{registry}/{req.repository}:{req.tag}"
-    if upstream is None:
+    if entry is None:
         known = ", ".join(sorted(upstreams)) or "none"
         raise NotFound(f"{asked}: registry {registry} has no upstream here (mapped: {known})")
+    upstream = entry.host
     best: StoredImage | None = None
     for image in images.values():
         if image.state != "ready" or image.record is None or image.record.upstream is None:

@@ -502,11 +502,17 @@ class ResolveTag(Msg, kw_only=True):
 
 
 class ResolvedTag(Msg, kw_only=True):
-    """The manifest a tag names now (the upstream's digest), and the image holding it."""
+    """The manifest a tag names now (the upstream's digest), and the image holding it.
+
+    ``ingesting``: no ready image has the tag yet, and the origin is reading it
+    (added on demand: coordinator/pulls.py); ``digest`` and ``media_type`` are
+    empty, ``ref`` names the image to pull (POST /v1/pulls) once it is ready.
+    """
 
     digest: Digest
     media_type: Name
     ref: Text
+    state: Literal["ready", "ingesting"] = "ready"
 
 
 class TaskFailed(Msg, kw_only=True):

@@ -363,15 +363,21 @@ def _write_secret(path: Path, value: str) -> None:
 
 
 def _toml(cfg: dict[str, Any]) -> str:
-    """A flat TOML document (strings, numbers, lists of strings, one-level tables)."""
+    """A flat TOML document (strings, numbers, booleans, lists of strings, one-level tables
+    whose values may be inline tables of those)."""
     import json
+
+    def value(v: Any) -> str:
+        if isinstance(v, dict):  # an inline table: { "k" = v, ... }
+            return "{ " + ", ".join(f"{json.dumps(k)} = {value(x)}" for k, x in v.items()) + " }"
+        return json.dumps(v)  # (JSON's strings, numbers, true/false and lists read as TOML)
 
     lines, tables = [], []
     for k, v in cfg.items():
         if isinstance(v, dict):
             tables.append(f"\n[{k}]")
             # keys quoted: a bare docker.io would be a dotted key
-            tables += [f"{json.dumps(tk)} = {json.dumps(tv)}" for tk, tv in v.items()]
+            tables += [f"{json.dumps(tk)} = {value(tv)}" for tk, tv in v.items()]
         else:
-            lines.append(f"{k} = {json.dumps(v)}")
+            lines.append(f"{k} = {value(v)}")
     return "\n".join(lines + tables) + "\n"

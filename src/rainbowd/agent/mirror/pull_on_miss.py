@@ -55,11 +55,14 @@ class PullOnMiss:
         node_id: str,
         stall_s: float,
         ref_of: Callable[[Digest], str | None] = lambda _d: None,
+        ingesting_ref: Callable[[str, str, str], str | None] = lambda _r, _n, _t: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.api = api
         #: the rbd image a manifest digest is, as the coordinator said (mirror/resolver.py)
         self.ref_of = ref_of
+        #: the image the origin is reading for a tag, as the coordinator said (on demand)
+        self.ingesting_ref = ingesting_ref
         self.store = store
         self.catalog = catalog
         self.node_id = node_id
@@ -71,6 +74,13 @@ class PullOnMiss:
     async def fetch_manifest(self, digest: Digest) -> bool:
         """Get the image manifest ``digest`` belongs to; False if unknown or not got in time."""
         ref = self.ref_of(digest)
+        if ref is None:
+            return False
+        return await self.fetch(ref) is not None
+
+    async def fetch_tag(self, registry: str, repository: str, tag: str) -> bool:
+        """Get the image the origin is reading for a tag (on demand); False if none or too slow."""
+        ref = self.ingesting_ref(registry, repository, tag)
         if ref is None:
             return False
         return await self.fetch(ref) is not None

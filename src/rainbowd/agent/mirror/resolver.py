@@ -39,10 +39,16 @@ class CoordinatorResolver:
         self.node_id = node_id
         self.timeout = timeout
         self._refs: dict[Digest, str] = {}
+        #: (registry, repository, tag) -> the image the origin is reading for it now
+        self._ingesting: dict[tuple[str, str, str], str] = {}
 
     def ref_of(self, digest: Digest) -> str | None:
         """The rbd image the coordinator said ``digest`` is, if it said so lately."""
         return self._refs.get(digest)
+
+    def ingesting_ref(self, registry: str, repository: str, tag: str) -> str | None:
+        """The image the coordinator said it is reading for this tag (on demand), if any."""
+        return self._ingesting.get((registry, repository, tag))
 
     async def __call__(self, registry: str, repository: str, tag: str) -> Digest | None:
         asked = f"{registry}/{repository}:{tag}"
@@ -57,6 +63,13 @@ class CoordinatorResolver:
             else:
                 log.warning("mirror_resolve_failed", tag=asked, node=self.node_id, error=str(e))
             return None
+        if reply.state == "ingesting":  # added on demand: pull it once it is ready
+            log.info("mirror_tag_ingesting", tag=asked, node=self.node_id, image=reply.ref)
+            self._ingesting[(registry, repository, tag)] = reply.ref
+            while len(self._ingesting) > MAX_REMEMBERED_REFS:
+                del self._ingesting[next(iter(self._ingesting))]
+            return None
+        self._ingesting.pop((registry, repository, tag), None)
         if not is_digest(reply.digest):
             log.error("mirror_resolve_bad_digest", tag=asked, node=self.node_id)
             return None

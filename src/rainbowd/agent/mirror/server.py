@@ -92,6 +92,9 @@ Resolver = Callable[[str, str, str], Awaitable[Digest | None]]
 #: a manifest the node lacks -> True once the node holds it and its blobs (got by P2P:
 #: mirror/pull_on_miss.py), False when it cannot be had in time
 FetchMissing = Callable[[Digest], Awaitable[bool]]
+#: (registry, repository, tag) the coordinator said it is ingesting -> True once the node
+#: holds that image (it is then resolved again), False when it cannot be had in time
+FetchTag = Callable[[str, str, str], Awaitable[bool]]
 
 
 class MirrorHooks(Protocol):
@@ -120,6 +123,7 @@ class MirrorServer:
         default_registry: str = "docker.io",
         resolve_timeout: float = RESOLVE_TIMEOUT,
         fetch_missing: FetchMissing | None = None,
+        fetch_tag: FetchTag | None = None,
     ) -> None:
         self.store = store
         self.catalog = catalog
@@ -138,6 +142,8 @@ class MirrorServer:
         self.resolve_timeout = resolve_timeout
         #: gets a manifest the node lacks by P2P before answering (None: a miss is a 404)
         self.fetch_missing = fetch_missing
+        #: gets the image of a tag the origin is ingesting on demand, then resolves again
+        self.fetch_tag = fetch_tag
         #: layer -> responses sending it right now (hygiene must not evict these)
         self.serving: dict[str, int] = {}
         self._runner: web.AppRunner | None = None
@@ -243,14 +249,11 @@ class MirrorServer:
                 {"tag": req.tag},
             )
         assert req.tag is not None
-        try:
-            async with asyncio.timeout(self.resolve_timeout):
-                digest = await self.resolve(registry, req.name, req.tag)
-        except TimeoutError:
-            log.warning(
-                "mirror_resolve_timeout", tag=asked, node=self.node_id, after=self.resolve_timeout
-            )
-            digest = None
+        digest = await self._ask(registry, req.name, req.tag)
+        if digest is None and self.fetch_tag is not None:
+            # the coordinator may have started reading it (on demand): get it, then ask again
+            if await self.fetch_tag(registry, req.name, req.tag):
+                digest = await self._ask(registry, req.name, req.tag)
         if digest is None:
             raise ApiError(
                 "MANIFEST_UNKNOWN",
@@ -259,6 +262,21 @@ class MirrorServer:
             )
         log.debug("mirror_tag_resolved", tag=asked, manifest=digest, node=self.node_id)
         return digest
+
+    async def _ask(self, registry: str, name: str, tag: str) -> Digest | None:
+        """The coordinator's answer for a tag within ``resolve_timeout`` (None: no answer)."""
+        assert self.resolve is not None
+        try:
+            async with asyncio.timeout(self.resolve_timeout):
+                return await self.resolve(registry, name, tag)
+        except TimeoutError:
+            log.warning(
+                "mirror_resolve_timeout",
+                tag=f"{registry}/{name}:{tag}",
+                node=self.node_id,
+                after=self.resolve_timeout,
+            )
+            return None
 
     async def _servable(self, digest: Digest) -> tuple[StoredManifest | None, list[str]]:
         """The manifest ``digest`` as kept (None: not kept), and the blobs of it not held."""
