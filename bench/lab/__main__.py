@@ -55,21 +55,30 @@ def resolve_profile(name_or_path: str) -> ClusterProfile:
 
 
 def make_system(spec: str, *, log_level: str = "warning") -> LabSystem:
-    """``rbd`` (the default policy), ``rbd:<policy>``, ``registry`` or ``bittorrent``."""
+    """``rbd`` (the default policy), ``rbd:<policy>``, ``rbd-pull`` (a rollout through the
+    nodes' front doors: rollout_system.py), ``registry`` or ``bittorrent``."""
     name, _, arg = spec.partition(":")
     if name == "rbd":
         from .rbd_system import RbdSystem
 
         return RbdSystem(arg, log_level=log_level) if arg else RbdSystem(log_level=log_level)
-    if name == "registry" and not arg:
+    if name == "registry" and arg in ("", "gzip"):
         from .registry_system import RegistrySystem
 
-        return RegistrySystem()
+        # registry:gzip holds gzipped layers, as a real registry does (and as rbd-pull reads)
+        return RegistrySystem(name=spec, compress=True) if arg else RegistrySystem()
     if name == "bittorrent" and not arg:
         from .bittorrent_system import BitTorrentSystem
 
         return BitTorrentSystem()
-    raise ValueError(f"unknown system {spec!r}: use rbd, rbd:<policy>, registry or bittorrent")
+    if name == "rbd-pull" and not arg:
+        from .rollout_system import RolloutSystem
+
+        return RolloutSystem()
+    raise ValueError(
+        f"unknown system {spec!r}: use rbd, rbd:<policy>, rbd-pull, registry, registry:gzip "
+        "or bittorrent"
+    )
 
 
 async def run_lab(

@@ -46,7 +46,14 @@ class RbdSystem:
         self.name = "rbd" if policy == DEFAULT_POLICY else f"rbd:{policy}"
         self.start_timeout = start_timeout
 
-    def _cluster(self, env: LabEnv) -> LocalCluster:
+    def cluster(
+        self,
+        env: LabEnv,
+        *,
+        agent_config: dict[str, Any] | None = None,
+        coordinator_config: dict[str, Any] | None = None,
+    ) -> LocalCluster:
+        """The coordinator in the hub and one agent per node (``agent_config`` for each)."""
         lab = env.lab
         admin_port = lab.forward(env.hub, COORDINATOR_PORT)
         specs = [
@@ -56,6 +63,7 @@ class RbdSystem:
                 host=env.address(n.name),
                 speed_hint_mbps=n.up_mbit,
                 download_hint_mbps=n.down_mbit,
+                config=dict(agent_config or {}),
             )
             for n in env.profile.all_nodes
         ]
@@ -72,11 +80,12 @@ class RbdSystem:
             heartbeat_interval=env.profile.heartbeat_interval,
             policy=self.policy,
             log_level=self.log_level,
+            coordinator_config=coordinator_config,
         )
 
     async def run(self, env: LabEnv, *, timeout: float) -> SystemResult:
         result = SystemResult(self.name, notes={"policy": self.policy})
-        cluster = self._cluster(env)
+        cluster = self.cluster(env)
         try:
             await cluster.start(timeout=self.start_timeout)
             async with cluster.admin() as admin:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,48 @@ from rainbowd.devcluster.registryconf import (
 )
 
 
+async def start_registry(
+    env: LabEnv, system: str, host: str, *, compress: bool, timeout: float
+) -> subprocess.Popen[bytes]:
+    """A docker-registry on ``host`` in the origin's namespace, holding ``env.image``.
+
+    Untimed set-up shared by the registry-only baseline and the rollout through rbd's
+    front doors (rollout_system.py): started, polled until ``/v2/`` answers, and the
+    archive pushed with skopeo from inside the origin (module docstring: the digests).
+    Its log is ``<system>-<origin>-registry`` (one line per response, with its bytes).
+    """
+    origin = env.origin
+    odir = env.node_dir(system, origin)
+    storage = odir / "storage"
+    shutil.rmtree(storage, ignore_errors=True)
+    storage.mkdir()
+    config = odir / "config.yml"
+    config.write_text(registry_config(storage=storage, addr=host))
+    reg_log = f"{system}-{origin}-registry"
+    registry = env.spawn(
+        origin, reg_log, [REGISTRY_BIN, "serve", str(config)], env=REGISTRY_ENV, central=True
+    )
+    await wait_until_answers(
+        env,
+        origin,
+        f"http://{host}/v2/",
+        what="docker-registry",
+        log_name=reg_log,
+        process=registry,
+        ok=lambda r: r.status == 200,
+        timeout=timeout,
+    )
+    push = skopeo_push_argv(
+        env.image,
+        f"{host}/{archive_ref(env.image)}",
+        extra=() if compress else ("--preserve-digests",),
+    )
+    await run_to_end(
+        env, origin, f"{system}-{origin}-push", push, what="skopeo push", timeout=timeout
+    )
+    return registry
+
+
 @dataclass
 class RegistrySystem:
     """Concurrent skopeo pulls of ``env.image`` from a docker-registry on the origin."""
@@ -74,36 +117,8 @@ class RegistrySystem:
         result.notes.update(self._notes(host, ref))
 
         # -- untimed: the registry, and the image in it -------------------------
-        odir = env.node_dir(self.name, origin)
-        storage = odir / "storage"
-        shutil.rmtree(storage, ignore_errors=True)
-        storage.mkdir()
-        config = odir / "config.yml"
-        config.write_text(registry_config(storage=storage, addr=host))
-        reg_log = f"{self.name}-{origin}-registry"
-        registry = env.spawn(
-            origin, reg_log, [REGISTRY_BIN, "serve", str(config)], env=REGISTRY_ENV, central=True
-        )
-        await wait_until_answers(
-            env,
-            origin,
-            f"http://{host}/v2/",
-            what="docker-registry",
-            log_name=reg_log,
-            process=registry,
-            ok=lambda r: r.status == 200,
-            timeout=self.setup_timeout,
-        )
-        push = skopeo_push_argv(
-            env.image, f"{host}/{ref}", extra=() if self.compress else ("--preserve-digests",)
-        )
-        await run_to_end(
-            env,
-            origin,
-            f"{self.name}-{origin}-push",
-            push,
-            what="skopeo push",
-            timeout=self.setup_timeout,
+        registry = await start_registry(
+            env, self.name, host, compress=self.compress, timeout=self.setup_timeout
         )
 
         # -- timed: every demander pulls at once --------------------------------
