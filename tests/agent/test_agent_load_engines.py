@@ -129,14 +129,14 @@ async def test_a_node_without_an_engine_fails_a_load_naming_both_keys(
     assert "docker_url" in failed.reason and "containerd_address" in failed.reason
 
 
-async def test_a_mirror_only_node_records_the_image_for_its_front_door_and_is_done(
+async def test_a_catalog_only_load_records_the_image_for_the_front_door_and_is_done(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No engine, but a registry front door: the load is the image record, and it is done."""
     reports = Reports()
     agent = make_agent(tmp_path, reports, monkeypatch, 'mirror_listen = "127.0.0.1:0"\n')
     assert agent.loads.docker is None and agent.loads.containerd is None
-    a = assignment()
+    a = LoadAssignment(load_id="l1", job_id="j1", image=fake_image().record, catalog_only=True)
     await agent.loads.load(a)
     assert not reports.failed and len(reports.done) == 1
     assert a.image.ref in agent.catalog.recorded
