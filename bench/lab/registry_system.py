@@ -28,6 +28,7 @@ import json
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,7 +114,6 @@ class RegistrySystem:
         origin = env.origin
         host = f"{env.address(origin)}:{self.port}"
         ref = archive_ref(env.image)
-        layers = layer_sizes(env.image)
         result.notes.update(self._notes(host, ref))
 
         # -- untimed: the registry, and the image in it -------------------------
@@ -122,6 +122,20 @@ class RegistrySystem:
         )
 
         # -- timed: every demander pulls at once --------------------------------
+        seconds, failed = await self.pull_all(env, lambda _node: host, ref, timeout)
+        result.node_seconds.update(seconds)
+        result.failed.update(failed)
+        if registry.poll() is not None:
+            result.notes["registry_exit"] = registry.returncode
+
+    async def pull_all(
+        self, env: LabEnv, host_of: Callable[[str], str], ref: str, timeout: float
+    ) -> tuple[dict[str, float], dict[str, str]]:
+        """Time every demander's skopeo pull of ``ref`` from ``host_of(node)``, all at once.
+
+        (node_seconds, failed); a pull is done when its skopeo exits 0 and what it
+        wrote is the image (every blob there at its size; skopeo checked the digests).
+        """
         targets: dict[str, Path] = {}
         for node in env.demanders:
             d = env.node_dir(self.name, node) / "image"
@@ -132,7 +146,7 @@ class RegistrySystem:
         start = time.monotonic()
         for node, d in targets.items():
             log_name = f"{self.name}-{node}"
-            argv = self.pull_argv(host, ref, d)
+            argv = self.pull_argv(host_of(node), ref, d)
             clients[node] = (env.spawn(node, log_name, argv, env=NO_PROXY_ENV), log_name)
         seconds, failed = await wait_clients(
             env,
@@ -143,17 +157,14 @@ class RegistrySystem:
             exit_means_done=True,
         )
         env.timed_end()
-
         # -- untimed: what landed is the image (skopeo checked every digest) ----
+        layers = layer_sizes(env.image)
         for node in list(seconds):
             problem = self._check_pulled(targets[node], layers)
             if problem:
                 del seconds[node]
                 failed[node] = f"{node}: skopeo exited 0 but {problem}"
-        result.node_seconds.update(seconds)
-        result.failed.update(failed)
-        if registry.poll() is not None:
-            result.notes["registry_exit"] = registry.returncode
+        return seconds, failed
 
     def pull_argv(self, host: str, ref: str, dest: Path) -> list[str]:
         """The demander's pull: skopeo checks each blob's digest as it writes it."""

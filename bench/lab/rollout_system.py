@@ -23,18 +23,16 @@ the upstream's egress, the number the issue asks for beside the time.
 from __future__ import annotations
 
 import re
-import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from rainbowd.devcluster.registryconf import SKOPEO_BIN
 
-from .baseline import NO_PROXY_ENV, archive_ref, run_baseline, wait_clients
+from .baseline import archive_ref, run_baseline
 from .env import LabEnv
 from .rbd_system import RbdSystem
 from .registry_system import RegistrySystem, start_registry
-from .result import SystemResult, layer_sizes
+from .result import SystemResult
 
 #: a blob response in the registry's log and the bytes it wrote
 _BLOB_RESPONSE = re.compile(
@@ -84,39 +82,15 @@ class RolloutSystem:
         try:
             await cluster.start(timeout=self.start_timeout)
             # -- timed: every node's client asks its own front door at once ------
-            targets: dict[str, Path] = {}
-            for node in env.demanders:
-                d = env.node_dir(self.name, node) / "image"
-                shutil.rmtree(d, ignore_errors=True)
-                targets[node] = d
-            clients = {}
-            env.timed_start()
-            start = time.monotonic()
-            for node, d in targets.items():
-                log_name = f"{self.name}-{node}"
-                mirror = f"{env.address(node)}:{self.mirror_port}"
-                argv = RegistrySystem().pull_argv(mirror, ref, d)
-                clients[node] = (env.spawn(node, log_name, argv, env=NO_PROXY_ENV), log_name)
-            seconds, failed = await wait_clients(
-                env,
-                clients,
-                start=start,
-                timeout=timeout,
-                check=lambda _n: None,
-                exit_means_done=True,
+            pulls = RegistrySystem(name=self.name, compress=True)
+            seconds, failed = await pulls.pull_all(
+                env, lambda node: f"{env.address(node)}:{self.mirror_port}", ref, timeout
             )
-            env.timed_end()
             async with cluster.admin() as admin:
                 jobs = [j for j in (await admin.jobs()).jobs if j.pull]
                 images = (await admin.images()).images
         finally:
             await cluster.stop()
-        layers = layer_sizes(env.image)
-        for node in list(seconds):
-            problem = RegistrySystem(compress=True)._check_pulled(targets[node], layers)
-            if problem:
-                del seconds[node]
-                failed[node] = f"{node}: skopeo exited 0 but {problem}"
         result.node_seconds.update(seconds)
         result.failed.update(failed)
         sent = _blob_bytes(env.log_path(registry_log)) - egress_before

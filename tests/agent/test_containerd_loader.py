@@ -25,8 +25,7 @@ from rainbowd.agent.containerd.names import containerd_name
 from rainbowd.agent.mirror.catalog import ImageCatalog
 from rainbowd.core.digest import Digest, hex_part, sha256_digest
 from rainbowd.core.imagemanifest import manifest_for
-from rainbowd.core.messages import ImageRecord, UpstreamManifest
-from rainbowd.core.upstreammanifest import DOCKER_LIST, DOCKER_MANIFEST, doc_of
+from rainbowd.core.messages import ImageRecord
 from rainbowd.devcluster.imagebuild import build_demo_image
 from rainbowd.lib.hostplatform import host_architecture
 from rainbowd.lib.image import ImageError, ingest_docker_archive
@@ -34,6 +33,7 @@ from rainbowd.lib.ociarchive import oci_archive_stream
 from rainbowd.lib.ocilayout import CONTAINERD_NAME
 from rainbowd.lib.store import LayerStore
 from testdeps import missing_dependency
+from upstream_docs import upstream_manifest
 
 CHUNK = 256 * 1024
 NAME = "docker.io/library/rbd-demo:latest"
@@ -166,40 +166,8 @@ def with_upstream(image: ImageRecord) -> ImageRecord:
 
     The other platform's manifest is named only: the origin chose this host's.
     """
-    doc = {
-        "schemaVersion": 2,
-        "mediaType": DOCKER_MANIFEST,
-        "config": {
-            "mediaType": "application/vnd.docker.container.image.v1+json",
-            "size": len(image.config.encode()),
-            "digest": image.config_digest,
-        },
-        "layers": [
-            {"mediaType": x.media_type, "size": x.size, "digest": x.digest} for x in image.layers
-        ],
-    }
-    manifest = doc_of(json.dumps(doc, indent=3).encode(), DOCKER_MANIFEST)
-    assert manifest is not None
-    entries = [
-        {
-            "mediaType": DOCKER_MANIFEST,
-            "digest": "sha256:" + "5" * 64,
-            "size": 900,
-            "platform": {"architecture": "s390x", "os": "linux"},
-        },
-        {
-            "mediaType": DOCKER_MANIFEST,
-            "digest": manifest.digest,
-            "size": len(manifest.text.encode()),
-            "platform": {"architecture": host_architecture(), "os": "linux"},
-        },
-    ]
-    index = doc_of(
-        json.dumps({"schemaVersion": 2, "mediaType": DOCKER_LIST, "manifests": entries}).encode(),
-        DOCKER_LIST,
-    )
-    assert index is not None
-    return msgspec.structs.replace(image, upstream=UpstreamManifest(manifest=manifest, index=index))
+    upstream = upstream_manifest(image, architecture=host_architecture())
+    return msgspec.structs.replace(image, upstream=upstream)
 
 
 async def test_an_image_with_the_upstreams_manifest_list_is_named_by_it_and_runs(

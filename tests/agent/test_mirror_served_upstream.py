@@ -24,48 +24,17 @@ from rainbowd.agent.mirror.catalog import ImageCatalog
 from rainbowd.agent.mirror.server import MirrorServer
 from rainbowd.core.digest import Digest, hex_part
 from rainbowd.core.messages import ImageRecord, UpstreamManifest
-from rainbowd.core.upstreammanifest import DOCKER_LIST, DOCKER_MANIFEST, doc_of
+from rainbowd.core.upstreammanifest import DOCKER_LIST, DOCKER_MANIFEST
 from rainbowd.lib.image import ingest_docker_archive
 from rainbowd.lib.store import LayerStore
+from upstream_docs import upstream_manifest
 
 CHUNK = 64 * 1024
 
 
 def upstream_for(image: ImageRecord) -> UpstreamManifest:
-    doc = {
-        "schemaVersion": 2,
-        "mediaType": DOCKER_MANIFEST,
-        "config": {
-            "mediaType": "application/vnd.docker.container.image.v1+json",
-            "size": len(image.config.encode()),
-            "digest": image.config_digest,
-        },
-        "layers": [
-            {"mediaType": x.media_type, "size": x.size, "digest": x.digest} for x in image.layers
-        ],
-    }
-    manifest = doc_of(json.dumps(doc, indent=3).encode(), DOCKER_MANIFEST)
-    assert manifest is not None
-    entries = [
-        {
-            "mediaType": DOCKER_MANIFEST,
-            "digest": manifest.digest,
-            "size": len(manifest.text.encode()),
-            "platform": {"architecture": "amd64", "os": "linux"},
-        },
-        {  # a platform this node does not hold
-            "mediaType": DOCKER_MANIFEST,
-            "digest": "sha256:" + "5" * 64,
-            "size": 100,
-            "platform": {"architecture": "s390x", "os": "linux"},
-        },
-    ]
-    index = doc_of(
-        json.dumps({"schemaVersion": 2, "mediaType": DOCKER_LIST, "manifests": entries}).encode(),
-        DOCKER_LIST,
-    )
-    assert index is not None
-    return UpstreamManifest(manifest=manifest, index=index)
+    """The image's manifest in a list with a platform this node does not hold."""
+    return upstream_manifest(image)
 
 
 class Tags:

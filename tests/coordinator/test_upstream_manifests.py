@@ -42,42 +42,22 @@ from rainbowd.core.messages import (
     ResolveTag,
     UpstreamManifest,
 )
-from rainbowd.core.upstreammanifest import DOCKER_LIST, DOCKER_MANIFEST, doc_of
+from rainbowd.core.upstreammanifest import DOCKER_LIST
 from rainbowd.lib.client import AdminClient, AgentClient, ApiError
+from upstream_docs import upstream_manifest
 
 REGISTRY = "reg.local:5000"
-UPSTREAMS = {"docker.io": REGISTRY, REGISTRY: REGISTRY}
+#: no tag is added on demand here (test_coordinator_pulls.py tests that): a tag no image
+#: has is a 404
+UPSTREAMS = {
+    "docker.io": {"upstream": REGISTRY, "on_demand": False},
+    REGISTRY: {"upstream": REGISTRY, "on_demand": False},
+}
 
 
 def upstream_of(image: FakeImage, *, index: bool = True) -> UpstreamManifest:
     """The image's manifest (and a list naming it) as a registry might serialize them."""
-    record = image.record
-    doc = {
-        "schemaVersion": 2,
-        "mediaType": DOCKER_MANIFEST,
-        "config": {
-            "mediaType": "application/vnd.docker.container.image.v1+json",
-            "size": len(record.config.encode()),
-            "digest": record.config_digest,
-        },
-        "layers": [
-            {"mediaType": x.media_type, "size": x.size, "digest": x.digest} for x in record.layers
-        ],
-    }
-    manifest = doc_of(json.dumps(doc, indent=3).encode(), DOCKER_MANIFEST)
-    assert manifest is not None
-    if not index:
-        return UpstreamManifest(manifest=manifest)
-    entry = {
-        "mediaType": DOCKER_MANIFEST,
-        "digest": manifest.digest,
-        "size": len(manifest.text.encode()),
-        "platform": {"architecture": "amd64", "os": "linux"},
-    }
-    listed = {"schemaVersion": 2, "mediaType": DOCKER_LIST, "manifests": [entry]}
-    top = doc_of(json.dumps(listed, indent=2).encode(), DOCKER_LIST)
-    assert top is not None
-    return UpstreamManifest(manifest=manifest, index=top)
+    return upstream_manifest(image.record, other_platform=False, index=index)
 
 
 async def ingest_from_registry(
