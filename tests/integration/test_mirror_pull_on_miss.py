@@ -18,7 +18,6 @@ import asyncio
 import hashlib
 import json
 import re
-import shutil
 import signal
 import subprocess
 import time
@@ -27,11 +26,11 @@ from pathlib import Path
 
 import pytest
 
+from clients import run, skopeo
 from rainbowd.agent.origin.registry import DOCKER_MANIFEST
 from rainbowd.core import messages as m
 from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec
 from registry_fixtures import RegistryProcess, skopeo_push
-from testdeps import missing_dependency
 
 pytestmark = pytest.mark.integration
 
@@ -41,20 +40,6 @@ REPO = "rbd/onmiss"  # this test's own repository in the session's registry
 STALL_S = 3.0
 MIRROR = {"mirror_listen": "127.0.0.1:0", "mirror_pull_stall_seconds": STALL_S}
 PULLERS = ("n1", "n2", "n3")
-
-
-def skopeo() -> str:
-    path = shutil.which("skopeo")
-    if path is None:
-        missing_dependency("skopeo missing: apt-get install skopeo")
-    assert path is not None
-    return path
-
-
-async def run(argv: list[str], timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(
-        subprocess.run, argv, capture_output=True, text=True, timeout=timeout, check=False
-    )
 
 
 def blob_gets(registry: RegistryProcess, digest: str) -> int:

@@ -33,6 +33,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from clients import run, skopeo
 from containerd_fixtures import ContainerdProcess, hosts_dir, start_or_missing
 from rainbowd.agent.mirror.clientconfig import docker_daemon_json
 from rainbowd.agent.origin.registry import DOCKER_LIST, DOCKER_MANIFEST, host_platform
@@ -53,21 +54,6 @@ NOWHERE = "upstream.invalid"
 
 def sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def skopeo() -> str:
-    path = shutil.which("skopeo")
-    if path is None:
-        missing_dependency("skopeo missing: apt-get install skopeo")
-    assert path is not None
-    return path
-
-
-async def run(argv: list[str], timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-    """A client, off the event loop."""
-    return await asyncio.to_thread(
-        subprocess.run, argv, capture_output=True, text=True, timeout=timeout, check=False
-    )
 
 
 @dataclass
