@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fake_clock_coordinator import Sim
 
+from fake_clock_coordinator import Sim
 from rainbowd.agent.dataplane.keys import fingerprint, load_or_create_key, public_line
 from rainbowd.agent.dataplane.ssh_server import ChunkServer
 from rainbowd.coordinator.errors import Forbidden

@@ -18,8 +18,8 @@ from pathlib import Path
 import asyncssh
 import pytest
 from aiohttp.test_utils import TestServer
-from fake_clock_coordinator import ADMIN, JOIN, Clock, Sim
 
+from fake_clock_coordinator import ADMIN, JOIN, Clock, Sim
 from rainbowd.agent.dataplane.keys import load_or_create_key, public_line
 from rainbowd.agent.dataplane.pull_failures import PullError
 from rainbowd.agent.dataplane.puller import LayerPuller
