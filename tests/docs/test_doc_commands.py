@@ -178,6 +178,12 @@ COMMANDS: dict[str, Run | Skip] = {
     ".venv/bin/python bench/takeover.py": Skip(
         "a benchmark: ten kills of a coordinator on PostgreSQL, a minute or more"
     ),
+    ".venv/bin/python -m bench.lab run --profile homogeneous --systems rbd-pull,registry:gzip,"
+    "bittorrent": Skip(
+        "a rollout on 40 shaped namespaces: minutes",
+        covered_by="tests/lab/test_rollout.py::"
+        "test_a_rollout_reads_the_upstream_once_and_every_node_gets_the_image",
+    ),
     # -- INSTALL.md § 1 ----------------------------------------------------------------------
     "make wheel": Skip("built and installed by the wheel test", covered_by=WHEEL),
     "apt-get install python3 python3-venv docker.io": Skip("installs packages on a fresh host"),
