@@ -172,7 +172,7 @@ def test_the_incremental_fill_gives_the_whole_components_allocation(seed: int) -
 
 @pytest.mark.parametrize("seed", range(20))
 def test_the_running_sums_of_rates_per_link_match_a_fresh_sum(seed: int) -> None:
-    """``_full`` reads a running sum per resource: it must track the rates it sums.
+    """The fill reads a running sum of rates per resource: it must track the rates it sums.
 
     After every add and remove, each resource's sum equals the sum of its flows' rates
     (to float rounding), and no resource whose last flow left keeps a sum.
