@@ -5,12 +5,9 @@ Pure: the scheduler is driven with explicit times (a fake clock), no I/O.
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
 from rainbowd.core.sched.pieces import PieceScheduler, piece_chunks, split_layer
-from rainbowd.core.sched.policies import RULES
 from rainbowd.core.sched.reasons import TransferReason
 from rainbowd.core.sched.records import Transfer
 from rainbowd.core.sched.scheduler import SchedulerError
@@ -253,21 +250,3 @@ def test_rarest_first_leaves_only_tiny_layers_last_not_one_chunk_pieces() -> Non
     for layer in (SMALL, many):
         b.demand("a", layer, "j", 0.0)
     assert b.schedule(0.0)[0].layer == many
-
-
-@pytest.mark.parametrize("fresh_ties", [True, False])
-def test_within_a_rank_step_a_demander_that_got_nothing_yet_goes_first(
-    fresh_ties: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Ties go to who lacks most *seconds of its own download*: a slow-download node
-    already fed outranked a fast one that has received nothing (whose upload has
-    nothing to pass on). With ``fresh_ties`` the fresh one goes first."""
-    monkeypatch.setitem(RULES, "swarm", dataclasses.replace(RULES["swarm"], fresh_ties=fresh_ties))
-    s = swarm(("origin", 1 * MB, 1 * MB, (LAYER,)), ("a", 1 * MB, 1 * MB, ()))
-    s.demand("a", LAYER, "j", 0.0)
-    for t in s.schedule(0.0):
-        s.fail(t.transfer_id)  # "a" was fed: it pulls nothing and holds nothing again
-    s.add_node("b", 1 * MB, download_bps=8 * MB)  # the same rank, min(up, down)
-    s.demand("b", LAYER, "j", 1.0)
-    first = s.schedule(1.0)[0]
-    assert first.demander == ("b" if fresh_ties else "a")

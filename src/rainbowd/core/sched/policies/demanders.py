@@ -17,9 +17,6 @@ from ..waiting import Hope, WaitIndex
 from .seeders import SeederIndex
 from .state import _MIN_FREE_SHARE, UNKNOWN_LAYER_BYTES, _down_speed, _WaitKey
 
-#: subtracted from a fresh demander's tie key (fresh_ties): more than any need in seconds
-FRESH_FIRST = 1e12
-
 if TYPE_CHECKING:
     from ..records import Demand, Node
 
@@ -77,12 +74,8 @@ class DemanderIndex(SeederIndex):
                 down = _down_speed(node)
                 need = waiting_bytes / down
                 tie = -need if self.rules.rank_step > 0 else 0.0  # (rank_step: ties by need)
-                if self.rules.fresh_ties and nid not in self._fed and not pulling:
-                    tie -= FRESH_FIRST  # (fresh_ties: before every demander already fed)
                 want = ((-self._rank_step(node), tie, nid), (-need, nid), tuple(wanted))
                 hope = self._hope(node, all_bytes / down)
-        if not node.demands:
-            self._fed.discard(nid)  # (fresh_ties: its next demands start it fresh again)
         have = self._wait_key.get(nid)
         if want == have:
             if hope is not None and hope != self._hopes[nid]:

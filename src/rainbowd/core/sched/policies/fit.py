@@ -323,4 +323,3 @@ class Fitter(DemanderIndex):
             self._urgent_used[t.seeder] = self._urgent_used.get(t.seeder, 0.0) + plan.up
         self._down_used[t.demander] = self._down_used.get(t.demander, 0.0) + plan.down
         self._idle_seen.pop(t.demander, None)
-        self._fed.add(t.demander)

@@ -29,11 +29,7 @@ package's docstring):
   them on at once, instead of one node taking every fresh piece in turn
   (simulator, homogeneous profile at 100 nodes: 1.78 -> 1.71 x T*;
   upload-bound, where the origin fed the fastest node piece after piece:
-  1.51 -> 1.49 x with ``upload_urgent``). With ``fresh_ties`` a demander
-  that has received nothing yet goes first within its tie: need is in
-  seconds of the demander's own download, so a slow-download node already
-  at work outranked a fast one still idle, whose upload has nothing to
-  pass on until it gets a first piece.
+  1.51 -> 1.49 x with ``upload_urgent``).
 * **least slack first** -- a node whose remaining bytes over its speed come
   close to the horizon (the latest any current demander could finish,
   ``since + need * (1 + margin)``) is *urgent* and goes before everyone else:
@@ -157,10 +153,6 @@ class Rules:
     #: demanders whose ranks lie within this geometric step tie (0 = exact ranks), and ties
     #: go to the one lacking most (Planner._rank_step)
     rank_step: float = 0.0
-    #: with ``rank_step``: within a tie, demanders that have received nothing of what they
-    #: demand yet (no transfer into them since they began demanding) go before the others,
-    #: then by need as before (Planner._refresh_demander)
-    fresh_ties: bool = False
     #: the slack rule's cut is at least this share of the seconds the cluster's whole upload
     #: needs for every open demand (0 = off): where the upload binds, nobody is urgent in the
     #: first seconds, and near the end the nodes lacking most go first before their own

@@ -131,9 +131,6 @@ class PlannerState:
         # counts from there, not from its demand: a node that just finished a piece of a
         # job an hour old has not waited an hour)
         self._idle_seen: dict[str, float] = {}
-        # demanders that had a transfer into them since they began demanding (fresh_ties:
-        # the others have received nothing yet); dropped when their demands end
-        self._fed: set[str] = set()
 
     def free_up(self, node: Node) -> float:
         return node.speed_bps - self._up_used.get(node.node_id, 0.0)
