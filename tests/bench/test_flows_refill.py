@@ -168,3 +168,29 @@ def test_the_incremental_fill_gives_the_whole_components_allocation(seed: int) -
             assert now[f] == pytest.approx(rate, rel=1e-9, abs=1e-12), f
             if f not in got:
                 assert now[f] == before[f]  # not re-filled: untouched
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_running_sums_of_rates_per_link_match_a_fresh_sum(seed: int) -> None:
+    """The fill reads a running sum of rates per resource: it must track the rates it sums.
+
+    After every add and remove, each resource's sum equals the sum of its flows' rates
+    (to float rounding), and no resource whose last flow left keeps a sum.
+    """
+    rng = random.Random(5000 + seed)
+    names = [f"n{i}" for i in range(rng.randint(2, 10))]
+    net = FlowNetwork(incremental=rng.random() < 0.5)
+    for name in names:
+        net.add_node(name, rng.choice([1.0, 2.0, rng.uniform(0.5, 10)]), rng.uniform(0.5, 10))
+    live: list[str] = []
+    for i in range(rng.randint(30, 150)):
+        if live and rng.random() < 0.4:
+            net.remove(live.pop(rng.randrange(len(live))))
+        else:
+            cap = rng.choice([None, None, 0.7, rng.uniform(0.1, 5)])
+            net.add(f"f{i}", rng.choice(names), rng.choice(names), cap)
+            live.append(f"f{i}")
+        assert net._used.keys() <= net._through.keys()  # no sum outlives its last flow
+        for r, users in net._through.items():
+            fresh = sum(net.rate(f) for f in users)
+            assert net._used.get(r, 0.0) == pytest.approx(fresh, rel=1e-12, abs=1e-12), r
