@@ -18,7 +18,7 @@ from coordinator_support import state_url_args
 from rainbowd.coordinator import auth, config
 from rainbowd.coordinator.jobs import Job
 from rainbowd.coordinator.mailbox import Mailbox
-from rainbowd.core.messages import ArchiveSource, IngestAssignment, SeederUse
+from rainbowd.core.messages import ArchiveSource, IngestAssignment, SeederUse, encode
 from rainbowd.core.sched.jobdriver import MAX_LAYER_FAILURES
 from rainbowd.core.sched.reasons import TransferReason
 from rainbowd.lib.progress import job_report, summary
@@ -150,6 +150,27 @@ async def test_mailbox_cursor_and_wakeups() -> None:
     assert box.after(500) == (12, [ingest])  # an agent ahead of us gets everything
     box.drop(lambda a: True)
     assert box.pending() == []
+
+
+@pytest.mark.backends("sqlite")  # touches no state store
+def test_a_batch_is_cut_at_its_byte_budget_and_the_rest_follows() -> None:
+    """A backlog of big assignments (loads carry manifests) never makes one reply too big."""
+    box = Mailbox()
+    big = [
+        IngestAssignment(
+            ingest_id=f"i{n}", ref="r" * 200, source=ArchiveSource(path="/x"), chunk_size=1
+        )
+        for n in range(5)
+    ]
+    for a in big:
+        box.put(a)
+    one = len(encode(big[0]))
+    cursor, got = box.after(0, max_bytes=2 * one + 1)
+    assert (cursor, got) == (2, big[:2])  # the cursor is the last one sent, not the newest
+    cursor, got = box.after(cursor, max_bytes=2 * one + 1)
+    assert (cursor, got) == (4, big[2:4])
+    assert box.after(cursor, max_bytes=1) == (5, big[4:])  # one goes even over the budget
+    assert box.after(5) == (5, [])
 
 
 @pytest.mark.backends("sqlite")  # touches no state store
