@@ -47,9 +47,7 @@ class Mailbox:
         self._event.set()
         self._event = asyncio.Event()
 
-    def after(
-        self, cursor: int, max_bytes: int = BATCH_BYTES
-    ) -> tuple[int, list[Assignment]]:
+    def after(self, cursor: int, max_bytes: int = BATCH_BYTES) -> tuple[int, list[Assignment]]:
         """Acknowledge up to ``cursor``; return (new cursor, assignments after it).
 
         At most ``max_bytes`` of them encoded (at least one); the new cursor is
