@@ -24,6 +24,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from clients import run, skopeo
@@ -179,3 +180,56 @@ def blob_gets_of(registry: RegistryProcess, repo: str, digest: str) -> int:
     text = registry.log_path.read_text(errors="replace")
     uri = re.escape(f"/v2/{repo}/blobs/{digest}")
     return len(re.findall(rf'http\.request\.method=GET [^\n]*http\.request\.uri="{uri}"', text))
+
+
+async def test_the_manifest_is_answered_before_the_layers_land_and_each_blob_as_it_does(
+    tmp_path: Path, registry: RegistryProcess, demo_image: Path
+) -> None:
+    """The client starts at once: manifest first, then each blob when its layer is whole."""
+    repo = "rbd/early"
+    skopeo_push(demo_image, f"{registry.host}/{repo}:v1")
+    manifest, _ = registry.get_manifest(repo, "v1", DOCKER_MANIFEST)
+    capped = {**MIRROR, "max_download_mbps": SLOW_MBPS}  # its layers take seconds to land
+    specs = [
+        NodeSpec("origin", roles=["origin"], speed_hint_mbps=1000, config=MIRROR),
+        NodeSpec("n1", speed_hint_mbps=500, config=capped),
+    ]
+    c = LocalCluster(
+        tmp_path / "cluster",
+        specs,
+        chunk_size=CHUNK,
+        heartbeat_interval=0.5,
+        coordinator_config={"upstreams": {"docker.io": registry.host}},
+    )
+    await c.start()
+    try:
+        async with c.admin() as admin:
+            source = m.RegistrySource(reference=f"{registry.host}/{repo}:v1", insecure=True)
+            assert (await admin.ingest(m.CreateImage(ref="early:v1", source=source))).state == (
+                "ready"
+            )
+        status = await c.agent_status("n1")
+        url = f"{status['mirror_url']}/v2/{repo}/manifests/v1"
+        async with aiohttp.ClientSession() as http, http.get(url) as resp:
+            assert resp.status == 200 and await resp.read() == manifest
+        held = {h["digest"] for h in (await c.agent_status("n1"))["holdings"]}
+        layers = [layer["digest"] for layer in json.loads(manifest)["layers"]]
+        assert not set(layers) <= held  # answered while layers were still on their way
+        # the blobs follow as they land: the whole pull gets the upstream's image
+        done = await pull_from(c, "n1", repo, tmp_path / "n1")
+        assert done.returncode == 0, done.stderr
+        assert (tmp_path / "n1" / "manifest.json").read_bytes() == manifest
+    finally:
+        await c.stop()
+
+
+#: the capped node's download (Mbit/s): the demo image's ~3 MB take a few seconds
+SLOW_MBPS = 8.0
+
+
+async def pull_from(
+    cluster: LocalCluster, node: str, repo: str, out: Path
+) -> subprocess.CompletedProcess[str]:
+    mirror = (await cluster.agent_status(node))["mirror_url"].removeprefix("http://")
+    src = f"docker://{mirror}/{repo}:v1"
+    return await run([skopeo(), "copy", "-q", "--src-tls-verify=false", src, f"dir:{out}"])

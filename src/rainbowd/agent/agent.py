@@ -131,8 +131,7 @@ class Agent:
                 resolve=resolver,
                 default_registry=config.mirror_registry,
                 resolve_timeout=config.mirror_resolve_timeout,
-                fetch_missing=self.pull_on_miss.fetch_manifest if self.pull_on_miss else None,
-                fetch_tag=self.pull_on_miss.fetch_tag if self.pull_on_miss else None,
+                pulls=self.pull_on_miss,
             )
         limits = (
             StoreLimits(

@@ -5,14 +5,16 @@ hold -- a tag the coordinator resolved to an rbd image, or an image it names
 -- the front door does not send the client away at once: it asks the
 coordinator for the image (``POST /v1/pulls``, coordinator/pulls.py), which
 puts this node in the image's pull job (the one every node pulling the same
-image joins: one ingest, one job, the normal scheduler), and waits while the
-layers land in the store through the node's ordinary pulls from peers.
+image joins: one ingest, one job, the normal scheduler). Once the node is in
+the job, the image's record is kept for the front door and the manifest can
+be answered; the layers then land in the store through the node's ordinary
+pulls from peers, and a blob request for one of them waits until it is whole
+(:meth:`PullOnMiss.fetch_layer`).
 
 * **One request per image.** Many clients (or one client's parallel requests)
   asking for the same image share one :meth:`PullOnMiss.fetch`.
-* **Never hangs.** The wait ends when every layer is held (the image is then
-  recorded for the front door, mirror/catalog_feed.py, and served), when the
-  coordinator refuses or cannot be reached, or when the pull stops moving for
+* **Never hangs.** A pull ends when every layer is held, when the
+  coordinator refuses or cannot be reached, or when it stops moving for
   ``stall_s`` (rainbowd.core.stall: progress is the chunks of the image's
   layers the store holds, so a slow but steady pull is never cut short). The
   front door then answers so the client goes to its upstream itself.
@@ -35,6 +37,16 @@ from rainbowd.lib.client import AgentClient, ApiError
 from rainbowd.lib.store import LayerStore, StoreError
 
 log = structlog.get_logger(__name__)
+
+
+class _Pull:
+    """One image being got for the front door: its record once joined, its waiting task."""
+
+    def __init__(self) -> None:
+        self.joined = asyncio.Event()  # set once the record is known (held or joined)
+        self.record: ImageRecord | None = None
+        self.task: asyncio.Task[ImageRecord | None] | None = None
+
 
 #: seconds between looks at the store while a pull runs (what a waiting client adds at
 #: most, after the last chunk lands, before its answer starts)
@@ -68,7 +80,9 @@ class PullOnMiss:
         self.node_id = node_id
         self.stall_s = stall_s
         self.clock = clock
-        self._inflight: dict[str, asyncio.Task[ImageRecord | None]] = {}
+        self._pulls: dict[str, _Pull] = {}
+        #: layer -> the pull bringing it (its blob is answered once it lands)
+        self._layers: dict[Digest, _Pull] = {}
         self.log = log.bind(node=node_id)
 
     async def fetch_manifest(self, digest: Digest) -> bool:
@@ -86,18 +100,51 @@ class PullOnMiss:
         return await self.fetch(ref) is not None
 
     async def fetch(self, ref: str) -> ImageRecord | None:
-        """Get ``ref`` onto this node (module docstring); None: the client must go upstream."""
-        task = self._inflight.get(ref)
-        if task is None:
-            task = asyncio.create_task(self._fetch(ref), name=f"pull-on-miss {ref}")
-            self._inflight[ref] = task
-            task.add_done_callback(lambda _t: self._inflight.pop(ref, None))
-        # a client that goes away does not cancel the pull the others wait for
-        return await asyncio.shield(task)
+        """Get ``ref`` coming to this node: its record once the node is in the image's pull job
+        (or holds it); None: unknown, refused or stalled -- the client must go upstream.
+
+        The layers keep coming after this returns: :meth:`blob_coming` says which, and
+        :meth:`fetch_layer` waits for one.
+        """
+        pull = self._pulls.get(ref)
+        if pull is None:
+            pull = _Pull()
+            pull.task = asyncio.create_task(self._fetch(ref, pull), name=f"pull-on-miss {ref}")
+            self._pulls[ref] = pull
+            pull.task.add_done_callback(lambda _t: self._forget(ref))
+        assert pull.task is not None
+        joined: asyncio.Future[object] = asyncio.ensure_future(pull.joined.wait())
+        ended: asyncio.Future[object] = asyncio.shield(pull.task)
+        try:
+            # a client that goes away does not cancel the pull the others wait for
+            await asyncio.wait({joined, ended}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            joined.cancel()
+        return pull.record if pull.joined.is_set() else None
+
+    def blob_coming(self, digest: str) -> bool:
+        """A layer a running pull of this node is bringing (its blob waits for it)."""
+        return Digest(digest) in self._layers
+
+    async def fetch_layer(self, digest: Digest) -> bool:
+        """Wait until the pull bringing ``digest`` has it; False if none does or it stalled."""
+        pull = self._layers.get(digest)
+        if pull is None:
+            return False
+        assert pull.task is not None
+        while not await asyncio.to_thread(self.store.has, digest):
+            if pull.task.done():
+                return await asyncio.to_thread(self.store.has, digest)
+            await asyncio.sleep(POLL_S)
+        return True
+
+    def _forget(self, ref: str) -> None:
+        pull = self._pulls.pop(ref, None)
+        self._layers = {d: p for d, p in self._layers.items() if p is not pull}
 
     async def close(self) -> None:
         """Cancel the pulls still waited for (the agent stops)."""
-        tasks = list(self._inflight.values())
+        tasks = [p.task for p in self._pulls.values() if p.task is not None]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -106,7 +153,7 @@ class PullOnMiss:
             except asyncio.CancelledError:
                 pass
 
-    async def _fetch(self, ref: str) -> ImageRecord | None:
+    async def _fetch(self, ref: str, pull: _Pull) -> ImageRecord | None:
         started = self.clock()
         watch = StallWatch(self.stall_s, started)
         while True:
@@ -126,8 +173,13 @@ class PullOnMiss:
             if record is None:  # (a coordinator always sends it with held/joined)
                 self.log.error("mirror_pull_no_record", image=ref, state=reply.state)
                 return None
+            # the front door can answer the manifest now; each blob once its layer lands
+            await keep_for_front_door(self.catalog, record, self.log)
+            pull.record = record
+            for lr in record.layers:
+                self._layers[Digest(lr.digest)] = pull
+            pull.joined.set()
             if await self._wait_for_layers(ref, record, watch, reply.job_id):
-                await keep_for_front_door(self.catalog, record, self.log)
                 self.log.info(
                     "mirror_pull_done",
                     image=ref,

@@ -36,10 +36,12 @@ its check) is a 404 with the spec's ``MANIFEST_UNKNOWN`` or ``BLOB_UNKNOWN``
 body: containerd and Docker then go to the upstream themselves
 (``rainbowd.core.distribution`` says why each does). Before that answer, a
 manifest the coordinator resolved for this node (an image it knows) is got by
-P2P when ``fetch_missing`` is set (mirror/pull_on_miss.py: the node joins the
-image's pull job and the answer waits while the pull makes progress; a pull
-that stalls for ``mirror_pull_stall_seconds`` is the same 404). Blobs are
-served once complete; streaming a layer while its chunks land is not done.
+P2P when ``pulls`` is set (mirror/pull_on_miss.py): the node joins the image's
+pull job and the manifest goes out at once; a blob of a layer still on its way
+waits until the layer is whole and checked, then is served, so the client
+downloads the first layers while the last still arrive. A pull that stalls for
+``mirror_pull_stall_seconds`` ends those waits in the same 404. A layer is
+served whole: streaming it chunk by chunk while it lands is not done.
 
 The server is unauthenticated, like a registry mirror on loopback: it serves
 only content named by its digest, which a client verifies again. It listens on
@@ -89,12 +91,26 @@ _REGISTRY_HOST = re.compile(r"^(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,
 #: (registry, repository, tag) -> the manifest digest the coordinator says the tag
 #: names, or None (no upstream, no such image, coordinator unreachable)
 Resolver = Callable[[str, str, str], Awaitable[Digest | None]]
-#: a manifest the node lacks -> True once the node holds it and its blobs (got by P2P:
-#: mirror/pull_on_miss.py), False when it cannot be had in time
-FetchMissing = Callable[[Digest], Awaitable[bool]]
-#: (registry, repository, tag) the coordinator said it is ingesting -> True once the node
-#: holds that image (it is then resolved again), False when it cannot be had in time
-FetchTag = Callable[[str, str, str], Awaitable[bool]]
+
+
+class MissPulls(Protocol):
+    """Getting what the front door lacks by P2P (``PullOnMiss``, mirror/pull_on_miss.py)."""
+
+    async def fetch_manifest(self, digest: Digest) -> bool:
+        """The image of manifest ``digest`` is coming (its record kept): True; else False."""
+        ...
+
+    async def fetch_tag(self, registry: str, repository: str, tag: str) -> bool:
+        """The image the origin is reading for a tag is coming (then resolve again)."""
+        ...
+
+    def blob_coming(self, digest: str) -> bool:
+        """A layer a running pull is bringing to this node."""
+        ...
+
+    async def fetch_layer(self, digest: Digest) -> bool:
+        """Wait for a coming layer; True once the store holds it whole."""
+        ...
 
 
 class MirrorHooks(Protocol):
@@ -122,8 +138,7 @@ class MirrorServer:
         resolve: Resolver | None = None,
         default_registry: str = "docker.io",
         resolve_timeout: float = RESOLVE_TIMEOUT,
-        fetch_missing: FetchMissing | None = None,
-        fetch_tag: FetchTag | None = None,
+        pulls: MissPulls | None = None,
     ) -> None:
         self.store = store
         self.catalog = catalog
@@ -140,10 +155,8 @@ class MirrorServer:
         self.resolve = resolve
         self.default_registry = default_registry
         self.resolve_timeout = resolve_timeout
-        #: gets a manifest the node lacks by P2P before answering (None: a miss is a 404)
-        self.fetch_missing = fetch_missing
-        #: gets the image of a tag the origin is ingesting on demand, then resolves again
-        self.fetch_tag = fetch_tag
+        #: gets what the node lacks by P2P before answering (None: a miss is a 404)
+        self.pulls = pulls
         #: layer -> responses sending it right now (hygiene must not evict these)
         self.serving: dict[str, int] = {}
         self._runner: web.AppRunner | None = None
@@ -211,10 +224,13 @@ class MirrorServer:
     async def _manifest(self, request: web.Request, req: ManifestRequest) -> web.StreamResponse:
         digest = req.digest if req.digest is not None else await self._resolve_tag(request, req)
         stored, missing = await self._servable(digest)
-        if (stored is None or missing) and self.fetch_missing is not None:
-            # an image the coordinator knows: this node gets it by P2P, then serves it
-            if await self.fetch_missing(digest):
+        if (stored is None or missing) and self.pulls is not None:
+            # an image the coordinator knows: this node gets it by P2P; the manifest goes
+            # out at once, each blob once its layer has landed (_blob)
+            if await self.pulls.fetch_manifest(digest):
                 stored, missing = await self._servable(digest)
+            if self.pulls is not None:
+                missing = [d for d in missing if not self.pulls.blob_coming(d)]
         if stored is None:
             raise ApiError(
                 "MANIFEST_UNKNOWN",
@@ -250,9 +266,9 @@ class MirrorServer:
             )
         assert req.tag is not None
         digest = await self._ask(registry, req.name, req.tag)
-        if digest is None and self.fetch_tag is not None:
+        if digest is None and self.pulls is not None:
             # the coordinator may have started reading it (on demand): get it, then ask again
-            if await self.fetch_tag(registry, req.name, req.tag):
+            if await self.pulls.fetch_tag(registry, req.name, req.tag):
                 digest = await self._ask(registry, req.name, req.tag)
         if digest is None:
             raise ApiError(
@@ -307,6 +323,8 @@ class MirrorServer:
         if config is not None:
             return self._small_blob(request, req.digest, config)
         try:
+            if self.pulls is not None and self.pulls.blob_coming(req.digest):
+                await self.pulls.fetch_layer(req.digest)  # on its way here: wait for it
             manifest = await asyncio.to_thread(self._layer_manifest, req.digest)
         except LayerMissing:
             raise ApiError(
