@@ -43,6 +43,19 @@ MIRROR = {"mirror_listen": "127.0.0.1:0", "mirror_pull_stall_seconds": STALL_S}
 PULLERS = ("n1", "n2", "n3")
 
 
+async def start_cluster(root: Path, specs: list[NodeSpec], upstream: object) -> LocalCluster:
+    """A started cluster whose coordinator maps ``docker.io`` to ``upstream`` (an entry)."""
+    c = LocalCluster(
+        root,
+        specs,
+        chunk_size=CHUNK,
+        heartbeat_interval=0.5,
+        coordinator_config={"upstreams": {"docker.io": upstream}},
+    )
+    await c.start()
+    return c
+
+
 def blob_gets(registry: RegistryProcess, digest: str) -> int:
     """GETs of ``digest`` in REPO the registry logged (one line per response)."""
     return blob_gets_of(registry, REPO, digest)
@@ -55,14 +68,7 @@ async def cluster(
     skopeo_push(demo_image, f"{registry.host}/{REPO}:v1")
     specs = [NodeSpec("origin", roles=["origin"], speed_hint_mbps=1000, config=MIRROR)]
     specs += [NodeSpec(n, speed_hint_mbps=500, config=MIRROR) for n in (*PULLERS, "n4")]
-    c = LocalCluster(
-        tmp_path / "cluster",
-        specs,
-        chunk_size=CHUNK,
-        heartbeat_interval=0.5,
-        coordinator_config={"upstreams": {"docker.io": registry.host}},
-    )
-    await c.start()
+    c = await start_cluster(tmp_path / "cluster", specs, registry.host)
     try:
         async with c.admin() as admin:
             source = m.RegistrySource(reference=f"{registry.host}/{REPO}:v1", insecure=True)
@@ -136,17 +142,10 @@ async def test_a_tag_no_image_has_is_ingested_once_on_demand_and_pulled_by_p2p(
     layers = [layer["digest"] for layer in json.loads(manifest)["layers"]]
     specs = [NodeSpec("origin", roles=["origin"], speed_hint_mbps=1000, config=MIRROR)]
     specs += [NodeSpec(n, speed_hint_mbps=500, config=MIRROR) for n in PULLERS]
-    c = LocalCluster(
-        tmp_path / "cluster",
-        specs,
-        chunk_size=CHUNK,
-        heartbeat_interval=0.5,
-        # the origin reads the upstream over plain HTTP: the entry says so
-        coordinator_config={
-            "upstreams": {"docker.io": {"upstream": registry.host, "insecure": True}}
-        },
+    # the origin reads the upstream over plain HTTP: the entry says so
+    c = await start_cluster(
+        tmp_path / "cluster", specs, {"upstream": registry.host, "insecure": True}
     )
-    await c.start()
     try:
 
         async def pull_new(node: str) -> subprocess.CompletedProcess[str]:
@@ -194,14 +193,7 @@ async def test_the_manifest_is_answered_before_the_layers_land_and_each_blob_as_
         NodeSpec("origin", roles=["origin"], speed_hint_mbps=1000, config=MIRROR),
         NodeSpec("n1", speed_hint_mbps=500, config=capped),
     ]
-    c = LocalCluster(
-        tmp_path / "cluster",
-        specs,
-        chunk_size=CHUNK,
-        heartbeat_interval=0.5,
-        coordinator_config={"upstreams": {"docker.io": registry.host}},
-    )
-    await c.start()
+    c = await start_cluster(tmp_path / "cluster", specs, registry.host)
     try:
         async with c.admin() as admin:
             source = m.RegistrySource(reference=f"{registry.host}/{repo}:v1", insecure=True)

@@ -49,6 +49,11 @@ class Node:
         return self.info.quarantined
 
     @property
+    def usable(self) -> bool:
+        """Up and not quarantined: a node work may be given to now."""
+        return self.up and not self.info.quarantined
+
+    @property
     def docker(self) -> bool:
         return self.info.docker
 
@@ -118,6 +123,11 @@ class Cluster:
 
     def get(self, node_id: str) -> Node | None:
         return self.nodes.get(node_id)
+
+    def usable(self, node_id: str) -> bool:
+        """``node_id`` is enrolled, up and not quarantined."""
+        node = self.nodes.get(node_id)
+        return node is not None and node.usable
 
     def remove(self, node_id: str) -> None:
         self.nodes.pop(node_id, None)

@@ -75,12 +75,12 @@ class OriginStandby:
             return []
         moved: list[str] = []
         for image in list(self.images.images.values()):
-            if not image.standby_origins or self._origin_usable(image.origin):
+            if not image.standby_origins or self.ctx.cluster.usable(image.origin):
                 self._stranded.discard(image.ref)
                 continue
             if not self._matters(image):
                 continue
-            standby = next((s for s in image.standby_origins if self._origin_usable(s)), None)
+            standby = next((s for s in image.standby_origins if self.ctx.cluster.usable(s)), None)
             if standby is None:
                 if image.ref not in self._stranded:
                     self._stranded.add(image.ref)
@@ -94,10 +94,6 @@ class OriginStandby:
             self._take_over(image, standby)
             moved.append(image.ref)
         return moved
-
-    def _origin_usable(self, node_id: str) -> bool:
-        node = self.ctx.cluster.get(node_id)
-        return node is not None and node.up and not node.quarantined
 
     def _matters(self, image: StoredImage) -> bool:
         """Still ingesting, or distributed by a running job."""

@@ -131,7 +131,9 @@ class PullsService:
             return None  # ready, yet not this upstream tag (resolve_tag said so): not ours
         if image is not None and now - image.created_at < ON_DEMAND_RETRY_S:
             return None  # failed a moment ago: the front doors go upstream meanwhile
-        origin = next((n for n in sorted(self.ctx.cluster.origins()) if self._up(n)), None)
+        origin = next(
+            (n for n in sorted(self.ctx.cluster.origins()) if self.ctx.cluster.usable(n)), None
+        )
         if origin is None:
             log.warning("on-demand ingest: no origin is up", tag=ref, node=node.node_id)
             return None
@@ -148,10 +150,6 @@ class PullsService:
             return None
         log.info("image added on demand", image=ref, node=node.node_id, origin=origin)
         return _ingesting(ref)
-
-    def _up(self, node_id: str) -> bool:
-        node = self.ctx.cluster.get(node_id)
-        return node is not None and node.up and not node.quarantined
 
 
 def _ingesting(ref: str) -> ResolvedTag:

@@ -45,7 +45,7 @@ class _Pull:
     def __init__(self) -> None:
         self.joined = asyncio.Event()  # set once the record is known (held or joined)
         self.record: ImageRecord | None = None
-        self.task: asyncio.Task[ImageRecord | None] | None = None
+        self.task: asyncio.Task[None] | None = None
 
 
 #: seconds between looks at the store while a pull runs (what a waiting client adds at
@@ -56,7 +56,7 @@ INGEST_POLL_S = 1.0
 
 
 class PullOnMiss:
-    """``await fetch(ref)`` -> the image record once the node holds it all, or None."""
+    """``await fetch(ref)`` -> the image record once it is coming to this node, or None."""
 
     def __init__(
         self,
@@ -153,7 +153,7 @@ class PullOnMiss:
             except asyncio.CancelledError:
                 pass
 
-    async def _fetch(self, ref: str, pull: _Pull) -> ImageRecord | None:
+    async def _fetch(self, ref: str, pull: _Pull) -> None:
         started = self.clock()
         watch = StallWatch(self.stall_s, started)
         while True:
@@ -162,17 +162,17 @@ class PullOnMiss:
                 reply = await self.api.pull(PullRequest(image=ref), timeout=max(left, 1.0))
             except ApiError as e:  # CoordinatorUnreachable is one
                 self.log.warning("mirror_pull_refused", image=ref, error=str(e))
-                return None
+                return
             if reply.state == "ingesting":
                 if watch.seen(0, self.clock()):
                     self.log.warning("mirror_pull_stalled", image=ref, why="still ingesting")
-                    return None
+                    return
                 await asyncio.sleep(min(INGEST_POLL_S, watch.left(self.clock())))
                 continue
             record = reply.image
             if record is None:  # (a coordinator always sends it with held/joined)
                 self.log.error("mirror_pull_no_record", image=ref, state=reply.state)
-                return None
+                return
             # the front door can answer the manifest now; each blob once its layer lands
             await keep_for_front_door(self.catalog, record, self.log)
             pull.record = record
@@ -186,8 +186,7 @@ class PullOnMiss:
                     job=reply.job_id,
                     seconds=round(self.clock() - started, 3),
                 )
-                return record
-            return None
+            return
 
     async def _wait_for_layers(
         self, ref: str, record: ImageRecord, watch: StallWatch, job_id: str

@@ -12,6 +12,8 @@ claim, and only the coordinator knows what its origin ingested and checked.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import structlog
 
 from rainbowd.core.digest import Digest, is_digest
@@ -19,6 +21,8 @@ from rainbowd.core.messages import ResolveTag
 from rainbowd.lib.client import AgentClient, ApiError
 
 log = structlog.get_logger(__name__)
+#: the key of a remembered table: a digest, or (registry, repository, tag)
+K = TypeVar("K")
 
 
 #: manifest digests whose image ref is remembered (the refs of the latest resolutions)
@@ -65,9 +69,7 @@ class CoordinatorResolver:
             return None
         if reply.state == "ingesting":  # added on demand: pull it once it is ready
             log.info("mirror_tag_ingesting", tag=asked, node=self.node_id, image=reply.ref)
-            self._ingesting[(registry, repository, tag)] = reply.ref
-            while len(self._ingesting) > MAX_REMEMBERED_REFS:
-                del self._ingesting[next(iter(self._ingesting))]
+            _remember(self._ingesting, (registry, repository, tag), reply.ref)
             return None
         self._ingesting.pop((registry, repository, tag), None)
         if not is_digest(reply.digest):
@@ -75,8 +77,13 @@ class CoordinatorResolver:
             return None
         log.info("mirror_tag_resolved", tag=asked, node=self.node_id, manifest=reply.digest)
         digest = Digest(reply.digest)
-        self._refs.pop(digest, None)
-        self._refs[digest] = reply.ref  # newest last: the oldest go first past the bound
-        while len(self._refs) > MAX_REMEMBERED_REFS:
-            del self._refs[next(iter(self._refs))]
+        _remember(self._refs, digest, reply.ref)
         return digest
+
+
+def _remember(table: dict[K, str], key: K, ref: str) -> None:
+    """``table[key] = ref``, newest last; past MAX_REMEMBERED_REFS the oldest go first."""
+    table.pop(key, None)
+    table[key] = ref
+    while len(table) > MAX_REMEMBERED_REFS:
+        del table[next(iter(table))]

@@ -229,8 +229,7 @@ class MirrorServer:
             # out at once, each blob once its layer has landed (_blob)
             if await self.pulls.fetch_manifest(digest):
                 stored, missing = await self._servable(digest)
-            if self.pulls is not None:
-                missing = [d for d in missing if not self.pulls.blob_coming(d)]
+            missing = [d for d in missing if not self.pulls.blob_coming(d)]
         if stored is None:
             raise ApiError(
                 "MANIFEST_UNKNOWN",
