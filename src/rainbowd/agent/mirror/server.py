@@ -8,10 +8,16 @@ answers from what the node already holds and never fetches anything itself:
   has it and the store holds its config and every layer complete (serving a
   manifest whose blobs would then be missing would break the pull half way,
   where neither client falls back cleanly);
-* a blob by digest: an image config from the catalog, or a complete layer of
-  the :class:`~rainbowd.lib.store.LayerStore` read chunk by chunk, each chunk
+* a blob by digest: an image config from the catalog, or a layer of the
+  :class:`~rainbowd.lib.store.LayerStore` read chunk by chunk, each chunk
   checked against the layer's chunk manifest before a byte of it is sent
-  (``verify_served``; a partial layer is never served);
+  (``verify_served``): a complete layer from its blob; a layer this node is
+  receiving (a pull-on-miss bringing it, or -- with ``stall_s`` -- the
+  puller holding a partial of it) from its partial as each chunk is verified
+  there, in order, then from the blob once the partial was installed
+  (mirror/landing.py; the reader is the ChunkServer's,
+  agent/dataplane/chunk_source.py). A partial nothing is bringing is never
+  served;
 * ``Range`` on blobs: one range, 206 with ``Content-Range``, 416 past the end.
 
 Manifests are the upstream's own bytes when the image's source had a
@@ -38,10 +44,13 @@ body: containerd and Docker then go to the upstream themselves
 manifest the coordinator resolved for this node (an image it knows) is got by
 P2P when ``pulls`` is set (mirror/pull_on_miss.py): the node joins the image's
 pull job and the manifest goes out at once; a blob of a layer still on its way
-waits until the layer is whole and checked, then is served, so the client
-downloads the first layers while the last still arrive. A pull that stalls for
-``mirror_pull_stall_seconds`` ends those waits in the same 404. A layer is
-served whole: streaming it chunk by chunk while it lands is not done.
+streams as its chunks land (headers once its first chunk is here), so the
+client starts before the layer is complete. A pull that stalls for
+``mirror_pull_stall_seconds`` (no new chunk of the image) ends a blob not yet
+begun in the same 404, and cuts one whose headers are out (logged as
+``mirror_layer_unservable`` with the bytes sent): the client's digest check
+refuses the short blob, never a wrong one. Such a blob counts as
+``outcome="streamed"`` in ``mirror_request``.
 
 The server is unauthenticated, like a registry mirror on loopback: it serves
 only content named by its digest, which a client verifies again. It listens on
