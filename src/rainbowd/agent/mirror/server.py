@@ -357,7 +357,7 @@ class MirrorServer:
             manifest = None if landing is None else await landing.manifest()
             if manifest is None:
                 manifest = await asyncio.to_thread(self._layer_manifest, req.digest)
-        except (LayerMissing, NotLanding) as e:
+        except (LayerMissing, NotLanding, IndexError) as e:  # IndexError: an empty layer
             raise ApiError(
                 "BLOB_UNKNOWN",
                 f"blob {req.digest} is not held complete by node {self.node_id}"
