@@ -32,6 +32,7 @@ from rainbowd.agent.origin.registry import DOCKER_MANIFEST
 from rainbowd.core import messages as m
 from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec
 from registry_fixtures import RegistryProcess, skopeo_push
+from waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -225,3 +226,114 @@ async def pull_from(
     mirror = (await cluster.agent_status(node))["mirror_url"].removeprefix("http://")
     src = f"docker://{mirror}/{repo}:v1"
     return await run([skopeo(), "copy", "-q", "--src-tls-verify=false", src, f"dir:{out}"])
+
+
+#: the streaming tests' cap (Mbit/s): the demo image's 2 MiB layer takes ~4 s to land
+STREAM_MBPS = 4.0
+
+
+async def joined_cluster(
+    tmp_path: Path,
+    registry: RegistryProcess,
+    demo_image: Path,
+    repo: str,
+    **caps: dict[str, object],
+) -> tuple[LocalCluster, bytes]:
+    """origin + n1 (configs extended by ``caps``), the image ingested, n1 asked for its manifest
+    (so n1 is in the image's pull job): the cluster and the upstream's manifest."""
+    skopeo_push(demo_image, f"{registry.host}/{repo}:v1")
+    manifest, _ = registry.get_manifest(repo, "v1", DOCKER_MANIFEST)
+    specs = [
+        NodeSpec(
+            "origin",
+            roles=["origin"],
+            speed_hint_mbps=1000,
+            config={**MIRROR, **caps.get("origin", {})},
+        ),
+        NodeSpec("n1", speed_hint_mbps=500, config={**MIRROR, **caps.get("n1", {})}),
+    ]
+    c = await start_cluster(tmp_path / "cluster", specs, registry.host)
+    try:
+        async with c.admin() as admin:
+            source = m.RegistrySource(reference=f"{registry.host}/{repo}:v1", insecure=True)
+            view = await admin.ingest(m.CreateImage(ref=f"{repo}:v1", source=source))
+            assert view.state == "ready", view.error
+        url = f"{(await c.agent_status('n1'))['mirror_url']}/v2/{repo}/manifests/v1"
+        async with aiohttp.ClientSession() as http, http.get(url) as resp:
+            assert resp.status == 200 and await resp.read() == manifest
+    except BaseException:
+        await c.stop()
+        raise
+    return c, manifest
+
+
+def largest_layer(manifest: bytes) -> tuple[str, int]:
+    layer = max(json.loads(manifest)["layers"], key=lambda x: x["size"])
+    return str(layer["digest"]), int(layer["size"])
+
+
+def store_state(cluster: LocalCluster, node: str, digest: str) -> tuple[bool, bool]:
+    """(the layer is installed in ``node``'s store, a partial of it is there): from its files."""
+    store = cluster.agent_dir(node) / "store"
+    hexd = digest.split(":", 1)[1]
+    return (store / "blobs" / "sha256" / hexd).is_file(), (
+        store / "partial" / f"{hexd}.part"
+    ).is_file()
+
+
+async def test_a_blob_streams_while_its_layer_is_still_landing(
+    tmp_path: Path, registry: RegistryProcess, demo_image: Path
+) -> None:
+    """The client gets the layer's first bytes while the node holds only a partial of it."""
+    repo = "rbd/stream"
+    c, manifest = await joined_cluster(
+        tmp_path, registry, demo_image, repo, n1={"max_download_mbps": STREAM_MBPS}
+    )
+    try:
+        digest, size = largest_layer(manifest)
+        url = f"{(await c.agent_status('n1'))['mirror_url']}/v2/{repo}/blobs/{digest}"
+        async with aiohttp.ClientSession() as http, http.get(url) as resp:
+            assert resp.status == 200 and resp.content_length == size
+            first = await resp.content.readany()
+            # the moment the first bytes are here: the layer is a partial in n1's store
+            assert first and store_state(c, "n1", digest) == (False, True)
+            body = first + await resp.read()
+        assert len(body) == size and "sha256:" + hashlib.sha256(body).hexdigest() == digest
+        # the last chunks went out from the partial: its install (whole-digest check) follows
+        await wait_until(
+            lambda: store_state(c, "n1", digest)[0], timeout=30, what="n1 to install the layer"
+        )
+    finally:
+        await c.stop()
+
+
+async def test_a_source_dying_mid_stream_cuts_the_connection_after_only_good_bytes(
+    tmp_path: Path, registry: RegistryProcess, demo_image: Path
+) -> None:
+    """The only holder dies while a blob streams: the client sees a short body, never a wrong one.
+
+    The origin's upload is capped (not n1's download), so little of the layer is
+    on the wire when it dies.
+    """
+    repo = "rbd/streamdies"
+    c, manifest = await joined_cluster(
+        tmp_path, registry, demo_image, repo, origin={"max_upload_mbps": STREAM_MBPS}
+    )
+    try:
+        digest, size = largest_layer(manifest)
+        upstream = registry.blob_data_path(digest).read_bytes()
+        url = f"{(await c.agent_status('n1'))['mirror_url']}/v2/{repo}/blobs/{digest}"
+        got = b""
+        async with aiohttp.ClientSession() as http, http.get(url) as resp:
+            assert resp.status == 200 and resp.content_length == size
+            got = await resp.content.readany()
+            c.kill("origin", signal.SIGKILL)
+            with pytest.raises(aiohttp.ClientPayloadError):
+                while chunk := await resp.content.readany():
+                    got += chunk
+        assert 0 < len(got) < size and got == upstream[: len(got)]
+        assert not store_state(c, "n1", digest)[0]
+        log = c.log_path("n1").read_text(errors="replace")
+        assert "mirror_layer_unservable" in log
+    finally:
+        await c.stop()

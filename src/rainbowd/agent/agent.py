@@ -132,6 +132,9 @@ class Agent:
                 default_registry=config.mirror_registry,
                 resolve_timeout=config.mirror_resolve_timeout,
                 pulls=self.pull_on_miss,
+                # blobs of layers landing here stream as their chunks are verified
+                relay=self.relay,
+                stall_s=config.mirror_pull_stall_seconds,
             )
         limits = (
             StoreLimits(

@@ -132,9 +132,10 @@ class AgentMetrics:
         self.mirror_requests = Counter(
             "rbd_agent_mirror_requests_total",
             "Requests to the registry front door (mirror_listen), by what was asked "
-            "(base, manifest, blob, other) and the answer (hit; miss: a 404 the client "
+            "(base, manifest, blob, other) and the answer (hit; streamed: a blob sent "
+            "in part while its layer was still landing here; miss: a 404 the client "
             "falls back on; invalid: a 4xx for a bad name, digest or range; error: a "
-            "layer that failed its check or went while being read).",
+            "layer that failed its check, went or stopped coming while being read).",
             ["kind", "outcome"],
             registry=r,
         )

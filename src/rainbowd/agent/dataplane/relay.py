@@ -164,6 +164,11 @@ class RelayBoard:
         e = self._entries.get(digest)
         return e is not None and e.active
 
+    def landed_count(self, digest: str) -> int:
+        """Chunks of ``digest`` known verified in its partial here (0: none, or not pulled here)."""
+        e = self._entries.get(digest)
+        return 0 if e is None else len(e.present)
+
     def waiting(self, digest: str) -> int:
         """How many servers wait here on a chunk of ``digest`` (for status and tests)."""
         e = self._entries.get(digest)
@@ -177,6 +182,8 @@ class RelayBoard:
         timeout: float,
         held: Callable[[], bool],
         start_timeout: float,
+        *,
+        fail_over: bool = True,
     ) -> tuple[ChunkManifest, Path] | None:
         """Wait until chunk ``index`` of ``digest`` can be read here.
 
@@ -192,6 +199,12 @@ class RelayBoard:
         A layer nothing of which is here and no pull of which was announced
         within ``start_timeout`` raises :class:`RelayNotPulling` (the server
         answers "not held", as without relay).
+
+        ``fail_over=False`` (the registry front door, whose client cannot go to
+        another seeder mid-blob): a pull that ended without the chunk, or none
+        covering it yet, is no reason to give up early -- the coordinator may
+        assign it again -- so only ``timeout`` bounds the wait
+        (``start_timeout`` is not used) and RelayUnavailable says it passed.
         """
         e = self._entries.get(digest)
         if e is None:
@@ -211,7 +224,7 @@ class RelayBoard:
                     )
                 if index in e.present and e.manifest is not None and e.path is not None:
                     return e.manifest, e.path
-                covered = e.covers(index)
+                covered = e.covers(index) or not fail_over
                 why = "" if covered else e.ended_why(index)
                 if why:
                     raise RelayUnavailable(

@@ -26,8 +26,9 @@ What it accepts, and why so little:
   covered by a running pull is answered after at most ``relay_start_s``
   (the pull that brings it may be on its way), at once if its pull ended
   without it. A partial being served is pinned in the store (never discarded
-  meanwhile). Every chunk is read through the store
-  (:meth:`~rainbowd.lib.store.LayerStore.read_blob_chunk`,
+  meanwhile). Every chunk is read through the store by
+  :func:`~rainbowd.agent.dataplane.chunk_source.read_chunk` (the one reader the
+  registry front door shares; :meth:`~rainbowd.lib.store.LayerStore.read_blob_chunk`,
   :meth:`~rainbowd.lib.store.LayerStore.read_partial_chunk`), in a worker thread
   unless the chunk is small (agent/dataplane/chunk_io.py), so the event loop keeps every
   other transfer moving; the next chunks are read while the current one
@@ -58,7 +59,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import asyncssh
@@ -66,7 +66,6 @@ import structlog
 from asyncssh.stream import SSHServerStreamSession
 
 from rainbowd.core import chunkproto
-from rainbowd.core.chunks import ChunkManifest
 from rainbowd.core.chunksession import (
     ReadFailure,
     Refusal,
@@ -78,7 +77,8 @@ from rainbowd.core.digest import Digest, short
 from rainbowd.core.messages import TrustList
 from rainbowd.lib.store import CorruptBlob, LayerMissing, LayerStore
 
-from .chunk_io import INLINE_MAX_BYTES, chunk_work
+from .chunk_io import INLINE_MAX_BYTES
+from .chunk_source import Where, read_chunk
 from .keys import fingerprint
 from .pacing import RatePacer
 from .relay import RelayBoard, RelayNotPulling, RelayUnavailable
@@ -423,70 +423,41 @@ class ChunkServer:
     async def _read(self, layer: Digest, index: int) -> tuple[int, bytes]:
         """Chunk ``index`` of ``layer``, from the stored blob or a partial of it (module docstring).
 
-        Small chunks are read and checked on the loop (see agent/dataplane/chunk_io.py);
-        ``store.has`` is two ``stat`` calls and always runs inline.
+        The read itself is chunk_source.read_chunk's (shared with the registry front door);
+        a chunk a pull here is bringing is waited for on the relay board (:meth:`_relay_wait`).
         """
         relay = self.relay
-        if not self.store.has(layer):
-            where = await self._partial_chunk(layer, index)
-            if where is None and relay is not None:
-                try:
-                    where = await relay.wait_chunk(
-                        layer,
-                        index,
-                        self.relay_wait_s,
-                        lambda: self.store.has(layer),
-                        self.relay_start_s,
-                    )
-                except RelayNotPulling as e:
-                    if not await asyncio.to_thread(self.store.has_partial, layer):
-                        raise
-                    # some chunks of it are here, not this one: "unavailable", not "not held"
-                    raise RelayUnavailable(f"chunk {index} is not among those here ({e})") from None
-            if where is not None:
-                manifest, path = where
-                try:
-                    data = await chunk_work(
-                        manifest.chunk_size,
-                        self.inline_io_max,
-                        self.store.read_partial_chunk,
-                        layer,
-                        index,
-                        manifest,
-                        path,
-                        node=self.node_id,
-                        verify=self.verify_reads,
-                    )
-                except FileNotFoundError:
-                    pass  # installed meanwhile (the .part was renamed into place): the blob
-                else:
-                    self.partial_chunks_served += 1
-                    if relay is not None:
-                        relay.relayed_chunks += 1
-                    return index, data
-        read, node, verify = self.store.read_blob_chunk, self.node_id, self.verify_reads
-        known = self.store.cached_manifest(layer)
-        if known is None:  # the manifest is read from disk the first time: not on the loop
-            data = await asyncio.to_thread(read, layer, index, node=node, verify=verify)
-        else:
-            data = await chunk_work(
-                known.chunk_size, self.inline_io_max, read, layer, index, node=node, verify=verify
-            )
+        data, from_partial = await read_chunk(
+            self.store,
+            layer,
+            index,
+            node=self.node_id,
+            verify=self.verify_reads,
+            inline_max=self.inline_io_max,
+            wait=self._relay_wait if relay is not None else None,
+        )
+        if from_partial:
+            self.partial_chunks_served += 1
+            if relay is not None:
+                relay.relayed_chunks += 1
         return index, data
 
-    async def _partial_chunk(self, layer: Digest, index: int) -> tuple[ChunkManifest, Path] | None:
-        """Where chunk ``index`` of a partial of ``layer`` is, if its bit is set (else None).
-
-        The partial a running pull shares is asked in memory; a partial no pull
-        has open is read from its persisted bitmap (in a thread: file reads).
-        Raises IndexError for a chunk the layer does not have.
-        """
-        p = self.store.shared_partial(layer)
-        if p is None:
-            return await asyncio.to_thread(self.store.stored_partial_chunk, layer, index)
-        if not 0 <= index < p.manifest.count:
-            raise IndexError(f"layer {layer} has chunks 0..{p.manifest.count - 1}, not {index}")
-        return (p.manifest, p.data_path) if p.has_chunk(index) else None
+    async def _relay_wait(self, layer: Digest, index: int) -> Where | None:
+        """Where chunk ``index`` is once a pull here lands it, within the relay bounds."""
+        assert self.relay is not None
+        try:
+            return await self.relay.wait_chunk(
+                layer,
+                index,
+                self.relay_wait_s,
+                lambda: self.store.has(layer),
+                self.relay_start_s,
+            )
+        except RelayNotPulling as e:
+            if not await asyncio.to_thread(self.store.has_partial, layer):
+                raise
+            # some chunks of it are here, not this one: "unavailable", not "not held"
+            raise RelayUnavailable(f"chunk {index} is not among those here ({e})") from None
 
 
 class _ChunkSession(SSHServerStreamSession[bytes]):

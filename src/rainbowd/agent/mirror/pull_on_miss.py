@@ -8,8 +8,9 @@ puts this node in the image's pull job (the one every node pulling the same
 image joins: one ingest, one job, the normal scheduler). Once the node is in
 the job, the image's record is kept for the front door and the manifest can
 be answered; the layers then land in the store through the node's ordinary
-pulls from peers, and a blob request for one of them waits until it is whole
-(:meth:`PullOnMiss.fetch_layer`).
+pulls from peers, and a blob request for one of them streams its chunks as
+they land (mirror/landing.py, told by :meth:`PullOnMiss.pull_ended` and
+:meth:`PullOnMiss.progress` when to give up).
 
 * **One request per image.** Many clients (or one client's parallel requests)
   asking for the same image share one :meth:`PullOnMiss.fetch`.
@@ -46,10 +47,12 @@ class _Pull:
         self.joined = asyncio.Event()  # set once the record is known (held or joined)
         self.record: ImageRecord | None = None
         self.task: asyncio.Task[None] | None = None
+        #: chunks of the image's layers this node held at the last look (the stall count)
+        self.chunks = 0
 
 
-#: seconds between looks at the store while a pull runs (what a waiting client adds at
-#: most, after the last chunk lands, before its answer starts)
+#: seconds between looks at the store while a pull runs (the image's progress count, and
+#: when it is held; a blob streamed meanwhile is woken by each landed chunk, not by this)
 POLL_S = 0.2
 #: seconds between asks while the origin still ingests the image
 INGEST_POLL_S = 1.0
@@ -104,7 +107,7 @@ class PullOnMiss:
         (or holds it); None: unknown, refused or stalled -- the client must go upstream.
 
         The layers keep coming after this returns: :meth:`blob_coming` says which, and
-        :meth:`fetch_layer` waits for one.
+        :meth:`pull_ended` and :meth:`progress` tell a blob streamed meanwhile when to stop.
         """
         pull = self._pulls.get(ref)
         if pull is None:
@@ -123,20 +126,23 @@ class PullOnMiss:
         return pull.record if pull.joined.is_set() else None
 
     def blob_coming(self, digest: str) -> bool:
-        """A layer a running pull of this node is bringing (its blob waits for it)."""
+        """A layer a running pull of this node is bringing (its blob streams as it lands)."""
         return Digest(digest) in self._layers
 
-    async def fetch_layer(self, digest: Digest) -> bool:
-        """Wait until the pull bringing ``digest`` has it; False if none does or it stalled."""
-        pull = self._layers.get(digest)
-        if pull is None:
-            return False
-        assert pull.task is not None
-        while not await asyncio.to_thread(self.store.has, digest):
-            if pull.task.done():
-                return await asyncio.to_thread(self.store.has, digest)
-            await asyncio.sleep(POLL_S)
-        return True
+    def pull_ended(self, digest: str) -> asyncio.Future[None] | None:
+        """Done once the pull bringing ``digest`` ended (image held, stalled or refused)."""
+        pull = self._layers.get(Digest(digest))
+        return None if pull is None else pull.task
+
+    def progress(self, digest: str) -> int:
+        """Chunks of the image bringing ``digest`` held here at the last look (the stall count).
+
+        A blob streamed while its layer lands gives up when this stops growing
+        (mirror/landing.py), so a layer waiting behind the image's others is not
+        cut while they move.
+        """
+        pull = self._layers.get(Digest(digest))
+        return 0 if pull is None else pull.chunks
 
     def _forget(self, ref: str) -> None:
         pull = self._pulls.pop(ref, None)
@@ -179,7 +185,7 @@ class PullOnMiss:
             for lr in record.layers:
                 self._layers[Digest(lr.digest)] = pull
             pull.joined.set()
-            if await self._wait_for_layers(ref, record, watch, reply.job_id):
+            if await self._wait_for_layers(ref, pull, record, watch, reply.job_id):
                 self.log.info(
                     "mirror_pull_done",
                     image=ref,
@@ -189,11 +195,12 @@ class PullOnMiss:
             return
 
     async def _wait_for_layers(
-        self, ref: str, record: ImageRecord, watch: StallWatch, job_id: str
+        self, ref: str, pull: _Pull, record: ImageRecord, watch: StallWatch, job_id: str
     ) -> bool:
         layers = [Digest(lr.digest) for lr in record.layers]
         while True:
             held, chunks = await asyncio.to_thread(self._progress, layers)
+            pull.chunks = max(pull.chunks, chunks)
             if held:
                 return True
             if watch.seen(chunks, self.clock()):

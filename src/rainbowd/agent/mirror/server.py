@@ -8,10 +8,16 @@ answers from what the node already holds and never fetches anything itself:
   has it and the store holds its config and every layer complete (serving a
   manifest whose blobs would then be missing would break the pull half way,
   where neither client falls back cleanly);
-* a blob by digest: an image config from the catalog, or a complete layer of
-  the :class:`~rainbowd.lib.store.LayerStore` read chunk by chunk, each chunk
+* a blob by digest: an image config from the catalog, or a layer of the
+  :class:`~rainbowd.lib.store.LayerStore` read chunk by chunk, each chunk
   checked against the layer's chunk manifest before a byte of it is sent
-  (``verify_served``; a partial layer is never served);
+  (``verify_served``): a complete layer from its blob; a layer this node is
+  receiving (a pull-on-miss bringing it, or -- with ``stall_s`` -- the
+  puller holding a partial of it) from its partial as each chunk is verified
+  there, in order, then from the blob once the partial was installed
+  (mirror/landing.py; the reader is the ChunkServer's,
+  agent/dataplane/chunk_source.py). A partial nothing is bringing is never
+  served;
 * ``Range`` on blobs: one range, 206 with ``Content-Range``, 416 past the end.
 
 Manifests are the upstream's own bytes when the image's source had a
@@ -38,10 +44,13 @@ body: containerd and Docker then go to the upstream themselves
 manifest the coordinator resolved for this node (an image it knows) is got by
 P2P when ``pulls`` is set (mirror/pull_on_miss.py): the node joins the image's
 pull job and the manifest goes out at once; a blob of a layer still on its way
-waits until the layer is whole and checked, then is served, so the client
-downloads the first layers while the last still arrive. A pull that stalls for
-``mirror_pull_stall_seconds`` ends those waits in the same 404. A layer is
-served whole: streaming it chunk by chunk while it lands is not done.
+streams as its chunks land (headers once its first chunk is here), so the
+client starts before the layer is complete. A pull that stalls for
+``mirror_pull_stall_seconds`` (no new chunk of the image) ends a blob not yet
+begun in the same 404, and cuts one whose headers are out (logged as
+``mirror_layer_unservable`` with the bytes sent): the client's digest check
+refuses the short blob, never a wrong one. Such a blob counts as
+``outcome="streamed"`` in ``mirror_request``.
 
 The server is unauthenticated, like a registry mirror on loopback: it serves
 only content named by its digest, which a client verifies again. It listens on
@@ -58,6 +67,9 @@ from typing import Protocol
 import structlog
 from aiohttp import web
 
+from rainbowd.agent.dataplane.chunk_io import INLINE_MAX_BYTES
+from rainbowd.agent.dataplane.chunk_source import read_chunk
+from rainbowd.agent.dataplane.relay import RelayBoard, RelayUnavailable
 from rainbowd.core.chunks import ChunkManifest
 from rainbowd.core.digest import Digest, short
 from rainbowd.core.distribution import (
@@ -76,6 +88,7 @@ from rainbowd.lib.httplisten import listen
 from rainbowd.lib.store import CorruptBlob, LayerMissing, LayerStore, StoreError
 
 from .catalog import ImageCatalog, StoredManifest
+from .landing import LayerLanding, NotLanding
 
 log = structlog.get_logger(__name__)
 
@@ -108,8 +121,15 @@ class MissPulls(Protocol):
         """A layer a running pull is bringing to this node."""
         ...
 
-    async def fetch_layer(self, digest: Digest) -> bool:
-        """Wait for a coming layer; True once the store holds it whole."""
+    #: no new chunk of an image for this long: the pull and the blobs streamed from it end
+    stall_s: float
+
+    def pull_ended(self, digest: str) -> asyncio.Future[None] | None:
+        """Done once the pull bringing layer ``digest`` ended (held, stalled or refused)."""
+        ...
+
+    def progress(self, digest: str) -> int:
+        """A count that grows while the image bringing ``digest`` keeps landing."""
         ...
 
 
@@ -139,6 +159,9 @@ class MirrorServer:
         default_registry: str = "docker.io",
         resolve_timeout: float = RESOLVE_TIMEOUT,
         pulls: MissPulls | None = None,
+        relay: RelayBoard | None = None,
+        stall_s: float = 0.0,
+        inline_io_max: int = INLINE_MAX_BYTES,
     ) -> None:
         self.store = store
         self.catalog = catalog
@@ -157,6 +180,14 @@ class MirrorServer:
         self.resolve_timeout = resolve_timeout
         #: gets what the node lacks by P2P before answering (None: a miss is a 404)
         self.pulls = pulls
+        #: the agent's board: woken as each chunk of a layer being pulled here lands (a
+        #: private one if none: a blob of a pull-on-miss is then served once it is whole)
+        self.relay = relay if relay is not None else RelayBoard()
+        #: a layer the puller is receiving (not for a pull-on-miss) streams as it lands,
+        #: until no chunk of it landed for this long (0: such a layer is a miss)
+        self.stall_s = stall_s
+        #: chunks up to this size are read and checked on the event loop (chunk_io.py)
+        self.inline_io_max = inline_io_max
         #: layer -> responses sending it right now (hygiene must not evict these)
         self.serving: dict[str, int] = {}
         self._runner: web.AppRunner | None = None
@@ -321,20 +352,45 @@ class MirrorServer:
         config = await asyncio.to_thread(self.catalog.config, req.digest)
         if config is not None:
             return self._small_blob(request, req.digest, config)
+        landing = None if self.store.has(req.digest) else self._landing(req.digest)
         try:
-            if self.pulls is not None and self.pulls.blob_coming(req.digest):
-                await self.pulls.fetch_layer(req.digest)  # on its way here: wait for it
-            manifest = await asyncio.to_thread(self._layer_manifest, req.digest)
-        except LayerMissing:
+            manifest = None if landing is None else await landing.manifest()
+            if manifest is None:
+                manifest = await asyncio.to_thread(self._layer_manifest, req.digest)
+        except (LayerMissing, NotLanding, IndexError) as e:  # IndexError: an empty layer
             raise ApiError(
                 "BLOB_UNKNOWN",
-                f"blob {req.digest} is not held complete by node {self.node_id}",
+                f"blob {req.digest} is not held complete by node {self.node_id}"
+                + (f" and stopped coming ({e})" if isinstance(e, NotLanding) else ""),
                 {"digest": req.digest},
             ) from None
-        return await self._layer(request, req.digest, manifest)
+        return await self._layer(request, req.digest, manifest, landing)
+
+    def _landing(self, digest: Digest) -> LayerLanding | None:
+        """How to wait for chunks of ``digest`` if it is coming here (None: it is not)."""
+        pulls = self.pulls
+        if pulls is not None and pulls.blob_coming(digest):
+            return LayerLanding(
+                self.relay,
+                self.store,
+                digest,
+                stall_s=pulls.stall_s,
+                progress=lambda: pulls.progress(digest),
+                ended=pulls.pull_ended(digest),
+            )
+        if self.stall_s > 0 and self.relay.receiving(digest):
+            relay = self.relay
+            return LayerLanding(
+                relay,
+                self.store,
+                digest,
+                stall_s=self.stall_s,
+                progress=lambda: relay.landed_count(digest),
+            )
+        return None
 
     def _layer_manifest(self, digest: Digest) -> ChunkManifest:
-        if not self.store.has(digest):  # a partial is never served
+        if not self.store.has(digest):  # a partial nothing is bringing is never served
             raise LayerMissing(f"layer {digest} is not complete here")
         return self.store.manifest(digest)
 
@@ -354,7 +410,11 @@ class MirrorServer:
         return web.Response(status=status, body=data, content_type=BLOB_TYPE, headers=headers)
 
     async def _layer(
-        self, request: web.Request, digest: Digest, manifest: ChunkManifest
+        self,
+        request: web.Request,
+        digest: Digest,
+        manifest: ChunkManifest,
+        landing: LayerLanding | None,
     ) -> web.StreamResponse:
         rng = parse_range(request.headers.get("Range"), manifest.size)
         whole = rng is None
@@ -371,9 +431,11 @@ class MirrorServer:
             self._count("blob", "hit")
             return _head(BLOB_TYPE, headers, status)
         self.serving[digest] = self.serving.get(digest, 0) + 1
+        self.store.pin_partial(digest)  # a partial streamed from is not discarded meanwhile
         try:
-            return await self._send_layer(request, digest, rng, headers, status, manifest)
+            return await self._send_layer(request, digest, rng, headers, status, manifest, landing)
         finally:
+            self.store.unpin_partial(digest)
             left = self.serving.pop(digest, 1) - 1
             if left > 0:
                 self.serving[digest] = left
@@ -388,13 +450,17 @@ class MirrorServer:
         headers: dict[str, str],
         status: int,
         manifest: ChunkManifest,
+        landing: LayerLanding | None,
     ) -> web.StreamResponse:
         """Stream ``rng`` of the layer, each chunk checked before any of its bytes go out.
 
-        The first chunk is read before the headers are sent, so a layer that
-        rotted (or went) at its start is still a clean 404; a failure later
-        can only cut the connection, and the client's own digest check then
-        refuses the short blob.
+        Chunks are read by the ChunkServer's own reader (``read_chunk``): from
+        the blob, or -- a layer still landing (``landing``) -- from its partial
+        as soon as each is verified there, in order, and from the blob once the
+        partial was installed. The first chunk is read before the headers are
+        sent, so a layer that rotted (or went, or stopped coming) at its start
+        is still a clean 404; a failure later can only cut the connection, and
+        the client's own digest check then refuses the short blob.
         """
         slices = chunk_slices(manifest.chunk_size, rng.start, rng.end)
         resp = web.StreamResponse(status=status, headers=headers)
@@ -402,15 +468,19 @@ class MirrorServer:
         resp.content_length = rng.length
         prepared = False
         sent = 0
+        from_partial = 0  # chunks read from the partial while the layer landed
         try:
             for index, first, stop in slices:
-                data = await asyncio.to_thread(
-                    self.store.read_blob_chunk,
+                data, partial = await read_chunk(
+                    self.store,
                     digest,
                     index,
                     node=self.node_id,
                     verify=self.verify_reads,
+                    inline_max=self.inline_io_max,
+                    wait=None if landing is None else landing.wait,
                 )
+                from_partial += partial
                 if not prepared:
                     await resp.prepare(request)
                     prepared = True
@@ -418,15 +488,17 @@ class MirrorServer:
                 await resp.write(piece)
                 sent += len(piece)
                 self._sent(len(piece))
-        except (CorruptBlob, LayerMissing, StoreError, OSError) as e:
+        except (CorruptBlob, NotLanding, RelayUnavailable, StoreError, OSError) as e:
             if isinstance(e, CorruptBlob) and self.on_corrupt is not None:
                 self.on_corrupt(digest, str(e))
             log.error(
                 "mirror_layer_unservable",
+                node=self.node_id,
                 layer=short(digest),
                 error=str(e),
                 bytes_sent=sent,
                 headers_sent=prepared,
+                from_partial=from_partial,
             )
             self._count("blob", "error")  # once per request, whichever way it ends
             if not prepared:
@@ -439,8 +511,16 @@ class MirrorServer:
                 )
             raise  # headers are out: only cutting the connection tells the client
         await resp.write_eof()
-        self._count("blob", "hit")
-        log.debug("mirror_layer_served", layer=short(digest), bytes=sent, status=status)
+        # "streamed": some of it went out while the layer was still landing here
+        self._count("blob", "streamed" if from_partial else "hit")
+        log.debug(
+            "mirror_layer_served",
+            node=self.node_id,
+            layer=short(digest),
+            bytes=sent,
+            status=status,
+            from_partial=from_partial,
+        )
         return resp
 
     def _sent(self, nbytes: int) -> None:
