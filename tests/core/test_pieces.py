@@ -5,9 +5,12 @@ Pure: the scheduler is driven with explicit times (a fake clock), no I/O.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from rainbowd.core.sched.pieces import PieceScheduler, piece_chunks, split_layer
+from rainbowd.core.sched.policies import RULES
 from rainbowd.core.sched.reasons import TransferReason
 from rainbowd.core.sched.records import Transfer
 from rainbowd.core.sched.scheduler import SchedulerError
@@ -224,9 +227,17 @@ def test_a_starving_demander_fills_its_download_with_any_seeders_not_one() -> No
     assert all("waited" in t.reason.render() for t in late)
 
 
-def test_rarest_first_leaves_only_tiny_layers_last_not_one_chunk_pieces() -> None:
+def test_rarest_first_leaves_only_tiny_layers_last_not_one_chunk_pieces(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A one-chunk piece of a split layer goes by its copies like any piece; only a whole
-    layer of one chunk no bigger than a piece (a copy costs a round trip) goes last."""
+    layer of one chunk no bigger than a piece (a copy costs a round trip) goes last.
+
+    (``swarm``'s pieces before session 13 here, 512 KiB or 1/16 of the layer: its own are
+    one chunk now, where no layer is tiny.)
+    """
+    older = dataclasses.replace(RULES["swarm"], piece_bytes=CHUNK // 2, layer_pieces=16)
+    monkeypatch.setitem(RULES, "swarm", older)
     many = "sha256:" + "c" * 64  # 32 chunks: 2-chunk pieces, more copies
     few = "sha256:" + "d" * 64  # 3 chunks: 1-chunk pieces, fewer copies
     s = PieceScheduler("swarm")
@@ -250,3 +261,24 @@ def test_rarest_first_leaves_only_tiny_layers_last_not_one_chunk_pieces() -> Non
     for layer in (SMALL, many):
         b.demand("a", layer, "j", 0.0)
     assert b.schedule(0.0)[0].layer == many
+
+
+def test_swarm_moves_pieces_of_one_chunk_each_and_the_rarest_first_whatever_its_size() -> None:
+    """``swarm`` schedules the unit that is checked: every piece is one chunk, never relayed
+    (a relay forwards whole chunks), and a small layer is a piece like any other."""
+    many = "sha256:" + "c" * 64
+    s = PieceScheduler("swarm")
+    s.set_layer_size(many, 5 * CHUNK + 1, CHUNK)
+    s.set_layer_size(SMALL, 10_000, CHUNK)
+    s.add_node("origin", 100 * MB, [many, SMALL])
+    s.add_node("peer", 100 * MB, [many])
+    s.add_node("a", 1 * MB, download_bps=1 * MB)
+    s.add_node("b", 1 * MB, download_bps=1 * MB)
+    for layer in (many, SMALL):
+        s.demand("a", layer, "j", 0.0)
+    first = s.schedule(0.0)
+    assert first[0].layer == SMALL  # one copy (the origin's) against two of every piece of many
+    assert all(t.end_chunk - t.first_chunk <= 1 for t in first), first
+    s.demand("b", many, "j", 0.0)
+    # b's pieces come from holders only: a, receiving pieces of many, relays none of them
+    assert {t.seeder for t in s.schedule(0.1) if t.demander == "b"} <= {"origin", "peer"}

@@ -1,10 +1,26 @@
-"""``swarm`` (the default): relay over pieces, several seeders per layer, slow uploads used.
+"""``swarm`` (the default): pieces of one chunk, several seeders per layer, slow uploads used.
 
 What it is for: every cluster shape of issue 13. Layers are split into
-pieces (``piece_bytes=512 KiB``, or ``layer_pieces=16`` per layer where that
-gives larger pieces: rainbowd.core.sched.pieces), so several seeders feed one
-demander and a node seeds pieces before it holds the layer; ``relay`` with
-``relay_lag_s=1.5`` (relay.py) runs over those pieces.
+pieces of one chunk each (rainbowd.core.sched.pieces), so several seeders feed
+one demander and a node seeds each chunk it has verified: the unit that is
+checked is the unit that is scheduled, the finest grain at which a node can
+pass on what it got.
+
+Why one chunk (session 13; before, pieces of 512 KiB or 1/16 of the layer,
+relayed cut-through while they landed): a relayed piece books its relay's
+upload and its demander's download from the start, but no byte flows until
+the relay has a whole chunk of it. On the homogeneous shape at 100 nodes 15-39
+of the ~195 transfers in flight were waiting so at any moment, 20 % of the
+cluster's upload booked and idle. One-chunk pieces are never relayed (a relay
+forwards whole chunks) and pass on as soon as they land. Simulator, 16 shapes,
+three runs each (``python -m bench.sim.noise``), medians: geometric mean
+1.186 -> 1.169 x T*; homogeneous 1.58 -> 1.50, ci 1.24 -> 1.20, drawn-2 1.52
+-> 1.34, random-pareto's median slowdown 2.57 -> 2.30, random-asymmetric's p90
+3.22 -> 2.95; at 1,000 nodes homogeneous 1.91 -> 1.69, random-pareto 1.35 ->
+1.22, slow-origin 1.21 -> 1.10, ci 1.31 -> 1.26 (bench/RESULTS.md, session 13).
+The cost is transfers: with 128 KiB chunks four times as many as with 512 KiB
+pieces, each an assignment and a report; with the agents' default 4 MiB
+chunks pieces were one chunk already.
 
 Its weights (bench/RESULTS.md: "Every cluster shape (issue 13)", sessions 6
 to 10; the numbers below are the simulator at 100 nodes):
@@ -23,7 +39,8 @@ to 10; the numbers below are the simulator at 100 nodes):
   download (a drawn shape, seed 5: 2.30 -> 1.65 x T*; Walker._feed_starving).
 * ``stripe=0.5``, ``stripe_s=2.0`` -- two short pieces in flight overlap their
   gaps (ci 1.29 -> 1.24, homogeneous 1.71 -> 1.57, random-pareto 1.41 -> 1.29;
-  Fitter._reserve_down).
+  Fitter._reserve_down). Still so with one-chunk pieces (without it, session
+  13: homogeneous 1.50 -> 1.58, ci 1.20 -> 1.41).
 
 Suite at 100 nodes (session 8): 1.19 x T* geometric mean, 10 of 16 shapes
 meet every goal; the best measured policy. Session 11: 1.18, rarest first no
@@ -36,10 +53,8 @@ from .rules import Rules
 
 SWARM = Rules(
     "swarm",
-    "relay over pieces: several seeders per layer, slow uploads used, urgent only at need",
-    relay=True,
+    "pieces of one chunk: several seeders per layer, slow uploads used, urgent only at need",
     min_share=0.5,
-    relay_lag_s=1.5,
     patience_s=5.0,
     rarest_first=True,
     slack_margin=0.2,
@@ -52,6 +67,6 @@ SWARM = Rules(
     starve_fill=True,
     stripe=0.5,
     stripe_s=2.0,
-    piece_bytes=512 * 1024,
-    layer_pieces=16,
+    # one chunk per piece: piece_chunks rounds a piece up to a whole chunk
+    piece_bytes=1,
 )
