@@ -145,7 +145,7 @@ async def test_with_the_piece_scheduler_a_layer_counts_when_its_last_piece_is_in
     seeders, survive a restart, and the job counts the layer at the last piece only."""
     from coordinator_support import fake_image
 
-    size = 32 * CHUNK  # swarm: 8-chunk pieces, so 4 of them
+    size = 4 * CHUNK  # swarm: pieces of one chunk, so 4 of them
     r = await start(tmp_path, policy="swarm")
     async with AdminClient(r.url, ADMIN) as admin:
         origin = await agent(r.url, "origin", roles=["origin"], speed=10e6)
@@ -159,7 +159,7 @@ async def test_with_the_piece_scheduler_a_layer_counts_when_its_last_piece_is_in
         assert len(got) >= 2, got  # several pieces at once ...
         assert {a.seeder.node_id for a in got} == {"origin", "s"}  # ... from both seeders
         ranges = sorted(a.chunk_range() for a in got)
-        assert all(end - first == 8 and first % 8 == 0 for first, end in ranges), ranges
+        assert all(end - first == 1 for first, end in ranges), ranges
         assert len(set(ranges)) == len(ranges)
         stored = {
             st.transfer_id: (st.first_chunk, st.end_chunk) for st, _, _ in r.store.load_transfers()
@@ -192,7 +192,7 @@ async def test_with_the_piece_scheduler_a_layer_counts_when_its_last_piece_is_in
                     layer=layer,
                     seeder=a.seeder.node_id,
                     bytes_done=0,
-                    bytes_total=8 * CHUNK,
+                    bytes_total=CHUNK,
                     rate_bps=1e6,
                 )
                 for a in got
@@ -204,13 +204,13 @@ async def test_with_the_piece_scheduler_a_layer_counts_when_its_last_piece_is_in
                 assert pending, done
                 a = pending.pop(0)
                 await d2.c.transfer_done(
-                    a.transfer_id, TransferDone(bytes_moved=8 * CHUNK, seconds=0.1)
+                    a.transfer_id, TransferDone(bytes_moved=CHUNK, seconds=0.1)
                 )
                 done.add(a.chunk_range())
                 held = layer in r2.coordinator.cluster.nodes["d"].holdings
                 assert held == (len(done) == 4), done
                 pending += [x for x in await d2.take() if isinstance(x, TransferAssignment)]
-            assert sorted(done) == [(0, 8), (8, 16), (16, 24), (24, 32)]
+            assert sorted(done) == [(0, 1), (1, 2), (2, 3), (3, 4)]
             assert (await admin.job(job.job_id)).state == "done"
             for x in agents.values():
                 await x.c.close()
