@@ -9,13 +9,14 @@ the image from the origin, then ``d`` gets the big layer as pieces from the
 origin and ``s``, several at once, into one partial. The layer is installed
 once, with the right digest, no chunk crosses the wire twice, and the job
 ends done; the fault invariants hold throughout. Then ``s`` is SIGKILLed while
-it feeds ``d``: its pieces move to the origin, and what ``d`` got from ``s``
-is kept (the bytes moved add up to the layer exactly).
+it feeds ``d`` pieces of several chunks: its pieces move to the origin, and what
+``d`` got from ``s`` is kept (the bytes moved add up to the layer exactly).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -35,6 +36,7 @@ from rainbowd.coordinator.state.sqlite import SqliteStore
 from rainbowd.core import messages as m
 from rainbowd.core.digest import short
 from rainbowd.core.sched.pieces import PieceScheduler
+from rainbowd.core.sched.policies import RULES
 from rainbowd.devcluster.imagebuild import BUSYBOX, build_demo_image
 from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec
 from waiting import wait_until
@@ -157,8 +159,17 @@ async def test_a_layer_comes_in_pieces_from_two_seeders_at_once(
     assert status["partials"] == []
 
 
+@pytest.fixture
+def four_chunk_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``swarm`` with pieces of four chunks: its own are one chunk, and a kill mid-piece then
+    leaves no whole chunk of the piece behind (requested before ``cluster``, which builds
+    the scheduler)."""
+    older = dataclasses.replace(RULES["swarm"], piece_bytes=4 * CHUNK)
+    monkeypatch.setitem(RULES, "swarm", older)
+
+
 async def test_a_seeder_killed_mid_piece_costs_nothing_already_received(
-    cluster: LocalCluster, image: Path
+    four_chunk_pieces: None, cluster: LocalCluster, image: Path
 ) -> None:
     view = await add_image(cluster, image, REF)
     big = max(view.layers, key=lambda layer: layer.size)

@@ -270,7 +270,7 @@ async def _prepare(
         d = await demander.register(
             msgspec.structs.replace(register_request("fz-n1", speed=1e6), join_token=join)
         )
-        img = fake_image("fuzz/app:1", sizes=(70_000,))
+        img = fake_image("fuzz/app:1", sizes=(60_000,))  # one chunk: one piece, one transfer
         async with AdminClient(url, admin_token) as admin:
             await admin.add_image(
                 m.CreateImage(ref="fuzz/app:1", source=m.ArchiveSource(path="/a"))

@@ -76,7 +76,7 @@ async def test_bad_rows_of_every_table_are_set_aside(door: Door, clock: FakeCloc
         from coordinator_support import register_request
 
         await origin.register(register_request("origin", roles=["origin"], speed=1e8))
-        img = fake_image(sizes=(70_000,))
+        img = fake_image(sizes=(60_000,))  # one chunk: one piece, one transfer
         async with AdminClient(door.url, ADMIN) as admin:
             await ingest(admin, origin, img)
             await door.enroll("n1", speed=1e8)
