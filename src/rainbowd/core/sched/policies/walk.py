@@ -47,8 +47,18 @@ class Walker(Fitter):
     def plan(self, now: float) -> list[Transfer]:
         """Start every transfer the rules allow now (rules.py)."""
         started: list[Transfer] = []
+        self.flush()
         if not self._wait_key:
             return started
+        self._walking = True
+        try:
+            self._walk(now, started)
+        finally:
+            self._walking = False
+        return started
+
+    def _walk(self, now: float, started: list[Transfer]) -> None:
+        """:meth:`plan`'s walk: every change on the way is re-keyed at once."""
         visited: set[tuple[str, bool]] = set()  # (node, in the urgent phase)
         for nid, turn in self._order(now):
             phase = (nid, turn.name == rs.URGENT)
@@ -65,7 +75,6 @@ class Walker(Fitter):
                     break
         if self.rules.slots:
             self._feed_starving(now, started)
-        return started
 
     def _feed_starving(self, now: float, started: list[Transfer]) -> None:
         """Serve the starving demanders (:meth:`_starving`), any seeder with room will do.
@@ -283,7 +292,7 @@ class Walker(Fitter):
         if now < self._starve_check_at:
             return
         self._starve_check_at = now + self.rules.patience_s / STARVE_CHECKS_PER_PATIENCE
-        for nid in list(self._wait_key):
+        for nid in list(self._waiting):
             node = self._s.nodes[nid]
             if node.pulling:
                 self._idle_seen.pop(nid, None)
