@@ -242,18 +242,26 @@ class FlowNetwork:
         through, flows, capacity, used = self._through, self._flows, self._capacity, self._used
         joining: set[str] = set()
         for r in touched:
-            kept = [g for g in through[r] if g not in members]
+            # one pass over the resource's flows (it was three): the members' new rates and
+            # the kept flows with theirs, each in the resource's order (the same sums)
+            rates: list[float] = []
+            kept: list[str] = []
+            kept_rates: list[float] = []
+            for g in through[r]:
+                if g in members:
+                    rates.append(out[g])
+                else:
+                    kept.append(g)
+                    kept_rates.append(flows[g].rate)
             if not kept:
                 continue
             if r not in was_full:
                 was_full[r] = used.get(r, 0.0) >= capacity[r] * (1 - _FULL)
                 old_max[r] = max(flows[g].rate for g in through[r])
-            rates = [out[g] for g in through[r] if g in members]
-            full = sum(rates) + sum(flows[g].rate for g in kept) >= capacity[r] * (1 - _FULL)
+            full = sum(rates) + sum(kept_rates) >= capacity[r] * (1 - _FULL)
             top = max(rates)
             lost = was_full[r]
-            for g in kept:
-                rate = flows[g].rate
+            for g, rate in zip(kept, kept_rates, strict=True):
                 if full and rate > top * (1 + _FULL):
                     joining.add(g)  # (a): more than the members on a full resource
                 elif lost and rate >= old_max[r] * (1 - _FULL):

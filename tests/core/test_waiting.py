@@ -197,3 +197,13 @@ def test_re_keying_at_the_walk_starts_what_re_keying_at_each_change_starts(
     deferred = _run(policy, seed, skip=True, defer=True)
     assert sum(map(len, at_once)) > 40
     assert deferred == at_once
+
+
+@pytest.mark.parametrize("seed", [9, 11, 12])
+def test_a_demander_before_a_layers_cut_is_still_met_by_another_layers_run(seed: int) -> None:
+    """Per-layer bars (waiting.LayerBars): a demander met in one layer's run and served
+    through another whose run starts above it (``need_share``) is kept by the cut bar;
+    with each run filtered by its own layer's bar alone these seeds start other transfers."""
+    plain = _run("swarm", seed, skip=False)
+    skipping = _run("swarm", seed, skip=True)
+    assert skipping == plain
