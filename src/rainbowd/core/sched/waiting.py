@@ -52,9 +52,10 @@ class Hope(NamedTuple):
     room: float  # its free download (the floor of a transfer's rate is at most this)
 
 
-@dataclass(frozen=True)
-class Bar:
+class Bar(NamedTuple):
     """What the layers with a free seeder offer, summed over every layer someone waits for.
+
+    (A named tuple: a walk makes one per layer after each transfer it plans.)
 
     ``Planner._serve`` starts a transfer of layer L into demander N only if
     L's best free upload B_L is at least ``max(least, floor)``, where
@@ -144,18 +145,6 @@ class LayerBars:
         """
         was = other.bars
         return any(bar.looser_than(was.get(layer, CLOSED)) for layer, bar in self.bars.items())
-
-
-def summed(bars: list[Bar], share: float) -> Bar:
-    """The bar that admits whoever one of ``bars`` admits (CLOSED if there is none)."""
-    best, need_s = -INF, INF
-    any_share = any_floor = False
-    for bar in bars:
-        best = max(best, bar.best)
-        need_s = min(need_s, bar.need_s)
-        any_share = any_share or bar.any_share
-        any_floor = any_floor or bar.any_floor
-    return Bar(best, need_s, any_share, any_floor, share) if best > -INF else CLOSED
 
 
 #: the bounds of one block: least down, largest need_s, least room

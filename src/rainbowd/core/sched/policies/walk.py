@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from .. import reasons as rs
 from ..reasons import Turn
-from ..waiting import CLOSED, Admits, Bar, LayerBars, WaitIndex, summed
+from ..waiting import CLOSED, Admits, Bar, LayerBars, WaitIndex
 from .fit import Fitter
 from .state import (
     _K,
@@ -273,16 +273,26 @@ class Walker(Fitter):
         make the summed bars.
         """
         share = self.rules.min_share
+        need_share = self.rules.need_share
+        free_get, relays_get = self._free.get, self._relays.get
+        fastest_get, size = self._fastest_holder.get, self._size
         bars: dict[str, Bar] = {}
         cuts: list[tuple[float, str]] = []
         for layer in index:
-            if not self._seedable(layer):
+            # _seedable and _best_free, inlined (this runs per layer after every transfer)
+            held, relayed = free_get(layer), relays_get(layer)
+            if held:
+                free = -held[0][0]
+                if relayed and -relayed[0][0] > free:
+                    free = -relayed[0][0]
+            elif relayed:
+                free = -relayed[0][0]
+            else:
                 continue
-            free = self._best_free(layer)
-            fastest = self._fastest_holder.get(layer, INF)
+            fastest = fastest_get(layer, INF)
             bars[layer] = Bar(
                 free,
-                self._size(layer) / free if self.rules.need_share and free > 0 else INF,
+                size(layer) / free if need_share and free > 0 else INF,
                 share <= 0 or share * fastest <= free,
                 min(MIN_TRANSFER_BPS, fastest) <= free,
                 share,
@@ -292,9 +302,16 @@ class Walker(Fitter):
             elif layer in cut:
                 cuts.append((cut[layer], layer))
         cuts.sort()
+        # after[i]: summed over the cut layers from the i-th on, as Bar sums (max, min, or)
         after = [CLOSED]
+        best, need_s, any_share, any_floor = -INF, INF, False, False
         for _, layer in reversed(cuts):
-            after.append(summed([after[-1], bars[layer]], share))
+            bar = bars[layer]
+            best = max(best, bar.best)
+            need_s = min(need_s, bar.need_s)
+            any_share = any_share or bar.any_share
+            any_floor = any_floor or bar.any_floor
+            after.append(Bar(best, need_s, any_share, any_floor, share))
         after.reverse()
         return LayerBars(bars, [c for c, _ in cuts], after)
 
