@@ -186,17 +186,27 @@ class FlowNetwork:
             left: dict[Resource, float] = {}
             users: dict[Resource, int] = {}
             version: dict[Resource, int] = {}
+            # per resource, its members and its kept flows with their rates, in its order
+            # (_unsettled reads them again: one pass over each resource's flows)
+            split: dict[Resource, tuple[list[str], list[str], list[float]]] = {}
             for fid in members:
                 for r in flows[fid].resources:
                     if r in left:
                         continue
-                    cap, n = capacity[r], 0
+                    cap = capacity[r]
+                    mine: list[str] = []
+                    kept: list[str] = []
+                    kept_rates: list[float] = []
                     for g in through[r]:
                         if g in members:
-                            n += 1
+                            mine.append(g)
                         else:
-                            cap -= flows[g].rate
-                    left[r], users[r], version[r] = (cap if cap > 0.0 else 0.0), n, 0
+                            rate = flows[g].rate
+                            kept.append(g)
+                            kept_rates.append(rate)
+                            cap -= rate
+                    split[r] = (mine, kept, kept_rates)
+                    left[r], users[r], version[r] = (cap if cap > 0.0 else 0.0), len(mine), 0
             heap = [(cap / users[r], 0, r) for r, cap in left.items()]
             heapq.heapify(heap)
             pop, push = heapq.heappop, heapq.heappush
@@ -221,7 +231,7 @@ class FlowNetwork:
                         if n:
                             push(heap, (rest / n, v, other))
                 users[r] = 0
-            joining = self._unsettled(members, out, left, was_full, old_max)
+            joining = self._unsettled(out, split, was_full, old_max)
             if not joining:
                 self._set_rates(out)
                 return out
@@ -229,31 +239,30 @@ class FlowNetwork:
 
     def _unsettled(
         self,
-        members: set[str],
         out: dict[str, float],
-        touched: Iterable[Resource],
+        split: dict[Resource, tuple[list[str], list[str], list[float]]],
         was_full: dict[Resource, bool],
         old_max: dict[Resource, float],
     ) -> set[str]:
         """The kept flows that lost their bottleneck or got more than the members (above).
 
-        ``touched``: the resources the members use.
+        ``split``: per resource the members use, its members and its kept flows with their
+        rates, each in the resource's order (the sums are those of a pass over it).
         """
-        through, flows, capacity, used = self._through, self._flows, self._capacity, self._used
+        flows, capacity, used = self._flows, self._capacity, self._used
         joining: set[str] = set()
-        for r in touched:
-            kept = [g for g in through[r] if g not in members]
+        for r, (mine, kept, kept_rates) in split.items():
             if not kept:
                 continue
             if r not in was_full:
                 was_full[r] = used.get(r, 0.0) >= capacity[r] * (1 - _FULL)
-                old_max[r] = max(flows[g].rate for g in through[r])
-            rates = [out[g] for g in through[r] if g in members]
-            full = sum(rates) + sum(flows[g].rate for g in kept) >= capacity[r] * (1 - _FULL)
+                # the most any flow got here before (a max: the same in any order)
+                old_max[r] = max(max(kept_rates), max(flows[g].rate for g in mine))
+            rates = [out[g] for g in mine]
+            full = sum(rates) + sum(kept_rates) >= capacity[r] * (1 - _FULL)
             top = max(rates)
             lost = was_full[r]
-            for g in kept:
-                rate = flows[g].rate
+            for g, rate in zip(kept, kept_rates, strict=True):
                 if full and rate > top * (1 + _FULL):
                     joining.add(g)  # (a): more than the members on a full resource
                 elif lost and rate >= old_max[r] * (1 - _FULL):

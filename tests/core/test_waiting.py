@@ -100,7 +100,9 @@ def test_the_bar_admits_whoever_some_layer_could_serve() -> None:
 
 
 # -- the walk: skipping against asking everyone ---------------------------------
-def _run(policy: str, seed: int, skip: bool, nodes: int = 40) -> list[list[tuple[str, ...]]]:
+def _run(
+    policy: str, seed: int, skip: bool, nodes: int = 40, defer: bool = True
+) -> list[list[tuple[str, ...]]]:
     """One random cluster driven to the end; every schedule() call's transfers, as text.
 
     The clock is the event queue's (no sleeping): a transfer takes its
@@ -112,6 +114,7 @@ def _run(policy: str, seed: int, skip: bool, nodes: int = 40) -> list[list[tuple
     assert s.inner._planner is not None
     s.inner._planner.skip_hopeless = skip
     s.inner._planner.skip_from = 0
+    s.inner._planner.defer_refresh = defer
     sizes = [rng.choice((300_000, 2_000_000, 9_000_000)) for _ in range(rng.randint(1, 4))]
     layers = [(f"L{i}", size) for i, size in enumerate(sizes)]
     for layer, size in layers:
@@ -180,4 +183,27 @@ def test_the_skipping_walk_starts_what_the_plain_walk_starts(policy: str, seed: 
     plain = _run(policy, seed, skip=False)
     skipping = _run(policy, seed, skip=True)
     assert sum(map(len, plain)) > 40
+    assert skipping == plain
+
+
+@pytest.mark.parametrize("policy", ["swarm", "relay", "slots", "fastest", "deadline"])
+@pytest.mark.parametrize("seed", [4, 5, 6])
+def test_re_keying_at_the_walk_starts_what_re_keying_at_each_change_starts(
+    policy: str, seed: int
+) -> None:
+    """Demanders re-keyed once before each walk (``defer_refresh``) or at every change:
+    the same transfers in the same order, starving checks and slack horizon included."""
+    at_once = _run(policy, seed, skip=True, defer=False)
+    deferred = _run(policy, seed, skip=True, defer=True)
+    assert sum(map(len, at_once)) > 40
+    assert deferred == at_once
+
+
+@pytest.mark.parametrize("seed", [9, 11, 12])
+def test_a_demander_before_a_layers_cut_is_still_met_by_another_layers_run(seed: int) -> None:
+    """Per-layer bars (waiting.LayerBars): a demander met in one layer's run and served
+    through another whose run starts above it (``need_share``) is kept by the cut bar;
+    with each run filtered by its own layer's bar alone these seeds start other transfers."""
+    plain = _run("swarm", seed, skip=False)
+    skipping = _run("swarm", seed, skip=True)
     assert skipping == plain

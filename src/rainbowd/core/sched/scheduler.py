@@ -201,6 +201,8 @@ class Scheduler:
         ``relay`` also with the chunk size, since a relay hop forwards whole
         verified chunks (each hop adds a chunk's time to the lag).
         """
+        if self._planner is not None:
+            self._planner.flush()  # demanders changed before re-key with the sizes they saw
         if self._layers.set_size(layer, size) and self._planner is not None:
             self._planner.layer_size_set()
         self._layers.set_chunk_size(layer, chunk_size)

@@ -52,9 +52,10 @@ class Hope(NamedTuple):
     room: float  # its free download (the floor of a transfer's rate is at most this)
 
 
-@dataclass(frozen=True)
-class Bar:
+class Bar(NamedTuple):
     """What the layers with a free seeder offer, summed over every layer someone waits for.
+
+    (A named tuple: a walk makes one per layer after each transfer it plans.)
 
     ``Planner._serve`` starts a transfer of layer L into demander N only if
     L's best free upload B_L is at least ``max(least, floor)``, where
@@ -97,6 +98,54 @@ class Bar:
 
 #: a bar no demander clears (no layer has a free seeder)
 CLOSED = Bar(-INF, INF, False, False, 1.0)
+
+
+@dataclass(frozen=True)
+class LayerBars:
+    """The bar of each layer's run in a walk: its own, or the sum over the cut layers.
+
+    Why: one bar summed over every layer let through a demander that none of *its*
+    layers could serve, as long as another layer had a big free upload (random-pareto
+    at 1,000 nodes: 150 k of 166 k ``_serve`` calls found nothing, each wanted layer's
+    best free upload below its least rate).
+
+    A demander D met at key k is served through some layer L' it wants. If L' has a
+    run that reaches k, L''s own bar admits D there, at the same key. A run need not
+    reach k: it starts at its layer's *cut* (``Walker._order``: ``-best / share`` on the
+    first item of the key), and with ``need_share`` a demander before the cut may still
+    fit; and a layer that gets a free seeder during the walk has no run. Such an L' is
+    *cut for k*: its cut lies above k[0] (or it has no run). Every run admits whoever
+    clears the bar summed over the layers cut for the position its scan starts from
+    (the layers cut for a later key are fewer). So D clears the filter of the run that
+    meets it in the walk that asks everyone, or of L''s, at key k: the same demanders
+    that could be served are met in the same order.
+    """
+
+    bars: dict[str, Bar]  # layer -> the bar of that layer alone
+    cuts: list[float]  # the cut layers' cuts (first item of the key), ascending
+    after: list[Bar]  # after[i]: summed over the cut layers from cuts[i] on (CLOSED at the end)
+
+    def admits(self, layer: str, at: float) -> Admits:
+        """The filter of ``layer``'s run for keys from ``at`` (their first item) on."""
+        own, cut = self.bars.get(layer, CLOSED), self.after[bisect_right(self.cuts, at)]
+        if cut.best < 0:
+            return own.admits
+        own_admits, cut_admits = own.admits, cut.admits
+
+        def admits(down: float, need_s: float, room: float) -> bool:
+            return own_admits(down, need_s, room) or cut_admits(down, need_s, room)
+
+        return admits
+
+    def looser_than(self, other: LayerBars) -> bool:
+        """Whether some layer's bar admits a demander ``other``'s turned away.
+
+        The summed bars follow: a layer joins the cut ones only by getting a free seeder
+        (its bar is then looser than none).
+        """
+        was = other.bars
+        return any(bar.looser_than(was.get(layer, CLOSED)) for layer, bar in self.bars.items())
+
 
 #: the bounds of one block: least down, largest need_s, least room
 _Bounds = list[float]

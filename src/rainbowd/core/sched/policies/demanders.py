@@ -24,6 +24,14 @@ if TYPE_CHECKING:
 class DemanderIndex(SeederIndex):
     """Waiting demanders per layer they want, by rank step and need, and by need alone."""
 
+    #: re-key a demander in the indexes at the next walk, not at each change (off: at once,
+    #: as before; tests compare the two). Between two walks a node changes several times
+    #: (a transfer ends, its layer is held, its seeder frees up: each re-keys it in the
+    #: index of every layer it wants), and a job's demands arrive one by one (re-keying it
+    #: in all the layers before each): many-small, ~100 pieces per node, spent a third of
+    #: its time there. Only the last key counts, so the walk starts the same transfers.
+    defer_refresh = True
+
     def refresh(self, node: Node) -> None:
         """Re-key ``node`` as a seeder and as a demander after any change to it."""
         self._refresh_seeder(node)
@@ -35,6 +43,42 @@ class DemanderIndex(SeederIndex):
             finish = demand.since + total / _down_speed(node) * (1 + self.rules.slack_margin)
             self._horizon = max(self._horizon, finish)
         self._refresh_demander(node)
+
+    def flush(self) -> None:
+        """Re-key every demander changed since the last walk (before anything reads the keys)."""
+        stale = self._stale
+        while stale:
+            self._rekey(stale.popitem()[1])
+
+    def _refresh_demander(self, node: Node) -> None:
+        """``node`` changed: its place among the waiting now, its keys now or before the walk.
+
+        What is kept at once is what the order of events decides: whether it waits
+        (``_waiting``, in the order demanders began to wait, which the starving check
+        follows) and the slack rule's horizon, dropped when a demander stops waiting
+        once no demand is open (as the re-key did when it ran at every change).
+        """
+        nid = node.node_id
+        was = nid in self._waiting
+        if self._waits(node):
+            if not was:
+                self._waiting[nid] = None
+        elif was:
+            del self._waiting[nid]
+            if not self._s.open_demands:
+                self._horizon = 0.0
+        if self.defer_refresh and not self._walking:
+            self._stale[nid] = node
+        else:
+            self._stale.pop(nid, None)
+            self._rekey(node)
+
+    def _waits(self, node: Node) -> bool:
+        """Whether ``node`` has room for a download and wants a layer not in flight."""
+        if not (node.up and not node.suspect and self._room(node)):
+            return False
+        pulling = node.pulling
+        return any(lr not in pulling for lr in node.demands)
 
     def _rank(self, node: Node) -> float:
         """How fast ``node`` is as a demander (``rank`` rule: fastest first)."""
@@ -55,7 +99,8 @@ class DemanderIndex(SeederIndex):
             return rank
         return (1 + step) ** math.floor(math.log(rank, 1 + step))
 
-    def _refresh_demander(self, node: Node) -> None:
+    def _rekey(self, node: Node) -> None:
+        """Take ``node``'s keys and hope again, in the index of every layer it wants."""
         nid = node.node_id
         want: _WaitKey | None = None
         hope: Hope | None = None
@@ -77,6 +122,7 @@ class DemanderIndex(SeederIndex):
                 want = ((-self._rank_step(node), tie, nid), (-need, nid), tuple(wanted))
                 hope = self._hope(node, all_bytes / down)
         have = self._wait_key.get(nid)
+        assert (want is not None) == (nid in self._waiting), f"{nid}: changed unseen"
         if want == have:
             if hope is not None and hope != self._hopes[nid]:
                 self._widen(nid, hope)
@@ -102,8 +148,6 @@ class DemanderIndex(SeederIndex):
                 self._by_speed[layer].add(want[0])
                 insort(self._by_need[layer], want[1])
             self._wait_key[nid] = want
-        if not self._s.open_demands:
-            self._horizon = 0.0
 
     def _hope(self, node: Node, need_s: float) -> Hope:
         """The values of ``node`` that ``_serve`` weighs against a layer's best free upload.

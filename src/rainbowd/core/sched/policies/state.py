@@ -122,6 +122,12 @@ class PlannerState:
         # layer -> sorted (-need s, id): the urgent walk's, short (only the urgent are met)
         self._by_need: dict[str, list[tuple[float, str]]] = {}
         self._wait_key: dict[str, _WaitKey] = {}
+        # the waiting demanders in the order they last began to wait (the starving check's
+        # order), kept at once; the re-keying of the indexes above waits for the next walk
+        # (demanders.py, :meth:`DemanderIndex.flush`): demanders -> their record
+        self._waiting: dict[str, None] = {}
+        self._stale: dict[str, Node] = {}
+        self._walking = False  # inside plan(): every change is re-keyed at once
         self._begun = 0  # transfers planned so far (a walk's bar is re-taken after each)
         self._horizon = 0.0  # latest planned finish of a current demander (slack rule)
         self._upload_bound = 0.0  # _upload_bound_s as last summed

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from .. import reasons as rs
 from ..reasons import Turn
-from ..waiting import CLOSED, Admits, Bar, WaitIndex
+from ..waiting import CLOSED, Admits, Bar, LayerBars, WaitIndex
 from .fit import Fitter
 from .state import (
     _K,
@@ -47,8 +47,18 @@ class Walker(Fitter):
     def plan(self, now: float) -> list[Transfer]:
         """Start every transfer the rules allow now (rules.py)."""
         started: list[Transfer] = []
+        self.flush()
         if not self._wait_key:
             return started
+        self._walking = True
+        try:
+            self._walk(now, started)
+        finally:
+            self._walking = False
+        return started
+
+    def _walk(self, now: float, started: list[Transfer]) -> None:
+        """:meth:`plan`'s walk: every change on the way is re-keyed at once."""
         visited: set[tuple[str, bool]] = set()  # (node, in the urgent phase)
         for nid, turn in self._order(now):
             phase = (nid, turn.name == rs.URGENT)
@@ -65,7 +75,6 @@ class Walker(Fitter):
                     break
         if self.rules.slots:
             self._feed_starving(now, started)
-        return started
 
     def _feed_starving(self, now: float, started: list[Transfer]) -> None:
         """Serve the starving demanders (:meth:`_starving`), any seeder with room will do.
@@ -182,28 +191,31 @@ class Walker(Fitter):
         during a walk: only a transfer of it can add a relay of it). Demanders
         that cannot clear the bar (rainbowd.core.sched.waiting.Bar) are left out: ``_serve``
         would find no seeder for them, so the walk starts the same transfers
-        without asking them. A transfer planned on the way changes the bar;
-        if it admits more than before, every run restarts after the key just
-        walked (the keys before it are behind the walk).
+        without asking them. Each run has its own layer's bar, or the bar summed
+        over the layers whose run would not reach the demander (waiting.LayerBars).
+        A transfer planned on the way changes the bars; if one admits more than
+        before, every run restarts after the key just walked (the keys before it
+        are behind the walk).
         """
         filtering = (
             self.skip_hopeless
             and self.rules.direct_s <= 0
             and len(self._wait_key) >= self.skip_from * len(index)
         )
-        bar = self._bar(index) if filtering else CLOSED
-        admits = bar.admits if filtering else _admit_all
         begun = self._begun
         # each layer's run: the key it is past (inclusive unless the flag is set)
         runs: dict[str, tuple[_K, bool]] = {}
-        heap: list[tuple[_K, str]] = []
-        for layer, keys in index.items():
+        for layer in index:
             if self._seedable(layer):
-                low = start(layer)
-                runs[layer] = (low, False)
-                first = keys.first(low, False, admits)
-                if first is not None and first <= stop:
-                    heap.append((first, layer))
+                runs[layer] = (start(layer), False)
+        # the layers whose run starts at a cut (above the lowest key), with their cut
+        cut = {layer: low[0] for layer, (low, _) in runs.items() if low[0] > -INF}
+        bars = self._bars(index, runs, cut) if filtering else None
+        heap: list[tuple[_K, str]] = []
+        for layer, (low, _) in runs.items():
+            first = index[layer].first(low, False, _admits(bars, layer, low[0]))
+            if first is not None and first <= stop:
+                heap.append((first, layer))
         heapq.heapify(heap)
         while heap:
             key, layer = heapq.heappop(heap)
@@ -212,16 +224,16 @@ class Walker(Fitter):
                 continue
             runs[layer] = (key, True)
             yield key, key[-1]
-            if filtering and self._begun != begun:
+            if bars is not None and self._begun != begun:
                 begun = self._begun
-                looser = self._bar(index)
-                restart = looser.looser_than(bar)
-                bar, admits = looser, looser.admits
+                looser = self._bars(index, runs, cut)
+                restart = looser.looser_than(bars)
+                bars = looser
                 if restart:
-                    heap = self._restart(index, runs, key, stop, admits)
+                    heap = self._restart(index, runs, key, stop, bars)
                     continue
             run = index.get(layer)
-            nxt = run.first(key, True, admits) if run is not None else None
+            nxt = run.first(key, True, _admits(bars, layer, key[0])) if run is not None else None
             if nxt is not None and nxt <= stop:
                 heapq.heappush(heap, (nxt, layer))
 
@@ -231,7 +243,7 @@ class Walker(Fitter):
         runs: dict[str, tuple[_K, bool]],
         at: _K,
         stop: _K,
-        admits: Admits,
+        bars: LayerBars,
     ) -> list[tuple[_K, str]]:
         """The merge's heap again, every run past ``at`` (or its own start, if that is later)."""
         heap: list[tuple[_K, str]] = []
@@ -242,30 +254,66 @@ class Walker(Fitter):
                 continue
             if low <= at:
                 low, strict = at, True
-            nxt = keys.first(low, strict, admits)
+            nxt = keys.first(low, strict, bars.admits(layer, low[0]))
             if nxt is not None and nxt <= stop:
                 heap.append((nxt, layer))
         heapq.heapify(heap)
         return heap
 
-    def _bar(self, index: dict[str, WaitIndex[_K]]) -> Bar:
-        """What the layers of ``index`` with a free seeder offer a demander (waiting.Bar)."""
+    def _bars(
+        self,
+        index: dict[str, WaitIndex[_K]],
+        runs: dict[str, tuple[_K, bool]],
+        cut: dict[str, float],
+    ) -> LayerBars:
+        """What each layer of ``index`` with a free seeder offers a demander (waiting.LayerBars).
+
+        ``cut``: the layers whose run started at a cut, with it; they, and the layers with a
+        free seeder but no run (it came during the walk, or their run ended: cut at +inf),
+        make the summed bars.
+        """
         share = self.rules.min_share
-        best, need_s = -INF, INF
-        any_share = any_floor = False
+        need_share = self.rules.need_share
+        free_get, relays_get = self._free.get, self._relays.get
+        fastest_get, size = self._fastest_holder.get, self._size
+        bars: dict[str, Bar] = {}
+        cuts: list[tuple[float, str]] = []
         for layer in index:
-            if not self._seedable(layer):
+            # _seedable and _best_free, inlined (this runs per layer after every transfer)
+            held, relayed = free_get(layer), relays_get(layer)
+            if held:
+                free = -held[0][0]
+                if relayed and -relayed[0][0] > free:
+                    free = -relayed[0][0]
+            elif relayed:
+                free = -relayed[0][0]
+            else:
                 continue
-            free = self._best_free(layer)
-            fastest = self._fastest_holder.get(layer, INF)
-            best = max(best, free)
-            if share <= 0 or share * fastest <= free:
-                any_share = True
-            if min(MIN_TRANSFER_BPS, fastest) <= free:
-                any_floor = True
-            if self.rules.need_share and free > 0:
-                need_s = min(need_s, self._size(layer) / free)
-        return Bar(best, need_s, any_share, any_floor, share)
+            fastest = fastest_get(layer, INF)
+            bars[layer] = Bar(
+                free,
+                size(layer) / free if need_share and free > 0 else INF,
+                share <= 0 or share * fastest <= free,
+                min(MIN_TRANSFER_BPS, fastest) <= free,
+                share,
+            )
+            if layer not in runs:
+                cuts.append((INF, layer))
+            elif layer in cut:
+                cuts.append((cut[layer], layer))
+        cuts.sort()
+        # after[i]: summed over the cut layers from the i-th on, as Bar sums (max, min, or)
+        after = [CLOSED]
+        best, need_s, any_share, any_floor = -INF, INF, False, False
+        for _, layer in reversed(cuts):
+            bar = bars[layer]
+            best = max(best, bar.best)
+            need_s = min(need_s, bar.need_s)
+            any_share = any_share or bar.any_share
+            any_floor = any_floor or bar.any_floor
+            after.append(Bar(best, need_s, any_share, any_floor, share))
+        after.reverse()
+        return LayerBars(bars, [c for c, _ in cuts], after)
 
     def _starving(self, now: float) -> Iterator[Node]:
         """Waiting demanders with nothing in flight for ``patience_s``: liveness over speed.
@@ -283,7 +331,7 @@ class Walker(Fitter):
         if now < self._starve_check_at:
             return
         self._starve_check_at = now + self.rules.patience_s / STARVE_CHECKS_PER_PATIENCE
-        for nid in list(self._wait_key):
+        for nid in list(self._waiting):
             node = self._s.nodes[nid]
             if node.pulling:
                 self._idle_seen.pop(nid, None)
@@ -299,3 +347,8 @@ class Walker(Fitter):
 def _admit_all(down: float, need_s: float, room: float) -> bool:
     """The plain walk's filter (``Planner.skip_hopeless`` off): every demander is asked."""
     return True
+
+
+def _admits(bars: LayerBars | None, layer: str, at: float) -> Admits:
+    """The filter of ``layer``'s run from key ``at`` on: its bars', or none (the plain walk)."""
+    return _admit_all if bars is None else bars.admits(layer, at)
