@@ -36,7 +36,7 @@ from rainbowd.lib.log import configure as configure_logging
 
 from ..measures import GOAL_MEDIAN_SLOWDOWN, GOAL_P90_SLOWDOWN, GOAL_RATIO
 from .overheads import Overheads
-from .suite import PROFILES, SuiteRun, _nodes, run_suite, suite_profiles
+from .suite import PROFILES, SuiteRun, _nodes, only_shapes, run_suite, suite_profiles
 
 #: relative step of ``efficiency`` between two runs of a shape: far below anything a
 #: link or a rule could mean, only enough to move rates in their last bits
@@ -84,13 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
         if args.policy not in POLICIES:
             raise ValueError(f"unknown policy {args.policy!r}; known: {', '.join(POLICIES)}")
-        profiles = suite_profiles(args.random, args.seeds_from, directory=PROFILES)
-        if args.only:
-            want = {s.strip() for s in args.only.split(",") if s.strip()}
-            unknown = want - {q.name for q in profiles}
-            if unknown:
-                raise ValueError(f"--only: no shape {', '.join(sorted(unknown))} in the suite")
-            profiles = [q for q in profiles if q.name in want]
+        profiles = only_shapes(
+            suite_profiles(args.random, args.seeds_from, directory=PROFILES), args.only
+        )
     except ValueError as e:
         print(f"bench.sim noise: {e}", file=sys.stderr)
         return 2

@@ -108,6 +108,17 @@ def suite_profiles(
     return profiles + [drawn_profile(seeds_from + i) for i in range(random_n)]
 
 
+def only_shapes(profiles: list[ClusterProfile], only: str | None) -> list[ClusterProfile]:
+    """The profiles ``--only`` names (comma-separated; None or empty: all), in suite order."""
+    if not only:
+        return profiles
+    want = {s.strip() for s in only.split(",") if s.strip()}
+    unknown = want - {p.name for p in profiles}
+    if unknown:
+        raise ValueError(f"--only: no shape {', '.join(sorted(unknown))} in the suite")
+    return [p for p in profiles if p.name in want]
+
+
 def run_suite(
     profiles: Sequence[ClusterProfile],
     nodes: Sequence[int],
@@ -275,13 +286,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging("warning")  # the demo-image builder's info lines would split the table
     try:
         nodes = _nodes(args.nodes)
-        profiles = suite_profiles(args.random, args.seeds_from, directory=Path(args.profiles))
-        if args.only:
-            want = {s.strip() for s in args.only.split(",") if s.strip()}
-            unknown = want - {p.name for p in profiles}
-            if unknown:
-                raise ValueError(f"--only: no shape {', '.join(sorted(unknown))} in the suite")
-            profiles = [p for p in profiles if p.name in want]
+        profiles = only_shapes(
+            suite_profiles(args.random, args.seeds_from, directory=Path(args.profiles)), args.only
+        )
         record = read_record(Path(args.check)) if args.check else None
         if args.jobs < 1:
             raise ValueError(f"--jobs must be at least 1, got {args.jobs}")

@@ -21,6 +21,7 @@ import aiohttp
 import pytest
 from multidict import CIMultiDict
 
+from clients import skopeo as skopeo_path
 from containerd_fixtures import ContainerdError, ContainerdProcess, hosts_dir
 from rainbowd.agent.metrics import AgentMetrics
 from rainbowd.agent.mirror.catalog import CatalogError, ImageCatalog
@@ -300,16 +301,8 @@ def test_the_catalog_refuses_a_config_that_does_not_match(served: Served) -> Non
 # --------------------------------------------------------------------------
 # real clients
 # --------------------------------------------------------------------------
-def skopeo_or_fail() -> str:
-    path = shutil.which("skopeo")
-    if path is None:
-        missing_dependency("skopeo missing: apt-get install skopeo")
-    assert path is not None
-    return path
-
-
 async def test_skopeo_copies_the_image_by_digest(served: Served, tmp_path: Path) -> None:
-    skopeo = skopeo_or_fail()
+    skopeo = skopeo_path()
     ref = f"docker://{served.hostport}/rbd-demo@{served.built.digest}"
     out = tmp_path / "copy"
     proc = await asyncio_run(
@@ -334,7 +327,7 @@ async def test_skopeo_copies_the_image_by_digest(served: Served, tmp_path: Path)
 
 
 async def test_skopeo_by_tag_is_a_miss(served: Served, tmp_path: Path) -> None:
-    skopeo = skopeo_or_fail()
+    skopeo = skopeo_path()
     proc = await asyncio_run(
         [
             skopeo,

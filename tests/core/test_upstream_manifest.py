@@ -26,6 +26,7 @@ from rainbowd.core.upstreammanifest import (
     doc_of,
 )
 from rainbowd.core.wirebounds import MAX_MANIFEST
+from upstream_docs import manifest_dict
 
 GZ = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 CONFIG = '{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}'
@@ -48,18 +49,7 @@ def record() -> ImageRecord:
 
 
 def manifest_doc(image: ImageRecord, **change: Any) -> dict[str, Any]:
-    doc: dict[str, Any] = {
-        "schemaVersion": 2,
-        "mediaType": DOCKER_MANIFEST,
-        "config": {
-            "mediaType": "application/vnd.docker.container.image.v1+json",
-            "size": len(image.config.encode()),
-            "digest": image.config_digest,
-        },
-        "layers": [
-            {"mediaType": x.media_type, "size": x.size, "digest": x.digest} for x in image.layers
-        ],
-    }
+    doc = manifest_dict(image)
     doc.update(change)
     return doc
 

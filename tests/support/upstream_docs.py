@@ -8,12 +8,11 @@ is the one way they build it.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from rainbowd.core.messages import ImageRecord, ManifestDoc, UpstreamManifest
-from rainbowd.core.upstreammanifest import doc_of
+from rainbowd.core.upstreammanifest import DOCKER_LIST, DOCKER_MANIFEST, doc_of
 
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 #: a platform manifest a list names and nobody holds (only its digest is ever read)
 OTHER_PLATFORM = {
     "mediaType": DOCKER_MANIFEST,
@@ -23,9 +22,9 @@ OTHER_PLATFORM = {
 }
 
 
-def registry_manifest(record: ImageRecord) -> ManifestDoc:
-    """``record``'s Docker schema 2 manifest, serialized as a registry might (indent 3)."""
-    doc = {
+def manifest_dict(record: ImageRecord) -> dict[str, Any]:
+    """``record``'s Docker schema 2 manifest as a JSON object (tests change fields of it)."""
+    return {
         "schemaVersion": 2,
         "mediaType": DOCKER_MANIFEST,
         "config": {
@@ -37,6 +36,11 @@ def registry_manifest(record: ImageRecord) -> ManifestDoc:
             {"mediaType": x.media_type, "size": x.size, "digest": x.digest} for x in record.layers
         ],
     }
+
+
+def registry_manifest(record: ImageRecord) -> ManifestDoc:
+    """``record``'s Docker schema 2 manifest, serialized as a registry might (indent 3)."""
+    doc = manifest_dict(record)
     manifest = doc_of(json.dumps(doc, indent=3).encode(), DOCKER_MANIFEST)
     assert manifest is not None
     return manifest
