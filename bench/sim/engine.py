@@ -85,7 +85,7 @@ _CAP_EPSILON = 1e-3
 # report arrives, a node heartbeats (a suspect is cleared, a dropped node comes back), the
 # coordinator marks a silent node down, a scheduler pass (a heartbeat of any node: one
 # after a failed pair's avoid time ends, when the pair may be planned again)
-_START, _END, _DONE, _FAULT, _FAILED, _HEARTBEAT, _DOWN, _PASS = range(8)
+_START, _END, _DONE, _FAULT, _FAILED, _HEARTBEAT, _DOWN, _PASS, _REPORTED = range(9)
 
 
 @dataclass
@@ -151,6 +151,10 @@ class SimResult:
     sent_bytes: dict[str, int] = field(default_factory=dict)
     transfers: int = 0
     new_connections: int = 0
+    #: seconds of coordinator CPU the done reports took (``Overheads.coordinator_s`` each)
+    coordinator_busy_s: float = 0.0
+    #: the longest a done report waited for the coordinator to be free
+    report_wait_max_s: float = 0.0
     events: int = 0
     wall_seconds: float = 0.0
 
@@ -404,6 +408,7 @@ class Simulation(_FaultEvents):
         if isinstance(scheduler, Scheduler):
             scheduler = PieceScheduler.around(scheduler)
         self.scheduler = scheduler or PieceScheduler(policy)
+        self.scheduler.report_cost_s = self.overheads.coordinator_s
         self.driver = JobDriver(self.scheduler, profile)
         self.faults = list(faults)
         self.tracing = trace
@@ -422,6 +427,7 @@ class Simulation(_FaultEvents):
         self._upstream: dict[str, str] = {}  # relayed transfer -> the transfer feeding its seeder
         self._downstream: dict[str, set[str]] = {}  # transfer -> transfers it feeds (relay)
         self._ran = False
+        self._coordinator_free_at = 0.0  # when the coordinator has applied every report so far
 
     def run(self) -> SimResult:
         if self._ran:
@@ -433,11 +439,11 @@ class Simulation(_FaultEvents):
         names = [layer for layer, _ in self.layers]
         for n in self.profile.all_nodes:
             self.network.add_node(n.name, n.up_Bps * eff, n.down_Bps * eff)
-        for layer, size in self.layers:
-            self.scheduler.set_layer_size(layer, size, self.profile.chunk_size)
         self.driver.node_up(origin.name, origin.up_Bps, names)
         for n in self.profile.nodes:
             self.driver.node_up(n.name, n.up_Bps, download_bps=n.down_Bps)
+        for layer, size in self.layers:
+            self.scheduler.set_layer_size(layer, size, self.profile.chunk_size)
         for n in sorted(self.profile.nodes, key=lambda n: n.name):
             self._held[n.name] = 0
             self._budget[n.name] = FailureBudget()
@@ -457,6 +463,8 @@ class Simulation(_FaultEvents):
                 if r is not None and r.version == version:  # else re-predicted since
                     self._end(tid, now)
             elif kind == _DONE:
+                self._report(tid, now)
+            elif kind == _REPORTED:
                 self._done(tid, now)
             else:
                 self._fault_event(kind, tid, now)
@@ -582,6 +590,23 @@ class Simulation(_FaultEvents):
             rates.update(self.network.add(fid, t.seeder, t.demander, cap))
             for moved in self._settle(rates, now):
                 work.extend(sorted(self._downstream.get(moved, ())))
+
+    def _report(self, tid: str, now: float) -> None:
+        """A done report reaches the coordinator; it is applied once the coordinator is free.
+
+        The coordinator is one server taking ``Overheads.coordinator_s`` of CPU per done
+        report, first come first served (overheads.py): while it works off a queue, every
+        report waits, and so does every assignment it would bring.
+        """
+        cost = self.overheads.coordinator_s
+        if cost <= 0:
+            self._done(tid, now)
+            return
+        start = max(now, self._coordinator_free_at)
+        self._coordinator_free_at = start + cost
+        self.result.coordinator_busy_s += cost
+        self.result.report_wait_max_s = max(self.result.report_wait_max_s, start - now)
+        self._push(start + cost, _REPORTED, tid)
 
     def _done(self, tid: str, now: float) -> None:
         r = self._running.pop(tid, None)

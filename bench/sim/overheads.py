@@ -30,6 +30,12 @@ tuned by hand:
   8 hops each; 50 ms covers the slowest of them. (Session 3's 150 ms came
   from one 100-hop chain of 256 KiB chunks when every chunk took three
   thread-pool hops and heartbeats were being missed.)
+* ``coordinator_s`` -- the coordinator's CPU per done report (rainbowd.core.sched.pieces
+  ``REPORT_COST_S``, measured: 2.5 ms). The coordinator is one server taking the
+  reports first come, first served; while it works off a queue, the report waits and
+  so does every assignment it would bring (engine.py ``_report``). Pieces of one
+  128 KiB chunk kept it 74-89 % busy on ci, homogeneous and paper at 100 nodes, and
+  doubled ci's and homogeneous's time (bench/RESULTS.md, session 14).
 * ``finish_s`` and ``verify_Bps`` -- after the last byte: the final whole-digest
   check of the layer (re-read and hashed at ``verify_Bps``), the atomic rename
   and the done report reaching the coordinator (``finish_s``).
@@ -45,6 +51,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from rainbowd.core.sched.pieces import REPORT_COST_S
+
 
 @dataclass(frozen=True)
 class Overheads:
@@ -57,11 +65,19 @@ class Overheads:
     finish_s: float = 0.005
     verify_Bps: float = 1.0e9  # bytes per second
     relay_hop_s: float = 0.05
+    coordinator_s: float = REPORT_COST_S
 
     def __post_init__(self) -> None:
         if not 0 < self.efficiency <= 1:
             raise ValueError(f"efficiency must be in (0, 1], got {self.efficiency}")
-        for name in ("assign_s", "connect_s", "channel_s", "finish_s", "relay_hop_s"):
+        for name in (
+            "assign_s",
+            "connect_s",
+            "channel_s",
+            "finish_s",
+            "relay_hop_s",
+            "coordinator_s",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.verify_Bps <= 0:
@@ -88,4 +104,5 @@ IDEAL = Overheads(
     finish_s=0.0,
     verify_Bps=1e300,
     relay_hop_s=0.0,
+    coordinator_s=0.0,
 )

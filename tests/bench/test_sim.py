@@ -160,7 +160,7 @@ def test_one_seeder_one_demander_takes_size_over_the_slower_link() -> None:
     # the real system's overheads add on top, as documented
     o = Overheads(efficiency=0.8, assign_s=0.002, connect_s=0.03, finish_s=0.005, verify_Bps=1e8)
     r = Simulation(p, [("l", size)], o).run()
-    expect = 0.002 + 0.03 + size / (16 * MBIT * 0.8) + 0.005 + size / 1e8
+    expect = 0.002 + 0.03 + size / (16 * MBIT * 0.8) + 0.005 + size / 1e8 + o.coordinator_s
     assert r.total == pytest.approx(expect)
     assert r.transfers == 1 and r.new_connections == 1 and not r.failed
 
@@ -174,10 +174,11 @@ def test_paper_policy_on_a_chain_gives_the_serial_times() -> None:
     t_a = s / (10 * MBIT)
     assert r.node_seconds["a-001"] == pytest.approx(t_a)
     assert r.node_seconds["b-001"] == pytest.approx(t_a + s / (40 * MBIT))
-    # with a setup delay the chain is serial: each hop pays it once
+    # with a setup delay the chain is serial: each hop pays it once, and its report
     o = Overheads(efficiency=1.0, assign_s=0.01, connect_s=0.1, finish_s=0.0, verify_Bps=1e300)
     r = Simulation(p, [("l", s)], o).run()
-    assert r.node_seconds["b-001"] == pytest.approx(t_a + s / (40 * MBIT) + 2 * 0.11)
+    hop = 0.11 + o.coordinator_s
+    assert r.node_seconds["b-001"] == pytest.approx(t_a + s / (40 * MBIT) + 2 * hop)
 
 
 def test_layers_move_in_image_order_and_reuse_connections() -> None:
@@ -187,8 +188,21 @@ def test_layers_move_in_image_order_and_reuse_connections() -> None:
     r = Simulation(p, layers, o).run()
     total = sum(size for _, size in layers)
     # one connection to the origin, then a channel per further layer
-    assert r.total == pytest.approx(total / (8 * MBIT) + total / o.verify_Bps + 0.5 + 2 * 0.1)
+    fixed = 0.5 + 2 * 0.1 + 3 * o.coordinator_s  # a connection, two channels, three reports
+    assert r.total == pytest.approx(total / (8 * MBIT) + total / o.verify_Bps + fixed)
     assert r.new_connections == 1 and r.transfers == 3
+
+
+def test_reports_arriving_together_queue_at_the_coordinator() -> None:
+    """The coordinator applies one done report at a time: the second waits for the first."""
+    p = profile(16, ("a", 8, 8), ("b", 8, 8))
+    cost = 0.25
+    o = dataclasses.replace(IDEAL, coordinator_s=cost)
+    r = Simulation(p, [("l", 1_000_000)], o, scheduler=SendAllAtOnce("fastest")).run()
+    wire = 1_000_000 / (8 * MBIT)
+    assert sorted(r.node_seconds.values()) == pytest.approx([wire + cost, wire + 2 * cost])
+    assert r.coordinator_busy_s == pytest.approx(2 * cost)
+    assert r.report_wait_max_s == pytest.approx(cost)
 
 
 class SendAllAtOnce(Scheduler):

@@ -216,3 +216,38 @@ async def test_with_the_piece_scheduler_a_layer_counts_when_its_last_piece_is_in
                 await x.c.close()
     finally:
         await r2.stop()
+
+
+async def test_a_restart_adopts_pieces_sized_otherwise_than_it_would_size_them(
+    tmp_path: Path,
+) -> None:
+    """Pieces are sized from the cluster (PieceScheduler._load_chunks), so the run before a
+    restart may have split a layer otherwise: its pieces in flight are adopted as they are."""
+    from coordinator_support import fake_image
+
+    r = await start(tmp_path, policy="swarm")
+    async with AdminClient(r.url, ADMIN) as admin:
+        origin = await agent(r.url, "origin", roles=["origin"], speed=10e6)
+        img = fake_image(sizes=(4 * CHUNK,))
+        layer = img.digests[0]
+        await ingest(admin, origin.c, img)
+        # this run sized them at two chunks (a busier cluster, a slower coordinator)
+        assert r.coordinator.scheduler.split_as(layer, 2)
+        d = await agent(r.url, "d", speed=100e6)
+        await admin.create_job(CreateJob(image=img.record.ref, targets=["d"]))
+        got = [a for a in await d.take() if isinstance(a, TransferAssignment)]
+        assert got and all(a.chunk_range()[1] - a.chunk_range()[0] == 2 for a in got), got
+    for x in (origin, d):
+        await x.c.close()
+    await r.stop()
+
+    r2 = await start(tmp_path, policy="swarm")  # sizes this layer at one chunk a piece
+    try:
+        adopted = {
+            t.transfer_id: (t.first_chunk, t.end_chunk) for t in r2.coordinator.scheduler.active()
+        }
+        assert adopted == {a.transfer_id: a.chunk_range() for a in got}
+        pieces = r2.coordinator.scheduler.pieces(layer)
+        assert [(p.first, p.end) for p in pieces] == [(0, 2), (2, 4)]
+    finally:
+        await r2.stop()

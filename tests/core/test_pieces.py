@@ -56,6 +56,65 @@ def test_piece_size_follows_the_layer_not_only_the_constant() -> None:
     assert piece_chunks(512 * 1024, 4 * CHUNK) == 1  # never less than a chunk
 
 
+def test_pieces_grow_so_the_coordinator_keeps_up_with_the_reports() -> None:
+    """Pieces of P bytes bring R / P done reports a second at the cluster's rate R:
+    at ``report_cost_s`` each, P >= R * cost / report_load (swarm: load 1.0)."""
+    assert RULES["swarm"].report_load == 1.0
+    s = PieceScheduler("swarm")
+    s.report_cost_s = 0.0025
+    # R = min(summed uploads 90 + 10 x 4, summed downloads 10 x 40) = 130 MB/s
+    s.add_node("origin", 90 * MB, download_bps=1 * MB)
+    for i in range(10):
+        s.add_node(f"n{i}", 4 * MB, download_bps=40 * MB)
+    s.set_layer_size(LAYER, 64 * CHUNK, CHUNK)
+    # 130 MB/s x 2.5 ms = 325,000 B: a piece of one 1 MiB chunk is enough
+    assert {p.end - p.first for p in s.pieces(LAYER)} == {1}
+    for i in range(10, 40):  # 40 nodes at 4 MB/s up: R = 250 MB/s ...
+        s.add_node(f"n{i}", 4 * MB, download_bps=40 * MB)
+    s.report_cost_s = 0.01  # ... and a slower coordinator: 2.5 MB a piece, 3 chunks
+    s.set_layer_size(SMALL, 30 * CHUNK, CHUNK)
+    assert [p.end - p.first for p in s.pieces(SMALL)] == [3] * 10
+    # not charged (the simulator's ideal coordinator): one chunk a piece, as before
+    s.report_cost_s = 0.0
+    other = "sha256:" + "c" * 64
+    s.set_layer_size(other, 30 * CHUNK, CHUNK)
+    assert len(s.pieces(other)) == 30
+
+
+def test_a_restarted_scheduler_splits_a_layer_as_the_piece_it_adopts_back() -> None:
+    """Pieces sized otherwise after a restart: split as the stored transfer's piece was."""
+    s = PieceScheduler("swarm")
+    s.add_node("origin", 10 * MB, [LAYER], download_bps=10 * MB)
+    s.add_node("n1", 10 * MB, download_bps=10 * MB)
+    s.set_layer_size(LAYER, 10 * CHUNK, CHUNK)
+    assert len(s.pieces(LAYER)) == 10  # one chunk a piece here; the last run had three
+    stored = Transfer("t1", LAYER, "origin", "n1", "j", 0.0, ADOPTED, 0.0, 0.0, 3, 6)
+    assert s.split_as(LAYER, 3)
+    assert [(p.first, p.end) for p in s.pieces(LAYER)] == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert s.holds("origin", LAYER) and not s.holds("n1", LAYER)
+    t = s.adopt(stored)
+    assert (t.first_chunk, t.end_chunk) == (3, 6)
+    # in use now: not split again
+    assert not s.split_as(LAYER, 1)
+    assert s.split_as(LAYER, 3)  # already so
+
+
+def test_a_layer_partly_held_is_not_split_again() -> None:
+    s = PieceScheduler("swarm")
+    s.add_node("origin", 10 * MB, [LAYER], download_bps=10 * MB)
+    s.add_node("n1", 10 * MB, download_bps=10 * MB)
+    s.set_layer_size(LAYER, 4 * CHUNK, CHUNK)
+    s.inner.add_holding("n1", s.pieces(LAYER)[0].key)
+    assert not s.split_as(LAYER, 2)
+    assert len(s.pieces(LAYER)) == 4
+
+
+def test_pieces_are_one_chunk_when_no_node_is_known_yet() -> None:
+    s = PieceScheduler("swarm")
+    s.set_layer_size(LAYER, 8 * CHUNK, CHUNK)
+    assert len(s.pieces(LAYER)) == 8
+
+
 def test_whole_layer_policies_are_unchanged() -> None:
     s = PieceScheduler("relay")
     s.set_layer_size(LAYER, 64 * CHUNK, CHUNK)

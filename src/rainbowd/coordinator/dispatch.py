@@ -112,7 +112,17 @@ class Dispatch:
         """
         ctx = self.ctx
         adopted: list[Transfer] = []
-        for t, seq, state in ctx.store.load_transfers():
+        stored = ctx.store.load_transfers()
+        # pieces are sized from the cluster (PieceScheduler._load_chunks): split each layer
+        # as the pieces in flight were, the longest being a whole piece (the last may be short)
+        piece_chunks: dict[str, int] = {}
+        for t, _, state in stored:
+            if state == "active" and t.end_chunk:
+                n = t.end_chunk - t.first_chunk
+                piece_chunks[t.layer] = max(piece_chunks.get(t.layer, 0), n)
+        for layer, n in sorted(piece_chunks.items()):
+            ctx.scheduler.split_as(layer, n)
+        for t, seq, state in stored:
             usable = (
                 t.seeder in ctx.cluster.nodes
                 and t.demander in ctx.cluster.nodes

@@ -28,20 +28,25 @@ the whole layer); ``layer`` is always the layer's digest. A node *holds* a
 layer once it holds every piece of it.
 
 Pieces are sized by the policy's ``piece_bytes`` (policies/rules.py): a piece is
-``max(1, piece_bytes // chunk_size)`` chunks. A layer whose size is learnt
+``max(1, piece_bytes // chunk_size)`` chunks, and with ``report_load`` at least
+enough chunks that the coordinator keeps up with the done reports at the
+cluster's full rate (:meth:`PieceScheduler._load_chunks`, from the nodes known
+when the layer's size is learnt; a restarted coordinator splits a layer as the
+pieces it adopts back were, :meth:`PieceScheduler.split_as`). A layer whose size is learnt
 while transfers or demands of it are open stays whole (re-keying those
 would lose track of them); one that is only held is split at once.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import msgspec
 
 from .policies import RULES
-from .policies.state import PIECE_MARK
+from .policies.state import PIECE_MARK, _down_speed
 from .records import Transfer
 from .scheduler import DEFAULT_SPEED_BPS, Scheduler, SchedulerError
 
@@ -85,6 +90,14 @@ def split_layer(layer: str, size: int, chunk_size: int, per_piece: int) -> list[
     return pieces
 
 
+#: The coordinator's time per done report (seconds): all the coordinator's CPU in a job over
+#: its done reports, measured with bench/coordinator_load.py (100 agents, batched reports,
+#: 2.49-2.50 ms in three runs; bench/RESULTS.md "The coordinator's cost per piece report").
+#: Pieces are sized against it (PieceScheduler._load_chunks); the simulator charges it
+#: (bench/sim/overheads.py ``coordinator_s``).
+REPORT_COST_S = 0.0025
+
+
 class PieceScheduler:
     """A :class:`Scheduler` over layers, splitting them into pieces (module docstring)."""
 
@@ -111,6 +124,9 @@ class PieceScheduler:
         rules = RULES.get(policy)
         self.piece_bytes = rules.piece_bytes if rules is not None else 0
         self.layer_pieces = rules.layer_pieces if rules is not None else 0
+        self.report_load = rules.report_load if rules is not None else 0.0
+        #: the coordinator's time per done report (seconds; 0: pieces are not sized by it)
+        self.report_cost_s = REPORT_COST_S
         self._pieces: dict[str, list[Piece]] = {}  # layer -> its pieces (known sizes only)
         self._piece: dict[str, Piece] = {}  # piece key -> piece (split layers only)
 
@@ -138,9 +154,15 @@ class PieceScheduler:
             self.inner.set_layer_size(layer, size, chunk_size)
             return
         per = piece_chunks(self.piece_bytes, chunk_size, size, self.layer_pieces)
+        if self.piece_bytes > 0:
+            per = max(per, self._load_chunks(chunk_size))
         pieces = split_layer(layer, size, chunk_size, per)
         if len(pieces) > 1 and not self._may_split(layer):
             pieces = [Piece(layer, layer, 0, 0, size)]
+        self._install(layer, pieces, chunk_size)
+
+    def _install(self, layer: str, pieces: list[Piece], chunk_size: int) -> None:
+        """Make ``pieces`` the pieces of ``layer``; whole holders of it hold each of them."""
         holders = self.inner.holders(layer) if len(pieces) > 1 else []
         for h in holders:
             self.inner.remove_holding(h, layer)
@@ -152,6 +174,58 @@ class PieceScheduler:
         for h in holders:
             for p in pieces:
                 self.inner.add_holding(h, p.key)
+
+    def _load_chunks(self, chunk_size: int) -> int:
+        """Chunks per piece that keep the coordinator's done reports within its share.
+
+        Every piece is a done report; the cluster moves at most R bytes/s (the
+        smaller of its nodes' summed uploads and downloads), so pieces of P bytes
+        bring R / P reports per second, costing R * cost / P of the coordinator's
+        time. Kept at ``report_load``: P >= R * cost / report_load.
+        """
+        if self.report_load <= 0 or self.report_cost_s <= 0 or chunk_size <= 0:
+            return 1
+        nodes = self.inner.nodes.values()  # down ones too: a restarted coordinator's all are
+        up = sum(n.speed_bps for n in nodes)
+        down = sum(_down_speed(n) for n in nodes)
+        need = min(up, down) * self.report_cost_s / self.report_load
+        return max(1, math.ceil(need / chunk_size))
+
+    def split_as(self, layer: str, chunks_per_piece: int) -> bool:
+        """Split ``layer`` into pieces of ``chunks_per_piece`` chunks again, if it can be.
+
+        Pieces are sized from the cluster when a layer's size is learnt
+        (:meth:`_load_chunks`), so a restarted coordinator may size them otherwise
+        than the one before it did; a transfer it adopts back names its piece by
+        chunk range, so the layer is split as that piece was first
+        (coordinator/dispatch.py). Only while no transfer or demand of the layer
+        is open and every node holding a piece of it holds them all (a partial
+        holding would be lost). True if the layer is split so now.
+        """
+        current = self._pieces.get(layer)
+        if current is None or chunks_per_piece <= 0:
+            return False  # its size is not known yet: it is split when it is
+        chunk_size = self.inner.layer_chunks.get(current[0].key, 0)
+        size = sum(p.size for p in current)
+        pieces = split_layer(layer, size, chunk_size, chunks_per_piece)
+        if [p.key for p in pieces] == [p.key for p in current]:
+            return True
+        keys = {p.key for p in current}
+        if any(lr in keys for _, lr in self.inner.pending()):
+            return False
+        if any(t.layer in keys for t in self.inner.active()):
+            return False
+        holders = {h for k in keys for h in self.inner.holders(k)}
+        if any(not all(self.inner.holds(h, k) for k in keys) for h in holders):
+            return False
+        for k in keys - {layer}:
+            self._piece.pop(k, None)
+            for h in holders:
+                self.inner.remove_holding(h, k)
+        for h in holders:
+            self.inner.add_holding(h, layer)
+        self._install(layer, pieces, chunk_size)
+        return True
 
     def _may_split(self, layer: str) -> bool:
         """A layer may be re-keyed into pieces while nothing but holdings refer to it."""

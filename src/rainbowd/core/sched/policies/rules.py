@@ -165,3 +165,7 @@ class Rules:
     stripe: float = 1.0
     #: pieces taking longer than this at full rate are not striped (see ``stripe``)
     stripe_s: float = 0.0
+    #: with piece_bytes: pieces grow so that done reports would take at most this share of
+    #: the coordinator's time at the cluster's full rate (rainbowd.core.sched.pieces,
+    #: PieceScheduler._load_chunks); 0 = pieces of piece_bytes alone
+    report_load: float = 0.0

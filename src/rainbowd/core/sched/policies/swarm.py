@@ -22,6 +22,20 @@ The cost is transfers: with 128 KiB chunks four times as many as with 512 KiB
 pieces, each an assignment and a report; with the agents' default 4 MiB
 chunks pieces were one chunk already.
 
+Pieces grow where the coordinator could not keep up (session 14,
+``report_load=1.0``): every piece is a done report, and the coordinator
+spends ~2.5 ms of CPU on one (rainbowd.core.sched.pieces.REPORT_COST_S,
+measured). With the simulator charging that time, one-chunk pieces kept it
+74-89 % busy on ci, homogeneous and paper at 100 nodes, and at 1,000 nodes
+ci and homogeneous took 20.8 and 20.5 x T* (every report queued seconds).
+So a piece is at least R x cost / report_load bytes, R the cluster's summed
+rate (PieceScheduler._load_chunks), and a piece of several chunks is relayed
+cut-through as its chunks land (``relay``). At 100 nodes, charged: ci 2.32
+-> 1.24 x T*, homogeneous 2.31 -> 1.64, paper 1.32 -> 1.10, straggler's
+median slowdown 4.23 -> 1.76; at 1,000: ci 20.8 -> 2.08, homogeneous 20.5 ->
+3.26. Targets 0.25 / 0.5 / 1.5 / 2.0 were no better (bench/RESULTS.md,
+session 14); uncharged (a coordinator of no cost) pieces stay one chunk.
+
 Its weights (bench/RESULTS.md: "Every cluster shape (issue 13)", sessions 6
 to 10; the numbers below are the simulator at 100 nodes):
 
@@ -67,6 +81,11 @@ SWARM = Rules(
     starve_fill=True,
     stripe=0.5,
     stripe_s=2.0,
-    # one chunk per piece: piece_chunks rounds a piece up to a whole chunk
+    # one chunk per piece (piece_chunks rounds a piece up to a whole chunk), more where the
+    # coordinator's reports would take more than its time at the cluster's full rate
     piece_bytes=1,
+    report_load=1.0,
+    # a piece of several chunks is relayed as its chunks land
+    relay=True,
+    relay_lag_s=1.5,
 )
