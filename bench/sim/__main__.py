@@ -6,6 +6,7 @@
         [--out bench/out/sim-paper.json] [--compare LAB.json] [--layers 1996800,8396800,10240]
         [--policy relay] [--chunk-kib 64] [--relay-hop-ms 50]
         [--efficiency 0.95] [--assign-ms 2] [--connect-ms 30] [--channel-ms 2] [--finish-ms 5]
+        [--coordinator-ms 2.5]
         [--fault dies:NODE@T] [--fault unreachable:NODE@T] [--fault corrupt:SEEDER->DEMANDER@T]
         [--fault blip:NODE@T]                      # faults: see bench/sim/faults.py
     .venv/bin/python -m bench.sim suite [--nodes 100,1000] [--random N] [--policy P]
@@ -69,6 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             finish_s=args.finish_ms / 1e3,
             verify_Bps=args.verify_mbyte_s * 1e6,
             relay_hop_s=args.relay_hop_ms / 1e3,
+            coordinator_s=args.coordinator_ms / 1e3,
         )
         if args.layers:
             layers = given_layers(args.layers)
@@ -132,6 +134,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--finish-ms", type=float, default=d.finish_s * 1e3)
     p.add_argument("--verify-mbyte-s", type=float, default=d.verify_Bps / 1e6)
     p.add_argument("--relay-hop-ms", type=float, default=d.relay_hop_s * 1e3)
+    p.add_argument(
+        "--coordinator-ms",
+        type=float,
+        default=d.coordinator_s * 1e3,
+        help="the coordinator's CPU per done report (0: an ideal coordinator)",
+    )
     p.add_argument(
         "--fault",
         action="append",
