@@ -21,6 +21,8 @@ import aiohttp
 import pytest
 from multidict import CIMultiDict
 
+from clients import copy_by_digest
+from clients import run as run_client
 from clients import skopeo as skopeo_path
 from containerd_fixtures import ContainerdError, ContainerdProcess, hosts_dir
 from rainbowd.agent.metrics import AgentMetrics
@@ -304,22 +306,12 @@ def test_the_catalog_refuses_a_config_that_does_not_match(served: Served) -> Non
 async def test_skopeo_copies_the_image_by_digest(served: Served, tmp_path: Path) -> None:
     skopeo = skopeo_path()
     ref = f"docker://{served.hostport}/rbd-demo@{served.built.digest}"
-    out = tmp_path / "copy"
-    proc = await asyncio_run(
-        [skopeo, "copy", "-q", "--src-tls-verify=false", ref, f"dir:{out}"],
-    )
-    assert proc.returncode == 0, proc.stderr
     # dir: keeps the manifest as served: its digest is the one asked for
-    manifest = (out / "manifest.json").read_bytes()
-    assert "sha256:" + hashlib.sha256(manifest).hexdigest() == served.built.digest
-    doc = json.loads(manifest)
+    doc = await copy_by_digest(served.hostport, "rbd-demo", served.built.digest, tmp_path / "copy")
     assert doc["config"]["digest"] == served.image.config_digest
     assert [x["digest"] for x in doc["layers"]] == [x.digest for x in served.image.layers]
-    for desc in [doc["config"], *doc["layers"]]:
-        blob = (out / hex_part(desc["digest"])).read_bytes()
-        assert "sha256:" + hashlib.sha256(blob).hexdigest() == desc["digest"]
     # skopeo's own view of the image: the same config digest, the same layers
-    proc = await asyncio_run([skopeo, "inspect", "--no-tags", "--tls-verify=false", ref])
+    proc = await run_client([skopeo, "inspect", "--no-tags", "--tls-verify=false", ref])
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
     assert info["Digest"] == served.built.digest
@@ -328,7 +320,7 @@ async def test_skopeo_copies_the_image_by_digest(served: Served, tmp_path: Path)
 
 async def test_skopeo_by_tag_is_a_miss(served: Served, tmp_path: Path) -> None:
     skopeo = skopeo_path()
-    proc = await asyncio_run(
+    proc = await run_client(
         [
             skopeo,
             "copy",
@@ -339,23 +331,6 @@ async def test_skopeo_by_tag_is_a_miss(served: Served, tmp_path: Path) -> None:
         ]
     )
     assert proc.returncode != 0 and "manifest unknown" in proc.stderr.lower()
-
-
-class _Done:
-    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
-        self.returncode = returncode
-        self.stdout = stdout
-        self.stderr = stderr
-
-
-async def asyncio_run(argv: list[str], timeout: float = 120.0) -> _Done:
-    """Run a client off the event loop (the server under test runs on it)."""
-
-    def run() -> _Done:
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-        return _Done(p.returncode, p.stdout, p.stderr)
-
-    return await asyncio.to_thread(run)
 
 
 # --------------------------------------------------------------------------
@@ -428,7 +403,7 @@ async def test_containerd_falls_back_to_the_upstream_on_a_miss(
         containerd.ctr, "images", "pull", "--hosts-dir", str(hosts), "--snapshotter", "native", ref
     )
     assert done.returncode == 0
-    upstream = await asyncio_run(
+    upstream = await run_client(
         ["skopeo", "inspect", "--no-tags", "--tls-verify=false", f"docker://{ref}"]
     )
     assert image_digests(containerd)[ref] == json.loads(upstream.stdout)["Digest"]

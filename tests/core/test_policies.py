@@ -272,7 +272,7 @@ def test_repeated_failures_halve_a_seeders_estimate_and_success_resets() -> None
     assert s.speed("o") == 2 * MB
     (t,) = s.schedule(2.0)
     s.complete(t.transfer_id, 2.1, 0)
-    planner = s._planner
+    planner = s._pass
     assert isinstance(planner, Planner) and not planner._failures
 
 
@@ -343,7 +343,7 @@ def test_a_complete_holder_that_fits_goes_before_a_relay() -> None:
 
 def test_a_relay_stops_relaying_when_its_inbound_ends_and_serves_as_a_holder_after() -> None:
     s = make("relay", ("o", 4 * MB, (L1,)), ("a", 8 * MB, ()), ("c", 8 * MB, ()))
-    planner = s._planner
+    planner = s._pass
     assert isinstance(planner, Planner)
     s.demand("a", L1, "j", 0.0)
     (ta,) = s.schedule(0.0)
@@ -385,7 +385,7 @@ def test_a_relay_chain_stops_where_its_tail_would_trail_too_far() -> None:
     nodes = [("o", 4 * MB, (L1,))] + [(f"n{i}", 4 * MB, ()) for i in range(8)]
     s = make("relay", *nodes)
     s.set_layer_size(L1, 10_000_000, 900_000)
-    planner = s._planner
+    planner = s._pass
     assert isinstance(planner, Planner)
     hop = 900_000 / (4 * MB) + RELAY_HOP_S
     assert planner.hop_s(L1, 4 * MB) == pytest.approx(hop)
@@ -409,7 +409,7 @@ def test_the_lag_budget_grows_by_one_per_tenfold_beyond_100_nodes() -> None:
     base = RULES["relay"].relay_lag_s
     for nodes, budget in ((10, base), (100, base), (1_000, 2 * base), (10_000, 3 * base)):
         s = make("relay", *[(f"n{i}", 4 * MB, ()) for i in range(nodes)])
-        planner = s._planner
+        planner = s._pass
         assert isinstance(planner, Planner)
         assert planner.lag_budget() == pytest.approx(budget), nodes
 
@@ -450,7 +450,7 @@ def test_a_layer_of_one_chunk_is_not_relayed() -> None:
     assert ta.seeder == "o" and "direct" not in ta.reason.render()
     s.demand("b", L1, "j", 0.1)
     assert s.schedule(0.1) == []  # b waits for a holder rather than relaying through a
-    planner = s._planner
+    planner = s._pass
     assert isinstance(planner, Planner) and planner.relay_rate(s.nodes["a"], L1) == 0.0
 
 
@@ -476,7 +476,7 @@ def test_relay_asks_for_the_rarest_layer_first() -> None:
 
 def test_rarest_counts_transfers_in_flight_as_copies() -> None:
     s = make("relay", ("origin", 8 * MB, (L1, L2)), ("a", 4 * MB, ()), ("b", 4 * MB, ()))
-    planner = s._planner
+    planner = s._pass
     assert isinstance(planner, Planner)
     s.demand("a", L1, "j", 0.0)
     (ta,) = s.schedule(0.0)
@@ -513,8 +513,8 @@ def test_relay_chains_cost_a_hop_each_in_the_simulator() -> None:
 
     def chain(overheads: Overheads) -> float:
         s = Scheduler("relay")
-        assert s._planner is not None
-        s._planner.rules = unbounded
+        assert isinstance(s._pass, Planner)
+        s._pass.rules = unbounded
         return Simulation(prof, PAPER_LAYERS, overheads, scheduler=s).run().total
 
     loaded = Overheads(relay_hop_s=0.15)  # a hop on the CPU-starved lab of session 3

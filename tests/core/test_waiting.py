@@ -18,6 +18,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from rainbowd.core.sched.pieces import PieceScheduler
+from rainbowd.core.sched.policies import Planner
 from rainbowd.core.sched.records import Transfer
 from rainbowd.core.sched.waiting import BLOCK, CLOSED, Bar, Hope, WaitIndex
 
@@ -111,10 +112,11 @@ def _run(
     """
     rng = random.Random(seed)
     s = PieceScheduler(policy)
-    assert s.inner._planner is not None
-    s.inner._planner.skip_hopeless = skip
-    s.inner._planner.skip_from = 0
-    s.inner._planner.defer_refresh = defer
+    planner = s.inner._pass
+    assert isinstance(planner, Planner)
+    planner.skip_hopeless = skip
+    planner.skip_from = 0
+    planner.defer_refresh = defer
     sizes = [rng.choice((300_000, 2_000_000, 9_000_000)) for _ in range(rng.randint(1, 4))]
     layers = [(f"L{i}", size) for i, size in enumerate(sizes)]
     for layer, size in layers:

@@ -12,8 +12,12 @@ every name it writes in code style is checked against the tree:
   top level of some module of rbd, bench/ or tests/ (a method: in such a class).
 
 Folders that do not exist yet are named in plain text, never in code style.
-README.md's layout block (fenced ``text``) is held to the same path rule,
-names a folder per layer, and README must point to ARCHITECTURE.md.
+The pages the map sends the reader to for detail (docs/*.md: the standby
+coordinator, the registry front door) are held to the same rules. Every
+folder of the package is on the map's layout block, README.md's layout block
+(fenced ``text``) is held to the path rule and names every folder too, and
+README must point to ARCHITECTURE.md. The map stays about a page
+(:data:`MAX_ARCHITECTURE_LINES`): detail goes to docs/.
 
 Pure file reading and ``ast``: no process, no network, well under a second.
 """
@@ -28,6 +32,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 ARCHITECTURE = REPO / "ARCHITECTURE.md"
 README = REPO / "README.md"
+#: the pages of detail ARCHITECTURE.md points to
+DETAIL_PAGES = sorted((REPO / "docs").glob("*.md"))
+#: issue 15's "one page", give or take: the map grew to 598 lines as features landed in it
+#: (session 14 moved the standby's and the front door's detail to docs/)
+MAX_ARCHITECTURE_LINES = 420
 #: where the package's modules live (every layer is a folder of it)
 PACKAGE = REPO / "src" / "rainbowd"
 #: trees whose top-level definitions a class or constant name may refer to
@@ -153,6 +162,42 @@ def test_architecture_names_only_what_exists() -> None:
     assert counts["paths"] >= MIN_PATHS, counts
     assert counts["modules"] >= MIN_MODULES, counts
     assert counts["names"] >= MIN_NAMES, counts
+
+
+def test_detail_pages_name_only_what_exists() -> None:
+    assert DETAIL_PAGES, "docs/ has no page"
+    architecture = ARCHITECTURE.read_text()
+    for page in DETAIL_PAGES:
+        problems, _ = _problems(page.read_text(), names=True)
+        assert not problems, f"{page.relative_to(REPO)} is out of date:\n" + "\n".join(problems)
+        name = str(page.relative_to(REPO))
+        assert name in architecture, f"ARCHITECTURE.md never points to {name}"
+
+
+def test_architecture_stays_about_a_page() -> None:
+    lines = len(ARCHITECTURE.read_text().splitlines())
+    assert lines <= MAX_ARCHITECTURE_LINES, (
+        f"ARCHITECTURE.md has {lines} lines: move detail to a page of docs/ and point to it"
+    )
+
+
+def _package_folders() -> list[str]:
+    """Every folder of the package that holds modules, as ``src/rainbowd/agent/mirror/``."""
+    inits = [p for p in PACKAGE.rglob("__init__.py") if p.parent != PACKAGE]
+    return sorted(f"{p.parent.relative_to(REPO)}/" for p in inits)
+
+
+def test_every_folder_is_on_the_map() -> None:
+    """ARCHITECTURE.md's layout names each folder of the package; README's names each too."""
+    folders = _package_folders()
+    assert "src/rainbowd/agent/mirror/" in folders  # the walk sees sub-folders
+    on_map = set(_text_block_paths(ARCHITECTURE.read_text()))
+    assert not set(folders) - on_map, sorted(set(folders) - on_map)
+    readme_layout = "\n".join(
+        body for lang, body in FENCE.findall(README.read_text()) if lang == "text"
+    )
+    missing = [f for f in folders if f.split("/")[-2] + "/" not in readme_layout]
+    assert not missing, f"README.md's layout does not name {missing}"
 
 
 def test_readme_layout_agrees_and_points_to_architecture() -> None:

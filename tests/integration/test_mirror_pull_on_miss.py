@@ -28,7 +28,7 @@ import aiohttp
 import pytest
 
 from clients import run, skopeo
-from rainbowd.agent.origin.registry import DOCKER_MANIFEST
+from rainbowd.agent.origin.registry_names import DOCKER_MANIFEST
 from rainbowd.core import messages as m
 from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec
 from registry_fixtures import RegistryProcess, skopeo_push

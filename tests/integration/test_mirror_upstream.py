@@ -36,7 +36,7 @@ import pytest
 from clients import run, skopeo
 from containerd_fixtures import ContainerdProcess, hosts_dir, start_or_missing
 from rainbowd.agent.mirror.clientconfig import docker_daemon_json
-from rainbowd.agent.origin.registry import DOCKER_LIST, DOCKER_MANIFEST, host_platform
+from rainbowd.agent.origin.registry_names import DOCKER_LIST, DOCKER_MANIFEST, host_platform
 from rainbowd.core import messages as m
 from rainbowd.devcluster.dockerd import DockerdError, PrivateDockerd
 from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec

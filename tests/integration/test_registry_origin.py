@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from rainbowd.agent.origin.registry import (
+from rainbowd.agent.origin.registry import ingest_registry
+from rainbowd.agent.origin.registry_names import (
     ACCEPT,
     DOCKER_LIST,
     DOCKER_MANIFEST,
@@ -25,7 +26,6 @@ from rainbowd.agent.origin.registry import (
     OCI_MANIFEST,
     RegistryError,
     host_platform,
-    ingest_registry,
     parse_platform,
     parse_reference,
 )

@@ -37,6 +37,7 @@ from aiohttp import web
 from rainbowd.core.chunks import DEFAULT_CHUNK_SIZE
 from rainbowd.core.lease import LEASE_S
 from rainbowd.core.sched.scheduler import DEFAULT_POLICY, POLICIES
+from rainbowd.lib.atomicfile import write_atomic
 from rainbowd.lib.log import configure
 
 from . import auth, config
@@ -262,8 +263,8 @@ async def serve(cfg: config.CoordinatorConfig) -> None:
             admin_token_file=str(cfg.admin_token_path),
             metrics_token_file=str(cfg.metrics_token_path),
         )
-        if cfg.ready_file:
-            cfg.ready_file.write_text(f"{host}:{port}\n")
+        if cfg.ready_file:  # in one step: a watcher that sees the file reads the whole address
+            write_atomic(cfg.ready_file, f"{host}:{port}\n".encode(), mode=0o644)
 
     try:
         if store.backend == "postgresql":

@@ -1,7 +1,7 @@
 """How a coordinator that does not lead tells a client where the leader is.
 
-Several coordinators may share one database (ARCHITECTURE.md, "Standby
-coordinator"); one leads, the others stand by. A standby answers every request
+Several coordinators may share one database
+(docs/standby-coordinator.md); one leads, the others stand by. A standby answers every request
 under ``/v1/`` except ``GET /v1/health`` with HTTP 503, an ``ErrorReply`` whose
 error contains :data:`NOT_LEADER` (see :func:`not_leader_error`), and, when
 it knows the leader, the leader's base URL in :data:`LEADER_HEADER`. A client

@@ -1,7 +1,7 @@
 """The leader lease, sans I/O: when to acquire, when to renew, when to stop leading.
 
 Coordinators sharing one PostgreSQL compete for one lease row (the design:
-ARCHITECTURE.md, "Leader election"; the statements: coordinator/state/lease.py).
+docs/standby-coordinator.md, "Leader election"; the statements: coordinator/state/lease.py).
 This class holds only the decisions, with the time passed in (a monotonic
 clock of the coordinator's own host), so a fake clock tests every case and the
 process around it (coordinator/http/leadership.py) only does what it is told:

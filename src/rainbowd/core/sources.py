@@ -109,7 +109,7 @@ def registry_name(reference: str) -> tuple[str, str, str] | None:
     a namespace gets ``library/`` (what clients ask a registry for); no tag
     and no digest is ``latest``; a reference pinned by digest alone has no tag
     (None: no tag resolves to it). The origin parses references strictly
-    (agent/origin/registry.py) before anything is ingested; this only
+    (agent/origin/registry_names.py) before anything is ingested; this only
     re-reads one it took.
     """
     host, sep, rest = reference.partition("/")

@@ -1,7 +1,7 @@
 """Which coordinator to ask next: the list of URLs a client follows the leader through.
 
 A cluster may run several coordinators on one database, one leading and the
-others standing by (ARCHITECTURE.md, "Standby coordinator"). Agents and ``rbd``
+others standing by (docs/standby-coordinator.md). Agents and ``rbd``
 are configured with all their URLs; :class:`CoordinatorList` remembers which
 one answered last (the leader, so later calls go there first), and a
 :class:`Walk` decides, for one call, which URL to try after an attempt failed

@@ -1,6 +1,6 @@
 """The host's platform in Docker/OCI naming: what an image index entry is matched against.
 
-Shared by the origins that pick a platform from an index (agent/origin/registry.py,
+Shared by the origins that pick a platform from an index (agent/origin/registry_names.py,
 ocilayout.py) and by the demo image builder, so all three name the host alike.
 """
 

@@ -1,7 +1,7 @@
 """A coordinator on PostgreSQL: stand by, take over, step down (issue 16).
 
 Any number of coordinators share one PostgreSQL; the one holding the lease
-row leads (ARCHITECTURE.md, "Leader election"). :class:`Leadership` runs the
+row leads (docs/standby-coordinator.md, "Leader election"). :class:`Leadership` runs the
 lease for one process -- the decisions are rainbowd.core.lease's
 :class:`~rainbowd.core.lease.LeaseKeeper`, the statements
 coordinator/state/lease.py -- and serves the app of its role on its one

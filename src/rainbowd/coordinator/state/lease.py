@@ -1,7 +1,7 @@
 """The leader lease's statements: acquire, renew, release, read (the table: schema 4).
 
 Coordinators sharing one PostgreSQL compete for the one row of ``leader``; the
-design is in ARCHITECTURE.md ("Leader election"), the decisions of when to
+design is in docs/standby-coordinator.md ("Leader election"), the decisions of when to
 run these in rainbowd.core.lease, and the process around them in
 coordinator/http/leadership.py. Times are the database's own clock
 (``now()``), so the hosts' clocks never meet.

@@ -124,6 +124,31 @@ class PaperPass:
                 insort(self._idle.setdefault(layer, []), want)
         node.idle_key = want
 
+    # -- events Algorithm 1 has no use for (policy.PolicyPass) --------------
+    def sizes_changing(self) -> None:
+        """Algorithm 1 needs no layer sizes."""
+
+    def size_set(self) -> None:
+        """Algorithm 1 needs no layer sizes."""
+
+    def started(self, t: Transfer) -> None:
+        """Nothing reserved: a transfer holds its seeder and demander by their locks."""
+
+    def seeder_booked(self, seeder: Node) -> None:
+        """Nothing yet: the idle lists stay as they were during :meth:`plan`'s walk (its
+        reasons count the slower idle holders left), which takes its seeders out at its end."""
+
+    def failed(self, t: Transfer) -> float | None:
+        """No estimate moves on a failure; None."""
+        return None
+
+    def ended(self, t: Transfer) -> None:
+        """Nothing to give back: the scheduler re-indexes both nodes as it unlocks them."""
+
+    def completed(self, t: Transfer, now: float, bytes_moved: int) -> bool:
+        """False: the scheduler measures the seeder's speed its own way for ``paper``."""
+        return False
+
     # -- the pass --------------------------------------------------------
     def plan(self, now: float) -> list[Transfer]:
         """Start every transfer Algorithm 1 allows right now.

@@ -5,11 +5,13 @@ coordinator feeds it events (a node came up, a layer is held, a transfer
 finished) with the current time passed in, and asks :meth:`Scheduler.schedule`
 for new transfers. Unit tests and the simulator drive this same class.
 
-Policy ``paper`` is Algorithm 1 of RainbowD applied per layer; its indexes
-and its pass are :class:`~rainbowd.core.sched.paper.PaperPass` (paper.py).
-The capacity-aware policies are the planner of policies/. Either sees this
-class only as a :class:`~rainbowd.core.sched.view.SchedulerView` and starts
-each transfer through :meth:`Scheduler.start_transfer`; the locks a transfer
+The scheduler holds one policy's pass, a
+:class:`~rainbowd.core.sched.policy.PolicyPass`, and tells it every change of
+the records: policy ``paper`` is Algorithm 1 of RainbowD applied per layer
+(:class:`~rainbowd.core.sched.paper.PaperPass`, paper.py), the capacity-aware
+policies are the planner of policies/. Either sees this class only as a
+:class:`~rainbowd.core.sched.view.SchedulerView` and starts each transfer
+through :meth:`Scheduler.start_transfer`; the locks a transfer
 holds on its nodes are kept by
 :class:`~rainbowd.core.sched.transfers.ActiveTransfers` (transfers.py).
 
@@ -43,6 +45,7 @@ from collections.abc import Set as AbstractSet
 from .layers import LayerRecords
 from .paper import PAPER, PaperPass
 from .policies import RULES, Planner
+from .policy import PolicyPass
 from .reasons import TransferReason
 from .records import Demand, Node, Transfer
 from .transfers import ActiveTransfers
@@ -92,8 +95,9 @@ class Scheduler:
         #: layer -> chunk size in bytes, where known (``relay`` bounds the lag of a chain with it)
         self.layer_chunks: Mapping[str, int] = self._layers.chunks
         #: the policy's pass: the planner of policies/, or Algorithm 1's (``paper``)
-        self._planner = Planner(RULES[policy], self) if policy in RULES else None
-        self._paper = PaperPass(self) if self._planner is None else None
+        self._pass: PolicyPass = (
+            Planner(RULES[policy], self) if policy in RULES else PaperPass(self)
+        )
 
     # -- nodes -----------------------------------------------------------
     def add_node(
@@ -201,19 +205,15 @@ class Scheduler:
         ``relay`` also with the chunk size, since a relay hop forwards whole
         verified chunks (each hop adds a chunk's time to the lag).
         """
-        if self._planner is not None:
-            self._planner.flush()  # demanders changed before re-key with the sizes they saw
-        if self._layers.set_size(layer, size) and self._planner is not None:
-            self._planner.layer_size_set()
+        self._pass.sizes_changing()
+        if self._layers.set_size(layer, size):
+            self._pass.size_set()
         self._layers.set_chunk_size(layer, chunk_size)
 
     def add_holding(self, node_id: str, layer: str) -> None:
         node = self._node(node_id)
         if self._layers.add_holder(node, layer):
-            if self._paper is not None:
-                self._paper.holding_added(node, layer)
-            if self._planner is not None:
-                self._planner.holding_added(node, layer)
+            self._pass.holding_added(node, layer)
         if self._layers.drop_demand(node, layer):
             self._touch(node)
 
@@ -227,10 +227,7 @@ class Scheduler:
         node = self.nodes.get(node_id)
         if node is None or not self._layers.remove_holder(node, layer):
             return
-        if self._paper is not None:
-            self._paper.holding_removed(node, layer)
-        if self._planner is not None:
-            self._planner.holding_removed(node, layer)
+        self._pass.holding_removed(node, layer)
 
     def holds(self, node_id: str, layer: str) -> bool:
         return layer in self._node(node_id).holdings
@@ -249,10 +246,7 @@ class Scheduler:
         d = self._layers.add_demand(node, layer, job_id, now)
         if d is None:
             return False
-        if self._paper is not None:
-            self._paper.demand_added(node, d)
-        if self._planner is not None:
-            self._planner.demand_added(node, d)
+        self._pass.demand_added(node, d)
         return True
 
     def cancel_demand(self, node_id: str, layer: str) -> None:
@@ -327,10 +321,7 @@ class Scheduler:
         """
         if self._avoid:
             self._avoid = {k: v for k, v in self._avoid.items() if v > now}
-        if self._planner is not None:
-            return self._planner.plan(now)
-        assert self._paper is not None
-        return self._paper.plan(now)
+        return self._pass.plan(now)
 
     def allowed(self, demander_id: str, seeder_id: str) -> bool:
         """Whether ``seeder_id`` may serve ``demander_id`` now (not itself, not avoided)."""
@@ -354,9 +345,9 @@ class Scheduler:
         if 0 < demander.max_download_bps < expected:
             expected = demander.max_download_bps
         if reason is None:
-            if self._paper is None:
+            reason = self._pass.reason(seeder, demander, demand)
+            if reason is None:
                 raise SchedulerError(f"policy {self.policy!r} starts transfers with a reason")
-            reason = self._paper.reason(seeder, demander, demand)
         t = Transfer(
             transfer_id=self._new_id(),
             layer=demand.layer,
@@ -372,8 +363,7 @@ class Scheduler:
             plan_hook(t)
         self._lock(t, seeder, demander)
         self._touch(demander)
-        if self._planner is not None:
-            self._sync_idle(seeder)
+        self._pass.seeder_booked(seeder)
         return t
 
     # -- outcomes --------------------------------------------------------
@@ -385,9 +375,7 @@ class Scheduler:
         """
         t = self._get(transfer_id)
         seconds = now - t.started_at
-        if self._planner is not None:
-            self._planner.observe(t, now, bytes_moved)
-        elif bytes_moved > 0 and seconds > 0:
+        if not self._pass.completed(t, now, bytes_moved) and bytes_moved > 0 and seconds > 0:
             rate = bytes_moved / seconds
             demander = self.nodes.get(t.demander)
             cap = demander.max_download_bps if demander is not None else 0.0
@@ -403,8 +391,7 @@ class Scheduler:
     def fail(self, transfer_id: str) -> Transfer:
         """The transfer broke: both sides are free; the demand waits for a seeder again."""
         t = self._get(transfer_id)
-        if self._planner is not None:
-            self._planner.failed(t)
+        self._pass.failed(t)
         self._release(t)
         return t
 
@@ -417,14 +404,12 @@ class Scheduler:
     # -- bookkeeping -----------------------------------------------------
     def _lock(self, t: Transfer, seeder: Node, demander: Node) -> None:
         self._active.lock(t, seeder, demander)
-        if self._planner is not None:
-            self._planner.started(t)
+        self._pass.started(t)
 
     def _release(self, t: Transfer) -> None:
         if not self._active.forget(t):
             return
-        if self._planner is not None:
-            self._planner.ended(t)
+        self._pass.ended(t)
         seeder, demander = self.nodes[t.seeder], self.nodes[t.demander]
         self._active.unlock(t, seeder, demander)
         self._touch(demander)
@@ -433,17 +418,11 @@ class Scheduler:
     def _touch(self, node: Node) -> None:
         """``node``'s standing as a demander changed: its version moves, the policy re-ranks it."""
         node.version += 1
-        if self._planner is not None:
-            self._planner.refresh(node)
-        elif self._paper is not None:
-            self._paper.demander_changed(node)
+        self._pass.demander_changed(node)
 
     def _sync_idle(self, node: Node) -> None:
         """``node``'s standing as a seeder changed (speed, up, sending): the policy re-ranks it."""
-        if self._planner is not None:
-            self._planner.refresh(node)
-        elif self._paper is not None:
-            self._paper.seeder_changed(node)
+        self._pass.seeder_changed(node)
 
     def _node(self, node_id: str) -> Node:
         try:

@@ -5,6 +5,8 @@ ended, observed, failed), and the planner gives back the reservations and, with
 ``ewma``, moves the speed estimate of the side that limited a transfer
 (rules.py, measured speeds). The rest of :class:`Planner` is in its bases:
 state.py -> seeders.py -> demanders.py -> fit.py -> walk.py, one concern each.
+The scheduler sees it as a :class:`~rainbowd.core.sched.policy.PolicyPass`;
+the last methods here are that protocol's names for what the bases do.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from .state import (
 from .walk import Walker
 
 if TYPE_CHECKING:
-    from ..records import Transfer
+    from ..reasons import TransferReason
+    from ..records import Demand, Node, Transfer
 
 
 class Planner(Walker):
@@ -98,3 +101,28 @@ class Planner(Walker):
         node = self._s.nodes[t.seeder]
         node.speed_bps = max(MIN_SPEED_BPS, node.speed_bps * FAILED_FACTOR)
         return node.speed_bps
+
+    # -- the rest of the PolicyPass protocol (policy.py) -------------------------
+    def reason(self, seeder: Node, demander: Node, demand: Demand) -> TransferReason | None:
+        """None: the planner gives each transfer it starts its reason (Fitter)."""
+        return None
+
+    def demander_changed(self, node: Node) -> None:
+        self.refresh(node)
+
+    def seeder_changed(self, node: Node) -> None:
+        self.refresh(node)
+
+    def seeder_booked(self, seeder: Node) -> None:
+        self.refresh(seeder)
+
+    def sizes_changing(self) -> None:
+        self.flush()  # demanders changed before: re-key them with the sizes they saw
+
+    def size_set(self) -> None:
+        self.layer_size_set()
+
+    def completed(self, t: Transfer, now: float, bytes_moved: int) -> bool:
+        """The planner measures speeds itself (:meth:`observe`)."""
+        self.observe(t, now, bytes_moved)
+        return True
