@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+import early_sim_gate
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.measures import Measures
@@ -31,11 +33,17 @@ ROOT = Path(__file__).resolve().parents[2]
 PROFILES = ROOT / "bench" / "profiles"
 
 
-def test_no_shape_is_worse_than_its_record() -> None:
+@pytest.fixture
+def gate_runs(request: pytest.FixtureRequest) -> list[SuiteRun]:
+    """Every suite shape at the record's sizes: computed by the process the session started
+    (tests/support/early_sim_gate.py), as many at once as the machine has cores."""
+    return early_sim_gate.runs_for(request.config)
+
+
+def test_no_shape_is_worse_than_its_record(gate_runs: list[SuiteRun]) -> None:
     record = read_record(GATE)
     profiles = suite_profiles(record["random"], record["seeds_from"])
-    # deterministic runs, so as many at once as the machine has cores
-    runs = run_suite(profiles, record["nodes"], DEFAULT_POLICY, workers=os.cpu_count() or 1)
+    runs = gate_runs
     assert len(runs) == len(profiles) * len(record["nodes"]) >= 16
     problems = check(runs, record)
     assert not problems, (
