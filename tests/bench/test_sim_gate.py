@@ -11,8 +11,6 @@ Re-record after a deliberate change: ``python -m bench.sim suite --record``.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -134,32 +132,19 @@ def _numbers(path: Path) -> list[dict[str, object]]:
     ]
 
 
-def test_the_same_seed_gives_the_same_numbers_in_another_process(tmp_path: Path) -> None:
-    """Not even Python's per-process string hashing may move a number.
+@pytest.fixture
+def hash_seed_outputs(request: pytest.FixtureRequest, tmp_path: Path) -> list[Path]:
+    """``python -m bench.sim`` + early_sim_gate.SAME_SEED_ARGS once per PYTHONHASHSEED (1, 2),
+    at once, started by the session (tests/support/early_sim_gate.py): each run's JSON."""
+    return early_sim_gate.hash_seed_outputs(request.config, tmp_path)
 
-    The two processes run at once (each is one process; CI has two cores).
-    """
-    procs = []
-    for hash_seed in ("1", "2"):
-        out = tmp_path / f"s{hash_seed}.json"
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.sim", "suite", "--nodes", "60",
-             "--only", "bimodal,random-asymmetric,drawn-2", "--random", "2", "--out", str(out)],
-            cwd=ROOT, env={**os.environ, "PYTHONHASHSEED": hash_seed},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        procs.append((proc, out))
-    outs = []
-    try:
-        for proc, out in procs:
-            printed, _ = proc.communicate(timeout=120)
-            assert proc.returncode == 0, printed.decode(errors="replace")
-            outs.append(_numbers(out))
-    finally:
-        for proc, _ in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+
+def test_the_same_seed_gives_the_same_numbers_in_another_process(
+    hash_seed_outputs: list[Path],
+) -> None:
+    """Not even Python's per-process string hashing may move a number."""
+    assert early_sim_gate.HASH_SEEDS == ("1", "2")
+    outs = [_numbers(out) for out in hash_seed_outputs]
     assert outs[0] == outs[1] and len(outs[0]) == 3
 
 
