@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import tarfile
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -219,16 +221,26 @@ async def test_a_rotten_blob_fails_the_load_and_creates_no_image(
 
 
 async def test_an_unreachable_containerd_is_not_available_and_fails_a_load(
-    stored: tuple[LayerStore, ImageRecord], tmp_path: Path
+    stored: tuple[LayerStore, ImageRecord],
 ) -> None:
+    """A containerd that died: its socket is left, and nothing listens on it.
+
+    ctr is refused at once there; a socket path that does not exist at all makes
+    ctr wait out its whole connect timeout (CTR_CONNECT_SECONDS) per call, for the
+    same failure, seen the same way by rbd.
+    """
     store, image = stored
     if ContainerdProcess.available():  # ctr itself is needed to see it fail
         missing_dependency(ContainerdProcess.available())
-    loader = ContainerdLoader(str(tmp_path / "absent.sock"), "k8s.io")
-    assert not await loader.available()
-    with pytest.raises(ContainerdLoadError) as e:
-        await loader.load(image, store)
-    assert image.ref in str(e.value) and str(tmp_path / "absent.sock") in str(e.value)
+    with tempfile.TemporaryDirectory(prefix="rbd-ctrd-") as short:  # a socket path's 107 bytes
+        stale = str(Path(short) / "c.sock")
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(stale)  # closed without unlinking: the file stays, nobody listens
+        loader = ContainerdLoader(stale, "k8s.io")
+        assert not await loader.available()
+        with pytest.raises(ContainerdLoadError) as e:
+            await loader.load(image, store)
+    assert image.ref in str(e.value) and stale in str(e.value)
 
 
 async def test_a_missing_ctr_is_not_available(tmp_path: Path) -> None:

@@ -11,12 +11,12 @@ Re-record after a deliberate change: ``python -m bench.sim suite --record``.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+import early_sim_gate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -31,11 +31,17 @@ ROOT = Path(__file__).resolve().parents[2]
 PROFILES = ROOT / "bench" / "profiles"
 
 
-def test_no_shape_is_worse_than_its_record() -> None:
+@pytest.fixture
+def gate_runs(request: pytest.FixtureRequest) -> list[SuiteRun]:
+    """Every suite shape at the record's sizes: computed by the process the session started
+    (tests/support/early_sim_gate.py), as many at once as the machine has cores."""
+    return early_sim_gate.runs_for(request.config)
+
+
+def test_no_shape_is_worse_than_its_record(gate_runs: list[SuiteRun]) -> None:
     record = read_record(GATE)
     profiles = suite_profiles(record["random"], record["seeds_from"])
-    # deterministic runs, so as many at once as the machine has cores
-    runs = run_suite(profiles, record["nodes"], DEFAULT_POLICY, workers=os.cpu_count() or 1)
+    runs = gate_runs
     assert len(runs) == len(profiles) * len(record["nodes"]) >= 16
     problems = check(runs, record)
     assert not problems, (
@@ -126,18 +132,19 @@ def _numbers(path: Path) -> list[dict[str, object]]:
     ]
 
 
-def test_the_same_seed_gives_the_same_numbers_in_another_process(tmp_path: Path) -> None:
+@pytest.fixture
+def hash_seed_outputs(request: pytest.FixtureRequest, tmp_path: Path) -> list[Path]:
+    """``python -m bench.sim`` + early_sim_gate.SAME_SEED_ARGS once per PYTHONHASHSEED (1, 2),
+    at once, started by the session (tests/support/early_sim_gate.py): each run's JSON."""
+    return early_sim_gate.hash_seed_outputs(request.config, tmp_path)
+
+
+def test_the_same_seed_gives_the_same_numbers_in_another_process(
+    hash_seed_outputs: list[Path],
+) -> None:
     """Not even Python's per-process string hashing may move a number."""
-    outs = []
-    for hash_seed in ("1", "2"):
-        out = tmp_path / f"s{hash_seed}.json"
-        subprocess.run(
-            [sys.executable, "-m", "bench.sim", "suite", "--nodes", "60",
-             "--only", "bimodal,random-asymmetric,drawn-2", "--random", "2", "--out", str(out)],
-            cwd=ROOT, env={**os.environ, "PYTHONHASHSEED": hash_seed},
-            check=True, capture_output=True, timeout=120,
-        )  # fmt: skip
-        outs.append(_numbers(out))
+    assert early_sim_gate.HASH_SEEDS == ("1", "2")
+    outs = [_numbers(out) for out in hash_seed_outputs]
     assert outs[0] == outs[1] and len(outs[0]) == 3
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -14,15 +15,17 @@ from pathlib import Path
 
 import pytest
 
-from coordinator_support import state_url_args
+from coordinator_support import register_request, state_url_args
 from rainbowd.coordinator import auth, config
+from rainbowd.coordinator.core import MAX_WAIT
 from rainbowd.coordinator.jobs import Job
 from rainbowd.coordinator.mailbox import Mailbox
 from rainbowd.core.messages import ArchiveSource, IngestAssignment, SeederUse, encode
 from rainbowd.core.sched.jobdriver import MAX_LAYER_FAILURES
 from rainbowd.core.sched.reasons import TransferReason
+from rainbowd.lib.client import AdminClient, AgentClient, ApiError
 from rainbowd.lib.progress import job_report, summary
-from waiting import settle, wait_until_sync
+from waiting import settle, wait_until, wait_until_sync
 
 L1, L2 = "sha256:" + "1" * 64, "sha256:" + "2" * 64
 
@@ -284,6 +287,72 @@ def test_cli_starts_serves_and_stops_on_sigterm(state_backend: str, tmp_path: Pa
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+async def test_sigterm_does_not_wait_out_a_parked_long_poll(
+    state_backend: str, tmp_path: Path
+) -> None:
+    """An agent's long-poll parked for MAX_WAIT does not hold a stopping coordinator up.
+
+    Requests in flight get a short grace (cli.SHUTDOWN_GRACE_S, as a role switch
+    gives them), then they are cancelled and the process exits 0. (With aiohttp's
+    own 60 s grace, a SQLite coordinator sat out the poll's whole wait.)
+    """
+    state = tmp_path / "state"
+    ready = tmp_path / "ready"
+    argv = ["-m", "rainbowd.coordinator.cli", "--listen", "127.0.0.1:0", "--state-dir", str(state),
+            *state_url_args(state), "--ready-file", str(ready)]  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, *argv, stderr=asyncio.subprocess.PIPE
+    )
+    assert proc.stderr is not None
+
+    async def printed() -> str:
+        return (await proc.stderr.read()).decode(errors="replace") if proc.stderr else ""
+
+    try:
+        await wait_until(
+            lambda: ready.exists() or proc.returncode is not None,
+            timeout=15,
+            what="the coordinator's ready file (or its exit)",
+        )
+        assert ready.exists(), await printed()
+        url = f"http://{ready.read_text().strip()}"
+        async with AdminClient(url, "") as health_only:  # health needs no token
+
+            async def leads() -> bool:  # on PostgreSQL it stands by until it has the lease
+                return (await health_only.health()).get("role") == "leader"
+
+            await wait_until(leads, timeout=15, what="the coordinator to lead")
+            agent = AgentClient(url)
+            await agent.open()
+            try:
+                token = (state / "join-token").read_text().strip()
+                joined = await agent.register(register_request("n1", join=token))
+                news = await agent.assignments(0, joined.trust.version, wait=0)
+                # nothing new after this cursor: the poll parks for its whole wait
+                poll = asyncio.create_task(
+                    agent.assignments(news.cursor, joined.trust.version, wait=MAX_WAIT)
+                )
+                await health_only.health()  # answered after the poll's request, sent first
+                assert not poll.done()
+                proc.send_signal(signal.SIGTERM)
+                # the failure deadline: well under the poll's wait, which the old grace sat out
+                stderr = asyncio.ensure_future(printed())  # read on: a full pipe would block it
+                try:
+                    async with asyncio.timeout(MAX_WAIT / 2):
+                        code = await proc.wait()
+                except TimeoutError:
+                    pytest.fail(f"still running {MAX_WAIT / 2:g} s after SIGTERM: the poll held it")
+                assert code == 0, await stderr
+                with contextlib.suppress(ApiError):
+                    await poll  # an empty batch, or the connection closed under it
+            finally:
+                await agent.close()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
 
 
 @pytest.mark.backends("sqlite")  # touches no state store

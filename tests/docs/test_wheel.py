@@ -50,11 +50,23 @@ def _sh(command: str, *, env: dict[str, str] | None = None, timeout: float = 300
     return proc.stdout
 
 
-def _build_wheel() -> Path:
-    proc = subprocess.run(["make", "wheel"], cwd=REPO, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0 and "No matching distribution found for setuptools" in proc.stderr:
-        missing_dependency("make wheel: the package index is unreachable\n" + proc.stderr)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+def _start_wheel() -> subprocess.Popen[str]:
+    """``make wheel``, started: it runs while the test makes the venv to install it into."""
+    return subprocess.Popen(
+        ["make", "wheel"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _built_wheel(make: subprocess.Popen[str]) -> Path:
+    try:
+        out, err = make.communicate(timeout=600)
+    finally:
+        if make.poll() is None:
+            make.kill()
+            make.wait()
+    if make.returncode != 0 and "No matching distribution found for setuptools" in err:
+        missing_dependency("make wheel: the package index is unreachable\n" + err)
+    assert make.returncode == 0, out + err
     (wheel,) = (REPO / "dist").glob("rainbowd-*.whl")
     return wheel
 
@@ -86,8 +98,14 @@ def _install_md(section: str) -> list[str]:
 
 
 def test_make_wheel_installs_as_install_md_says_and_runs(tmp_path: Path) -> None:
-    wheel = _build_wheel()
-    venv = _fresh_venv(tmp_path)
+    make = _start_wheel()  # the two venvs (make's build venv, INSTALL.md's) are made at once
+    try:
+        venv = _fresh_venv(tmp_path)
+    except BaseException:
+        make.kill()
+        make.wait()
+        raise
+    wheel = _built_wheel(make)
     offline = {"PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
 
     install = _install_md("1. Software")

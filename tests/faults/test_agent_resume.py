@@ -37,6 +37,7 @@ from rainbowd.core import messages as m
 from rainbowd.core.chunks import ChunkBitmap, ChunkManifest
 from rainbowd.devcluster.imagebuild import BUSYBOX, build_demo_image
 from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec
+from testdeps import missing_dependency
 from waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -51,7 +52,7 @@ MiB = 1024 * 1024
 @pytest.fixture(scope="module")
 def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not BUSYBOX.is_file():
-        pytest.skip(f"{BUSYBOX} missing: apt-get install busybox-static")
+        missing_dependency(f"{BUSYBOX} missing: apt-get install busybox-static")
     out = tmp_path_factory.mktemp("resume") / "resume.tar"
     return build_demo_image(out, ref=REF, payload_mib=PAYLOAD_MIB, seed=7)
 

@@ -24,6 +24,7 @@ from invariants import InvariantMonitor
 from rainbowd.core import messages as m
 from rainbowd.devcluster.imagebuild import BUSYBOX, build_demo_image
 from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec
+from testdeps import missing_dependency
 from waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -38,7 +39,7 @@ NODES = ["n1", "n2", "n3", "n4", "n5"]
 @pytest.fixture(scope="module")
 def big_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not BUSYBOX.is_file():
-        pytest.skip(f"{BUSYBOX} missing: apt-get install busybox-static")
+        missing_dependency(f"{BUSYBOX} missing: apt-get install busybox-static")
     return build_demo_image(tmp_path_factory.mktemp("img") / "big.tar", payload_mib=PAYLOAD_MIB)
 
 

@@ -38,6 +38,7 @@ from rainbowd.devcluster.coordprocs import CoordinatorProcess
 from rainbowd.devcluster.imagebuild import BUSYBOX, build_demo_image
 from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec, free_port
 from rainbowd.devcluster.pgserver import PostgresServer
+from testdeps import missing_dependency
 from waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -128,7 +129,7 @@ async def test_a_distribution_in_flight_completes_after_the_leader_is_killed(
     tmp_path: Path, postgres: PostgresServer
 ) -> None:
     if not BUSYBOX.is_file():
-        pytest.skip(f"{BUSYBOX} missing: apt-get install busybox-static")
+        missing_dependency(f"{BUSYBOX} missing: apt-get install busybox-static")
     archive = build_demo_image(tmp_path / "img.tar", payload_mib=PAYLOAD_MIB)
     state_url = postgres.create_database(str(tmp_path / "pair"))
     a_port, b_port = free_port(), free_port()

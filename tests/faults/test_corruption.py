@@ -41,6 +41,7 @@ from rainbowd.core import messages as m
 from rainbowd.devcluster.imagebuild import BUSYBOX, build_demo_image
 from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec
 from rainbowd.lib.client import AdminClient
+from testdeps import missing_dependency
 
 pytestmark = pytest.mark.integration
 
@@ -53,7 +54,7 @@ DEMANDERS = ["n1", "n2", "n3"]
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     if not BUSYBOX.is_file():
-        pytest.skip(f"{BUSYBOX} missing: apt-get install busybox-static")
+        missing_dependency(f"{BUSYBOX} missing: apt-get install busybox-static")
     d = tmp_path_factory.mktemp("corrupt")
     return (
         build_demo_image(d / "small.tar", ref=SMALL, payload_mib=1, seed=1),

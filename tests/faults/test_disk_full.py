@@ -28,6 +28,7 @@ from invariants import InvariantMonitor
 from rainbowd.core import messages as m
 from rainbowd.devcluster.imagebuild import BUSYBOX, build_demo_image
 from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec
+from testdeps import missing_dependency
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +40,7 @@ OTHERS = ["origin", "n1", "n2"]
 @pytest.fixture(scope="module")
 def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not BUSYBOX.is_file():
-        pytest.skip(f"{BUSYBOX} missing: apt-get install busybox-static")
+        missing_dependency(f"{BUSYBOX} missing: apt-get install busybox-static")
     out = tmp_path_factory.mktemp("disk") / "disk.tar"
     return build_demo_image(out, ref=REF, payload_mib=16, seed=3)
 
@@ -47,7 +48,7 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
     if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root and mount(8)")
+        missing_dependency("mounting a tmpfs needs root and mount(8)")
     specs = [
         NodeSpec("origin", roles=["origin"], speed_hint_mbps=1000),
         NodeSpec("n1"),

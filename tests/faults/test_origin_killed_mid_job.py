@@ -22,6 +22,7 @@ from invariants import InvariantMonitor
 from rainbowd.core import messages as m
 from rainbowd.devcluster.imagebuild import BUSYBOX, build_demo_image
 from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec
+from testdeps import missing_dependency
 from waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -37,7 +38,7 @@ HEARTBEAT_S = 0.5
 @pytest.fixture(scope="module")
 def image_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not BUSYBOX.is_file():
-        pytest.skip(f"{BUSYBOX} missing: apt-get install busybox-static")
+        missing_dependency(f"{BUSYBOX} missing: apt-get install busybox-static")
     return build_demo_image(tmp_path_factory.mktemp("img") / "app.tar", payload_mib=PAYLOAD_MIB)
 
 

@@ -39,6 +39,7 @@ from rainbowd.core.sched.pieces import PieceScheduler
 from rainbowd.core.sched.policies import RULES
 from rainbowd.devcluster.imagebuild import BUSYBOX, build_demo_image
 from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec
+from testdeps import missing_dependency
 from waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -52,7 +53,7 @@ UPLOAD_MBPS = 24  # 3 MB/s per seeder: the payload layer takes ~6 s from one see
 @pytest.fixture(scope="module")
 def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not BUSYBOX.is_file():
-        pytest.skip(f"{BUSYBOX} missing: apt-get install busybox-static")
+        missing_dependency(f"{BUSYBOX} missing: apt-get install busybox-static")
     out = tmp_path_factory.mktemp("pieces") / "pieces.tar"
     return build_demo_image(out, ref=REF, payload_mib=PAYLOAD_MIB, seed=13)
 

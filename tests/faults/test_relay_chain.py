@@ -28,6 +28,7 @@ from invariants import InvariantMonitor
 from rainbowd.core import messages as m
 from rainbowd.devcluster.imagebuild import BUSYBOX, build_demo_image
 from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec
+from testdeps import missing_dependency
 from waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -41,7 +42,7 @@ UPLOAD_MBPS = 64  # 8 MB/s per agent: the payload layer takes ~3 s per hop
 @pytest.fixture(scope="module")
 def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not BUSYBOX.is_file():
-        pytest.skip(f"{BUSYBOX} missing: apt-get install busybox-static")
+        missing_dependency(f"{BUSYBOX} missing: apt-get install busybox-static")
     out = tmp_path_factory.mktemp("relay") / "relay.tar"
     return build_demo_image(out, ref=REF, payload_mib=PAYLOAD_MIB, seed=11)
 

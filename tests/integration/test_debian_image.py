@@ -9,13 +9,12 @@ a container from it runs in a real dockerd.
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
+from early_debootstrap import EARLY, Debootstrap
 from rainbowd.agent.docker.loader import DockerLoader
 from rainbowd.core import messages as m
 from rainbowd.devcluster.dockerd import PrivateDockerd
@@ -29,45 +28,21 @@ pytestmark = pytest.mark.integration
 REF = "debian-min:test"
 
 
-def _apt_mirror_and_suite() -> tuple[str, str]:
-    """The Debian mirror and release this machine's apt uses (no host is hardcoded)."""
-    suite = ""
-    for line in Path("/etc/os-release").read_text().splitlines():
-        if line.startswith("VERSION_CODENAME="):
-            suite = line.split("=", 1)[1].strip('"')
-    mirror = ""
-    for src in sorted(Path("/etc/apt").glob("sources.list.d/*.sources")):
-        for line in src.read_text().splitlines():
-            if line.startswith("URIs:"):
-                uri = line.split(":", 1)[1].split()[0]
-                if uri.rstrip("/").endswith("/debian"):
-                    mirror = mirror or uri
-    legacy = Path("/etc/apt/sources.list")
-    if not mirror and legacy.exists():
-        for line in legacy.read_text().splitlines():
-            parts = line.split()
-            if len(parts) >= 3 and parts[0] == "deb" and parts[1].rstrip("/").endswith("/debian"):
-                mirror = mirror or parts[1]
-    return mirror, suite
-
-
 @pytest.fixture(scope="module")
-def debian_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if shutil.which("debootstrap") is None:
-        missing_dependency("debootstrap is not installed (apt-get install debootstrap)")
-    mirror, suite = _apt_mirror_and_suite()
-    if not suite:
-        missing_dependency("cannot tell the Debian release from /etc/os-release")
+def debian_archive(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The session's debootstrap (tests/support/early_debootstrap.py) as an image."""
+    run = request.config.stash.get(EARLY, None) or Debootstrap()
+    failed = run.wait()
+    if failed:
+        run.remove()  # only a tree that was never made: a failed run's stays, to look at
+        missing_dependency(failed)
     tmp = tmp_path_factory.mktemp("debian")
-    root = tmp / "root"
-    cmd = ["debootstrap", "--variant=minbase", suite, str(root), *([mirror] if mirror else [])]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
-    if done.returncode != 0:
-        missing_dependency(f"{' '.join(cmd)} failed: {done.stdout[-800:]}{done.stderr[-800:]}")
     archive = build_rootfs_image(
-        root, tmp / "debian.tar", ref=REF, cmd=["/bin/sh", "-c", "cat /etc/debian_version"]
+        run.root, tmp / "debian.tar", ref=REF, cmd=["/bin/sh", "-c", "cat /etc/debian_version"]
     )
-    shutil.rmtree(root, ignore_errors=True)
+    run.remove()
     return archive
 
 

@@ -20,6 +20,7 @@ is still served.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import shutil
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import pytest_asyncio
 
 from clients import run, skopeo
 from containerd_fixtures import ContainerdProcess, hosts_dir, start_or_missing
@@ -43,7 +45,12 @@ from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec
 from registry_fixtures import RegistryProcess, skopeo_push
 from testdeps import missing_dependency
 
-pytestmark = [pytest.mark.integration, pytest.mark.docker]
+# the tests share one event loop: the module's cluster was started in it
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.docker,
+    pytest.mark.asyncio(loop_scope="module"),
+]
 
 CHUNK = 256 * 1024
 MIRROR = {"mirror_listen": "127.0.0.1:0"}
@@ -65,7 +72,7 @@ class Upstream:
     index: bytes  # the manifest list under tag multi
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def upstream(registry: RegistryProcess, demo_image: Path) -> Upstream:
     skopeo_push(demo_image, f"{registry.host}/{REPO}:v1")
     manifest, media = registry.get_manifest(REPO, "v1", DOCKER_MANIFEST)
@@ -115,10 +122,11 @@ def _other_platform(registry: RegistryProcess, manifest: bytes) -> bytes:
     return body
 
 
-@pytest.fixture
-async def cluster(
-    tmp_path: Path, dockerd: PrivateDockerd, upstream: Upstream
+@contextlib.asynccontextmanager
+async def started_cluster(
+    root: Path, dockerd: PrivateDockerd, upstream: Upstream
 ) -> AsyncIterator[LocalCluster]:
+    """The cluster of these tests: both tags ingested and distributed to n1 and n2."""
     host = upstream.registry.host
     specs = [
         NodeSpec("origin", roles=["origin"], speed_hint_mbps=1000, config=MIRROR),
@@ -127,7 +135,7 @@ async def cluster(
         NodeSpec("n2", speed_hint_mbps=1000, config=MIRROR),
     ]
     c = LocalCluster(
-        tmp_path / "cluster",
+        root,
         specs,
         chunk_size=CHUNK,
         heartbeat_interval=1.0,
@@ -147,6 +155,24 @@ async def cluster(
         yield c
     finally:
         await c.stop()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def cluster(
+    tmp_path_factory: pytest.TempPathFactory, dockerd: PrivateDockerd, upstream: Upstream
+) -> AsyncIterator[LocalCluster]:
+    """One cluster for the tests that only pull from it (they add and change nothing in rbd)."""
+    async with started_cluster(tmp_path_factory.mktemp("cluster"), dockerd, upstream) as c:
+        yield c
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def own_cluster(
+    tmp_path: Path, dockerd: PrivateDockerd, upstream: Upstream
+) -> AsyncIterator[LocalCluster]:
+    """A cluster of the test's own: for a test that stops its coordinator."""
+    async with started_cluster(tmp_path / "cluster", dockerd, upstream) as c:
+        yield c
 
 
 async def fetch(url: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
@@ -265,8 +291,9 @@ async def test_containerd_pulls_a_tag_through_the_front_door_alone(
 
 
 async def test_no_upstream_or_no_coordinator_is_a_miss_and_digests_still_serve(
-    cluster: LocalCluster, upstream: Upstream
+    own_cluster: LocalCluster, upstream: Upstream
 ) -> None:
+    cluster = own_cluster
     n1 = await cluster.agent_status("n1")
     url = n1["mirror_url"]
     # a registry the coordinator maps to no upstream

@@ -59,6 +59,11 @@ log = structlog.get_logger(__name__)
 
 #: the first arguments that name a command; anything else is ``run``'s
 COMMANDS = ("run", "show-token", "backup", "restore", "-h", "--help")
+#: seconds the requests in flight get to finish when a SQLite coordinator stops, before they
+#: are cancelled: as long as a role switch gives them (http/leadership.py). aiohttp's default
+#: is 60 s, and an agent's parked long-poll (up to core.MAX_WAIT) held a SIGTERM'd
+#: coordinator for its whole wait
+SHUTDOWN_GRACE_S = 1.0
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -308,6 +313,7 @@ async def _serve_alone(
         create_app(coordinator, role=role),
         access_log=None,
         handler_cancellation=True,
+        shutdown_timeout=SHUTDOWN_GRACE_S,
         **server_options(),
     )
     await runner.setup()
