@@ -133,8 +133,16 @@ async def test_ci_profile_runs_every_system_against_the_bound(tmp_path: Path) ->
 
 
 def _start_run(workdir: Path) -> subprocess.Popen[str]:
+    """A lab run of ``ci`` at a tenth of its rates, returned once its rbd processes are up.
+
+    At a tenth of the rates rbd needs ~50 s (T* 41 s), so the run is still moving
+    layers whenever the caller interrupts or kills it; at full rates it could end in
+    the few seconds between "running rbd" and the caller's signal (CI, session 14:
+    done in 5.6 s, exit 0 instead of 130).
+    """
     p = subprocess.Popen(
         [sys.executable, "-m", "bench.lab", "run", "--profile", "ci", "--systems", "rbd",
+         "--rate-scale", "0.1",
          "--workdir", str(workdir), "--out", str(workdir / "out"), "--timeout", "120"],
         cwd=ROOT,
         stdout=subprocess.PIPE,
