@@ -133,21 +133,22 @@ async def test_ci_profile_runs_every_system_against_the_bound(tmp_path: Path) ->
 
 
 def _start_run(workdir: Path) -> subprocess.Popen[str]:
-    """A lab run of ``ci`` at a tenth of its rates, returned once its rbd processes are up.
+    """A lab run of ``ci``, returned once its rbd processes are up, Ctrl-C as at a terminal.
 
-    At a tenth of the rates rbd needs ~50 s (T* 41 s), so the run is still moving
-    layers whenever the caller interrupts or kills it; at full rates it could end in
-    the few seconds between "running rbd" and the caller's signal (CI, session 14:
-    done in 5.6 s, exit 0 instead of 130).
+    The run starts with SIGINT at its default: a process started in the background
+    by a shell without job control (as CI may run the suite) inherits SIGINT
+    ignored, Python then installs no KeyboardInterrupt handler, and the SIGINT
+    the test sends would be lost (fresh-clone CI, session 14: the run went on to
+    its end and exited 0, not 130).
     """
     p = subprocess.Popen(
         [sys.executable, "-m", "bench.lab", "run", "--profile", "ci", "--systems", "rbd",
-         "--rate-scale", "0.1",
          "--workdir", str(workdir), "--out", str(workdir / "out"), "--timeout", "120"],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=_default_sigint,
     )  # fmt: skip
     assert p.stdout is not None
     deadline = time.monotonic() + 60
@@ -167,6 +168,11 @@ def _start_run(workdir: Path) -> subprocess.Popen[str]:
             break
     p.kill()
     pytest.fail("lab run did not get to rbd:\n" + "".join(seen))
+
+
+def _default_sigint() -> None:
+    """In the child, before exec: SIGINT back to its default (see :func:`_start_run`)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_ctrl_c_tears_the_lab_down(tmp_path: Path) -> None:
