@@ -157,7 +157,7 @@ class PieceScheduler:
         if self.piece_bytes > 0:
             per = max(per, self._load_chunks(chunk_size))
         pieces = split_layer(layer, size, chunk_size, per)
-        if len(pieces) > 1 and not self._may_split(layer):
+        if len(pieces) > 1 and not self._unused({layer}):
             pieces = [Piece(layer, layer, 0, 0, size)]
         self._install(layer, pieces, chunk_size)
 
@@ -211,9 +211,7 @@ class PieceScheduler:
         if [p.key for p in pieces] == [p.key for p in current]:
             return True
         keys = {p.key for p in current}
-        if any(lr in keys for _, lr in self.inner.pending()):
-            return False
-        if any(t.layer in keys for t in self.inner.active()):
+        if not self._unused(keys):
             return False
         holders = {h for k in keys for h in self.inner.holders(k)}
         if any(not all(self.inner.holds(h, k) for k in keys) for h in holders):
@@ -227,11 +225,11 @@ class PieceScheduler:
         self._install(layer, pieces, chunk_size)
         return True
 
-    def _may_split(self, layer: str) -> bool:
-        """A layer may be re-keyed into pieces while nothing but holdings refer to it."""
-        if any(lr == layer for _, lr in self.inner.pending()):
+    def _unused(self, keys: set[str]) -> bool:
+        """Whether nothing but holdings refer to these pieces (so they may be re-keyed)."""
+        if any(lr in keys for _, lr in self.inner.pending()):
             return False
-        return not any(t.layer == layer for t in self.inner.active())
+        return not any(t.layer in keys for t in self.inner.active())
 
     # -- nodes (forwarded) ----------------------------------------------------
     def add_node(

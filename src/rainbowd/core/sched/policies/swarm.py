@@ -30,7 +30,7 @@ measured). With the simulator charging that time, one-chunk pieces kept it
 ci and homogeneous took 20.8 and 20.5 x T* (every report queued seconds).
 So a piece is at least R x cost / report_load bytes, R the cluster's summed
 rate (PieceScheduler._load_chunks), and a piece of several chunks is relayed
-cut-through as its chunks land (``relay``). At 100 nodes, charged: ci 2.32
+cut-through as its chunks land (``relay``). At 100 nodes, charged: ci 2.31
 -> 1.24 x T*, homogeneous 2.31 -> 1.64, paper 1.32 -> 1.10, straggler's
 median slowdown 4.23 -> 1.76; at 1,000: ci 20.8 -> 2.08, homogeneous 20.5 ->
 3.26. Targets 0.25 / 0.5 / 1.5 / 2.0 were no better (bench/RESULTS.md,
