@@ -33,7 +33,7 @@ rate (PieceScheduler._load_chunks), and a piece of several chunks is relayed
 cut-through as its chunks land (``relay``). At 100 nodes, charged: ci 2.31
 -> 1.24 x T*, homogeneous 2.31 -> 1.64, paper 1.32 -> 1.10, straggler's
 median slowdown 4.23 -> 1.76; at 1,000: ci 20.8 -> 2.08, homogeneous 20.5 ->
-3.26. Targets 0.25 / 0.5 / 1.5 / 2.0 were no better (bench/RESULTS.md,
+3.26. Targets 0.25 / 0.5 / 2.0 were worse, 1.5 level (bench/RESULTS.md,
 session 14); uncharged (a coordinator of no cost) pieces stay one chunk.
 
 Its weights (bench/RESULTS.md: "Every cluster shape (issue 13)", sessions 6
