@@ -31,11 +31,11 @@ tuned by hand:
   from one 100-hop chain of 256 KiB chunks when every chunk took three
   thread-pool hops and heartbeats were being missed.)
 * ``coordinator_s`` -- the coordinator's CPU per done report (rainbowd.core.sched.pieces
-  ``REPORT_COST_S``, measured: 2.5 ms). The coordinator is one server taking the
-  reports first come, first served; while it works off a queue, the report waits and
-  so does every assignment it would bring (engine.py ``_report``). Pieces of one
-  128 KiB chunk kept it 74-89 % busy on ci, homogeneous and paper at 100 nodes, and
-  doubled ci's and homogeneous's time (bench/RESULTS.md, session 14).
+  ``REPORT_COST_S``, measured: 1.1 ms; 2.5 ms until session 15). The coordinator is one
+  server taking the reports first come, first served; while it works off a queue, the
+  report waits and so does every assignment it would bring (engine.py ``_report``). Pieces of one
+  128 KiB chunk at 2.5 ms kept it 74-89 % busy on ci, homogeneous and paper at 100 nodes,
+  and doubled ci's and homogeneous's time (bench/RESULTS.md, session 14).
 * ``finish_s`` and ``verify_Bps`` -- after the last byte: the final whole-digest
   check of the layer (re-read and hashed at ``verify_Bps``), the atomic rename
   and the done report reaching the coordinator (``finish_s``).

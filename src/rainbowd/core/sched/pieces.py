@@ -91,11 +91,14 @@ def split_layer(layer: str, size: int, chunk_size: int, per_piece: int) -> list[
 
 
 #: The coordinator's time per done report (seconds): all the coordinator's CPU in a job over
-#: its done reports, measured with bench/coordinator_load.py (100 agents, batched reports,
-#: 2.49-2.50 ms in three runs; bench/RESULTS.md "The coordinator's cost per piece report").
+#: its done reports, heartbeats and progress included, measured with bench/coordinator_load.py
+#: on an otherwise idle host (session 15: 1.05 / 1.10 / 1.06 ms at 100 agents, 1.00 ms at 300,
+#: 1.05 ms at 1,000; the top of that range taken). Session 8's 2.49-2.50 ms was measured while
+#: other jobs kept the 2-vCPU host ~200 % busy (bench/RESULTS.md "The coordinator's cost per
+#: piece report" and "Session 15").
 #: Pieces are sized against it (PieceScheduler._load_chunks); the simulator charges it
 #: (bench/sim/overheads.py ``coordinator_s``).
-REPORT_COST_S = 0.0025
+REPORT_COST_S = 0.0011
 
 
 class PieceScheduler:

@@ -24,8 +24,9 @@ chunks pieces were one chunk already.
 
 Pieces grow where the coordinator could not keep up (session 14,
 ``report_load=1.0``): every piece is a done report, and the coordinator
-spends ~2.5 ms of CPU on one (rainbowd.core.sched.pieces.REPORT_COST_S,
-measured). With the simulator charging that time, one-chunk pieces kept it
+spends ~1.1 ms of CPU on one (rainbowd.core.sched.pieces.REPORT_COST_S,
+measured on an idle host, session 15; session 14 used 2.5 ms, measured on a
+busy one). With the simulator charging 2.5 ms, one-chunk pieces kept it
 74-89 % busy on ci, homogeneous and paper at 100 nodes, and at 1,000 nodes
 ci and homogeneous took 20.8 and 20.5 x T* (every report queued seconds).
 So a piece is at least R x cost / report_load bytes, R the cluster's summed
