@@ -59,6 +59,7 @@ from dataclasses import dataclass, field
 
 from rainbowd.coordinator.cluster import MISSED_HEARTBEATS
 from rainbowd.coordinator.core import SEEDER_FAULT_LIMIT
+from rainbowd.core.chunks import layer_chunk_size
 from rainbowd.core.sched.jobdriver import Blame, Charge, Failure, FailureBudget, JobDriver
 from rainbowd.core.sched.pieces import PieceScheduler
 from rainbowd.core.sched.records import Transfer
@@ -373,7 +374,7 @@ class _FaultEvents:
     def _chunk_time(self, t: Transfer) -> float:
         """One chunk of ``t`` on its link: when a bad first chunk is found."""
         link = min(self.network.up_Bps(t.seeder), self.network.down_Bps(t.demander))
-        return min(self.profile.chunk_size, self.scheduler.piece_of(t).size) / link
+        return min(self._chunks[t.layer], self.scheduler.piece_of(t).size) / link
 
 
 class Simulation(_FaultEvents):
@@ -404,6 +405,8 @@ class Simulation(_FaultEvents):
         self.profile = profile
         self.layers = list(layers)
         self.sizes = dict(layers)
+        #: each layer's chunk size, as the origin agent cuts it (core.chunks.layer_chunk_size)
+        self._chunks = {n: layer_chunk_size(s, profile.chunk_size) for n, s in layers}
         self.overheads = overheads or Overheads()
         if isinstance(scheduler, Scheduler):
             scheduler = PieceScheduler.around(scheduler)
@@ -443,7 +446,7 @@ class Simulation(_FaultEvents):
         for n in self.profile.nodes:
             self.driver.node_up(n.name, n.up_Bps, download_bps=n.down_Bps)
         for layer, size in self.layers:
-            self.scheduler.set_layer_size(layer, size, self.profile.chunk_size)
+            self.scheduler.set_layer_size(layer, size, self._chunks[layer])
         for n in sorted(self.profile.nodes, key=lambda n: n.name):
             self._held[n.name] = 0
             self._budget[n.name] = FailureBudget()
@@ -522,7 +525,7 @@ class Simulation(_FaultEvents):
         """
         link = min(self.network.up_Bps(upstream.seeder), self.network.down_Bps(t.seeder))
         piece = self.scheduler.piece_of(t).size
-        return min(self.profile.chunk_size, piece) / link + self.overheads.relay_hop_s
+        return min(self._chunks[t.layer], piece) / link + self.overheads.relay_hop_s
 
     def _start(self, tid: str, now: float) -> None:
         r = self._running.get(tid)

@@ -23,6 +23,7 @@ from bench.sim import IDEAL, FlowNetwork, Overheads, Simulation
 from bench.sim.__main__ import main
 from bench.sim.calibrate import hop_report, relay_hop_overheads
 from bench.sim.flows import FlowError
+from rainbowd.core.chunks import layer_chunk_size
 from rainbowd.core.sched.reasons import TransferReason
 from rainbowd.core.sched.records import Transfer
 from rainbowd.core.sched.scheduler import DEFAULT_POLICY, Scheduler
@@ -237,7 +238,7 @@ def test_a_relayed_flow_starts_a_chunk_on_the_link_into_the_relay_behind() -> No
     size = 2_000_000
     o = dataclasses.replace(IDEAL, relay_hop_s=0.1)
     r = Simulation(p, [("l", size)], o, scheduler=RelayThroughF("paper")).run()
-    hop = p.chunk_size / (32 * MBIT) + 0.1
+    hop = layer_chunk_size(size, p.chunk_size) / (32 * MBIT) + 0.1  # the layer's own chunks
     assert r.node_seconds["f-001"] == pytest.approx(size / (32 * MBIT))
     assert r.node_seconds["s-001"] == pytest.approx(hop + size / (4 * MBIT))
 

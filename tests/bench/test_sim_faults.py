@@ -26,6 +26,7 @@ from bench.sim.__main__ import main
 from bench.sim.engine import SimResult, Traced
 from bench.sim.faults import Fault, parse_fault
 from rainbowd.coordinator.core import SEEDER_FAULT_LIMIT
+from rainbowd.core.chunks import MIN_LAYER_CHUNKS
 from rainbowd.core.sched.jobdriver import MAX_LAYER_FAILURES, VERIFY_AVOID_SECONDS
 from rainbowd.devcluster.profile import ClusterProfile, load_profile
 
@@ -41,10 +42,15 @@ def paper(nodes: int = 10) -> ClusterProfile:
     return load_profile(PROFILES / "paper.toml").scaled(nodes)
 
 
-def run(policy: str, *faults: str, profile: ClusterProfile | None = None) -> SimResult:
+def run(
+    policy: str,
+    *faults: str,
+    profile: ClusterProfile | None = None,
+    layers: list[tuple[str, int]] = LAYERS,
+) -> SimResult:
     p = profile or paper()
     return Simulation(
-        p, LAYERS, policy=policy, faults=[parse_fault(f) for f in faults], trace=True
+        p, layers, policy=policy, faults=[parse_fault(f) for f in faults], trace=True
     ).run()
 
 
@@ -174,15 +180,17 @@ def test_a_node_fails_when_a_layer_fails_its_whole_budget() -> None:
 # -- the coordinator drops a node that is still pulling ---------------------------
 @pytest.mark.parametrize("policy", ["relay", "swarm"])
 def test_a_dropped_node_s_pulls_are_adopted_back_at_its_heartbeat(policy: str) -> None:
-    # swarm's pieces are one chunk: 4 MiB chunks (the agents' default), so a pull outlasts a
-    # heartbeat (4 MiB take 1 s at 32 Mbit/s)
+    # swarm's pieces are one chunk: 4 MiB chunks (the agents' default) on a layer big enough
+    # to be cut so (MIN_LAYER_CHUNKS of them), so a pull outlasts a heartbeat (4 MiB take 1 s
+    # at 32 Mbit/s)
     p = paper() if policy == "relay" else dataclasses.replace(paper(), chunk_size=4 << 20)
-    clean = run(policy, profile=p)
+    layers = LAYERS if policy == "relay" else [(LAYERS[0][0], MIN_LAYER_CHUNKS * (4 << 20))]
+    clean = run(policy, profile=p, layers=layers)
     # the pull running at AT with the most left to do: still running at the next heartbeat
     running = [x for x in clean.trace if 0 <= x.started <= AT < x.ended and x.outcome == "done"]
     e = max(running, key=lambda x: (x.ended, x.transfer_id))
     assert e.ended > AT + p.heartbeat_interval
-    r = run(policy, f"blip:{e.demander}@{AT}", profile=p)
+    r = run(policy, f"blip:{e.demander}@{AT}", profile=p, layers=layers)
     assert r.adopted >= 1
     assert r.failures == {}
     # the adopted pull completed as a tracked transfer (a piece that ended while its node

@@ -9,13 +9,16 @@ import random
 import pytest
 
 from rainbowd.core.chunks import (
+    DEFAULT_CHUNK_SIZE,
     MAX_CHUNK_SIZE,
     MIN_CHUNK_SIZE,
+    MIN_LAYER_CHUNKS,
     ChunkBitmap,
     ChunkManifest,
     ManifestError,
     build_manifest,
     chunk_count,
+    layer_chunk_size,
     ranges,
 )
 from rainbowd.core.digest import Digest, sha256_digest
@@ -291,3 +294,34 @@ def test_ranges_of_bitmap_missing() -> None:
     for i in (2, 3, 4, 8):
         bm.add(i)
     assert ranges(bm.missing()) == [(0, 1), (5, 7), (9, 9)]
+
+
+# -- a layer's chunk size --------------------------------------------------------
+MiB = 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("size", "largest", "chunk"),
+    [
+        (0, DEFAULT_CHUNK_SIZE, DEFAULT_CHUNK_SIZE),  # size unknown: as configured
+        (10_000, DEFAULT_CHUNK_SIZE, MIN_CHUNK_SIZE),  # never under 64 KiB
+        (2 * MiB, DEFAULT_CHUNK_SIZE, MIN_CHUNK_SIZE),  # 32 KiB would be under the floor
+        (30_000_000, DEFAULT_CHUNK_SIZE, 448 * 1024),  # 468,750 B rounded down to 64 KiB steps
+        (64 * 4 * MiB, DEFAULT_CHUNK_SIZE, 4 * MiB),  # 64 chunks of the configured size
+        (64 * 4 * MiB - 1, DEFAULT_CHUNK_SIZE, 4 * MiB - MIN_CHUNK_SIZE),
+        (1 << 40, DEFAULT_CHUNK_SIZE, DEFAULT_CHUNK_SIZE),  # big layers keep it
+        (30_000_000, 256 * 1024, 256 * 1024),  # never above the configured size
+        (30_000_000, MIN_CHUNK_SIZE, MIN_CHUNK_SIZE),
+    ],
+)
+def test_a_small_layer_is_cut_into_at_least_min_layer_chunks(
+    size: int, largest: int, chunk: int
+) -> None:
+    assert layer_chunk_size(size, largest) == chunk
+
+
+@pytest.mark.parametrize("size", [1, 65_537, 3_000_000, 30_000_000, 50_000_000, 300_000_000])
+def test_layer_chunk_size_is_a_valid_manifest_chunk_size(size: int) -> None:
+    c = layer_chunk_size(size)
+    assert MIN_CHUNK_SIZE <= c <= MAX_CHUNK_SIZE and c % MIN_CHUNK_SIZE == 0
+    assert chunk_count(size, c) >= MIN_LAYER_CHUNKS or c == MIN_CHUNK_SIZE

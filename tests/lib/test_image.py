@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from imagetest import add, layer_tar, sha, store_snapshot
+from rainbowd.core.chunks import MIN_CHUNK_SIZE, MIN_LAYER_CHUNKS, layer_chunk_size
 from rainbowd.core.digest import Digest
 from rainbowd.devcluster.imagebuild import build_demo_image
 from rainbowd.lib.image import (
@@ -45,12 +46,15 @@ def test_ingest_demo_archive(demo_image: Path, tmp_path: Path) -> None:
         assert layer.digest == layer.diff_id  # uncompressed: blob digest is the diff id
         assert manifest.digest == layer.digest
         assert manifest.size == layer.size
-        assert manifest.chunk_size == CHUNK
+        assert manifest.chunk_size == layer_chunk_size(layer.size, CHUNK)  # small: cut finer
         assert store.has(Digest(layer.digest))
         assert sha(store.path(Digest(layer.digest)).read_bytes()) == layer.digest
     payload = image.layers[1]
     assert payload.size > 2 * 1024 * 1024
-    assert manifests[1].count == -(-payload.size // CHUNK)
+    # 2 MB in MIN_LAYER_CHUNKS chunks would be 32 KiB each: the 64 KiB floor holds instead
+    assert payload.size < MIN_LAYER_CHUNKS * MIN_CHUNK_SIZE < MIN_LAYER_CHUNKS * CHUNK
+    assert manifests[1].chunk_size == MIN_CHUNK_SIZE
+    assert manifests[1].count == -(-payload.size // MIN_CHUNK_SIZE)
     assert config["config"]["Cmd"][0] == "/bin/sh"
     assert store_snapshot(store)[1:] == ([], [])
 

@@ -11,7 +11,8 @@ Keys of the TOML file (all optional) mirror the long flags::
     admin_token_file = "/etc/rbd/admin-token"
     metrics_token_file = "/etc/rbd/metrics-token"   # Bearer token for GET /metrics
     heartbeat_interval = 2.0
-    chunk_size = 4194304
+    chunk_size = 4194304        # the largest chunk; a layer under 64 of them is cut finer
+                                # (rainbowd.core.chunks.layer_chunk_size, 64 KiB at least)
     policy = "swarm"            # the default: rainbowd.core.sched.scheduler.DEFAULT_POLICY
     node_down_timeout = 300.0   # a target down this long fails in its running jobs
     seeder_fault_limit = 3      # transfers spoiled by bad chunks before quarantine

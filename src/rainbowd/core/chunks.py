@@ -27,6 +27,36 @@ DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 MIN_CHUNK_SIZE = 64 * 1024
 MAX_CHUNK_SIZE = 64 * 1024 * 1024
 
+#: A layer is cut into at least this many chunks where the configured chunk size would
+#: give fewer (``layer_chunk_size``). A chunk is the unit a node can pass on once it has
+#: verified it, so a layer of a few chunks moves hop by hop in whole-layer steps: with
+#: 4 MiB chunks upload-bound's 30 and 50 MB layers had 8 and 12 chunks, and the upload
+#: in use could at best double every 4.4 s. Measured in the simulator (session 15, 100
+#: nodes, x T* / median slowdown; bench/RESULTS.md "Session 15"): at least 16 / 64 / 128
+#: chunks took upload-bound from 1.45 / 2.27 to 1.41 / 2.05, 1.21 / 1.91, 1.19 / 1.85,
+#: bimodal's p90 1.59 -> 1.46 / 1.33 / 1.34, drawn-1's median 3.33 -> 2.19 / 2.13 /
+#: 2.13, big-layer 1.13 -> 1.13 / 1.09 / 1.07; 128 doubles the chunks (requests, hashes,
+#: reports where pieces are one chunk) for little more. A floor of 256 KiB instead of
+#: ``MIN_CHUNK_SIZE`` lost drawn-1 (1.14 -> 1.40 x T*) and homogeneous (1.48 -> 1.52).
+#: The whole suite with 64: 11 of 16 shapes meet every goal (10 before); upload-bound
+#: 1.21 x T*, random-asymmetric 1.24 -> 1.08, drawn-2 1.33 -> 1.21.
+MIN_LAYER_CHUNKS = 64
+
+
+def layer_chunk_size(size: int, largest: int = DEFAULT_CHUNK_SIZE) -> int:
+    """The chunk size for a layer of ``size`` bytes, ``largest`` the configured one.
+
+    chunk = min(largest, max(MIN_CHUNK_SIZE, floor64K(size / MIN_LAYER_CHUNKS))), where
+    floor64K rounds down to a multiple of ``MIN_CHUNK_SIZE``: big layers keep the configured
+    size; a small one gets at least ``MIN_LAYER_CHUNKS`` chunks, none under 64 KiB. The
+    chunk size travels in each layer's manifest, so every node of a cluster agrees on it
+    whatever its own configuration, and a layer once held keeps the chunks it has.
+    """
+    if size <= 0:
+        return largest
+    rounded = size // MIN_LAYER_CHUNKS // MIN_CHUNK_SIZE * MIN_CHUNK_SIZE
+    return min(largest, max(MIN_CHUNK_SIZE, rounded))
+
 
 class ManifestError(ValueError):
     """A chunk manifest is inconsistent with itself or with the data."""

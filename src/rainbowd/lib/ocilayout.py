@@ -401,7 +401,7 @@ def _ingest_layer(
             f.seek(0)
         fresh = not store.has(digest)
         try:
-            cm = store.ingest(f, digest, chunk_size)
+            cm = store.ingest(f, digest, chunk_size, size=size)
         except StoreError as e:
             raise _Fail(f"{what} digest mismatch: {e}") from None
         if fresh:

@@ -229,7 +229,7 @@ async def ingest_layer(
     )
     llog.info("layer download", size=size, media_type=media)
     consumer = asyncio.ensure_future(
-        asyncio.to_thread(store.ingest, reader, d, chunk_size)  # type: ignore[arg-type]
+        asyncio.to_thread(store.ingest, reader, d, chunk_size, size=size)  # type: ignore[arg-type]
     )
     # a store thread that stopped early must not leave the producer waiting for credit
     consumer.add_done_callback(lambda _: credits.release())
