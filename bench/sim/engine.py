@@ -188,6 +188,7 @@ class _FaultEvents:
     faults: list[Fault]
     layers: list[tuple[str, int]]
     tracing: bool
+    _chunks: dict[str, int]
     _fault: FaultState
     _budget: dict[str, FailureBudget]
     _down: set[str]

@@ -11,7 +11,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from rainbowd.core.chunks import MIN_CHUNK_SIZE, ChunkManifest, build_manifest, layer_chunk_size
+from rainbowd.core.chunks import MIN_CHUNK_SIZE, ChunkManifest, build_manifest
 from rainbowd.core.digest import Digest, hex_part, sha256_digest
 from rainbowd.lib.store import (
     ChunkRejected,
@@ -68,24 +68,6 @@ def test_ingest_installs_a_verified_layer(tmp_path: Path, data: bytes) -> None:
     with store.open_blob(d) as f:
         assert f.read() == data
     assert files(tmp_path / "tmp") == []
-
-
-def test_ingest_cuts_a_layer_of_known_size_into_min_layer_chunks(tmp_path: Path) -> None:
-    # the origin knows a layer's size (descriptor, tar header): 4 MiB chunks asked for, a
-    # 13 MB layer gets 192 KiB ones (13e6 / 64 = 203,125 B, down to 64 KiB steps): 67 chunks
-    data = blob(13_000_000)
-    store = LayerStore(tmp_path)
-    d = sha256_digest(data)
-    m = store.ingest(io.BytesIO(data), d, chunk_size=64 * C, size=len(data))
-    assert m.chunk_size == layer_chunk_size(len(data), 64 * C) == 3 * C
-    assert m.count == 67
-    assert store.read_blob_chunk(d, 66, node="n1") == data[66 * 3 * C :]
-    # a layer already held keeps the chunks it has, whatever the size rule says now
-    assert store.ingest(io.BytesIO(b""), d, chunk_size=C, size=len(data)) == m
-    # no size: the chunk size as asked
-    other = blob(13_000_000, seed=2)
-    m2 = store.ingest(io.BytesIO(other), sha256_digest(other), chunk_size=64 * C)
-    assert m2.chunk_size == 64 * C and m2.count == 4
 
 
 def test_ingest_of_a_held_layer_is_a_noop(tmp_path: Path, data: bytes) -> None:

@@ -38,7 +38,7 @@ from typing import IO, Any, BinaryIO
 
 import structlog
 
-from rainbowd.core.chunks import DEFAULT_CHUNK_SIZE, ChunkManifest
+from rainbowd.core.chunks import DEFAULT_CHUNK_SIZE, ChunkManifest, layer_chunk_size
 from rainbowd.core.digest import Digest, DigestError, hex_part, is_digest, parse_digest, short
 from rainbowd.core.messages import Compression, ImageRecord, LayerRef
 from rainbowd.lib.compression import GZIP_MAGIC as GZIP_MAGIC
@@ -350,7 +350,7 @@ def _ingest_layer(
     fresh = not store.has(digest)
     with _open_member(tf, member, where) as f:
         try:
-            manifest = store.ingest(f, digest, chunk_size, size=member.size)  # type: ignore[arg-type]
+            manifest = store.ingest(f, digest, layer_chunk_size(member.size, chunk_size))  # type: ignore[arg-type]
         except StoreError as e:
             raise ImageError(f"{where}: layer {name} digest mismatch: {e}") from None
     if fresh:
@@ -391,7 +391,7 @@ def ingest_compressed(
         digest = parse_digest(c.digest)
         fresh = not store.has(digest)
         with open(c.path, "rb") as f:
-            manifest = store.ingest(f, digest, chunk_size, size=c.size)
+            manifest = store.ingest(f, digest, layer_chunk_size(c.size, chunk_size))
         if fresh:
             added.append(digest)
         kind: BlobKind = c.kind

@@ -26,7 +26,7 @@ from typing import Any, BinaryIO
 
 import structlog
 
-from rainbowd.core.chunks import DEFAULT_CHUNK_SIZE, ChunkManifest
+from rainbowd.core.chunks import DEFAULT_CHUNK_SIZE, ChunkManifest, layer_chunk_size
 from rainbowd.core.digest import Digest, DigestError, hex_part, parse_digest, sha256_digest, short
 from rainbowd.core.messages import Compression, ImageRecord, LayerRef, UpstreamManifest
 from rainbowd.core.upstreammanifest import UpstreamManifestError, check_upstream, doc_of
@@ -401,7 +401,7 @@ def _ingest_layer(
             f.seek(0)
         fresh = not store.has(digest)
         try:
-            cm = store.ingest(f, digest, chunk_size, size=size)
+            cm = store.ingest(f, digest, layer_chunk_size(size, chunk_size))
         except StoreError as e:
             raise _Fail(f"{what} digest mismatch: {e}") from None
         if fresh:

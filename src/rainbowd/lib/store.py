@@ -49,7 +49,6 @@ from rainbowd.core.chunks import (
     ChunkManifest,
     ManifestError,
     build_manifest,
-    layer_chunk_size,
 )
 from rainbowd.core.digest import Digest, hex_part, is_digest, parse_digest
 from rainbowd.lib.atomicfile import write_atomic
@@ -489,25 +488,15 @@ class LayerStore:
 
     # -- ingest (origin) -------------------------------------------------
     def ingest(
-        self,
-        stream: BinaryIO,
-        expected: Digest,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
-        *,
-        size: int | None = None,
+        self, stream: BinaryIO, expected: Digest, chunk_size: int = DEFAULT_CHUNK_SIZE
     ) -> ChunkManifest:
         """Copy ``stream`` into the store if it hashes to ``expected``.
 
         The copy goes to tmp/ while hashing; only a verified copy is installed.
-        ``chunk_size`` is the largest chunk; given the layer's ``size`` (an origin
-        knows it from the descriptor or the tar header) a small layer is cut finer
-        (rainbowd.core.chunks.layer_chunk_size). A layer already held keeps its chunks.
         """
         parse_digest(expected)
         if self.has(expected):
             return self.manifest(expected)
-        if size is not None:
-            chunk_size = layer_chunk_size(size, chunk_size)
         fd, tmp = tempfile.mkstemp(dir=self.tmp_dir, prefix="ingest-")
         try:
             with os.fdopen(fd, "w+b") as out:

@@ -19,7 +19,7 @@ import zlib
 import aiohttp
 import structlog
 
-from rainbowd.core.chunks import ChunkManifest
+from rainbowd.core.chunks import ChunkManifest, layer_chunk_size
 from rainbowd.core.digest import Digest, parse_digest, short
 from rainbowd.core.messages import LayerRef
 from rainbowd.lib.store import LayerStore
@@ -229,7 +229,7 @@ async def ingest_layer(
     )
     llog.info("layer download", size=size, media_type=media)
     consumer = asyncio.ensure_future(
-        asyncio.to_thread(store.ingest, reader, d, chunk_size, size=size)  # type: ignore[arg-type]
+        asyncio.to_thread(store.ingest, reader, d, layer_chunk_size(size, chunk_size))  # type: ignore[arg-type]
     )
     # a store thread that stopped early must not leave the producer waiting for credit
     consumer.add_done_callback(lambda _: credits.release())
