@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from rainbowd.agent.origin.registry import ingest_registry
 from rainbowd.agent.origin.registry_names import (
@@ -253,9 +254,14 @@ async def test_held_layers_are_not_downloaded_again(
         for layer in first.layers:
             blob = reg.blob_data_path(layer.digest)
             blob.write_bytes(b"\0" * blob.stat().st_size)
-        second, manifests = await ingest(src, store)
+        with structlog.testing.capture_logs() as logs:
+            second, manifests = await ingest(src, store)
         assert second == first
         check_record(second, pushed, store, manifests)
+        held = [e for e in logs if e["event"] == "layer already held"]
+        assert len(held) == len(first.layers)
+        # each was cut as this origin cuts it now (small layers finer): nothing to note
+        assert not [e for e in logs if e["event"] == "held layer keeps its chunk size"]
     finally:
         reg.stop()
 

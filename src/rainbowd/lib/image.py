@@ -348,9 +348,10 @@ def _ingest_layer(
             )
     digest = parse_digest(expected)
     fresh = not store.has(digest)
+    chunk = layer_chunk_size(member.size, chunk_size)  # a small layer is cut finer
     with _open_member(tf, member, where) as f:
         try:
-            manifest = store.ingest(f, digest, layer_chunk_size(member.size, chunk_size))  # type: ignore[arg-type]
+            manifest = store.ingest(f, digest, chunk)  # type: ignore[arg-type]
         except StoreError as e:
             raise ImageError(f"{where}: layer {name} digest mismatch: {e}") from None
     if fresh:

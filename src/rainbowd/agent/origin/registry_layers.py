@@ -215,7 +215,7 @@ async def ingest_layer(
             )
         usize = await asyncio.to_thread(_inspect_stored, store, d, diff_id, gzipped, where)
         llog.info("layer already held", size=size)
-        if manifest.chunk_size != chunk_size:
+        if manifest.chunk_size != layer_chunk_size(size, chunk_size):
             llog.info("held layer keeps its chunk size", chunk_size=manifest.chunk_size)
         ref = LayerRef(
             digest=digest, size=size, media_type=media, diff_id=diff_id, uncompressed_size=usize
@@ -228,8 +228,9 @@ async def ingest_layer(
         loop, credits, where=where, digest=digest, size=size, diff_id=diff_id, gzipped=gzipped
     )
     llog.info("layer download", size=size, media_type=media)
+    chunk = layer_chunk_size(size, chunk_size)  # a small layer is cut finer
     consumer = asyncio.ensure_future(
-        asyncio.to_thread(store.ingest, reader, d, layer_chunk_size(size, chunk_size))  # type: ignore[arg-type]
+        asyncio.to_thread(store.ingest, reader, d, chunk)  # type: ignore[arg-type]
     )
     # a store thread that stopped early must not leave the producer waiting for credit
     consumer.add_done_callback(lambda _: credits.release())
