@@ -16,17 +16,14 @@ collects nothing from this module.)
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
 
-#: CPU niceness of the background debootstrap: the tests it runs beside come first
-NICENESS = 10
+from background_run import BackgroundRun
+
 #: seconds a debootstrap may take, downloading included (the fixture's failure deadline)
 DEBOOTSTRAP_TIMEOUT_S = 900
 #: bytes of its log shown when it failed
@@ -63,8 +60,7 @@ class Debootstrap:
         self.workdir = Path(tempfile.mkdtemp(prefix="rbd-debootstrap-"))
         self.root = self.workdir / "root"
         self.log_path = self.workdir / "debootstrap.log"
-        self.cmd: list[str] = []
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.run: BackgroundRun | None = None
         if shutil.which("debootstrap") is None:
             self.missing = "debootstrap is not installed (apt-get install debootstrap)"
             return
@@ -72,42 +68,23 @@ class Debootstrap:
         if not suite:
             self.missing = "cannot tell the Debian release from /etc/os-release"
             return
-        self.cmd = ["debootstrap", "--variant=minbase", suite, str(self.root)]
-        self.cmd += [mirror] if mirror else []
+        cmd = ["debootstrap", "--variant=minbase", suite, str(self.root)]
+        self.run = BackgroundRun(cmd + ([mirror] if mirror else []), self.log_path)
 
     def start(self) -> None:
-        if self.missing or self.proc is not None:
-            return
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                ["nice", "-n", str(NICENESS), *self.cmd],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,  # its own group: stop() ends its wget and dpkg too
-            )
+        if self.run is not None:
+            self.run.start()
 
     def wait(self) -> str:
         """Wait for it to end (starting it if nobody did); '' on success, else why it failed."""
-        if self.missing:
+        if self.run is None:
             return self.missing
-        self.start()
-        assert self.proc is not None
-        try:
-            code = self.proc.wait(timeout=DEBOOTSTRAP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.stop()
-            return f"{' '.join(self.cmd)} took over {DEBOOTSTRAP_TIMEOUT_S} s"
-        if code != 0:
-            tail = self.log_path.read_text(errors="replace")[-LOG_TAIL:]
-            return f"{' '.join(self.cmd)} failed ({code}): {tail}"
-        return ""
+        return self.run.wait(DEBOOTSTRAP_TIMEOUT_S, log_tail=LOG_TAIL)
 
     def stop(self) -> None:
         """End a run still going (an interrupted session); the tree is left where it is."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        if self.run is not None:
+            self.run.stop()
 
     def remove(self) -> None:
         """Remove the tree of a run that succeeded (debootstrap unmounted what it mounted).
@@ -115,7 +92,7 @@ class Debootstrap:
         A run that failed or was stopped may have left /proc mounted in its tree:
         that tree stays, as a failed debootstrap in the fixture left it.
         """
-        if self.proc is None or self.proc.poll() == 0:
+        if self.run is None or self.run.proc is None or self.run.succeeded():
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 

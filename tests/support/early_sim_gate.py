@@ -23,8 +23,6 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -32,9 +30,9 @@ from typing import Any
 
 import pytest
 
+from background_run import BackgroundRun
+
 ROOT = Path(__file__).resolve().parents[2]
-#: CPU niceness of the background runs: the tests they run beside come first
-NICENESS = 10
 #: seconds the gate may wait for the runs (pytest-timeout stops the test before, at 300)
 WAIT_S = 280
 
@@ -52,39 +50,6 @@ def gate_runs(workers: int) -> list[Any]:
     return run_suite(profiles, record["nodes"], DEFAULT_POLICY, workers=workers)
 
 
-class Background:
-    """One command run at nice NICENESS in its own process group, its output in a log file."""
-
-    def __init__(self, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
-        self.argv = argv
-        self.log_path = log_path
-        with open(log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                ["nice", "-n", str(NICENESS), *argv],
-                cwd=ROOT,
-                env={**os.environ, **(env or {})},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,  # its own group: stop() ends its workers too
-            )
-
-    def wait(self) -> None:
-        """Wait for it to end; fail with what it printed unless it exited 0."""
-        try:
-            code = self.proc.wait(timeout=WAIT_S)
-        except subprocess.TimeoutExpired:
-            self.stop()
-            pytest.fail(f"{' '.join(self.argv)} took over {WAIT_S} s")
-        log = self.log_path.read_text(errors="replace")
-        assert code == 0, f"{' '.join(self.argv)} failed ({code}):\n{log[-3000:]}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-
 #: ``python -m bench.sim`` arguments of the determinism test's two runs (each adds ``--out``)
 SAME_SEED_ARGS = [
     "suite", "--nodes", "60", "--only", "bimodal,random-asymmetric,drawn-2", "--random", "2",
@@ -93,14 +58,16 @@ SAME_SEED_ARGS = [
 HASH_SEEDS = ("1", "2")
 
 
-def start_hash_seed_runs(workdir: Path) -> list[tuple[Background, Path]]:
+def start_hash_seed_runs(workdir: Path) -> list[tuple[BackgroundRun, Path]]:
     """The determinism test's runs, one per hash seed, at once; each with its JSON's path."""
     runs = []
     for seed in HASH_SEEDS:
         out = workdir / f"s{seed}.json"
         argv = [sys.executable, "-m", "bench.sim", *SAME_SEED_ARGS, "--out", str(out)]
         log = workdir / f"s{seed}.log"
-        runs.append((Background(argv, log, env={"PYTHONHASHSEED": seed}), out))
+        run = BackgroundRun(argv, log, cwd=ROOT, env={"PYTHONHASHSEED": seed})
+        run.start()
+        runs.append((run, out))
     return runs
 
 
@@ -110,10 +77,11 @@ class Early:
     def __init__(self, gate: bool, hash_seeds: bool) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="rbd-simgate-"))
         self.gate_out = self.workdir / "runs.pickle"
-        self.gate: Background | None = None
+        self.gate: BackgroundRun | None = None
         if gate:
             argv = [sys.executable, __file__, str(self.gate_out)]
-            self.gate = Background(argv, self.workdir / "runs.log")
+            self.gate = BackgroundRun(argv, self.workdir / "runs.log", cwd=ROOT)
+            self.gate.start()
         self.hash_seeds = start_hash_seed_runs(self.workdir) if hash_seeds else None
 
     def stop(self) -> None:
@@ -156,12 +124,18 @@ def end_early(session: pytest.Session) -> None:
         early.stop()
 
 
+def _wait(run: BackgroundRun) -> None:
+    """Wait for ``run``; fail with what it printed unless it exited 0."""
+    failed = run.wait(WAIT_S, log_tail=3000)
+    assert not failed, failed
+
+
 def runs_for(config: pytest.Config) -> list[Any]:
     """The early process's gate runs if the session started one, else computed now."""
     early = config.stash.get(EARLY, None)
     if early is None or early.gate is None:
         return gate_runs(os.cpu_count() or 1)
-    early.gate.wait()
+    _wait(early.gate)
     with open(early.gate_out, "rb") as f:
         runs: list[Any] = pickle.load(f)  # written by this module's own process
     return runs
@@ -175,7 +149,7 @@ def hash_seed_outputs(config: pytest.Config, tmp_path: Path) -> list[Path]:
         runs = start_hash_seed_runs(tmp_path)
     try:
         for run, _ in runs:
-            run.wait()
+            _wait(run)
     finally:
         for run, _ in runs:
             run.stop()
