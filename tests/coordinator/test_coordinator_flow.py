@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from coordinator_support import (
@@ -24,6 +25,7 @@ from rainbowd.core.messages import (
     Assignment,
     CreateJob,
     Heartbeat,
+    JobView,
     LoadAssignment,
     LoadDone,
     TaskFailed,
@@ -116,6 +118,18 @@ async def test_full_flow_follows_algorithm_1(coord: Running, admin: AdminClient)
     view = {n.node_id: n for n in (await admin.job(job.job_id)).nodes}
     assert view["a"].state == "loading" and view["a"].layers_done == 2
     assert [(u.layer, u.seeder) for u in view["a"].transfers] == [(l0, "origin"), (l1, "origin")]
+    # a poll's view: the same job without the finished-transfer lists (they grow with
+    # every piece; progress polling reads none of them)
+    full, brief = await admin.job(job.job_id), await admin.job(job.job_id, transfers=False)
+    assert [n.transfers for n in brief.nodes] == [[], [], []]
+    assert any(n.transfers for n in full.nodes)
+    strip = [msgspec.structs.replace(n, transfers=[]) for n in full.nodes]
+    assert msgspec.structs.replace(full, nodes=strip) == brief
+    (listed,) = (await admin.jobs(transfers=False)).jobs
+    assert listed == brief
+    with pytest.raises(ApiError, match=r"transfers='no' must be 0 or 1") as bad:
+        await admin.call("GET", f"jobs/{job.job_id}", JobView, params={"transfers": "no"})
+    assert bad.value.status == 400
     await a.c.load_done(load.load_id, LoadDone(seconds=0.1, layers_sent=2))
 
     await b.done(tb)

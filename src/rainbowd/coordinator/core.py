@@ -448,11 +448,11 @@ class Coordinator:
     def remove_image(self, ref: str) -> None:
         self.image_service.remove_image(ref)
 
-    def job_views(self) -> JobList:
-        return self.job_service.job_views()
+    def job_views(self, *, transfers: bool = True) -> JobList:
+        return self.job_service.job_views(transfers=transfers)
 
-    def job_view(self, job_id: str) -> JobView:
-        return self.job_service.job_view(job_id)
+    def job_view(self, job_id: str, *, transfers: bool = True) -> JobView:
+        return self.job_service.job_view(job_id, transfers=transfers)
 
     def create_job(self, req: CreateJob) -> JobView:
         return self.job_service.create_job(req)

@@ -85,15 +85,15 @@ class JobsService:
                     yield job, p
 
     # -- admin ----------------------------------------------------------
-    def job_views(self) -> JobList:
+    def job_views(self, *, transfers: bool = True) -> JobList:
         jobs = sorted(self.jobs.values(), key=lambda j: (j.created_at, j.job_id))
-        return JobList(jobs=[j.view() for j in jobs])
+        return JobList(jobs=[j.view(transfers=transfers) for j in jobs])
 
-    def job_view(self, job_id: str) -> JobView:
+    def job_view(self, job_id: str, *, transfers: bool = True) -> JobView:
         job = self.jobs.get(job_id)
         if job is None:
             raise NotFound(f"no job {job_id!r}")
-        return job.view()
+        return job.view(transfers=transfers)
 
     def create_job(self, req: CreateJob, *, pull: bool = False) -> JobView:
         """A new job (``pull``: made by a front door's miss, coordinator/pulls.py)."""

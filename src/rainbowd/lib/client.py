@@ -444,6 +444,11 @@ def _error_message(body: bytes, ctype: str, status: int) -> str:
         return text or f"HTTP {status} with no explanation"
 
 
+def _transfers_param(transfers: bool) -> dict[str, str] | None:
+    """The query asking a job view without its transfer lists (None: the full view)."""
+    return None if transfers else {"transfers": "0"}
+
+
 def _seg(value: str) -> str:
     """An id as one URL path segment."""
     return quote(value, safe="")
@@ -615,11 +620,15 @@ class AdminClient(_Http):
     async def create_job(self, req: CreateJob) -> JobView:
         return await self.call("POST", "jobs", JobView, req)
 
-    async def jobs(self) -> JobList:
-        return await self.call("GET", "jobs", JobList)
+    async def jobs(self, *, transfers: bool = True) -> JobList:
+        """Every job; ``transfers=False``: without each node's finished transfers."""
+        return await self.call("GET", "jobs", JobList, params=_transfers_param(transfers))
 
-    async def job(self, job_id: str) -> JobView:
-        return await self.call("GET", f"jobs/{_seg(job_id)}", JobView)
+    async def job(self, job_id: str, *, transfers: bool = True) -> JobView:
+        """One job; ``transfers=False``: without each node's finished transfers (a poll's
+        view: they grow with every piece moved, and only a final report reads them)."""
+        params = _transfers_param(transfers)
+        return await self.call("GET", f"jobs/{_seg(job_id)}", JobView, params=params)
 
     async def wait_image(
         self, ref: str, *, timeout: float = 300.0, interval: float = 0.1
@@ -650,11 +659,12 @@ class AdminClient(_Http):
     ) -> JobView:
         """Poll a job until it is final ("done" or "failed"); TimeoutError after ``timeout``."""
         async with asyncio.timeout(timeout):
-            job = await self.job(job_id)
+            job = await self.job(job_id, transfers=False)
             while job.state == "running":
                 await asyncio.sleep(interval)
-                job = await self.job(job_id)
-        return job
+                job = await self.job(job_id, transfers=False)
+            # polled without the transfer lists; the final view carries them
+            return await self.job(job_id)
 
     async def create_op(self, req: CreateOp) -> OpView:
         return await self.call("POST", "ops", OpView, req)

@@ -101,7 +101,11 @@ async def follow_job(
     drawn = 0
     last_state: dict[str, str] = {}
     while True:
-        job = await admin.job(job_id)
+        # polled without the nodes' transfer lists (nothing here reads them); the
+        # final view returned carries them, for job_report
+        job = await admin.job(job_id, transfers=False)
+        if job.state != "running":
+            job = await admin.job(job_id)
         now = time.time()
         nodes = sorted(job.nodes, key=lambda n: n.node_id)
         if quiet:

@@ -179,6 +179,16 @@ def _query_int(request: web.Request, name: str) -> int:
     return value
 
 
+def _query_flag(request: web.Request, name: str, default: bool = True) -> bool:
+    """A yes/no query parameter: ``1`` or ``0`` (absent: ``default``)."""
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if raw not in ("0", "1"):
+        raise BadRequest(f"query parameter {name}={raw[:40]!r} must be 0 or 1")
+    return raw == "1"
+
+
 # --------------------------------------------------------------------------
 # middleware: every error is an ErrorReply
 # --------------------------------------------------------------------------
@@ -407,7 +417,7 @@ async def remove_image(request: web.Request) -> web.Response:
 
 
 async def list_jobs(request: web.Request) -> web.Response:
-    return reply(request, admin(request).job_views())
+    return reply(request, admin(request).job_views(transfers=_query_flag(request, "transfers")))
 
 
 async def create_job(request: web.Request) -> web.Response:
@@ -416,7 +426,8 @@ async def create_job(request: web.Request) -> web.Response:
 
 
 async def get_job(request: web.Request) -> web.Response:
-    return reply(request, admin(request).job_view(request.match_info["id"]))
+    transfers = _query_flag(request, "transfers")
+    return reply(request, admin(request).job_view(request.match_info["id"], transfers=transfers))
 
 
 async def health(request: web.Request) -> web.Response:

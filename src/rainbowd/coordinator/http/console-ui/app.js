@@ -183,17 +183,23 @@ async function tick(gen) {
   try {
     const [nodes, jobs, events, images] = await Promise.all([
       api("/v1/nodes", token),
-      api("/v1/jobs", token),
+      // every job, without the nodes' finished transfers (they grow with each piece);
+      // only the job on show is fetched whole, below
+      api("/v1/jobs?transfers=0", token),
       api("/v1/security-events", token),
       api("/v1/images", token),
     ]);
-    const job = pickJob(jobs.jobs);
-    const active = job
-      ? await api(`/v1/jobs/${encodeURIComponent(job.job_id)}/transfers`, token)
-      : { transfers: [] };
+    const picked = pickJob(jobs.jobs);
+    const [job, active] = picked
+      ? await Promise.all([
+          api(`/v1/jobs/${encodeURIComponent(picked.job_id)}`, token),
+          api(`/v1/jobs/${encodeURIComponent(picked.job_id)}/transfers`, token),
+        ])
+      : [null, { transfers: [] }];
     if (gen !== state.generation) return;
     renderNodes(nodes.nodes);
-    renderJobs(jobs.jobs);
+    // the job on show whole (seeders per node); the others from the brief list
+    renderJobs(jobs.jobs.map((j) => (job && j.job_id === job.job_id ? job : j)));
     renderGraph(job, active.transfers, nodes.nodes);
     renderEvents(events.events, events.total ?? events.events.length);
     renderImages(images.images);
