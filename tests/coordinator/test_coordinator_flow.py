@@ -319,6 +319,50 @@ async def test_node_that_stops_heartbeating_is_marked_down_and_work_moves(
         await r.stop()
 
 
+async def test_a_heartbeat_ends_only_the_transfers_it_answers_for(tmp_path: Path) -> None:
+    """A heartbeat leaving a transfer out ends it only if the agent had it and is not reporting it.
+
+    In a busy lab a heartbeat took ~1 s to land: one built before an assignment
+    reached the agent, or overtaking the transfer's done report, ended transfers
+    that were running fine (9 % of them), which were then planned and pulled again.
+    """
+    clock = FakeClock(1_800_000_000.0)
+    r = await start(tmp_path, clock=clock)
+    try:
+        async with AdminClient(r.url, ADMIN) as admin:
+            origin = await agent(r.url, "origin", roles=["origin"])
+            img = fake_image(sizes=(70_000, 60_000))
+            await ingest(admin, origin.c, img)
+            d = await agent(r.url, "d")
+            await admin.create_job(CreateJob(image=img.record.ref, targets=["d"]))
+            t1 = await d.transfer()
+            before = d.cursor  # what a heartbeat built now answers for
+            await d.done(t1)
+            t2 = await d.transfer()
+            assert t2.layer.digest == img.digests[1]
+            assert await d.take() == []  # this poll acknowledges t2: it was delivered
+            clock.advance(5.0)  # long past the delivery grace
+
+            # built before t2 arrived (its cursor is t1's): t2 is not its business
+            await d.c.heartbeat(Heartbeat(holdings=[img.digests[0]], cursor=before))
+            # built after t2's pull ended, its report still on the way
+            await d.c.heartbeat(
+                Heartbeat(holdings=[img.digests[0]], reporting=[t2.transfer_id], cursor=d.cursor)
+            )
+            assert r.coordinator.scheduler.is_active(t2.transfer_id)
+            assert await d.take() == []
+
+            # an agent that had t2 and neither runs nor reports it: over, planned again
+            await d.c.heartbeat(Heartbeat(holdings=[img.digests[0]], cursor=d.cursor))
+            assert not r.coordinator.scheduler.is_active(t2.transfer_id)
+            t3 = await d.transfer(wait=3.0)
+            assert t3.layer == t2.layer and t3.transfer_id != t2.transfer_id
+            await d.c.close()
+            await origin.c.close()
+    finally:
+        await r.stop()
+
+
 async def test_a_done_report_after_the_job_ended_still_counts_and_ends_with_the_node(
     tmp_path: Path,
 ) -> None:

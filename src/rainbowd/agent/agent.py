@@ -325,7 +325,9 @@ class Agent:
         tg.create_task(self.hygiene.run(self.api, lambda: self.view.heartbeat_interval))
 
         def start(a: m.Assignment) -> None:
-            tg.create_task(self.assignments.guarded(self.assignments.dispatch(a)))
+            work = self.assignments.accept(a)
+            if work is not None:
+                tg.create_task(work)
 
         await self.link.assignments(start)
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
+from typing import Any
 
 from structlog.typing import FilteringBoundLogger
 
@@ -77,16 +78,28 @@ class AssignmentRunner:
         except Exception:
             self.log.exception("work failed unexpectedly")
 
-    async def dispatch(self, a: m.Assignment) -> None:
+    def accept(self, a: m.Assignment) -> Coroutine[Any, Any, None] | None:
+        """The work ``a`` asks for (guarded), or None for a transfer this agent already has.
+
+        Called as the assignment arrives, before the poll cursor moves past it: a
+        transfer is in ``view.active`` from here on, so every heartbeat that carries
+        that cursor lists it (as pulling, then as reporting until the coordinator
+        took its report). The coordinator ends a transfer a heartbeat does not list
+        only when the heartbeat's cursor says the agent had it (transfers.py).
+        """
         if isinstance(a, m.TransferAssignment):
-            if a.transfer_id not in self.view.active:
-                await self._transfer(a)
-        elif isinstance(a, m.IngestAssignment):
-            await self._ingest(a)
-        elif isinstance(a, m.OpAssignment):
-            await self._op(a)
-        else:
-            await self.loads.load(a)
+            if a.transfer_id in self.view.active:
+                return None  # re-sent (e.g. after a coordinator restart): already ours
+            first, end = a.chunk_range()  # a piece of the layer, or all of it
+            size = min(a.layer.size, end * a.layer.chunk_size) - first * a.layer.chunk_size
+            w = ActiveWork(a, started=time.time(), bytes_total=size)
+            self.view.active[a.transfer_id] = w
+            return self.guarded(self._transfer(w))
+        if isinstance(a, m.IngestAssignment):
+            return self.guarded(self._ingest(a))
+        if isinstance(a, m.OpAssignment):
+            return self.guarded(self._op(a))
+        return self.guarded(self.loads.load(a))
 
     async def _op(self, a: m.OpAssignment) -> None:
         """A cluster operation (docker/ops.py): report it started, run it, report how it ended."""
@@ -99,12 +112,18 @@ class AssignmentRunner:
 
         await self.ops.run(a, report)
 
-    async def _transfer(self, a: m.TransferAssignment) -> None:
+    async def _transfer(self, w: ActiveWork) -> None:
+        """Pull ``w`` and report how it ended; it leaves ``view.active`` once reported."""
+        try:
+            await self._pull_and_report(w)
+        finally:
+            self.view.active.pop(w.transfer_id, None)
+
+    async def _pull_and_report(self, w: ActiveWork) -> None:
+        a = w.assignment
         layer = a.layer.digest
-        first, end = a.chunk_range()  # a piece of the layer, or all of it
-        size = min(a.layer.size, end * a.layer.chunk_size) - first * a.layer.chunk_size
-        w = ActiveWork(a, started=time.time(), bytes_total=size)
-        self.view.active[a.transfer_id] = w
+        first, end = a.chunk_range()
+        size = w.bytes_total
         tlog = self.log.bind(layer=layer, seeder=a.seeder.node_id, transfer=a.transfer_id)
         if self.puller.overlapping(layer, first, end):
             # e.g. re-sent after a coordinator restart: a pull overlapping a running one
@@ -128,7 +147,7 @@ class AssignmentRunner:
                     kind="host_key_mismatch", peer=a.seeder.node_id, detail=e.reason
                 )
         finally:
-            self.view.active.pop(a.transfer_id, None)
+            w.reporting = True  # pulled or failed: listed as reporting until reported
         if event is not None:
             sec = event
             await self._report(

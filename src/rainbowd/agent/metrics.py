@@ -58,8 +58,7 @@ log = structlog.get_logger(__name__)
 
 
 class _Pulls(Protocol):
-    @property
-    def active(self) -> Sized: ...
+    def pulling(self) -> Sized: ...
 
 
 class Watched(Protocol):
@@ -233,7 +232,7 @@ class _AgentCollector(Collector):
         yield GaugeMetricFamily(
             "rbd_agent_active_transfers",
             "Transfers assigned to this agent and not finished (pulling or waiting to).",
-            value=len(agent.view.active),
+            value=len(agent.view.pulling()),
         )
         st = self._m._store
         yield GaugeMetricFamily(

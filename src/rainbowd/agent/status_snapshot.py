@@ -108,8 +108,10 @@ class AgentStatus:
                     "rate_bps": w.rate_bps,
                     "seconds": now - w.started,
                 }
-                for w in view.active.values()
+                for w in view.pulling()
             ],
+            # pulls ended whose report the coordinator has not taken yet
+            "reporting": view.reporting_transfers(),
             "disk": {"used": self.store.bytes_used(), "free": self.store.bytes_free()},
             "metrics_url": metrics_url,
             "mirror_url": self.mirror.url if self.mirror is not None else "",

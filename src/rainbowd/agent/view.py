@@ -28,6 +28,10 @@ class ActiveWork:
     bytes_total: int  # of its chunk range
     bytes_done: int = 0
     rate_bps: float = 0.0
+    #: the pull ended and its done/failed report is on its way: kept (and listed in
+    #: heartbeats as reporting) until the coordinator took the report, so a heartbeat
+    #: that overtakes the report does not make the transfer look abandoned
+    reporting: bool = False
 
     @property
     def transfer_id(self) -> str:
@@ -56,6 +60,10 @@ class AgentView:
     security_events: list[str] = field(default_factory=list)
     last_error: str = ""
 
+    def pulling(self) -> list[ActiveWork]:
+        """The transfers still pulling (not those whose report is on its way)."""
+        return [w for w in self.active.values() if not w.reporting]
+
     def active_transfers(self) -> list[m.ActiveTransfer]:
         """The active pulls as a heartbeat lists them."""
         return [
@@ -67,8 +75,12 @@ class AgentView:
                 bytes_total=w.bytes_total,
                 rate_bps=w.rate_bps,
             )
-            for w in self.active.values()
+            for w in self.pulling()
         ]
+
+    def reporting_transfers(self) -> list[str]:
+        """Transfers whose pull ended and whose report the coordinator has not taken yet."""
+        return [w.transfer_id for w in self.active.values() if w.reporting]
 
     def progress(self) -> list[m.ProgressItem]:
         """Progress of every active transfer (sent with the next batch of reports)."""
@@ -79,5 +91,5 @@ class AgentView:
                     bytes_done=w.bytes_done, bytes_total=w.bytes_total, rate_bps=w.rate_bps
                 ),
             )
-            for w in self.active.values()
+            for w in self.pulling()
         ]

@@ -88,7 +88,7 @@ class TransferReports:
             self.bytes_moved(tr, a.bytes_done, now)
             for p in self.jobs.progress_of(node.node_id):
                 p.progress(tr.t.layer, a.bytes_done, a.rate_bps)
-        self.check_absent(node, listed, now)
+        self.check_absent(node, listed | set(hb.reporting), now, hb.cursor)
 
     def adopt_unknown(
         self, node: Node, transfer_id: str, layer: str, seeder: str, now: float
@@ -135,14 +135,20 @@ class TransferReports:
         )
         return True
 
-    def check_absent(self, node: Node, listed: set[str], now: float) -> None:
+    def check_absent(self, node: Node, listed: set[str], now: float, cursor: int = 0) -> None:
         """End active transfers to ``node`` that its agent, having received them, no longer runs.
 
-        Only transfers delivered at least ABSENCE_GRACE before this heartbeat
-        count (a heartbeat built just before a delivery cannot list it). A
-        completed one shows in the holdings; the others are released so the
-        demand is planned again -- the agent's report, if it still comes, is
-        applied then for what it says about the seeder.
+        ``listed``: the transfers the heartbeat names, pulling or with their report
+        on its way (a heartbeat can overtake the report: such a transfer is not
+        abandoned). Only transfers the heartbeat answers for count: delivered at
+        least ABSENCE_GRACE before it, and, when the agent sends its assignment
+        ``cursor``, assigned at or below it -- a heartbeat built before the agent
+        had an assignment cannot list it, however late it arrives (in a busy
+        100-node lab a heartbeat took ~1 s to land, and 9 % of the transfers were
+        ended by heartbeats built before they arrived or overtaking their reports,
+        then planned and pulled again). A completed one shows in the holdings; the
+        others are released so the demand is planned again -- the agent's report,
+        if it still comes, is applied then for what it says about the seeder.
         """
         scheduler = self.ctx.scheduler
         for t in scheduler.active_for(node.node_id):  # not every transfer: per heartbeat
@@ -151,6 +157,8 @@ class TransferReports:
             tr = self.dispatch.transfers.get(t.transfer_id)
             if tr is None or not tr.acked_at or now - tr.acked_at < ABSENCE_GRACE:
                 continue
+            if cursor and tr.seq and tr.seq > cursor:
+                continue  # assigned after this heartbeat was built
             if self.ctx.driver.absent(t, held=t.layer in node.holdings, now=now):
                 self.evidence.transfer_ended(t, now)
                 self.ctx.store.delete_transfer(t.transfer_id)

@@ -249,6 +249,13 @@ class Heartbeat(Msg, kw_only=True):
     load: Load = 0.0
     disk_free: Bytes = 0
     disk_used: Bytes = 0
+    #: transfers whose pull ended but whose done/failed report the coordinator has not
+    #: taken yet (a heartbeat may overtake a report): not abandoned, not to be re-planned
+    reporting: Annotated[list[Name], Meta(max_length=MAX_ACTIVE)] = []
+    #: the agent's assignment cursor when it built this heartbeat: every transfer
+    #: assigned at or below it that the agent still runs or has yet to report is in
+    #: ``active`` or ``reporting``. 0: not said (an agent older than this field)
+    cursor: Count = 0
 
 
 class HeartbeatReply(Msg, kw_only=True):

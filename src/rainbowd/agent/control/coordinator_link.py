@@ -26,6 +26,7 @@ from rainbowd.agent.engine_loads import EngineLoads
 from rainbowd.agent.hygiene import StoreHygiene
 from rainbowd.agent.view import AgentView
 from rainbowd.core import messages as m
+from rainbowd.core.wirebounds import MAX_ACTIVE
 from rainbowd.lib.client import AgentClient, ApiError, CoordinatorUnreachable
 from rainbowd.lib.store import LayerStore
 
@@ -151,17 +152,30 @@ class CoordinatorLink:
 
     # -- heartbeats ------------------------------------------------------
     def _heartbeat(self) -> m.Heartbeat:
+        """What this node runs now, and the assignment cursor that answers for it.
+
+        Built on the event loop, where assignments arrive: every transfer up to the
+        cursor is registered (``AssignmentRunner.accept``) before the cursor moves
+        past it, so ``active`` plus ``reporting`` lists all of them that are not
+        over. The coordinator ends a transfer this heartbeat leaves out only if its
+        assignment is at or below the cursor (coordinator/transfers.py).
+        """
         return m.Heartbeat(
-            holdings=self.hygiene.holdings(),
-            partials=[
-                m.LayerProgress(digest=d, have=have, count=n)
-                for d, have, n in self.store.partials()
-            ],
-            active=self.view.active_transfers(),
-            load=os.getloadavg()[0],
-            disk_free=self.store.bytes_free(),
-            disk_used=self.store.bytes_used(),
+            active=self.view.active_transfers()[:MAX_ACTIVE],
+            reporting=self.view.reporting_transfers()[:MAX_ACTIVE],
+            cursor=self._cursor,
         )
+
+    def _store_state(self, hb: m.Heartbeat) -> m.Heartbeat:
+        """The heartbeat with what the store holds: disk reads, in the control thread."""
+        hb.holdings = self.hygiene.holdings()
+        hb.partials = [
+            m.LayerProgress(digest=d, have=have, count=n) for d, have, n in self.store.partials()
+        ]
+        hb.load = os.getloadavg()[0]
+        hb.disk_free = self.store.bytes_free()
+        hb.disk_used = self.store.bytes_used()
+        return hb
 
     async def heartbeats(self) -> None:
         loop = asyncio.get_running_loop()
@@ -171,7 +185,9 @@ class CoordinatorLink:
             try:
                 async with self.holdings_lock:
                     locked = time.monotonic()
-                    hb = await loop.run_in_executor(self._control_pool, self._heartbeat)
+                    hb = await loop.run_in_executor(
+                        self._control_pool, self._store_state, self._heartbeat()
+                    )
                     built = time.monotonic()
                     reply = await self.api.heartbeat(
                         hb, timeout=HEARTBEAT_TIMEOUT_INTERVALS * self.view.heartbeat_interval
