@@ -253,7 +253,12 @@ async def heartbeat(request: web.Request) -> web.Response:
     hb = await body(request, Heartbeat)
     c = coord(request)
     hb.holdings = _known_holdings(c, "heartbeat", hb.holdings)
-    return reply(request, c.heartbeat(node, hb))
+    # the scheduler pass a heartbeat may need runs once, after every heartbeat and
+    # report read in this turn of the loop (Dispatch.schedule_soon), as for report
+    # batches: 100 agents beating every second asked for 100 passes a second
+    with c.dispatch.one_schedule(soon=True):
+        hb_reply = c.heartbeat(node, hb)
+    return reply(request, hb_reply)
 
 
 async def assignments(request: web.Request) -> web.Response:
