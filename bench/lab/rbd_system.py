@@ -24,6 +24,7 @@ from rainbowd.core import messages as m
 from rainbowd.core.sched.scheduler import DEFAULT_POLICY
 from rainbowd.devcluster.localcluster import LocalCluster, NodeSpec
 
+from . import transfer_costs
 from .env import COORDINATOR_PORT, LabEnv
 from .image import REF
 from .result import SystemResult
@@ -105,6 +106,11 @@ class RbdSystem:
             self._collect(final, set(env.demanders), result, timeout)
         finally:
             await cluster.stop()
+        # the per-transfer costs this run imposed, when its logs list every transfer
+        # (--log-level info): `python -m bench.sim --compare` charges them
+        costs = transfer_costs.measure(cluster.root / "logs")
+        if costs is not None:
+            result.notes["transfer_costs"] = costs.as_notes()
         return result
 
     @staticmethod
@@ -140,6 +146,11 @@ class RbdSystem:
                 "wire_bytes": job.wire_bytes,
                 "transfers": len(transfers),
                 "transfers_from_origin": from_origin,
+                # one entry per layer and seeder of a node, as the job records them
+                # (coordinator/jobs.py NodeProgress.record): the pieces it took from that
+                # seeder summed, from the first one's assignment to the last one's report --
+                # not one transfer each, so its bytes / seconds is no transfer's rate (the
+                # agents' logs have each pull: transfer_costs.py)
                 "timeline": transfers,
             }
         )

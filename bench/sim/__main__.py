@@ -62,16 +62,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.chunk_kib * 1024 < MIN_CHUNK_SIZE:
                 raise ValueError(f"--chunk-kib must be >= {MIN_CHUNK_SIZE // 1024}")
             profile = dataclasses.replace(profile, chunk_size=args.chunk_kib * 1024)
+        measured = lab_costs(lab, args.lab_system) if lab is not None else {}
+        d = Overheads()
+
+        def ms(flag: float | None, name: str) -> float:
+            """A cost in seconds: the flag's, else the lab run's measure, else the default."""
+            if flag is not None:
+                return flag / 1e3
+            return measured.get(name, float(getattr(d, name)))
+
         overheads = Overheads(
             efficiency=args.efficiency,
-            assign_s=args.assign_ms / 1e3,
-            connect_s=args.connect_ms / 1e3,
-            channel_s=args.channel_ms / 1e3,
-            finish_s=args.finish_ms / 1e3,
+            assign_s=ms(args.assign_ms, "assign_s"),
+            connect_s=ms(args.connect_ms, "connect_s"),
+            channel_s=ms(args.channel_ms, "channel_s"),
+            finish_s=ms(args.finish_ms, "finish_s"),
             verify_Bps=args.verify_mbyte_s * 1e6,
             relay_hop_s=args.relay_hop_ms / 1e3,
             coordinator_s=args.coordinator_ms / 1e3,
         )
+        charged = {
+            k: v for k, v in measured.items() if getattr(overheads, k) == v
+        }  # the measures no flag overrode
         if args.layers:
             layers = given_layers(args.layers)
         elif lab is not None and lab.get("layers"):
@@ -93,6 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if faults:
         print(fault_summary(faults, result))
     if lab is not None:
+        if charged:
+            said = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in sorted(charged.items()))
+            print(f"per-transfer costs measured in the lab run, charged: {said}")
         try:
             print(compare(lab, doc, args.lab_system))
             print(hop_report(lab, args.lab_system, profile, overheads))
@@ -128,10 +143,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     d = Overheads()
     p.add_argument("--efficiency", type=float, default=d.efficiency, help="goodput/line rate")
-    p.add_argument("--assign-ms", type=float, default=d.assign_s * 1e3)
-    p.add_argument("--connect-ms", type=float, default=d.connect_s * 1e3)
-    p.add_argument("--channel-ms", type=float, default=d.channel_s * 1e3)
-    p.add_argument("--finish-ms", type=float, default=d.finish_s * 1e3)
+    lab_or = "default: the --compare lab run's measure (bench/lab/transfer_costs.py), else"
+    p.add_argument("--assign-ms", type=float, help=f"{lab_or} {d.assign_s * 1e3:g}")
+    p.add_argument("--connect-ms", type=float, help=f"{lab_or} {d.connect_s * 1e3:g}")
+    p.add_argument("--channel-ms", type=float, help=f"default {d.channel_s * 1e3:g}")
+    p.add_argument("--finish-ms", type=float, help=f"{lab_or} {d.finish_s * 1e3:g}")
     p.add_argument("--verify-mbyte-s", type=float, default=d.verify_Bps / 1e6)
     p.add_argument("--relay-hop-ms", type=float, default=d.relay_hop_s * 1e3)
     p.add_argument(
@@ -175,6 +191,25 @@ def _profile(name: str, nodes: int | None) -> ClusterProfile:
             raise ProfileError(f"no profile {name!r} in {PROFILES} (known: {known})")
     profile = load_profile(path)
     return profile.scaled(nodes) if nodes else profile
+
+
+def lab_costs(lab: dict[str, Any], system: str) -> dict[str, float]:
+    """The per-transfer costs ``system``'s lab run measured (seconds, by Overheads field).
+
+    Empty when the run did not measure them (its processes logged below info
+    level, or it predates bench/lab/transfer_costs.py). Only finite, non-negative
+    numbers are taken: the file is read, not trusted.
+    """
+    notes = lab.get("systems", {}).get(system, {}).get("notes", {})
+    costs = notes.get("transfer_costs") if isinstance(notes, dict) else None
+    if not isinstance(costs, dict):
+        return {}
+    out = {}
+    for name in ("assign_s", "connect_s", "finish_s"):
+        v = costs.get(name)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < float("inf"):
+            out[name] = float(v)
+    return out
 
 
 def _read_json(path: str) -> dict[str, Any]:

@@ -335,6 +335,34 @@ def test_cli_writes_the_lab_shape_and_compares(
     )
 
 
+def test_cli_charges_the_transfer_costs_the_lab_run_measured(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A lab run that measured its per-transfer costs is simulated with them; a flag wins."""
+    layers = [["sha256:" + "a" * 64, 4_000_000]]
+    costs = {"pulls": 50, "new_connections": 20, "assign_s": 0.1, "connect_s": 1.0}
+    rbd = {"total": 5.0, "notes": {"transfer_costs": {**costs, "finish_s": "junk"}}}
+    lab = tmp_path / "lab.json"
+    lab.write_text(json.dumps({"layers": layers, "systems": {"rbd": rbd}}))
+    out = tmp_path / "sim.json"
+    compare = ["--profile", "ci", "--out", str(out), "--compare", str(lab)]
+
+    def charged() -> dict[str, float]:
+        sim = json.loads(out.read_text())["systems"][f"sim:{DEFAULT_POLICY}"]
+        return dict(sim["notes"]["overheads"])
+
+    assert main(compare) == 0
+    got = charged()
+    assert (got["assign_s"], got["connect_s"]) == (0.1, 1.0)
+    assert got["finish_s"] == Overheads().finish_s  # not a number in the file: the default
+    printed = capsys.readouterr().out
+    assert "measured in the lab run, charged: assign_s 100 ms, connect_s 1000 ms" in printed
+    assert main([*compare, "--connect-ms", "30"]) == 0
+    assert charged()["connect_s"] == 0.03 and charged()["assign_s"] == 0.1
+    assert main(["--profile", "ci", "--out", str(out)]) == 0  # no lab run: the defaults
+    assert charged()["connect_s"] == Overheads().connect_s
+
+
 def test_cli_meets_a_lab_run_at_its_rate_scale(tmp_path: Path) -> None:
     """A lab report made with ``--rate-scale`` is simulated at the same rates (and T*)."""
     layers = [["sha256:" + "a" * 64, 4_000_000]]
