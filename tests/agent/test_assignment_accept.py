@@ -18,12 +18,14 @@ from typing import Any, cast
 import structlog
 
 from rainbowd.agent.assignments import AssignmentRunner
+from rainbowd.agent.control.coordinator_link import CoordinatorLink
 from rainbowd.agent.control.report_batch import TransferReporter
 from rainbowd.agent.control.report_sender import ReportSender
 from rainbowd.agent.dataplane.puller import PullResult
-from rainbowd.agent.view import AgentView
+from rainbowd.agent.view import ActiveWork, AgentView
 from rainbowd.core import messages as m
 from rainbowd.core.chunks import MIN_CHUNK_SIZE, ChunkManifest
+from rainbowd.core.wirebounds import MAX_ACTIVE
 from waiting import FakeClock, settle
 
 LAYER = ChunkManifest(
@@ -125,3 +127,21 @@ async def test_a_transfer_is_listed_from_arrival_until_its_report_is_taken() -> 
         await settle()
         assert view.reporting_transfers() == [] and "t-1" not in view.active
         sender.cancel()
+
+
+def test_a_heartbeat_vouches_for_its_cursor_only_when_it_lists_everything() -> None:
+    """Cut to what a heartbeat may carry, it claims no cursor: what was cut is not over."""
+    view = AgentView()
+    link = object.__new__(CoordinatorLink)  # _heartbeat reads only the view and the cursor
+    link.view, link._cursor = view, 7
+    for i in range(MAX_ACTIVE):
+        a = assignment(f"t-{i}")
+        view.active[a.transfer_id] = ActiveWork(a, started=0.0, bytes_total=1)
+    view.active["t-0"].reporting = True
+    hb = link._heartbeat()
+    assert (len(hb.active), hb.reporting, hb.cursor) == (MAX_ACTIVE - 1, ["t-0"], 7)
+    for tid in ("t-more", "t-most"):  # MAX_ACTIVE + 1 pulling now
+        a = assignment(tid)
+        view.active[a.transfer_id] = ActiveWork(a, started=0.0, bytes_total=1)
+    hb = link._heartbeat()
+    assert (len(hb.active), hb.cursor) == (MAX_ACTIVE, 0)

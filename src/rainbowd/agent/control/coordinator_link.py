@@ -158,12 +158,16 @@ class CoordinatorLink:
         cursor is registered (``AssignmentRunner.accept``) before the cursor moves
         past it, so ``active`` plus ``reporting`` lists all of them that are not
         over. The coordinator ends a transfer this heartbeat leaves out only if its
-        assignment is at or below the cursor (coordinator/transfers.py).
+        assignment is at or below the cursor (coordinator/transfers.py). A list
+        longer than a heartbeat may carry (``MAX_ACTIVE``) is cut, and then the
+        heartbeat vouches for no cursor (0), so what was cut is not taken as over.
         """
+        active, reporting = self.view.active_transfers(), self.view.reporting_transfers()
+        whole = len(active) <= MAX_ACTIVE and len(reporting) <= MAX_ACTIVE
         return m.Heartbeat(
-            active=self.view.active_transfers()[:MAX_ACTIVE],
-            reporting=self.view.reporting_transfers()[:MAX_ACTIVE],
-            cursor=self._cursor,
+            active=active[:MAX_ACTIVE],
+            reporting=reporting[:MAX_ACTIVE],
+            cursor=self._cursor if whole else 0,
         )
 
     def _store_state(self, hb: m.Heartbeat) -> m.Heartbeat:
