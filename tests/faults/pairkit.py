@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -197,6 +198,10 @@ def create_login_role(admin_url: str, role: str) -> None:
         conn.execute(f'CREATE ROLE "{role}" LOGIN SUPERUSER')
 
 
+#: most seconds a terminated backend may take to exit (it is signalled, then exits)
+CUT_OFF_TIMEOUT_S = 10.0
+
+
 def cut_off(admin_url: str, role: str) -> int:
     """Refuse ``role`` new connections and end its open ones; how many were ended.
 
@@ -210,6 +215,15 @@ def cut_off(admin_url: str, role: str) -> int:
             "WHERE usename = %s) AS t",
             (role,),
         ).fetchone()
+        # pg_terminate_backend only signals: wait until each backend is gone, so nothing
+        # the role had under way can still commit once this returns
+        deadline = time.monotonic() + CUT_OFF_TIMEOUT_S
+        while conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = %s", (role,)
+        ).fetchone() != (0,):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{role}'s backends still run {CUT_OFF_TIMEOUT_S} s after")
+            time.sleep(0.01)
     return int(ended[0]) if ended else 0
 
 
