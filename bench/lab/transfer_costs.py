@@ -134,10 +134,11 @@ def _events(path: Path) -> list[dict[str, Any]]:
                 continue
             try:
                 e = json.loads(line)
-                e["t"] = datetime.fromisoformat(str(e["timestamp"]).replace("Z", "+00:00"))
-            except (ValueError, KeyError, TypeError):
+                if not isinstance(e, dict) or not isinstance(e.get("event"), str):
+                    continue
+                when = datetime.fromisoformat(str(e["timestamp"]).replace("Z", "+00:00"))
+            except (ValueError, KeyError):
                 continue
-            if isinstance(e, dict) and isinstance(e.get("event"), str):
-                e["t"] = e["t"].timestamp()
-                out.append(e)
+            e["t"] = when.timestamp()
+            out.append(e)
     return out

@@ -62,28 +62,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.chunk_kib * 1024 < MIN_CHUNK_SIZE:
                 raise ValueError(f"--chunk-kib must be >= {MIN_CHUNK_SIZE // 1024}")
             profile = dataclasses.replace(profile, chunk_size=args.chunk_kib * 1024)
+        # each per-transfer cost: the flag's, else the lab run's measure, else the default
+        flags = {
+            "assign_s": args.assign_ms,
+            "connect_s": args.connect_ms,
+            "channel_s": args.channel_ms,
+            "finish_s": args.finish_ms,
+        }
         measured = lab_costs(lab, args.lab_system) if lab is not None else {}
-        d = Overheads()
-
-        def ms(flag: float | None, name: str) -> float:
-            """A cost in seconds: the flag's, else the lab run's measure, else the default."""
-            if flag is not None:
-                return flag / 1e3
-            return measured.get(name, float(getattr(d, name)))
-
+        charged = {k: v for k, v in measured.items() if flags[k] is None}
+        default = Overheads()
+        costs = {
+            k: flag / 1e3 if flag is not None else charged.get(k, float(getattr(default, k)))
+            for k, flag in flags.items()
+        }
         overheads = Overheads(
             efficiency=args.efficiency,
-            assign_s=ms(args.assign_ms, "assign_s"),
-            connect_s=ms(args.connect_ms, "connect_s"),
-            channel_s=ms(args.channel_ms, "channel_s"),
-            finish_s=ms(args.finish_ms, "finish_s"),
+            **costs,
             verify_Bps=args.verify_mbyte_s * 1e6,
             relay_hop_s=args.relay_hop_ms / 1e3,
             coordinator_s=args.coordinator_ms / 1e3,
         )
-        charged = {
-            k: v for k, v in measured.items() if getattr(overheads, k) == v
-        }  # the measures no flag overrode
         if args.layers:
             layers = given_layers(args.layers)
         elif lab is not None and lab.get("layers"):

@@ -135,7 +135,7 @@ class TransferReports:
         )
         return True
 
-    def check_absent(self, node: Node, listed: set[str], now: float, cursor: int = 0) -> None:
+    def check_absent(self, node: Node, listed: set[str], now: float, cursor: int) -> None:
         """End active transfers to ``node`` that its agent, having received them, no longer runs.
 
         ``listed``: the transfers the heartbeat names, pulling or with their report
