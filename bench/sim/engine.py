@@ -106,6 +106,8 @@ class _Running:
     notice_at: float = 0.0  # when its demander noticed the failure
     started: float = -1.0  # when its flow started (-1: never)
     upstream: str = ""  # the transfer feeding its relay when it was planned ("": none)
+    assigned_at: float = 0.0  # when its assignment reached the demander
+    pulled_at: float = 0.0  # when the demander had it verified (its last byte, checked)
 
 
 @dataclass(frozen=True)
@@ -513,6 +515,7 @@ class Simulation(_FaultEvents):
                     self._downstream.setdefault(up.transfer_id, set()).add(t.transfer_id)
                     start = max(start, u.first_byte_at + self._hop(t, u.transfer))
             r = _Running(t, size, float(size), first_byte_at=start)
+            r.assigned_at = now + self.overheads.assign_s
             r.upstream = self._upstream.get(t.transfer_id, "")
             self._running[t.transfer_id] = r
             self.result.transfers += 1
@@ -556,6 +559,7 @@ class Simulation(_FaultEvents):
         for d in sorted(self._downstream.pop(tid, ())):
             self._upstream.pop(d, None)
             self._recap(d, now)  # the relay has every byte now: no cap
+        r.pulled_at = now + r.size / self.overheads.verify_Bps
         self._push(now + self.overheads.finish(r.size), _DONE, tid)
 
     def _cap_for(self, tid: str) -> float | None:
@@ -616,7 +620,8 @@ class Simulation(_FaultEvents):
         r = self._running.pop(tid, None)
         if r is None or r.failing is not None:
             return  # a node of it is out of the run, or a fault struck it after its last byte
-        t = self.driver.done(tid, now, r.size)
+        # the demander's own time for the pull, as an agent's done report says it
+        t = self.driver.done(tid, now, r.size, r.pulled_at - r.assigned_at)
         self._traced(r, now, "done" if t is not None else "dropped")
         if t is None:  # the scheduler had dropped it (blip): the piece is pulled again
             self._dropped.pop(tid, None)

@@ -233,7 +233,7 @@ class TransferReports:
             self.dispatch.schedule(now)
             return
         t = tr.t
-        if ctx.driver.done(transfer_id, now, m.bytes_moved) is not None:
+        if ctx.driver.done(transfer_id, now, m.bytes_moved, m.seconds) is not None:
             self.evidence.transfer_ended(t, now)
         else:
             log.info("late done report for an ended transfer", transfer=transfer_id)

@@ -229,11 +229,14 @@ class JobDriver:
         self.scheduler.cancel_demand(t.demander, t.layer)
 
     # -- reports --------------------------------------------------------------
-    def done(self, transfer_id: str, now: float, bytes_moved: int) -> Transfer | None:
-        """The demander verified its piece: the seeder's speed is measured. None if not running."""
+    def done(
+        self, transfer_id: str, now: float, bytes_moved: int, seconds: float = 0.0
+    ) -> Transfer | None:
+        """The demander verified its piece in ``seconds``: the seeder's speed and the
+        transfer's fixed cost are measured. None if not running."""
         if not self.scheduler.is_active(transfer_id):
             return None
-        return self.scheduler.complete(transfer_id, now, bytes_moved)
+        return self.scheduler.complete(transfer_id, now, bytes_moved, seconds)
 
     def holds_layer(self, t: Transfer) -> bool:
         """Whether ``t``'s demander holds all of ``t.layer`` now that ``t`` is done.

@@ -49,6 +49,7 @@ from .policies import RULES
 from .policies.state import PIECE_MARK, _down_speed
 from .records import Transfer
 from .scheduler import DEFAULT_SPEED_BPS, Scheduler, SchedulerError
+from .transfer_cost import TransferCostMeter
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,37 @@ def piece_chunks(piece_bytes: int, chunk_size: int, size: int = 0, layer_pieces:
         chunks = -(-size // chunk_size)
         per = max(per, -(-chunks // layer_pieces))
     return per
+
+
+def plan_growth(
+    pieces: list[Piece],
+    per_piece: int,
+    sign: Callable[[Piece], object | None],
+) -> list[list[Piece]]:
+    """``pieces`` in runs to merge: consecutive, of equal ``sign``, at most ``per_piece`` chunks.
+
+    ``sign(p)`` is None for a piece that must stay as it is (one in motion);
+    otherwise pieces merge only with neighbours of the same sign (who holds
+    it, who wants it), so every node's holding and demand carry over whole.
+    """
+    groups: list[list[Piece]] = []
+    run: list[Piece] = []
+    run_sign: object | None = None
+    for p in pieces:
+        s = sign(p)
+        fits = bool(run) and p.end - run[0].first <= per_piece
+        if s is not None and fits and s == run_sign:
+            run.append(p)
+            continue
+        if run:
+            groups.append(run)
+        run, run_sign = [p], s
+        if s is None:
+            groups.append(run)
+            run = []
+    if run:
+        groups.append(run)
+    return groups
 
 
 def split_layer(layer: str, size: int, chunk_size: int, per_piece: int) -> list[Piece]:
@@ -128,6 +160,10 @@ class PieceScheduler:
         self.piece_bytes = rules.piece_bytes if rules is not None else 0
         self.layer_pieces = rules.layer_pieces if rules is not None else 0
         self.report_load = rules.report_load if rules is not None else 0.0
+        self.cost_share = rules.cost_share if rules is not None else 0.0
+        #: the fixed cost of a transfer, measured from done reports (transfer_cost.py)
+        self.cost_meter = TransferCostMeter()
+        self._grown: dict[str, int] = {}  # layer -> chunks a piece was last grown to
         #: the coordinator's time per done report (seconds; 0: pieces are not sized by it)
         self.report_cost_s = REPORT_COST_S
         self._pieces: dict[str, list[Piece]] = {}  # layer -> its pieces (known sizes only)
@@ -380,9 +416,87 @@ class PieceScheduler:
     def schedule(self, now: float) -> list[Transfer]:
         return [self._outer(t) for t in self.inner.schedule(now)]
 
-    def complete(self, transfer_id: str, now: float, bytes_moved: int = 0) -> Transfer:
-        """The demander verified the piece; it holds the layer once :meth:`holds` says so."""
-        return self._outer(self.inner.complete(transfer_id, now, bytes_moved))
+    def complete(
+        self, transfer_id: str, now: float, bytes_moved: int = 0, seconds: float = 0.0
+    ) -> Transfer:
+        """The demander verified the piece; it holds the layer once :meth:`holds` says so.
+
+        ``seconds`` is the demander's own time for the pull (0: not known): with
+        the coordinator's time since the assignment it measures the transfer's
+        fixed cost, which sizes the pieces not yet started (:meth:`_grow_pieces`).
+        """
+        t = self.inner.complete(transfer_id, now, bytes_moved)
+        if self.cost_share > 0 and self.cost_meter.add(now - t.started_at, seconds, bytes_moved):
+            self._grow_pieces()
+        return self._outer(t)
+
+    def _grow_pieces(self) -> None:
+        """Merge runs of untouched pieces up to the size the measured cost asks for.
+
+        Pieces are cut when a layer's size is learnt, before any transfer was
+        measured; once the meter (transfer_cost.py) asks for pieces at least
+        twice a layer's current ones, consecutive pieces that no transfer moves
+        and that every node holds all or none of, and wants all or none of, are
+        merged (plan_growth). Pieces already in motion or partly spread keep
+        their size: merging them would lose track of who holds what. Pieces
+        only grow: a restarted coordinator splits a layer as its longest piece
+        in flight (split_as), and a transfer of a shorter one is planned anew.
+        """
+        want = self.cost_meter.piece_bytes(self.cost_share)
+        if want <= 0:
+            return
+        ready = []
+        for layer, pieces in self._pieces.items():
+            chunk_size = self.inner.layer_chunks.get(pieces[0].key, 0)
+            if len(pieces) < 2 or chunk_size <= 0:
+                continue
+            per = max(1, want // chunk_size)
+            if per >= 2 * self._grown.get(layer, pieces[0].end - pieces[0].first):
+                ready.append((layer, per, chunk_size))
+        if not ready:
+            return
+        busy = {t.layer for t in self.inner.active()}
+        wanted: dict[str, set[str]] = {}
+        for node, key in self.inner.pending():
+            wanted.setdefault(key, set()).add(node)
+
+        def sign(p: Piece) -> tuple[frozenset[str], frozenset[str]] | None:
+            if p.key in busy:
+                return None
+            return frozenset(self.inner.holders_of(p.key)), frozenset(wanted.get(p.key, ()))
+
+        for layer, per, chunk_size in ready:
+            self._grown[layer] = per
+            groups = plan_growth(self._pieces[layer], per, sign)
+            if any(len(g) > 1 for g in groups):
+                self._merge(layer, groups, chunk_size, wanted)
+
+    def _merge(
+        self,
+        layer: str,
+        groups: list[list[Piece]],
+        chunk_size: int,
+        wanted: dict[str, set[str]],
+    ) -> None:
+        """Make each group of ``layer``'s pieces one piece, keyed as its first."""
+        merged: list[Piece] = []
+        for g in groups:
+            head = g[0]
+            if len(g) == 1:
+                merged.append(head)
+                continue
+            whole = Piece(layer, head.key, head.first, g[-1].end, sum(p.size for p in g))
+            holders = list(self.inner.holders_of(head.key))
+            for p in g[1:]:
+                for node in holders:
+                    self.inner.remove_holding(node, p.key)
+                for node in wanted.get(p.key, ()):
+                    self.inner.cancel_demand(node, p.key)
+                self._piece.pop(p.key, None)
+            self._piece[head.key] = whole
+            self.inner.set_layer_size(head.key, whole.size, chunk_size)
+            merged.append(whole)
+        self._pieces[layer] = merged
 
     def fail(self, transfer_id: str) -> Transfer:
         return self._outer(self.inner.fail(transfer_id))

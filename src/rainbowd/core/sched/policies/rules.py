@@ -169,3 +169,7 @@ class Rules:
     #: the coordinator's time at the cluster's full rate (rainbowd.core.sched.pieces,
     #: PieceScheduler._load_chunks); 0 = pieces of piece_bytes alone
     report_load: float = 0.0
+    #: with piece_bytes: pieces not yet started grow, mid-job, until the measured fixed
+    #: cost of a transfer (assignment and report) is at most this share of its bytes' time
+    #: (rainbowd.core.sched.transfer_cost; PieceScheduler._grow_pieces); 0 = off
+    cost_share: float = 0.0

@@ -86,6 +86,9 @@ SWARM = Rules(
     # coordinator's reports would take more than its time at the cluster's full rate
     piece_bytes=1,
     report_load=1.0,
+    # and larger, mid-job, where a transfer's fixed cost would be over a quarter of its
+    # bytes' time (transfer_cost.py)
+    cost_share=0.25,
     # a piece of several chunks is relayed as its chunks land
     relay=True,
     relay_lag_s=1.5,
