@@ -251,3 +251,50 @@ async def test_a_restart_adopts_pieces_sized_otherwise_than_it_would_size_them(
         assert [(p.first, p.end) for p in pieces] == [(0, 2), (2, 4)]
     finally:
         await r2.stop()
+
+
+async def test_pieces_grow_once_the_coordinator_measures_what_a_transfer_costs(
+    tmp_path: Path,
+) -> None:
+    """Each transfer costs 1.5 s outside its 0.5 s pull (a fake clock moves 2 s from the
+    assignment to the report): once the coordinator has measured that from the done
+    reports (core/sched/transfer_cost.py), the pieces not yet handed out grow, and the
+    assignments after carry longer chunk ranges."""
+    from coordinator_support import fake_image
+
+    now = [1_000.0]
+    r = await start(tmp_path, policy="swarm", clock=lambda: now[0], heartbeat_interval=1e6)
+    try:
+        async with AdminClient(r.url, ADMIN) as admin:
+            origin = await agent(r.url, "origin", roles=["origin"], speed=10e6)
+            img = fake_image(sizes=(64 * CHUNK,))
+            layer = img.digests[0]
+            await ingest(admin, origin.c, img)
+            d = await agent(r.url, "d", speed=100e6)
+            scheduler = r.coordinator.scheduler
+            assert {p.end - p.first for p in scheduler.pieces(layer)} == {1}
+            await admin.create_job(CreateJob(image=img.record.ref, targets=["d"]))
+            pending = [a for a in await d.take() if isinstance(a, TransferAssignment)]
+            reports = 0
+            while len(scheduler.pieces(layer)) == 64:
+                assert pending and reports < 40, reports
+                a = pending.pop(0)
+                now[0] += 2.0
+                done = TransferDone(bytes_moved=CHUNK, seconds=0.5)
+                await d.c.transfer_done(a.transfer_id, done)
+                reports += 1
+                pending += [x for x in await d.take() if isinstance(x, TransferAssignment)]
+            # 1.5 s x 128 KiB/s / 0.25 = 768 KiB: pieces of 12 chunks of 64 KiB
+            assert reports == 16  # transfer_cost.MIN_SAMPLES
+            assert max(p.end - p.first for p in scheduler.pieces(layer)) == 12
+            later = [a for a in await d.take() if isinstance(a, TransferAssignment)]
+            while not later:
+                a = pending.pop(0)
+                now[0] += 2.0
+                await d.c.transfer_done(a.transfer_id, TransferDone(bytes_moved=CHUNK, seconds=0.5))
+                later = [x for x in await d.take() if isinstance(x, TransferAssignment)]
+            assert any(x.chunk_range()[1] - x.chunk_range()[0] == 12 for x in later), later
+            await origin.c.close()
+            await d.c.close()
+    finally:
+        await r.stop()

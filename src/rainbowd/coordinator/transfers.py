@@ -213,6 +213,20 @@ class TransferReports:
             for p in self.jobs.progress_of(node.node_id):
                 p.progress(tr.t.layer, m.bytes_done, m.rate_bps)
 
+    def _log_growths(self) -> None:
+        """Say when pieces grew to the measured cost of a transfer (core/sched/transfer_cost.py)."""
+        scheduler = self.ctx.scheduler
+        for layer, per, pieces in scheduler.take_growths():
+            meter = scheduler.cost_meter
+            log.info(
+                "pieces grown",
+                layer=short(layer),
+                chunks_per_piece=per,
+                pieces=pieces,
+                transfer_overhead_s=round(meter.overhead_s(), 3),
+                pull_rate_mbps=round(meter.rate_Bps() / 1e6, 2),
+            )
+
     def transfer_done(self, node: Node, transfer_id: str, m: TransferDone) -> None:
         ctx = self.ctx
         now = ctx.clock()
@@ -235,6 +249,7 @@ class TransferReports:
         t = tr.t
         if ctx.driver.done(transfer_id, now, m.bytes_moved, m.seconds) is not None:
             self.evidence.transfer_ended(t, now)
+            self._log_growths()
         else:
             log.info("late done report for an ended transfer", transfer=transfer_id)
         first, tr.reported = not tr.reported, True

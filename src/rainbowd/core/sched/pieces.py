@@ -35,6 +35,12 @@ when the layer's size is learnt; a restarted coordinator splits a layer as the
 pieces it adopts back were, :meth:`PieceScheduler.split_as`). A layer whose size is learnt
 while transfers or demands of it are open stays whole (re-keying those
 would lose track of them); one that is only held is split at once.
+
+With ``cost_share``, pieces not yet in motion then grow mid-job to what the
+measured fixed cost of a transfer asks for (transfer_cost.py,
+:meth:`PieceScheduler._grow_pieces`): on a loaded host a transfer's assignment
+and report cost ~1 s, and one-chunk pieces would spend most of their time on
+them; on an idle host they cost milliseconds and the pieces keep their size.
 """
 
 from __future__ import annotations
@@ -164,6 +170,9 @@ class PieceScheduler:
         #: the fixed cost of a transfer, measured from done reports (transfer_cost.py)
         self.cost_meter = TransferCostMeter()
         self._grown: dict[str, int] = {}  # layer -> chunks a piece was last grown to
+        #: (layer, chunks a piece may have, pieces of the layer now) per growth, until
+        #: :meth:`take_growths` (the coordinator logs them)
+        self._growths: list[tuple[str, int, int]] = []
         #: the coordinator's time per done report (seconds; 0: pieces are not sized by it)
         self.report_cost_s = REPORT_COST_S
         self._pieces: dict[str, list[Piece]] = {}  # layer -> its pieces (known sizes only)
@@ -470,6 +479,12 @@ class PieceScheduler:
             groups = plan_growth(self._pieces[layer], per, sign)
             if any(len(g) > 1 for g in groups):
                 self._merge(layer, groups, chunk_size, wanted)
+                self._growths.append((layer, per, len(self._pieces[layer])))
+
+    def take_growths(self) -> list[tuple[str, int, int]]:
+        """The growths since the last call: (layer, chunks a piece may have, pieces now)."""
+        out, self._growths = self._growths, []
+        return out
 
     def _merge(
         self,
