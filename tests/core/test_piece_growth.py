@@ -192,3 +192,15 @@ def test_each_growth_is_told_once() -> None:
     s.complete(moving[0].transfer_id, 3.0, CHUNK, seconds=1.0)
     assert s.take_growths() == [(LAYER, 8, len(s.pieces(LAYER)))]
     assert s.take_growths() == []
+
+
+def test_a_layer_learnt_after_the_measure_is_cut_at_its_size_at_once() -> None:
+    s = swarm_with(32 * CHUNK)
+    moving = s.schedule(0.0)
+    for _ in range(MIN_SAMPLES - 1):  # ask for 4 chunks
+        s.cost_meter.add(2.0, 1.0, CHUNK)
+    s.complete(moving[0].transfer_id, 2.0, CHUNK, seconds=1.0)
+    later = "sha256:" + "c" * 64
+    s.add_holding("origin", later)
+    s.set_layer_size(later, 16 * CHUNK, CHUNK)
+    assert [p.end - p.first for p in s.pieces(later)] == [4] * 4

@@ -169,7 +169,9 @@ class PieceScheduler:
         self.cost_share = rules.cost_share if rules is not None else 0.0
         #: the fixed cost of a transfer, measured from done reports (transfer_cost.py)
         self.cost_meter = TransferCostMeter()
-        self._grown: dict[str, int] = {}  # layer -> chunks a piece was last grown to
+        #: the piece size (bytes) the meter asked for when pieces last grew: they grow again
+        #: only once it asks for twice that (a handful of times at most, up to the cap)
+        self._grown_to = 1
         #: (layer, chunks a piece may have, pieces of the layer now) per growth, until
         #: :meth:`take_growths` (the coordinator logs them)
         self._growths: list[tuple[str, int, int]] = []
@@ -203,7 +205,7 @@ class PieceScheduler:
             return
         per = piece_chunks(self.piece_bytes, chunk_size, size, self.layer_pieces)
         if self.piece_bytes > 0:
-            per = max(per, self._load_chunks(chunk_size))
+            per = max(per, self._load_chunks(chunk_size), self._cost_chunks(chunk_size))
         pieces = split_layer(layer, size, chunk_size, per)
         if len(pieces) > 1 and not self._unused({layer}):
             pieces = [Piece(layer, layer, 0, 0, size)]
@@ -238,6 +240,15 @@ class PieceScheduler:
         down = sum(_down_speed(n) for n in nodes)
         need = min(up, down) * self.report_cost_s / self.report_load
         return max(1, math.ceil(need / chunk_size))
+
+    def _cost_chunks(self, chunk_size: int) -> int:
+        """Chunks per piece the measured cost of a transfer asks for (1: nothing measured).
+
+        A layer learnt after transfers were measured is cut at that size at once;
+        the others grow to it (:meth:`_grow_pieces`).
+        """
+        want = self.cost_meter.piece_bytes(self.cost_share)
+        return max(1, want // chunk_size) if chunk_size > 0 else 1
 
     def split_as(self, layer: str, chunks_per_piece: int) -> bool:
         """Split ``layer`` into pieces of ``chunks_per_piece`` chunks again, if it can be.
@@ -442,9 +453,10 @@ class PieceScheduler:
     def _grow_pieces(self) -> None:
         """Merge runs of untouched pieces up to the size the measured cost asks for.
 
-        Pieces are cut when a layer's size is learnt, before any transfer was
-        measured; once the meter (transfer_cost.py) asks for pieces at least
-        twice a layer's current ones, consecutive pieces that no transfer moves
+        Pieces are cut when a layer's size is learnt, often before any transfer
+        was measured; once the meter (transfer_cost.py) asks for pieces at least
+        twice what it asked at its last look and twice a layer's largest piece,
+        consecutive pieces of that layer that no transfer moves
         and that every node holds all or none of, and wants all or none of, are
         merged (plan_growth). Pieces already in motion or partly spread keep
         their size: merging them would lose track of who holds what. Pieces
@@ -452,15 +464,16 @@ class PieceScheduler:
         in flight (split_as), and a transfer of a shorter one is planned anew.
         """
         want = self.cost_meter.piece_bytes(self.cost_share)
-        if want <= 0:
-            return
+        if want < 2 * self._grown_to:
+            return  # nothing asks for twice the pieces the last look grew them to
+        self._grown_to = want
         ready = []
         for layer, pieces in self._pieces.items():
             chunk_size = self.inner.layer_chunks.get(pieces[0].key, 0)
             if len(pieces) < 2 or chunk_size <= 0:
                 continue
-            per = max(1, want // chunk_size)
-            if per >= 2 * self._grown.get(layer, pieces[0].end - pieces[0].first):
+            per = want // chunk_size
+            if per >= 2 * max(p.end - p.first for p in pieces):
                 ready.append((layer, per, chunk_size))
         if not ready:
             return
@@ -475,7 +488,6 @@ class PieceScheduler:
             return frozenset(self.inner.holders_of(p.key)), frozenset(wanted.get(p.key, ()))
 
         for layer, per, chunk_size in ready:
-            self._grown[layer] = per
             groups = plan_growth(self._pieces[layer], per, sign)
             if any(len(g) > 1 for g in groups):
                 self._merge(layer, groups, chunk_size, wanted)

@@ -22,9 +22,9 @@ A piece of ``P`` bytes takes ``overhead + P / rate``; the fixed part is at most
 (:meth:`TransferCostMeter.piece_bytes`, medians of the last ``WINDOW``
 samples). ``seconds`` is the demander's word about its own pull: a sample is
 kept only where it is finite, positive and within ``elapsed`` (a claim longer
-than the coordinator's own measure is bounded by it), medians need a third of
-the window to lie before they move, and the result is capped at
-``MAX_PIECE_BYTES``: a lie costs efficiency, never correctness.
+than the coordinator's own measure is bounded by it), a median leaves the range
+of honest samples only if more than half of the window lies, and the result is
+capped at ``MAX_PIECE_BYTES``: a lie costs efficiency, never correctness.
 """
 
 from __future__ import annotations
