@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         scale = args.rate_scale
         if scale is None:
             scale = float(lab.get("rate_scale", 1.0)) if lab is not None else 1.0
-        profile = _profile(args.profile, args.nodes).rates_scaled(scale)
+        profile = _profile(_profile_name(args.profile, lab), args.nodes).rates_scaled(scale)
         if args.chunk_kib is not None:
             if args.chunk_kib * 1024 < MIN_CHUNK_SIZE:
                 raise ValueError(f"--chunk-kib must be >= {MIN_CHUNK_SIZE // 1024}")
@@ -120,7 +121,11 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench.sim", description=__doc__.split("\n\n")[0] if __doc__ else None
     )
-    p.add_argument("--profile", default="paper", help="a name in bench/profiles/ or a .toml path")
+    p.add_argument(
+        "--profile",
+        help="a name in bench/profiles/ or a .toml path (default: the --compare lab run's, "
+        "else paper)",
+    )
     p.add_argument("--nodes", type=int, help="scale the profile to this many demanders")
     p.add_argument(
         "--rate-scale",
@@ -179,6 +184,25 @@ def fault_summary(faults: Sequence[Fault], result: SimResult) -> str:
     for node, why in sorted(result.failed.items()):
         lines.append(f"  FAILED {node}: {why}")
     return "\n".join(lines)
+
+
+def _profile_name(given: str | None, lab: dict[str, Any] | None) -> str:
+    """The profile to simulate: ``given``, else the lab run's, else ``paper``.
+
+    A lab run names its profile (``paper-x0.25`` at a quarter of the rates:
+    the scale is read apart); comparing it with another profile's simulation
+    would compare two clusters, so a ``given`` profile that is not the run's
+    is refused.
+    """
+    ran = re.sub(r"-x[0-9.]+$", "", str(lab.get("profile", ""))) if lab is not None else ""
+    if given is None:
+        return ran or "paper"
+    if ran and Path(given).stem != ran:
+        raise ValueError(
+            f"the lab run is of profile {ran!r}, not {given!r}: leave --profile out to "
+            "simulate the run's own"
+        )
+    return given
 
 
 def _profile(name: str, nodes: int | None) -> ClusterProfile:

@@ -320,6 +320,26 @@ def test_where_each_transfer_costs_a_second_pieces_grow_and_the_job_ends_sooner(
 
 
 # -- the command line ------------------------------------------------------------------
+def test_cli_simulates_the_lab_runs_own_profile_and_refuses_another(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lab = tmp_path / "lab.json"
+    layers = [["sha256:" + "a" * 64, 1_000_000]]
+    system = {"rbd": {"total": 5.0, "node_seconds": {"fast-001": 1.0}, "failed": {}}}
+    doc = {"profile": "ci-x0.5", "rate_scale": 0.5, "layers": layers, "systems": system}
+    lab.write_text(json.dumps(doc))
+    out = tmp_path / "sim.json"
+    assert main(["--out", str(out), "--compare", str(lab)]) == 0
+    ci = load_profile(PROFILES / "ci.toml")
+    assert json.loads(out.read_text())["t_star"] == pytest.approx(
+        ci.rates_scaled(0.5).bound(1_000_000).t_star
+    )
+    capsys.readouterr()
+    assert main(["--profile", "paper", "--out", str(out), "--compare", str(lab)]) == 2
+    err = capsys.readouterr().err
+    assert "lab run is of profile 'ci', not 'paper'" in err and "leave --profile out" in err
+
+
 def test_cli_writes_the_lab_shape_and_compares(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
