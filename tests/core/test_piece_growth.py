@@ -61,6 +61,7 @@ def test_the_meter_takes_medians_of_the_recent_samples_only() -> None:
         (1.0, 0.0, CHUNK),  # an agent too old to say its pull time
         (0.0, 1.0, CHUNK),
         (1.0, 0.5, 0),  # a resumed pull that moved nothing
+        (1.0, 5e-324, CHUNK),  # a rate that overflows to inf
     ],
 )
 def test_a_sample_that_says_nothing_is_not_kept(

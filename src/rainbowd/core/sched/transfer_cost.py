@@ -58,15 +58,19 @@ class TransferCostMeter:
         """One done report: ``nbytes`` in ``seconds`` of pull, ``elapsed`` since assigned.
 
         False (and nothing kept) where the sample says nothing: no bytes, a pull
-        time that is not a positive finite number, or an elapsed time that is not.
+        time that is not a positive finite number (or so small the rate overflows),
+        or an elapsed time that is not.
         """
         if nbytes <= 0 or not (math.isfinite(seconds) and math.isfinite(elapsed)):
             return False
         if seconds <= 0 or elapsed <= 0:
             return False
         seconds = min(seconds, elapsed)
+        rate = nbytes / seconds
+        if not math.isfinite(rate):
+            return False  # a pull time too small to divide by (5e-324 s)
         self._overhead.append(elapsed - seconds)
-        self._rate.append(nbytes / seconds)
+        self._rate.append(rate)
         return True
 
     @property
