@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +31,12 @@ from typing import Any
 
 from rainbowd.core.chunks import MIN_CHUNK_SIZE
 from rainbowd.core.sched.scheduler import DEFAULT_POLICY
-from rainbowd.devcluster.profile import ClusterProfile, ProfileError, load_profile
+from rainbowd.devcluster.profile import (
+    ClusterProfile,
+    ProfileError,
+    load_profile,
+    scale_suffix,
+)
 
 from .calibrate import hop_report
 from .engine import SimResult, Simulation
@@ -194,7 +198,10 @@ def _profile_name(given: str | None, lab: dict[str, Any] | None) -> str:
     would compare two clusters, so a ``given`` profile that is not the run's
     is refused.
     """
-    ran = re.sub(r"-x[0-9.]+$", "", str(lab.get("profile", ""))) if lab is not None else ""
+    ran = ""
+    if lab is not None:
+        suffix = scale_suffix(float(lab.get("rate_scale", 1.0)))
+        ran = str(lab.get("profile", "")).removesuffix(suffix)
     if given is None:
         return ran or "paper"
     if ran and Path(given).stem != ran:

@@ -514,8 +514,9 @@ class Simulation(_FaultEvents):
                     self._upstream[t.transfer_id] = up.transfer_id
                     self._downstream.setdefault(up.transfer_id, set()).add(t.transfer_id)
                     start = max(start, u.first_byte_at + self._hop(t, u.transfer))
-            r = _Running(t, size, float(size), first_byte_at=start)
-            r.assigned_at = now + self.overheads.assign_s
+            r = _Running(
+                t, size, float(size), first_byte_at=start, assigned_at=now + self.overheads.assign_s
+            )
             r.upstream = self._upstream.get(t.transfer_id, "")
             self._running[t.transfer_id] = r
             self.result.transfers += 1

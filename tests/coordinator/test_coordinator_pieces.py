@@ -274,25 +274,26 @@ async def test_pieces_grow_once_the_coordinator_measures_what_a_transfer_costs(
             scheduler = r.coordinator.scheduler
             assert {p.end - p.first for p in scheduler.pieces(layer)} == {1}
             await admin.create_job(CreateJob(image=img.record.ref, targets=["d"]))
+
+            async def report_one(pending: list[TransferAssignment]) -> list[TransferAssignment]:
+                """2 s after its assignment, one piece done in 0.5 s; what is assigned next."""
+                now[0] += 2.0
+                a = pending.pop(0)
+                await d.c.transfer_done(a.transfer_id, TransferDone(bytes_moved=CHUNK, seconds=0.5))
+                return [x for x in await d.take() if isinstance(x, TransferAssignment)]
+
             pending = [a for a in await d.take() if isinstance(a, TransferAssignment)]
             reports = 0
             while len(scheduler.pieces(layer)) == 64:
                 assert pending and reports < 40, reports
-                a = pending.pop(0)
-                now[0] += 2.0
-                done = TransferDone(bytes_moved=CHUNK, seconds=0.5)
-                await d.c.transfer_done(a.transfer_id, done)
+                pending += await report_one(pending)
                 reports += 1
-                pending += [x for x in await d.take() if isinstance(x, TransferAssignment)]
             # 1.5 s x 128 KiB/s / 0.25 = 768 KiB: pieces of 12 chunks of 64 KiB
             assert reports == 16  # transfer_cost.MIN_SAMPLES
             assert max(p.end - p.first for p in scheduler.pieces(layer)) == 12
             later = [a for a in await d.take() if isinstance(a, TransferAssignment)]
             while not later:
-                a = pending.pop(0)
-                now[0] += 2.0
-                await d.c.transfer_done(a.transfer_id, TransferDone(bytes_moved=CHUNK, seconds=0.5))
-                later = [x for x in await d.take() if isinstance(x, TransferAssignment)]
+                later = await report_one(pending)
             assert any(x.chunk_range()[1] - x.chunk_range()[0] == 12 for x in later), later
             await origin.c.close()
             await d.c.close()

@@ -215,6 +215,11 @@ class RandomNodes:
         return tuple(out)
 
 
+def scale_suffix(factor: float) -> str:
+    """What :meth:`ClusterProfile.rates_scaled` appends to a profile's name ("" at 1)."""
+    return "" if factor == 1 else f"-x{factor:g}"
+
+
 @dataclass(frozen=True)
 class ClusterProfile:
     name: str
@@ -291,7 +296,7 @@ class ClusterProfile:
             return self
         return dataclasses.replace(
             self,
-            name=f"{self.name}-x{factor:g}",
+            name=f"{self.name}{scale_suffix(factor)}",
             description=f"{self.description} (every rate x {factor:g})",
             origin=_times(self.origin, factor),
             nodes=tuple(_times(n, factor) for n in self.nodes),
