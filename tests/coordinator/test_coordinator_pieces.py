@@ -19,7 +19,7 @@ import pytest
 from test_coordinator_flow import Agent, agent
 
 from coordinator_support import ADMIN, ingest, start
-from rainbowd.coordinator import core
+from rainbowd.coordinator import core, jobs_service
 from rainbowd.coordinator.piece_wire import assignment_for
 from rainbowd.core.messages import (
     ActiveTransfer,
@@ -299,3 +299,85 @@ async def test_pieces_grow_once_the_coordinator_measures_what_a_transfer_costs(
             await d.c.close()
     finally:
         await r.stop()
+
+
+async def test_a_piece_that_completes_no_layer_is_written_with_the_next_batch_of_rows(
+    tmp_path: Path,
+) -> None:
+    """A node's job row is rewritten for a layer's last piece at once, and for the pieces
+    before it by ``save_piece_lines`` (the liveness loop's; jobs_service.py): the row grows
+    with every seeder, and rewriting it at every piece made a done report ~15 % dearer."""
+    from coordinator_support import fake_image
+
+    def stored_lines() -> list[tuple[str, int]]:
+        (view,) = r.store.load_jobs()
+        (node,) = [n for n in view.nodes if n.node_id == "d"]
+        return [(u.seeder, u.bytes) for u in node.transfers]
+
+    r = await start(tmp_path, policy="swarm", heartbeat_interval=1e6)  # no liveness turn
+    try:
+        async with AdminClient(r.url, ADMIN) as admin:
+            origin = await agent(r.url, "origin", roles=["origin"], speed=10e6)
+            img = fake_image(sizes=(4 * CHUNK,))  # swarm: 4 pieces of one chunk
+            layer = img.digests[0]
+            await ingest(admin, origin.c, img)
+            d = await agent(r.url, "d", speed=100e6)
+            job = await admin.create_job(CreateJob(image=img.record.ref, targets=["d"]))
+            pending = [a for a in await d.take() if isinstance(a, TransferAssignment)]
+            a = pending.pop(0)
+            await d.c.transfer_done(a.transfer_id, TransferDone(bytes_moved=CHUNK, seconds=0.1))
+            # in memory (the API) at once; in the store with the next batch
+            (shown,) = [n for n in (await admin.job(job.job_id)).nodes if n.node_id == "d"]
+            assert [(u.seeder, u.bytes) for u in shown.transfers] == [("origin", CHUNK)]
+            assert stored_lines() == []
+            assert r.coordinator.save_piece_lines(now=100.0) == 1
+            assert stored_lines() == [("origin", CHUNK)]
+            assert r.coordinator.save_piece_lines() == 0  # nothing left to write
+            # the next piece waits PIECE_LINES_EVERY_S after that write (a time given)
+            pending += [x for x in await d.take() if isinstance(x, TransferAssignment)]
+            a = pending.pop(0)
+            await d.c.transfer_done(a.transfer_id, TransferDone(bytes_moved=CHUNK, seconds=0.1))
+            every = jobs_service.PIECE_LINES_EVERY_S
+            assert r.coordinator.save_piece_lines(now=100.0 + every / 2) == 0
+            assert stored_lines() == [("origin", CHUNK)]
+            assert r.coordinator.save_piece_lines(now=100.0 + every) == 1
+            assert stored_lines() == [("origin", 2 * CHUNK)]
+            done = 2
+            while layer not in r.coordinator.cluster.nodes["d"].holdings:
+                pending += [x for x in await d.take() if isinstance(x, TransferAssignment)]
+                a = pending.pop(0)
+                await d.c.transfer_done(a.transfer_id, TransferDone(bytes_moved=CHUNK, seconds=0.1))
+                done += 1
+            assert done == 4
+            # the last piece completed the layer: its row was written with it, every line in
+            assert stored_lines() == [("origin", 4 * CHUNK)]
+            await origin.c.close()
+            await d.c.close()
+    finally:
+        await r.stop()
+
+
+async def test_the_rows_left_for_later_are_written_when_the_coordinator_stops(
+    tmp_path: Path,
+) -> None:
+    from coordinator_support import fake_image
+
+    r = await start(tmp_path, policy="swarm", heartbeat_interval=1e6)  # no liveness turn
+    async with AdminClient(r.url, ADMIN) as admin:
+        origin = await agent(r.url, "origin", roles=["origin"], speed=10e6)
+        img = fake_image(sizes=(4 * CHUNK,))
+        await ingest(admin, origin.c, img)
+        d = await agent(r.url, "d", speed=100e6)
+        await admin.create_job(CreateJob(image=img.record.ref, targets=["d"]))
+        a = next(x for x in await d.take() if isinstance(x, TransferAssignment))
+        await d.c.transfer_done(a.transfer_id, TransferDone(bytes_moved=CHUNK, seconds=0.1))
+        await origin.c.close()
+        await d.c.close()
+    await r.stop()  # a clean stop writes what was left for later
+    r2 = await start(tmp_path, policy="swarm", heartbeat_interval=1e6)
+    try:
+        (view,) = r2.store.load_jobs()
+        (node,) = [n for n in view.nodes if n.node_id == "d"]
+        assert [(u.seeder, u.bytes) for u in node.transfers] == [("origin", CHUNK)]
+    finally:
+        await r2.stop()

@@ -378,6 +378,10 @@ class Coordinator:
     def check_liveness(self) -> list[str]:
         return self.liveness.check_liveness()
 
+    def save_piece_lines(self, now: float | None = None) -> int:
+        """Write the job rows deferred by piece reports (JobsService.save_piece_lines)."""
+        return self.job_service.save_piece_lines(now)
+
     # -- reports (transfers.py, quarantine.py, images_service.py, jobs_service.py) --
     def transfer_progress(self, node: Node, transfer_id: str, m: TransferProgress) -> None:
         self.reports.transfer_progress(node, transfer_id, m)

@@ -462,8 +462,17 @@ async def metrics(request: web.Request) -> web.Response:
 LIVENESS_ENDED: web.AppKey[asyncio.Event] = web.AppKey("liveness_ended", asyncio.Event)
 
 
+def _save_piece_lines(c: Coordinator, now: float | None = None) -> None:
+    """Write the job rows piece reports left for later (jobs_service.py); a failure is logged."""
+    try:
+        c.save_piece_lines(now)
+    except Exception:
+        log.exception("saving the job rows of finished pieces failed")
+
+
 async def _liveness_loop(c: Coordinator, role: Role, ended: asyncio.Event) -> None:
-    """Mark nodes down when they miss heartbeats (checked twice per interval), while leading.
+    """Mark nodes down when they miss heartbeats (checked twice per interval), while leading,
+    and write the job rows piece reports left for later (JobsService.save_piece_lines).
 
     It ends at its first turn after the role flips to standby (a step-down,
     http/leadership.py), whatever becomes of the app: a stepped-down
@@ -480,6 +489,7 @@ async def _liveness_loop(c: Coordinator, role: Role, ended: asyncio.Event) -> No
                 c.check_liveness()
             except Exception:
                 log.exception("liveness check failed")
+            _save_piece_lines(c, c.clock())
     finally:
         ended.set()
 
@@ -521,6 +531,8 @@ def create_app(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        if role.leading:
+            _save_piece_lines(c)  # a standby's writes would be fenced off anyway
         await c.host_key_checks.close()
 
     app.cleanup_ctx.append(liveness)
