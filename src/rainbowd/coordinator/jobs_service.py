@@ -112,6 +112,8 @@ class JobsService:
             if now < self._lines_due:
                 return 0
             self._lines_due = now + PIECE_LINES_EVERY_S
+        if not self._unsaved:
+            return 0
         pending, self._unsaved = self._unsaved, {}
         written = 0
         try:
