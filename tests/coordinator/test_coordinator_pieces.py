@@ -306,7 +306,7 @@ async def test_a_piece_that_completes_no_layer_is_written_with_the_next_batch_of
 ) -> None:
     """A node's job row is rewritten for a layer's last piece at once, and for the pieces
     before it by ``save_piece_lines`` (the liveness loop's; jobs_service.py): the row grows
-    with every seeder, and rewriting it at every piece made a done report ~15 % dearer."""
+    with every seeder, and rewriting it at every piece cost a done report ~12 % more."""
     from coordinator_support import fake_image
 
     def stored_lines() -> list[tuple[str, int]]:
