@@ -21,6 +21,7 @@ from test_coordinator_flow import Agent, agent
 from coordinator_support import ADMIN, ingest, start
 from rainbowd.coordinator import core, jobs_service
 from rainbowd.coordinator.piece_wire import assignment_for
+from rainbowd.coordinator.state import StateStore
 from rainbowd.core.messages import (
     ActiveTransfer,
     CreateJob,
@@ -301,6 +302,13 @@ async def test_pieces_grow_once_the_coordinator_measures_what_a_transfer_costs(
         await r.stop()
 
 
+def stored_lines(store: StateStore, node_id: str = "d") -> list[tuple[str, int]]:
+    """(seeder, bytes) of each line of ``node_id``'s row in the one job the store holds."""
+    (view,) = store.load_jobs()
+    (node,) = [n for n in view.nodes if n.node_id == node_id]
+    return [(u.seeder, u.bytes) for u in node.transfers]
+
+
 async def test_a_piece_that_completes_no_layer_is_written_with_the_next_batch_of_rows(
     tmp_path: Path,
 ) -> None:
@@ -308,11 +316,6 @@ async def test_a_piece_that_completes_no_layer_is_written_with_the_next_batch_of
     before it by ``save_piece_lines`` (the liveness loop's; jobs_service.py): the row grows
     with every seeder, and rewriting it at every piece cost a done report ~12 % more."""
     from coordinator_support import fake_image
-
-    def stored_lines() -> list[tuple[str, int]]:
-        (view,) = r.store.load_jobs()
-        (node,) = [n for n in view.nodes if n.node_id == "d"]
-        return [(u.seeder, u.bytes) for u in node.transfers]
 
     r = await start(tmp_path, policy="swarm", heartbeat_interval=1e6)  # no liveness turn
     try:
@@ -329,9 +332,9 @@ async def test_a_piece_that_completes_no_layer_is_written_with_the_next_batch_of
             # in memory (the API) at once; in the store with the next batch
             (shown,) = [n for n in (await admin.job(job.job_id)).nodes if n.node_id == "d"]
             assert [(u.seeder, u.bytes) for u in shown.transfers] == [("origin", CHUNK)]
-            assert stored_lines() == []
+            assert stored_lines(r.store) == []
             assert r.coordinator.save_piece_lines(now=100.0) == 1
-            assert stored_lines() == [("origin", CHUNK)]
+            assert stored_lines(r.store) == [("origin", CHUNK)]
             assert r.coordinator.save_piece_lines() == 0  # nothing left to write
             # the next piece waits PIECE_LINES_EVERY_S after that write (a time given)
             pending += [x for x in await d.take() if isinstance(x, TransferAssignment)]
@@ -339,9 +342,9 @@ async def test_a_piece_that_completes_no_layer_is_written_with_the_next_batch_of
             await d.c.transfer_done(a.transfer_id, TransferDone(bytes_moved=CHUNK, seconds=0.1))
             every = jobs_service.PIECE_LINES_EVERY_S
             assert r.coordinator.save_piece_lines(now=100.0 + every / 2) == 0
-            assert stored_lines() == [("origin", CHUNK)]
+            assert stored_lines(r.store) == [("origin", CHUNK)]
             assert r.coordinator.save_piece_lines(now=100.0 + every) == 1
-            assert stored_lines() == [("origin", 2 * CHUNK)]
+            assert stored_lines(r.store) == [("origin", 2 * CHUNK)]
             done = 2
             while layer not in r.coordinator.cluster.nodes["d"].holdings:
                 pending += [x for x in await d.take() if isinstance(x, TransferAssignment)]
@@ -350,7 +353,7 @@ async def test_a_piece_that_completes_no_layer_is_written_with_the_next_batch_of
                 done += 1
             assert done == 4
             # the last piece completed the layer: its row was written with it, every line in
-            assert stored_lines() == [("origin", 4 * CHUNK)]
+            assert stored_lines(r.store) == [("origin", 4 * CHUNK)]
             await origin.c.close()
             await d.c.close()
     finally:
@@ -376,8 +379,6 @@ async def test_the_rows_left_for_later_are_written_when_the_coordinator_stops(
     await r.stop()  # a clean stop writes what was left for later
     r2 = await start(tmp_path, policy="swarm", heartbeat_interval=1e6)
     try:
-        (view,) = r2.store.load_jobs()
-        (node,) = [n for n in view.nodes if n.node_id == "d"]
-        assert [(u.seeder, u.bytes) for u in node.transfers] == [("origin", CHUNK)]
+        assert stored_lines(r2.store) == [("origin", CHUNK)]
     finally:
         await r2.stop()
