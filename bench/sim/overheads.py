@@ -19,8 +19,9 @@ tuned by hand:
   channel. A guess of 30 ms until measured (a few kB of handshake over a
   4 Mbit/s link alone is ~10 ms).
 * ``channel_s`` -- the same, over a connection the demander already has to that
-  seeder (the agent keeps one connection per seeder): a new channel and the
-  first chunk request, ~2 ms.
+  seeder (the agent keeps one connection per seeder, and the chunk channel its
+  last clean pull from it left: agent/dataplane/chunk_channels.py): the first
+  chunk request, ~2 ms.
 * ``relay_hop_s`` -- what one cut-through relay hop adds beyond a chunk's wire
   time on the link into the relay: the relay wakes for the chunk, checks it
   before serving, the demander checks and writes it. ``--compare LAB.json``

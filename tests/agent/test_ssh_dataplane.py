@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import io
 import os
 import stat
 import threading
@@ -213,6 +214,71 @@ async def test_connection_reused_for_several_layers(lab: Lab) -> None:
     await asyncio.gather(p.pull(lab.assignment()), p.pull(lab.assignment(m2)))
     assert len(p.connections._conns) == 1
     assert blob(lab.dem_store, m2.digest) == other
+    assert lab.server.bytes_served["dem"] == SIZE + len(other)
+
+
+def seeder_conn(p: LayerPuller) -> asyncssh.SSHClientConnection:
+    [conn] = p.connections._conns.values()
+    return conn
+
+
+def open_channels(server: ChunkServer) -> int:
+    """Chunk channels open now on the seeder, over all its connections."""
+    return sum(pc.channels for pc in server._conns)
+
+
+async def test_a_later_pull_from_a_seeder_takes_the_channel_the_last_one_left(lab: Lab) -> None:
+    """A pull that ended cleanly leaves its channel open; the next one sends on it at once.
+
+    The second layer has chunks twice as big: the kept channel's decoder takes
+    the new pull's chunk size. A failed pull closes its channel.
+    """
+    bigger = os.urandom(CHUNK * 5 + 7)
+    m2 = lab.seed_store.ingest(io.BytesIO(bigger), sha256_digest(bigger), chunk_size=2 * CHUNK)
+    p = lab.puller()
+    await p.pull(lab.assignment())
+    conn = seeder_conn(p)
+    assert (p.channels.opened, p.channels.reused, p.channels.idle(conn)) == (1, 0, 1)
+    assert open_channels(lab.server) == 1
+    await p.pull(lab.assignment(m2))
+    assert (p.channels.opened, p.channels.reused, p.channels.idle(conn)) == (1, 1, 1)
+    assert blob(lab.dem_store, m2.digest) == bigger
+    assert blob(lab.dem_store, lab.manifest.digest) == lab.data
+    assert open_channels(lab.server) == 1
+
+    missing = ingest(LayerStore(lab.tmp / "other"), os.urandom(CHUNK + 5))
+    with pytest.raises(PullError):
+        await p.pull(lab.assignment(missing))  # the seeder answers not_held
+    assert (p.channels.reused, p.channels.idle(conn)) == (2, 0)
+    await wait_until(lambda: open_channels(lab.server) == 0, timeout=10, what="channel closed")
+
+
+class _OneRequestPerChannel(ChunkServer):
+    """Closes a channel when a second request comes on it, unanswered (a seeder tidying up)."""
+
+    async def _answer(
+        self, peer: str, req: chunkproto.Request, stdout: asyncssh.SSHWriter[bytes], plog: Any
+    ) -> bool:
+        seen: set[int] = self.__dict__.setdefault("seen", set())
+        if id(stdout) in seen:
+            return False
+        seen.add(id(stdout))
+        return await super()._answer(peer, req, stdout, plog)
+
+
+async def test_a_kept_channel_the_seeder_closed_is_replaced_before_any_chunk_moves(
+    lab: Lab,
+) -> None:
+    await lab.server.close()
+    await start_server(lab, _OneRequestPerChannel(lab.seed_store, lab.seed_host, node_id="seed"))
+    other = os.urandom(CHUNK * 3 + 1)
+    m2 = ingest(lab.seed_store, other)
+    p = lab.puller()
+    await p.pull(lab.assignment())
+    res = await p.pull(lab.assignment(m2))
+    assert res.bytes_moved == len(other)
+    assert blob(lab.dem_store, m2.digest) == other
+    assert (p.channels.opened, p.channels.reused) == (2, 1)
     assert lab.server.bytes_served["dem"] == SIZE + len(other)
 
 

@@ -33,11 +33,11 @@ from rainbowd.core.chunksession import FetchFailure, FetchSession
 from rainbowd.lib.store import ChunkRejected, LayerStore, PartialLayer, StoreError
 
 from ..metrics import AgentMetrics
+from .chunk_channels import ChunkChannels, ChunkClientSession
 from .chunk_io import runs_inline
 from .pacing import RatePacer
 from .pull_failures import PullError, disk_reason
 from .relay import RelayBoard
-from .ssh_server import CHANNEL_MAX_PKTSIZE, CHANNEL_WINDOW
 
 ProgressCallback = Callable[[int, int, float], None]
 
@@ -48,8 +48,6 @@ ProgressCallback = Callable[[int, int, float], None]
 #: 60 s); 16 KiB/s (0.13 Mbit/s) is below any uplink rbd plans for and still ends a
 #: dribbling seeder's hold on a 4 MiB chunk within 256 s
 MIN_CHUNK_RATE_BPS = 16 * 1024
-#: chunks decoded but not yet verified before the channel is paused
-QUEUE_HIGH_WATER = 4
 #: minimum seconds between two on_progress calls
 PROGRESS_INTERVAL = 0.25
 
@@ -76,80 +74,8 @@ def chunk_wait_s(chunk_size: int, chunk_timeout: float) -> float:
     return max(chunk_timeout, chunk_size / MIN_CHUNK_RATE_BPS)
 
 
-class ChunkClientSession(asyncssh.SSHClientSession[bytes]):
-    """Client end of a chunk channel: decodes frames into a queue with backpressure.
-
-    Working on raw packets (not asyncssh streams) saves a buffer copy and a
-    task switch per packet; the queue holds whole chunks, and reading is
-    paused when ``QUEUE_HIGH_WATER`` of them wait for verification, which
-    stops SSH window adjusts and so throttles the seeder.
-    """
-
-    def __init__(self, max_chunk: int) -> None:
-        self.decoder = chunkproto.Decoder("client", max_chunk=max_chunk)
-        self.events: asyncio.Queue[chunkproto.Event | BaseException | None] = asyncio.Queue()
-        self.chan: asyncssh.SSHClientChannel[bytes] | None = None
-        self._chunks_queued = 0
-        self._paused = False
-        self._done = False
-
-    def connection_made(self, chan: asyncssh.SSHClientChannel[bytes]) -> None:
-        self.chan = chan
-
-    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
-        if self._done or datatype is not None:
-            return
-        try:
-            evs = self.decoder.feed(data)
-        except chunkproto.ProtocolError as e:
-            self._finish(e)
-            return
-        for ev in evs:
-            if isinstance(ev, chunkproto.Chunk):
-                self._chunks_queued += 1
-            self.events.put_nowait(ev)
-        if self._chunks_queued >= QUEUE_HIGH_WATER and not self._paused and self.chan:
-            self._paused = True
-            self.chan.pause_reading()
-
-    def eof_received(self) -> bool:
-        try:
-            self.decoder.eof()
-        except chunkproto.ProtocolError as e:
-            self._finish(e)
-        else:
-            self._finish(None)
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._finish(exc if exc is not None else None)
-
-    def _finish(self, item: BaseException | None) -> None:
-        if not self._done:
-            self._done = True
-            self.events.put_nowait(item)
-            if item is not None and self.chan is not None:
-                self.chan.close()
-
-    async def next_event(self, timeout: float) -> chunkproto.Event | BaseException | None:
-        # asyncio.timeout, not wait_for: wait_for wraps the get in a new task, per chunk
-        async with asyncio.timeout(timeout):
-            ev = await self.events.get()
-        if isinstance(ev, chunkproto.Chunk):
-            self._chunks_queued -= 1
-            if self._paused and self._chunks_queued < QUEUE_HIGH_WATER and self.chan:
-                self._paused = False
-                self.chan.resume_reading()
-        return ev
-
-    def send(self, frame: bytes) -> None:
-        assert self.chan is not None
-        self.chan.write(frame)
-
-    def close(self) -> None:
-        self._done = True
-        if self.chan is not None:
-            self.chan.close()
+class _StaleChannel(Exception):
+    """A reused channel was closed by the seeder before this pull moved a chunk on it."""
 
 
 class ChunkFetcher:
@@ -174,6 +100,7 @@ class ChunkFetcher:
         metrics: AgentMetrics,
         pacer: RatePacer,
         relay: RelayBoard | None,
+        channels: ChunkChannels,
     ) -> None:
         self._store = store
         self._partial = partial
@@ -187,6 +114,7 @@ class ChunkFetcher:
         self._metrics = metrics
         self._pacer = pacer
         self._relay = relay
+        self._channels = channels
 
     async def fetch(
         self,
@@ -198,13 +126,39 @@ class ChunkFetcher:
     ) -> None:
         """Fetch ``missing`` over one channel; the FetchSession (chunksession) says what to do.
 
+        The channel is one the last pull from this seeder left idle where there
+        is one (chunk_channels.py), else a new one; a reused channel the seeder
+        closed meanwhile is replaced once, before any chunk moved.
+        """
+        chunk_size = self._partial.manifest.chunk_size
+        channel, reused = await self._channels.take(conn, chunk_size, self._where)
+        if reused:
+            try:
+                await self._fetch_on(conn, channel, missing, done_of, t0, on_progress, reused)
+                return
+            except _StaleChannel:
+                self._log.info("chunk_channel_stale_reopened")
+            channel = await self._channels.open(conn, chunk_size, self._where)
+        await self._fetch_on(conn, channel, missing, done_of, t0, on_progress, False)
+
+    async def _fetch_on(
+        self,
+        conn: asyncssh.SSHClientConnection,
+        channel: ChunkClientSession,
+        missing: list[int],
+        done_of: tuple[int, int],
+        t0: float,
+        on_progress: ProgressCallback | None,
+        reused: bool,
+    ) -> None:
+        """The fetch loop on ``channel``: kept for the next pull if it ends cleanly, else closed.
+
         This loop only waits for events, writes chunks, paces and reports
         progress; which chunks to request, which one is due and what each
         frame means are the session's.
         """
         manifest, counters = self._partial.manifest, self._counters
         present, total = done_of  # bytes of the range already here, and of the whole range
-        channel = await self._open_channel(conn)
         fetch = FetchSession(
             manifest.digest,
             missing,
@@ -214,6 +168,7 @@ class ChunkFetcher:
         )
         last_progress = 0.0
         wait_s = chunk_wait_s(manifest.chunk_size, self._chunk_timeout)
+        landed = 0
         try:
             if (frame := fetch.next_request()) is not None:
                 channel.send(frame)
@@ -226,10 +181,13 @@ class ChunkFetcher:
                     self._metrics.received(counters.peer, len(ev.data))
                 step = fetch.receive(ev)
                 if isinstance(step, FetchFailure):
+                    if reused and not landed and step.metric == "channel_closed":
+                        raise _StaleChannel
                     raise self._chunk_failure(step)
                 if step is None:
                     continue
                 await self._land(fetch, step)
+                landed += 1
                 await self._pacer.pace(len(step.data))
                 if (frame := fetch.next_request()) is not None:
                     channel.send(frame)
@@ -239,29 +197,10 @@ class ChunkFetcher:
                     on_progress(
                         present + counters.moved, total, counters.moved / max(now - t0, 1e-9)
                     )
-        finally:
+        except BaseException:
             channel.close()
-
-    async def _open_channel(self, conn: asyncssh.SSHClientConnection) -> ChunkClientSession:
-        manifest, where = self._partial.manifest, self._where
-        try:
-            _chan, session = await conn.create_session(
-                lambda: ChunkClientSession(manifest.chunk_size),
-                subsystem=chunkproto.SUBSYSTEM,
-                encoding=None,
-                env={},
-                send_env=[],
-                request_pty=False,
-                x11_forwarding=False,
-                window=CHANNEL_WINDOW,
-                max_pktsize=CHANNEL_MAX_PKTSIZE,
-            )
-        except asyncssh.ChannelOpenError as e:
-            raise PullError("io", f"{where}: chunk channel refused: {e.reason}") from None
-        except (asyncssh.Error, OSError) as e:
-            raise PullError("io", f"{where}: cannot open chunk channel: {e}") from None
-        assert isinstance(session, ChunkClientSession)
-        return session
+            raise
+        self._channels.give_back(conn, channel)
 
     async def _land(self, fetch: FetchSession, chunk: chunkproto.Chunk) -> None:
         """Verify and write the chunk due, and tell the relay and the counters it landed."""

@@ -64,6 +64,7 @@ from rainbowd.core.messages import TransferAssignment
 from rainbowd.lib.store import LayerStore, PartialLayer, StoreError
 
 from ..metrics import AgentMetrics
+from .chunk_channels import ChunkChannels
 from .chunk_fetch import ChunkFetcher, ProgressCallback, PullCounters
 from .chunk_io import INLINE_MAX_BYTES
 from .pacing import RatePacer
@@ -153,6 +154,8 @@ class LayerPuller:
             encryption_algs=encryption_algs or ENCRYPTION_ALGS,
             log=self._log,
         )
+        #: the idle chunk channel(s) the last pulls from each seeder left (chunk_channels.py)
+        self.channels = ChunkChannels()
 
     def pulling(self, digest: str) -> int:
         """How many pulls of ``digest`` are running or waiting."""
@@ -165,7 +168,8 @@ class LayerPuller:
         return entry is not None and entry.overlaps(first, end)
 
     async def close(self) -> None:
-        """Close every cached seeder connection."""
+        """Close every idle chunk channel and cached seeder connection."""
+        self.channels.close()
         await self.connections.close()
 
     # -- pulling ---------------------------------------------------------
@@ -308,6 +312,7 @@ class LayerPuller:
             metrics=self.metrics,
             pacer=self.download_pacer,
             relay=self.relay,
+            channels=self.channels,
         )
 
     def _disk_error(self, e: OSError, manifest: ChunkManifest, what: str) -> PullError:
