@@ -294,13 +294,13 @@ def test_a_thousand_node_paper_run_is_faster_than_real_time() -> None:
 
 def test_where_each_transfer_costs_a_second_pieces_grow_and_the_job_ends_sooner() -> None:
     """Charged a loaded lab's fixed costs (session 16: assignment 0.22 s, report 0.9 s),
-    ``swarm`` grows its untouched pieces (PieceScheduler._grow_pieces): fewer transfers,
+    ``swarm`` grows its untouched pieces (core/sched/piece_growth.py): fewer transfers,
     every node holds the image, and it is done sooner than in one-chunk pieces."""
     p = load_profile(PROFILES / "paper.toml").scaled(20).rates_scaled(0.25)
     layers = [("busybox", 1_996_800), ("payload", 8_396_800), ("files", 10_240)]
     lab = Overheads(assign_s=0.22, connect_s=0.17, finish_s=0.9)
     fixed = PieceScheduler("swarm")
-    fixed.cost_share = 0.0  # pieces keep their first size
+    fixed.growth.cost_share = 0.0  # pieces keep their first size
     runs = {
         "grown": Simulation(p, layers, lab, policy="swarm").run(),
         "fixed": Simulation(p, layers, lab, scheduler=fixed).run(),
@@ -313,7 +313,7 @@ def test_where_each_transfer_costs_a_second_pieces_grow_and_the_job_ends_sooner(
     idle = {}
     for share in (0.25, 0.0):
         sched = PieceScheduler("swarm")
-        sched.cost_share = share
+        sched.growth.cost_share = share
         idle[share] = Simulation(p, layers, Overheads(), scheduler=sched).run()
     assert idle[0.25].transfers == idle[0.0].transfers
     assert idle[0.25].total == idle[0.0].total

@@ -1,5 +1,5 @@
 """Pieces grow mid-job to the measured fixed cost of a transfer (core/sched/transfer_cost.py,
-PieceScheduler._grow_pieces).
+core/sched/piece_growth.py).
 
 Pure: the meter and the scheduler are driven with explicit times (a fake clock), no I/O.
 """
@@ -11,7 +11,9 @@ import math
 
 import pytest
 
-from rainbowd.core.sched.pieces import Piece, PieceScheduler, plan_growth
+from rainbowd.core.sched.piece_growth import plan_growth
+from rainbowd.core.sched.piece_layout import Piece
+from rainbowd.core.sched.pieces import PieceScheduler
 from rainbowd.core.sched.policies import RULES
 from rainbowd.core.sched.transfer_cost import (
     MAX_PIECE_BYTES,

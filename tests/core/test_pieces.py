@@ -9,7 +9,8 @@ import dataclasses
 
 import pytest
 
-from rainbowd.core.sched.pieces import PieceScheduler, piece_chunks, split_layer
+from rainbowd.core.sched.piece_layout import piece_chunks, split_layer
+from rainbowd.core.sched.pieces import PieceScheduler
 from rainbowd.core.sched.policies import RULES
 from rainbowd.core.sched.reasons import TransferReason
 from rainbowd.core.sched.records import Transfer

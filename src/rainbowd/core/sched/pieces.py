@@ -38,7 +38,7 @@ would lose track of them); one that is only held is split at once.
 
 With ``cost_share``, pieces not yet in motion then grow mid-job to what the
 measured fixed cost of a transfer asks for (transfer_cost.py,
-:meth:`PieceScheduler._grow_pieces`): on a loaded host a transfer's assignment
+piece_growth.py): on a loaded host a transfer's assignment
 and report cost ~1 s, and one-chunk pieces would spend most of their time on
 them; on an idle host they cost milliseconds and the pieces keep their size.
 """
@@ -47,86 +47,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import msgspec
 
+from .piece_growth import PieceGrowth
+from .piece_layout import Piece, piece_chunks, split_layer
 from .policies import RULES
 from .policies.state import PIECE_MARK, _down_speed
 from .records import Transfer
 from .scheduler import DEFAULT_SPEED_BPS, Scheduler, SchedulerError
-from .transfer_cost import TransferCostMeter
-
-
-@dataclass(frozen=True)
-class Piece:
-    """Chunks ``[first, end)`` of ``layer``: ``size`` bytes, scheduled under ``key``."""
-
-    layer: str
-    key: str
-    first: int
-    end: int
-    size: int
-
-
-def piece_chunks(piece_bytes: int, chunk_size: int, size: int = 0, layer_pieces: int = 0) -> int:
-    """Chunks per piece of a ``size``-byte layer (0: no split).
-
-    At least ``piece_bytes`` worth of chunks (at least one); with ``layer_pieces``,
-    enough chunks that the layer has no more than that many pieces.
-    """
-    if piece_bytes <= 0 or chunk_size <= 0:
-        return 0
-    per = max(1, piece_bytes // chunk_size)
-    if layer_pieces > 0 and size > 0:
-        chunks = -(-size // chunk_size)
-        per = max(per, -(-chunks // layer_pieces))
-    return per
-
-
-def plan_growth(
-    pieces: list[Piece],
-    per_piece: int,
-    sign: Callable[[Piece], object | None],
-) -> list[list[Piece]]:
-    """``pieces`` in runs to merge: consecutive, of equal ``sign``, at most ``per_piece`` chunks.
-
-    ``sign(p)`` is None for a piece that must stay as it is (one in motion);
-    otherwise pieces merge only with neighbours of the same sign (who holds
-    it, who wants it), so every node's holding and demand carry over whole.
-    """
-    groups: list[list[Piece]] = []
-    run: list[Piece] = []
-    run_sign: object | None = None
-    for p in pieces:
-        s = sign(p)
-        fits = bool(run) and p.end - run[0].first <= per_piece
-        if s is not None and fits and s == run_sign:
-            run.append(p)
-            continue
-        if run:
-            groups.append(run)
-        run, run_sign = [p], s
-        if s is None:
-            groups.append(run)
-            run = []
-    if run:
-        groups.append(run)
-    return groups
-
-
-def split_layer(layer: str, size: int, chunk_size: int, per_piece: int) -> list[Piece]:
-    """``layer`` as pieces of ``per_piece`` chunks; one piece (keyed by the layer) if it fits."""
-    chunks = max(1, -(-size // chunk_size)) if chunk_size > 0 else 1
-    if per_piece <= 0 or chunks <= per_piece:
-        return [Piece(layer, layer, 0, 0, size)]
-    pieces = []
-    for first in range(0, chunks, per_piece):
-        end = min(chunks, first + per_piece)
-        nbytes = min(size, end * chunk_size) - first * chunk_size
-        pieces.append(Piece(layer, f"{layer}{PIECE_MARK}{first}", first, end, nbytes))
-    return pieces
-
 
 #: The coordinator's time per done report (seconds): all the coordinator's CPU in a job over
 #: its done reports, heartbeats and progress included, measured with bench/coordinator_load.py
@@ -166,15 +95,10 @@ class PieceScheduler:
         self.piece_bytes = rules.piece_bytes if rules is not None else 0
         self.layer_pieces = rules.layer_pieces if rules is not None else 0
         self.report_load = rules.report_load if rules is not None else 0.0
-        self.cost_share = rules.cost_share if rules is not None else 0.0
+        #: pieces not yet in motion grow to the measured cost of a transfer (piece_growth.py)
+        self.growth = PieceGrowth(rules.cost_share if rules is not None else 0.0)
         #: the fixed cost of a transfer, measured from done reports (transfer_cost.py)
-        self.cost_meter = TransferCostMeter()
-        #: the piece size (bytes) the meter asked for when pieces last grew: they grow again
-        #: only once it asks for twice that (a handful of times at most, up to the cap)
-        self._grown_to = 1
-        #: (layer, chunks a piece may have, pieces of the layer now) per growth, until
-        #: :meth:`take_growths` (the coordinator logs them)
-        self._growths: list[tuple[str, int, int]] = []
+        self.cost_meter = self.growth.meter
         #: the coordinator's time per done report (seconds; 0: pieces are not sized by it)
         self.report_cost_s = REPORT_COST_S
         self._pieces: dict[str, list[Piece]] = {}  # layer -> its pieces (known sizes only)
@@ -205,7 +129,7 @@ class PieceScheduler:
             return
         per = piece_chunks(self.piece_bytes, chunk_size, size, self.layer_pieces)
         if self.piece_bytes > 0:
-            per = max(per, self._load_chunks(chunk_size), self._cost_chunks(chunk_size))
+            per = max(per, self._load_chunks(chunk_size), self.growth.chunks(chunk_size))
         pieces = split_layer(layer, size, chunk_size, per)
         if len(pieces) > 1 and not self._unused({layer}):
             pieces = [Piece(layer, layer, 0, 0, size)]
@@ -240,15 +164,6 @@ class PieceScheduler:
         down = sum(_down_speed(n) for n in nodes)
         need = min(up, down) * self.report_cost_s / self.report_load
         return max(1, math.ceil(need / chunk_size))
-
-    def _cost_chunks(self, chunk_size: int) -> int:
-        """Chunks per piece the measured cost of a transfer asks for (1: nothing measured).
-
-        A layer learnt after transfers were measured is cut at that size at once;
-        the others grow to it (:meth:`_grow_pieces`).
-        """
-        want = self.cost_meter.piece_bytes(self.cost_share)
-        return max(1, want // chunk_size) if chunk_size > 0 else 1
 
     def split_as(self, layer: str, chunks_per_piece: int) -> bool:
         """Split ``layer`` into pieces of ``chunks_per_piece`` chunks again, if it can be.
@@ -443,87 +358,16 @@ class PieceScheduler:
 
         ``seconds`` is the demander's own time for the pull (0: not known): with
         the coordinator's time since the assignment it measures the transfer's
-        fixed cost, which sizes the pieces not yet started (:meth:`_grow_pieces`).
+        fixed cost, which sizes the pieces not yet started (piece_growth.py).
         """
         t = self.inner.complete(transfer_id, now, bytes_moved)
-        if self.cost_share > 0 and self.cost_meter.add(now - t.started_at, seconds, bytes_moved):
-            self._grow_pieces()
+        if self.growth.observe(now - t.started_at, seconds, bytes_moved):
+            self.growth.grow(self._pieces, self._piece, self.inner)
         return self._outer(t)
-
-    def _grow_pieces(self) -> None:
-        """Merge runs of untouched pieces up to the size the measured cost asks for.
-
-        Pieces are cut when a layer's size is learnt, often before any transfer
-        was measured; once the meter (transfer_cost.py) asks for pieces at least
-        twice what it asked at its last look and twice a layer's largest piece,
-        consecutive pieces of that layer that no transfer moves
-        and that every node holds all or none of, and wants all or none of, are
-        merged (plan_growth). Pieces already in motion or partly spread keep
-        their size: merging them would lose track of who holds what. Pieces
-        only grow: a restarted coordinator splits a layer as its longest piece
-        in flight (split_as), and a transfer of a shorter one is planned anew.
-        """
-        want = self.cost_meter.piece_bytes(self.cost_share)
-        if want < 2 * self._grown_to:
-            return  # nothing asks for twice the pieces the last look grew them to
-        self._grown_to = want
-        ready = []
-        for layer, pieces in self._pieces.items():
-            chunk_size = self.inner.layer_chunks.get(pieces[0].key, 0)
-            if len(pieces) < 2 or chunk_size <= 0:
-                continue
-            per = want // chunk_size
-            if per >= 2 * max(p.end - p.first for p in pieces):
-                ready.append((layer, per, chunk_size))
-        if not ready:
-            return
-        busy = {t.layer for t in self.inner.active()}
-        wanted: dict[str, set[str]] = {}
-        for node, key in self.inner.pending():
-            wanted.setdefault(key, set()).add(node)
-
-        def sign(p: Piece) -> tuple[frozenset[str], frozenset[str]] | None:
-            if p.key in busy:
-                return None
-            return frozenset(self.inner.holders_of(p.key)), frozenset(wanted.get(p.key, ()))
-
-        for layer, per, chunk_size in ready:
-            groups = plan_growth(self._pieces[layer], per, sign)
-            if any(len(g) > 1 for g in groups):
-                self._merge(layer, groups, chunk_size, wanted)
-                self._growths.append((layer, per, len(self._pieces[layer])))
 
     def take_growths(self) -> list[tuple[str, int, int]]:
         """The growths since the last call: (layer, chunks a piece may have, pieces now)."""
-        out, self._growths = self._growths, []
-        return out
-
-    def _merge(
-        self,
-        layer: str,
-        groups: list[list[Piece]],
-        chunk_size: int,
-        wanted: dict[str, set[str]],
-    ) -> None:
-        """Make each group of ``layer``'s pieces one piece, keyed as its first."""
-        merged: list[Piece] = []
-        for g in groups:
-            head = g[0]
-            if len(g) == 1:
-                merged.append(head)
-                continue
-            whole = Piece(layer, head.key, head.first, g[-1].end, sum(p.size for p in g))
-            holders = list(self.inner.holders_of(head.key))
-            for p in g[1:]:
-                for node in holders:
-                    self.inner.remove_holding(node, p.key)
-                for node in wanted.get(p.key, ()):
-                    self.inner.cancel_demand(node, p.key)
-                self._piece.pop(p.key, None)
-            self._piece[head.key] = whole
-            self.inner.set_layer_size(head.key, whole.size, chunk_size)
-            merged.append(whole)
-        self._pieces[layer] = merged
+        return self.growth.take()
 
     def fail(self, transfer_id: str) -> Transfer:
         return self._outer(self.inner.fail(transfer_id))

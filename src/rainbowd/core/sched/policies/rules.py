@@ -171,5 +171,5 @@ class Rules:
     report_load: float = 0.0
     #: with piece_bytes: pieces not yet started grow, mid-job, until the measured fixed
     #: cost of a transfer (assignment and report) is at most this share of its bytes' time
-    #: (rainbowd.core.sched.transfer_cost; PieceScheduler._grow_pieces); 0 = off
+    #: (rainbowd.core.sched.transfer_cost; core/sched/piece_growth.py); 0 = off
     cost_share: float = 0.0
