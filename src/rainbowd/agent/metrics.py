@@ -12,6 +12,10 @@ What is counted where, and why:
   per-peer tallies, the ones ``rbd-agent status`` prints, so the two can never
   disagree and the serving hot path gains nothing. ``peer`` is the demander's
   node id, as the trust list names the client key it authenticated with.
+* **Chunk channels** (``rbd_agent_chunk_channels_total{how}``): ``opened`` for a
+  pull that opened an SSH channel to its seeder, ``reused`` for one that took the
+  channel an earlier pull from that seeder left idle
+  (:class:`~rainbowd.agent.dataplane.chunk_channels.ChunkChannels` calls it).
 * **Registry front door** (``rbd_agent_mirror_requests_total{kind,outcome}``,
   ``rbd_agent_mirror_bytes_served_total``) are hooks the
   :class:`~rainbowd.agent.mirror.server.MirrorServer` calls per request and as
@@ -128,6 +132,13 @@ class AgentMetrics:
             buckets=TRANSFER_BUCKETS,
             registry=r,
         )
+        self.chunk_channels = Counter(
+            "rbd_agent_chunk_channels_total",
+            "Chunk channels pulls took, by how: opened (a new SSH channel to the seeder) "
+            "or reused (the one an earlier pull from that seeder left idle).",
+            ["how"],
+            registry=r,
+        )
         self.mirror_requests = Counter(
             "rbd_agent_mirror_requests_total",
             "Requests to the registry front door (mirror_listen), by what was asked "
@@ -160,6 +171,9 @@ class AgentMetrics:
 
     def transfer_ended(self, outcome: str, seconds: float) -> None:
         self.transfer_seconds.labels(outcome).observe(max(0.0, seconds))
+
+    def chunk_channel(self, how: str) -> None:
+        self.chunk_channels.labels(how).inc()
 
     # -- hooks the registry front door calls (agent/mirror/server.py) -----
     def mirror_request(self, kind: str, outcome: str) -> None:

@@ -32,6 +32,7 @@ import asyncssh
 
 from rainbowd.core import chunkproto
 
+from ..metrics import AgentMetrics
 from .pull_failures import PullError
 from .ssh_server import CHANNEL_MAX_PKTSIZE, CHANNEL_WINDOW
 
@@ -130,12 +131,11 @@ class ChunkClientSession(asyncssh.SSHClientSession[bytes]):
 class ChunkChannels:
     """Opens chunk channels on seeder connections and keeps the idle ones (module docstring)."""
 
-    def __init__(self, max_idle: int = MAX_IDLE_PER_CONNECTION) -> None:
+    def __init__(self, metrics: AgentMetrics, max_idle: int = MAX_IDLE_PER_CONNECTION) -> None:
         self.max_idle = max_idle
+        #: counts each channel taken, opened or reused (rbd_agent_chunk_channels_total)
+        self.metrics = metrics
         self._idle: dict[asyncssh.SSHClientConnection, list[ChunkClientSession]] = {}
-        #: channels opened, and pulls that took an idle one instead (status, tests)
-        self.opened = 0
-        self.reused = 0
 
     async def take(
         self, conn: asyncssh.SSHClientConnection, max_chunk: int, where: str
@@ -150,7 +150,7 @@ class ChunkChannels:
             session = idle.pop()
             if session.reusable:
                 session.start_pull(max_chunk)
-                self.reused += 1
+                self.metrics.chunk_channel("reused")
                 return session, True
             session.close()
         self._idle.pop(conn, None)
@@ -180,7 +180,7 @@ class ChunkChannels:
         except (asyncssh.Error, OSError) as e:
             raise PullError("io", f"{where}: cannot open chunk channel: {e}") from None
         assert isinstance(session, ChunkClientSession)
-        self.opened += 1
+        self.metrics.chunk_channel("opened")
         return session
 
     def give_back(self, conn: asyncssh.SSHClientConnection, session: ChunkClientSession) -> None:

@@ -155,7 +155,7 @@ class LayerPuller:
             log=self._log,
         )
         #: the idle chunk channel(s) the last pulls from each seeder left (chunk_channels.py)
-        self.channels = ChunkChannels()
+        self.channels = ChunkChannels(self.metrics)
 
     def pulling(self, digest: str) -> int:
         """How many pulls of ``digest`` are running or waiting."""
