@@ -15,7 +15,8 @@ TCP connections were enough to make an agent run out of descriptors and exit
     An honest demander needs one (a second only while a broken one closes).
 ``max_channels_per_connection``
     chunk channels open at once on one connection. A demander opens one per
-    layer it is pulling from this seeder.
+    piece it is pulling from this seeder at once, and keeps up to two idle for
+    its next pulls (agent/dataplane/chunk_channels.py).
 ``max_pending``
     connections not yet authenticated (TCP accepted, handshake or auth under
     way), like sshd's MaxStartups: beyond it a new connection is closed at once.
