@@ -184,11 +184,11 @@ class ChunkChannels:
         return session
 
     def give_back(self, conn: asyncssh.SSHClientConnection, session: ChunkClientSession) -> None:
-        """Keep ``session`` for the next pull on ``conn`` (its pull ended cleanly), or close it."""
-        if conn.is_closed():
-            self._idle.pop(conn, None)
-            session.close()
-            return
+        """Keep ``session`` for the next pull on ``conn`` (its pull ended cleanly), or close it.
+
+        A channel of a connection that closed is not reusable; lists of
+        connections gone are dropped when a channel is next opened (:meth:`open`).
+        """
         idle = self._idle.setdefault(conn, [])
         if not session.reusable or len(idle) >= self.max_idle:
             session.close()

@@ -132,14 +132,12 @@ class ChunkFetcher:
         """
         chunk_size = self._partial.manifest.chunk_size
         channel, reused = await self._channels.take(conn, chunk_size, self._where)
-        if reused:
-            try:
-                await self._fetch_on(conn, channel, missing, done_of, t0, on_progress, reused)
-                return
-            except _StaleChannel:
-                self._log.info("chunk_channel_stale_reopened")
+        try:
+            await self._fetch_on(conn, channel, missing, done_of, t0, on_progress, reused)
+        except _StaleChannel:  # raised only on a reused channel
+            self._log.info("chunk_channel_stale_reopened")
             channel = await self._channels.open(conn, chunk_size, self._where)
-        await self._fetch_on(conn, channel, missing, done_of, t0, on_progress, False)
+            await self._fetch_on(conn, channel, missing, done_of, t0, on_progress, False)
 
     async def _fetch_on(
         self,
