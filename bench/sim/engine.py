@@ -122,11 +122,16 @@ class Traced:
     ended: float  # when its done or failure report reached the driver
     outcome: str  # "done", a failure kind, or "dropped" (done while the scheduler had dropped it)
     upstream: str  # the transfer feeding its relay ("": it read a held piece)
+    #: bytes it moves (its piece: ``layer`` names the whole layer), so a trace gives each
+    #: link's use over time -- bytes / (ended - started) is its mean rate, report included
+    size: int = 0
 
 
 def _traced(r: _Running, now: float, outcome: str) -> Traced:
     t = r.transfer
-    return Traced(t.transfer_id, t.seeder, t.demander, t.layer, r.started, now, outcome, r.upstream)
+    return Traced(
+        t.transfer_id, t.seeder, t.demander, t.layer, r.started, now, outcome, r.upstream, r.size
+    )
 
 
 @dataclass

@@ -82,6 +82,19 @@ def test_fault_specs() -> None:
         Simulation(paper(), LAYERS, faults=[parse_fault("dies:ghost@1")])
 
 
+def test_a_trace_says_what_each_transfer_moved() -> None:
+    """Fault-free, every node's done transfers move each of its layers' bytes once (pieces
+    of one layer add up to it), and the origin's ones add up to what it sent."""
+    r = run("swarm")
+    sizes = dict(LAYERS)
+    got: dict[tuple[str, str], int] = {}
+    for e in r.trace:
+        assert e.outcome == "done" and 0 < e.size <= sizes[e.layer]
+        got[(e.demander, e.layer)] = got.get((e.demander, e.layer), 0) + e.size
+    assert got == {(n, layer): sizes[layer] for n in r.node_seconds for layer in sizes}
+    assert sum(e.size for e in r.trace if e.seeder == "origin") == r.sent_bytes["origin"]
+
+
 def test_a_fault_after_the_job_changes_nothing() -> None:
     clean = run("relay")
     late = run("relay", "blip:fast-001@1000")
