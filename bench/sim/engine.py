@@ -124,7 +124,7 @@ class Traced:
     upstream: str  # the transfer feeding its relay ("": it read a held piece)
     #: bytes it moves (its piece: ``layer`` names the whole layer), so a trace gives each
     #: link's use over time -- bytes / (ended - started) is its mean rate, report included
-    size: int = 0
+    size: int
 
 
 def _traced(r: _Running, now: float, outcome: str) -> Traced:
