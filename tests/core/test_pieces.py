@@ -167,6 +167,24 @@ def test_a_node_holds_the_layer_only_with_every_piece_and_seeds_the_pieces_it_ha
     assert "a" in s.holders(LAYER)
 
 
+def test_equal_demanders_get_one_transfer_each_before_any_gets_a_second() -> None:
+    """Within a rank class the walk goes breadth first: a fresh piece for each node.
+
+    The origin's upload covers two striped pieces. Served until its download was full,
+    "a" took both and "b" none, and on 1,000 equal nodes the first walk became a chain
+    (each node taking both pieces the node ahead of it relays; Walker._walk_classes).
+    """
+    s = swarm(
+        ("origin", 8 * MB, 8 * MB, (LAYER,)),
+        ("a", 8 * MB, 8 * MB, ()),
+        ("b", 8 * MB, 8 * MB, ()),
+    )
+    s.demand("a", LAYER, "j", 0.0)
+    s.demand("b", LAYER, "j", 0.0)
+    ts = s.schedule(0.0)
+    assert sorted(t.demander for t in ts if t.seeder == "origin") == ["a", "b"]
+
+
 def test_a_failed_piece_is_demanded_again_alone() -> None:
     s = swarm(("origin", 4 * MB, 4 * MB, (LAYER,)), ("a", 4 * MB, 4 * MB, ()), size=2 * CHUNK)
     s.demand("a", LAYER, "j", 0.0)

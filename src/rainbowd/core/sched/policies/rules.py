@@ -30,6 +30,15 @@ package's docstring):
   (simulator, homogeneous profile at 100 nodes: 1.78 -> 1.71 x T*;
   upload-bound, where the origin fed the fastest node piece after piece:
   1.51 -> 1.49 x with ``upload_urgent``).
+* **breadth first** (``breadth_first``) -- within one rank class the walk
+  gives every waiting demander one transfer before it gives any a second, then
+  fills each in walk order. Served until its download was full, the first
+  demander of a class took every piece the origin's upload covered and, on
+  equal nodes, each next one both pieces the node ahead of it relays: on the
+  homogeneous shape at 1,000 nodes the first walk was a chain eleven deep and
+  the cluster moved 8, 31 and 58 of its 2,000 MB/s in its first three seconds
+  (bench/RESULTS.md, session 21). Urgent demanders are still filled at their
+  turn.
 * **least slack first** -- a node whose remaining bytes over its speed come
   close to the horizon (the latest any current demander could finish,
   ``since + need * (1 + margin)``) is *urgent* and goes before everyone else:
@@ -129,6 +138,9 @@ class Rules:
     #: a demander found starving (``patience_s``) takes every seeder that fits, until its
     #: download is full, not one transfer per starving check (Planner._feed_starving)
     starve_fill: bool = False
+    #: within one rank class (``rank_step``) every waiting demander gets one transfer before
+    #: any gets a second; then each is filled as before, in walk order (Walker._walk)
+    breadth_first: bool = False
     relay: bool = False  # cut-through: nodes still receiving a layer may seed it (needs slots)
     #: most seconds the end of a relay chain may trail a complete copy (first chunk's lag)
     relay_lag_s: float = 2.0

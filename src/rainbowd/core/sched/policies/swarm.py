@@ -48,6 +48,14 @@ to 10; the numbers below are the simulator at 100 nodes):
 * ``rank="min"``, ``rank_step=0.5`` -- demanders rank by how fast they pass the
   image on; near-equal ones tie and ties go to who lacks most (homogeneous:
   1.78 -> 1.71 x T*).
+* ``breadth_first`` -- within a rank class one transfer each before a second
+  to any (session 21; Walker._walk). Noise medians at 100 nodes (x T* / median
+  / p90 slowdown): ci 1.23 / 1.78 / 2.45 -> 1.20 / 1.61 / 1.78, paper's p90
+  1.90 -> 1.46, straggler 1.55 / 1.63 -> 1.48 / 1.51, upload-bound 1.21 ->
+  1.18, drawn-1's p90 5.11 -> 4.73; random-asymmetric's median 2.28 -> 2.36
+  the one shape moving the wrong way. At 1,000 nodes homogeneous 2.57 ->
+  1.84 x T*, random-pareto 1.33 -> 1.20, paper's p90 2.64 -> 1.78, straggler
+  1.08 / 2.84 / 3.01 -> 1.06 / 2.12 / 2.28; ci 1.41 -> 1.54 x T* the loss.
 * ``upload_urgent=0.6`` -- where the upload binds, the slack cut is at least
   0.6 of the seconds the cluster's upload needs (upload-bound: 1.51 -> 1.49 x).
 * ``starve_fill`` with ``patience_s=5`` -- a starving demander fills its
@@ -80,6 +88,7 @@ SWARM = Rules(
     rank_step=0.5,
     upload_urgent=0.6,
     starve_fill=True,
+    breadth_first=True,
     stripe=0.5,
     stripe_s=2.0,
     # one chunk per piece (piece_chunks rounds a piece up to a whole chunk), more where the

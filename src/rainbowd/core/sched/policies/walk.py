@@ -58,23 +58,54 @@ class Walker(Fitter):
         return started
 
     def _walk(self, now: float, started: list[Transfer]) -> None:
-        """:meth:`plan`'s walk: every change on the way is re-keyed at once."""
+        """:meth:`plan`'s walk: every change on the way is re-keyed at once.
+
+        A demander is served until no seeder fits or its download is full; with
+        ``breadth_first`` a fastest-first turn gets one transfer, and the walk fills
+        the demanders of a rank class only once every one of them has had its turn
+        (``Rules.breadth_first``). Urgent demanders are filled at their turn.
+        """
         visited: set[tuple[str, bool]] = set()  # (node, in the urgent phase)
+        served: list[tuple[Node, Turn]] = []  # of this rank class, to fill when it ends
+        rank_class: float | None = None
         for nid, turn in self._order(now):
             phase = (nid, turn.name == rs.URGENT)
             if phase in visited:
                 continue
             visited.add(phase)
             node = self._s.nodes[nid]
-            while True:
-                t = self._serve(node, now, turn)
-                if t is None:
-                    break
+            if not (self.rules.breadth_first and turn.name == rs.FASTEST_FIRST):
+                self._fill(node, now, turn, started)
+                continue
+            if turn.value != rank_class:
+                self._fill_class(served, now, started)
+                rank_class = turn.value
+            t = self._serve(node, now, turn)
+            if t is not None:
                 started.append(t)
-                if nid not in self._wait_key:
-                    break
+                served.append((node, turn))
+        self._fill_class(served, now, started)
         if self.rules.slots:
             self._feed_starving(now, started)
+
+    def _fill(self, node: Node, now: float, turn: Turn, started: list[Transfer]) -> None:
+        """Serve ``node`` until no seeder fits or it stops waiting (its download is full)."""
+        while True:
+            t = self._serve(node, now, turn)
+            if t is None:
+                return
+            started.append(t)
+            if node.node_id not in self._wait_key:
+                return
+
+    def _fill_class(
+        self, served: list[tuple[Node, Turn]], now: float, started: list[Transfer]
+    ) -> None:
+        """Fill, in walk order, the demanders of a rank class that had their one transfer."""
+        for node, turn in served:
+            if node.node_id in self._wait_key:
+                self._fill(node, now, turn, started)
+        served.clear()
 
     def _feed_starving(self, now: float, started: list[Transfer]) -> None:
         """Serve the starving demanders (:meth:`_starving`), any seeder with room will do.
