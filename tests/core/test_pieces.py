@@ -172,7 +172,7 @@ def test_equal_demanders_get_one_transfer_each_before_any_gets_a_second() -> Non
 
     The origin's upload covers two striped pieces. Served until its download was full,
     "a" took both and "b" none, and on 1,000 equal nodes the first walk became a chain
-    (each node taking both pieces the node ahead of it relays; Walker._walk_classes).
+    (each node taking both pieces the node ahead of it relays; Walker._walk).
     """
     s = swarm(
         ("origin", 8 * MB, 8 * MB, (LAYER,)),
