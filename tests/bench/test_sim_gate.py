@@ -164,16 +164,16 @@ def test_the_suite_prints_one_table_and_writes_json(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "suite.json"
-    assert main(["--nodes", "30,60", "--only", "bimodal,ci", "--out", str(out)]) == 0
+    assert main(["--nodes", "10,20", "--only", "bimodal,ci", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     header = next(line for line in printed.splitlines() if line.startswith("shape"))
     for col in ("nodes", "T*", "completion", "x T*", "slow med", "slow p90", "origin/S", "wall",
                 "<=1.25", "med<=2", "p90<=3"):  # fmt: skip
         assert col in header
     doc = json.loads(out.read_text())
-    assert doc["policy"] == DEFAULT_POLICY and doc["nodes"] == [30, 60]
+    assert doc["policy"] == DEFAULT_POLICY and doc["nodes"] == [10, 20]
     assert [(r["shape"], r["nodes"]) for r in doc["runs"]] == [
-        ("bimodal", 30), ("bimodal", 60), ("ci", 30), ("ci", 60)
+        ("bimodal", 10), ("bimodal", 20), ("ci", 10), ("ci", 20)
     ]  # fmt: skip
     bimodal = doc["runs"][0]
     assert bimodal["image_bytes"] == sum(load_profile(PROFILES / "bimodal.toml").layers)
@@ -188,16 +188,16 @@ def test_record_then_check_round_trips(tmp_path: Path, capsys: pytest.CaptureFix
     profiles.mkdir()
     (profiles / "bimodal.toml").write_text((PROFILES / "bimodal.toml").read_text())
     gate, out = tmp_path / "gate.json", tmp_path / "o.json"
-    args = ["--profiles", str(profiles), "--nodes", "20", "--random", "1", "--out", str(out)]
+    args = ["--profiles", str(profiles), "--nodes", "8", "--random", "1", "--out", str(out)]
     assert main([*args, "--record", str(gate)]) == 0
-    assert set(read_record(gate)["shapes"]) == {"bimodal@20", "drawn-1@20"}
+    assert set(read_record(gate)["shapes"]) == {"bimodal@8", "drawn-1@8"}
     assert main([*args, "--check", str(gate)]) == 0
     assert "gate: no shape worse than its record" in capsys.readouterr().out
     doc = json.loads(gate.read_text())
-    doc["shapes"]["bimodal@20"]["ratio"] /= 2  # as if it had been twice as good
+    doc["shapes"]["bimodal@8"]["ratio"] /= 2  # as if it had been twice as good
     gate.write_text(json.dumps(doc))
     assert main([*args, "--check", str(gate)]) == 1
-    assert "bimodal@20: ratio" in capsys.readouterr().out
+    assert "bimodal@8: ratio" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
