@@ -433,7 +433,7 @@ def test_cli_meets_a_lab_run_at_its_rate_scale(tmp_path: Path) -> None:
 def test_cli_takes_any_profile_file_its_layers_or_given_layers(tmp_path: Path) -> None:
     out = tmp_path / "sim.json"
     bimodal = str(PROFILES / "bimodal.toml")
-    assert main(["--profile", bimodal, "--nodes", "20", "--out", str(out)]) == 0
+    assert main(["--profile", bimodal, "--nodes", "6", "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert doc["layers"] == [
         ["layer-1", 30_000_000],
@@ -441,7 +441,7 @@ def test_cli_takes_any_profile_file_its_layers_or_given_layers(tmp_path: Path) -
         ["layer-3", 3_000_000],
     ]
     (name,) = doc["systems"]
-    assert name == f"sim:{DEFAULT_POLICY}" and doc["nodes"] == 20
+    assert name == f"sim:{DEFAULT_POLICY}" and doc["nodes"] == 6
     assert main(["--profile", bimodal, "--layers", "1000,2000", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["layers"] == [["layer-1", 1000], ["layer-2", 2000]]
     assert main(["--profile", "bimodal", "--policy", "nope", "--out", str(out)]) == 2
