@@ -115,7 +115,6 @@ def _run(
     planner = s.inner._pass
     assert isinstance(planner, Planner)
     planner.skip_hopeless = skip
-    planner.skip_from = 0
     planner.defer_refresh = defer
     sizes = [rng.choice((300_000, 2_000_000, 9_000_000)) for _ in range(rng.randint(1, 4))]
     layers = [(f"L{i}", size) for i, size in enumerate(sizes)]

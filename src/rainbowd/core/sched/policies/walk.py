@@ -36,17 +36,14 @@ class Walker(Fitter):
     """:meth:`plan`: walk the waiting demanders in service order and serve each in turn."""
 
     #: a walk steps over waiting demanders that cannot clear the bar (rainbowd.core.sched.waiting);
-    #: off, it asks every one, as before (tests compare the two)
+    #: off, it asks every one, as before (tests compare the two). Until session 22 only once
+    #: more demanders waited than there were layers they waited for; always since: 100
+    #: demanders walking ~330 one-chunk pieces (upload-bound at 100 nodes) were asked one by
+    #: one, 12.4 M merge steps for 18,200 transfers, most for crumbs of upload no demander
+    #: could take; the simulator's run went from 84 to 36 s (drawn-2 98 -> 79 s, many-small
+    #: 29 -> 32 s, the gate's suite 420 -> 319 CPU s). At 1,000 nodes the demanders outnumber
+    #: the pieces, so it was on already (upload-bound at 1,000: 179 -> 29 s, f5cde52).
     skip_hopeless = True
-    #: ... once more demanders wait than this many times the layers they wait for (0: always):
-    #: the bar is a sum over those layers, re-taken after each transfer planned. Always
-    #: (session 22): 100 demanders walking ~330 one-chunk pieces of a layer each (upload-
-    #: bound at 100 nodes) were asked one by one, 12.4 M merge steps for 18,200 transfers,
-    #: most for crumbs of upload no demander could take; the simulator's whole run went from
-    #: 84 to 36 s (drawn-2 98 -> 79 s, many-small 29 -> 32 s, the gate's suite 420 -> 319
-    #: CPU s). At 1,000 nodes the demanders outnumber the pieces, so it was on already
-    #: (upload-bound at 1,000: 179 -> 29 s, f5cde52).
-    skip_from = 0.0
 
     def plan(self, now: float) -> list[Transfer]:
         """Start every transfer the rules allow now (rules.py)."""
@@ -232,11 +229,7 @@ class Walker(Fitter):
         before, every run restarts after the key just walked (the keys before it
         are behind the walk).
         """
-        filtering = (
-            self.skip_hopeless
-            and self.rules.direct_s <= 0
-            and len(self._wait_key) >= self.skip_from * len(index)
-        )
+        filtering = self.skip_hopeless and self.rules.direct_s <= 0
         begun = self._begun
         # each layer's run: the key it is past (inclusive unless the flag is set)
         runs: dict[str, tuple[_K, bool]] = {}
