@@ -279,9 +279,11 @@ def test_long_pieces_and_the_last_one_take_the_whole_download() -> None:
 
 
 def test_a_starving_demander_fills_its_download_with_any_seeders_not_one() -> None:
-    """A demander far faster than every peer, its one fast seeder taken, starves; then it
-    takes every peer with room (starve_fill), not one slow transfer per check -- but not a
-    peer so slow that its piece would outlast a patience (a new hostage)."""
+    """A demander far faster than every peer, its one fast seeder taken, waits; then it
+    takes every peer with room, not one slow transfer per check -- but not a peer so slow
+    that its piece would outlast its wait (a new hostage). (Starving, ``starve_fill``, or,
+    first, by the wait credit: after a patience of waiting a piece ending within it will
+    do; either says how long it waited.)"""
     from rainbowd.core.sched.policies import RULES
 
     patience = RULES["swarm"].patience_s

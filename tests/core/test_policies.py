@@ -149,6 +149,39 @@ def test_a_starving_demander_takes_any_seeder_after_its_patience() -> None:
     assert "nothing in flight" in t.reason.render()
 
 
+def test_a_demander_that_waited_takes_a_slow_seeder_that_ends_within_its_wait() -> None:
+    """wait_credit: after w seconds a seeder that ends the layer within credit x w will do.
+
+    "fast" downloads at 10 MB/s (it uploads at 1, so it ranks with the slow: rank "min")
+    and lacks one 2 MB layer; the origin's upload is taken, "slow" (1 MB/s) would take
+    2 s. Below min_share of its download it is refused; after 2 s of waiting at credit 1
+    it is not (waiting on would cost what the slow seeder costs). Without the credit it
+    waits on.
+    """
+
+    def cluster(credit: float) -> Scheduler:
+        s = make("slots", ("o", 10 * MB, (L1,)), ("slow", 1 * MB, (L1,)), sizes=2_000_000)
+        assert isinstance(s._pass, Planner)
+        s._pass.rules = dataclasses.replace(
+            RULES["slots"], need_share=True, rank="min", wait_credit=credit
+        )
+        s.add_node("first", 10 * MB)
+        s.add_node("fast", 1 * MB, download_bps=10 * MB)
+        s.demand("first", L1, "j", 0.0)
+        (t0,) = s.schedule(0.0)
+        assert (t0.seeder, t0.demander) == ("o", "first")
+        s.demand("fast", L1, "j", 0.0)
+        assert s.schedule(0.0) == []
+        return s
+
+    s = cluster(1.0)
+    assert s.schedule(1.9) == []  # 1.9 s of waiting does not pay for 2 s at 1 MB/s
+    (t,) = s.schedule(2.0)
+    assert (t.seeder, t.demander) == ("slow", "fast")
+    assert "waited 2.0 s, so a seeder ending the piece within that will do" in t.reason.render()
+    assert cluster(0.0).schedule(2.0) == []  # no credit: it waits for min_share
+
+
 def test_fault_rules_hold_under_the_new_policies() -> None:
     for policy in RULES:
         s = make(policy, ("o", 10 * MB, (L1,)), ("a", 10 * MB, (L1,)), ("d", 10 * MB, ()))

@@ -48,6 +48,11 @@ def test_the_index_keeps_keys_in_order_over_many_blocks() -> None:
         index.remove((-1.0, "nobody"))
 
 
+def _values(rng: random.Random) -> tuple[float, float, float, float]:
+    """A demander's values: down, need_s, room, since."""
+    return rng.uniform(1, 10), rng.uniform(0, 100), rng.uniform(0, 5), rng.uniform(0, 100)
+
+
 def test_first_finds_exactly_the_next_admitted_key() -> None:
     """Skipping blocks never hides an admitted demander, whatever the bounds went through."""
     rng = random.Random(2)
@@ -56,7 +61,7 @@ def test_first_finds_exactly_the_next_admitted_key() -> None:
     keys: list[tuple[float, str]] = []
     for i in range(5 * BLOCK):
         nid = f"n{i:04d}"
-        hopes[nid] = Hope(rng.uniform(1, 10), rng.uniform(0, 100), rng.uniform(0, 5))
+        hopes[nid] = Hope(*_values(rng))
         keys.append((rng.uniform(0, 1), nid))
         index.add(keys[-1])
     # some leave (bounds stay loose), some change their values in place (bounds widen)
@@ -64,17 +69,24 @@ def test_first_finds_exactly_the_next_admitted_key() -> None:
         index.remove(key)
         keys.remove(key)
     for key in rng.sample(keys, BLOCK):
-        hopes[key[1]] = Hope(rng.uniform(1, 10), rng.uniform(0, 100), rng.uniform(0, 5))
+        hopes[key[1]] = Hope(*_values(rng))
         index.widen(key, hopes[key[1]])
     keys.sort()
     for _ in range(200):
         lo = rng.uniform(1, 10)
         need = rng.uniform(0, 100)
+        waited = rng.uniform(0, 100)
 
         def admits(
-            down: float, need_s: float, _room: float, lo: float = lo, need: float = need
+            down: float,
+            need_s: float,
+            _room: float,
+            since: float,
+            lo: float = lo,
+            need: float = need,
+            waited: float = waited,
         ) -> bool:
-            return down <= lo and need_s >= need
+            return down <= lo and need_s >= need and since <= waited
 
         low = (rng.uniform(-0.1, 1.1), "")
         strict = rng.random() < 0.5
@@ -98,6 +110,16 @@ def test_the_bar_admits_whoever_some_layer_could_serve() -> None:
     assert Bar(3 * MB, 50.0, False, False, 0.5).looser_than(bar)
     assert Bar(2 * MB, 40.0, False, False, 0.5).looser_than(bar)
     assert not Bar(1 * MB, 60.0, False, False, 0.5).looser_than(bar)
+
+
+def test_the_bar_counts_a_wait_as_need_with_a_wait_credit() -> None:
+    """A demander that waited 30 s at credit 2 needs 60 s: a slow seeder will do."""
+    credit = Bar(2 * MB, 50.0, False, False, 0.5, now=100.0, credit=2.0)
+    assert not credit.admits(5 * MB, 10.0, 1 * MB, since=80.0)  # waited 20 s: needs 40 s
+    assert credit.admits(5 * MB, 10.0, 1 * MB, since=70.0)  # waited 30 s: needs 60 s
+    assert not credit.admits(5 * MB, 10.0, 1 * MB)  # never waited (since = inf)
+    no_credit = Bar(2 * MB, 50.0, False, False, 0.5, now=100.0)
+    assert not no_credit.admits(5 * MB, 10.0, 1 * MB, since=0.0)
 
 
 # -- the walk: skipping against asking everyone ---------------------------------

@@ -81,6 +81,9 @@ DEMANDER_BPS = "demander_bps"
 NEED_S = "need_s"
 #: starving: the patience it ran out of (Rules.patience_s)
 PATIENCE_S = "patience_s"
+#: the seconds the demander had waited, where that let in a seeder ending the piece within
+#: them (Rules.wait_credit: its need counted as at least its wait)
+WAITED_S = "waited_s"
 
 #: most numbers one reason carries (a rule's and a turn's: 7 today)
 MAX_REASON_NUMBERS = 32
@@ -145,7 +148,11 @@ class TransferReason(msgspec.Struct, kw_only=True):
         if not self.turn:
             return head
         turn = _TURNS.get(self.turn)
-        return f"{head}; {turn(n) if turn is not None else self.turn}"
+        said = f"{head}; {turn(n) if turn is not None else self.turn}"
+        if WAITED_S in n:
+            said += f"; waited {n[WAITED_S]:.1f} s, so a seeder ending the piece within that"
+            said += " will do"
+        return said
 
 
 def _mb(bps: float) -> str:

@@ -10,11 +10,12 @@ bound at 1,000 nodes made 2.8 M ``_serve`` calls, 97.8 % of them for nothing;
 a ``plan()`` cost O(waiting demanders), a run O(nodes^2).
 
 So the index keeps, per layer, the demanders' keys in sorted *blocks*, and
-per block loose bounds on three values of its demanders (:class:`Hope`):
+per block loose bounds on four values of its demanders (:class:`Hope`):
 the least download speed, the largest need in seconds, the least free
-download. Before a walk the planner sums up what the layers with free
-seeders offer (:class:`Bar`); a block whose bounds cannot clear that bar
-holds nobody ``_serve`` could serve, and is stepped over whole. The bar is
+download, the earliest time one began to wait (``wait_credit``). Before a
+walk the planner sums up what the layers with free seeders offer
+(:class:`Bar`); a block whose bounds cannot clear that bar holds nobody
+``_serve`` could serve, and is stepped over whole. The bar is
 a necessary condition only: a demander that clears it is still asked, so
 the walk starts exactly the transfers the plain walk starts.
 
@@ -38,8 +39,8 @@ BLOCK = 64
 #: rounding allowance of the bar's need test (it divides where Planner._least multiplies)
 _SLACK = 1e-9
 
-#: a filter on a demander's values (down, need_s, room), or on a block's bounds on them
-Admits = Callable[[float, float, float], bool]
+#: a filter on a demander's values (down, need_s, room, since), or on a block's bounds on them
+Admits = Callable[[float, float, float, float], bool]
 #: a key of the index: sorted tuples whose last item is the demander's node id
 K = TypeVar("K", bound=tuple[Any, ...])
 
@@ -50,6 +51,9 @@ class Hope(NamedTuple):
     down: float  # its download speed (min_share is taken of it)
     need_s: float  # seconds it needs to download all it lacks (need_share; 0 = unused)
     room: float  # its free download (the floor of a transfer's rate is at most this)
+    #: when it began to wait (``wait_credit``: its need is at least the credit of the wait
+    #: since; inf = no credit)
+    since: float = INF
 
 
 class Bar(NamedTuple):
@@ -60,12 +64,13 @@ class Bar(NamedTuple):
     ``Planner._serve`` starts a transfer of layer L into demander N only if
     L's best free upload B_L is at least ``max(least, floor)``, where
 
-    * ``least = min(share * min(N.down, fastest_L), size_L / N.need_s)`` (the
-      second term with ``need_share`` only) and
+    * ``least = min(share * min(N.down, fastest_L), size_L / need)`` (the
+      second term with ``need_share`` only), ``need = max(N.need_s, credit x
+      (now - N.since))`` (the second term with ``wait_credit`` only), and
     * ``floor = min(MIN_TRANSFER_BPS, fastest_L, N.room)``.
 
     For some layer, then: ``share * N.down <= B_L``, or ``share * fastest_L
-    <= B_L``, or ``size_L / B_L <= N.need_s``; and ``N.room <= B_L`` or
+    <= B_L``, or ``size_L / B_L <= need``; and ``N.room <= B_L`` or
     ``min(MIN_TRANSFER_BPS, fastest_L) <= B_L``. :meth:`admits` tests each of
     the two with the best value over all layers, so it never turns away a
     demander some layer could serve.
@@ -76,11 +81,15 @@ class Bar(NamedTuple):
     any_share: bool  # some layer has B_L >= share * fastest_L: everyone clears the share
     any_floor: bool  # some layer has B_L >= min(MIN_TRANSFER_BPS, fastest_L)
     share: float  # the policy's min_share
+    now: float = 0.0  # the walk's time (wait_credit)
+    credit: float = 0.0  # the policy's wait_credit (0 = off)
 
-    def admits(self, down: float, need_s: float, room: float) -> bool:
+    def admits(self, down: float, need_s: float, room: float, since: float = INF) -> bool:
         """Whether a demander with these values (or bounds on them) could clear the bar."""
         if self.best < 0:
             return False
+        if self.credit > 0 and since < self.now:
+            need_s = max(need_s, self.credit * (self.now - since))
         first = (
             self.any_share or self.share * down <= self.best or need_s * (1 + _SLACK) >= self.need_s
         )
@@ -132,8 +141,8 @@ class LayerBars:
             return own.admits
         own_admits, cut_admits = own.admits, cut.admits
 
-        def admits(down: float, need_s: float, room: float) -> bool:
-            return own_admits(down, need_s, room) or cut_admits(down, need_s, room)
+        def admits(down: float, need_s: float, room: float, since: float) -> bool:
+            return own_admits(down, need_s, room, since) or cut_admits(down, need_s, room, since)
 
         return admits
 
@@ -147,7 +156,7 @@ class LayerBars:
         return any(bar.looser_than(was.get(layer, CLOSED)) for layer, bar in self.bars.items())
 
 
-#: the bounds of one block: least down, largest need_s, least room
+#: the bounds of one block: least down, largest need_s, least room, earliest since
 _Bounds = list[float]
 
 
@@ -156,13 +165,15 @@ def _bounds(hope: Hope) -> _Bounds:
 
 
 def _widen(b: _Bounds, hope: Hope) -> None:
-    down, need_s, room = hope
+    down, need_s, room, since = hope
     if down < b[0]:
         b[0] = down
     if need_s > b[1]:
         b[1] = need_s
     if room < b[2]:
         b[2] = room
+    if since < b[3]:
+        b[3] = since
 
 
 class WaitIndex(Generic[K]):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from ..waiting import Hope, WaitIndex
 from .seeders import SeederIndex
-from .state import _MIN_FREE_SHARE, UNKNOWN_LAYER_BYTES, _down_speed, _WaitKey
+from .state import _MIN_FREE_SHARE, INF, UNKNOWN_LAYER_BYTES, _down_speed, _WaitKey
 
 if TYPE_CHECKING:
     from ..records import Demand, Node
@@ -38,6 +38,7 @@ class DemanderIndex(SeederIndex):
         self._refresh_demander(node)
 
     def demand_added(self, node: Node, demand: Demand) -> None:
+        self._clock = max(self._clock, demand.since)
         if self.rules.slack_margin is not None:
             total = sum(self._size(lr) for lr in node.demands)
             finish = demand.since + total / _down_speed(node) * (1 + self.rules.slack_margin)
@@ -63,8 +64,10 @@ class DemanderIndex(SeederIndex):
         if self._waits(node):
             if not was:
                 self._waiting[nid] = None
+                self._wait_since[nid] = self._clock
         elif was:
             del self._waiting[nid]
+            del self._wait_since[nid]
             if not self._s.open_demands:
                 self._horizon = 0.0
         if self.defer_refresh and not self._walking:
@@ -155,7 +158,8 @@ class DemanderIndex(SeederIndex):
         ``need_s`` is :meth:`_need_s` (summed by the caller, with the key's need).
         """
         room = self.free_down(node) if self.rules.slots else node.speed_bps
-        return Hope(_down_speed(node), need_s if self.rules.need_share else 0.0, room)
+        since = self._wait_since.get(node.node_id, INF) if self.rules.wait_credit > 0 else INF
+        return Hope(_down_speed(node), need_s if self.rules.need_share else 0.0, room, since)
 
     def _widen(self, nid: str, hope: Hope) -> None:
         """A waiting demander whose key stays has new values (sizes, caps, what it lacks)."""

@@ -70,7 +70,13 @@ class Fitter(DemanderIndex):
                     return self._begin(seeder, node, d, now, turn, direct=True)
         room = self.free_down(node) if self.rules.slots else node.speed_bps
         urgent = turn.name == rs.URGENT
-        need_s = self._hopes[node.node_id].need_s  # _need_s as of its last refresh (0: unused)
+        hope = self._hopes[node.node_id]
+        need_s = hope.need_s  # _need_s as of its last refresh (0: unused)
+        waited = 0.0  # with the wait credit: its wait, where that counts above its need
+        if need_s > 0 and self.rules.wait_credit > 0 and hope.since < now:
+            credited = self.rules.wait_credit * (now - hope.since)
+            if credited > need_s:
+                need_s, waited = credited, now - hope.since
         fits = self._fits(node, room, need_s, starving, within_s)
         if len(fits) > 1 and self.rules.rarest_first and self.rules.direct_s <= 0:
             fits.sort(key=lambda f: self._scarcity(f[0]))
@@ -81,7 +87,7 @@ class Fitter(DemanderIndex):
             else:
                 seeder = self._fit(node, d.layer, room, least)
             if seeder is not None:
-                return self._begin(seeder, node, d, now, turn, urgent=urgent)
+                return self._begin(seeder, node, d, now, turn, urgent=urgent, waited=waited)
         return None
 
     def _fits(
@@ -247,6 +253,7 @@ class Fitter(DemanderIndex):
         *,
         direct: bool = False,
         urgent: bool = False,
+        waited: float = 0.0,
     ) -> Transfer:
         """Reserve the rates of ``d``'s transfer from ``seeder`` and start it, with its reason.
 
@@ -254,6 +261,8 @@ class Fitter(DemanderIndex):
         weighed, and ``turn``, why ``node`` was served now.
         """
         numbers = {rs.SEEDER_BPS: seeder.speed_bps, turn.number: turn.value}
+        if waited > 0:
+            numbers[rs.WAITED_S] = waited
         if direct:
             rule = rs.DIRECT
             numbers[rs.SIZE_BYTES] = float(self._s.layer_sizes[d.layer])

@@ -124,5 +124,6 @@ class Planner(Walker):
 
     def completed(self, t: Transfer, now: float, bytes_moved: int) -> bool:
         """The planner measures speeds itself (:meth:`observe`)."""
+        self._clock = max(self._clock, now)
         self.observe(t, now, bytes_moved)
         return True

@@ -14,11 +14,25 @@ package's docstring):
 
       least = min_share * min(demander's download, fastest holder's speed)
       least = min(least, size / need_s)            # with need_share
+      least = min(least, size / (wait_credit * waited))   # with wait_credit
       least = max(least, size / within_s)          # a starving demander's fill
       least = max(least, min(MIN_TRANSFER_BPS, fastest holder, free download))
 
-  (``need_s``: seconds the demander needs for all it lacks; a starving
-  demander's first transfer has only the last line.)
+  (``need_s``: seconds the demander needs for all it lacks; ``waited``: seconds
+  since it began to wait, with room in its download, the planner's clock; a
+  starving demander's first transfer has only the last line.)
+* **wait credit** (``wait_credit``, with ``need_share``) -- a demander that has
+  waited ``w`` seconds for a seeder meeting its least rate takes one that ends
+  the piece within ``wait_credit * w``: waiting on for a fast seeder would
+  cost it what the slow one costs (the ski-rental rule; it is 2-competitive
+  at credit 1). ``min_share`` is right while fast seeders free up soon; where
+  only the origin is fast enough for a fast downloader, its last pieces
+  waited for crumbs of the origin's upload while 6 Mbit/s holders sat idle.
+  The wait counts from when the demander began to wait (room in its download
+  and a layer not in flight) by the planner's clock (the latest time it was
+  told), not from its last transfer. The credit changes which seeder a
+  demander the walk meets may take, not whom the walk meets: a layer's run
+  still starts at its cut (``Walker._order``).
 * **best fit** -- a demander takes the seeder whose free upload covers its
   free download most tightly (or, if none covers it, the one with most room),
   so big free uploads stay for fast demanders.
@@ -185,3 +199,6 @@ class Rules:
     #: cost of a transfer (assignment and report) is at most this share of its bytes' time
     #: (rainbowd.core.sched.transfer_cost; core/sched/piece_growth.py); 0 = off
     cost_share: float = 0.0
+    #: with need_share: a demander that has waited w seconds takes a seeder that would end
+    #: the piece within wait_credit x w (its need is at least that many seconds; 0 = off)
+    wait_credit: float = 0.0

@@ -137,6 +137,10 @@ class PlannerState:
         # counts from there, not from its demand: a node that just finished a piece of a
         # job an hour old has not waited an hour)
         self._idle_seen: dict[str, float] = {}
+        #: waiting demander -> when it began to wait, by the planner's clock (wait_credit)
+        self._wait_since: dict[str, float] = {}
+        #: the latest time the planner was told (a plan's, a completion's, a demand's)
+        self._clock = 0.0
 
     def free_up(self, node: Node) -> float:
         return node.speed_bps - self._up_used.get(node.node_id, 0.0)

@@ -48,6 +48,7 @@ class Walker(Fitter):
     def plan(self, now: float) -> list[Transfer]:
         """Start every transfer the rules allow now (rules.py)."""
         started: list[Transfer] = []
+        self._clock = max(self._clock, now)
         self.flush()
         if not self._wait_key:
             return started
@@ -324,6 +325,8 @@ class Walker(Fitter):
                 share <= 0 or share * fastest <= free,
                 min(MIN_TRANSFER_BPS, fastest) <= free,
                 share,
+                self._clock,
+                self.rules.wait_credit,
             )
             if layer not in runs:
                 cuts.append((INF, layer))
@@ -339,7 +342,9 @@ class Walker(Fitter):
             need_s = min(need_s, bar.need_s)
             any_share = any_share or bar.any_share
             any_floor = any_floor or bar.any_floor
-            after.append(Bar(best, need_s, any_share, any_floor, share))
+            after.append(
+                Bar(best, need_s, any_share, any_floor, share, self._clock, self.rules.wait_credit)
+            )
         after.reverse()
         return LayerBars(bars, [c for c, _ in cuts], after)
 
@@ -372,7 +377,7 @@ class Walker(Fitter):
                 yield node
 
 
-def _admit_all(down: float, need_s: float, room: float) -> bool:
+def _admit_all(down: float, need_s: float, room: float, since: float) -> bool:
     """The plain walk's filter (``Planner.skip_hopeless`` off): every demander is asked."""
     return True
 
