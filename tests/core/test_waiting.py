@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from rainbowd.core.sched.pieces import PieceScheduler
 from rainbowd.core.sched.policies import Planner
 from rainbowd.core.sched.records import Transfer
-from rainbowd.core.sched.waiting import BLOCK, CLOSED, Bar, Hope, WaitIndex
+from rainbowd.core.sched.waiting import BLOCK, CLOSED, Admits, Bar, Hope, WaitIndex
 
 MB = 1e6
 
@@ -53,6 +53,15 @@ def _values(rng: random.Random) -> tuple[float, float, float, float]:
     return rng.uniform(1, 10), rng.uniform(0, 100), rng.uniform(0, 5), rng.uniform(0, 100)
 
 
+def _filter(lo: float, need: float, since_by: float) -> Admits:
+    """A filter in the bar's shape: slow enough, needing enough, waiting since early enough."""
+
+    def admits(down: float, need_s: float, _room: float, since: float) -> bool:
+        return down <= lo and need_s >= need and since <= since_by
+
+    return admits
+
+
 def test_first_finds_exactly_the_next_admitted_key() -> None:
     """Skipping blocks never hides an admitted demander, whatever the bounds went through."""
     rng = random.Random(2)
@@ -73,20 +82,7 @@ def test_first_finds_exactly_the_next_admitted_key() -> None:
         index.widen(key, hopes[key[1]])
     keys.sort()
     for _ in range(200):
-        lo = rng.uniform(1, 10)
-        need = rng.uniform(0, 100)
-        waited = rng.uniform(0, 100)
-
-        def admits(
-            down: float,
-            need_s: float,
-            _room: float,
-            since: float,
-            lo: float = lo,
-            need: float = need,
-            waited: float = waited,
-        ) -> bool:
-            return down <= lo and need_s >= need and since <= waited
+        admits = _filter(rng.uniform(1, 10), rng.uniform(0, 100), rng.uniform(0, 100))
 
         low = (rng.uniform(-0.1, 1.1), "")
         strict = rng.random() < 0.5
