@@ -3,7 +3,7 @@
 Why: :meth:`rainbowd.core.sched.policies.Planner.plan` walks the waiting demanders of
 every layer in service order and asks each whether a seeder fits it
 (``Planner._serve``). The walk's cut (``start``) is by rank, but what
-decides is the demander's least rate (``Planner._least``: a share of its
+decides is the demander's least rate (``Fitter._fits``: a share of its
 *download*, or of the layer over its need): on clusters where uploads are
 scarce almost every demander the walk met failed. In the simulator, upload-
 bound at 1,000 nodes made 2.8 M ``_serve`` calls, 97.8 % of them for nothing;
@@ -36,7 +36,7 @@ INF = float("inf")
 #: to this many; a block of twice this is split (sqrt of the 10,000 nodes the simulator
 #: runs, give or take)
 BLOCK = 64
-#: rounding allowance of the bar's need test (it divides where Planner._least multiplies)
+#: rounding allowance of the bar's need test (it divides where Fitter._fits multiplies)
 _SLACK = 1e-9
 
 #: a filter on a demander's values (down, need_s, room, since), or on a block's bounds on them

@@ -1,7 +1,7 @@
 """One transfer into one demander: the least rate it needs, the seeder that fits, its start.
 
 Why: this is where the rules of rules.py pick a seeder -- min_share and the
-floor (:meth:`Fitter._least`), best fit among holders and relays
+floor (:meth:`Fitter._fits`), best fit among holders and relays
 (:meth:`Fitter._fit`), the urgent share, direct small layers, striping the
 download (:meth:`Fitter._reserve_down`) -- and where a started transfer's
 reservation is recorded (:meth:`Fitter._hold`). Every transfer's reason
@@ -96,13 +96,24 @@ class Fitter(DemanderIndex):
         """The wanted layers whose best free upload reaches their least rate, with that rate.
 
         A fit needs no less, so the others are left before sorting (on upload-bound at
-        1,000 nodes 98 % of the demanders a walk met had none). The least rate is
-        :meth:`_least` (or 0 for a starving demander), at least ``size / within_s``
-        (``within_s`` > 0) and never below the floor: ``MIN_TRANSFER_BPS``, or all the
-        fastest holder has, or the demander's ``room``. ``_least``, ``_best_free`` and
-        ``_seedable`` are inlined here, the same arithmetic in the same order: this
-        runs for every demander a walk meets (upload-bound at 10,000 nodes: 3.9 M
-        calls for 86 k transfers, 63 % of a profiled run's time in ``_serve``).
+        1,000 nodes 98 % of the demanders a walk met had none). The least rate
+        (``min_share``) is a share of the demander's download, or of the fastest
+        holder's speed if that is lower: no seeder of the layer could give more, so
+        waiting would be forever. With ``need_share``, at most ``size / need_s``: a
+        transfer that ends before the demander could finish the rest of what it lacks
+        delays nothing, so a slow upload may feed a demander that lacks much
+        (``need_s``: _need_s, or the wait credit's, :meth:`_serve`). A starving
+        demander's is 0. Then it is at least ``size / within_s`` (``within_s`` > 0)
+        and never below the floor: ``MIN_TRANSFER_BPS``, or all the fastest holder
+        has, or the demander's ``room``.
+
+        ``_best_free`` and ``_seedable`` are inlined here, the same arithmetic in the
+        same order: this runs for every demander a walk meets (upload-bound at 10,000
+        nodes: 3.9 M calls for 86 k transfers, 63 % of a profiled run's time in
+        ``_serve``). The speed walk steps over demanders by a bound on this least rate
+        (rainbowd.core.sched.waiting.Bar, from the node's Hope): a change to it must
+        keep Bar.admits a bound, and tests/core/test_waiting.py compares that walk
+        with the plain one.
         """
         free_get, relays_get, pulling = self._free.get, self._relays.get, node.pulling
         fastest_get, sizes = self._fastest_holder.get, self._s.layer_sizes
@@ -126,7 +137,7 @@ class Fitter(DemanderIndex):
             if starving:
                 least = 0.0
             else:
-                least = share * min(down, fastest)  # (_least)
+                least = share * min(down, fastest)  # (min_share)
                 if by_need:
                     least = min(least, (sizes.get(lr) or UNKNOWN_LAYER_BYTES) / need_s)
             if within_s > 0:
@@ -149,25 +160,6 @@ class Fitter(DemanderIndex):
         at 90 and 110 nodes; bench/RESULTS.md, session 11).
         """
         return (self._tiny(d.layer), self._copies(d.layer))
-
-    def _least(self, node: Node, layer: str, need_s: float = 0.0) -> float:
-        """The least rate a new transfer of ``layer`` into ``node`` must get (min_share).
-
-        A share of the demander's speed, or of the fastest holder's speed if that is
-        lower: no seeder of the layer could give more, so waiting would be forever.
-        With ``need_share``, at most ``size / need_s``: a transfer that ends before
-        the demander could finish the rest of what it lacks delays nothing, so a
-        slow upload may feed a demander that lacks much (``need_s``: _need_s).
-
-        The speed walk steps over demanders by a bound on this (rainbowd.core.sched.waiting.Bar,
-        from the node's Hope): a change to it must keep Bar.admits a bound, and
-        tests/core/test_waiting.py compares that walk with the plain one.
-        """
-        fastest = self._fastest_holder.get(layer, INF)
-        least = self.rules.min_share * min(_down_speed(node), fastest)
-        if self.rules.need_share and need_s > 0:
-            least = min(least, self._size(layer) / need_s)
-        return least
 
     def _urgent_fit(self, node: Node, layer: str, room: float, least: float) -> Node | None:
         """For an urgent demander: the best-fit holder, if its urgent share has ``least`` left.

@@ -10,7 +10,7 @@ package's docstring):
   seeders while its download has room. A new transfer must get at least
   ``min_share`` of the demander's speed, so slow seeders are not handed fast
   demanders (they would hold the layer hostage for its whole length). The
-  least rate of a new transfer of a layer (``Fitter._least``, ``Fitter._serve``)::
+  least rate of a new transfer of a layer (``Fitter._fits``, ``Fitter._serve``)::
 
       least = min_share * min(demander's download, fastest holder's speed)
       least = min(least, size / need_s)            # with need_share

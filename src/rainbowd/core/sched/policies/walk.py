@@ -164,7 +164,7 @@ class Walker(Fitter):
         def start(layer: str) -> _SpeedKey:
             best = self._best_free(layer)
             if share <= 0 or best >= share * self._fastest_holder.get(layer, INF):
-                return (-INF, -INF, "")  # every demander gets its least share (see _least)
+                return (-INF, -INF, "")  # every demander gets its least share (Fitter._fits)
             return (-best / share, -INF, "")
 
         for (neg_speed, _, _), nid in self._merge(self._by_speed, start, (INF, INF, "")):
