@@ -51,9 +51,18 @@ class Hope(NamedTuple):
     down: float  # its download speed (min_share is taken of it)
     need_s: float  # seconds it needs to download all it lacks (need_share; 0 = unused)
     room: float  # its free download (the floor of a transfer's rate is at most this)
-    #: when it began to wait (``wait_credit``: its need is at least the credit of the wait
-    #: since; inf = no credit)
+    #: when it began to wait (``wait_credit`` with ``need_share``: its need is at least the
+    #: credit of the wait since; inf = no credit)
     since: float = INF
+
+
+def credited_need(need_s: float, since: float, now: float, credit: float) -> float:
+    """A demander's need in seconds with the wait credit: at least ``credit`` x its wait.
+
+    ``since`` is inf where the credit is off (Hope.since), so the need stays as it is.
+    One formula for ``Fitter._serve`` and :meth:`Bar.admits`: the bar must stay a bound.
+    """
+    return max(need_s, credit * (now - since)) if since < now else need_s
 
 
 class Bar(NamedTuple):
@@ -88,8 +97,7 @@ class Bar(NamedTuple):
         """Whether a demander with these values (or bounds on them) could clear the bar."""
         if self.best < 0:
             return False
-        if self.credit > 0 and since < self.now:
-            need_s = max(need_s, self.credit * (self.now - since))
+        need_s = credited_need(need_s, since, self.now, self.credit)
         first = (
             self.any_share or self.share * down <= self.best or need_s * (1 + _SLACK) >= self.need_s
         )

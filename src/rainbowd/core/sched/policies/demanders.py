@@ -158,8 +158,10 @@ class DemanderIndex(SeederIndex):
         ``need_s`` is :meth:`_need_s` (summed by the caller, with the key's need).
         """
         room = self.free_down(node) if self.rules.slots else node.speed_bps
+        if not self.rules.need_share:
+            return Hope(_down_speed(node), 0.0, room)
         since = self._wait_since.get(node.node_id, INF) if self.rules.wait_credit > 0 else INF
-        return Hope(_down_speed(node), need_s if self.rules.need_share else 0.0, room, since)
+        return Hope(_down_speed(node), need_s, room, since)
 
     def _widen(self, nid: str, hope: Hope) -> None:
         """A waiting demander whose key stays has new values (sizes, caps, what it lacks)."""

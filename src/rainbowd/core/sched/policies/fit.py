@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from .. import reasons as rs
 from ..reasons import TransferReason, Turn
+from ..waiting import credited_need
 from .demanders import DemanderIndex
 from .state import (
     DIRECT_TRIES,
@@ -71,12 +72,9 @@ class Fitter(DemanderIndex):
         room = self.free_down(node) if self.rules.slots else node.speed_bps
         urgent = turn.name == rs.URGENT
         hope = self._hopes[node.node_id]
-        need_s = hope.need_s  # _need_s as of its last refresh (0: unused)
-        waited = 0.0  # with the wait credit: its wait, where that counts above its need
-        if need_s > 0 and self.rules.wait_credit > 0 and hope.since < now:
-            credited = self.rules.wait_credit * (now - hope.since)
-            if credited > need_s:
-                need_s, waited = credited, now - hope.since
+        # _need_s as of its last refresh (0: unused), at least the wait credit's
+        need_s = credited_need(hope.need_s, hope.since, now, self.rules.wait_credit)
+        waited = now - hope.since if need_s > hope.need_s else 0.0  # (for the reason)
         fits = self._fits(node, room, need_s, starving, within_s)
         if len(fits) > 1 and self.rules.rarest_first and self.rules.direct_s <= 0:
             fits.sort(key=lambda f: self._scarcity(f[0]))
