@@ -26,7 +26,7 @@ from rainbowd.coordinator.enrollment import Tokens
 from rainbowd.coordinator.http import leadership as leadership_module
 from rainbowd.coordinator.http.leadership import Leadership
 from rainbowd.coordinator.state import FencedError, StateError
-from rainbowd.coordinator.state.lease import acquire, read_leader
+from rainbowd.coordinator.state.lease import LeaderRow, acquire, read_leader
 from rainbowd.coordinator.state.postgres import PostgresStore
 from rainbowd.coordinator.state.sql import SqlStore
 from rainbowd.core.leader import LEADER_HEADER
@@ -181,3 +181,27 @@ async def test_a_change_of_role_never_refuses_or_drops_a_connection(running: Run
         await asyncio.gather(*pollers)
     assert errors == []
     assert roles[0] == "leader" and "standby" in roles and roles[-1] == "leader"
+
+
+async def test_a_takeover_names_the_leader_whose_lease_lapsed_between_its_acquire_and_read(
+    running: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lead = running.lead
+    assert take_lease(running.other) == 2
+    await wait_until(lambda: stands_by_naming(lead, OTHER), timeout=WAIT_S, what="it to stand by")
+    reads: list[LeaderRow] = []
+
+    def lapsed_on_read(store: SqlStore) -> LeaderRow:
+        """The acquire found the lease held; by this read it had lapsed (played by the test)."""
+        row = read_leader(store)
+        reads.append(row)
+        return LeaderRow(holder=row.holder, url=row.url, token=row.token, live=False)
+
+    monkeypatch.setattr(leadership_module, "read_leader", lapsed_on_read)
+    await wait_until(lambda: len(reads) > 0, timeout=WAIT_S, what="a read after a lost acquire")
+    assert lead.role.leader_url == ""  # a lapsed leader is named to nobody...
+    running.other.execute_unfenced("UPDATE leader SET expires_at = now() - interval '1 second'")
+    await wait_until(lambda: lead.coordinator is not None, timeout=WAIT_S, what="it to lead")
+    events = [e for e in running.other.security_events() if e[3] == "leader_takeover"]
+    assert "token 3" in events[-1][4]
+    assert f"the last leader seen: {OTHER}" in events[-1][4]  # ...but the takeover names it

@@ -151,6 +151,11 @@ class Leadership:
         self._wake = asyncio.Event()
         self._fenced = False
         self._stopping = False
+        #: the URL of the last other coordinator seen holding the lease, live or lapsed: the
+        #: takeover names it. (``role.leader_url`` is "" once the lease lapses, and a standby
+        #: whose acquire lost the race with the lapse reads the row after it: named there,
+        #: the killed leader would be forgotten by the time this process takes over.)
+        self._last_leader_seen = ""
         store.on_fenced = self._on_fenced
 
     # -- the loop ---------------------------------------------------------
@@ -206,6 +211,8 @@ class Leadership:
             assert row is not None
             self.keeper.acquire_failed(sent_at)
             self.role.leader_url = row.url if row.live else ""
+            if row.url and row.url != self.url:
+                self._last_leader_seen = row.url
             return
         self.keeper.acquired(sent_at, token)
         await self._take_over(token)
@@ -228,7 +235,7 @@ class Leadership:
     # -- the roles ----------------------------------------------------------
     async def _take_over(self, token: int) -> None:
         """Lead with ``token``: fence the store, rebuild the state (restore.py), swap apps."""
-        previous = self.role.leader_url
+        previous = self._last_leader_seen
         self.store.fence_token = token
         started = self.clock()
         try:
