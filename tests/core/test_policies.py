@@ -182,6 +182,42 @@ def test_a_demander_that_waited_takes_a_slow_seeder_that_ends_within_its_wait() 
     assert cluster(0.0).schedule(2.0) == []  # no credit: it waits for min_share
 
 
+def test_a_fast_downloader_ranked_last_is_urgent_once_it_would_end_late_by_its_own_bound() -> None:
+    """own_urgent: served before higher ranks once 2.5 x its own bound is at stake.
+
+    "fast" downloads at 10 MB/s but uploads at 0.5 (rank "min": last); its own bound
+    is 2 MB over the origin's 2 MB/s, 1 s, so at 2.5 x it should end by 2.5 s and,
+    needing 0.2 s at full rate, is late from 2.3 s. Six nodes of rank 1 MB/s want the
+    layer too; every upload is taken by them as it frees. At 2.0 s it is not yet
+    late and the freed uploads go by rank; at 2.4 s the next freed upload is its,
+    and its reason says why. Without the rule it goes to the next by rank.
+    """
+
+    def run(own_urgent: float) -> list[Transfer]:
+        s = make("slots", ("o", 2 * MB, (L1,)), sizes=2_000_000)
+        assert isinstance(s._pass, Planner)
+        s._pass.rules = dataclasses.replace(
+            RULES["slots"], rank="min", min_share=0.5, urgent_share=1.0, own_urgent=own_urgent
+        )
+        peers = [f"p{i}" for i in range(1, 7)]
+        for p in peers:
+            s.add_node(p, 1 * MB)
+        s.add_node("fast", 0.5 * MB, download_bps=10 * MB)
+        for d in [*peers, "fast"]:
+            s.demand(d, L1, "j", 0.0)
+        first = by_demander(s.schedule(0.0))
+        assert set(first) == {"p1", "p2"}  # the origin's 2 MB/s, at 1 MB/s each
+        s.complete(first["p1"].transfer_id, 2.0)
+        assert {t.demander for t in s.schedule(2.0)} == {"p3", "p4"}  # not late yet
+        s.complete(first["p2"].transfer_id, 2.4)  # p2's 1 MB/s and the origin's are free
+        return s.schedule(2.4)
+
+    late = by_demander(run(2.5))
+    assert set(late) == {"fast", "p5"}
+    assert "would end later than its own bound (1.0 s) allows" in late["fast"].reason.render()
+    assert {t.demander for t in run(0.0)} == {"p5", "p6"}
+
+
 def test_fault_rules_hold_under_the_new_policies() -> None:
     for policy in RULES:
         s = make(policy, ("o", 10 * MB, (L1,)), ("a", 10 * MB, (L1,)), ("d", 10 * MB, ()))

@@ -79,6 +79,8 @@ DIRECT_S = "direct_s"
 DEMANDER_BPS = "demander_bps"
 #: urgent: seconds of download the demander still needs
 NEED_S = "need_s"
+#: urgent by its own bound (Rules.own_urgent): the demander's own bound in seconds
+OWN_BOUND_S = "own_bound_s"
 #: starving: the patience it ran out of (Rules.patience_s)
 PATIENCE_S = "patience_s"
 #: the seconds the demander had waited, where that let in a seeder ending the piece within
@@ -219,6 +221,11 @@ def _fastest_first(n: Mapping[str, float]) -> str:
 
 
 def _urgent(n: Mapping[str, float]) -> str:
+    if OWN_BOUND_S in n:
+        return (
+            f"urgent: would end later than its own bound ({n[OWN_BOUND_S]:.1f} s) allows"
+            " unless served now"
+        )
     return f"urgent: needs {n.get(NEED_S, 0.0):.1f} s of download, little slack"
 
 

@@ -43,7 +43,34 @@ class DemanderIndex(SeederIndex):
             total = sum(self._size(lr) for lr in node.demands)
             finish = demand.since + total / _down_speed(node) * (1 + self.rules.slack_margin)
             self._horizon = max(self._horizon, finish)
+        if self.rules.own_urgent > 0:
+            self._own_deadline_of(node)
         self._refresh_demander(node)
+
+    def _own_deadline_of(self, node: Node) -> None:
+        """``node``'s own bound and the latest it should end (``Rules.own_urgent``).
+
+        Its own bound is issue 13's t_i* = max(S / d_i, S / u_origin), taken per layer
+        of what it demands: sum(size / min(its download, the fastest holder's upload)),
+        the fastest holder as known when the demand came (none yet: its download).
+        Urgent once, given its whole download from now on, it would end later than
+        ``since + own_urgent x bound``: its key is that deadline less the seconds it
+        needs, and the walk meets it once the clock passes the key (walk.py,
+        ``_order``). Why: where every upload is booked (an upload-bound cluster), the
+        walk hands each freed upload to the highest rank, and a node downloading fast
+        but uploading slowly ranks last by min(up, down): a drawn shape (seed 5, a
+        fifth of the nodes downloading at 125 Mbit/s, uploads 0.4-4 Mbit/s) left them
+        without a byte for 50-65 s and ended them at 11 x their bound, and the starving
+        check cannot help (when it looks, no upload is free). The slack rule protects
+        only the horizon, which such a node never threatens.
+        """
+        down = _down_speed(node)
+        since = min(d.since for d in node.demands.values())
+        bound = 0.0
+        for lr in node.demands:
+            bound += self._size(lr) / min(down, self._fastest_holder.get(lr, INF))
+        self._own_bound[node.node_id] = bound
+        self._own_deadline[node.node_id] = since + self.rules.own_urgent * bound
 
     def flush(self) -> None:
         """Re-key every demander changed since the last walk (before anything reads the keys)."""
@@ -68,6 +95,9 @@ class DemanderIndex(SeederIndex):
         elif was:
             del self._waiting[nid]
             del self._wait_since[nid]
+            if not node.demands:
+                self._own_bound.pop(nid, None)
+                self._own_deadline.pop(nid, None)
             if not self._s.open_demands:
                 self._horizon = 0.0
         if self.defer_refresh and not self._walking:
@@ -124,6 +154,8 @@ class DemanderIndex(SeederIndex):
                 tie = -need if self.rules.rank_step > 0 else 0.0  # (rank_step: ties by need)
                 want = ((-self._rank_step(node), tie, nid), (-need, nid), tuple(wanted))
                 hope = self._hope(node, all_bytes / down)
+        if self.rules.own_urgent > 0:
+            self._rekey_own(nid, want, all_bytes / down if want is not None else 0.0)
         have = self._wait_key.get(nid)
         assert (want is not None) == (nid in self._waiting), f"{nid}: changed unseen"
         if want == have:
@@ -151,6 +183,27 @@ class DemanderIndex(SeederIndex):
                 self._by_speed[layer].add(want[0])
                 insort(self._by_need[layer], want[1])
             self._wait_key[nid] = want
+
+    def _rekey_own(self, nid: str, want: _WaitKey | None, need_s: float) -> None:
+        """``nid``'s key in the own-bound urgent index: the latest it may start at full rate.
+
+        ``want`` is its new wait key (None: it stops waiting); the old key stands in the
+        layers of its old wait key, which the caller replaces after this.
+        """
+        have = self._own_key.pop(nid, None)
+        if have is not None:
+            for layer in self._wait_key[nid][2]:
+                keys = self._by_own[layer]
+                del keys[bisect_left(keys, have)]
+                if not keys:
+                    del self._by_own[layer]
+        deadline = self._own_deadline.get(nid)
+        if want is None or deadline is None:
+            return
+        key = (deadline - need_s, nid)
+        self._own_key[nid] = key
+        for layer in want[2]:
+            insort(self._by_own.setdefault(layer, []), key)
 
     def _hope(self, node: Node, need_s: float) -> Hope:
         """The values of ``node`` that ``_serve`` weighs against a layer's best free upload.

@@ -61,6 +61,12 @@ package's docstring):
   put the horizon too near and every node looks urgent within seconds; with
   ``upload_urgent`` the cut is at least that share of the seconds the whole
   cluster's upload needs for every open demand (``Planner._upload_bound_s``).
+* **late by its own bound** (``own_urgent``) -- a node is also urgent once,
+  given its whole download from now on, it would end later than ``own_urgent``
+  times its own bound t_i* after its demand (``DemanderIndex._own_deadline_of``):
+  the slack rule guards the horizon, this the node that downloads fast and
+  uploads slowly, whom fastest first (rank "min") leaves last where every
+  upload is booked.
 * **stripe** -- while a demander has more to ask for, a transfer that is
   short at full rate reserves only ``stripe`` of its download, so two run side
   by side and each covers the other's set-up and report gap
@@ -202,3 +208,7 @@ class Rules:
     #: with need_share: a demander that has waited w seconds takes a seeder that would end
     #: the piece within wait_credit x w (its need is at least that many seconds; 0 = off)
     wait_credit: float = 0.0
+    #: a demander is also urgent once, given its whole download from now on, it would end
+    #: later than this many times its own bound after its demand (0 = off;
+    #: DemanderIndex._own_deadline_of)
+    own_urgent: float = 0.0

@@ -122,6 +122,13 @@ class PlannerState:
         # layer -> sorted (-need s, id): the urgent walk's, short (only the urgent are met)
         self._by_need: dict[str, list[tuple[float, str]]] = {}
         self._wait_key: dict[str, _WaitKey] = {}
+        # own_urgent (DemanderIndex.demand_added): demander -> its own bound (s) and the
+        # latest it should end (since + own_urgent x bound); layer -> sorted (that deadline -
+        # the seconds it needs at its full download, id): the own-bound urgent walk's
+        self._own_bound: dict[str, float] = {}
+        self._own_deadline: dict[str, float] = {}
+        self._by_own: dict[str, list[tuple[float, str]]] = {}
+        self._own_key: dict[str, tuple[float, str]] = {}
         # the waiting demanders in the order they last began to wait (the starving check's
         # order), kept at once; the re-keying of the indexes above waits for the next walk
         # (demanders.py, :meth:`DemanderIndex.flush`): demanders -> their record
