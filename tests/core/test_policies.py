@@ -189,8 +189,9 @@ def test_a_fast_downloader_ranked_last_is_urgent_once_it_would_end_late_by_its_o
     is 2 MB over the origin's 2 MB/s, 1 s, so at 2.5 x it should end by 2.5 s and,
     needing 0.2 s at full rate, is late from 2.3 s. Six nodes of rank 1 MB/s want the
     layer too; every upload is taken by them as it frees. At 2.0 s it is not yet
-    late and the freed uploads go by rank; at 2.4 s the next freed upload is its,
-    and its reason says why. Without the rule it goes to the next by rank.
+    late and the freed uploads go by rank; at 2.4 s it takes one of the two freed
+    before the next by rank, and its reason says why. Without the rule both go by
+    rank.
     """
 
     def run(own_urgent: float) -> list[Transfer]:

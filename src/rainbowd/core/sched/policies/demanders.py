@@ -39,38 +39,20 @@ class DemanderIndex(SeederIndex):
 
     def demand_added(self, node: Node, demand: Demand) -> None:
         self._clock = max(self._clock, demand.since)
-        if self.rules.slack_margin is not None:
-            total = sum(self._size(lr) for lr in node.demands)
-            finish = demand.since + total / _down_speed(node) * (1 + self.rules.slack_margin)
-            self._horizon = max(self._horizon, finish)
-        if self.rules.own_urgent > 0:
-            self._own_deadline_of(node)
+        margin, late = self.rules.slack_margin, self.rules.own_urgent
+        if margin is not None or late > 0:
+            down = _down_speed(node)
+            total, bound, since = 0.0, 0.0, demand.since
+            for lr, d in node.demands.items():  # (one pass: a node may want ~100s of pieces)
+                size = self._size(lr)
+                total += size
+                bound += size / min(down, self._fastest_holder.get(lr, INF))
+                since = min(since, d.since)
+            if margin is not None:
+                self._horizon = max(self._horizon, demand.since + total / down * (1 + margin))
+            if late > 0:  # late by its own bound (Rules.own_urgent): see _own_key
+                self._own[node.node_id] = (since + late * bound, bound)
         self._refresh_demander(node)
-
-    def _own_deadline_of(self, node: Node) -> None:
-        """``node``'s own bound and the latest it should end (``Rules.own_urgent``).
-
-        Its own bound is issue 13's t_i* = max(S / d_i, S / u_origin), taken per layer
-        of what it demands: sum(size / min(its download, the fastest holder's upload)),
-        the fastest holder as known when the demand came (none yet: its download).
-        Urgent once, given its whole download from now on, it would end later than
-        ``since + own_urgent x bound``: its key is that deadline less the seconds it
-        needs, and the walk meets it once the clock passes the key (walk.py,
-        ``_order``). Why: where every upload is booked (an upload-bound cluster), the
-        walk hands each freed upload to the highest rank, and a node downloading fast
-        but uploading slowly ranks last by min(up, down): a drawn shape (seed 5, a
-        fifth of the nodes downloading at 125 Mbit/s, uploads 0.4-4 Mbit/s) left them
-        without a byte for 50-65 s and ended them at 11 x their bound, and the starving
-        check cannot help (when it looks, no upload is free). The slack rule protects
-        only the horizon, which such a node never threatens.
-        """
-        down = _down_speed(node)
-        since = min(d.since for d in node.demands.values())
-        bound = 0.0
-        for lr in node.demands:
-            bound += self._size(lr) / min(down, self._fastest_holder.get(lr, INF))
-        self._own_bound[node.node_id] = bound
-        self._own_deadline[node.node_id] = since + self.rules.own_urgent * bound
 
     def flush(self) -> None:
         """Re-key every demander changed since the last walk (before anything reads the keys)."""
@@ -96,8 +78,7 @@ class DemanderIndex(SeederIndex):
             del self._waiting[nid]
             del self._wait_since[nid]
             if not node.demands:
-                self._own_bound.pop(nid, None)
-                self._own_deadline.pop(nid, None)
+                self._own.pop(nid, None)
             if not self._s.open_demands:
                 self._horizon = 0.0
         if self.defer_refresh and not self._walking:
@@ -152,10 +133,9 @@ class DemanderIndex(SeederIndex):
                 down = _down_speed(node)
                 need = waiting_bytes / down
                 tie = -need if self.rules.rank_step > 0 else 0.0  # (rank_step: ties by need)
-                want = ((-self._rank_step(node), tie, nid), (-need, nid), tuple(wanted))
+                own = self._own_key(nid, all_bytes / down)
+                want = ((-self._rank_step(node), tie, nid), (-need, nid), tuple(wanted), own)
                 hope = self._hope(node, all_bytes / down)
-        if self.rules.own_urgent > 0:
-            self._rekey_own(nid, want, all_bytes / down if want is not None else 0.0)
         have = self._wait_key.get(nid)
         assert (want is not None) == (nid in self._waiting), f"{nid}: changed unseen"
         if want == have:
@@ -170,6 +150,11 @@ class DemanderIndex(SeederIndex):
                 del by_need[bisect_left(by_need, have[1])]
                 if not by_speed:
                     del self._by_speed[layer], self._by_need[layer]
+                if have[3] is not None:
+                    by_own = self._by_own[layer]
+                    del by_own[bisect_left(by_own, have[3])]
+                    if not by_own:
+                        del self._by_own[layer]
         if want is None:
             self._wait_key.pop(nid, None)
             self._hopes.pop(nid, None)
@@ -182,28 +167,30 @@ class DemanderIndex(SeederIndex):
                     self._by_need[layer] = []
                 self._by_speed[layer].add(want[0])
                 insort(self._by_need[layer], want[1])
+                if want[3] is not None:
+                    insort(self._by_own.setdefault(layer, []), want[3])
             self._wait_key[nid] = want
 
-    def _rekey_own(self, nid: str, want: _WaitKey | None, need_s: float) -> None:
-        """``nid``'s key in the own-bound urgent index: the latest it may start at full rate.
+    def _own_key(self, nid: str, need_s: float) -> tuple[float, str] | None:
+        """The key of ``nid`` late by its own bound: the latest it may start at full rate.
 
-        ``want`` is its new wait key (None: it stops waiting); the old key stands in the
-        layers of its old wait key, which the caller replaces after this.
+        (``Rules.own_urgent``; None where it is off.) Its own bound is issue 13's
+        t_i* = max(S / d_i, S / u_origin), taken per layer of what it demands:
+        sum(size / min(its download, the fastest holder's upload)), the fastest holder
+        as known when the demand came (none yet: its download; :meth:`demand_added`).
+        Urgent once, given its whole download from now on (``need_s``), it would end
+        later than ``since + own_urgent x bound``: the key is that deadline less
+        ``need_s``, and the walk meets it once the clock passes it (walk.py,
+        ``_order``). Why: where every upload is booked (an upload-bound cluster), the
+        walk hands each freed upload to the highest rank, and a node downloading fast
+        but uploading slowly ranks last by min(up, down): a drawn shape (seed 5, a
+        fifth of the nodes downloading at 125 Mbit/s, uploads 0.4-4 Mbit/s) left them
+        without a byte for 50-65 s and ended them at 11 x their bound, and the starving
+        check cannot help (when it looks, no upload is free). The slack rule protects
+        only the horizon, which such a node never threatens.
         """
-        have = self._own_key.pop(nid, None)
-        if have is not None:
-            for layer in self._wait_key[nid][2]:
-                keys = self._by_own[layer]
-                del keys[bisect_left(keys, have)]
-                if not keys:
-                    del self._by_own[layer]
-        deadline = self._own_deadline.get(nid)
-        if want is None or deadline is None:
-            return
-        key = (deadline - need_s, nid)
-        self._own_key[nid] = key
-        for layer in want[2]:
-            insort(self._by_own.setdefault(layer, []), key)
+        own = self._own.get(nid)
+        return None if own is None else (own[0] - need_s, nid)
 
     def _hope(self, node: Node, need_s: float) -> Hope:
         """The values of ``node`` that ``_serve`` weighs against a layer's best free upload.
@@ -219,7 +206,7 @@ class DemanderIndex(SeederIndex):
     def _widen(self, nid: str, hope: Hope) -> None:
         """A waiting demander whose key stays has new values (sizes, caps, what it lacks)."""
         self._hopes[nid] = hope
-        speed_key, _, layers = self._wait_key[nid]
+        speed_key, _, layers, _ = self._wait_key[nid]
         for layer in layers:
             self._by_speed[layer].widen(speed_key, hope)
 

@@ -63,7 +63,7 @@ package's docstring):
   cluster's upload needs for every open demand (``Planner._upload_bound_s``).
 * **late by its own bound** (``own_urgent``) -- a node is also urgent once,
   given its whole download from now on, it would end later than ``own_urgent``
-  times its own bound t_i* after its demand (``DemanderIndex._own_deadline_of``):
+  times its own bound t_i* after its demand (``DemanderIndex._own_key``):
   the slack rule guards the horizon, this the node that downloads fast and
   uploads slowly, whom fastest first (rank "min") leaves last where every
   upload is booked.
@@ -210,5 +210,5 @@ class Rules:
     wait_credit: float = 0.0
     #: a demander is also urgent once, given its whole download from now on, it would end
     #: later than this many times its own bound after its demand (0 = off;
-    #: DemanderIndex._own_deadline_of)
+    #: DemanderIndex._own_key)
     own_urgent: float = 0.0

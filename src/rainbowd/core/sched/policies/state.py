@@ -27,11 +27,11 @@ UNKNOWN_LAYER_BYTES = 8 * 1024 * 1024
 _MIN_FREE_SHARE = 0.02
 #: no bound yet (a layer no node holds has no fastest holder; no demander was met)
 INF = float("inf")
-#: a waiting demander's keys: by speed (its rank step, then its need), by need, and the
-#: layers it waits for
+#: a waiting demander's keys: by speed (its rank step, then its need), by need, the
+#: layers it waits for, and by when it is late by its own bound (None: own_urgent off)
 _SpeedKey = tuple[float, float, str]
 _K = TypeVar("_K", tuple[float, str], _SpeedKey)
-_WaitKey = tuple[_SpeedKey, tuple[float, str], tuple[str, ...]]
+_WaitKey = tuple[_SpeedKey, tuple[float, str], tuple[str, ...], tuple[float, str] | None]
 #: failures in a row after which a seeder's estimate is halved (each further one halves it again)
 FAILURES_TO_SLOW = 2
 #: what each failure from the FAILURES_TO_SLOW-th on multiplies a seeder's estimate by
@@ -122,13 +122,11 @@ class PlannerState:
         # layer -> sorted (-need s, id): the urgent walk's, short (only the urgent are met)
         self._by_need: dict[str, list[tuple[float, str]]] = {}
         self._wait_key: dict[str, _WaitKey] = {}
-        # own_urgent (DemanderIndex.demand_added): demander -> its own bound (s) and the
-        # latest it should end (since + own_urgent x bound); layer -> sorted (that deadline -
-        # the seconds it needs at its full download, id): the own-bound urgent walk's
-        self._own_bound: dict[str, float] = {}
-        self._own_deadline: dict[str, float] = {}
+        # own_urgent (DemanderIndex._own_key): demander -> (the latest it should end, since
+        # + own_urgent x its own bound; that bound, s); layer -> sorted (that deadline - the
+        # seconds it needs at its full download, id): the own-bound urgent walk's
+        self._own: dict[str, tuple[float, float]] = {}
         self._by_own: dict[str, list[tuple[float, str]]] = {}
-        self._own_key: dict[str, tuple[float, str]] = {}
         # the waiting demanders in the order they last began to wait (the starving check's
         # order), kept at once; the re-keying of the indexes above waits for the next walk
         # (demanders.py, :meth:`DemanderIndex.flush`): demanders -> their record

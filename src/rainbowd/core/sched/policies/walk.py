@@ -144,7 +144,7 @@ class Walker(Fitter):
         """Waiting demanders in service order, each with why it comes there (its turn).
 
         Urgent first: by least slack (the slack rule), then those late by their own
-        bound (``own_urgent``: DemanderIndex.demand_added); then fastest first.
+        bound (``own_urgent``: DemanderIndex._own_key); then fastest first.
 
         Only demanders wanting a layer some holder has free upload for are
         met: the per-layer indexes are merged by key, and a layer drops out of
@@ -161,10 +161,9 @@ class Walker(Fitter):
             cut = (-cut_s, "\uffff")
             for (neg_need, _), nid in self._merge_plain(self._by_need, cut):
                 yield nid, Turn(rs.URGENT, rs.NEED_S, -neg_need)
-        if self.rules.own_urgent > 0:
-            # late by its own bound: its key (latest start at full download) is past
-            for _, nid in self._merge_plain(self._by_own, (now, "\uffff")):
-                yield nid, Turn(rs.URGENT, rs.OWN_BOUND_S, self._own_bound[nid])
+        # late by its own bound: its key (latest start at full download) is past (empty: off)
+        for _, nid in self._merge_plain(self._by_own, (now, "\uffff")):
+            yield nid, Turn(rs.URGENT, rs.OWN_BOUND_S, self._own[nid][1])
         # demanders too fast for a layer's free uploads (min_share of their speed) are skipped
         share = max(self.rules.min_share, _MIN_FREE_SHARE) if self.rules.slots else 0.0
 
