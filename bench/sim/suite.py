@@ -138,19 +138,30 @@ def run_suite(
     demo: dict[int, list[tuple[str, int]]] = {}
     tasks: list[_SuiteTask] = []
     for profile in profiles:
-        if profile.layers:
-            layers = [(f"layer-{i + 1}", s) for i, s in enumerate(profile.layers)]
-        else:
-            mib = profile.payload_mib or 0
-            if mib not in demo:
-                demo[mib] = demo_layers(mib)
-            layers = demo[mib]
+        layers = profile_layers(profile, demo)
         tasks += [(profile, n, layers, policy, overheads) for n in nodes]
     if workers > 1 and len(tasks) > 1:
         ctx = multiprocessing.get_context("spawn")  # no forked copy of a test runner's state
         with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=ctx) as pool:
             return _collect(pool.map(_simulate, tasks), progress)
     return _collect(map(_simulate, tasks), progress)
+
+
+def profile_layers(
+    profile: ClusterProfile, demo: dict[int, list[tuple[str, int]]] | None = None
+) -> list[tuple[str, int]]:
+    """The image a suite run of ``profile`` distributes: its ``layers``, else the demo's.
+
+    (The lab's demo image of ``payload_mib``: built once per size, kept in ``demo``.)
+    """
+    if profile.layers:
+        return [(f"layer-{i + 1}", s) for i, s in enumerate(profile.layers)]
+    mib = profile.payload_mib or 0
+    if demo is None:
+        return demo_layers(mib)
+    if mib not in demo:
+        demo[mib] = demo_layers(mib)
+    return demo[mib]
 
 
 def _collect(
