@@ -31,12 +31,20 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from rainbowd.core.sched.scheduler import DEFAULT_POLICY, POLICIES
+from rainbowd.core.sched.scheduler import DEFAULT_POLICY
 from rainbowd.lib.log import configure as configure_logging
 
 from ..measures import GOAL_MEDIAN_SLOWDOWN, GOAL_P90_SLOWDOWN, GOAL_RATIO
 from .overheads import Overheads
-from .suite import PROFILES, SuiteRun, _nodes, only_shapes, run_suite, suite_profiles
+from .suite import (
+    PROFILES,
+    SuiteRun,
+    _nodes,
+    _policy,
+    only_shapes,
+    run_suite,
+    suite_profiles,
+)
 
 #: relative step of ``efficiency`` between two runs of a shape: far below anything a
 #: link or a rule could mean, only enough to move rates in their last bits
@@ -82,8 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--runs wants 1 .. 99, got {args.runs}")
         if args.jobs < 1:
             raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
-        if args.policy not in POLICIES:
-            raise ValueError(f"unknown policy {args.policy!r}; known: {', '.join(POLICIES)}")
+        _policy(args.policy)
         profiles = only_shapes(
             suite_profiles(args.random, args.seeds_from, directory=PROFILES), args.only
         )

@@ -252,6 +252,13 @@ def _nodes(spec: str) -> list[int]:
     return nodes
 
 
+def _policy(name: str) -> str:
+    """``--policy``'s value, checked: a policy the scheduler knows."""
+    if name not in POLICIES:
+        raise ValueError(f"--policy: no policy {name!r} (known: {', '.join(POLICIES)})")
+    return name
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench.sim suite",
@@ -303,8 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         record = read_record(Path(args.check)) if args.check else None
         if args.jobs < 1:
             raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
-        if args.policy not in POLICIES:
-            raise ValueError(f"unknown policy {args.policy!r}; known: {', '.join(POLICIES)}")
+        _policy(args.policy)
     except (ProfileError, ValueError, OSError) as e:
         print(f"bench.sim suite: {e}", file=sys.stderr)
         return 2

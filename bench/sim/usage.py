@@ -32,12 +32,12 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from rainbowd.core.sched.scheduler import DEFAULT_POLICY, POLICIES
+from rainbowd.core.sched.scheduler import DEFAULT_POLICY
 from rainbowd.devcluster.profile import ORIGIN, ClusterProfile
 from rainbowd.lib.log import configure as configure_logging
 
 from .engine import SimResult, Simulation
-from .suite import _nodes, profile_layers, suite_profiles
+from .suite import _nodes, _policy, profile_layers, suite_profiles
 
 MB = 1e6
 
@@ -75,17 +75,15 @@ def upload_use(
     flows = [t for t in result.trace if t.started >= 0 and t.ended > t.started]
     end = max([t.ended for t in flows] + list(result.node_seconds.values()), default=0.0)
     count = max(1, int(end // bucket_s) + 1)
-    moved = [0.0] * count
     to_fast = [0.0] * count
     busy = [0.0] * count  # upload-seconds in flight
-    sent: list[dict[str, float]] = [{} for _ in range(count)]
+    sent: list[dict[str, float]] = [{} for _ in range(count)]  # seeder -> bytes, per bucket
     for t in flows:
         rate = t.size / (t.ended - t.started)
         i = int(t.started // bucket_s)
         while i < count and i * bucket_s < t.ended:
             lo, hi = max(i * bucket_s, t.started), min((i + 1) * bucket_s, t.ended)
             part = rate * (hi - lo)
-            moved[i] += part
             busy[i] += hi - lo
             if t.demander in fast:
                 to_fast[i] += part
@@ -101,7 +99,7 @@ def upload_use(
             Bucket(
                 start=start,
                 seconds=bucket_s,
-                moved_Bps=moved[i] / bucket_s,
+                moved_Bps=sum(sent[i].values()) / bucket_s,
                 idle_Bps=idle / bucket_s,
                 to_fast_Bps=to_fast[i] / bucket_s,
                 uploads_per_seeder=busy[i] / bucket_s / len(line),
@@ -149,8 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         counts = _nodes(args.nodes)
         if len(counts) != 1:
             raise ValueError(f"--nodes wants one count, got {args.nodes!r}")
-        if args.policy not in POLICIES:
-            raise ValueError(f"--policy: no policy {args.policy!r} (known: {', '.join(POLICIES)})")
+        _policy(args.policy)
         if args.bucket <= 0:
             raise ValueError(f"--bucket must be > 0 s, got {args.bucket}")
         suite = suite_profiles(args.random)
