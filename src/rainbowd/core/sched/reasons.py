@@ -87,6 +87,10 @@ PATIENCE_S = "patience_s"
 #: them (Rules.wait_credit: its need counted as at least its wait)
 WAITED_S = "waited_s"
 
+#: 1 where the seeder is one the demander pulled from before (Rules.peer_share): its
+#: connection is open, so the transfer skips the handshake
+PULLED_BEFORE = "pulled_before"
+
 #: most numbers one reason carries (a rule's and a turn's: 7 today)
 MAX_REASON_NUMBERS = 32
 #: the numbers of a reason, by name
@@ -154,6 +158,8 @@ class TransferReason(msgspec.Struct, kw_only=True):
         if WAITED_S in n:
             said += f"; waited {n[WAITED_S]:.1f} s, so a seeder ending the piece within that"
             said += " will do"
+        if n.get(PULLED_BEFORE):
+            said += "; a seeder it pulled from before (its connection is open)"
         return said
 
 

@@ -12,6 +12,7 @@ seeder.
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 from .. import reasons as rs
@@ -24,6 +25,7 @@ from .state import (
     INF,
     MIN_SPEED_BPS,
     MIN_TRANSFER_BPS,
+    PEER_TRIES,
     UNKNOWN_LAYER_BYTES,
     _down_speed,
     _Plan,
@@ -193,18 +195,31 @@ class Fitter(DemanderIndex):
         """Best fit: the tightest free upload >= ``room``, else the largest (if >= ``least``).
 
         With relays: a complete holder that fits first (it cannot stall), then
-        the tightest relay that fits, then the most room of either.
+        the tightest relay that fits, then the most room of either. With
+        ``peer_share``, a seeder ``node`` pulled from before goes first where it
+        offers nearly as much (rules.py, known peers).
         """
         lists = [self._free.get(layer) or []]
         if self.rules.relay:
             lists.append(self._relays.get(layer) or [])
+        known = self._pulled_from.of(node.node_id) if self.rules.peer_share > 0 else ()
         if self.rules.slots:
             for idle in lists:
                 # entries with free upload >= room sit before this index; the last fits tightest
                 i = bisect_right(idle, (-room, "\uffff"))
-                for j in range(i - 1, max(-1, i - 1 - FIT_TRIES), -1):
-                    if self._s.allowed(node.node_id, idle[j][1]):
-                        return self._s.nodes[idle[j][1]]
+                tightest: str | None = None
+                # past FIT_TRIES only a known seeder is looked for
+                window = PEER_TRIES if known else FIT_TRIES
+                for j in range(i - 1, max(-1, i - 1 - window), -1):
+                    sid = idle[j][1]
+                    if not self._s.allowed(node.node_id, sid):
+                        continue
+                    if not known or sid in known:
+                        return self._s.nodes[sid]
+                    if tightest is None and i - 1 - j < FIT_TRIES:
+                        tightest = sid
+                if tightest is not None:
+                    return self._s.nodes[tightest]
         best: tuple[float, str] | None = None
         for idle in lists:
             for neg_free, sid in idle[:FIT_TRIES]:
@@ -214,7 +229,24 @@ class Fitter(DemanderIndex):
                     if best is None or neg_free < best[0]:
                         best = (neg_free, sid)
                     break
+        if best is not None and known and best[1] not in known:
+            floor = max(least, -best[0] * self.rules.peer_share)
+            peer = self._known_peer(node, lists, known, floor)
+            if peer is not None:
+                return peer
         return None if best is None else self._s.nodes[best[1]]
+
+    def _known_peer(
+        self, node: Node, lists: list[list[tuple[float, str]]], known: Collection[str], least: float
+    ) -> Node | None:
+        """A seeder of ``known`` among the ``PEER_TRIES`` freest of ``lists`` offering ``least``."""
+        for idle in lists:
+            for neg_free, sid in idle[:PEER_TRIES]:
+                if -neg_free < least:
+                    break
+                if sid in known and self._s.allowed(node.node_id, sid):
+                    return self._s.nodes[sid]
+        return None
 
     def _direct_seeder(self, node: Node, layer: str, waiting: int) -> Node | None:
         """A holder that can send this small layer to all ``waiting`` within ``direct_s``.
@@ -253,6 +285,8 @@ class Fitter(DemanderIndex):
         numbers = {rs.SEEDER_BPS: seeder.speed_bps, turn.number: turn.value}
         if waited > 0:
             numbers[rs.WAITED_S] = waited
+        if self.rules.peer_share > 0 and seeder.node_id in self._pulled_from.of(node.node_id):
+            numbers[rs.PULLED_BEFORE] = 1.0
         if direct:
             rule = rs.DIRECT
             numbers[rs.SIZE_BYTES] = float(self._s.layer_sizes[d.layer])
@@ -311,6 +345,7 @@ class Fitter(DemanderIndex):
 
     def _hold(self, t: Transfer, plan: _Plan) -> None:
         self._plans[t.transfer_id] = plan
+        self._pulled_from.pulled(t.demander, t.seeder)
         self._begun += 1
         self._receiving[t.layer] = self._receiving.get(t.layer, 0) + 1
         if plan.direct:

@@ -108,6 +108,8 @@ class Planner(Walker):
         return None
 
     def demander_changed(self, node: Node) -> None:
+        if not node.up:
+            self._pulled_from.forget(node.node_id)  # its connections went down with it
         self.refresh(node)
 
     def seeder_changed(self, node: Node) -> None:

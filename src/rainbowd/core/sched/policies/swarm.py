@@ -83,6 +83,17 @@ to 10; the numbers below are the simulator at 100 nodes):
   / 3.69, drawn-2 1.20 / 1.93 / 3.49 -> 1.23 / 2.03 / 3.06, the gate's 13 other
   shapes within 0.01. At 2.0 random-asymmetric's median went 1.94 -> 2.34 and
   upload-bound 1.18 -> 1.21 x T*; at 3.0 drawn-5's p90 was 6.20, drawn-1's 4.05.
+* ``peer_share=0.7`` -- a seeder the demander pulled from before goes first where it
+  offers 0.7 of the best stranger's free upload (session 26; rules.py, known peers):
+  its connection is open, a stranger's costs a handshake. New connections per node at
+  100 nodes: homogeneous 16.7 -> 11.2, paper 14.9 -> 9.5. With the lab's measured
+  costs (``bench.sim --compare``, connect 325-771 ms): paper x0.25 93.3 -> 90.9 s,
+  upload-bound 187.1 -> 183.0, bimodal 483.8 -> 477.0. Noise medians at 100 nodes (x T*
+  / median / p90 slowdown): paper 1.11 / 1.28 / 1.46 -> 1.08 / 1.28 / 1.43,
+  random-pareto 1.24 / 1.94 / 2.12 -> 1.20 / 1.95 / 2.18, random-asymmetric's median
+  1.95 -> 1.91, ci 1.20 -> 1.21, upload-bound 1.18 -> 1.20, drawn-1 and drawn-2 level;
+  geometric mean of those seven 1.163 -> 1.158. Twenty held-out drawn shapes (seeds
+  16-35) meet every goal either way.
 * ``stripe=0.5``, ``stripe_s=2.0`` -- two short pieces in flight overlap their
   gaps (ci 1.29 -> 1.24, homogeneous 1.71 -> 1.57, random-pareto 1.41 -> 1.29;
   Fitter._reserve_down). Still so with one-chunk pieces (without it, session
@@ -118,6 +129,9 @@ SWARM = Rules(
     wait_credit=1.0,
     # a node that would end later than 2.5 x its own bound is urgent
     own_urgent=2.5,
+    # a seeder the demander pulled from before (its connection open) goes first while it
+    # offers 0.7 of the best stranger's free upload
+    peer_share=0.7,
     # one chunk per piece (piece_chunks rounds a piece up to a whole chunk), more where the
     # coordinator's reports would take more than its time at the cluster's full rate
     piece_bytes=1,
