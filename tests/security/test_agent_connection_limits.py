@@ -14,6 +14,7 @@ import asyncio
 import math
 import shutil
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,13 +54,16 @@ class Server:
         )
 
 
-async def start(tmp: Path, limits: SshLimits) -> Server:
+async def start(
+    tmp: Path, limits: SshLimits, clock: Callable[[], float] = time.monotonic
+) -> Server:
     keys = {p: asyncssh.generate_private_key("ssh-ed25519") for p in PEERS}
     server = ChunkServer(
         LayerStore(tmp / "store"),
         asyncssh.generate_private_key("ssh-ed25519"),
         node_id="seed",
         limits=limits,
+        clock=clock,
     )
     server.update_trust(
         TrustList(
@@ -134,13 +138,41 @@ async def test_connections_in_total_are_limited(tmp_path: Path, servers: list[Se
     servers.append(s)
     a = await s.connect("p1")
     b = await s.connect("p2")
+    await channel(a)  # both pulling: neither may be closed for a newcomer
+    await channel(b)
     c = await s.connect("p3")
     await refused(c)
-    assert s.server.gate.refused == {"open": 1}
-    await channel(a)
-    await channel(b)
+    assert s.server.gate.refused == {"open": 1} and s.server.gate.evicted == 0
     a.close()
     b.close()
+
+
+async def test_at_the_limit_the_longest_idle_connection_makes_room(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    """A newcomer is admitted in place of an idle connection, the one idle longest.
+
+    Demanders keep their connection to every seeder they pulled from: with more
+    demanders than ``max_connections`` a seeder refused every later one for good.
+    """
+    now = [100.0]
+    s = await start(tmp_path, SshLimits(max_connections=2), clock=lambda: now[0])
+    servers.append(s)
+    old = await s.connect("p1")  # idle since 100
+    now[0] = 101.0
+    recent = await s.connect("p2")  # idle since 101
+    newcomer = await s.connect("p3")
+    await channel(newcomer)  # admitted, and it serves
+    async with asyncio.timeout(10):
+        await old.wait_closed()  # the one idle longest was closed for it
+    assert s.server.gate.evicted == 1 and s.server.gate.refused == {}
+    await until(lambda: s.server.gate.per_peer == {"p2": 1, "p3": 1}, "p1 to be counted out")
+    await channel(recent)  # the other idle one stayed: it serves
+    again = await s.connect("p1")  # now every connection has a pull running: refused
+    await refused(again)
+    assert s.server.gate.refused == {"open": 1} and s.server.gate.per_peer == {"p2": 1, "p3": 1}
+    recent.close()
+    newcomer.close()
 
 
 async def test_channels_per_connection_are_limited(tmp_path: Path, servers: list[Server]) -> None:
@@ -206,6 +238,16 @@ def test_gate_counts_every_state() -> None:
     tight = ConnectionGate(SshLimits(), max_open=1)  # the descriptor budget wins
     assert tight.accept() == ""
     assert "too many connections (1 open, limit 1)" in tight.accept()
+
+
+def test_gate_says_when_only_the_total_refuses_a_peer() -> None:
+    gate = ConnectionGate(SshLimits(max_connections=2, max_connections_per_peer=1), max_open=10)
+    for p in ("p1", "p2"):
+        assert gate.accept() == "" and gate.authenticated(p) == ""
+    assert gate.full_for("p3")  # closing an idle connection would let it in
+    assert not gate.full_for("p1")  # at its own limit: closing another's would not
+    gate.closed("p2", was_pending=False)
+    assert not gate.full_for("p3")  # room again
 
 
 @pytest.mark.parametrize(

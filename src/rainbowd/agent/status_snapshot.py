@@ -123,6 +123,8 @@ class AgentStatus:
             "corrupt_layers": dict(self.server.corrupt_layers),
             "refused_clients": len(self.server.refused_clients),
             "ssh_refused": dict(self.server.gate.refused),
+            # idle peer connections closed to admit another peer at the limit (ssh_limits.py)
+            "ssh_idle_closed": self.server.gate.evicted,
             # peers with an authenticated SSH connection open now, and how many each
             "ssh_peers": dict(self.server.gate.per_peer),
             "reports": {

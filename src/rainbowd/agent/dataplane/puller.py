@@ -264,9 +264,9 @@ class LayerPuller:
             present = range_bytes - sum(manifest.chunk_length(i) for i in missing)
             plog.info("pull_started", missing=len(missing), chunks=end - first)
             if missing:
-                conn = await self.connections.connection(seeder)
-                fetcher = self._fetcher(partial, counters, where, plog)
-                await fetcher.fetch(conn, missing, (present, range_bytes), t0, on_progress)
+                async with self.connections.use(seeder) as conn:
+                    fetcher = self._fetcher(partial, counters, where, plog)
+                    await fetcher.fetch(conn, missing, (present, range_bytes), t0, on_progress)
             installed = await self._commit_if_complete(partial, where, counters)
         except BaseException as e:
             await _shield_release(self.store, partial)

@@ -11,11 +11,19 @@ Why a module of its own: who we connect to and how we prove who they are is
 one concern, apart from what a pull moves over the connection (puller.py).
 One connection per seeder (node, pinned key, address, port) is shared by
 every pull from it.
+
+Kept open: the :data:`MAX_CACHED_CONNECTIONS` most recently used. Over its life
+an agent pulls from many seeders (with pieces, ~10-40 per node per image on the
+suite's shapes); each connection kept holds a descriptor here and one of the
+seeder's ``max_connections`` slots (ssh_limits.py). Beyond the bound the least
+recently used connection with no pull running is closed (:meth:`SeederConnections.use`).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import asyncssh
 from structlog.typing import FilteringBoundLogger
@@ -33,6 +41,11 @@ TRUST_RETRIES = 2
 #: seconds between them: longer than ssh_trust.TRUST_REFRESH_INTERVAL, so the seeder may
 #: fetch its trust list again before the next attempt
 TRUST_RETRY_DELAY = 1.5
+#: connections to seeders kept open (the most recently used; module docstring). The
+#: coordinator remembers as many seeders per demander and prefers them
+#: (core/sched/policies/peers.py, PEERS_KEPT): the seeders it picks for their open
+#: connection are the ones kept open here.
+MAX_CACHED_CONNECTIONS = 64
 
 
 class _Client(asyncssh.SSHClient):
@@ -65,7 +78,11 @@ class SeederConnections:
         connect_timeout: float,
         encryption_algs: list[str],
         log: FilteringBoundLogger,
+        max_cached: int = MAX_CACHED_CONNECTIONS,
     ) -> None:
+        if max_cached < 1:
+            raise ValueError(f"max_cached {max_cached}: must be at least 1")
+        self.max_cached = max_cached
         self.client_key = client_key
         self.connect_timeout = connect_timeout
         self.encryption_algs = encryption_algs
@@ -73,21 +90,73 @@ class SeederConnections:
         self._conns: dict[_ConnKey, asyncssh.SSHClientConnection] = {}
         self._clients: dict[_ConnKey, _Client] = {}
         self._locks: dict[_ConnKey, asyncio.Lock] = {}
+        self._in_use: dict[_ConnKey, int] = {}  # pulls running on each connection
         #: see _dial (an attribute so tests of a refused key need not wait)
         self.trust_retry_delay = TRUST_RETRY_DELAY
 
+    @asynccontextmanager
+    async def use(self, seeder: PeerInfo) -> AsyncIterator[asyncssh.SSHClientConnection]:
+        """The connection to ``seeder`` for one pull: not closed for the bound while it runs.
+
+        When it ends, connections beyond ``max_cached`` are closed, least recently
+        used first, none with a pull running.
+        """
+        conn = await self.connection(seeder)  # (checks the pinned key first)
+        key = self._key(seeder)
+        self._in_use[key] = self._in_use.get(key, 0) + 1
+        self._trim()  # a new connection may have passed the bound
+        try:
+            yield conn
+        finally:
+            left = self._in_use.get(key, 1) - 1
+            if left > 0:
+                self._in_use[key] = left
+            else:
+                self._in_use.pop(key, None)
+            self._trim()
+
+    def open_count(self) -> int:
+        """Connections kept open now (tests, status)."""
+        return sum(1 for k in self._conns if not self._clients[k].closed)
+
+    def _trim(self) -> None:
+        """Close the least recently used idle connections beyond ``max_cached``."""
+        for key in [k for k in self._conns if self._clients[k].closed]:
+            del self._conns[key], self._clients[key]  # closed by the seeder meanwhile
+        excess = len(self._conns) - self.max_cached
+        for key in list(self._conns):  # oldest use first
+            if excess <= 0:
+                return
+            if self._in_use.get(key):
+                continue
+            conn = self._conns.pop(key)
+            self._clients.pop(key, None)
+            conn.close()
+            excess -= 1
+            self.log.info("seeder_connection_closed", seeder=key[0], why="least recently used")
+
+    @staticmethod
+    def _key(seeder: PeerInfo) -> _ConnKey:
+        """The connection's key: node, pinned host key, address, port (KeyFormatError if bad)."""
+        pinned = parse_public_line(seeder.host_key)
+        return (seeder.node_id, key_blob(pinned), seeder.address, seeder.ssh_port)
+
     async def connection(self, seeder: PeerInfo) -> asyncssh.SSHClientConnection:
-        """The cached SSH connection to ``seeder`` (opened and authenticated if needed)."""
+        """The cached SSH connection to ``seeder`` (opened and authenticated if needed).
+
+        Called through :meth:`use` by a pull; marks it the most recently used.
+        """
         where = f"seeder {seeder.node_id} at {seeder.address}:{seeder.ssh_port}"
         try:
             pinned = parse_public_line(seeder.host_key)
         except KeyFormatError as e:
             raise PullError("security", f"{where}: trust list host key unusable: {e}") from None
-        key: _ConnKey = (seeder.node_id, key_blob(pinned), seeder.address, seeder.ssh_port)
+        key = self._key(seeder)
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
             conn = self._conns.get(key)
             if conn is not None and not self._clients[key].closed:
+                self._conns[key] = self._conns.pop(key)  # the most recently used now
                 return conn
             self._conns.pop(key, None)
             client = _Client()

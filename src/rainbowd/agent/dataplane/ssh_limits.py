@@ -9,7 +9,14 @@ TCP connections were enough to make an agent run out of descriptors and exit
 
 ``max_connections``
     authenticated peer connections in total. A demander keeps one cached
-    connection per seeder, so this is roughly "peers pulling from me at once".
+    connection per seeder (its most recent ones: agent/dataplane/seeder_connections.py),
+    so this is roughly "peers pulling from me, or likely to again". At the limit
+    a newly authenticated peer is not refused while some connection is idle (no
+    chunk channel open): the one idle longest is closed to make room
+    (:meth:`ConnectionGate.full_for`; counted in :attr:`ConnectionGate.evicted`).
+    Without that, in a cluster of more nodes than the limit a seeder held the
+    idle connections of the first 256 demanders it served and refused every
+    later one for good.
 ``max_connections_per_peer``
     authenticated connections of one peer (one client key, i.e. one node).
     An honest demander needs one (a second only while a broken one closes).
@@ -108,6 +115,8 @@ class ConnectionGate:
     per_peer: dict[str, int] = field(default_factory=dict)
     #: connections refused so far, by reason ("open", "pending", "peer")
     refused: dict[str, int] = field(default_factory=dict)
+    #: idle peer connections closed to admit another peer (module docstring)
+    evicted: int = 0
 
     def accept(self) -> str:
         """Count a new TCP connection; "" if admitted, else why not (it must be closed)."""
@@ -144,6 +153,17 @@ class ConnectionGate:
             )
         self.per_peer[peer] = have + 1
         return ""
+
+    def full_for(self, peer: str) -> bool:
+        """Whether ``peer``, authenticating now, would be refused for the total alone.
+
+        Not for its own count (``max_connections_per_peer``): closing another's
+        idle connection would not let it in.
+        """
+        return (
+            self.per_peer.get(peer, 0) < self.limits.max_connections_per_peer
+            and sum(self.per_peer.values()) >= self.limits.max_connections
+        )
 
     def closed(self, peer: str | None, was_pending: bool) -> None:
         """A counted connection closed (``peer``: the node it was admitted as, if any)."""

@@ -143,6 +143,7 @@ class ChunkServer:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
+        self._clock = clock
         #: told (layer, why) each time a stored blob fails its manifest while serving
         self.on_corrupt = on_corrupt
         #: chunks up to this size are read and checked on the event loop (chunk_io.py)
@@ -215,6 +216,34 @@ class ChunkServer:
     def refused_count(self) -> int:
         """Client keys refused since start (past the records kept)."""
         return self.trust.refused_count
+
+    def _evict_idle(self, newcomer: _PeerConnection) -> bool:
+        """Close the peer connection idle longest to admit ``newcomer``; False if none is idle.
+
+        Idle: admitted, no chunk channel open. Its demander reconnects when it
+        pulls from here again (a handshake); a connection with a pull running is
+        never closed for another (ssh_limits.py, ``max_connections``).
+        """
+        idle = [
+            pc
+            for pc in self._conns
+            if pc is not newcomer and pc.counted == "peer" and pc.channels == 0
+        ]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda pc: pc.idle_since)
+        self.gate.closed(victim.peer, was_pending=False)
+        victim.counted = ""  # counted out here: its close must not count it again
+        self.gate.evicted += 1
+        self._log.info(
+            "peer_idle_closed",
+            peer=victim.peer,
+            address=victim.address,
+            idle_s=round(self._clock() - victim.idle_since, 3),
+            admitted=newcomer.peer,
+        )
+        victim.disconnect()
+        return True
 
     def _drop_untrusted(self, trusted: Mapping[bytes, str]) -> None:
         """After a trust list update: close the connections whose peer it no longer trusts."""
@@ -474,6 +503,8 @@ class _ChunkSession(SSHServerStreamSession[bytes]):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._pc.channels -= 1
+        if self._pc.channels == 0:
+            self._pc.idle_since = self._pc.server._clock()
         super().connection_lost(exc)
 
     def pty_requested(self, term_type: str, term_size: Any, term_modes: Any) -> bool:
@@ -513,6 +544,9 @@ class _PeerConnection(asyncssh.SSHServer):
         self.counted: str = ""
         #: chunk channels open now on this connection
         self.channels = 0
+        #: when its last chunk channel closed (or it was admitted): the longest idle is the
+        #: one closed when a new peer finds the server full (ChunkServer._evict_idle)
+        self.idle_since = 0.0
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
@@ -592,12 +626,15 @@ class _PeerConnection(asyncssh.SSHServer):
     def auth_completed(self) -> None:
         self.log = self.log.bind(peer=self.peer)
         if self.counted == "pending":
+            if self.server.gate.full_for(self.peer):
+                self.server._evict_idle(self)
             why = self.server.gate.authenticated(self.peer)
             if why:
                 self.counted = "refused"
                 self._refuse(why)
                 return
             self.counted = "peer"
+            self.idle_since = self.server._clock()
         self.server._conns[self] = None
         self.log.info("peer_authenticated")
 
