@@ -47,6 +47,14 @@ class Cluster:
         self.hosts = {s: new_key() for s in SEEDERS}
         self.servers: dict[str, ChunkServer] = {}
         self.ports: dict[str, int] = {}
+        self.pullers: list[LayerPuller] = []
+
+    def puller(self, max_cached: int) -> LayerPuller:
+        """The demander's puller, keeping at most ``max_cached`` seeder connections open."""
+        p = LayerPuller(self.dem_store, self.dem_client, node_id="dem")
+        p.connections.max_cached = max_cached
+        self.pullers.append(p)
+        return p
 
     def peer(self, name: str) -> PeerInfo:
         return PeerInfo(
@@ -86,6 +94,8 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
     c = Cluster(tmp_path)
     await c.start()
     yield c
+    for p in c.pullers:
+        await p.close()
     for s in c.servers.values():
         await s.close()
 
@@ -97,38 +107,29 @@ def peers_of(server: ChunkServer) -> dict[str, int]:
 async def test_past_the_bound_the_least_recently_used_connection_closes(
     cluster: Cluster,
 ) -> None:
-    p = LayerPuller(cluster.dem_store, cluster.dem_client, node_id="dem")
-    p.connections.max_cached = 2
-    try:
-        await p.pull(cluster.assignment("s1", 0))
-        await p.pull(cluster.assignment("s2", 1))
-        await p.pull(cluster.assignment("s1", 2))  # s1 is the most recently used now
-        assert p.connections.open_count() == 2
-        await p.pull(cluster.assignment("s3", 3))  # a third: s2, used least recently, closes
-        assert p.connections.open_count() == 2
-        s2 = cluster.servers["s2"]
-        await wait_until(lambda: peers_of(s2) == {}, timeout=10, what="s2 to see its close")
-        assert peers_of(cluster.servers["s1"]) == {"dem": 1}
-        assert peers_of(cluster.servers["s3"]) == {"dem": 1}
-    finally:
-        await p.close()
+    p = cluster.puller(max_cached=2)
+    await p.pull(cluster.assignment("s1", 0))
+    await p.pull(cluster.assignment("s2", 1))
+    await p.pull(cluster.assignment("s1", 2))  # s1 is the most recently used now
+    assert p.connections.open_count() == 2
+    await p.pull(cluster.assignment("s3", 3))  # a third: s2, used least recently, closes
+    assert p.connections.open_count() == 2
+    s2 = cluster.servers["s2"]
+    await wait_until(lambda: peers_of(s2) == {}, timeout=10, what="s2 to see its close")
+    assert peers_of(cluster.servers["s1"]) == {"dem": 1}
+    assert peers_of(cluster.servers["s3"]) == {"dem": 1}
 
 
 async def test_a_connection_with_a_pull_running_is_not_closed_for_the_bound(
     cluster: Cluster,
 ) -> None:
-    p = LayerPuller(cluster.dem_store, cluster.dem_client, node_id="dem")
-    p.connections.max_cached = 1
-    try:
-        async with p.connections.use(cluster.peer("s1")):  # a pull from s1 runs meanwhile
-            await p.pull(cluster.assignment("s2", 1))  # over the bound: s2 closes, not s1
-            assert p.connections.open_count() == 1
-            await wait_until(
-                lambda: peers_of(cluster.servers["s2"]) == {}, timeout=10, what="s2's close"
-            )
-            assert peers_of(cluster.servers["s1"]) == {"dem": 1}
-    finally:
-        await p.close()
+    p = cluster.puller(max_cached=1)
+    async with p.connections.use(cluster.peer("s1")):  # a pull from s1 runs meanwhile
+        await p.pull(cluster.assignment("s2", 1))  # over the bound: s2 closes, not s1
+        assert p.connections.open_count() == 1
+        s2 = cluster.servers["s2"]
+        await wait_until(lambda: peers_of(s2) == {}, timeout=10, what="s2 to see its close")
+        assert peers_of(cluster.servers["s1"]) == {"dem": 1}
 
 
 def test_the_bound_is_at_least_one() -> None:
