@@ -88,7 +88,8 @@ to 10; the numbers below are the simulator at 100 nodes):
   its connection is open, a stranger's costs a handshake. New connections per node at
   100 nodes: homogeneous 16.7 -> 11.2, paper 14.9 -> 9.5. With the lab's measured
   costs (``bench.sim --compare``, connect 325-771 ms): paper x0.25 93.3 -> 90.9 s,
-  upload-bound 187.1 -> 183.0, bimodal 483.8 -> 477.0. Noise medians at 100 nodes (x T*
+  upload-bound 187.1 -> 183.0, bimodal 483.8 -> 477.0; in the lab, side by side,
+  upload-bound 198.4 -> 193.4 s (median node 158.0 -> 162.2 s). Noise medians at 100 nodes (x T*
   / median / p90 slowdown): paper 1.11 / 1.28 / 1.46 -> 1.08 / 1.28 / 1.43,
   random-pareto 1.24 / 1.94 / 2.12 -> 1.20 / 1.95 / 2.18, random-asymmetric's median
   1.95 -> 1.91, ci 1.20 -> 1.21, upload-bound 1.18 -> 1.20, drawn-1 and drawn-2 level;
