@@ -101,8 +101,7 @@ class SeederConnections:
         When it ends, connections beyond ``max_cached`` are closed, least recently
         used first, none with a pull running.
         """
-        conn = await self.connection(seeder)  # (checks the pinned key first)
-        key = self._key(seeder)
+        key, conn = await self._open(seeder)
         self._in_use[key] = self._in_use.get(key, 0) + 1
         self._trim()  # a new connection may have passed the bound
         try:
@@ -116,7 +115,7 @@ class SeederConnections:
             self._trim()
 
     def open_count(self) -> int:
-        """Connections kept open now (tests, status)."""
+        """Connections kept open now (the tests read it)."""
         return sum(1 for k in self._conns if not self._clients[k].closed)
 
     def _trim(self) -> None:
@@ -135,29 +134,27 @@ class SeederConnections:
             excess -= 1
             self.log.info("seeder_connection_closed", seeder=key[0], why="least recently used")
 
-    @staticmethod
-    def _key(seeder: PeerInfo) -> _ConnKey:
-        """The connection's key: node, pinned host key, address, port (KeyFormatError if bad)."""
-        pinned = parse_public_line(seeder.host_key)
-        return (seeder.node_id, key_blob(pinned), seeder.address, seeder.ssh_port)
-
     async def connection(self, seeder: PeerInfo) -> asyncssh.SSHClientConnection:
         """The cached SSH connection to ``seeder`` (opened and authenticated if needed).
 
-        Called through :meth:`use` by a pull; marks it the most recently used.
+        A pull takes it through :meth:`use`, which keeps it open while the pull runs.
         """
+        return (await self._open(seeder))[1]
+
+    async def _open(self, seeder: PeerInfo) -> tuple[_ConnKey, asyncssh.SSHClientConnection]:
+        """:meth:`connection`, with its cache key; it becomes the most recently used."""
         where = f"seeder {seeder.node_id} at {seeder.address}:{seeder.ssh_port}"
         try:
             pinned = parse_public_line(seeder.host_key)
         except KeyFormatError as e:
             raise PullError("security", f"{where}: trust list host key unusable: {e}") from None
-        key = self._key(seeder)
+        key: _ConnKey = (seeder.node_id, key_blob(pinned), seeder.address, seeder.ssh_port)
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
             conn = self._conns.get(key)
             if conn is not None and not self._clients[key].closed:
                 self._conns[key] = self._conns.pop(key)  # the most recently used now
-                return conn
+                return key, conn
             self._conns.pop(key, None)
             client = _Client()
             try:
@@ -198,7 +195,7 @@ class SeederConnections:
                 address=f"{seeder.address}:{seeder.ssh_port}",
                 cipher=conn.get_extra_info("send_cipher"),
             )
-            return conn
+            return key, conn
 
     async def _dial(
         self, seeder: PeerInfo, pinned: asyncssh.SSHKey, client: _Client

@@ -217,8 +217,8 @@ class ChunkServer:
         """Client keys refused since start (past the records kept)."""
         return self.trust.refused_count
 
-    def _evict_idle(self, newcomer: _PeerConnection) -> bool:
-        """Close the peer connection idle longest to admit ``newcomer``; False if none is idle.
+    def _evict_idle(self, newcomer: _PeerConnection) -> None:
+        """Close the peer connection idle longest to admit ``newcomer`` (if any is idle).
 
         Idle: admitted, no chunk channel open. Its demander reconnects when it
         pulls from here again (a handshake); a connection with a pull running is
@@ -230,7 +230,7 @@ class ChunkServer:
             if pc is not newcomer and pc.counted == "peer" and pc.channels == 0
         ]
         if not idle:
-            return False
+            return
         victim = min(idle, key=lambda pc: pc.idle_since)
         self.gate.closed(victim.peer, was_pending=False)
         victim.counted = ""  # counted out here: its close must not count it again
@@ -243,7 +243,6 @@ class ChunkServer:
             admitted=newcomer.peer,
         )
         victim.disconnect()
-        return True
 
     def _drop_untrusted(self, trusted: Mapping[bytes, str]) -> None:
         """After a trust list update: close the connections whose peer it no longer trusts."""
