@@ -71,6 +71,15 @@ class SuiteRun:
     measures: Measures
     failed: int
     wall_seconds: float
+    #: seconds of coordinator CPU the done reports took (bench/sim/overheads.py
+    #: ``coordinator_s`` each): near the completion time, the one coordinator bound the job
+    coordinator_busy_s: float = 0.0
+
+    @property
+    def coordinator_share(self) -> float | None:
+        """The coordinator's busy seconds over the completion time (None: never completed)."""
+        done = self.measures.completion
+        return self.coordinator_busy_s / done if done else None
 
     @property
     def key(self) -> str:
@@ -89,6 +98,8 @@ class SuiteRun:
             "goals": self.measures.goals(),
             "failed": self.failed,
             "wall_seconds": self.wall_seconds,
+            "coordinator_busy_s": self.coordinator_busy_s,
+            "coordinator_share": self.coordinator_share,
         }
 
 
@@ -203,6 +214,7 @@ def _simulate(task: _SuiteTask) -> SuiteRun:
         ),
         failed=len(result.failed),
         wall_seconds=result.wall_seconds,
+        coordinator_busy_s=result.coordinator_busy_s,
     )
 
 
@@ -210,10 +222,14 @@ def _f(x: float | None, fmt: str) -> str:
     return format(x, fmt) if x is not None else "--"
 
 
+def _percent(share: float | None) -> float | None:
+    return None if share is None else 100 * share
+
+
 def table_header() -> str:
     return (
         f"{'shape':<20} {'nodes':>6} {'T*':>8} {'completion':>10} {'x T*':>6} "
-        f"{'slow med':>8} {'slow p90':>8} {'origin/S':>8} {'wall':>7} "
+        f"{'slow med':>8} {'slow p90':>8} {'origin/S':>8} {'coord':>5} {'wall':>7} "
         f"{'<=1.25':>6} {'med<=2':>6} {'p90<=3':>6}"
     )
 
@@ -228,7 +244,8 @@ def table_row(r: SuiteRun) -> str:
         f"{r.shape:<20} {r.nodes:>6} {m.t_star:>7.1f}s {_f(m.completion, '9.1f'):>9}s "
         f"{_f(m.ratio, '.2f'):>6} {_f(m.slowdown_median, '.2f'):>8} "
         f"{_f(m.slowdown_p90, '.2f'):>8} {_f(m.origin_copies, '.1f'):>8} "
-        f"{r.wall_seconds:>6.2f}s {ok('ratio'):>6} {ok('median'):>6} {ok('p90'):>6}"
+        f"{_f(_percent(r.coordinator_share), '4.0f'):>4}% {r.wall_seconds:>6.2f}s "
+        f"{ok('ratio'):>6} {ok('median'):>6} {ok('p90'):>6}"
     )
 
 

@@ -59,6 +59,19 @@ def test_runs_in_worker_processes_are_the_runs_one_after_the_other() -> None:
     assert [r.shape for r in together] == ["ci", "ci", "straggler", "straggler"]
 
 
+def test_a_run_says_how_much_of_the_job_the_coordinator_was_busy() -> None:
+    """Busy seconds are the done reports times their charge; the share is over completion."""
+    (ci,) = run_suite([load_profile(PROFILES / "ci.toml")], [12])
+    assert ci.coordinator_busy_s > 0
+    assert ci.measures.completion is not None
+    assert ci.coordinator_share == pytest.approx(ci.coordinator_busy_s / ci.measures.completion)
+    row = ci.as_dict()
+    assert row["coordinator_busy_s"] == ci.coordinator_busy_s
+    assert row["coordinator_share"] == ci.coordinator_share
+    never = SuiteRun("x", 1, "p", 1, 1, "b", Measures(1.0, None, None, None, None, 0, 0.0), 1, 0)
+    assert never.coordinator_share is None
+
+
 # -- check() on made-up runs -----------------------------------------------------------
 def run(shape: str, ratio: float | None, p90: float | None, nodes: int = 100) -> SuiteRun:
     m = Measures(20.0, None if ratio is None else 20 * ratio, ratio, 1.5, p90, 10, 1.0)
@@ -167,8 +180,8 @@ def test_the_suite_prints_one_table_and_writes_json(
     assert main(["--nodes", "10,20", "--only", "bimodal,ci", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     header = next(line for line in printed.splitlines() if line.startswith("shape"))
-    for col in ("nodes", "T*", "completion", "x T*", "slow med", "slow p90", "origin/S", "wall",
-                "<=1.25", "med<=2", "p90<=3"):  # fmt: skip
+    for col in ("nodes", "T*", "completion", "x T*", "slow med", "slow p90", "origin/S",
+                "coord", "wall", "<=1.25", "med<=2", "p90<=3"):  # fmt: skip
         assert col in header
     doc = json.loads(out.read_text())
     assert doc["policy"] == DEFAULT_POLICY and doc["nodes"] == [10, 20]
