@@ -105,7 +105,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1) + "\n")
     print(table(doc))
-    print(f"\n{result.transfers} transfers, {result.events} events; wrote {out}")
+    print(
+        f"\n{result.transfers} transfers, {result.events} events; the coordinator busy "
+        f"{result.coordinator_busy_s:.1f} s on done reports; wrote {out}"
+    )
     if faults:
         print(fault_summary(faults, result))
     if lab is not None:

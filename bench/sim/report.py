@@ -84,6 +84,7 @@ def to_json(
                     "events": result.events,
                     "transfers": result.transfers,
                     "new_connections": result.new_connections,
+                    "coordinator_busy_s": result.coordinator_busy_s,
                     "overheads": overheads.as_dict(),
                     "chunk_size": profile.chunk_size,
                     **_fault_notes(result),

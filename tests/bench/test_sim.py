@@ -447,6 +447,23 @@ def test_cli_takes_any_profile_file_its_layers_or_given_layers(tmp_path: Path) -
     assert main(["--profile", "bimodal", "--policy", "nope", "--out", str(out)]) == 2
 
 
+def test_cli_says_how_long_the_coordinator_was_busy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each done report costs ``--coordinator-ms``; an ideal coordinator (0) costs nothing."""
+    out = tmp_path / "sim.json"
+    busy = {}
+    for ms in ("0", "2"):
+        args = ["--profile", "ci", "--nodes", "6", "--coordinator-ms", ms, "--out", str(out)]
+        assert main(args) == 0
+        (system,) = json.loads(out.read_text())["systems"].values()
+        busy[ms] = system["notes"]["coordinator_busy_s"]
+        assert f"the coordinator busy {busy[ms]:.1f} s on done reports" in capsys.readouterr().out
+    assert busy["0"] == 0
+    # at least one done report per demander and layer (ci: 3 layers)
+    assert busy["2"] >= 6 * 3 * 0.002
+
+
 @pytest.mark.skipif(not BUSYBOX.is_file(), reason=f"{BUSYBOX} missing (busybox-static)")
 def test_the_demo_image_layers_are_measured() -> None:
     from bench.sim.image import demo_layers
