@@ -5,5 +5,5 @@ set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 mypy=${MYPY:-$top/.venv/bin/mypy}
 cd "$top"
-exec "$mypy" --config-file pyproject.toml -p rainbowd -p bench.lab -p bench.sim -m bench.measures \
+exec "$mypy" --config-file pyproject.toml -p rainbowd -p bench.lab -p bench.sim -m bench.measures -m bench.slowdown_floor \
     -m bench.takeover "$@"

@@ -12,6 +12,7 @@ bench/sim/drawn.py) is scaled to each ``--nodes`` count
 policy (default: the coordinator's) and the default overheads. The image is
 the profile's ``layers``, else the lab's demo image of its ``payload_mib``.
 The table has, per run: T*, completion, x T*, median and p90 slowdown, the
+least median / p90 slowdown any schedule could give (bench/slowdown_floor.py), the
 origin's bytes over the image's (bench/measures.py), the simulator's wall
 seconds, and issue 13's goals as pass/fail columns (x T* <= 1.25, median
 slowdown <= 2, p90 <= 3). ``--out`` gets the same as JSON. ``--record``
@@ -45,6 +46,7 @@ from rainbowd.devcluster.profile import (
 from rainbowd.lib.log import configure as configure_logging
 
 from ..measures import GOAL_MEDIAN_SLOWDOWN, GOAL_P90_SLOWDOWN, GOAL_RATIO, Measures, measure
+from ..slowdown_floor import slowdown_floor
 from .drawn import drawn_profile
 from .engine import Simulation
 from .gate import GATE, check, make_record, read_record
@@ -74,6 +76,10 @@ class SuiteRun:
     #: seconds of coordinator CPU the done reports took (bench/sim/overheads.py
     #: ``coordinator_s`` each): near the completion time, the one coordinator bound the job
     coordinator_busy_s: float = 0.0
+    #: the least median and p90 slowdown any schedule could give this cluster
+    #: (bench/slowdown_floor.py): a goal the floor is above cannot be met
+    floor_median: float = 1.0
+    floor_p90: float = 1.0
 
     @property
     def coordinator_floor(self) -> float:
@@ -104,6 +110,8 @@ class SuiteRun:
             "wall_seconds": self.wall_seconds,
             "coordinator_busy_s": self.coordinator_busy_s,
             "coordinator_floor": self.coordinator_floor,
+            "slowdown_floor_median": self.floor_median,
+            "slowdown_floor_p90": self.floor_p90,
         }
 
 
@@ -219,6 +227,8 @@ def _simulate(task: _SuiteTask) -> SuiteRun:
         failed=len(result.failed),
         wall_seconds=result.wall_seconds,
         coordinator_busy_s=result.coordinator_busy_s,
+        floor_median=slowdown_floor(p, image_bytes, 0.5),
+        floor_p90=slowdown_floor(p, image_bytes, 0.9),
     )
 
 
@@ -229,7 +239,7 @@ def _f(x: float | None, fmt: str) -> str:
 def table_header() -> str:
     return (
         f"{'shape':<20} {'nodes':>6} {'T*':>8} {'completion':>10} {'x T*':>6} "
-        f"{'slow med':>8} {'slow p90':>8} {'origin/S':>8} {'coord':>5} {'wall':>7} "
+        f"{'slow med':>8} {'slow p90':>8} {'floor':>9} {'origin/S':>8} {'coord':>5} {'wall':>7} "
         f"{'<=1.25':>6} {'med<=2':>6} {'p90<=3':>6}"
     )
 
@@ -243,7 +253,8 @@ def table_row(r: SuiteRun) -> str:
     return (
         f"{r.shape:<20} {r.nodes:>6} {m.t_star:>7.1f}s {_f(m.completion, '9.1f'):>9}s "
         f"{_f(m.ratio, '.2f'):>6} {_f(m.slowdown_median, '.2f'):>8} "
-        f"{_f(m.slowdown_p90, '.2f'):>8} {_f(m.origin_copies, '.1f'):>8} "
+        f"{_f(m.slowdown_p90, '.2f'):>8} {f'{r.floor_median:.2f}/{r.floor_p90:.2f}':>9} "
+        f"{_f(m.origin_copies, '.1f'):>8} "
         f"{r.coordinator_floor:>5.2f} {r.wall_seconds:>6.2f}s "
         f"{ok('ratio'):>6} {ok('median'):>6} {ok('p90'):>6}"
     )
