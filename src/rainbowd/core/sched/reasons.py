@@ -67,6 +67,10 @@ FREE_UP_BPS = "free_up_bps"
 FREE_DOWN_BPS = "free_down_bps"
 #: the rate the transfer was planned at: min(free up, free down[, relay inbound])
 PLANNED_BPS = "planned_bps"
+#: with Rules.fair_share_s: the share of the seeder's upload the flow gets beside
+#: the seeder's other flows, which is what the demander books of its download (where less
+#: than the planned rate)
+SHARED_BPS = "shared_bps"
 #: relay: the planned rate of the transfer bringing the layer into the relay
 INBOUND_BPS = "inbound_bps"
 #: relay: seconds the first chunk trails a complete copy (one hop per relay on the way)
@@ -180,11 +184,21 @@ def _fastest_idle(n: Mapping[str, float], seeder: str) -> str:
     )
 
 
+def _shared(n: Mapping[str, float]) -> str:
+    """What the demander booked where the seeder's other flows share its upload (or "")."""
+    if SHARED_BPS not in n:
+        return ""
+    return (
+        f"; {_mb(n[SHARED_BPS])} MB/s of it expected beside the seeder's other flows,"
+        " booked of the download"
+    )
+
+
 def _best_fit(n: Mapping[str, float], seeder: str) -> str:
     return (
         f"best-fit seeder, {_mb(n.get(FREE_UP_BPS, 0.0))} of its "
         f"{_mb(n.get(SEEDER_BPS, 0.0))} MB/s upload free for {_mb(n.get(FREE_DOWN_BPS, 0.0))} "
-        f"MB/s of free download; planned at {_mb(n.get(PLANNED_BPS, 0.0))} MB/s"
+        f"MB/s of free download; planned at {_mb(n.get(PLANNED_BPS, 0.0))} MB/s{_shared(n)}"
     )
 
 
@@ -195,8 +209,8 @@ def _relay(n: Mapping[str, float], seeder: str) -> str:
         f"fit among the layer's holders and relays for {_mb(n.get(FREE_DOWN_BPS, 0.0))} MB/s "
         f"of free download; {_mb(n.get(FREE_UP_BPS, 0.0))} of its "
         f"{_mb(n.get(SEEDER_BPS, 0.0))} MB/s upload free; planned at "
-        f"{_mb(n.get(PLANNED_BPS, 0.0))} MB/s (no faster than its inbound), first chunk "
-        f"{n.get(LAG_S, 0.0):.1f} s behind a complete copy"
+        f"{_mb(n.get(PLANNED_BPS, 0.0))} MB/s (no faster than its inbound){_shared(n)}, first "
+        f"chunk {n.get(LAG_S, 0.0):.1f} s behind a complete copy"
     )
 
 

@@ -19,6 +19,7 @@ from .. import reasons as rs
 from ..reasons import TransferReason, Turn
 from ..waiting import credited_need
 from .demanders import DemanderIndex
+from .sharing import shared_rate
 from .state import (
     DIRECT_TRIES,
     FIT_TRIES,
@@ -299,16 +300,21 @@ class Fitter(DemanderIndex):
                 up = min(up, left - self._urgent_used.get(seeder.node_id, 0.0))
             rate = min(up, down)
             numbers[rs.FREE_UP_BPS], numbers[rs.FREE_DOWN_BPS] = up, down
-            if self.rules.relay and d.layer not in seeder.holdings:
-                rule = rs.RELAY
+            relayed = self.rules.relay and d.layer not in seeder.holdings
+            if relayed:
                 inbound = self.relay_rate(seeder, d.layer)
                 rate = min(rate, inbound)
+            booked = self._booked_down(seeder, d.layer, rate)
+            if booked < rate:
+                numbers[rs.SHARED_BPS] = booked
+            if relayed:
+                rule = rs.RELAY
                 lag = self._relay_lag(seeder.node_id, d.layer, rate)
                 numbers[rs.INBOUND_BPS], numbers[rs.LAG_S] = inbound, lag
-                plan = _Plan(rate, rate, rate, True, urgent=urgent, lag=lag)
+                plan = _Plan(rate, booked, rate, True, urgent=urgent, lag=lag)
             else:
                 rule = rs.BEST_FIT
-                plan = _Plan(rate, rate, rate, up <= down, urgent=urgent)
+                plan = _Plan(rate, booked, rate, up <= down, urgent=urgent)
             numbers[rs.PLANNED_BPS] = rate
         else:
             rule = rs.FASTEST_IDLE
@@ -318,6 +324,29 @@ class Fitter(DemanderIndex):
         return self._s.start_transfer(
             seeder, node, d, now, reason, plan_hook=lambda t: self._hold(t, plan)
         )
+
+    def _booked_down(self, seeder: Node, layer: str, rate: float) -> float:
+        """What of its download a demander books for a transfer of ``layer`` planned at ``rate``.
+
+        With ``fair_share_s``: what the flow gets of ``seeder``'s upload beside the
+        flows it sends (sharing.py; each capped at its demander's download over the
+        flows into that demander: what the other end would take at most), where the
+        transfer would run ``fair_share_s`` or longer at that share; else ``rate``
+        (rules.py, booked as shared).
+        """
+        if self.rules.fair_share_s <= 0:
+            return rate
+        sid, nodes = seeder.node_id, self._s.nodes
+        caps = []
+        for t in seeder.transfers.values():
+            if t.seeder != sid:
+                continue
+            d = nodes[t.demander]
+            caps.append(_down_speed(d) / max(1, sum(d.pulling.values())))
+        shared = shared_rate(seeder.speed_bps, caps)
+        if shared >= rate or self._size(layer) < self.rules.fair_share_s * shared:
+            return rate
+        return shared
 
     def _reserve_down(self, node: Node, layer: str) -> float:
         """How much of ``node``'s free download a new transfer of ``layer`` may reserve.

@@ -81,6 +81,22 @@ package's docstring):
       otherwise: a known one with free >= max(least, peer_share * largest free),
                  else the largest
 
+* **booked as shared** (``fair_share_s``) -- a new transfer books ``rate`` of
+  its seeder's upload, but of its demander's download only what the flow will
+  get once the seeder's upload is shared by all the flows it sends (max-min,
+  as links share: sharing.py), where at that share it would run
+  ``fair_share_s`` or longer::
+
+      cap_j  = down(demander of flow j) / flows into that demander
+      shared = L such that  sum_j min(cap_j, L) + L = seeder's speed
+      booked = min(rate, shared)  if size / shared >= fair_share_s  else rate
+
+  Booked at the whole rate, a demander whose seeder sends to many others got
+  half its booking or less and, its download full on paper, never asked a
+  second seeder; what stays free now goes to one. A short transfer keeps its
+  booking: it ends before a second seeder would add much, and the second
+  seeder's upload taken for it is diluted for others (rbd's ci profile at
+  1,000 nodes: its last nodes ended 1.5 s later).
 * **stripe** -- while a demander has more to ask for, a transfer that is
   short at full rate reserves only ``stripe`` of its download, so two run side
   by side and each covers the other's set-up and report gap
@@ -229,3 +245,8 @@ class Rules:
     #: a seeder the demander pulled from before (its connection open) is taken while it
     #: offers at least this share of the best stranger's free upload (0 = off; Fitter._fit)
     peer_share: float = 0.0
+    #: a demander books of its download only what the flow will get of its seeder's upload
+    #: beside the seeder's other flows, where the transfer would run at least this many
+    #: seconds at that share, so the rest stays free for another seeder (0 = off;
+    #: sharing.py; Fitter._booked_down)
+    fair_share_s: float = 0.0
