@@ -106,7 +106,7 @@ to 10; the numbers below are the simulator at 100 nodes):
   median / p90 slowdown), side by side: random-pareto 1.20 / 1.95 / 2.18 ->
   1.20 / 1.88 / 2.16, drawn-2 1.21 / 1.98 / 3.12 -> 1.20 / 2.04 / 3.05,
   upload-bound 1.20 / 1.86 / 2.15 -> 1.19 / 1.89 / 2.14, the 13 others within
-  0.02; geometric mean of the 16 x T* medians 1.1271 -> 1.1257. Without the 2 s
+  0.03; geometric mean of the 16 x T* medians 1.1271 -> 1.1257. Without the 2 s
   (every transfer booked as shared) seed 36 went to 1.17 x T*, but ci at 1,000
   nodes 1.53 -> 1.89 over seven runs: a short transfer ends before a second
   seeder adds much, and that seeder's upload, shared with one more flow, was
