@@ -102,7 +102,8 @@ to 10; the numbers below are the simulator at 100 nodes):
   node had one transfer at a time for 64 s from a seeder sending to ten
   demanders, got half its download, and never asked a second seeder. Held out,
   100 nodes, one run each: seed 36 1.31 / 1.23 / 1.35 -> 1.21 / 1.22 / 1.32,
-  14 -> 15 of seeds 36-55 meeting every goal. Noise medians at 100 nodes (x T* /
+  14 -> 15 of seeds 36-55 meeting every goal, 20 of 20 of seeds 16-35 either
+  way. Noise medians at 100 nodes (x T* /
   median / p90 slowdown), side by side: random-pareto 1.20 / 1.95 / 2.18 ->
   1.20 / 1.88 / 2.16, drawn-2 1.21 / 1.98 / 3.12 -> 1.20 / 2.04 / 3.05,
   upload-bound 1.20 / 1.86 / 2.15 -> 1.19 / 1.89 / 2.14, the 13 others within
