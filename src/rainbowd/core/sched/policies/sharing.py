@@ -33,18 +33,17 @@ def shared_rate(capacity: float, caps: Iterable[float]) -> float:
         L such that  sum_j min(cap_j, L) + L = capacity
 
     A flow's cap is what its other end would take at most (its demander's
-    download over the flows into it, :meth:`Fitter._shared_down`). Where every
+    download over the flows into it, :meth:`Fitter._booked_down`). Where every
     other flow is capped below an equal share, the new one gets what they leave.
     """
     if capacity <= 0:
         return 0.0
-    left, flows = capacity, 1
     ordered = sorted(caps)
-    flows += len(ordered)
+    left, flows = capacity, len(ordered) + 1
     for cap in ordered:
         level = left / flows
         if cap >= level:
             return level
-        left -= max(0.0, cap)
+        left -= cap
         flows -= 1
     return left / flows
