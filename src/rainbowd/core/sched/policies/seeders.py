@@ -23,6 +23,7 @@ class SeederIndex(PlannerState):
     """Per layer, the holders with free upload and the relays, sorted by what they offer."""
 
     def holding_added(self, node: Node, layer: str) -> None:
+        self._sums_epoch += 1
         self._fastest_holder[layer] = max(self._fastest_holder.get(layer, 0.0), node.speed_bps)
         key = self._seed_key.get(node.node_id)
         if key is not None:
@@ -30,6 +31,7 @@ class SeederIndex(PlannerState):
 
     def holding_removed(self, node: Node, layer: str) -> None:
         """``node`` deleted ``layer``: it leaves the layer's free holders (it cannot seed it)."""
+        self._sums_epoch += 1
         key = self._seed_key.get(node.node_id)
         idle = self._free.get(layer)
         if key is not None and idle:
@@ -58,7 +60,9 @@ class SeederIndex(PlannerState):
         if want == have:
             return
         for layer in node.holdings:
-            self._fastest_holder[layer] = max(self._fastest_holder.get(layer, 0.0), node.speed_bps)
+            if node.speed_bps > self._fastest_holder.get(layer, 0.0):
+                self._fastest_holder[layer] = node.speed_bps
+                self._sums_epoch += 1
             idle = self._free.setdefault(layer, [])
             if have is not None:
                 del idle[bisect_left(idle, have)]

@@ -135,6 +135,10 @@ class PlannerState:
         # seconds it needs at its full download, id): the own-bound urgent walk's
         self._own: dict[str, tuple[float, float]] = {}
         self._by_own: dict[str, list[tuple[float, str]]] = {}
+        # demander -> ((its demands then, its download then, _sums_epoch then), (bytes it
+        # wanted, its own bound s, its earliest demand)): DemanderIndex._demand_sums
+        self._sums: dict[str, tuple[tuple[int, float, int], tuple[float, float, float]]] = {}
+        self._sums_epoch = 0  # moves when a holder or a layer's size changes
         # the waiting demanders in the order they last began to wait (the starving check's
         # order), kept at once; the re-keying of the indexes above waits for the next walk
         # (demanders.py, :meth:`DemanderIndex.flush`): demanders -> their record
