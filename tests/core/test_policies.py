@@ -219,6 +219,46 @@ def test_a_fast_downloader_ranked_last_is_urgent_once_it_would_end_late_by_its_o
     assert {t.demander for t in run(0.0)} == {"p5", "p6"}
 
 
+def test_the_late_by_their_own_bound_go_fewest_seconds_lacking_first() -> None:
+    """own_shortest_first: of two late nodes, the one lacking less takes the freed upload.
+
+    Both want one 1 MB layer whose only fast holder, the origin, sends 2 MB/s, so
+    each one's own bound is 0.5 s and at 2.5 x it should end by 1.25 s. "quick"
+    downloads at 10 MB/s (lacks 0.1 s: late from 1.15 s), "steady" at 2 MB/s (lacks
+    0.5 s: late from 0.75 s). Two peers of higher rank take the origin at 0 s; at 1.2
+    s one ends and frees 1 MB/s of it (the peer's own upload is a trickle). Least
+    laxity first gives it to "steady"; shortest first to "quick", which holds it for
+    the shorter time.
+    """
+
+    def freed_to(shortest_first: bool) -> str:
+        s = make("slots", ("o", 2 * MB, (L1,)), sizes=1_000_000)
+        assert isinstance(s._pass, Planner)
+        s._pass.rules = dataclasses.replace(
+            RULES["slots"],
+            rank="min",
+            min_share=0.5,
+            urgent_share=1.0,
+            own_urgent=2.5,
+            own_shortest_first=shortest_first,
+        )
+        for p in ("p1", "p2"):
+            s.add_node(p, 0.01 * MB, download_bps=1 * MB)
+        s.add_node("quick", 0.001 * MB, download_bps=10 * MB)
+        s.add_node("steady", 0.001 * MB, download_bps=2 * MB)
+        for d in ("p1", "p2", "quick", "steady"):
+            s.demand(d, L1, "j", 0.0)
+        first = by_demander(s.schedule(0.0))
+        assert set(first) == {"p1", "p2"}  # the origin's 2 MB/s, 1 MB/s each
+        s.complete(first["p1"].transfer_id, 1.2)
+        (t,) = s.schedule(1.2)
+        assert "would end later than its own bound (0.5 s) allows" in t.reason.render()
+        return t.demander
+
+    assert freed_to(shortest_first=True) == "quick"
+    assert freed_to(shortest_first=False) == "steady"
+
+
 def test_fault_rules_hold_under_the_new_policies() -> None:
     for policy in RULES:
         s = make(policy, ("o", 10 * MB, (L1,)), ("a", 10 * MB, (L1,)), ("d", 10 * MB, ()))

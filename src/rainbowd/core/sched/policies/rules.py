@@ -66,7 +66,11 @@ package's docstring):
   times its own bound t_i* after its demand (``DemanderIndex._own_key``):
   the slack rule guards the horizon, this the node that downloads fast and
   uploads slowly, whom fastest first (rank "min") leaves last where every
-  upload is booked.
+  upload is booked. Those late are served least laxity first (their keys), or
+  with ``own_shortest_first`` fewest seconds lacking first (``Walker._late``):
+  they are past their deadlines already, and least laxity, which meets every
+  deadline that can be met, then feeds the one lacking most first, so each
+  late node gets crumbs of the freed uploads and all end together, late.
 * **known peers** (``peer_share``) -- a seeder the demander pulled from before
   is taken over a stranger where it offers nearly as much: among the holders
   whose free upload covers the demander's free download (``PEER_TRIES`` of the
@@ -245,6 +249,9 @@ class Rules:
     #: a seeder the demander pulled from before (its connection open) is taken while it
     #: offers at least this share of the best stranger's free upload (0 = off; Fitter._fit)
     peer_share: float = 0.0
+    #: with own_urgent: the demanders late by their own bound are served fewest seconds
+    #: lacking first, not least laxity first (Walker._late)
+    own_shortest_first: bool = False
     #: a demander books of its download only what the flow will get of its seeder's upload
     #: beside the seeder's other flows, where the transfer would run at least this many
     #: seconds at that share, so the rest stays free for another seeder (0 = off;
