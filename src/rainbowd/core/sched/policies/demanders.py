@@ -56,9 +56,9 @@ class DemanderIndex(SeederIndex):
         layer's fastest holder) per layer). A job's demands come one by one, a node
         wanting hundreds of pieces, and summing them all again at each was quadratic:
         a fifth of the simulator's time on drawn-2 at 1,000 nodes (py-spy, session
-        29), and the coordinator's when a job starts. So the sums
-        of the demands before ``demand`` are kept and ``demand``'s added, where they
-        are still the sums a new pass would take: the node's demands are those plus
+        29), and the coordinator's when a job starts. So the sums of the demands
+        before ``demand`` are kept and ``demand``'s added, where they are still the
+        sums a new pass would take: the node's demands are those plus
         ``demand`` (appended last: the same order, the same floats), its download is
         the same, and no holder or layer size changed since (``_sums_epoch``).
         """
