@@ -23,8 +23,7 @@ class SeederIndex(PlannerState):
     """Per layer, the holders with free upload and the relays, sorted by what they offer."""
 
     def holding_added(self, node: Node, layer: str) -> None:
-        self._sums_epoch += 1
-        self._fastest_holder[layer] = max(self._fastest_holder.get(layer, 0.0), node.speed_bps)
+        self._raise_fastest(layer, node.speed_bps)
         key = self._seed_key.get(node.node_id)
         if key is not None:
             insort(self._free.setdefault(layer, []), key)
@@ -46,6 +45,16 @@ class SeederIndex(PlannerState):
         else:
             self._fastest_holder.pop(layer, None)
 
+    def _raise_fastest(self, layer: str, speed: float) -> None:
+        """A holder of ``layer`` uploads at ``speed``: the layer's fastest holder is no slower.
+
+        A change moves ``_sums_epoch``: the demand sums kept per node
+        (DemanderIndex._demand_sums) divide by it.
+        """
+        if speed > self._fastest_holder.get(layer, 0.0):
+            self._fastest_holder[layer] = speed
+            self._sums_epoch += 1
+
     def _refresh_seeder(self, node: Node) -> None:
         nid = node.node_id
         self._prior.setdefault(nid, node.speed_bps)
@@ -60,9 +69,7 @@ class SeederIndex(PlannerState):
         if want == have:
             return
         for layer in node.holdings:
-            if node.speed_bps > self._fastest_holder.get(layer, 0.0):
-                self._fastest_holder[layer] = node.speed_bps
-                self._sums_epoch += 1
+            self._raise_fastest(layer, node.speed_bps)
             idle = self._free.setdefault(layer, [])
             if have is not None:
                 del idle[bisect_left(idle, have)]

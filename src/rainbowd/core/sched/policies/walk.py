@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import heapq
 from bisect import bisect_right
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from .. import reasons as rs
@@ -188,11 +188,14 @@ class Walker(Fitter):
         Mbit/s, ended at 17.5-18 s against an own bound of 3.3 s). Shortest first
         ends them one after another (rules.py, late by its own bound).
         """
-        late = self._merge_plain(self._by_own, (now, "\uffff"))
+        merged = self._merge_plain(self._by_own, (now, "\uffff"))
+        order: Iterable[str]
         if self.rules.own_shortest_first:
-            lacks = {nid: self._own[nid][0] - key[0] for key, nid in late}
-            late = (((0.0, nid), nid) for nid in sorted(lacks, key=lambda n: (lacks[n], n)))
-        for _, nid in late:
+            lacks = {nid: self._own[nid][0] - key[0] for key, nid in merged}
+            order = sorted(lacks, key=lambda n: (lacks[n], n))
+        else:
+            order = (nid for _, nid in merged)
+        for nid in order:
             yield nid, Turn(rs.URGENT, rs.OWN_BOUND_S, self._own[nid][1])
 
     def _upload_bound_s(self, now: float) -> float:
