@@ -180,13 +180,8 @@ class Walker(Fitter):
         Late: the key (the latest start at full download, DemanderIndex._own_key) is
         past; none where the rule is off. In key order, least laxity first, unless
         ``own_shortest_first``: then the one lacking the fewest seconds at its
-        download first (its deadline less its key). Least laxity is the order that
-        meets every deadline that can be met, but the late are past theirs already,
-        and there it serves the one lacking most first: each late node then gets
-        crumbs of the freed uploads, and they end together, all of them late (a
-        held-out drawn shape, seed 39: its ten fast downloaders, uploading under 1
-        Mbit/s, ended at 17.5-18 s against an own bound of 3.3 s). Shortest first
-        ends them one after another (rules.py, late by its own bound).
+        download first (its deadline less its key). Why not least laxity for the
+        late: rules.py, late by its own bound; measured: swarm.py.
         """
         merged = self._merge_plain(self._by_own, (now, "\uffff"))
         order: Iterable[str]
