@@ -141,7 +141,11 @@ class DemanderIndex(SeederIndex):
         return (1 + step) ** math.floor(math.log(rank, 1 + step))
 
     def _rekey(self, node: Node) -> None:
-        """Take ``node``'s keys and hope again, in the index of every layer it wants."""
+        """Take ``node``'s keys and hope again, in the index of every layer it wants.
+
+        (Its own-bound key, which is the same for every layer, goes in the one list
+        ``_by_own``: Walker._late.)
+        """
         nid = node.node_id
         want: _WaitKey | None = None
         hope: Hope | None = None
@@ -177,11 +181,8 @@ class DemanderIndex(SeederIndex):
                 del by_need[bisect_left(by_need, have[1])]
                 if not by_speed:
                     del self._by_speed[layer], self._by_need[layer]
-                if have[3] is not None:
-                    by_own = self._by_own[layer]
-                    del by_own[bisect_left(by_own, have[3])]
-                    if not by_own:
-                        del self._by_own[layer]
+            if have[3] is not None:
+                del self._by_own[bisect_left(self._by_own, have[3])]
         if want is None:
             self._wait_key.pop(nid, None)
             self._hopes.pop(nid, None)
@@ -194,8 +195,8 @@ class DemanderIndex(SeederIndex):
                     self._by_need[layer] = []
                 self._by_speed[layer].add(want[0])
                 insort(self._by_need[layer], want[1])
-                if want[3] is not None:
-                    insort(self._by_own.setdefault(layer, []), want[3])
+            if want[3] is not None:
+                insort(self._by_own, want[3])
             self._wait_key[nid] = want
 
     def _own_key(self, nid: str, need_s: float) -> tuple[float, str] | None:

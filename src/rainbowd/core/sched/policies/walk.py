@@ -178,20 +178,41 @@ class Walker(Fitter):
         """The demanders late by their own bound (``own_urgent``), in the order they are served.
 
         Late: the key (the latest start at full download, DemanderIndex._own_key) is
-        past; none where the rule is off. In key order, least laxity first, unless
-        ``own_shortest_first``: then the one lacking the fewest seconds at its
-        download first (its deadline less its key). Why not least laxity for the
-        late: rules.py, late by its own bound; measured: swarm.py.
+        past, and some layer it waits for has a holder with free upload; none where the
+        rule is off. In key order, least laxity first, unless ``own_shortest_first``:
+        then the one lacking the fewest seconds at its download first (its deadline less
+        its key). Why not least laxity for the late: rules.py, late by its own bound;
+        measured: swarm.py.
+
+        The keys stand in one list, not per layer as the other walks' do (a node's key
+        is the same in every layer it wants): the walk asks each late node whether it
+        waits for a seedable layer, instead of merging one copy of its key per piece.
+        In key order the list is walked by key, not by position, so a demander re-keyed
+        while it is served (it leaves the list or moves behind the walk) is not met twice.
         """
-        merged = self._merge_plain(self._by_own, (now, "\uffff"))
-        order: Iterable[str]
+        stop = (now, "\uffff")
         if self.rules.own_shortest_first:
-            lacks = {nid: self._own[nid][0] - key[0] for key, nid in merged}
-            order = sorted(lacks, key=lambda n: (lacks[n], n))
+            keys = self._by_own[: bisect_right(self._by_own, stop)]
+            lacks = {nid: self._own[nid][0] - key for key, nid in keys if self._waits_seedable(nid)}
+            order: Iterable[str] = sorted(lacks, key=lambda n: (lacks[n], n))
         else:
-            order = (nid for _, nid in merged)
+            order = self._late_by_key(stop)
         for nid in order:
             yield nid, Turn(rs.URGENT, rs.OWN_BOUND_S, self._own[nid][1])
+
+    def _late_by_key(self, stop: tuple[float, str]) -> Iterator[str]:
+        """The late demanders waiting for a seedable layer, by key up to ``stop`` (least laxity)."""
+        keys = self._by_own
+        i = 0
+        while i < len(keys) and keys[i] <= stop:
+            key = keys[i]
+            if self._waits_seedable(key[1]):
+                yield key[1]
+            i = bisect_right(keys, key)
+
+    def _waits_seedable(self, nid: str) -> bool:
+        """Whether waiting demander ``nid`` wants a layer some holder has free upload for."""
+        return any(self._seedable(layer) for layer in self._wait_key[nid][2])
 
     def _upload_bound_s(self, now: float) -> float:
         """Seconds the cluster's whole upload needs for every open demand (T*'s upload term).
