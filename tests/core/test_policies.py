@@ -259,6 +259,37 @@ def test_the_late_by_their_own_bound_go_fewest_seconds_lacking_first() -> None:
     assert freed_to(shortest_first=False) == "steady"
 
 
+def test_the_last_piece_is_fitted_against_the_whole_download() -> None:
+    """last_fit: the last layer a demander asks for goes to a seeder covering its download.
+
+    "d" downloads at 4 MB/s and pulls L2 from "a" at 2 MB/s, so half its download is
+    free when it comes to want L1, the last thing it lacks. Best fit against the free
+    half takes "half" (2.2 MB/s spare), which would send all of L1 at that rate after
+    L2 is in; fitted against the whole download, "whole" (5 MB/s spare) can send it at
+    d's full rate once L2 is in. The transfer is still planned at what is free now.
+    """
+
+    def seeder_of_last(last_fit: bool) -> str:
+        s = make("slots", ("a", 2 * MB, (L2,)))
+        assert isinstance(s._pass, Planner)
+        s._pass.rules = dataclasses.replace(RULES["slots"], min_share=0.5, last_fit=last_fit)
+        s.add_node("half", 2.2 * MB, (L1,))
+        s.add_node("whole", 5 * MB, (L1,))
+        s.add_node("d", 0.1 * MB, download_bps=4 * MB)
+        s.demand("d", L2, "j", 0.0)
+        (first,) = s.schedule(0.0)
+        assert first.seeder == "a" and planned(first) == pytest.approx(2 * MB)
+        s.demand("d", L1, "j", 0.1)
+        (t,) = s.schedule(0.1)
+        assert t.layer == L1 and planned(t) == pytest.approx(2 * MB)
+        said = t.reason.render()
+        assert ("the demander's whole 4.0 MB/s download (its last piece" in said) == last_fit
+        return t.seeder
+
+    assert seeder_of_last(last_fit=False) == "half"
+    assert seeder_of_last(last_fit=True) == "whole"
+
+
 def test_fault_rules_hold_under_the_new_policies() -> None:
     for policy in RULES:
         s = make(policy, ("o", 10 * MB, (L1,)), ("a", 10 * MB, (L1,)), ("d", 10 * MB, ()))

@@ -71,6 +71,9 @@ PLANNED_BPS = "planned_bps"
 #: the seeder's other flows, which is what the demander books of its download (where less
 #: than the planned rate)
 SHARED_BPS = "shared_bps"
+#: with Rules.last_fit: the demander's whole download, which the seeder of the last piece it
+#: asked for was fitted against (where more than its free download then)
+FITTED_DOWN_BPS = "fitted_down_bps"
 #: relay: the planned rate of the transfer bringing the layer into the relay
 INBOUND_BPS = "inbound_bps"
 #: relay: seconds the first chunk trails a complete copy (one hop per relay on the way)
@@ -195,10 +198,17 @@ def _shared(n: Mapping[str, float]) -> str:
 
 
 def _best_fit(n: Mapping[str, float], seeder: str) -> str:
+    if FITTED_DOWN_BPS in n:
+        target = (
+            f"the demander's whole {_mb(n[FITTED_DOWN_BPS])} MB/s download (its last piece; "
+            f"{_mb(n.get(FREE_DOWN_BPS, 0.0))} MB/s of it free now)"
+        )
+    else:
+        target = f"{_mb(n.get(FREE_DOWN_BPS, 0.0))} MB/s of free download"
     return (
         f"best-fit seeder, {_mb(n.get(FREE_UP_BPS, 0.0))} of its "
-        f"{_mb(n.get(SEEDER_BPS, 0.0))} MB/s upload free for {_mb(n.get(FREE_DOWN_BPS, 0.0))} "
-        f"MB/s of free download; planned at {_mb(n.get(PLANNED_BPS, 0.0))} MB/s{_shared(n)}"
+        f"{_mb(n.get(SEEDER_BPS, 0.0))} MB/s upload free for {target}; "
+        f"planned at {_mb(n.get(PLANNED_BPS, 0.0))} MB/s{_shared(n)}"
     )
 
 

@@ -81,6 +81,11 @@ class Fitter(DemanderIndex):
         fits = self._fits(node, room, need_s, starving, within_s)
         if len(fits) > 1 and self.rules.rarest_first and self.rules.direct_s <= 0:
             fits.sort(key=lambda f: self._scarcity(f[0]))
+        fitted = 0.0  # the whole download, where the last piece is fitted against it
+        if self.rules.last_fit and self.rules.slots and fits and _asks_last(node):
+            down = _down_speed(node)
+            if down > room:
+                room = fitted = down  # the seeder to fit (rules.py, last piece fitted whole)
         for d, least in fits:
             if urgent:
                 # within the urgent share; beyond it, an urgent one waits for the common walk
@@ -88,7 +93,9 @@ class Fitter(DemanderIndex):
             else:
                 seeder = self._fit(node, d.layer, room, least)
             if seeder is not None:
-                return self._begin(seeder, node, d, now, turn, urgent=urgent, waited=waited)
+                return self._begin(
+                    seeder, node, d, now, turn, urgent=urgent, waited=waited, fitted=fitted
+                )
         return None
 
     def _fits(
@@ -277,11 +284,13 @@ class Fitter(DemanderIndex):
         direct: bool = False,
         urgent: bool = False,
         waited: float = 0.0,
+        fitted: float = 0.0,
     ) -> Transfer:
         """Reserve the rates of ``d``'s transfer from ``seeder`` and start it, with its reason.
 
         The reason (reasons.py) is the rule that chose the seeder with the numbers it
-        weighed, and ``turn``, why ``node`` was served now.
+        weighed, and ``turn``, why ``node`` was served now. ``fitted`` (> 0): the seeder
+        was fitted against that much download, the demander's whole (``last_fit``).
         """
         numbers = {rs.SEEDER_BPS: seeder.speed_bps, turn.number: turn.value}
         if waited > 0:
@@ -300,6 +309,8 @@ class Fitter(DemanderIndex):
                 up = min(up, left - self._urgent_used.get(seeder.node_id, 0.0))
             rate = min(up, down)
             numbers[rs.FREE_UP_BPS], numbers[rs.FREE_DOWN_BPS] = up, down
+            if fitted > 0:
+                numbers[rs.FITTED_DOWN_BPS] = fitted
             relayed = self.rules.relay and d.layer not in seeder.holdings
             if relayed:
                 inbound = self.relay_rate(seeder, d.layer)
@@ -386,3 +397,15 @@ class Fitter(DemanderIndex):
             self._urgent_used[t.seeder] = self._urgent_used.get(t.seeder, 0.0) + plan.up
         self._down_used[t.demander] = self._down_used.get(t.demander, 0.0) + plan.down
         self._idle_seen.pop(t.demander, None)
+
+
+def _asks_last(node: Node) -> bool:
+    """Whether ``node`` lacks one layer (piece) not in flight: the last it will ask for.
+
+    (``Rules.last_fit``.) Counted only where the sizes allow it: every layer in flight
+    is one it demands, so more demands than pulls plus one means more to ask for.
+    """
+    if len(node.demands) > len(node.pulling) + 1:
+        return False
+    pulling = node.pulling
+    return sum(1 for lr in node.demands if lr not in pulling) == 1

@@ -101,6 +101,14 @@ package's docstring):
   booking: it ends before a second seeder would add much, and the second
   seeder's upload taken for it is diluted for others (rbd's ci profile at
   1,000 nodes: its last nodes ended 1.5 s later).
+* **last piece fitted whole** (``last_fit``) -- the last piece a demander asks for
+  (nothing else it lacks is left to ask for) is fitted, by best fit, against the
+  demander's whole download, not against what is free of it at that moment. Another
+  transfer still in flight into it (the other half of a stripe, a tiny layer) ends
+  within moments; fitted against the half left free, the node's last piece went to a
+  seeder with half its download to spare and crawled at that rate to the end, while
+  the idle uploads of the rest of the cluster could have sent it at full rate. The
+  transfer is still planned at what is free (``Fitter._begin``).
 * **stripe** -- while a demander has more to ask for, a transfer that is
   short at full rate reserves only ``stripe`` of its download, so two run side
   by side and each covers the other's set-up and report gap
@@ -257,3 +265,6 @@ class Rules:
     #: seconds at that share, so the rest stays free for another seeder (0 = off;
     #: sharing.py; Fitter._booked_down)
     fair_share_s: float = 0.0
+    #: a demander asking for the last piece it lacks takes the seeder whose free upload
+    #: covers its whole download, not only what is free of it at that moment (Fitter._serve)
+    last_fit: bool = False
