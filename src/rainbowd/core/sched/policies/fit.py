@@ -402,8 +402,8 @@ class Fitter(DemanderIndex):
 def _asks_last(node: Node) -> bool:
     """Whether ``node`` lacks one layer (piece) not in flight: the last it will ask for.
 
-    (``Rules.last_fit``.) Counted only where the sizes allow it: every layer in flight
-    is one it demands, so more demands than pulls plus one means more to ask for.
+    (``Rules.last_fit``.) Counted only where the sizes allow it: with more demands than
+    pulls plus one, at least two of its demands are not in flight.
     """
     if len(node.demands) > len(node.pulling) + 1:
         return False
