@@ -82,7 +82,10 @@ class Fitter(DemanderIndex):
         if len(fits) > 1 and self.rules.rarest_first and self.rules.direct_s <= 0:
             fits.sort(key=lambda f: self._scarcity(f[0]))
         fitted = 0.0  # the whole download, where the last piece is fitted against it
-        if self.rules.last_fit and self.rules.slots and fits and _asks_last(node):
+        # its key holds the layers it waits for, not in flight (re-taken at each change in a
+        # walk): one left is the last it asks for
+        last = self.rules.last_fit and self.rules.slots and bool(fits)
+        if last and len(self._wait_key[node.node_id][2]) == 1:
             down = _down_speed(node)
             if down > room:
                 room = fitted = down  # the seeder to fit (rules.py, last piece fitted whole)
@@ -397,15 +400,3 @@ class Fitter(DemanderIndex):
             self._urgent_used[t.seeder] = self._urgent_used.get(t.seeder, 0.0) + plan.up
         self._down_used[t.demander] = self._down_used.get(t.demander, 0.0) + plan.down
         self._idle_seen.pop(t.demander, None)
-
-
-def _asks_last(node: Node) -> bool:
-    """Whether ``node`` lacks one layer (piece) not in flight: the last it will ask for.
-
-    (``Rules.last_fit``.) Counted only where the sizes allow it: with more demands than
-    pulls plus one, at least two of its demands are not in flight.
-    """
-    if len(node.demands) > len(node.pulling) + 1:
-        return False
-    pulling = node.pulling
-    return sum(1 for lr in node.demands if lr not in pulling) == 1

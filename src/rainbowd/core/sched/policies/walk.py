@@ -193,8 +193,11 @@ class Walker(Fitter):
         stop = (now, "\uffff")
         if self.rules.own_shortest_first:
             keys = self._by_own[: bisect_right(self._by_own, stop)]
-            lacks = {nid: self._own[nid][0] - key for key, nid in keys if self._waits_seedable(nid)}
-            order: Iterable[str] = sorted(lacks, key=lambda n: (lacks[n], n))
+            # seconds lacking: its deadline less its key (one key per node: no duplicates)
+            lacking = sorted(
+                (self._own[nid][0] - key, nid) for key, nid in keys if self._waits_seedable(nid)
+            )
+            order: Iterable[str] = [nid for _, nid in lacking]
         else:
             order = self._late_by_key(stop)
         for nid in order:
