@@ -229,8 +229,9 @@ class Rules:
     rank_step: float = 0.0
     #: the slack rule's cut is at least this share of the seconds the cluster's whole upload
     #: needs for every open demand (0 = off): where the upload binds, nobody is urgent in the
-    #: first seconds, and near the end the nodes lacking most go first before their own
-    #: download becomes the bound (Planner._upload_bound_s)
+    #: first seconds, and later the nodes lacking most go first before their own download
+    #: becomes the bound (Planner._upload_bound_s). Only while the slack rule's horizon is
+    #: ahead: once it has passed nobody is urgent by slack (Walker._order says why)
     upload_urgent: float = 0.0
     #: most share of a demander's download one transfer reserves while the demander has more
     #: to ask for and the transfer would take under ``stripe_s`` at full rate (1 = no cap):

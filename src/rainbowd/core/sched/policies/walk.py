@@ -152,6 +152,10 @@ class Walker(Fitter):
         position) keeps the walk right while demanders leave the indexes.
         """
         margin = self.rules.slack_margin
+        # The slack walk, upload_urgent's cut with it, ends with the horizon, which passes
+        # early where the upload binds (upload-bound: at ~100 s of ~180). Kept on after it,
+        # the median went over its goal (upload-bound at 100 nodes 1.19 / 1.89 / 2.13 ->
+        # 1.19 / 2.00 / 2.08 x T* / median / p90; bench/RESULTS.md, session 32).
         if margin is not None and self._horizon > now:
             # urgent: need * (1 + margin) >= horizon - now, i.e. -need <= -(horizon - now)/(1+m)
             guard = margin if self.rules.urgent_guard is None else self.rules.urgent_guard
