@@ -84,8 +84,8 @@ class Fitter(DemanderIndex):
         fitted = 0.0  # the whole download, where the last piece is fitted against it
         # its key holds the layers it waits for, not in flight (re-taken at each change in a
         # walk): one left is the last it asks for
-        last = self.rules.last_fit and self.rules.slots and bool(fits)
-        if last and len(self._wait_key[node.node_id][2]) == 1:
+        rules = self.rules
+        if rules.last_fit and rules.slots and fits and len(self._wait_key[node.node_id][2]) == 1:
             down = _down_speed(node)
             if down > room:
                 room = fitted = down  # the seeder to fit (rules.py, last piece fitted whole)
