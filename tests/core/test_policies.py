@@ -290,6 +290,45 @@ def test_the_last_piece_is_fitted_against_the_whole_download() -> None:
     assert seeder_of_last(last_fit=True) == "whole"
 
 
+def test_a_demander_behind_the_horizon_takes_a_quarter_of_its_download() -> None:
+    """late_room_share: behind the slack rule's horizon, room is a quarter of the download.
+
+    "d" downloads at 4 MB/s and wants L1 and L2 (10 MB each): 5 s at its full rate, so
+    alone it sets the horizon at 6 s (slack margin 0.2), and at 1 s it is behind it
+    (5 s x 1.05 > 6 - 1). The most free upload of L1 is "a"'s 2.5 MB/s, which leaves
+    1.5 MB/s of d's download free: under min_share's half, so without the rule d takes
+    nothing more until that ends. Behind the horizon a quarter is room enough and "b"
+    sends L2 beside it. With "far" (0.2 MB/s, 60 s of need) the horizon is far off: d
+    has slack, and half is the room again.
+    """
+
+    def seeders_of_d(late_room: float, far: bool) -> list[str]:
+        s = make("slots", ("a", 2.5 * MB, (L1,)), ("b", 1.5 * MB, (L2,)))
+        assert isinstance(s._pass, Planner)
+        s._pass.rules = dataclasses.replace(
+            RULES["slots"],
+            min_share=0.5,
+            slack_margin=0.2,
+            urgent_guard=0.05,
+            late_room_share=late_room,
+        )
+        s.add_node("d", 0.1 * MB, download_bps=4 * MB)
+        if far:
+            s.add_node("far", 0.1 * MB, download_bps=0.2 * MB)
+            s.demand("far", L3, "j", 0.0)  # nobody holds L3: it only sets the horizon
+        s.demand("d", L1, "j", 0.0)
+        s.demand("d", L2, "j", 0.0)
+        ts = [t for t in s.schedule(1.0) if t.demander == "d"]
+        for t in ts:  # the reason says when the room was the late one
+            said = t.reason.render()
+            assert ("behind the horizon, so 25% of its download free" in said) == (t.seeder == "b")
+        return sorted(t.seeder for t in ts)
+
+    assert seeders_of_d(0.25, far=False) == ["a", "b"]
+    assert seeders_of_d(0.0, far=False) == ["a"]
+    assert seeders_of_d(0.25, far=True) == ["a"]
+
+
 def test_fault_rules_hold_under_the_new_policies() -> None:
     for policy in RULES:
         s = make(policy, ("o", 10 * MB, (L1,)), ("a", 10 * MB, (L1,)), ("d", 10 * MB, ()))

@@ -94,6 +94,10 @@ PATIENCE_S = "patience_s"
 #: them (Rules.wait_credit: its need counted as at least its wait)
 WAITED_S = "waited_s"
 
+#: with Rules.late_room_share: the share of its download free that was room enough for
+#: this transfer, the demander being behind the slack rule's horizon (under min_share)
+LATE_ROOM_SHARE = "late_room_share"
+
 #: 1 where the seeder is one the demander pulled from before (Rules.peer_share): its
 #: connection is open, so the transfer skips the handshake
 PULLED_BEFORE = "pulled_before"
@@ -165,6 +169,11 @@ class TransferReason(msgspec.Struct, kw_only=True):
         if WAITED_S in n:
             said += f"; waited {n[WAITED_S]:.1f} s, so a seeder ending the piece within that"
             said += " will do"
+        if LATE_ROOM_SHARE in n:
+            said += (
+                f"; behind the horizon, so {n[LATE_ROOM_SHARE]:.0%} of its download free"
+                " was room enough"
+            )
         if n.get(PULLED_BEFORE):
             said += "; a seeder it pulled from before (its connection is open)"
         return said

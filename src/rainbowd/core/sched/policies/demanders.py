@@ -149,7 +149,7 @@ class DemanderIndex(SeederIndex):
         nid = node.node_id
         want: _WaitKey | None = None
         hope: Hope | None = None
-        if node.up and not node.suspect and self._room(node):
+        if nid in self._waiting:  # (_waits, decided at the change: _room may read the clock)
             # one pass for the key's need (layers not in flight) and the hope's (all it lacks)
             sizes, pulling = self._s.layer_sizes, node.pulling
             wanted: list[str] = []
@@ -248,8 +248,33 @@ class DemanderIndex(SeederIndex):
                 self._widen(nid, hope)
 
     def _room(self, node: Node) -> bool:
-        """Whether ``node`` can take one more download now."""
+        """Whether ``node`` can take one more download now.
+
+        ``min_share`` of its download free, or ``late_room_share`` of it where it is
+        behind the slack rule's horizon (:meth:`behind_horizon`). Read at each change
+        to the node (``_refresh_demander``), with the clock of that moment: the re-key
+        before the walk takes that decision as it was made (``_rekey``).
+        """
         if not self.rules.slots:
             return not self._down_used.get(node.node_id)
         share = max(self.rules.min_share, _MIN_FREE_SHARE)
-        return self.free_down(node) >= share * _down_speed(node)
+        down = _down_speed(node)
+        free = self.free_down(node)
+        if free >= share * down:
+            return True
+        late = self.rules.late_room_share
+        return late > 0 and free >= late * down and self.behind_horizon(node)
+
+    def behind_horizon(self, node: Node) -> bool:
+        """Whether ``node`` would miss the slack rule's horizon at its full download.
+
+        need * (1 + guard) >= horizon - now, its need being all it lacks (in flight
+        included) at its download: the slack walk's test (Walker._order), which keys
+        on what is not in flight yet. Never once the horizon has passed, nor without
+        the slack rule.
+        """
+        margin = self.rules.slack_margin
+        if margin is None or self._horizon <= self._clock:
+            return False
+        guard = margin if self.rules.urgent_guard is None else self.rules.urgent_guard
+        return self._need_s(node) * (1 + guard) >= self._horizon - self._clock

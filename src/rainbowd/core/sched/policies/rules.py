@@ -109,6 +109,14 @@ package's docstring):
   seeder with half its download to spare and crawled at that rate to the end, while
   the idle uploads of the rest of the cluster could have sent it at full rate. The
   transfer is still planned at what is free (``Fitter._begin``).
+* **room behind the horizon** (``late_room_share``) -- a demander takes another
+  transfer only while ``min_share`` of its download is free (a fast demander is not
+  handed crumbs of slow uploads). A demander behind the slack rule's horizon, the one
+  test the urgent walk uses (need x (1 + guard) >= horizon - now), takes one while
+  ``late_room_share`` of it is free. Best fit gives a demander the most free upload
+  there is when none covers its download, and with uploads below half its download
+  that one flow booked over half of it: the node crawled at that flow's rate, its
+  download half idle, to the end of the job (``DemanderIndex._room``).
 * **stripe** -- while a demander has more to ask for, a transfer that is
   short at full rate reserves only ``stripe`` of its download, so two run side
   by side and each covers the other's set-up and report gap
@@ -269,3 +277,7 @@ class Rules:
     #: a demander asking for the last piece it lacks takes the seeder whose free upload
     #: covers its whole download, not only what is free of it at that moment (Fitter._serve)
     last_fit: bool = False
+    #: with slack_margin: a demander behind the slack rule's horizon (it is urgent by slack)
+    #: has room for another transfer while this share of its download is free, not
+    #: min_share's (0 = off; DemanderIndex._room)
+    late_room_share: float = 0.0
