@@ -252,8 +252,9 @@ class DemanderIndex(SeederIndex):
 
         ``min_share`` of its download free, or ``late_room_share`` of it where it is
         behind the slack rule's horizon (:meth:`behind_horizon`). Read at each change
-        to the node (``_refresh_demander``), with the clock of that moment: the re-key
-        before the walk takes that decision as it was made (``_rekey``).
+        to the node (``_refresh_demander``), with the scheduler's clock then (its last
+        walk or demand: a clock a little behind finds a node behind a little later):
+        the re-key before the walk takes that decision as it was made (``_rekey``).
         """
         if not self.rules.slots:
             return not self._down_used.get(node.node_id)
