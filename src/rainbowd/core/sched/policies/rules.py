@@ -111,8 +111,8 @@ package's docstring):
   transfer is still planned at what is free (``Fitter._begin``).
 * **room behind the horizon** (``late_room_share``) -- a demander takes another
   transfer only while ``min_share`` of its download is free (a fast demander is not
-  handed crumbs of slow uploads). A demander behind the slack rule's horizon, the one
-  test the urgent walk uses (need x (1 + guard) >= horizon - now), takes one while
+  handed crumbs of slow uploads). A demander behind the slack rule's horizon (need x
+  (1 + guard) >= horizon - now, its need all it lacks at its download) takes one while
   ``late_room_share`` of it is free. Best fit gives a demander the most free upload
   there is when none covers its download, and with uploads below half its download
   that one flow booked over half of it: the node crawled at that flow's rate, its
@@ -277,7 +277,7 @@ class Rules:
     #: a demander asking for the last piece it lacks takes the seeder whose free upload
     #: covers its whole download, not only what is free of it at that moment (Fitter._serve)
     last_fit: bool = False
-    #: with slack_margin: a demander behind the slack rule's horizon (it is urgent by slack)
-    #: has room for another transfer while this share of its download is free, not
-    #: min_share's (0 = off; DemanderIndex._room)
+    #: with slack_margin: a demander behind the slack rule's horizon has room for another
+    #: transfer while this share of its download is free, not min_share's (0 = off;
+    #: DemanderIndex._room, behind_horizon)
     late_room_share: float = 0.0
