@@ -258,13 +258,25 @@ class DemanderIndex(SeederIndex):
         """
         if not self.rules.slots:
             return not self._down_used.get(node.node_id)
-        share = max(self.rules.min_share, _MIN_FREE_SHARE)
-        down = _down_speed(node)
-        free = self.free_down(node)
-        if free >= share * down:
+        if self.min_room(node):
             return True
         late = self.rules.late_room_share
-        return late > 0 and free >= late * down and self.behind_horizon(node)
+        return (
+            late > 0
+            and self.free_down(node) >= late * _down_speed(node)
+            and self.behind_horizon(node)
+        )
+
+    def min_room(self, node: Node) -> bool:
+        """Whether ``min_share`` of ``node``'s download is free (room without the late rule)."""
+        share = max(self.rules.min_share, _MIN_FREE_SHARE)
+        return self.free_down(node) >= share * _down_speed(node)
+
+    def slack_guard(self) -> float:
+        """The slack rule's guard: ``urgent_guard``, or the slack margin where it is None."""
+        margin = self.rules.slack_margin
+        guard = self.rules.urgent_guard
+        return (margin or 0.0) if guard is None else guard
 
     def behind_horizon(self, node: Node) -> bool:
         """Whether ``node`` would miss the slack rule's horizon at its full download.
@@ -274,8 +286,6 @@ class DemanderIndex(SeederIndex):
         on what is not in flight yet. Never once the horizon has passed, nor without
         the slack rule.
         """
-        margin = self.rules.slack_margin
-        if margin is None or self._horizon <= self._clock:
+        if self.rules.slack_margin is None or self._horizon <= self._clock:
             return False
-        guard = margin if self.rules.urgent_guard is None else self.rules.urgent_guard
-        return self._need_s(node) * (1 + guard) >= self._horizon - self._clock
+        return self._need_s(node) * (1 + self.slack_guard()) >= self._horizon - self._clock

@@ -21,7 +21,6 @@ from ..waiting import credited_need
 from .demanders import DemanderIndex
 from .sharing import shared_rate
 from .state import (
-    _MIN_FREE_SHARE,
     DIRECT_TRIES,
     FIT_TRIES,
     INF,
@@ -315,10 +314,9 @@ class Fitter(DemanderIndex):
             numbers[rs.FREE_UP_BPS], numbers[rs.FREE_DOWN_BPS] = up, down
             if fitted > 0:
                 numbers[rs.FITTED_DOWN_BPS] = fitted
-            late = self.rules.late_room_share
-            share = max(self.rules.min_share, _MIN_FREE_SHARE)
-            if late > 0 and self.free_down(node) < share * _down_speed(node):
-                numbers[rs.LATE_ROOM_SHARE] = late  # room behind the horizon (DemanderIndex._room)
+            if self.rules.late_room_share > 0 and not self.min_room(node):
+                # room behind the horizon (DemanderIndex._room)
+                numbers[rs.LATE_ROOM_SHARE] = self.rules.late_room_share
             relayed = self.rules.relay and d.layer not in seeder.holdings
             if relayed:
                 inbound = self.relay_rate(seeder, d.layer)

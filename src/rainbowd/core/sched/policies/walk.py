@@ -158,8 +158,7 @@ class Walker(Fitter):
         # 1.19 / 2.00 / 2.08 x T* / median / p90; bench/RESULTS.md, session 32).
         if margin is not None and self._horizon > now:
             # urgent: need * (1 + margin) >= horizon - now, i.e. -need <= -(horizon - now)/(1+m)
-            guard = margin if self.rules.urgent_guard is None else self.rules.urgent_guard
-            cut_s = (self._horizon - now) / (1 + guard)
+            cut_s = (self._horizon - now) / (1 + self.slack_guard())
             if self.rules.upload_urgent > 0:
                 cut_s = max(cut_s, self._upload_bound_s(now) * self.rules.upload_urgent)
             cut = (-cut_s, "\uffff")
