@@ -143,8 +143,8 @@ class DemanderIndex(SeederIndex):
     def _rekey(self, node: Node) -> None:
         """Take ``node``'s keys and hope again, in the index of every layer it wants.
 
-        (Its own-bound key, which is the same for every layer, goes in the one list
-        ``_by_own``: Walker._late.)
+        (Its slack key and its own-bound key, each the same in every layer it wants, go
+        in one list each, ``_by_need`` and ``_by_own``: Walker._urgent, Walker._late.)
         """
         nid = node.node_id
         want: _WaitKey | None = None
@@ -177,10 +177,9 @@ class DemanderIndex(SeederIndex):
             for layer in have[2]:
                 by_speed = self._by_speed[layer]
                 by_speed.remove(have[0])
-                by_need = self._by_need[layer]
-                del by_need[bisect_left(by_need, have[1])]
                 if not by_speed:
-                    del self._by_speed[layer], self._by_need[layer]
+                    del self._by_speed[layer]
+            del self._by_need[bisect_left(self._by_need, have[1])]
             if have[3] is not None:
                 del self._by_own[bisect_left(self._by_own, have[3])]
         if want is None:
@@ -192,9 +191,8 @@ class DemanderIndex(SeederIndex):
             for layer in want[2]:
                 if layer not in self._by_speed:
                     self._by_speed[layer] = WaitIndex(self._hopes)
-                    self._by_need[layer] = []
                 self._by_speed[layer].add(want[0])
-                insort(self._by_need[layer], want[1])
+            insort(self._by_need, want[1])
             if want[3] is not None:
                 insort(self._by_own, want[3])
             self._wait_key[nid] = want

@@ -127,8 +127,10 @@ class PlannerState:
         # with bounds on the values below, so a walk steps over demanders no seeder could serve
         self._hopes: dict[str, Hope] = {}  # waiting demander -> what decides if it can be served
         self._by_speed: dict[str, WaitIndex[_SpeedKey]] = {}
-        # layer -> sorted (-need s, id): the urgent walk's, short (only the urgent are met)
-        self._by_need: dict[str, list[tuple[float, str]]] = {}
+        # every waiting demander's (-need s, id), sorted: the slack walk's (Walker._urgent),
+        # one list, not one per layer, for the reason _by_own below is (session 34: kept per
+        # piece, its upkeep was a tenth of the scheduler's time on drawn-2 at 1,000 nodes)
+        self._by_need: list[tuple[float, str]] = []
         self._wait_key: dict[str, _WaitKey] = {}
         # own_urgent (DemanderIndex._own_key): demander -> (the latest it should end, since
         # + own_urgent x its own bound; that bound, s); every waiting demander's sorted (that

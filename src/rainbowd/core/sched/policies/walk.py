@@ -161,9 +161,7 @@ class Walker(Fitter):
             cut_s = (self._horizon - now) / (1 + self.slack_guard())
             if self.rules.upload_urgent > 0:
                 cut_s = max(cut_s, self._upload_bound_s(now) * self.rules.upload_urgent)
-            cut = (-cut_s, "\uffff")
-            for (neg_need, _), nid in self._merge_plain(self._by_need, cut):
-                yield nid, Turn(rs.URGENT, rs.NEED_S, -neg_need)
+            yield from self._urgent((-cut_s, "\uffff"))
         yield from self._late(now)
         # demanders too fast for a layer's free uploads (min_share of their speed) are skipped
         share = max(self.rules.min_share, _MIN_FREE_SHARE) if self.rules.slots else 0.0
@@ -176,6 +174,25 @@ class Walker(Fitter):
 
         for (neg_speed, _, _), nid in self._merge(self._by_speed, start, (INF, INF, "")):
             yield nid, Turn(rs.FASTEST_FIRST, rs.DEMANDER_BPS, -neg_speed)
+
+    def _urgent(self, stop: tuple[float, str]) -> Iterator[tuple[str, Turn]]:
+        """The slack walk: the demanders with least slack first, up to ``stop``.
+
+        Those waiting for a seedable layer, by key (-need s, id) in the one list
+        ``_by_need``, walked by key, not by position, as :meth:`_late_by_key` walks its
+        list. Until session 34 the keys stood per layer and were merged over the
+        seedable layers; the same demanders come in the same order, since a layer
+        found without a free seeder cannot get one back during a walk (:meth:`_merge`),
+        so a demander met in the merge of one of its seedable layers is one that
+        waits for a seedable layer when the walk reaches its key.
+        """
+        keys = self._by_need
+        i = 0
+        while i < len(keys) and keys[i] <= stop:
+            key = keys[i]
+            if self._waits_seedable(key[1]):
+                yield key[1], Turn(rs.URGENT, rs.NEED_S, -key[0])
+            i = bisect_right(keys, key)
 
     def _late(self, now: float) -> Iterator[tuple[str, Turn]]:
         """The demanders late by their own bound (``own_urgent``), in the order they are served.
@@ -237,29 +254,6 @@ class Walker(Fitter):
             self._upload_bound = open_bytes / total if total > 0 else 0.0
             self._upload_summed_at = now
         return max(0.0, self._upload_bound - (now - self._upload_summed_at))
-
-    def _merge_plain(
-        self, index: dict[str, list[tuple[float, str]]], stop: tuple[float, str]
-    ) -> Iterator[tuple[tuple[float, str], str]]:
-        """The keys of ``index`` up to ``stop`` in order, over the layers with a free seeder.
-
-        The urgent walk's: it meets only the demanders with little slack, so it
-        asks each (``_merge`` is the speed walk's, which steps over the hopeless).
-        """
-        heap: list[tuple[tuple[float, str], str]] = []
-        for layer, keys in index.items():
-            if self._seedable(layer) and keys[0] <= stop:
-                heap.append((keys[0], layer))
-        heapq.heapify(heap)
-        while heap:
-            key, layer = heapq.heappop(heap)
-            if not self._seedable(layer):
-                continue  # its free holders are used up
-            yield key, key[-1]
-            keys = index.get(layer, [])
-            i = bisect_right(keys, key)
-            if i < len(keys) and keys[i] <= stop:
-                heapq.heappush(heap, (keys[i], layer))
 
     def _merge(
         self,
