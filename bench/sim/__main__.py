@@ -107,7 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table(doc))
     print(
         f"\n{result.transfers} transfers, {result.events} events; the coordinator busy "
-        f"{result.coordinator_busy_s:.1f} s on done reports; wrote {out}"
+        f"{result.coordinator_busy_s:.1f} s on {result.reports} done reports (the scheduler's "
+        f"own CPU here: {result.scheduler_cpu_s:.1f} s); wrote {out}"
     )
     if faults:
         print(fault_summary(faults, result))

@@ -158,11 +158,19 @@ class SimResult:
     #: seeder -> bytes it sent in transfers that completed (the origin's: bench/measures.py)
     sent_bytes: dict[str, int] = field(default_factory=dict)
     transfers: int = 0
+    #: done reports that reached the coordinator
+    reports: int = 0
     new_connections: int = 0
     #: seconds of coordinator CPU the done reports took (``Overheads.coordinator_s`` each)
     coordinator_busy_s: float = 0.0
     #: the longest a done report waited for the coordinator to be free
     report_wait_max_s: float = 0.0
+    #: CPU seconds this process spent in the job driver's ``plan`` and ``done``: the
+    #: scheduler's own cost, measured, not simulated (so it varies from run to run, like
+    #: ``wall_seconds``). The simulated coordinator is charged ``coordinator_s`` per done
+    #: report whatever this is; where this over the done reports passes that charge, the
+    #: one coordinator could not keep up with the run (bench/RESULTS.md, session 34)
+    scheduler_cpu_s: float = 0.0
     events: int = 0
     wall_seconds: float = 0.0
 
@@ -495,7 +503,10 @@ class Simulation(_FaultEvents):
 
     def _dispatch(self, now: float) -> None:
         """Ask the driver for transfers; each starts after its setup delay."""
-        for t in self.driver.plan(now):
+        cpu = time.process_time()
+        started = self.driver.plan(now)
+        self.result.scheduler_cpu_s += time.process_time() - cpu
+        for t in started:
             pair = (t.demander, t.seeder)
             new = pair not in self._connected
             if new:
@@ -612,6 +623,7 @@ class Simulation(_FaultEvents):
         report, first come first served (overheads.py): while it works off a queue, every
         report waits, and so does every assignment it would bring.
         """
+        self.result.reports += 1
         cost = self.overheads.coordinator_s
         if cost <= 0:
             self._done(tid, now)
@@ -627,7 +639,9 @@ class Simulation(_FaultEvents):
         if r is None or r.failing is not None:
             return  # a node of it is out of the run, or a fault struck it after its last byte
         # the demander's own time for the pull, as an agent's done report says it
+        cpu = time.process_time()
         t = self.driver.done(tid, now, r.size, r.pulled_at - r.assigned_at)
+        self.result.scheduler_cpu_s += time.process_time() - cpu
         self._traced(r, now, "done" if t is not None else "dropped")
         if t is None:  # the scheduler had dropped it (blip): the piece is pulled again
             self._dropped.pop(tid, None)

@@ -85,6 +85,8 @@ def to_json(
                     "transfers": result.transfers,
                     "new_connections": result.new_connections,
                     "coordinator_busy_s": result.coordinator_busy_s,
+                    "reports": result.reports,
+                    "scheduler_cpu_s": result.scheduler_cpu_s,
                     "overheads": overheads.as_dict(),
                     "chunk_size": profile.chunk_size,
                     **_fault_notes(result),

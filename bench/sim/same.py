@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-#: fields that say how long the simulator took, not what it found
-IGNORED = frozenset({"wall_seconds"})
+#: fields that say how long the simulator (and the scheduler in it) took, not what it found
+IGNORED = frozenset({"wall_seconds", "scheduler_cpu_s", "scheduler_ms_per_report"})
 
 
 def differences(before: dict[str, Any], after: dict[str, Any], tol: float = 0.0) -> list[str]:

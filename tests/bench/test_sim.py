@@ -457,11 +457,17 @@ def test_cli_says_how_long_the_coordinator_was_busy(
         args = ["--profile", "ci", "--nodes", "6", "--coordinator-ms", ms, "--out", str(out)]
         assert main(args) == 0
         (system,) = json.loads(out.read_text())["systems"].values()
-        busy[ms] = system["notes"]["coordinator_busy_s"]
-        assert f"the coordinator busy {busy[ms]:.1f} s on done reports" in capsys.readouterr().out
+        notes = system["notes"]
+        busy[ms] = notes["coordinator_busy_s"]
+        said = capsys.readouterr().out
+        assert f"the coordinator busy {busy[ms]:.1f} s on {notes['reports']} done reports" in said
+        # the scheduler's own CPU is measured, not simulated: some, and said
+        assert notes["scheduler_cpu_s"] > 0
+        assert f"the scheduler's own CPU here: {notes['scheduler_cpu_s']:.1f} s" in said
     assert busy["0"] == 0
     # at least one done report per demander and layer (ci: 3 layers)
     assert busy["2"] >= 6 * 3 * 0.002
+    assert busy["2"] == pytest.approx(notes["reports"] * 0.002)
 
 
 @pytest.mark.skipif(not BUSYBOX.is_file(), reason=f"{BUSYBOX} missing (busybox-static)")

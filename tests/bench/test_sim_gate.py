@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bench.measures import Measures
 from bench.sim.drawn import drawn_profile
 from bench.sim.gate import GATE, GateError, check, make_record, read_record
-from bench.sim.suite import SuiteRun, main, run_suite, suite_profiles
+from bench.sim.suite import SuiteRun, main, run_suite, suite_profiles, table_row
+from rainbowd.core.sched.pieces import REPORT_COST_S
 from rainbowd.core.sched.scheduler import DEFAULT_POLICY
 from rainbowd.devcluster.profile import load_profile
 
@@ -70,6 +71,21 @@ def test_a_run_says_how_long_the_coordinator_was_busy_a_floor_under_its_time() -
     row = ci.as_dict()
     assert row["coordinator_busy_s"] == ci.coordinator_busy_s
     assert row["coordinator_floor"] == ci.coordinator_floor
+
+
+def test_a_run_measures_the_schedulers_own_cpu_per_done_report() -> None:
+    """Charged per report (1.1 ms), measured apart: the two side by side in every row."""
+    (ci,) = run_suite([load_profile(PROFILES / "ci.toml")], [12])
+    assert ci.reports >= 12 * 3  # a done report per demander and layer at least
+    assert ci.coordinator_busy_s == pytest.approx(ci.reports * REPORT_COST_S)
+    assert ci.scheduler_cpu_s > 0
+    assert ci.scheduler_ms_per_report == pytest.approx(1000 * ci.scheduler_cpu_s / ci.reports)
+    row = ci.as_dict()
+    assert row["scheduler_ms_per_report"] == ci.scheduler_ms_per_report
+    assert row["reports"] == ci.reports
+    assert f"{ci.scheduler_ms_per_report:>5.2f}" in table_row(ci)
+    # no report, no ratio (a made-up run)
+    assert run("ci", 1.1, 2.0).scheduler_ms_per_report == 0.0
 
 
 # -- check() on made-up runs -----------------------------------------------------------
