@@ -48,6 +48,40 @@ def test_the_index_keeps_keys_in_order_over_many_blocks() -> None:
         index.remove((-1.0, "nobody"))
 
 
+def test_a_moved_key_is_found_as_if_removed_and_added() -> None:
+    """``move`` (a re-keyed demander) keeps the order, and ``first`` exact, near or far."""
+    rng = random.Random(3)
+    hopes: dict[str, Hope] = {}
+    index: WaitIndex[tuple[float, str]] = WaitIndex(hopes)
+    keys: list[tuple[float, str]] = []
+    for i in range(4 * BLOCK):
+        nid = f"n{i:04d}"
+        hopes[nid] = Hope(*_values(rng))
+        keys.append((rng.uniform(0, 1), nid))
+        index.add(keys[-1])
+    for step in range(8 * BLOCK):
+        old = rng.choice(keys)
+        # mostly a small step (inside its block), sometimes anywhere, past either end too
+        at = old[0] + rng.uniform(-0.01, 0.01) if step % 3 else rng.uniform(-0.2, 1.2)
+        new = (at, old[1])
+        # its values change with its key, often past every other demander's (the block's
+        # bounds must take them in, or first() would step over it)
+        down, need, room, since = _values(rng)
+        if step % 2:
+            down, need = rng.uniform(0.1, 1), rng.uniform(100, 120)
+        hopes[old[1]] = Hope(down, need, room, since)
+        index.move(old, new)
+        keys[keys.index(old)] = new
+        keys.sort()
+        assert index.keys() == keys and len(index) == len(keys)
+        admits = _filter(rng.uniform(0.1, 10), rng.uniform(0, 120), rng.uniform(0, 100))
+        low = (rng.uniform(-0.3, 1.3), "")
+        want = next((k for k in keys if k >= low and admits(*hopes[k[1]])), None)
+        assert index.first(low, False, admits) == want
+    with pytest.raises(KeyError):
+        index.move((-1.0, "nobody"), (0.5, "nobody"))
+
+
 def _values(rng: random.Random) -> tuple[float, float, float, float]:
     """A demander's values: down, need_s, room, since."""
     return rng.uniform(1, 10), rng.uniform(0, 100), rng.uniform(0, 5), rng.uniform(0, 100)

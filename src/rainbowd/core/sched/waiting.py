@@ -249,6 +249,32 @@ class WaitIndex(Generic[K]):
         elif i == 0:
             self._firsts[b] = block[0]
 
+    def move(self, old: K, new: K) -> None:
+        """:meth:`remove` ``old``, then :meth:`add` ``new``: a demander re-keyed in place.
+
+        Why: a demander is re-keyed in every layer it wants after each transfer it
+        starts (its need moves its key), hundreds of pieces of a big image; a new key
+        that still falls inside the old one's block is swapped there, one search and
+        no split (drawn-2 at 1,000 nodes: session 34). The blocks' layout is the
+        index's own business: :meth:`first` answers the same whatever it is.
+        """
+        firsts = self._firsts
+        b = bisect_right(firsts, old) - 1
+        if b < 0:
+            b = 0
+        block = self._blocks[b]
+        i = bisect_left(block, old)
+        if i == len(block) or block[i] != old:
+            raise KeyError(old)
+        if (b == 0 or firsts[b] <= new) and (b + 1 == len(firsts) or new < firsts[b + 1]):
+            del block[i]
+            insort(block, new)
+            firsts[b] = block[0]
+            _widen(self._bounds[b], self._hopes[new[-1]])
+            return
+        self.remove(old)
+        self.add(new)
+
     def widen(self, key: K, hope: Hope) -> None:
         """The demander of ``key`` now has ``hope``: its block's bounds take it in."""
         _widen(self._bounds[self._block_of(key)], hope)

@@ -173,12 +173,23 @@ class DemanderIndex(SeederIndex):
             if hope is not None and hope != self._hopes[nid]:
                 self._widen(nid, hope)
             return
+        by_speed = self._by_speed
+        # the layers it still wants keep their index entry, moved (WaitIndex.move)
+        kept = set(want[2]).intersection(have[2]) if want and have else set()
+        if want is not None:
+            assert hope is not None
+            self._hopes[nid] = hope  # (before the entries move: a block takes in the new hope)
         if have is not None:
             for layer in have[2]:
-                by_speed = self._by_speed[layer]
-                by_speed.remove(have[0])
-                if not by_speed:
-                    del self._by_speed[layer]
+                index = by_speed[layer]
+                if layer not in kept:
+                    index.remove(have[0])
+                    if not index:
+                        del by_speed[layer]
+                elif want is not None and want[0] != have[0]:
+                    index.move(have[0], want[0])
+                else:
+                    index.widen(have[0], self._hopes[nid])
             del self._by_need[bisect_left(self._by_need, have[1])]
             if have[3] is not None:
                 del self._by_own[bisect_left(self._by_own, have[3])]
@@ -186,12 +197,12 @@ class DemanderIndex(SeederIndex):
             self._wait_key.pop(nid, None)
             self._hopes.pop(nid, None)
         else:
-            assert hope is not None
-            self._hopes[nid] = hope
             for layer in want[2]:
-                if layer not in self._by_speed:
-                    self._by_speed[layer] = WaitIndex(self._hopes)
-                self._by_speed[layer].add(want[0])
+                if layer in kept:
+                    continue
+                if layer not in by_speed:
+                    by_speed[layer] = WaitIndex(self._hopes)
+                by_speed[layer].add(want[0])
             insort(self._by_need, want[1])
             if want[3] is not None:
                 insort(self._by_own, want[3])
