@@ -51,14 +51,7 @@ def test_the_index_keeps_keys_in_order_over_many_blocks() -> None:
 def test_a_moved_key_is_found_as_if_removed_and_added() -> None:
     """``move`` (a re-keyed demander) keeps the order, and ``first`` exact, near or far."""
     rng = random.Random(3)
-    hopes: dict[str, Hope] = {}
-    index: WaitIndex[tuple[float, str]] = WaitIndex(hopes)
-    keys: list[tuple[float, str]] = []
-    for i in range(4 * BLOCK):
-        nid = f"n{i:04d}"
-        hopes[nid] = Hope(*_values(rng))
-        keys.append((rng.uniform(0, 1), nid))
-        index.add(keys[-1])
+    hopes, index, keys = _filled(rng, 4 * BLOCK)
     for step in range(8 * BLOCK):
         old = rng.choice(keys)
         # mostly a small step (inside its block), sometimes anywhere, past either end too
@@ -87,6 +80,21 @@ def _values(rng: random.Random) -> tuple[float, float, float, float]:
     return rng.uniform(1, 10), rng.uniform(0, 100), rng.uniform(0, 5), rng.uniform(0, 100)
 
 
+def _filled(
+    rng: random.Random, n: int
+) -> tuple[dict[str, Hope], WaitIndex[tuple[float, str]], list[tuple[float, str]]]:
+    """An index of ``n`` demanders with random keys in [0, 1) and values; its hopes and keys."""
+    hopes: dict[str, Hope] = {}
+    index: WaitIndex[tuple[float, str]] = WaitIndex(hopes)
+    keys: list[tuple[float, str]] = []
+    for i in range(n):
+        nid = f"n{i:04d}"
+        hopes[nid] = Hope(*_values(rng))
+        keys.append((rng.uniform(0, 1), nid))
+        index.add(keys[-1])
+    return hopes, index, keys
+
+
 def _filter(lo: float, need: float, since_by: float) -> Admits:
     """A filter in the bar's shape: slow enough, needing enough, waiting since early enough."""
 
@@ -99,14 +107,7 @@ def _filter(lo: float, need: float, since_by: float) -> Admits:
 def test_first_finds_exactly_the_next_admitted_key() -> None:
     """Skipping blocks never hides an admitted demander, whatever the bounds went through."""
     rng = random.Random(2)
-    hopes: dict[str, Hope] = {}
-    index: WaitIndex[tuple[float, str]] = WaitIndex(hopes)
-    keys: list[tuple[float, str]] = []
-    for i in range(5 * BLOCK):
-        nid = f"n{i:04d}"
-        hopes[nid] = Hope(*_values(rng))
-        keys.append((rng.uniform(0, 1), nid))
-        index.add(keys[-1])
+    hopes, index, keys = _filled(rng, 5 * BLOCK)
     # some leave (bounds stay loose), some change their values in place (bounds widen)
     for key in rng.sample(keys, BLOCK):
         index.remove(key)

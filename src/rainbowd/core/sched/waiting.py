@@ -234,7 +234,8 @@ class WaitIndex(Generic[K]):
             self._bounds.insert(b + 1, self._exact(upper))
             self._bounds[b] = self._exact(block)
 
-    def remove(self, key: K) -> None:
+    def _locate(self, key: K) -> tuple[int, list[K], int]:
+        """The block ``key`` stands in, by number and itself, and its place there (KeyError)."""
         b = bisect_right(self._firsts, key) - 1
         if b < 0:
             b = 0
@@ -242,6 +243,10 @@ class WaitIndex(Generic[K]):
         i = bisect_left(block, key)
         if i == len(block) or block[i] != key:
             raise KeyError(key)
+        return b, block, i
+
+    def remove(self, key: K) -> None:
+        b, block, i = self._locate(key)
         del block[i]
         self._len -= 1
         if not block:
@@ -259,13 +264,7 @@ class WaitIndex(Generic[K]):
         index's own business: :meth:`first` answers the same whatever it is.
         """
         firsts = self._firsts
-        b = bisect_right(firsts, old) - 1
-        if b < 0:
-            b = 0
-        block = self._blocks[b]
-        i = bisect_left(block, old)
-        if i == len(block) or block[i] != old:
-            raise KeyError(old)
+        b, block, i = self._locate(old)
         if (b == 0 or firsts[b] <= new) and (b + 1 == len(firsts) or new < firsts[b + 1]):
             del block[i]
             insort(block, new)
