@@ -157,7 +157,7 @@ to 10; the numbers below are the simulator at 100 nodes):
   53 1.26 -> 1.18 (p90 3.25 -> 3.50), 45 1.37 -> 1.31 (p90 3.35 -> 3.51), 32 1.14
   -> 1.08, 44 and 55 +0.02; 53 of 60 meet every goal either way. At 1,000 nodes
   (one run): paper 1.21 -> 1.18, random-pareto's p90 3.07 -> 2.97, upload-bound
-  1.19 -> 1.22 x T*, eleven others level (many-small and drawn-2 not run). At 0.1
+  1.19 -> 1.22 x T*, twelve others level (drawn-2 not run). At 0.1
   (one run): upload-bound 1.16, drawn-2's p90 3.19. In the lab, side by side:
   upload-bound 195.8 -> 183.7 s (1.31 -> 1.23 x T*), median node 155.0 -> 159.0 s.
   The nodes that catch up take upload the median ones would have had: where a node
