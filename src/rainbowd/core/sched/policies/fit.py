@@ -134,6 +134,7 @@ class Fitter(DemanderIndex):
         share = self.rules.min_share
         by_need = self.rules.need_share and need_s > 0
         down = _down_speed(node)
+        floor = min(MIN_TRANSFER_BPS, room)
         fits: list[tuple[Demand, float]] = []
         for lr, d in node.demands.items():
             if lr in pulling:
@@ -147,10 +148,11 @@ class Fitter(DemanderIndex):
                 best = -relayed[0][0]
             else:
                 continue  # nobody with free upload seeds it (_seedable)
-            fastest = fastest_get(lr, INF)
             # best >= max(min(share_least, need_least), within_least, floor) term by term,
-            # the cheap terms first: most layers a walk asks about are turned away here
-            if best < min(MIN_TRANSFER_BPS, fastest, room):
+            # the cheap terms first: most layers a walk asks about are turned away here, by
+            # the floor min(MIN_TRANSFER_BPS, fastest, room) (its layer-free part hoisted)
+            fastest = fastest_get(lr, INF)
+            if best < floor and best < fastest:
                 continue
             if not starving and best < share * min(down, fastest):
                 if not by_need or best < (sizes.get(lr) or UNKNOWN_LAYER_BYTES) / need_s:
