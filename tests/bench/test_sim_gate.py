@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bench.measures import Measures
 from bench.sim.drawn import drawn_profile
 from bench.sim.gate import GATE, GateError, check, make_record, read_record
+from bench.sim.same import IGNORED
 from bench.sim.suite import SuiteRun, main, run_suite, suite_profiles, table_row
 from rainbowd.core.sched.pieces import REPORT_COST_S
 from rainbowd.core.sched.scheduler import DEFAULT_POLICY
@@ -156,7 +157,7 @@ def test_the_recorded_gate_covers_every_shape_of_the_suite() -> None:
 # -- determinism -----------------------------------------------------------------------
 def _numbers(path: Path) -> list[dict[str, object]]:
     return [
-        {k: v for k, v in r.items() if k != "wall_seconds"}
+        {k: v for k, v in r.items() if k not in IGNORED}  # (measured, not simulated)
         for r in json.loads(path.read_text())["runs"]
     ]
 
