@@ -79,7 +79,7 @@ class SuiteRun:
     #: CPU seconds the scheduler itself took in this run (SimResult.scheduler_cpu_s:
     #: measured, so it varies from run to run and no gate reads it)
     scheduler_cpu_s: float = 0.0
-    #: done reports the coordinator applied (its transfers that completed)
+    #: done reports that reached the coordinator (SimResult.reports)
     reports: int = 0
     #: the least median and p90 slowdown any schedule could give this cluster
     #: (bench/slowdown_floor.py): a goal the floor is above cannot be met

@@ -124,10 +124,10 @@ class Fitter(DemanderIndex):
         ``_serve``). The speed walk steps over demanders by a bound on this least rate
         (rainbowd.core.sched.waiting.Bar, from the node's Hope): a change to it must
         keep Bar.admits a bound, and tests/core/test_waiting.py compares that walk
-        with the plain one. The least rate is tested term by term, the floor first,
-        and computed whole (:meth:`_least`) only for a fit: late in drawn-2 at 1,000
-        nodes, 81 % of the scheduler's time went here, nearly all in layers turned
-        away (session 34).
+        with the plain one. The floor, min(MIN_TRANSFER_BPS, room) with the fastest
+        holder's speed, is tested first (its layer-free part taken once a call): late
+        in drawn-2 at 1,000 nodes, 81 % of the scheduler's time went here, nearly all
+        in layers under it (session 34).
         """
         free_get, relays_get, pulling = self._free.get, self._relays.get, node.pulling
         fastest_get, sizes = self._fastest_holder.get, self._s.layer_sizes
@@ -148,42 +148,22 @@ class Fitter(DemanderIndex):
                 best = -relayed[0][0]
             else:
                 continue  # nobody with free upload seeds it (_seedable)
-            # best >= max(min(share_least, need_least), within_least, floor) term by term,
-            # the cheap terms first: most layers a walk asks about are turned away here, by
-            # the floor min(MIN_TRANSFER_BPS, fastest, room) (its layer-free part hoisted)
             fastest = fastest_get(lr, INF)
             if best < floor and best < fastest:
-                continue
-            if not starving and best < share * min(down, fastest):
-                if not by_need or best < (sizes.get(lr) or UNKNOWN_LAYER_BYTES) / need_s:
-                    continue
-            if within_s > 0 and best < (sizes.get(lr) or UNKNOWN_LAYER_BYTES) / within_s:
-                continue
-            fits.append((d, self._least(down, fastest, lr, room, need_s, starving, within_s)))
+                continue  # under the floor below: most layers a walk asks about end here
+            if starving:
+                least = 0.0
+            else:
+                least = share * min(down, fastest)  # (min_share)
+                if by_need:
+                    least = min(least, (sizes.get(lr) or UNKNOWN_LAYER_BYTES) / need_s)
+            if within_s > 0:
+                least = max(least, (sizes.get(lr) or UNKNOWN_LAYER_BYTES) / within_s)
+            # never a trickle: at least MIN_TRANSFER_BPS, or all the fastest holder has
+            least = max(least, min(floor, fastest))
+            if best >= least:
+                fits.append((d, least))
         return fits
-
-    def _least(
-        self,
-        down: float,
-        fastest: float,
-        layer: str,
-        room: float,
-        need_s: float,
-        starving: bool,
-        within_s: float,
-    ) -> float:
-        """The least rate a transfer of ``layer`` may be planned at (:meth:`_fits`'s rules)."""
-        size = self._s.layer_sizes.get(layer) or UNKNOWN_LAYER_BYTES
-        if starving:
-            least = 0.0
-        else:
-            least = self.rules.min_share * min(down, fastest)  # (min_share)
-            if self.rules.need_share and need_s > 0:
-                least = min(least, size / need_s)
-        if within_s > 0:
-            least = max(least, size / within_s)
-        # never a trickle: at least MIN_TRANSFER_BPS, or all the fastest holder has
-        return max(least, min(MIN_TRANSFER_BPS, fastest, room))
 
     def _scarcity(self, d: Demand) -> tuple[bool, int]:
         """Rarest first: fewest copies first, tiny layers last (a copy of one costs a round
