@@ -329,6 +329,41 @@ def test_a_demander_behind_the_horizon_takes_a_quarter_of_its_download() -> None
     assert seeders_of_d(0.25, far=True) == ["a"]
 
 
+def test_a_demander_late_by_its_own_bound_takes_more_of_its_download() -> None:
+    """own_room_share: late by its own bound, room is a quarter of the download.
+
+    "d" downloads at 4 MB/s and wants L1 and L2 (10 MB each), which "o" uploads at 10
+    MB/s: its own bound is 5 s, so with own_urgent 2.5 it is late once it could not end
+    by 12.5 s at its full rate, from 7.5 s on. "o" is avoided (as if busy); "a" and "b"
+    upload L1 and L2 at 2.5 and 2.2 MB/s, over half of d's download each. a's transfer
+    leaves 1.5 MB/s of it free: under min_share's half, so without the rule d takes
+    nothing more. Late, a quarter is room enough and "b" sends L2 beside it; at 1 s d is
+    not late, and half is the room again.
+    """
+
+    def seeders_of_d(own_room: float, at: float) -> list[str]:
+        s = make("slots", ("o", 10 * MB, (L1, L2)), ("a", 2.5 * MB, (L1,)), ("b", 2.2 * MB, (L2,)))
+        assert isinstance(s._pass, Planner)
+        s._pass.rules = dataclasses.replace(
+            RULES["slots"], min_share=0.5, own_urgent=2.5, own_room_share=own_room
+        )
+        s.add_node("d", 0.1 * MB, download_bps=4 * MB)
+        s.avoid("d", "o", until=60.0)
+        s.demand("d", L1, "j", 0.0)
+        s.demand("d", L2, "j", 0.0)
+        ts = [t for t in s.schedule(at) if t.demander == "d"]
+        for t in ts:  # the reason says when the room was the late one
+            said = t.reason.render()
+            assert ("late by its own bound, so 25% of its download free" in said) == (
+                t.seeder == "b"
+            )
+        return sorted(t.seeder for t in ts)
+
+    assert seeders_of_d(0.25, at=8.0) == ["a", "b"]
+    assert seeders_of_d(0.0, at=8.0) == ["a"]
+    assert seeders_of_d(0.25, at=1.0) == ["a"]
+
+
 def test_fault_rules_hold_under_the_new_policies() -> None:
     for policy in RULES:
         s = make(policy, ("o", 10 * MB, (L1,)), ("a", 10 * MB, (L1,)), ("d", 10 * MB, ()))

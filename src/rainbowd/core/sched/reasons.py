@@ -97,6 +97,9 @@ WAITED_S = "waited_s"
 #: with Rules.late_room_share: the share of its download free that was room enough for
 #: this transfer, the demander being behind the slack rule's horizon (under min_share)
 LATE_ROOM_SHARE = "late_room_share"
+#: with Rules.own_room_share: the share of its download free that was room enough for
+#: this transfer, the demander being late by its own bound (under min_share)
+OWN_ROOM_SHARE = "own_room_share"
 
 #: 1 where the seeder is one the demander pulled from before (Rules.peer_share): its
 #: connection is open, so the transfer skips the handshake
@@ -172,6 +175,11 @@ class TransferReason(msgspec.Struct, kw_only=True):
         if LATE_ROOM_SHARE in n:
             said += (
                 f"; behind the horizon, so {n[LATE_ROOM_SHARE]:.0%} of its download free"
+                " was room enough"
+            )
+        if OWN_ROOM_SHARE in n:
+            said += (
+                f"; late by its own bound, so {n[OWN_ROOM_SHARE]:.0%} of its download free"
                 " was room enough"
             )
         if n.get(PULLED_BEFORE):

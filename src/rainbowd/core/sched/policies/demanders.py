@@ -13,6 +13,7 @@ import math
 from bisect import bisect_left, insort
 from typing import TYPE_CHECKING
 
+from .. import reasons as rs
 from ..waiting import Hope, WaitIndex
 from .seeders import SeederIndex
 from .state import _MIN_FREE_SHARE, INF, UNKNOWN_LAYER_BYTES, _down_speed, _WaitKey
@@ -259,22 +260,41 @@ class DemanderIndex(SeederIndex):
     def _room(self, node: Node) -> bool:
         """Whether ``node`` can take one more download now.
 
-        ``min_share`` of its download free, or ``late_room_share`` of it where it is
-        behind the slack rule's horizon (:meth:`behind_horizon`). Read at each change
-        to the node (``_refresh_demander``), with the scheduler's clock then (its last
-        walk or demand: a clock a little behind finds a node behind a little later):
-        the re-key before the walk takes that decision as it was made (``_rekey``).
+        ``min_share`` of its download free, or what :meth:`late_room` allows a node that
+        is late. Read at each change to the node (``_refresh_demander``), with the
+        scheduler's clock then (its last walk or demand: a clock a little behind finds
+        a node late a little later): the re-key before the walk takes that decision as
+        it was made (``_rekey``).
         """
         if not self.rules.slots:
             return not self._down_used.get(node.node_id)
-        if self.min_room(node):
-            return True
-        late = self.rules.late_room_share
-        return (
-            late > 0
-            and self.free_down(node) >= late * _down_speed(node)
-            and self.behind_horizon(node)
-        )
+        return self.min_room(node) or self.late_room(node) is not None
+
+    def late_room(self, node: Node) -> tuple[str, float] | None:
+        """The rule that gives ``node`` room under ``min_share`` (its reason's name), and its share.
+
+        ``late_room_share`` of its download free where it is behind the slack rule's
+        horizon (:meth:`behind_horizon`), else ``own_room_share`` of it where it is
+        late by its own bound (:meth:`late_by_own_bound`); None if neither does.
+        """
+        rules, free = self.rules, self.free_down(node)
+        down = _down_speed(node)
+        late, own = rules.late_room_share, rules.own_room_share
+        if late > 0 and free >= late * down and self.behind_horizon(node):
+            return rs.LATE_ROOM_SHARE, late
+        if own > 0 and free >= own * down and self.late_by_own_bound(node):
+            return rs.OWN_ROOM_SHARE, own
+        return None
+
+    def late_by_own_bound(self, node: Node) -> bool:
+        """Whether ``node``, at its full download from now, would end past its own deadline.
+
+        The deadline is ``own_urgent`` x its own bound after its demand (:meth:`_own_key`),
+        its need all it lacks, in flight included; as the late walk's test
+        (Walker._late), which keys on the same deadline.
+        """
+        own = self._own.get(node.node_id)
+        return own is not None and own[0] - self._need_s(node) <= self._clock
 
     def min_room(self, node: Node) -> bool:
         """Whether ``min_share`` of ``node``'s download is free (room without the late rule)."""

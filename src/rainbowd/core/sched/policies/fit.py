@@ -320,9 +320,11 @@ class Fitter(DemanderIndex):
             numbers[rs.FREE_UP_BPS], numbers[rs.FREE_DOWN_BPS] = up, down
             if fitted > 0:
                 numbers[rs.FITTED_DOWN_BPS] = fitted
-            if self.rules.late_room_share > 0 and not self.min_room(node):
-                # room behind the horizon (DemanderIndex._room)
-                numbers[rs.LATE_ROOM_SHARE] = self.rules.late_room_share
+            if not self.min_room(node):
+                # room behind the horizon, or late by its own bound (DemanderIndex._room)
+                late = self.late_room(node)
+                if late is not None:
+                    numbers[late[0]] = late[1]
             relayed = self.rules.relay and d.layer not in seeder.holdings
             if relayed:
                 inbound = self.relay_rate(seeder, d.layer)

@@ -117,6 +117,13 @@ package's docstring):
   there is when none covers its download, and with uploads below half its download
   that one flow booked over half of it: the node crawled at that flow's rate, its
   download half idle, to the end of the job (``DemanderIndex._room``).
+* **room when late by its own bound** (``own_room_share``) -- likewise, a demander
+  late by its own bound (``own_urgent``: given its whole download from now on it would
+  end later than ``own_urgent`` x its own bound) takes another transfer while
+  ``own_room_share`` of its download is free. Such a node downloads fast and uploads
+  slowly, so the uploads that hold what it lacks are mostly below half its download:
+  with half of it as room it ran one or two slow flows at a time, at about half its
+  download, past three times its own bound.
 * **stripe** -- while a demander has more to ask for, a transfer that is
   short at full rate reserves only ``stripe`` of its download, so two run side
   by side and each covers the other's set-up and report gap
@@ -281,3 +288,7 @@ class Rules:
     #: transfer while this share of its download is free, not min_share's (0 = off;
     #: DemanderIndex._room, behind_horizon)
     late_room_share: float = 0.0
+    #: with own_urgent: a demander late by its own bound has room for another transfer while
+    #: this share of its download is free, not min_share's (0 = off; DemanderIndex._room,
+    #: late_by_own_bound)
+    own_room_share: float = 0.0
