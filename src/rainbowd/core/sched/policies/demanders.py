@@ -274,27 +274,32 @@ class DemanderIndex(SeederIndex):
         """The rule that gives ``node`` room under ``min_share`` (its reason's name), and its share.
 
         ``late_room_share`` of its download free where it is behind the slack rule's
-        horizon (:meth:`behind_horizon`), else ``own_room_share`` of it where it is
-        late by its own bound (:meth:`late_by_own_bound`); None if neither does.
+        horizon (:meth:`_behind_horizon`), else ``own_room_share`` of it where it is
+        late by its own bound (:meth:`_late_by_own_bound`); None if neither does. Its
+        need (all it lacks) is summed once, and only where a share is free.
         """
-        rules, free = self.rules, self.free_down(node)
-        down = _down_speed(node)
+        rules, free, down = self.rules, self.free_down(node), _down_speed(node)
         late, own = rules.late_room_share, rules.own_room_share
-        if late > 0 and free >= late * down and self.behind_horizon(node):
+        late_free = late > 0 and free >= late * down
+        own_free = own > 0 and free >= own * down
+        if not (late_free or own_free):
+            return None
+        need_s = self._need_s(node)
+        if late_free and self._behind_horizon(need_s):
             return rs.LATE_ROOM_SHARE, late
-        if own > 0 and free >= own * down and self.late_by_own_bound(node):
+        if own_free and self._late_by_own_bound(node.node_id, need_s):
             return rs.OWN_ROOM_SHARE, own
         return None
 
-    def late_by_own_bound(self, node: Node) -> bool:
-        """Whether ``node``, at its full download from now, would end past its own deadline.
+    def _late_by_own_bound(self, nid: str, need_s: float) -> bool:
+        """Whether a demander needing ``need_s`` at its full download ends past its own deadline.
 
         The deadline is ``own_urgent`` x its own bound after its demand (:meth:`_own_key`),
-        its need all it lacks, in flight included; as the late walk's test
-        (Walker._late), which keys on the same deadline.
+        its need all it lacks, in flight included: the late walk's test (Walker._late),
+        which keys on the same deadline less the same need.
         """
-        own = self._own.get(node.node_id)
-        return own is not None and own[0] - self._need_s(node) <= self._clock
+        own = self._own.get(nid)
+        return own is not None and own[0] - need_s <= self._clock
 
     def min_room(self, node: Node) -> bool:
         """Whether ``min_share`` of ``node``'s download is free (room without the late rule)."""
@@ -307,8 +312,8 @@ class DemanderIndex(SeederIndex):
         guard = self.rules.urgent_guard
         return (margin or 0.0) if guard is None else guard
 
-    def behind_horizon(self, node: Node) -> bool:
-        """Whether ``node`` would miss the slack rule's horizon at its full download.
+    def _behind_horizon(self, need_s: float) -> bool:
+        """Whether a demander needing ``need_s`` would miss the slack rule's horizon.
 
         need * (1 + guard) >= horizon - now, its need being all it lacks (in flight
         included) at its download: the slack walk's test (Walker._order), which keys
@@ -317,4 +322,4 @@ class DemanderIndex(SeederIndex):
         """
         if self.rules.slack_margin is None or self._horizon <= self._clock:
             return False
-        return self._need_s(node) * (1 + self.slack_guard()) >= self._horizon - self._clock
+        return need_s * (1 + self.slack_guard()) >= self._horizon - self._clock

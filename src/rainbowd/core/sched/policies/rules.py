@@ -286,9 +286,9 @@ class Rules:
     last_fit: bool = False
     #: with slack_margin: a demander behind the slack rule's horizon has room for another
     #: transfer while this share of its download is free, not min_share's (0 = off;
-    #: DemanderIndex._room, behind_horizon)
+    #: DemanderIndex.late_room)
     late_room_share: float = 0.0
     #: with own_urgent: a demander late by its own bound has room for another transfer while
-    #: this share of its download is free, not min_share's (0 = off; DemanderIndex._room,
-    #: late_by_own_bound)
+    #: this share of its download is free, not min_share's (0 = off;
+    #: DemanderIndex.late_room)
     own_room_share: float = 0.0
