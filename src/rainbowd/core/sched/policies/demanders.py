@@ -294,12 +294,11 @@ class DemanderIndex(SeederIndex):
     def _late_by_own_bound(self, nid: str, need_s: float) -> bool:
         """Whether a demander needing ``need_s`` at its full download ends past its own deadline.
 
-        The deadline is ``own_urgent`` x its own bound after its demand (:meth:`_own_key`),
-        its need all it lacks, in flight included: the late walk's test (Walker._late),
-        which keys on the same deadline less the same need.
+        Its own-bound key (:meth:`_own_key`: the deadline less the need, all it lacks in
+        flight included) is past: the late walk's test (Walker._late).
         """
-        own = self._own.get(nid)
-        return own is not None and own[0] - need_s <= self._clock
+        key = self._own_key(nid, need_s)
+        return key is not None and key[0] <= self._clock
 
     def min_room(self, node: Node) -> bool:
         """Whether ``min_share`` of ``node``'s download is free (room without the late rule)."""

@@ -321,7 +321,7 @@ class Fitter(DemanderIndex):
             if fitted > 0:
                 numbers[rs.FITTED_DOWN_BPS] = fitted
             if not self.min_room(node):
-                # room behind the horizon, or late by its own bound (DemanderIndex._room)
+                # room behind the horizon, or late by its own bound (DemanderIndex.late_room)
                 late = self.late_room(node)
                 if late is not None:
                     numbers[late[0]] = late[1]
