@@ -101,6 +101,12 @@ LATE_ROOM_SHARE = "late_room_share"
 #: this transfer, the demander being late by its own bound (under min_share)
 OWN_ROOM_SHARE = "own_room_share"
 
+#: the late rooms a reason may name, each with why the demander was late (its render)
+_LATE_ROOMS = (
+    (LATE_ROOM_SHARE, "behind the horizon"),
+    (OWN_ROOM_SHARE, "late by its own bound"),
+)
+
 #: 1 where the seeder is one the demander pulled from before (Rules.peer_share): its
 #: connection is open, so the transfer skips the handshake
 PULLED_BEFORE = "pulled_before"
@@ -172,16 +178,9 @@ class TransferReason(msgspec.Struct, kw_only=True):
         if WAITED_S in n:
             said += f"; waited {n[WAITED_S]:.1f} s, so a seeder ending the piece within that"
             said += " will do"
-        if LATE_ROOM_SHARE in n:
-            said += (
-                f"; behind the horizon, so {n[LATE_ROOM_SHARE]:.0%} of its download free"
-                " was room enough"
-            )
-        if OWN_ROOM_SHARE in n:
-            said += (
-                f"; late by its own bound, so {n[OWN_ROOM_SHARE]:.0%} of its download free"
-                " was room enough"
-            )
+        for share, why in _LATE_ROOMS:
+            if share in n:
+                said += f"; {why}, so {n[share]:.0%} of its download free was room enough"
         if n.get(PULLED_BEFORE):
             said += "; a seeder it pulled from before (its connection is open)"
         return said
