@@ -12,11 +12,11 @@ One concern per file:
 * fastest.py, slots.py, relay.py, swarm.py, deadline.py -- one policy each
   (a :class:`Rules` entry and why its weights are what they are), gathered in
   :data:`RULES`;
-* state.py -> seeders.py -> demanders.py -> fit.py -> walk.py -> planner.py --
-  the :class:`Planner`, one class per concern, each built on the one before:
-  its state, the seeder and demander indexes, the fit and start of one
-  transfer, the walk over waiting demanders, and transfers ending and speeds
-  observed.
+* state.py -> seeders.py -> demanders.py -> fit.py -> merge.py -> walk.py ->
+  planner.py -- the :class:`Planner`, one class per concern, each built on the
+  one before: its state, the seeder and demander indexes, the fit and start of
+  one transfer, the merge of the per-layer indexes, the walk over waiting
+  demanders, and transfers ending and speeds observed.
 
 The planner keeps standing indexes so a :meth:`Planner.plan` call costs about
 the transfers it starts: per layer, the holders with free upload sorted by

@@ -4,7 +4,8 @@ Why: the scheduler tells its planner about every transfer's life (started,
 ended, observed, failed), and the planner gives back the reservations and, with
 ``ewma``, moves the speed estimate of the side that limited a transfer
 (rules.py, measured speeds). The rest of :class:`Planner` is in its bases:
-state.py -> seeders.py -> demanders.py -> fit.py -> walk.py, one concern each.
+state.py -> seeders.py -> demanders.py -> fit.py -> merge.py -> walk.py, one concern
+each.
 The scheduler sees it as a :class:`~rainbowd.core.sched.policy.PolicyPass`;
 the last methods here are that protocol's names for what the bases do.
 """

@@ -95,8 +95,8 @@ class _Plan:
 class PlannerState:
     """What the planner keeps between calls, and the sizes and room it reads of a node.
 
-    The base of the planner's classes (seeders.py -> demanders.py -> fit.py -> walk.py
-    -> planner.py): each adds one concern over the same state.
+    The base of the planner's classes (seeders.py -> demanders.py -> fit.py -> merge.py
+    -> walk.py -> planner.py): each adds one concern over the same state.
     """
 
     def __init__(self, rules: Rules, scheduler: SchedulerView) -> None:
