@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.sim.engine import Simulation
 from bench.sim.overheads import Overheads
-from rainbowd.core.sched.policies import RELAY_HOP_S, RULES, Planner
+from rainbowd.core.sched.policies import RELAY_HOP_S, RULES, Planner, fit
 from rainbowd.core.sched.reasons import PLANNED_BPS
 from rainbowd.core.sched.records import Transfer
 from rainbowd.core.sched.scheduler import POLICIES, Scheduler
@@ -217,6 +217,106 @@ def test_a_fast_downloader_ranked_last_is_urgent_once_it_would_end_late_by_its_o
     assert set(late) == {"fast", "p5"}
     assert "would end later than its own bound (1.0 s) allows" in late["fast"].reason.render()
     assert {t.demander for t in run(0.0)} == {"p5", "p6"}
+
+
+def _setter_run(
+    setter_guard: float | None,
+    peers: int = 6,
+    peer_up: float = 1 * MB,
+    also_slow: float = 0.0,
+) -> tuple[dict[str, Transfer], dict[str, Transfer]]:
+    """A 2 MB layer at 0.0 s to "slow" (0.25 MB/s) and ``peers`` that download at 1 MB/s.
+
+    The peers rank above "slow" and take the origin's 2 MB/s as it frees (p01 and p02 at
+    0.0 s); at 1.0 s p01's transfer ends. ``also_slow`` (> 0): one more demander, "slow2",
+    downloading at that. Returns the transfers planned at 0.0 s and at 1.0 s.
+    """
+    s = make("slots", ("o", 2 * MB, (L1,)), sizes=2_000_000)
+    assert isinstance(s._pass, Planner)
+    s._pass.rules = dataclasses.replace(
+        RULES["slots"],
+        min_share=0.5,
+        urgent_share=1.0,
+        slack_margin=0.2,
+        urgent_guard=0.05,
+        setter_guard=setter_guard,
+    )
+    names = [f"p{i:02d}" for i in range(1, peers + 1)]
+    for p in names:
+        s.add_node(p, peer_up, download_bps=1 * MB)
+    s.add_node("slow", 0.25 * MB)
+    demanders = ["slow", *names]
+    if also_slow:
+        s.add_node("slow2", also_slow)
+        demanders.append("slow2")
+    for d in demanders:
+        s.demand(d, L1, "j", 0.0)
+    first = by_demander(s.schedule(0.0))
+    s.complete(first["p01"].transfer_id, 1.0)
+    return first, by_demander(s.schedule(1.0))
+
+
+def test_the_horizons_setter_is_urgent_once_it_falls_behind_its_pace() -> None:
+    """setter_guard: the slowest node, which set the horizon, goes before higher ranks.
+
+    "slow" needs 8 s for the 2 MB, so the horizon (margin 0.2) is 9.6 s, and the slack
+    walk (guard 0.05) makes it urgent only once 8 x 1.05 >= 9.6 - now, from 1.2 s. With
+    the setter's guard at 0.1 it is urgent from 0.8 s: at 1.0 s it takes some of the
+    upload freed, and its reason says why; without the rule the freed upload goes by
+    rank. The cluster's upload (8.25 MB/s) could deliver all 14 MB before the horizon.
+    """
+    first, late = _setter_run(0.1)
+    assert set(first) == {"p01", "p02"}  # by rank: the origin's 2 MB/s at 1 MB/s each
+    assert "slow" in late
+    said = late["slow"].reason.render()
+    assert "urgent: needs 8.0 s of download, the slowest, which set the horizon" in said
+    assert "slow" not in _setter_run(None)[1]
+
+
+def test_the_horizons_setter_waits_its_turn_where_the_upload_binds() -> None:
+    """setter_guard: not where the cluster's upload could not deliver before the horizon.
+
+    Twelve peers uploading 0.02 MB/s: at 1.0 s the 24 MB still wanted over the cluster's
+    2.49 MB/s take 9.6 s, past the horizon (8.6 s ahead), so the downloads do not bind
+    and the setter is just the node that downloads slowest: the freed upload goes by
+    rank, as without the rule.
+    """
+    got = _setter_run(0.1, peers=12, peer_up=0.02 * MB)[1]
+    assert "slow" not in got and got
+    assert set(got) == set(_setter_run(None, peers=12, peer_up=0.02 * MB)[1])
+    # a little more upload (0.05 MB/s a peer: 24 MB in 8.4 s) and the downloads bind again
+    assert "slow" in _setter_run(0.1, peers=12, peer_up=0.05 * MB)[1]
+
+
+def test_the_horizons_setter_never_takes_a_pieces_first_copy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SETTER_HOLDERS: the setter takes only what two nodes hold, not the origin's only copy.
+
+    With the setter's guard at the slack margin (0.2) "slow" is urgent from 0.0 s, when
+    only the origin holds the layer: the origin's upload still goes to p01 and p02, who
+    spread it. At 1.0 s p01 holds it too, and "slow" is served. Counting the origin's
+    copy as enough, "slow" takes the origin's upload at 0.0 s.
+    """
+    first, late = _setter_run(0.2)
+    assert set(first) == {"p01", "p02"}
+    assert "slow" in late
+    monkeypatch.setattr(fit, "SETTER_HOLDERS", 1)
+    assert "slow" in _setter_run(0.2)[0]
+
+
+def test_the_horizons_setter_is_not_favoured_over_another_as_slow() -> None:
+    """setter_guard: off while another demander plans to end within the lag it allows.
+
+    "slow2" at 0.25 MB/s, as slow as "slow": both plan to end at 9.6 s, so keeping one
+    at its pace would not move the completion; at 1.0 s the freed upload goes as
+    without the rule. At 0.3 MB/s "slow2" plans to end at 8.0 s, more than the rule's
+    allowed lag ((1 + 0.2) / (1 + 0.1): 9 %) before "slow", which is kept at its pace.
+    """
+    got = _setter_run(0.1, also_slow=0.25 * MB)[1]
+    assert "slow" not in got
+    assert set(got) == set(_setter_run(None, also_slow=0.25 * MB)[1])
+    assert "slow" in _setter_run(0.1, also_slow=0.3 * MB)[1]
 
 
 def test_the_late_by_their_own_bound_go_fewest_seconds_lacking_first() -> None:

@@ -61,6 +61,10 @@ def test_each_rule_and_turn_renders_its_numbers() -> None:
         "slots: best-fit seeder, 2.5 of its 2.5 MB/s upload free for 8.0 MB/s of free "
         "download; planned at 2.5 MB/s; urgent: needs 20.0 s of download, little slack"
     )
+    setter = reason(rs.BEST_FIT, "swarm", rs.URGENT, setter_need_s=80.0, planned_bps=1e6)
+    assert setter.render().endswith(
+        "; urgent: needs 80.0 s of download, the slowest, which set the horizon: kept at its pace"
+    )
     direct = reason(
         rs.DIRECT, "deadline", rs.STARVING, seeder_bps=8e6, size_bytes=10_000.0, direct_s=0.5,
         patience_s=5.0,

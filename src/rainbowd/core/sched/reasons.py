@@ -88,6 +88,9 @@ DEMANDER_BPS = "demander_bps"
 NEED_S = "need_s"
 #: urgent by its own bound (Rules.own_urgent): the demander's own bound in seconds
 OWN_BOUND_S = "own_bound_s"
+#: urgent as the horizon's setter (Rules.setter_guard): the seconds of download it still
+#: needs, the slowest of the demanders', which set the slack rule's horizon
+SETTER_NEED_S = "setter_need_s"
 #: starving: the patience it ran out of (Rules.patience_s)
 PATIENCE_S = "patience_s"
 #: the seconds the demander had waited, where that let in a seeder ending the piece within
@@ -271,6 +274,11 @@ def _urgent(n: Mapping[str, float]) -> str:
         return (
             f"urgent: would end later than its own bound ({n[OWN_BOUND_S]:.1f} s) allows"
             " unless served now"
+        )
+    if SETTER_NEED_S in n:
+        return (
+            f"urgent: needs {n[SETTER_NEED_S]:.1f} s of download, the slowest, which set the"
+            " horizon: kept at its pace"
         )
     return f"urgent: needs {n.get(NEED_S, 0.0):.1f} s of download, little slack"
 

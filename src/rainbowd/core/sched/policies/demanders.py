@@ -45,10 +45,26 @@ class DemanderIndex(SeederIndex):
             down = _down_speed(node)
             total, bound, since = self._demand_sums(node, demand, down)
             if margin is not None:
-                self._horizon = max(self._horizon, demand.since + total / down * (1 + margin))
+                self._plan_finish(node.node_id, demand.since + total / down * (1 + margin))
             if late > 0:  # late by its own bound (Rules.own_urgent): see _own_key
                 self._own[node.node_id] = (since + late * bound, bound)
         self._refresh_demander(node)
+
+    def _plan_finish(self, nid: str, end: float) -> None:
+        """Move the horizon to ``end``, ``nid``'s planned finish, if later; keep who set it.
+
+        The horizon is the latest planned finish of a current demander (the slack
+        rule); its setter and the latest finish of any other demander are what
+        ``setter_guard`` asks (Walker._setter). A node's planned finish only grows
+        during a job (its demands are summed as they come).
+        """
+        if nid == self._horizon_setter:
+            self._horizon = max(self._horizon, end)
+        elif end > self._horizon:
+            self._horizon_second = self._horizon
+            self._horizon, self._horizon_setter = end, nid
+        else:
+            self._horizon_second = max(self._horizon_second, end)
 
     def _demand_sums(self, node: Node, demand: Demand, down: float) -> tuple[float, float, float]:
         """Bytes ``node`` wants, its own bound in seconds and its earliest demand, ``demand`` in.
@@ -108,7 +124,8 @@ class DemanderIndex(SeederIndex):
                 self._own.pop(nid, None)
                 self._sums.pop(nid, None)
             if not self._s.open_demands:
-                self._horizon = 0.0
+                self._horizon = self._horizon_second = 0.0
+                self._horizon_setter = ""
         if self.defer_refresh and not self._walking:
             self._stale[nid] = node
         else:

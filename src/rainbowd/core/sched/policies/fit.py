@@ -27,6 +27,7 @@ from .state import (
     MIN_SPEED_BPS,
     MIN_TRANSFER_BPS,
     PEER_TRIES,
+    SETTER_HOLDERS,
     UNKNOWN_LAYER_BYTES,
     _down_speed,
     _Plan,
@@ -79,6 +80,8 @@ class Fitter(DemanderIndex):
         need_s = credited_need(hope.need_s, hope.since, now, self.rules.wait_credit)
         waited = now - hope.since if need_s > hope.need_s else 0.0  # (for the reason)
         fits = self._fits(node, room, need_s, starving, within_s)
+        if turn.number == rs.SETTER_NEED_S:  # never a piece's first copy (Walker._setter)
+            fits = [f for f in fits if len(self._s.holders_of(f[0].layer)) >= SETTER_HOLDERS]
         if len(fits) > 1 and self.rules.rarest_first and self.rules.direct_s <= 0:
             fits.sort(key=lambda f: self._scarcity(f[0]))
         fitted = 0.0  # the whole download, where the last piece is fitted against it

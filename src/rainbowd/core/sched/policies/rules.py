@@ -61,6 +61,19 @@ package's docstring):
   put the horizon too near and every node looks urgent within seconds; with
   ``upload_urgent`` the cut is at least that share of the seconds the whole
   cluster's upload needs for every open demand (``Planner._upload_bound_s``).
+* **the horizon's setter** (``setter_guard``) -- the demander whose planned finish
+  set the horizon (the slowest download: where the downloads bind, T*'s node) is
+  kept at its pace: urgent once need * (1 + setter_guard) >= horizon - now, a
+  tighter guard than the slack walk's. Its download is the slowest, so every
+  second it waits is a second on the completion: under the slack walk alone it
+  fell ``margin - urgent_guard`` of its need behind before it was urgent and then
+  ended near the horizon, ~1.2 x its bound. One node costs little upload; three
+  limits keep it off the ramp the fast nodes make (``Walker._setter``): only while
+  the cluster's upload could deliver everything before the horizon, only while no
+  other demander plans to end within the lag the rule allows it, and never a
+  piece's first copy (``SETTER_HOLDERS``). Making every demander behind the cut
+  urgent at once instead (the walk's next key each time the first is full) starved
+  the fast ones (median slowdown 2.85 -> 5.34 on a drawn shape; session 37).
 * **late by its own bound** (``own_urgent``) -- a node is also urgent once,
   given its whole download from now on, it would end later than ``own_urgent``
   times its own bound t_i* after its demand (``DemanderIndex._own_key``):
@@ -226,6 +239,9 @@ class Rules:
     #: urgent only once waiting longer would miss the horizon: need * (1 + guard) >= horizon - now
     #: (None: the slack margin itself, which makes the slowest demanders urgent from the start)
     urgent_guard: float | None = None
+    #: with slack_margin: the demander that set the horizon is urgent once need * (1 + this)
+    #: >= horizon - now (Walker._setter; rules.py, the horizon's setter); None: off
+    setter_guard: float | None = None
     #: a slow seeder may feed a demander whose other open demands keep it busy longer than the
     #: transfer takes: the least rate is also at most size / (the demander's need in seconds)
     need_share: bool = False

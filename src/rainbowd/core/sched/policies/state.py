@@ -56,6 +56,13 @@ PEER_TRIES = 32
 #: the fastest free holders of a small layer the direct rule asks (its seeder must send
 #: the layer's fan-out within direct_s; if none of the fastest can, slower ones cannot)
 DIRECT_TRIES = 4
+#: the horizon's setter (Rules.setter_guard) takes only a piece this many nodes hold in
+#: full: never one whose only copy is its first seeder's (the origin's, in a job's
+#: ramp), which the fast nodes are to spread. Without it the setter, served from the
+#: start, took two of the origin's pieces at 0 s (ci: the fast nodes' median end 0.90
+#: -> 1.55 s), and a fourth of the origin's upload where the origin binds every node
+#: (random-asymmetric: median slowdown 2.01 -> 2.80; bench/RESULTS.md, session 38)
+SETTER_HOLDERS = 2
 #: starving checks per patience: a demander is found starving at most patience_s / this late
 STARVE_CHECKS_PER_PATIENCE = 2
 #: the least rate a transfer is planned at (unless the fastest holder of its layer, or the
@@ -152,6 +159,8 @@ class PlannerState:
         self._walking = False  # inside plan(): every change is re-keyed at once
         self._begun = 0  # transfers planned so far (a walk's bar is re-taken after each)
         self._horizon = 0.0  # latest planned finish of a current demander (slack rule)
+        self._horizon_setter = ""  # the demander whose planned finish set it
+        self._horizon_second = 0.0  # the latest planned finish of any other demander
         self._upload_bound = 0.0  # _upload_bound_s as last summed
         self._upload_summed_at = -INF  # when it was summed
         self._starve_check_at = 0.0  # when _starving next walks the waiting demanders

@@ -146,7 +146,10 @@ class Walker(Merger):
             cut_s = (self._horizon - now) / (1 + self.slack_guard())
             if self.rules.upload_urgent > 0:
                 cut_s = max(cut_s, self._upload_bound_s(now) * self.rules.upload_urgent)
-            yield from self._urgent((-cut_s, "\uffff"))
+            stop = (-cut_s, "\uffff")
+            if self.rules.setter_guard is not None:
+                yield from self._setter(now, stop)
+            yield from self._urgent(stop)
         yield from self._late(now)
         # demanders too fast for a layer's free uploads (min_share of their speed) are skipped
         share = max(self.rules.min_share, _MIN_FREE_SHARE) if self.rules.slots else 0.0
@@ -159,6 +162,38 @@ class Walker(Merger):
 
         for (neg_speed, _, _), nid in self._merge(self._by_speed, start, (INF, INF, "")):
             yield nid, Turn(rs.FASTEST_FIRST, rs.DEMANDER_BPS, -neg_speed)
+
+    def _setter(self, now: float, stop: tuple[float, str]) -> Iterator[tuple[str, Turn]]:
+        """The horizon's setter, kept at its pace (``setter_guard``; rules.py says why).
+
+        Urgent once need * (1 + setter_guard) >= horizon - now, its need what it
+        waits for at its download (the slack walk's key), if the cut left it out,
+        and only:
+
+        * while the cluster's upload could deliver every open demand before the
+          horizon (where the downloads bind): where the upload binds (upload-bound)
+          every download is alike, and serving one first took the origin from the
+          ramp (1.13 -> 1.72 x T*);
+        * while it is the one slowest: every other demander's planned finish is
+          earlier than its own by more than the lag the rule allows it, (1 +
+          slack_margin) / (1 + setter_guard). Where others are as slow, they end as
+          late, and favouring one cost the ramp (homogeneous 1.44 -> 1.49 x T*, a
+          drawn shape with two nodes at 6.7 Mbit/s 1.27 -> 1.36).
+
+        Only that one demander: making the walk's first key urgent instead made
+        every demander urgent in turn (bench/RESULTS.md, sessions 37 and 38).
+        """
+        guard, margin = self.rules.setter_guard, self.rules.slack_margin
+        nid = self._horizon_setter
+        key = self._wait_key.get(nid)
+        if guard is None or margin is None or key is None or key[1] <= stop:
+            return
+        if self._horizon_second * (1 + margin) > self._horizon * (1 + guard):
+            return  # not alone: another demander plans to end within its allowed lag
+        need_s = -key[1][0]
+        if need_s * (1 + guard) >= self._horizon - now >= self._upload_bound_s(now):
+            if self._waits_seedable(nid):
+                yield nid, Turn(rs.URGENT, rs.SETTER_NEED_S, need_s)
 
     def _urgent(self, stop: tuple[float, str]) -> Iterator[tuple[str, Turn]]:
         """The slack walk: the demanders with least slack first, up to ``stop``.
