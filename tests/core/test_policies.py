@@ -45,6 +45,12 @@ def planned(t: Transfer) -> float:
     return t.reason.numbers[PLANNED_BPS]
 
 
+def slots_rules(s: Scheduler, **rules: object) -> None:
+    """Run ``s`` (a ``slots`` scheduler) on the slots rules with ``rules`` changed."""
+    assert isinstance(s._pass, Planner)
+    s._pass.rules = dataclasses.replace(RULES["slots"], **rules)  # type: ignore[arg-type]
+
+
 def by_demander(ts: list[Transfer]) -> dict[str, Transfer]:
     return {t.demander: t for t in ts}
 
@@ -161,10 +167,7 @@ def test_a_demander_that_waited_takes_a_slow_seeder_that_ends_within_its_wait() 
 
     def cluster(credit: float) -> Scheduler:
         s = make("slots", ("o", 10 * MB, (L1,)), ("slow", 1 * MB, (L1,)), sizes=2_000_000)
-        assert isinstance(s._pass, Planner)
-        s._pass.rules = dataclasses.replace(
-            RULES["slots"], need_share=True, rank="min", wait_credit=credit
-        )
+        slots_rules(s, need_share=True, rank="min", wait_credit=credit)
         s.add_node("first", 10 * MB)
         s.add_node("fast", 1 * MB, download_bps=10 * MB)
         s.demand("first", L1, "j", 0.0)
@@ -196,10 +199,7 @@ def test_a_fast_downloader_ranked_last_is_urgent_once_it_would_end_late_by_its_o
 
     def run(own_urgent: float) -> list[Transfer]:
         s = make("slots", ("o", 2 * MB, (L1,)), sizes=2_000_000)
-        assert isinstance(s._pass, Planner)
-        s._pass.rules = dataclasses.replace(
-            RULES["slots"], rank="min", min_share=0.5, urgent_share=1.0, own_urgent=own_urgent
-        )
+        slots_rules(s, rank="min", min_share=0.5, urgent_share=1.0, own_urgent=own_urgent)
         peers = [f"p{i}" for i in range(1, 7)]
         for p in peers:
             s.add_node(p, 1 * MB)
@@ -232,9 +232,8 @@ def _setter_run(
     downloading at that. Returns the transfers planned at 0.0 s and at 1.0 s.
     """
     s = make("slots", ("o", 2 * MB, (L1,)), sizes=2_000_000)
-    assert isinstance(s._pass, Planner)
-    s._pass.rules = dataclasses.replace(
-        RULES["slots"],
+    slots_rules(
+        s,
         min_share=0.5,
         urgent_share=1.0,
         slack_margin=0.2,
@@ -333,9 +332,8 @@ def test_the_late_by_their_own_bound_go_fewest_seconds_lacking_first() -> None:
 
     def freed_to(shortest_first: bool) -> str:
         s = make("slots", ("o", 2 * MB, (L1,)), sizes=1_000_000)
-        assert isinstance(s._pass, Planner)
-        s._pass.rules = dataclasses.replace(
-            RULES["slots"],
+        slots_rules(
+            s,
             rank="min",
             min_share=0.5,
             urgent_share=1.0,
@@ -371,8 +369,7 @@ def test_the_last_piece_is_fitted_against_the_whole_download() -> None:
 
     def seeder_of_last(last_fit: bool) -> str:
         s = make("slots", ("a", 2 * MB, (L2,)))
-        assert isinstance(s._pass, Planner)
-        s._pass.rules = dataclasses.replace(RULES["slots"], min_share=0.5, last_fit=last_fit)
+        slots_rules(s, min_share=0.5, last_fit=last_fit)
         s.add_node("half", 2.2 * MB, (L1,))
         s.add_node("whole", 5 * MB, (L1,))
         s.add_node("d", 0.1 * MB, download_bps=4 * MB)
@@ -404,13 +401,8 @@ def test_a_demander_behind_the_horizon_takes_a_quarter_of_its_download() -> None
 
     def seeders_of_d(late_room: float, far: bool) -> list[str]:
         s = make("slots", ("a", 2.5 * MB, (L1,)), ("b", 1.5 * MB, (L2,)))
-        assert isinstance(s._pass, Planner)
-        s._pass.rules = dataclasses.replace(
-            RULES["slots"],
-            min_share=0.5,
-            slack_margin=0.2,
-            urgent_guard=0.05,
-            late_room_share=late_room,
+        slots_rules(
+            s, min_share=0.5, slack_margin=0.2, urgent_guard=0.05, late_room_share=late_room
         )
         s.add_node("d", 0.1 * MB, download_bps=4 * MB)
         if far:
@@ -443,10 +435,7 @@ def test_a_demander_late_by_its_own_bound_takes_more_of_its_download() -> None:
 
     def seeders_of_d(own_room: float, at: float) -> list[str]:
         s = make("slots", ("o", 10 * MB, (L1, L2)), ("a", 2.5 * MB, (L1,)), ("b", 2.2 * MB, (L2,)))
-        assert isinstance(s._pass, Planner)
-        s._pass.rules = dataclasses.replace(
-            RULES["slots"], min_share=0.5, own_urgent=2.5, own_room_share=own_room
-        )
+        slots_rules(s, min_share=0.5, own_urgent=2.5, own_room_share=own_room)
         s.add_node("d", 0.1 * MB, download_bps=4 * MB)
         s.avoid("d", "o", until=60.0)
         s.demand("d", L1, "j", 0.0)
