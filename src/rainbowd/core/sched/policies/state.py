@@ -58,10 +58,11 @@ PEER_TRIES = 32
 DIRECT_TRIES = 4
 #: the horizon's setter (Rules.setter_guard) takes only a piece this many nodes hold in
 #: full: never one whose only copy is its first seeder's (the origin's, in a job's
-#: ramp), which the fast nodes are to spread. Without it the setter, served from the
-#: start, took two of the origin's pieces at 0 s (ci: the fast nodes' median end 0.90
-#: -> 1.55 s), and a fourth of the origin's upload where the origin binds every node
-#: (random-asymmetric: median slowdown 2.01 -> 2.80; bench/RESULTS.md, session 38)
+#: ramp), which the fast nodes are to spread. Served from the start without it, the
+#: setter took two of the origin's pieces at 0 s (ci: the fast nodes' median end 0.90
+#: -> 1.55 s), and 13 of its 97 pieces from the origin where the origin binds every
+#: node (random-asymmetric: median slowdown 2.01 -> 2.80; with it 2.67, and the guard
+#: of 0.18 takes it back to 2.01: bench/RESULTS.md, session 38)
 SETTER_HOLDERS = 2
 #: starving checks per patience: a demander is found starving at most patience_s / this late
 STARVE_CHECKS_PER_PATIENCE = 2
