@@ -147,8 +147,7 @@ class Walker(Merger):
             if self.rules.upload_urgent > 0:
                 cut_s = max(cut_s, self._upload_bound_s(now) * self.rules.upload_urgent)
             stop = (-cut_s, "\uffff")
-            if self.rules.setter_guard is not None:
-                yield from self._setter(now, stop)
+            yield from self._setter(now, stop)
             yield from self._urgent(stop)
         yield from self._late(now)
         # demanders too fast for a layer's free uploads (min_share of their speed) are skipped
