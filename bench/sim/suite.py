@@ -12,7 +12,8 @@ bench/sim/drawn.py) is scaled to each ``--nodes`` count
 policy (default: the coordinator's) and the default overheads. The image is
 the profile's ``layers``, else the lab's demo image of its ``payload_mib``.
 The table has, per run: T*, completion, x T*, median and p90 slowdown, the
-least median / p90 slowdown any schedule could give (bench/slowdown_floor.py), the
+least x T* / median / p90 slowdown any schedule could give with one coordinator at its
+cost a report (bench/slowdown_floor.py), the
 origin's bytes over the image's (bench/measures.py), the simulator's wall
 seconds, and issue 13's goals as pass/fail columns (x T* <= 1.25, median
 slowdown <= 2, p90 <= 3). ``--out`` gets the same as JSON. ``--record``
@@ -46,7 +47,7 @@ from rainbowd.devcluster.profile import (
 from rainbowd.lib.log import configure as configure_logging
 
 from ..measures import GOAL_MEDIAN_SLOWDOWN, GOAL_P90_SLOWDOWN, GOAL_RATIO, Measures, measure
-from ..slowdown_floor import slowdown_floor
+from ..slowdown_floor import completion_floor, slowdown_floor
 from .drawn import drawn_profile
 from .engine import Simulation
 from .gate import GATE, check, make_record, read_record
@@ -81,10 +82,12 @@ class SuiteRun:
     scheduler_cpu_s: float = 0.0
     #: done reports that reached the coordinator (SimResult.reports)
     reports: int = 0
-    #: the least median and p90 slowdown any schedule could give this cluster
-    #: (bench/slowdown_floor.py): a goal the floor is above cannot be met
+    #: the least x T*, median and p90 slowdown any schedule could give this cluster with
+    #: one coordinator at the run's cost a report (bench/slowdown_floor.py): a goal the
+    #: floor is above cannot be met by any order of transfers
     floor_median: float = 1.0
     floor_p90: float = 1.0
+    floor_ratio: float = 1.0
 
     @property
     def coordinator_floor(self) -> float:
@@ -106,6 +109,16 @@ class SuiteRun:
         queue its reports longer than the simulator says.
         """
         return 1000 * self.scheduler_cpu_s / self.reports if self.reports else 0.0
+
+    @property
+    def out_of_reach(self) -> list[str]:
+        """The goals (``Measures.goals``' names) whose floor is above them: out of any reach."""
+        floors = {
+            "ratio": (self.floor_ratio, GOAL_RATIO),
+            "median": (self.floor_median, GOAL_MEDIAN_SLOWDOWN),
+            "p90": (self.floor_p90, GOAL_P90_SLOWDOWN),
+        }
+        return [goal for goal, (floor, limit) in floors.items() if floor > limit]
 
     @property
     def key(self) -> str:
@@ -131,6 +144,8 @@ class SuiteRun:
             "reports": self.reports,
             "slowdown_floor_median": self.floor_median,
             "slowdown_floor_p90": self.floor_p90,
+            "ratio_floor": self.floor_ratio,
+            "out_of_reach": self.out_of_reach,
         }
 
 
@@ -229,6 +244,8 @@ def _simulate(task: _SuiteTask) -> SuiteRun:
     p = profile.scaled(n)
     result = Simulation(p, layers, overheads, policy=policy).run()
     done = not result.failed and bool(result.node_seconds)
+    # the coordinator's least seconds a node: a done report per layer (bench/slowdown_floor.py)
+    reports_s = len(layers) * (overheads or Overheads()).coordinator_s
     return SuiteRun(
         shape=profile.name,
         nodes=n,
@@ -248,8 +265,9 @@ def _simulate(task: _SuiteTask) -> SuiteRun:
         coordinator_busy_s=result.coordinator_busy_s,
         scheduler_cpu_s=result.scheduler_cpu_s,
         reports=result.reports,
-        floor_median=slowdown_floor(p, image_bytes, 0.5),
-        floor_p90=slowdown_floor(p, image_bytes, 0.9),
+        floor_median=slowdown_floor(p, image_bytes, 0.5, reports_s=reports_s),
+        floor_p90=slowdown_floor(p, image_bytes, 0.9, reports_s=reports_s),
+        floor_ratio=completion_floor(p, image_bytes, reports_s),
     )
 
 
@@ -260,7 +278,7 @@ def _f(x: float | None, fmt: str) -> str:
 def table_header() -> str:
     return (
         f"{'shape':<20} {'nodes':>6} {'T*':>8} {'completion':>10} {'x T*':>6} "
-        f"{'slow med':>8} {'slow p90':>8} {'floor':>9} {'origin/S':>8} {'coord':>5} {'sched':>5} "
+        f"{'slow med':>8} {'slow p90':>8} {'floor':>14} {'origin/S':>8} {'coord':>5} {'sched':>5} "
         f"{'wall':>7} "
         f"{'<=1.25':>6} {'med<=2':>6} {'p90<=3':>6}"
     )
@@ -275,11 +293,16 @@ def table_row(r: SuiteRun) -> str:
     return (
         f"{r.shape:<20} {r.nodes:>6} {m.t_star:>7.1f}s {_f(m.completion, '9.1f'):>9}s "
         f"{_f(m.ratio, '.2f'):>6} {_f(m.slowdown_median, '.2f'):>8} "
-        f"{_f(m.slowdown_p90, '.2f'):>8} {f'{r.floor_median:.2f}/{r.floor_p90:.2f}':>9} "
+        f"{_f(m.slowdown_p90, '.2f'):>8} {_floors(r):>14} "
         f"{_f(m.origin_copies, '.1f'):>8} "
         f"{r.coordinator_floor:>5.2f} {r.scheduler_ms_per_report:>5.2f} {r.wall_seconds:>6.2f}s "
         f"{ok('ratio'):>6} {ok('median'):>6} {ok('p90'):>6}"
     )
+
+
+def _floors(r: SuiteRun) -> str:
+    """The floor column: x T* / median / p90 any schedule could reach at best."""
+    return f"{r.floor_ratio:.2f}/{r.floor_median:.2f}/{r.floor_p90:.2f}"
 
 
 def summary(runs: Sequence[SuiteRun]) -> str:
@@ -287,6 +310,8 @@ def summary(runs: Sequence[SuiteRun]) -> str:
     return (
         f"{sum(met)} of {len(runs)} runs meet every goal (x T* <= {GOAL_RATIO}, median "
         f"slowdown <= {GOAL_MEDIAN_SLOWDOWN}, p90 <= {GOAL_P90_SLOWDOWN}); "
+        f"{sum(bool(r.out_of_reach) for r in runs)} have a goal no schedule meets (floor "
+        "above it); "
         f"{sum(r.failed > 0 for r in runs)} left nodes without the image; "
         f"wall {sum(r.wall_seconds for r in runs):.1f} s"
     )

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from bench.measures import quantile
-from bench.sim.suite import run_suite
-from bench.slowdown_floor import slowdown_floor
+from bench.sim.overheads import Overheads
+from bench.sim.suite import run_suite, summary, table_row
+from bench.slowdown_floor import completion_floor, slowdown_floor
 from rainbowd.devcluster.profile import ClusterProfile, ProfileNode, load_profile
 
 PROFILES = Path(__file__).resolve().parents[2] / "bench" / "profiles"
@@ -62,6 +63,50 @@ def test_a_bad_quantile_is_refused() -> None:
     p = cluster(8.0, [(1.0, 1.0)])
     with pytest.raises(ValueError, match=r"quantile q must be in 0 \.\. 1"):
         slowdown_floor(p, 1_000, 1.5)
+
+
+def test_the_coordinator_is_a_second_server_every_node_waits_for() -> None:
+    # ample upload (800 Mbit/s for a 1 MB image: 0.01 s a node); four nodes downloading at
+    # 8 Mbit/s, each node's own bound 1 s. With 0.5 s of done reports a node, the i-th node
+    # to end has waited for i x 0.5 s of the coordinator: all four (q = 1) need 2 s
+    p = cluster(800.0, [(1e-9, 8.0)] * 4)
+    assert slowdown_floor(p, 1_000_000, 1.0) == 1.0  # the upload alone: no floor
+    assert slowdown_floor(p, 1_000_000, 1.0, reports_s=0.5) == pytest.approx(2.0)
+    # the median of four is the 2nd smallest (k = 2): 2 x 0.5 s within 1 x 1 s
+    assert slowdown_floor(p, 1_000_000, 0.5, reports_s=0.5) == pytest.approx(1.0)
+    # where the upload's share a node is the larger, it binds, not their sum
+    slow = cluster(8.0 - 4e-9, [(1e-9, 8.0)] * 4)  # 1 s of upload a node
+    assert slowdown_floor(slow, 1_000_000, 1.0, reports_s=0.5) == pytest.approx(4.0)
+
+
+def test_the_completion_floor_is_every_node_s_reports_over_t_star() -> None:
+    p = cluster(800.0, [(1e-9, 8.0)] * 4)  # T* = 1 s: the slowest download
+    assert p.bound(1_000_000).t_star == pytest.approx(1.0)
+    assert completion_floor(p, 1_000_000, 0.0) == 1.0
+    assert completion_floor(p, 1_000_000, 0.1) == 1.0  # 0.4 s of reports: T* binds
+    assert completion_floor(p, 1_000_000, 0.5) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="reports_s must be >= 0"):
+        completion_floor(p, 1_000_000, -0.1)
+    with pytest.raises(ValueError, match="reports_s must be >= 0"):
+        slowdown_floor(p, 1_000_000, 0.5, reports_s=-0.1)
+
+
+def test_a_simulated_run_on_a_slow_coordinator_stays_above_its_floors() -> None:
+    """With 0.2 s a report the coordinator, not the network, binds: the suite says so."""
+    ci = load_profile(PROFILES / "ci.toml")
+    (run,) = run_suite([ci], [12], overheads=Overheads(coordinator_s=0.2))
+    m = run.measures
+    assert m.ratio is not None and m.slowdown_median is not None and m.slowdown_p90 is not None
+    # 12 nodes x 3 layers x 0.2 s = 7.2 s of reports against a T* of ~4.1 s
+    assert run.floor_ratio == pytest.approx(12 * 3 * 0.2 / m.t_star)
+    assert 1.25 < run.floor_ratio <= m.ratio
+    assert run.floor_median <= m.slowdown_median
+    assert run.floor_p90 <= m.slowdown_p90
+    assert "ratio" in run.out_of_reach
+    assert run.as_dict()["ratio_floor"] == run.floor_ratio
+    assert run.as_dict()["out_of_reach"] == run.out_of_reach
+    assert f"{run.floor_ratio:.2f}/" in table_row(run)
+    assert "1 have a goal no schedule meets" in summary([run])
 
 
 def test_no_simulated_run_goes_below_its_floor() -> None:
