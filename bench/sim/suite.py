@@ -46,7 +46,14 @@ from rainbowd.devcluster.profile import (
 )
 from rainbowd.lib.log import configure as configure_logging
 
-from ..measures import GOAL_MEDIAN_SLOWDOWN, GOAL_P90_SLOWDOWN, GOAL_RATIO, Measures, measure
+from ..measures import (
+    GOAL_LIMITS,
+    GOAL_MEDIAN_SLOWDOWN,
+    GOAL_P90_SLOWDOWN,
+    GOAL_RATIO,
+    Measures,
+    measure,
+)
 from ..slowdown_floor import completion_floor, slowdown_floor
 from .drawn import drawn_profile
 from .engine import Simulation
@@ -113,12 +120,8 @@ class SuiteRun:
     @property
     def out_of_reach(self) -> list[str]:
         """The goals (``Measures.goals``' names) whose floor is above them: out of any reach."""
-        floors = {
-            "ratio": (self.floor_ratio, GOAL_RATIO),
-            "median": (self.floor_median, GOAL_MEDIAN_SLOWDOWN),
-            "p90": (self.floor_p90, GOAL_P90_SLOWDOWN),
-        }
-        return [goal for goal, (floor, limit) in floors.items() if floor > limit]
+        floors = {"ratio": self.floor_ratio, "median": self.floor_median, "p90": self.floor_p90}
+        return [goal for goal, limit in GOAL_LIMITS.items() if floors[goal] > limit]
 
     @property
     def key(self) -> str:
@@ -242,10 +245,11 @@ def _simulate(task: _SuiteTask) -> SuiteRun:
     profile, n, layers, policy, overheads = task
     image_bytes = sum(s for _, s in layers)
     p = profile.scaled(n)
-    result = Simulation(p, layers, overheads, policy=policy).run()
+    sim = Simulation(p, layers, overheads, policy=policy)
+    result = sim.run()
     done = not result.failed and bool(result.node_seconds)
     # the coordinator's least seconds a node: a done report per layer (bench/slowdown_floor.py)
-    reports_s = len(layers) * (overheads or Overheads()).coordinator_s
+    reports_s = len(layers) * sim.overheads.coordinator_s
     return SuiteRun(
         shape=profile.name,
         nodes=n,
