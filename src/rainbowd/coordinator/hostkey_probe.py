@@ -23,7 +23,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
-import asyncssh
 import structlog
 
 log = structlog.get_logger(__name__)
@@ -51,6 +50,10 @@ OnResult = Callable[[str, str, ProbeOutcome], None]
 
 async def probe_host_key(address: str, port: int, pinned: str) -> ProbeOutcome:
     """Connect to ``address:port``, run the key exchange, compare the host key to ``pinned``."""
+    # Imported here, not at the top: asyncssh (and the cryptography it loads) took
+    # ~0.26 s of the coordinator's 0.70 s start-up, and only this probe needs it.
+    import asyncssh
+
     try:
         want = asyncssh.import_public_key(pinned)
     except (asyncssh.KeyImportError, ValueError) as e:
