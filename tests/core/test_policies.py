@@ -357,6 +357,33 @@ def test_the_late_by_their_own_bound_go_fewest_seconds_lacking_first() -> None:
     assert freed_to(shortest_first=False) == "steady"
 
 
+def test_ties_that_pass_little_on_go_lacking_least_first() -> None:
+    """lacking_least_below: in one rank class, a node with a slow upload that lacks least
+    goes first; nodes that pass on more still go lacking most first, and before it.
+
+    One holder sends 1 MB/s, enough for one demander's download. "big" lacks two
+    layers, "small" one; both upload 0.1 MB/s and download 1 MB/s, so both rank at
+    0.1 MB/s (rank "min") and tie. Lacking most first, "big" gets the upload; with
+    the rule (0.1 of the download is under 0.15), "small", which ends first.
+    """
+
+    def first(below: float, up: float) -> str:
+        s = make("slots", ("o", 1 * MB, (L1, L2)), sizes=1_000_000)
+        slots_rules(s, rank="min", rank_step=0.5, lacking_least_below=below)
+        s.add_node("big", up, download_bps=1 * MB)
+        s.add_node("small", up, download_bps=1 * MB)
+        s.demand("big", L1, "j", 0.0)
+        s.demand("big", L2, "j", 0.0)
+        s.demand("small", L1, "j", 0.0)
+        (t,) = s.schedule(0.0)
+        return t.demander
+
+    assert first(0.0, 0.1 * MB) == "big"
+    assert first(0.15, 0.1 * MB) == "small"
+    # an upload of 0.2 of the download passes enough on: lacking most first, as before
+    assert first(0.15, 0.2 * MB) == "big"
+
+
 def test_the_last_piece_is_fitted_against_the_whole_download() -> None:
     """last_fit: the last layer a demander asks for goes to a seeder covering its download.
 

@@ -158,6 +158,21 @@ class DemanderIndex(SeederIndex):
             return rank
         return (1 + step) ** math.floor(math.log(rank, 1 + step))
 
+    def _tie(self, node: Node, need: float, down: float) -> float:
+        """Its place among the demanders of its rank class (:meth:`_rank_step`): the lower first.
+
+        Lacking most first (-need) where its upload passes on at least
+        ``lacking_least_below`` of its download; below that, lacking least first
+        (+need, after every tie of the first kind): fed first, such a node's pieces
+        hardly multiply, so what it is given counts only when it has all of it, and
+        the class ends one node after another instead of all at once at the end.
+        """
+        if self.rules.rank_step <= 0:
+            return 0.0
+        if node.speed_bps < self.rules.lacking_least_below * down:
+            return need
+        return -need
+
     def _rekey(self, node: Node) -> None:
         """Take ``node``'s keys and hope again, in the index of every layer it wants.
 
@@ -181,7 +196,7 @@ class DemanderIndex(SeederIndex):
             if wanted:
                 down = _down_speed(node)
                 need = waiting_bytes / down
-                tie = -need if self.rules.rank_step > 0 else 0.0  # (rank_step: ties by need)
+                tie = self._tie(node, need, down)
                 own = self._own_key(nid, all_bytes / down)
                 want = ((-self._rank_step(node), tie, nid), (-need, nid), tuple(wanted), own)
                 hope = self._hope(node, all_bytes / down)
