@@ -269,8 +269,8 @@ class Rules:
     #: go to the one lacking most (Planner._rank_step)
     rank_step: float = 0.0
     #: with rank_step: a demander whose upload is below this share of its download passes
-    #: little of what it gets on, so among ties it goes lacking *least* first, and before
-    #: it every tie that passes more on (0 = off; rules.py, ties that finish)
+    #: little of what it gets on, so among ties it goes lacking *least* first, after every
+    #: tie that passes more on (0 = off; rules.py, ties that finish)
     lacking_least_below: float = 0.0
     #: the slack rule's cut is at least this share of the seconds the cluster's whole upload
     #: needs for every open demand (0 = off): where the upload binds, nobody is urgent in the
