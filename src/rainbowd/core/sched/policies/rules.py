@@ -52,8 +52,8 @@ package's docstring):
   such a class ends one node after another, not all together at the end. Where
   the upload binds, such nodes are the median: on random-asymmetric (60 % of the
   nodes upload ~1 Mbit/s and download ~24) that class took the upload left over
-  in parallel and ended together, at 28-37 s of a 58 s job (median slowdown 2.01,
-  session 40).
+  in parallel and progressed together: a quarter of the nodes had ended by 26.7 s
+  of a 58 s job, half by 27.9 s (median slowdown 2.01, session 40).
 * **breadth first** (``breadth_first``) -- within one rank class the walk
   gives every waiting demander one transfer before it gives any a second, then
   fills each in walk order. Served until its download was full, the first
