@@ -359,7 +359,7 @@ def test_the_late_by_their_own_bound_go_fewest_seconds_lacking_first() -> None:
 
 def test_ties_that_pass_little_on_go_lacking_least_first() -> None:
     """lacking_least_below: in one rank class, a node with a slow upload that lacks least
-    goes first; nodes that pass on more still go lacking most first, and before it.
+    goes first; nodes that pass on more still go lacking most first.
 
     One holder sends 1 MB/s, enough for one demander's download. "big" lacks two
     layers, "small" one; both upload 0.1 MB/s and download 1 MB/s, so both rank at

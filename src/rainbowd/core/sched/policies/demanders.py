@@ -147,10 +147,7 @@ class DemanderIndex(SeederIndex):
     def _rank_step(self, node: Node) -> float:
         """:meth:`_rank` rounded down to a ``rank_step`` (geometric), so near-equal nodes tie.
 
-        Ties go to the demander that lacks the most (its need in seconds): on a
-        cluster of equal nodes the first transfers then spread over nodes that
-        have nothing yet, so each new holder has an idle upload to pass on what
-        it receives, instead of one node taking every fresh piece in turn.
+        Ties are ordered by :meth:`_tie`.
         """
         rank = self._rank(node)
         step = self.rules.rank_step
@@ -161,11 +158,14 @@ class DemanderIndex(SeederIndex):
     def _tie(self, node: Node, need: float, down: float) -> float:
         """Its place among the demanders of its rank class (:meth:`_rank_step`): the lower first.
 
-        Lacking most first (-need) where its upload passes on at least
-        ``lacking_least_below`` of its download; below that, lacking least first
-        (+need, after every tie of the first kind): fed first, such a node's pieces
-        hardly multiply, so what it is given counts only when it has all of it, and
-        the class ends one node after another instead of all at once at the end.
+        Lacking most first (-need, its need in seconds) where its upload passes on at
+        least ``lacking_least_below`` of its download: on a cluster of equal nodes the
+        first transfers then spread over nodes that have nothing yet, so each new
+        holder has an idle upload to pass on what it receives, instead of one node
+        taking every fresh piece in turn. Below that share, lacking least first (+need,
+        after every tie of the first kind): fed first, such a node's pieces hardly
+        multiply, so what it is given counts only when it has all of it, and the class
+        ends one node after another instead of all at once at the end.
         """
         if self.rules.rank_step <= 0:
             return 0.0

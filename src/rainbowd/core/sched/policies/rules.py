@@ -266,7 +266,7 @@ class Rules:
     #: layer's, whatever the image's size; 0 = piece_bytes alone)
     layer_pieces: int = 0
     #: demanders whose ranks lie within this geometric step tie (0 = exact ranks), and ties
-    #: go to the one lacking most (Planner._rank_step)
+    #: go to the one lacking most, but see lacking_least_below (DemanderIndex._tie)
     rank_step: float = 0.0
     #: with rank_step: a demander whose upload is below this share of its download passes
     #: little of what it gets on, so among ties it goes lacking *least* first, after every
